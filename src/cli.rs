@@ -1,0 +1,421 @@
+//! The command line: `serve`, `token mint|inspect`, `keys generate`, `config check`.
+//!
+//! Start-up and one-shot commands use `anyhow`; errors print once, with their
+//! context chain, and map to exit codes: 0 success, 1 refused or invalid, 2 usage.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{self, App, Listeners};
+use crate::bootstrap::{DEV_KID, DevState};
+use crate::config::{Config, default_state_dir};
+use crate::hypervisor::ConsoleTarget;
+use crate::issuance::console_url;
+use crate::token::claims::ConsoleClaim;
+use crate::token::signing::{KeyKind, MintRequest, Signer, generate};
+use crate::token::{ConsoleType, unix_now};
+
+/// Porthole: a console proxy gateway.
+#[derive(Debug, Parser)]
+#[command(name = "porthole", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (on embedded development defaults without --config).
+    Serve {
+        /// Config file; without it Porthole runs on embedded defaults.
+        #[arg(long, short, env = "PORTHOLE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log format.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+    /// Console tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a console token and print it with its console URL.
+    Mint(MintArgs),
+    /// Validate a token with the configured keys and print its claims or the reason it is refused.
+    Inspect {
+        /// The token, or `-` to read it from standard input (keeps it out of shell history).
+        token: String,
+        /// Config file with the keys; default: the embedded development setup.
+        #[arg(long, short, env = "PORTHOLE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Also require this console type.
+        #[arg(long = "type")]
+        console: Option<ConsoleType>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct MintArgs {
+    /// Console type: novnc, spice-html5, serial, spice-direct, vnc-direct.
+    #[arg(long = "type", value_parser = parse_console_type)]
+    console: ConsoleType,
+    /// Instance (VM) id: the `sub` claim.
+    #[arg(long)]
+    instance: String,
+    /// Hypervisor host.
+    #[arg(long)]
+    host: String,
+    /// Console port on the hypervisor.
+    #[arg(long)]
+    port: u16,
+    /// SPICE TLS port on the hypervisor.
+    #[arg(long)]
+    tls_port: Option<u16>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 120)]
+    ttl: u64,
+    /// Signing key: PKCS#8 PEM private key (or a shared secret with --hmac).
+    /// Default: the development key in the state folder.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The key file is an HS256 shared secret.
+    #[arg(long)]
+    hmac: bool,
+    /// Key id written into the token header.
+    #[arg(long)]
+    kid: Option<String>,
+    /// `aud` claim.
+    #[arg(long, default_value = "porthole")]
+    audience: String,
+    /// `iss` claim.
+    #[arg(long, default_value = "porthole")]
+    issuer: String,
+    /// Public base URL the console URL is built on.
+    #[arg(long, default_value = "http://127.0.0.1:6080")]
+    base_url: String,
+    /// Print JSON (`token`, `url`, `jti`, `expires_at`) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Write a new signing key pair (PEM) and its public JWK set.
+    Generate {
+        /// Key type.
+        #[arg(long = "type", value_enum, default_value = "ed25519")]
+        kind: KeyKind,
+        /// Key id.
+        #[arg(long)]
+        kid: String,
+        /// Output folder: KID.pem (private), KID.pub.pem, KID.jwks.json; KID.secret for HS256.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file (and load its keys); report every error with its location.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
+}
+
+fn parse_console_type(s: &str) -> Result<ConsoleType, String> {
+    s.parse()
+}
+
+impl clap::ValueEnum for ConsoleType {
+    fn value_variants<'a>() -> &'a [Self] {
+        &ConsoleType::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+/// Runs the CLI.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, log_format } => serve(config, &log_format),
+        Command::Token(TokenCommand::Mint(args)) => mint(args),
+        Command::Token(TokenCommand::Inspect {
+            token,
+            config,
+            console,
+        }) => inspect(&token, config.as_deref(), console),
+        Command::Keys(KeysCommand::Generate { kind, kid, out }) => keys_generate(kind, &kid, &out),
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("porthole: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTHOLE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The config to use: the file, or the embedded defaults (creating the state folder).
+fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Option<DevState>)> {
+    match path {
+        Some(p) => Ok((Config::load(p)?, None)),
+        None => {
+            let dev = DevState::ensure(&default_state_dir())?;
+            let config = dev
+                .embedded_config()
+                .validate(Path::new("."))
+                .map_err(|issues| crate::config::ConfigError { file: None, issues })
+                .context("embedded defaults")?;
+            Ok((config, Some(dev)))
+        }
+    }
+}
+
+fn serve(config: Option<PathBuf>, log_format: &str) -> anyhow::Result<ExitCode> {
+    init_tracing(log_format);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (config, dev) = load_config(config.as_deref())?;
+        let metrics = crate::metrics::install().map_err(anyhow::Error::msg)?;
+        let app = App::build(config)?;
+        let listeners = Listeners::bind(&app.config).await?;
+        let admin_addr = listeners.admin_addr()?;
+        tracing::info!(admin = %admin_addr, keys = ?app.validator.kids(), "porthole is up");
+        if let Some(dev) = &dev {
+            print_dev_banner(&app, dev, admin_addr);
+        }
+        let shutdown = crate::shutdown::on_signals();
+        app::run(app, listeners, Some(metrics), shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_dev_banner(app: &App, dev: &DevState, admin: std::net::SocketAddr) {
+    let exe = std::env::args().next().unwrap_or_else(|| "porthole".into());
+    let base = &app.config.listen.public_base_url;
+    eprintln!(
+        "
+Porthole is running on embedded development defaults (loopback only).
+
+  state folder      {dir}
+  token signing key {sk}  (kid {DEV_KID}, Ed25519; public key {pk}, JWK set {jwks})
+  development CA    {ca}  (server certificate {cert} for localhost, 127.0.0.1, ::1)
+  admin listener    http://{admin}  (/healthz /readyz /metrics, issuance API)
+  public base URL   {base}
+
+Mint a console token for a VNC console on this machine (port 5900):
+  {exe} token mint --type novnc --instance demo --host 127.0.0.1 --port 5900
+Check it (prints its claims, or exactly why it is refused):
+  {exe} token inspect <TOKEN>
+Or ask the issuance API, as an API server would:
+  curl -s -H \"Authorization: Bearer $(cat {bearer})\" -H 'Content-Type: application/json' \\
+    -d '{{\"instance\":\"demo\",\"type\":\"novnc\",\"target\":{{\"host\":\"127.0.0.1\",\"port\":5900}}}}' \\
+    http://{admin}/v1/consoles
+The console URL it returns opens the console in a browser once the public
+front end is enabled (browser consoles: see README).
+",
+        dir = dev.dir.display(),
+        sk = dev.signing_key.display(),
+        pk = dev.public_key.display(),
+        jwks = dev.jwks.display(),
+        ca = dev.ca_cert.display(),
+        cert = dev.server_cert.display(),
+        bearer = dev.issuance_key.display(),
+    );
+}
+
+fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
+    let signer = match (&a.key, a.hmac) {
+        (Some(path), true) => {
+            let secret =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Signer::from_secret(&secret, a.kid.clone())
+        }
+        (Some(path), false) => {
+            Signer::from_private_pem_file(path, a.kid.clone()).map_err(anyhow::Error::msg)?
+        }
+        (None, true) => bail!("--hmac needs --key"),
+        (None, false) => {
+            let dev = DevState::ensure(&default_state_dir())?;
+            let kid = a.kid.clone().or_else(|| Some(DEV_KID.to_string()));
+            Signer::from_private_pem_file(&dev.signing_key, kid).map_err(anyhow::Error::msg)?
+        }
+    };
+    let max = 86_400;
+    if a.ttl == 0 || a.ttl > max {
+        bail!("--ttl must be between 1 and {max} seconds");
+    }
+    let req = MintRequest {
+        issuer: a.issuer,
+        audience: a.audience,
+        instance: a.instance,
+        console: ConsoleClaim {
+            kind: a.console,
+            host: a.host,
+            port: a.port,
+            tls_port: a.tls_port,
+        },
+        ttl_secs: a.ttl,
+    };
+    let claims = req.claims(unix_now());
+    let token = signer.sign(&claims).map_err(anyhow::Error::msg)?;
+    let url = console_url(a.base_url.trim_end_matches('/'), a.console, token.expose());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "token": token.expose(), "url": url, "jti": claims.jti, "expires_at": claims.exp })
+        );
+    } else {
+        println!("{}", token.expose());
+        eprintln!("console URL (valid for {} s): {url}", a.ttl);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(
+    token: &str,
+    config: Option<&Path>,
+    console: Option<ConsoleType>,
+) -> anyhow::Result<ExitCode> {
+    let token = if token == "-" {
+        let mut s = String::new();
+        std::io::stdin().take(1 << 20).read_to_string(&mut s)?;
+        s.trim().to_string()
+    } else {
+        token.to_string()
+    };
+    let (config, _) = load_config(config)?;
+    let app = App::build(config)?;
+    match app.validator.check(&token, console, unix_now()) {
+        Ok(grant) => {
+            println!("{}", serde_json::to_string_pretty(&grant.claims)?);
+            eprintln!(
+                "valid: {} console for instance {} at {} (key {}, backend network {}), expires in {} s",
+                grant.console,
+                grant.instance,
+                grant.target,
+                grant.kid.as_deref().unwrap_or("-"),
+                grant.backend,
+                grant.expires_at.saturating_sub(unix_now()),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(refusal) => {
+            println!("refused: {}: {}", refusal.reason, refusal.detail);
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn keys_generate(kind: KeyKind, kid: &str, out: &Path) -> anyhow::Result<ExitCode> {
+    if kid.is_empty()
+        || !kid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || kid.starts_with('.')
+    {
+        bail!("--kid must be letters, digits, '-', '_' or '.' (it names the files)");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let key = generate(kind, kid)?;
+    let private_path = out.join(if kind == KeyKind::Hs256 {
+        format!("{kid}.secret")
+    } else {
+        format!("{kid}.pem")
+    });
+    if private_path.exists() {
+        bail!("{} exists; not overwriting a key", private_path.display());
+    }
+    write_private_file(&private_path, key.private.expose())?;
+    println!("private key:  {}", private_path.display());
+    if let Some(public) = &key.public_pem {
+        let p = out.join(format!("{kid}.pub.pem"));
+        std::fs::write(&p, public)?;
+        println!("public key:   {}", p.display());
+    }
+    if let Some(jwks) = &key.jwks {
+        let p = out.join(format!("{kid}.jwks.json"));
+        std::fs::write(&p, serde_json::to_string_pretty(jwks)?)?;
+        println!("public JWKS:  {}", p.display());
+    }
+    println!("algorithm:    {:?}\nkid:          {kid}", key.algorithm);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_private_file(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(content.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    // Loading keys and the signing key catches what the file alone cannot show.
+    match App::build(config) {
+        Ok(app) => {
+            println!(
+                "{}: ok ({} verification key(s): {:?}; {} backend network(s); issuance {})",
+                file.display(),
+                app.validator.kids().len().max(1),
+                app.validator.kids(),
+                app.config.allow.backends().len(),
+                if app.issuer.is_some() { "on" } else { "off" },
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{}: {e:#}", file.display());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// Used by `token mint` callers that already hold a target (issuance, tests).
+pub fn target_of(claim: &ConsoleClaim) -> ConsoleTarget {
+    claim.target()
+}

@@ -1,0 +1,268 @@
+//! The admin listener: health, readiness, metrics, the issuance API and key reload.
+//!
+//! It binds to loopback by default. Everything that changes state or issues
+//! credentials needs a bearer key from configuration; health, readiness and
+//! metrics are open (they carry no secrets and no per-session labels).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::hypervisor::ConsoleTarget;
+use crate::issuance::{IssueError, IssueRequest, Issuer};
+use crate::secret::Secret;
+use crate::token::{ConsoleType, TokenValidator};
+
+/// What the admin routes share.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// Validates tokens and reloads keys.
+    pub validator: Arc<TokenValidator>,
+    /// The issuance API; `None` answers 404.
+    pub issuer: Option<Arc<Issuer>>,
+    /// SHA-256 of each accepted bearer key (compared in constant time).
+    pub bearer_key_hashes: Arc<Vec<[u8; 32]>>,
+    /// Renders `/metrics`; `None` when no recorder is installed (tests).
+    pub metrics: Option<PrometheusHandle>,
+    /// False while starting or draining: `/readyz` answers 503.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl AdminState {
+    /// Hashes bearer keys once so requests never touch the raw keys.
+    pub fn hash_bearer_keys(keys: &[Secret<String>]) -> Vec<[u8; 32]> {
+        keys.iter()
+            .map(|k| Sha256::digest(k.expose().as_bytes()).into())
+            .collect()
+    }
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/consoles", post(issue))
+        .route("/v1/tokens/check", post(check_token))
+        .route("/v1/keys/reload", post(reload_keys))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    match s.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A JSON error body: a stable code and a human message.
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({ "error": { "code": code, "message": message.into() } })),
+    )
+        .into_response()
+}
+
+/// Checks `Authorization: Bearer ...` against the configured keys.
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| -> [u8; 32] { Sha256::digest(k.trim().as_bytes()).into() });
+    let ok = presented.is_some_and(|p| {
+        // Fold over every key so timing does not reveal which one matched.
+        state
+            .bearer_key_hashes
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&p))
+            .into()
+    });
+    if ok {
+        Ok(())
+    } else {
+        crate::metrics::issuance_refused("unauthorized");
+        tracing::info!("admin call refused: missing or unknown bearer key");
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer key is required",
+        ))
+    }
+}
+
+/// The issuance request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueBody {
+    /// Instance (VM) id.
+    instance: String,
+    /// Console type, as a string so an unknown one gets its own error.
+    #[serde(rename = "type")]
+    console: String,
+    /// Hypervisor target.
+    target: ConsoleTarget,
+    /// Requested lifetime in seconds.
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+async fn issue(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<IssueBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let Some(issuer) = s.issuer.as_ref() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_enabled",
+            "the issuance API is not configured",
+        );
+    };
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => {
+            crate::metrics::issuance_refused("bad_request");
+            return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text());
+        }
+    };
+    let console = match body.console.parse::<ConsoleType>() {
+        Ok(c) => c,
+        Err(e) => {
+            crate::metrics::issuance_refused("unknown_console_type");
+            return error(StatusCode::BAD_REQUEST, "unknown_console_type", e);
+        }
+    };
+    let req = IssueRequest {
+        instance: body.instance,
+        console,
+        target: body.target,
+        ttl_secs: body.ttl_secs,
+    };
+    match issuer.issue(&req) {
+        Ok(issued) => {
+            crate::metrics::token_issued(console.as_str());
+            tracing::info!(jti = %issued.jti, instance = %req.instance, console = %console, target = %req.target, "console token issued");
+            Json(json!({
+                "remote_console": {
+                    "protocol": console.protocol(),
+                    "type": console.as_str(),
+                    "url": issued.url.expose(),
+                },
+                "token": issued.token.expose(),
+                "jti": issued.jti,
+                "expires_at": issued.expires_at,
+            }))
+            .into_response()
+        }
+        Err(IssueError::BadRequest(m)) => {
+            crate::metrics::issuance_refused("bad_request");
+            error(StatusCode::BAD_REQUEST, "bad_request", m)
+        }
+        Err(IssueError::TargetNotAllowed(m)) => {
+            crate::metrics::issuance_refused("target_not_allowed");
+            tracing::warn!(instance = %req.instance, target = %req.target, "issuance refused: {m}");
+            error(StatusCode::FORBIDDEN, "target_not_allowed", m)
+        }
+        Err(IssueError::Internal(m)) => {
+            crate::metrics::issuance_refused("internal");
+            tracing::error!("issuance failed: {m}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "token issuance failed; see the gateway log",
+            )
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    token: String,
+    #[serde(default, rename = "type")]
+    console: Option<String>,
+}
+
+/// Validates a token exactly as a console endpoint would (counted and logged),
+/// and tells the trusted caller the precise reason. For API-server authors
+/// debugging their tokens.
+async fn check_token(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<CheckBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let expect = match body.console.as_deref().map(str::parse::<ConsoleType>) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "unknown_console_type", e),
+    };
+    match s.validator.validate(&body.token, expect) {
+        Ok(g) => {
+            Json(json!({ "valid": true, "kid": g.kid, "backend": g.backend, "claims": g.claims }))
+                .into_response()
+        }
+        Err(r) => (
+            StatusCode::OK,
+            Json(json!({ "valid": false, "reason": r.reason.as_str(), "detail": r.detail })),
+        )
+            .into_response(),
+    }
+}
+
+async fn reload_keys(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    match s.validator.reload() {
+        Ok(n) => {
+            crate::metrics::key_reload(true);
+            tracing::info!(keys = n, "token keys reloaded");
+            Json(json!({ "reloaded": true, "keys": n, "kids": s.validator.kids() })).into_response()
+        }
+        Err(e) => {
+            crate::metrics::key_reload(false);
+            tracing::warn!("key reload failed, old keys kept: {e}");
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reload_failed",
+                format!("old keys kept: {e}"),
+            )
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! How requests arrive. Thin: parse, authenticate, call into the domain, answer.
+
+pub mod admin;

@@ -1,0 +1,41 @@
+//! Hypervisor targets and what Porthole may connect to.
+//!
+//! A token names a target (host and ports). The operator's allow-list of
+//! hypervisor networks decides whether Porthole will ever connect there, so a
+//! token, even a validly signed one, can never point Porthole at an arbitrary
+//! host. Each allow-list entry is a *backend network*: later it also carries
+//! the credentials Porthole holds for the consoles in it (VNC passwords, CAs,
+//! client certificates), which never travel in a token.
+
+mod allowlist;
+
+pub use allowlist::{AllowList, BackendNetwork, PortRange, TargetError};
+
+use std::fmt;
+
+/// Where a console lives: the hypervisor host and its console ports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleTarget {
+    /// An IP address, or a host name that the operator listed by name.
+    pub host: String,
+    /// The plain console port (VNC, SPICE, serial chardev).
+    pub port: u16,
+    /// The SPICE TLS port, where the console has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_port: Option<u16>,
+}
+
+impl fmt::Display for ConsoleTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)?;
+        } else {
+            write!(f, "{}:{}", self.host, self.port)?;
+        }
+        if let Some(tls) = self.tls_port {
+            write!(f, " (tls {tls})")?;
+        }
+        Ok(())
+    }
+}

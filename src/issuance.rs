@@ -1,0 +1,148 @@
+//! Issuing console tokens on behalf of API servers that hold no signing key.
+//!
+//! The issuance API (served by `frontend::admin`) takes the instance, the
+//! console type the user asked for and the hypervisor target, and answers with
+//! a signed token and the console URL for it, in the shape of Nova's
+//! remote-console response. Issued tokens go through the same schema,
+//! allow-list and validator as any other: a token Porthole issues and would
+//! then refuse is an internal error, never a response.
+
+use std::sync::Arc;
+
+use crate::hypervisor::ConsoleTarget;
+use crate::secret::Secret;
+use crate::token::claims::ConsoleClaim;
+use crate::token::signing::{MintRequest, Signer};
+use crate::token::{ConsoleType, TokenValidator, unix_now};
+
+/// The URL a user opens (or a native client exchanges) for a token.
+pub fn console_url(public_base_url: &str, console: ConsoleType, token: &str) -> String {
+    let path = match console {
+        ConsoleType::Novnc | ConsoleType::SpiceHtml5 | ConsoleType::Serial => "console",
+        ConsoleType::SpiceDirect => "spice-direct",
+        ConsoleType::VncDirect => "vnc-direct",
+    };
+    // JWTs are base64url and dots only: nothing to percent-encode.
+    format!("{public_base_url}/{path}?token={token}")
+}
+
+/// A request to issue a token.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    /// The instance (VM) id.
+    pub instance: String,
+    /// The console type the user asked for.
+    pub console: ConsoleType,
+    /// The hypervisor target.
+    pub target: ConsoleTarget,
+    /// Requested lifetime; capped by configuration.
+    pub ttl_secs: Option<u64>,
+}
+
+/// An issued token.
+#[derive(Debug)]
+pub struct Issued {
+    /// The signed token.
+    pub token: Secret<String>,
+    /// Its `jti`.
+    pub jti: String,
+    /// Its `exp`.
+    pub expires_at: u64,
+    /// The console URL carrying it.
+    pub url: Secret<String>,
+}
+
+/// Why a token was not issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The request is unusable (empty instance, bad lifetime).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The target is outside the allow-list.
+    #[error("target not allowed: {0}")]
+    TargetNotAllowed(String),
+    /// Porthole failed: signing broke, or its own validator refused the result.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Mints tokens with the configured signing key.
+#[derive(Debug)]
+pub struct Issuer {
+    signer: Signer,
+    issuer: String,
+    audience: String,
+    default_ttl_secs: u64,
+    public_base_url: String,
+    validator: Arc<TokenValidator>,
+}
+
+impl Issuer {
+    /// Builds an issuer. `validator` checks every token before it leaves.
+    pub fn new(
+        signer: Signer,
+        issuer: String,
+        audience: String,
+        default_ttl_secs: u64,
+        public_base_url: String,
+        validator: Arc<TokenValidator>,
+    ) -> Self {
+        Self {
+            signer,
+            issuer,
+            audience,
+            default_ttl_secs,
+            public_base_url,
+            validator,
+        }
+    }
+
+    /// Issues a token for `req`.
+    pub fn issue(&self, req: &IssueRequest) -> Result<Issued, IssueError> {
+        if req.instance.is_empty() || req.instance.len() > 255 {
+            return Err(IssueError::BadRequest(
+                "instance must be 1 to 255 characters".into(),
+            ));
+        }
+        let max = self.validator.policy().max_ttl_secs;
+        let ttl_secs = req.ttl_secs.unwrap_or(self.default_ttl_secs);
+        if ttl_secs == 0 || ttl_secs > max {
+            return Err(IssueError::BadRequest(format!(
+                "ttl_secs must be between 1 and {max}"
+            )));
+        }
+        self.validator
+            .allow_list()
+            .check(&req.target)
+            .map_err(|e| IssueError::TargetNotAllowed(e.to_string()))?;
+        let mint = MintRequest {
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            instance: req.instance.clone(),
+            console: ConsoleClaim {
+                kind: req.console,
+                host: req.target.host.clone(),
+                port: req.target.port,
+                tls_port: req.target.tls_port,
+            },
+            ttl_secs,
+        };
+        let now = unix_now();
+        let claims = mint.claims(now);
+        let token = self.signer.sign(&claims).map_err(IssueError::Internal)?;
+        self.validator
+            .check(token.expose(), Some(req.console), now)
+            .map_err(|r| {
+                IssueError::Internal(format!(
+                    "issued token fails validation ({r}); is the signing key in tokens.keys?"
+                ))
+            })?;
+        let url = console_url(&self.public_base_url, req.console, token.expose());
+        Ok(Issued {
+            token,
+            jti: claims.jti,
+            expires_at: claims.exp,
+            url: Secret::new(url),
+        })
+    }
+}

@@ -1,0 +1,49 @@
+//! Metric names and the Prometheus recorder.
+//!
+//! Labels are bounded enums only (a refusal reason, a console type): never an
+//! id, an address or a token.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::token::RefusalReason;
+
+/// Tokens refused, by reason.
+pub const TOKEN_REFUSALS: &str = "porthole_token_refusals_total";
+/// Tokens issued by the issuance API, by console type.
+pub const TOKENS_ISSUED: &str = "porthole_tokens_issued_total";
+/// Issuance API calls refused, by reason.
+pub const ISSUANCE_REFUSALS: &str = "porthole_issuance_refusals_total";
+/// Key reloads, by outcome.
+pub const KEY_RELOADS: &str = "porthole_key_reloads_total";
+
+/// Installs the process-wide recorder and returns the handle `/metrics` renders.
+/// Every refusal reason starts at zero so dashboards see the full set.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    for reason in RefusalReason::ALL {
+        metrics::counter!(TOKEN_REFUSALS, "reason" => reason.as_str()).absolute(0);
+    }
+    Ok(handle)
+}
+
+/// Counts one refused token.
+pub fn token_refused(reason: RefusalReason) {
+    metrics::counter!(TOKEN_REFUSALS, "reason" => reason.as_str()).increment(1);
+}
+
+/// Counts one issued token.
+pub fn token_issued(console: &'static str) {
+    metrics::counter!(TOKENS_ISSUED, "console" => console).increment(1);
+}
+
+/// Counts one refused issuance call.
+pub fn issuance_refused(reason: &'static str) {
+    metrics::counter!(ISSUANCE_REFUSALS, "reason" => reason).increment(1);
+}
+
+/// Counts one key reload.
+pub fn key_reload(ok: bool) {
+    metrics::counter!(KEY_RELOADS, "outcome" => if ok { "ok" } else { "failed" }).increment(1);
+}

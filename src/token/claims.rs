@@ -1,0 +1,156 @@
+//! The console token claim schema, version 1.
+//!
+//! This is the contract with API servers; `docs/tokens.md` documents it. The
+//! types here are strict where a mistake would be a security problem (the
+//! `console` object rejects unknown fields, so a `password` can never ride in a
+//! token unnoticed) and lenient where API servers legitimately differ (extra
+//! top-level claims are ignored; `aud` may be a string or a list).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hypervisor::ConsoleTarget;
+
+/// The claim schema version this build understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What kind of console a token grants, as the user asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsoleType {
+    /// VNC in the browser through noVNC over WebSocket.
+    Novnc,
+    /// SPICE in the browser through spice-html5 over WebSocket.
+    SpiceHtml5,
+    /// A serial console in the browser (raw bytes over WebSocket).
+    Serial,
+    /// SPICE for native clients (remote-viewer) over TCP/TLS.
+    SpiceDirect,
+    /// VNC for native clients over VeNCrypt.
+    VncDirect,
+}
+
+impl ConsoleType {
+    /// Every type, in a stable order (for help texts and metrics).
+    pub const ALL: [ConsoleType; 5] = [
+        ConsoleType::Novnc,
+        ConsoleType::SpiceHtml5,
+        ConsoleType::Serial,
+        ConsoleType::SpiceDirect,
+        ConsoleType::VncDirect,
+    ];
+
+    /// The name used in tokens, URLs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleType::Novnc => "novnc",
+            ConsoleType::SpiceHtml5 => "spice-html5",
+            ConsoleType::Serial => "serial",
+            ConsoleType::SpiceDirect => "spice-direct",
+            ConsoleType::VncDirect => "vnc-direct",
+        }
+    }
+
+    /// The wire protocol, as Nova's remote-console API names it.
+    pub fn protocol(self) -> &'static str {
+        match self {
+            ConsoleType::Novnc | ConsoleType::VncDirect => "vnc",
+            ConsoleType::SpiceHtml5 | ConsoleType::SpiceDirect => "spice",
+            ConsoleType::Serial => "serial",
+        }
+    }
+}
+
+impl fmt::Display for ConsoleType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ConsoleType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ConsoleType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<_> = ConsoleType::ALL.iter().map(|t| t.as_str()).collect();
+                format!("unknown console type `{s}` (known: {})", known.join(", "))
+            })
+    }
+}
+
+/// The `console` claim: what to open, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleClaim {
+    /// The console type the user asked for.
+    #[serde(rename = "type")]
+    pub kind: ConsoleType,
+    /// Hypervisor host (IP address or allow-listed name).
+    pub host: String,
+    /// Console port on the hypervisor.
+    pub port: u16,
+    /// SPICE TLS port on the hypervisor, where it applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_port: Option<u16>,
+}
+
+impl ConsoleClaim {
+    /// The hypervisor target this claim names.
+    pub fn target(&self) -> ConsoleTarget {
+        ConsoleTarget {
+            host: self.host.clone(),
+            port: self.port,
+            tls_port: self.tls_port,
+        }
+    }
+}
+
+/// `aud` may be one string or a list of strings (RFC 7519 §4.1.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// A single audience.
+    One(String),
+    /// Several audiences.
+    Many(Vec<String>),
+}
+
+impl Audience {
+    /// Whether `aud` names any of `accepted`.
+    pub fn matches_any(&self, accepted: &[String]) -> bool {
+        match self {
+            Audience::One(a) => accepted.contains(a),
+            Audience::Many(list) => list.iter().any(|a| accepted.contains(a)),
+        }
+    }
+}
+
+/// The full claim set of a console token (schema version 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleClaims {
+    /// Issuer: who minted the token (the API server).
+    pub iss: String,
+    /// Audience: the Porthole deployment the token is for.
+    pub aud: Audience,
+    /// Subject: the instance (VM) id.
+    pub sub: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Not before, seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at, seconds since the epoch.
+    pub iat: u64,
+    /// Unique token id: the key for reuse and revocation.
+    pub jti: String,
+    /// Claim schema version; absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ver: Option<u32>,
+    /// What to open, and where.
+    pub console: ConsoleClaim,
+}

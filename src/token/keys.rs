@@ -1,0 +1,341 @@
+//! Verification keys: where they come from, and the ring that selects one per token.
+//!
+//! The algorithm is pinned per key by the operator and never taken from the
+//! token: a token whose header names another algorithm is refused before any
+//! signature check. Keys are selected by `kid` from an in-memory map only (never
+//! used as a path or URL). When more than one key is loaded every key must have
+//! a `kid`, so several keys can be active at once during a rotation.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use super::ValidationPolicy;
+
+/// One place verification keys are read from (the `[[tokens.keys]]` entries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A public key in PEM (SPKI) form, for one pinned asymmetric algorithm.
+    PublicKeyPem {
+        /// Key id tokens name in their header; optional only for a lone key.
+        kid: Option<String>,
+        /// The one algorithm this key verifies.
+        algorithm: Algorithm,
+        /// PEM file.
+        path: PathBuf,
+    },
+    /// A JWK set file (`{"keys": [...]}`); every key needs a `kid`.
+    Jwks {
+        /// JSON file.
+        path: PathBuf,
+    },
+    /// A shared HMAC secret (HS256); only with `tokens.allow_hmac = true`.
+    SharedSecret {
+        /// Key id; optional only for a lone key.
+        kid: Option<String>,
+        /// File holding the secret (surrounding whitespace is trimmed).
+        path: PathBuf,
+    },
+}
+
+/// Why keys could not be loaded or used. Loading errors keep the old ring on reload.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read but holds no usable key.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// File that failed.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The set of keys as a whole is unusable.
+    #[error("{0}")]
+    Ring(String),
+}
+
+impl KeyError {
+    fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        KeyError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Algorithms Porthole accepts at all. `none` does not exist in jsonwebtoken;
+/// HS* additionally needs an explicit opt-in.
+pub fn is_supported_algorithm(alg: Algorithm) -> bool {
+    matches!(
+        alg,
+        Algorithm::EdDSA
+            | Algorithm::ES256
+            | Algorithm::ES384
+            | Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512
+            | Algorithm::HS256
+            | Algorithm::HS384
+            | Algorithm::HS512
+    )
+}
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// A key ready to verify tokens: its pinned algorithm and the jsonwebtoken
+/// validation built for it once, at load time.
+pub(crate) struct VerifyingKey {
+    pub(crate) kid: Option<String>,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) key: DecodingKey,
+    pub(crate) validation: Validation,
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The loaded keys. Immutable; a reload builds a new ring and swaps it in.
+#[derive(Debug, Default)]
+pub struct KeyRing {
+    by_kid: HashMap<String, VerifyingKey>,
+    /// The lone key without a `kid`; only allowed when it is the only key.
+    unnamed: Option<VerifyingKey>,
+}
+
+/// What a token's `kid` selects.
+pub(crate) enum Selected<'a> {
+    Key(&'a VerifyingKey),
+    Unknown(String),
+}
+
+impl KeyRing {
+    /// Loads every source. Fails as a whole: a reload never half-applies.
+    pub fn load(
+        sources: &[KeySource],
+        allow_hmac: bool,
+        policy: &ValidationPolicy,
+    ) -> Result<KeyRing, KeyError> {
+        let mut loaded = Vec::new();
+        for source in sources {
+            match source {
+                KeySource::PublicKeyPem {
+                    kid,
+                    algorithm,
+                    path,
+                } => {
+                    let pem = read(path)?;
+                    let key = decoding_key_from_pem(&pem, *algorithm)
+                        .map_err(|m| KeyError::invalid(path, m))?;
+                    loaded.push((kid.clone(), *algorithm, key));
+                }
+                KeySource::SharedSecret { kid, path } => {
+                    let secret = read(path)?;
+                    let secret = secret.trim_ascii();
+                    if secret.len() < 32 {
+                        return Err(KeyError::invalid(
+                            path,
+                            "an HMAC secret must be at least 32 bytes",
+                        ));
+                    }
+                    loaded.push((
+                        kid.clone(),
+                        Algorithm::HS256,
+                        DecodingKey::from_secret(secret),
+                    ));
+                }
+                KeySource::Jwks { path } => {
+                    let json = read(path)?;
+                    let set: JwkSet = serde_json::from_slice(&json)
+                        .map_err(|e| KeyError::invalid(path, format!("not a JWK set: {e}")))?;
+                    if set.keys.is_empty() {
+                        return Err(KeyError::invalid(path, "the JWK set holds no keys"));
+                    }
+                    for jwk in &set.keys {
+                        let (kid, alg, key) =
+                            from_jwk(jwk).map_err(|m| KeyError::invalid(path, m))?;
+                        loaded.push((Some(kid), alg, key));
+                    }
+                }
+            }
+        }
+        if loaded.is_empty() {
+            return Err(KeyError::Ring(
+                "no token verification keys are configured".into(),
+            ));
+        }
+        let lone = loaded.len() == 1;
+        let mut ring = KeyRing::default();
+        for (kid, algorithm, key) in loaded {
+            if !is_supported_algorithm(algorithm) {
+                return Err(KeyError::Ring(format!(
+                    "algorithm {algorithm:?} is not supported"
+                )));
+            }
+            if is_hmac(algorithm) && !allow_hmac {
+                return Err(KeyError::Ring(
+                    "an HMAC (shared secret) key needs `tokens.allow_hmac = true`".into(),
+                ));
+            }
+            let validation = policy.jsonwebtoken_validation(algorithm);
+            let vk = VerifyingKey {
+                kid: kid.clone(),
+                algorithm,
+                key,
+                validation,
+            };
+            match kid {
+                Some(kid) => {
+                    if ring.by_kid.insert(kid.clone(), vk).is_some() {
+                        return Err(KeyError::Ring(format!("key id `{kid}` is used twice")));
+                    }
+                }
+                None if lone => ring.unnamed = Some(vk),
+                None => {
+                    return Err(KeyError::Ring(
+                        "every key needs a `kid` when more than one key is configured".into(),
+                    ));
+                }
+            }
+        }
+        Ok(ring)
+    }
+
+    /// Number of keys loaded.
+    pub fn len(&self) -> usize {
+        self.by_kid.len() + usize::from(self.unnamed.is_some())
+    }
+
+    /// Whether the ring is empty (never true for a loaded ring).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Key ids in the ring, sorted (for logs and `inspect`).
+    pub fn kids(&self) -> Vec<String> {
+        let mut kids: Vec<String> = self.by_kid.keys().cloned().collect();
+        kids.sort();
+        kids
+    }
+
+    pub(crate) fn select(&self, kid: Option<&str>) -> Selected<'_> {
+        match kid {
+            Some(kid) => match self.by_kid.get(kid) {
+                Some(k) => Selected::Key(k),
+                None => Selected::Unknown(format!("no key with kid `{}`", printable(kid))),
+            },
+            // A token without `kid` is only accepted when the choice is unambiguous:
+            // trying every key would multiply the cost of a forged token.
+            None => match (&self.unnamed, self.by_kid.len()) {
+                (Some(k), _) => Selected::Key(k),
+                (None, 1) => Selected::Key(self.by_kid.values().next().expect("one key")),
+                _ => Selected::Unknown("the token has no kid and several keys are loaded".into()),
+            },
+        }
+    }
+}
+
+/// A kid comes from the attacker: keep what reaches logs short and printable.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, KeyError> {
+    std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn decoding_key_from_pem(pem: &[u8], alg: Algorithm) -> Result<DecodingKey, String> {
+    let text = std::str::from_utf8(pem).map_err(|_| "not a PEM file".to_string())?;
+    if text.contains("PRIVATE KEY") {
+        // Porthole only ever needs the public half; refusing private keys here
+        // keeps signing material off gateway hosts by mistake.
+        return Err("this is a private key; give Porthole the public key".into());
+    }
+    let key = match alg {
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
+        other => return Err(format!("algorithm {other:?} does not use a PEM public key")),
+    };
+    key.map_err(|e| format!("not a {alg:?} public key: {e}"))
+}
+
+fn from_jwk(jwk: &Jwk) -> Result<(String, Algorithm, DecodingKey), String> {
+    let kid = jwk
+        .common
+        .key_id
+        .clone()
+        .ok_or("every key in a JWK set needs a `kid`")?;
+    let declared = match jwk.common.key_algorithm {
+        Some(a) => Some(
+            a.to_string()
+                .parse::<Algorithm>()
+                .map_err(|_| format!("key `{kid}`: algorithm {a:?} cannot sign tokens"))?,
+        ),
+        None => None,
+    };
+    // Only the unambiguous key types may omit `alg`.
+    let inferred = match &jwk.algorithm {
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            Some(Algorithm::EdDSA)
+        }
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+            Some(Algorithm::ES256)
+        }
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => {
+            Some(Algorithm::ES384)
+        }
+        _ => None,
+    };
+    let alg = match (declared, inferred) {
+        (Some(d), Some(i)) if d != i => {
+            return Err(format!(
+                "key `{kid}`: `alg` {d:?} does not match its key type"
+            ));
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => return Err(format!("key `{kid}`: set `alg` for this key type")),
+    };
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key `{kid}`: {e}"))?;
+    if !alg_fits_family(alg, &key) {
+        return Err(format!(
+            "key `{kid}`: `alg` {alg:?} does not match its key type"
+        ));
+    }
+    Ok((kid, alg, key))
+}
+
+fn alg_fits_family(alg: Algorithm, key: &DecodingKey) -> bool {
+    key.family().algorithms().contains(&alg)
+}

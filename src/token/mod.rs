@@ -1,0 +1,475 @@
+//! Console tokens: signed JWTs in, a [`Grant`] or a named [`Refusal`] out.
+//!
+//! The API server signs; Porthole verifies with public keys from its
+//! [`KeyRing`]. [`TokenValidator::validate`] checks, in order: size, header
+//! shape, key selection by `kid`, the algorithm pinned to that key, the
+//! signature, the registered claims (`exp`, `nbf`, `iat`, `iss`, `aud` with a
+//! small leeway, and a maximum lifetime), the console type the caller expects,
+//! and the target against the operator's allow-list. Reuse (`jti`) is decided
+//! separately, by the [`redemption`] store, when a session actually starts.
+//!
+//! Nothing here knows about HTTP; front ends map a [`Refusal`] to a status
+//! code with [`RefusalReason::client_code`] and [`RefusalReason::http_status`].
+
+pub mod claims;
+pub mod keys;
+pub mod redemption;
+pub mod signing;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+
+pub use claims::{ConsoleClaims, ConsoleType};
+pub use keys::{KeyError, KeyRing, KeySource};
+pub use redemption::{MemoryRedemptions, Redemption, RedemptionStore, ReusePolicy};
+
+use crate::hypervisor::{AllowList, ConsoleTarget};
+use keys::Selected;
+
+/// Every reason a token is refused. Each has a stable name for logs and the
+/// `porthole_token_refusals_total{reason}` counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// Longer than the configured cap; refused before any parsing.
+    TooLarge,
+    /// Not a JWT, bad JSON, a claim missing or of the wrong type, a forbidden header.
+    Malformed,
+    /// No loaded key matches the token's `kid`.
+    UnknownKey,
+    /// The header's `alg` is not the algorithm pinned to the selected key.
+    WrongAlgorithm,
+    /// The signature does not verify.
+    BadSignature,
+    /// Past `exp` (plus leeway).
+    Expired,
+    /// Before `nbf` or `iat` (minus leeway).
+    NotYetValid,
+    /// `exp - iat` exceeds the configured maximum lifetime.
+    LifetimeTooLong,
+    /// `aud` names no audience this gateway accepts.
+    WrongAudience,
+    /// `iss` is not a configured issuer.
+    WrongIssuer,
+    /// The token is for another console type than the endpoint serves.
+    WrongConsoleType,
+    /// The target is outside every allowed hypervisor network or port range.
+    TargetNotAllowed,
+    /// The token is in use by another session, or was single-use and spent.
+    Replayed,
+    /// The token was revoked, or its session was killed.
+    Revoked,
+    /// Porthole cannot decide right now (store full or unreachable).
+    Unavailable,
+}
+
+impl RefusalReason {
+    /// Every reason, for metrics initialisation and docs.
+    pub const ALL: [RefusalReason; 15] = [
+        RefusalReason::TooLarge,
+        RefusalReason::Malformed,
+        RefusalReason::UnknownKey,
+        RefusalReason::WrongAlgorithm,
+        RefusalReason::BadSignature,
+        RefusalReason::Expired,
+        RefusalReason::NotYetValid,
+        RefusalReason::LifetimeTooLong,
+        RefusalReason::WrongAudience,
+        RefusalReason::WrongIssuer,
+        RefusalReason::WrongConsoleType,
+        RefusalReason::TargetNotAllowed,
+        RefusalReason::Replayed,
+        RefusalReason::Revoked,
+        RefusalReason::Unavailable,
+    ];
+
+    /// The stable name used in logs, metrics and `token inspect`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::TooLarge => "too_large",
+            RefusalReason::Malformed => "malformed",
+            RefusalReason::UnknownKey => "unknown_key",
+            RefusalReason::WrongAlgorithm => "wrong_algorithm",
+            RefusalReason::BadSignature => "bad_signature",
+            RefusalReason::Expired => "expired",
+            RefusalReason::NotYetValid => "not_yet_valid",
+            RefusalReason::LifetimeTooLong => "lifetime_too_long",
+            RefusalReason::WrongAudience => "wrong_audience",
+            RefusalReason::WrongIssuer => "wrong_issuer",
+            RefusalReason::WrongConsoleType => "wrong_console_type",
+            RefusalReason::TargetNotAllowed => "target_not_allowed",
+            RefusalReason::Replayed => "replayed",
+            RefusalReason::Revoked => "revoked",
+            RefusalReason::Unavailable => "unavailable",
+        }
+    }
+
+    /// What a client (a console page) is told: `expired`, `unavailable` or
+    /// `refused`. Everything else stays in the log.
+    pub fn client_code(self) -> &'static str {
+        match self {
+            RefusalReason::Expired => "expired",
+            RefusalReason::Unavailable => "unavailable",
+            _ => "refused",
+        }
+    }
+
+    /// The HTTP status a front end answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            RefusalReason::Expired => 401,
+            RefusalReason::Unavailable => 503,
+            RefusalReason::TooLarge | RefusalReason::Malformed => 400,
+            _ => 403,
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused token: the named reason, and a detail for the log (never for the
+/// client, and never containing the token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Refusal {
+    /// The named reason.
+    pub reason: RefusalReason,
+    /// What exactly was wrong, for operators.
+    pub detail: String,
+    /// The token's `jti`, when it got far enough to know it.
+    pub jti: Option<String>,
+}
+
+impl Refusal {
+    fn new(reason: RefusalReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+            jti: None,
+        }
+    }
+}
+
+/// What a valid token grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The token id: key for reuse and revocation.
+    pub jti: String,
+    /// The instance (VM) id, from `sub`.
+    pub instance: String,
+    /// The console type the token was minted for.
+    pub console: ConsoleType,
+    /// The hypervisor target.
+    pub target: ConsoleTarget,
+    /// The allow-list entry (backend network) that admits the target.
+    pub backend: String,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: u64,
+    /// `iss`.
+    pub issuer: String,
+    /// The key that verified it.
+    pub kid: Option<String>,
+    /// The full claim set, for `token inspect`.
+    pub claims: ConsoleClaims,
+}
+
+/// The checks every token goes through, besides its signature.
+#[derive(Debug, Clone)]
+pub struct ValidationPolicy {
+    /// Accepted `iss` values.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values.
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
+    pub leeway_secs: u64,
+    /// Longest accepted `exp - iat`, in seconds.
+    pub max_ttl_secs: u64,
+    /// Longest accepted token, in bytes, checked before any parsing.
+    pub max_token_bytes: usize,
+}
+
+impl ValidationPolicy {
+    /// The jsonwebtoken settings for a key pinned to `alg`. Its defaults are
+    /// not what we want (60 s leeway, `nbf` and `iss` unchecked), so every knob
+    /// is set here explicitly.
+    pub(crate) fn jsonwebtoken_validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.algorithms = vec![alg];
+        v.leeway = self.leeway_secs;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.validate_aud = true;
+        v.reject_tokens_expiring_in_less_than = 0;
+        v.set_audience(&self.audiences);
+        v.set_issuer(&self.issuers);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v
+    }
+}
+
+/// Seconds since the epoch, from the system clock.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Verifies console tokens. Shared by every front end; keys swap atomically on reload.
+#[derive(Debug)]
+pub struct TokenValidator {
+    policy: ValidationPolicy,
+    sources: Vec<KeySource>,
+    allow_hmac: bool,
+    ring: ArcSwap<KeyRing>,
+    allow: Arc<AllowList>,
+}
+
+/// Header parameters that would make a verifier fetch or trust keys named by
+/// the token itself, or that demand semantics we do not implement (`crit`).
+const FORBIDDEN_HEADERS: [&str; 5] = ["crit", "jku", "x5u", "jwk", "x5c"];
+
+impl TokenValidator {
+    /// Loads the keys and builds a validator.
+    pub fn new(
+        policy: ValidationPolicy,
+        sources: Vec<KeySource>,
+        allow_hmac: bool,
+        allow: Arc<AllowList>,
+    ) -> Result<Self, KeyError> {
+        let ring = KeyRing::load(&sources, allow_hmac, &policy)?;
+        Ok(Self {
+            policy,
+            sources,
+            allow_hmac,
+            ring: ArcSwap::from_pointee(ring),
+            allow,
+        })
+    }
+
+    /// Re-reads every key source and swaps the new ring in. On any error the
+    /// old ring stays and the error is returned.
+    pub fn reload(&self) -> Result<usize, KeyError> {
+        let ring = KeyRing::load(&self.sources, self.allow_hmac, &self.policy)?;
+        let n = ring.len();
+        self.ring.store(Arc::new(ring));
+        Ok(n)
+    }
+
+    /// Key ids currently loaded.
+    pub fn kids(&self) -> Vec<String> {
+        self.ring.load().kids()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &ValidationPolicy {
+        &self.policy
+    }
+
+    /// The allow-list targets are checked against.
+    pub fn allow_list(&self) -> &AllowList {
+        &self.allow
+    }
+
+    /// Validates `token` for a console of type `expect` (any type if `None`),
+    /// and logs and counts a refusal.
+    pub fn validate(&self, token: &str, expect: Option<ConsoleType>) -> Result<Grant, Refusal> {
+        self.check(token, expect, unix_now())
+            .inspect_err(record_refusal)
+    }
+
+    /// Like [`TokenValidator::validate`], without logging or counting: for
+    /// `porthole token inspect` and tests.
+    pub fn check(
+        &self,
+        token: &str,
+        expect: Option<ConsoleType>,
+        now: u64,
+    ) -> Result<Grant, Refusal> {
+        let p = &self.policy;
+        if token.len() > p.max_token_bytes {
+            return Err(Refusal::new(
+                RefusalReason::TooLarge,
+                format!("{} bytes, the limit is {}", token.len(), p.max_token_bytes),
+            ));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| Refusal::new(RefusalReason::Malformed, format!("bad header: {e}")))?;
+        if let Some(name) = forbidden_header(&header) {
+            return Err(Refusal::new(
+                RefusalReason::Malformed,
+                format!("header parameter `{name}` is not accepted"),
+            ));
+        }
+        let ring = self.ring.load();
+        let key = match ring.select(header.kid.as_deref()) {
+            Selected::Key(k) => k,
+            Selected::Unknown(why) => return Err(Refusal::new(RefusalReason::UnknownKey, why)),
+        };
+        if header.alg != key.algorithm {
+            return Err(Refusal::new(
+                RefusalReason::WrongAlgorithm,
+                format!(
+                    "header says {:?}, the key is pinned to {:?}",
+                    header.alg, key.algorithm
+                ),
+            ));
+        }
+        let data = jsonwebtoken::decode::<ConsoleClaims>(token, &key.key, &key.validation)
+            .map_err(|e| map_jwt_error(e.kind()))?;
+        let claims = data.claims;
+        let refuse = |reason, detail: String| Refusal {
+            reason,
+            detail,
+            jti: Some(claims.jti.clone()),
+        };
+
+        // What jsonwebtoken does not check, we do.
+        if claims.ver.is_some_and(|v| v != claims::SCHEMA_VERSION) {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                format!("unsupported schema version {:?}", claims.ver),
+            ));
+        }
+        if claims.jti.is_empty() || claims.jti.len() > 128 {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                "jti must be 1 to 128 characters".into(),
+            ));
+        }
+        if claims.sub.is_empty() || claims.sub.len() > 255 {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                "sub must be 1 to 255 characters".into(),
+            ));
+        }
+        if claims.iat > now + p.leeway_secs {
+            return Err(refuse(
+                RefusalReason::NotYetValid,
+                "iat is in the future".into(),
+            ));
+        }
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        // `exp - now` is checked as well: an old `iat` must not stretch the window.
+        if lifetime > p.max_ttl_secs || claims.exp > now + p.max_ttl_secs + p.leeway_secs {
+            return Err(refuse(
+                RefusalReason::LifetimeTooLong,
+                format!(
+                    "token lives {lifetime} s, the limit is {} s",
+                    p.max_ttl_secs
+                ),
+            ));
+        }
+        // jsonwebtoken checks these too; the explicit check keeps the reason
+        // right whatever the library's order of checks.
+        if !claims.aud.matches_any(&p.audiences) {
+            return Err(refuse(
+                RefusalReason::WrongAudience,
+                "aud is not accepted".into(),
+            ));
+        }
+        if let Some(want) = expect
+            && claims.console.kind != want
+        {
+            return Err(refuse(
+                RefusalReason::WrongConsoleType,
+                format!(
+                    "token is for {}, this endpoint serves {want}",
+                    claims.console.kind
+                ),
+            ));
+        }
+        let target = claims.console.target();
+        let backend = match self.allow.check(&target) {
+            Ok(b) => b.name.clone(),
+            Err(e) => return Err(refuse(RefusalReason::TargetNotAllowed, e.to_string())),
+        };
+        Ok(Grant {
+            jti: claims.jti.clone(),
+            instance: claims.sub.clone(),
+            console: claims.console.kind,
+            target,
+            backend,
+            expires_at: claims.exp,
+            issuer: claims.iss.clone(),
+            kid: key.kid.clone(),
+            claims,
+        })
+    }
+}
+
+fn forbidden_header(header: &jsonwebtoken::Header) -> Option<&'static str> {
+    let present = [
+        header.crit.is_some(),
+        header.jku.is_some(),
+        header.x5u.is_some(),
+        header.jwk.is_some(),
+        header.x5c.is_some(),
+    ];
+    FORBIDDEN_HEADERS
+        .iter()
+        .zip(present)
+        .find_map(|(name, p)| p.then_some(*name))
+}
+
+fn map_jwt_error(kind: &ErrorKind) -> Refusal {
+    let (reason, detail) = match kind {
+        ErrorKind::InvalidSignature => (
+            RefusalReason::BadSignature,
+            "signature does not verify".to_string(),
+        ),
+        ErrorKind::InvalidAlgorithm => (
+            RefusalReason::WrongAlgorithm,
+            "algorithm not allowed for this key".into(),
+        ),
+        ErrorKind::ExpiredSignature => (RefusalReason::Expired, "exp has passed".into()),
+        ErrorKind::ImmatureSignature => (RefusalReason::NotYetValid, "nbf is in the future".into()),
+        ErrorKind::InvalidAudience => (RefusalReason::WrongAudience, "aud is not accepted".into()),
+        ErrorKind::InvalidIssuer => (RefusalReason::WrongIssuer, "iss is not accepted".into()),
+        ErrorKind::MissingRequiredClaim(c) => {
+            (RefusalReason::Malformed, format!("claim `{c}` is missing"))
+        }
+        ErrorKind::InvalidClaimFormat(c) => (
+            RefusalReason::Malformed,
+            format!("claim `{c}` has the wrong type"),
+        ),
+        // A signature that is not even well-formed for the algorithm is a bad signature.
+        ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidEddsaKey | ErrorKind::InvalidRsaKey(_) => (
+            RefusalReason::BadSignature,
+            "signature does not verify".into(),
+        ),
+        ErrorKind::Json(e) => (RefusalReason::Malformed, format!("claims: {e}")),
+        other => (RefusalReason::Malformed, format!("{other:?}")),
+    };
+    Refusal::new(reason, detail)
+}
+
+fn record_refusal(refusal: &Refusal) {
+    crate::metrics::token_refused(refusal.reason);
+    tracing::info!(
+        reason = refusal.reason.as_str(),
+        detail = %refusal.detail,
+        jti = refusal.jti.as_deref().unwrap_or("-"),
+        "token refused"
+    );
+}
+
+/// Paths that a key source reads, for reload watchers and diagnostics.
+pub fn source_paths(sources: &[KeySource]) -> Vec<PathBuf> {
+    sources
+        .iter()
+        .map(|s| match s {
+            KeySource::PublicKeyPem { path, .. }
+            | KeySource::Jwks { path }
+            | KeySource::SharedSecret { path, .. } => path.clone(),
+        })
+        .collect()
+}

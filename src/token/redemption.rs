@@ -1,0 +1,400 @@
+//! Token reuse: the `jti` store and the policy it enforces.
+//!
+//! A token is *redeemed* when a session starts with it, and released when that
+//! session ends. The default policy (`reconnect`) lets a page refresh or
+//! noVNC's automatic reconnect use the token again within its life, while one
+//! token never runs two sessions at once, and a revoked token (or one whose
+//! session was killed) is dead for good. SPICE opens one connection per
+//! channel with the same credential: a redemption may name a *session key*, and
+//! further redemptions that present the same key join the running session
+//! instead of being refused.
+//!
+//! The store is a trait so that a shared store can replace the in-memory one
+//! for multi-node deployments; the in-memory store is bounded and forgets
+//! entries once their token has expired.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::RefusalReason;
+
+/// How often one token may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReusePolicy {
+    /// One session, ever.
+    SingleUse,
+    /// Any number of sessions within the token's life, one at a time.
+    Reconnect,
+}
+
+/// Why a redemption was refused, with the reason it is counted under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedeemError {
+    /// `replayed`, `revoked` or `unavailable`.
+    pub reason: RefusalReason,
+    /// Detail for the log.
+    pub detail: &'static str,
+}
+
+/// Storage for token redemptions. Implementations must be safe to call from
+/// many sessions at once and must never block for long (no network I/O
+/// without a deadline).
+pub trait RedemptionStore: Send + Sync + std::fmt::Debug {
+    /// Starts (or joins) a session with the token `jti`, which expires at `exp`.
+    /// `session_key` lets the channels of one SPICE session share the token.
+    fn redeem(
+        &self,
+        jti: &str,
+        exp: u64,
+        policy: ReusePolicy,
+        session_key: Option<&str>,
+        now: u64,
+    ) -> Result<(), RedeemError>;
+
+    /// Ends one session (or one channel of it) started with `jti`.
+    fn release(&self, jti: &str);
+
+    /// Kills the token: every later redemption is refused as `revoked`. The
+    /// entry is kept until `exp` (plus leeway) has passed.
+    fn revoke(&self, jti: &str, exp: u64, now: u64) -> Result<(), RedeemError>;
+
+    /// Whether `jti` has been revoked.
+    fn is_revoked(&self, jti: &str) -> bool;
+}
+
+/// A redeemed token, held for the life of a session; releases on drop.
+#[derive(Debug)]
+pub struct Redemption {
+    store: Arc<dyn RedemptionStore>,
+    jti: String,
+}
+
+impl Redemption {
+    /// Redeems `jti` in `store` and returns the guard that releases it.
+    pub fn begin(
+        store: Arc<dyn RedemptionStore>,
+        jti: &str,
+        exp: u64,
+        policy: ReusePolicy,
+        session_key: Option<&str>,
+        now: u64,
+    ) -> Result<Redemption, RedeemError> {
+        store.redeem(jti, exp, policy, session_key, now)?;
+        Ok(Redemption {
+            store,
+            jti: jti.to_string(),
+        })
+    }
+}
+
+impl Drop for Redemption {
+    fn drop(&mut self) {
+        self.store.release(&self.jti);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Use {
+    /// Sessions running now, and the key that lets more channels join them.
+    Active { sessions: u32, key: Option<String> },
+    /// Redeemed before, nothing running; may be redeemed again under `reconnect`.
+    Idle,
+    /// Redeemed under `single-use`: never again.
+    Spent { sessions: u32 },
+    /// Revoked or killed.
+    Revoked { sessions: u32 },
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Forget the entry after this time (the token's `exp` plus leeway).
+    forget_after: u64,
+    state: Use,
+}
+
+/// The default store: in memory, bounded, expiring.
+#[derive(Debug)]
+pub struct MemoryRedemptions {
+    /// Maximum entries; past it, expired entries are swept and, if the store is
+    /// still full, new tokens are refused as `unavailable` (never evicting a live
+    /// entry, which would allow a replay).
+    capacity: usize,
+    /// Added to `exp` so a token refused late by leeway is still remembered.
+    grace_secs: u64,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl MemoryRedemptions {
+    /// A store holding at most `capacity` tokens.
+    pub fn new(capacity: usize, grace_secs: u64) -> Self {
+        Self {
+            capacity,
+            grace_secs,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Entries currently held (for metrics and tests).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the store holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock cannot leave an entry half-written
+        // (every update is a single assignment), so the data stays usable.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn make_room(&self, entries: &mut HashMap<String, Entry>, now: u64) -> Result<(), RedeemError> {
+        if entries.len() < self.capacity {
+            return Ok(());
+        }
+        entries.retain(|_, e| {
+            now <= e.forget_after
+                || matches!(e.state, Use::Active { .. })
+                || matches!(e.state, Use::Spent { sessions } | Use::Revoked { sessions } if sessions > 0)
+        });
+        if entries.len() < self.capacity {
+            Ok(())
+        } else {
+            Err(RedeemError {
+                reason: RefusalReason::Unavailable,
+                detail: "token store is full",
+            })
+        }
+    }
+}
+
+impl RedemptionStore for MemoryRedemptions {
+    fn redeem(
+        &self,
+        jti: &str,
+        exp: u64,
+        policy: ReusePolicy,
+        session_key: Option<&str>,
+        now: u64,
+    ) -> Result<(), RedeemError> {
+        let mut entries = self.lock();
+        let replayed = |detail| RedeemError {
+            reason: RefusalReason::Replayed,
+            detail,
+        };
+        if let Some(entry) = entries.get_mut(jti) {
+            match &mut entry.state {
+                Use::Revoked { .. } => {
+                    return Err(RedeemError {
+                        reason: RefusalReason::Revoked,
+                        detail: "token was revoked",
+                    });
+                }
+                Use::Spent { .. } => return Err(replayed("single-use token was already used")),
+                Use::Active { sessions, key } => {
+                    let joins =
+                        matches!((session_key, key.as_deref()), (Some(a), Some(b)) if a == b);
+                    if !joins {
+                        return Err(replayed("token is in use by another session"));
+                    }
+                    *sessions += 1;
+                }
+                Use::Idle => {
+                    if policy == ReusePolicy::SingleUse {
+                        return Err(replayed("single-use token was already used"));
+                    }
+                    entry.state = Use::Active {
+                        sessions: 1,
+                        key: session_key.map(str::to_string),
+                    };
+                }
+            }
+            return Ok(());
+        }
+        self.make_room(&mut entries, now)?;
+        let state = match policy {
+            ReusePolicy::SingleUse => Use::Spent { sessions: 1 },
+            ReusePolicy::Reconnect => Use::Active {
+                sessions: 1,
+                key: session_key.map(str::to_string),
+            },
+        };
+        entries.insert(
+            jti.to_string(),
+            Entry {
+                forget_after: exp.saturating_add(self.grace_secs),
+                state,
+            },
+        );
+        Ok(())
+    }
+
+    fn release(&self, jti: &str) {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(jti) else {
+            return;
+        };
+        match &mut entry.state {
+            Use::Active { sessions, .. } => {
+                *sessions = sessions.saturating_sub(1);
+                if *sessions == 0 {
+                    entry.state = Use::Idle;
+                }
+            }
+            Use::Spent { sessions } | Use::Revoked { sessions } => {
+                *sessions = sessions.saturating_sub(1);
+            }
+            Use::Idle => {}
+        }
+    }
+
+    fn revoke(&self, jti: &str, exp: u64, now: u64) -> Result<(), RedeemError> {
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(jti) {
+            let sessions = match entry.state {
+                Use::Active { sessions, .. }
+                | Use::Spent { sessions }
+                | Use::Revoked { sessions } => sessions,
+                Use::Idle => 0,
+            };
+            entry.state = Use::Revoked { sessions };
+            entry.forget_after = entry.forget_after.max(exp.saturating_add(self.grace_secs));
+            return Ok(());
+        }
+        self.make_room(&mut entries, now)?;
+        entries.insert(
+            jti.to_string(),
+            Entry {
+                forget_after: exp.saturating_add(self.grace_secs),
+                state: Use::Revoked { sessions: 0 },
+            },
+        );
+        Ok(())
+    }
+
+    fn is_revoked(&self, jti: &str) -> bool {
+        matches!(
+            self.lock().get(jti).map(|e| &e.state),
+            Some(Use::Revoked { .. })
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+    const EXP: u64 = NOW + 60;
+
+    fn store(capacity: usize) -> Arc<MemoryRedemptions> {
+        Arc::new(MemoryRedemptions::new(capacity, 5))
+    }
+
+    fn begin(
+        s: &Arc<MemoryRedemptions>,
+        jti: &str,
+        policy: ReusePolicy,
+        key: Option<&str>,
+    ) -> Result<Redemption, RefusalReason> {
+        Redemption::begin(s.clone(), jti, EXP, policy, key, NOW).map_err(|e| e.reason)
+    }
+
+    #[test]
+    fn reconnect_allows_reuse_one_session_at_a_time() {
+        let s = store(10);
+        let first = begin(&s, "a", ReusePolicy::Reconnect, None).expect("first use");
+        // A second tab while the first session runs: refused.
+        assert_eq!(
+            begin(&s, "a", ReusePolicy::Reconnect, None).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        drop(first);
+        // noVNC reconnecting after the session ended: allowed, within the token's life.
+        let again = begin(&s, "a", ReusePolicy::Reconnect, None).expect("reconnect");
+        drop(again);
+        // Another token is unaffected throughout.
+        begin(&s, "b", ReusePolicy::Reconnect, None).expect("other token");
+    }
+
+    #[test]
+    fn single_use_refuses_any_second_use() {
+        let s = store(10);
+        drop(begin(&s, "a", ReusePolicy::SingleUse, None).expect("first use"));
+        assert_eq!(
+            begin(&s, "a", ReusePolicy::SingleUse, None).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        begin(&s, "b", ReusePolicy::SingleUse, None).expect("fresh token");
+    }
+
+    #[test]
+    fn channels_of_one_session_join_but_other_sessions_are_refused() {
+        let s = store(10);
+        let main = begin(&s, "a", ReusePolicy::Reconnect, Some("sess-1")).expect("main channel");
+        let display =
+            begin(&s, "a", ReusePolicy::Reconnect, Some("sess-1")).expect("display channel");
+        assert_eq!(
+            begin(&s, "a", ReusePolicy::Reconnect, Some("sess-2")).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        assert_eq!(
+            begin(&s, "a", ReusePolicy::Reconnect, None).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        drop(main);
+        // One channel still open: the session still holds the token.
+        assert_eq!(
+            begin(&s, "a", ReusePolicy::Reconnect, Some("sess-2")).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        drop(display);
+        begin(&s, "a", ReusePolicy::Reconnect, Some("sess-2"))
+            .expect("new session after the old ended");
+    }
+
+    #[test]
+    fn revoked_tokens_are_dead_used_or_not() {
+        let s = store(10);
+        // Revoking an unused token.
+        s.revoke("unused", EXP, NOW).unwrap();
+        assert_eq!(
+            begin(&s, "unused", ReusePolicy::Reconnect, None).unwrap_err(),
+            RefusalReason::Revoked
+        );
+        // Killing a token mid-session: the session's release does not revive it.
+        let live = begin(&s, "live", ReusePolicy::Reconnect, None).expect("first use");
+        s.revoke("live", EXP, NOW).unwrap();
+        assert!(s.is_revoked("live"));
+        drop(live);
+        assert_eq!(
+            begin(&s, "live", ReusePolicy::Reconnect, None).unwrap_err(),
+            RefusalReason::Revoked
+        );
+        begin(&s, "other", ReusePolicy::Reconnect, None).expect("other token unaffected");
+    }
+
+    #[test]
+    fn store_is_bounded_and_forgets_expired_tokens() {
+        let s = store(2);
+        drop(begin(&s, "a", ReusePolicy::Reconnect, None).unwrap());
+        let _b = begin(&s, "b", ReusePolicy::Reconnect, None).unwrap();
+        // Full of live tokens: a new one is refused, nothing live is evicted.
+        assert_eq!(
+            begin(&s, "c", ReusePolicy::Reconnect, None).unwrap_err(),
+            RefusalReason::Unavailable
+        );
+        assert_eq!(
+            begin(&s, "b", ReusePolicy::Reconnect, None).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        // Once "a" has expired (plus grace) it can be forgotten to make room.
+        let later = EXP + 6;
+        s.redeem("c", later + 60, ReusePolicy::Reconnect, None, later)
+            .expect("room after expiry");
+        assert_eq!(s.len(), 2);
+    }
+}
