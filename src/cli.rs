@@ -13,7 +13,6 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::{self, App, Listeners};
 use crate::bootstrap::{DEV_KID, DevState};
 use crate::config::{Config, default_state_dir};
-use crate::hypervisor::ConsoleTarget;
 use crate::issuance::console_url;
 use crate::token::claims::ConsoleClaim;
 use crate::token::signing::{KeyKind, MintRequest, Signer, generate};
@@ -34,6 +33,9 @@ enum Command {
         /// Config file; without it Porthole runs on embedded defaults.
         #[arg(long, short, env = "PORTHOLE_CONFIG")]
         config: Option<PathBuf>,
+        /// Override `listen.admin` (e.g. `127.0.0.1:0` for any free port).
+        #[arg(long, env = "PORTHOLE_ADMIN_LISTEN")]
+        admin_listen: Option<std::net::SocketAddr>,
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -153,7 +155,11 @@ impl clap::ValueEnum for ConsoleType {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, log_format } => serve(config, &log_format),
+        Command::Serve {
+            config,
+            admin_listen,
+            log_format,
+        } => serve(config, admin_listen, &log_format),
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::Token(TokenCommand::Inspect {
             token,
@@ -201,11 +207,18 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Option<DevState>)
     }
 }
 
-fn serve(config: Option<PathBuf>, log_format: &str) -> anyhow::Result<ExitCode> {
+fn serve(
+    config: Option<PathBuf>,
+    admin_listen: Option<std::net::SocketAddr>,
+    log_format: &str,
+) -> anyhow::Result<ExitCode> {
     init_tracing(log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let (config, dev) = load_config(config.as_deref())?;
+        let (mut config, dev) = load_config(config.as_deref())?;
+        if let Some(addr) = admin_listen {
+            config.listen.admin = addr;
+        }
         let metrics = crate::metrics::install().map_err(anyhow::Error::msg)?;
         let app = App::build(config)?;
         let listeners = Listeners::bind(&app.config).await?;
@@ -413,9 +426,4 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
-}
-
-/// Used by `token mint` callers that already hold a target (issuance, tests).
-pub fn target_of(claim: &ConsoleClaim) -> ConsoleTarget {
-    claim.target()
 }

@@ -16,7 +16,6 @@ pub mod keys;
 pub mod redemption;
 pub mod signing;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -460,16 +459,4 @@ fn record_refusal(refusal: &Refusal) {
         jti = refusal.jti.as_deref().unwrap_or("-"),
         "token refused"
     );
-}
-
-/// Paths that a key source reads, for reload watchers and diagnostics.
-pub fn source_paths(sources: &[KeySource]) -> Vec<PathBuf> {
-    sources
-        .iter()
-        .map(|s| match s {
-            KeySource::PublicKeyPem { path, .. }
-            | KeySource::Jwks { path }
-            | KeySource::SharedSecret { path, .. } => path.clone(),
-        })
-        .collect()
 }

@@ -1,0 +1,282 @@
+//! The issuance API and the rest of the admin listener, over a real socket.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use common::{AUDIENCE, ISSUER, TestKey};
+use porthole::app::App;
+use porthole::config::Config;
+use porthole::frontend::admin;
+use porthole::token::signing::KeyKind;
+use porthole::token::{ConsoleType, unix_now};
+use serde_json::{Value, json};
+
+const BEARER: &str = "test-bearer-key-0123456789";
+
+struct Admin {
+    _dir: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+    app: Arc<App>,
+}
+
+/// Starts the admin router of a full `App` built from a TOML config, on port 0.
+async fn start() -> Admin {
+    let dir = tempfile::tempdir().unwrap();
+    TestKey::new(dir.path(), KeyKind::Ed25519, "issuer-1");
+    std::fs::write(dir.path().join("bearer.key"), BEARER).unwrap();
+    let toml = format!(
+        r#"
+[listen]
+admin = "127.0.0.1:0"
+public_base_url = "https://consoles.example.test/porthole/"
+
+[tokens]
+issuers = ["{ISSUER}"]
+audiences = ["{AUDIENCE}"]
+
+[[tokens.keys]]
+kid = "issuer-1"
+algorithm = "EdDSA"
+public_key = "issuer-1.pub.pem"
+
+[issuance]
+bearer_key_files = ["bearer.key"]
+signing_key = "issuer-1.key"
+signing_kid = "issuer-1"
+ttl_secs = 90
+
+[[backends]]
+name = "compute"
+networks = ["10.20.0.0/16"]
+ports = ["5900-6100"]
+"#
+    );
+    let config = Config::from_toml(&toml, dir.path()).expect("config");
+    let app = Arc::new(App::build(config).expect("app"));
+    let state = app.admin_state(None, Arc::new(AtomicBool::new(true)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, admin::router(state)).await });
+    Admin {
+        _dir: dir,
+        addr,
+        app,
+    }
+}
+
+impl Admin {
+    async fn post(&self, path: &str, bearer: Option<&str>, body: &Value) -> (u16, Value) {
+        let (status, body) =
+            common::http(self.addr, "POST", path, bearer, Some(&body.to_string())).await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+}
+
+fn request(console: &str, host: &str, port: u16) -> Value {
+    json!({ "instance": "9d1c1b8a-vm", "type": console, "target": { "host": host, "port": port } })
+}
+
+#[tokio::test]
+async fn an_authorised_request_gets_a_valid_token_and_a_nova_shaped_answer() {
+    let a = start().await;
+    for (console, protocol, path) in [
+        ("novnc", "vnc", "console"),
+        ("spice-html5", "spice", "console"),
+        ("serial", "serial", "console"),
+        ("spice-direct", "spice", "spice-direct"),
+        ("vnc-direct", "vnc", "vnc-direct"),
+    ] {
+        let (status, body) = a
+            .post(
+                "/v1/consoles",
+                Some(BEARER),
+                &request(console, "10.20.3.4", 5901),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let rc = &body["remote_console"];
+        assert_eq!(rc["protocol"], protocol);
+        assert_eq!(rc["type"], console);
+        let token = body["token"].as_str().unwrap();
+        let url = rc["url"].as_str().unwrap();
+        assert_eq!(
+            url,
+            format!("https://consoles.example.test/porthole/{path}?token={token}")
+        );
+        let grant = a
+            .app
+            .validator
+            .check(
+                token,
+                Some(console.parse::<ConsoleType>().unwrap()),
+                unix_now(),
+            )
+            .expect("issued token validates");
+        assert_eq!(grant.instance, "9d1c1b8a-vm");
+        assert_eq!(grant.target.port, 5901);
+        assert_eq!(grant.jti, body["jti"].as_str().unwrap());
+        let exp = body["expires_at"].as_u64().unwrap();
+        assert_eq!(exp, grant.expires_at);
+        assert!(
+            exp <= unix_now() + 90 && exp + 10 >= unix_now() + 90,
+            "configured ttl applies"
+        );
+    }
+    // A shorter lifetime on request; a longer one than allowed is refused.
+    let mut req = request("novnc", "10.20.3.4", 5901);
+    req["ttl_secs"] = json!(30);
+    let (status, body) = a.post("/v1/consoles", Some(BEARER), &req).await;
+    assert_eq!(status, 200);
+    assert!(body["expires_at"].as_u64().unwrap() <= unix_now() + 30);
+    req["ttl_secs"] = json!(100_000);
+    assert_eq!(a.post("/v1/consoles", Some(BEARER), &req).await.0, 400);
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_are_refused() {
+    let a = start().await;
+    let req = request("novnc", "10.20.3.4", 5901);
+    assert_eq!(
+        a.post("/v1/consoles", Some(BEARER), &req).await.0,
+        200,
+        "the same request with the key passes"
+    );
+    let (status, body) = a.post("/v1/consoles", None, &req).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert!(body.get("token").is_none());
+    assert_eq!(
+        a.post("/v1/consoles", Some("wrong-key-0123456789"), &req)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        a.post("/v1/consoles", Some(&BEARER[..BEARER.len() - 1]), &req)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(a.post("/v1/keys/reload", None, &json!({})).await.0, 401);
+    assert_eq!(
+        a.post("/v1/tokens/check", None, &json!({"token": "x"}))
+            .await
+            .0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn disallowed_targets_are_refused() {
+    let a = start().await;
+    assert_eq!(
+        a.post(
+            "/v1/consoles",
+            Some(BEARER),
+            &request("novnc", "10.20.3.4", 5901)
+        )
+        .await
+        .0,
+        200
+    );
+    for (host, port) in [
+        ("169.254.169.254", 80),
+        ("10.21.0.1", 5901),
+        ("10.20.3.4", 22),
+        ("db.internal", 5432),
+    ] {
+        let (status, body) = a
+            .post("/v1/consoles", Some(BEARER), &request("novnc", host, port))
+            .await;
+        assert_eq!(status, 403, "{host}:{port}");
+        assert_eq!(body["error"]["code"], "target_not_allowed");
+        assert!(body.get("token").is_none());
+    }
+}
+
+#[tokio::test]
+async fn unknown_console_types_are_refused() {
+    let a = start().await;
+    assert_eq!(
+        a.post(
+            "/v1/consoles",
+            Some(BEARER),
+            &request("serial", "10.20.3.4", 5901)
+        )
+        .await
+        .0,
+        200
+    );
+    for console in ["rdp", "", "NOVNC", "spice"] {
+        let (status, body) = a
+            .post(
+                "/v1/consoles",
+                Some(BEARER),
+                &request(console, "10.20.3.4", 5901),
+            )
+            .await;
+        assert_eq!(status, 400, "{console}");
+        assert_eq!(body["error"]["code"], "unknown_console_type");
+    }
+    // A request carrying a password is refused outright: credentials never travel in tokens.
+    let mut with_password = request("novnc", "10.20.3.4", 5901);
+    with_password["target"]["password"] = json!("hunter2");
+    assert_eq!(
+        a.post("/v1/consoles", Some(BEARER), &with_password).await.0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn token_check_reports_the_precise_reason_to_trusted_callers() {
+    let a = start().await;
+    let (_, issued) = a
+        .post(
+            "/v1/consoles",
+            Some(BEARER),
+            &request("novnc", "10.20.3.4", 5901),
+        )
+        .await;
+    let token = issued["token"].as_str().unwrap();
+    let (status, body) = a
+        .post(
+            "/v1/tokens/check",
+            Some(BEARER),
+            &json!({ "token": token, "type": "novnc" }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["valid"], true);
+    assert_eq!(body["claims"]["sub"], "9d1c1b8a-vm");
+    let (_, body) = a
+        .post(
+            "/v1/tokens/check",
+            Some(BEARER),
+            &json!({ "token": token, "type": "serial" }),
+        )
+        .await;
+    assert_eq!(body["valid"], false);
+    assert_eq!(body["reason"], "wrong_console_type");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let a = start().await;
+    assert_eq!(
+        common::http(a.addr, "GET", "/healthz", None, None).await.0,
+        200
+    );
+    assert_eq!(
+        common::http(a.addr, "GET", "/readyz", None, None).await.0,
+        200
+    );
+    assert_eq!(
+        common::http(a.addr, "GET", "/nope", None, None).await.0,
+        404
+    );
+}
