@@ -68,7 +68,13 @@ pub fn generate(kind: KeyKind, kid: &str) -> Result<GeneratedKey, KeyError> {
     let (private, public_pem, jwk) = match kind {
         KeyKind::Ed25519 => {
             let sk = ed25519_dalek::SigningKey::generate(&mut OsRng);
-            let private = sk
+            // PKCS#8 v1 (no embedded public key): Python's `cryptography`, and
+            // so PyJWT, refuse the v2 form ed25519-dalek writes by default.
+            let v1 = ed25519_dalek::pkcs8::KeypairBytes {
+                secret_key: sk.to_bytes(),
+                public_key: None,
+            };
+            let private = v1
                 .to_pkcs8_pem(LineEnding::LF)
                 .map_err(|e| fail("Ed25519", &e))?;
             let vk = sk.verifying_key();
