@@ -88,8 +88,17 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
         .into_response()
 }
 
+/// A call without a valid bearer key.
+struct Unauthorized;
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer key is required")
+    }
+}
+
 /// Checks `Authorization: Bearer ...` against the configured keys.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Unauthorized> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -108,11 +117,7 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
     } else {
         crate::metrics::issuance_refused("unauthorized");
         tracing::info!("admin call refused: missing or unknown bearer key");
-        Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid bearer key is required",
-        ))
+        Err(Unauthorized)
     }
 }
 
@@ -138,7 +143,7 @@ async fn issue(
     body: Result<Json<IssueBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return r.into_response();
     }
     let Some(issuer) = s.issuer.as_ref() else {
         return error(
@@ -221,7 +226,7 @@ async fn check_token(
     body: Result<Json<CheckBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return r.into_response();
     }
     let body = match body {
         Ok(Json(b)) => b,
@@ -247,7 +252,7 @@ async fn check_token(
 
 async fn reload_keys(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return r.into_response();
     }
     match s.validator.reload() {
         Ok(n) => {

@@ -146,6 +146,9 @@ pub fn random_token(n: usize) -> String {
     B64URL.encode(bytes)
 }
 
+/// A jsonwebtoken constructor for one key family.
+type PemLoader = fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>;
+
 /// A key that signs console tokens.
 pub struct Signer {
     kid: Option<String>,
@@ -166,10 +169,7 @@ impl Signer {
     /// Loads a PKCS#8 PEM private key; the algorithm follows from the key
     /// (Ed25519 → EdDSA, P-256 → ES256, RSA → RS256).
     pub fn from_private_pem(pem: &[u8], kid: Option<String>) -> Result<Signer, String> {
-        let candidates: [(
-            Algorithm,
-            fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>,
-        ); 3] = [
+        let candidates: [(Algorithm, PemLoader); 3] = [
             (Algorithm::EdDSA, EncodingKey::from_ed_pem),
             (Algorithm::ES256, EncodingKey::from_ec_pem),
             (Algorithm::RS256, EncodingKey::from_rsa_pem),
