@@ -21,12 +21,19 @@ fn setup(kind: KeyKind, dir: &std::path::Path) -> (Signer, TokenValidator) {
         Some(pem) => {
             let path = dir.join(format!("{kid}.pub.pem"));
             std::fs::write(&path, pem).unwrap();
-            KeySource::PublicKeyPem { kid: Some(kid.clone()), algorithm: key.algorithm, path }
+            KeySource::PublicKeyPem {
+                kid: Some(kid.clone()),
+                algorithm: key.algorithm,
+                path,
+            }
         }
         None => {
             let path = dir.join(format!("{kid}.secret"));
             std::fs::write(&path, key.private.expose()).unwrap();
-            KeySource::SharedSecret { kid: Some(kid.clone()), path }
+            KeySource::SharedSecret {
+                kid: Some(kid.clone()),
+                path,
+            }
         }
     };
     let signer = match kind {
@@ -55,7 +62,12 @@ fn request() -> MintRequest {
         issuer: "porthole".into(),
         audience: "porthole".into(),
         instance: "0b5c3a7e-6f0d-4c36-9d57-1b2f4f0e9c11".into(),
-        console: ConsoleClaim { kind: ConsoleType::Novnc, host: "10.1.2.3".into(), port: 5901, tls_port: None },
+        console: ConsoleClaim {
+            kind: ConsoleType::Novnc,
+            host: "10.1.2.3".into(),
+            port: 5901,
+            tls_port: None,
+        },
         ttl_secs: 300,
     }
 }
@@ -65,12 +77,21 @@ fn tokens(c: &mut Criterion) {
     let mut validate = c.benchmark_group("validate");
     validate.throughput(Throughput::Elements(1));
     let mut fixtures = Vec::new();
-    for kind in [KeyKind::Ed25519, KeyKind::Es256, KeyKind::Rs256, KeyKind::Hs256] {
+    for kind in [
+        KeyKind::Ed25519,
+        KeyKind::Es256,
+        KeyKind::Rs256,
+        KeyKind::Hs256,
+    ] {
         let (signer, validator) = setup(kind, dir.path());
         let token = signer.sign(&request().claims(unix_now())).unwrap();
         let now = unix_now();
         validate.bench_function(format!("{:?}", signer.algorithm()), |b| {
-            b.iter(|| validator.check(black_box(token.expose()), Some(ConsoleType::Novnc), now).unwrap())
+            b.iter(|| {
+                validator
+                    .check(black_box(token.expose()), Some(ConsoleType::Novnc), now)
+                    .unwrap()
+            })
         });
         fixtures.push(signer);
     }

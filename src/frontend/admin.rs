@@ -93,7 +93,11 @@ struct Unauthorized;
 
 impl IntoResponse for Unauthorized {
     fn into_response(self) -> Response {
-        error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer key is required")
+        error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer key is required",
+        )
     }
 }
 
