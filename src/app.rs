@@ -12,9 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SigningKey};
 use crate::frontend::admin::{self, AdminState};
+use crate::frontend::public::{self, PublicState};
 use crate::issuance::Issuer;
+use crate::session::Sessions;
 use crate::token::signing::Signer;
 use crate::token::{MemoryRedemptions, TokenValidator};
+use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
 
 /// Everything the front ends share, built once from a [`Config`].
 #[derive(Debug)]
@@ -27,6 +30,10 @@ pub struct App {
     pub issuer: Option<Arc<Issuer>>,
     /// Remembers redeemed and revoked tokens.
     pub redemptions: Arc<MemoryRedemptions>,
+    /// Every console session; its cancellation token ends them all.
+    pub sessions: Arc<Sessions>,
+    /// The public listener's TLS config, when it has one.
+    pub tls: Option<TlsSlot>,
 }
 
 impl App {
@@ -42,7 +49,48 @@ impl App {
             )
             .context("token keys")?,
         );
-        let issuer = match &config.issuance {
+        let issuer = Self::build_issuer(&config, &validator)?;
+        let redemptions = Arc::new(MemoryRedemptions::new(
+            config.tokens.store_capacity,
+            config.tokens.policy.leeway_secs,
+        ));
+        let sessions = Arc::new(Sessions::new(
+            config.websocket.max_sessions,
+            redemptions.clone(),
+            config.tokens.clone(),
+            config.websocket.connect_timeout,
+            CancellationToken::new(),
+        ));
+        let tls = match &config.listen.tls {
+            None => None,
+            Some((cert, key)) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
+                listener::load_tls(cert, key)
+                    .map_err(anyhow::Error::msg)
+                    .context("listen.tls_cert")?,
+            ))),
+        };
+        Ok(App {
+            config,
+            validator,
+            issuer,
+            redemptions,
+            sessions,
+            tls,
+        })
+    }
+
+    /// Rebuilds the issuer after `config.listen.public_base_url` changed (a
+    /// listener bound to port 0 on embedded defaults).
+    pub fn rebuild_issuer(&mut self) -> anyhow::Result<()> {
+        self.issuer = Self::build_issuer(&self.config, &self.validator)?;
+        Ok(())
+    }
+
+    fn build_issuer(
+        config: &Config,
+        validator: &Arc<TokenValidator>,
+    ) -> anyhow::Result<Option<Arc<Issuer>>> {
+        Ok(match &config.issuance {
             None => None,
             Some(iss) => {
                 let signer = match &iss.signing_key {
@@ -67,16 +115,17 @@ impl App {
                     validator.clone(),
                 )))
             }
-        };
-        let redemptions = Arc::new(MemoryRedemptions::new(
-            config.tokens.store_capacity,
-            config.tokens.policy.leeway_secs,
-        ));
-        Ok(App {
-            config,
-            validator,
-            issuer,
-            redemptions,
+        })
+    }
+
+    /// The public router over this app's state.
+    pub fn public_router(&self) -> axum::Router {
+        public::router(PublicState {
+            validator: self.validator.clone(),
+            sessions: self.sessions.clone(),
+            ws: self.config.websocket.clone(),
+            listen: Arc::new(self.config.listen.clone()),
+            web: Arc::new(self.config.web.clone()),
         })
     }
 
@@ -107,6 +156,8 @@ impl App {
 pub struct Listeners {
     /// The admin listener.
     pub admin: TcpListener,
+    /// The public listeners (`listen.public`, then `listen.public_extra`).
+    pub public: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -115,7 +166,20 @@ impl Listeners {
         let admin = TcpListener::bind(config.listen.admin)
             .await
             .with_context(|| format!("cannot listen on {} (listen.admin)", config.listen.admin))?;
-        Ok(Listeners { admin })
+        let mut public = Vec::new();
+        for addr in std::iter::once(&config.listen.public).chain(&config.listen.public_extra) {
+            public.push(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (listen.public)"))?,
+            );
+        }
+        Ok(Listeners { admin, public })
+    }
+
+    /// The public listeners' addresses.
+    pub fn public_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.public.iter().map(TcpListener::local_addr).collect()
     }
 
     /// The admin listener's address.
@@ -137,15 +201,52 @@ pub async fn run(
     #[cfg(unix)]
     spawn_reload_on_sighup(app.validator.clone(), shutdown.clone())?;
 
-    let admin_shutdown = shutdown.clone();
-    let admin = tokio::spawn(async move {
+    // Listeners stop accepting first; sessions are told afterwards, so the
+    // admin listener (readiness) outlives the drain.
+    let stop_accepting = CancellationToken::new();
+    let stop_admin = CancellationToken::new();
+    let admin = tokio::spawn(
         axum::serve(listeners.admin, admin_router)
-            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
-            .await
-    });
+            .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
+            .into_future(),
+    );
+    let deadlines = HttpDeadlines {
+        tls_handshake: app.config.websocket.upgrade_timeout,
+        request_headers: app.config.websocket.upgrade_timeout,
+    };
+    let public_router = app.public_router();
+    let mut public = Vec::new();
+    for l in listeners.public {
+        public.push(tokio::spawn(listener::serve(
+            l,
+            app.tls.clone(),
+            public_router.clone(),
+            deadlines,
+            stop_accepting.clone(),
+        )));
+    }
     ready.store(true, Ordering::Relaxed);
     shutdown.cancelled().await;
+
     ready.store(false, Ordering::Relaxed);
+    stop_accepting.cancel();
+    let sessions = &app.sessions;
+    tracing::info!(sessions = sessions.active(), grace = ?app.config.websocket.shutdown_grace, "draining");
+    sessions.cancel.cancel();
+    sessions.tracker.close();
+    if tokio::time::timeout(app.config.websocket.shutdown_grace, sessions.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = sessions.active(),
+            "grace period over; ending remaining sessions"
+        );
+    }
+    for p in public {
+        let _ = p.await;
+    }
+    stop_admin.cancel();
     admin
         .await
         .context("admin listener task")?

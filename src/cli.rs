@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::{self, App, Listeners};
 use crate::bootstrap::{DEV_KID, DevState};
 use crate::config::{Config, default_state_dir};
-use crate::issuance::console_url;
+use crate::issuance::{IssueRequest, console_url};
 use crate::token::claims::ConsoleClaim;
 use crate::token::signing::{KeyKind, MintRequest, Signer, generate};
 use crate::token::{ConsoleType, unix_now};
@@ -36,6 +36,15 @@ enum Command {
         /// Override `listen.admin` (e.g. `127.0.0.1:0` for any free port).
         #[arg(long, env = "PORTHOLE_ADMIN_LISTEN")]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Override `listen.public`; on embedded defaults the public base URL follows it.
+        #[arg(long, env = "PORTHOLE_PUBLIC_LISTEN")]
+        public_listen: Option<std::net::SocketAddr>,
+        /// Start the demo VM (default: on embedded defaults, when QEMU is installed).
+        #[arg(long, overrides_with = "no_demo")]
+        demo: bool,
+        /// Do not start the demo VM.
+        #[arg(long)]
+        no_demo: bool,
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -158,8 +167,23 @@ pub fn main() -> ExitCode {
         Command::Serve {
             config,
             admin_listen,
+            public_listen,
+            demo,
+            no_demo,
             log_format,
-        } => serve(config, admin_listen, &log_format),
+        } => serve(
+            config,
+            Overrides {
+                admin_listen,
+                public_listen,
+                demo: if no_demo {
+                    Some(false)
+                } else {
+                    demo.then_some(true)
+                },
+            },
+            &log_format,
+        ),
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::Token(TokenCommand::Inspect {
             token,
@@ -209,28 +233,65 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Option<DevState>)
     }
 }
 
-fn serve(
-    config: Option<PathBuf>,
+/// Command-line overrides of `serve`.
+#[derive(Debug)]
+struct Overrides {
     admin_listen: Option<std::net::SocketAddr>,
-    log_format: &str,
-) -> anyhow::Result<ExitCode> {
+    public_listen: Option<std::net::SocketAddr>,
+    demo: Option<bool>,
+}
+
+fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Result<ExitCode> {
     init_tracing(log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let (mut config, dev) = load_config(config.as_deref())?;
-        if let Some(addr) = admin_listen {
+        if let Some(addr) = o.admin_listen {
             config.listen.admin = addr;
         }
+        if let Some(addr) = o.public_listen {
+            config.listen.public = addr;
+        }
         let metrics = crate::metrics::install().map_err(anyhow::Error::msg)?;
-        let app = App::build(config)?;
+        let mut app = App::build(config)?;
         let listeners = Listeners::bind(&app.config).await?;
         let admin_addr = listeners.admin_addr()?;
-        tracing::info!(admin = %admin_addr, keys = ?app.validator.kids(), "porthole is up");
+        let public_addrs = listeners.public_addrs()?;
+        if dev.is_some() {
+            // On embedded defaults the base URL follows wherever the listener really is.
+            let base = format!("http://{}", public_addrs[0]);
+            app.config.listen.public_base_url = base.clone();
+            app.config.listen.allowed_origins = vec![base];
+            app.rebuild_issuer()?;
+        }
+        tracing::info!(admin = %admin_addr, public = ?public_addrs, keys = ?app.validator.kids(), "porthole is up");
+        let want_demo = o.demo.unwrap_or(dev.is_some());
+        let demo = if !want_demo {
+            None
+        } else if !crate::demo::qemu_available() {
+            eprintln!("\nNo demo VM: {} is not installed (Debian: apt-get install qemu-system-x86).", crate::demo::QEMU);
+            None
+        } else {
+            match crate::demo::DemoVm::start(&app.config.state_dir).await {
+                Ok(vm) => Some(vm),
+                Err(e) => {
+                    eprintln!("\nNo demo VM: {e:#}");
+                    None
+                }
+            }
+        };
         if let Some(dev) = &dev {
             print_dev_banner(&app, dev, admin_addr);
         }
+        if let Some(vm) = &demo {
+            print_demo_urls(&app, vm);
+        }
         let shutdown = crate::shutdown::on_signals();
-        app::run(app, listeners, Some(metrics), shutdown).await?;
+        let result = app::run(app, listeners, Some(metrics), shutdown).await;
+        if let Some(vm) = demo {
+            vm.stop().await;
+        }
+        result?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -246,7 +307,7 @@ Porthole is running on embedded development defaults (loopback only).
   token signing key {sk}  (kid {DEV_KID}, Ed25519; public key {pk}, JWK set {jwks})
   development CA    {ca}  (server certificate {cert} for localhost, 127.0.0.1, ::1)
   admin listener    http://{admin}  (/healthz /readyz /metrics, issuance API)
-  public base URL   {base}
+  console pages     {base}  (WebSockets: /vnc /websockify /serial)
 
 Mint a console token for a VNC console on this machine (port 5900):
   {exe} token mint --type novnc --instance demo --host 127.0.0.1 --port 5900
@@ -256,8 +317,7 @@ Or ask the issuance API, as an API server would:
   curl -s -H \"Authorization: Bearer $(cat {bearer})\" -H 'Content-Type: application/json' \\
     -d '{{\"instance\":\"demo\",\"type\":\"novnc\",\"target\":{{\"host\":\"127.0.0.1\",\"port\":5900}}}}' \\
     http://{admin}/v1/consoles
-The console URL it returns opens the console in a browser once the public
-front end is enabled (browser consoles: see README).
+Open the console URL it returns in a browser.
 ",
         dir = dev.dir.display(),
         sk = dev.signing_key.display(),
@@ -267,6 +327,46 @@ front end is enabled (browser consoles: see README).
         cert = dev.server_cert.display(),
         bearer = dev.issuance_key.display(),
     );
+}
+
+fn print_demo_urls(app: &App, vm: &crate::demo::DemoVm) {
+    let Some(issuer) = &app.issuer else {
+        eprintln!(
+            "demo VM running (VNC 127.0.0.1:{}, serial 127.0.0.1:{}); configure [issuance] to get console URLs",
+            vm.vnc_port, vm.serial_port
+        );
+        return;
+    };
+    let ttl = app.config.tokens.policy.max_ttl_secs;
+    let issue = |console, port| {
+        issuer.issue(&IssueRequest {
+            instance: "porthole-demo".into(),
+            console,
+            target: crate::hypervisor::ConsoleTarget {
+                host: "127.0.0.1".into(),
+                port,
+                tls_port: None,
+            },
+            ttl_secs: Some(ttl),
+        })
+    };
+    match (
+        issue(ConsoleType::Novnc, vm.vnc_port),
+        issue(ConsoleType::Serial, vm.serial_port),
+    ) {
+        (Ok(vnc), Ok(serial)) => eprintln!(
+            "
+A demo VM is running (QEMU, no disk: SeaBIOS on screen and on its serial port).
+Open its consoles in a browser (valid for {} minutes; mint more with `token mint`):
+  screen (noVNC): {}
+  serial console: {}
+",
+            ttl / 60,
+            vnc.url.expose(),
+            serial.url.expose()
+        ),
+        (Err(e), _) | (_, Err(e)) => eprintln!("demo VM running, but no console URL: {e}"),
+    }
 }
 
 fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -41,6 +42,12 @@ pub struct RawConfig {
     /// Hypervisor networks Porthole may connect to; none means nothing is reachable.
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// Browser session limits and timers.
+    #[serde(default)]
+    pub websocket: RawWebSocket,
+    /// Console pages and client libraries.
+    #[serde(default)]
+    pub web: RawWeb,
 }
 
 /// `[listen]`.
@@ -54,6 +61,66 @@ pub struct RawListen {
     /// The URL users reach the public listener at; console URLs are built from
     /// it. Default `http://` + the public address.
     pub public_base_url: Option<String>,
+    /// More public addresses (e.g. `"[::1]:6080"` beside an IPv4 `public`).
+    #[serde(default)]
+    pub public_extra: Vec<String>,
+    /// PEM certificate chain: the public listener speaks TLS when set (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Proxies (CIDR) whose `X-Forwarded-For` is believed; from anyone else it is ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Origins allowed to open WebSockets besides the public base URL's own
+    /// (e.g. a dashboard embedding the console). Fixed at start; no request changes it.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Accept WebSockets without an `Origin` header (non-browser clients; browsers
+    /// always send one). Default true.
+    pub allow_missing_origin: Option<bool>,
+}
+
+/// `[websocket]`: limits and timers of browser sessions.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebSocket {
+    /// Largest message a client may send, bytes. Default 1048576.
+    pub max_message_bytes: Option<usize>,
+    /// Largest frame a client may send, bytes. Default 1048576.
+    pub max_frame_bytes: Option<usize>,
+    /// Read buffer per session, bytes. Default 4096.
+    pub read_buffer_bytes: Option<usize>,
+    /// Outgoing bytes buffered before a flush, bytes. Default 65536.
+    pub write_buffer_bytes: Option<usize>,
+    /// Most outgoing bytes held for a slow client before the session ends, bytes. Default 4194304.
+    pub max_write_buffer_bytes: Option<usize>,
+    /// Deadline for the HTTP upgrade request, seconds. Default 10.
+    pub upgrade_timeout_secs: Option<u64>,
+    /// WebSocket ping interval, seconds (0: off). Default 20.
+    pub ping_interval_secs: Option<u64>,
+    /// Session ends after this long with no byte either way, seconds (0: off). Default 3600.
+    pub idle_timeout_secs: Option<u64>,
+    /// Deadline for connecting to the hypervisor, seconds. Default 5.
+    pub connect_timeout_secs: Option<u64>,
+    /// End sessions when their token expires. Default false (the token only opens the session).
+    pub end_at_token_expiry: Option<bool>,
+    /// Most concurrent sessions; more get 503. Default 5000.
+    pub max_sessions: Option<usize>,
+    /// Grace period for open sessions at shutdown, seconds. Default 10.
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// `[web]`: where the console pages and client libraries are.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeb {
+    /// Porthole's pages (`pages/`, `static/`). Default: `web` in the working
+    /// folder, else the source tree's.
+    pub root: Option<PathBuf>,
+    /// noVNC (the folder holding `core/rfb.js`). Default `/usr/share/novnc` (Debian's `novnc`).
+    pub novnc_dir: Option<PathBuf>,
+    /// xterm.js (the folder holding `lib/xterm.mjs`). Default `<root>/node_modules/@xterm/xterm`.
+    pub xterm_dir: Option<PathBuf>,
 }
 
 /// `[tokens]`.
@@ -148,6 +215,50 @@ pub struct Config {
     pub issuance: Option<IssuanceConfig>,
     /// Allowed hypervisor networks.
     pub allow: AllowList,
+    /// Browser session limits and timers.
+    pub websocket: WebSocketConfig,
+    /// Console pages and client libraries.
+    pub web: WebConfig,
+}
+
+/// Validated `[websocket]`.
+#[derive(Debug, Clone)]
+pub struct WebSocketConfig {
+    /// Largest client message.
+    pub max_message_bytes: usize,
+    /// Largest client frame.
+    pub max_frame_bytes: usize,
+    /// Read buffer per session.
+    pub read_buffer_bytes: usize,
+    /// Write buffer before a flush.
+    pub write_buffer_bytes: usize,
+    /// Hard cap on buffered outgoing bytes.
+    pub max_write_buffer_bytes: usize,
+    /// HTTP upgrade deadline.
+    pub upgrade_timeout: Duration,
+    /// Ping interval; `None` is off.
+    pub ping_interval: Option<Duration>,
+    /// Idle timeout; `None` is off.
+    pub idle_timeout: Option<Duration>,
+    /// Hypervisor connect deadline.
+    pub connect_timeout: Duration,
+    /// End sessions at token expiry.
+    pub end_at_token_expiry: bool,
+    /// Most concurrent sessions.
+    pub max_sessions: usize,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+}
+
+/// Validated `[web]`.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    /// Porthole's pages and static files.
+    pub root: PathBuf,
+    /// noVNC.
+    pub novnc_dir: PathBuf,
+    /// xterm.js.
+    pub xterm_dir: PathBuf,
 }
 
 /// Validated `[listen]`.
@@ -159,6 +270,16 @@ pub struct ListenConfig {
     pub admin: SocketAddr,
     /// Public base URL, without a trailing slash.
     pub public_base_url: String,
+    /// More public addresses.
+    pub public_extra: Vec<SocketAddr>,
+    /// Certificate chain and key files for a TLS public listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Origins allowed to open WebSockets: the base URL's, then the configured ones.
+    pub allowed_origins: Vec<String>,
+    /// Accept WebSockets without an `Origin` header.
+    pub allow_missing_origin: bool,
 }
 
 /// Validated `[tokens]`.
@@ -376,6 +497,165 @@ impl RawConfig {
             }
             None => format!("http://{public}"),
         };
+        let mut public_extra = Vec::new();
+        for (i, a) in self.listen.public_extra.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => public_extra.push(addr),
+                Err(_) => issues.push(
+                    format!("listen.public_extra[{i}]"),
+                    format!("`{a}` is not an address:port"),
+                ),
+            }
+        }
+        let tls = match (self.listen.tls_cert, self.listen.tls_key) {
+            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
+            (None, None) => None,
+            _ => {
+                issues.push(
+                    "listen.tls_cert",
+                    "set both `tls_cert` and `tls_key`, or neither",
+                );
+                None
+            }
+        };
+        let mut trusted_proxies = Vec::new();
+        for (i, n) in self.listen.trusted_proxies.iter().enumerate() {
+            match parse_net(n) {
+                Some(net) => trusted_proxies.push(net),
+                None => issues.push(
+                    format!("listen.trusted_proxies[{i}]"),
+                    format!("`{n}` is not a CIDR range or address"),
+                ),
+            }
+        }
+        let mut allowed_origins = Vec::new();
+        match origin_of(&public_base_url) {
+            Some(o) => allowed_origins.push(o),
+            None => issues.push(
+                "listen.public_base_url",
+                "has no usable origin (scheme://host[:port])",
+            ),
+        }
+        for (i, o) in self.listen.allowed_origins.iter().enumerate() {
+            match origin_of(o) {
+                Some(origin) if bare_origin(o) => allowed_origins.push(origin),
+                _ => issues.push(
+                    format!("listen.allowed_origins[{i}]"),
+                    format!("`{o}` is not an origin (scheme://host[:port])"),
+                ),
+            }
+        }
+        let allow_missing_origin = self.listen.allow_missing_origin.unwrap_or(true);
+
+        let w = self.websocket;
+        let positive = |issues: &mut Issues,
+                        key: &str,
+                        v: Option<usize>,
+                        default: usize,
+                        min: usize,
+                        max: usize| {
+            let v = v.unwrap_or(default);
+            if !(min..=max).contains(&v) {
+                issues.push(
+                    format!("websocket.{key}"),
+                    format!("between {min} and {max}"),
+                );
+            }
+            v
+        };
+        let max_message_bytes = positive(
+            &mut issues,
+            "max_message_bytes",
+            w.max_message_bytes,
+            1 << 20,
+            1024,
+            64 << 20,
+        );
+        let max_frame_bytes = positive(
+            &mut issues,
+            "max_frame_bytes",
+            w.max_frame_bytes,
+            1 << 20,
+            1024,
+            64 << 20,
+        );
+        let read_buffer_bytes = positive(
+            &mut issues,
+            "read_buffer_bytes",
+            w.read_buffer_bytes,
+            4096,
+            512,
+            1 << 20,
+        );
+        let write_buffer_bytes = positive(
+            &mut issues,
+            "write_buffer_bytes",
+            w.write_buffer_bytes,
+            64 << 10,
+            0,
+            16 << 20,
+        );
+        let max_write_buffer_bytes = positive(
+            &mut issues,
+            "max_write_buffer_bytes",
+            w.max_write_buffer_bytes,
+            4 << 20,
+            1,
+            256 << 20,
+        );
+        if max_write_buffer_bytes <= write_buffer_bytes + (16 << 10) {
+            issues.push(
+                "websocket.max_write_buffer_bytes",
+                "must exceed write_buffer_bytes by more than 16 KiB",
+            );
+        }
+        let max_sessions = positive(
+            &mut issues,
+            "max_sessions",
+            w.max_sessions,
+            5000,
+            1,
+            1_000_000,
+        );
+        let secs = |v: Option<u64>, d: u64| Duration::from_secs(v.unwrap_or(d));
+        let optional = |v: Option<u64>, d: u64| Some(secs(v, d)).filter(|d| !d.is_zero());
+        let upgrade_timeout = secs(w.upgrade_timeout_secs, 10);
+        let connect_timeout = secs(w.connect_timeout_secs, 5);
+        if upgrade_timeout.is_zero() || connect_timeout.is_zero() {
+            issues.push("websocket", "upgrade_timeout_secs and connect_timeout_secs must be positive: every wait has a deadline");
+        }
+        let websocket = WebSocketConfig {
+            max_message_bytes,
+            max_frame_bytes,
+            read_buffer_bytes,
+            write_buffer_bytes,
+            max_write_buffer_bytes,
+            upgrade_timeout,
+            ping_interval: optional(w.ping_interval_secs, 20),
+            idle_timeout: optional(w.idle_timeout_secs, 3600),
+            connect_timeout,
+            end_at_token_expiry: w.end_at_token_expiry.unwrap_or(false),
+            max_sessions,
+            shutdown_grace: secs(w.shutdown_grace_secs, 10),
+        };
+        let root = self
+            .web
+            .root
+            .map(|p| resolve(&p))
+            .unwrap_or_else(default_web_root);
+        let web = WebConfig {
+            novnc_dir: self
+                .web
+                .novnc_dir
+                .map(|p| resolve(&p))
+                .unwrap_or_else(|| PathBuf::from("/usr/share/novnc")),
+            xterm_dir: self
+                .web
+                .xterm_dir
+                .map(|p| resolve(&p))
+                .unwrap_or_else(|| root.join("node_modules/@xterm/xterm")),
+            root,
+        };
 
         let t = self.tokens;
         let non_empty = |issues: &mut Issues, key: &str, v: Option<Vec<String>>| {
@@ -575,7 +855,14 @@ impl RawConfig {
                 public,
                 admin,
                 public_base_url,
+                public_extra,
+                tls,
+                trusted_proxies,
+                allowed_origins,
+                allow_missing_origin,
             },
+            websocket,
+            web,
             tokens: TokenConfig {
                 policy: ValidationPolicy {
                     issuers,
@@ -629,6 +916,46 @@ fn locate(doc: &toml::de::DeTable<'_>, key: &str) -> Option<usize> {
         }
     }
     best
+}
+
+fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// The origin (`scheme://host[:port]`, lower case, default port dropped) of a URL,
+/// in the form browsers send in the `Origin` header.
+pub fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let authority = authority.strip_suffix(default_port).unwrap_or(&authority);
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// Whether a configured origin has no path, query or fragment.
+fn bare_origin(o: &str) -> bool {
+    o.split_once("://")
+        .is_some_and(|(_, rest)| !rest.trim_end_matches('/').contains(['/', '?', '#']))
+}
+
+/// `web` in the working folder if it has the pages, else the source tree's
+/// (so `cargo run` works from anywhere in a checkout).
+fn default_web_root() -> PathBuf {
+    let here = PathBuf::from("web");
+    if here.join("pages").is_dir() {
+        return here;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web")
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -47,3 +47,25 @@ pub fn issuance_refused(reason: &'static str) {
 pub fn key_reload(ok: bool) {
     metrics::counter!(KEY_RELOADS, "outcome" => if ok { "ok" } else { "failed" }).increment(1);
 }
+
+/// Sessions started, by console type.
+pub const SESSIONS_STARTED: &str = "porthole_sessions_started_total";
+/// Sessions ended, by console type and reason.
+pub const SESSIONS_ENDED: &str = "porthole_sessions_ended_total";
+/// Session requests refused after the token (origin, busy, overload, unreachable), by reason.
+pub const SESSION_REFUSALS: &str = "porthole_session_refusals_total";
+
+/// Counts a started session.
+pub fn session_started(console: &'static str) {
+    metrics::counter!(SESSIONS_STARTED, "console" => console).increment(1);
+}
+
+/// Counts an ended session.
+pub fn session_ended(console: &'static str, reason: &'static str) {
+    metrics::counter!(SESSIONS_ENDED, "console" => console, "reason" => reason).increment(1);
+}
+
+/// Counts a refused session request.
+pub fn session_refused(reason: &'static str) {
+    metrics::counter!(SESSION_REFUSALS, "reason" => reason).increment(1);
+}

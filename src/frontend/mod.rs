@@ -1,3 +1,4 @@
 //! How requests arrive. Thin: parse, authenticate, call into the domain, answer.
 
 pub mod admin;
+pub mod public;

@@ -52,6 +52,14 @@ pub trait RedemptionStore: Send + Sync + std::fmt::Debug {
         now: u64,
     ) -> Result<(), RedeemError>;
 
+    /// Whether `redeem` would succeed now, without redeeming (for preflights).
+    fn would_redeem(
+        &self,
+        jti: &str,
+        policy: ReusePolicy,
+        session_key: Option<&str>,
+    ) -> Result<(), RedeemError>;
+
     /// Ends one session (or one channel of it) started with `jti`.
     fn release(&self, jti: &str);
 
@@ -111,6 +119,35 @@ struct Entry {
     /// Forget the entry after this time (the token's `exp` plus leeway).
     forget_after: u64,
     state: Use,
+}
+
+/// Whether a token in state `state` may start (or join) a session.
+fn admit(state: &Use, policy: ReusePolicy, session_key: Option<&str>) -> Result<(), RedeemError> {
+    let replayed = |detail| {
+        Err(RedeemError {
+            reason: RefusalReason::Replayed,
+            detail,
+        })
+    };
+    match state {
+        Use::Revoked { .. } => Err(RedeemError {
+            reason: RefusalReason::Revoked,
+            detail: "token was revoked",
+        }),
+        Use::Spent { .. } => replayed("single-use token was already used"),
+        Use::Active { key, .. } => {
+            let joins = matches!((session_key, key.as_deref()), (Some(a), Some(b)) if a == b);
+            if joins {
+                Ok(())
+            } else {
+                replayed("token is in use by another session")
+            }
+        }
+        Use::Idle if policy == ReusePolicy::SingleUse => {
+            replayed("single-use token was already used")
+        }
+        Use::Idle => Ok(()),
+    }
 }
 
 /// The default store: in memory, bounded, expiring.
@@ -181,37 +218,18 @@ impl RedemptionStore for MemoryRedemptions {
         now: u64,
     ) -> Result<(), RedeemError> {
         let mut entries = self.lock();
-        let replayed = |detail| RedeemError {
-            reason: RefusalReason::Replayed,
-            detail,
-        };
         if let Some(entry) = entries.get_mut(jti) {
-            match &mut entry.state {
-                Use::Revoked { .. } => {
-                    return Err(RedeemError {
-                        reason: RefusalReason::Revoked,
-                        detail: "token was revoked",
-                    });
-                }
-                Use::Spent { .. } => return Err(replayed("single-use token was already used")),
-                Use::Active { sessions, key } => {
-                    let joins =
-                        matches!((session_key, key.as_deref()), (Some(a), Some(b)) if a == b);
-                    if !joins {
-                        return Err(replayed("token is in use by another session"));
-                    }
-                    *sessions += 1;
-                }
-                Use::Idle => {
-                    if policy == ReusePolicy::SingleUse {
-                        return Err(replayed("single-use token was already used"));
-                    }
-                    entry.state = Use::Active {
-                        sessions: 1,
-                        key: session_key.map(str::to_string),
-                    };
-                }
-            }
+            admit(&entry.state, policy, session_key)?;
+            entry.state = match &entry.state {
+                Use::Active { sessions, key } => Use::Active {
+                    sessions: sessions + 1,
+                    key: key.clone(),
+                },
+                _ => Use::Active {
+                    sessions: 1,
+                    key: session_key.map(str::to_string),
+                },
+            };
             return Ok(());
         }
         self.make_room(&mut entries, now)?;
@@ -230,6 +248,18 @@ impl RedemptionStore for MemoryRedemptions {
             },
         );
         Ok(())
+    }
+
+    fn would_redeem(
+        &self,
+        jti: &str,
+        policy: ReusePolicy,
+        session_key: Option<&str>,
+    ) -> Result<(), RedeemError> {
+        match self.lock().get(jti) {
+            Some(entry) => admit(&entry.state, policy, session_key),
+            None => Ok(()),
+        }
     }
 
     fn release(&self, jti: &str) {

@@ -1,0 +1,406 @@
+//! The public listener: console pages, static files and the WebSocket endpoints.
+//!
+//! Every WebSocket endpoint serves one console type (`/vnc` and noVNC's
+//! default `/websockify` for `novnc`, `/serial` for `serial`). A request is
+//! checked *before* the upgrade, in this order: Origin, token (signature,
+//! claims, console type, allow-list), then the session itself (slot, reuse
+//! policy, console claim, hypervisor connect). Any refusal is an HTTP error
+//! with a short code; the socket is only accepted once the hypervisor is
+//! connected. A GET without upgrade headers is a *preflight*: it answers what
+//! an upgrade would get, without starting a session, so a page can tell its
+//! user why a socket failed (browsers hide the status of a failed upgrade).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::config::{ListenConfig, WebConfig, WebSocketConfig};
+use crate::session::{OpenError, Sessions};
+use crate::token::{ConsoleType, RefusalReason, TokenValidator};
+use crate::transport::ws_bridge::{self, BridgeOptions};
+
+/// What the public routes share.
+#[derive(Debug, Clone)]
+pub struct PublicState {
+    /// Verifies tokens.
+    pub validator: Arc<TokenValidator>,
+    /// Starts sessions and tracks them.
+    pub sessions: Arc<Sessions>,
+    /// Limits and timers.
+    pub ws: WebSocketConfig,
+    /// Origins and proxies.
+    pub listen: Arc<ListenConfig>,
+    /// Pages and client libraries.
+    pub web: Arc<WebConfig>,
+}
+
+/// The public router.
+pub fn router(state: PublicState) -> Router {
+    let no_dirs = |dir: PathBuf| {
+        // No index files, so no directory redirects at all: nothing here can
+        // turn `//evil.example` into a Location header (Nova's CVE-2021-3654).
+        ServeDir::new(dir).append_index_html_on_directories(false)
+    };
+    let statics = Router::new()
+        .nest_service("/static", no_dirs(state.web.root.join("static")))
+        .nest_service("/vendor/novnc", no_dirs(state.web.novnc_dir.clone()))
+        .nest_service("/vendor/xterm", no_dirs(state.web.xterm_dir.clone()))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=300"),
+        ));
+    Router::new()
+        .route("/console", get(console_page))
+        .route(
+            "/vnc",
+            get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),
+        )
+        .route(
+            "/websockify",
+            get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),
+        )
+        .route(
+            "/serial",
+            get(|s, c, h, q, w| ws_endpoint(ConsoleType::Serial, s, c, h, q, w)),
+        )
+        .merge(statics)
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .with_state(state)
+}
+
+/// `?token=…`, or noVNC's `?path=websockify%3Ftoken%3D…` convention.
+#[derive(Debug, Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+    path: Option<String>,
+}
+
+impl TokenQuery {
+    fn token(&self) -> Option<&str> {
+        self.token.as_deref().or_else(|| {
+            let path = self.path.as_deref()?;
+            let query = path.split_once('?').map_or(path, |(_, q)| q);
+            query.split('&').find_map(|kv| kv.strip_prefix("token="))
+        })
+    }
+}
+
+/// A refusal as the client sees it: a status and a short code.
+fn refuse(status: StatusCode, code: &'static str) -> Response {
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(serde_json::json!({ "error": code })),
+    )
+        .into_response()
+}
+
+fn refusal_response(reason: RefusalReason) -> Response {
+    let status = StatusCode::from_u16(reason.http_status()).unwrap_or(StatusCode::FORBIDDEN);
+    refuse(status, reason.client_code())
+}
+
+fn open_error_response(e: &OpenError) -> Response {
+    match e {
+        OpenError::Refused(r) => refusal_response(r.reason),
+        OpenError::Busy => refuse(StatusCode::CONFLICT, "busy"),
+        OpenError::Overloaded | OpenError::ShuttingDown => {
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+        OpenError::Unreachable(_) => refuse(StatusCode::BAD_GATEWAY, "unavailable"),
+    }
+}
+
+/// The client's address: the peer, or the last hop a trusted proxy vouches for.
+fn client_addr(peer: SocketAddr, headers: &HeaderMap, listen: &ListenConfig) -> IpAddr {
+    let trusted = |ip: &IpAddr| listen.trusted_proxies.iter().any(|n| n.contains(ip));
+    let mut client = peer.ip();
+    if !trusted(&client) {
+        return client;
+    }
+    // Walk X-Forwarded-For from the right: every hop we trust may name the next.
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for hop in hops.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+/// Whether the request's Origin may open a console socket. The list is fixed
+/// at start; nothing in a request (Host, X-Forwarded-Host) can add to it.
+fn origin_allowed(headers: &HeaderMap, listen: &ListenConfig) -> Result<(), String> {
+    match headers.get(header::ORIGIN) {
+        None if listen.allow_missing_origin => Ok(()),
+        None => Err("no Origin header".into()),
+        Some(v) => {
+            let origin = v.to_str().map_err(|_| "unreadable Origin".to_string())?;
+            let normalized = crate::config::origin_of(origin).unwrap_or_default();
+            if !normalized.is_empty() && listen.allowed_origins.contains(&normalized) {
+                Ok(())
+            } else {
+                Err(format!("origin {:?} not allowed", printable(origin)))
+            }
+        }
+    }
+}
+
+/// Peer-controlled text bound for a log line: short and printable.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(120)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+async fn ws_endpoint(
+    kind: ConsoleType,
+    State(s): State<PublicState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let client = client_addr(peer, &headers, &s.listen);
+    if let Err(why) = origin_allowed(&headers, &s.listen) {
+        crate::metrics::session_refused("origin_not_allowed");
+        tracing::info!(%client, console = %kind, "websocket refused: {why}");
+        return refuse(StatusCode::FORBIDDEN, "refused");
+    }
+    let Some(token) = q.token() else {
+        crate::metrics::session_refused("no_token");
+        return refuse(StatusCode::UNAUTHORIZED, "refused");
+    };
+    let grant = match s.validator.validate(token, Some(kind)) {
+        Ok(g) => g,
+        Err(r) => return refusal_response(r.reason),
+    };
+    let Ok(upgrade) = upgrade else {
+        // A preflight: say what an upgrade would get, start nothing.
+        return match s.sessions.would_open(&grant) {
+            Ok(()) => (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({ "status": "ok" })),
+            )
+                .into_response(),
+            Err(e) => open_error_response(&e),
+        };
+    };
+    let opened = match s.sessions.open(&grant, None).await {
+        Ok(o) => o,
+        Err(e) => {
+            crate::metrics::session_refused(e.as_str());
+            match e.blame() {
+                crate::error::Blame::Backend => {
+                    tracing::warn!(%client, jti = %grant.jti, target = %grant.target, "session not started: {e}")
+                }
+                _ => tracing::info!(%client, jti = %grant.jti, "session not started: {e}"),
+            }
+            return open_error_response(&e);
+        }
+    };
+    let ws = &s.ws;
+    let opts = BridgeOptions {
+        ping_interval: ws.ping_interval,
+        idle_timeout: ws.idle_timeout,
+        hard_end: ws.end_at_token_expiry.then(|| {
+            let left = grant.expires_at.saturating_sub(crate::token::unix_now());
+            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+        }),
+        chunk_bytes: 64 * 1024,
+    };
+    let sessions = s.sessions.clone();
+    let upgrade = upgrade
+        .protocols(["binary"])
+        .read_buffer_size(ws.read_buffer_bytes)
+        .write_buffer_size(ws.write_buffer_bytes)
+        .max_write_buffer_size(ws.max_write_buffer_bytes)
+        .max_message_size(ws.max_message_bytes)
+        .max_frame_size(ws.max_frame_bytes);
+    upgrade
+        .on_failed_upgrade(|e| tracing::debug!("websocket upgrade failed: {e}"))
+        .on_upgrade(move |socket| {
+            let cancel = sessions.cancel.clone();
+            sessions.tracker.track_future(async move {
+                let started = std::time::Instant::now();
+                crate::metrics::session_started(kind.as_str());
+                tracing::info!(%client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
+                let (reason, traffic) = ws_bridge::bridge(socket, opened.backend, opts, cancel).await;
+                drop(opened.guards);
+                crate::metrics::session_ended(kind.as_str(), reason.as_str());
+                tracing::info!(
+                    %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
+                    bytes_up = traffic.up, bytes_down = traffic.down,
+                    secs = started.elapsed().as_secs_f64(), "session ended"
+                );
+            })
+        })
+}
+
+/// The console page for the token's type; a refused token gets a page saying so.
+async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
+    let page = match q.token().map(|t| s.validator.validate(t, None)) {
+        None => Err(("refused", StatusCode::UNAUTHORIZED)),
+        Some(Err(r)) => Err((
+            r.reason.client_code(),
+            StatusCode::from_u16(r.reason.http_status()).unwrap_or(StatusCode::FORBIDDEN),
+        )),
+        Some(Ok(g)) => match g.console {
+            ConsoleType::Novnc => Ok("vnc.html"),
+            ConsoleType::Serial => Ok("serial.html"),
+            // Not served by a browser page (yet): say so rather than fail later.
+            _ => Err(("unavailable", StatusCode::NOT_IMPLEMENTED)),
+        },
+    };
+    let (file, status, code) = match page {
+        Ok(file) => (file, StatusCode::OK, ""),
+        Err((code, status)) => ("refused.html", status, code),
+    };
+    let path = s.web.root.join("pages").join(file);
+    let html = match tokio::fs::read_to_string(&path).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot read {}: {e}", path.display());
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "unavailable");
+        }
+    };
+    // The code is one of a fixed set of words: safe to put in the page.
+    let html = html.replace("{{reason}}", code);
+    let frame_ancestors: Vec<&str> = s
+        .listen
+        .allowed_origins
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let csp = format!(
+        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+         font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self' {}",
+        frame_ancestors.join(" ")
+    );
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::CONTENT_SECURITY_POLICY, csp),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listen(origins: &[&str], proxies: &[&str], allow_missing: bool) -> ListenConfig {
+        ListenConfig {
+            public: "127.0.0.1:6080".parse().unwrap(),
+            admin: "127.0.0.1:6090".parse().unwrap(),
+            public_base_url: "https://consoles.example.com/p".into(),
+            public_extra: vec![],
+            tls: None,
+            trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
+            allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
+            allow_missing_origin: allow_missing,
+        }
+    }
+
+    fn with_origin(o: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ORIGIN, o.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn origins_match_exactly_after_normalisation() {
+        let l = listen(
+            &[
+                "https://consoles.example.com",
+                "https://dash.example.com:8443",
+            ],
+            &[],
+            false,
+        );
+        assert!(origin_allowed(&with_origin("https://consoles.example.com"), &l).is_ok());
+        assert!(origin_allowed(&with_origin("https://CONSOLES.example.com:443"), &l).is_ok());
+        assert!(origin_allowed(&with_origin("https://dash.example.com:8443"), &l).is_ok());
+        for bad in [
+            "https://consoles.example.com.evil.net",
+            "http://consoles.example.com",
+            "https://dash.example.com",
+            "null",
+            "https://evil.net",
+        ] {
+            assert!(origin_allowed(&with_origin(bad), &l).is_err(), "{bad}");
+        }
+        assert!(origin_allowed(&HeaderMap::new(), &l).is_err());
+        assert!(origin_allowed(&HeaderMap::new(), &listen(&[], &[], true)).is_ok());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "198.51.100.7, 10.0.0.2".parse().unwrap());
+        let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
+        assert_eq!(client_addr(peer, &h, &listen(&[], &[], true)), peer.ip());
+        assert_eq!(
+            client_addr(peer, &h, &listen(&[], &["10.0.0.0/8"], true)),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        let stranger: SocketAddr = "203.0.113.9:1".parse().unwrap();
+        assert_eq!(
+            client_addr(stranger, &h, &listen(&[], &["10.0.0.0/8"], true)),
+            stranger.ip()
+        );
+    }
+
+    #[test]
+    fn token_comes_from_query_or_novnc_path() {
+        let q = |token: Option<&str>, path: Option<&str>| TokenQuery {
+            token: token.map(Into::into),
+            path: path.map(Into::into),
+        };
+        assert_eq!(q(Some("abc"), None).token(), Some("abc"));
+        assert_eq!(q(None, Some("websockify?token=xyz")).token(), Some("xyz"));
+        assert_eq!(q(None, Some("?a=1&token=xyz")).token(), Some("xyz"));
+        assert_eq!(q(None, Some("websockify")).token(), None);
+    }
+}

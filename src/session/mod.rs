@@ -1,0 +1,283 @@
+//! One console connection, start to finish.
+//!
+//! [`Sessions::open`] turns a [`Grant`] into a connected hypervisor socket:
+//! it takes a session slot (global cap), redeems the token under its console
+//! type's reuse policy, claims the console where it serves one client at a
+//! time (serial), and connects under a deadline. Everything it took is held
+//! in [`SessionGuards`] and released when the session ends, however it ends.
+//! Front ends then splice bytes; they never talk to hypervisors directly.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::TokenConfig;
+use crate::error::Blame;
+use crate::token::{ConsoleType, Grant, Redemption, RedemptionStore, Refusal, unix_now};
+
+/// Why a session could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The token may not start a session now (replayed, revoked, store full).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The console serves one client at a time and has one.
+    #[error("console busy")]
+    Busy,
+    /// The global session cap is reached.
+    #[error("too many sessions")]
+    Overloaded,
+    /// The hypervisor did not answer in time or refused.
+    #[error("hypervisor unreachable: {0}")]
+    Unreachable(String),
+    /// Porthole is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl OpenError {
+    /// Who is to blame.
+    pub fn blame(&self) -> Blame {
+        match self {
+            OpenError::Refused(_) | OpenError::Busy => Blame::Client,
+            OpenError::Unreachable(_) => Blame::Backend,
+            OpenError::Overloaded | OpenError::ShuttingDown => Blame::Internal,
+        }
+    }
+
+    /// A stable label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OpenError::Refused(r) => r.reason.as_str(),
+            OpenError::Busy => "console_busy",
+            OpenError::Overloaded => "overloaded",
+            OpenError::Unreachable(_) => "backend_unreachable",
+            OpenError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// How a session ended; front ends turn it into a close code a page can show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed or went away.
+    ClientLeft,
+    /// The hypervisor closed the console connection.
+    BackendClosed,
+    /// Reading from or writing to the hypervisor failed.
+    BackendError,
+    /// The token expired and sessions end with it.
+    TokenExpired,
+    /// Nothing moved either way for the idle timeout.
+    IdleTimeout,
+    /// The client broke a limit (message too large, slow reader past the buffer cap).
+    LimitHit,
+    /// The client broke the protocol (e.g. a text frame on a binary console).
+    ProtocolError,
+    /// Porthole is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// A stable label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientLeft => "client_left",
+            CloseReason::BackendClosed => "backend_closed",
+            CloseReason::BackendError => "backend_error",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::LimitHit => "limit_hit",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a running session holds; dropping it releases everything.
+#[derive(Debug)]
+pub struct SessionGuards {
+    _permit: OwnedSemaphorePermit,
+    _redemption: Redemption,
+    _claim: Option<ConsoleClaim>,
+}
+
+/// A claim on a console that serves one client at a time.
+#[derive(Debug)]
+struct ConsoleClaim {
+    claims: Arc<Mutex<HashSet<(String, u16)>>>,
+    key: (String, u16),
+}
+
+impl Drop for ConsoleClaim {
+    fn drop(&mut self) {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// A session ready to splice.
+#[derive(Debug)]
+pub struct Opened {
+    /// The connected hypervisor console socket.
+    pub backend: TcpStream,
+    /// Released when the session ends.
+    pub guards: SessionGuards,
+}
+
+/// Every session of this process: caps, claims, and the shutdown they obey.
+#[derive(Debug)]
+pub struct Sessions {
+    /// Global session cap; a permit rides in each session's guards.
+    slots: Arc<Semaphore>,
+    /// Consoles that serve one client at a time and have one (serial).
+    exclusive: Arc<Mutex<HashSet<(String, u16)>>>,
+    redemptions: Arc<dyn RedemptionStore>,
+    tokens: TokenConfig,
+    connect_timeout: Duration,
+    /// Cancelled at shutdown; every session selects on it.
+    pub cancel: CancellationToken,
+    /// Every session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl Sessions {
+    /// Builds the registry.
+    pub fn new(
+        max_sessions: usize,
+        redemptions: Arc<dyn RedemptionStore>,
+        tokens: TokenConfig,
+        connect_timeout: Duration,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max_sessions)),
+            exclusive: Arc::default(),
+            redemptions,
+            tokens,
+            connect_timeout,
+            cancel,
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Sessions running now.
+    pub fn active(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// What [`Sessions::open`] would answer now, without taking anything.
+    pub fn would_open(&self, grant: &Grant) -> Result<(), OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        if self.slots.available_permits() == 0 {
+            return Err(OpenError::Overloaded);
+        }
+        self.redemptions
+            .would_redeem(&grant.jti, self.tokens.reuse_for(grant.console), None)
+            .map_err(|e| {
+                OpenError::Refused(Refusal {
+                    reason: e.reason,
+                    detail: e.detail.to_string(),
+                    jti: Some(grant.jti.clone()),
+                })
+            })?;
+        let key = (grant.target.host.clone(), grant.target.port);
+        if grant.console == ConsoleType::Serial
+            && self
+                .exclusive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+        {
+            return Err(OpenError::Busy);
+        }
+        Ok(())
+    }
+
+    /// Takes a slot, redeems the token, claims the console and connects.
+    /// `session_key` lets the channels of one SPICE session share a token.
+    pub async fn open(
+        &self,
+        grant: &Grant,
+        session_key: Option<&str>,
+    ) -> Result<Opened, OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| OpenError::Overloaded)?;
+        let redemption = Redemption::begin(
+            self.redemptions.clone(),
+            &grant.jti,
+            grant.expires_at,
+            self.tokens.reuse_for(grant.console),
+            session_key,
+            unix_now(),
+        )
+        .map_err(|e| {
+            let refusal = Refusal {
+                reason: e.reason,
+                detail: e.detail.to_string(),
+                jti: Some(grant.jti.clone()),
+            };
+            crate::metrics::token_refused(refusal.reason);
+            tracing::info!(reason = refusal.reason.as_str(), detail = e.detail, jti = %grant.jti, "token refused");
+            OpenError::Refused(refusal)
+        })?;
+        let claim = if grant.console == ConsoleType::Serial {
+            let key = (grant.target.host.clone(), grant.target.port);
+            let mut claims = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+            if !claims.insert(key.clone()) {
+                return Err(OpenError::Busy);
+            }
+            Some(ConsoleClaim {
+                claims: self.exclusive.clone(),
+                key,
+            })
+        } else {
+            None
+        };
+        let host = grant
+            .target
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let backend = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((host, grant.target.port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(OpenError::Unreachable(e.to_string())),
+            Err(_) => {
+                return Err(OpenError::Unreachable(format!(
+                    "no answer within {:?}",
+                    self.connect_timeout
+                )));
+            }
+        };
+        // Console traffic is interactive: small writes must not wait for Nagle.
+        let _ = backend.set_nodelay(true);
+        Ok(Opened {
+            backend,
+            guards: SessionGuards {
+                _permit: permit,
+                _redemption: redemption,
+                _claim: claim,
+            },
+        })
+    }
+}

@@ -1,0 +1,143 @@
+//! The public listener's accept loop: plain TCP or TLS, HTTP/1.1 with upgrades.
+//!
+//! The loop only accepts. Each connection is served in its own task: the TLS
+//! handshake runs there under a deadline, then hyper reads the request with a
+//! header deadline (a slow-loris client cannot hold a connection open by
+//! trickling headers), and WebSocket upgrades go through. The TLS config is
+//! read once per connection from an atomically swappable slot, so certificate
+//! reloads apply to new connections and never touch live ones.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+/// A TLS server config that can be replaced while connections run.
+pub type TlsSlot = Arc<ArcSwap<ServerConfig>>;
+
+/// Builds a TLS server config from PEM files (certificate chain, private key).
+pub fn load_tls(cert: &Path, key: &Path) -> Result<ServerConfig, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Deadlines of the HTTP layer.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpDeadlines {
+    /// TLS handshake, from accept.
+    pub tls_handshake: Duration,
+    /// Request headers, from the start of the request (covers the WebSocket upgrade request).
+    pub request_headers: Duration,
+}
+
+/// Accepts until `cancel` fires. Connections still open then finish their
+/// current request; upgraded WebSockets are ended by their own sessions.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsSlot>,
+    router: Router,
+    deadlines: HttpDeadlines,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = tls.as_ref().map(|slot| slot.load_full());
+        let router = router.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let io = match tls {
+                None => Either::Left(tcp),
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(deadlines.tls_handshake, acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(stream)) => Either::Right(stream),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            serve_connection(io, peer, router, deadlines, cancel).await;
+        });
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    deadlines: HttpDeadlines,
+    cancel: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(deadlines.request_headers)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        }
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Async adapters that know nothing about consoles: listeners (plain and
+//! TLS) and the WebSocket-to-TCP bridge.
+
+pub mod listener;
+pub mod ws_bridge;

@@ -1,0 +1,206 @@
+//! The WebSocket-to-TCP bridge: binary messages one way, bytes the other.
+//!
+//! Backpressure both ways: bytes are read from the hypervisor only after the
+//! previous message was handed to the WebSocket, and the WebSocket holds at
+//! most `max_write_buffer_bytes` for a client that stops reading, after which
+//! the session ends (`limit_hit`). Client messages are written to the
+//! hypervisor before the next one is read. So a session's memory stays bounded
+//! whatever either peer does. An idle session holds no read buffer of ours:
+//! one is taken only when the hypervisor socket is readable.
+//!
+//! The bridge ends on the first of: the client leaving, the hypervisor closing,
+//! an I/O error, the idle timeout, the token's expiry (if asked), or shutdown.
+//! It then sends a close frame (under a short deadline: a client that does not
+//! read cannot hold the task) and half-closes the hypervisor socket.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::CloseReason;
+
+/// Timers and limits of one bridge.
+#[derive(Debug, Clone)]
+pub struct BridgeOptions {
+    /// Send a WebSocket ping this often, so intermediaries keep quiet sessions.
+    pub ping_interval: Option<Duration>,
+    /// End the session after this long with no byte either way.
+    pub idle_timeout: Option<Duration>,
+    /// End the session at this instant (token expiry), if set.
+    pub hard_end: Option<Instant>,
+    /// Largest chunk read from the hypervisor into one message.
+    pub chunk_bytes: usize,
+}
+
+/// Bytes moved, for the session's end-of-life log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    /// Client to hypervisor.
+    pub up: u64,
+    /// Hypervisor to client.
+    pub down: u64,
+}
+
+/// How long a close frame may take to go out.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Runs the bridge until one side ends; returns why, and the bytes moved.
+pub async fn bridge(
+    socket: WebSocket,
+    backend: TcpStream,
+    opts: BridgeOptions,
+    cancel: CancellationToken,
+) -> (CloseReason, Traffic) {
+    let (mut sink, mut stream) = socket.split();
+    let (mut from_backend, mut to_backend) = backend.into_split();
+    // Shared by the futures below, which run in this one task; atomics only
+    // because the task must be Send.
+    let origin = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let touch = || last_activity.store(origin.elapsed().as_millis() as u64, Relaxed);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+
+    let reason = {
+        let client_to_backend = async {
+            while let Some(msg) = stream.next().await {
+                match msg {
+                    Ok(Message::Binary(data)) => {
+                        touch();
+                        if to_backend.write_all(&data).await.is_err() {
+                            return CloseReason::BackendError;
+                        }
+                        up.fetch_add(data.len() as u64, Relaxed);
+                    }
+                    // Pongs and pings (answered by tungstenite itself) are traffic too.
+                    Ok(Message::Ping(_) | Message::Pong(_)) => touch(),
+                    Ok(Message::Text(_)) => return CloseReason::ProtocolError,
+                    Ok(Message::Close(_)) => return CloseReason::ClientLeft,
+                    Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
+                    Err(_) => return CloseReason::ClientLeft,
+                }
+            }
+            CloseReason::ClientLeft
+        };
+        let backend_to_client = async {
+            let mut ping = opts
+                .ping_interval
+                .map(|p| tokio::time::interval_at(Instant::now() + p, p));
+            loop {
+                tokio::select! {
+                    ready = from_backend.readable() => {
+                        if ready.is_err() {
+                            return CloseReason::BackendError;
+                        }
+                        let mut buf = BytesMut::with_capacity(opts.chunk_bytes);
+                        match from_backend.read_buf(&mut buf).await {
+                            Ok(0) => return CloseReason::BackendClosed,
+                            Ok(n) => {
+                                touch();
+                                down.fetch_add(n as u64, Relaxed);
+                                match sink.send(Message::Binary(buf.freeze())).await {
+                                    Ok(()) => {}
+                                    Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
+                                    Err(_) => return CloseReason::ClientLeft,
+                                }
+                            }
+                            Err(_) => return CloseReason::BackendError,
+                        }
+                    }
+                    _ = tick(&mut ping) => {
+                        if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                            return CloseReason::ClientLeft;
+                        }
+                    }
+                }
+            }
+        };
+        let idle = async {
+            let Some(limit) = opts.idle_timeout else {
+                return std::future::pending().await;
+            };
+            loop {
+                let deadline = origin + Duration::from_millis(last_activity.load(Relaxed)) + limit;
+                if Instant::now() >= deadline {
+                    return CloseReason::IdleTimeout;
+                }
+                tokio::time::sleep_until(deadline).await;
+            }
+        };
+        let expiry = async {
+            match opts.hard_end {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = client_to_backend => r,
+            r = backend_to_client => r,
+            r = idle => r,
+            _ = expiry => CloseReason::TokenExpired,
+            _ = cancel.cancelled() => CloseReason::Shutdown,
+        }
+    };
+
+    if reason != CloseReason::ClientLeft {
+        let (code, text) = close_frame(reason);
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: text.into(),
+        }));
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(frame)).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, to_backend.shutdown()).await;
+    (
+        reason,
+        Traffic {
+            up: up.load(Relaxed),
+            down: down.load(Relaxed),
+        },
+    )
+}
+
+async fn tick(ping: &mut Option<tokio::time::Interval>) {
+    match ping {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The close code and reason a page shows. 4000-4999 are ours (RFC 6455 §7.4.2).
+pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
+    match reason {
+        CloseReason::ClientLeft => (1000, "client left"),
+        CloseReason::BackendClosed => (4000, "console closed by the hypervisor"),
+        CloseReason::BackendError => (1011, "console connection failed"),
+        CloseReason::TokenExpired => (4001, "console token expired"),
+        CloseReason::IdleTimeout => (4002, "idle timeout"),
+        CloseReason::LimitHit => (1009, "message too large or client too slow"),
+        CloseReason::ProtocolError => (1003, "binary frames only"),
+        CloseReason::Shutdown => (1001, "gateway shutting down"),
+    }
+}
+
+/// Whether a WebSocket error is a size limit (message, frame or write buffer).
+fn is_capacity_error(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(t) = err.downcast_ref::<tungstenite::Error>() {
+            return matches!(
+                t,
+                tungstenite::Error::Capacity(_) | tungstenite::Error::WriteBufferFull(_)
+            );
+        }
+        source = err.source();
+    }
+    false
+}

@@ -1,0 +1,50 @@
+// noVNC console page: noVNC's RFB client on Porthole's /vnc WebSocket.
+// The token already authenticated the user: Porthole offers the browser
+// no VNC password prompt.
+import RFB from '../vendor/novnc/core/rfb.js';
+import { closeMessage, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+
+const screen = document.getElementById('screen');
+const cad = document.getElementById('cad');
+let reconnects = 0;
+
+function connect() {
+  setStatus('connecting', 'Connecting…');
+  const rfb = new RFB(screen, socketUrl('vnc'), { shared: true });
+  rfb.scaleViewport = false;
+  rfb.resizeSession = false;
+  window.porthole = Object.assign(window.porthole ?? {}, { rfb });
+  rfb.addEventListener('connect', () => {
+    reconnects = 0;
+    cad.disabled = false;
+    setStatus('connected', 'Connected');
+  });
+  rfb.addEventListener('desktopname', (e) => {
+    document.getElementById('title').textContent = e.detail.name;
+    document.title = e.detail.name;
+  });
+  rfb.addEventListener('disconnect', async (e) => {
+    cad.disabled = true;
+    const why = await whyRefused('vnc');
+    if (why !== 'ok') {
+      setStatus(why, refusedMessage(why));
+      return;
+    }
+    // The token still opens the console: a dropped connection reconnects,
+    // as noVNC's own page does, a few times.
+    if (!e.detail.clean && reconnects < 3) {
+      reconnects += 1;
+      setStatus('connecting', 'Reconnecting…');
+      setTimeout(connect, 1000 * reconnects);
+      return;
+    }
+    setStatus('disconnected', closeMessage(e.detail.code));
+  });
+  cad.onclick = () => rfb.sendCtrlAltDel();
+}
+
+if (!token) {
+  setStatus('refused', refusedMessage('refused'));
+} else {
+  connect();
+}
