@@ -9,7 +9,7 @@ import time
 
 import jwt
 
-from conftest import (AUDIENCE, ISSUER, Gateway, Key, free_port, http, run,
+from harness import (AUDIENCE, ISSUER, Gateway, Key, free_port, http, run,
                       write_config)
 
 BEARER = "interop-bearer-key-0123456789"

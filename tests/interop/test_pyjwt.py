@@ -10,7 +10,7 @@ import time
 import jwt
 import pytest
 
-from conftest import AUDIENCE, ISSUER, ROOT, Key, run, write_config
+from harness import AUDIENCE, ISSUER, ROOT, Key, run, write_config
 from mint_console_token import console_url, mint_console_token
 
 ALGS = ["EdDSA", "ES256", "RS256", "HS256"]

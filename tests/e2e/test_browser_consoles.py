@@ -1,0 +1,161 @@
+"""Browser consoles against real peers: QEMU's VNC and serial consoles,
+noVNC and xterm.js in headless Chromium, and a plain WebSocket client."""
+
+import json
+import subprocess
+import threading
+import time
+
+from conftest import HERE, browser
+from screen import differing_fraction, seabios_screen
+from websockets.sync.client import connect
+
+
+def direct_capture(vm, out):
+    p = subprocess.run(["gvnccapture", f"127.0.0.1:{vm.display}", str(out)], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def wait_for_final_screen(vm, tmp_path):
+    """Polls direct captures until SeaBIOS's screen is there and stable."""
+    deadline = time.monotonic() + 30
+    previous = None
+    n = 0
+    while True:
+        n += 1
+        shot = direct_capture(vm, tmp_path / f"direct-{n}.png")
+        try:
+            seabios_screen(shot)
+            if previous is not None and differing_fraction(previous, shot) < 0.01:
+                return shot
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        previous = shot
+        time.sleep(0.5)
+
+
+def test_novnc_in_chromium_shows_the_vm_screen(porthole, vm, tmp_path):
+    reference = wait_for_final_screen(vm, tmp_path)
+    minted = porthole.mint("novnc", vm.vnc_port)
+    result = browser("vnc", minted["url"], tmp_path / "novnc.png", 3000)
+    assert result["http_status"] == 200
+    assert result["state"] == "connected", result
+    assert "script-src 'self'" in result["csp"] and "'unsafe-eval'" not in result["csp"]
+    assert result["canvas"], result
+    seabios_screen(tmp_path / "novnc.png")
+    after = direct_capture(vm, tmp_path / "direct-after.png")
+    diff = min(differing_fraction(tmp_path / "novnc.png", reference),
+               differing_fraction(tmp_path / "novnc.png", after))
+    assert diff <= 0.01, f"noVNC through Porthole differs from a direct capture in {diff:.2%} of pixels"
+    log = porthole.log()
+    assert "session started" in log and 'reason="client_left"' in log
+    assert minted["token"] not in log
+
+
+def test_serial_console_in_xterm_page_and_plain_websocket(porthole, vm, tmp_path):
+    minted = porthole.mint("serial", vm.serial_port, ttl=300)
+    # The page: connect, then reset the VM so SeaBIOS prints again on COM1.
+    page = subprocess.Popen(["node", "browser.mjs", "serial", minted["url"], "6000"], cwd=HERE,
+                            stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "console=serial target" not in porthole.log():
+        assert time.monotonic() < deadline, porthole.log()
+        time.sleep(0.1)
+    vm.qmp("system_reset")
+    out, _ = page.communicate(timeout=90)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["state"] == "connected", result
+    assert "SeaBIOS" in result["terminal"], result["terminal"]
+
+    # A plain WebSocket client on the same endpoint (the page has left, the
+    # console is free again): reset, press ESC on the serial port during the
+    # boot-menu window, and the boot menu answers on the serial port.
+    url = minted["url"].replace("http://", "ws://").replace("/console?", "/serial?")
+    with connect(url, subprotocols=["binary"], open_timeout=10) as ws:
+        assert ws.subprotocol == "binary"
+        vm.qmp("system_reset")
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"Select boot device" not in seen:
+            assert time.monotonic() < deadline, seen[-400:]
+            if b"Press ESC" in seen:
+                ws.send(b"\x1b")
+            try:
+                seen += ws.recv(timeout=0.5)
+            except TimeoutError:
+                pass
+        assert b"SeaBIOS" in seen
+
+
+def echo_server():
+    """A TCP echo backend on a free port; counts connections."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    state = {"accepted": 0}
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            state["accepted"] += 1
+
+            def echo(c=conn):
+                with c:
+                    while data := c.recv(65536):
+                        c.sendall(data)
+            threading.Thread(target=echo, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1], state
+
+
+def test_every_byte_value_passes_unchanged_both_ways(porthole):
+    srv, port, _ = echo_server()
+    try:
+        minted = porthole.mint("serial", port)
+        url = f"ws://127.0.0.1:{porthole.public_port}/serial?token={minted['token']}"
+        payload = bytes(range(256)) * 256  # 64 KiB, every byte value
+        with connect(url, open_timeout=10, max_size=None) as ws:
+            for i in range(0, len(payload), 4096):
+                ws.send(payload[i:i + 4096])
+            got = b""
+            while len(got) < len(payload):
+                got += ws.recv(timeout=20)
+        assert got == payload
+    finally:
+        srv.close()
+
+
+def test_a_second_serial_viewer_is_told_busy(porthole):
+    srv, port, state = echo_server()
+    try:
+        first = porthole.mint("serial", port)
+        second = porthole.mint("serial", port)
+        base = f"ws://127.0.0.1:{porthole.public_port}/serial?token="
+        with connect(base + first["token"], open_timeout=10) as ws:
+            ws.send(b"ping")
+            assert ws.recv(timeout=10) == b"ping"
+            from websockets.exceptions import InvalidStatus
+            try:
+                connect(base + second["token"], open_timeout=10)
+                raise AssertionError("second viewer was accepted")
+            except InvalidStatus as e:
+                assert e.response.status_code == 409
+                assert b"busy" in e.response.body
+            assert state["accepted"] == 1, "the busy viewer never reached the console"
+            # The page says so too.
+            result = browser("status", second["url"], 0)
+            assert result["state"] == "busy", result
+        # Once the first viewer leaves, the console is free.
+        with connect(base + second["token"], open_timeout=10) as ws:
+            ws.send(b"again")
+            assert ws.recv(timeout=10) == b"again"
+    finally:
+        srv.close()
