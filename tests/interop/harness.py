@@ -136,3 +136,11 @@ class Gateway:
                 self.proc.wait()
                 raise
         return self.proc.returncode
+
+
+def metric_value(text, name, **labels):
+    """A counter's value from Prometheus text, or None if absent."""
+    import re
+    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{re.escape(name)}{{{re.escape(label)}}} (\d+)$", text, re.M)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,51 @@
+"""The README's first command: on embedded defaults, with QEMU installed,
+Porthole starts a demo VM and prints console URLs that work in a browser."""
+
+import re
+import socket
+import time
+
+from conftest import browser
+from harness import Gateway, free_port
+from screen import seabios_screen
+
+
+def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
+    admin = free_port()
+    gw = Gateway(["--admin-listen", f"127.0.0.1:{admin}", "--public-listen", "127.0.0.1:0"],
+                 tmp_path / "serve.log", env={"PORTHOLE_STATE_DIR": str(tmp_path / "state")}, admin_port=admin)
+    try:
+        deadline = time.monotonic() + 30
+        while "serial console:" not in gw.output():
+            assert time.monotonic() < deadline, gw.output()
+            time.sleep(0.1)
+        banner = gw.output()
+        vnc_url = re.search(r"screen \(noVNC\): (\S+)", banner).group(1)
+        serial_url = re.search(r"serial console: (\S+)", banner).group(1)
+        vnc_port = int(re.search(r'"port":(\d+)', __import__("base64").urlsafe_b64decode(
+            vnc_url.split("token=")[1].split(".")[1] + "==").decode()).group(1))
+
+        # SeaBIOS retries its boot every few seconds: one retry of the check is allowed.
+        for attempt in range(2):
+            result = browser("vnc", vnc_url, tmp_path / "demo.png", 4000)
+            assert result["state"] == "connected", result
+            try:
+                seabios_screen(tmp_path / "demo.png")
+                break
+            except AssertionError:
+                if attempt:
+                    raise
+        result = browser("serial", serial_url, 12000)
+        assert result["state"] == "connected", result
+        assert "SeaBIOS" in result["terminal"], result
+    finally:
+        assert gw.stop() == 0
+    # The demo VM went with Porthole.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", vnc_port), timeout=1).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the demo VM outlived Porthole"
+        time.sleep(0.2)
