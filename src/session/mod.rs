@@ -67,6 +67,8 @@ impl OpenError {
 pub enum CloseReason {
     /// The client closed or went away.
     ClientLeft,
+    /// The client answered no ping for several intervals.
+    ClientUnresponsive,
     /// The hypervisor closed the console connection.
     BackendClosed,
     /// Reading from or writing to the hypervisor failed.
@@ -88,6 +90,7 @@ impl CloseReason {
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::ClientLeft => "client_left",
+            CloseReason::ClientUnresponsive => "client_unresponsive",
             CloseReason::BackendClosed => "backend_closed",
             CloseReason::BackendError => "backend_error",
             CloseReason::TokenExpired => "token_expired",

@@ -65,6 +65,8 @@ pub async fn bridge(
     let origin = Instant::now();
     let last_activity = AtomicU64::new(0);
     let touch = || last_activity.store(origin.elapsed().as_millis() as u64, Relaxed);
+    let last_heard = AtomicU64::new(0);
+    let heard = || last_heard.store(origin.elapsed().as_millis() as u64, Relaxed);
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
 
@@ -74,13 +76,15 @@ pub async fn bridge(
                 match msg {
                     Ok(Message::Binary(data)) => {
                         touch();
+                        heard();
                         if to_backend.write_all(&data).await.is_err() {
                             return CloseReason::BackendError;
                         }
                         up.fetch_add(data.len() as u64, Relaxed);
                     }
-                    // Pongs and pings (answered by tungstenite itself) are traffic too.
-                    Ok(Message::Ping(_) | Message::Pong(_)) => touch(),
+                    // Keepalive frames prove the client is there; they are not
+                    // console activity, so they do not hold off the idle timeout.
+                    Ok(Message::Ping(_) | Message::Pong(_)) => heard(),
                     Ok(Message::Text(_)) => return CloseReason::ProtocolError,
                     Ok(Message::Close(_)) => return CloseReason::ClientLeft,
                     Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
@@ -134,6 +138,21 @@ pub async fn bridge(
                 tokio::time::sleep_until(deadline).await;
             }
         };
+        // A client that answers no ping for three intervals is gone (a dead
+        // NAT entry, a suspended laptop): end the session rather than hold it.
+        let unresponsive = async {
+            let Some(every) = opts.ping_interval else {
+                return std::future::pending().await;
+            };
+            let limit = every * 3;
+            loop {
+                let deadline = origin + Duration::from_millis(last_heard.load(Relaxed)) + limit;
+                if Instant::now() >= deadline {
+                    return CloseReason::ClientUnresponsive;
+                }
+                tokio::time::sleep_until(deadline).await;
+            }
+        };
         let expiry = async {
             match opts.hard_end {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -144,6 +163,7 @@ pub async fn bridge(
             r = client_to_backend => r,
             r = backend_to_client => r,
             r = idle => r,
+            r = unresponsive => r,
             _ = expiry => CloseReason::TokenExpired,
             _ = cancel.cancelled() => CloseReason::Shutdown,
         }
@@ -187,6 +207,7 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::LimitHit => (1009, "message too large or client too slow"),
         CloseReason::ProtocolError => (1003, "binary frames only"),
         CloseReason::Shutdown => (1001, "gateway shutting down"),
+        CloseReason::ClientUnresponsive => (4005, "client unresponsive"),
     }
 }
 

@@ -19,17 +19,18 @@ from vm import VM  # noqa: E402
 class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
-    def __init__(self, tmp, websocket=""):
+    def __init__(self, tmp, websocket="", listen_extra="", scheme="http"):
         self.key = Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
         self.admin_port = free_port()
-        self.base = f"http://127.0.0.1:{self.public_port}"
+        self.base = f"{scheme}://127.0.0.1:{self.public_port}"
         config = tmp / "porthole.toml"
         config.write_text(f"""
 [listen]
 public = "127.0.0.1:{self.public_port}"
 admin = "127.0.0.1:{self.admin_port}"
-
+public_base_url = "{self.base}"
+{listen_extra}
 [tokens]
 issuers = ["{ISSUER}"]
 audiences = ["{AUDIENCE}"]

@@ -1,0 +1,135 @@
+"""Session timers and endings as a client sees them: pings keep quiet
+sessions alive, the idle timeout and token expiry end them with their own
+close codes, shutdown drains them with 1001, and static serving stays inside
+its roots. Deadlines are checked against generous multiples, never speed."""
+
+import http.client
+import re
+import signal
+import ssl
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from conftest import Porthole
+from test_refusals import CountingBackend, ws_url
+
+
+@pytest.fixture
+def backend():
+    b = CountingBackend()
+    yield b
+    b.close()
+
+
+def closed_with(ws, within):
+    """Waits (at most `within` seconds) for the server to close; returns the close frame."""
+    deadline = time.monotonic() + within
+    with pytest.raises(ConnectionClosed) as e:
+        while time.monotonic() < deadline:
+            try:
+                ws.recv(timeout=0.5)
+            except TimeoutError:
+                pass
+        raise AssertionError(f"no close within {within} s")
+    return e.value.rcvd
+
+
+def test_pings_keep_a_quiet_session_and_idle_timeout_ends_it(tmp_path, backend):
+    p = Porthole(tmp_path, websocket="ping_interval_secs = 1\nidle_timeout_secs = 3")
+    try:
+        with connect(ws_url(p, "vnc", p.mint("novnc", backend.port)["token"]), open_timeout=10) as ws:
+            started = time.monotonic()
+            frame = closed_with(ws, within=30)
+            elapsed = time.monotonic() - started
+        assert frame is not None and frame.code == 4002, frame
+        assert frame.reason == "idle timeout"
+        # Pongs are not activity from the client's console: the timeout still fires,
+        # and not before the configured 3 s.
+        assert elapsed >= 2.5, elapsed
+        assert 'reason="idle_timeout"' in p.log()
+    finally:
+        assert p.gateway.stop() == 0
+
+
+def test_sessions_can_end_at_token_expiry(tmp_path, backend):
+    p = Porthole(tmp_path, websocket="end_at_token_expiry = true")
+    try:
+        with connect(ws_url(p, "vnc", p.mint("novnc", backend.port, ttl=3)["token"]), open_timeout=10) as ws:
+            ws.send(b"x")
+            assert ws.recv(timeout=10) == b"x"
+            frame = closed_with(ws, within=30)
+        assert frame.code == 4001 and frame.reason == "console token expired", frame
+    finally:
+        assert p.gateway.stop() == 0
+
+
+def test_shutdown_closes_sessions_with_going_away_and_exits_within_grace(tmp_path, backend):
+    p = Porthole(tmp_path, websocket="shutdown_grace_secs = 5")
+    ws = connect(ws_url(p, "vnc", p.mint("novnc", backend.port)["token"]), open_timeout=10)
+    ws.send(b"x")
+    assert ws.recv(timeout=10) == b"x"
+    started = time.monotonic()
+    p.gateway.proc.send_signal(signal.SIGTERM)
+    frame = closed_with(ws, within=30)
+    assert frame.code == 1001 and frame.reason == "gateway shutting down", frame
+    assert p.gateway.proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 5 * 3, "exit took far longer than the grace period"
+    assert 'reason="shutdown"' in p.log()
+
+
+def test_static_serving_stays_inside_its_roots(porthole):
+    def get(path):
+        c = http.client.HTTPConnection("127.0.0.1", porthole.public_port, timeout=10)
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+
+    status, headers, body = get("/static/console.css")
+    assert status == 200 and headers["x-content-type-options"] == "nosniff"
+    assert get("/vendor/novnc/core/rfb.js")[0] == 200
+    assert get("/vendor/xterm/lib/xterm.mjs")[0] == 200
+    for path in ["//evil.example/", "//evil.example/%2e%2e", "/static//evil.example", "/static/",
+                 "/static", "/vendor/novnc/", "/vendor/novnc/core", "/static/../Cargo.toml",
+                 "/static/%2e%2e/%2e%2e/Cargo.toml", "/static/..%2f..%2fCargo.toml", "/vendor/xterm/../../../Cargo.toml"]:
+        status, headers, body = get(path)
+        assert status in (400, 404), (path, status)
+        assert "location" not in {k.lower() for k in headers}, (path, headers)
+        assert b"[package]" not in body
+
+
+def test_tls_and_ipv6_listeners(tmp_path, backend):
+    """A TLS public listener with the development CA, on IPv4 and IPv6."""
+    import subprocess
+    from harness import porthole_bin
+    state = tmp_path / "state"
+    # The development PKI from embedded defaults: its server certificate names
+    # localhost, 127.0.0.1 and ::1.
+    subprocess.run([porthole_bin(), "token", "mint", "--type", "novnc", "--instance", "x", "--host", "127.0.0.1",
+                    "--port", "5900"], env={"PORTHOLE_STATE_DIR": str(state), "PATH": "/usr/bin:/bin"},
+                   check=True, capture_output=True, timeout=60)
+    extra = (f'tls_cert = "{state / "server.pem"}"\ntls_key = "{state / "server.key"}"\n'
+             f'public_extra = ["[::1]:0"]\n')
+    p = Porthole(tmp_path, listen_extra=extra, scheme="https")
+    try:
+        ctx = ssl.create_default_context(cafile=str(state / "dev-ca.pem"))
+        token = p.mint("novnc", backend.port)["token"]
+        with connect(f"wss://127.0.0.1:{p.public_port}/vnc?token={token}", ssl=ctx, open_timeout=10,
+                     origin=p.base) as ws:
+            ws.send(b"over tls")
+            assert ws.recv(timeout=10) == b"over tls"
+        # Plain HTTP on the TLS port gets nothing useful.
+        c = http.client.HTTPConnection("127.0.0.1", p.public_port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            c.request("GET", "/static/console.css")
+            c.getresponse().read()
+        # The IPv6 listener serves the same router.
+        v6_port = int(re.search(r"public=\[[^ ]+, \[::1\]:(\d+)\]", p.log()).group(1))
+        token = p.mint("novnc", backend.port)["token"]
+        with connect(f"wss://[::1]:{v6_port}/vnc?token={token}", ssl=ctx, open_timeout=10) as ws:
+            ws.send(b"over ipv6")
+            assert ws.recv(timeout=10) == b"over ipv6"
+    finally:
+        assert p.gateway.stop() == 0
