@@ -1,0 +1,755 @@
+//! The load tool: Porthole side by side with direct TCP, a plain relay and websockify.
+//!
+//! `cargo bench --bench load` runs the full comparison (see `benches/README.md`
+//! for the method and the latest figures); under `cargo test` (no `--bench`
+//! argument) it runs a few-second smoke pass that only proves every part works.
+//!
+//! Every target sits in front of the same far side: a minimal RFB server with
+//! no authentication (what a VNC console is), which after the handshake
+//! floods, sinks, echoes or idles on the client's request. The client speaks
+//! the RFB handshake first, so the numbers stay valid when Porthole's VNC path
+//! terminates RFB itself.
+//!
+//! Targets:
+//! - `direct`: the client talks TCP to the far side; no proxy at all.
+//! - `porthole`: WebSocket to Porthole's `/vnc`, with a fresh Ed25519 token per session.
+//! - `relay`: the "obvious" proxy: tokio-tungstenite with its default config,
+//!   two copy loops, a 64 KiB read buffer. This binary re-executed with `--relay`.
+//! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+// ---------------------------------------------------------------- far side
+
+/// What the far side does after the RFB handshake, chosen by the client.
+const FLOOD: u8 = b'D';
+const SINK: u8 = b'U';
+const ECHO: u8 = b'E';
+const IDLE: u8 = b'I';
+
+/// A minimal RFB 3.8 server, security type None, then the requested mode.
+async fn far_side(listener: TcpListener, sunk: Arc<AtomicU64>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let sunk = sunk.clone();
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let mut version = [0u8; 12];
+            s.write_all(b"RFB 003.008\n").await?;
+            s.read_exact(&mut version).await?;
+            s.write_all(&[1, 1]).await?; // one security type: None
+            let mut choice = [0u8; 1];
+            s.read_exact(&mut choice).await?;
+            s.write_all(&0u32.to_be_bytes()).await?; // SecurityResult OK
+            let mut shared = [0u8; 1];
+            s.read_exact(&mut shared).await?;
+            let mut init = Vec::new();
+            init.extend_from_slice(&720u16.to_be_bytes());
+            init.extend_from_slice(&400u16.to_be_bytes());
+            init.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+            init.extend_from_slice(&4u32.to_be_bytes());
+            init.extend_from_slice(b"load");
+            s.write_all(&init).await?;
+            let mut mode = [0u8; 5];
+            s.read_exact(&mut mode).await?;
+            let chunk = u32::from_be_bytes([mode[1], mode[2], mode[3], mode[4]]) as usize;
+            let mut buf = vec![0u8; chunk.clamp(1, 1 << 20)];
+            match mode[0] {
+                FLOOD => loop {
+                    s.write_all(&buf).await?;
+                },
+                SINK => loop {
+                    let n = s.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    sunk.fetch_add(n as u64, Relaxed);
+                },
+                ECHO => loop {
+                    let n = s.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    s.write_all(&buf[..n]).await?;
+                },
+                _ => {
+                    let _ = s.read(&mut buf).await?;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------- the plain relay
+
+/// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB buffer.
+async fn relay(listen: SocketAddr, backend: SocketAddr) {
+    let listener = TcpListener::bind(listen).await.expect("relay bind");
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let ws = tokio_tungstenite::accept_async(tcp).await.ok()?;
+            let upstream = TcpStream::connect(backend).await.ok()?;
+            let (mut rd, mut wr) = upstream.into_split();
+            let (mut sink, mut stream) = ws.split();
+            let up = async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    if let Message::Binary(b) = msg
+                        && wr.write_all(&b).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            };
+            let down = async {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if sink
+                                .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! { _ = up => {}, _ = down => {} }
+            Some(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Porthole,
+    Relay,
+    Websockify,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Porthole => "porthole",
+            Target::Relay => "relay",
+            Target::Websockify => "websockify",
+        }
+    }
+}
+
+/// One client connection: raw TCP or WebSocket, with a read buffer so the
+/// RFB handshake can read exact lengths whatever the message boundaries.
+enum Conn {
+    Tcp(TcpStream, BytesMut),
+    Ws(Box<Ws>, BytesMut),
+}
+
+impl Conn {
+    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s, _) => s.write_all(data).await,
+            Conn::Ws(ws, _) => ws
+                .send(Message::Binary(Bytes::copy_from_slice(data)))
+                .await
+                .map_err(std::io::Error::other),
+        }
+    }
+
+    /// Reads whatever arrives next; returns its length (0 at end).
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s, buf) => {
+                buf.reserve(64 * 1024);
+                s.read_buf(buf).await
+            }
+            Conn::Ws(ws, buf) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => {
+                        buf.extend_from_slice(&b);
+                        return Ok(b.len());
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Ok(0),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(std::io::Error::other(e)),
+                }
+            },
+        }
+    }
+
+    fn buffered(&mut self) -> &mut BytesMut {
+        match self {
+            Conn::Tcp(_, b) | Conn::Ws(_, b) => b,
+        }
+    }
+
+    async fn read_exact(&mut self, n: usize) -> std::io::Result<Bytes> {
+        while self.buffered().len() < n {
+            if self.fill().await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(self.buffered().split_to(n).freeze())
+    }
+
+    /// Counts incoming bytes, discarding them.
+    async fn drain(&mut self) -> std::io::Result<usize> {
+        let n = self.fill().await?;
+        self.buffered().clear();
+        Ok(n)
+    }
+}
+
+/// Where each target listens, and tokens for Porthole.
+struct Setup {
+    far: SocketAddr,
+    porthole: SocketAddr,
+    relay: SocketAddr,
+    websockify: Option<SocketAddr>,
+    tokens: std::sync::Mutex<Vec<String>>,
+    signer: porthole::token::signing::Signer,
+    processes: Processes,
+    sunk: Arc<AtomicU64>,
+}
+
+/// The proxies this tool started; killed on drop, even after a panic.
+struct Processes(Vec<(Target, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Setup {
+    fn pid(&self, target: Target) -> Option<u32> {
+        self.processes
+            .0
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, c)| c.id())
+    }
+
+    fn token(&self) -> String {
+        if let Some(t) = self.tokens.lock().unwrap().pop() {
+            return t;
+        }
+        mint(&self.signer, self.far.port())
+    }
+
+    async fn connect(&self, target: Target, read_buffer: Option<usize>) -> std::io::Result<Conn> {
+        let url = match target {
+            Target::Direct => {
+                let s = TcpStream::connect(self.far).await?;
+                s.set_nodelay(true)?;
+                return Ok(Conn::Tcp(s, BytesMut::new()));
+            }
+            Target::Porthole => format!("ws://{}/vnc?token={}", self.porthole, self.token()),
+            Target::Relay => format!("ws://{}/", self.relay),
+            Target::Websockify => format!(
+                "ws://{}/",
+                self.websockify.ok_or(std::io::ErrorKind::NotFound)?
+            ),
+        };
+        let mut config = WebSocketConfig::default();
+        if let Some(n) = read_buffer {
+            config = config.read_buffer_size(n).write_buffer_size(0);
+        }
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .map_err(std::io::Error::other)?;
+        // As noVNC's and spice-html5's browsers do; the untuned relay answers no subprotocol.
+        if target != Target::Relay {
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+        }
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(Conn::Ws(Box::new(ws), BytesMut::new()))
+    }
+
+    /// Connects and runs the RFB client handshake; then asks for `mode`.
+    async fn session(
+        &self,
+        target: Target,
+        mode: u8,
+        chunk: usize,
+        read_buffer: Option<usize>,
+    ) -> std::io::Result<Conn> {
+        let mut c = self.connect(target, read_buffer).await?;
+        c.read_exact(12).await?;
+        c.send(b"RFB 003.008\n").await?;
+        let n = c.read_exact(1).await?[0] as usize;
+        c.read_exact(n).await?;
+        c.send(&[1]).await?;
+        c.read_exact(4).await?;
+        c.send(&[1]).await?;
+        let mut init = c.read_exact(24).await?;
+        init.advance(20);
+        let name_len = init.get_u32() as usize;
+        c.read_exact(name_len).await?;
+        let mut m = vec![mode];
+        m.extend_from_slice(&(chunk as u32).to_be_bytes());
+        c.send(&m).await?;
+        Ok(c)
+    }
+}
+
+fn mint(signer: &porthole::token::signing::Signer, port: u16) -> String {
+    use porthole::token::claims::{ConsoleClaim, ConsoleType};
+    let req = porthole::token::signing::MintRequest {
+        issuer: "porthole".into(),
+        audience: "porthole".into(),
+        instance: "load".into(),
+        console: ConsoleClaim {
+            kind: ConsoleType::Novnc,
+            host: "127.0.0.1".into(),
+            port,
+            tls_port: None,
+        },
+        ttl_secs: 600,
+    };
+    signer
+        .sign(&req.claims(porthole::token::unix_now()))
+        .unwrap()
+        .expose()
+        .clone()
+}
+
+// ---------------------------------------------------------------- measurements
+
+/// `/proc/PID/stat` fields after the command name (field 3 onwards).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// A process and its children (websockify forks one per connection).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            if let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                && stat_fields(child).and_then(|f| f.get(1).copied()) == Some(u64::from(pid))
+            {
+                pids.push(child);
+            }
+        }
+    }
+    pids
+}
+
+/// CPU seconds (user + system) used so far by a process, its live children,
+/// and its children that have exited.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let pid = pid?;
+    let ticks: u64 = process_tree(pid)
+        .into_iter()
+        .filter_map(stat_fields)
+        .map(|f| f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0))
+        .sum::<u64>()
+        + stat_fields(pid).map_or(0, |f| f.get(13).unwrap_or(&0) + f.get(14).unwrap_or(&0));
+    Some(ticks as f64 / 100.0)
+}
+
+/// Resident memory of a process and its children.
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let total = process_tree(pid?)
+        .into_iter()
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    Some(total)
+}
+
+struct Throughput {
+    mb_per_s: f64,
+    cpu_s_per_gb: Option<f64>,
+}
+
+async fn throughput(
+    s: &Arc<Setup>,
+    target: Target,
+    down: bool,
+    clients: usize,
+    chunk: usize,
+    secs: f64,
+) -> std::io::Result<Throughput> {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(
+            s.session(target, if down { FLOOD } else { SINK }, chunk, None)
+                .await?,
+        );
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let sunk_before = s.sunk.load(Relaxed);
+    let cpu_before = cpu_seconds(s.pid(target));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut c in conns {
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = vec![0x5au8; chunk];
+            while Instant::now() < deadline {
+                if down {
+                    match tokio::time::timeout_at(deadline.into(), c.drain()).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            received.fetch_add(n as u64, Relaxed);
+                        }
+                        Ok(_) => break,
+                        Err(_) => break,
+                    }
+                } else {
+                    match tokio::time::timeout_at(deadline.into(), c.send(&payload)).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let bytes = if down {
+        received.load(Relaxed)
+    } else {
+        s.sunk.load(Relaxed) - sunk_before
+    };
+    let cpu = cpu_seconds(s.pid(target))
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    Ok(Throughput {
+        mb_per_s: bytes as f64 / elapsed / 1e6,
+        cpu_s_per_gb: cpu.map(|c| c / (bytes as f64 / 1e9)),
+    })
+}
+
+async fn latency(s: &Arc<Setup>, target: Target, rounds: usize) -> std::io::Result<(f64, f64)> {
+    let mut c = s.session(target, ECHO, 64, None).await?;
+    let mut samples = Vec::with_capacity(rounds);
+    let msg = [7u8; 32];
+    for _ in 0..rounds {
+        let t = Instant::now();
+        c.send(&msg).await?;
+        c.read_exact(32).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    Ok((p(0.5), p(0.99)))
+}
+
+async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: f64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (s, done) = (s.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                // Token check + connect + first byte: the server's RFB version.
+                if let Ok(mut c) = s.connect(target, Some(4096)).await
+                    && c.read_exact(12).await.is_ok()
+                {
+                    done.fetch_add(1, Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    done.load(Relaxed) as f64 / secs
+}
+
+async fn idle_memory(s: &Arc<Setup>, target: Target, sessions: usize) -> Option<(usize, f64)> {
+    let pid = s.pid(target)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(Some(pid))?;
+    let mut held = Vec::with_capacity(sessions);
+    for _ in 0..sessions {
+        match s.session(target, IDLE, 1, Some(4096)).await {
+            Ok(c) => held.push(c),
+            Err(_) => break, // websockify stops near its process cap
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(Some(pid))?;
+    let n = held.len();
+    drop(held);
+    Some((n, after.saturating_sub(before) as f64 / n.max(1) as f64))
+}
+
+// ---------------------------------------------------------------- setup and report
+
+fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn porthole_bin() -> PathBuf {
+    // Cargo builds the binary in the same profile as this bench (release under
+    // `cargo bench`, debug under `cargo test`).
+    std::env::var_os("PORTHOLE_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_porthole")),
+        PathBuf::from,
+    )
+}
+
+async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
+    let sunk = Arc::new(AtomicU64::new(0));
+    let far_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let far = far_listener.local_addr().unwrap();
+    tokio::spawn(far_side(far_listener, sunk.clone()));
+
+    let key =
+        porthole::token::signing::generate(porthole::token::signing::KeyKind::Ed25519, "load")
+            .unwrap();
+    std::fs::write(dir.join("load.pub.pem"), key.public_pem.as_ref().unwrap()).unwrap();
+    let signer = porthole::token::signing::Signer::from_private_pem(
+        key.private.expose().as_bytes(),
+        Some("load".into()),
+    )
+    .unwrap();
+    let (porthole_addr, admin) = (free_addr(), free_addr());
+    std::fs::write(
+        dir.join("porthole.toml"),
+        format!(
+            "[listen]\npublic = \"{porthole_addr}\"\nadmin = \"{admin}\"\n\n[tokens]\nstore_capacity = 1000000\n\n\
+             [[tokens.keys]]\nkid = \"load\"\nalgorithm = \"EdDSA\"\npublic_key = \"{}\"\n\n\
+             [websocket]\nmax_sessions = 100000\n\n[[backends]]\nnetworks = [\"127.0.0.0/8\"]\nports = [\"1024-65535\"]\n",
+            dir.join("load.pub.pem").display()
+        ),
+    )
+    .unwrap();
+    let mut processes = Processes(Vec::new());
+    let porthole = Command::new(porthole_bin())
+        .args(["serve", "--config"])
+        .arg(dir.join("porthole.toml"))
+        .env("PORTHOLE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start porthole");
+    processes.0.push((Target::Porthole, porthole));
+    wait_for_port(porthole_addr);
+
+    let relay_addr = free_addr();
+    let relay = Command::new(std::env::current_exe().unwrap())
+        .args(["--relay", &relay_addr.to_string(), &far.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the relay");
+    processes.0.push((Target::Relay, relay));
+    wait_for_port(relay_addr);
+
+    let websockify_addr = free_addr();
+    let websockify = match Command::new("websockify")
+        .args([websockify_addr.to_string(), far.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => {
+            let addr = websockify_addr;
+            processes.0.push((Target::Websockify, child));
+            wait_for_port(addr);
+            Some(addr)
+        }
+        Err(_) => {
+            eprintln!("websockify not installed (Debian: apt-get install websockify); skipping it");
+            None
+        }
+    };
+    let pool = (0..tokens).map(|_| mint(&signer, far.port())).collect();
+    Setup {
+        far,
+        porthole: porthole_addr,
+        relay: relay_addr,
+        websockify,
+        tokens: std::sync::Mutex::new(pool),
+        signer,
+        processes,
+        sunk,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--relay") {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(relay(args[2].parse().unwrap(), args[3].parse().unwrap()));
+        return;
+    }
+    // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
+    let full = args.iter().any(|a| a == "--bench");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(run(full));
+}
+
+async fn run(full: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (secs, repeats, idle_counts, rate_secs) = if full {
+        (3.0, 3, vec![1000, 9000], 3.0)
+    } else {
+        (0.3, 1, vec![20], 0.3)
+    };
+    let s = Arc::new(setup(dir.path(), if full { 40_000 } else { 500 }).await);
+    let mut targets = vec![Target::Direct, Target::Porthole, Target::Relay];
+    if s.websockify.is_some() {
+        targets.push(Target::Websockify);
+    }
+    println!("# load tool ({})", if full { "full" } else { "smoke" });
+    println!("\n## throughput (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved");
+    println!(
+        "| direction | clients | frame | {} |",
+        targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|---|---|{}", "---|".repeat(targets.len()));
+    let grid: Vec<(bool, usize, usize)> = if full {
+        [true, false]
+            .into_iter()
+            .flat_map(|d| {
+                [1, 16, 64]
+                    .into_iter()
+                    .flat_map(move |c| [4096, 65536].into_iter().map(move |f| (d, c, f)))
+            })
+            .collect()
+    } else {
+        vec![(true, 1, 65536), (false, 1, 4096)]
+    };
+    for (down, clients, frame) in grid {
+        let mut results: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); targets.len()];
+        for r in 0..repeats {
+            // Rotate the order each round: this machine is noisy.
+            for k in 0..targets.len() {
+                let i = (k + r) % targets.len();
+                match throughput(&s, targets[i], down, clients, frame, secs).await {
+                    Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb)),
+                    Err(e) => panic!("{} throughput failed: {e}", targets[i].name()),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let cells: Vec<String> = results
+            .into_iter()
+            .map(|r| {
+                let mb = median(r.iter().map(|x| x.0).collect());
+                let cpu: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
+                if cpu.is_empty() {
+                    format!("{mb:.0}")
+                } else {
+                    format!("{mb:.0} ({:.2})", median(cpu))
+                }
+            })
+            .collect();
+        println!(
+            "| {} | {clients} | {} KiB | {} |",
+            if down { "down" } else { "up" },
+            frame / 1024,
+            cells.join(" | ")
+        );
+    }
+
+    println!("\n## round trip of a 32-byte message (µs, p50 / p99)");
+    for &t in &targets {
+        let (p50, p99) = latency(&s, t, if full { 5000 } else { 50 })
+            .await
+            .expect("latency");
+        println!("- {}: {p50:.0} / {p99:.0}", t.name());
+    }
+
+    println!("\n## new sessions per second (16 concurrent; Porthole checks an Ed25519 token each)");
+    for &t in &targets {
+        println!(
+            "- {}: {:.0}",
+            t.name(),
+            session_rate(&s, t, 16, rate_secs).await
+        );
+    }
+
+    println!("\n## resident memory per idle session (KiB)");
+    for &n in &idle_counts {
+        for &t in targets.iter().filter(|t| **t != Target::Direct) {
+            match idle_memory(&s, t, n).await {
+                Some((opened, kib)) => {
+                    println!("- {} at {n}: {kib:.1} ({opened} sessions opened)", t.name())
+                }
+                None => println!("- {} at {n}: n/a", t.name()),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    drop(s);
+    println!("\nload tool: ok");
+}
