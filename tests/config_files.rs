@@ -85,4 +85,14 @@ fn the_example_config_documents_a_valid_setup() {
     assert_eq!(config.tokens.keys.len(), 2);
     assert_eq!(config.allow.backends().len(), 1);
     assert!(config.issuance.is_some());
+    assert_eq!(
+        config.listen.allowed_origins,
+        [
+            "https://consoles.example.com",
+            "https://dashboard.example.com"
+        ]
+    );
+    assert_eq!(config.listen.public_extra.len(), 1);
+    assert!(config.listen.tls.is_some());
+    assert_eq!(config.websocket.max_sessions, 5000);
 }

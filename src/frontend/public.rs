@@ -15,9 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,10 +23,15 @@ use serde::Deserialize;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::config::{ListenConfig, WebConfig, WebSocketConfig};
+use crate::config::{ListenConfig, WebConfig};
 use crate::session::{OpenError, Sessions};
 use crate::token::{ConsoleType, RefusalReason, TokenValidator};
+use crate::transport::lazy_read::LazyRead;
 use crate::transport::ws_bridge::{self, BridgeOptions};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 /// What the public routes share.
 #[derive(Debug, Clone)]
@@ -38,7 +41,7 @@ pub struct PublicState {
     /// Starts sessions and tracks them.
     pub sessions: Arc<Sessions>,
     /// Limits and timers.
-    pub ws: WebSocketConfig,
+    pub ws: crate::config::WebSocketConfig,
     /// Origins and proxies.
     pub listen: Arc<ListenConfig>,
     /// Pages and client libraries.
@@ -196,7 +199,7 @@ async fn ws_endpoint(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
     let client = client_addr(peer, &headers, &s.listen);
     if let Err(why) = origin_allowed(&headers, &s.listen) {
@@ -212,7 +215,7 @@ async fn ws_endpoint(
         Ok(g) => g,
         Err(r) => return refusal_response(r.reason),
     };
-    let Ok(upgrade) = upgrade else {
+    let Some(handshake) = websocket_handshake(&headers) else {
         // A preflight: say what an upgrade would get, start nothing.
         return match s.sessions.would_open(&grant) {
             Ok(()) => (
@@ -247,31 +250,83 @@ async fn ws_endpoint(
         chunk_bytes: 64 * 1024,
     };
     let sessions = s.sessions.clone();
-    let upgrade = upgrade
-        .protocols(["binary"])
+    let config = WebSocketConfig::default()
         .read_buffer_size(ws.read_buffer_bytes)
         .write_buffer_size(ws.write_buffer_bytes)
         .max_write_buffer_size(ws.max_write_buffer_bytes)
-        .max_message_size(ws.max_message_bytes)
-        .max_frame_size(ws.max_frame_bytes);
-    upgrade
-        .on_failed_upgrade(|e| tracing::debug!("websocket upgrade failed: {e}"))
-        .on_upgrade(move |socket| {
-            let cancel = sessions.cancel.clone();
-            sessions.tracker.track_future(async move {
-                let started = std::time::Instant::now();
-                crate::metrics::session_started(kind.as_str());
-                tracing::info!(%client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
-                let (reason, traffic) = ws_bridge::bridge(socket, opened.backend, opts, cancel).await;
-                drop(opened.guards);
-                crate::metrics::session_ended(kind.as_str(), reason.as_str());
-                tracing::info!(
-                    %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
-                    bytes_up = traffic.up, bytes_down = traffic.down,
-                    secs = started.elapsed().as_secs_f64(), "session ended"
-                );
-            })
-        })
+        .max_message_size(Some(ws.max_message_bytes))
+        .max_frame_size(Some(ws.max_frame_bytes));
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let cancel = sessions.cancel.clone();
+    sessions.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%client, "websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        // Large reads from the socket, small ones for tungstenite, no buffer while idle.
+        let io = LazyRead::new(TokioIo::new(upgraded), 64 * 1024);
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let started = std::time::Instant::now();
+        crate::metrics::session_started(kind.as_str());
+        tracing::info!(%client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
+        let (reason, traffic) = ws_bridge::bridge(socket, opened.backend, opts, cancel).await;
+        drop(opened.guards);
+        crate::metrics::session_ended(kind.as_str(), reason.as_str());
+        tracing::info!(
+            %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
+            bytes_up = traffic.up, bytes_down = traffic.down,
+            secs = started.elapsed().as_secs_f64(), "session ended"
+        );
+    });
+    let mut response = (StatusCode::SWITCHING_PROTOCOLS, ()).into_response();
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&handshake.accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if handshake.binary {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("binary"),
+        );
+    }
+    response
+}
+
+/// What a valid WebSocket upgrade request (RFC 6455 §4.2.1) asks for.
+struct Handshake {
+    /// `Sec-WebSocket-Accept` for the response.
+    accept: String,
+    /// The client offered the `binary` subprotocol (spice-html5, websockify
+    /// clients); noVNC 1.3 offers none, and then none is answered.
+    binary: bool,
+}
+
+/// Checks the upgrade headers; `None` means this is not a WebSocket request.
+fn websocket_handshake(headers: &HeaderMap) -> Option<Handshake> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return None;
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION)?.as_bytes() != b"13" {
+        return None;
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY)?;
+    Some(Handshake {
+        accept: derive_accept_key(key.as_bytes()),
+        binary: has_token(header::SEC_WEBSOCKET_PROTOCOL, "binary"),
+    })
 }
 
 /// The console page for the token's type; a refused token gets a page saying so.

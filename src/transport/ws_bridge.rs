@@ -16,12 +16,14 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::session::CloseReason;
@@ -51,15 +53,23 @@ pub struct Traffic {
 /// How long a close frame may take to go out.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Most bytes queued toward the client between two flushes: enough to batch
+/// the messages one burst of console output makes, small enough to keep
+/// latency and memory low.
+const FLUSH_AFTER: usize = 256 * 1024;
+
 /// Runs the bridge until one side ends; returns why, and the bytes moved.
-pub async fn bridge(
-    socket: WebSocket,
+pub async fn bridge<S>(
+    socket: WebSocketStream<S>,
     backend: TcpStream,
     opts: BridgeOptions,
     cancel: CancellationToken,
-) -> (CloseReason, Traffic) {
+) -> (CloseReason, Traffic)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut sink, mut stream) = socket.split();
-    let (mut from_backend, mut to_backend) = backend.into_split();
+    let (from_backend, mut to_backend) = backend.into_split();
     // Shared by the futures below, which run in this one task; atomics only
     // because the task must be Send.
     let origin = Instant::now();
@@ -84,7 +94,7 @@ pub async fn bridge(
                     }
                     // Keepalive frames prove the client is there; they are not
                     // console activity, so they do not hold off the idle timeout.
-                    Ok(Message::Ping(_) | Message::Pong(_)) => heard(),
+                    Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => heard(),
                     Ok(Message::Text(_)) => return CloseReason::ProtocolError,
                     Ok(Message::Close(_)) => return CloseReason::ClientLeft,
                     Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
@@ -103,19 +113,33 @@ pub async fn bridge(
                         if ready.is_err() {
                             return CloseReason::BackendError;
                         }
-                        let mut buf = BytesMut::with_capacity(opts.chunk_bytes);
-                        match from_backend.read_buf(&mut buf).await {
-                            Ok(0) => return CloseReason::BackendClosed,
-                            Ok(n) => {
-                                touch();
-                                down.fetch_add(n as u64, Relaxed);
-                                match sink.send(Message::Binary(buf.freeze())).await {
-                                    Ok(()) => {}
-                                    Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
-                                    Err(_) => return CloseReason::ClientLeft,
+                        // Drain what the hypervisor has ready into messages, then
+                        // flush once: one burst of output, few system calls.
+                        let mut queued = 0;
+                        loop {
+                            let mut buf = BytesMut::with_capacity(opts.chunk_bytes);
+                            match from_backend.try_read_buf(&mut buf) {
+                                Ok(0) => {
+                                    let _ = sink.flush().await;
+                                    return CloseReason::BackendClosed;
                                 }
+                                Ok(n) => {
+                                    touch();
+                                    down.fetch_add(n as u64, Relaxed);
+                                    queued += n;
+                                    if let Err(e) = sink.feed(Message::Binary(buf.freeze())).await {
+                                        return send_error(&e);
+                                    }
+                                    if queued >= FLUSH_AFTER {
+                                        break;
+                                    }
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                                Err(_) => return CloseReason::BackendError,
                             }
-                            Err(_) => return CloseReason::BackendError,
+                        }
+                        if let Err(e) = sink.flush().await {
+                            return send_error(&e);
                         }
                     }
                     _ = tick(&mut ping) => {
@@ -172,7 +196,7 @@ pub async fn bridge(
     if reason != CloseReason::ClientLeft {
         let (code, text) = close_frame(reason);
         let frame = Message::Close(Some(CloseFrame {
-            code,
+            code: code.into(),
             reason: text.into(),
         }));
         let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(frame)).await;
@@ -211,17 +235,18 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
     }
 }
 
-/// Whether a WebSocket error is a size limit (message, frame or write buffer).
-fn is_capacity_error(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(t) = err.downcast_ref::<tungstenite::Error>() {
-            return matches!(
-                t,
-                tungstenite::Error::Capacity(_) | tungstenite::Error::WriteBufferFull(_)
-            );
-        }
-        source = err.source();
+fn send_error(e: &tungstenite::Error) -> CloseReason {
+    if is_capacity_error(e) {
+        CloseReason::LimitHit
+    } else {
+        CloseReason::ClientLeft
     }
-    false
+}
+
+/// Whether a WebSocket error is a size limit (message, frame or write buffer).
+fn is_capacity_error(e: &tungstenite::Error) -> bool {
+    matches!(
+        e,
+        tungstenite::Error::Capacity(_) | tungstenite::Error::WriteBufferFull(_)
+    )
 }

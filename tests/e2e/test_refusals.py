@@ -225,3 +225,10 @@ def test_the_console_page_says_why(porthole, backend):
     result = browser("status", f"{p.base}/console", 0)
     assert result["state"] == "refused", result
     assert backend.accepted == 0
+    # A console whose hypervisor does not answer: the page says unavailable.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    result = browser("status", p.mint("novnc", dead_port)["url"], 0)
+    assert result["state"] == "unavailable", result

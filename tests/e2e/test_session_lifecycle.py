@@ -133,3 +133,33 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
             assert ws.recv(timeout=10) == b"over ipv6"
     finally:
         assert p.gateway.stop() == 0
+
+
+def test_a_slow_upgrade_request_is_cut_at_its_deadline(tmp_path):
+    """Headers trickled byte by byte cannot hold a connection past the upgrade deadline."""
+    import socket
+    p = Porthole(tmp_path, websocket="upgrade_timeout_secs = 2")
+    try:
+        s = socket.create_connection(("127.0.0.1", p.public_port), timeout=30)
+        started = time.monotonic()
+        s.sendall(b"GET /vnc?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed = False
+        while time.monotonic() - started < 30:
+            try:
+                s.sendall(b"X")
+                data = s.recv(4096, socket.MSG_DONTWAIT)
+                if data == b"" or data.startswith(b"HTTP/1.1 408"):
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+        elapsed = time.monotonic() - started
+        assert closed, "the server kept a trickling request open"
+        assert elapsed >= 1.5, f"cut after {elapsed:.1f} s, before the 2 s deadline"
+        s.close()
+    finally:
+        assert p.gateway.stop() == 0

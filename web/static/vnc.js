@@ -9,12 +9,14 @@ const cad = document.getElementById('cad');
 let reconnects = 0;
 
 function connect() {
+  let connected = false;
   setStatus('connecting', 'Connecting…');
   const rfb = new RFB(screen, socketUrl('vnc'), { shared: true });
   rfb.scaleViewport = false;
   rfb.resizeSession = false;
   window.porthole = Object.assign(window.porthole ?? {}, { rfb });
   rfb.addEventListener('connect', () => {
+    connected = true;
     reconnects = 0;
     cad.disabled = false;
     setStatus('connected', 'Connected');
@@ -31,7 +33,12 @@ function connect() {
       return;
     }
     // The token still opens the console: a dropped connection reconnects,
-    // as noVNC's own page does, a few times.
+    // as noVNC's own page does, a few times. A socket that never opened with
+    // a good token means the hypervisor did not answer.
+    if (!connected && reconnects >= 1) {
+      setStatus('unavailable', refusedMessage('unavailable'));
+      return;
+    }
     if (!e.detail.clean && reconnects < 3) {
       reconnects += 1;
       setStatus('connecting', 'Reconnecting…');
