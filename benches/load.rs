@@ -666,6 +666,21 @@ async fn run(full: bool) {
         targets.push(Target::Websockify);
     }
     println!("# load tool ({})", if full { "full" } else { "smoke" });
+    // Memory first, while every proxy is fresh: freed-but-kept heap from the
+    // throughput runs would otherwise hide what idle sessions cost.
+    println!("\n## resident memory per idle session (KiB)");
+    for &n in &idle_counts {
+        for &t in targets.iter().filter(|t| **t != Target::Direct) {
+            match idle_memory(&s, t, n).await {
+                Some((opened, kib)) => {
+                    println!("- {} at {n}: {kib:.1} ({opened} sessions opened)", t.name())
+                }
+                None => println!("- {} at {n}: n/a", t.name()),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     println!("\n## throughput (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved");
     println!(
         "| direction | clients | frame | {} |",
@@ -738,18 +753,6 @@ async fn run(full: bool) {
         );
     }
 
-    println!("\n## resident memory per idle session (KiB)");
-    for &n in &idle_counts {
-        for &t in targets.iter().filter(|t| **t != Target::Direct) {
-            match idle_memory(&s, t, n).await {
-                Some((opened, kib)) => {
-                    println!("- {} at {n}: {kib:.1} ({opened} sessions opened)", t.name())
-                }
-                None => println!("- {} at {n}: n/a", t.name()),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
     drop(s);
     println!("\nload tool: ok");
 }

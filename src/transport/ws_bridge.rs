@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -82,23 +82,37 @@ where
 
     let reason = {
         let client_to_backend = async {
+            // Messages that are already decoded when one arrives go to the
+            // hypervisor in the same write: one system call per burst, not per
+            // message. The batch exists only during the burst.
+            let mut batch = BytesMut::new();
             while let Some(msg) = stream.next().await {
-                match msg {
-                    Ok(Message::Binary(data)) => {
-                        touch();
-                        heard();
-                        if to_backend.write_all(&data).await.is_err() {
-                            return CloseReason::BackendError;
+                let mut next = Some(msg);
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Ok(Message::Binary(data)) => {
+                            touch();
+                            heard();
+                            up.fetch_add(data.len() as u64, Relaxed);
+                            batch.extend_from_slice(&data);
                         }
-                        up.fetch_add(data.len() as u64, Relaxed);
+                        // Keepalive frames prove the client is there; they are not
+                        // console activity, so they do not hold off the idle timeout.
+                        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => heard(),
+                        Ok(Message::Text(_)) => return CloseReason::ProtocolError,
+                        Ok(Message::Close(_)) => return CloseReason::ClientLeft,
+                        Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
+                        Err(_) => return CloseReason::ClientLeft,
                     }
-                    // Keepalive frames prove the client is there; they are not
-                    // console activity, so they do not hold off the idle timeout.
-                    Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => heard(),
-                    Ok(Message::Text(_)) => return CloseReason::ProtocolError,
-                    Ok(Message::Close(_)) => return CloseReason::ClientLeft,
-                    Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
-                    Err(_) => return CloseReason::ClientLeft,
+                    if batch.len() < FLUSH_AFTER {
+                        next = stream.next().now_or_never().flatten();
+                    }
+                }
+                if !batch.is_empty() {
+                    if to_backend.write_all(&batch).await.is_err() {
+                        return CloseReason::BackendError;
+                    }
+                    batch = BytesMut::new();
                 }
             }
             CloseReason::ClientLeft
