@@ -163,3 +163,68 @@ def test_a_slow_upgrade_request_is_cut_at_its_deadline(tmp_path):
         s.close()
     finally:
         assert p.gateway.stop() == 0
+
+
+def raw_websocket(port, path):
+    """A bare WebSocket client on a socket: the frames Porthole sends, unfiltered."""
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def read_frame(s):
+    """(opcode, payload) of the next server frame (servers never mask)."""
+    def exact(n):
+        data = b""
+        while len(data) < n:
+            chunk = s.recv(n - len(data))
+            assert chunk, "connection closed"
+            data += chunk
+        return data
+    b0, b1 = exact(2)
+    length = b1 & 0x7F
+    if length == 126:
+        length = int.from_bytes(exact(2), "big")
+    elif length == 127:
+        length = int.from_bytes(exact(8), "big")
+    return b0 & 0x0F, exact(length)
+
+
+def test_pings_are_sent_on_quiet_sessions(tmp_path, backend):
+    p = Porthole(tmp_path, websocket="ping_interval_secs = 1")
+    try:
+        s = raw_websocket(p.public_port, f"/vnc?token={p.mint('novnc', backend.port)['token']}")
+        opcodes = [read_frame(s)[0] for _ in range(2)]
+        assert opcodes == [0x9, 0x9], opcodes  # two pings, nothing else, on a quiet console
+        s.close()
+    finally:
+        assert p.gateway.stop() == 0
+
+
+def test_the_hypervisor_closing_ends_the_session_with_its_own_code(porthole):
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def accept_then_close():
+        conn, _ = srv.accept()
+        conn.sendall(b"RFB 003.008\n")
+        conn.close()
+
+    threading.Thread(target=accept_then_close, daemon=True).start()
+    s = raw_websocket(porthole.public_port, f"/vnc?token={porthole.mint('novnc', srv.getsockname()[1])['token']}")
+    opcode, payload = read_frame(s)
+    assert (opcode, payload) == (0x2, b"RFB 003.008\n")
+    opcode, payload = read_frame(s)
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 4000, (opcode, payload)
+    assert payload[2:] == b"console closed by the hypervisor"
+    s.close()
+    srv.close()
