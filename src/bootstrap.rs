@@ -64,12 +64,12 @@ impl DevState {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         if !s.signing_key.exists() || !s.public_key.exists() || !s.jwks.exists() {
             let key = generate(KeyKind::Ed25519, DEV_KID)?;
-            write_private(&s.signing_key, key.private.expose())?;
+            write_private(&s.signing_key, key.private.expose(), true)?;
             write_public(&s.public_key, key.public_pem.as_deref().unwrap_or_default())?;
             write_public(&s.jwks, &serde_json::to_string_pretty(&key.jwks)?)?;
         }
         if !s.issuance_key.exists() {
-            write_private(&s.issuance_key, &random_token(24))?;
+            write_private(&s.issuance_key, &random_token(24), true)?;
         }
         if !s.ca_cert.exists() || !s.server_cert.exists() || !s.server_key.exists() {
             s.write_pki()?;
@@ -116,9 +116,9 @@ impl DevState {
         let server_key = KeyPair::generate()?;
         let cert = server.signed_by(&server_key, &issuer)?;
 
-        write_private(&self.ca_key, &ca_pem_key)?;
+        write_private(&self.ca_key, &ca_pem_key, true)?;
         write_public(&self.ca_cert, &issuer.pem())?;
-        write_private(&self.server_key, &server_key.serialize_pem())?;
+        write_private(&self.server_key, &server_key.serialize_pem(), true)?;
         write_public(&self.server_cert, &cert.pem())?;
         Ok(())
     }
@@ -157,9 +157,15 @@ fn write_public(path: &Path, content: &str) -> anyhow::Result<()> {
     std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+/// Writes a file only its owner can read (mode 0600); refuses to replace an
+/// existing one unless `overwrite`.
+pub(crate) fn write_private(path: &Path, content: &str, overwrite: bool) -> anyhow::Result<()> {
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    if overwrite {
+        options.write(true).create(true).truncate(true);
+    } else {
+        options.write(true).create_new(true);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;

@@ -471,7 +471,7 @@ fn keys_generate(kind: KeyKind, kid: &str, out: &Path) -> anyhow::Result<ExitCod
     if private_path.exists() {
         bail!("{} exists; not overwriting a key", private_path.display());
     }
-    write_private_file(&private_path, key.private.expose())?;
+    crate::bootstrap::write_private(&private_path, key.private.expose(), false)?;
     println!("private key:  {}", private_path.display());
     if let Some(public) = &key.public_pem {
         let p = out.join(format!("{kid}.pub.pem"));
@@ -485,21 +485,6 @@ fn keys_generate(kind: KeyKind, kid: &str, out: &Path) -> anyhow::Result<ExitCod
     }
     println!("algorithm:    {:?}\nkid:          {kid}", key.algorithm);
     Ok(ExitCode::SUCCESS)
-}
-
-fn write_private_file(path: &Path, content: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    options
-        .open(path)
-        .and_then(|mut f| f.write_all(content.as_bytes()))
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn config_check(file: &Path) -> anyhow::Result<ExitCode> {

@@ -165,31 +165,14 @@ where
             }
         };
         let idle = async {
-            let Some(limit) = opts.idle_timeout else {
-                return std::future::pending().await;
-            };
-            loop {
-                let deadline = origin + Duration::from_millis(last_activity.load(Relaxed)) + limit;
-                if Instant::now() >= deadline {
-                    return CloseReason::IdleTimeout;
-                }
-                tokio::time::sleep_until(deadline).await;
-            }
+            silence(origin, &last_activity, opts.idle_timeout).await;
+            CloseReason::IdleTimeout
         };
         // A client that answers no ping for three intervals is gone (a dead
         // NAT entry, a suspended laptop): end the session rather than hold it.
         let unresponsive = async {
-            let Some(every) = opts.ping_interval else {
-                return std::future::pending().await;
-            };
-            let limit = every * 3;
-            loop {
-                let deadline = origin + Duration::from_millis(last_heard.load(Relaxed)) + limit;
-                if Instant::now() >= deadline {
-                    return CloseReason::ClientUnresponsive;
-                }
-                tokio::time::sleep_until(deadline).await;
-            }
+            silence(origin, &last_heard, opts.ping_interval.map(|p| p * 3)).await;
+            CloseReason::ClientUnresponsive
         };
         let expiry = async {
             match opts.hard_end {
@@ -223,6 +206,21 @@ where
             down: down.load(Relaxed),
         },
     )
+}
+
+/// Returns once `limit` has passed since the instant `stamp` records (in
+/// milliseconds after `origin`); never, if there is no limit.
+async fn silence(origin: Instant, stamp: &AtomicU64, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let deadline = origin + Duration::from_millis(stamp.load(Relaxed)) + limit;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 async fn tick(ping: &mut Option<tokio::time::Interval>) {

@@ -6,7 +6,7 @@ import subprocess
 import threading
 import time
 
-from conftest import HERE, browser
+from support import HERE, browser
 from screen import differing_fraction, seabios_screen
 from websockets.sync.client import connect
 

@@ -5,7 +5,7 @@ import re
 import socket
 import time
 
-from conftest import browser
+from support import browser
 from harness import Gateway, free_port
 from screen import seabios_screen
 

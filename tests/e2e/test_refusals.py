@@ -11,7 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import AUDIENCE, ISSUER, Porthole, browser
+from support import AUDIENCE, ISSUER, Porthole, browser
 from harness import metric_value
 
 

@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import Porthole
+from support import Porthole
 from test_refusals import CountingBackend, ws_url
 
 

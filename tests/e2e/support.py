@@ -1,0 +1,70 @@
+"""End-to-end helpers: Porthole as a process with its own key, and Debian's
+Chromium driven by playwright-core (tests/e2e/browser.mjs)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "interop"))
+sys.path.insert(0, str(HERE))
+
+from harness import AUDIENCE, ISSUER, ROOT, Gateway, Key, free_port, run  # noqa: E402
+
+
+class Porthole:
+    """A running gateway with its own signing key, and a way to mint tokens for it."""
+
+    def __init__(self, tmp, websocket="", listen_extra="", scheme="http"):
+        self.key = Key(tmp, "EdDSA", "e2e")
+        self.public_port = free_port()
+        self.admin_port = free_port()
+        self.base = f"{scheme}://127.0.0.1:{self.public_port}"
+        config = tmp / "porthole.toml"
+        config.write_text(f"""
+[listen]
+public = "127.0.0.1:{self.public_port}"
+admin = "127.0.0.1:{self.admin_port}"
+public_base_url = "{self.base}"
+{listen_extra}
+[tokens]
+issuers = ["{ISSUER}"]
+audiences = ["{AUDIENCE}"]
+
+{self.key.config_entry()}
+
+[websocket]
+{websocket}
+
+[web]
+root = "{ROOT / 'web'}"
+
+[[backends]]
+name = "loopback"
+networks = ["127.0.0.0/8"]
+ports = ["1024-65535"]
+""")
+        self.gateway = Gateway(["--config", str(config)], tmp / "porthole.log", admin_port=self.admin_port)
+
+    def mint(self, console, port, ttl=120, host="127.0.0.1"):
+        out = run("token", "mint", "--key", str(self.key.private), "--kid", self.key.kid, "--type", console,
+                  "--instance", "e2e-vm", "--host", host, "--port", str(port), "--ttl", str(ttl),
+                  "--issuer", ISSUER, "--audience", AUDIENCE, "--base-url", self.base, "--json").stdout
+        return json.loads(out)
+
+    def log(self):
+        return self.gateway.output()
+
+    def metrics(self):
+        from harness import http
+        return http("GET", f"http://127.0.0.1:{self.admin_port}/metrics")[1]
+
+
+def browser(*args, timeout=90):
+    """Runs browser.mjs; returns its JSON result."""
+    p = subprocess.run(["node", str(HERE / "browser.mjs"), *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, cwd=HERE)
+    if p.returncode != 0:
+        raise AssertionError(f"browser.mjs failed:\n{p.stdout}\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
