@@ -9,16 +9,22 @@
 //! - [`token`]: signed console tokens in, a [`token::Grant`] or a named refusal out; keys,
 //!   signing, and the `jti` reuse store.
 //! - [`hypervisor`]: console targets and the operator's allow-list of hypervisor networks.
+//! - [`protocol`]: sans-IO wire formats (SPICE link messages so far): bytes in, values out.
+//! - [`session`]: one console connection: slot, token redemption, console claim, connect.
+//! - [`transport`]: listeners (plain/TLS), the lazily buffered socket reader, the WebSocket bridge.
 //! - [`issuance`]: minting tokens for API servers that hold no signing key.
-//! - [`frontend`]: how requests arrive (the admin listener today).
+//! - [`frontend`]: how requests arrive: the public listener (pages, WebSockets) and the admin one.
+//! - [`demo`]: the throwaway QEMU VM started on embedded defaults.
 //! - [`config`]: the TOML file, parsed raw and validated into a ready [`config::Config`].
 //! - [`bootstrap`]: first-start development material for running on embedded defaults.
 //! - [`app`]: the composition root: builds state, binds listeners, owns shutdown.
 //! - [`cli`]: the `porthole` command line.
 //! - Leaves: [`error`] (blame), [`metrics`], [`secret`] (redaction), [`shutdown`].
 //!
-//! Dependency rule: `cli → app → frontend → {issuance, token}`; `token → hypervisor`;
-//! every module may use the leaves. `hypervisor` imports nothing else of ours.
+//! Dependency rule: `cli → app → frontend → {session, issuance, token}`;
+//! `session → {token, transport}`; `token → hypervisor`; every module may use
+//! the leaves. `hypervisor` and `protocol` import nothing else of ours
+//! (`grep -r "tokio\|axum" src/protocol` stays empty).
 
 pub mod app;
 pub mod bootstrap;
@@ -30,6 +36,7 @@ pub mod frontend;
 pub mod hypervisor;
 pub mod issuance;
 pub mod metrics;
+pub mod protocol;
 pub mod secret;
 pub mod session;
 pub mod shutdown;
