@@ -1,7 +1,7 @@
 //! Sans-IO protocol machinery: bytes in, values (and later decisions) out.
 //!
 //! Nothing here does I/O, reads a clock, or uses a global random source; no
-//! tokio, no sockets. Parsers take the bytes received so far and answer
+//! async runtime, no sockets. Parsers take the bytes received so far and answer
 //! [`WireError::Incomplete`] until a whole message is there, so any chunking of
 //! the input (one byte at a time included) gives the same result. Every length
 //! or count read from the wire is checked against a named cap before anything
