@@ -265,6 +265,7 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             app.rebuild_issuer()?;
         }
         tracing::info!(admin = %admin_addr, public = ?public_addrs, keys = ?app.validator.kids(), "porthole is up");
+        warn_missing_clients(&app.config.web);
         let want_demo = o.demo.unwrap_or(dev.is_some());
         let demo = if !want_demo {
             None
@@ -327,6 +328,25 @@ Open the console URL it returns in a browser.
         cert = dev.server_cert.display(),
         bearer = dev.issuance_key.display(),
     );
+}
+
+/// The pages load their client libraries from packages; say which are missing.
+fn warn_missing_clients(web: &crate::config::WebConfig) {
+    if !web.root.join("pages").is_dir() {
+        tracing::warn!("no console pages in {} (set web.root)", web.root.display());
+    }
+    if !web.novnc_dir.join("core/rfb.js").is_file() {
+        tracing::warn!(
+            "noVNC not found in {}: VNC pages will not load (Debian: apt-get install novnc)",
+            web.novnc_dir.display()
+        );
+    }
+    if !web.xterm_dir.join("lib/xterm.mjs").is_file() {
+        tracing::warn!(
+            "xterm.js not found in {}: serial pages will not load (run `npm ci` in web/)",
+            web.xterm_dir.display()
+        );
+    }
 }
 
 fn print_demo_urls(app: &App, vm: &crate::demo::DemoVm) {
