@@ -186,13 +186,7 @@ impl Sessions {
         }
         self.redemptions
             .would_redeem(&grant.jti, self.tokens.reuse_for(grant.console), None)
-            .map_err(|e| {
-                OpenError::Refused(Refusal {
-                    reason: e.reason,
-                    detail: e.detail.to_string(),
-                    jti: Some(grant.jti.clone()),
-                })
-            })?;
+            .map_err(|e| OpenError::Refused(e.refusal(&grant.jti)))?;
         let key = (grant.target.host.clone(), grant.target.port);
         if grant.console == ConsoleType::Serial
             && self
@@ -230,13 +224,8 @@ impl Sessions {
             unix_now(),
         )
         .map_err(|e| {
-            let refusal = Refusal {
-                reason: e.reason,
-                detail: e.detail.to_string(),
-                jti: Some(grant.jti.clone()),
-            };
-            crate::metrics::token_refused(refusal.reason);
-            tracing::info!(reason = refusal.reason.as_str(), detail = e.detail, jti = %grant.jti, "token refused");
+            let refusal = e.refusal(&grant.jti);
+            crate::token::record_refusal(&refusal);
             OpenError::Refused(refusal)
         })?;
         let claim = if grant.console == ConsoleType::Serial {

@@ -451,7 +451,8 @@ fn map_jwt_error(kind: &ErrorKind) -> Refusal {
     Refusal::new(reason, detail)
 }
 
-fn record_refusal(refusal: &Refusal) {
+/// Logs and counts a refusal; every refused token goes through here once.
+pub(crate) fn record_refusal(refusal: &Refusal) {
     crate::metrics::token_refused(refusal.reason);
     tracing::info!(
         reason = refusal.reason.as_str(),

@@ -37,6 +37,17 @@ pub struct RedeemError {
     pub detail: &'static str,
 }
 
+impl RedeemError {
+    /// The refusal of token `jti` this stands for.
+    pub fn refusal(&self, jti: &str) -> super::Refusal {
+        super::Refusal {
+            reason: self.reason,
+            detail: self.detail.to_string(),
+            jti: Some(jti.to_string()),
+        }
+    }
+}
+
 /// Storage for token redemptions. Implementations must be safe to call from
 /// many sessions at once and must never block for long (no network I/O
 /// without a deadline).

@@ -9,7 +9,7 @@ import time
 
 import jwt
 
-from harness import (AUDIENCE, ISSUER, Gateway, Key, free_port, http, run,
+from harness import (AUDIENCE, ISSUER, Gateway, Key, free_port, http, metric_value, run,
                       write_config)
 
 BEARER = "interop-bearer-key-0123456789"
@@ -63,12 +63,6 @@ def test_embedded_defaults_bring_up_a_working_gateway(tmp_path):
     assert run("token", "inspect", token, env=env).returncode == 0
 
 
-def metric(text, name, **labels):
-    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf"^{re.escape(name)}{{{re.escape(label)}}} (\d+)$", text, re.M)
-    return int(m.group(1)) if m else None
-
-
 def test_issuance_api_refusals_counters_reload_and_shutdown(tmp_path):
     old = Key(tmp_path, "EdDSA", "old")
     new = Key(tmp_path, "ES256", "new")
@@ -116,10 +110,10 @@ ttl_secs = 60
         assert check(forged)["reason"] == "wrong_algorithm"
         assert check(token[:-4] + "AAAA")["reason"] == "bad_signature"
         metrics = http("GET", gw.admin + "/metrics")[1]
-        assert metric(metrics, "porthole_token_refusals_total", reason="wrong_console_type") == 1
-        assert metric(metrics, "porthole_token_refusals_total", reason="bad_signature") == 1
-        assert metric(metrics, "porthole_token_refusals_total", reason="expired") == 0
-        assert metric(metrics, "porthole_tokens_issued_total", console="spice-html5") == 1
+        assert metric_value(metrics, "porthole_token_refusals_total", reason="wrong_console_type") == 1
+        assert metric_value(metrics, "porthole_token_refusals_total", reason="bad_signature") == 1
+        assert metric_value(metrics, "porthole_token_refusals_total", reason="expired") == 0
+        assert metric_value(metrics, "porthole_tokens_issued_total", console="spice-html5") == 1
 
         # Rotation without restart: publish the new key, SIGHUP, both work.
         new_token = jwt.encode(dict(claims, jti="n1"), new.signing_key(), algorithm="ES256", headers={"kid": "new"})

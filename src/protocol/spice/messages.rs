@@ -225,6 +225,14 @@ fn clear(words: &mut [u32], bit: u32) {
     }
 }
 
+/// Inside a complete body, running out of bytes is malformed, not `Incomplete`.
+fn short_body(what: &'static str) -> impl Fn(WireError) -> WireError + Copy {
+    move |e| match e {
+        WireError::Incomplete => WireError::Invalid(what),
+        e => e,
+    }
+}
+
 /// Decodes a header and the body it announces from the front of `buf`:
 /// `Incomplete` until all of it is there; returns the header, the body and
 /// the bytes consumed.
@@ -257,10 +265,7 @@ impl LinkMess {
     pub fn decode(buf: &[u8]) -> Result<(Self, usize), WireError> {
         let (_, body, used) = framed(buf)?;
         let mut r = Reader::new(body);
-        let fixed = |e| match e {
-            WireError::Incomplete => WireError::Invalid("link message shorter than its fixed part"),
-            e => e,
-        };
+        let fixed = short_body("link message shorter than its fixed part");
         let connection_id = r.u32_le().map_err(fixed)?;
         let channel_type = r.u8().map_err(fixed)?;
         let channel_id = r.u8().map_err(fixed)?;
@@ -321,17 +326,12 @@ impl LinkReply {
     pub fn decode(buf: &[u8]) -> Result<(Self, usize), WireError> {
         let (_, body, used) = framed(buf)?;
         let mut r = Reader::new(body);
-        let short = |_| WireError::Invalid("link reply shorter than its fixed part");
+        let short = short_body("link reply shorter than its fixed part");
         let error = r.u32_le().map_err(short)?;
         let mut public_key = [0u8; PUBKEY_LEN];
         public_key.copy_from_slice(r.take(PUBKEY_LEN).map_err(short)?);
         let caps = if error == 0 {
-            Caps::decode(body, r.position()).map_err(|e| match e {
-                WireError::Incomplete => {
-                    WireError::Invalid("link reply shorter than its fixed part")
-                }
-                e => e,
-            })?
+            Caps::decode(body, r.position()).map_err(short)?
         } else {
             Caps::default()
         };
