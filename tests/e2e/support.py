@@ -3,8 +3,10 @@ Chromium driven by playwright-core (tests/e2e/browser.mjs)."""
 
 import json
 import pathlib
+import socket
 import subprocess
 import sys
+import threading
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "interop"))
@@ -68,3 +70,56 @@ def browser(*args, timeout=90):
     if p.returncode != 0:
         raise AssertionError(f"browser.mjs failed:\n{p.stdout}\n{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+class EchoBackend:
+    """A TCP backend on a free port that counts connections and echoes.
+
+    Its accept thread polls a stop flag and is joined before the socket is
+    closed: a thread still blocked on a closed socket's descriptor number
+    would otherwise accept on whichever socket reuses that number next (one
+    test's backend stealing the next test's connections)."""
+
+    def __init__(self):
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.srv.settimeout(0.1)
+        self.port = self.srv.getsockname()[1]
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def accepted(self):
+        with self._lock:
+            return self._accepted
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            with self._lock:
+                self._accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn):
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.srv.close()

@@ -3,10 +3,9 @@ noVNC and xterm.js in headless Chromium, and a plain WebSocket client."""
 
 import json
 import subprocess
-import threading
 import time
 
-from support import HERE, browser
+from support import HERE, EchoBackend, browser
 from screen import differing_fraction, seabios_screen
 from websockets.sync.client import connect
 
@@ -90,36 +89,10 @@ def test_serial_console_in_xterm_page_and_plain_websocket(porthole, vm, tmp_path
         assert b"SeaBIOS" in seen
 
 
-def echo_server():
-    """A TCP echo backend on a free port; counts connections."""
-    import socket
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    state = {"accepted": 0}
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            state["accepted"] += 1
-
-            def echo(c=conn):
-                with c:
-                    while data := c.recv(65536):
-                        c.sendall(data)
-            threading.Thread(target=echo, daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, srv.getsockname()[1], state
-
-
 def test_every_byte_value_passes_unchanged_both_ways(porthole):
-    srv, port, _ = echo_server()
+    backend = EchoBackend()
     try:
-        minted = porthole.mint("serial", port)
+        minted = porthole.mint("serial", backend.port)
         url = f"ws://127.0.0.1:{porthole.public_port}/serial?token={minted['token']}"
         payload = bytes(range(256)) * 256  # 64 KiB, every byte value
         with connect(url, open_timeout=10, max_size=None) as ws:
@@ -130,14 +103,14 @@ def test_every_byte_value_passes_unchanged_both_ways(porthole):
                 got += ws.recv(timeout=20)
         assert got == payload
     finally:
-        srv.close()
+        backend.close()
 
 
 def test_a_second_serial_viewer_is_told_busy(porthole):
-    srv, port, state = echo_server()
+    backend = EchoBackend()
     try:
-        first = porthole.mint("serial", port)
-        second = porthole.mint("serial", port)
+        first = porthole.mint("serial", backend.port)
+        second = porthole.mint("serial", backend.port)
         base = f"ws://127.0.0.1:{porthole.public_port}/serial?token="
         with connect(base + first["token"], open_timeout=10) as ws:
             ws.send(b"ping")
@@ -149,7 +122,7 @@ def test_a_second_serial_viewer_is_told_busy(porthole):
             except InvalidStatus as e:
                 assert e.response.status_code == 409
                 assert b"busy" in e.response.body
-            assert state["accepted"] == 1, "the busy viewer never reached the console"
+            assert backend.accepted == 1, "the busy viewer never reached the console"
             # The page says so too.
             result = browser("status", second["url"], 0)
             assert result["state"] == "busy", result
@@ -158,4 +131,4 @@ def test_a_second_serial_viewer_is_told_busy(porthole):
             ws.send(b"again")
             assert ws.recv(timeout=10) == b"again"
     finally:
-        srv.close()
+        backend.close()

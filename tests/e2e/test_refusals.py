@@ -11,46 +11,13 @@ import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
-from support import AUDIENCE, ISSUER, Porthole, browser
+from support import AUDIENCE, ISSUER, EchoBackend, Porthole, browser
 from harness import metric_value
-
-
-class CountingBackend:
-    """Accepts TCP connections and counts them; echoes what it gets."""
-
-    def __init__(self):
-        self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(16)
-        self.port = self.srv.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn):
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def close(self):
-        self.srv.close()
 
 
 @pytest.fixture
 def backend():
-    b = CountingBackend()
+    b = EchoBackend()
     yield b
     b.close()
 

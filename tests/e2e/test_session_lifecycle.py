@@ -13,13 +13,13 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from support import Porthole
-from test_refusals import CountingBackend, ws_url
+from support import EchoBackend, Porthole
+from test_refusals import ws_url
 
 
 @pytest.fixture
 def backend():
-    b = CountingBackend()
+    b = EchoBackend()
     yield b
     b.close()
 
