@@ -8,6 +8,8 @@
 //! is sized from it. No input makes a parser panic.
 
 pub mod spice;
+#[cfg(test)]
+pub(crate) mod transcript;
 
 /// Why bytes could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -90,6 +90,44 @@ pub mod common_cap {
     pub const MINI_HEADER: u32 = 3;
 }
 
+/// Main channel capability bits.
+pub mod main_cap {
+    /// Semi-seamless migration (never passed through a proxy).
+    pub const SEMI_SEAMLESS_MIGRATE: u32 = 0;
+    /// NAME and UUID messages.
+    pub const NAME_AND_UUID: u32 = 1;
+    /// AGENT_CONNECTED_TOKENS.
+    pub const AGENT_CONNECTED_TOKENS: u32 = 2;
+    /// Seamless migration (never passed through a proxy).
+    pub const SEAMLESS_MIGRATE: u32 = 3;
+}
+
+/// Display channel capability bits.
+pub mod display_cap {
+    /// Sized streams.
+    pub const SIZED_STREAM: u32 = 0;
+    /// Monitors configuration.
+    pub const MONITORS_CONFIG: u32 = 1;
+    /// Composite drawing.
+    pub const COMPOSITE: u32 = 2;
+    /// A8 surfaces.
+    pub const A8_SURFACE: u32 = 3;
+    /// Stream reports.
+    pub const STREAM_REPORT: u32 = 4;
+    /// LZ4 compression.
+    pub const LZ4_COMPRESSION: u32 = 5;
+    /// Preferred compression.
+    pub const PREF_COMPRESSION: u32 = 6;
+    /// GL scanout over a local unix socket: never through a proxy.
+    pub const GL_SCANOUT: u32 = 7;
+    /// Several video codecs.
+    pub const MULTI_CODEC: u32 = 8;
+    /// MJPEG video.
+    pub const CODEC_MJPEG: u32 = 9;
+    /// Preferred video codec type.
+    pub const PREF_VIDEO_CODEC_TYPE: u32 = 12;
+}
+
 /// The 16-byte link header that precedes every link message, both ways.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkHeader {
@@ -391,68 +429,7 @@ pub fn fuzz_link(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Hex with spaces, newlines and `#` comments, as transcripts are written.
-    fn hex(annotated: &str) -> Vec<u8> {
-        let digits: String = annotated
-            .lines()
-            .map(|l| l.split('#').next().unwrap_or(""))
-            .collect::<String>()
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
-    }
-
-    /// Feeds `bytes` as a peer would send them, in the given cut points, and
-    /// returns what the decoder answers once it stops saying `Incomplete`.
-    fn feed<T>(
-        bytes: &[u8],
-        cuts: &[usize],
-        decode: impl Fn(&[u8]) -> Result<T, WireError>,
-    ) -> Result<T, WireError> {
-        let mut received = Vec::new();
-        let mut start = 0;
-        for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
-            received.extend_from_slice(&bytes[start..end]);
-            start = end;
-            match decode(&received) {
-                Err(WireError::Incomplete) => continue,
-                other => return other,
-            }
-        }
-        Err(WireError::Incomplete)
-    }
-
-    /// Whole, byte by byte, and in pseudo-random splits: the same answer.
-    fn in_every_split<T: PartialEq + std::fmt::Debug>(
-        bytes: &[u8],
-        decode: impl Fn(&[u8]) -> Result<T, WireError> + Copy,
-    ) -> Result<T, WireError> {
-        let whole = feed(bytes, &[], decode);
-        let one_by_one: Vec<usize> = (1..bytes.len()).collect();
-        assert_eq!(feed(bytes, &one_by_one, decode), whole, "byte by byte");
-        let mut seed = 0x9e37_79b9_u32;
-        for _ in 0..50 {
-            let mut cuts = Vec::new();
-            let mut at = 0;
-            loop {
-                seed ^= seed << 13;
-                seed ^= seed >> 17;
-                seed ^= seed << 5;
-                at += 1 + (seed as usize % 23);
-                if at >= bytes.len() {
-                    break;
-                }
-                cuts.push(at);
-            }
-            assert_eq!(feed(bytes, &cuts, decode), whole, "split at {cuts:?}");
-        }
-        whole
-    }
+    use crate::protocol::transcript::{hex, in_every_split};
 
     /// remote-viewer's main channel link message, as spice-gtk sends it.
     const MAIN_LINK: &str = "

@@ -1,0 +1,65 @@
+"""A real SPICE client for the end-to-end tests: spice-gtk's spicy-screenshot
+(package spice-client-gtk). It needs no X display: it links the main and
+display channels (and usbredir, if offered), waits for the primary surface
+and writes it as PPM; we convert that to PNG."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+from PIL import Image
+
+SPICY_SCREENSHOT = "spicy-screenshot"
+
+# spice-gtk's SpiceChannelEvent, as spicy-screenshot prints it ("main channel event: 23").
+CHANNEL_EVENTS = {"20": "ERROR_CONNECT", "21": "ERROR_TLS", "22": "ERROR_LINK", "23": "ERROR_AUTH (password)",
+                  "24": "ERROR_IO"}
+
+
+def spicy_capture(out_png, host, password, port=None, tls_port=None, ca_file=None, timeout=60, debug=False):
+    """Takes one screenshot over SPICE and saves it as PNG; returns its path.
+
+    port: the plain port; tls_port: the TLS port (ca_file: the CA PEM to trust,
+    passed as SSL_CERT_FILE since spicy-screenshot has no CA option; it also
+    checks the host name against the certificate). With both ports given,
+    spice-gtk links over the plain port. The password travels on the command
+    line (fine for tests). debug=True sets SPICE_DEBUG=1 (channel links on
+    stderr, kept in OUT.log). Raises AssertionError with spicy-screenshot's
+    stderr if it fails or times out."""
+    if shutil.which(SPICY_SCREENSHOT) is None:
+        raise AssertionError(f"{SPICY_SCREENSHOT} is not installed: scripts/test installs spice-client-gtk")
+    if port is None and tls_port is None:
+        raise ValueError("spicy_capture needs port or tls_port")
+    out_png = pathlib.Path(out_png)
+    ppm = out_png.with_suffix(".ppm")
+    ppm.unlink(missing_ok=True)
+    cmd = [SPICY_SCREENSHOT, "-h", host]
+    if port is not None:
+        cmd += ["-p", str(port)]
+    if tls_port is not None:
+        cmd += ["-s", str(tls_port)]
+    cmd += ["-w", password, "-o", str(ppm)]
+    env = dict(os.environ)
+    env.pop("DISPLAY", None)  # proves it needs none
+    if ca_file is not None:
+        env["SSL_CERT_FILE"] = str(ca_file)
+    if debug:
+        env["SPICE_DEBUG"] = "1"
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"spicy-screenshot {host} port={port} tls_port={tls_port}: no screen within "
+                             f"{timeout} s:\n{stderr[-4000:]}") from None
+    if debug:
+        out_png.with_suffix(".log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0 or not ppm.exists():
+        events = [name for code, name in CHANNEL_EVENTS.items() if f"channel event: {code}" in p.stderr]
+        raise AssertionError(f"spicy-screenshot {host} port={port} tls_port={tls_port} exited "
+                             f"{p.returncode} {' '.join(events)}:\n{p.stderr[-4000:]}")
+    with Image.open(ppm) as img:
+        img.convert("RGB").save(out_png)
+    ppm.unlink()
+    return out_png
