@@ -219,7 +219,7 @@ impl ClientLink {
 pub enum ServerStep {
     /// Its link reply: encrypt the hypervisor's ticket to `public_key` and
     /// send [`ServerLink::ticket`].
-    Replied(LinkReply),
+    Replied(Box<LinkReply>),
     /// It refused the link (`NEED_SECURED` means: use the TLS port).
     Refused(u32),
     /// The link result after the ticket; 0 is success.
@@ -277,7 +277,7 @@ impl ServerLink {
                         return Ok(Some(ServerStep::Refused(reply.error)));
                     }
                     self.state = ServerState::AwaitTicket;
-                    Ok(Some(ServerStep::Replied(reply)))
+                    Ok(Some(ServerStep::Replied(Box::new(reply))))
                 }
                 Err(WireError::Incomplete) => Ok(None),
                 Err(e) => Err(LinkFailure::wire(e)),
