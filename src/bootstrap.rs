@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::config::{RawBackend, RawConfig, RawIssuance, RawKey};
+use crate::config::{DEFAULT_SPICE_TLS_ADDR, RawBackend, RawConfig, RawIssuance, RawKey, RawSpiceBackend};
 use crate::token::signing::{KeyKind, generate, random_token};
 
 /// The key id of the development signing key.
@@ -41,6 +41,8 @@ pub struct DevState {
     pub server_cert: PathBuf,
     /// Server private key.
     pub server_key: PathBuf,
+    /// The SPICE ticket the demo VM is given, and Porthole presents to it.
+    pub demo_spice_password: PathBuf,
 }
 
 impl DevState {
@@ -55,6 +57,7 @@ impl DevState {
             ca_key: dir.join("dev-ca.key"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
+            demo_spice_password: dir.join("demo-spice-password"),
         }
     }
 
@@ -70,6 +73,9 @@ impl DevState {
         }
         if !s.issuance_key.exists() {
             write_private(&s.issuance_key, &random_token(24), true)?;
+        }
+        if !s.demo_spice_password.exists() {
+            write_private(&s.demo_spice_password, &random_token(12), true)?;
         }
         if !s.ca_cert.exists() || !s.server_cert.exists() || !s.server_key.exists() {
             s.write_pki()?;
@@ -148,7 +154,16 @@ impl DevState {
             networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             hostnames: vec!["localhost".into()],
             ports: Some(vec!["1024-65535".into()]),
+            spice: Some(RawSpiceBackend {
+                password_file: Some(self.demo_spice_password.clone()),
+                ..RawSpiceBackend::default()
+            }),
         });
+        // Native SPICE clients: TLS with the development certificate.
+        raw.spice.listen_tls = Some(DEFAULT_SPICE_TLS_ADDR.into());
+        raw.spice.tls_cert = Some(self.server_cert.clone());
+        raw.spice.tls_key = Some(self.server_key.clone());
+        raw.spice.ca = Some(self.ca_cert.clone());
         raw
     }
 }

@@ -24,6 +24,9 @@ pub const DEFAULT_PUBLIC_ADDR: &str = "127.0.0.1:6080";
 /// The default admin listener: loopback only.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:6090";
 
+/// Where the native SPICE TLS listener binds on embedded defaults.
+pub const DEFAULT_SPICE_TLS_ADDR: &str = "127.0.0.1:6084";
+
 /// The file as written. Field docs give the defaults.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +51,50 @@ pub struct RawConfig {
     /// Console pages and client libraries.
     #[serde(default)]
     pub web: RawWeb,
+    /// SPICE: the native-client listener and ticket exchange.
+    #[serde(default)]
+    pub spice: RawSpice,
+}
+
+/// `[spice]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpice {
+    /// TLS listener for native SPICE clients (spice-direct). Off when absent.
+    pub listen_tls: Option<String>,
+    /// Plain listener that answers every link with NEED_SECURED. Off when absent.
+    pub listen_plain: Option<String>,
+    /// Certificate chain and key of the TLS listener. Default: `listen.tls_cert`/`tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// See `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that clients are told to trust in connection details.
+    pub ca: Option<PathBuf>,
+    /// The certificate's subject as virt-viewer's `host-subject` wants it.
+    pub host_subject: Option<String>,
+    /// Host name clients connect to. Default: the public base URL's host.
+    pub public_host: Option<String>,
+    /// TLS port clients connect to (behind NAT). Default: the listener's port.
+    pub public_tls_port: Option<u16>,
+    /// Seconds a fresh ticket may wait for its first link. Default 120.
+    pub ticket_ttl_secs: Option<u64>,
+    /// Deadline for a channel's TLS and link handshake, seconds. Default 10.
+    pub handshake_timeout_secs: Option<u64>,
+    /// How often a new RSA link key replaces the oldest, seconds. Default 30.
+    pub key_rotation_secs: Option<u64>,
+}
+
+/// `[backends.spice]`: what Porthole presents to the SPICE servers of a backend network.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpiceBackend {
+    /// File holding the SPICE ticket (password) the hypervisors expect. Absent: none.
+    pub password_file: Option<PathBuf>,
+    /// CA (PEM) that signs the hypervisors' SPICE TLS certificates. Without
+    /// it Porthole uses the plain port only.
+    pub ca: Option<PathBuf>,
+    /// Name to check in the hypervisor's certificate. Default: the token's host.
+    pub tls_name: Option<String>,
 }
 
 /// `[listen]`.
@@ -200,11 +247,53 @@ pub struct RawBackend {
     pub hostnames: Vec<String>,
     /// Console port ranges, e.g. `"5900-6923"`. Default `["5900-65535"]`.
     pub ports: Option<Vec<String>>,
+    /// SPICE credentials for this network.
+    pub spice: Option<RawSpiceBackend>,
+}
+
+/// `[spice]`, validated.
+#[derive(Debug, Clone)]
+pub struct SpiceConfig {
+    /// Native TLS listener, if on.
+    pub listen_tls: Option<SocketAddr>,
+    /// NEED_SECURED-only plain listener, if on.
+    pub listen_plain: Option<SocketAddr>,
+    /// Certificate chain and key of the TLS listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA clients are told to trust.
+    pub ca: Option<PathBuf>,
+    /// `host-subject` for clients.
+    pub host_subject: Option<String>,
+    /// Host clients connect to.
+    pub public_host: String,
+    /// TLS port clients connect to, when it differs from the listener's.
+    pub public_tls_port: Option<u16>,
+    /// Unused tickets die after this long.
+    pub ticket_ttl_secs: u64,
+    /// Deadline for a channel's handshakes.
+    pub handshake_timeout: Duration,
+    /// RSA link key rotation period.
+    pub key_rotation: Duration,
+}
+
+/// SPICE credentials of one backend network (paths; loaded at start).
+#[derive(Debug, Clone, Default)]
+pub struct SpiceBackendConfig {
+    /// Ticket file.
+    pub password_file: Option<PathBuf>,
+    /// CA of the hypervisors' TLS ports.
+    pub ca: Option<PathBuf>,
+    /// Name checked in their certificates.
+    pub tls_name: Option<String>,
 }
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// SPICE listener and tickets.
+    pub spice: SpiceConfig,
+    /// SPICE credentials by backend network name.
+    pub spice_backends: std::collections::HashMap<String, SpiceBackendConfig>,
     /// Folder for first-start material.
     pub state_dir: PathBuf,
     /// Listeners.
@@ -804,6 +893,7 @@ impl RawConfig {
         });
 
         let mut backends = Vec::new();
+        let mut spice_backends = std::collections::HashMap::new();
         for (i, b) in self.backends.into_iter().enumerate() {
             let key = format!("backends[{i}]");
             let name = b.name.unwrap_or_else(|| format!("backend-{i}"));
@@ -835,6 +925,21 @@ impl RawConfig {
                     Err(e) => issues.push(format!("{key}.ports[{j}]"), e),
                 }
             }
+            if let Some(sp) = b.spice {
+                if let Some(name) = sp.tls_name.as_deref()
+                    && rustls::pki_types::ServerName::try_from(name).is_err()
+                {
+                    issues.push(format!("{key}.spice.tls_name"), format!("`{name}` is not a DNS name or IP address"));
+                }
+                spice_backends.insert(
+                    name.clone(),
+                    SpiceBackendConfig {
+                        password_file: sp.password_file.map(|p| resolve(&p)),
+                        ca: sp.ca.map(|p| resolve(&p)),
+                        tls_name: sp.tls_name,
+                    },
+                );
+            }
             backends.push(BackendNetwork {
                 name,
                 networks,
@@ -843,10 +948,66 @@ impl RawConfig {
             });
         }
 
+        let sp = self.spice;
+        let mut spice_addr = |key: &str, v: Option<String>| {
+            v.and_then(|text| match text.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    issues.push(key, format!("`{text}` is not an address:port"));
+                    None
+                }
+            })
+        };
+        let listen_tls = spice_addr("spice.listen_tls", sp.listen_tls);
+        let listen_plain = spice_addr("spice.listen_plain", sp.listen_plain);
+        let spice_tls = match (sp.tls_cert, sp.tls_key) {
+            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
+            (None, None) => tls.clone(),
+            _ => {
+                issues.push("spice.tls_cert", "set both `tls_cert` and `tls_key`, or neither");
+                None
+            }
+        };
+        if listen_tls.is_some() && spice_tls.is_none() {
+            issues.push(
+                "spice.listen_tls",
+                "needs a certificate: spice.tls_cert and tls_key, or listen.tls_cert and tls_key",
+            );
+        }
+        let public_host = sp.public_host.unwrap_or_else(|| {
+            host_of(&public_base_url).unwrap_or_else(|| "localhost".into())
+        });
+        let ticket_ttl_secs = sp.ticket_ttl_secs.unwrap_or(120);
+        if !(5..=3600).contains(&ticket_ttl_secs) {
+            issues.push("spice.ticket_ttl_secs", "must be within 5..=3600");
+        }
+        let handshake_secs = sp.handshake_timeout_secs.unwrap_or(10);
+        if !(1..=300).contains(&handshake_secs) {
+            issues.push("spice.handshake_timeout_secs", "must be within 1..=300");
+        }
+        let rotation_secs = sp.key_rotation_secs.unwrap_or(30);
+        if !(1..=86_400).contains(&rotation_secs) {
+            issues.push("spice.key_rotation_secs", "must be within 1..=86400");
+        }
+        let spice = SpiceConfig {
+            listen_tls,
+            listen_plain,
+            tls: spice_tls,
+            ca: sp.ca.map(|p| resolve(&p)),
+            host_subject: sp.host_subject,
+            public_host,
+            public_tls_port: sp.public_tls_port,
+            ticket_ttl_secs,
+            handshake_timeout: Duration::from_secs(handshake_secs),
+            key_rotation: Duration::from_secs(rotation_secs),
+        };
+
         if !issues.0.is_empty() {
             return Err(issues.0);
         }
         Ok(Config {
+            spice,
+            spice_backends,
             state_dir: self
                 .state_dir
                 .map(|p| resolve(&p))
@@ -880,6 +1041,17 @@ impl RawConfig {
             allow: AllowList::new(backends),
         })
     }
+}
+
+/// The host of an http(s) URL, without brackets or port.
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 /// Finds the byte offset of a dotted key path like `tokens.keys[1].kid`,

@@ -69,3 +69,32 @@ pub fn session_ended(console: &'static str, reason: &'static str) {
 pub fn session_refused(reason: &'static str) {
     metrics::counter!(SESSION_REFUSALS, "reason" => reason).increment(1);
 }
+
+/// SPICE link keys rotated.
+pub const SPICE_KEY_ROTATIONS: &str = "porthole_spice_link_key_rotations_total";
+/// SPICE channel links refused, by reason and blame.
+pub const SPICE_LINK_REFUSALS: &str = "porthole_spice_link_refusals_total";
+/// SPICE channel links established, by channel type.
+pub const SPICE_LINKS: &str = "porthole_spice_links_total";
+/// Tickets issued, by console type.
+pub const TICKETS_ISSUED: &str = "porthole_tickets_issued_total";
+
+/// Counts a link key rotation.
+pub fn spice_key_rotated() {
+    metrics::counter!(SPICE_KEY_ROTATIONS).increment(1);
+}
+
+/// Counts a refused SPICE channel link.
+pub fn spice_link_refused(reason: &'static str, blame: &'static str) {
+    metrics::counter!(SPICE_LINK_REFUSALS, "reason" => reason, "blame" => blame).increment(1);
+}
+
+/// Counts an established SPICE channel link.
+pub fn spice_linked(channel: &'static str) {
+    metrics::counter!(SPICE_LINKS, "channel" => channel).increment(1);
+}
+
+/// Counts an issued ticket.
+pub fn ticket_issued(console: &'static str) {
+    metrics::counter!(TICKETS_ISSUED, "console" => console).increment(1);
+}

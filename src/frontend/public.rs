@@ -226,7 +226,7 @@ async fn ws_endpoint(
             Err(e) => open_error_response(&e),
         };
     };
-    let opened = match s.sessions.open(&grant, None).await {
+    let opened = match s.sessions.open(&grant).await {
         Ok(o) => o,
         Err(e) => {
             crate::metrics::session_refused(e.as_str());

@@ -8,8 +8,10 @@
 //! client certificates), which never travel in a token.
 
 mod allowlist;
+pub mod spice;
 
 pub use allowlist::{AllowList, BackendNetwork, PortRange, TargetError};
+pub use spice::{SpiceUpstream, SpiceUpstreams};
 
 use std::fmt;
 

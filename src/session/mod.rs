@@ -7,6 +7,9 @@
 //! in [`SessionGuards`] and released when the session ends, however it ends.
 //! Front ends then splice bytes; they never talk to hypervisors directly.
 
+pub mod link_keys;
+pub mod spice;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -106,7 +109,7 @@ impl CloseReason {
 #[derive(Debug)]
 pub struct SessionGuards {
     _permit: OwnedSemaphorePermit,
-    _redemption: Redemption,
+    _redemption: Option<Redemption>,
     _claim: Option<ConsoleClaim>,
 }
 
@@ -124,6 +127,15 @@ impl Drop for ConsoleClaim {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
     }
+}
+
+/// What let a connection in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Its console token, redeemed now under the type's reuse policy.
+    Token,
+    /// A ticket exchanged for the token earlier (SPICE channels, native VNC).
+    Ticket,
 }
 
 /// A session ready to splice.
@@ -200,12 +212,19 @@ impl Sessions {
         Ok(())
     }
 
-    /// Takes a slot, redeems the token, claims the console and connects.
-    /// `session_key` lets the channels of one SPICE session share a token.
-    pub async fn open(
+    /// Takes a slot, redeems the token, claims the console and connects to
+    /// its port.
+    pub async fn open(&self, grant: &Grant) -> Result<Opened, OpenError> {
+        self.open_to(grant, Admission::Token, grant.target.port).await
+    }
+
+    /// As [`Sessions::open`], for a connection admitted as `admission`, to
+    /// `port` of the grant's host (a SPICE TLS port).
+    pub async fn open_to(
         &self,
         grant: &Grant,
-        session_key: Option<&str>,
+        admission: Admission,
+        port: u16,
     ) -> Result<Opened, OpenError> {
         if self.cancel.is_cancelled() {
             return Err(OpenError::ShuttingDown);
@@ -215,19 +234,35 @@ impl Sessions {
             .clone()
             .try_acquire_owned()
             .map_err(|_| OpenError::Overloaded)?;
-        let redemption = Redemption::begin(
-            self.redemptions.clone(),
-            &grant.jti,
-            grant.expires_at,
-            self.tokens.reuse_for(grant.console),
-            session_key,
-            unix_now(),
-        )
-        .map_err(|e| {
-            let refusal = e.refusal(&grant.jti);
-            crate::token::record_refusal(&refusal);
-            OpenError::Refused(refusal)
-        })?;
+        let redemption = match admission {
+            Admission::Token => Some(
+                Redemption::begin(
+                    self.redemptions.clone(),
+                    &grant.jti,
+                    grant.expires_at,
+                    self.tokens.reuse_for(grant.console),
+                    None,
+                    unix_now(),
+                )
+                .map_err(|e| {
+                    let refusal = e.refusal(&grant.jti);
+                    crate::token::record_refusal(&refusal);
+                    OpenError::Refused(refusal)
+                })?,
+            ),
+            // The token was redeemed when the ticket was issued; a revoked
+            // token's tickets still stop here.
+            Admission::Ticket if self.redemptions.is_revoked(&grant.jti) => {
+                let refusal = Refusal {
+                    reason: crate::token::RefusalReason::Revoked,
+                    detail: "token was revoked".into(),
+                    jti: Some(grant.jti.clone()),
+                };
+                crate::token::record_refusal(&refusal);
+                return Err(OpenError::Refused(refusal));
+            }
+            Admission::Ticket => None,
+        };
         let claim = if grant.console == ConsoleType::Serial {
             let key = (grant.target.host.clone(), grant.target.port);
             let mut claims = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
@@ -248,7 +283,7 @@ impl Sessions {
             .trim_end_matches(']');
         let backend = match tokio::time::timeout(
             self.connect_timeout,
-            TcpStream::connect((host, grant.target.port)),
+            TcpStream::connect((host, port)),
         )
         .await
         {

@@ -15,6 +15,7 @@ pub mod claims;
 pub mod keys;
 pub mod redemption;
 pub mod signing;
+pub mod ticket;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,6 +27,7 @@ use jsonwebtoken::{Algorithm, Validation};
 pub use claims::{ConsoleClaims, ConsoleType};
 pub use keys::{KeyError, KeyRing, KeySource};
 pub use redemption::{MemoryRedemptions, Redemption, RedemptionStore, ReusePolicy};
+pub use ticket::{ChannelRole, MemoryTickets, TicketRefusal, TicketStore};
 
 use crate::hypervisor::{AllowList, ConsoleTarget};
 use keys::Selected;

@@ -1,0 +1,101 @@
+//! What Porthole presents to the SPICE servers of each backend network: the
+//! ticket they expect (never sent to clients) and how to trust their TLS port.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+
+use crate::config::SpiceBackendConfig;
+use crate::secret::Secret;
+
+/// One backend network's SPICE credentials, loaded.
+#[derive(Debug, Clone, Default)]
+pub struct SpiceUpstream {
+    /// The ticket the hypervisors expect (empty: ticketing off).
+    pub password: Secret<Vec<u8>>,
+    /// TLS to the hypervisors' TLS ports, when a CA is configured.
+    pub tls: Option<Arc<ClientConfig>>,
+    /// Name checked in their certificates, when not the token's host.
+    pub tls_name: Option<String>,
+}
+
+impl SpiceUpstream {
+    /// The name to verify for a target `host`.
+    pub fn server_name(&self, host: &str) -> Option<ServerName<'static>> {
+        let name = self.tls_name.as_deref().unwrap_or(host);
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(name.to_string()).ok()
+    }
+}
+
+/// Every backend network's SPICE credentials, by network name.
+#[derive(Debug, Clone, Default)]
+pub struct SpiceUpstreams(HashMap<String, SpiceUpstream>);
+
+impl SpiceUpstreams {
+    /// Loads password files and CAs; an error names the file.
+    pub fn load(config: &HashMap<String, SpiceBackendConfig>) -> Result<Self, String> {
+        let mut out = HashMap::new();
+        for (name, c) in config {
+            let password = match &c.password_file {
+                None => Vec::new(),
+                Some(p) => {
+                    let mut pw = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    // A trailing newline from `echo pw > file` is not part of it.
+                    while pw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        pw.pop();
+                    }
+                    if pw.len() > crate::protocol::spice::crypto::MAX_PASSWORD_LEN {
+                        return Err(format!("{}: longer than SPICE's 60 bytes", p.display()));
+                    }
+                    pw
+                }
+            };
+            let tls = match &c.ca {
+                None => None,
+                Some(ca) => Some(Arc::new(client_config(ca)?)),
+            };
+            out.insert(
+                name.clone(),
+                SpiceUpstream {
+                    password: Secret::new(password),
+                    tls,
+                    tls_name: c.tls_name.clone(),
+                },
+            );
+        }
+        Ok(Self(out))
+    }
+
+    /// The credentials for backend network `name` (none configured: no
+    /// ticket, plain port only).
+    pub fn get(&self, name: &str) -> SpiceUpstream {
+        self.0.get(name).cloned().unwrap_or_default()
+    }
+}
+
+/// A TLS client trusting only `ca`.
+pub fn client_config(ca: &std::path::Path) -> Result<ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("{}: {e}", ca.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", ca.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", ca.display()));
+    }
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}

@@ -1,0 +1,348 @@
+//! Tickets: short credentials exchanged for a console token.
+//!
+//! Native protocols cannot carry a JWT: SPICE's password field holds 60 bytes
+//! and gtk-vnc reads 99. A client exchanges its token for a ticket (random, 32
+//! characters) bound to the token's grant. A ticket opens **one** session:
+//! SPICE's main channel claims it, the hypervisor's INIT names the session,
+//! and from then on only channel links that carry that session id may use it.
+//! Unused tickets die after a short time-to-live; a used one dies with its
+//! session. Tickets are kept by their SHA-256, never in clear.
+//!
+//! The store is a trait, so a shared store can replace the in-memory one for
+//! several Porthole nodes behind one name.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use sha2::{Digest as _, Sha256};
+
+use super::{Grant, signing::random_token};
+use crate::secret::Secret;
+
+/// Random bytes in a ticket (32 characters of base64url).
+const TICKET_BYTES: usize = 24;
+
+/// Which channel of a session a link is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelRole {
+    /// The link that opens the session (SPICE main channel with connection id
+    /// 0; a native VNC connection).
+    Opens,
+    /// A further channel of the session the hypervisor named `session_id`.
+    Joins {
+        /// The connection id the client presented.
+        session_id: u32,
+    },
+}
+
+/// Why a ticket did not admit a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TicketRefusal {
+    /// No such ticket (never issued, or forgotten after it died).
+    #[error("unknown ticket")]
+    Unknown,
+    /// Not used within its time-to-live.
+    #[error("ticket expired")]
+    Expired,
+    /// Its session was opened already; a ticket opens one session.
+    #[error("ticket already used")]
+    Used,
+    /// A channel named a session that is not this ticket's.
+    #[error("channel names another session")]
+    ForeignSession,
+    /// A channel came before the hypervisor named the session, or after it ended.
+    #[error("no session for this ticket")]
+    NoSession,
+    /// The store is full of live tickets.
+    #[error("ticket store full")]
+    Full,
+}
+
+impl TicketRefusal {
+    /// A stable label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketRefusal::Unknown => "ticket_unknown",
+            TicketRefusal::Expired => "ticket_expired",
+            TicketRefusal::Used => "ticket_used",
+            TicketRefusal::ForeignSession => "foreign_session",
+            TicketRefusal::NoSession => "no_session",
+            TicketRefusal::Full => "ticket_store_full",
+        }
+    }
+}
+
+/// A ticket that admitted a link.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// What the ticket's token granted.
+    pub grant: Grant,
+    /// Names the ticket in logs and in the store (a hash prefix, not the ticket).
+    pub id: TicketId,
+}
+
+/// A ticket's name: the hex SHA-256 of it. Safe to log (first 12 characters).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TicketId(String);
+
+impl TicketId {
+    /// The id of `ticket`.
+    pub fn of(ticket: &[u8]) -> Self {
+        Self(hex::encode(Sha256::digest(ticket)))
+    }
+}
+
+impl std::fmt::Display for TicketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0[..12])
+    }
+}
+
+/// Storage for tickets. Calls must be quick and safe from many tasks.
+pub trait TicketStore: Send + Sync + std::fmt::Debug {
+    /// Issues a ticket for `grant`, usable for `ttl_secs` from `now`.
+    fn issue(&self, grant: Grant, ttl_secs: u64, now: u64) -> Result<Secret<String>, TicketRefusal>;
+
+    /// Whether `ticket` admits a link in `role` now; an `Opens` link claims it.
+    fn admit(&self, ticket: &[u8], role: ChannelRole, now: u64) -> Result<Admitted, TicketRefusal>;
+
+    /// The hypervisor named the session that `id` opened.
+    fn bind(&self, id: &TicketId, session_id: u32);
+
+    /// The session opened with `id` ended: its ticket is dead.
+    fn end(&self, id: &TicketId);
+
+    /// Kills every ticket of token `jti` (revocation).
+    fn revoke_jti(&self, jti: &str);
+}
+
+#[derive(Debug)]
+enum State {
+    /// Issued, not used; dies at `expires_at`.
+    Fresh { expires_at: u64 },
+    /// Its session runs; `None` until the hypervisor named it.
+    Open { session_id: Option<u32> },
+}
+
+#[derive(Debug)]
+struct Entry {
+    grant: Grant,
+    state: State,
+}
+
+/// The default store: in memory, bounded.
+#[derive(Debug)]
+pub struct MemoryTickets {
+    capacity: usize,
+    entries: Mutex<HashMap<TicketId, Entry>>,
+}
+
+impl MemoryTickets {
+    /// A store of at most `capacity` live tickets.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TicketId, Entry>> {
+        // Every update is a single assignment or removal: a poisoned map is consistent.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tickets held now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no ticket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl TicketStore for MemoryTickets {
+    fn issue(&self, grant: Grant, ttl_secs: u64, now: u64) -> Result<Secret<String>, TicketRefusal> {
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity {
+            entries.retain(|_, e| !matches!(e.state, State::Fresh { expires_at } if expires_at < now));
+            if entries.len() >= self.capacity {
+                return Err(TicketRefusal::Full);
+            }
+        }
+        let ticket = random_token(TICKET_BYTES);
+        let expires_at = now.saturating_add(ttl_secs).min(grant.expires_at.max(now));
+        entries.insert(
+            TicketId::of(ticket.as_bytes()),
+            Entry {
+                grant,
+                state: State::Fresh { expires_at },
+            },
+        );
+        Ok(Secret::new(ticket))
+    }
+
+    fn admit(&self, ticket: &[u8], role: ChannelRole, now: u64) -> Result<Admitted, TicketRefusal> {
+        let id = TicketId::of(ticket);
+        let mut entries = self.lock();
+        let entry = entries.get_mut(&id).ok_or(TicketRefusal::Unknown)?;
+        match (&entry.state, role) {
+            (State::Fresh { expires_at }, ChannelRole::Opens) => {
+                if now > *expires_at {
+                    entries.remove(&id);
+                    return Err(TicketRefusal::Expired);
+                }
+                entry.state = State::Open { session_id: None };
+            }
+            (State::Fresh { .. }, ChannelRole::Joins { .. }) => return Err(TicketRefusal::NoSession),
+            (State::Open { .. }, ChannelRole::Opens) => return Err(TicketRefusal::Used),
+            (State::Open { session_id: None }, ChannelRole::Joins { .. }) => {
+                return Err(TicketRefusal::NoSession);
+            }
+            (State::Open { session_id: Some(ours) }, ChannelRole::Joins { session_id }) => {
+                if *ours != session_id {
+                    return Err(TicketRefusal::ForeignSession);
+                }
+            }
+        }
+        Ok(Admitted {
+            grant: entry.grant.clone(),
+            id,
+        })
+    }
+
+    fn bind(&self, id: &TicketId, session_id: u32) {
+        if let Some(entry) = self.lock().get_mut(id) {
+            entry.state = State::Open {
+                session_id: Some(session_id),
+            };
+        }
+    }
+
+    fn end(&self, id: &TicketId) {
+        self.lock().remove(id);
+    }
+
+    fn revoke_jti(&self, jti: &str) {
+        self.lock().retain(|_, e| e.grant.jti != jti);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::ConsoleTarget;
+    use crate::token::claims::{Audience, ConsoleClaim};
+    use crate::token::{ConsoleClaims, ConsoleType};
+
+    fn grant(jti: &str) -> Grant {
+        let target = ConsoleTarget {
+            host: "127.0.0.1".into(),
+            port: 5930,
+            tls_port: Some(5931),
+        };
+        Grant {
+            jti: jti.into(),
+            instance: "vm".into(),
+            console: ConsoleType::SpiceDirect,
+            target: target.clone(),
+            backend: "lab".into(),
+            expires_at: 1_000_600,
+            issuer: "api".into(),
+            kid: None,
+            claims: ConsoleClaims {
+                iss: "api".into(),
+                aud: Audience::One("porthole".into()),
+                sub: "vm".into(),
+                exp: 1_000_600,
+                nbf: None,
+                iat: NOW,
+                jti: jti.into(),
+                ver: None,
+                console: ConsoleClaim {
+                    kind: ConsoleType::SpiceDirect,
+                    host: target.host,
+                    port: target.port,
+                    tls_port: target.tls_port,
+                },
+            },
+        }
+    }
+
+    const NOW: u64 = 1_000_000;
+
+    #[test]
+    fn a_ticket_opens_one_session_and_its_channels_join_it() {
+        let store = MemoryTickets::new(10);
+        let t = store.issue(grant("a"), 60, NOW).unwrap();
+        let t = t.expose().as_bytes();
+        assert!(t.len() < 60, "fits SPICE's password field");
+        // Channels cannot come before the session exists.
+        assert_eq!(
+            store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW).unwrap_err(),
+            TicketRefusal::NoSession
+        );
+        let main = store.admit(t, ChannelRole::Opens, NOW).unwrap();
+        assert_eq!(main.grant.jti, "a");
+        assert_eq!(
+            store.admit(t, ChannelRole::Opens, NOW).unwrap_err(),
+            TicketRefusal::Used,
+            "a second session with the same ticket"
+        );
+        assert_eq!(
+            store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW).unwrap_err(),
+            TicketRefusal::NoSession,
+            "before INIT named the session"
+        );
+        store.bind(&main.id, 7);
+        // Late channels (usbredir on plug) join long after the ticket's TTL.
+        store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW + 3600).unwrap();
+        assert_eq!(
+            store.admit(t, ChannelRole::Joins { session_id: 8 }, NOW).unwrap_err(),
+            TicketRefusal::ForeignSession
+        );
+        store.end(&main.id);
+        assert_eq!(
+            store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW).unwrap_err(),
+            TicketRefusal::Unknown,
+            "dead with its session"
+        );
+    }
+
+    #[test]
+    fn unused_tickets_expire_and_unknown_ones_are_refused() {
+        let store = MemoryTickets::new(10);
+        let t = store.issue(grant("a"), 60, NOW).unwrap();
+        assert_eq!(
+            store.admit(t.expose().as_bytes(), ChannelRole::Opens, NOW + 61).unwrap_err(),
+            TicketRefusal::Expired
+        );
+        assert_eq!(
+            store.admit(b"made-up", ChannelRole::Opens, NOW).unwrap_err(),
+            TicketRefusal::Unknown
+        );
+        // A ticket never outlives its token.
+        let t = store.issue(grant("b"), 10_000, NOW).unwrap();
+        assert_eq!(
+            store.admit(t.expose().as_bytes(), ChannelRole::Opens, NOW + 601).unwrap_err(),
+            TicketRefusal::Expired
+        );
+    }
+
+    #[test]
+    fn the_store_is_bounded_and_revocation_kills_a_tokens_tickets() {
+        let store = MemoryTickets::new(2);
+        let a = store.issue(grant("a"), 60, NOW).unwrap();
+        store.issue(grant("b"), 60, NOW).unwrap();
+        assert_eq!(store.issue(grant("c"), 60, NOW).unwrap_err(), TicketRefusal::Full);
+        // Expired fresh tickets make room.
+        store.issue(grant("c"), 60, NOW + 61).unwrap();
+        store.revoke_jti("c");
+        assert_eq!(store.len(), 0);
+        assert_eq!(
+            store.admit(a.expose().as_bytes(), ChannelRole::Opens, NOW).unwrap_err(),
+            TicketRefusal::Unknown
+        );
+    }
+}
