@@ -13,6 +13,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, SigningKey};
 use crate::frontend::admin::{self, AdminState};
 use crate::frontend::public::{self, PublicState};
+use crate::frontend::spice::{SpiceDetails, SpiceFront};
+use crate::hypervisor::SpiceUpstreams;
+use crate::session::link_keys::LinkKeys;
+use crate::session::spice::SpiceProxy;
+use crate::token::MemoryTickets;
 use crate::issuance::Issuer;
 use crate::session::Sessions;
 use crate::token::signing::Signer;
@@ -34,6 +39,12 @@ pub struct App {
     pub sessions: Arc<Sessions>,
     /// The public listener's TLS config, when it has one.
     pub tls: Option<TlsSlot>,
+    /// The SPICE link proxy (spice-html5 and native clients).
+    pub spice: Arc<SpiceProxy>,
+    /// The native SPICE TLS listener's config, when it is on.
+    pub spice_tls: Option<Arc<rustls::ServerConfig>>,
+    /// What native SPICE clients are told (ports filled in once bound).
+    pub spice_details: SpiceDetails,
 }
 
 impl App {
@@ -69,6 +80,43 @@ impl App {
                     .context("listen.tls_cert")?,
             ))),
         };
+        let upstreams = SpiceUpstreams::load(&config.spice_backends)
+            .map_err(anyhow::Error::msg)
+            .context("backends.spice")?;
+        let spice = Arc::new(SpiceProxy {
+            sessions: sessions.clone(),
+            tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
+            keys: Arc::new(LinkKeys::generate()),
+            upstreams: Arc::new(upstreams),
+            handshake_timeout: config.spice.handshake_timeout,
+        });
+        let spice_tls = match (&config.spice.listen_tls, &config.spice.tls) {
+            (Some(_), Some((cert, key))) => {
+                let mut c = listener::load_tls(cert, key)
+                    .map_err(anyhow::Error::msg)
+                    .context("spice.tls_cert")?;
+                c.alpn_protocols.clear();
+                Some(Arc::new(c))
+            }
+            _ => None,
+        };
+        let ca_pem = match &config.spice.ca {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("spice.ca: cannot read {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let spice_details = SpiceDetails {
+            host: config.spice.public_host.clone(),
+            tls_port: config
+                .spice
+                .public_tls_port
+                .or(config.spice.listen_tls.map(|a| a.port())),
+            port: config.spice.listen_plain.map(|a| a.port()),
+            ca_pem,
+            host_subject: config.spice.host_subject.clone(),
+        };
         Ok(App {
             config,
             validator,
@@ -76,6 +124,9 @@ impl App {
             redemptions,
             sessions,
             tls,
+            spice,
+            spice_tls,
+            spice_details,
         })
     }
 
@@ -126,6 +177,11 @@ impl App {
             ws: self.config.websocket.clone(),
             listen: Arc::new(self.config.listen.clone()),
             web: Arc::new(self.config.web.clone()),
+            spice: Some(Arc::new(SpiceFront {
+                proxy: self.spice.clone(),
+                details: self.spice_details.clone(),
+                ticket_ttl_secs: self.config.spice.ticket_ttl_secs,
+            })),
         })
     }
 
@@ -158,6 +214,10 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// The public listeners (`listen.public`, then `listen.public_extra`).
     pub public: Vec<TcpListener>,
+    /// The native SPICE TLS listener.
+    pub spice_tls: Option<TcpListener>,
+    /// The NEED_SECURED-only plain SPICE listener.
+    pub spice_plain: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -174,7 +234,23 @@ impl Listeners {
                     .with_context(|| format!("cannot listen on {addr} (listen.public)"))?,
             );
         }
-        Ok(Listeners { admin, public })
+        let bind = |addr: Option<SocketAddr>, key: &'static str| async move {
+            match addr {
+                None => Ok(None),
+                Some(a) => TcpListener::bind(a)
+                    .await
+                    .map(Some)
+                    .with_context(|| format!("cannot listen on {a} ({key})")),
+            }
+        };
+        let spice_tls = bind(config.spice.listen_tls, "spice.listen_tls").await?;
+        let spice_plain = bind(config.spice.listen_plain, "spice.listen_plain").await?;
+        Ok(Listeners {
+            admin,
+            public,
+            spice_tls,
+            spice_plain,
+        })
     }
 
     /// The public listeners' addresses.
@@ -186,15 +262,23 @@ impl Listeners {
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
         self.admin.local_addr()
     }
+
+    /// The native SPICE listeners' addresses (TLS, plain).
+    pub fn spice_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        (addr(&self.spice_tls), addr(&self.spice_plain))
+    }
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(
-    app: App,
+    mut app: App,
     listeners: Listeners,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Listeners bound to port 0 (tests) tell clients their real ports.
+    let (spice_tls_addr, spice_plain_addr) = listeners.spice_addrs();
     let ready = Arc::new(AtomicBool::new(false));
     let admin_router = admin::router(app.admin_state(metrics, ready.clone()));
 
@@ -214,6 +298,31 @@ pub async fn run(
         tls_handshake: app.config.websocket.upgrade_timeout,
         request_headers: app.config.websocket.upgrade_timeout,
     };
+    if app.config.spice.public_tls_port.is_none() {
+        app.spice_details.tls_port = spice_tls_addr.map(|a| a.port());
+    }
+    app.spice_details.port = spice_plain_addr.map(|a| a.port());
+    app.spice
+        .keys
+        .spawn_rotation(app.config.spice.key_rotation, stop_accepting.clone());
+    let mut spice_listeners = Vec::new();
+    if let (Some(l), Some(tls)) = (listeners.spice_tls, app.spice_tls.clone()) {
+        spice_listeners.push(tokio::spawn(crate::frontend::spice::serve_tls(
+            l,
+            tls,
+            app.spice.clone(),
+            app.config.spice.handshake_timeout,
+            stop_accepting.clone(),
+        )));
+    }
+    if let Some(l) = listeners.spice_plain {
+        spice_listeners.push(tokio::spawn(crate::frontend::spice::serve_plain(
+            l,
+            app.spice.clone(),
+            app.config.spice.handshake_timeout,
+            stop_accepting.clone(),
+        )));
+    }
     let public_router = app.public_router();
     let mut public = Vec::new();
     for l in listeners.public {
@@ -243,7 +352,7 @@ pub async fn run(
             "grace period over; ending remaining sessions"
         );
     }
-    for p in public {
+    for p in public.into_iter().chain(spice_listeners) {
         let _ = p.await;
     }
     stop_admin.cancel();

@@ -341,6 +341,12 @@ fn warn_missing_clients(web: &crate::config::WebConfig) {
             web.novnc_dir.display()
         );
     }
+    if !web.spice_html5_dir.join("main.js").is_file() {
+        tracing::warn!(
+            "spice-html5 not found in {}: SPICE pages will not load (Debian: apt-get install spice-html5)",
+            web.spice_html5_dir.display()
+        );
+    }
     if !web.xterm_dir.join("lib/xterm.mjs").is_file() {
         tracing::warn!(
             "xterm.js not found in {}: serial pages will not load (run `npm ci` in web/)",

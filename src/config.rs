@@ -168,6 +168,8 @@ pub struct RawWeb {
     pub novnc_dir: Option<PathBuf>,
     /// xterm.js (the folder holding `lib/xterm.mjs`). Default `<root>/node_modules/@xterm/xterm`.
     pub xterm_dir: Option<PathBuf>,
+    /// spice-html5 (the folder holding `main.js`). Default `/usr/share/spice-html5` (Debian's `spice-html5`).
+    pub spice_html5_dir: Option<PathBuf>,
 }
 
 /// `[tokens]`.
@@ -348,6 +350,8 @@ pub struct WebConfig {
     pub novnc_dir: PathBuf,
     /// xterm.js.
     pub xterm_dir: PathBuf,
+    /// spice-html5.
+    pub spice_html5_dir: PathBuf,
 }
 
 /// Validated `[listen]`.
@@ -743,6 +747,11 @@ impl RawConfig {
                 .xterm_dir
                 .map(|p| resolve(&p))
                 .unwrap_or_else(|| root.join("node_modules/@xterm/xterm")),
+            spice_html5_dir: self
+                .web
+                .spice_html5_dir
+                .map(|p| resolve(&p))
+                .unwrap_or_else(|| PathBuf::from("/usr/share/spice-html5")),
             root,
         };
 

@@ -2,3 +2,4 @@
 
 pub mod admin;
 pub mod public;
+pub mod spice;

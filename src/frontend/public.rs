@@ -18,11 +18,12 @@ use axum::Router;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use super::spice::{self, SpiceFront};
 use crate::config::{ListenConfig, WebConfig};
 use crate::session::{OpenError, Sessions};
 use crate::token::{ConsoleType, RefusalReason, TokenValidator};
@@ -46,6 +47,8 @@ pub struct PublicState {
     pub listen: Arc<ListenConfig>,
     /// Pages and client libraries.
     pub web: Arc<WebConfig>,
+    /// The SPICE link proxy, tickets and connection details.
+    pub spice: Option<Arc<SpiceFront>>,
 }
 
 /// The public router.
@@ -59,6 +62,10 @@ pub fn router(state: PublicState) -> Router {
         .nest_service("/static", no_dirs(state.web.root.join("static")))
         .nest_service("/vendor/novnc", no_dirs(state.web.novnc_dir.clone()))
         .nest_service("/vendor/xterm", no_dirs(state.web.xterm_dir.clone()))
+        .nest_service(
+            "/vendor/spice-html5",
+            no_dirs(state.web.spice_html5_dir.clone()),
+        )
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=300"),
@@ -77,6 +84,12 @@ pub fn router(state: PublicState) -> Router {
             "/serial",
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::Serial, s, c, h, q, w)),
         )
+        .route(
+            "/spice",
+            get(|s, c, h, q, w| ws_endpoint(ConsoleType::SpiceHtml5, s, c, h, q, w)),
+        )
+        .route("/spice-direct", get(spice::spice_direct))
+        .route("/spice-ticket", post(spice::spice_ticket))
         .merge(statics)
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
@@ -97,7 +110,7 @@ pub struct TokenQuery {
 }
 
 impl TokenQuery {
-    fn token(&self) -> Option<&str> {
+    pub(crate) fn token(&self) -> Option<&str> {
         self.token.as_deref().or_else(|| {
             let path = self.path.as_deref()?;
             let query = path.split_once('?').map_or(path, |(_, q)| q);
@@ -107,7 +120,7 @@ impl TokenQuery {
 }
 
 /// A refusal as the client sees it: a status and a short code.
-fn refuse(status: StatusCode, code: &'static str) -> Response {
+pub(crate) fn refuse(status: StatusCode, code: &'static str) -> Response {
     (
         status,
         [(header::CACHE_CONTROL, "no-store")],
@@ -116,12 +129,12 @@ fn refuse(status: StatusCode, code: &'static str) -> Response {
         .into_response()
 }
 
-fn refusal_response(reason: RefusalReason) -> Response {
+pub(crate) fn refusal_response(reason: RefusalReason) -> Response {
     let status = StatusCode::from_u16(reason.http_status()).unwrap_or(StatusCode::FORBIDDEN);
     refuse(status, reason.client_code())
 }
 
-fn open_error_response(e: &OpenError) -> Response {
+pub(crate) fn open_error_response(e: &OpenError) -> Response {
     match e {
         OpenError::Refused(r) => refusal_response(r.reason),
         OpenError::Busy => refuse(StatusCode::CONFLICT, "busy"),
@@ -215,6 +228,9 @@ async fn ws_endpoint(
         Ok(g) => g,
         Err(r) => return refusal_response(r.reason),
     };
+    if kind == ConsoleType::SpiceHtml5 {
+        return spice_websocket(s, client, grant, &headers, request);
+    }
     let Some(handshake) = websocket_handshake(&headers) else {
         // A preflight: say what an upgrade would get, start nothing.
         return match s.sessions.would_open(&grant) {
@@ -281,6 +297,63 @@ async fn ws_endpoint(
             secs = started.elapsed().as_secs_f64(), "session ended"
         );
     });
+    switching_protocols(&handshake)
+}
+
+/// One spice-html5 channel: the token let the socket in; the SPICE link
+/// inside it (and its ticket) decides the rest, so the upgrade happens
+/// before any hypervisor is contacted.
+fn spice_websocket(
+    s: PublicState,
+    client: IpAddr,
+    grant: crate::token::Grant,
+    headers: &HeaderMap,
+    mut request: Request,
+) -> Response {
+    let Some(front) = s.spice.clone() else {
+        return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
+    };
+    if let Err(e) = s.sessions.would_admit_ticketed(&grant) {
+        crate::metrics::session_refused(e.as_str());
+        return open_error_response(&e);
+    }
+    let Some(handshake) = websocket_handshake(headers) else {
+        return (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "status": "ok" })),
+        )
+            .into_response();
+    };
+    let ws = &s.ws;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(ws.read_buffer_bytes)
+        .write_buffer_size(ws.write_buffer_bytes)
+        .max_write_buffer_size(ws.max_write_buffer_bytes)
+        .max_message_size(Some(ws.max_message_bytes))
+        .max_frame_size(Some(ws.max_frame_bytes));
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let jti = grant.jti.clone();
+    s.sessions.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%client, "websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        let io = LazyRead::new(TokioIo::new(upgraded), 64 * 1024);
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let stream = crate::transport::ws_stream::byte_stream(socket);
+        front
+            .proxy
+            .serve(stream, client, crate::session::spice::ClientLeg::Browser { jti })
+            .await;
+    });
+    switching_protocols(&handshake)
+}
+
+/// The 101 answer to a checked upgrade request.
+fn switching_protocols(handshake: &Handshake) -> Response {
     let mut response = (StatusCode::SWITCHING_PROTOCOLS, ()).into_response();
     let h = response.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -340,6 +413,7 @@ async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>)
         Some(Ok(g)) => match g.console {
             ConsoleType::Novnc => Ok("vnc.html"),
             ConsoleType::Serial => Ok("serial.html"),
+            ConsoleType::SpiceHtml5 if s.spice.is_some() => Ok("spice.html"),
             // Not served by a browser page (yet): say so rather than fail later.
             _ => Err(("unavailable", StatusCode::NOT_IMPLEMENTED)),
         },

@@ -212,6 +212,48 @@ impl Sessions {
         Ok(())
     }
 
+    /// Redeems the token for a ticket exchange: under `reconnect` it may be
+    /// exchanged again later, under `single-use` never. The ticket then
+    /// admits its session's connections ([`Admission::Ticket`]).
+    pub fn redeem_for_ticket(&self, grant: &Grant) -> Result<(), OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        Redemption::begin(
+            self.redemptions.clone(),
+            &grant.jti,
+            grant.expires_at,
+            self.tokens.reuse_for(grant.console),
+            None,
+            unix_now(),
+        )
+        .map(drop)
+        .map_err(|e| {
+            let refusal = e.refusal(&grant.jti);
+            crate::token::record_refusal(&refusal);
+            OpenError::Refused(refusal)
+        })
+    }
+
+    /// What a connection admitted by ticket would get now (for the
+    /// WebSocket preflight of spice-html5, whose ticket comes later).
+    pub fn would_admit_ticketed(&self, grant: &Grant) -> Result<(), OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        if self.slots.available_permits() == 0 {
+            return Err(OpenError::Overloaded);
+        }
+        if self.redemptions.is_revoked(&grant.jti) {
+            return Err(OpenError::Refused(Refusal {
+                reason: crate::token::RefusalReason::Revoked,
+                detail: "token was revoked".into(),
+                jti: Some(grant.jti.clone()),
+            }));
+        }
+        Ok(())
+    }
+
     /// Takes a slot, redeems the token, claims the console and connects to
     /// its port.
     pub async fn open(&self, grant: &Grant) -> Result<Opened, OpenError> {

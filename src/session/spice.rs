@@ -141,6 +141,7 @@ struct Linked {
     admitted: Admitted,
     mess: LinkMess,
     mini_header: bool,
+    upstream_tls: bool,
     _guards: super::SessionGuards,
 }
 
@@ -205,7 +206,8 @@ impl SpiceProxy {
         tracing::info!(
             client = %peer, jti = %grant.jti, instance = %grant.instance, console = %console,
             target = %grant.target, ticket = %linked.admitted.id, channel = channel_name,
-            channel_id = linked.mess.channel_id, "spice channel linked"
+            channel_id = linked.mess.channel_id,
+            upstream = if linked.upstream_tls { "tls" } else { "plain" }, "spice channel linked"
         );
         let started = Instant::now();
         let ticket_id = linked.admitted.id.clone();
@@ -391,6 +393,7 @@ impl SpiceProxy {
                 admitted: admitted.clone(),
                 mess: mess.clone(),
                 mini_header,
+                upstream_tls: use_tls,
                 _guards: opened.guards,
             });
         }

@@ -4,3 +4,4 @@
 pub mod lazy_read;
 pub mod listener;
 pub mod ws_bridge;
+pub mod ws_stream;

@@ -20,3 +20,13 @@ def vm(tmp_path):
     machine = VM(folder)
     yield machine
     machine.stop()
+
+
+@pytest.fixture
+def spice_vm(tmp_path):
+    """A VM with a SPICE server (plain and TLS ports, a password set over QMP)."""
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    machine = VM(folder, spice=True)
+    yield machine
+    machine.stop()

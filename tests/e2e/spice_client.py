@@ -63,3 +63,28 @@ def spicy_capture(out_png, host, password, port=None, tls_port=None, ca_file=Non
         img.convert("RGB").save(out_png)
     ppm.unlink()
     return out_png
+
+
+def wait_for_final_spice_screen(vm, tmp_path):
+    """Waits for SeaBIOS's last line on the serial port, then polls direct
+    plain-port captures until the screen is SeaBIOS's and stable. (Polling the
+    screen alone stops too early: "Press ESC for boot menu." stays put for the
+    3 s boot-menu wait and passes seabios_screen.) Returns the last capture."""
+    import time
+    from screen import differing_fraction, seabios_screen
+    vm.wait_for_serial(b"No bootable device")
+    deadline = time.monotonic() + 30
+    previous = None
+    n = 0
+    while True:
+        n += 1
+        shot = spicy_capture(tmp_path / f"direct-{n}.png", "127.0.0.1", vm.spice_password, port=vm.spice_port)
+        try:
+            seabios_screen(shot)
+            if previous is not None and differing_fraction(previous, shot) < 0.01:
+                return shot
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        previous = shot
+        time.sleep(0.5)

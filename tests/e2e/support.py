@@ -18,11 +18,20 @@ from harness import AUDIENCE, ISSUER, ROOT, Gateway, Key, free_port, run  # noqa
 class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
-    def __init__(self, tmp, websocket="", listen_extra="", scheme="http"):
+    def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra=""):
+        """spice: extra lines for [spice]; backend_extra: lines for the loopback
+        [[backends]] entry (e.g. its [backends.spice] table, which must come last).
+        Porthole's native SPICE TLS listener is always on, with its own test CA
+        (self.spice_ca, self.spice_subject) on self.spice_tls_port."""
+        from vm import make_spice_certs
         self.key = Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
         self.admin_port = free_port()
+        self.spice_tls_port = free_port()
         self.base = f"{scheme}://127.0.0.1:{self.public_port}"
+        certs = tmp / "porthole-spice-certs"
+        self.spice_subject = make_spice_certs(certs)
+        self.spice_ca = certs / "ca-cert.pem"
         config = tmp / "porthole.toml"
         config.write_text(f"""
 [listen]
@@ -42,18 +51,35 @@ audiences = ["{AUDIENCE}"]
 [web]
 root = "{ROOT / 'web'}"
 
+[spice]
+listen_tls = "127.0.0.1:{self.spice_tls_port}"
+tls_cert = "{certs / 'server-cert.pem'}"
+tls_key = "{certs / 'server-key.pem'}"
+ca = "{self.spice_ca}"
+{spice}
+
 [[backends]]
 name = "loopback"
 networks = ["127.0.0.0/8"]
 ports = ["1024-65535"]
+{backend_extra}
 """)
         self.gateway = Gateway(["--config", str(config)], tmp / "porthole.log", admin_port=self.admin_port)
 
-    def mint(self, console, port, ttl=120, host="127.0.0.1"):
+    def mint(self, console, port, ttl=120, host="127.0.0.1", tls_port=None):
+        extra = ["--tls-port", str(tls_port)] if tls_port else []
         out = run("token", "mint", "--key", str(self.key.private), "--kid", self.key.kid, "--type", console,
                   "--instance", "e2e-vm", "--host", host, "--port", str(port), "--ttl", str(ttl),
-                  "--issuer", ISSUER, "--audience", AUDIENCE, "--base-url", self.base, "--json").stdout
+                  "--issuer", ISSUER, "--audience", AUDIENCE, "--base-url", self.base, "--json", *extra).stdout
         return json.loads(out)
+
+    def spice_details(self, token):
+        """The exchange: JSON connection details with a fresh ticket."""
+        import urllib.parse
+        from harness import http
+        status, body = http("GET", f"{self.base}/spice-direct?format=json&token={urllib.parse.quote(token)}")[:2]
+        assert status == 200, (status, body)
+        return json.loads(body)
 
     def log(self):
         return self.gateway.output()

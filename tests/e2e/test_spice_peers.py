@@ -3,45 +3,11 @@ against QEMU's own SPICE server, on its plain port and its TLS port. The
 Porthole SPICE tests compare their captures with captures like these."""
 
 import re
-import time
 
 import pytest
 
 from screen import differing_fraction, seabios_screen
-from spice_client import spicy_capture
-from vm import VM
-
-
-@pytest.fixture
-def spice_vm(tmp_path):
-    folder = tmp_path / "vm"
-    folder.mkdir()
-    machine = VM(folder, spice=True)
-    yield machine
-    machine.stop()
-
-
-def wait_for_final_spice_screen(vm, tmp_path):
-    """Waits for SeaBIOS's last line on the serial port, then polls direct
-    plain-port captures until the screen is SeaBIOS's and stable. (Polling the
-    screen alone stops too early: "Press ESC for boot menu." stays put for the
-    3 s boot-menu wait and passes seabios_screen.)"""
-    vm.wait_for_serial(b"No bootable device")
-    deadline = time.monotonic() + 30
-    previous = None
-    n = 0
-    while True:
-        n += 1
-        shot = spicy_capture(tmp_path / f"direct-{n}.png", "127.0.0.1", vm.spice_password, port=vm.spice_port)
-        try:
-            seabios_screen(shot)
-            if previous is not None and differing_fraction(previous, shot) < 0.01:
-                return shot
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        previous = shot
-        time.sleep(0.5)
+from spice_client import spicy_capture, wait_for_final_spice_screen
 
 
 def test_spicy_screenshot_over_plain_and_tls_ports_sees_seabios(spice_vm, tmp_path):
