@@ -176,7 +176,12 @@ impl SpiceProxy {
             self.handshake(&mut client, &mut link, &leg),
         )
         .await
-        .unwrap_or_else(|_| Err(ChannelRefusal::gone("handshake_timeout", Blame::Client)));
+        .unwrap_or_else(|_| {
+            Err(ChannelRefusal {
+                detail: format!("no complete handshake within {:?}", self.handshake_timeout),
+                ..ChannelRefusal::gone("handshake_timeout", Blame::Client)
+            })
+        });
         let linked = match handshake {
             Ok(l) => l,
             Err(r) => {

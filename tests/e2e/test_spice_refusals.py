@@ -1,0 +1,205 @@
+"""SPICE refusals end to end, against real QEMU: tickets that are expired,
+reused, for another console type or for another session, junk and oversized
+link messages from a client and from a hypervisor, and the plain port's
+NEED_SECURED. Each gets its SPICE link error code, a logged reason and a
+counter; a good session keeps working beside them."""
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from harness import free_port, http, metric_value
+from screen import seabios_screen
+from spice_client import spicy_capture
+from spice_wire import DISPLAY, INPUTS, MAIN, Channel, link_mess
+from support import Porthole
+
+
+def porthole_for(tmp_path, vm, spice=""):
+    pw = tmp_path / "spice-password"
+    pw.write_text(vm.spice_password)
+    return Porthole(tmp_path, spice=spice, backend_extra=f'[backends.spice]\npassword_file = "{pw}"\nca = "{vm.spice_ca}"')
+
+
+def refusals(p, reason):
+    return metric_value(p.metrics(), "porthole_spice_link_refusals_total", reason=reason, blame="client") or 0
+
+
+def test_tickets_are_bound_to_one_session_and_refused_otherwise(spice_vm, tmp_path):
+    vm = spice_vm
+    plain_port = free_port()
+    p = porthole_for(tmp_path, vm, spice=f'ticket_ttl_secs = 5\nlisten_plain = "127.0.0.1:{plain_port}"')
+    try:
+        def ticket(kind="spice-direct"):
+            token = p.mint(kind, vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+            return p.spice_details(token)["ticket"] if kind == "spice-direct" else token
+
+        expiring = ticket()
+        issued_at = time.monotonic()
+        a, b = ticket(), ticket()
+
+        # Session A: its main channel opens it; QEMU names it in INIT.
+        main_a = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert main_a.open(MAIN, a) == "OK"
+        session_a = main_a.session_id()
+        assert session_a != 0
+        # Its channels join with its id.
+        inputs_a = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert inputs_a.open(INPUTS, a, connection_id=session_a) == "OK"
+        # The ticket opens one session only.
+        assert Channel(p.spice_tls_port, ca=p.spice_ca).open(MAIN, a) == "PERMISSION_DENIED"
+        # Ticket B names session A's id before having a session of its own...
+        assert Channel(p.spice_tls_port, ca=p.spice_ca).open(DISPLAY, b, connection_id=session_a) == "BAD_CONNECTION_ID"
+        # ...and after opening its own (same VM: spice-server itself would take it).
+        main_b = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert main_b.open(MAIN, b) == "OK"
+        session_b = main_b.session_id()
+        assert session_b != session_a
+        assert Channel(p.spice_tls_port, ca=p.spice_ca).open(DISPLAY, b, connection_id=session_a) == "BAD_CONNECTION_ID"
+        # (An inputs channel: QEMU 7.2's spice-server crashes when a display
+        # channel that never read anything is closed; spicy reads and is fine.)
+        inputs_b = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert inputs_b.open(INPUTS, b, connection_id=session_b) == "OK"
+        # A main channel naming a session (a migration target) is refused.
+        assert Channel(p.spice_tls_port, ca=p.spice_ca).open(MAIN, b, connection_id=session_b) == "BAD_CONNECTION_ID"
+        # Made-up tickets and other console types' tickets.
+        assert Channel(p.spice_tls_port, ca=p.spice_ca).open(MAIN, "not-a-ticket") == "PERMISSION_DENIED"
+        html5_token = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        status, body = http("POST", f"{p.base}/spice-ticket?token={html5_token}")
+        assert status == 200, body
+        import json
+        html5_ticket = json.loads(body)["ticket"]
+        assert Channel(p.spice_tls_port, ca=p.spice_ca).open(MAIN, html5_ticket) == "PERMISSION_DENIED"
+        # A novnc token gets no SPICE ticket at all.
+        novnc = p.mint("novnc", vm.spice_port)["token"]
+        status, body = http("GET", f"{p.base}/spice-direct?format=json&token={novnc}")
+        assert status == 403 and "refused" in body, (status, body)
+        for c in (main_a, inputs_a, main_b, inputs_b):
+            c.close()
+
+        # The plain listener only ever says NEED_SECURED, before any ticket.
+        plain = Channel(plain_port)
+        assert plain.link(MAIN)[0] == "NEED_SECURED"
+
+        # An unused ticket dies after its time-to-live (5 s here; whole seconds).
+        time.sleep(max(0.0, 6.1 - (time.monotonic() - issued_at)))
+        assert Channel(p.spice_tls_port, ca=p.spice_ca).open(MAIN, expiring) == "PERMISSION_DENIED"
+
+        # A good session still works, through a real client.
+        shot = spicy_capture(tmp_path / "after.png", "127.0.0.1", ticket(), tls_port=p.spice_tls_port,
+                             ca_file=p.spice_ca)
+        seabios_screen(shot)
+
+        log = p.log()
+        for reason in ("ticket_used", "no_session", "foreign_session", "migration_target_refused",
+                       "ticket_unknown", "wrong_console_type", "ticket_expired"):
+            assert f'reason="{reason}"' in log, f"{reason} not logged"
+            assert refusals(p, reason) >= 1, f"{reason} not counted"
+        assert refusals(p, "need_secured") == 1
+        assert vm.spice_password not in log
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_junk_and_oversized_link_messages_get_their_codes(spice_vm, tmp_path):
+    p = porthole_for(tmp_path, spice_vm)
+    try:
+        c = Channel(p.spice_tls_port, ca=p.spice_ca)
+        c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert c.reply()[0] == "INVALID_MAGIC"
+        assert c.closed()
+
+        # A 1 GiB body announced (CVE-2016-9578 was a link-header size): refused
+        # from the header alone, without waiting for or buffering the body.
+        c = Channel(p.spice_tls_port, ca=p.spice_ca)
+        c.send(b"REDQ" + struct.pack("<III", 2, 2, 1 << 30))
+        assert c.reply()[0] == "INVALID_DATA"
+
+        # Capability counts past the cap (16 words; spice-server allows 1024).
+        c = Channel(p.spice_tls_port, ca=p.spice_ca)
+        body = struct.pack("<IBBIII", 0, MAIN, 0, 5000, 0, 18)
+        c.send(b"REDQ" + struct.pack("<III", 2, 2, len(body)) + body)
+        assert c.reply()[0] == "INVALID_DATA"
+
+        # Capabilities said to lie outside the message.
+        c = Channel(p.spice_tls_port, ca=p.spice_ca)
+        body = struct.pack("<IBBIII", 0, MAIN, 0, 1, 1, 100) + b"\0" * 8
+        c.send(b"REDQ" + struct.pack("<III", 2, 2, len(body)) + body)
+        assert c.reply()[0] == "INVALID_DATA"
+
+        # A wrong major version.
+        c = Channel(p.spice_tls_port, ca=p.spice_ca)
+        c.send(b"REDQ" + struct.pack("<III", 3, 2, 0))
+        assert c.reply()[0] == "VERSION_MISMATCH"
+
+        # Truncated: half a link message, then silence. Cut at the deadline
+        # (10 s by default; generous bound).
+        c = Channel(p.spice_tls_port, ca=p.spice_ca, timeout=30)
+        c.send(link_mess(MAIN)[:20])
+        assert c.closed(timeout=30)
+
+        for reason in ("bad_magic", "oversized_link_message", "malformed_link_message", "version_mismatch",
+                       "handshake_timeout"):
+            assert refusals(p, reason) >= 1, f"{reason} not counted"
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+class JunkHypervisor:
+    """A 'hypervisor' that answers every link with the given bytes."""
+
+    def __init__(self, answer):
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.srv.settimeout(0.1)
+        self.port = self.srv.getsockname()[1]
+        self.answer = answer
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(self.answer)
+                    time.sleep(0.5)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.srv.close()
+
+
+@pytest.mark.parametrize("answer,reason", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad_magic"),
+    (b"REDQ" + struct.pack("<III", 2, 2, 0x7FFFFFFF), "oversized_link_message"),
+])
+def test_a_hypervisor_sending_junk_gets_the_client_a_generic_error(tmp_path, answer, reason):
+    hv = JunkHypervisor(answer)
+    p = Porthole(tmp_path)
+    try:
+        token = p.mint("spice-direct", hv.port)["token"]
+        ticket = p.spice_details(token)["ticket"]
+        c = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert c.open(MAIN, ticket) == "ERROR"
+        m = p.metrics()
+        assert metric_value(m, "porthole_spice_link_refusals_total", reason=reason, blame="backend") == 1
+        assert f'reason="{reason}"' in p.log()
+    finally:
+        hv.close()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
