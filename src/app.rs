@@ -98,7 +98,10 @@ impl App {
                 c.alpn_protocols.clear();
                 Some(Arc::new(c))
             }
-            _ => None,
+            (Some(addr), None) => {
+                anyhow::bail!("spice.listen_tls ({addr}) needs a certificate: spice.tls_cert/tls_key or listen.tls_cert/tls_key")
+            }
+            (None, _) => None,
         };
         let ca_pem = match &config.spice.ca {
             Some(p) => Some(

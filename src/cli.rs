@@ -39,6 +39,9 @@ enum Command {
         /// Override `listen.public`; on embedded defaults the public base URL follows it.
         #[arg(long, env = "PORTHOLE_PUBLIC_LISTEN")]
         public_listen: Option<std::net::SocketAddr>,
+        /// Override `spice.listen_tls` (the native SPICE TLS listener).
+        #[arg(long, env = "PORTHOLE_SPICE_LISTEN")]
+        spice_listen: Option<std::net::SocketAddr>,
         /// Start the demo VM (default: on embedded defaults, when QEMU is installed).
         #[arg(long, overrides_with = "no_demo")]
         demo: bool,
@@ -168,6 +171,7 @@ pub fn main() -> ExitCode {
             config,
             admin_listen,
             public_listen,
+            spice_listen,
             demo,
             no_demo,
             log_format,
@@ -176,6 +180,7 @@ pub fn main() -> ExitCode {
             Overrides {
                 admin_listen,
                 public_listen,
+                spice_listen,
                 demo: if no_demo {
                     Some(false)
                 } else {
@@ -238,6 +243,7 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Option<DevState>)
 struct Overrides {
     admin_listen: Option<std::net::SocketAddr>,
     public_listen: Option<std::net::SocketAddr>,
+    spice_listen: Option<std::net::SocketAddr>,
     demo: Option<bool>,
 }
 
@@ -252,11 +258,19 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
         if let Some(addr) = o.public_listen {
             config.listen.public = addr;
         }
+        if let Some(addr) = o.spice_listen {
+            config.spice.listen_tls = Some(addr);
+        }
         let metrics = crate::metrics::install().map_err(anyhow::Error::msg)?;
         let mut app = App::build(config)?;
         let listeners = Listeners::bind(&app.config).await?;
         let admin_addr = listeners.admin_addr()?;
         let public_addrs = listeners.public_addrs()?;
+        if let (Some(spice), _) = listeners.spice_addrs()
+            && app.config.spice.public_tls_port.is_none()
+        {
+            app.spice_details.tls_port = Some(spice.port());
+        }
         if dev.is_some() {
             // On embedded defaults the base URL follows wherever the listener really is.
             let base = format!("http://{}", public_addrs[0]);
@@ -273,7 +287,8 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             eprintln!("\nNo demo VM: {} is not installed (Debian: apt-get install qemu-system-x86).", crate::demo::QEMU);
             None
         } else {
-            match crate::demo::DemoVm::start(&app.config.state_dir).await {
+            let spice_pw = dev.as_ref().map(|d| d.demo_spice_password.clone());
+            match crate::demo::DemoVm::start(&app.config.state_dir, spice_pw.as_deref()).await {
                 Ok(vm) => Some(vm),
                 Err(e) => {
                     eprintln!("\nNo demo VM: {e:#}");
@@ -308,7 +323,8 @@ Porthole is running on embedded development defaults (loopback only).
   token signing key {sk}  (kid {DEV_KID}, Ed25519; public key {pk}, JWK set {jwks})
   development CA    {ca}  (server certificate {cert} for localhost, 127.0.0.1, ::1)
   admin listener    http://{admin}  (/healthz /readyz /metrics, issuance API)
-  console pages     {base}  (WebSockets: /vnc /websockify /serial)
+  console pages     {base}  (WebSockets: /vnc /websockify /serial /spice)
+  native SPICE      {spice}  (TLS with the development CA; tickets from {base}/spice-direct)
 
 Mint a console token for a VNC console on this machine (port 5900):
   {exe} token mint --type novnc --instance demo --host 127.0.0.1 --port 5900
@@ -327,6 +343,10 @@ Open the console URL it returns in a browser.
         ca = dev.ca_cert.display(),
         cert = dev.server_cert.display(),
         bearer = dev.issuance_key.display(),
+        spice = app
+            .spice_details
+            .tls_port
+            .map_or_else(|| "off".to_string(), |p| format!("{}:{p}", app.spice_details.host)),
     );
 }
 
@@ -385,14 +405,30 @@ fn print_demo_urls(app: &App, vm: &crate::demo::DemoVm) {
 A demo VM is running (QEMU, no disk: SeaBIOS on screen and on its serial port).
 Open its consoles in a browser (valid for {} minutes; mint more with `token mint`):
   screen (noVNC): {}
-  serial console: {}
-",
+  serial console: {}",
             ttl / 60,
             vnc.url.expose(),
             serial.url.expose()
         ),
         (Err(e), _) | (_, Err(e)) => eprintln!("demo VM running, but no console URL: {e}"),
     }
+    if let Some(port) = vm.spice_port {
+        match (
+            issue(ConsoleType::SpiceHtml5, port),
+            issue(ConsoleType::SpiceDirect, port),
+        ) {
+            (Ok(html5), Ok(direct)) => eprintln!(
+                "  screen (SPICE, spice-html5): {}
+SPICE in remote-viewer (virt-viewer), through Porthole's TLS listener:
+  curl -so console.vv '{}' && remote-viewer console.vv
+  (the .vv file holds a one-session ticket and the development CA; JSON: add &format=json)",
+                html5.url.expose(),
+                direct.url.expose()
+            ),
+            (Err(e), _) | (_, Err(e)) => eprintln!("no SPICE console URL: {e}"),
+        }
+    }
+    eprintln!();
 }
 
 fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {

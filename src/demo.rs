@@ -26,6 +26,8 @@ pub struct DemoVm {
     pub vnc_port: u16,
     /// Its serial console port on 127.0.0.1.
     pub serial_port: u16,
+    /// Its SPICE port on 127.0.0.1 (ticket from the state folder), if it has one.
+    pub spice_port: Option<u16>,
 }
 
 /// Whether QEMU is on the PATH.
@@ -42,12 +44,18 @@ fn free_port(range: std::ops::Range<u16>) -> Option<u16> {
 }
 
 impl DemoVm {
-    /// Starts the VM; files it needs go in `state_dir`.
-    pub async fn start(state_dir: &Path) -> anyhow::Result<DemoVm> {
+    /// Starts the VM; files it needs go in `state_dir`. With `spice_password`
+    /// (a file) it also gets a SPICE server that expects that ticket, which
+    /// Porthole holds and browsers and native clients never see.
+    pub async fn start(state_dir: &Path, spice_password: Option<&Path>) -> anyhow::Result<DemoVm> {
         // QEMU numbers VNC displays from port 5900.
         let vnc_port = free_port(5900..6000).context("no free VNC port in 5900-5999")?;
         let serial_port = free_port(14000..15000).context("no free serial port")?;
         // SeaBIOS writes to (and reads keys from) the serial port named by this fw_cfg file.
+        let spice_port = match spice_password {
+            Some(_) => Some(free_port(15000..16000).context("no free SPICE port")?),
+            None => None,
+        };
         let sercon = state_dir.join("demo-sercon-port.bin");
         std::fs::write(&sercon, 0x3f8u16.to_le_bytes()).context("demo VM files")?;
         let child = Command::new(QEMU)
@@ -77,6 +85,15 @@ impl DemoVm {
             .arg("-fw_cfg")
             .arg(format!("name=etc/sercon-port,file={}", sercon.display()))
             .args(["-boot", "menu=on,splash-time=3000,reboot-timeout=8000"])
+            .args(match (spice_port, spice_password) {
+                (Some(port), Some(pw)) => vec![
+                    "-object".to_string(),
+                    format!("secret,id=spicepw,file={}", pw.display()),
+                    "-spice".to_string(),
+                    format!("addr=127.0.0.1,port={port},password-secret=spicepw"),
+                ],
+                _ => Vec::new(),
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -87,6 +104,7 @@ impl DemoVm {
             child,
             vnc_port,
             serial_port,
+            spice_port,
         };
         // Every wait has a deadline: the VM's ports answer within a second or two.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

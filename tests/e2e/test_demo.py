@@ -1,22 +1,57 @@
 """The README's first command: on embedded defaults, with QEMU installed,
 Porthole starts a demo VM and prints console URLs that work in a browser."""
 
+import json
+import os
 import re
+import signal
 import socket
+import subprocess
 import time
 
 from support import browser
-from harness import Gateway, free_port
+from harness import Gateway, free_port, http
 from screen import seabios_screen
+from spice_client import spicy_capture
+
+
+def remote_viewer_connects(vv, tmp_path, timeout=30):
+    """Opens the .vv file in remote-viewer (virt-viewer) on a virtual X
+    display; true once spice-gtk reports the display channel up."""
+    log = tmp_path / "remote-viewer.log"
+    with open(log, "w") as out:
+        p = subprocess.Popen(["xvfb-run", "-a", "remote-viewer", "--debug", str(vv)], stdout=out,
+                             stderr=subprocess.STDOUT, env={**os.environ, "SPICE_DEBUG": "1"},
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            if re.search(r"display-2:0: channel up", text):
+                return True
+            if p.poll() is not None:
+                break
+            time.sleep(0.2)
+        print(log.read_text(errors="replace")[-4000:])
+        return False
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
 
 def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
     admin = free_port()
-    gw = Gateway(["--admin-listen", f"127.0.0.1:{admin}", "--public-listen", "127.0.0.1:0"],
+    gw = Gateway(["--admin-listen", f"127.0.0.1:{admin}", "--public-listen", "127.0.0.1:0",
+                  "--spice-listen", "127.0.0.1:0"],
                  tmp_path / "serve.log", env={"PORTHOLE_STATE_DIR": str(tmp_path / "state")}, admin_port=admin)
     try:
         deadline = time.monotonic() + 30
-        while "serial console:" not in gw.output():
+        while "remote-viewer console.vv" not in gw.output():
             assert time.monotonic() < deadline, gw.output()
             time.sleep(0.1)
         banner = gw.output()
@@ -38,6 +73,24 @@ def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
         result = browser("serial", serial_url, 12000)
         assert result["state"] == "connected", result
         assert "SeaBIOS" in result["terminal"], result
+
+        # SPICE: the printed .vv link, as JSON for spicy-screenshot (a native
+        # client through Porthole's TLS listener, trusting the development CA
+        # the details carry), and as the .vv file remote-viewer opens as it is.
+        vv_url = re.search(r"curl -so console.vv '(\S+)'", banner).group(1)
+        status, body = http("GET", vv_url + "&format=json")
+        assert status == 200, body
+        details = json.loads(body)
+        ca = tmp_path / "ca.pem"
+        ca.write_text(details["ca"])
+        shot = spicy_capture(tmp_path / "spice.png", details["host"], details["ticket"],
+                             tls_port=details["tls_port"], ca_file=ca)
+        seabios_screen(shot)
+        vv = tmp_path / "console.vv"
+        status, body = http("GET", vv_url)
+        assert status == 200 and body.startswith("[virt-viewer]"), body
+        vv.write_text(body)
+        assert remote_viewer_connects(vv, tmp_path), "remote-viewer did not bring up the display channel"
     finally:
         assert gw.stop() == 0
     # The demo VM went with Porthole.
