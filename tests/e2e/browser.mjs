@@ -1,6 +1,9 @@
 // Drives Debian's Chromium (headless) through one of Porthole's console pages.
 //   node browser.mjs vnc URL OUT.png [WAIT_MS]   -> canvas pixels saved as PNG
 //   node browser.mjs serial URL [WAIT_MS] [KEYS] -> terminal text
+//   node browser.mjs spice URL OUT.png [WAIT_MS] -> spice-html5's primary surface saved as PNG;
+//                                                   OUT.png.traffic: every WebSocket frame and HTTP
+//                                                   response the page sent or received, concatenated
 //   node browser.mjs status URL [WAIT_MS]        -> the page's status only
 // Prints one JSON line: {"state", "text", ...}. Exit 0 when the page answered.
 import { chromium } from 'playwright-core';
@@ -17,7 +20,37 @@ try {
   const page = await browser.newPage({ viewport: { width: 1024, height: 600 } });
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
-  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+  page.on('console', (m) => {
+    if (m.type() !== 'error') return;
+    // "Failed to load resource" names its URL only in the location.
+    const where = m.text().startsWith('Failed to load resource') ? ` (${m.location().url})` : '';
+    errors.push(m.text() + where);
+  });
+  const consoleLog = [];
+  const failed = [];
+  page.on('response', (r) => { if (r.status() >= 400) failed.push(`${r.status()} ${new URL(r.url()).pathname}`); });
+  const sockets = [];
+  const traffic = [];
+  if (mode === 'spice') {
+    page.on('console', (m) => { if (consoleLog.length < 200) consoleLog.push(`${m.type()}: ${m.text()}`); });
+    page.on('websocket', (ws) => {
+      const s = { url: ws.url(), sent: 0, received: 0, closed: false };
+      sockets.push(s);
+      const keep = (payload) => traffic.push(Buffer.isBuffer(payload) ? payload : Buffer.from(payload));
+      ws.on('framesent', (f) => { s.sent += 1; keep(f.payload); });
+      ws.on('framereceived', (f) => { s.received += 1; keep(f.payload); });
+      ws.on('close', () => { s.closed = true; });
+    });
+    page.on('response', async (r) => {
+      const head = Object.entries(r.headers()).map(([k, v]) => `${k}: ${v}`).join('\n');
+      traffic.push(Buffer.from(`${r.status()} ${r.url()}\n${head}\n\n`));
+      try {
+        traffic.push(await r.body());
+      } catch {
+        // no body (101, redirects)
+      }
+    });
+  }
   const response = await page.goto(url);
   result.http_status = response.status();
   result.csp = response.headers()['content-security-policy'] ?? null;
@@ -33,6 +66,32 @@ try {
     const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas')?.toDataURL('image/png') ?? null);
     if (dataUrl) writeFileSync(out, Buffer.from(dataUrl.split(',')[1], 'base64'));
     result.canvas = Boolean(dataUrl);
+  } else if (mode === 'spice') {
+    const [out, wait] = rest;
+    await settle(0);
+    // The primary surface: spice-html5 adds it when the display channel's
+    // SURFACE_CREATE arrives, then draws into it; wait until it has content.
+    const drawn = await page.waitForFunction(() => {
+      const c = document.getElementById('spice_surface_0');
+      if (!c || !c.width || !c.height) return false;
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      for (let i = 4; i < d.length; i += 4) {
+        if (d[i] !== d[0] || d[i + 1] !== d[1] || d[i + 2] !== d[2]) return true;
+      }
+      return false;
+    }, null, { timeout: 30000, polling: 200 }).then(() => true, () => false);
+    await page.waitForTimeout(Number(wait ?? 2000));
+    const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas#spice_surface_0')
+      ?.toDataURL('image/png') ?? null);
+    if (dataUrl) writeFileSync(out, Buffer.from(dataUrl.split(',')[1], 'base64'));
+    result.canvas = Boolean(dataUrl);
+    result.drawn = drawn;
+    result.html = await page.content();
+    result.sockets = sockets;
+    result.console = consoleLog;
+    // Let late responses land, then leave the traffic for the test to search.
+    await page.waitForTimeout(200);
+    writeFileSync(`${out}.traffic`, Buffer.concat(traffic));
   } else if (mode === 'serial') {
     const [wait, keys] = rest;
     await settle(1000);
@@ -46,6 +105,7 @@ try {
   result.state = await page.evaluate(() => document.getElementById('status')?.dataset.state ?? null);
   result.text = await page.evaluate(() => document.getElementById('status')?.textContent ?? null);
   result.errors = errors;
+  result.failed = failed;
 } finally {
   await browser.close();
 }

@@ -1,0 +1,114 @@
+"""spice-html5 end to end: Porthole's browser SPICE console page (Debian's
+spice-html5 in headless Chromium) gets a ticket for its token, links every
+channel over Porthole's /spice WebSocket, and draws the VM's screen, while the
+hypervisor's password stays inside Porthole."""
+
+import re
+import time
+
+import jwt
+
+from screen import differing_fraction, seabios_screen
+from spice_client import wait_for_final_spice_screen
+from support import AUDIENCE, ISSUER, Porthole, browser
+
+
+def spice_porthole(tmp_path, vm, tls=True, password=None, spice=""):
+    """A Porthole whose loopback backend holds the VM's SPICE password (and,
+    with tls, the VM's CA, so Porthole links over QEMU's TLS port)."""
+    tmp_path.mkdir(exist_ok=True)
+    pw = tmp_path / "spice-password"
+    pw.write_text((password or vm.spice_password) + "\n")
+    lines = ["[backends.spice]", f'password_file = "{pw}"']
+    if tls:
+        lines.append(f'ca = "{vm.spice_ca}"')
+    return Porthole(tmp_path, backend_extra="\n".join(lines), spice=spice)
+
+
+def expired_spice_token(p, vm):
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "vm", "iat": now - 600, "nbf": now - 600, "exp": now - 300,
+              "jti": "expired-spice-1",
+              "console": {"type": "spice-html5", "host": "127.0.0.1", "port": vm.spice_port,
+                          "tls_port": vm.spice_tls_port}}
+    return jwt.encode(claims, p.key.signing_key(), algorithm="EdDSA", headers={"kid": p.key.kid})
+
+
+def test_spice_html5_in_chromium_shows_the_vm_screen(spice_vm, tmp_path):
+    vm = spice_vm
+    p = spice_porthole(tmp_path, vm)
+    try:
+        reference = wait_for_final_spice_screen(vm, tmp_path)
+        token = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        shot = tmp_path / "spice-html5.png"
+        result = browser("spice", f"{p.base}/console?token={token}", shot, 2000)
+        report = {k: v for k, v in result.items() if k != "html"}
+        assert result["http_status"] == 200, report
+        assert "script-src 'self'" in result["csp"] and "'unsafe-eval'" not in result["csp"]
+        assert result["state"] == "connected", report
+        assert result["canvas"] and result["drawn"], report
+        # Chromium asks for /favicon.ico, which Porthole does not serve.
+        errors = [e for e in result["errors"] if not e.endswith("/favicon.ico)")]
+        assert not errors, report
+        # Every channel is its own socket to /spice: main, display, inputs at least.
+        urls = [s["url"] for s in result["sockets"]]
+        assert len(urls) >= 3 and all(u.startswith(f"ws://127.0.0.1:{p.public_port}/spice?token=") for u in urls), \
+            report
+        seabios_screen(shot)
+        diff = differing_fraction(reference, shot)
+        # (What differs, if anything, is VGA's blinking text cursor: 9x2 pixels.)
+        assert diff <= 0.01, f"spice-html5 through Porthole differs from a direct capture in {diff:.2%} of pixels"
+
+        # The hypervisor's password is nowhere the browser or the log can see.
+        secret = vm.spice_password
+        assert secret not in result["html"]
+        traffic = (tmp_path / "spice-html5.png.traffic").read_bytes()
+        tickets = re.findall(rb'"ticket":"([^"]+)"', traffic)
+        assert b"REDQ" in traffic and len(tickets) == 1, "the dump holds the SPICE links and the page's one ticket"
+        ticket = tickets[0].decode()
+        assert secret.encode() not in traffic and ticket != secret
+        log = p.log()
+        assert "ticket issued" in log, log[-3000:]
+        for channel in ("main", "display", "inputs", "cursor"):
+            assert "spice channel linked" in log and f'channel="{channel}"' in log, log[-3000:]
+        assert secret not in log and token not in log and ticket not in log
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_spice_console_page_explains_refusals(spice_vm, tmp_path):
+    vm = spice_vm
+    # spice-html5 tokens single-use here, so the second page load is refused
+    # by POST spice-ticket (the page's own refusal path, after /console served
+    # it). Porthole() has no [tokens] lines: the table follows [spice]'s.
+    p = spice_porthole(tmp_path, vm, spice='[tokens.reuse]\nspice-html5 = "single-use"')
+    wrong = None
+    try:
+        # A second Porthole, whose backend holds a wrong SPICE password.
+        wrong = spice_porthole(tmp_path / "wrong", vm, password="not-" + vm.spice_password)
+        result = browser("status", f"{p.base}/console?token={expired_spice_token(p, vm)}", 0)
+        assert result["http_status"] == 401 and result["state"] == "expired", result
+        # A spice-direct token has no browser page: Porthole answers 501
+        # "unavailable" (src/frontend/public.rs console_page), not "refused".
+        direct = p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        result = browser("status", f"{p.base}/console?token={direct}", 0)
+        assert result["state"] in ("refused", "unavailable"), result
+
+        token = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        result = browser("status", f"{p.base}/console?token={token}", 500)
+        assert result["state"] == "connected", result
+        result = browser("status", f"{p.base}/console?token={token}", 0)
+        assert result["http_status"] == 200 and result["state"] == "refused", result
+
+        # The hypervisor refuses Porthole's password: the page cannot tell
+        # why, and says the console is unavailable.
+        token = wrong.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        result = browser("status", f"{wrong.base}/console?token={token}", 0)
+        assert result["state"] == "unavailable", result
+        assert 'reason="hypervisor_refused_ticket"' in wrong.log(), wrong.log()[-3000:]
+        for log in (p.log(), wrong.log()):
+            assert vm.spice_password not in log and direct not in log and token not in log
+    finally:
+        wrong_rc = wrong.gateway.stop() if wrong else 0
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+        assert wrong_rc == 0, wrong.log()[-3000:]
