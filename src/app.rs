@@ -15,11 +15,11 @@ use crate::frontend::admin::{self, AdminState};
 use crate::frontend::public::{self, PublicState};
 use crate::frontend::spice::{SpiceDetails, SpiceFront};
 use crate::hypervisor::SpiceUpstreams;
+use crate::issuance::Issuer;
+use crate::session::Sessions;
 use crate::session::link_keys::LinkKeys;
 use crate::session::spice::SpiceProxy;
 use crate::token::MemoryTickets;
-use crate::issuance::Issuer;
-use crate::session::Sessions;
 use crate::token::signing::Signer;
 use crate::token::{MemoryRedemptions, TokenValidator};
 use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
@@ -99,7 +99,9 @@ impl App {
                 Some(Arc::new(c))
             }
             (Some(addr), None) => {
-                anyhow::bail!("spice.listen_tls ({addr}) needs a certificate: spice.tls_cert/tls_key or listen.tls_cert/tls_key")
+                anyhow::bail!(
+                    "spice.listen_tls ({addr}) needs a certificate: spice.tls_cert/tls_key or listen.tls_cert/tls_key"
+                )
             }
             (None, _) => None,
         };

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::config::{DEFAULT_SPICE_TLS_ADDR, RawBackend, RawConfig, RawIssuance, RawKey, RawSpiceBackend};
+use crate::config::{
+    DEFAULT_SPICE_TLS_ADDR, RawBackend, RawConfig, RawIssuance, RawKey, RawSpiceBackend,
+};
 use crate::token::signing::{KeyKind, generate, random_token};
 
 /// The key id of the development signing key.

@@ -938,7 +938,10 @@ impl RawConfig {
                 if let Some(name) = sp.tls_name.as_deref()
                     && rustls::pki_types::ServerName::try_from(name).is_err()
                 {
-                    issues.push(format!("{key}.spice.tls_name"), format!("`{name}` is not a DNS name or IP address"));
+                    issues.push(
+                        format!("{key}.spice.tls_name"),
+                        format!("`{name}` is not a DNS name or IP address"),
+                    );
                 }
                 spice_backends.insert(
                     name.clone(),
@@ -973,7 +976,10 @@ impl RawConfig {
             (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
             (None, None) => tls.clone(),
             _ => {
-                issues.push("spice.tls_cert", "set both `tls_cert` and `tls_key`, or neither");
+                issues.push(
+                    "spice.tls_cert",
+                    "set both `tls_cert` and `tls_key`, or neither",
+                );
                 None
             }
         };
@@ -983,9 +989,9 @@ impl RawConfig {
                 "needs a certificate: spice.tls_cert and tls_key, or listen.tls_cert and tls_key",
             );
         }
-        let public_host = sp.public_host.unwrap_or_else(|| {
-            host_of(&public_base_url).unwrap_or_else(|| "localhost".into())
-        });
+        let public_host = sp
+            .public_host
+            .unwrap_or_else(|| host_of(&public_base_url).unwrap_or_else(|| "localhost".into()));
         let ticket_ttl_secs = sp.ticket_ttl_secs.unwrap_or(120);
         if !(5..=3600).contains(&ticket_ttl_secs) {
             issues.push("spice.ticket_ttl_secs", "must be within 5..=3600");

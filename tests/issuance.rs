@@ -265,6 +265,59 @@ async fn token_check_reports_the_precise_reason_to_trusted_callers() {
 }
 
 #[tokio::test]
+async fn trusted_callers_get_a_tokens_connection_details_without_credentials() {
+    let a = start().await;
+    let (_, issued) = a
+        .post(
+            "/v1/consoles",
+            Some(BEARER),
+            &json!({"instance": "vm-7", "type": "spice-direct",
+                    "target": {"host": "10.20.3.4", "port": 5930, "tls_port": 5931}}),
+        )
+        .await;
+    let token = issued["token"].as_str().unwrap();
+    let (status, body) = a
+        .post(
+            "/v1/tokens/connection",
+            Some(BEARER),
+            &json!({ "token": token }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let c = &body["console"];
+    assert_eq!(c["instance_uuid"], "vm-7");
+    assert_eq!(c["type"], "spice-direct");
+    assert_eq!(
+        (
+            c["host"].as_str(),
+            c["port"].as_u64(),
+            c["tls_port"].as_u64()
+        ),
+        (Some("10.20.3.4"), Some(5930), Some(5931))
+    );
+    assert!(c["internal_access_path"].is_null());
+    assert!(!body.to_string().contains("password"));
+    // Its own checks still apply: the wrong type, no bearer.
+    let (status, body) = a
+        .post(
+            "/v1/tokens/connection",
+            Some(BEARER),
+            &json!({ "token": token, "type": "novnc" }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("wrong_console_type"))
+    );
+    assert_eq!(
+        a.post("/v1/tokens/connection", None, &json!({ "token": token }))
+            .await
+            .0,
+        401
+    );
+}
+
+#[tokio::test]
 async fn health_and_readiness() {
     let a = start().await;
     assert_eq!(

@@ -56,6 +56,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/consoles", post(issue))
         .route("/v1/tokens/check", post(check_token))
+        .route("/v1/tokens/connection", post(connection_details))
         .route("/v1/keys/reload", post(reload_keys))
         .with_state(state)
 }
@@ -251,6 +252,49 @@ async fn check_token(
             Json(json!({ "valid": false, "reason": r.reason.as_str(), "detail": r.detail })),
         )
             .into_response(),
+    }
+}
+
+/// `POST /v1/tokens/connection {"token": ...}`: where a valid token's
+/// console lives, for trusted infrastructure (an external SPICE proxy, an
+/// operator), in the shape of Nova's admin console-auth-tokens answer. No
+/// credentials: Porthole's backend secrets never leave it. The token is not
+/// redeemed.
+async fn connection_details(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<CheckBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let expect = match body.console.as_deref().map(str::parse::<ConsoleType>) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "unknown_console_type", e),
+    };
+    match s.validator.validate(&body.token, expect) {
+        Ok(g) => Json(json!({
+            "console": {
+                "instance_uuid": g.instance,
+                "type": g.console.as_str(),
+                "host": g.target.host,
+                "port": g.target.port,
+                "tls_port": g.target.tls_port,
+                "internal_access_path": null,
+                "expires_at": g.expires_at,
+            }
+        }))
+        .into_response(),
+        Err(r) => error(
+            StatusCode::from_u16(r.reason.http_status()).unwrap_or(StatusCode::FORBIDDEN),
+            r.reason.as_str(),
+            r.reason.client_code(),
+        ),
     }
 }
 

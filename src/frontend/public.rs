@@ -346,7 +346,11 @@ fn spice_websocket(
         let stream = crate::transport::ws_stream::byte_stream(socket);
         front
             .proxy
-            .serve(stream, client, crate::session::spice::ClientLeg::Browser { jti })
+            .serve(
+                stream,
+                client,
+                crate::session::spice::ClientLeg::Browser { jti },
+            )
             .await;
     });
     switching_protocols(&handshake)

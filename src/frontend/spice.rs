@@ -157,11 +157,7 @@ pub async fn spice_ticket(State(s): State<PublicState>, Query(q): Query<TokenQue
     }
 }
 
-type Exchanged = (
-    crate::token::Grant,
-    crate::secret::Secret<String>,
-    u64,
-);
+type Exchanged = (crate::token::Grant, crate::secret::Secret<String>, u64);
 
 /// Validates the token for `kind`, redeems it under its reuse policy and
 /// issues a ticket bound to its grant.
@@ -209,7 +205,10 @@ fn virt_viewer_file(d: &SpiceDetails, ticket: &str, instance: &str) -> String {
     vv.push_str(&format!("password={}\n", clean(ticket)));
     if let Some(ca) = &d.ca_pem {
         // The PEM on one line, its line breaks written as `\n`.
-        vv.push_str(&format!("ca={}\n", ca.trim_end().replace('\r', "").replace('\n', "\\n")));
+        vv.push_str(&format!(
+            "ca={}\n",
+            ca.trim_end().replace('\r', "").replace('\n', "\\n")
+        ));
     }
     if let Some(subject) = &d.host_subject {
         vv.push_str(&format!("host-subject={}\n", clean(subject)));
@@ -312,7 +311,9 @@ mod tests {
         assert!(lines.contains(&"host=127.0.0.1"));
         assert!(lines.contains(&"tls-port=6084"));
         assert!(lines.contains(&"password=T1cket"));
-        assert!(lines.contains(&"ca=-----BEGIN CERTIFICATE-----\\nAAA\\n-----END CERTIFICATE-----"));
+        assert!(
+            lines.contains(&"ca=-----BEGIN CERTIFICATE-----\\nAAA\\n-----END CERTIFICATE-----")
+        );
         assert!(lines.contains(&"host-subject=O=Porthole,CN=localhost"));
         assert!(lines.contains(&"delete-this-file=1"));
         assert_eq!(
@@ -320,6 +321,9 @@ mod tests {
             1,
             "a line break in the instance id adds no key"
         );
-        assert!(!lines.iter().any(|l| l.starts_with("port=")), "no clear port");
+        assert!(
+            !lines.iter().any(|l| l.starts_with("port=")),
+            "no clear port"
+        );
     }
 }

@@ -87,9 +87,7 @@ pub fn client_config(ca: &std::path::Path) -> Result<ClientConfig, String> {
         return Err(format!("{}: no certificate", ca.display()));
     }
     for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
     }
     Ok(
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

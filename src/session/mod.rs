@@ -257,7 +257,8 @@ impl Sessions {
     /// Takes a slot, redeems the token, claims the console and connects to
     /// its port.
     pub async fn open(&self, grant: &Grant) -> Result<Opened, OpenError> {
-        self.open_to(grant, Admission::Token, grant.target.port).await
+        self.open_to(grant, Admission::Token, grant.target.port)
+            .await
     }
 
     /// As [`Sessions::open`], for a connection admitted as `admission`, to

@@ -104,7 +104,10 @@ impl ChannelRefusal {
             }),
             reason: f.reason,
             blame,
-            detail: f.wire.as_ref().map_or_else(|| f.to_string(), ToString::to_string),
+            detail: f
+                .wire
+                .as_ref()
+                .map_or_else(|| f.to_string(), ToString::to_string),
         }
     }
 
@@ -256,10 +259,13 @@ impl SpiceProxy {
             unreachable!("the second step is the ticket")
         };
         // ~0.2 ms: cheaper inline than a hop to the blocking pool.
-        let password = decrypt_ticket(&key.private, &ciphertext)
-            .map_err(|e| {
-                ChannelRefusal::client(LinkError::PermissionDenied, "ticket_undecryptable", e.to_string())
-            })?;
+        let password = decrypt_ticket(&key.private, &ciphertext).map_err(|e| {
+            ChannelRefusal::client(
+                LinkError::PermissionDenied,
+                "ticket_undecryptable",
+                e.to_string(),
+            )
+        })?;
         let role = match (mess.channel_type, mess.connection_id) {
             (channel::MAIN, 0) => ChannelRole::Opens,
             (channel::MAIN, _) => {
@@ -276,7 +282,9 @@ impl SpiceProxy {
             .admit(&password, role, unix_now())
             .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
         let opens = role == ChannelRole::Opens;
-        let result = self.link_upstream(client, link, &mess, &admitted, leg).await;
+        let result = self
+            .link_upstream(client, link, &mess, &admitted, leg)
+            .await;
         if result.is_err() && opens {
             // The session never started: nothing may join it.
             self.tickets.end(&admitted.id);
@@ -321,15 +329,22 @@ impl SpiceProxy {
                 .await
                 .map_err(open_refusal)?;
             let mut stream: Box<dyn Io> = if use_tls {
-                let (Some(config), Some(name)) =
-                    (upstream.tls.clone(), upstream.server_name(&grant.target.host))
-                else {
-                    return Err(ChannelRefusal::backend(LinkError::Error, "hypervisor_tls", "no usable TLS name"));
+                let (Some(config), Some(name)) = (
+                    upstream.tls.clone(),
+                    upstream.server_name(&grant.target.host),
+                ) else {
+                    return Err(ChannelRefusal::backend(
+                        LinkError::Error,
+                        "hypervisor_tls",
+                        "no usable TLS name",
+                    ));
                 };
                 let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(name, opened.backend)
                     .await
-                    .map_err(|e| ChannelRefusal::backend(LinkError::Error, "hypervisor_tls", e.to_string()))?;
+                    .map_err(|e| {
+                        ChannelRefusal::backend(LinkError::Error, "hypervisor_tls", e.to_string())
+                    })?;
                 Box::new(tls)
             } else {
                 Box::new(opened.backend)
@@ -369,7 +384,9 @@ impl SpiceProxy {
                 &reply.public_key,
                 upstream.password.expose(),
             )
-            .map_err(|e| ChannelRefusal::backend(LinkError::Error, "hypervisor_key", e.to_string()))?;
+            .map_err(|e| {
+                ChannelRefusal::backend(LinkError::Error, "hypervisor_key", e.to_string())
+            })?;
             write_upstream(&mut stream, &server.ticket(&ciphertext)).await?;
             match read_server_step(&mut stream, &mut server).await? {
                 ServerStep::Result(0) => {}
@@ -445,7 +462,11 @@ async fn read_server_step(
                 ));
             }
             Err(e) => {
-                return Err(ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string()));
+                return Err(ChannelRefusal::backend(
+                    LinkError::Error,
+                    "hypervisor_io",
+                    e.to_string(),
+                ));
             }
             Ok(n) => link.feed(&buf[..n]),
         }
@@ -453,12 +474,20 @@ async fn read_server_step(
 }
 
 async fn write_client<S: Io>(client: &mut S, bytes: &[u8]) -> Result<(), ChannelRefusal> {
-    client.write_all(bytes).await.map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
-    client.flush().await.map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))
+    client
+        .write_all(bytes)
+        .await
+        .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
+    client
+        .flush()
+        .await
+        .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))
 }
 
 async fn write_upstream(upstream: &mut Box<dyn Io>, bytes: &[u8]) -> Result<(), ChannelRefusal> {
-    let io = |e: std::io::Error| ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string());
+    let io = |e: std::io::Error| {
+        ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
+    };
     upstream.write_all(bytes).await.map_err(io)?;
     upstream.flush().await.map_err(io)
 }
@@ -518,7 +547,10 @@ async fn splice<S: Io>(
                                 match e {
                                     MainEvent::Init { session_id } => bind(session_id),
                                     MainEvent::Migration(kind) => {
-                                        tracing::warn!(message = kind, "hypervisor asked the client to migrate; not through Porthole: session ended");
+                                        tracing::warn!(
+                                            message = kind,
+                                            "hypervisor asked the client to migrate; not through Porthole: session ended"
+                                        );
                                         return CloseReason::ProtocolError;
                                     }
                                 }

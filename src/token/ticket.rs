@@ -101,7 +101,8 @@ impl std::fmt::Display for TicketId {
 /// Storage for tickets. Calls must be quick and safe from many tasks.
 pub trait TicketStore: Send + Sync + std::fmt::Debug {
     /// Issues a ticket for `grant`, usable for `ttl_secs` from `now`.
-    fn issue(&self, grant: Grant, ttl_secs: u64, now: u64) -> Result<Secret<String>, TicketRefusal>;
+    fn issue(&self, grant: Grant, ttl_secs: u64, now: u64)
+    -> Result<Secret<String>, TicketRefusal>;
 
     /// Whether `ticket` admits a link in `role` now; an `Opens` link claims it.
     fn admit(&self, ticket: &[u8], role: ChannelRole, now: u64) -> Result<Admitted, TicketRefusal>;
@@ -163,10 +164,16 @@ impl MemoryTickets {
 }
 
 impl TicketStore for MemoryTickets {
-    fn issue(&self, grant: Grant, ttl_secs: u64, now: u64) -> Result<Secret<String>, TicketRefusal> {
+    fn issue(
+        &self,
+        grant: Grant,
+        ttl_secs: u64,
+        now: u64,
+    ) -> Result<Secret<String>, TicketRefusal> {
         let mut entries = self.lock();
         if entries.len() >= self.capacity {
-            entries.retain(|_, e| !matches!(e.state, State::Fresh { expires_at } if expires_at < now));
+            entries
+                .retain(|_, e| !matches!(e.state, State::Fresh { expires_at } if expires_at < now));
             if entries.len() >= self.capacity {
                 return Err(TicketRefusal::Full);
             }
@@ -195,12 +202,19 @@ impl TicketStore for MemoryTickets {
                 }
                 entry.state = State::Open { session_id: None };
             }
-            (State::Fresh { .. }, ChannelRole::Joins { .. }) => return Err(TicketRefusal::NoSession),
+            (State::Fresh { .. }, ChannelRole::Joins { .. }) => {
+                return Err(TicketRefusal::NoSession);
+            }
             (State::Open { .. }, ChannelRole::Opens) => return Err(TicketRefusal::Used),
             (State::Open { session_id: None }, ChannelRole::Joins { .. }) => {
                 return Err(TicketRefusal::NoSession);
             }
-            (State::Open { session_id: Some(ours) }, ChannelRole::Joins { session_id }) => {
+            (
+                State::Open {
+                    session_id: Some(ours),
+                },
+                ChannelRole::Joins { session_id },
+            ) => {
                 if *ours != session_id {
                     return Err(TicketRefusal::ForeignSession);
                 }
@@ -280,7 +294,9 @@ mod tests {
         assert!(t.len() < 60, "fits SPICE's password field");
         // Channels cannot come before the session exists.
         assert_eq!(
-            store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW).unwrap_err(),
+            store
+                .admit(t, ChannelRole::Joins { session_id: 7 }, NOW)
+                .unwrap_err(),
             TicketRefusal::NoSession
         );
         let main = store.admit(t, ChannelRole::Opens, NOW).unwrap();
@@ -291,20 +307,28 @@ mod tests {
             "a second session with the same ticket"
         );
         assert_eq!(
-            store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW).unwrap_err(),
+            store
+                .admit(t, ChannelRole::Joins { session_id: 7 }, NOW)
+                .unwrap_err(),
             TicketRefusal::NoSession,
             "before INIT named the session"
         );
         store.bind(&main.id, 7);
         // Late channels (usbredir on plug) join long after the ticket's TTL.
-        store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW + 3600).unwrap();
+        store
+            .admit(t, ChannelRole::Joins { session_id: 7 }, NOW + 3600)
+            .unwrap();
         assert_eq!(
-            store.admit(t, ChannelRole::Joins { session_id: 8 }, NOW).unwrap_err(),
+            store
+                .admit(t, ChannelRole::Joins { session_id: 8 }, NOW)
+                .unwrap_err(),
             TicketRefusal::ForeignSession
         );
         store.end(&main.id);
         assert_eq!(
-            store.admit(t, ChannelRole::Joins { session_id: 7 }, NOW).unwrap_err(),
+            store
+                .admit(t, ChannelRole::Joins { session_id: 7 }, NOW)
+                .unwrap_err(),
             TicketRefusal::Unknown,
             "dead with its session"
         );
@@ -315,17 +339,23 @@ mod tests {
         let store = MemoryTickets::new(10);
         let t = store.issue(grant("a"), 60, NOW).unwrap();
         assert_eq!(
-            store.admit(t.expose().as_bytes(), ChannelRole::Opens, NOW + 61).unwrap_err(),
+            store
+                .admit(t.expose().as_bytes(), ChannelRole::Opens, NOW + 61)
+                .unwrap_err(),
             TicketRefusal::Expired
         );
         assert_eq!(
-            store.admit(b"made-up", ChannelRole::Opens, NOW).unwrap_err(),
+            store
+                .admit(b"made-up", ChannelRole::Opens, NOW)
+                .unwrap_err(),
             TicketRefusal::Unknown
         );
         // A ticket never outlives its token.
         let t = store.issue(grant("b"), 10_000, NOW).unwrap();
         assert_eq!(
-            store.admit(t.expose().as_bytes(), ChannelRole::Opens, NOW + 601).unwrap_err(),
+            store
+                .admit(t.expose().as_bytes(), ChannelRole::Opens, NOW + 601)
+                .unwrap_err(),
             TicketRefusal::Expired
         );
     }
@@ -335,13 +365,18 @@ mod tests {
         let store = MemoryTickets::new(2);
         let a = store.issue(grant("a"), 60, NOW).unwrap();
         store.issue(grant("b"), 60, NOW).unwrap();
-        assert_eq!(store.issue(grant("c"), 60, NOW).unwrap_err(), TicketRefusal::Full);
+        assert_eq!(
+            store.issue(grant("c"), 60, NOW).unwrap_err(),
+            TicketRefusal::Full
+        );
         // Expired fresh tickets make room.
         store.issue(grant("c"), 60, NOW + 61).unwrap();
         store.revoke_jti("c");
         assert_eq!(store.len(), 0);
         assert_eq!(
-            store.admit(a.expose().as_bytes(), ChannelRole::Opens, NOW).unwrap_err(),
+            store
+                .admit(a.expose().as_bytes(), ChannelRole::Opens, NOW)
+                .unwrap_err(),
             TicketRefusal::Unknown
         );
     }

@@ -41,8 +41,8 @@ pub fn encrypt_ticket(
     if password.len() > MAX_PASSWORD_LEN {
         return Err(TicketCryptoError::PasswordTooLong);
     }
-    let key =
-        RsaPublicKey::from_public_key_der(public_key).map_err(|_| TicketCryptoError::BadPublicKey)?;
+    let key = RsaPublicKey::from_public_key_der(public_key)
+        .map_err(|_| TicketCryptoError::BadPublicKey)?;
     if key.size() != TICKET_CIPHERTEXT_LEN {
         return Err(TicketCryptoError::BadPublicKey);
     }
@@ -66,12 +66,14 @@ pub fn decrypt_ticket(
     ciphertext: &[u8; TICKET_CIPHERTEXT_LEN],
 ) -> Result<Vec<u8>, TicketCryptoError> {
     let attempt = |ct: &[u8]| {
-        key.decrypt(Oaep::new::<sha1::Sha1>(), ct).ok().map(|mut plain| {
-            if let Some(nul) = plain.iter().position(|&b| b == 0) {
-                plain.truncate(nul);
-            }
-            plain
-        })
+        key.decrypt(Oaep::new::<sha1::Sha1>(), ct)
+            .ok()
+            .map(|mut plain| {
+                if let Some(nul) = plain.iter().position(|&b| b == 0) {
+                    plain.truncate(nul);
+                }
+                plain
+            })
     };
     if let Some(plain) = attempt(ciphertext) {
         return Ok(plain);
@@ -145,7 +147,10 @@ mod tests {
         let other = RsaPrivateKey::new(&mut rng, 1024).unwrap();
         let der = public_key_der(&other.to_public_key()).unwrap();
         let ct = encrypt_ticket(&mut rng, &der, b"x").unwrap();
-        assert_eq!(decrypt_ticket(&key, &ct), Err(TicketCryptoError::Undecryptable));
+        assert_eq!(
+            decrypt_ticket(&key, &ct),
+            Err(TicketCryptoError::Undecryptable)
+        );
         assert_eq!(
             encrypt_ticket(&mut rng, &[0; PUBKEY_LEN], b"x"),
             Err(TicketCryptoError::BadPublicKey)

@@ -134,12 +134,8 @@ impl ClientLink {
             ClientState::AwaitTicket { auth_selection } => {
                 let mechanism_len = if auth_selection { 4 } else { 0 };
                 if auth_selection && self.buf.len() >= 4 {
-                    let mechanism = u32::from_le_bytes([
-                        self.buf[0],
-                        self.buf[1],
-                        self.buf[2],
-                        self.buf[3],
-                    ]);
+                    let mechanism =
+                        u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
                     match mechanism {
                         AUTH_MECHANISM_SPICE => {}
                         AUTH_MECHANISM_SASL => {
@@ -492,7 +488,11 @@ mod tests {
         assert_eq!(mess.channel_type, channel::DISPLAY);
         assert_eq!(t[0], 0x5a);
         assert_eq!(t[127], 127 ^ 0x5a);
-        assert_eq!(leftover, vec![0xff, 0xff], "early data is kept for the splice");
+        assert_eq!(
+            leftover,
+            vec![0xff, 0xff],
+            "early data is kept for the splice"
+        );
         // Porthole's reply, then the 4-byte OK result.
         let (reply, used) = LinkReply::decode(&sent).expect("a link reply");
         assert_eq!(reply.error, 0);
@@ -528,7 +528,10 @@ mod tests {
     #[test]
     fn junk_gets_invalid_magic_and_an_oversized_header_invalid_data() {
         let err = run_client(b"GET / HTTP/1.1\r\n\r\n").unwrap_err();
-        assert_eq!((err.code, err.reason), (LinkError::InvalidMagic, "bad_magic"));
+        assert_eq!(
+            (err.code, err.reason),
+            (LinkError::InvalidMagic, "bad_magic")
+        );
         let err = run_client(&hex("52 45 44 51 02 00 00 00 02 00 00 00 ff ff ff 7f")).unwrap_err();
         assert_eq!(
             (err.code, err.reason),
@@ -543,7 +546,10 @@ mod tests {
         let mut link = ClientLink::new();
         let refused = link.refuse(LinkError::NeedSecured);
         let (reply, used) = LinkReply::decode(&refused).unwrap();
-        assert_eq!((reply.error, used), (LinkError::NeedSecured as u32, refused.len()));
+        assert_eq!(
+            (reply.error, used),
+            (LinkError::NeedSecured as u32, refused.len())
+        );
 
         let mut link = ClientLink::new();
         link.feed(&hex(DISPLAY_LINK));
@@ -575,12 +581,17 @@ mod tests {
             caps: upstream_caps(&client),
             ..client.clone()
         };
-        assert!(!up.caps.has_channel(display_cap::GL_SCANOUT), "never forwarded");
+        assert!(
+            !up.caps.has_channel(display_cap::GL_SCANOUT),
+            "never forwarded"
+        );
         let (mut link, sent) = ServerLink::start(up.clone());
         assert_eq!(LinkMess::decode(&sent).unwrap().0, up);
 
         let mut bytes = server_reply(0);
-        bytes.extend(hex("00 00 00 00  # link result OK\n 06 00 # first data bytes"));
+        bytes.extend(hex(
+            "00 00 00 00  # link result OK\n 06 00 # first data bytes",
+        ));
         let mut steps = Vec::new();
         for b in bytes.chunks(3) {
             link.feed(b);
@@ -612,12 +623,10 @@ mod tests {
 
     #[test]
     fn migration_and_sasl_never_go_upstream() {
-        let mut main = LinkMess::decode(&hex(
-            "52 45 44 51 02 00 00 00 02 00 00 00 1a 00 00 00
+        let mut main = LinkMess::decode(&hex("52 45 44 51 02 00 00 00 02 00 00 00 1a 00 00 00
              00 00 00 00 01 00 01 00 00 00 01 00 00 00 12 00 00 00
              0d 00 00 00   # AUTH_SELECTION|AUTH_SASL|MINI_HEADER
-             0f 00 00 00   # both migration caps, name/uuid, agent tokens",
-        ))
+             0f 00 00 00   # both migration caps, name/uuid, agent tokens"))
         .unwrap()
         .0;
         main.caps = upstream_caps(&main);
