@@ -418,8 +418,16 @@ async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>)
             ConsoleType::Novnc => Ok("vnc.html"),
             ConsoleType::Serial => Ok("serial.html"),
             ConsoleType::SpiceHtml5 if s.spice.is_some() => Ok("spice.html"),
-            // Not served by a browser page (yet): say so rather than fail later.
-            _ => Err(("unavailable", StatusCode::NOT_IMPLEMENTED)),
+            ConsoleType::SpiceHtml5 => Err(("unavailable", StatusCode::NOT_IMPLEMENTED)),
+            // Native-client types have no browser page: refused here like
+            // everywhere but their own endpoint.
+            ConsoleType::SpiceDirect | ConsoleType::VncDirect => {
+                crate::metrics::token_refused(RefusalReason::WrongConsoleType);
+                Err((
+                    RefusalReason::WrongConsoleType.client_code(),
+                    StatusCode::FORBIDDEN,
+                ))
+            }
         },
     };
     let (file, status, code) = match page {
@@ -444,7 +452,7 @@ async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>)
         .collect();
     let csp = format!(
         "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
-         font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self' {}",
+         font-src 'self'; connect-src 'self'; media-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'self' {}",
         frame_ancestors.join(" ")
     );
     (

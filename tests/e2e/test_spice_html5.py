@@ -88,11 +88,10 @@ def test_spice_console_page_explains_refusals(spice_vm, tmp_path):
         wrong = spice_porthole(tmp_path / "wrong", vm, password="not-" + vm.spice_password)
         result = browser("status", f"{p.base}/console?token={expired_spice_token(p, vm)}", 0)
         assert result["http_status"] == 401 and result["state"] == "expired", result
-        # A spice-direct token has no browser page: Porthole answers 501
-        # "unavailable" (src/frontend/public.rs console_page), not "refused".
+        # A spice-direct token has no browser page: refused, as a wrong type.
         direct = p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
         result = browser("status", f"{p.base}/console?token={direct}", 0)
-        assert result["state"] in ("refused", "unavailable"), result
+        assert result["http_status"] == 403 and result["state"] == "refused", result
 
         token = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
         result = browser("status", f"{p.base}/console?token={token}", 500)
