@@ -95,6 +95,9 @@ pub struct RawSpiceBackend {
     pub ca: Option<PathBuf>,
     /// Name to check in the hypervisor's certificate. Default: the token's host.
     pub tls_name: Option<String>,
+    /// Which port to link on first, `"tls"` (default, when `ca` is set and the
+    /// token has a `tls_port`) or `"plain"` (then TLS only on NEED_SECURED).
+    pub prefer: Option<String>,
 }
 
 /// `[listen]`.
@@ -287,6 +290,8 @@ pub struct SpiceBackendConfig {
     pub ca: Option<PathBuf>,
     /// Name checked in their certificates.
     pub tls_name: Option<String>,
+    /// Link on the plain port first, TLS only when the hypervisor asks.
+    pub prefer_plain: bool,
 }
 
 /// The validated configuration.
@@ -943,12 +948,24 @@ impl RawConfig {
                         format!("`{name}` is not a DNS name or IP address"),
                     );
                 }
+                let prefer_plain = match sp.prefer.as_deref() {
+                    None | Some("tls") => false,
+                    Some("plain") => true,
+                    Some(other) => {
+                        issues.push(
+                            format!("{key}.spice.prefer"),
+                            format!("`{other}` is not \"tls\" or \"plain\""),
+                        );
+                        false
+                    }
+                };
                 spice_backends.insert(
                     name.clone(),
                     SpiceBackendConfig {
                         password_file: sp.password_file.map(|p| resolve(&p)),
                         ca: sp.ca.map(|p| resolve(&p)),
                         tls_name: sp.tls_name,
+                        prefer_plain,
                     },
                 );
             }

@@ -19,6 +19,8 @@ pub struct SpiceUpstream {
     pub tls: Option<Arc<ClientConfig>>,
     /// Name checked in their certificates, when not the token's host.
     pub tls_name: Option<String>,
+    /// Link on the plain port first; TLS only on NEED_SECURED.
+    pub prefer_plain: bool,
 }
 
 impl SpiceUpstream {
@@ -63,6 +65,7 @@ impl SpiceUpstreams {
                     password: Secret::new(password),
                     tls,
                     tls_name: c.tls_name.clone(),
+                    prefer_plain: c.prefer_plain,
                 },
             );
         }

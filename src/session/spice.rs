@@ -316,7 +316,7 @@ impl SpiceProxy {
         }
         let upstream = self.upstreams.get(&grant.backend);
         let tls_port = grant.target.tls_port.filter(|_| upstream.tls.is_some());
-        let mut use_tls = tls_port.is_some();
+        let mut use_tls = tls_port.is_some() && !upstream.prefer_plain;
         loop {
             let port = if use_tls {
                 tls_port.unwrap_or(grant.target.port)

@@ -10,14 +10,17 @@ from spice_client import spicy_capture, wait_for_final_spice_screen
 from support import Porthole
 
 
-def spice_porthole(tmp_path, vm, tls=True):
+def spice_porthole(tmp_path, vm, tls=True, prefer=None):
     """A Porthole whose loopback backend holds the VM's SPICE password (and,
     with tls, the VM's CA, so Porthole links over QEMU's TLS port)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     pw = tmp_path / "spice-password"
     pw.write_text(vm.spice_password + "\n")
     lines = ["[backends.spice]", f'password_file = "{pw}"']
     if tls:
         lines.append(f'ca = "{vm.spice_ca}"')
+    if prefer:
+        lines.append(f'prefer = "{prefer}"')
     return Porthole(tmp_path, backend_extra="\n".join(lines))
 
 
@@ -48,3 +51,43 @@ def test_a_native_client_sees_the_vm_through_porthole_with_a_ticket(spice_vm, tm
                           ca_file=p.spice_ca)
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_a_hypervisor_that_demands_tls_gets_it_and_one_without_a_ca_gets_plain(tmp_path):
+    """QEMU with tls-channel=default answers NEED_SECURED on its plain port:
+    Porthole, told to try plain first, moves to the TLS port. Without a CA for
+    the backend, Porthole links over the plain port only."""
+    from vm import VM
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    vm = VM(folder, spice=True, spice_extra_channels=False, spice_options="tls-channel=default")
+    plain_first = spice_porthole(tmp_path / "a", vm, prefer="plain")
+    try:
+        token = plain_first.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        ticket = plain_first.spice_details(token)["ticket"]
+        from spice_wire import MAIN, Channel
+        c = Channel(plain_first.spice_tls_port, ca=plain_first.spice_ca)
+        assert c.open(MAIN, ticket) == "OK"
+        assert c.session_id() != 0
+        c.close()
+        log = plain_first.log()
+        assert 'upstream="tls"' in log, log[-2000:]
+    finally:
+        assert plain_first.gateway.stop() == 0, plain_first.log()[-3000:]
+        vm.stop()
+
+    folder = tmp_path / "vm2"
+    folder.mkdir()
+    vm = VM(folder, spice=True, spice_extra_channels=False)
+    no_ca = spice_porthole(tmp_path / "b", vm, tls=False)
+    try:
+        token = no_ca.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        ticket = no_ca.spice_details(token)["ticket"]
+        from spice_wire import MAIN, Channel
+        c = Channel(no_ca.spice_tls_port, ca=no_ca.spice_ca)
+        assert c.open(MAIN, ticket) == "OK"
+        c.close()
+        assert 'upstream="plain"' in no_ca.log()
+    finally:
+        assert no_ca.gateway.stop() == 0, no_ca.log()[-3000:]
+        vm.stop()

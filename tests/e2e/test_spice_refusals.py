@@ -188,6 +188,7 @@ class JunkHypervisor:
 @pytest.mark.parametrize("answer,reason", [
     (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad_magic"),
     (b"REDQ" + struct.pack("<III", 2, 2, 0x7FFFFFFF), "oversized_link_message"),
+    (b"REDQ" + struct.pack("<III", 2, 2, 178) + b"\0" * 20, "hypervisor_closed"),  # truncated, then closed
 ])
 def test_a_hypervisor_sending_junk_gets_the_client_a_generic_error(tmp_path, answer, reason):
     hv = JunkHypervisor(answer)

@@ -117,7 +117,8 @@ class VM:
     the audio, usbredir and agent devices, so a session also gets the
     playback, record and usbredir channels."""
 
-    def __init__(self, workdir, vnc_options=None, splash_ms=3000, spice=False, spice_extra_channels=None):
+    def __init__(self, workdir, vnc_options=None, splash_ms=3000, spice=False, spice_extra_channels=None,
+                 spice_options=""):
         if shutil.which(QEMU) is None:
             raise AssertionError(f"{QEMU} is not installed: scripts/test installs qemu-system-x86")
         self.dir = workdir
@@ -144,7 +145,7 @@ class VM:
             self.spice_host_subject = make_spice_certs(certs)
             self.spice_ca = str(certs / "ca-cert.pem")
             spice_args = ["-spice", f"addr=127.0.0.1,port={self.spice_port},tls-port={self.spice_tls_port},"
-                                    f"x509-dir={certs}"]
+                                    f"x509-dir={certs}" + (f",{spice_options}" if spice_options else "")]
             if spice_extra_channels is None or spice_extra_channels:
                 spice_args += SPICE_EXTRA_DEVICES
         self.log = open(workdir / "qemu.log", "w")
