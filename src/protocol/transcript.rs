@@ -41,11 +41,13 @@ pub(crate) fn splits(len: usize) -> Vec<Vec<usize>> {
     all
 }
 
-/// `bytes` cut at `cuts`, as a peer's sends would arrive.
+/// `bytes` cut at `cuts`, as a peer's sends would arrive (cut points past
+/// the end are ignored).
 pub(crate) fn chunks<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     let mut out = Vec::new();
     let mut start = 0;
-    for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
+    let inside = cuts.iter().filter(|&&c| c > 0 && c < bytes.len());
+    for &end in inside.chain(std::iter::once(&bytes.len())) {
         out.push(&bytes[start..end]);
         start = end;
     }
