@@ -14,11 +14,13 @@ use crate::config::{Config, SigningKey};
 use crate::frontend::admin::{self, AdminState};
 use crate::frontend::public::{self, PublicState};
 use crate::frontend::spice::{SpiceDetails, SpiceFront};
-use crate::hypervisor::SpiceUpstreams;
+use crate::frontend::vnc::VncDetails;
+use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::issuance::Issuer;
 use crate::session::Sessions;
 use crate::session::link_keys::LinkKeys;
 use crate::session::spice::SpiceProxy;
+use crate::session::vnc::VncProxy;
 use crate::token::MemoryTickets;
 use crate::token::signing::Signer;
 use crate::token::{MemoryRedemptions, TokenValidator};
@@ -45,6 +47,12 @@ pub struct App {
     pub spice_tls: Option<Arc<rustls::ServerConfig>>,
     /// What native SPICE clients are told (ports filled in once bound).
     pub spice_details: SpiceDetails,
+    /// VNC hypervisor credentials.
+    pub vnc_upstreams: Arc<VncUpstreams>,
+    /// The native VNC proxy (vnc-direct).
+    pub vnc: Arc<VncProxy>,
+    /// What native VNC clients are told (port filled in once bound).
+    pub vnc_details: VncDetails,
 }
 
 impl App {
@@ -122,6 +130,41 @@ impl App {
             ca_pem,
             host_subject: config.spice.host_subject.clone(),
         };
+        let vnc_upstreams = Arc::new(
+            VncUpstreams::load(&config.vnc_backends)
+                .map_err(anyhow::Error::msg)
+                .context("backends.vnc")?,
+        );
+        let vnc_tls = match (&config.vnc.listen, &config.vnc.tls) {
+            (Some(_), Some((cert, key))) => {
+                let mut c = listener::load_tls(cert, key)
+                    .map_err(anyhow::Error::msg)
+                    .context("vnc.tls_cert")?;
+                c.alpn_protocols.clear();
+                Some(Arc::new(c))
+            }
+            (Some(addr), None) => {
+                anyhow::bail!(
+                    "vnc.listen ({addr}) needs a certificate: vnc.tls_cert/tls_key, spice.tls_* or listen.tls_*"
+                )
+            }
+            (None, _) => None,
+        };
+        let vnc = Arc::new(VncProxy {
+            sessions: sessions.clone(),
+            tickets: spice.tickets.clone(),
+            upstreams: vnc_upstreams.clone(),
+            tls: vnc_tls,
+            handshake_timeout: config.vnc.handshake_timeout,
+        });
+        let vnc_details = VncDetails {
+            host: config.spice.public_host.clone(),
+            port: config
+                .vnc
+                .public_port
+                .or(config.vnc.listen.map(|a| a.port())),
+            ca_pem: spice_details.ca_pem.clone(),
+        };
         Ok(App {
             config,
             validator,
@@ -132,6 +175,9 @@ impl App {
             spice,
             spice_tls,
             spice_details,
+            vnc_upstreams,
+            vnc,
+            vnc_details,
         })
     }
 
@@ -187,6 +233,8 @@ impl App {
                 details: self.spice_details.clone(),
                 ticket_ttl_secs: self.config.spice.ticket_ttl_secs,
             })),
+            vnc_upstreams: self.vnc_upstreams.clone(),
+            vnc: Arc::new(self.vnc_details.clone()),
         })
     }
 
@@ -223,6 +271,8 @@ pub struct Listeners {
     pub spice_tls: Option<TcpListener>,
     /// The NEED_SECURED-only plain SPICE listener.
     pub spice_plain: Option<TcpListener>,
+    /// The native VNC listener.
+    pub vnc: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -250,11 +300,13 @@ impl Listeners {
         };
         let spice_tls = bind(config.spice.listen_tls, "spice.listen_tls").await?;
         let spice_plain = bind(config.spice.listen_plain, "spice.listen_plain").await?;
+        let vnc = bind(config.vnc.listen, "vnc.listen").await?;
         Ok(Listeners {
             admin,
             public,
             spice_tls,
             spice_plain,
+            vnc,
         })
     }
 
@@ -266,6 +318,11 @@ impl Listeners {
     /// The admin listener's address.
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
         self.admin.local_addr()
+    }
+
+    /// The native VNC listener's address.
+    pub fn vnc_addr(&self) -> Option<SocketAddr> {
+        self.vnc.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The native SPICE listeners' addresses (TLS, plain).
@@ -284,6 +341,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Listeners bound to port 0 (tests) tell clients their real ports.
     let (spice_tls_addr, spice_plain_addr) = listeners.spice_addrs();
+    if app.config.vnc.public_port.is_none() {
+        app.vnc_details.port = listeners.vnc_addr().map(|a| a.port());
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let admin_router = admin::router(app.admin_state(metrics, ready.clone()));
 
@@ -325,6 +385,13 @@ pub async fn run(
             l,
             app.spice.clone(),
             app.config.spice.handshake_timeout,
+            stop_accepting.clone(),
+        )));
+    }
+    if let Some(l) = listeners.vnc {
+        spice_listeners.push(tokio::spawn(crate::frontend::vnc::serve(
+            l,
+            app.vnc.clone(),
             stop_accepting.clone(),
         )));
     }

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 use crate::config::{
-    DEFAULT_SPICE_TLS_ADDR, RawBackend, RawConfig, RawIssuance, RawKey, RawSpiceBackend,
+    DEFAULT_SPICE_TLS_ADDR, DEFAULT_VNC_ADDR, RawBackend, RawConfig, RawIssuance, RawKey,
+    RawSpiceBackend,
 };
 use crate::token::signing::{KeyKind, generate, random_token};
 
@@ -160,7 +161,9 @@ impl DevState {
                 password_file: Some(self.demo_spice_password.clone()),
                 ..RawSpiceBackend::default()
             }),
+            vnc: None,
         });
+        raw.vnc.listen = Some(DEFAULT_VNC_ADDR.into());
         // Native SPICE clients: TLS with the development certificate.
         raw.spice.listen_tls = Some(DEFAULT_SPICE_TLS_ADDR.into());
         raw.spice.tls_cert = Some(self.server_cert.clone());

@@ -42,6 +42,9 @@ enum Command {
         /// Override `spice.listen_tls` (the native SPICE TLS listener).
         #[arg(long, env = "PORTHOLE_SPICE_LISTEN")]
         spice_listen: Option<std::net::SocketAddr>,
+        /// Override `vnc.listen` (the native VNC listener).
+        #[arg(long, env = "PORTHOLE_VNC_LISTEN")]
+        vnc_listen: Option<std::net::SocketAddr>,
         /// Start the demo VM (default: on embedded defaults, when QEMU is installed).
         #[arg(long, overrides_with = "no_demo")]
         demo: bool,
@@ -172,6 +175,7 @@ pub fn main() -> ExitCode {
             admin_listen,
             public_listen,
             spice_listen,
+            vnc_listen,
             demo,
             no_demo,
             log_format,
@@ -181,6 +185,7 @@ pub fn main() -> ExitCode {
                 admin_listen,
                 public_listen,
                 spice_listen,
+                vnc_listen,
                 demo: if no_demo {
                     Some(false)
                 } else {
@@ -244,6 +249,7 @@ struct Overrides {
     admin_listen: Option<std::net::SocketAddr>,
     public_listen: Option<std::net::SocketAddr>,
     spice_listen: Option<std::net::SocketAddr>,
+    vnc_listen: Option<std::net::SocketAddr>,
     demo: Option<bool>,
 }
 
@@ -261,6 +267,9 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
         if let Some(addr) = o.spice_listen {
             config.spice.listen_tls = Some(addr);
         }
+        if let Some(addr) = o.vnc_listen {
+            config.vnc.listen = Some(addr);
+        }
         let metrics = crate::metrics::install().map_err(anyhow::Error::msg)?;
         let mut app = App::build(config)?;
         let listeners = Listeners::bind(&app.config).await?;
@@ -270,6 +279,11 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             && app.config.spice.public_tls_port.is_none()
         {
             app.spice_details.tls_port = Some(spice.port());
+        }
+        if let Some(vnc) = listeners.vnc_addr()
+            && app.config.vnc.public_port.is_none()
+        {
+            app.vnc_details.port = Some(vnc.port());
         }
         if dev.is_some() {
             // On embedded defaults the base URL follows wherever the listener really is.
@@ -325,6 +339,7 @@ Porthole is running on embedded development defaults (loopback only).
   admin listener    http://{admin}  (/healthz /readyz /metrics, issuance API)
   console pages     {base}  (WebSockets: /vnc /websockify /serial /spice)
   native SPICE      {spice}  (TLS with the development CA; tickets from {base}/spice-direct)
+  native VNC        {vnc}  (VeNCrypt X509Plain, the development CA; tickets from {base}/vnc-direct)
 
 Mint a console token for a VNC console on this machine (port 5900):
   {exe} token mint --type novnc --instance demo --host 127.0.0.1 --port 5900
@@ -347,6 +362,10 @@ Open the console URL it returns in a browser.
             .spice_details
             .tls_port
             .map_or_else(|| "off".to_string(), |p| format!("{}:{p}", app.spice_details.host)),
+        vnc = app
+            .vnc_details
+            .port
+            .map_or_else(|| "off".to_string(), |p| format!("{}:{p}", app.vnc_details.host)),
     );
 }
 

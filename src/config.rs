@@ -24,6 +24,9 @@ pub const DEFAULT_PUBLIC_ADDR: &str = "127.0.0.1:6080";
 /// The default admin listener: loopback only.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:6090";
 
+/// Where the native VNC listener binds on embedded defaults.
+pub const DEFAULT_VNC_ADDR: &str = "127.0.0.1:6085";
+
 /// Where the native SPICE TLS listener binds on embedded defaults.
 pub const DEFAULT_SPICE_TLS_ADDR: &str = "127.0.0.1:6084";
 
@@ -54,6 +57,26 @@ pub struct RawConfig {
     /// SPICE: the native-client listener and ticket exchange.
     #[serde(default)]
     pub spice: RawSpice,
+    /// Native VNC clients (vnc-direct).
+    #[serde(default)]
+    pub vnc: RawVnc,
+}
+
+/// `[vnc]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVnc {
+    /// Listener for native VNC clients (vnc-direct): RFB, then VeNCrypt
+    /// X509Plain with a ticket. Off when absent.
+    pub listen: Option<String>,
+    /// Its certificate chain and key. Default: the SPICE listener's, else `listen.tls_*`.
+    pub tls_cert: Option<PathBuf>,
+    /// See `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Port clients connect to (behind NAT). Default: the listener's.
+    pub public_port: Option<u16>,
+    /// Deadline for a connection's handshakes (RFB, TLS, hypervisor), seconds. Default 10.
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 /// `[spice]`.
@@ -254,6 +277,29 @@ pub struct RawBackend {
     pub ports: Option<Vec<String>>,
     /// SPICE credentials for this network.
     pub spice: Option<RawSpiceBackend>,
+    /// VNC credentials for this network.
+    pub vnc: Option<RawVncBackend>,
+}
+
+/// `[backends.vnc]`: how Porthole authenticates to the VNC servers of a backend network.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVncBackend {
+    /// File holding the VNC password (VNC authentication uses its first 8 bytes).
+    pub password_file: Option<PathBuf>,
+    /// CA (PEM) that signs the hypervisors' VeNCrypt x509 certificates.
+    pub ca: Option<PathBuf>,
+    /// Name to check in the hypervisor's certificate. Default: the token's host.
+    pub tls_name: Option<String>,
+    /// Client certificate chain (PEM) for hypervisors that verify peers.
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub client_key: Option<PathBuf>,
+    /// Schemes, most preferred first: `x509-vnc`, `x509-none`, `vnc`, `none`.
+    pub auth: Option<Vec<String>>,
+    /// Ask hypervisors to share the console with other viewers, whatever the
+    /// client asks (QEMU disconnects the others for an exclusive client). Default true.
+    pub force_shared: Option<bool>,
 }
 
 /// `[spice]`, validated.
@@ -281,6 +327,19 @@ pub struct SpiceConfig {
     pub key_rotation: Duration,
 }
 
+/// `[vnc]`, validated.
+#[derive(Debug, Clone)]
+pub struct VncConfig {
+    /// The native listener, if on.
+    pub listen: Option<SocketAddr>,
+    /// Its certificate and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Port clients connect to, when it differs from the listener's.
+    pub public_port: Option<u16>,
+    /// Deadline for a connection's handshakes.
+    pub handshake_timeout: Duration,
+}
+
 /// SPICE credentials of one backend network (paths; loaded at start).
 #[derive(Debug, Clone, Default)]
 pub struct SpiceBackendConfig {
@@ -294,9 +353,49 @@ pub struct SpiceBackendConfig {
     pub prefer_plain: bool,
 }
 
+/// VNC credentials of one backend network (paths; loaded at start).
+#[derive(Debug, Clone)]
+pub struct VncBackendConfig {
+    /// Password file.
+    pub password_file: Option<PathBuf>,
+    /// CA of the hypervisors' VeNCrypt certificates.
+    pub ca: Option<PathBuf>,
+    /// Name checked in their certificates.
+    pub tls_name: Option<String>,
+    /// Client certificate and key (mTLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// Schemes, most preferred first.
+    pub auth: Vec<crate::protocol::rfb::upstream::UpstreamAuth>,
+    /// Send the shared flag upstream whatever the client asks.
+    pub force_shared: bool,
+}
+
+impl Default for VncBackendConfig {
+    fn default() -> Self {
+        use crate::protocol::rfb::upstream::UpstreamAuth;
+        Self {
+            password_file: None,
+            ca: None,
+            tls_name: None,
+            client_identity: None,
+            auth: vec![
+                UpstreamAuth::X509Vnc,
+                UpstreamAuth::X509None,
+                UpstreamAuth::VncPassword,
+                UpstreamAuth::None,
+            ],
+            force_shared: true,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// VNC credentials by backend network name.
+    pub vnc_backends: std::collections::HashMap<String, VncBackendConfig>,
+    /// Native VNC listener and tickets.
+    pub vnc: VncConfig,
     /// SPICE listener and tickets.
     pub spice: SpiceConfig,
     /// SPICE credentials by backend network name.
@@ -908,6 +1007,7 @@ impl RawConfig {
 
         let mut backends = Vec::new();
         let mut spice_backends = std::collections::HashMap::new();
+        let mut vnc_backends = std::collections::HashMap::new();
         for (i, b) in self.backends.into_iter().enumerate() {
             let key = format!("backends[{i}]");
             let name = b.name.unwrap_or_else(|| format!("backend-{i}"));
@@ -968,6 +1068,50 @@ impl RawConfig {
                         prefer_plain,
                     },
                 );
+            }
+            if let Some(v) = b.vnc {
+                let mut c = VncBackendConfig {
+                    password_file: v.password_file.map(|p| resolve(&p)),
+                    ca: v.ca.map(|p| resolve(&p)),
+                    tls_name: v.tls_name,
+                    force_shared: v.force_shared.unwrap_or(true),
+                    ..VncBackendConfig::default()
+                };
+                if let Some(name) = c.tls_name.as_deref()
+                    && rustls::pki_types::ServerName::try_from(name).is_err()
+                {
+                    issues.push(
+                        format!("{key}.vnc.tls_name"),
+                        format!("`{name}` is not a DNS name or IP address"),
+                    );
+                }
+                c.client_identity = match (v.client_cert, v.client_key) {
+                    (Some(cert), Some(k)) => Some((resolve(&cert), resolve(&k))),
+                    (None, None) => None,
+                    _ => {
+                        issues.push(
+                            format!("{key}.vnc.client_cert"),
+                            "set both `client_cert` and `client_key`, or neither",
+                        );
+                        None
+                    }
+                };
+                if let Some(list) = v.auth {
+                    c.auth.clear();
+                    for (j, a) in list.iter().enumerate() {
+                        match crate::protocol::rfb::upstream::UpstreamAuth::parse(a) {
+                            Some(x) => c.auth.push(x),
+                            None => issues.push(
+                                format!("{key}.vnc.auth[{j}]"),
+                                format!("`{a}` is not one of x509-vnc, x509-none, vnc, none"),
+                            ),
+                        }
+                    }
+                    if c.auth.is_empty() {
+                        issues.push(format!("{key}.vnc.auth"), "name at least one scheme");
+                    }
+                }
+                vnc_backends.insert(name.clone(), c);
             }
             backends.push(BackendNetwork {
                 name,
@@ -1034,10 +1178,48 @@ impl RawConfig {
             key_rotation: Duration::from_secs(rotation_secs),
         };
 
+        let v = self.vnc;
+        let vnc_listen = v.listen.and_then(|text| match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                issues.push("vnc.listen", format!("`{text}` is not an address:port"));
+                None
+            }
+        });
+        let vnc_tls = match (v.tls_cert, v.tls_key) {
+            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
+            (None, None) => spice.tls.clone(),
+            _ => {
+                issues.push(
+                    "vnc.tls_cert",
+                    "set both `tls_cert` and `tls_key`, or neither",
+                );
+                None
+            }
+        };
+        if vnc_listen.is_some() && vnc_tls.is_none() {
+            issues.push(
+                "vnc.listen",
+                "needs a certificate: vnc.tls_cert and tls_key, spice.tls_*, or listen.tls_*",
+            );
+        }
+        let vnc_handshake = v.handshake_timeout_secs.unwrap_or(10);
+        if !(1..=300).contains(&vnc_handshake) {
+            issues.push("vnc.handshake_timeout_secs", "must be within 1..=300");
+        }
+        let vnc = VncConfig {
+            listen: vnc_listen,
+            tls: vnc_tls,
+            public_port: v.public_port,
+            handshake_timeout: Duration::from_secs(vnc_handshake),
+        };
+
         if !issues.0.is_empty() {
             return Err(issues.0);
         }
         Ok(Config {
+            vnc,
+            vnc_backends,
             spice,
             spice_backends,
             state_dir: self

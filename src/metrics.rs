@@ -98,3 +98,11 @@ pub fn spice_linked(channel: &'static str) {
 pub fn ticket_issued(console: &'static str) {
     metrics::counter!(TICKETS_ISSUED, "console" => console).increment(1);
 }
+
+/// Console handshakes that failed, by protocol, reason and blame.
+pub const HANDSHAKE_FAILURES: &str = "porthole_handshake_failures_total";
+
+/// Counts a failed console handshake.
+pub fn handshake_failed(protocol: &'static str, reason: &'static str, blame: &'static str) {
+    metrics::counter!(HANDSHAKE_FAILURES, "protocol" => protocol, "reason" => reason, "blame" => blame).increment(1);
+}

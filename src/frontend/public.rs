@@ -29,10 +29,12 @@ use crate::session::{OpenError, Sessions};
 use crate::token::{ConsoleType, RefusalReason, TokenValidator};
 use crate::transport::lazy_read::LazyRead;
 use crate::transport::ws_bridge::{self, BridgeOptions};
+use futures_util::SinkExt as _;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 /// What the public routes share.
 #[derive(Debug, Clone)]
@@ -49,6 +51,10 @@ pub struct PublicState {
     pub web: Arc<WebConfig>,
     /// The SPICE link proxy, tickets and connection details.
     pub spice: Option<Arc<SpiceFront>>,
+    /// VNC hypervisor credentials, by backend network.
+    pub vnc_upstreams: Arc<crate::hypervisor::VncUpstreams>,
+    /// What native VNC clients are told.
+    pub vnc: Arc<super::vnc::VncDetails>,
 }
 
 /// The public router.
@@ -90,6 +96,7 @@ pub fn router(state: PublicState) -> Router {
         )
         .route("/spice-direct", get(spice::spice_direct))
         .route("/spice-ticket", post(spice::spice_ticket))
+        .route("/vnc-direct", get(super::vnc::vnc_direct))
         .merge(statics)
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
@@ -274,6 +281,8 @@ async fn ws_endpoint(
         .max_frame_size(Some(ws.max_frame_bytes));
     let on_upgrade = hyper::upgrade::on(&mut request);
     let cancel = sessions.cancel.clone();
+    let vnc_upstreams = s.vnc_upstreams.clone();
+    let upgrade_timeout = ws.upgrade_timeout;
     sessions.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -288,7 +297,34 @@ async fn ws_endpoint(
         let started = std::time::Instant::now();
         crate::metrics::session_started(kind.as_str());
         tracing::info!(%client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
-        let (reason, traffic) = ws_bridge::bridge(socket, opened.backend, opts, cancel).await;
+        let mut socket = socket;
+        let backend = if kind == ConsoleType::Novnc {
+            // The security proxy: Porthole authenticates to the hypervisor,
+            // the browser is offered None.
+            let up = vnc_upstreams.get(&grant.backend);
+            match crate::session::vnc::browser_handshake(&mut socket, opened.backend, &up, &grant.target.host, upgrade_timeout).await {
+                Ok((backend, early)) => {
+                    if !early.is_empty() && socket.send(Message::Binary(early.into())).await.is_err() {
+                        return;
+                    }
+                    backend
+                }
+                Err(r) => {
+                    r.record(client, kind);
+                    let (code, text) = ws_bridge::close_frame(crate::session::CloseReason::BackendError);
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        socket.close(Some(CloseFrame { code: code.into(), reason: text.into() })),
+                    )
+                    .await;
+                    crate::metrics::session_ended(kind.as_str(), "handshake_failed");
+                    return;
+                }
+            }
+        } else {
+            ws_bridge::Backend::Tcp(opened.backend)
+        };
+        let (reason, traffic) = ws_bridge::bridge(socket, backend, opts, cancel).await;
         drop(opened.guards);
         crate::metrics::session_ended(kind.as_str(), reason.as_str());
         tracing::info!(

@@ -157,12 +157,12 @@ pub async fn spice_ticket(State(s): State<PublicState>, Query(q): Query<TokenQue
     }
 }
 
-type Exchanged = (crate::token::Grant, crate::secret::Secret<String>, u64);
+pub(crate) type Exchanged = (crate::token::Grant, crate::secret::Secret<String>, u64);
 
 /// Validates the token for `kind`, redeems it under its reuse policy and
 /// issues a ticket bound to its grant.
 #[allow(clippy::result_large_err)]
-fn exchange(
+pub(crate) fn exchange(
     s: &PublicState,
     front: &SpiceFront,
     token: Option<&str>,
@@ -228,7 +228,8 @@ pub async fn serve_tls(
     stop: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    accept_loop(listener, stop, proxy.clone(), move |tcp, peer| {
+    let tracker = proxy.sessions.tracker.clone();
+    accept_loop(listener, stop, tracker, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let proxy = proxy.clone();
         async move {
@@ -257,22 +258,24 @@ pub async fn serve_plain(
     handshake_timeout: Duration,
     stop: CancellationToken,
 ) {
-    accept_loop(listener, stop, proxy, move |tcp, _peer| async move {
+    let tracker = proxy.sessions.tracker.clone();
+    accept_loop(listener, stop, tracker, move |tcp, _peer| async move {
         SpiceProxy::need_secured(tcp, handshake_timeout).await;
     })
     .await;
 }
 
-async fn accept_loop<F, Fut>(
+/// Accepts until `stop` fires; each connection runs `handle` as a tracked
+/// session task (shutdown waits for them).
+pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
-    proxy: Arc<SpiceProxy>,
+    tracker: tokio_util::task::TaskTracker,
     handle: F,
 ) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let tracker = proxy.sessions.tracker.clone();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -280,7 +283,7 @@ async fn accept_loop<F, Fut>(
                 Ok(c) => c,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!("spice accept failed: {e}");
+                    tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -9,9 +9,11 @@
 
 mod allowlist;
 pub mod spice;
+pub mod vnc;
 
 pub use allowlist::{AllowList, BackendNetwork, PortRange, TargetError};
 pub use spice::{SpiceUpstream, SpiceUpstreams};
+pub use vnc::{VncUpstream, VncUpstreams};
 
 use std::fmt;
 

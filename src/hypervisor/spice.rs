@@ -81,6 +81,13 @@ impl SpiceUpstreams {
 
 /// A TLS client trusting only `ca`.
 pub fn client_config(ca: &std::path::Path) -> Result<ClientConfig, String> {
+    Ok(tls_builder(ca)?.with_no_client_auth())
+}
+
+/// The start of a TLS client config that trusts only `ca`.
+pub(crate) fn tls_builder(
+    ca: &std::path::Path,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca)
         .map_err(|e| format!("{}: {e}", ca.display()))?
@@ -96,7 +103,6 @@ pub fn client_config(ca: &std::path::Path) -> Result<ClientConfig, String> {
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+            .with_root_certificates(roots),
     )
 }

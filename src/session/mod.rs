@@ -9,6 +9,8 @@
 
 pub mod link_keys;
 pub mod spice;
+pub mod splice;
+pub mod vnc;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -23,8 +23,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{Admission, CloseReason, OpenError, Sessions};
 use crate::error::Blame;
@@ -38,17 +37,9 @@ use crate::protocol::spice::messages::{LinkError, LinkMess, channel, common_cap}
 use crate::session::link_keys::LinkKeys;
 use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
 use crate::token::{ConsoleType, unix_now};
-use crate::transport::ws_bridge::Traffic;
 
-/// A byte stream either way: TCP, TLS, or a WebSocket seen as bytes.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// Read chunk on both legs.
-const CHUNK: usize = 64 * 1024;
-
-/// How long a refusal may take to reach a client that does not read.
-const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
+pub use super::splice::Io;
+use super::splice::REFUSAL_DEADLINE;
 
 /// Where a channel connection came from.
 #[derive(Debug, Clone)]
@@ -220,15 +211,41 @@ impl SpiceProxy {
         let started = Instant::now();
         let ticket_id = linked.admitted.id.clone();
         let tickets = self.tickets.clone();
-        let watch = is_main.then(|| MainWatch::new(linked.mini_header));
-        let bind = |session_id| tickets.bind(&ticket_id, session_id);
-        let (reason, traffic) = splice(
+        let mut watch = is_main.then(|| MainWatch::new(linked.mini_header));
+        // On the main channel, INIT's session id binds the ticket before INIT
+        // reaches the client; a migration message ends the session.
+        let inspect = |chunk: &[u8]| {
+            let Some(w) = watch.as_mut() else {
+                return Ok(());
+            };
+            match w.feed(chunk) {
+                Ok(events) => {
+                    for e in events {
+                        match e {
+                            MainEvent::Init { session_id } => tickets.bind(&ticket_id, session_id),
+                            MainEvent::Migration(kind) => {
+                                tracing::warn!(
+                                    message = kind,
+                                    "hypervisor asked the client to migrate; not through Porthole: session ended"
+                                );
+                                return Err(CloseReason::ProtocolError);
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!("malformed main channel data from the hypervisor: {e}");
+                    Err(CloseReason::BackendError)
+                }
+            }
+        };
+        let (reason, traffic) = super::splice::splice(
             client,
             linked.upstream,
             linked.client_early,
             linked.upstream_early,
-            watch,
-            bind,
+            inspect,
             self.sessions.cancel.clone(),
         )
         .await;
@@ -500,90 +517,6 @@ async fn write_within<S: Io>(client: &mut S, bytes: &[u8]) -> std::io::Result<()
     })
     .await
     .unwrap_or(Ok(()))
-}
-
-/// Splices client and hypervisor until either side ends. On a main channel
-/// `watch` follows the hypervisor's messages: INIT's session id goes to
-/// `bind` before INIT reaches the client; a migration message ends the session.
-async fn splice<S: Io>(
-    client: S,
-    upstream: Box<dyn Io>,
-    client_early: Vec<u8>,
-    upstream_early: Vec<u8>,
-    mut watch: Option<MainWatch>,
-    bind: impl Fn(u32),
-    cancel: CancellationToken,
-) -> (CloseReason, Traffic) {
-    let (mut client_r, mut client_w) = tokio::io::split(client);
-    let (mut up_r, mut up_w) = tokio::io::split(upstream);
-    let mut traffic = Traffic::default();
-    let up_bytes = std::sync::atomic::AtomicU64::new(0);
-    let down_bytes = std::sync::atomic::AtomicU64::new(0);
-    let up = async {
-        let mut buf = vec![0u8; CHUNK];
-        let mut pending = client_early;
-        loop {
-            if !pending.is_empty() {
-                if up_w.write_all(&pending).await.is_err() || up_w.flush().await.is_err() {
-                    return CloseReason::BackendError;
-                }
-                up_bytes.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            match client_r.read(&mut buf).await {
-                Ok(0) | Err(_) => return CloseReason::ClientLeft,
-                Ok(n) => pending = buf[..n].to_vec(),
-            }
-        }
-    };
-    let down = async {
-        let mut buf = vec![0u8; CHUNK];
-        let mut pending = upstream_early;
-        loop {
-            if !pending.is_empty() {
-                if let Some(w) = watch.as_mut() {
-                    match w.feed(&pending) {
-                        Ok(events) => {
-                            for e in events {
-                                match e {
-                                    MainEvent::Init { session_id } => bind(session_id),
-                                    MainEvent::Migration(kind) => {
-                                        tracing::warn!(
-                                            message = kind,
-                                            "hypervisor asked the client to migrate; not through Porthole: session ended"
-                                        );
-                                        return CloseReason::ProtocolError;
-                                    }
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("malformed main channel data from the hypervisor: {e}");
-                            return CloseReason::BackendError;
-                        }
-                    }
-                }
-                if client_w.write_all(&pending).await.is_err() || client_w.flush().await.is_err() {
-                    return CloseReason::ClientLeft;
-                }
-                down_bytes.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            match up_r.read(&mut buf).await {
-                Ok(0) => return CloseReason::BackendClosed,
-                Err(_) => return CloseReason::BackendError,
-                Ok(n) => pending = buf[..n].to_vec(),
-            }
-        }
-    };
-    let reason = tokio::select! {
-        r = up => r,
-        r = down => r,
-        _ = cancel.cancelled() => CloseReason::Shutdown,
-    };
-    let _ = tokio::time::timeout(REFUSAL_DEADLINE, client_w.shutdown()).await;
-    let _ = tokio::time::timeout(REFUSAL_DEADLINE, up_w.shutdown()).await;
-    traffic.up = up_bytes.into_inner();
-    traffic.down = down_bytes.into_inner();
-    (reason, traffic)
 }
 
 fn open_refusal(e: OpenError) -> ChannelRefusal {

@@ -19,7 +19,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -50,6 +52,109 @@ pub struct Traffic {
     pub down: u64,
 }
 
+/// The hypervisor side of a bridge: a TCP socket, or any byte stream (TLS
+/// for VeNCrypt consoles).
+pub enum Backend {
+    /// A plain socket: read only when readable, so an idle session holds no buffer.
+    Tcp(TcpStream),
+    /// Any other stream; a read buffer is held while it waits.
+    Stream(Box<dyn BackendIo>),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Tcp(_) => "Backend::Tcp",
+            Backend::Stream(_) => "Backend::Stream",
+        })
+    }
+}
+
+/// What a [`Backend::Stream`] must be.
+pub trait BackendIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> BackendIo for T {}
+
+impl Backend {
+    fn split(self) -> (ReadSide, WriteSide) {
+        match self {
+            Backend::Tcp(t) => {
+                let (r, w) = t.into_split();
+                (ReadSide::Tcp(r), WriteSide::Tcp(w))
+            }
+            Backend::Stream(s) => {
+                let (r, w) = tokio::io::split(s);
+                (ReadSide::Stream(r, None), WriteSide::Stream(w))
+            }
+        }
+    }
+}
+
+enum ReadSide {
+    Tcp(OwnedReadHalf),
+    /// The stream, and a chunk read while waiting for readiness.
+    Stream(ReadHalf<Box<dyn BackendIo>>, Option<BytesMut>),
+}
+
+impl ReadSide {
+    /// Waits until bytes (or the end) can be taken. Cancel-safe.
+    async fn ready(&mut self) -> std::io::Result<()> {
+        match self {
+            ReadSide::Tcp(t) => t.readable().await,
+            ReadSide::Stream(r, pending) => {
+                if pending.is_none() {
+                    let mut buf = BytesMut::with_capacity(64 * 1024);
+                    r.read_buf(&mut buf).await?;
+                    *pending = Some(buf);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes what is ready without waiting: `Ok(0)` is the end,
+    /// `WouldBlock` means nothing more now.
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            ReadSide::Tcp(t) => t.try_read_buf(buf),
+            ReadSide::Stream(r, pending) => {
+                if let Some(p) = pending.take() {
+                    let n = p.len();
+                    buf.extend_from_slice(&p);
+                    return Ok(n);
+                }
+                match r.read_buf(buf).now_or_never() {
+                    Some(result) => result,
+                    None => Err(std::io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
+    }
+}
+
+enum WriteSide {
+    Tcp(OwnedWriteHalf),
+    Stream(WriteHalf<Box<dyn BackendIo>>),
+}
+
+impl WriteSide {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            WriteSide::Tcp(t) => t.write_all(data).await,
+            WriteSide::Stream(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            WriteSide::Tcp(t) => t.shutdown().await,
+            WriteSide::Stream(s) => s.shutdown().await,
+        }
+    }
+}
+
 /// How long a close frame may take to go out.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -61,7 +166,7 @@ const FLUSH_AFTER: usize = 256 * 1024;
 /// Runs the bridge until one side ends; returns why, and the bytes moved.
 pub async fn bridge<S>(
     socket: WebSocketStream<S>,
-    backend: TcpStream,
+    backend: Backend,
     opts: BridgeOptions,
     cancel: CancellationToken,
 ) -> (CloseReason, Traffic)
@@ -69,7 +174,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut sink, mut stream) = socket.split();
-    let (from_backend, mut to_backend) = backend.into_split();
+    let (mut from_backend, mut to_backend) = backend.split();
     // Shared by the futures below, which run in this one task; atomics only
     // because the task must be Send.
     let origin = Instant::now();
@@ -123,7 +228,7 @@ where
                 .map(|p| tokio::time::interval_at(Instant::now() + p, p));
             loop {
                 tokio::select! {
-                    ready = from_backend.readable() => {
+                    ready = from_backend.ready() => {
                         if ready.is_err() {
                             return CloseReason::BackendError;
                         }

@@ -47,7 +47,7 @@ def remote_viewer_connects(vv, tmp_path, timeout=30):
 def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
     admin = free_port()
     gw = Gateway(["--admin-listen", f"127.0.0.1:{admin}", "--public-listen", "127.0.0.1:0",
-                  "--spice-listen", "127.0.0.1:0"],
+                  "--spice-listen", "127.0.0.1:0", "--vnc-listen", "127.0.0.1:0"],
                  tmp_path / "serve.log", env={"PORTHOLE_STATE_DIR": str(tmp_path / "state")}, admin_port=admin)
     try:
         deadline = time.monotonic() + 30

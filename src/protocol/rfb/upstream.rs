@@ -506,3 +506,23 @@ mod tests {
         }
     }
 }
+#[cfg(test)]
+mod qemu_none {
+    use super::*;
+    #[test]
+    fn qemu_plain_none() {
+        let mut up = Upstream::new(vec![UpstreamAuth::VncPassword, UpstreamAuth::None], b"");
+        assert_eq!(up.poll().unwrap(), None);
+        up.feed(b"RFB 003.008\n");
+        assert_eq!(up.poll().unwrap(), None);
+        assert_eq!(up.take_output(), b"RFB 003.008\n");
+        up.feed(&[1, 1]);
+        assert_eq!(up.poll().unwrap(), None);
+        assert_eq!(up.take_output(), vec![1]);
+        up.feed(&[0, 0, 0, 0]);
+        assert_eq!(
+            up.poll().unwrap(),
+            Some(UpstreamStep::Authenticated(UpstreamAuth::None))
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! The native VNC front end (vnc-direct): a listener where native clients
+//! (TigerVNC, gtk-vnc viewers) speak RFB and are offered only VeNCrypt
+//! X509Plain, with a ticket as the password; and the exchange that gives
+//! them one (`GET /vnc-direct?token=`, JSON).
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::public::{PublicState, TokenQuery, refuse};
+use crate::session::vnc::VncProxy;
+use crate::token::ConsoleType;
+
+/// What native VNC clients are told about Porthole's VNC listener.
+#[derive(Debug, Clone, Default)]
+pub struct VncDetails {
+    /// Host clients connect to.
+    pub host: String,
+    /// Porthole's native VNC port, when the listener is on.
+    pub port: Option<u16>,
+    /// The CA certificate (PEM) to trust, when not a public one.
+    pub ca_pem: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ConnectionDetails<'a> {
+    r#type: &'static str,
+    host: &'a str,
+    port: u16,
+    security: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<&'a str>,
+    username: &'static str,
+    ticket: &'a str,
+    ticket_expires_at: u64,
+    instance: &'a str,
+}
+
+/// `GET /vnc-direct?token=`: connection details and a ticket (the VNC
+/// password) for a `vnc-direct` token.
+pub async fn vnc_direct(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
+    let (Some(front), Some(port)) = (s.spice.clone(), s.vnc.port) else {
+        return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
+    };
+    let (grant, ticket, expires_at) =
+        match super::spice::exchange(&s, &front, q.token(), ConsoleType::VncDirect) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+    let body = ConnectionDetails {
+        r#type: "vnc",
+        host: &s.vnc.host,
+        port,
+        security: "VeNCrypt X509Plain",
+        ca: s.vnc.ca_pem.as_deref(),
+        username: "porthole",
+        ticket: ticket.expose(),
+        ticket_expires_at: expires_at,
+        instance: &grant.instance,
+    };
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+/// Accepts native VNC clients until `stop` fires.
+pub async fn serve(listener: TcpListener, proxy: Arc<VncProxy>, stop: CancellationToken) {
+    let tracker = proxy.sessions.tracker.clone();
+    super::spice::accept_loop(listener, stop, tracker, move |tcp, peer| {
+        let proxy = proxy.clone();
+        async move { proxy.serve(tcp, peer.ip()).await }
+    })
+    .await;
+}

@@ -1,0 +1,128 @@
+//! What Porthole presents to the VNC servers of each backend network: the
+//! VNC password (never sent to clients), the CA that signs their VeNCrypt
+//! certificates, and a client certificate for servers that verify peers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+
+use crate::config::VncBackendConfig;
+use crate::protocol::rfb::upstream::UpstreamAuth;
+use crate::protocol::rfb::vnc_auth::MAX_PASSWORD_LEN;
+use crate::secret::Secret;
+
+/// One backend network's VNC credentials, loaded.
+#[derive(Debug, Clone)]
+pub struct VncUpstream {
+    /// The VNC password (VNC authentication uses 8 bytes of it).
+    pub password: Secret<Vec<u8>>,
+    /// TLS for VeNCrypt x509, when a CA is configured.
+    pub tls: Option<Arc<ClientConfig>>,
+    /// Name checked in the certificate, when not the token's host.
+    pub tls_name: Option<String>,
+    /// Schemes, most preferred first (x509 ones only with a CA).
+    pub auth: Vec<UpstreamAuth>,
+    /// Send the shared flag upstream whatever the client asks.
+    pub force_shared: bool,
+}
+
+impl Default for VncUpstream {
+    fn default() -> Self {
+        Self::from_config(&VncBackendConfig::default(), Secret::default(), None)
+    }
+}
+
+impl VncUpstream {
+    fn from_config(
+        c: &VncBackendConfig,
+        password: Secret<Vec<u8>>,
+        tls: Option<Arc<ClientConfig>>,
+    ) -> Self {
+        let auth = c
+            .auth
+            .iter()
+            .copied()
+            .filter(|a| {
+                tls.is_some() || !matches!(a, UpstreamAuth::X509None | UpstreamAuth::X509Vnc)
+            })
+            .collect();
+        Self {
+            password,
+            tls,
+            tls_name: c.tls_name.clone(),
+            auth,
+            force_shared: c.force_shared,
+        }
+    }
+
+    /// The name to verify for a target `host`.
+    pub fn server_name(&self, host: &str) -> Option<ServerName<'static>> {
+        let name = self.tls_name.as_deref().unwrap_or(host);
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(name.to_string()).ok()
+    }
+}
+
+/// Every backend network's VNC credentials, by network name.
+#[derive(Debug, Clone, Default)]
+pub struct VncUpstreams(HashMap<String, VncUpstream>);
+
+impl VncUpstreams {
+    /// Loads password files, CAs and client identities; an error names the file.
+    pub fn load(config: &HashMap<String, VncBackendConfig>) -> Result<Self, String> {
+        let mut out = HashMap::new();
+        for (name, c) in config {
+            let password = match &c.password_file {
+                None => Vec::new(),
+                Some(p) => {
+                    let mut pw = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    while pw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        pw.pop();
+                    }
+                    if pw.len() > MAX_PASSWORD_LEN {
+                        tracing::warn!(
+                            "{}: VNC authentication uses only the first {MAX_PASSWORD_LEN} bytes",
+                            p.display()
+                        );
+                    }
+                    pw
+                }
+            };
+            let tls = match &c.ca {
+                None => None,
+                Some(ca) => Some(Arc::new(client_config(ca, c.client_identity.as_ref())?)),
+            };
+            out.insert(
+                name.clone(),
+                VncUpstream::from_config(c, Secret::new(password), tls),
+            );
+        }
+        Ok(Self(out))
+    }
+
+    /// The credentials for backend network `name` (none configured: no
+    /// password, no TLS; None or VNC authentication with an empty password).
+    pub fn get(&self, name: &str) -> VncUpstream {
+        self.0.get(name).cloned().unwrap_or_default()
+    }
+}
+
+fn client_config(
+    ca: &std::path::Path,
+    identity: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+) -> Result<ClientConfig, String> {
+    let builder = super::spice::tls_builder(ca)?;
+    let Some((cert, key)) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("client certificate and key do not match: {e}"))
+}

@@ -1,0 +1,88 @@
+//! Splicing a linked console connection: bytes both ways until either side
+//! ends, with the bytes that came early during the handshake first.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+use super::CloseReason;
+use crate::transport::ws_bridge::Traffic;
+
+/// A byte stream either way: TCP, TLS, or a WebSocket seen as bytes.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Read chunk on both legs.
+const CHUNK: usize = 64 * 1024;
+
+/// How long a refusal or a shutdown may take to reach a peer that does not read.
+pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Splices `client` and `upstream` until either side ends or `cancel` fires.
+/// `inspect` sees every chunk from the hypervisor before the client does;
+/// an error from it ends the session with that reason.
+pub async fn splice<S: Io>(
+    client: S,
+    upstream: Box<dyn Io>,
+    client_early: Vec<u8>,
+    upstream_early: Vec<u8>,
+    mut inspect: impl FnMut(&[u8]) -> Result<(), CloseReason>,
+    cancel: CancellationToken,
+) -> (CloseReason, Traffic) {
+    let (mut client_r, mut client_w) = tokio::io::split(client);
+    let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let up = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut pending = client_early;
+        loop {
+            if !pending.is_empty() {
+                if up_w.write_all(&pending).await.is_err() || up_w.flush().await.is_err() {
+                    return CloseReason::BackendError;
+                }
+                up_bytes.fetch_add(pending.len() as u64, Relaxed);
+            }
+            match client_r.read(&mut buf).await {
+                Ok(0) | Err(_) => return CloseReason::ClientLeft,
+                Ok(n) => pending = buf[..n].to_vec(),
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut pending = upstream_early;
+        loop {
+            if !pending.is_empty() {
+                if let Err(reason) = inspect(&pending) {
+                    return reason;
+                }
+                if client_w.write_all(&pending).await.is_err() || client_w.flush().await.is_err() {
+                    return CloseReason::ClientLeft;
+                }
+                down_bytes.fetch_add(pending.len() as u64, Relaxed);
+            }
+            match up_r.read(&mut buf).await {
+                Ok(0) => return CloseReason::BackendClosed,
+                Err(_) => return CloseReason::BackendError,
+                Ok(n) => pending = buf[..n].to_vec(),
+            }
+        }
+    };
+    let reason = tokio::select! {
+        r = up => r,
+        r = down => r,
+        _ = cancel.cancelled() => CloseReason::Shutdown,
+    };
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, client_w.shutdown()).await;
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, up_w.shutdown()).await;
+    (
+        reason,
+        Traffic {
+            up: up_bytes.into_inner(),
+            down: down_bytes.into_inner(),
+        },
+    )
+}
