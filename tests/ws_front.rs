@@ -159,9 +159,11 @@ impl Front {
 async fn bytes_cross_both_ways_and_binary_is_echoed_only_when_offered() {
     let f = start("").await;
     let port = echo_console().await;
+    // Serial consoles are relayed as raw bytes (VNC goes through the RFB
+    // security proxy first, tested against QEMU in tests/e2e).
     let (mut ws, proto) = f
         .connect(
-            &format!("/vnc?token={}", f.token(ConsoleType::Novnc, port)),
+            &format!("/serial?token={}", f.token(ConsoleType::Serial, port)),
             Some("https://consoles.test"),
             Some("binary"),
         )
@@ -288,7 +290,7 @@ async fn shutdown_sends_going_away() {
     let port = echo_console().await;
     let (mut ws, _) = f
         .connect(
-            &format!("/vnc?token={}", f.token(ConsoleType::Novnc, port)),
+            &format!("/serial?token={}", f.token(ConsoleType::Serial, port)),
             None,
             None,
         )

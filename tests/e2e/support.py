@@ -106,7 +106,11 @@ class EchoBackend:
     would otherwise accept on whichever socket reuses that number next (one
     test's backend stealing the next test's connections)."""
 
-    def __init__(self):
+    def __init__(self, rfb=False):
+        """rfb=True: first a minimal RFB 3.8 server handshake (security None,
+        a 1x1 ServerInit), as a VNC console behind Porthole's security proxy
+        needs; then the echo. The client side is rfb_client_handshake()."""
+        self.rfb = rfb
         self.srv = socket.socket()
         self.srv.bind(("127.0.0.1", 0))
         self.srv.listen(16)
@@ -136,10 +140,19 @@ class EchoBackend:
                 self._accepted += 1
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn):
+    def _echo(self, conn):
         with conn:
             try:
+                if self.rfb:
+                    conn.settimeout(10)
+                    conn.sendall(b"RFB 003.008\n")
+                    _recv_exact(conn, 12)
+                    conn.sendall(b"\x01\x01")  # one security type: None
+                    _recv_exact(conn, 1)
+                    conn.sendall(b"\x00\x00\x00\x00")  # SecurityResult OK
+                    _recv_exact(conn, 1)  # ClientInit
+                    conn.sendall(SERVER_INIT)
+                    conn.settimeout(None)
                 while data := conn.recv(65536):
                     conn.sendall(data)
             except OSError:
@@ -149,3 +162,37 @@ class EchoBackend:
         self._stop.set()
         self._thread.join(timeout=5)
         self.srv.close()
+
+
+# A 1x1 ServerInit: 32 bpp true colour, name "echo".
+SERVER_INIT = (b"\x00\x01\x00\x01" + bytes([32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])
+               + b"\x00\x00\x00\x04echo")
+
+
+def _recv_exact(conn, n):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise OSError("closed")
+        data += chunk
+    return data
+
+
+def rfb_client_handshake(ws, timeout=10):
+    """The browser's side of an RFB handshake through Porthole's security
+    proxy (offered None), up to the hypervisor's ServerInit; returns it."""
+    assert ws.recv(timeout=timeout) == b"RFB 003.008\n"
+    ws.send(b"RFB 003.008\n")
+    assert ws.recv(timeout=timeout) == b"\x01\x01", "only None is offered to browsers"
+    ws.send(b"\x01")
+    got = b""
+    while len(got) < 4:
+        got += ws.recv(timeout=timeout)
+    assert got[:4] == b"\x00\x00\x00\x00", got
+    ws.send(b"\x01")  # ClientInit: shared
+    got = got[4:]
+    while len(got) < len(SERVER_INIT):
+        got += ws.recv(timeout=timeout)
+    assert got == SERVER_INIT, got
+    return got

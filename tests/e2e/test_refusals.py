@@ -11,13 +11,13 @@ import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
-from support import AUDIENCE, ISSUER, EchoBackend, Porthole, browser
+from support import AUDIENCE, ISSUER, EchoBackend, Porthole, browser, rfb_client_handshake
 from harness import metric_value
 
 
 @pytest.fixture
 def backend():
-    b = EchoBackend()
+    b = EchoBackend(rfb=True)  # a VNC console: Porthole's security proxy speaks RFB to it
     yield b
     b.close()
 
@@ -62,9 +62,11 @@ def test_bad_tokens_and_origins_are_refused_before_the_upgrade(porthole, backend
 
     # The same good token, from the right origin (and with none), gets through.
     with connect(ws_url(p, "vnc", good), open_timeout=10, origin=p.base) as ws:
+        rfb_client_handshake(ws)
         ws.send(b"hello")
         assert ws.recv(timeout=10) == b"hello"
     with connect(ws_url(p, "websockify", good), open_timeout=10) as ws:
+        rfb_client_handshake(ws)
         ws.send(b"again")
         assert ws.recv(timeout=10) == b"again"
     assert backend.accepted == 2
@@ -83,6 +85,7 @@ def test_one_token_runs_one_session_at_a_time(porthole, backend):
     p = porthole
     token = p.mint("novnc", backend.port)["token"]
     with connect(ws_url(p, "vnc", token), open_timeout=10) as ws:
+        rfb_client_handshake(ws)
         ws.send(b"x")
         assert ws.recv(timeout=10) == b"x"
         refused(ws_url(p, "vnc", token), 403, "refused")
@@ -91,6 +94,7 @@ def test_one_token_runs_one_session_at_a_time(porthole, backend):
     while True:
         try:
             with connect(ws_url(p, "vnc", token), open_timeout=10) as ws:
+                rfb_client_handshake(ws)
                 ws.send(b"y")
                 assert ws.recv(timeout=10) == b"y"
             break
@@ -106,6 +110,8 @@ def test_an_oversized_message_closes_only_that_session(tmp_path, backend):
     try:
         a = connect(ws_url(p, "vnc", p.mint("novnc", backend.port)["token"]), open_timeout=10, max_size=None)
         b = connect(ws_url(p, "vnc", p.mint("novnc", backend.port)["token"]), open_timeout=10, max_size=None)
+        rfb_client_handshake(a)
+        rfb_client_handshake(b)
         a.send(b"a" * 1000)
         assert a.recv(timeout=10) == b"a" * 1000
         a.send(b"x" * 100_000)

@@ -1,4 +1,6 @@
-"""Session timers and endings as a client sees them: pings keep quiet
+"""Session timers and endings as a client sees them (on serial consoles,
+which Porthole relays as raw bytes; VNC sessions share the same bridge after
+the security proxy's handshake): pings keep quiet
 sessions alive, the idle timeout and token expiry end them with their own
 close codes, shutdown drains them with 1001, and static serving stays inside
 its roots. Deadlines are checked against generous multiples, never speed."""
@@ -13,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from support import EchoBackend, Porthole
+from support import EchoBackend, Porthole, rfb_client_handshake
 from test_refusals import ws_url
 
 
@@ -40,7 +42,7 @@ def closed_with(ws, within):
 def test_pings_keep_a_quiet_session_and_idle_timeout_ends_it(tmp_path, backend):
     p = Porthole(tmp_path, websocket="ping_interval_secs = 1\nidle_timeout_secs = 3")
     try:
-        with connect(ws_url(p, "vnc", p.mint("novnc", backend.port)["token"]), open_timeout=10) as ws:
+        with connect(ws_url(p, "serial", p.mint("serial", backend.port)["token"]), open_timeout=10) as ws:
             started = time.monotonic()
             frame = closed_with(ws, within=30)
             elapsed = time.monotonic() - started
@@ -57,7 +59,7 @@ def test_pings_keep_a_quiet_session_and_idle_timeout_ends_it(tmp_path, backend):
 def test_sessions_can_end_at_token_expiry(tmp_path, backend):
     p = Porthole(tmp_path, websocket="end_at_token_expiry = true")
     try:
-        with connect(ws_url(p, "vnc", p.mint("novnc", backend.port, ttl=3)["token"]), open_timeout=10) as ws:
+        with connect(ws_url(p, "serial", p.mint("serial", backend.port, ttl=3)["token"]), open_timeout=10) as ws:
             ws.send(b"x")
             assert ws.recv(timeout=10) == b"x"
             frame = closed_with(ws, within=30)
@@ -68,7 +70,7 @@ def test_sessions_can_end_at_token_expiry(tmp_path, backend):
 
 def test_shutdown_closes_sessions_with_going_away_and_exits_within_grace(tmp_path, backend):
     p = Porthole(tmp_path, websocket="shutdown_grace_secs = 5")
-    ws = connect(ws_url(p, "vnc", p.mint("novnc", backend.port)["token"]), open_timeout=10)
+    ws = connect(ws_url(p, "serial", p.mint("serial", backend.port)["token"]), open_timeout=10)
     ws.send(b"x")
     assert ws.recv(timeout=10) == b"x"
     started = time.monotonic()
@@ -113,11 +115,13 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
     extra = (f'tls_cert = "{state / "server.pem"}"\ntls_key = "{state / "server.key"}"\n'
              f'public_extra = ["[::1]:0"]\n')
     p = Porthole(tmp_path, listen_extra=extra, scheme="https")
+    vnc_console = EchoBackend(rfb=True)
     try:
         ctx = ssl.create_default_context(cafile=str(state / "dev-ca.pem"))
-        token = p.mint("novnc", backend.port)["token"]
+        token = p.mint("novnc", vnc_console.port)["token"]
         with connect(f"wss://127.0.0.1:{p.public_port}/vnc?token={token}", ssl=ctx, open_timeout=10,
                      origin=p.base) as ws:
+            rfb_client_handshake(ws)
             ws.send(b"over tls")
             assert ws.recv(timeout=10) == b"over tls"
         # Plain HTTP on the TLS port gets nothing useful.
@@ -127,11 +131,13 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
             c.getresponse().read()
         # The IPv6 listener serves the same router.
         v6_port = int(re.search(r"public=\[[^ ]+, \[::1\]:(\d+)\]", p.log()).group(1))
-        token = p.mint("novnc", backend.port)["token"]
+        token = p.mint("novnc", vnc_console.port)["token"]
         with connect(f"wss://[::1]:{v6_port}/vnc?token={token}", ssl=ctx, open_timeout=10) as ws:
+            rfb_client_handshake(ws)
             ws.send(b"over ipv6")
             assert ws.recv(timeout=10) == b"over ipv6"
     finally:
+        vnc_console.close()
         assert p.gateway.stop() == 0
 
 
@@ -199,7 +205,7 @@ def read_frame(s):
 def test_pings_are_sent_on_quiet_sessions(tmp_path, backend):
     p = Porthole(tmp_path, websocket="ping_interval_secs = 1")
     try:
-        s = raw_websocket(p.public_port, f"/vnc?token={p.mint('novnc', backend.port)['token']}")
+        s = raw_websocket(p.public_port, f"/serial?token={p.mint('serial', backend.port)['token']}")
         opcodes = [read_frame(s)[0] for _ in range(2)]
         assert opcodes == [0x9, 0x9], opcodes  # two pings, nothing else, on a quiet console
         s.close()
@@ -216,13 +222,13 @@ def test_the_hypervisor_closing_ends_the_session_with_its_own_code(porthole):
 
     def accept_then_close():
         conn, _ = srv.accept()
-        conn.sendall(b"RFB 003.008\n")
+        conn.sendall(b"login: ")
         conn.close()
 
     threading.Thread(target=accept_then_close, daemon=True).start()
-    s = raw_websocket(porthole.public_port, f"/vnc?token={porthole.mint('novnc', srv.getsockname()[1])['token']}")
+    s = raw_websocket(porthole.public_port, f"/serial?token={porthole.mint('serial', srv.getsockname()[1])['token']}")
     opcode, payload = read_frame(s)
-    assert (opcode, payload) == (0x2, b"RFB 003.008\n")
+    assert (opcode, payload) == (0x2, b"login: ")
     opcode, payload = read_frame(s)
     assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 4000, (opcode, payload)
     assert payload[2:] == b"console closed by the hypervisor"
