@@ -5,6 +5,8 @@
 //                                                   OUT.png.traffic: every WebSocket frame and HTTP
 //                                                   response the page sent or received, concatenated
 //   node browser.mjs status URL [WAIT_MS]        -> the page's status only
+// vnc mode also writes OUT.png.traffic like spice mode, and returns the sockets and the
+// first frames each way (hex, up to 64 bytes each) as "frames".
 // Prints one JSON line: {"state", "text", ...}. Exit 0 when the page answered.
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
@@ -31,14 +33,21 @@ try {
   page.on('response', (r) => { if (r.status() >= 400) failed.push(`${r.status()} ${new URL(r.url()).pathname}`); });
   const sockets = [];
   const traffic = [];
-  if (mode === 'spice') {
-    page.on('console', (m) => { if (consoleLog.length < 200) consoleLog.push(`${m.type()}: ${m.text()}`); });
+  const frames = [];
+  if (mode === 'spice' || mode === 'vnc') {
+    if (mode === 'spice') {
+      page.on('console', (m) => { if (consoleLog.length < 200) consoleLog.push(`${m.type()}: ${m.text()}`); });
+    }
     page.on('websocket', (ws) => {
       const s = { url: ws.url(), sent: 0, received: 0, closed: false };
       sockets.push(s);
-      const keep = (payload) => traffic.push(Buffer.isBuffer(payload) ? payload : Buffer.from(payload));
-      ws.on('framesent', (f) => { s.sent += 1; keep(f.payload); });
-      ws.on('framereceived', (f) => { s.received += 1; keep(f.payload); });
+      const keep = (dir, payload) => {
+        const b = Buffer.isBuffer(payload) ? payload : Buffer.from(payload);
+        traffic.push(b);
+        if (frames.length < 40) frames.push({ socket: sockets.length - 1, dir, len: b.length, hex: b.subarray(0, 64).toString('hex') });
+      };
+      ws.on('framesent', (f) => { s.sent += 1; keep('sent', f.payload); });
+      ws.on('framereceived', (f) => { s.received += 1; keep('received', f.payload); });
       ws.on('close', () => { s.closed = true; });
     });
     page.on('response', async (r) => {
@@ -66,6 +75,10 @@ try {
     const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas')?.toDataURL('image/png') ?? null);
     if (dataUrl) writeFileSync(out, Buffer.from(dataUrl.split(',')[1], 'base64'));
     result.canvas = Boolean(dataUrl);
+    result.sockets = sockets;
+    result.frames = frames;
+    await page.waitForTimeout(200);
+    writeFileSync(`${out}.traffic`, Buffer.concat(traffic));
   } else if (mode === 'spice') {
     const [out, wait] = rest;
     await settle(0);

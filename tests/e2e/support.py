@@ -18,11 +18,13 @@ from harness import AUDIENCE, ISSUER, ROOT, Gateway, Key, free_port, run  # noqa
 class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
-    def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra=""):
+    def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None):
         """spice: extra lines for [spice]; backend_extra: lines for the loopback
         [[backends]] entry (e.g. its [backends.spice] table, which must come last).
         Porthole's native SPICE TLS listener is always on, with its own test CA
-        (self.spice_ca, self.spice_subject) on self.spice_tls_port."""
+        (self.spice_ca, self.spice_subject) on self.spice_tls_port.
+        vnc: lines for a [vnc] section (e.g. its listen address; the native VNC
+        listener then uses the SPICE listener's certificate); None: no [vnc]."""
         from vm import make_spice_certs
         self.key = Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
@@ -57,6 +59,7 @@ tls_cert = "{certs / 'server-cert.pem'}"
 tls_key = "{certs / 'server-key.pem'}"
 ca = "{self.spice_ca}"
 {spice}
+{"" if vnc is None else "[vnc]" + chr(10) + vnc}
 
 [[backends]]
 name = "loopback"

@@ -118,11 +118,14 @@ class VM:
     playback, record and usbredir channels."""
 
     def __init__(self, workdir, vnc_options=None, splash_ms=3000, spice=False, spice_extra_channels=None,
-                 spice_options=""):
+                 spice_options="", extra_vnc=(), extra_args=()):
+        """extra_vnc: options of more VNC displays (each "id=...,..."), each on
+        its own free display: vm.extra_vnc_displays (same order). extra_args:
+        more QEMU arguments (e.g. an -object tls-creds-x509 for them)."""
         if shutil.which(QEMU) is None:
             raise AssertionError(f"{QEMU} is not installed: scripts/test installs qemu-system-x86")
         self.dir = workdir
-        self.display = free_vnc_display()
+        self.display, *self.extra_vnc_displays = free_vnc_displays(1 + len(extra_vnc))
         self.vnc_port = 5900 + self.display
         self.serial_port = free_port()
         self.qmp_path = str(workdir / "qmp.sock")
@@ -152,7 +155,9 @@ class VM:
         self.proc = subprocess.Popen(
             [QEMU, "-name", "porthole-test", "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-smp", "1",
              "-m", "64", "-nodefaults", "-no-user-config", "-nic", "none", "-vga", "std", "-display", "none",
-             "-vnc", vnc, "-serial", f"tcp:127.0.0.1:{self.serial_port},server=on,wait=off",
+             "-vnc", vnc, *[a for d, o in zip(self.extra_vnc_displays, extra_vnc)
+                            for a in ("-vnc", f"127.0.0.1:{d},{o}")],
+             *extra_args, "-serial", f"tcp:127.0.0.1:{self.serial_port},server=on,wait=off",
              "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
              "-boot", f"menu=on,splash-time={splash_ms}",
              "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *spice_args],
@@ -168,7 +173,8 @@ class VM:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"QEMU exited: {(workdir / 'qemu.log').read_text()}")
-            if os.path.exists(self.qmp_path) and self._port_open(self.vnc_port):
+            if os.path.exists(self.qmp_path) and self._port_open(self.vnc_port) and all(
+                    _listening(5900 + d) for d in self.extra_vnc_displays):
                 break
             time.sleep(0.05)
         else:
@@ -245,3 +251,90 @@ class VM:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def free_vnc_displays(n):
+    """n distinct free VNC displays (free_vnc_display() alone would return
+    the same one twice before QEMU binds it)."""
+    displays = []
+    for display in range(10, 99):
+        if len(displays) == n:
+            break
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 5900 + display))
+            except OSError:
+                continue
+        displays.append(display)
+    if len(displays) < n:
+        raise RuntimeError("no free VNC display")
+    return displays
+
+
+def make_vnc_x509_dir(folder, client=False, hosts=("localhost", "127.0.0.1")):
+    """QEMU's tls-creds-x509 directory (endpoint=server): a fresh test CA
+    (ca-cert.pem) and a server certificate for hosts (server-cert.pem,
+    server-key.pem). client=True adds client-cert.pem / client-key.pem
+    (extendedKeyUsage clientAuth) signed by the same CA, for the peer of a
+    verify-peer=on display. Returns folder."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Porthole test"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def usage(**on):
+        flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False,
+                     data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                     encipher_only=False, decipher_only=False)
+        flags.update(on)
+        return x509.KeyUsage(**flags)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("Porthole test VNC CA")
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(usage(key_cert_sign=True, crl_sign=True), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn, eku, sans=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(start).not_valid_after(end)
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(usage(digital_signature=True, key_encipherment=True), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                            critical=False))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return b.sign(ca_key, hashes.SHA256()), key
+
+    def write(stem, cert, key):
+        (folder / f"{stem}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        path = folder / f"{stem}-key.pem"
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    sans = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    write("server", *leaf(hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, sans))
+    if client:
+        write("client", *leaf("porthole", ExtendedKeyUsageOID.CLIENT_AUTH))
+    return folder
