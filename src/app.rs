@@ -256,6 +256,10 @@ impl App {
             ),
             metrics,
             ready,
+            sessions: self.sessions.clone(),
+            tickets: self.spice.tickets.clone(),
+            revoke_for_secs: self.config.tokens.policy.max_ttl_secs
+                + 2 * self.config.tokens.policy.leeway_secs,
         }
     }
 }

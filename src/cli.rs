@@ -64,6 +64,66 @@ enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Live console sessions (through the admin API).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+}
+
+/// Where the admin API is (for `sessions` and `token revoke`).
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// The admin listener's URL.
+    #[arg(
+        long,
+        env = "PORTHOLE_ADMIN_URL",
+        default_value = "http://127.0.0.1:6090"
+    )]
+    admin: String,
+    /// File with an admin bearer key (an [issuance] bearer key). Default: the
+    /// development key in the state folder.
+    #[arg(long, env = "PORTHOLE_ADMIN_BEARER_FILE")]
+    bearer_file: Option<PathBuf>,
+}
+
+/// Which sessions.
+#[derive(Debug, Args)]
+struct SessionFilter {
+    /// One session.
+    #[arg(long)]
+    id: Option<String>,
+    /// Every session of an instance.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Every session of a token.
+    #[arg(long)]
+    jti: Option<String>,
+    /// Every session of a console type.
+    #[arg(long = "type")]
+    console: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCommand {
+    /// List the live sessions.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        filter: SessionFilter,
+        /// Print the admin API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End sessions now (their tokens are revoked too).
+    Kill {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        filter: SessionFilter,
+        /// Why (kept in the audit trail).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +140,25 @@ enum TokenCommand {
         /// Also require this console type.
         #[arg(long = "type")]
         console: Option<ConsoleType>,
+    },
+    /// Revoke tokens before (or while) they are used, through the admin API:
+    /// one by its jti, or every token of an instance issued until now.
+    Revoke {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The token's jti.
+        #[arg(
+            long,
+            conflicts_with = "instance",
+            required_unless_present = "instance"
+        )]
+        jti: Option<String>,
+        /// The instance.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Why (kept in the audit trail).
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -202,6 +281,22 @@ pub fn main() -> ExitCode {
         }) => inspect(&token, config.as_deref(), console),
         Command::Keys(KeysCommand::Generate { kind, kid, out }) => keys_generate(kind, &kid, &out),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Sessions(SessionsCommand::List {
+            admin,
+            filter,
+            json,
+        }) => sessions_list(&admin, &filter, json),
+        Command::Sessions(SessionsCommand::Kill {
+            admin,
+            filter,
+            reason,
+        }) => sessions_kill(&admin, &filter, reason),
+        Command::Token(TokenCommand::Revoke {
+            admin,
+            jti,
+            instance,
+            reason,
+        }) => token_revoke(&admin, jti, instance, reason),
     };
     match result {
         Ok(code) => code,
@@ -271,6 +366,10 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             config.vnc.listen = Some(addr);
         }
         let metrics = crate::metrics::install().map_err(anyhow::Error::msg)?;
+        if let Some(path) = &config.audit_path {
+            crate::audit::to_file(path)
+                .with_context(|| format!("audit.path: cannot open {}", path.display()))?;
+        }
         let mut app = App::build(config)?;
         let listeners = Listeners::bind(&app.config).await?;
         let admin_addr = listeners.admin_addr()?;
@@ -594,4 +693,121 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn admin_client(a: &AdminArgs) -> anyhow::Result<crate::admin_client::AdminClient> {
+    crate::admin_client::AdminClient::new(&a.admin, a.bearer_file.as_deref(), &default_state_dir())
+}
+
+fn filter_json(f: &SessionFilter) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in [
+        ("id", &f.id),
+        ("instance", &f.instance),
+        ("jti", &f.jti),
+        ("type", &f.console),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.into(), serde_json::Value::String(v.clone()));
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
+fn answer_ok(status: u16, body: &serde_json::Value) -> anyhow::Result<()> {
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        anyhow::bail!("the admin API answered {status}: {body}")
+    }
+}
+
+fn sessions_list(a: &AdminArgs, f: &SessionFilter, json: bool) -> anyhow::Result<ExitCode> {
+    let client = admin_client(a)?;
+    let query: Vec<String> = filter_json(f)
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let path = if query.is_empty() {
+        "/v1/sessions".to_string()
+    } else {
+        format!("/v1/sessions?{}", query.join("&"))
+    };
+    let (status, body) = client.call("GET", &path, None)?;
+    answer_ok(status, &body)?;
+    if json {
+        println!("{body:#}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sessions = body["sessions"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12}",
+        "ID", "TYPE", "INSTANCE", "JTI", "CLIENT", "UP", "DOWN", "STATE"
+    );
+    for s in &sessions {
+        println!(
+            "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12}",
+            s["id"].as_str().unwrap_or("-"),
+            s["console"].as_str().unwrap_or("-"),
+            s["instance"].as_str().unwrap_or("-"),
+            s["jti"].as_str().unwrap_or("-"),
+            s["client"].as_str().unwrap_or("-"),
+            s["bytes_up"],
+            s["bytes_down"],
+            s["state"].as_str().unwrap_or("-"),
+        );
+    }
+    eprintln!("{} session(s)", sessions.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sessions_kill(
+    a: &AdminArgs,
+    f: &SessionFilter,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut body = filter_json(f);
+    if body.as_object().is_none_or(|m| m.is_empty()) {
+        anyhow::bail!("name the sessions to end: --id, --instance, --jti or --type");
+    }
+    if let Some(r) = reason {
+        body["reason"] = serde_json::Value::String(r);
+    }
+    let (status, answer) = admin_client(a)?.call("POST", "/v1/sessions/terminate", Some(&body))?;
+    answer_ok(status, &answer)?;
+    let ended = answer["terminated"].as_array().cloned().unwrap_or_default();
+    for id in &ended {
+        println!("{}", id.as_str().unwrap_or("-"));
+    }
+    eprintln!("{} session(s) terminated", ended.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token_revoke(
+    a: &AdminArgs,
+    jti: Option<String>,
+    instance: Option<String>,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let body = serde_json::json!({ "jti": jti, "instance": instance, "reason": reason });
+    let body: serde_json::Value = body
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .map(serde_json::Value::Object)
+        .unwrap_or_default();
+    let (status, answer) = admin_client(a)?.call("POST", "/v1/revocations", Some(&body))?;
+    answer_ok(status, &answer)?;
+    println!(
+        "revoked until {} (unix time); {} session(s) terminated",
+        answer["revoked_until"],
+        answer["terminated"].as_array().map_or(0, Vec::len)
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -60,6 +60,17 @@ pub struct RawConfig {
     /// Native VNC clients (vnc-direct).
     #[serde(default)]
     pub vnc: RawVnc,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+/// `[audit]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// JSON-lines file the audit trail is appended to. Absent: the log.
+    pub path: Option<PathBuf>,
 }
 
 /// `[vnc]`.
@@ -392,6 +403,8 @@ impl Default for VncBackendConfig {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Where audit events go (a JSON-lines file), if not to the log.
+    pub audit_path: Option<PathBuf>,
     /// VNC credentials by backend network name.
     pub vnc_backends: std::collections::HashMap<String, VncBackendConfig>,
     /// Native VNC listener and tickets.
@@ -1218,6 +1231,7 @@ impl RawConfig {
             return Err(issues.0);
         }
         Ok(Config {
+            audit_path: self.audit.path.map(|p| resolve(&p)),
             vnc,
             vnc_backends,
             spice,

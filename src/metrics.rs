@@ -106,3 +106,26 @@ pub const HANDSHAKE_FAILURES: &str = "porthole_handshake_failures_total";
 pub fn handshake_failed(protocol: &'static str, reason: &'static str, blame: &'static str) {
     metrics::counter!(HANDSHAKE_FAILURES, "protocol" => protocol, "reason" => reason, "blame" => blame).increment(1);
 }
+
+/// Sessions live now, by console type.
+pub const SESSIONS_ACTIVE: &str = "porthole_sessions_active";
+
+/// Moves the live-session gauge of `console` by `delta`.
+pub fn sessions_active(console: &'static str, delta: i64) {
+    metrics::gauge!(SESSIONS_ACTIVE, "console" => console).increment(delta as f64);
+}
+
+/// Admin actions, by kind.
+pub const ADMIN_ACTIONS: &str = "porthole_admin_actions_total";
+/// Audit events that could not be written.
+pub const AUDIT_DROPPED: &str = "porthole_audit_events_dropped_total";
+
+/// Counts an admin action.
+pub fn admin_action(kind: &'static str) {
+    metrics::counter!(ADMIN_ACTIONS, "action" => kind).increment(1);
+}
+
+/// Counts a dropped audit event.
+pub fn audit_dropped() {
+    metrics::counter!(AUDIT_DROPPED).increment(1);
+}

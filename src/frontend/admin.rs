@@ -37,6 +37,12 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
     /// False while starting or draining: `/readyz` answers 503.
     pub ready: Arc<AtomicBool>,
+    /// Live sessions (list, terminate).
+    pub sessions: Arc<crate::session::Sessions>,
+    /// Tickets (revoked with their token).
+    pub tickets: Arc<dyn crate::token::TicketStore>,
+    /// How long a revocation is kept: the longest a token can still be valid.
+    pub revoke_for_secs: u64,
 }
 
 impl AdminState {
@@ -58,6 +64,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/tokens/check", post(check_token))
         .route("/v1/tokens/connection", post(connection_details))
         .route("/v1/keys/reload", post(reload_keys))
+        .route("/v1/sessions", get(super::operations::list))
+        .route(
+            "/v1/sessions/{id}",
+            get(super::operations::show).delete(super::operations::kill_one),
+        )
+        .route("/v1/sessions/terminate", post(super::operations::kill_many))
+        .route("/v1/revocations", post(super::operations::revoke))
         .with_state(state)
 }
 
@@ -81,7 +94,11 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 /// A JSON error body: a stable code and a human message.
-fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+pub(crate) fn error(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<String>,
+) -> Response {
     (
         status,
         Json(json!({ "error": { "code": code, "message": message.into() } })),
@@ -90,7 +107,7 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
 }
 
 /// A call without a valid bearer key.
-struct Unauthorized;
+pub(crate) struct Unauthorized;
 
 impl IntoResponse for Unauthorized {
     fn into_response(self) -> Response {
@@ -103,7 +120,7 @@ impl IntoResponse for Unauthorized {
 }
 
 /// Checks `Authorization: Bearer ...` against the configured keys.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Unauthorized> {
+pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Unauthorized> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -224,7 +224,10 @@ async fn ws_endpoint(
     let client = client_addr(peer, &headers, &s.listen);
     if let Err(why) = origin_allowed(&headers, &s.listen) {
         crate::metrics::session_refused("origin_not_allowed");
-        tracing::info!(%client, console = %kind, "websocket refused: {why}");
+        if crate::audit::refusal_log_allowed() {
+            crate::audit::refused("websocket", "origin_not_allowed", None, Some(client));
+            tracing::info!(%client, console = %kind, "websocket refused: {why}");
+        }
         return refuse(StatusCode::FORBIDDEN, "refused");
     }
     let Some(token) = q.token() else {
@@ -253,11 +256,14 @@ async fn ws_endpoint(
         Ok(o) => o,
         Err(e) => {
             crate::metrics::session_refused(e.as_str());
-            match e.blame() {
-                crate::error::Blame::Backend => {
-                    tracing::warn!(%client, jti = %grant.jti, target = %grant.target, "session not started: {e}")
+            if crate::audit::refusal_log_allowed() {
+                crate::audit::refused("session", e.as_str(), Some(&grant.jti), Some(client));
+                match e.blame() {
+                    crate::error::Blame::Backend => {
+                        tracing::warn!(%client, jti = %grant.jti, target = %grant.target, "session not started: {e}")
+                    }
+                    _ => tracing::info!(%client, jti = %grant.jti, "session not started: {e}"),
                 }
-                _ => tracing::info!(%client, jti = %grant.jti, "session not started: {e}"),
             }
             return open_error_response(&e);
         }
@@ -271,6 +277,7 @@ async fn ws_endpoint(
             tokio::time::Instant::now() + std::time::Duration::from_secs(left)
         }),
         chunk_bytes: 64 * 1024,
+        counters: Arc::default(),
     };
     let sessions = s.sessions.clone();
     let config = WebSocketConfig::default()
@@ -283,7 +290,8 @@ async fn ws_endpoint(
     let cancel = sessions.cancel.clone();
     let vnc_upstreams = s.vnc_upstreams.clone();
     let upgrade_timeout = ws.upgrade_timeout;
-    sessions.tracker.spawn(async move {
+    let tracker = sessions.tracker.clone();
+    tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -295,8 +303,27 @@ async fn ws_endpoint(
         let io = LazyRead::new(TokioIo::new(upgraded), 64 * 1024);
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let started = std::time::Instant::now();
+        let registered = sessions.registry.register(
+            crate::session::registry::NewSession {
+                console: kind,
+                instance: grant.instance.clone(),
+                jti: grant.jti.clone(),
+                client,
+                target: grant.target.to_string(),
+                key: None,
+            },
+            &cancel,
+        );
+        let session = registered.live.id.clone();
+        let mut opts = opts;
+        opts.counters = registered.live.bytes.clone();
+        let stop = crate::session::Stop {
+            shutdown: cancel.clone(),
+            kill: registered.live.cancel.clone(),
+        };
         crate::metrics::session_started(kind.as_str());
-        tracing::info!(%client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
+        crate::audit::session_started(&registered.live);
+        tracing::info!(%session, %client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
         let mut socket = socket;
         let backend = if kind == ConsoleType::Novnc {
             // The security proxy: Porthole authenticates to the hypervisor,
@@ -311,6 +338,7 @@ async fn ws_endpoint(
                 }
                 Err(r) => {
                     r.record(client, kind);
+                    crate::audit::session_ended(&registered.live, "handshake_failed", started.elapsed().as_secs_f64());
                     let (code, text) = ws_bridge::close_frame(crate::session::CloseReason::BackendError);
                     let _ = tokio::time::timeout(
                         std::time::Duration::from_secs(2),
@@ -324,11 +352,13 @@ async fn ws_endpoint(
         } else {
             ws_bridge::Backend::Tcp(opened.backend)
         };
-        let (reason, traffic) = ws_bridge::bridge(socket, backend, opts, cancel).await;
+        let (reason, traffic) = ws_bridge::bridge(socket, backend, opts, stop).await;
         drop(opened.guards);
+        crate::audit::session_ended(&registered.live, reason.as_str(), started.elapsed().as_secs_f64());
+        drop(registered);
         crate::metrics::session_ended(kind.as_str(), reason.as_str());
         tracing::info!(
-            %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
+            %session, %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
             bytes_up = traffic.up, bytes_down = traffic.down,
             secs = started.elapsed().as_secs_f64(), "session ended"
         );

@@ -8,6 +8,7 @@
 //! Front ends then splice bytes; they never talk to hypervisors directly.
 
 pub mod link_keys;
+pub mod registry;
 pub mod spice;
 pub mod splice;
 pub mod vnc;
@@ -88,6 +89,8 @@ pub enum CloseReason {
     ProtocolError,
     /// Porthole is shutting down.
     Shutdown,
+    /// An operator ended the session (admin API or CLI).
+    Terminated,
 }
 
 impl CloseReason {
@@ -103,6 +106,34 @@ impl CloseReason {
             CloseReason::LimitHit => "limit_hit",
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Terminated => "terminated",
+        }
+    }
+}
+
+/// How a session is told to stop: Porthole's shutdown, or an operator
+/// ending this one session (its registry entry's token, a child of shutdown).
+#[derive(Debug, Clone)]
+pub struct Stop {
+    /// Porthole is shutting down.
+    pub shutdown: CancellationToken,
+    /// This session was terminated.
+    pub kill: CancellationToken,
+}
+
+impl Stop {
+    /// Waits for either; says which (shutdown wins when both fired).
+    pub async fn stopped(&self) -> CloseReason {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => CloseReason::Shutdown,
+            _ = self.kill.cancelled() => {
+                if self.shutdown.is_cancelled() {
+                    CloseReason::Shutdown
+                } else {
+                    CloseReason::Terminated
+                }
+            }
         }
     }
 }
@@ -163,6 +194,8 @@ pub struct Sessions {
     pub cancel: CancellationToken,
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// The live sessions, for the admin API.
+    pub registry: Arc<registry::Registry>,
 }
 
 impl Sessions {
@@ -182,6 +215,7 @@ impl Sessions {
             connect_timeout,
             cancel,
             tracker: TaskTracker::new(),
+            registry: Arc::default(),
         }
     }
 

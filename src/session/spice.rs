@@ -183,6 +183,10 @@ impl SpiceProxy {
                     let _ = write_within(&mut client, &link.refuse(code)).await;
                 }
                 crate::metrics::spice_link_refused(r.reason, r.blame.as_str());
+                if !crate::audit::refusal_log_allowed() {
+                    return;
+                }
+                crate::audit::refused("spice_link", r.reason, None, Some(peer));
                 match r.blame {
                     Blame::Client => {
                         tracing::info!(client = %peer, reason = r.reason, "spice link refused: {}", r.detail)
@@ -210,6 +214,35 @@ impl SpiceProxy {
         );
         let started = Instant::now();
         let ticket_id = linked.admitted.id.clone();
+        // The main channel is the session; the others join its registry entry.
+        let registered = is_main.then(|| {
+            self.sessions.registry.register(
+                crate::session::registry::NewSession {
+                    console,
+                    instance: grant.instance.clone(),
+                    jti: grant.jti.clone(),
+                    client: peer,
+                    target: grant.target.to_string(),
+                    key: Some(ticket_id.to_string()),
+                },
+                &self.sessions.cancel,
+            )
+        });
+        let live = match &registered {
+            Some(r) => Some(r.live.clone()),
+            None => self.sessions.registry.by_key(&ticket_id.to_string()),
+        };
+        let stop = crate::session::Stop {
+            shutdown: self.sessions.cancel.clone(),
+            kill: live
+                .as_ref()
+                .map_or_else(|| self.sessions.cancel.clone(), |l| l.cancel.clone()),
+        };
+        let counters = live.as_ref().map(|l| l.bytes.clone()).unwrap_or_default();
+        let session = live.as_ref().map_or("-".to_string(), |l| l.id.clone());
+        if let Some(r) = &registered {
+            crate::audit::session_started(&r.live);
+        }
         let tickets = self.tickets.clone();
         let mut watch = is_main.then(|| MainWatch::new(linked.mini_header));
         // On the main channel, INIT's session id binds the ticket before INIT
@@ -246,16 +279,21 @@ impl SpiceProxy {
             linked.client_early,
             linked.upstream_early,
             inspect,
-            self.sessions.cancel.clone(),
+            stop,
+            &counters,
         )
         .await;
+        if let Some(r) = &registered {
+            crate::audit::session_ended(&r.live, reason.as_str(), started.elapsed().as_secs_f64());
+        }
+        drop(registered);
         if is_main {
             // The session is over: its ticket is dead, late channels are refused.
             self.tickets.end(&linked.admitted.id);
             crate::metrics::session_ended(console.as_str(), reason.as_str());
         }
         tracing::info!(
-            client = %peer, jti = %linked.admitted.grant.jti, channel = channel_name,
+            %session, client = %peer, jti = %linked.admitted.grant.jti, channel = channel_name,
             reason = reason.as_str(), bytes_up = traffic.up, bytes_down = traffic.down,
             secs = started.elapsed().as_secs_f64(), "spice channel ended"
         );

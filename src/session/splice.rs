@@ -1,14 +1,13 @@
 //! Splicing a linked console connection: bytes both ways until either side
 //! ends, with the bytes that came early during the handshake first.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio_util::sync::CancellationToken;
-
-use super::CloseReason;
+use super::registry::ByteCounters;
+use super::{CloseReason, Stop};
 use crate::transport::ws_bridge::Traffic;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// A byte stream either way: TCP, TLS, or a WebSocket seen as bytes.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -20,21 +19,23 @@ const CHUNK: usize = 64 * 1024;
 /// How long a refusal or a shutdown may take to reach a peer that does not read.
 pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Splices `client` and `upstream` until either side ends or `cancel` fires.
+/// Splices `client` and `upstream` until either side ends or `stop` fires.
 /// `inspect` sees every chunk from the hypervisor before the client does;
-/// an error from it ends the session with that reason.
+/// an error from it ends the session with that reason. Bytes are added to
+/// `counters` as they move; the returned traffic is this connection's.
 pub async fn splice<S: Io>(
     client: S,
     upstream: Box<dyn Io>,
     client_early: Vec<u8>,
     upstream_early: Vec<u8>,
     mut inspect: impl FnMut(&[u8]) -> Result<(), CloseReason>,
-    cancel: CancellationToken,
+    stop: Stop,
+    counters: &ByteCounters,
 ) -> (CloseReason, Traffic) {
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
+    let up_bytes = std::sync::atomic::AtomicU64::new(0);
+    let down_bytes = std::sync::atomic::AtomicU64::new(0);
     let up = async {
         let mut buf = vec![0u8; CHUNK];
         let mut pending = client_early;
@@ -44,6 +45,7 @@ pub async fn splice<S: Io>(
                     return CloseReason::BackendError;
                 }
                 up_bytes.fetch_add(pending.len() as u64, Relaxed);
+                counters.up.fetch_add(pending.len() as u64, Relaxed);
             }
             match client_r.read(&mut buf).await {
                 Ok(0) | Err(_) => return CloseReason::ClientLeft,
@@ -63,6 +65,7 @@ pub async fn splice<S: Io>(
                     return CloseReason::ClientLeft;
                 }
                 down_bytes.fetch_add(pending.len() as u64, Relaxed);
+                counters.down.fetch_add(pending.len() as u64, Relaxed);
             }
             match up_r.read(&mut buf).await {
                 Ok(0) => return CloseReason::BackendClosed,
@@ -74,7 +77,7 @@ pub async fn splice<S: Io>(
     let reason = tokio::select! {
         r = up => r,
         r = down => r,
-        _ = cancel.cancelled() => CloseReason::Shutdown,
+        r = stop.stopped() => r,
     };
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, client_w.shutdown()).await;
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, up_w.shutdown()).await;

@@ -59,6 +59,10 @@ impl VncRefusal {
     /// Logs and counts the refusal.
     pub fn record(&self, client: IpAddr, console: ConsoleType) {
         crate::metrics::handshake_failed("rfb", self.reason, self.blame.as_str());
+        if !crate::audit::refusal_log_allowed() {
+            return;
+        }
+        crate::audit::refused("vnc_handshake", self.reason, None, Some(client));
         match self.blame {
             Blame::Client => {
                 tracing::info!(%client, console = %console, reason = self.reason, "vnc handshake refused: {}", self.detail)
@@ -350,9 +354,26 @@ impl VncProxy {
                 return;
             }
         };
+        let registered = self.sessions.registry.register(
+            crate::session::registry::NewSession {
+                console: ConsoleType::VncDirect,
+                instance: grant.instance.clone(),
+                jti: grant.jti.clone(),
+                client: peer,
+                target: grant.target.to_string(),
+                key: None,
+            },
+            &self.sessions.cancel,
+        );
+        let session = registered.live.id.clone();
+        let stop = crate::session::Stop {
+            shutdown: self.sessions.cancel.clone(),
+            kill: registered.live.cancel.clone(),
+        };
         crate::metrics::session_started(ConsoleType::VncDirect.as_str());
+        crate::audit::session_started(&registered.live);
         tracing::info!(
-            client = %peer, jti = %grant.jti, instance = %grant.instance, console = "vnc-direct",
+            %session, client = %peer, jti = %grant.jti, instance = %grant.instance, console = "vnc-direct",
             target = %grant.target, auth = ?authed.auth, "session started"
         );
         let upstream: Box<dyn Io> = match authed.backend {
@@ -365,13 +386,20 @@ impl VncProxy {
             leg.into_leftover(),
             authed.early,
             |_| Ok(()),
-            self.sessions.cancel.clone(),
+            stop,
+            &registered.live.bytes,
         )
         .await;
+        crate::audit::session_ended(
+            &registered.live,
+            reason.as_str(),
+            started.elapsed().as_secs_f64(),
+        );
+        drop(registered);
         self.tickets.end(&ticket_id);
         crate::metrics::session_ended(ConsoleType::VncDirect.as_str(), reason.as_str());
         tracing::info!(
-            client = %peer, jti = %grant.jti, console = "vnc-direct", reason = reason.as_str(),
+            %session, client = %peer, jti = %grant.jti, console = "vnc-direct", reason = reason.as_str(),
             bytes_up = traffic.up, bytes_down = traffic.down,
             secs = started.elapsed().as_secs_f64(), "session ended"
         );
@@ -424,7 +452,6 @@ impl VncProxy {
                     match accepted {
                         Ok(s) => stream = Box::new(s),
                         Err(e) => {
-                            crate::metrics::handshake_failed("rfb", "tls_handshake", "client");
                             return Err((
                                 None,
                                 VncRefusal::new("tls_handshake", Blame::Client, e.to_string()),

@@ -14,6 +14,7 @@
 pub mod claims;
 pub mod keys;
 pub mod redemption;
+pub mod revocation;
 pub mod signing;
 pub mod ticket;
 
@@ -232,6 +233,7 @@ pub struct TokenValidator {
     allow_hmac: bool,
     ring: ArcSwap<KeyRing>,
     allow: Arc<AllowList>,
+    revocations: Arc<revocation::Revocations>,
 }
 
 /// Header parameters that would make a verifier fetch or trust keys named by
@@ -253,7 +255,13 @@ impl TokenValidator {
             allow_hmac,
             ring: ArcSwap::from_pointee(ring),
             allow,
+            revocations: Arc::default(),
         })
+    }
+
+    /// The deny-lists every validation checks.
+    pub fn revocations(&self) -> &revocation::Revocations {
+        &self.revocations
     }
 
     /// Re-reads every key source and swaps the new ring in. On any error the
@@ -388,6 +396,9 @@ impl TokenValidator {
                 ),
             ));
         }
+        if let Some(why) = self.revocations.check(&claims.jti, &claims.sub, claims.iat) {
+            return Err(refuse(RefusalReason::Revoked, why.to_string()));
+        }
         let target = claims.console.target();
         let backend = match self.allow.check(&target) {
             Ok(b) => b.name.clone(),
@@ -456,6 +467,15 @@ fn map_jwt_error(kind: &ErrorKind) -> Refusal {
 /// Logs and counts a refusal; every refused token goes through here once.
 pub(crate) fn record_refusal(refusal: &Refusal) {
     crate::metrics::token_refused(refusal.reason);
+    if !crate::audit::refusal_log_allowed() {
+        return;
+    }
+    crate::audit::refused(
+        "token",
+        refusal.reason.as_str(),
+        refusal.jti.as_deref(),
+        None,
+    );
     tracing::info!(
         reason = refusal.reason.as_str(),
         detail = %refusal.detail,

@@ -26,7 +26,6 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_util::sync::CancellationToken;
 
 use crate::session::CloseReason;
 
@@ -41,6 +40,8 @@ pub struct BridgeOptions {
     pub hard_end: Option<Instant>,
     /// Largest chunk read from the hypervisor into one message.
     pub chunk_bytes: usize,
+    /// Bytes moved, as they move (the admin API reads them).
+    pub counters: std::sync::Arc<crate::session::registry::ByteCounters>,
 }
 
 /// Bytes moved, for the session's end-of-life log line.
@@ -168,7 +169,7 @@ pub async fn bridge<S>(
     socket: WebSocketStream<S>,
     backend: Backend,
     opts: BridgeOptions,
-    cancel: CancellationToken,
+    stop: crate::session::Stop,
 ) -> (CloseReason, Traffic)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -182,8 +183,8 @@ where
     let touch = || last_activity.store(origin.elapsed().as_millis() as u64, Relaxed);
     let last_heard = AtomicU64::new(0);
     let heard = || last_heard.store(origin.elapsed().as_millis() as u64, Relaxed);
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    let up = &opts.counters.up;
+    let down = &opts.counters.down;
 
     let reason = {
         let client_to_backend = async {
@@ -291,7 +292,7 @@ where
             r = idle => r,
             r = unresponsive => r,
             _ = expiry => CloseReason::TokenExpired,
-            _ = cancel.cancelled() => CloseReason::Shutdown,
+            r = stop.stopped() => r,
         }
     };
 
@@ -348,6 +349,7 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::LimitHit => (1009, "message too large or client too slow"),
         CloseReason::ProtocolError => (1003, "binary frames only"),
         CloseReason::Shutdown => (1001, "gateway shutting down"),
+        CloseReason::Terminated => (4003, "session terminated by an operator"),
         CloseReason::ClientUnresponsive => (4005, "client unresponsive"),
     }
 }

@@ -3,6 +3,7 @@ Chromium driven by playwright-core (tests/e2e/browser.mjs)."""
 
 import json
 import pathlib
+import secrets
 import socket
 import subprocess
 import sys
@@ -34,6 +35,10 @@ class Porthole:
         certs = tmp / "porthole-spice-certs"
         self.spice_subject = make_spice_certs(certs)
         self.spice_ca = certs / "ca-cert.pem"
+        # The admin API's bearer key (an [issuance] bearer key), and the audit file.
+        self.bearer = tmp / "admin-bearer.key"
+        self.bearer.write_text(secrets.token_urlsafe(24))
+        self.audit_path = tmp / "audit.jsonl"
         config = tmp / "porthole.toml"
         config.write_text(f"""
 [listen]
@@ -52,6 +57,16 @@ audiences = ["{AUDIENCE}"]
 
 [web]
 root = "{ROOT / 'web'}"
+
+[issuance]
+bearer_key_files = ["{self.bearer}"]
+signing_key = "{self.key.private}"
+signing_kid = "{self.key.kid}"
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+
+[audit]
+path = "{self.audit_path}"
 
 [spice]
 listen_tls = "127.0.0.1:{self.spice_tls_port}"
@@ -86,6 +101,32 @@ ports = ["1024-65535"]
 
     def log(self):
         return self.gateway.output()
+
+    def audit(self):
+        """The audit trail so far, as a list of events."""
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+    def admin(self, method, path, body=None, actor=None):
+        """Calls the admin API with the bearer key; returns (status, JSON)."""
+        import urllib.request
+        import urllib.error
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {self.bearer.read_text()}",
+                                              "Content-Type": "application/json",
+                                              **({"X-Porthole-Actor": actor} if actor else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def cli(self, *args):
+        """Runs `porthole ARGS` against this gateway's admin API."""
+        from harness import run
+        return run(*args, "--admin", f"http://127.0.0.1:{self.admin_port}", "--bearer-file", str(self.bearer))
 
     def metrics(self):
         from harness import http

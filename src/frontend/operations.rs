@@ -1,0 +1,227 @@
+//! The operator's admin routes: live sessions, terminating them, revoking
+//! tokens. All need a bearer key; every action is audited with the caller's
+//! name (`X-Porthole-Actor`, default `admin`) and reason.
+//!
+//! - `GET /v1/sessions[?instance=&jti=&type=&client=]`: the live sessions.
+//! - `GET /v1/sessions/{id}`: one.
+//! - `DELETE /v1/sessions/{id}[?reason=]`: end it (and revoke its token).
+//! - `POST /v1/sessions/terminate {"instance"|"jti"|"id"|..., "reason"}`: end
+//!   every session that matches (and revoke their tokens).
+//! - `POST /v1/revocations {"jti"|"instance", "reason"}`: revoke tokens
+//!   before they are used (kept until they can no longer be valid).
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::admin::{AdminState, authorize, error};
+use crate::audit::AuditEvent;
+use crate::session::registry::Selector;
+use crate::token::unix_now;
+
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-porthole-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().filter(|c| !c.is_control()).take(64).collect())
+        .filter(|v: &String| !v.is_empty())
+        .unwrap_or_else(|| "admin".to_string())
+}
+
+/// `GET /v1/sessions`.
+pub async fn list(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(sel): Query<Selector>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    Json(json!({ "sessions": s.sessions.registry.list(&sel) })).into_response()
+}
+
+/// `GET /v1/sessions/{id}`.
+pub async fn show(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let sel = Selector {
+        id: Some(id),
+        ..Selector::default()
+    };
+    match s.sessions.registry.list(&sel).into_iter().next() {
+        Some(v) => Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "no such session"),
+    }
+}
+
+/// `?reason=` for DELETE.
+#[derive(Debug, Deserialize)]
+pub struct ReasonQuery {
+    reason: Option<String>,
+}
+
+/// `DELETE /v1/sessions/{id}`.
+pub async fn kill_one(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ReasonQuery>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let sel = Selector {
+        id: Some(id),
+        ..Selector::default()
+    };
+    let ended = terminate(&s, &sel, &actor(&headers), q.reason.as_deref());
+    if ended.is_empty() {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such session");
+    }
+    Json(json!({ "terminated": ended })).into_response()
+}
+
+/// The body of `POST /v1/sessions/terminate`.
+#[derive(Debug, Deserialize)]
+pub struct TerminateBody {
+    #[serde(flatten)]
+    selector: Selector,
+    reason: Option<String>,
+}
+
+/// `POST /v1/sessions/terminate`.
+pub async fn kill_many(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let body: TerminateBody = match body.map(|Json(v)| serde_json::from_value(v)) {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    if body.selector.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "name the sessions: id, instance, jti, type or client",
+        );
+    }
+    let ended = terminate(&s, &body.selector, &actor(&headers), body.reason.as_deref());
+    Json(json!({ "terminated": ended })).into_response()
+}
+
+/// Ends the sessions, revokes their tokens, audits each; returns their ids.
+fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> Vec<String> {
+    let reason = reason.unwrap_or("terminated by an operator");
+    let ended = s.sessions.registry.terminate(sel, by, reason);
+    let now = unix_now();
+    for live in &ended {
+        // A killed session's token is dead: no reconnect, no new channel.
+        let _ = s
+            .validator
+            .revocations()
+            .revoke_jti(&live.jti, now + s.revoke_for_secs, now);
+        s.tickets.revoke_jti(&live.jti);
+        crate::metrics::admin_action("terminate");
+        tracing::info!(session = %live.id, jti = %live.jti, instance = %live.instance, by, reason, "session terminated");
+        AuditEvent::admin("session_terminated", by, reason)
+            .session(live)
+            .emit();
+    }
+    ended.iter().map(|l| l.id.clone()).collect()
+}
+
+/// The body of `POST /v1/revocations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    jti: Option<String>,
+    instance: Option<String>,
+    reason: Option<String>,
+    /// Also end the sessions the revoked tokens run (default true).
+    #[serde(default)]
+    keep_sessions: bool,
+}
+
+/// `POST /v1/revocations`.
+pub async fn revoke(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<RevokeBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let by = actor(&headers);
+    let reason = body.reason.as_deref().unwrap_or("revoked by an operator");
+    let now = unix_now();
+    let until = now + s.revoke_for_secs;
+    let revocations = s.validator.revocations();
+    let (selector, result) = match (&body.jti, &body.instance) {
+        (Some(jti), None) => {
+            s.tickets.revoke_jti(jti);
+            (
+                Selector {
+                    jti: Some(jti.clone()),
+                    ..Selector::default()
+                },
+                revocations.revoke_jti(jti, until, now),
+            )
+        }
+        (None, Some(instance)) => (
+            Selector {
+                instance: Some(instance.clone()),
+                ..Selector::default()
+            },
+            revocations.revoke_instance(instance, until, now),
+        ),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "give exactly one of jti, instance",
+            );
+        }
+    };
+    if let Err(e) = result {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        );
+    }
+    crate::metrics::admin_action("revoke");
+    tracing::info!(
+        jti = body.jti.as_deref().unwrap_or("-"),
+        instance = body.instance.as_deref().unwrap_or("-"),
+        by,
+        reason,
+        "tokens revoked"
+    );
+    AuditEvent::admin("tokens_revoked", &by, reason)
+        .field("jti", body.jti.clone())
+        .field("instance", body.instance.clone())
+        .emit();
+    let ended = if body.keep_sessions {
+        Vec::new()
+    } else {
+        terminate(&s, &selector, &by, Some(reason))
+    };
+    Json(json!({ "revoked_until": until, "terminated": ended })).into_response()
+}

@@ -1,0 +1,312 @@
+//! The live sessions: who is connected to which console, since when, how
+//! many bytes each way, and a handle to end them.
+//!
+//! One entry per console session: a browser console, a native VNC
+//! connection, or a SPICE session with all its channels (the channels find
+//! their session by its ticket and end with it). Each entry owns a child of
+//! the shutdown token: cancelling it ends that session only, and the entry
+//! remembers who ended it and why, so the session can say so (WebSocket close
+//! 4003 with the reason, which the console page shows).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::token::ConsoleType;
+
+/// Bytes moved, updated as they move.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    /// Client to hypervisor.
+    pub up: AtomicU64,
+    /// Hypervisor to client.
+    pub down: AtomicU64,
+}
+
+/// Who ended a session, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Termination {
+    /// The admin caller (from the audit: `admin`, or the CLI's name).
+    pub by: String,
+    /// The reason given.
+    pub reason: String,
+}
+
+/// One live session.
+#[derive(Debug)]
+pub struct LiveSession {
+    /// Its id: in logs, the audit trail and the admin API.
+    pub id: String,
+    /// Console type.
+    pub console: ConsoleType,
+    /// Instance (VM) id.
+    pub instance: String,
+    /// The token's id (never the token).
+    pub jti: String,
+    /// The client's address.
+    pub client: IpAddr,
+    /// The hypervisor target.
+    pub target: String,
+    /// Unix time it started.
+    pub started_at: u64,
+    /// Bytes moved so far.
+    pub bytes: Arc<ByteCounters>,
+    /// Ends this session only.
+    pub cancel: CancellationToken,
+    /// Set when an operator ended it.
+    pub terminated: OnceLock<Termination>,
+    /// Joins further connections to it (a SPICE ticket's id).
+    pub key: Option<String>,
+}
+
+/// What the admin API shows of a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    /// Session id.
+    pub id: String,
+    /// Console type.
+    pub console: &'static str,
+    /// Instance id.
+    pub instance: String,
+    /// Token id.
+    pub jti: String,
+    /// Client address.
+    pub client: IpAddr,
+    /// Hypervisor target.
+    pub target: String,
+    /// Unix start time.
+    pub started_at: u64,
+    /// Bytes client to hypervisor.
+    pub bytes_up: u64,
+    /// Bytes hypervisor to client.
+    pub bytes_down: u64,
+    /// `active`, or `terminating` once an operator ended it.
+    pub state: &'static str,
+}
+
+impl LiveSession {
+    /// A snapshot for the admin API.
+    pub fn view(&self) -> SessionView {
+        SessionView {
+            id: self.id.clone(),
+            console: self.console.as_str(),
+            instance: self.instance.clone(),
+            jti: self.jti.clone(),
+            client: self.client,
+            target: self.target.clone(),
+            started_at: self.started_at,
+            bytes_up: self.bytes.up.load(Relaxed),
+            bytes_down: self.bytes.down.load(Relaxed),
+            state: if self.terminated.get().is_some() {
+                "terminating"
+            } else {
+                "active"
+            },
+        }
+    }
+}
+
+/// Which sessions an admin call means.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// One session.
+    pub id: Option<String>,
+    /// Every session of an instance.
+    pub instance: Option<String>,
+    /// Every session of a token.
+    pub jti: Option<String>,
+    /// Every session of a console type.
+    #[serde(rename = "type")]
+    pub console: Option<String>,
+    /// Every session from a client address.
+    pub client: Option<IpAddr>,
+}
+
+impl Selector {
+    /// Whether it names anything at all (a kill must).
+    pub fn is_empty(&self) -> bool {
+        self.id.is_none()
+            && self.instance.is_none()
+            && self.jti.is_none()
+            && self.console.is_none()
+            && self.client.is_none()
+    }
+
+    fn matches(&self, s: &LiveSession) -> bool {
+        self.id.as_ref().is_none_or(|v| *v == s.id)
+            && self.instance.as_ref().is_none_or(|v| *v == s.instance)
+            && self.jti.as_ref().is_none_or(|v| *v == s.jti)
+            && self
+                .console
+                .as_ref()
+                .is_none_or(|v| v == s.console.as_str())
+            && self.client.is_none_or(|v| v == s.client)
+    }
+}
+
+/// What a new session tells the registry.
+#[derive(Debug)]
+pub struct NewSession {
+    /// Console type.
+    pub console: ConsoleType,
+    /// Instance id.
+    pub instance: String,
+    /// Token id.
+    pub jti: String,
+    /// Client address.
+    pub client: IpAddr,
+    /// Hypervisor target.
+    pub target: String,
+    /// Joins further connections to it.
+    pub key: Option<String>,
+}
+
+/// Every live session.
+#[derive(Debug, Default)]
+pub struct Registry {
+    live: Mutex<HashMap<String, Arc<LiveSession>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveSession>>> {
+        // Inserts and removes only: a poisoned map is consistent.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session whose cancel token is a child of `parent`; the
+    /// guard removes it when dropped.
+    pub fn register(self: &Arc<Self>, s: NewSession, parent: &CancellationToken) -> Registered {
+        let id = format!("s-{}", crate::token::signing::random_token(9));
+        let live = Arc::new(LiveSession {
+            id: id.clone(),
+            console: s.console,
+            instance: s.instance,
+            jti: s.jti,
+            client: s.client,
+            target: s.target,
+            started_at: crate::token::unix_now(),
+            bytes: Arc::default(),
+            cancel: parent.child_token(),
+            terminated: OnceLock::new(),
+            key: s.key,
+        });
+        self.lock().insert(id, live.clone());
+        crate::metrics::sessions_active(live.console.as_str(), 1);
+        Registered {
+            registry: self.clone(),
+            live,
+        }
+    }
+
+    /// The session that further connections with `key` join.
+    pub fn by_key(&self, key: &str) -> Option<Arc<LiveSession>> {
+        self.lock()
+            .values()
+            .find(|s| s.key.as_deref() == Some(key))
+            .cloned()
+    }
+
+    /// Snapshots of the sessions `sel` names (all, for an empty selector).
+    pub fn list(&self, sel: &Selector) -> Vec<SessionView> {
+        let mut v: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|s| sel.matches(s))
+            .map(|s| s.view())
+            .collect();
+        v.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Ends the sessions `sel` names; returns them as they were.
+    pub fn terminate(&self, sel: &Selector, by: &str, reason: &str) -> Vec<Arc<LiveSession>> {
+        let hit: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|s| sel.matches(s))
+            .cloned()
+            .collect();
+        for s in &hit {
+            let _ = s.terminated.set(Termination {
+                by: by.to_string(),
+                reason: reason.to_string(),
+            });
+            s.cancel.cancel();
+        }
+        hit
+    }
+
+    /// Sessions live now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A registered session; dropping it removes the entry.
+#[derive(Debug)]
+pub struct Registered {
+    registry: Arc<Registry>,
+    /// The entry.
+    pub live: Arc<LiveSession>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.live.id);
+        crate::metrics::sessions_active(self.live.console.as_str(), -1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(instance: &str, jti: &str) -> NewSession {
+        NewSession {
+            console: ConsoleType::Novnc,
+            instance: instance.into(),
+            jti: jti.into(),
+            client: "127.0.0.1".parse().unwrap(),
+            target: "127.0.0.1:5900".into(),
+            key: None,
+        }
+    }
+
+    #[test]
+    fn sessions_are_listed_filtered_and_terminated_one_by_one() {
+        let r = Arc::new(Registry::default());
+        let shutdown = CancellationToken::new();
+        let a = r.register(new("vm-1", "j1"), &shutdown);
+        let b = r.register(new("vm-2", "j2"), &shutdown);
+        assert_eq!(r.list(&Selector::default()).len(), 2);
+        let by_instance = Selector {
+            instance: Some("vm-2".into()),
+            ..Selector::default()
+        };
+        assert_eq!(r.list(&by_instance)[0].id, b.live.id);
+        let ended = r.terminate(&by_instance, "admin", "leaked link");
+        assert_eq!(ended.len(), 1);
+        assert!(b.live.cancel.is_cancelled());
+        assert!(
+            !a.live.cancel.is_cancelled(),
+            "other sessions are untouched"
+        );
+        assert_eq!(b.live.view().state, "terminating");
+        assert_eq!(b.live.terminated.get().unwrap().reason, "leaked link");
+        drop(b);
+        assert_eq!(r.len(), 1);
+        // Shutdown reaches every session through its parent.
+        shutdown.cancel();
+        assert!(a.live.cancel.is_cancelled());
+    }
+}

@@ -1,0 +1,144 @@
+"""Operating Porthole against real QEMU: the live session registry, ending
+sessions through the admin API and the CLI (their tokens die with them),
+revoking unused tokens, and the audit trail that says who did what."""
+
+import time
+
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from harness import metric_value
+from spice_wire import INPUTS, MAIN, Channel
+from support import Porthole, rfb_client_handshake
+from vm import VM
+
+
+def vnc_session(p, port):
+    """A noVNC-like session through the security proxy; returns (minted, ws)."""
+    minted = p.mint("novnc", port)
+    ws = connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={minted['token']}", open_timeout=10, max_size=None)
+    # Through the security proxy to QEMU's own ServerInit.
+    assert ws.recv(timeout=10) == b"RFB 003.008\n"
+    ws.send(b"RFB 003.008\n")
+    assert ws.recv(timeout=10) == b"\x01\x01"
+    ws.send(b"\x01")
+    assert ws.recv(timeout=10)[:4] == b"\x00\x00\x00\x00"
+    ws.send(b"\x01")
+    assert ws.recv(timeout=10)[:4] == b"\x02\xd0\x01\x90", "QEMU's ServerInit: 720x400"
+    return minted, ws
+
+
+def closed_code(ws, within=20):
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+    except ConnectionClosed as e:
+        return e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else None
+    raise AssertionError("the session was not ended")
+
+
+def test_sessions_are_listed_killed_by_api_and_cli_and_their_tokens_die(tmp_path):
+    (tmp_path / "vm").mkdir()
+    vm = VM(tmp_path / "vm", spice=True, spice_extra_channels=False)
+    pw = tmp_path / "spice.pw"
+    pw.write_text(vm.spice_password)
+    p = Porthole(tmp_path, backend_extra=f'[backends.spice]\npassword_file = "{pw}"\nca = "{vm.spice_ca}"')
+    try:
+        victim, vnc = vnc_session(p, vm.vnc_port)
+        _, bystander = vnc_session(p, vm.vnc_port)
+        spice_token = p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        ticket = p.spice_details(spice_token)["ticket"]
+        main = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert main.open(MAIN, ticket) == "OK"
+        session_id = main.session_id()
+        inputs = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert inputs.open(INPUTS, ticket, connection_id=session_id) == "OK"
+
+        # The registry: one entry per session (the SPICE channels are one session).
+        status, listed = p.admin("GET", "/v1/sessions")
+        assert status == 200, listed
+        by_type = sorted(s["console"] for s in listed["sessions"])
+        assert by_type == ["novnc", "novnc", "spice-direct"], listed
+        status, only_spice = p.admin("GET", "/v1/sessions?type=spice-direct")
+        spice_entry = only_spice["sessions"][0]
+        assert spice_entry["instance"] == "e2e-vm" and spice_entry["bytes_down"] > 0, spice_entry
+        assert spice_token not in str(listed) and ticket not in str(listed), "no tokens or tickets in the API"
+        # The CLI shows the same.
+        out = p.cli("sessions", "list").stdout
+        assert spice_entry["id"] in out and out.count("novnc") == 2, out
+
+        # Kill one noVNC session through the API, by its id.
+        vnc_id = next(s["id"] for s in listed["sessions"] if s["jti"] == victim["jti"])
+        status, answer = p.admin("DELETE", f"/v1/sessions/{vnc_id}?reason=leaked%20link", actor="alice")
+        assert status == 200 and answer["terminated"] == [vnc_id], answer
+        code, reason = closed_code(vnc)
+        assert code == 4003 and reason == "session terminated by an operator", (code, reason)
+        # The other noVNC session carries on (a framebuffer update request is answered).
+        bystander.send(b"\x03\x00\x00\x00\x00\x00\x00\x01\x00\x01")
+        assert bystander.recv(timeout=10)
+
+        # Kill the SPICE session through the CLI, by instance and type; all its channels end.
+        out = p.cli("sessions", "kill", "--instance", "e2e-vm", "--type", "spice-direct", "--reason", "VM deleted")
+        assert spice_entry["id"] in out.stdout, out
+        assert main.closed(timeout=20) and inputs.closed(timeout=20)
+
+        # Their tokens are dead: no reconnect, no new ticket.
+        try:
+            connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={victim['token']}", open_timeout=10)
+            raise AssertionError("a killed session's token reconnected")
+        except InvalidStatus as e:
+            assert e.response.status_code == 403, e.response
+        from harness import http
+        status, body = http("GET", f"{p.base}/spice-direct?format=json&token={spice_token}")
+        assert status == 403, (status, body)
+
+        # Revoke an unused token: refused with its reason.
+        unused = p.mint("novnc", vm.vnc_port)
+        status, answer = p.admin("POST", "/v1/revocations", {"jti": unused["jti"], "reason": "test"}, actor="bob")
+        assert status == 200, answer
+        try:
+            connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={unused['token']}", open_timeout=10)
+            raise AssertionError("a revoked token opened a session")
+        except InvalidStatus as e:
+            assert e.response.status_code == 403, e.response
+        assert 'reason="revoked"' in p.log()
+
+        # Revoke every token of an instance issued so far (a deleted VM); a later one works.
+        earlier = p.mint("novnc", vm.vnc_port)["token"]
+        out = p.cli("token", "revoke", "--instance", "e2e-vm", "--reason", "VM deleted")
+        assert "revoked until" in out.stdout and "1 session(s) terminated" in out.stdout, out.stdout
+        # ...which also ended the instance's remaining session.
+        assert closed_code(bystander)[0] == 4003
+        try:
+            connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={earlier}", open_timeout=10)
+            raise AssertionError("a token of a revoked instance opened a session")
+        except InvalidStatus as e:
+            assert e.response.status_code == 403
+        time.sleep(1.1)  # a token issued in a later second
+        _, ws = vnc_session(p, vm.vnc_port)
+        ws.close()
+
+        # The audit trail: who did what, and why; session starts and ends with ids.
+        audit = p.audit()
+        events = [e["event"] for e in audit]
+        assert events.count("session_started") >= 3 and "session_ended" in events, events
+        term = [e for e in audit if e["event"] == "session_terminated"]
+        assert {(e["by"], e["reason"], e["console"]) for e in term} >= {
+            ("alice", "leaked link", "novnc"), (term[-1]["by"], "VM deleted", "spice-direct")}, term
+        assert any(e["by"].startswith("cli:") for e in term), term
+        revoked = [e for e in audit if e["event"] == "tokens_revoked"]
+        assert {(e["by"], e.get("jti"), e.get("instance")) for e in revoked} >= {("bob", unused["jti"], None)}, revoked
+        ended = [e for e in audit if e["event"] == "session_ended" and e.get("terminated_by") == "alice"]
+        assert ended and ended[0]["outcome"] == "terminated", ended
+        text = p.audit_path.read_text() + p.log()
+        for secret in (victim["token"], spice_token, ticket, vm.spice_password, unused["token"]):
+            assert secret not in text
+
+        # Metrics: exact counts of what this test did.
+        m = p.metrics()
+        assert metric_value(m, "porthole_admin_actions_total", action="terminate") == 3
+        assert metric_value(m, "porthole_admin_actions_total", action="revoke") == 2
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+        vm.stop()
