@@ -79,6 +79,10 @@ impl App {
             config.tokens.clone(),
             config.websocket.connect_timeout,
             CancellationToken::new(),
+        )
+        .with_limits(
+            config.websocket.max_sessions_per_client,
+            config.websocket.max_sessions_per_token,
         ));
         let tls = match &config.listen.tls {
             None => None,

@@ -190,6 +190,11 @@ pub struct RawWebSocket {
     pub end_at_token_expiry: Option<bool>,
     /// Most concurrent sessions; more get 503. Default 5000.
     pub max_sessions: Option<usize>,
+    /// Most concurrent connections from one client address (a SPICE session
+    /// counts each channel). Default 64.
+    pub max_sessions_per_client: Option<usize>,
+    /// Most concurrent connections with one token (SPICE: its channels). Default 16.
+    pub max_sessions_per_token: Option<usize>,
     /// Grace period for open sessions at shutdown, seconds. Default 10.
     pub shutdown_grace_secs: Option<u64>,
 }
@@ -454,6 +459,10 @@ pub struct WebSocketConfig {
     pub end_at_token_expiry: bool,
     /// Most concurrent sessions.
     pub max_sessions: usize,
+    /// Concurrent connections per client address.
+    pub max_sessions_per_client: usize,
+    /// Concurrent connections per token.
+    pub max_sessions_per_token: usize,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
 }
@@ -827,6 +836,22 @@ impl RawConfig {
             1,
             1_000_000,
         );
+        let max_sessions_per_client = positive(
+            &mut issues,
+            "max_sessions_per_client",
+            w.max_sessions_per_client,
+            64,
+            1,
+            1_000_000,
+        );
+        let max_sessions_per_token = positive(
+            &mut issues,
+            "max_sessions_per_token",
+            w.max_sessions_per_token,
+            16,
+            1,
+            1_000,
+        );
         let secs = |v: Option<u64>, d: u64| Duration::from_secs(v.unwrap_or(d));
         let optional = |v: Option<u64>, d: u64| Some(secs(v, d)).filter(|d| !d.is_zero());
         let upgrade_timeout = secs(w.upgrade_timeout_secs, 10);
@@ -846,6 +871,8 @@ impl RawConfig {
             connect_timeout,
             end_at_token_expiry: w.end_at_token_expiry.unwrap_or(false),
             max_sessions,
+            max_sessions_per_client,
+            max_sessions_per_token,
             shutdown_grace: secs(w.shutdown_grace_secs, 10),
         };
         let root = self

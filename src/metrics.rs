@@ -129,3 +129,11 @@ pub fn admin_action(kind: &'static str) {
 pub fn audit_dropped() {
     metrics::counter!(AUDIT_DROPPED).increment(1);
 }
+
+/// Limits hit, by limit.
+pub const LIMITS_HIT: &str = "porthole_limits_hit_total";
+
+/// Counts a limit hit (`max_sessions`, `per_client`, `per_token`).
+pub fn limit_hit(limit: &'static str) {
+    metrics::counter!(LIMITS_HIT, "limit" => limit).increment(1);
+}

@@ -285,6 +285,45 @@ async fn the_session_cap_answers_503_and_frees_its_slot() {
 }
 
 #[tokio::test]
+async fn per_client_and_per_token_caps_answer_429_and_count() {
+    let f = start("max_sessions_per_client = 2\nmax_sessions_per_token = 1").await;
+    let (a, b, c) = (echo_console().await, echo_console().await, echo_console().await);
+    let first = f.token(ConsoleType::Serial, a);
+    let (_one, _) = f
+        .connect(&format!("/serial?token={first}"), None, None)
+        .await
+        .unwrap();
+    // The same token again (reconnect policy would allow it once the first
+    // ends): the per-token cap speaks first.
+    assert_eq!(
+        f.connect(&format!("/serial?token={first}"), None, None)
+            .await
+            .err(),
+        Some(429)
+    );
+    let (_two, _) = f
+        .connect(
+            &format!("/serial?token={}", f.token(ConsoleType::Serial, b)),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    // A third console from the same address: the per-client cap.
+    assert_eq!(
+        f.connect(
+            &format!("/serial?token={}", f.token(ConsoleType::Serial, c)),
+            None,
+            None
+        )
+        .await
+        .err(),
+        Some(429)
+    );
+    f.stop.cancel();
+}
+
+#[tokio::test]
 async fn shutdown_sends_going_away() {
     let f = start("").await;
     let port = echo_console().await;

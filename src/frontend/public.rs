@@ -145,6 +145,7 @@ pub(crate) fn open_error_response(e: &OpenError) -> Response {
     match e {
         OpenError::Refused(r) => refusal_response(r.reason),
         OpenError::Busy => refuse(StatusCode::CONFLICT, "busy"),
+        OpenError::Limited(_) => refuse(StatusCode::TOO_MANY_REQUESTS, "busy"),
         OpenError::Overloaded | OpenError::ShuttingDown => {
             refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         }
@@ -252,7 +253,7 @@ async fn ws_endpoint(
             Err(e) => open_error_response(&e),
         };
     };
-    let opened = match s.sessions.open(&grant).await {
+    let opened = match s.sessions.open(&grant, client).await {
         Ok(o) => o,
         Err(e) => {
             crate::metrics::session_refused(e.as_str());

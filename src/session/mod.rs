@@ -13,7 +13,7 @@ pub mod spice;
 pub mod splice;
 pub mod vnc;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,9 @@ pub enum OpenError {
     /// The global session cap is reached.
     #[error("too many sessions")]
     Overloaded,
+    /// This client address, or this token, has its most connections open.
+    #[error("too many connections from this {0}")]
+    Limited(&'static str),
     /// The hypervisor did not answer in time or refused.
     #[error("hypervisor unreachable: {0}")]
     Unreachable(String),
@@ -50,7 +53,7 @@ impl OpenError {
     /// Who is to blame.
     pub fn blame(&self) -> Blame {
         match self {
-            OpenError::Refused(_) | OpenError::Busy => Blame::Client,
+            OpenError::Refused(_) | OpenError::Busy | OpenError::Limited(_) => Blame::Client,
             OpenError::Unreachable(_) => Blame::Backend,
             OpenError::Overloaded | OpenError::ShuttingDown => Blame::Internal,
         }
@@ -62,6 +65,8 @@ impl OpenError {
             OpenError::Refused(r) => r.reason.as_str(),
             OpenError::Busy => "console_busy",
             OpenError::Overloaded => "overloaded",
+            OpenError::Limited("client") => "client_limit",
+            OpenError::Limited(_) => "token_limit",
             OpenError::Unreachable(_) => "backend_unreachable",
             OpenError::ShuttingDown => "shutting_down",
         }
@@ -142,8 +147,40 @@ impl Stop {
 #[derive(Debug)]
 pub struct SessionGuards {
     _permit: OwnedSemaphorePermit,
+    _counts: CountGuard,
     _redemption: Option<Redemption>,
     _claim: Option<ConsoleClaim>,
+}
+
+/// Connections per client address and per token, with their caps.
+#[derive(Debug, Default)]
+struct Counts {
+    clients: HashMap<std::net::IpAddr, usize>,
+    tokens: HashMap<String, usize>,
+}
+
+/// One connection's place in [`Counts`]; released on drop.
+#[derive(Debug)]
+struct CountGuard {
+    counts: Arc<Mutex<Counts>>,
+    client: std::net::IpAddr,
+    jti: String,
+}
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let dec = |n: &mut usize| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        };
+        if c.clients.get_mut(&self.client).is_some_and(dec) {
+            c.clients.remove(&self.client);
+        }
+        if c.tokens.get_mut(&self.jti).is_some_and(dec) {
+            c.tokens.remove(&self.jti);
+        }
+    }
 }
 
 /// A claim on a console that serves one client at a time.
@@ -196,6 +233,9 @@ pub struct Sessions {
     pub tracker: TaskTracker,
     /// The live sessions, for the admin API.
     pub registry: Arc<registry::Registry>,
+    counts: Arc<Mutex<Counts>>,
+    per_client: usize,
+    per_token: usize,
 }
 
 impl Sessions {
@@ -216,7 +256,37 @@ impl Sessions {
             cancel,
             tracker: TaskTracker::new(),
             registry: Arc::default(),
+            counts: Arc::default(),
+            per_client: usize::MAX,
+            per_token: usize::MAX,
         }
+    }
+
+    /// Caps connections per client address and per token.
+    pub fn with_limits(mut self, per_client: usize, per_token: usize) -> Self {
+        self.per_client = per_client;
+        self.per_token = per_token;
+        self
+    }
+
+    /// Counts a connection from `client` with token `jti`, within the caps.
+    fn count(&self, client: std::net::IpAddr, jti: &str) -> Result<CountGuard, OpenError> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.clients.get(&client).copied().unwrap_or(0) >= self.per_client {
+            crate::metrics::limit_hit("per_client");
+            return Err(OpenError::Limited("client"));
+        }
+        if c.tokens.get(jti).copied().unwrap_or(0) >= self.per_token {
+            crate::metrics::limit_hit("per_token");
+            return Err(OpenError::Limited("token"));
+        }
+        *c.clients.entry(client).or_default() += 1;
+        *c.tokens.entry(jti.to_string()).or_default() += 1;
+        Ok(CountGuard {
+            counts: self.counts.clone(),
+            client,
+            jti: jti.to_string(),
+        })
     }
 
     /// Sessions running now.
@@ -292,8 +362,8 @@ impl Sessions {
 
     /// Takes a slot, redeems the token, claims the console and connects to
     /// its port.
-    pub async fn open(&self, grant: &Grant) -> Result<Opened, OpenError> {
-        self.open_to(grant, Admission::Token, grant.target.port)
+    pub async fn open(&self, grant: &Grant, client: std::net::IpAddr) -> Result<Opened, OpenError> {
+        self.open_to(grant, Admission::Token, grant.target.port, client)
             .await
     }
 
@@ -304,15 +374,16 @@ impl Sessions {
         grant: &Grant,
         admission: Admission,
         port: u16,
+        client: std::net::IpAddr,
     ) -> Result<Opened, OpenError> {
         if self.cancel.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
-        let permit = self
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| OpenError::Overloaded)?;
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            crate::metrics::limit_hit("max_sessions");
+            OpenError::Overloaded
+        })?;
+        let counts = self.count(client, &grant.jti)?;
         let redemption = match admission {
             Admission::Token => Some(
                 Redemption::begin(
@@ -381,6 +452,7 @@ impl Sessions {
             backend,
             guards: SessionGuards {
                 _permit: permit,
+                _counts: counts,
                 _redemption: redemption,
                 _claim: claim,
             },

@@ -167,7 +167,7 @@ impl SpiceProxy {
         let mut link = ClientLink::new();
         let handshake = tokio::time::timeout(
             self.handshake_timeout,
-            self.handshake(&mut client, &mut link, &leg),
+            self.handshake(&mut client, &mut link, &leg, peer),
         )
         .await
         .unwrap_or_else(|_| {
@@ -304,6 +304,7 @@ impl SpiceProxy {
         client: &mut S,
         link: &mut ClientLink,
         leg: &ClientLeg,
+        peer: IpAddr,
     ) -> Result<Linked, ChannelRefusal> {
         let ClientStep::Linked(mess) = read_client_step(client, link).await? else {
             unreachable!("the first step is the link message")
@@ -338,7 +339,7 @@ impl SpiceProxy {
             .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
         let opens = role == ChannelRole::Opens;
         let result = self
-            .link_upstream(client, link, &mess, &admitted, leg)
+            .link_upstream(client, link, &mess, &admitted, leg, peer)
             .await;
         if result.is_err() && opens {
             // The session never started: nothing may join it.
@@ -354,6 +355,7 @@ impl SpiceProxy {
         mess: &LinkMess,
         admitted: &Admitted,
         leg: &ClientLeg,
+        peer: IpAddr,
     ) -> Result<Linked, ChannelRefusal> {
         let grant = &admitted.grant;
         let type_ok = match leg {
@@ -380,7 +382,7 @@ impl SpiceProxy {
             };
             let opened = self
                 .sessions
-                .open_to(grant, Admission::Ticket, port)
+                .open_to(grant, Admission::Ticket, port, peer)
                 .await
                 .map_err(open_refusal)?;
             let mut stream: Box<dyn Io> = if use_tls {

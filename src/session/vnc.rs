@@ -320,7 +320,7 @@ impl VncProxy {
         let mut leg = ClientLeg::new(ClientOffer::X509Plain);
         let started = Instant::now();
         let linked =
-            tokio::time::timeout(self.handshake_timeout, self.handshake(tcp, &mut leg, tls))
+            tokio::time::timeout(self.handshake_timeout, self.handshake(tcp, &mut leg, tls, peer))
                 .await
                 .unwrap_or_else(|_| {
                     Err((
@@ -412,6 +412,7 @@ impl VncProxy {
         tcp: TcpStream,
         leg: &mut ClientLeg,
         tls: Arc<rustls::ServerConfig>,
+        peer: IpAddr,
     ) -> Result<Linked, (Option<Box<dyn Io>>, VncRefusal)> {
         let mut stream: Box<dyn Io> = Box::new(tcp);
         let mut tls_acceptor = Some(tokio_rustls::TlsAcceptor::from(tls));
@@ -482,7 +483,7 @@ impl VncProxy {
                     }
                     let opened = match self
                         .sessions
-                        .open_to(&a.grant, Admission::Ticket, a.grant.target.port)
+                        .open_to(&a.grant, Admission::Ticket, a.grant.target.port, peer)
                         .await
                     {
                         Ok(o) => o,
