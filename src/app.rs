@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -44,11 +45,15 @@ pub struct App {
     /// The SPICE link proxy (spice-html5 and native clients).
     pub spice: Arc<SpiceProxy>,
     /// The native SPICE TLS listener's config, when it is on.
-    pub spice_tls: Option<Arc<rustls::ServerConfig>>,
+    pub spice_tls: Option<TlsSlot>,
     /// What native SPICE clients are told (ports filled in once bound).
     pub spice_details: SpiceDetails,
-    /// VNC hypervisor credentials.
-    pub vnc_upstreams: Arc<VncUpstreams>,
+    /// VNC hypervisor credentials (swapped on reload).
+    pub vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
+    /// SPICE hypervisor credentials (swapped on reload).
+    pub spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
+    /// The native VNC listener's TLS config, when it is on.
+    pub vnc_tls: Option<TlsSlot>,
     /// The native VNC proxy (vnc-direct).
     pub vnc: Arc<VncProxy>,
     /// What native VNC clients are told (port filled in once bound).
@@ -73,17 +78,19 @@ impl App {
             config.tokens.store_capacity,
             config.tokens.policy.leeway_secs,
         ));
-        let sessions = Arc::new(Sessions::new(
-            config.websocket.max_sessions,
-            redemptions.clone(),
-            config.tokens.clone(),
-            config.websocket.connect_timeout,
-            CancellationToken::new(),
-        )
-        .with_limits(
-            config.websocket.max_sessions_per_client,
-            config.websocket.max_sessions_per_token,
-        ));
+        let sessions = Arc::new(
+            Sessions::new(
+                config.websocket.max_sessions,
+                redemptions.clone(),
+                config.tokens.clone(),
+                config.websocket.connect_timeout,
+                CancellationToken::new(),
+            )
+            .with_limits(
+                config.websocket.max_sessions_per_client,
+                config.websocket.max_sessions_per_token,
+            ),
+        );
         let tls = match &config.listen.tls {
             None => None,
             Some((cert, key)) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
@@ -92,24 +99,22 @@ impl App {
                     .context("listen.tls_cert")?,
             ))),
         };
-        let upstreams = SpiceUpstreams::load(&config.spice_backends)
-            .map_err(anyhow::Error::msg)
-            .context("backends.spice")?;
+        let spice_upstreams = Arc::new(ArcSwap::from_pointee(
+            SpiceUpstreams::load(&config.spice_backends)
+                .map_err(anyhow::Error::msg)
+                .context("backends.spice")?,
+        ));
         let spice = Arc::new(SpiceProxy {
             sessions: sessions.clone(),
             tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
             keys: Arc::new(LinkKeys::generate()),
-            upstreams: Arc::new(upstreams),
+            upstreams: spice_upstreams.clone(),
             handshake_timeout: config.spice.handshake_timeout,
         });
         let spice_tls = match (&config.spice.listen_tls, &config.spice.tls) {
-            (Some(_), Some((cert, key))) => {
-                let mut c = listener::load_tls(cert, key)
-                    .map_err(anyhow::Error::msg)
-                    .context("spice.tls_cert")?;
-                c.alpn_protocols.clear();
-                Some(Arc::new(c))
-            }
+            (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
+                load_console_tls(cert, key).context("spice.tls_cert")?,
+            ))),
             (Some(addr), None) => {
                 anyhow::bail!(
                     "spice.listen_tls ({addr}) needs a certificate: spice.tls_cert/tls_key or listen.tls_cert/tls_key"
@@ -134,19 +139,15 @@ impl App {
             ca_pem,
             host_subject: config.spice.host_subject.clone(),
         };
-        let vnc_upstreams = Arc::new(
+        let vnc_upstreams = Arc::new(ArcSwap::from_pointee(
             VncUpstreams::load(&config.vnc_backends)
                 .map_err(anyhow::Error::msg)
                 .context("backends.vnc")?,
-        );
+        ));
         let vnc_tls = match (&config.vnc.listen, &config.vnc.tls) {
-            (Some(_), Some((cert, key))) => {
-                let mut c = listener::load_tls(cert, key)
-                    .map_err(anyhow::Error::msg)
-                    .context("vnc.tls_cert")?;
-                c.alpn_protocols.clear();
-                Some(Arc::new(c))
-            }
+            (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
+                load_console_tls(cert, key).context("vnc.tls_cert")?,
+            ))),
             (Some(addr), None) => {
                 anyhow::bail!(
                     "vnc.listen ({addr}) needs a certificate: vnc.tls_cert/tls_key, spice.tls_* or listen.tls_*"
@@ -158,7 +159,7 @@ impl App {
             sessions: sessions.clone(),
             tickets: spice.tickets.clone(),
             upstreams: vnc_upstreams.clone(),
-            tls: vnc_tls,
+            tls: vnc_tls.clone(),
             handshake_timeout: config.vnc.handshake_timeout,
         });
         let vnc_details = VncDetails {
@@ -180,6 +181,8 @@ impl App {
             spice_tls,
             spice_details,
             vnc_upstreams,
+            spice_upstreams,
+            vnc_tls,
             vnc,
             vnc_details,
         })
@@ -264,8 +267,19 @@ impl App {
             tickets: self.spice.tickets.clone(),
             revoke_for_secs: self.config.tokens.policy.max_ttl_secs
                 + 2 * self.config.tokens.policy.leeway_secs,
+            reloader: None,
         }
     }
+}
+
+/// A TLS config for a native console listener (SPICE, VNC): no ALPN.
+fn load_console_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let mut c = listener::load_tls(cert, key).map_err(anyhow::Error::msg)?;
+    c.alpn_protocols.clear();
+    Ok(c)
 }
 
 /// Bound listeners, so callers (and tests binding port 0) learn the real addresses.
@@ -346,17 +360,21 @@ pub async fn run(
     listeners: Listeners,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
+    config_path: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
+    let reloader = Arc::new(crate::reload::Reloader::new(&app, config_path));
     // Listeners bound to port 0 (tests) tell clients their real ports.
     let (spice_tls_addr, spice_plain_addr) = listeners.spice_addrs();
     if app.config.vnc.public_port.is_none() {
         app.vnc_details.port = listeners.vnc_addr().map(|a| a.port());
     }
     let ready = Arc::new(AtomicBool::new(false));
-    let admin_router = admin::router(app.admin_state(metrics, ready.clone()));
+    let mut admin_state = app.admin_state(metrics, ready.clone());
+    admin_state.reloader = Some(reloader.clone());
+    let admin_router = admin::router(admin_state);
 
     #[cfg(unix)]
-    spawn_reload_on_sighup(app.validator.clone(), shutdown.clone())?;
+    spawn_reload_on_sighup(reloader.clone(), shutdown.clone())?;
 
     // Listeners stop accepting first; sessions are told afterwards, so the
     // admin listener (readiness) outlives the drain.
@@ -446,7 +464,7 @@ pub async fn run(
 
 #[cfg(unix)]
 fn spawn_reload_on_sighup(
-    validator: Arc<TokenValidator>,
+    reloader: Arc<crate::reload::Reloader>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -457,16 +475,9 @@ fn spawn_reload_on_sighup(
                 _ = shutdown.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
-            match validator.reload() {
-                Ok(n) => {
-                    crate::metrics::key_reload(true);
-                    tracing::info!(keys = n, kids = ?validator.kids(), "SIGHUP: token keys reloaded");
-                }
-                Err(e) => {
-                    crate::metrics::key_reload(false);
-                    tracing::warn!("SIGHUP: key reload failed, old keys kept: {e}");
-                }
-            }
+            // Reading files: off the async threads.
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload_logged("SIGHUP")).await;
         }
     });
     Ok(())

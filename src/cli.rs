@@ -79,7 +79,7 @@ struct AdminArgs {
         default_value = "http://127.0.0.1:6090"
     )]
     admin: String,
-    /// File with an admin bearer key (an [issuance] bearer key). Default: the
+    /// File with an admin bearer key (an `[issuance]` bearer key). Default: the
     /// development key in the state folder.
     #[arg(long, env = "PORTHOLE_ADMIN_BEARER_FILE")]
     bearer_file: Option<PathBuf>,
@@ -352,6 +352,7 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
     init_tracing(log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let config_path = config.clone();
         let (mut config, dev) = load_config(config.as_deref())?;
         if let Some(addr) = o.admin_listen {
             config.listen.admin = addr;
@@ -416,7 +417,7 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             print_demo_urls(&app, vm);
         }
         let shutdown = crate::shutdown::on_signals();
-        let result = app::run(app, listeners, Some(metrics), shutdown).await;
+        let result = app::run(app, listeners, Some(metrics), shutdown, config_path).await;
         if let Some(vm) = demo {
             vm.stop().await;
         }

@@ -18,7 +18,8 @@
 //! - [`demo`]: the throwaway QEMU VM started on embedded defaults.
 //! - [`config`]: the TOML file, parsed raw and validated into a ready [`config::Config`].
 //! - [`bootstrap`]: first-start development material for running on embedded defaults.
-//! - [`app`]: the composition root: builds state, binds listeners, owns shutdown.
+//! - [`app`]: the composition root: builds state, binds listeners, owns shutdown;
+//!   [`reload`]: swapping keys, certificates and backends in without a restart.
 //! - [`cli`]: the `porthole` command line; [`admin_client`]: its client of the admin API.
 //! - Leaves: [`audit`] (the JSON-lines trail), [`error`] (blame), [`metrics`], [`secret`]
 //!   (redaction), [`shutdown`].
@@ -41,6 +42,7 @@ pub mod hypervisor;
 pub mod issuance;
 pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod secret;
 pub mod session;
 pub mod shutdown;

@@ -287,7 +287,11 @@ async fn the_session_cap_answers_503_and_frees_its_slot() {
 #[tokio::test]
 async fn per_client_and_per_token_caps_answer_429_and_count() {
     let f = start("max_sessions_per_client = 2\nmax_sessions_per_token = 1").await;
-    let (a, b, c) = (echo_console().await, echo_console().await, echo_console().await);
+    let (a, b, c) = (
+        echo_console().await,
+        echo_console().await,
+        echo_console().await,
+    );
     let first = f.token(ConsoleType::Serial, a);
     let (_one, _) = f
         .connect(&format!("/serial?token={first}"), None, None)

@@ -43,6 +43,8 @@ pub struct AdminState {
     pub tickets: Arc<dyn crate::token::TicketStore>,
     /// How long a revocation is kept: the longest a token can still be valid.
     pub revoke_for_secs: u64,
+    /// Reloads keys, certificates and backends (`POST /v1/reload`).
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 impl AdminState {
@@ -64,6 +66,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/tokens/check", post(check_token))
         .route("/v1/tokens/connection", post(connection_details))
         .route("/v1/keys/reload", post(reload_keys))
+        .route("/v1/reload", post(reload_all))
         .route("/v1/sessions", get(super::operations::list))
         .route(
             "/v1/sessions/{id}",
@@ -312,6 +315,21 @@ async fn connection_details(
             r.reason.as_str(),
             r.reason.client_code(),
         ),
+    }
+}
+
+/// `POST /v1/reload`: what SIGHUP does (keys, certificates, backends).
+async fn reload_all(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let Some(reloader) = s.reloader.clone() else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no reloader");
+    };
+    match tokio::task::spawn_blocking(move || reloader.reload_logged("admin")).await {
+        Ok(Ok(done)) => Json(json!({ "reloaded": done })).into_response(),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, "reload_failed", e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }
 

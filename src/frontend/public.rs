@@ -52,7 +52,7 @@ pub struct PublicState {
     /// The SPICE link proxy, tickets and connection details.
     pub spice: Option<Arc<SpiceFront>>,
     /// VNC hypervisor credentials, by backend network.
-    pub vnc_upstreams: Arc<crate::hypervisor::VncUpstreams>,
+    pub vnc_upstreams: Arc<arc_swap::ArcSwap<crate::hypervisor::VncUpstreams>>,
     /// What native VNC clients are told.
     pub vnc: Arc<super::vnc::VncDetails>,
 }
@@ -329,7 +329,7 @@ async fn ws_endpoint(
         let backend = if kind == ConsoleType::Novnc {
             // The security proxy: Porthole authenticates to the hypervisor,
             // the browser is offered None.
-            let up = vnc_upstreams.get(&grant.backend);
+            let up = vnc_upstreams.load().get(&grant.backend);
             match crate::session::vnc::browser_handshake(&mut socket, opened.backend, &up, &grant.target.host, upgrade_timeout).await {
                 Ok((backend, early)) => {
                     if !early.is_empty() && socket.send(Message::Binary(early.into())).await.is_err() {

@@ -222,15 +222,15 @@ fn virt_viewer_file(d: &SpiceDetails, ticket: &str, instance: &str) -> String {
 /// Accepts native SPICE clients over TLS until `stop` fires.
 pub async fn serve_tls(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: crate::transport::listener::TlsSlot,
     proxy: Arc<SpiceProxy>,
     handshake_timeout: Duration,
     stop: CancellationToken,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let tracker = proxy.sessions.tracker.clone();
     accept_loop(listener, stop, tracker, move |tcp, peer| {
-        let acceptor = acceptor.clone();
+        // The certificate in force now: a reload takes effect for the next client.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
         let proxy = proxy.clone();
         async move {
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {

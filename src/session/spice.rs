@@ -122,7 +122,7 @@ pub struct SpiceProxy {
     /// Link keys.
     pub keys: Arc<LinkKeys>,
     /// What to present to each backend network's SPICE servers.
-    pub upstreams: Arc<SpiceUpstreams>,
+    pub upstreams: Arc<arc_swap::ArcSwap<SpiceUpstreams>>,
     /// Deadline for the whole handshake of one channel (both legs).
     pub handshake_timeout: Duration,
 }
@@ -371,7 +371,7 @@ impl SpiceProxy {
                 format!("a {} ticket on the {leg:?} SPICE leg", grant.console),
             ));
         }
-        let upstream = self.upstreams.get(&grant.backend);
+        let upstream = self.upstreams.load().get(&grant.backend);
         let tls_port = grant.target.tls_port.filter(|_| upstream.tls.is_some());
         let mut use_tls = tls_port.is_some() && !upstream.prefer_plain;
         loop {

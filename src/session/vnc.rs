@@ -304,9 +304,9 @@ pub struct VncProxy {
     /// Tickets (shared with SPICE's exchange).
     pub tickets: Arc<dyn TicketStore>,
     /// Hypervisor credentials by backend network.
-    pub upstreams: Arc<VncUpstreams>,
+    pub upstreams: Arc<arc_swap::ArcSwap<VncUpstreams>>,
     /// TLS for native clients.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<crate::transport::listener::TlsSlot>,
     /// Deadline for one connection's handshakes.
     pub handshake_timeout: Duration,
 }
@@ -314,24 +314,26 @@ pub struct VncProxy {
 impl VncProxy {
     /// Runs one native client connection to its end.
     pub async fn serve(&self, tcp: TcpStream, peer: IpAddr) {
-        let Some(tls) = self.tls.clone() else {
+        let Some(tls) = self.tls.as_ref().map(|slot| slot.load_full()) else {
             return;
         };
         let mut leg = ClientLeg::new(ClientOffer::X509Plain);
         let started = Instant::now();
-        let linked =
-            tokio::time::timeout(self.handshake_timeout, self.handshake(tcp, &mut leg, tls, peer))
-                .await
-                .unwrap_or_else(|_| {
-                    Err((
-                        None,
-                        VncRefusal::new(
-                            "handshake_timeout",
-                            Blame::Client,
-                            format!("no handshake within {:?}", self.handshake_timeout),
-                        ),
-                    ))
-                });
+        let linked = tokio::time::timeout(
+            self.handshake_timeout,
+            self.handshake(tcp, &mut leg, tls, peer),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err((
+                None,
+                VncRefusal::new(
+                    "handshake_timeout",
+                    Blame::Client,
+                    format!("no handshake within {:?}", self.handshake_timeout),
+                ),
+            ))
+        });
         let Linked {
             client,
             authed,
@@ -492,7 +494,7 @@ impl VncProxy {
                             bail!(VncRefusal::new(e.as_str(), e.blame(), e.to_string()));
                         }
                     };
-                    let up = self.upstreams.get(&a.grant.backend);
+                    let up = self.upstreams.load().get(&a.grant.backend);
                     match authenticate_upstream(opened.backend, &up, &a.grant.target.host).await {
                         Ok(auth) => {
                             authed = Some((auth, opened.guards, up));

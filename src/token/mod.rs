@@ -232,7 +232,7 @@ pub struct TokenValidator {
     sources: Vec<KeySource>,
     allow_hmac: bool,
     ring: ArcSwap<KeyRing>,
-    allow: Arc<AllowList>,
+    allow: ArcSwap<AllowList>,
     revocations: Arc<revocation::Revocations>,
 }
 
@@ -254,7 +254,7 @@ impl TokenValidator {
             sources,
             allow_hmac,
             ring: ArcSwap::from_pointee(ring),
-            allow,
+            allow: ArcSwap::new(allow),
             revocations: Arc::default(),
         })
     }
@@ -283,9 +283,14 @@ impl TokenValidator {
         &self.policy
     }
 
-    /// The allow-list targets are checked against.
-    pub fn allow_list(&self) -> &AllowList {
-        &self.allow
+    /// The allow-list targets are checked against now.
+    pub fn allow_list(&self) -> Arc<AllowList> {
+        self.allow.load_full()
+    }
+
+    /// Swaps in a new allow-list (a config reload); sessions already running keep going.
+    pub fn set_allow_list(&self, allow: AllowList) {
+        self.allow.store(Arc::new(allow));
     }
 
     /// Validates `token` for a console of type `expect` (any type if `None`),
@@ -400,7 +405,7 @@ impl TokenValidator {
             return Err(refuse(RefusalReason::Revoked, why.to_string()));
         }
         let target = claims.console.target();
-        let backend = match self.allow.check(&target) {
+        let backend = match self.allow.load().check(&target) {
             Ok(b) => b.name.clone(),
             Err(e) => return Err(refuse(RefusalReason::TargetNotAllowed, e.to_string())),
         };

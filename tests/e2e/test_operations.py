@@ -4,6 +4,8 @@ revoking unused tokens, and the audit trail that says who did what."""
 
 import time
 
+import pytest
+
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -142,3 +144,75 @@ def test_sessions_are_listed_killed_by_api_and_cli_and_their_tokens_die(tmp_path
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
         vm.stop()
+
+
+def test_reload_rotates_certificates_keys_and_backends_under_live_sessions(tmp_path):
+    """SIGHUP (and POST /v1/reload) swap in new token keys, a new TLS
+    certificate and new backend settings; live sessions stay up, new
+    connections see only the new material; a broken file changes nothing."""
+    import shutil
+    import signal as sig
+    import ssl
+    from harness import Key
+    from vm import make_spice_certs
+    (tmp_path / "vm").mkdir()
+    vm = VM(tmp_path / "vm", spice=True, spice_extra_channels=False)
+    pw = tmp_path / "spice.pw"
+    pw.write_text(vm.spice_password)
+    p = Porthole(tmp_path, backend_extra=f'[backends.spice]\npassword_file = "{pw}"\nca = "{vm.spice_ca}"')
+    try:
+        _, vnc = vnc_session(p, vm.vnc_port)
+        ticket = p.spice_details(p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"])["ticket"]
+        spice = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert spice.open(MAIN, ticket) == "OK"
+        spice.session_id()
+        old_ca = (tmp_path / "old-ca.pem")
+        shutil.copy(p.spice_ca, old_ca)
+        old_token = p.mint("novnc", vm.vnc_port)["token"]
+
+        # New certificate (new CA) in place, new signing key under the same kid.
+        make_spice_certs(tmp_path / "porthole-spice-certs")
+        (tmp_path / "newkey").mkdir()
+        new_key = Key(tmp_path / "newkey", "EdDSA", p.key.kid)
+        shutil.copy(new_key.public, p.key.public)
+        p.gateway.proc.send_signal(sig.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "SIGHUP: reloaded" not in p.log():
+            assert time.monotonic() < deadline, p.log()[-2000:]
+            time.sleep(0.1)
+
+        # Live sessions carry on.
+        vnc.send(b"\x03\x00\x00\x00\x00\x00\x00\x01\x00\x01")
+        assert vnc.recv(timeout=10)
+        assert not spice.closed(timeout=1)
+        # New connections see the new certificate: the old CA no longer verifies it.
+        with pytest.raises(ssl.SSLError):
+            Channel(p.spice_tls_port, ca=old_ca)
+        Channel(p.spice_tls_port, ca=p.spice_ca).close()
+        # Old-key tokens are refused, new-key tokens work.
+        try:
+            connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={old_token}", open_timeout=10)
+            raise AssertionError("a token signed with the retired key was accepted")
+        except InvalidStatus as e:
+            assert e.response.status_code == 403
+        p.key = new_key
+        _, ws = vnc_session(p, vm.vnc_port)
+        ws.close()
+
+        # A broken certificate file: the reload is refused, the old one stays.
+        cert = tmp_path / "porthole-spice-certs" / "server-cert.pem"
+        good = cert.read_text()
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+        status, body = p.admin("POST", "/v1/reload")
+        assert status == 422 and body["error"]["code"] == "reload_failed", body
+        cert.write_text(good)
+        Channel(p.spice_tls_port, ca=p.spice_ca).close()
+        assert "reload failed, the running configuration is kept" in p.log()
+        status, body = p.admin("POST", "/v1/reload")
+        assert status == 200 and body["reloaded"]["backends"] is True, body
+        vnc.close()
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+        vm.stop()
+
+

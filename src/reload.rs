@@ -1,0 +1,163 @@
+//! Reloading without a restart (SIGHUP, or `POST /v1/reload` on the admin
+//! listener): token keys, TLS certificates of every listener, and the
+//! backend networks (allow-list and hypervisor credentials) from the config
+//! file.
+//!
+//! Everything new is loaded first; only if all of it loads is it swapped in,
+//! so a broken file leaves the running configuration as it was. Live sessions
+//! are never touched: they hold what they started with. A session whose key,
+//! certificate or backend entry was removed keeps running until it ends (or
+//! an operator ends it); new connections see only the new settings.
+//! Listener addresses, limits and timers need a restart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
+use crate::token::TokenValidator;
+use crate::transport::listener::{self, TlsSlot};
+
+/// A TLS slot and the files it was loaded from.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    slot: TlsSlot,
+    files: (PathBuf, PathBuf),
+    /// Console listeners speak no ALPN.
+    console: bool,
+}
+
+/// What a reload can swap.
+#[derive(Debug)]
+pub struct Reloader {
+    /// The config file, when Porthole runs from one.
+    pub config_path: Option<PathBuf>,
+    validator: Arc<TokenValidator>,
+    public_tls: Option<TlsFiles>,
+    spice_tls: Option<TlsFiles>,
+    vnc_tls: Option<TlsFiles>,
+    spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
+    vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Reloaded {
+    /// Token keys now loaded.
+    pub keys: usize,
+    /// Listeners whose certificate was reloaded.
+    pub certificates: Vec<&'static str>,
+    /// Whether backend networks were reloaded from the config file.
+    pub backends: bool,
+}
+
+impl Reloader {
+    /// A reloader over the app's swappable parts.
+    pub fn new(app: &crate::app::App, config_path: Option<PathBuf>) -> Self {
+        let files = |slot: &Option<TlsSlot>, files: &Option<(PathBuf, PathBuf)>, console| match (
+            slot, files,
+        ) {
+            (Some(slot), Some(files)) => Some(TlsFiles {
+                slot: slot.clone(),
+                files: files.clone(),
+                console,
+            }),
+            _ => None,
+        };
+        Self {
+            config_path,
+            validator: app.validator.clone(),
+            public_tls: files(&app.tls, &app.config.listen.tls, false),
+            spice_tls: files(&app.spice_tls, &app.config.spice.tls, true),
+            vnc_tls: files(&app.vnc_tls, &app.config.vnc.tls, true),
+            spice_upstreams: app.spice_upstreams.clone(),
+            vnc_upstreams: app.vnc_upstreams.clone(),
+        }
+    }
+
+    /// Loads everything anew and swaps it in, or changes nothing.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let config = match &self.config_path {
+            Some(p) => Some(Config::load(p).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        // Certificates: the (possibly new) paths from the file, else the old ones.
+        let mut certs = Vec::new();
+        for (name, tls, new_files) in [
+            (
+                "public",
+                &self.public_tls,
+                config.as_ref().and_then(|c| c.listen.tls.clone()),
+            ),
+            (
+                "spice",
+                &self.spice_tls,
+                config.as_ref().and_then(|c| c.spice.tls.clone()),
+            ),
+            (
+                "vnc",
+                &self.vnc_tls,
+                config.as_ref().and_then(|c| c.vnc.tls.clone()),
+            ),
+        ] {
+            let Some(t) = tls else { continue };
+            let (cert, key) = new_files.unwrap_or_else(|| t.files.clone());
+            let mut loaded =
+                listener::load_tls(&cert, &key).map_err(|e| format!("{name} certificate: {e}"))?;
+            if t.console {
+                loaded.alpn_protocols.clear();
+            }
+            certs.push((name, t.slot.clone(), loaded));
+        }
+        let backends = match &config {
+            Some(c) => Some((
+                c.allow.clone(),
+                SpiceUpstreams::load(&c.spice_backends)
+                    .map_err(|e| format!("backends.spice: {e}"))?,
+                VncUpstreams::load(&c.vnc_backends).map_err(|e| format!("backends.vnc: {e}"))?,
+            )),
+            None => None,
+        };
+        // Keys last: reload() swaps only when every key loads.
+        let keys = self
+            .validator
+            .reload()
+            .map_err(|e| format!("token keys: {e}"))?;
+        let mut done = Reloaded {
+            keys,
+            ..Reloaded::default()
+        };
+        for (name, slot, loaded) in certs {
+            slot.store(Arc::new(loaded));
+            done.certificates.push(name);
+        }
+        if let Some((allow, spice, vnc)) = backends {
+            self.validator.set_allow_list(allow);
+            self.spice_upstreams.store(Arc::new(spice));
+            self.vnc_upstreams.store(Arc::new(vnc));
+            done.backends = true;
+        }
+        Ok(done)
+    }
+
+    /// Reloads and logs and counts the outcome (`why`: what asked for it).
+    pub fn reload_logged(&self, why: &str) -> Result<Reloaded, String> {
+        let r = self.reload();
+        match &r {
+            Ok(done) => {
+                crate::metrics::key_reload(true);
+                tracing::info!(keys = done.keys, certificates = ?done.certificates, backends = done.backends, "{why}: reloaded");
+                crate::audit::AuditEvent::new("reloaded")
+                    .field("by", Some(why.to_string()))
+                    .emit();
+            }
+            Err(e) => {
+                crate::metrics::key_reload(false);
+                tracing::warn!("{why}: reload failed, the running configuration is kept: {e}");
+            }
+        }
+        r
+    }
+}
