@@ -20,6 +20,10 @@ pub const KEY_RELOADS: &str = "porthole_key_reloads_total";
 /// Every refusal reason starts at zero so dashboards see the full set.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .map_err(|e| format!("metrics buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     for reason in RefusalReason::ALL {
@@ -136,4 +140,27 @@ pub const LIMITS_HIT: &str = "porthole_limits_hit_total";
 /// Counts a limit hit (`max_sessions`, `per_client`, `per_token`).
 pub fn limit_hit(limit: &'static str) {
     metrics::counter!(LIMITS_HIT, "limit" => limit).increment(1);
+}
+
+/// Bytes relayed, by console type and direction (`up`: client to hypervisor).
+pub const BYTES_RELAYED: &str = "porthole_bytes_relayed_total";
+/// Seconds to connect to a hypervisor.
+pub const CONNECT_SECONDS: &str = "porthole_connect_seconds";
+/// Seconds a console handshake (RFB, SPICE link) took, by protocol.
+pub const HANDSHAKE_SECONDS: &str = "porthole_handshake_seconds";
+
+/// Adds a finished connection's bytes.
+pub fn bytes_relayed(console: &'static str, up: u64, down: u64) {
+    metrics::counter!(BYTES_RELAYED, "console" => console, "direction" => "up").increment(up);
+    metrics::counter!(BYTES_RELAYED, "console" => console, "direction" => "down").increment(down);
+}
+
+/// Records a hypervisor connect time.
+pub fn connect_took(secs: f64) {
+    metrics::histogram!(CONNECT_SECONDS).record(secs);
+}
+
+/// Records a successful handshake's time.
+pub fn handshake_took(protocol: &'static str, secs: f64) {
+    metrics::histogram!(HANDSHAKE_SECONDS, "protocol" => protocol).record(secs);
 }

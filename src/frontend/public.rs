@@ -326,12 +326,14 @@ async fn ws_endpoint(
         crate::audit::session_started(&registered.live);
         tracing::info!(%session, %client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
         let mut socket = socket;
+        let handshake_started = std::time::Instant::now();
         let backend = if kind == ConsoleType::Novnc {
             // The security proxy: Porthole authenticates to the hypervisor,
             // the browser is offered None.
             let up = vnc_upstreams.load().get(&grant.backend);
             match crate::session::vnc::browser_handshake(&mut socket, opened.backend, &up, &grant.target.host, upgrade_timeout).await {
                 Ok((backend, early)) => {
+                    crate::metrics::handshake_took("rfb", handshake_started.elapsed().as_secs_f64());
                     if !early.is_empty() && socket.send(Message::Binary(early.into())).await.is_err() {
                         return;
                     }
@@ -358,6 +360,7 @@ async fn ws_endpoint(
         crate::audit::session_ended(&registered.live, reason.as_str(), started.elapsed().as_secs_f64());
         drop(registered);
         crate::metrics::session_ended(kind.as_str(), reason.as_str());
+        crate::metrics::bytes_relayed(kind.as_str(), traffic.up, traffic.down);
         tracing::info!(
             %session, %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
             bytes_up = traffic.up, bytes_down = traffic.down,

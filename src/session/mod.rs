@@ -431,13 +431,17 @@ impl Sessions {
             .host
             .trim_start_matches('[')
             .trim_end_matches(']');
+        let connecting = std::time::Instant::now();
         let backend = match tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect((host, port)),
         )
         .await
         {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                crate::metrics::connect_took(connecting.elapsed().as_secs_f64());
+                s
+            }
             Ok(Err(e)) => return Err(OpenError::Unreachable(e.to_string())),
             Err(_) => {
                 return Err(OpenError::Unreachable(format!(

@@ -145,26 +145,23 @@ impl SpiceProxy {
     pub async fn need_secured<S: Io>(mut client: S, timeout: Duration) {
         let mut link = ClientLink::new();
         let got = tokio::time::timeout(timeout, read_client_step(&mut client, &mut link)).await;
-        let outcome = match got {
-            Ok(Ok(ClientStep::Linked(_))) => {
-                let _ = write_within(&mut client, &link.refuse(LinkError::NeedSecured)).await;
-                "need_secured"
-            }
-            Ok(Ok(ClientStep::Ticket(_))) => "need_secured",
-            Ok(Err(r)) => {
-                if let Some(code) = r.code {
-                    let _ = write_within(&mut client, &link.refuse(code)).await;
-                }
-                r.reason
-            }
-            Err(_) => "handshake_timeout",
+        // Counted before the client hears of it.
+        let (outcome, reply) = match got {
+            Ok(Ok(ClientStep::Linked(_))) => ("need_secured", Some(LinkError::NeedSecured)),
+            Ok(Ok(ClientStep::Ticket(_))) => ("need_secured", None),
+            Ok(Err(r)) => (r.reason, r.code),
+            Err(_) => ("handshake_timeout", None),
         };
         crate::metrics::spice_link_refused(outcome, Blame::Client.as_str());
+        if let Some(code) = reply {
+            let _ = write_within(&mut client, &link.refuse(code)).await;
+        }
     }
 
     /// Runs one channel connection to its end.
     pub async fn serve<S: Io>(&self, mut client: S, peer: IpAddr, leg: ClientLeg) {
         let mut link = ClientLink::new();
+        let handshake_started = Instant::now();
         let handshake = tokio::time::timeout(
             self.handshake_timeout,
             self.handshake(&mut client, &mut link, &leg, peer),
@@ -179,30 +176,32 @@ impl SpiceProxy {
         let linked = match handshake {
             Ok(l) => l,
             Err(r) => {
+                // Counted and logged before the client hears of it.
+                crate::metrics::spice_link_refused(r.reason, r.blame.as_str());
+                if crate::audit::refusal_log_allowed() {
+                    crate::audit::refused("spice_link", r.reason, None, Some(peer));
+                    match r.blame {
+                        Blame::Client => {
+                            tracing::info!(client = %peer, reason = r.reason, "spice link refused: {}", r.detail)
+                        }
+                        _ => {
+                            tracing::warn!(client = %peer, reason = r.reason, blame = r.blame.as_str(), "spice link failed: {}", r.detail)
+                        }
+                    }
+                }
                 if let Some(code) = r.code {
                     let _ = write_within(&mut client, &link.refuse(code)).await;
-                }
-                crate::metrics::spice_link_refused(r.reason, r.blame.as_str());
-                if !crate::audit::refusal_log_allowed() {
-                    return;
-                }
-                crate::audit::refused("spice_link", r.reason, None, Some(peer));
-                match r.blame {
-                    Blame::Client => {
-                        tracing::info!(client = %peer, reason = r.reason, "spice link refused: {}", r.detail)
-                    }
-                    _ => {
-                        tracing::warn!(client = %peer, reason = r.reason, blame = r.blame.as_str(), "spice link failed: {}", r.detail)
-                    }
                 }
                 return;
             }
         };
+        let linked_in = handshake_started.elapsed();
         let grant = &linked.admitted.grant;
         let channel_name = channel_name(linked.mess.channel_type);
         let is_main = linked.mess.channel_type == channel::MAIN;
         let console = grant.console;
         crate::metrics::spice_linked(channel_name);
+        crate::metrics::handshake_took("spice", linked_in.as_secs_f64());
         if is_main {
             crate::metrics::session_started(console.as_str());
         }
@@ -292,6 +291,7 @@ impl SpiceProxy {
             self.tickets.end(&linked.admitted.id);
             crate::metrics::session_ended(console.as_str(), reason.as_str());
         }
+        crate::metrics::bytes_relayed(console.as_str(), traffic.up, traffic.down);
         tracing::info!(
             %session, client = %peer, jti = %linked.admitted.grant.jti, channel = channel_name,
             reason = reason.as_str(), bytes_up = traffic.up, bytes_down = traffic.down,

@@ -205,8 +205,11 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut leg = ClientLeg::new(ClientOffer::None);
+    // Who ran out the clock: the hypervisor (still authenticating) or the client.
+    let upstream_done = std::sync::atomic::AtomicBool::new(false);
     let result = tokio::time::timeout(timeout, async {
         let mut authed = authenticate_upstream(tcp, up, host).await?;
+        upstream_done.store(true, std::sync::atomic::Ordering::Relaxed);
         loop {
             let step = leg.poll().map_err(|f| VncRefusal::rfb(f, Blame::Client))?;
             if step == Some(ClientStep::SecurityChosen) {
@@ -256,11 +259,21 @@ where
     })
     .await
     .unwrap_or_else(|_| {
-        Err(VncRefusal::new(
-            "handshake_timeout",
-            Blame::Client,
-            format!("no handshake within {timeout:?}"),
-        ))
+        Err(
+            if upstream_done.load(std::sync::atomic::Ordering::Relaxed) {
+                VncRefusal::new(
+                    "handshake_timeout",
+                    Blame::Client,
+                    format!("no handshake within {timeout:?}"),
+                )
+            } else {
+                VncRefusal::new(
+                    "hypervisor_timeout",
+                    Blame::Backend,
+                    format!("the hypervisor did not finish its handshake within {timeout:?}"),
+                )
+            },
+        )
     });
     if result.is_err() {
         // The client learns nothing but "console unavailable".
@@ -373,6 +386,7 @@ impl VncProxy {
             kill: registered.live.cancel.clone(),
         };
         crate::metrics::session_started(ConsoleType::VncDirect.as_str());
+        crate::metrics::handshake_took("rfb", started.elapsed().as_secs_f64());
         crate::audit::session_started(&registered.live);
         tracing::info!(
             %session, client = %peer, jti = %grant.jti, instance = %grant.instance, console = "vnc-direct",
@@ -397,6 +411,7 @@ impl VncProxy {
             reason.as_str(),
             started.elapsed().as_secs_f64(),
         );
+        crate::metrics::bytes_relayed(ConsoleType::VncDirect.as_str(), traffic.up, traffic.down);
         drop(registered);
         self.tickets.end(&ticket_id);
         crate::metrics::session_ended(ConsoleType::VncDirect.as_str(), reason.as_str());

@@ -2,8 +2,19 @@
 
 import pytest
 
+import leak_check
 from support import Porthole
 from vm import VM
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log():
+    """After the whole run: none of the tokens, tickets and passwords the
+    suite issued or configured is in any log or audit file Porthole wrote."""
+    yield
+    found = leak_check.leaks()
+    assert not found, f"secrets in Porthole's logs: {found[:10]}"
+    assert leak_check.SECRETS and leak_check.FILES, "the leak check saw nothing: it is not wired up"
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ sys.path.insert(0, str(HERE.parent / "interop"))
 sys.path.insert(0, str(HERE))
 
 from harness import AUDIENCE, ISSUER, ROOT, Gateway, Key, free_port, run  # noqa: E402
+import leak_check  # noqa: E402
 
 
 class Porthole:
@@ -82,6 +83,9 @@ networks = ["127.0.0.0/8"]
 ports = ["1024-65535"]
 {backend_extra}
 """)
+        leak_check.watch(tmp / "porthole.log")
+        leak_check.watch(self.audit_path)
+        leak_check.remember(self.bearer.read_text())
         self.gateway = Gateway(["--config", str(config)], tmp / "porthole.log", admin_port=self.admin_port)
 
     def mint(self, console, port, ttl=120, host="127.0.0.1", tls_port=None):
@@ -89,7 +93,9 @@ ports = ["1024-65535"]
         out = run("token", "mint", "--key", str(self.key.private), "--kid", self.key.kid, "--type", console,
                   "--instance", "e2e-vm", "--host", host, "--port", str(port), "--ttl", str(ttl),
                   "--issuer", ISSUER, "--audience", AUDIENCE, "--base-url", self.base, "--json", *extra).stdout
-        return json.loads(out)
+        minted = json.loads(out)
+        leak_check.remember(minted["token"])
+        return minted
 
     def spice_details(self, token):
         """The exchange: JSON connection details with a fresh ticket."""
@@ -97,7 +103,9 @@ ports = ["1024-65535"]
         from harness import http
         status, body = http("GET", f"{self.base}/spice-direct?format=json&token={urllib.parse.quote(token)}")[:2]
         assert status == 200, (status, body)
-        return json.loads(body)
+        details = json.loads(body)
+        leak_check.remember(details["ticket"])
+        return details
 
     def log(self):
         return self.gateway.output()

@@ -205,3 +205,28 @@ def test_the_console_page_says_why(porthole, backend):
     dead.close()
     result = browser("status", p.mint("novnc", dead_port)["url"], 0)
     assert result["state"] == "unavailable", result
+
+
+def test_a_hypervisor_that_accepts_and_never_answers_is_cut_at_the_deadline(tmp_path):
+    """The VNC console's TCP port accepts, then says nothing: the security
+    proxy's handshake deadline (the upgrade deadline, 2 s here) ends the
+    session with 1011, and it is counted against the hypervisor."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # the kernel accepts; nobody ever reads or writes
+    p = Porthole(tmp_path, websocket="upgrade_timeout_secs = 2")
+    try:
+        ws = connect(ws_url(p, "vnc", p.mint("novnc", silent.getsockname()[1])["token"]), open_timeout=10)
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosedError) as closed:
+            while True:
+                ws.recv(timeout=30)
+        elapsed = time.monotonic() - started
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011, closed.value
+        assert 1.5 <= elapsed < 2 * 10, f"cut after {elapsed:.1f} s (deadline 2 s)"
+        m = p.metrics()
+        assert metric_value(m, "porthole_handshake_failures_total", protocol="rfb", reason="hypervisor_timeout",
+                            blame="backend") == 1
+    finally:
+        silent.close()
+        assert p.gateway.stop() == 0

@@ -10,6 +10,15 @@ from spice_client import spicy_capture, wait_for_final_spice_screen
 from support import Porthole
 
 
+def wait_for(condition, p, within=20):
+    """Log lines are written as sessions progress: wait (a bounded while) for one."""
+    import time
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, p.log()[-2000:]
+        time.sleep(0.05)
+
+
 def spice_porthole(tmp_path, vm, tls=True, prefer=None):
     """A Porthole whose loopback backend holds the VM's SPICE password (and,
     with tls, the VM's CA, so Porthole links over QEMU's TLS port)."""
@@ -70,8 +79,7 @@ def test_a_hypervisor_that_demands_tls_gets_it_and_one_without_a_ca_gets_plain(t
         assert c.open(MAIN, ticket) == "OK"
         assert c.session_id() != 0
         c.close()
-        log = plain_first.log()
-        assert 'upstream="tls"' in log, log[-2000:]
+        wait_for(lambda: 'upstream="tls"' in plain_first.log(), plain_first)
     finally:
         assert plain_first.gateway.stop() == 0, plain_first.log()[-3000:]
         vm.stop()
@@ -87,7 +95,7 @@ def test_a_hypervisor_that_demands_tls_gets_it_and_one_without_a_ca_gets_plain(t
         c = Channel(no_ca.spice_tls_port, ca=no_ca.spice_ca)
         assert c.open(MAIN, ticket) == "OK"
         c.close()
-        assert 'upstream="plain"' in no_ca.log()
+        wait_for(lambda: 'upstream="plain"' in no_ca.log(), no_ca)
     finally:
         assert no_ca.gateway.stop() == 0, no_ca.log()[-3000:]
         vm.stop()

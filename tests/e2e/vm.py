@@ -226,6 +226,9 @@ class VM:
         return seen
 
     def qmp(self, command, **arguments):
+        if command == "set_password":
+            import leak_check
+            leak_check.remember(arguments.get("password"))
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(self.qmp_path)
