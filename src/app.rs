@@ -89,12 +89,16 @@ impl App {
             .with_limits(
                 config.websocket.max_sessions_per_client,
                 config.websocket.max_sessions_per_token,
+            )
+            .with_timers(
+                config.websocket.max_session_age,
+                config.websocket.idle_timeout,
             ),
         );
         let tls = match &config.listen.tls {
             None => None,
             Some((cert, key)) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
-                listener::load_tls(cert, key)
+                listener::load_tls(cert, key, config.listen.tls13_only)
                     .map_err(anyhow::Error::msg)
                     .context("listen.tls_cert")?,
             ))),
@@ -113,7 +117,7 @@ impl App {
         });
         let spice_tls = match (&config.spice.listen_tls, &config.spice.tls) {
             (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
-                load_console_tls(cert, key).context("spice.tls_cert")?,
+                load_console_tls(cert, key, config.listen.tls13_only).context("spice.tls_cert")?,
             ))),
             (Some(addr), None) => {
                 anyhow::bail!(
@@ -146,7 +150,7 @@ impl App {
         ));
         let vnc_tls = match (&config.vnc.listen, &config.vnc.tls) {
             (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
-                load_console_tls(cert, key).context("vnc.tls_cert")?,
+                load_console_tls(cert, key, config.listen.tls13_only).context("vnc.tls_cert")?,
             ))),
             (Some(addr), None) => {
                 anyhow::bail!(
@@ -276,8 +280,9 @@ impl App {
 fn load_console_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
+    tls13_only: bool,
 ) -> anyhow::Result<rustls::ServerConfig> {
-    let mut c = listener::load_tls(cert, key).map_err(anyhow::Error::msg)?;
+    let mut c = listener::load_tls(cert, key, tls13_only).map_err(anyhow::Error::msg)?;
     c.alpn_protocols.clear();
     Ok(c)
 }

@@ -162,6 +162,8 @@ pub struct RawListen {
     /// Accept WebSockets without an `Origin` header (non-browser clients; browsers
     /// always send one). Default true.
     pub allow_missing_origin: Option<bool>,
+    /// Lowest TLS version every listener accepts: `"1.2"` (default) or `"1.3"`.
+    pub tls_min_version: Option<String>,
 }
 
 /// `[websocket]`: limits and timers of browser sessions.
@@ -197,6 +199,8 @@ pub struct RawWebSocket {
     pub max_sessions_per_token: Option<usize>,
     /// Grace period for open sessions at shutdown, seconds. Default 10.
     pub shutdown_grace_secs: Option<u64>,
+    /// End every session after this long, seconds (0: never). Default 0.
+    pub max_session_age_secs: Option<u64>,
 }
 
 /// `[web]`: where the console pages and client libraries are.
@@ -463,6 +467,8 @@ pub struct WebSocketConfig {
     pub max_sessions_per_client: usize,
     /// Concurrent connections per token.
     pub max_sessions_per_token: usize,
+    /// End every session after this long.
+    pub max_session_age: Option<Duration>,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
 }
@@ -499,6 +505,8 @@ pub struct ListenConfig {
     pub allowed_origins: Vec<String>,
     /// Accept WebSockets without an `Origin` header.
     pub allow_missing_origin: bool,
+    /// Every TLS listener accepts TLS 1.3 only.
+    pub tls13_only: bool,
 }
 
 /// Validated `[tokens]`.
@@ -765,6 +773,17 @@ impl RawConfig {
             }
         }
         let allow_missing_origin = self.listen.allow_missing_origin.unwrap_or(true);
+        let tls13_only = match self.listen.tls_min_version.as_deref() {
+            None | Some("1.2") => false,
+            Some("1.3") => true,
+            Some(other) => {
+                issues.push(
+                    "listen.tls_min_version",
+                    format!("`{other}` is not \"1.2\" or \"1.3\""),
+                );
+                false
+            }
+        };
 
         let w = self.websocket;
         let positive = |issues: &mut Issues,
@@ -873,6 +892,7 @@ impl RawConfig {
             max_sessions,
             max_sessions_per_client,
             max_sessions_per_token,
+            max_session_age: optional(w.max_session_age_secs, 0),
             shutdown_grace: secs(w.shutdown_grace_secs, 10),
         };
         let root = self
@@ -1276,6 +1296,7 @@ impl RawConfig {
                 trusted_proxies,
                 allowed_origins,
                 allow_missing_origin,
+                tls13_only,
             },
             websocket,
             web,

@@ -40,6 +40,7 @@ pub struct Reloader {
     vnc_tls: Option<TlsFiles>,
     spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
     vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
+    tls13_only: bool,
 }
 
 /// What a reload changed.
@@ -74,6 +75,7 @@ impl Reloader {
             vnc_tls: files(&app.vnc_tls, &app.config.vnc.tls, true),
             spice_upstreams: app.spice_upstreams.clone(),
             vnc_upstreams: app.vnc_upstreams.clone(),
+            tls13_only: app.config.listen.tls13_only,
         }
     }
 
@@ -104,8 +106,8 @@ impl Reloader {
         ] {
             let Some(t) = tls else { continue };
             let (cert, key) = new_files.unwrap_or_else(|| t.files.clone());
-            let mut loaded =
-                listener::load_tls(&cert, &key).map_err(|e| format!("{name} certificate: {e}"))?;
+            let mut loaded = listener::load_tls(&cert, &key, self.tls13_only)
+                .map_err(|e| format!("{name} certificate: {e}"))?;
             if t.console {
                 loaded.alpn_protocols.clear();
             }

@@ -328,6 +328,38 @@ async fn per_client_and_per_token_caps_answer_429_and_count() {
 }
 
 #[tokio::test]
+async fn sessions_end_at_their_maximum_age_with_4004() {
+    let f = start("max_session_age_secs = 1").await;
+    let port = echo_console().await;
+    let (mut ws, _) = f
+        .connect(
+            &format!("/serial?token={}", f.token(ConsoleType::Serial, port)),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // A generous bound: ten times the configured age.
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the session outlived ten times its maximum age")
+    .expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 4004);
+    assert_eq!(frame.reason.as_str(), "maximum session age reached");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    f.stop.cancel();
+}
+
+#[tokio::test]
 async fn shutdown_sends_going_away() {
     let f = start("").await;
     let port = echo_console().await;

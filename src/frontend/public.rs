@@ -318,10 +318,7 @@ async fn ws_endpoint(
         let session = registered.live.id.clone();
         let mut opts = opts;
         opts.counters = registered.live.bytes.clone();
-        let stop = crate::session::Stop {
-            shutdown: cancel.clone(),
-            kill: registered.live.cancel.clone(),
-        };
+        let stop = sessions.stop_for(registered.live.cancel.clone());
         crate::metrics::session_started(kind.as_str());
         crate::audit::session_started(&registered.live);
         tracing::info!(%session, %client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
@@ -551,6 +548,7 @@ mod tests {
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
             allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
             allow_missing_origin: allow_missing,
+            tls13_only: false,
         }
     }
 

@@ -96,6 +96,8 @@ pub enum CloseReason {
     Shutdown,
     /// An operator ended the session (admin API or CLI).
     Terminated,
+    /// The session reached `max_session_age_secs`.
+    MaxAge,
 }
 
 impl CloseReason {
@@ -112,6 +114,7 @@ impl CloseReason {
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Terminated => "terminated",
+            CloseReason::MaxAge => "max_age",
         }
     }
 }
@@ -124,6 +127,11 @@ pub struct Stop {
     pub shutdown: CancellationToken,
     /// This session was terminated.
     pub kill: CancellationToken,
+    /// The session's maximum age runs out then, if one is configured.
+    pub deadline: Option<tokio::time::Instant>,
+    /// End after this long with no byte either way (native sessions; the
+    /// WebSocket bridge has its own).
+    pub idle: Option<Duration>,
 }
 
 impl Stop {
@@ -139,6 +147,12 @@ impl Stop {
                     CloseReason::Terminated
                 }
             }
+            _ = async {
+                match self.deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => CloseReason::MaxAge,
         }
     }
 }
@@ -236,6 +250,8 @@ pub struct Sessions {
     counts: Arc<Mutex<Counts>>,
     per_client: usize,
     per_token: usize,
+    max_age: Option<Duration>,
+    idle: Option<Duration>,
 }
 
 impl Sessions {
@@ -259,6 +275,25 @@ impl Sessions {
             counts: Arc::default(),
             per_client: usize::MAX,
             per_token: usize::MAX,
+            max_age: None,
+            idle: None,
+        }
+    }
+
+    /// Ends sessions after `max_age`, and native ones after `idle` without traffic.
+    pub fn with_timers(mut self, max_age: Option<Duration>, idle: Option<Duration>) -> Self {
+        self.max_age = max_age;
+        self.idle = idle;
+        self
+    }
+
+    /// How a session that `kill` ends (its registry entry's token) is told to stop.
+    pub fn stop_for(&self, kill: CancellationToken) -> Stop {
+        Stop {
+            shutdown: self.cancel.clone(),
+            kill,
+            deadline: self.max_age.map(|a| tokio::time::Instant::now() + a),
+            idle: self.idle,
         }
     }
 

@@ -178,6 +178,7 @@ impl SpiceProxy {
             Err(r) => {
                 // Counted and logged before the client hears of it.
                 crate::metrics::spice_link_refused(r.reason, r.blame.as_str());
+                crate::metrics::handshake_failed("spice", r.reason, r.blame.as_str());
                 if crate::audit::refusal_log_allowed() {
                     crate::audit::refused("spice_link", r.reason, None, Some(peer));
                     match r.blame {
@@ -231,12 +232,10 @@ impl SpiceProxy {
             Some(r) => Some(r.live.clone()),
             None => self.sessions.registry.by_key(&ticket_id.to_string()),
         };
-        let stop = crate::session::Stop {
-            shutdown: self.sessions.cancel.clone(),
-            kill: live
-                .as_ref()
+        let stop = self.sessions.stop_for(
+            live.as_ref()
                 .map_or_else(|| self.sessions.cancel.clone(), |l| l.cancel.clone()),
-        };
+        );
         let counters = live.as_ref().map(|l| l.bytes.clone()).unwrap_or_default();
         let session = live.as_ref().map_or("-".to_string(), |l| l.id.clone());
         if let Some(r) = &registered {

@@ -74,10 +74,27 @@ pub async fn splice<S: Io>(
             }
         }
     };
+    // Idle: no byte either way for a whole `stop.idle`, on the session's
+    // counters (a SPICE session's quiet channel is not idle while its display moves).
+    let idle = async {
+        let Some(limit) = stop.idle else {
+            return std::future::pending().await;
+        };
+        let mut seen = (u64::MAX, u64::MAX);
+        loop {
+            tokio::time::sleep(limit).await;
+            let now = (counters.up.load(Relaxed), counters.down.load(Relaxed));
+            if now == seen {
+                return CloseReason::IdleTimeout;
+            }
+            seen = now;
+        }
+    };
     let reason = tokio::select! {
         r = up => r,
         r = down => r,
         r = stop.stopped() => r,
+        r = idle => r,
     };
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, client_w.shutdown()).await;
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, up_w.shutdown()).await;

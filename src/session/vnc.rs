@@ -381,10 +381,7 @@ impl VncProxy {
             &self.sessions.cancel,
         );
         let session = registered.live.id.clone();
-        let stop = crate::session::Stop {
-            shutdown: self.sessions.cancel.clone(),
-            kill: registered.live.cancel.clone(),
-        };
+        let stop = self.sessions.stop_for(registered.live.cancel.clone());
         crate::metrics::session_started(ConsoleType::VncDirect.as_str());
         crate::metrics::handshake_took("rfb", started.elapsed().as_secs_f64());
         crate::audit::session_started(&registered.live);

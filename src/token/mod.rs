@@ -116,6 +116,8 @@ impl RefusalReason {
         match self {
             RefusalReason::Expired => "expired",
             RefusalReason::Unavailable => "unavailable",
+            // An operator ended it: the page says so rather than "not valid".
+            RefusalReason::Revoked => "revoked",
             _ => "refused",
         }
     }

@@ -28,8 +28,12 @@ use tower::ServiceExt as _;
 /// A TLS server config that can be replaced while connections run.
 pub type TlsSlot = Arc<ArcSwap<ServerConfig>>;
 
-/// Builds a TLS server config from PEM files (certificate chain, private key).
-pub fn load_tls(cert: &Path, key: &Path) -> Result<ServerConfig, String> {
+/// TLS 1.3 alone (`listen.tls_min_version = "1.3"`).
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// Builds a TLS server config from PEM files (certificate chain, private key),
+/// accepting TLS 1.2 and 1.3, or 1.3 only.
+pub fn load_tls(cert: &Path, key: &Path, tls13_only: bool) -> Result<ServerConfig, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("{}: {e}", cert.display()))?
         .collect::<Result<_, _>>()
@@ -40,7 +44,11 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<ServerConfig, String> {
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(if tls13_only {
+                TLS13_ONLY
+            } else {
+                rustls::DEFAULT_VERSIONS
+            })
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_single_cert(certs, key)

@@ -350,6 +350,7 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::ProtocolError => (1003, "binary frames only"),
         CloseReason::Shutdown => (1001, "gateway shutting down"),
         CloseReason::Terminated => (4003, "session terminated by an operator"),
+        CloseReason::MaxAge => (4004, "maximum session age reached"),
         CloseReason::ClientUnresponsive => (4005, "client unresponsive"),
     }
 }

@@ -5,6 +5,9 @@
 //                                                   OUT.png.traffic: every WebSocket frame and HTTP
 //                                                   response the page sent or received, concatenated
 //   node browser.mjs status URL [WAIT_MS]        -> the page's status only
+//   node browser.mjs until-ended URL [MAX_MS]    -> prints "CONNECTED" once the page is connected,
+//                                                   then waits (at most MAX_MS) for the session
+//                                                   to end; the page's status then
 // vnc mode also writes OUT.png.traffic like spice mode, and returns the sockets and the
 // first frames each way (hex, up to 64 bytes each) as "frames".
 // Prints one JSON line: {"state", "text", ...}. Exit 0 when the page answered.
@@ -112,6 +115,15 @@ try {
     await page.waitForTimeout(Number(wait ?? 5000));
     result.terminal = await page.evaluate(() => window.porthole?.terminalText?.() ?? '');
     result.received = await page.evaluate(() => window.porthole?.received?.() ?? 0);
+  } else if (mode === 'until-ended') {
+    await settle(0);
+    const state = await page.evaluate(() => document.getElementById('status')?.dataset.state);
+    if (state === 'connected') {
+      console.log('CONNECTED');
+      await page.waitForFunction(() => !['connected', 'connecting'].includes(
+        document.getElementById('status')?.dataset.state), null, { timeout: Number(rest[0] ?? 60000), polling: 100 })
+        .catch(() => {});
+    }
   } else {
     await settle(Number(rest[0] ?? 0));
   }

@@ -216,3 +216,73 @@ def test_reload_rotates_certificates_keys_and_backends_under_live_sessions(tmp_p
         vm.stop()
 
 
+
+
+def test_real_clients_see_an_operator_end_their_sessions(tmp_path):
+    """noVNC in Chromium and remote-viewer (spice-gtk) are connected through
+    Porthole; the operator ends both (API, CLI): the page says an operator
+    ended it, remote-viewer's SPICE session goes down, and the audit says who."""
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    from support import HERE
+    (tmp_path / "vm").mkdir()
+    vm = VM(tmp_path / "vm", spice=True, spice_extra_channels=False)
+    pw = tmp_path / "spice.pw"
+    pw.write_text(vm.spice_password)
+    p = Porthole(tmp_path, backend_extra=f'[backends.spice]\npassword_file = "{pw}"')
+    page = viewer = None
+    try:
+        # noVNC in Chromium, held open until its session ends.
+        page = subprocess.Popen(["node", str(HERE / "browser.mjs"), "until-ended", p.mint("novnc", vm.vnc_port)["url"],
+                                 "60000"], stdout=subprocess.PIPE, text=True, cwd=HERE)
+        assert page.stdout.readline().strip() == "CONNECTED"
+        # remote-viewer with a .vv file, on a virtual X display.
+        token = p.mint("spice-direct", vm.spice_port)["token"]
+        from harness import http
+        status, vv = http("GET", f"{p.base}/spice-direct?token={token}")
+        assert status == 200, vv
+        (tmp_path / "console.vv").write_text(vv)
+        log = tmp_path / "remote-viewer.log"
+        with open(log, "w") as out:
+            viewer = subprocess.Popen(["xvfb-run", "-a", "remote-viewer", "--debug", str(tmp_path / "console.vv")],
+                                      stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "SPICE_DEBUG": "1"},
+                                      start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not re.search(r"display-2:0: channel up", log.read_text(errors="replace")):
+            assert time.monotonic() < deadline and viewer.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        listed = {s["console"]: s["id"] for s in p.admin("GET", "/v1/sessions")[1]["sessions"]}
+        assert set(listed) == {"novnc", "spice-direct"}, listed
+
+        # The API ends the browser's session; the page says why.
+        status, _ = p.admin("DELETE", f"/v1/sessions/{listed['novnc']}?reason=maintenance", actor="carol")
+        assert status == 200
+        result = json.loads(page.communicate(timeout=60)[0].strip().splitlines()[-1])
+        assert result["state"] == "revoked" and "operator" in result["text"], result
+
+        # The CLI ends the SPICE session; remote-viewer's channels go down.
+        before = len(log.read_text(errors="replace"))
+        p.cli("sessions", "kill", "--id", listed["spice-direct"], "--reason", "maintenance")
+        deadline = time.monotonic() + 30
+        while True:
+            tail = log.read_text(errors="replace")[before:]
+            if re.search(r"main-1:0: .*(channel down|disconnect|Closing|error)", tail, re.I):
+                break
+            assert time.monotonic() < deadline, tail[-3000:]
+            time.sleep(0.2)
+        assert p.admin("GET", "/v1/sessions")[1]["sessions"] == []
+        ended = {(e["console"], e["by"]) for e in p.audit() if e["event"] == "session_terminated"}
+        assert ("novnc", "carol") in ended and any(c == "spice-direct" and b.startswith("cli:") for c, b in ended)
+    finally:
+        for proc in (page, viewer):
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM) if proc is viewer else proc.terminate()
+                    proc.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    proc.kill()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+        vm.stop()

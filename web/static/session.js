@@ -17,6 +17,7 @@ const MESSAGES = {
   refused: 'Console link not valid: open the console again from your dashboard.',
   busy: 'Console busy: someone else is using this console.',
   unavailable: 'Console unavailable: try again in a moment.',
+  revoked: 'Session ended by an operator: this console link no longer works.',
 };
 
 // WebSocket close codes Porthole sends (4000-4999 are its own).
@@ -28,6 +29,9 @@ const CLOSES = {
   4000: 'Disconnected: the console was closed.',
   4001: 'Disconnected: the console link expired.',
   4002: 'Disconnected after a long idle period.',
+  4003: 'Session ended by an operator.',
+  4004: 'Disconnected: the longest session allowed has passed.',
+  4005: 'Disconnected: the connection stopped answering.',
 };
 
 export function setStatus(state, text) {

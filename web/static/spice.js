@@ -10,7 +10,7 @@ const screen = document.getElementById('screen');
 let reconnects = 0;
 let sc = null;
 
-const CODES = ['expired', 'refused', 'busy', 'unavailable'];
+const CODES = ['expired', 'refused', 'revoked', 'busy', 'unavailable'];
 
 // A fresh ticket for this token; throws the refusal code when there is none.
 async function ticket() {
