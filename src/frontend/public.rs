@@ -35,6 +35,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tracing::Instrument as _;
 
 /// What the public routes share.
 #[derive(Debug, Clone)]
@@ -319,50 +320,56 @@ async fn ws_endpoint(
         let mut opts = opts;
         opts.counters = registered.live.bytes.clone();
         let stop = sessions.stop_for(registered.live.cancel.clone());
-        crate::metrics::session_started(kind.as_str());
-        crate::audit::session_started(&registered.live);
-        tracing::info!(%session, %client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
-        let mut socket = socket;
-        let handshake_started = std::time::Instant::now();
-        let backend = if kind == ConsoleType::Novnc {
-            // The security proxy: Porthole authenticates to the hypervisor,
-            // the browser is offered None.
-            let up = vnc_upstreams.load().get(&grant.backend);
-            match crate::session::vnc::browser_handshake(&mut socket, opened.backend, &up, &grant.target.host, upgrade_timeout).await {
-                Ok((backend, early)) => {
-                    crate::metrics::handshake_took("rfb", handshake_started.elapsed().as_secs_f64());
-                    if !early.is_empty() && socket.send(Message::Binary(early.into())).await.is_err() {
+        // Every log line of the session carries its id (the audit trail's too).
+        let span = tracing::info_span!("session", %session);
+        async move {
+            crate::metrics::session_started(kind.as_str());
+            crate::audit::session_started(&registered.live);
+            tracing::info!(%session, %client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
+            let mut socket = socket;
+            let handshake_started = std::time::Instant::now();
+            let backend = if kind == ConsoleType::Novnc {
+                // The security proxy: Porthole authenticates to the hypervisor,
+                // the browser is offered None.
+                let up = vnc_upstreams.load().get(&grant.backend);
+                match crate::session::vnc::browser_handshake(&mut socket, opened.backend, &up, &grant.target.host, upgrade_timeout).await {
+                    Ok((backend, early)) => {
+                        crate::metrics::handshake_took("rfb", handshake_started.elapsed().as_secs_f64());
+                        if !early.is_empty() && socket.send(Message::Binary(early.into())).await.is_err() {
+                            return;
+                        }
+                        backend
+                    }
+                    Err(r) => {
+                        r.record(client, kind);
+                        crate::audit::session_ended(&registered.live, "handshake_failed", started.elapsed().as_secs_f64());
+                        let (code, text) = ws_bridge::close_frame(crate::session::CloseReason::BackendError);
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(2),
+                            socket.close(Some(CloseFrame { code: code.into(), reason: text.into() })),
+                        )
+                        .await;
+                        crate::metrics::session_ended(kind.as_str(), "handshake_failed");
                         return;
                     }
-                    backend
                 }
-                Err(r) => {
-                    r.record(client, kind);
-                    crate::audit::session_ended(&registered.live, "handshake_failed", started.elapsed().as_secs_f64());
-                    let (code, text) = ws_bridge::close_frame(crate::session::CloseReason::BackendError);
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(2),
-                        socket.close(Some(CloseFrame { code: code.into(), reason: text.into() })),
-                    )
-                    .await;
-                    crate::metrics::session_ended(kind.as_str(), "handshake_failed");
-                    return;
-                }
-            }
-        } else {
-            ws_bridge::Backend::Tcp(opened.backend)
-        };
-        let (reason, traffic) = ws_bridge::bridge(socket, backend, opts, stop).await;
-        drop(opened.guards);
-        crate::audit::session_ended(&registered.live, reason.as_str(), started.elapsed().as_secs_f64());
-        drop(registered);
-        crate::metrics::session_ended(kind.as_str(), reason.as_str());
-        crate::metrics::bytes_relayed(kind.as_str(), traffic.up, traffic.down);
-        tracing::info!(
-            %session, %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
-            bytes_up = traffic.up, bytes_down = traffic.down,
-            secs = started.elapsed().as_secs_f64(), "session ended"
-        );
+            } else {
+                ws_bridge::Backend::Tcp(opened.backend)
+            };
+            let (reason, traffic) = ws_bridge::bridge(socket, backend, opts, stop).await;
+            drop(opened.guards);
+            crate::audit::session_ended(&registered.live, reason.as_str(), started.elapsed().as_secs_f64());
+            drop(registered);
+            crate::metrics::session_ended(kind.as_str(), reason.as_str());
+            crate::metrics::bytes_relayed(kind.as_str(), traffic.up, traffic.down);
+            tracing::info!(
+                %session, %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
+                bytes_up = traffic.up, bytes_down = traffic.down,
+                secs = started.elapsed().as_secs_f64(), "session ended"
+            );
+        }
+        .instrument(span)
+        .await;
     });
     switching_protocols(&handshake)
 }
