@@ -282,12 +282,7 @@ async fn ws_endpoint(
         counters: Arc::default(),
     };
     let sessions = s.sessions.clone();
-    let config = WebSocketConfig::default()
-        .read_buffer_size(ws.read_buffer_bytes)
-        .write_buffer_size(ws.write_buffer_bytes)
-        .max_write_buffer_size(ws.max_write_buffer_bytes)
-        .max_message_size(Some(ws.max_message_bytes))
-        .max_frame_size(Some(ws.max_frame_bytes));
+    let config = tungstenite_config(ws);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let cancel = sessions.cancel.clone();
     let vnc_upstreams = s.vnc_upstreams.clone();
@@ -399,12 +394,7 @@ fn spice_websocket(
             .into_response();
     };
     let ws = &s.ws;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(ws.read_buffer_bytes)
-        .write_buffer_size(ws.write_buffer_bytes)
-        .max_write_buffer_size(ws.max_write_buffer_bytes)
-        .max_message_size(Some(ws.max_message_bytes))
-        .max_frame_size(Some(ws.max_frame_bytes));
+    let config = tungstenite_config(ws);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let jti = grant.jti.clone();
     s.sessions.tracker.spawn(async move {
@@ -428,6 +418,16 @@ fn spice_websocket(
             .await;
     });
     switching_protocols(&handshake)
+}
+
+/// tungstenite's limits and buffers for a console WebSocket.
+fn tungstenite_config(ws: &crate::config::WebSocketConfig) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(ws.read_buffer_bytes)
+        .write_buffer_size(ws.write_buffer_bytes)
+        .max_write_buffer_size(ws.max_write_buffer_bytes)
+        .max_message_size(Some(ws.max_message_bytes))
+        .max_frame_size(Some(ws.max_frame_bytes))
 }
 
 /// The 101 answer to a checked upgrade request.

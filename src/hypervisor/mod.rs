@@ -43,3 +43,22 @@ impl fmt::Display for ConsoleTarget {
         Ok(())
     }
 }
+
+/// The TLS name to verify for a hypervisor `host`: the configured name, or the host itself.
+pub(crate) fn tls_server_name(
+    configured: Option<&str>,
+    host: &str,
+) -> Option<rustls::pki_types::ServerName<'static>> {
+    let name = configured.unwrap_or(host);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(name.to_string()).ok()
+}
+
+/// A password file's content, without the trailing newline `echo pw > file` adds.
+pub(crate) fn read_password_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut pw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    while pw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        pw.pop();
+    }
+    Ok(pw)
+}

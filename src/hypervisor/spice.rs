@@ -26,9 +26,7 @@ pub struct SpiceUpstream {
 impl SpiceUpstream {
     /// The name to verify for a target `host`.
     pub fn server_name(&self, host: &str) -> Option<ServerName<'static>> {
-        let name = self.tls_name.as_deref().unwrap_or(host);
-        let name = name.trim_start_matches('[').trim_end_matches(']');
-        ServerName::try_from(name.to_string()).ok()
+        super::tls_server_name(self.tls_name.as_deref(), host)
     }
 }
 
@@ -44,11 +42,7 @@ impl SpiceUpstreams {
             let password = match &c.password_file {
                 None => Vec::new(),
                 Some(p) => {
-                    let mut pw = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                    // A trailing newline from `echo pw > file` is not part of it.
-                    while pw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                        pw.pop();
-                    }
+                    let pw = super::read_password_file(p)?;
                     if pw.len() > crate::protocol::spice::crypto::MAX_PASSWORD_LEN {
                         return Err(format!("{}: longer than SPICE's 60 bytes", p.display()));
                     }

@@ -59,9 +59,7 @@ impl VncUpstream {
 
     /// The name to verify for a target `host`.
     pub fn server_name(&self, host: &str) -> Option<ServerName<'static>> {
-        let name = self.tls_name.as_deref().unwrap_or(host);
-        let name = name.trim_start_matches('[').trim_end_matches(']');
-        ServerName::try_from(name.to_string()).ok()
+        super::tls_server_name(self.tls_name.as_deref(), host)
     }
 }
 
@@ -77,10 +75,7 @@ impl VncUpstreams {
             let password = match &c.password_file {
                 None => Vec::new(),
                 Some(p) => {
-                    let mut pw = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                    while pw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                        pw.pop();
-                    }
+                    let pw = super::read_password_file(p)?;
                     if pw.len() > MAX_PASSWORD_LEN {
                         tracing::warn!(
                             "{}: VNC authentication uses only the first {MAX_PASSWORD_LEN} bytes",
