@@ -101,11 +101,17 @@ pub async fn serve(
                     {
                         Ok(Ok(stream)) => Either::Right(stream),
                         Ok(Err(e)) => {
-                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            crate::metrics::handshake_failed("tls", "tls_handshake", "client");
+                            if crate::audit::refusal_log_allowed() {
+                                tracing::info!(%peer, "TLS handshake failed: {e}");
+                            }
                             return;
                         }
                         Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
+                            crate::metrics::handshake_failed("tls", "handshake_timeout", "client");
+                            if crate::audit::refusal_log_allowed() {
+                                tracing::info!(%peer, "TLS handshake timed out");
+                            }
                             return;
                         }
                     }
