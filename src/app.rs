@@ -117,7 +117,7 @@ impl App {
         });
         let spice_tls = match (&config.spice.listen_tls, &config.spice.tls) {
             (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
-                load_console_tls(cert, key, config.listen.tls13_only).context("spice.tls_cert")?,
+                load_console_tls(cert, key, config.spice.tls13_only).context("spice.tls_cert")?,
             ))),
             (Some(addr), None) => {
                 anyhow::bail!(
@@ -150,7 +150,7 @@ impl App {
         ));
         let vnc_tls = match (&config.vnc.listen, &config.vnc.tls) {
             (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
-                load_console_tls(cert, key, config.listen.tls13_only).context("vnc.tls_cert")?,
+                load_console_tls(cert, key, config.vnc.tls13_only).context("vnc.tls_cert")?,
             ))),
             (Some(addr), None) => {
                 anyhow::bail!(

@@ -82,6 +82,8 @@ pub struct RawVnc {
     pub listen: Option<String>,
     /// Its certificate chain and key. Default: the SPICE listener's, else `listen.tls_*`.
     pub tls_cert: Option<PathBuf>,
+    /// Lowest TLS version: `"1.2"` or `"1.3"`. Default: `listen.tls_min_version`.
+    pub tls_min_version: Option<String>,
     /// See `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// Port clients connect to (behind NAT). Default: the listener's.
@@ -100,6 +102,8 @@ pub struct RawSpice {
     pub listen_plain: Option<String>,
     /// Certificate chain and key of the TLS listener. Default: `listen.tls_cert`/`tls_key`.
     pub tls_cert: Option<PathBuf>,
+    /// Lowest TLS version: `"1.2"` or `"1.3"`. Default: `listen.tls_min_version`.
+    pub tls_min_version: Option<String>,
     /// See `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// CA certificate (PEM) that clients are told to trust in connection details.
@@ -331,6 +335,8 @@ pub struct SpiceConfig {
     pub listen_plain: Option<SocketAddr>,
     /// Certificate chain and key of the TLS listener.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The listener accepts TLS 1.3 only.
+    pub tls13_only: bool,
     /// CA clients are told to trust.
     pub ca: Option<PathBuf>,
     /// `host-subject` for clients.
@@ -354,6 +360,8 @@ pub struct VncConfig {
     pub listen: Option<SocketAddr>,
     /// Its certificate and key.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The listener accepts TLS 1.3 only.
+    pub tls13_only: bool,
     /// Port clients connect to, when it differs from the listener's.
     pub public_port: Option<u16>,
     /// Deadline for a connection's handshakes.
@@ -1225,10 +1233,17 @@ impl RawConfig {
         if !(1..=86_400).contains(&rotation_secs) {
             issues.push("spice.key_rotation_secs", "must be within 1..=86400");
         }
+        let spice_tls13 = tls_min_version(
+            &mut issues,
+            "spice.tls_min_version",
+            sp.tls_min_version.as_deref(),
+            tls13_only,
+        );
         let spice = SpiceConfig {
             listen_tls,
             listen_plain,
             tls: spice_tls,
+            tls13_only: spice_tls13,
             ca: sp.ca.map(|p| resolve(&p)),
             host_subject: sp.host_subject,
             public_host,
@@ -1267,9 +1282,16 @@ impl RawConfig {
         if !(1..=300).contains(&vnc_handshake) {
             issues.push("vnc.handshake_timeout_secs", "must be within 1..=300");
         }
+        let vnc_tls13 = tls_min_version(
+            &mut issues,
+            "vnc.tls_min_version",
+            v.tls_min_version.as_deref(),
+            tls13_only,
+        );
         let vnc = VncConfig {
             listen: vnc_listen,
             tls: vnc_tls,
+            tls13_only: vnc_tls13,
             public_port: v.public_port,
             handshake_timeout: Duration::from_secs(vnc_handshake),
         };
@@ -1316,6 +1338,19 @@ impl RawConfig {
             issuance,
             allow: AllowList::new(backends),
         })
+    }
+}
+
+/// `"1.2"` or `"1.3"` (true: 1.3 only); absent: `default`.
+fn tls_min_version(issues: &mut Issues, key: &str, v: Option<&str>, default: bool) -> bool {
+    match v {
+        None => default,
+        Some("1.2") => false,
+        Some("1.3") => true,
+        Some(other) => {
+            issues.push(key, format!("`{other}` is not \"1.2\" or \"1.3\""));
+            default
+        }
     }
 }
 

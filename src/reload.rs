@@ -8,7 +8,7 @@
 //! are never touched: they hold what they started with. A session whose key,
 //! certificate or backend entry was removed keeps running until it ends (or
 //! an operator ends it); new connections see only the new settings.
-//! Listener addresses, limits and timers need a restart.
+//! Listener addresses, TLS minimum versions, limits and timers need a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +27,8 @@ struct TlsFiles {
     files: (PathBuf, PathBuf),
     /// Console listeners speak no ALPN.
     console: bool,
+    /// TLS 1.3 only.
+    tls13_only: bool,
 }
 
 /// What a reload can swap.
@@ -40,7 +42,6 @@ pub struct Reloader {
     vnc_tls: Option<TlsFiles>,
     spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
     vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
-    tls13_only: bool,
 }
 
 /// What a reload changed.
@@ -57,25 +58,41 @@ pub struct Reloaded {
 impl Reloader {
     /// A reloader over the app's swappable parts.
     pub fn new(app: &crate::app::App, config_path: Option<PathBuf>) -> Self {
-        let files = |slot: &Option<TlsSlot>, files: &Option<(PathBuf, PathBuf)>, console| match (
-            slot, files,
-        ) {
+        let files = |slot: &Option<TlsSlot>,
+                     files: &Option<(PathBuf, PathBuf)>,
+                     console,
+                     tls13_only| match (slot, files) {
             (Some(slot), Some(files)) => Some(TlsFiles {
                 slot: slot.clone(),
                 files: files.clone(),
                 console,
+                tls13_only,
             }),
             _ => None,
         };
         Self {
             config_path,
             validator: app.validator.clone(),
-            public_tls: files(&app.tls, &app.config.listen.tls, false),
-            spice_tls: files(&app.spice_tls, &app.config.spice.tls, true),
-            vnc_tls: files(&app.vnc_tls, &app.config.vnc.tls, true),
+            public_tls: files(
+                &app.tls,
+                &app.config.listen.tls,
+                false,
+                app.config.listen.tls13_only,
+            ),
+            spice_tls: files(
+                &app.spice_tls,
+                &app.config.spice.tls,
+                true,
+                app.config.spice.tls13_only,
+            ),
+            vnc_tls: files(
+                &app.vnc_tls,
+                &app.config.vnc.tls,
+                true,
+                app.config.vnc.tls13_only,
+            ),
             spice_upstreams: app.spice_upstreams.clone(),
             vnc_upstreams: app.vnc_upstreams.clone(),
-            tls13_only: app.config.listen.tls13_only,
         }
     }
 
@@ -106,7 +123,7 @@ impl Reloader {
         ] {
             let Some(t) = tls else { continue };
             let (cert, key) = new_files.unwrap_or_else(|| t.files.clone());
-            let mut loaded = listener::load_tls(&cert, &key, self.tls13_only)
+            let mut loaded = listener::load_tls(&cert, &key, t.tls13_only)
                 .map_err(|e| format!("{name} certificate: {e}"))?;
             if t.console {
                 loaded.alpn_protocols.clear();

@@ -204,3 +204,21 @@ def test_a_hypervisor_sending_junk_gets_the_client_a_generic_error(tmp_path, ans
     finally:
         hv.close()
         assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_a_listener_held_to_tls13_refuses_tls12_clients(tmp_path):
+    import ssl
+    p = Porthole(tmp_path, spice='tls_min_version = "1.3"')
+    try:
+        old = ssl.create_default_context(cafile=str(p.spice_ca))
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(ssl.SSLError):
+            with socket.create_connection(("127.0.0.1", p.spice_tls_port), timeout=10) as raw:
+                old.wrap_socket(raw, server_hostname="127.0.0.1")
+        Channel(p.spice_tls_port, ca=p.spice_ca).close()  # TLS 1.3 clients get in
+        deadline = time.monotonic() + 10
+        while "spice tls handshake failed" not in p.log():
+            assert time.monotonic() < deadline, p.log()[-2000:]
+            time.sleep(0.05)
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
