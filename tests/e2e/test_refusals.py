@@ -230,3 +230,50 @@ def test_a_hypervisor_that_accepts_and_never_answers_is_cut_at_the_deadline(tmp_
     finally:
         silent.close()
         assert p.gateway.stop() == 0
+
+
+def test_a_client_that_stops_reading_is_cut_after_three_silent_ping_intervals(tmp_path):
+    """A client that reads nothing (so never answers a ping) holds its session
+    for three ping intervals at most (1 s here), then it ends as
+    client_unresponsive and is counted; the flooding console is let go."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def flood():
+        conn, _ = srv.accept()
+        conn.settimeout(0.5)
+        with conn:
+            while not stop.is_set():
+                try:
+                    conn.send(b"\x55" * 65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+
+    threading.Thread(target=flood, daemon=True).start()
+    p = Porthole(tmp_path, websocket="ping_interval_secs = 1")
+    client = socket.socket()
+    try:
+        token = p.mint("serial", srv.getsockname()[1])["token"]
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.connect(("127.0.0.1", p.public_port))
+        client.sendall((f"GET /serial?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert client.recv(12) == b"HTTP/1.1 101"
+        started = time.monotonic()
+        # Never read again. A generous bound: ten times the 3 s it may take.
+        while 'reason="client_unresponsive"' not in p.log():
+            assert time.monotonic() - started < 30, p.log()[-2000:]
+            time.sleep(0.2)
+        assert time.monotonic() - started >= 2.5, "cut before three ping intervals"
+        m = p.metrics()
+        assert metric_value(m, "porthole_sessions_ended_total", console="serial", reason="client_unresponsive") == 1
+    finally:
+        stop.set()
+        client.close()
+        srv.close()
+        assert p.gateway.stop() == 0
