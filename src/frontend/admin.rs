@@ -242,6 +242,24 @@ struct CheckBody {
     console: Option<String>,
 }
 
+/// The bearer check and the `{"token", "type"}` body both token routes take.
+#[allow(clippy::result_large_err)]
+fn token_request(
+    s: &AdminState,
+    headers: &HeaderMap,
+    body: Result<Json<CheckBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<(String, Option<ConsoleType>), Response> {
+    authorize(s, headers).map_err(IntoResponse::into_response)?;
+    let Json(body) =
+        body.map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let expect = match body.console.as_deref().map(str::parse::<ConsoleType>) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => return Err(error(StatusCode::BAD_REQUEST, "unknown_console_type", e)),
+    };
+    Ok((body.token, expect))
+}
+
 /// Validates a token exactly as a console endpoint would (counted and logged),
 /// and tells the trusted caller the precise reason. For API-server authors
 /// debugging their tokens.
@@ -250,19 +268,11 @@ async fn check_token(
     headers: HeaderMap,
     body: Result<Json<CheckBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r.into_response();
-    }
-    let body = match body {
-        Ok(Json(b)) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    let (token, expect) = match token_request(&s, &headers, body) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
-    let expect = match body.console.as_deref().map(str::parse::<ConsoleType>) {
-        None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "unknown_console_type", e),
-    };
-    match s.validator.validate(&body.token, expect) {
+    match s.validator.validate(&token, expect) {
         Ok(g) => {
             Json(json!({ "valid": true, "kid": g.kid, "backend": g.backend, "claims": g.claims }))
                 .into_response()
@@ -285,19 +295,11 @@ async fn connection_details(
     headers: HeaderMap,
     body: Result<Json<CheckBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r.into_response();
-    }
-    let body = match body {
-        Ok(Json(b)) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    let (token, expect) = match token_request(&s, &headers, body) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
-    let expect = match body.console.as_deref().map(str::parse::<ConsoleType>) {
-        None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "unknown_console_type", e),
-    };
-    match s.validator.validate(&body.token, expect) {
+    match s.validator.validate(&token, expect) {
         Ok(g) => Json(json!({
             "console": {
                 "instance_uuid": g.instance,

@@ -37,41 +37,42 @@ pub async fn splice<S: Io>(
     let up_bytes = std::sync::atomic::AtomicU64::new(0);
     let down_bytes = std::sync::atomic::AtomicU64::new(0);
     let up = async {
+        // The handshake's early bytes first, then each chunk straight from the buffer.
+        let mut chunk: &[u8] = &client_early;
         let mut buf = vec![0u8; CHUNK];
-        let mut pending = client_early;
         loop {
-            if !pending.is_empty() {
-                if up_w.write_all(&pending).await.is_err() || up_w.flush().await.is_err() {
+            if !chunk.is_empty() {
+                if up_w.write_all(chunk).await.is_err() || up_w.flush().await.is_err() {
                     return CloseReason::BackendError;
                 }
-                up_bytes.fetch_add(pending.len() as u64, Relaxed);
-                counters.up.fetch_add(pending.len() as u64, Relaxed);
+                up_bytes.fetch_add(chunk.len() as u64, Relaxed);
+                counters.up.fetch_add(chunk.len() as u64, Relaxed);
             }
-            match client_r.read(&mut buf).await {
+            chunk = match client_r.read(&mut buf).await {
                 Ok(0) | Err(_) => return CloseReason::ClientLeft,
-                Ok(n) => pending = buf[..n].to_vec(),
-            }
+                Ok(n) => &buf[..n],
+            };
         }
     };
     let down = async {
+        let mut chunk: &[u8] = &upstream_early;
         let mut buf = vec![0u8; CHUNK];
-        let mut pending = upstream_early;
         loop {
-            if !pending.is_empty() {
-                if let Err(reason) = inspect(&pending) {
+            if !chunk.is_empty() {
+                if let Err(reason) = inspect(chunk) {
                     return reason;
                 }
-                if client_w.write_all(&pending).await.is_err() || client_w.flush().await.is_err() {
+                if client_w.write_all(chunk).await.is_err() || client_w.flush().await.is_err() {
                     return CloseReason::ClientLeft;
                 }
-                down_bytes.fetch_add(pending.len() as u64, Relaxed);
-                counters.down.fetch_add(pending.len() as u64, Relaxed);
+                down_bytes.fetch_add(chunk.len() as u64, Relaxed);
+                counters.down.fetch_add(chunk.len() as u64, Relaxed);
             }
-            match up_r.read(&mut buf).await {
+            chunk = match up_r.read(&mut buf).await {
                 Ok(0) => return CloseReason::BackendClosed,
                 Err(_) => return CloseReason::BackendError,
-                Ok(n) => pending = buf[..n].to_vec(),
-            }
+                Ok(n) => &buf[..n],
+            };
         }
     };
     // Idle: no byte either way for a whole `stop.idle`, on the session's
