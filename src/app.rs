@@ -14,14 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, SigningKey};
 use crate::frontend::admin::{self, AdminState};
 use crate::frontend::public::{self, PublicState};
-use crate::frontend::spice::{SpiceDetails, SpiceFront};
+use crate::frontend::spice::SpiceDetails;
 use crate::frontend::vnc::VncDetails;
 use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::issuance::Issuer;
-use crate::session::Sessions;
-use crate::session::link_keys::LinkKeys;
-use crate::session::spice::SpiceProxy;
-use crate::session::vnc::VncProxy;
+use crate::reload::{Reloader, Swappable};
+use crate::session::{self, Sessions, admission::Limits};
 use crate::token::MemoryTickets;
 use crate::token::signing::Signer;
 use crate::token::{MemoryRedemptions, TokenValidator};
@@ -32,7 +30,7 @@ use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
 pub struct App {
     /// The validated configuration.
     pub config: Config,
-    /// Verifies console tokens.
+    /// Verifies console tokens (and holds their keys, for reloads).
     pub validator: Arc<TokenValidator>,
     /// Issues tokens, when `[issuance]` is configured.
     pub issuer: Option<Arc<Issuer>>,
@@ -42,27 +40,28 @@ pub struct App {
     pub sessions: Arc<Sessions>,
     /// The public listener's TLS config, when it has one.
     pub tls: Option<TlsSlot>,
-    /// The SPICE link proxy (spice-html5 and native clients).
-    pub spice: Arc<SpiceProxy>,
-    /// The native SPICE TLS listener's config, when it is on.
-    pub spice_tls: Option<TlsSlot>,
-    /// What native SPICE clients are told (ports filled in once bound).
+    /// What native SPICE clients are told.
     pub spice_details: SpiceDetails,
-    /// VNC hypervisor credentials (swapped on reload).
-    pub vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
-    /// SPICE hypervisor credentials (swapped on reload).
-    pub spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
-    /// The native VNC listener's TLS config, when it is on.
-    pub vnc_tls: Option<TlsSlot>,
-    /// The native VNC proxy (vnc-direct).
-    pub vnc: Arc<VncProxy>,
-    /// What native VNC clients are told (port filled in once bound).
+    /// What native VNC clients are told.
     pub vnc_details: VncDetails,
+    /// Swaps keys, certificates and backends in (SIGHUP, `POST /v1/reload`).
+    pub reloader: Arc<Reloader>,
 }
 
 impl App {
-    /// Loads keys and builds the shared state.
+    /// Loads keys and builds the shared state, for listeners at the
+    /// configured addresses and no config file to reload from.
     pub fn build(config: Config) -> anyhow::Result<App> {
+        Self::build_for(config, None, None)
+    }
+
+    /// Builds the shared state for `listeners` as bound (their real ports are
+    /// what native clients are told), reloading from `config_path`.
+    pub fn build_for(
+        config: Config,
+        listeners: Option<&Listeners>,
+        config_path: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<App> {
         let allow = Arc::new(config.allow.clone());
         let validator = Arc::new(
             TokenValidator::new(
@@ -78,23 +77,6 @@ impl App {
             config.tokens.store_capacity,
             config.tokens.policy.leeway_secs,
         ));
-        let sessions = Arc::new(
-            Sessions::new(
-                config.websocket.max_sessions,
-                redemptions.clone(),
-                config.tokens.clone(),
-                config.websocket.connect_timeout,
-                CancellationToken::new(),
-            )
-            .with_limits(
-                config.websocket.max_sessions_per_client,
-                config.websocket.max_sessions_per_token,
-            )
-            .with_timers(
-                config.websocket.max_session_age,
-                config.websocket.idle_timeout,
-            ),
-        );
         let tls = match &config.listen.tls {
             None => None,
             Some((cert, key)) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
@@ -108,13 +90,6 @@ impl App {
                 .map_err(anyhow::Error::msg)
                 .context("backends.spice")?,
         ));
-        let spice = Arc::new(SpiceProxy {
-            sessions: sessions.clone(),
-            tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
-            keys: Arc::new(LinkKeys::generate()),
-            upstreams: spice_upstreams.clone(),
-            handshake_timeout: config.spice.handshake_timeout,
-        });
         let spice_tls = match (&config.spice.listen_tls, &config.spice.tls) {
             (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
                 load_console_tls(cert, key, config.spice.tls13_only).context("spice.tls_cert")?,
@@ -133,13 +108,21 @@ impl App {
             ),
             None => None,
         };
+        let (spice_tls_addr, spice_plain_addr) = match listeners {
+            Some(l) => l.spice_addrs(),
+            None => (config.spice.listen_tls, config.spice.listen_plain),
+        };
+        let vnc_addr = match listeners {
+            Some(l) => l.vnc_addr(),
+            None => config.vnc.listen,
+        };
         let spice_details = SpiceDetails {
             host: config.spice.public_host.clone(),
             tls_port: config
                 .spice
                 .public_tls_port
-                .or(config.spice.listen_tls.map(|a| a.port())),
-            port: config.spice.listen_plain.map(|a| a.port()),
+                .or(spice_tls_addr.map(|a| a.port())),
+            port: spice_plain_addr.map(|a| a.port()),
             ca_pem,
             host_subject: config.spice.host_subject.clone(),
         };
@@ -159,21 +142,46 @@ impl App {
             }
             (None, _) => None,
         };
-        let vnc = Arc::new(VncProxy {
-            sessions: sessions.clone(),
-            tickets: spice.tickets.clone(),
-            upstreams: vnc_upstreams.clone(),
-            tls: vnc_tls.clone(),
-            handshake_timeout: config.vnc.handshake_timeout,
-        });
         let vnc_details = VncDetails {
             host: config.spice.public_host.clone(),
-            port: config
-                .vnc
-                .public_port
-                .or(config.vnc.listen.map(|a| a.port())),
+            port: config.vnc.public_port.or(vnc_addr.map(|a| a.port())),
             ca_pem: spice_details.ca_pem.clone(),
         };
+        let ws = &config.websocket;
+        let sessions = Arc::new(Sessions::new(session::admission::Parts {
+            resolver: validator.clone(),
+            redemptions: redemptions.clone(),
+            tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
+            tokens: config.tokens.clone(),
+            browser: ws.clone(),
+            limits: Limits {
+                max_sessions: ws.max_sessions,
+                per_client: ws.max_sessions_per_client,
+                per_token: ws.max_sessions_per_token,
+                connect_timeout: ws.connect_timeout,
+                max_age: ws.max_session_age,
+                idle: ws.idle_timeout,
+                spice_handshake: config.spice.handshake_timeout,
+                vnc_handshake: config.vnc.handshake_timeout,
+                ticket_ttl_secs: config.spice.ticket_ttl_secs,
+            },
+            spice_upstreams: spice_upstreams.clone(),
+            vnc_upstreams: vnc_upstreams.clone(),
+            spice_tls: spice_tls.clone(),
+            vnc_tls: vnc_tls.clone(),
+        }));
+        let reloader = Arc::new(Reloader::new(
+            &config,
+            Swappable {
+                validator: validator.clone(),
+                public_tls: tls.clone(),
+                spice_tls,
+                vnc_tls,
+                spice_upstreams,
+                vnc_upstreams,
+            },
+            config_path,
+        ));
         Ok(App {
             config,
             validator,
@@ -181,22 +189,10 @@ impl App {
             redemptions,
             sessions,
             tls,
-            spice,
-            spice_tls,
             spice_details,
-            vnc_upstreams,
-            spice_upstreams,
-            vnc_tls,
-            vnc,
             vnc_details,
+            reloader,
         })
-    }
-
-    /// Rebuilds the issuer after `config.listen.public_base_url` changed (a
-    /// listener bound to port 0 on embedded defaults).
-    pub fn rebuild_issuer(&mut self) -> anyhow::Result<()> {
-        self.issuer = Self::build_issuer(&self.config, &self.validator)?;
-        Ok(())
     }
 
     fn build_issuer(
@@ -234,17 +230,10 @@ impl App {
     /// The public router over this app's state.
     pub fn public_router(&self) -> axum::Router {
         public::router(PublicState {
-            validator: self.validator.clone(),
             sessions: self.sessions.clone(),
-            ws: self.config.websocket.clone(),
             listen: Arc::new(self.config.listen.clone()),
             web: Arc::new(self.config.web.clone()),
-            spice: Some(Arc::new(SpiceFront {
-                proxy: self.spice.clone(),
-                details: self.spice_details.clone(),
-                ticket_ttl_secs: self.config.spice.ticket_ttl_secs,
-            })),
-            vnc_upstreams: self.vnc_upstreams.clone(),
+            spice: Some(Arc::new(self.spice_details.clone())),
             vnc: Arc::new(self.vnc_details.clone()),
         })
     }
@@ -268,10 +257,9 @@ impl App {
             metrics,
             ready,
             sessions: self.sessions.clone(),
-            tickets: self.spice.tickets.clone(),
             revoke_for_secs: self.config.tokens.policy.max_ttl_secs
                 + 2 * self.config.tokens.policy.leeway_secs,
-            reloader: None,
+            reloader: self.reloader.clone(),
         }
     }
 }
@@ -361,25 +349,16 @@ impl Listeners {
 
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(
-    mut app: App,
+    app: App,
     listeners: Listeners,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
-    config_path: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
-    let reloader = Arc::new(crate::reload::Reloader::new(&app, config_path));
-    // Listeners bound to port 0 (tests) tell clients their real ports.
-    let (spice_tls_addr, spice_plain_addr) = listeners.spice_addrs();
-    if app.config.vnc.public_port.is_none() {
-        app.vnc_details.port = listeners.vnc_addr().map(|a| a.port());
-    }
     let ready = Arc::new(AtomicBool::new(false));
-    let mut admin_state = app.admin_state(metrics, ready.clone());
-    admin_state.reloader = Some(reloader.clone());
-    let admin_router = admin::router(admin_state);
+    let admin_router = admin::router(app.admin_state(metrics, ready.clone()));
 
     #[cfg(unix)]
-    spawn_reload_on_sighup(reloader.clone(), shutdown.clone())?;
+    spawn_reload_on_sighup(app.reloader.clone(), shutdown.clone())?;
 
     // Listeners stop accepting first; sessions are told afterwards, so the
     // admin listener (readiness) outlives the drain.
@@ -394,35 +373,29 @@ pub async fn run(
         tls_handshake: app.config.websocket.upgrade_timeout,
         request_headers: app.config.websocket.upgrade_timeout,
     };
-    if app.config.spice.public_tls_port.is_none() {
-        app.spice_details.tls_port = spice_tls_addr.map(|a| a.port());
-    }
-    app.spice_details.port = spice_plain_addr.map(|a| a.port());
-    app.spice
+    let sessions = &app.sessions;
+    sessions
         .keys
         .spawn_rotation(app.config.spice.key_rotation, stop_accepting.clone());
-    let mut spice_listeners = Vec::new();
-    if let (Some(l), Some(tls)) = (listeners.spice_tls, app.spice_tls.clone()) {
-        spice_listeners.push(tokio::spawn(crate::frontend::spice::serve_tls(
+    let mut native = Vec::new();
+    if let Some(l) = listeners.spice_tls {
+        native.push(tokio::spawn(crate::frontend::spice::serve_tls(
             l,
-            tls,
-            app.spice.clone(),
-            app.config.spice.handshake_timeout,
+            sessions.clone(),
             stop_accepting.clone(),
         )));
     }
     if let Some(l) = listeners.spice_plain {
-        spice_listeners.push(tokio::spawn(crate::frontend::spice::serve_plain(
+        native.push(tokio::spawn(crate::frontend::spice::serve_plain(
             l,
-            app.spice.clone(),
-            app.config.spice.handshake_timeout,
+            sessions.clone(),
             stop_accepting.clone(),
         )));
     }
     if let Some(l) = listeners.vnc {
-        spice_listeners.push(tokio::spawn(crate::frontend::vnc::serve(
+        native.push(tokio::spawn(crate::frontend::vnc::serve(
             l,
-            app.vnc.clone(),
+            sessions.clone(),
             stop_accepting.clone(),
         )));
     }
@@ -440,9 +413,10 @@ pub async fn run(
     ready.store(true, Ordering::Relaxed);
     shutdown.cancelled().await;
 
+    // One shutdown path: stop accepting, then tell every session (browser
+    // ones get a close frame, native ones are cut), then wait for them.
     ready.store(false, Ordering::Relaxed);
     stop_accepting.cancel();
-    let sessions = &app.sessions;
     tracing::info!(sessions = sessions.active(), grace = ?app.config.websocket.shutdown_grace, "draining");
     sessions.cancel.cancel();
     sessions.tracker.close();
@@ -455,7 +429,7 @@ pub async fn run(
             "grace period over; ending remaining sessions"
         );
     }
-    for p in public.into_iter().chain(spice_listeners) {
+    for p in public.into_iter().chain(native) {
         let _ = p.await;
     }
     stop_admin.cancel();

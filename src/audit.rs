@@ -21,7 +21,38 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use crate::session::registry::LiveSession;
+/// What identifies a session in the trail; the session layer fills it in
+/// (the trail knows nothing of sessions beyond these fields).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRecord<'a> {
+    /// Session id (the one its log lines carry).
+    pub id: &'a str,
+    /// Console type label.
+    pub console: &'static str,
+    /// Instance (VM) id.
+    pub instance: &'a str,
+    /// Token id (never the token).
+    pub jti: &'a str,
+    /// Client address.
+    pub client: std::net::IpAddr,
+    /// Hypervisor target.
+    pub target: &'a str,
+}
+
+/// How a session ended, for its `session_ended` event.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOutcome<'a> {
+    /// Why it ended (a stable label).
+    pub outcome: &'static str,
+    /// How long it ran.
+    pub secs: f64,
+    /// Bytes client to hypervisor.
+    pub bytes_up: u64,
+    /// Bytes hypervisor to client.
+    pub bytes_down: u64,
+    /// Who ended it and why, when an operator did.
+    pub terminated: Option<(&'a str, &'a str)>,
+}
 
 /// Events queued for the writer at most; past it they are dropped and counted.
 const QUEUE: usize = 10_000;
@@ -67,13 +98,13 @@ impl AuditEvent {
     }
 
     /// Adds what identifies a session.
-    pub fn session(self, s: &LiveSession) -> Self {
-        self.field("session", Some(s.id.clone()))
-            .field("console", Some(s.console.as_str()))
-            .field("instance", Some(s.instance.clone()))
-            .field("jti", Some(s.jti.clone()))
+    pub fn session(self, s: &SessionRecord<'_>) -> Self {
+        self.field("session", Some(s.id))
+            .field("console", Some(s.console))
+            .field("instance", Some(s.instance))
+            .field("jti", Some(s.jti))
             .field("client", Some(s.client.to_string()))
-            .field("target", Some(s.target.clone()))
+            .field("target", Some(s.target))
     }
 
     /// Sends it to the sink.
@@ -122,29 +153,22 @@ pub fn to_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// A session started.
-pub fn session_started(s: &LiveSession) {
+pub fn session_started(s: &SessionRecord<'_>) {
     AuditEvent::new("session_started").session(s).emit();
 }
 
-/// A session ended, for `reason`, after `secs`.
-pub fn session_ended(s: &LiveSession, reason: &'static str, secs: f64) {
-    let bytes = &s.bytes;
+/// A session ended.
+pub fn session_ended(s: &SessionRecord<'_>, end: &SessionOutcome<'_>) {
     let mut e = AuditEvent::new("session_ended")
         .session(s)
-        .field("outcome", Some(reason))
-        .field("secs", Some(secs))
-        .field(
-            "bytes_up",
-            Some(bytes.up.load(std::sync::atomic::Ordering::Relaxed)),
-        )
-        .field(
-            "bytes_down",
-            Some(bytes.down.load(std::sync::atomic::Ordering::Relaxed)),
-        );
-    if let Some(t) = s.terminated.get() {
+        .field("outcome", Some(end.outcome))
+        .field("secs", Some(end.secs))
+        .field("bytes_up", Some(end.bytes_up))
+        .field("bytes_down", Some(end.bytes_down));
+    if let Some((by, reason)) = end.terminated {
         e = e
-            .field("terminated_by", Some(t.by.clone()))
-            .field("reason", Some(t.reason.clone()));
+            .field("terminated_by", Some(by))
+            .field("reason", Some(reason));
     }
     e.emit();
 }

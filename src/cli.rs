@@ -366,32 +366,28 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
         if let Some(addr) = o.vnc_listen {
             config.vnc.listen = Some(addr);
         }
-        let metrics = crate::metrics::install().map_err(anyhow::Error::msg)?;
+        let reasons: Vec<&'static str> = crate::token::RefusalReason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .collect();
+        let metrics = crate::metrics::install(&reasons).map_err(anyhow::Error::msg)?;
         if let Some(path) = &config.audit_path {
             crate::audit::to_file(path)
                 .with_context(|| format!("audit.path: cannot open {}", path.display()))?;
         }
-        let mut app = App::build(config)?;
-        let listeners = Listeners::bind(&app.config).await?;
+        // Listeners are bound once, before the app is built: what clients
+        // are told (ports, the base URL on embedded defaults) is where they
+        // really are.
+        let listeners = Listeners::bind(&config).await?;
         let admin_addr = listeners.admin_addr()?;
         let public_addrs = listeners.public_addrs()?;
-        if let (Some(spice), _) = listeners.spice_addrs()
-            && app.config.spice.public_tls_port.is_none()
-        {
-            app.spice_details.tls_port = Some(spice.port());
-        }
-        if let Some(vnc) = listeners.vnc_addr()
-            && app.config.vnc.public_port.is_none()
-        {
-            app.vnc_details.port = Some(vnc.port());
-        }
         if dev.is_some() {
             // On embedded defaults the base URL follows wherever the listener really is.
             let base = format!("http://{}", public_addrs[0]);
-            app.config.listen.public_base_url = base.clone();
-            app.config.listen.allowed_origins = vec![base];
-            app.rebuild_issuer()?;
+            config.listen.public_base_url = base.clone();
+            config.listen.allowed_origins = vec![base];
         }
+        let app = App::build_for(config, Some(&listeners), config_path)?;
         tracing::info!(admin = %admin_addr, public = ?public_addrs, keys = ?app.validator.kids(), "porthole is up");
         warn_missing_clients(&app.config.web);
         let want_demo = o.demo.unwrap_or(dev.is_some());
@@ -417,7 +413,7 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             print_demo_urls(&app, vm);
         }
         let shutdown = crate::shutdown::on_signals();
-        let result = app::run(app, listeners, Some(metrics), shutdown, config_path).await;
+        let result = app::run(app, listeners, Some(metrics), shutdown).await;
         if let Some(vm) = demo {
             vm.stop().await;
         }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::hypervisor::{AllowList, BackendNetwork, PortRange};
+pub use crate::hypervisor::{SpiceBackendConfig, VncBackendConfig};
 use crate::secret::Secret;
 use crate::token::{ConsoleType, KeySource, ReusePolicy, ValidationPolicy};
 
@@ -366,55 +367,6 @@ pub struct VncConfig {
     pub public_port: Option<u16>,
     /// Deadline for a connection's handshakes.
     pub handshake_timeout: Duration,
-}
-
-/// SPICE credentials of one backend network (paths; loaded at start).
-#[derive(Debug, Clone, Default)]
-pub struct SpiceBackendConfig {
-    /// Ticket file.
-    pub password_file: Option<PathBuf>,
-    /// CA of the hypervisors' TLS ports.
-    pub ca: Option<PathBuf>,
-    /// Name checked in their certificates.
-    pub tls_name: Option<String>,
-    /// Link on the plain port first, TLS only when the hypervisor asks.
-    pub prefer_plain: bool,
-}
-
-/// VNC credentials of one backend network (paths; loaded at start).
-#[derive(Debug, Clone)]
-pub struct VncBackendConfig {
-    /// Password file.
-    pub password_file: Option<PathBuf>,
-    /// CA of the hypervisors' VeNCrypt certificates.
-    pub ca: Option<PathBuf>,
-    /// Name checked in their certificates.
-    pub tls_name: Option<String>,
-    /// Client certificate and key (mTLS).
-    pub client_identity: Option<(PathBuf, PathBuf)>,
-    /// Schemes, most preferred first.
-    pub auth: Vec<crate::protocol::rfb::upstream::UpstreamAuth>,
-    /// Send the shared flag upstream whatever the client asks.
-    pub force_shared: bool,
-}
-
-impl Default for VncBackendConfig {
-    fn default() -> Self {
-        use crate::protocol::rfb::upstream::UpstreamAuth;
-        Self {
-            password_file: None,
-            ca: None,
-            tls_name: None,
-            client_identity: None,
-            auth: vec![
-                UpstreamAuth::X509Vnc,
-                UpstreamAuth::X509None,
-                UpstreamAuth::VncPassword,
-                UpstreamAuth::None,
-            ],
-            force_shared: true,
-        }
-    }
 }
 
 /// The validated configuration.

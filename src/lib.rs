@@ -35,6 +35,7 @@ pub mod audit;
 pub mod bootstrap;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod error;
 pub mod frontend;

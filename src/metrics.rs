@@ -5,8 +5,6 @@
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::token::RefusalReason;
-
 /// Tokens refused, by reason.
 pub const TOKEN_REFUSALS: &str = "porthole_token_refusals_total";
 /// Tokens issued by the issuance API, by console type.
@@ -17,8 +15,9 @@ pub const ISSUANCE_REFUSALS: &str = "porthole_issuance_refusals_total";
 pub const KEY_RELOADS: &str = "porthole_key_reloads_total";
 
 /// Installs the process-wide recorder and returns the handle `/metrics` renders.
-/// Every refusal reason starts at zero so dashboards see the full set.
-pub fn install() -> Result<PrometheusHandle, String> {
+/// Every token refusal reason in `token_refusals` starts at zero so
+/// dashboards see the full set.
+pub fn install(token_refusals: &[&'static str]) -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -26,15 +25,15 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| format!("metrics buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-    for reason in RefusalReason::ALL {
-        metrics::counter!(TOKEN_REFUSALS, "reason" => reason.as_str()).absolute(0);
+    for &reason in token_refusals {
+        metrics::counter!(TOKEN_REFUSALS, "reason" => reason).absolute(0);
     }
     Ok(handle)
 }
 
 /// Counts one refused token.
-pub fn token_refused(reason: RefusalReason) {
-    metrics::counter!(TOKEN_REFUSALS, "reason" => reason.as_str()).increment(1);
+pub fn token_refused(reason: &'static str) {
+    metrics::counter!(TOKEN_REFUSALS, "reason" => reason).increment(1);
 }
 
 /// Counts one issued token.

@@ -55,9 +55,27 @@ pub struct Reloaded {
     pub backends: bool,
 }
 
+/// What a reload may swap, as the composition root built it.
+#[derive(Debug, Clone)]
+pub struct Swappable {
+    /// Token keys (and the allow-list).
+    pub validator: Arc<TokenValidator>,
+    /// The public listener's certificate.
+    pub public_tls: Option<TlsSlot>,
+    /// The native SPICE listener's certificate.
+    pub spice_tls: Option<TlsSlot>,
+    /// The native VNC listener's certificate.
+    pub vnc_tls: Option<TlsSlot>,
+    /// SPICE credentials by backend network.
+    pub spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
+    /// VNC credentials by backend network.
+    pub vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
+}
+
 impl Reloader {
-    /// A reloader over the app's swappable parts.
-    pub fn new(app: &crate::app::App, config_path: Option<PathBuf>) -> Self {
+    /// A reloader over `parts`, loaded from `config` (read anew from
+    /// `config_path` at each reload, when there is one).
+    pub fn new(config: &Config, parts: Swappable, config_path: Option<PathBuf>) -> Self {
         let files = |slot: &Option<TlsSlot>,
                      files: &Option<(PathBuf, PathBuf)>,
                      console,
@@ -72,27 +90,22 @@ impl Reloader {
         };
         Self {
             config_path,
-            validator: app.validator.clone(),
+            validator: parts.validator,
             public_tls: files(
-                &app.tls,
-                &app.config.listen.tls,
+                &parts.public_tls,
+                &config.listen.tls,
                 false,
-                app.config.listen.tls13_only,
+                config.listen.tls13_only,
             ),
             spice_tls: files(
-                &app.spice_tls,
-                &app.config.spice.tls,
+                &parts.spice_tls,
+                &config.spice.tls,
                 true,
-                app.config.spice.tls13_only,
+                config.spice.tls13_only,
             ),
-            vnc_tls: files(
-                &app.vnc_tls,
-                &app.config.vnc.tls,
-                true,
-                app.config.vnc.tls13_only,
-            ),
-            spice_upstreams: app.spice_upstreams.clone(),
-            vnc_upstreams: app.vnc_upstreams.clone(),
+            vnc_tls: files(&parts.vnc_tls, &config.vnc.tls, true, config.vnc.tls13_only),
+            spice_upstreams: parts.spice_upstreams,
+            vnc_upstreams: parts.vnc_upstreams,
         }
     }
 

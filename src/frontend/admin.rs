@@ -19,10 +19,11 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::console::ConsoleType;
 use crate::hypervisor::ConsoleTarget;
 use crate::issuance::{IssueError, IssueRequest, Issuer};
 use crate::secret::Secret;
-use crate::token::{ConsoleType, TokenValidator};
+use crate::token::TokenValidator;
 
 /// What the admin routes share.
 #[derive(Debug, Clone)]
@@ -37,14 +38,13 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
     /// False while starting or draining: `/readyz` answers 503.
     pub ready: Arc<AtomicBool>,
-    /// Live sessions (list, terminate).
+    /// Live sessions (list, terminate), tickets (revoked with their token),
+    /// and the resolver a token check goes through.
     pub sessions: Arc<crate::session::Sessions>,
-    /// Tickets (revoked with their token).
-    pub tickets: Arc<dyn crate::token::TicketStore>,
     /// How long a revocation is kept: the longest a token can still be valid.
     pub revoke_for_secs: u64,
     /// Reloads keys, certificates and backends (`POST /v1/reload`).
-    pub reloader: Option<Arc<crate::reload::Reloader>>,
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 impl AdminState {
@@ -272,7 +272,7 @@ async fn check_token(
         Ok(t) => t,
         Err(r) => return r,
     };
-    match s.validator.validate(&token, expect) {
+    match s.sessions.resolve(&token, expect).await {
         Ok(g) => {
             Json(json!({ "valid": true, "kid": g.kid, "backend": g.backend, "claims": g.claims }))
                 .into_response()
@@ -299,7 +299,7 @@ async fn connection_details(
         Ok(t) => t,
         Err(r) => return r,
     };
-    match s.validator.validate(&token, expect) {
+    match s.sessions.resolve(&token, expect).await {
         Ok(g) => Json(json!({
             "console": {
                 "instance_uuid": g.instance,
@@ -325,9 +325,7 @@ async fn reload_all(State(s): State<AdminState>, headers: HeaderMap) -> Response
     if let Err(r) = authorize(&s, &headers) {
         return r.into_response();
     }
-    let Some(reloader) = s.reloader.clone() else {
-        return error(StatusCode::NOT_FOUND, "not_found", "no reloader");
-    };
+    let reloader = s.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.reload_logged("admin")).await {
         Ok(Ok(done)) => Json(json!({ "reloaded": done })).into_response(),
         Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, "reload_failed", e),

@@ -133,11 +133,11 @@ fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> 
             .validator
             .revocations()
             .revoke_jti(&live.jti, now + s.revoke_for_secs, now);
-        s.tickets.revoke_jti(&live.jti);
+        s.sessions.tickets.revoke_jti(&live.jti);
         crate::metrics::admin_action("terminate");
         tracing::info!(session = %live.id, jti = %live.jti, instance = %live.instance, by, reason, "session terminated");
         AuditEvent::admin("session_terminated", by, reason)
-            .session(live)
+            .session(&live.record())
             .emit();
     }
     ended.iter().map(|l| l.id.clone()).collect()
@@ -175,7 +175,7 @@ pub async fn revoke(
     let revocations = s.validator.revocations();
     let (selector, result) = match (&body.jti, &body.instance) {
         (Some(jti), None) => {
-            s.tickets.revoke_jti(jti);
+            s.sessions.tickets.revoke_jti(jti);
             (
                 Selector {
                     jti: Some(jti.clone()),

@@ -23,37 +23,24 @@ use serde::Deserialize;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use super::spice::{self, SpiceFront};
+use super::spice::{self, SpiceDetails};
 use crate::config::{ListenConfig, WebConfig};
+use crate::console::ConsoleType;
 use crate::session::{OpenError, Sessions};
-use crate::token::{ConsoleType, RefusalReason, TokenValidator};
-use crate::transport::lazy_read::LazyRead;
-use crate::transport::ws_bridge::{self, BridgeOptions};
-use futures_util::SinkExt as _;
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
+use crate::token::RefusalReason;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tracing::Instrument as _;
 
 /// What the public routes share.
 #[derive(Debug, Clone)]
 pub struct PublicState {
-    /// Verifies tokens.
-    pub validator: Arc<TokenValidator>,
-    /// Starts sessions and tracks them.
+    /// Resolves tokens, admits and runs sessions.
     pub sessions: Arc<Sessions>,
-    /// Limits and timers.
-    pub ws: crate::config::WebSocketConfig,
     /// Origins and proxies.
     pub listen: Arc<ListenConfig>,
     /// Pages and client libraries.
     pub web: Arc<WebConfig>,
-    /// The SPICE link proxy, tickets and connection details.
-    pub spice: Option<Arc<SpiceFront>>,
-    /// VNC hypervisor credentials, by backend network.
-    pub vnc_upstreams: Arc<arc_swap::ArcSwap<crate::hypervisor::VncUpstreams>>,
+    /// What native SPICE clients are told; `None`: no SPICE at all.
+    pub spice: Option<Arc<SpiceDetails>>,
     /// What native VNC clients are told.
     pub vnc: Arc<super::vnc::VncDetails>,
 }
@@ -147,7 +134,7 @@ pub(crate) fn open_error_response(e: &OpenError) -> Response {
         OpenError::Refused(r) => refusal_response(r.reason),
         OpenError::Busy => refuse(StatusCode::CONFLICT, "busy"),
         OpenError::Limited(_) => refuse(StatusCode::TOO_MANY_REQUESTS, "busy"),
-        OpenError::Overloaded | OpenError::ShuttingDown => {
+        OpenError::Overloaded | OpenError::ShuttingDown | OpenError::Unavailable(_) => {
             refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         }
         OpenError::Unreachable(_) => refuse(StatusCode::BAD_GATEWAY, "unavailable"),
@@ -236,16 +223,16 @@ async fn ws_endpoint(
         crate::metrics::session_refused("no_token");
         return refuse(StatusCode::UNAUTHORIZED, "refused");
     };
-    let grant = match s.validator.validate(token, Some(kind)) {
+    let grant = match s.sessions.resolve(token, Some(kind)).await {
         Ok(g) => g,
         Err(r) => return refusal_response(r.reason),
     };
-    if kind == ConsoleType::SpiceHtml5 {
-        return spice_websocket(s, client, grant, &headers, request);
+    if kind == ConsoleType::SpiceHtml5 && s.spice.is_none() {
+        return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     }
     let Some(handshake) = websocket_handshake(&headers) else {
         // A preflight: say what an upgrade would get, start nothing.
-        return match s.sessions.would_open(&grant) {
+        return match s.sessions.would_admit_browser(&grant).await {
             Ok(()) => (
                 StatusCode::OK,
                 axum::Json(serde_json::json!({ "status": "ok" })),
@@ -254,180 +241,13 @@ async fn ws_endpoint(
             Err(e) => open_error_response(&e),
         };
     };
-    let opened = match s.sessions.open(&grant, client).await {
-        Ok(o) => o,
-        Err(e) => {
-            crate::metrics::session_refused(e.as_str());
-            if crate::audit::refusal_log_allowed() {
-                crate::audit::refused("session", e.as_str(), Some(&grant.jti), Some(client));
-                match e.blame() {
-                    crate::error::Blame::Backend => {
-                        tracing::warn!(%client, jti = %grant.jti, target = %grant.target, "session not started: {e}")
-                    }
-                    _ => tracing::info!(%client, jti = %grant.jti, "session not started: {e}"),
-                }
-            }
-            return open_error_response(&e);
+    match s.sessions.admit_browser(grant, client).await {
+        Ok(admitted) => {
+            admitted.start(hyper::upgrade::on(&mut request));
+            switching_protocols(&handshake)
         }
-    };
-    let ws = &s.ws;
-    let opts = BridgeOptions {
-        ping_interval: ws.ping_interval,
-        idle_timeout: ws.idle_timeout,
-        hard_end: ws.end_at_token_expiry.then(|| {
-            let left = grant.expires_at.saturating_sub(crate::token::unix_now());
-            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
-        }),
-        chunk_bytes: 64 * 1024,
-        counters: Arc::default(),
-    };
-    let sessions = s.sessions.clone();
-    let config = tungstenite_config(ws);
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let cancel = sessions.cancel.clone();
-    let vnc_upstreams = s.vnc_upstreams.clone();
-    let upgrade_timeout = ws.upgrade_timeout;
-    let tracker = sessions.tracker.clone();
-    tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(%client, "websocket upgrade failed: {e}");
-                return;
-            }
-        };
-        // Large reads from the socket, small ones for tungstenite, no buffer while idle.
-        let io = LazyRead::new(TokioIo::new(upgraded), 64 * 1024);
-        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        let started = std::time::Instant::now();
-        let registered = sessions.registry.register(
-            crate::session::registry::NewSession {
-                console: kind,
-                instance: grant.instance.clone(),
-                jti: grant.jti.clone(),
-                client,
-                target: grant.target.to_string(),
-                key: None,
-            },
-            &cancel,
-        );
-        let session = registered.live.id.clone();
-        let mut opts = opts;
-        opts.counters = registered.live.bytes.clone();
-        let stop = sessions.stop_for(registered.live.cancel.clone());
-        // Every log line of the session carries its id (the audit trail's too).
-        let span = tracing::info_span!("session", %session);
-        async move {
-            crate::metrics::session_started(kind.as_str());
-            crate::audit::session_started(&registered.live);
-            tracing::info!(%session, %client, jti = %grant.jti, instance = %grant.instance, console = %kind, target = %grant.target, "session started");
-            let mut socket = socket;
-            let handshake_started = std::time::Instant::now();
-            let backend = if kind == ConsoleType::Novnc {
-                // The security proxy: Porthole authenticates to the hypervisor,
-                // the browser is offered None.
-                let up = vnc_upstreams.load().get(&grant.backend);
-                match crate::session::vnc::browser_handshake(&mut socket, opened.backend, &up, &grant.target.host, upgrade_timeout).await {
-                    Ok((backend, early)) => {
-                        crate::metrics::handshake_took("rfb", handshake_started.elapsed().as_secs_f64());
-                        if !early.is_empty() && socket.send(Message::Binary(early.into())).await.is_err() {
-                            return;
-                        }
-                        backend
-                    }
-                    Err(r) => {
-                        r.record(client, kind);
-                        crate::audit::session_ended(&registered.live, "handshake_failed", started.elapsed().as_secs_f64());
-                        let (code, text) = ws_bridge::close_frame(crate::session::CloseReason::BackendError);
-                        let _ = tokio::time::timeout(
-                            std::time::Duration::from_secs(2),
-                            socket.close(Some(CloseFrame { code: code.into(), reason: text.into() })),
-                        )
-                        .await;
-                        crate::metrics::session_ended(kind.as_str(), "handshake_failed");
-                        return;
-                    }
-                }
-            } else {
-                ws_bridge::Backend::Tcp(opened.backend)
-            };
-            let (reason, traffic) = ws_bridge::bridge(socket, backend, opts, stop).await;
-            drop(opened.guards);
-            crate::audit::session_ended(&registered.live, reason.as_str(), started.elapsed().as_secs_f64());
-            drop(registered);
-            crate::metrics::session_ended(kind.as_str(), reason.as_str());
-            crate::metrics::bytes_relayed(kind.as_str(), traffic.up, traffic.down);
-            tracing::info!(
-                %session, %client, jti = %grant.jti, console = %kind, reason = reason.as_str(),
-                bytes_up = traffic.up, bytes_down = traffic.down,
-                secs = started.elapsed().as_secs_f64(), "session ended"
-            );
-        }
-        .instrument(span)
-        .await;
-    });
-    switching_protocols(&handshake)
-}
-
-/// One spice-html5 channel: the token let the socket in; the SPICE link
-/// inside it (and its ticket) decides the rest, so the upgrade happens
-/// before any hypervisor is contacted.
-fn spice_websocket(
-    s: PublicState,
-    client: IpAddr,
-    grant: crate::token::Grant,
-    headers: &HeaderMap,
-    mut request: Request,
-) -> Response {
-    let Some(front) = s.spice.clone() else {
-        return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
-    };
-    if let Err(e) = s.sessions.would_admit_ticketed(&grant) {
-        crate::metrics::session_refused(e.as_str());
-        return open_error_response(&e);
+        Err(e) => open_error_response(&e),
     }
-    let Some(handshake) = websocket_handshake(headers) else {
-        return (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({ "status": "ok" })),
-        )
-            .into_response();
-    };
-    let ws = &s.ws;
-    let config = tungstenite_config(ws);
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let jti = grant.jti.clone();
-    s.sessions.tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(%client, "websocket upgrade failed: {e}");
-                return;
-            }
-        };
-        let io = LazyRead::new(TokioIo::new(upgraded), 64 * 1024);
-        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        let stream = crate::transport::ws_stream::byte_stream(socket);
-        front
-            .proxy
-            .serve(
-                stream,
-                client,
-                crate::session::spice::ClientLeg::Browser { jti },
-            )
-            .await;
-    });
-    switching_protocols(&handshake)
-}
-
-/// tungstenite's limits and buffers for a console WebSocket.
-fn tungstenite_config(ws: &crate::config::WebSocketConfig) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(ws.read_buffer_bytes)
-        .write_buffer_size(ws.write_buffer_bytes)
-        .max_write_buffer_size(ws.max_write_buffer_bytes)
-        .max_message_size(Some(ws.max_message_bytes))
-        .max_frame_size(Some(ws.max_frame_bytes))
 }
 
 /// The 101 answer to a checked upgrade request.
@@ -482,7 +302,11 @@ fn websocket_handshake(headers: &HeaderMap) -> Option<Handshake> {
 
 /// The console page for the token's type; a refused token gets a page saying so.
 async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
-    let page = match q.token().map(|t| s.validator.validate(t, None)) {
+    let resolved = match q.token() {
+        Some(t) => Some(s.sessions.resolve(t, None).await),
+        None => None,
+    };
+    let page = match resolved {
         None => Err(("refused", StatusCode::UNAUTHORIZED)),
         Some(Err(r)) => Err((
             r.reason.client_code(),
@@ -496,7 +320,7 @@ async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>)
             // Native-client types have no browser page: refused here like
             // everywhere but their own endpoint.
             ConsoleType::SpiceDirect | ConsoleType::VncDirect => {
-                crate::metrics::token_refused(RefusalReason::WrongConsoleType);
+                crate::metrics::token_refused(RefusalReason::WrongConsoleType.as_str());
                 Err((
                     RefusalReason::WrongConsoleType.client_code(),
                     StatusCode::FORBIDDEN,

@@ -1,8 +1,8 @@
 //! SPICE front ends: the native listeners and the ticket exchange.
 //!
-//! - The TLS listener speaks SPICE (inside rustls) to native clients such as
-//!   remote-viewer; every channel goes through the link proxy
-//!   ([`crate::session::spice`]).
+//! - The TLS listener hands every connection to the session layer, which
+//!   runs TLS and the SPICE link under one deadline and proxies the channel
+//!   ([`crate::session::spice`]) for native clients such as remote-viewer.
 //! - The plain listener, if enabled, answers every link with NEED_SECURED:
 //!   clients retry on the TLS port, and no ticket ever travels in clear.
 //! - The exchange (`GET /spice-direct?token=`) turns a `spice-direct` token
@@ -11,9 +11,7 @@
 //!   the same for the spice-html5 page, which passes the ticket to
 //!   spice-html5 as its password.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -23,8 +21,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::public::{PublicState, TokenQuery, open_error_response, refusal_response, refuse};
-use crate::session::spice::{ClientLeg, SpiceProxy};
-use crate::token::{ConsoleType, unix_now};
+use crate::console::ConsoleType;
+use crate::session::Sessions;
+use crate::transport::listener::accept_loop;
 
 /// What native clients are told about Porthole's SPICE listener.
 #[derive(Debug, Clone, Default)]
@@ -39,17 +38,6 @@ pub struct SpiceDetails {
     pub ca_pem: Option<String>,
     /// The certificate's subject, for clients that check it instead of the host.
     pub host_subject: Option<String>,
-}
-
-/// The SPICE side of the public listener.
-#[derive(Debug)]
-pub struct SpiceFront {
-    /// The link proxy.
-    pub proxy: Arc<SpiceProxy>,
-    /// Connection details for native clients.
-    pub details: SpiceDetails,
-    /// Time-to-live of a fresh ticket.
-    pub ticket_ttl_secs: u64,
 }
 
 /// The JSON form of the connection details.
@@ -86,19 +74,18 @@ pub async fn spice_direct(
     Query(q): Query<TokenQuery>,
     Query(f): Query<FormatQuery>,
 ) -> Response {
-    let Some(front) = s.spice.clone() else {
+    let Some(d) = s.spice.clone() else {
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     };
-    if front.details.tls_port.is_none() {
+    if d.tls_port.is_none() {
         // No listener to send a native client to.
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     }
-    let (grant, ticket, expires_at) =
-        match exchange(&s, &front, q.token(), ConsoleType::SpiceDirect) {
-            Ok(t) => t,
-            Err(r) => return r,
-        };
-    let d = &front.details;
+    let (grant, ticket, expires_at) = match exchange(&s, q.token(), ConsoleType::SpiceDirect).await
+    {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let wants_json = match f.format.as_deref() {
         Some("json") => true,
         Some("vv") => false,
@@ -123,7 +110,7 @@ pub async fn spice_direct(
         };
         return ([no_store], axum::Json(body)).into_response();
     }
-    let vv = virt_viewer_file(d, ticket.expose(), &grant.instance);
+    let vv = virt_viewer_file(&d, ticket.expose(), &grant.instance);
     (
         [
             no_store,
@@ -141,10 +128,10 @@ pub async fn spice_direct(
 /// `POST /spice-ticket?token=`: a ticket for a `spice-html5` token (the
 /// console page hands it to spice-html5 as the SPICE password).
 pub async fn spice_ticket(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
-    let Some(front) = s.spice.clone() else {
+    if s.spice.is_none() {
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
-    };
-    match exchange(&s, &front, q.token(), ConsoleType::SpiceHtml5) {
+    }
+    match exchange(&s, q.token(), ConsoleType::SpiceHtml5).await {
         Ok((_, ticket, expires_at)) => (
             [(header::CACHE_CONTROL, "no-store")],
             axum::Json(serde_json::json!({
@@ -159,12 +146,11 @@ pub async fn spice_ticket(State(s): State<PublicState>, Query(q): Query<TokenQue
 
 pub(crate) type Exchanged = (crate::token::Grant, crate::secret::Secret<String>, u64);
 
-/// Validates the token for `kind`, redeems it under its reuse policy and
-/// issues a ticket bound to its grant.
+/// Resolves the token for `kind`, and has the session layer redeem it
+/// under its reuse policy and issue a ticket bound to its grant.
 #[allow(clippy::result_large_err)]
-pub(crate) fn exchange(
+pub(crate) async fn exchange(
     s: &PublicState,
-    front: &SpiceFront,
     token: Option<&str>,
     kind: ConsoleType,
 ) -> Result<Exchanged, Response> {
@@ -172,24 +158,15 @@ pub(crate) fn exchange(
         return Err(refuse(StatusCode::UNAUTHORIZED, "refused"));
     };
     let grant = s
-        .validator
-        .validate(token, Some(kind))
+        .sessions
+        .resolve(token, Some(kind))
+        .await
         .map_err(|r| refusal_response(r.reason))?;
-    s.sessions
-        .redeem_for_ticket(&grant)
+    let (ticket, expires_at) = s
+        .sessions
+        .exchange(&grant)
+        .await
         .map_err(|e| open_error_response(&e))?;
-    let now = unix_now();
-    let ticket = front
-        .proxy
-        .tickets
-        .issue(grant.clone(), front.ticket_ttl_secs, now)
-        .map_err(|e| {
-            tracing::warn!(jti = %grant.jti, "no ticket issued: {e}");
-            refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        })?;
-    crate::metrics::ticket_issued(kind.as_str());
-    let expires_at = (now + front.ticket_ttl_secs).min(grant.expires_at);
-    tracing::info!(jti = %grant.jti, instance = %grant.instance, console = %kind, "ticket issued");
     Ok((grant, ticket, expires_at))
 }
 
@@ -220,78 +197,26 @@ fn virt_viewer_file(d: &SpiceDetails, ticket: &str, instance: &str) -> String {
 }
 
 /// Accepts native SPICE clients over TLS until `stop` fires.
-pub async fn serve_tls(
-    listener: TcpListener,
-    tls: crate::transport::listener::TlsSlot,
-    proxy: Arc<SpiceProxy>,
-    handshake_timeout: Duration,
-    stop: CancellationToken,
-) {
-    let tracker = proxy.sessions.tracker.clone();
-    accept_loop(listener, stop, tracker, move |tcp, peer| {
-        // The certificate in force now: a reload takes effect for the next client.
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
-        let proxy = proxy.clone();
-        async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    crate::metrics::spice_link_refused("tls_handshake", "client");
-                    tracing::info!(client = %peer, "spice tls handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    crate::metrics::spice_link_refused("handshake_timeout", "client");
-                    return;
-                }
-            };
-            proxy.serve(tls, peer.ip(), ClientLeg::Native).await;
-        }
+pub async fn serve_tls(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
+    let tracker = sessions.tracker.clone();
+    accept_loop(listener, stop, move |tcp, peer| {
+        tracker.spawn(crate::session::spice::serve_native(
+            sessions.clone(),
+            tcp,
+            peer.ip(),
+        ));
     })
     .await;
 }
 
 /// Answers every link on a plain port with NEED_SECURED until `stop` fires.
-pub async fn serve_plain(
-    listener: TcpListener,
-    proxy: Arc<SpiceProxy>,
-    handshake_timeout: Duration,
-    stop: CancellationToken,
-) {
-    let tracker = proxy.sessions.tracker.clone();
-    accept_loop(listener, stop, tracker, move |tcp, _peer| async move {
-        SpiceProxy::need_secured(tcp, handshake_timeout).await;
+pub async fn serve_plain(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
+    let tracker = sessions.tracker.clone();
+    let deadline = sessions.limits.spice_handshake;
+    accept_loop(listener, stop, move |tcp, _peer| {
+        tracker.spawn(crate::session::spice::need_secured(tcp, deadline));
     })
     .await;
-}
-
-/// Accepts until `stop` fires; each connection runs `handle` as a tracked
-/// session task (shutdown waits for them).
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    stop: CancellationToken,
-    tracker: tokio_util::task::TaskTracker,
-    handle: F,
-) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            got = listener.accept() => match got {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        tracker.spawn(handle(tcp, peer));
-    }
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::public::{PublicState, TokenQuery, refuse};
-use crate::session::vnc::VncProxy;
-use crate::token::ConsoleType;
+use crate::console::ConsoleType;
+use crate::session::Sessions;
+use crate::transport::listener::accept_loop;
 
 /// What native VNC clients are told about Porthole's VNC listener.
 #[derive(Debug, Clone, Default)]
@@ -44,11 +45,11 @@ struct ConnectionDetails<'a> {
 /// `GET /vnc-direct?token=`: connection details and a ticket (the VNC
 /// password) for a `vnc-direct` token.
 pub async fn vnc_direct(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
-    let (Some(front), Some(port)) = (s.spice.clone(), s.vnc.port) else {
+    let Some(port) = s.vnc.port else {
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     };
     let (grant, ticket, expires_at) =
-        match super::spice::exchange(&s, &front, q.token(), ConsoleType::VncDirect) {
+        match super::spice::exchange(&s, q.token(), ConsoleType::VncDirect).await {
             Ok(t) => t,
             Err(r) => return r,
         };
@@ -67,11 +68,14 @@ pub async fn vnc_direct(State(s): State<PublicState>, Query(q): Query<TokenQuery
 }
 
 /// Accepts native VNC clients until `stop` fires.
-pub async fn serve(listener: TcpListener, proxy: Arc<VncProxy>, stop: CancellationToken) {
-    let tracker = proxy.sessions.tracker.clone();
-    super::spice::accept_loop(listener, stop, tracker, move |tcp, peer| {
-        let proxy = proxy.clone();
-        async move { proxy.serve(tcp, peer.ip()).await }
+pub async fn serve(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
+    let tracker = sessions.tracker.clone();
+    accept_loop(listener, stop, move |tcp, peer| {
+        tracker.spawn(crate::session::vnc::serve_native(
+            sessions.clone(),
+            tcp,
+            peer.ip(),
+        ));
     })
     .await;
 }

@@ -12,8 +12,8 @@ pub mod spice;
 pub mod vnc;
 
 pub use allowlist::{AllowList, BackendNetwork, PortRange, TargetError};
-pub use spice::{SpiceUpstream, SpiceUpstreams};
-pub use vnc::{VncUpstream, VncUpstreams};
+pub use spice::{SpiceBackendConfig, SpiceUpstream, SpiceUpstreams};
+pub use vnc::{VncBackendConfig, VncUpstream, VncUpstreams};
 
 use std::fmt;
 

@@ -7,8 +7,22 @@ use std::sync::Arc;
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 
-use crate::config::SpiceBackendConfig;
+use std::path::PathBuf;
+
 use crate::secret::Secret;
+
+/// SPICE credentials of one backend network (paths; loaded at start).
+#[derive(Debug, Clone, Default)]
+pub struct SpiceBackendConfig {
+    /// Ticket file.
+    pub password_file: Option<PathBuf>,
+    /// CA of the hypervisors' TLS ports.
+    pub ca: Option<PathBuf>,
+    /// Name checked in their certificates.
+    pub tls_name: Option<String>,
+    /// Link on the plain port first, TLS only when the hypervisor asks.
+    pub prefer_plain: bool,
+}
 
 /// One backend network's SPICE credentials, loaded.
 #[derive(Debug, Clone, Default)]

@@ -8,10 +8,46 @@ use std::sync::Arc;
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 
-use crate::config::VncBackendConfig;
+use std::path::PathBuf;
+
 use crate::protocol::rfb::upstream::UpstreamAuth;
 use crate::protocol::rfb::vnc_auth::MAX_PASSWORD_LEN;
 use crate::secret::Secret;
+
+/// VNC credentials of one backend network (paths; loaded at start).
+#[derive(Debug, Clone)]
+pub struct VncBackendConfig {
+    /// Password file.
+    pub password_file: Option<PathBuf>,
+    /// CA of the hypervisors' VeNCrypt certificates.
+    pub ca: Option<PathBuf>,
+    /// Name checked in their certificates.
+    pub tls_name: Option<String>,
+    /// Client certificate and key (mTLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// Schemes, most preferred first.
+    pub auth: Vec<UpstreamAuth>,
+    /// Send the shared flag upstream whatever the client asks.
+    pub force_shared: bool,
+}
+
+impl Default for VncBackendConfig {
+    fn default() -> Self {
+        Self {
+            password_file: None,
+            ca: None,
+            tls_name: None,
+            client_identity: None,
+            auth: vec![
+                UpstreamAuth::X509Vnc,
+                UpstreamAuth::X509None,
+                UpstreamAuth::VncPassword,
+                UpstreamAuth::None,
+            ],
+            force_shared: true,
+        }
+    }
+}
 
 /// One backend network's VNC credentials, loaded.
 #[derive(Debug, Clone)]

@@ -12,6 +12,30 @@ pub mod spice;
 #[cfg(test)]
 pub(crate) mod transcript;
 
+/// A handshake machine, as its driver sees it: bytes from the peer go in
+/// with [`Machine::feed`]; [`Machine::poll`] answers the next step (or `None`
+/// while more bytes are needed); bytes for the peer come out of
+/// [`Machine::take_output`]. Machines whose answers depend on a decision of
+/// the caller (the SPICE link's key, ticket and result) hand those bytes
+/// back from the method that takes the decision, and have no other output.
+pub trait Machine {
+    /// What the caller must act on.
+    type Step;
+    /// Why the peer's bytes were refused.
+    type Failure;
+
+    /// Bytes received from the peer.
+    fn feed(&mut self, data: &[u8]);
+
+    /// The next complete step.
+    fn poll(&mut self) -> Result<Option<Self::Step>, Self::Failure>;
+
+    /// Bytes to send to the peer now.
+    fn take_output(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
 /// Why bytes could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

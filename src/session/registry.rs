@@ -16,15 +16,43 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::token::ConsoleType;
+use crate::console::ConsoleType;
 
-/// Bytes moved, updated as they move.
-#[derive(Debug, Default)]
+/// Bytes moved, updated as they move, and when they last moved (the
+/// session's idle clock: every connection of a session shares it).
+#[derive(Debug)]
 pub struct ByteCounters {
     /// Client to hypervisor.
     pub up: AtomicU64,
     /// Hypervisor to client.
     pub down: AtomicU64,
+    origin: tokio::time::Instant,
+    /// Milliseconds after `origin` of the last byte either way.
+    last_active: AtomicU64,
+}
+
+impl Default for ByteCounters {
+    fn default() -> Self {
+        Self {
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            origin: tokio::time::Instant::now(),
+            last_active: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ByteCounters {
+    /// Notes that bytes moved now.
+    pub fn touch(&self) {
+        self.last_active
+            .store(self.origin.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Returns once no byte moved for `limit`; never, without a limit.
+    pub async fn silent_for(&self, limit: Option<std::time::Duration>) {
+        super::ws_relay::silence(self.origin, &self.last_active, limit).await;
+    }
 }
 
 /// Who ended a session, and why.
@@ -89,6 +117,18 @@ pub struct SessionView {
 }
 
 impl LiveSession {
+    /// What identifies it in the audit trail.
+    pub fn record(&self) -> crate::audit::SessionRecord<'_> {
+        crate::audit::SessionRecord {
+            id: &self.id,
+            console: self.console.as_str(),
+            instance: &self.instance,
+            jti: &self.jti,
+            client: self.client,
+            target: &self.target,
+        }
+    }
+
     /// A snapshot for the admin API.
     pub fn view(&self) -> SessionView {
         SessionView {

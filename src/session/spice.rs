@@ -7,39 +7,50 @@
 //!    ring and the capabilities it offers;
 //! 2. decrypts the client's ticket and asks the ticket store whether it
 //!    admits this channel: the main channel (connection id 0) opens the
-//!    ticket's one session, others must name that session's id;
+//!    ticket's one session (a registry entry from here on), others must name
+//!    that session's id and join it;
 //! 3. connects to the hypervisor (TLS port when a CA is configured for its
 //!    network, else the plain port, escalating on NEED_SECURED), links with
 //!    the client's capabilities minus what a proxy must not pass, and
-//!    authenticates with the hypervisor's ticket from the backend config;
-//! 4. relays the link result, then splices, with the bytes that came early.
+//!    authenticates with the hypervisor's ticket from the backend config,
+//!    raced against the session's stop;
+//! 4. relays the link result, then relays the channel (the byte splice for
+//!    native clients, the WebSocket relay for spice-html5), early bytes first.
 //!
-//! On the main channel the hypervisor's INIT names the session; the ticket
-//! is bound to it, and migration messages end the session instead of
-//! reaching the client. Every refusal gets a SPICE link error code, a log
-//! line with its reason and blame, and a counter.
+//! Everything before the relay (TLS for native clients included) runs
+//! under one deadline. On the main channel the hypervisor's INIT names the
+//! session; the ticket is bound to it in the store before INIT reaches the
+//! client, and migration messages end the session instead of reaching the
+//! client. Every refusal gets a SPICE link error code, a log line with its
+//! reason and blame, and a counter.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant as StdInstant;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
 
-use super::{Admission, CloseReason, OpenError, Sessions};
+use super::driver::{DriveError, drive, send};
+use super::lifecycle::{self, Lifecycle, Refused};
+use super::registry::LiveSession;
+use super::splice::{REFUSAL_DEADLINE, splice};
+use super::ws_relay::{self, relay};
+use super::{Admission, CloseReason, Early, Inspect, OpenError, SessionGuards, Sessions, Stop};
+use crate::console::ConsoleType;
 use crate::error::Blame;
-use crate::hypervisor::SpiceUpstreams;
 use crate::protocol::spice::crypto::{decrypt_ticket, encrypt_ticket};
 use crate::protocol::spice::link::{
     ClientLink, ClientStep, LinkFailure, ServerLink, ServerStep, framing_agrees, upstream_caps,
 };
 use crate::protocol::spice::main_watch::{MainEvent, MainWatch};
 use crate::protocol::spice::messages::{LinkError, LinkMess, channel, common_cap};
-use crate::session::link_keys::LinkKeys;
-use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
-use crate::token::{ConsoleType, unix_now};
-
-pub use super::splice::Io;
-use super::splice::REFUSAL_DEADLINE;
+use crate::token::ticket::{Admitted, ChannelRole, TicketId, TicketRefusal, TicketStore};
+use crate::token::unix_now;
+use crate::transport::conn::{Conn, Io};
+use crate::transport::ws_stream::WsBytes;
 
 /// Where a channel connection came from.
 #[derive(Debug, Clone)]
@@ -110,313 +121,553 @@ impl ChannelRefusal {
             detail: String::new(),
         }
     }
-}
 
-/// What the SPICE proxy needs, shared by every channel.
-#[derive(Debug)]
-pub struct SpiceProxy {
-    /// Slots, revocation checks, connecting, shutdown.
-    pub sessions: Arc<Sessions>,
-    /// Tickets and their sessions.
-    pub tickets: Arc<dyn TicketStore>,
-    /// Link keys.
-    pub keys: Arc<LinkKeys>,
-    /// What to present to each backend network's SPICE servers.
-    pub upstreams: Arc<arc_swap::ArcSwap<SpiceUpstreams>>,
-    /// Deadline for the whole handshake of one channel (both legs).
-    pub handshake_timeout: Duration,
-}
-
-/// A channel linked on both legs, ready to splice.
-struct Linked {
-    upstream: Box<dyn Io>,
-    client_early: Vec<u8>,
-    upstream_early: Vec<u8>,
-    admitted: Admitted,
-    mess: LinkMess,
-    mini_header: bool,
-    upstream_tls: bool,
-    _guards: super::SessionGuards,
-}
-
-impl SpiceProxy {
-    /// Answers a link on the plain listener with NEED_SECURED, so that no
-    /// ticket ever travels in clear: clients retry on the TLS port.
-    pub async fn need_secured<S: Io>(mut client: S, timeout: Duration) {
-        let mut link = ClientLink::new();
-        let got = tokio::time::timeout(timeout, read_client_step(&mut client, &mut link)).await;
-        // Counted before the client hears of it.
-        let (outcome, reply) = match got {
-            Ok(Ok(ClientStep::Linked(_))) => ("need_secured", Some(LinkError::NeedSecured)),
-            Ok(Ok(ClientStep::Ticket(_))) => ("need_secured", None),
-            Ok(Err(r)) => (r.reason, r.code),
-            Err(_) => ("handshake_timeout", None),
-        };
-        crate::metrics::spice_link_refused(outcome, Blame::Client.as_str());
-        if let Some(code) = reply {
-            let _ = write_within(&mut client, &link.refuse(code)).await;
+    fn timed_out() -> Self {
+        Self {
+            detail: "no complete handshake in time".into(),
+            ..Self::gone("handshake_timeout", Blame::Client)
         }
     }
 
-    /// Runs one channel connection to its end.
-    pub async fn serve<S: Io>(&self, mut client: S, peer: IpAddr, leg: ClientLeg) {
-        let mut link = ClientLink::new();
-        let handshake_started = Instant::now();
-        let handshake = tokio::time::timeout(
-            self.handshake_timeout,
-            self.handshake(&mut client, &mut link, &leg, peer),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ChannelRefusal {
-                detail: format!("no complete handshake within {:?}", self.handshake_timeout),
-                ..ChannelRefusal::gone("handshake_timeout", Blame::Client)
-            })
-        });
-        let linked = match handshake {
-            Ok(l) => l,
-            Err(r) => {
-                // Counted and logged before the client hears of it.
-                crate::metrics::spice_link_refused(r.reason, r.blame.as_str());
-                crate::metrics::handshake_failed("spice", r.reason, r.blame.as_str());
-                if crate::audit::refusal_log_allowed() {
-                    crate::audit::refused("spice_link", r.reason, None, Some(peer));
-                    match r.blame {
-                        Blame::Client => {
-                            tracing::info!(client = %peer, reason = r.reason, "spice link refused: {}", r.detail)
-                        }
-                        _ => {
-                            tracing::warn!(client = %peer, reason = r.reason, blame = r.blame.as_str(), "spice link failed: {}", r.detail)
-                        }
-                    }
-                }
-                if let Some(code) = r.code {
-                    let _ = write_within(&mut client, &link.refuse(code)).await;
-                }
-                return;
+    /// A failure of the client leg.
+    fn from_client(e: DriveError<LinkFailure>) -> Self {
+        match e {
+            DriveError::Refused(f) => Self::wire(f, Blame::Client),
+            DriveError::TimedOut => Self::timed_out(),
+            DriveError::Closed | DriveError::Read(_) | DriveError::Write(_) => {
+                Self::gone("client_left", Blame::Client)
             }
-        };
-        let linked_in = handshake_started.elapsed();
-        let grant = &linked.admitted.grant;
-        let channel_name = channel_name(linked.mess.channel_type);
-        let is_main = linked.mess.channel_type == channel::MAIN;
-        let console = grant.console;
-        crate::metrics::spice_linked(channel_name);
-        crate::metrics::handshake_took("spice", linked_in.as_secs_f64());
-        if is_main {
-            crate::metrics::session_started(console.as_str());
         }
-        tracing::info!(
-            client = %peer, jti = %grant.jti, instance = %grant.instance, console = %console,
-            target = %grant.target, ticket = %linked.admitted.id, channel = channel_name,
-            channel_id = linked.mess.channel_id,
-            upstream = if linked.upstream_tls { "tls" } else { "plain" }, "spice channel linked"
-        );
-        let started = Instant::now();
-        let ticket_id = linked.admitted.id.clone();
-        // The main channel is the session; the others join its registry entry.
-        let registered = is_main.then(|| {
-            self.sessions.registry.register(
-                crate::session::registry::NewSession {
-                    console,
-                    instance: grant.instance.clone(),
-                    jti: grant.jti.clone(),
-                    client: peer,
-                    target: grant.target.to_string(),
-                    key: Some(ticket_id.to_string()),
-                },
-                &self.sessions.cancel,
-            )
-        });
-        let live = match &registered {
-            Some(r) => Some(r.live.clone()),
-            None => self.sessions.registry.by_key(&ticket_id.to_string()),
-        };
-        let stop = self.sessions.stop_for(
-            live.as_ref()
-                .map_or_else(|| self.sessions.cancel.clone(), |l| l.cancel.clone()),
-        );
-        let counters = live.as_ref().map(|l| l.bytes.clone()).unwrap_or_default();
-        let session = live.as_ref().map_or("-".to_string(), |l| l.id.clone());
-        if let Some(r) = &registered {
-            crate::audit::session_started(&r.live);
-        }
-        let tickets = self.tickets.clone();
-        let mut watch = is_main.then(|| MainWatch::new(linked.mini_header));
-        // On the main channel, INIT's session id binds the ticket before INIT
-        // reaches the client; a migration message ends the session.
-        let inspect = |chunk: &[u8]| {
-            let Some(w) = watch.as_mut() else {
-                return Ok(());
-            };
-            match w.feed(chunk) {
-                Ok(events) => {
-                    for e in events {
-                        match e {
-                            MainEvent::Init { session_id } => tickets.bind(&ticket_id, session_id),
-                            MainEvent::Migration(kind) => {
-                                tracing::warn!(
-                                    message = kind,
-                                    "hypervisor asked the client to migrate; not through Porthole: session ended"
-                                );
-                                return Err(CloseReason::ProtocolError);
-                            }
-                        }
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    tracing::warn!("malformed main channel data from the hypervisor: {e}");
-                    Err(CloseReason::BackendError)
-                }
+    }
+
+    /// A failure of the hypervisor leg.
+    fn from_upstream(e: DriveError<LinkFailure>) -> Self {
+        match e {
+            DriveError::Refused(f) => Self::wire(f, Blame::Backend),
+            DriveError::TimedOut => Self::backend(
+                LinkError::Error,
+                "hypervisor_timeout",
+                "the hypervisor did not finish the link in time",
+            ),
+            DriveError::Closed => Self::backend(
+                LinkError::Error,
+                "hypervisor_closed",
+                "closed during the link",
+            ),
+            DriveError::Read(e) | DriveError::Write(e) => {
+                Self::backend(LinkError::Error, "hypervisor_io", e.to_string())
             }
-        };
-        let (reason, traffic) = super::splice::splice(
-            client,
-            linked.upstream,
-            linked.client_early,
-            linked.upstream_early,
-            inspect,
-            stop,
-            &counters,
-        )
-        .await;
-        if let Some(r) = &registered {
-            crate::audit::session_ended(&r.live, reason.as_str(), started.elapsed().as_secs_f64());
         }
-        drop(registered);
-        if is_main {
-            // The session is over: its ticket is dead, late channels are refused.
-            self.tickets.end(&linked.admitted.id);
-            crate::metrics::session_ended(console.as_str(), reason.as_str());
+    }
+
+    /// Logs and counts it (before the client hears of it).
+    fn record(&self, peer: IpAddr, console: Option<ConsoleType>, jti: Option<&str>) {
+        crate::metrics::spice_link_refused(self.reason, self.blame.as_str());
+        crate::metrics::handshake_failed("spice", self.reason, self.blame.as_str());
+        lifecycle::refused(&Refused {
+            what: "spice_link",
+            label: "spice link",
+            reason: self.reason,
+            blame: self.blame,
+            client: peer,
+            console,
+            jti,
+            detail: &self.detail,
+        });
+    }
+}
+
+/// Answers a link on the plain listener with NEED_SECURED, so that no
+/// ticket ever travels in clear: clients retry on the TLS port.
+pub async fn need_secured<S: Io>(mut client: S, timeout: std::time::Duration) {
+    let mut link = ClientLink::new();
+    let got = drive(&mut link, &mut client, Instant::now() + timeout).await;
+    // Counted before the client hears of it.
+    let (outcome, reply) = match got {
+        Ok(ClientStep::Linked(_)) => ("need_secured", Some(LinkError::NeedSecured)),
+        Ok(ClientStep::Ticket(_)) => ("need_secured", None),
+        Err(e) => {
+            let r = ChannelRefusal::from_client(e);
+            (r.reason, r.code)
         }
-        crate::metrics::bytes_relayed(console.as_str(), traffic.up, traffic.down);
+    };
+    crate::metrics::spice_link_refused(outcome, Blame::Client.as_str());
+    if let Some(code) = reply {
+        let _ = write_within(&mut client, &link.refuse(code)).await;
+    }
+}
+
+/// Runs one native channel connection (TLS, then SPICE) to its end; one
+/// deadline covers the TLS handshake and the link.
+pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr) {
+    let Some(tls) = sessions.spice_tls.as_ref().map(|slot| slot.load_full()) else {
+        return;
+    };
+    let deadline = Instant::now() + sessions.limits.spice_handshake;
+    // The certificate in force now: a reload takes effect for the next client.
+    let accepting = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    let mut client = match tokio::time::timeout_at(deadline, accepting).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            crate::metrics::spice_link_refused("tls_handshake", "client");
+            if crate::audit::refusal_log_allowed() {
+                tracing::info!(client = %peer, "spice tls handshake failed: {e}");
+            }
+            return;
+        }
+        Err(_) => {
+            crate::metrics::spice_link_refused("handshake_timeout", "client");
+            return;
+        }
+    };
+    let Some(Channel {
+        upstream,
+        early,
+        inspect,
+        end,
+    }) = link_channel(&sessions, &mut client, peer, &ClientLeg::Native, deadline).await
+    else {
+        return;
+    };
+    let counters = end.counters();
+    let (reason, traffic) = splice(client, upstream, early, inspect, end.stop(), &counters).await;
+    end.finish(&sessions, reason, traffic);
+}
+
+/// Runs one spice-html5 channel (a WebSocket opened with the `spice-html5`
+/// token `jti`) to its end: the link over the socket seen as bytes, then
+/// the WebSocket relay, with its pings and close codes.
+pub async fn serve_browser<S>(
+    sessions: Arc<Sessions>,
+    socket: WebSocketStream<S>,
+    peer: IpAddr,
+    jti: String,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let deadline = Instant::now() + sessions.limits.spice_handshake;
+    let mut client = WsBytes::new(socket);
+    let linked = link_channel(
+        &sessions,
+        &mut client,
+        peer,
+        &ClientLeg::Browser { jti },
+        deadline,
+    )
+    .await;
+    let (mut socket, pending) = client.into_inner();
+    let Some(Channel {
+        upstream,
+        mut early,
+        inspect,
+        end,
+    }) = linked
+    else {
+        ws_relay::close(&mut socket, CloseReason::ProtocolError).await;
+        return;
+    };
+    if !pending.is_empty() {
+        let mut up = pending.to_vec();
+        up.extend_from_slice(&early.up);
+        early.up = up;
+    }
+    let counters = end.counters();
+    let opts = sessions.relay_options(None);
+    let (reason, traffic) = relay(
+        socket,
+        upstream,
+        early,
+        inspect,
+        opts,
+        end.stop(),
+        &counters,
+    )
+    .await;
+    end.finish(&sessions, reason, traffic);
+}
+
+/// A channel linked on both legs, ready to relay.
+struct Channel {
+    upstream: Conn,
+    early: Early,
+    inspect: ChannelInspect,
+    end: ChannelEnd,
+}
+
+/// What a channel belongs to.
+enum ChannelSession {
+    /// The main channel: the session itself.
+    Owns(Lifecycle),
+    /// Another channel: it joins its session's entry (stop, counters) and
+    /// holds its own slot.
+    Joins {
+        live: Option<Arc<LiveSession>>,
+        stop: Stop,
+        guards: SessionGuards,
+    },
+}
+
+/// How a channel ends.
+struct ChannelEnd {
+    session: ChannelSession,
+    ticket: TicketId,
+    jti: String,
+    console: ConsoleType,
+    channel: &'static str,
+    peer: IpAddr,
+    started: StdInstant,
+}
+
+impl ChannelEnd {
+    fn stop(&self) -> Stop {
+        match &self.session {
+            ChannelSession::Owns(life) => life.stop(),
+            ChannelSession::Joins { stop, .. } => stop.clone(),
+        }
+    }
+
+    fn counters(&self) -> Arc<super::registry::ByteCounters> {
+        match &self.session {
+            ChannelSession::Owns(life) => life.live().bytes.clone(),
+            ChannelSession::Joins { live, .. } => {
+                live.as_ref().map(|l| l.bytes.clone()).unwrap_or_default()
+            }
+        }
+    }
+
+    fn finish(self, sessions: &Sessions, reason: CloseReason, traffic: super::Traffic) {
         tracing::info!(
-            %session, client = %peer, jti = %linked.admitted.grant.jti, channel = channel_name,
+            client = %self.peer, jti = %self.jti, channel = self.channel,
             reason = reason.as_str(), bytes_up = traffic.up, bytes_down = traffic.down,
-            secs = started.elapsed().as_secs_f64(), "spice channel ended"
+            secs = self.started.elapsed().as_secs_f64(), "spice channel ended"
         );
-    }
-
-    async fn handshake<S: Io>(
-        &self,
-        client: &mut S,
-        link: &mut ClientLink,
-        leg: &ClientLeg,
-        peer: IpAddr,
-    ) -> Result<Linked, ChannelRefusal> {
-        let ClientStep::Linked(mess) = read_client_step(client, link).await? else {
-            unreachable!("the first step is the link message")
-        };
-        let key = self.keys.pick();
-        write_client(client, &link.accept(&key.der, &mess)).await?;
-        let ClientStep::Ticket(ciphertext) = read_client_step(client, link).await? else {
-            unreachable!("the second step is the ticket")
-        };
-        // ~0.2 ms: cheaper inline than a hop to the blocking pool.
-        let password = decrypt_ticket(&key.private, &ciphertext).map_err(|e| {
-            ChannelRefusal::client(
-                LinkError::PermissionDenied,
-                "ticket_undecryptable",
-                e.to_string(),
-            )
-        })?;
-        let role = match (mess.channel_type, mess.connection_id) {
-            (channel::MAIN, 0) => ChannelRole::Opens,
-            (channel::MAIN, _) => {
-                return Err(ChannelRefusal::client(
-                    LinkError::BadConnectionId,
-                    "migration_target_refused",
-                    "a main channel naming a session (a migration target)",
-                ));
+        match self.session {
+            ChannelSession::Owns(life) => {
+                // The session is over: its ticket is dead, late channels are refused.
+                sessions.tickets.end(&self.ticket);
+                life.finish(reason.as_str(), traffic);
             }
-            (_, session_id) => ChannelRole::Joins { session_id },
-        };
-        let admitted = self
-            .tickets
-            .admit(&password, role, unix_now())
-            .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
-        let opens = role == ChannelRole::Opens;
-        let result = self
-            .link_upstream(client, link, &mess, &admitted, leg, peer)
-            .await;
-        if result.is_err() && opens {
-            // The session never started: nothing may join it.
-            self.tickets.end(&admitted.id);
+            ChannelSession::Joins { guards, .. } => {
+                guards.release();
+                crate::metrics::bytes_relayed(self.console.as_str(), traffic.up, traffic.down);
+            }
         }
-        result
     }
+}
 
-    async fn link_upstream<S: Io>(
-        &self,
-        client: &mut S,
-        link: &mut ClientLink,
-        mess: &LinkMess,
-        admitted: &Admitted,
-        leg: &ClientLeg,
-        peer: IpAddr,
-    ) -> Result<Linked, ChannelRefusal> {
-        let grant = &admitted.grant;
-        let type_ok = match leg {
-            ClientLeg::Native => grant.console == ConsoleType::SpiceDirect,
-            ClientLeg::Browser { jti } => {
-                grant.console == ConsoleType::SpiceHtml5 && &grant.jti == jti
-            }
+/// On the main channel, INIT's session id binds the ticket (a store call)
+/// before INIT reaches the client; a migration message ends the session.
+enum ChannelInspect {
+    Main {
+        watch: MainWatch,
+        tickets: Arc<dyn TicketStore>,
+        ticket: TicketId,
+    },
+    Other,
+}
+
+impl Inspect for ChannelInspect {
+    async fn inspect(&mut self, chunk: &[u8]) -> Result<(), CloseReason> {
+        let ChannelInspect::Main {
+            watch,
+            tickets,
+            ticket,
+        } = self
+        else {
+            return Ok(());
         };
-        if !type_ok {
+        let events = watch.feed(chunk).map_err(|e| {
+            tracing::warn!("malformed main channel data from the hypervisor: {e}");
+            CloseReason::BackendError
+        })?;
+        for e in events {
+            match e {
+                MainEvent::Init { session_id } => tickets.bind(ticket, session_id),
+                MainEvent::Migration(kind) => {
+                    tracing::warn!(
+                        message = kind,
+                        "hypervisor asked the client to migrate; not through Porthole: session ended"
+                    );
+                    return Err(CloseReason::ProtocolError);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Links one channel on both legs, or refuses it (recorded, and the client
+/// told with a link error where it can still hear). `None` when refused.
+async fn link_channel<S: Io>(
+    sessions: &Arc<Sessions>,
+    client: &mut S,
+    peer: IpAddr,
+    leg: &ClientLeg,
+    deadline: Instant,
+) -> Option<Channel> {
+    let started = StdInstant::now();
+    let mut link = ClientLink::new();
+    // Until a ticket admits it, the channel is no session: only a shutdown stops it.
+    let admitted = tokio::select! {
+        r = admit_channel(sessions, client, &mut link, leg, deadline) => r,
+        _ = sessions.cancel.cancelled() => Err(ChannelRefusal::gone("shutting_down", Blame::Internal)),
+    };
+    let (mess, admitted) = match admitted {
+        Ok(a) => a,
+        Err(r) => {
+            r.record(peer, None, None);
+            if let Some(code) = r.code {
+                let _ = write_within(client, &link.refuse(code)).await;
+            }
+            return None;
+        }
+    };
+    let grant = admitted.grant.clone();
+    let channel_name = channel_name(mess.channel_type);
+    let is_main = mess.channel_type == channel::MAIN;
+    let (mut session, stop) = if is_main {
+        let life = Lifecycle::begin(
+            sessions,
+            &grant,
+            grant.console,
+            peer,
+            Some(admitted.id.to_string()),
+        );
+        let stop = life.stop();
+        (Some(life), stop)
+    } else {
+        let live = sessions.registry.by_key(&admitted.id.to_string());
+        let stop = sessions.stop_for(
+            live.as_ref()
+                .map_or_else(|| sessions.cancel.clone(), |l| l.cancel.clone()),
+        );
+        (None, stop)
+    };
+    let mut stopped = None;
+    let linked = stop
+        .unless_stopped(link_upstream(
+            sessions, client, &mut link, &mess, &admitted, peer, deadline,
+        ))
+        .await;
+    let refusal = match linked {
+        Ok(Ok((upstream, up_early, guards, upstream_tls))) => {
+            crate::metrics::spice_linked(channel_name);
+            crate::metrics::handshake_took("spice", started.elapsed().as_secs_f64());
+            tracing::info!(
+                client = %peer, jti = %grant.jti, instance = %grant.instance, console = %grant.console,
+                target = %grant.target, ticket = %admitted.id, channel = channel_name,
+                channel_id = mess.channel_id,
+                upstream = if upstream_tls { "tls" } else { "plain" }, "spice channel linked"
+            );
+            let session = match session.take() {
+                Some(mut life) => {
+                    life.hold(guards);
+                    ChannelSession::Owns(life)
+                }
+                None => ChannelSession::Joins {
+                    live: sessions.registry.by_key(&admitted.id.to_string()),
+                    stop,
+                    guards,
+                },
+            };
+            let inspect = if is_main {
+                ChannelInspect::Main {
+                    watch: MainWatch::new(mess.caps.has_common(common_cap::MINI_HEADER)),
+                    tickets: sessions.tickets.clone(),
+                    ticket: admitted.id.clone(),
+                }
+            } else {
+                ChannelInspect::Other
+            };
+            let client_early = std::mem::take(&mut link).into_leftover();
+            return Some(Channel {
+                upstream,
+                early: Early {
+                    up: client_early,
+                    down: up_early,
+                },
+                inspect,
+                end: ChannelEnd {
+                    session,
+                    ticket: admitted.id,
+                    jti: grant.jti,
+                    console: grant.console,
+                    channel: channel_name,
+                    peer,
+                    started: StdInstant::now(),
+                },
+            });
+        }
+        Ok(Err(r)) => Some(r),
+        Err(reason) => {
+            stopped = Some(reason);
+            None
+        }
+    };
+    // Refused or stopped before the relay.
+    let outcome = match &refusal {
+        Some(r) => {
+            r.record(peer, Some(grant.console), Some(&grant.jti));
+            if let Some(code) = r.code {
+                let _ = write_within(client, &link.refuse(code)).await;
+            }
+            "handshake_failed"
+        }
+        None => {
+            let _ = write_within(client, &link.refuse(LinkError::Error)).await;
+            stopped.map_or("handshake_failed", CloseReason::as_str)
+        }
+    };
+    if let Some(life) = session {
+        // The session never started: nothing may join it.
+        sessions.tickets.end(&admitted.id);
+        life.finish(outcome, super::Traffic::default());
+    }
+    None
+}
+
+/// The client leg up to an admitted ticket: link message, link key, ticket.
+async fn admit_channel<S: Io>(
+    sessions: &Sessions,
+    client: &mut S,
+    link: &mut ClientLink,
+    leg: &ClientLeg,
+    deadline: Instant,
+) -> Result<(LinkMess, Admitted), ChannelRefusal> {
+    let ClientStep::Linked(mess) = drive(link, client, deadline)
+        .await
+        .map_err(ChannelRefusal::from_client)?
+    else {
+        unreachable!("the first step is the link message")
+    };
+    let key = sessions.keys.pick();
+    send(client, &link.accept(&key.der, &mess), deadline)
+        .await
+        .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
+    let ClientStep::Ticket(ciphertext) = drive(link, client, deadline)
+        .await
+        .map_err(ChannelRefusal::from_client)?
+    else {
+        unreachable!("the second step is the ticket")
+    };
+    // ~0.2 ms: cheaper inline than a hop to the blocking pool.
+    let password = decrypt_ticket(&key.private, &ciphertext).map_err(|e| {
+        ChannelRefusal::client(
+            LinkError::PermissionDenied,
+            "ticket_undecryptable",
+            e.to_string(),
+        )
+    })?;
+    let role = match (mess.channel_type, mess.connection_id) {
+        (channel::MAIN, 0) => ChannelRole::Opens,
+        (channel::MAIN, _) => {
             return Err(ChannelRefusal::client(
-                LinkError::PermissionDenied,
-                "wrong_console_type",
-                format!("a {} ticket on the {leg:?} SPICE leg", grant.console),
+                LinkError::BadConnectionId,
+                "migration_target_refused",
+                "a main channel naming a session (a migration target)",
             ));
         }
-        let upstream = self.upstreams.load().get(&grant.backend);
-        let tls_port = grant.target.tls_port.filter(|_| upstream.tls.is_some());
-        let mut use_tls = tls_port.is_some() && !upstream.prefer_plain;
-        loop {
-            let port = if use_tls {
-                tls_port.unwrap_or(grant.target.port)
-            } else {
-                grant.target.port
+        (_, session_id) => ChannelRole::Joins { session_id },
+    };
+    let admitted = sessions
+        .tickets
+        .admit(&password, role, unix_now())
+        .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
+    let grant = &admitted.grant;
+    let type_ok = match leg {
+        ClientLeg::Native => grant.console == ConsoleType::SpiceDirect,
+        ClientLeg::Browser { jti } => grant.console == ConsoleType::SpiceHtml5 && &grant.jti == jti,
+    };
+    if !type_ok {
+        if role == ChannelRole::Opens {
+            // The session never started: nothing may join it.
+            sessions.tickets.end(&admitted.id);
+        }
+        return Err(ChannelRefusal::client(
+            LinkError::PermissionDenied,
+            "wrong_console_type",
+            format!("a {} ticket on the {leg:?} SPICE leg", grant.console),
+        ));
+    }
+    Ok((mess, admitted))
+}
+
+/// The hypervisor leg: connect (TLS or plain, escalating on NEED_SECURED),
+/// link, authenticate; then the OK to the client. Returns the hypervisor
+/// stream, its early bytes, the connection's guards, and whether it is TLS.
+async fn link_upstream<S: Io>(
+    sessions: &Sessions,
+    client: &mut S,
+    link: &mut ClientLink,
+    mess: &LinkMess,
+    admitted: &Admitted,
+    peer: IpAddr,
+    deadline: Instant,
+) -> Result<(Conn, Vec<u8>, SessionGuards, bool), ChannelRefusal> {
+    let grant = &admitted.grant;
+    let upstream = sessions.spice_upstreams.load().get(&grant.backend);
+    let tls_port = grant.target.tls_port.filter(|_| upstream.tls.is_some());
+    let mut use_tls = tls_port.is_some() && !upstream.prefer_plain;
+    loop {
+        let port = if use_tls {
+            tls_port.unwrap_or(grant.target.port)
+        } else {
+            grant.target.port
+        };
+        let opened = sessions
+            .open_to(grant, Admission::Ticket, port, peer)
+            .await
+            .map_err(open_refusal)?;
+        let guards = opened.guards;
+        let mut stream = if use_tls {
+            let (Some(config), Some(name)) = (
+                upstream.tls.clone(),
+                upstream.server_name(&grant.target.host),
+            ) else {
+                guards.release();
+                return Err(ChannelRefusal::backend(
+                    LinkError::Error,
+                    "hypervisor_tls",
+                    "no usable TLS name",
+                ));
             };
-            let opened = self
-                .sessions
-                .open_to(grant, Admission::Ticket, port, peer)
-                .await
-                .map_err(open_refusal)?;
-            let mut stream: Box<dyn Io> = if use_tls {
-                let (Some(config), Some(name)) = (
-                    upstream.tls.clone(),
-                    upstream.server_name(&grant.target.host),
-                ) else {
+            let connecting = tokio_rustls::TlsConnector::from(config).connect(name, opened.backend);
+            match tokio::time::timeout_at(deadline, connecting).await {
+                Ok(Ok(tls)) => Conn::boxed(tls),
+                Ok(Err(e)) => {
+                    guards.release();
                     return Err(ChannelRefusal::backend(
                         LinkError::Error,
                         "hypervisor_tls",
-                        "no usable TLS name",
+                        e.to_string(),
                     ));
-                };
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, opened.backend)
-                    .await
-                    .map_err(|e| {
-                        ChannelRefusal::backend(LinkError::Error, "hypervisor_tls", e.to_string())
-                    })?;
-                Box::new(tls)
-            } else {
-                Box::new(opened.backend)
-            };
+                }
+                Err(_) => {
+                    guards.release();
+                    return Err(ChannelRefusal::from_upstream(DriveError::TimedOut));
+                }
+            }
+        } else {
+            Conn::Tcp(opened.backend)
+        };
+        let result = async {
             let up = LinkMess {
                 caps: upstream_caps(mess),
                 ..mess.clone()
             };
             let (mut server, hello) = ServerLink::start(up);
-            write_upstream(&mut stream, &hello).await?;
-            let reply = match read_server_step(&mut stream, &mut server).await? {
+            let io = |e: std::io::Error| {
+                ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
+            };
+            send(&mut stream, &hello, deadline).await.map_err(io)?;
+            let reply = match drive(&mut server, &mut stream, deadline)
+                .await
+                .map_err(ChannelRefusal::from_upstream)?
+            {
                 ServerStep::Refused(code)
                     if code == LinkError::NeedSecured as u32 && !use_tls && tls_port.is_some() =>
                 {
-                    use_tls = true;
-                    continue;
+                    return Ok(None);
                 }
                 ServerStep::Refused(code) => {
                     return Err(ChannelRefusal::backend(
@@ -443,8 +694,13 @@ impl SpiceProxy {
             .map_err(|e| {
                 ChannelRefusal::backend(LinkError::Error, "hypervisor_key", e.to_string())
             })?;
-            write_upstream(&mut stream, &server.ticket(&ciphertext)).await?;
-            match read_server_step(&mut stream, &mut server).await? {
+            send(&mut stream, &server.ticket(&ciphertext), deadline)
+                .await
+                .map_err(io)?;
+            match drive(&mut server, &mut stream, deadline)
+                .await
+                .map_err(ChannelRefusal::from_upstream)?
+            {
                 ServerStep::Result(0) => {}
                 ServerStep::Result(code) => {
                     return Err(ChannelRefusal::backend(
@@ -461,94 +717,28 @@ impl SpiceProxy {
                     ));
                 }
             }
-            write_client(client, &link.result(LinkError::Ok)).await?;
-            let mini_header = mess.caps.has_common(common_cap::MINI_HEADER);
-            let client_early = std::mem::take(link).into_leftover();
-            return Ok(Linked {
-                upstream: stream,
-                client_early,
-                upstream_early: server.into_leftover(),
-                admitted: admitted.clone(),
-                mess: mess.clone(),
-                mini_header,
-                upstream_tls: use_tls,
-                _guards: opened.guards,
-            });
+            send(client, &link.result(LinkError::Ok), deadline)
+                .await
+                .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
+            Ok(Some(server.into_leftover()))
         }
-    }
-}
-
-async fn read_client_step<S: Io>(
-    client: &mut S,
-    link: &mut ClientLink,
-) -> Result<ClientStep, ChannelRefusal> {
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(step) = link
-            .poll()
-            .map_err(|f| ChannelRefusal::wire(f, Blame::Client))?
-        {
-            return Ok(step);
-        }
-        match client.read(&mut buf).await {
-            Ok(0) | Err(_) => return Err(ChannelRefusal::gone("client_left", Blame::Client)),
-            Ok(n) => link.feed(&buf[..n]),
-        }
-    }
-}
-
-async fn read_server_step(
-    upstream: &mut Box<dyn Io>,
-    link: &mut ServerLink,
-) -> Result<ServerStep, ChannelRefusal> {
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(step) = link
-            .poll()
-            .map_err(|f| ChannelRefusal::wire(f, Blame::Backend))?
-        {
-            return Ok(step);
-        }
-        match upstream.read(&mut buf).await {
-            Ok(0) => {
-                return Err(ChannelRefusal::backend(
-                    LinkError::Error,
-                    "hypervisor_closed",
-                    "closed during the link",
-                ));
+        .await;
+        match result {
+            Ok(Some(up_early)) => return Ok((stream, up_early, guards, use_tls)),
+            Ok(None) => {
+                // NEED_SECURED on the plain port: again, on the TLS port.
+                guards.release();
+                use_tls = true;
             }
-            Err(e) => {
-                return Err(ChannelRefusal::backend(
-                    LinkError::Error,
-                    "hypervisor_io",
-                    e.to_string(),
-                ));
+            Err(r) => {
+                guards.release();
+                return Err(r);
             }
-            Ok(n) => link.feed(&buf[..n]),
         }
     }
 }
 
-async fn write_client<S: Io>(client: &mut S, bytes: &[u8]) -> Result<(), ChannelRefusal> {
-    client
-        .write_all(bytes)
-        .await
-        .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
-    client
-        .flush()
-        .await
-        .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))
-}
-
-async fn write_upstream(upstream: &mut Box<dyn Io>, bytes: &[u8]) -> Result<(), ChannelRefusal> {
-    let io = |e: std::io::Error| {
-        ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
-    };
-    upstream.write_all(bytes).await.map_err(io)?;
-    upstream.flush().await.map_err(io)
-}
-
-async fn write_within<S: Io>(client: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_within<S: Io + ?Sized>(client: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     tokio::time::timeout(REFUSAL_DEADLINE, async {
         client.write_all(bytes).await?;
         client.flush().await?;

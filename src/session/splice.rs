@@ -1,17 +1,20 @@
-//! Splicing a linked console connection: bytes both ways until either side
-//! ends, with the bytes that came early during the handshake first.
+//! The byte splice: every native console connection (SPICE channel, VNC)
+//! after its handshake. Bytes both ways until either side ends, with the
+//! bytes that came early during the handshake first.
+//!
+//! It ends like the WebSocket relay on the session's stop (terminate,
+//! shutdown, maximum age), on the idle timeout (counted on the session's
+//! bytes, so a SPICE session's quiet channel is not idle while its display
+//! moves), and on the inspector's verdict.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use super::registry::ByteCounters;
-use super::{CloseReason, Stop};
-use crate::transport::ws_bridge::Traffic;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// A byte stream either way: TCP, TLS, or a WebSocket seen as bytes.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+use super::registry::ByteCounters;
+use super::{CloseReason, Early, Inspect, Stop, Traffic};
+use crate::transport::conn::Io;
 
 /// Read chunk on both legs.
 const CHUNK: usize = 64 * 1024;
@@ -23,30 +26,33 @@ pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
 /// `inspect` sees every chunk from the hypervisor before the client does;
 /// an error from it ends the session with that reason. Bytes are added to
 /// `counters` as they move; the returned traffic is this connection's.
-pub async fn splice<S: Io>(
-    client: S,
-    upstream: Box<dyn Io>,
-    client_early: Vec<u8>,
-    upstream_early: Vec<u8>,
-    mut inspect: impl FnMut(&[u8]) -> Result<(), CloseReason>,
+pub async fn splice<C: Io, U: Io, I: Inspect>(
+    client: C,
+    upstream: U,
+    early: Early,
+    mut inspect: I,
     stop: Stop,
     counters: &ByteCounters,
 ) -> (CloseReason, Traffic) {
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
-    let up_bytes = std::sync::atomic::AtomicU64::new(0);
-    let down_bytes = std::sync::atomic::AtomicU64::new(0);
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let moved = |n: usize, local: &AtomicU64, total: &AtomicU64| {
+        local.fetch_add(n as u64, Relaxed);
+        total.fetch_add(n as u64, Relaxed);
+        counters.touch();
+    };
     let up = async {
         // The handshake's early bytes first, then each chunk straight from the buffer.
-        let mut chunk: &[u8] = &client_early;
+        let mut chunk: &[u8] = &early.up;
         let mut buf = vec![0u8; CHUNK];
         loop {
             if !chunk.is_empty() {
                 if up_w.write_all(chunk).await.is_err() || up_w.flush().await.is_err() {
                     return CloseReason::BackendError;
                 }
-                up_bytes.fetch_add(chunk.len() as u64, Relaxed);
-                counters.up.fetch_add(chunk.len() as u64, Relaxed);
+                moved(chunk.len(), &up_bytes, &counters.up);
             }
             chunk = match client_r.read(&mut buf).await {
                 Ok(0) | Err(_) => return CloseReason::ClientLeft,
@@ -55,18 +61,17 @@ pub async fn splice<S: Io>(
         }
     };
     let down = async {
-        let mut chunk: &[u8] = &upstream_early;
+        let mut chunk: &[u8] = &early.down;
         let mut buf = vec![0u8; CHUNK];
         loop {
             if !chunk.is_empty() {
-                if let Err(reason) = inspect(chunk) {
+                if let Err(reason) = inspect.inspect(chunk).await {
                     return reason;
                 }
                 if client_w.write_all(chunk).await.is_err() || client_w.flush().await.is_err() {
                     return CloseReason::ClientLeft;
                 }
-                down_bytes.fetch_add(chunk.len() as u64, Relaxed);
-                counters.down.fetch_add(chunk.len() as u64, Relaxed);
+                moved(chunk.len(), &down_bytes, &counters.down);
             }
             chunk = match up_r.read(&mut buf).await {
                 Ok(0) => return CloseReason::BackendClosed,
@@ -75,21 +80,9 @@ pub async fn splice<S: Io>(
             };
         }
     };
-    // Idle: no byte either way for a whole `stop.idle`, on the session's
-    // counters (a SPICE session's quiet channel is not idle while its display moves).
     let idle = async {
-        let Some(limit) = stop.idle else {
-            return std::future::pending().await;
-        };
-        let mut seen = (u64::MAX, u64::MAX);
-        loop {
-            tokio::time::sleep(limit).await;
-            let now = (counters.up.load(Relaxed), counters.down.load(Relaxed));
-            if now == seen {
-                return CloseReason::IdleTimeout;
-            }
-            seen = now;
-        }
+        counters.silent_for(stop.idle).await;
+        CloseReason::IdleTimeout
     };
     let reason = tokio::select! {
         r = up => r,

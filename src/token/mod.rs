@@ -295,15 +295,14 @@ impl TokenValidator {
         self.allow.store(Arc::new(allow));
     }
 
-    /// Validates `token` for a console of type `expect` (any type if `None`),
-    /// and logs and counts a refusal.
+    /// Validates `token` for a console of type `expect` (any type if `None`)
+    /// now. Refusals are returned, not recorded: the session layer records
+    /// what it refuses.
     pub fn validate(&self, token: &str, expect: Option<ConsoleType>) -> Result<Grant, Refusal> {
         self.check(token, expect, unix_now())
-            .inspect_err(record_refusal)
     }
 
-    /// Like [`TokenValidator::validate`], without logging or counting: for
-    /// `porthole token inspect` and tests.
+    /// Like [`TokenValidator::validate`], at time `now`.
     pub fn check(
         &self,
         token: &str,
@@ -471,22 +470,24 @@ fn map_jwt_error(kind: &ErrorKind) -> Refusal {
     Refusal::new(reason, detail)
 }
 
-/// Logs and counts a refusal; every refused token goes through here once.
-pub(crate) fn record_refusal(refusal: &Refusal) {
-    crate::metrics::token_refused(refusal.reason);
-    if !crate::audit::refusal_log_allowed() {
-        return;
+/// Turns the token a client brings into a [`Grant`], or a refusal. The
+/// signed-JWT validator is one; a resolver that asks an API server (Nova's
+/// console-auth-tokens) is another, hence the future.
+pub trait GrantResolver: Send + Sync + std::fmt::Debug {
+    /// Resolves `token` for a console of type `expect` (any, if `None`).
+    fn resolve<'a>(
+        &'a self,
+        token: &'a str,
+        expect: Option<ConsoleType>,
+    ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>>;
+}
+
+impl GrantResolver for TokenValidator {
+    fn resolve<'a>(
+        &'a self,
+        token: &'a str,
+        expect: Option<ConsoleType>,
+    ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>> {
+        Box::pin(std::future::ready(self.validate(token, expect)))
     }
-    crate::audit::refused(
-        "token",
-        refusal.reason.as_str(),
-        refusal.jti.as_deref(),
-        None,
-    );
-    tracing::info!(
-        reason = refusal.reason.as_str(),
-        detail = %refusal.detail,
-        jti = refusal.jti.as_deref().unwrap_or("-"),
-        "token refused"
-    );
 }

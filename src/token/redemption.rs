@@ -105,6 +105,11 @@ impl Redemption {
             jti: jti.to_string(),
         })
     }
+
+    /// Gives the token back: the session it admitted has ended.
+    pub fn release(self) {
+        drop(self);
+    }
 }
 
 impl Drop for Redemption {

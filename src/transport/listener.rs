@@ -20,7 +20,7 @@ use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -66,18 +66,16 @@ pub struct HttpDeadlines {
     pub request_headers: Duration,
 }
 
-/// Accepts until `cancel` fires. Connections still open then finish their
-/// current request; upgraded WebSockets are ended by their own sessions.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsSlot>,
-    router: Router,
-    deadlines: HttpDeadlines,
-    cancel: CancellationToken,
-) {
+/// Accepts on `listener` until `stop` fires, handing each connection to
+/// `on_accept` (which spawns what serves it: the loop itself never waits on
+/// a peer). The one accept loop of every listener, HTTP and native.
+pub async fn accept_loop<F>(listener: TcpListener, stop: CancellationToken, mut on_accept: F)
+where
+    F: FnMut(TcpStream, SocketAddr),
+{
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -88,7 +86,24 @@ pub async fn serve(
                 }
             },
         };
+        // Console traffic is interactive: small writes must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
+        on_accept(tcp, peer);
+    }
+}
+
+/// Serves HTTP/1.1 (plain or TLS) on `listener` until `cancel` fires.
+/// Connections still open then finish their current request; upgraded
+/// WebSockets are ended by their own sessions.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsSlot>,
+    router: Router,
+    deadlines: HttpDeadlines,
+    cancel: CancellationToken,
+) {
+    let stop = cancel.clone();
+    accept_loop(listener, stop, move |tcp, peer| {
         let tls = tls.as_ref().map(|slot| slot.load_full());
         let router = router.clone();
         let cancel = cancel.clone();
@@ -119,7 +134,8 @@ pub async fn serve(
             };
             serve_connection(io, peer, router, deadlines, cancel).await;
         });
-    }
+    })
+    .await;
 }
 
 async fn serve_connection<I>(

@@ -287,6 +287,23 @@ pub fn fuzz_client(data: &[u8]) {
     }
 }
 
+impl crate::protocol::Machine for ClientLeg {
+    type Step = ClientStep;
+    type Failure = RfbFailure;
+
+    fn feed(&mut self, data: &[u8]) {
+        ClientLeg::feed(self, data);
+    }
+
+    fn poll(&mut self) -> Result<Option<ClientStep>, RfbFailure> {
+        ClientLeg::poll(self)
+    }
+
+    fn take_output(&mut self) -> Vec<u8> {
+        ClientLeg::take_output(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -317,6 +317,23 @@ pub fn fuzz_upstream(data: &[u8]) {
     }
 }
 
+impl crate::protocol::Machine for Upstream {
+    type Step = UpstreamStep;
+    type Failure = RfbFailure;
+
+    fn feed(&mut self, data: &[u8]) {
+        Upstream::feed(self, data);
+    }
+
+    fn poll(&mut self) -> Result<Option<UpstreamStep>, RfbFailure> {
+        Upstream::poll(self)
+    }
+
+    fn take_output(&mut self) -> Vec<u8> {
+        Upstream::take_output(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

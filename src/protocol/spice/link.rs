@@ -308,6 +308,32 @@ impl ServerLink {
     }
 }
 
+impl crate::protocol::Machine for ClientLink {
+    type Step = ClientStep;
+    type Failure = LinkFailure;
+
+    fn feed(&mut self, data: &[u8]) {
+        ClientLink::feed(self, data);
+    }
+
+    fn poll(&mut self) -> Result<Option<ClientStep>, LinkFailure> {
+        ClientLink::poll(self)
+    }
+}
+
+impl crate::protocol::Machine for ServerLink {
+    type Step = ServerStep;
+    type Failure = LinkFailure;
+
+    fn feed(&mut self, data: &[u8]) {
+        ServerLink::feed(self, data);
+    }
+
+    fn poll(&mut self) -> Result<Option<ServerStep>, LinkFailure> {
+        ServerLink::poll(self)
+    }
+}
+
 /// The capabilities Porthole offers a client on a channel of `channel_type`:
 /// what spice-server offers, minus migration (its messages would send the
 /// client straight to a hypervisor) and minus SASL (the ticket is Porthole's

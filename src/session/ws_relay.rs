@@ -1,4 +1,5 @@
-//! The WebSocket-to-TCP bridge: binary messages one way, bytes the other.
+//! The WebSocket relay: every browser console (noVNC, serial, spice-html5)
+//! after its handshake. Binary messages one way, bytes the other.
 //!
 //! Backpressure both ways: bytes are read from the hypervisor only after the
 //! previous message was handed to the WebSocket, and the WebSocket holds at
@@ -8,30 +9,31 @@
 //! whatever either peer does. An idle session holds no read buffer of ours:
 //! one is taken only when the hypervisor socket is readable.
 //!
-//! The bridge ends on the first of: the client leaving, the hypervisor closing,
-//! an I/O error, the idle timeout, the token's expiry (if asked), or shutdown.
-//! It then sends a close frame (under a short deadline: a client that does not
-//! read cannot hold the task) and half-closes the hypervisor socket.
+//! The relay ends on the first of: the client leaving, the hypervisor closing,
+//! an I/O error, the inspector's verdict, the idle timeout, a client that
+//! answers no ping, the token's expiry (if asked), or the session's stop
+//! (terminate, shutdown, maximum age). It then sends a close frame whose code
+//! and reason the console page shows (under a short deadline: a client that
+//! does not read cannot hold the task) and half-closes the hypervisor socket.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::io::{AsyncReadExt as _, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::session::CloseReason;
+use super::registry::ByteCounters;
+use super::{CloseReason, Early, Inspect, Stop, Traffic};
+use crate::transport::conn::Conn;
 
-/// Timers and limits of one bridge.
-#[derive(Debug, Clone)]
-pub struct BridgeOptions {
+/// Timers and limits of one WebSocket relay.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
     /// Send a WebSocket ping this often, so intermediaries keep quiet sessions.
     pub ping_interval: Option<Duration>,
     /// End the session after this long with no byte either way.
@@ -40,120 +42,6 @@ pub struct BridgeOptions {
     pub hard_end: Option<Instant>,
     /// Largest chunk read from the hypervisor into one message.
     pub chunk_bytes: usize,
-    /// Bytes moved, as they move (the admin API reads them).
-    pub counters: std::sync::Arc<crate::session::registry::ByteCounters>,
-}
-
-/// Bytes moved, for the session's end-of-life log line.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Traffic {
-    /// Client to hypervisor.
-    pub up: u64,
-    /// Hypervisor to client.
-    pub down: u64,
-}
-
-/// The hypervisor side of a bridge: a TCP socket, or any byte stream (TLS
-/// for VeNCrypt consoles).
-pub enum Backend {
-    /// A plain socket: read only when readable, so an idle session holds no buffer.
-    Tcp(TcpStream),
-    /// Any other stream; a read buffer is held while it waits.
-    Stream(Box<dyn BackendIo>),
-}
-
-impl std::fmt::Debug for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Backend::Tcp(_) => "Backend::Tcp",
-            Backend::Stream(_) => "Backend::Stream",
-        })
-    }
-}
-
-/// What a [`Backend::Stream`] must be.
-pub trait BackendIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> BackendIo for T {}
-
-impl Backend {
-    fn split(self) -> (ReadSide, WriteSide) {
-        match self {
-            Backend::Tcp(t) => {
-                let (r, w) = t.into_split();
-                (ReadSide::Tcp(r), WriteSide::Tcp(w))
-            }
-            Backend::Stream(s) => {
-                let (r, w) = tokio::io::split(s);
-                (ReadSide::Stream(r, None), WriteSide::Stream(w))
-            }
-        }
-    }
-}
-
-enum ReadSide {
-    Tcp(OwnedReadHalf),
-    /// The stream, and a chunk read while waiting for readiness.
-    Stream(ReadHalf<Box<dyn BackendIo>>, Option<BytesMut>),
-}
-
-impl ReadSide {
-    /// Waits until bytes (or the end) can be taken. Cancel-safe.
-    async fn ready(&mut self) -> std::io::Result<()> {
-        match self {
-            ReadSide::Tcp(t) => t.readable().await,
-            ReadSide::Stream(r, pending) => {
-                if pending.is_none() {
-                    let mut buf = BytesMut::with_capacity(64 * 1024);
-                    r.read_buf(&mut buf).await?;
-                    *pending = Some(buf);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Takes what is ready without waiting: `Ok(0)` is the end,
-    /// `WouldBlock` means nothing more now.
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        match self {
-            ReadSide::Tcp(t) => t.try_read_buf(buf),
-            ReadSide::Stream(r, pending) => {
-                if let Some(p) = pending.take() {
-                    let n = p.len();
-                    buf.extend_from_slice(&p);
-                    return Ok(n);
-                }
-                match r.read_buf(buf).now_or_never() {
-                    Some(result) => result,
-                    None => Err(std::io::ErrorKind::WouldBlock.into()),
-                }
-            }
-        }
-    }
-}
-
-enum WriteSide {
-    Tcp(OwnedWriteHalf),
-    Stream(WriteHalf<Box<dyn BackendIo>>),
-}
-
-impl WriteSide {
-    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        match self {
-            WriteSide::Tcp(t) => t.write_all(data).await,
-            WriteSide::Stream(s) => {
-                s.write_all(data).await?;
-                s.flush().await
-            }
-        }
-    }
-
-    async fn shutdown(&mut self) -> std::io::Result<()> {
-        match self {
-            WriteSide::Tcp(t) => t.shutdown().await,
-            WriteSide::Stream(s) => s.shutdown().await,
-        }
-    }
 }
 
 /// How long a close frame may take to go out.
@@ -164,30 +52,47 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 /// latency and memory low.
 const FLUSH_AFTER: usize = 256 * 1024;
 
-/// Runs the bridge until one side ends; returns why, and the bytes moved.
-pub async fn bridge<S>(
+/// Relays until one side ends; returns why, and this connection's bytes.
+/// The early bytes go first (`early.up` to the hypervisor, `early.down`,
+/// inspected, to the client); `inspect` sees every chunk from the hypervisor
+/// before the client does. Bytes are added to `counters` (the session's) as
+/// they move.
+pub async fn relay<S, I>(
     socket: WebSocketStream<S>,
-    backend: Backend,
-    opts: BridgeOptions,
-    stop: crate::session::Stop,
+    backend: Conn,
+    early: Early,
+    mut inspect: I,
+    opts: RelayOptions,
+    stop: Stop,
+    counters: &ByteCounters,
 ) -> (CloseReason, Traffic)
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    I: Inspect,
 {
     let (mut sink, mut stream) = socket.split();
     let (mut from_backend, mut to_backend) = backend.split();
     // Shared by the futures below, which run in this one task; atomics only
     // because the task must be Send.
     let origin = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let touch = || last_activity.store(origin.elapsed().as_millis() as u64, Relaxed);
     let last_heard = AtomicU64::new(0);
     let heard = || last_heard.store(origin.elapsed().as_millis() as u64, Relaxed);
-    let up = &opts.counters.up;
-    let down = &opts.counters.down;
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let moved = |n: usize, local: &AtomicU64, total: &AtomicU64| {
+        local.fetch_add(n as u64, Relaxed);
+        total.fetch_add(n as u64, Relaxed);
+        counters.touch();
+    };
 
     let reason = {
         let client_to_backend = async {
+            if !early.up.is_empty() {
+                if to_backend.write_all(&early.up).await.is_err() {
+                    return CloseReason::BackendError;
+                }
+                moved(early.up.len(), &up_bytes, &counters.up);
+            }
             // Messages that are already decoded when one arrives go to the
             // hypervisor in the same write: one system call per burst, not per
             // message. The batch exists only during the burst.
@@ -197,9 +102,8 @@ where
                 while let Some(msg) = next.take() {
                     match msg {
                         Ok(Message::Binary(data)) => {
-                            touch();
                             heard();
-                            up.fetch_add(data.len() as u64, Relaxed);
+                            moved(data.len(), &up_bytes, &counters.up);
                             batch.extend_from_slice(&data);
                         }
                         // Keepalive frames prove the client is there; they are not
@@ -224,6 +128,16 @@ where
             CloseReason::ClientLeft
         };
         let backend_to_client = async {
+            if !early.down.is_empty() {
+                if let Err(reason) = inspect.inspect(&early.down).await {
+                    return reason;
+                }
+                let n = early.down.len();
+                if let Err(e) = sink.send(Message::Binary(Bytes::from(early.down))).await {
+                    return send_error(&e);
+                }
+                moved(n, &down_bytes, &counters.down);
+            }
             let mut ping = opts
                 .ping_interval
                 .map(|p| tokio::time::interval_at(Instant::now() + p, p));
@@ -244,8 +158,10 @@ where
                                     return CloseReason::BackendClosed;
                                 }
                                 Ok(n) => {
-                                    touch();
-                                    down.fetch_add(n as u64, Relaxed);
+                                    if let Err(reason) = inspect.inspect(&buf).await {
+                                        return reason;
+                                    }
+                                    moved(n, &down_bytes, &counters.down);
                                     queued += n;
                                     if let Err(e) = sink.feed(Message::Binary(buf.freeze())).await {
                                         return send_error(&e);
@@ -270,8 +186,10 @@ where
                 }
             }
         };
+        // Idle is the session's: a spice-html5 channel that is quiet while
+        // its display moves is not idle.
         let idle = async {
-            silence(origin, &last_activity, opts.idle_timeout).await;
+            counters.silent_for(opts.idle_timeout).await;
             CloseReason::IdleTimeout
         };
         // A client that answers no ping for three intervals is gone (a dead
@@ -297,26 +215,38 @@ where
     };
 
     if reason != CloseReason::ClientLeft {
-        let (code, text) = close_frame(reason);
-        let frame = Message::Close(Some(CloseFrame {
-            code: code.into(),
-            reason: text.into(),
-        }));
-        let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(frame)).await;
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(close_message(reason))).await;
     }
     let _ = tokio::time::timeout(CLOSE_DEADLINE, to_backend.shutdown()).await;
     (
         reason,
         Traffic {
-            up: up.load(Relaxed),
-            down: down.load(Relaxed),
+            up: up_bytes.into_inner(),
+            down: down_bytes.into_inner(),
         },
     )
 }
 
+/// Sends the close frame for `reason` to a socket that never reached the
+/// relay (a failed or stopped handshake), under the close deadline.
+pub async fn close<S>(socket: &mut WebSocketStream<S>, reason: CloseReason)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, socket.send(close_message(reason))).await;
+}
+
+fn close_message(reason: CloseReason) -> Message {
+    let (code, text) = close_frame(reason);
+    Message::Close(Some(CloseFrame {
+        code: code.into(),
+        reason: text.into(),
+    }))
+}
+
 /// Returns once `limit` has passed since the instant `stamp` records (in
 /// milliseconds after `origin`); never, if there is no limit.
-async fn silence(origin: Instant, stamp: &AtomicU64, limit: Option<Duration>) {
+pub(super) async fn silence(origin: Instant, stamp: &AtomicU64, limit: Option<Duration>) {
     let Some(limit) = limit else {
         return std::future::pending().await;
     };

@@ -1,0 +1,524 @@
+//! Admission: whether a connection may become a session, and what it holds
+//! while it runs.
+//!
+//! [`Sessions::resolve`] turns a request's token into a [`Grant`] through
+//! the pluggable resolver, recording any refusal once. [`Sessions::open_to`]
+//! takes a session slot (global cap), counts the connection against the
+//! per-client and per-token caps, redeems the token under its console type's
+//! reuse policy (or checks that a ticketed token was not revoked since),
+//! claims the console where it serves one client at a time (serial), and
+//! connects under a deadline. Everything it took is held in [`SessionGuards`]
+//! and released when the session ends, however it ends.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Stop;
+use super::lifecycle;
+use super::link_keys::LinkKeys;
+use super::registry::Registry;
+use crate::config::{TokenConfig, WebSocketConfig};
+use crate::console::ConsoleType;
+use crate::error::Blame;
+use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
+use crate::secret::Secret;
+use crate::token::ticket::TicketStore;
+use crate::token::{
+    Grant, GrantResolver, Redemption, RedemptionStore, Refusal, RefusalReason, unix_now,
+};
+use crate::transport::listener::TlsSlot;
+
+/// Why a session could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The token may not start a session now (replayed, revoked, store full).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The console serves one client at a time and has one.
+    #[error("console busy")]
+    Busy,
+    /// The global session cap is reached.
+    #[error("too many sessions")]
+    Overloaded,
+    /// This client address, or this token, has its most connections open.
+    #[error("too many connections from this {0}")]
+    Limited(&'static str),
+    /// The hypervisor did not answer in time or refused.
+    #[error("hypervisor unreachable: {0}")]
+    Unreachable(String),
+    /// A store Porthole needs to admit anyone cannot answer now.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Porthole is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl OpenError {
+    /// Who is to blame.
+    pub fn blame(&self) -> Blame {
+        match self {
+            OpenError::Refused(_) | OpenError::Busy | OpenError::Limited(_) => Blame::Client,
+            OpenError::Unreachable(_) => Blame::Backend,
+            OpenError::Overloaded | OpenError::ShuttingDown | OpenError::Unavailable(_) => {
+                Blame::Internal
+            }
+        }
+    }
+
+    /// A stable label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OpenError::Refused(r) => r.reason.as_str(),
+            OpenError::Busy => "console_busy",
+            OpenError::Overloaded => "overloaded",
+            OpenError::Limited("client") => "client_limit",
+            OpenError::Limited(_) => "token_limit",
+            OpenError::Unreachable(_) => "backend_unreachable",
+            OpenError::Unavailable(_) => "unavailable",
+            OpenError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// What a running session holds; [`SessionGuards::release`] gives it back.
+#[derive(Debug)]
+pub struct SessionGuards {
+    _permit: OwnedSemaphorePermit,
+    _counts: CountGuard,
+    redemption: Option<Redemption>,
+    _claim: Option<ConsoleClaim>,
+}
+
+impl SessionGuards {
+    /// Releases the slot, the caps' counts, the token's redemption and the
+    /// console claim.
+    pub fn release(self) {
+        if let Some(r) = self.redemption {
+            r.release();
+        }
+    }
+}
+
+/// Connections per client address and per token, with their caps.
+#[derive(Debug, Default)]
+struct Counts {
+    clients: HashMap<IpAddr, usize>,
+    tokens: HashMap<String, usize>,
+}
+
+/// One connection's place in [`Counts`]; released on drop.
+#[derive(Debug)]
+struct CountGuard {
+    counts: Arc<Mutex<Counts>>,
+    client: IpAddr,
+    jti: String,
+}
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let dec = |n: &mut usize| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        };
+        if c.clients.get_mut(&self.client).is_some_and(dec) {
+            c.clients.remove(&self.client);
+        }
+        if c.tokens.get_mut(&self.jti).is_some_and(dec) {
+            c.tokens.remove(&self.jti);
+        }
+    }
+}
+
+/// A claim on a console that serves one client at a time.
+#[derive(Debug)]
+struct ConsoleClaim {
+    claims: Arc<Mutex<HashSet<(String, u16)>>>,
+    key: (String, u16),
+}
+
+impl Drop for ConsoleClaim {
+    fn drop(&mut self) {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// What let a connection in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Its console token, redeemed now under the type's reuse policy.
+    Token,
+    /// A ticket exchanged for the token earlier (SPICE channels, native VNC).
+    Ticket,
+}
+
+/// A session ready for its hypervisor handshake.
+#[derive(Debug)]
+pub struct Opened {
+    /// The connected hypervisor console socket.
+    pub backend: TcpStream,
+    /// Released when the session ends.
+    pub guards: SessionGuards,
+}
+
+/// Caps, timers and deadlines of every session.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most concurrent sessions.
+    pub max_sessions: usize,
+    /// Concurrent connections per client address.
+    pub per_client: usize,
+    /// Concurrent connections per token.
+    pub per_token: usize,
+    /// Hypervisor connect deadline.
+    pub connect_timeout: Duration,
+    /// End every session after this long.
+    pub max_age: Option<Duration>,
+    /// End native sessions after this long without a byte either way (the
+    /// WebSocket relay has its own in [`WebSocketConfig`]).
+    pub idle: Option<Duration>,
+    /// Deadline for a native SPICE channel's TLS and link handshakes.
+    pub spice_handshake: Duration,
+    /// Deadline for a native VNC connection's handshakes.
+    pub vnc_handshake: Duration,
+    /// Time-to-live of a fresh ticket.
+    pub ticket_ttl_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 10_000,
+            per_client: usize::MAX,
+            per_token: usize::MAX,
+            connect_timeout: Duration::from_secs(5),
+            max_age: None,
+            idle: None,
+            spice_handshake: Duration::from_secs(10),
+            vnc_handshake: Duration::from_secs(10),
+            ticket_ttl_secs: 60,
+        }
+    }
+}
+
+/// What the session layer is built from.
+#[derive(Debug)]
+pub struct Parts {
+    /// Turns tokens into grants.
+    pub resolver: Arc<dyn GrantResolver>,
+    /// Redeemed and revoked tokens.
+    pub redemptions: Arc<dyn RedemptionStore>,
+    /// Tickets for native and spice-html5 clients.
+    pub tickets: Arc<dyn TicketStore>,
+    /// Reuse policies per console type.
+    pub tokens: TokenConfig,
+    /// Browser sessions' WebSocket limits and timers.
+    pub browser: WebSocketConfig,
+    /// Caps, timers, deadlines.
+    pub limits: Limits,
+    /// SPICE credentials by backend network (swapped on reload).
+    pub spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
+    /// VNC credentials by backend network (swapped on reload).
+    pub vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
+    /// The native SPICE listener's TLS, when it is on.
+    pub spice_tls: Option<TlsSlot>,
+    /// The native VNC listener's TLS (VeNCrypt), when it is on.
+    pub vnc_tls: Option<TlsSlot>,
+}
+
+/// Every session of this process: admission, the credentials sessions use
+/// on their hypervisor legs, and the shutdown they obey.
+#[derive(Debug)]
+pub struct Sessions {
+    /// Global session cap; a permit rides in each session's guards.
+    slots: Arc<Semaphore>,
+    /// Consoles that serve one client at a time and have one (serial).
+    exclusive: Arc<Mutex<HashSet<(String, u16)>>>,
+    counts: Arc<Mutex<Counts>>,
+    resolver: Arc<dyn GrantResolver>,
+    redemptions: Arc<dyn RedemptionStore>,
+    /// Tickets and their sessions.
+    pub tickets: Arc<dyn TicketStore>,
+    tokens: TokenConfig,
+    /// Browser sessions' WebSocket limits and timers.
+    pub browser: WebSocketConfig,
+    /// Caps, timers, deadlines.
+    pub limits: Limits,
+    /// SPICE link keys.
+    pub keys: Arc<LinkKeys>,
+    /// SPICE credentials by backend network.
+    pub spice_upstreams: Arc<ArcSwap<SpiceUpstreams>>,
+    /// VNC credentials by backend network.
+    pub vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
+    /// The native SPICE listener's TLS.
+    pub spice_tls: Option<TlsSlot>,
+    /// The native VNC listener's TLS.
+    pub vnc_tls: Option<TlsSlot>,
+    /// Cancelled at shutdown; every session selects on it.
+    pub cancel: CancellationToken,
+    /// Every session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// The live sessions, for the admin API.
+    pub registry: Arc<Registry>,
+}
+
+impl Sessions {
+    /// Builds the session layer (and its SPICE link keys).
+    pub fn new(parts: Parts) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(parts.limits.max_sessions)),
+            exclusive: Arc::default(),
+            counts: Arc::default(),
+            resolver: parts.resolver,
+            redemptions: parts.redemptions,
+            tickets: parts.tickets,
+            tokens: parts.tokens,
+            browser: parts.browser,
+            limits: parts.limits,
+            keys: Arc::new(LinkKeys::generate()),
+            spice_upstreams: parts.spice_upstreams,
+            vnc_upstreams: parts.vnc_upstreams,
+            spice_tls: parts.spice_tls,
+            vnc_tls: parts.vnc_tls,
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            registry: Arc::default(),
+        }
+    }
+
+    /// How a session that `kill` ends (its registry entry's token) is told to stop.
+    pub fn stop_for(&self, kill: CancellationToken) -> Stop {
+        Stop {
+            shutdown: self.cancel.clone(),
+            kill,
+            deadline: self.limits.max_age.map(|a| tokio::time::Instant::now() + a),
+            idle: self.limits.idle,
+        }
+    }
+
+    /// Sessions running now.
+    pub fn active(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Turns a request's token into a grant for a console of type `expect`
+    /// (any, if `None`); a refusal is logged and counted here, once.
+    pub async fn resolve(
+        &self,
+        token: &str,
+        expect: Option<ConsoleType>,
+    ) -> Result<Grant, Refusal> {
+        self.resolver
+            .resolve(token, expect)
+            .await
+            .inspect_err(lifecycle::token_refused)
+    }
+
+    /// Counts a connection from `client` with token `jti`, within the caps.
+    fn count(&self, client: IpAddr, jti: &str) -> Result<CountGuard, OpenError> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.clients.get(&client).copied().unwrap_or(0) >= self.limits.per_client {
+            crate::metrics::limit_hit("per_client");
+            return Err(OpenError::Limited("client"));
+        }
+        if c.tokens.get(jti).copied().unwrap_or(0) >= self.limits.per_token {
+            crate::metrics::limit_hit("per_token");
+            return Err(OpenError::Limited("token"));
+        }
+        *c.clients.entry(client).or_default() += 1;
+        *c.tokens.entry(jti.to_string()).or_default() += 1;
+        Ok(CountGuard {
+            counts: self.counts.clone(),
+            client,
+            jti: jti.to_string(),
+        })
+    }
+
+    /// What [`Sessions::open_to`] would answer now for a token, without
+    /// taking anything (a WebSocket preflight).
+    pub async fn would_open(&self, grant: &Grant) -> Result<(), OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        if self.slots.available_permits() == 0 {
+            return Err(OpenError::Overloaded);
+        }
+        self.redemptions
+            .would_redeem(&grant.jti, self.tokens.reuse_for(grant.console), None)
+            .map_err(|e| OpenError::Refused(e.refusal(&grant.jti)))?;
+        let key = (grant.target.host.clone(), grant.target.port);
+        if grant.console == ConsoleType::Serial
+            && self
+                .exclusive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+        {
+            return Err(OpenError::Busy);
+        }
+        Ok(())
+    }
+
+    /// What a connection admitted by ticket would get now (for the
+    /// WebSocket preflight of spice-html5, whose ticket comes later).
+    pub async fn would_admit_ticketed(&self, grant: &Grant) -> Result<(), OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        if self.slots.available_permits() == 0 {
+            return Err(OpenError::Overloaded);
+        }
+        if self.redemptions.is_revoked(&grant.jti) {
+            return Err(OpenError::Refused(revoked(&grant.jti)));
+        }
+        Ok(())
+    }
+
+    /// Exchanges a token for a ticket: redeems it under its reuse policy
+    /// (under `reconnect` it may be exchanged again later, under
+    /// `single-use` never) and issues a ticket bound to its grant. Returns
+    /// the ticket and when it expires.
+    pub async fn exchange(&self, grant: &Grant) -> Result<(Secret<String>, u64), OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        let now = unix_now();
+        Redemption::begin(
+            self.redemptions.clone(),
+            &grant.jti,
+            grant.expires_at,
+            self.tokens.reuse_for(grant.console),
+            None,
+            now,
+        )
+        .map(Redemption::release)
+        .map_err(|e| {
+            let refusal = e.refusal(&grant.jti);
+            lifecycle::token_refused(&refusal);
+            OpenError::Refused(refusal)
+        })?;
+        let ttl = self.limits.ticket_ttl_secs;
+        let ticket = self
+            .tickets
+            .issue(grant.clone(), ttl, now)
+            .map_err(|e| OpenError::Unavailable(format!("no ticket issued: {e}")))?;
+        crate::metrics::ticket_issued(grant.console.as_str());
+        tracing::info!(jti = %grant.jti, instance = %grant.instance, console = %grant.console, "ticket issued");
+        Ok((ticket, (now + ttl).min(grant.expires_at)))
+    }
+
+    /// Takes a slot, counts the connection, redeems the token (or checks a
+    /// ticketed one), claims the console and connects to `port` of the
+    /// grant's host.
+    pub async fn open_to(
+        &self,
+        grant: &Grant,
+        admission: Admission,
+        port: u16,
+        client: IpAddr,
+    ) -> Result<Opened, OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            crate::metrics::limit_hit("max_sessions");
+            OpenError::Overloaded
+        })?;
+        let counts = self.count(client, &grant.jti)?;
+        let redemption = match admission {
+            Admission::Token => Some(
+                Redemption::begin(
+                    self.redemptions.clone(),
+                    &grant.jti,
+                    grant.expires_at,
+                    self.tokens.reuse_for(grant.console),
+                    None,
+                    unix_now(),
+                )
+                .map_err(|e| {
+                    let refusal = e.refusal(&grant.jti);
+                    lifecycle::token_refused(&refusal);
+                    OpenError::Refused(refusal)
+                })?,
+            ),
+            // The token was redeemed when the ticket was issued; a revoked
+            // token's tickets still stop here.
+            Admission::Ticket if self.redemptions.is_revoked(&grant.jti) => {
+                let refusal = revoked(&grant.jti);
+                lifecycle::token_refused(&refusal);
+                return Err(OpenError::Refused(refusal));
+            }
+            Admission::Ticket => None,
+        };
+        let guards = |claim| SessionGuards {
+            _permit: permit,
+            _counts: counts,
+            redemption,
+            _claim: claim,
+        };
+        let claim = if grant.console == ConsoleType::Serial {
+            let key = (grant.target.host.clone(), grant.target.port);
+            let mut claims = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+            if !claims.insert(key.clone()) {
+                drop(claims);
+                guards(None).release();
+                return Err(OpenError::Busy);
+            }
+            Some(ConsoleClaim {
+                claims: self.exclusive.clone(),
+                key,
+            })
+        } else {
+            None
+        };
+        let guards = guards(claim);
+        match self.connect(&grant.target.host, port).await {
+            Ok(backend) => Ok(Opened { backend, guards }),
+            Err(e) => {
+                guards.release();
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, OpenError> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let connecting = std::time::Instant::now();
+        let timeout = self.limits.connect_timeout;
+        let backend = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+            Ok(Ok(s)) => {
+                crate::metrics::connect_took(connecting.elapsed().as_secs_f64());
+                s
+            }
+            Ok(Err(e)) => return Err(OpenError::Unreachable(e.to_string())),
+            Err(_) => {
+                return Err(OpenError::Unreachable(format!(
+                    "no answer within {timeout:?}"
+                )));
+            }
+        };
+        // Console traffic is interactive: small writes must not wait for Nagle.
+        let _ = backend.set_nodelay(true);
+        Ok(backend)
+    }
+}
+
+fn revoked(jti: &str) -> Refusal {
+    Refusal {
+        reason: RefusalReason::Revoked,
+        detail: "token was revoked".into(),
+        jti: Some(jti.to_string()),
+    }
+}

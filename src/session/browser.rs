@@ -1,0 +1,213 @@
+//! Browser console sessions: noVNC, serial and spice-html5, from the
+//! WebSocket upgrade to their end.
+//!
+//! A front end admits a request ([`Sessions::admit_browser`]: the token's
+//! grant, the caps, the reuse policy, the hypervisor connect for noVNC and
+//! serial), answers 101, and hands the upgrade over with
+//! [`BrowserAdmission::start`]. From there the session is a task of the
+//! session layer: the WebSocket, the registry entry, the hypervisor
+//! handshake (the VNC security proxy; the SPICE link inside the socket),
+//! the relay, the end.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::Instrument as _;
+
+use super::lifecycle::{Lifecycle, Refused, refused};
+use super::ws_relay::{self, RelayOptions, relay};
+use super::{Admission, CloseReason, Early, OpenError, Opened, Pass, Sessions, Traffic};
+use crate::console::ConsoleType;
+use crate::token::Grant;
+use crate::transport::conn::Conn;
+use crate::transport::lazy_read::LazyRead;
+use crate::transport::ws_stream::WsBytes;
+
+/// A browser request the session layer has admitted; it starts once the
+/// connection is upgraded.
+#[derive(Debug)]
+pub struct BrowserAdmission {
+    sessions: Arc<Sessions>,
+    grant: Grant,
+    client: IpAddr,
+    /// noVNC and serial: the connected hypervisor. spice-html5: none yet
+    /// (the SPICE link inside the socket, and its ticket, decide).
+    opened: Option<Opened>,
+}
+
+impl Sessions {
+    /// Admits a browser console request for `grant` from `client`; refusals
+    /// are logged, audited and counted here.
+    pub async fn admit_browser(
+        self: &Arc<Self>,
+        grant: Grant,
+        client: IpAddr,
+    ) -> Result<BrowserAdmission, OpenError> {
+        let opened = match grant.console {
+            ConsoleType::SpiceHtml5 => {
+                self.would_admit_ticketed(&grant).await.inspect_err(|e| {
+                    crate::metrics::session_refused(e.as_str());
+                })?;
+                None
+            }
+            _ => Some(
+                self.open_to(&grant, Admission::Token, grant.target.port, client)
+                    .await
+                    .inspect_err(|e| {
+                        crate::metrics::session_refused(e.as_str());
+                        refused(&Refused {
+                            what: "session",
+                            label: "session",
+                            reason: e.as_str(),
+                            blame: e.blame(),
+                            client,
+                            console: Some(grant.console),
+                            jti: Some(&grant.jti),
+                            detail: e,
+                        });
+                    })?,
+            ),
+        };
+        Ok(BrowserAdmission {
+            sessions: self.clone(),
+            grant,
+            client,
+            opened,
+        })
+    }
+
+    /// What a browser request would get now, without starting anything
+    /// (the preflight a page uses to explain a failed socket).
+    pub async fn would_admit_browser(&self, grant: &Grant) -> Result<(), OpenError> {
+        match grant.console {
+            ConsoleType::SpiceHtml5 => self.would_admit_ticketed(grant).await,
+            _ => self.would_open(grant).await,
+        }
+    }
+
+    /// The WebSocket relay's timers for a session of `grant` (token expiry
+    /// ends it, when configured).
+    pub(super) fn relay_options(&self, grant: Option<&Grant>) -> RelayOptions {
+        let ws = &self.browser;
+        RelayOptions {
+            ping_interval: ws.ping_interval,
+            idle_timeout: ws.idle_timeout,
+            hard_end: grant.filter(|_| ws.end_at_token_expiry).map(|g| {
+                let left = g.expires_at.saturating_sub(crate::token::unix_now());
+                Instant::now() + std::time::Duration::from_secs(left)
+            }),
+            chunk_bytes: 64 * 1024,
+        }
+    }
+
+    /// tungstenite's limits and buffers for a console WebSocket.
+    pub fn tungstenite_config(&self) -> WebSocketConfig {
+        let ws = &self.browser;
+        WebSocketConfig::default()
+            .read_buffer_size(ws.read_buffer_bytes)
+            .write_buffer_size(ws.write_buffer_bytes)
+            .max_write_buffer_size(ws.max_write_buffer_bytes)
+            .max_message_size(Some(ws.max_message_bytes))
+            .max_frame_size(Some(ws.max_frame_bytes))
+    }
+}
+
+impl BrowserAdmission {
+    /// Runs the session as a tracked task once `upgrade` completes.
+    pub fn start(self, upgrade: hyper::upgrade::OnUpgrade) {
+        let tracker = self.sessions.tracker.clone();
+        tracker.spawn(async move {
+            let upgraded = match upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(client = %self.client, "websocket upgrade failed: {e}");
+                    if let Some(o) = self.opened {
+                        o.guards.release();
+                    }
+                    return;
+                }
+            };
+            // Large reads from the socket, small ones for tungstenite, no buffer while idle.
+            let io = LazyRead::new(TokioIo::new(upgraded), 64 * 1024);
+            let config = self.sessions.tungstenite_config();
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            self.run(socket).await;
+        });
+    }
+
+    async fn run<S>(self, socket: WebSocketStream<S>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let BrowserAdmission {
+            sessions,
+            grant,
+            client,
+            opened,
+        } = self;
+        let Some(opened) = opened else {
+            // spice-html5: one socket per channel; the link decides the session.
+            super::spice::serve_browser(sessions, socket, client, grant.jti).await;
+            return;
+        };
+        let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None);
+        let span = life.span();
+        async move {
+            life.hold(opened.guards);
+            let mut client_io = WsBytes::new(socket);
+            let linked = if grant.console == ConsoleType::Novnc {
+                // The security proxy: Porthole authenticates to the hypervisor,
+                // the browser is offered None.
+                let started = StdInstant::now();
+                let deadline = Instant::now() + sessions.browser.upgrade_timeout;
+                let up = sessions.vnc_upstreams.load().get(&grant.backend);
+                let handshake = super::vnc::browser_handshake(
+                    &mut client_io,
+                    opened.backend,
+                    &up,
+                    &grant.target.host,
+                    deadline,
+                );
+                match life.stop().unless_stopped(handshake).await {
+                    Ok(Ok(linked)) => {
+                        crate::metrics::handshake_took("rfb", started.elapsed().as_secs_f64());
+                        Ok(linked)
+                    }
+                    Ok(Err(refusal)) => {
+                        refusal.record(client, grant.console, Some(&grant.jti));
+                        Err(("handshake_failed", CloseReason::BackendError))
+                    }
+                    Err(reason) => Err((reason.as_str(), reason)),
+                }
+            } else {
+                Ok((Conn::Tcp(opened.backend), Early::default()))
+            };
+            let (mut socket, pending) = client_io.into_inner();
+            let (backend, mut early) = match linked {
+                Ok(l) => l,
+                Err((outcome, reason)) => {
+                    ws_relay::close(&mut socket, reason).await;
+                    life.finish(outcome, Traffic::default());
+                    return;
+                }
+            };
+            if !pending.is_empty() {
+                let mut up = pending.to_vec();
+                up.extend_from_slice(&early.up);
+                early.up = up;
+            }
+            let opts = sessions.relay_options(Some(&grant));
+            let counters = life.live().bytes.clone();
+            let (reason, traffic) =
+                relay(socket, backend, early, Pass, opts, life.stop(), &counters).await;
+            life.finish(reason.as_str(), traffic);
+        }
+        .instrument(span)
+        .await;
+    }
+}

@@ -1,0 +1,197 @@
+//! One session's life, the same for every kind (browser VNC, serial,
+//! spice-html5, native SPICE, native VNC): [`Lifecycle::begin`] at admission
+//! registers it and writes its start (metric, audit event, log line);
+//! [`Lifecycle::finish`] releases what it holds and writes its end. A
+//! refusal anywhere in the session layer is recorded by [`refused`], the one
+//! place that maps blame to a log level.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::registry::{ByteCounters, LiveSession, NewSession, Registered};
+use super::{SessionGuards, Sessions, Stop, Traffic};
+use crate::console::ConsoleType;
+use crate::error::Blame;
+use crate::token::{Grant, Refusal};
+
+/// A session from admission to its end. Dropping it without
+/// [`Lifecycle::finish`] still removes its registry entry and releases its
+/// guards, but writes no end: every path ends with `finish`.
+#[derive(Debug)]
+pub struct Lifecycle {
+    entry: Registered,
+    started: Instant,
+    guards: Vec<SessionGuards>,
+    stop: Stop,
+    span: tracing::Span,
+}
+
+impl Lifecycle {
+    /// Registers a session for `grant` from `client`, and writes its start.
+    /// `key` lets further connections join it (a SPICE ticket's id).
+    pub fn begin(
+        sessions: &Sessions,
+        grant: &Grant,
+        console: ConsoleType,
+        client: IpAddr,
+        key: Option<String>,
+    ) -> Self {
+        let entry = sessions.registry.register(
+            NewSession {
+                console,
+                instance: grant.instance.clone(),
+                jti: grant.jti.clone(),
+                client,
+                target: grant.target.to_string(),
+                key,
+            },
+            &sessions.cancel,
+        );
+        let live = &entry.live;
+        let stop = sessions.stop_for(live.cancel.clone());
+        // Every log line of the session carries its id (the audit trail's too).
+        let span = tracing::info_span!("session", session = %live.id);
+        crate::metrics::session_started(console.as_str());
+        crate::audit::session_started(&live.record());
+        span.in_scope(|| {
+            tracing::info!(
+                session = %live.id, %client, jti = %grant.jti, instance = %grant.instance,
+                %console, target = %grant.target, "session started"
+            );
+        });
+        Self {
+            entry,
+            started: Instant::now(),
+            guards: Vec::new(),
+            stop,
+            span,
+        }
+    }
+
+    /// The registry entry.
+    pub fn live(&self) -> &Arc<LiveSession> {
+        &self.entry.live
+    }
+
+    /// The session's byte counters (shared by all its connections).
+    pub fn counters(&self) -> &ByteCounters {
+        &self.entry.live.bytes
+    }
+
+    /// How the session is told to stop.
+    pub fn stop(&self) -> Stop {
+        self.stop.clone()
+    }
+
+    /// The span its log lines go in.
+    pub fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
+    /// Holds `guards` until the session ends.
+    pub fn hold(&mut self, guards: SessionGuards) {
+        self.guards.push(guards);
+    }
+
+    /// Ends the session for `outcome`: releases what it holds, removes its
+    /// registry entry, and writes the end (audit event, metrics, log line).
+    /// `traffic` is the bytes of the connection that carried the session.
+    pub fn finish(self, outcome: &'static str, traffic: Traffic) {
+        let Lifecycle {
+            entry,
+            started,
+            guards,
+            span,
+            ..
+        } = self;
+        for g in guards {
+            g.release();
+        }
+        let live = &entry.live;
+        let secs = started.elapsed().as_secs_f64();
+        let terminated = live.terminated.get();
+        let counters = &live.bytes;
+        crate::audit::session_ended(
+            &live.record(),
+            &crate::audit::SessionOutcome {
+                outcome,
+                secs,
+                bytes_up: counters.up.load(std::sync::atomic::Ordering::Relaxed),
+                bytes_down: counters.down.load(std::sync::atomic::Ordering::Relaxed),
+                terminated: terminated.map(|t| (t.by.as_str(), t.reason.as_str())),
+            },
+        );
+        let console = live.console.as_str();
+        crate::metrics::session_ended(console, outcome);
+        crate::metrics::bytes_relayed(console, traffic.up, traffic.down);
+        span.in_scope(|| {
+            tracing::info!(
+                session = %live.id, client = %live.client, jti = %live.jti, console,
+                reason = outcome, bytes_up = traffic.up, bytes_down = traffic.down, secs,
+                "session ended"
+            );
+        });
+        drop(entry);
+    }
+}
+
+/// A refusal in the session layer, as it is recorded.
+pub struct Refused<'a> {
+    /// What refused, for the audit trail (`session`, `vnc_handshake`, `spice_link`).
+    pub what: &'static str,
+    /// The same for a log line (`session`, `vnc handshake`, `spice link`).
+    pub label: &'static str,
+    /// Its stable reason.
+    pub reason: &'static str,
+    /// Who is to blame.
+    pub blame: Blame,
+    /// The client.
+    pub client: IpAddr,
+    /// The console type, when known.
+    pub console: Option<ConsoleType>,
+    /// The token's id, when known.
+    pub jti: Option<&'a str>,
+    /// Detail for the log (never a secret).
+    pub detail: &'a dyn std::fmt::Display,
+}
+
+/// Logs and audits a refusal (rate-limited under a flood; counters are the
+/// caller's). The one place that maps blame to a log level: a client's
+/// mistake is `info`, a hypervisor's or our own is `warn`.
+pub fn refused(r: &Refused<'_>) {
+    if !crate::audit::refusal_log_allowed() {
+        return;
+    }
+    crate::audit::refused(r.what, r.reason, r.jti, Some(r.client));
+    let console = r.console.map_or("-", ConsoleType::as_str);
+    let (client, label, reason, detail) = (r.client, r.label, r.reason, r.detail);
+    match r.blame {
+        Blame::Client => {
+            tracing::info!(%client, console = %console, reason, "{label} refused: {detail}")
+        }
+        Blame::Backend | Blame::Internal => {
+            tracing::warn!(%client, console = %console, reason, blame = r.blame.as_str(), "{label} failed: {detail}")
+        }
+    }
+}
+
+/// Logs and counts a refused token; every refused token goes through here once.
+pub fn token_refused(refusal: &Refusal) {
+    crate::metrics::token_refused(refusal.reason.as_str());
+    if !crate::audit::refusal_log_allowed() {
+        return;
+    }
+    crate::audit::refused(
+        "token",
+        refusal.reason.as_str(),
+        refusal.jti.as_deref(),
+        None,
+    );
+    tracing::info!(
+        reason = refusal.reason.as_str(),
+        detail = %refusal.detail,
+        jti = refusal.jti.as_deref().unwrap_or("-"),
+        "token refused"
+    );
+}
