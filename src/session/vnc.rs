@@ -367,6 +367,11 @@ async fn admit_native(
     loop {
         let step = match drive(leg, &mut client, deadline).await {
             Ok(step) => step,
+            // Out of time: a bare close, no last word for a client that
+            // took too long.
+            Err(DriveError::TimedOut) => {
+                return Err((None, VncRefusal::client(DriveError::TimedOut)));
+            }
             Err(e) => return Err((Some(client), VncRefusal::client(e))),
         };
         match step {

@@ -8,6 +8,10 @@
 //   node browser.mjs until-ended URL [MAX_MS]    -> prints "CONNECTED" once the page is connected,
 //                                                   then waits (at most MAX_MS) for the session
 //                                                   to end; the page's status then
+// Every mode also returns "opened" (how many WebSockets the page opened) and "closes": each of
+// them that has closed, in close order, as {index (0: the first opened), url, code, reason, clean}
+// (the close event's code: what Porthole's close frame said, 1005 for a close frame without a
+// code, 1006 for no close frame at all).
 // vnc mode also writes OUT.png.traffic like spice mode, and returns the sockets and the
 // first frames each way (hex, up to 64 bytes each) as "frames".
 // Prints one JSON line: {"state", "text", ...}. Exit 0 when the page answered.
@@ -23,6 +27,25 @@ const browser = await chromium.launch({
 const result = {};
 try {
   const page = await browser.newPage({ viewport: { width: 1024, height: 600 } });
+  // Records every WebSocket's close event before the page's own scripts run
+  // (an init script runs outside the page's Content-Security-Policy).
+  await page.addInitScript(() => {
+    const Native = window.WebSocket;
+    const seen = { opened: 0, closes: [] };
+    Object.defineProperty(window, '__portholeSockets', { value: seen });
+    // A plain function that returns the native socket: pages see a real
+    // WebSocket (same prototype, same constants), only its close is noted.
+    function Recorded(...args) {
+      const ws = new Native(...args);
+      const index = seen.opened++;
+      ws.addEventListener('close', (e) => seen.closes.push({ index, url: ws.url, code: e.code,
+                                                             reason: e.reason, clean: e.wasClean }));
+      return ws;
+    }
+    Recorded.prototype = Native.prototype;
+    for (const k of ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED']) Recorded[k] = Native[k];
+    window.WebSocket = Recorded;
+  });
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
   page.on('console', (m) => {
@@ -123,6 +146,8 @@ try {
       await page.waitForFunction(() => !['connected', 'connecting'].includes(
         document.getElementById('status')?.dataset.state), null, { timeout: Number(rest[0] ?? 60000), polling: 100 })
         .catch(() => {});
+      // Let the session's other sockets (SPICE channels) report their closes too.
+      await page.waitForTimeout(500);
     }
   } else {
     await settle(Number(rest[0] ?? 0));
@@ -131,6 +156,7 @@ try {
   result.text = await page.evaluate(() => document.getElementById('status')?.textContent ?? null);
   result.errors = errors;
   result.failed = failed;
+  Object.assign(result, await page.evaluate(() => window.__portholeSockets ?? { opened: 0, closes: [] }));
 } finally {
   await browser.close();
 }

@@ -67,11 +67,15 @@ class Channel:
 
     def auth(self, public_key_der, ticket):
         """Sends mechanism + encrypted ticket; returns the link result's name."""
+        self.send_ticket(public_key_der, ticket)
+        return self.result()
+
+    def send_ticket(self, public_key_der, ticket):
+        """Sends mechanism + encrypted ticket, without waiting for the result."""
         key = serialization.load_der_public_key(public_key_der)
         ct = key.encrypt(ticket.encode() + b"\0", padding.OAEP(mgf=padding.MGF1(hashes.SHA1()),
                                                                 algorithm=hashes.SHA1(), label=None))
         self.send(struct.pack("<I", 1) + ct)
-        return self.result()
 
     def result(self):
         code = struct.unpack("<I", self.recv_exact(4))[0]

@@ -111,3 +111,50 @@ def test_spice_console_page_explains_refusals(spice_vm, tmp_path):
         wrong_rc = wrong.gateway.stop() if wrong else 0
         assert p.gateway.stop() == 0, p.log()[-3000:]
         assert wrong_rc == 0, wrong.log()[-3000:]
+
+
+def test_spice_html5_says_an_operator_ended_the_session(spice_vm, tmp_path):
+    """spice-html5 in Chromium is connected through Porthole; an operator ends
+    the session through the admin API. The main channel's WebSocket closes
+    with Porthole's own code (4003, as a noVNC session's does), every channel
+    goes down, and the page says an operator ended it instead of reconnecting."""
+    import json
+    import subprocess
+    from support import HERE
+    vm = spice_vm
+    p = spice_porthole(tmp_path, vm)
+    page = None
+    try:
+        minted = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)
+        page = subprocess.Popen(["node", str(HERE / "browser.mjs"), "until-ended",
+                                 f"{p.base}/console?token={minted['token']}", "60000"],
+                                stdout=subprocess.PIPE, text=True, cwd=HERE)
+        line = page.stdout.readline().strip()
+        assert line == "CONNECTED", line
+        deadline = time.monotonic() + 20
+        while not (listed := p.admin("GET", "/v1/sessions?type=spice-html5")[1]["sessions"]):
+            assert time.monotonic() < deadline, p.log()[-3000:]
+            time.sleep(0.1)
+        assert len(listed) == 1 and listed[0]["jti"] == minted["jti"], listed
+
+        status, answer = p.admin("DELETE", f"/v1/sessions/{listed[0]['id']}?reason=maintenance", actor="dave")
+        assert status == 200 and answer["terminated"] == [listed[0]["id"]], answer
+        result = json.loads(page.communicate(timeout=90)[0].strip().splitlines()[-1])
+        report = {k: v for k, v in result.items() if k != "html"}
+        # The main channel is the page's first socket; all of them closed.
+        assert result["opened"] >= 3 and len(result["closes"]) == result["opened"], report
+        main = next(c for c in result["closes"] if c["index"] == 0)
+        assert main["code"] == 4003, f"the main channel's socket closed with {main['code']}, not 4003: {report}"
+        assert result["text"].startswith("Session ended by an operator"), report
+        assert p.admin("GET", "/v1/sessions")[1]["sessions"] == []
+        ended = [e for e in p.audit() if e["event"] == "session_ended" and e.get("terminated_by") == "dave"]
+        assert [e["console"] for e in ended] == ["spice-html5"], ended
+    finally:
+        if page is not None and page.poll() is None:
+            page.terminate()
+            try:
+                page.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                page.kill()
+                page.wait()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
