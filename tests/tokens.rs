@@ -358,7 +358,8 @@ fn targets_outside_the_allow_list_are_refused() {
 
 #[test]
 fn replayed_and_revoked_tokens_are_refused_by_the_store() {
-    use porthole::token::{MemoryRedemptions, Redemption, RedemptionStore, ReusePolicy};
+    use futures_util::FutureExt as _;
+    use porthole::token::{MemoryRedemptions, Redemption, ReusePolicy};
     use std::sync::Arc;
     let f = fixture();
     let store: Arc<MemoryRedemptions> = Arc::new(MemoryRedemptions::new(100, 5));
@@ -375,6 +376,8 @@ fn replayed_and_revoked_tokens_are_refused_by_the_store() {
             None,
             unix_now(),
         )
+        .now_or_never()
+        .expect("the memory store answers at once")
         .map_err(|e| e.reason)
     };
     let session = redeem().expect("first session");

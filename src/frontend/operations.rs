@@ -82,7 +82,7 @@ pub async fn kill_one(
         id: Some(id),
         ..Selector::default()
     };
-    let ended = terminate(&s, &sel, &actor(&headers), q.reason.as_deref());
+    let ended = terminate(&s, &sel, &actor(&headers), q.reason.as_deref()).await;
     if ended.is_empty() {
         return error(StatusCode::NOT_FOUND, "not_found", "no such session");
     }
@@ -118,12 +118,12 @@ pub async fn kill_many(
             "name the sessions: id, instance, jti, type or client",
         );
     }
-    let ended = terminate(&s, &body.selector, &actor(&headers), body.reason.as_deref());
+    let ended = terminate(&s, &body.selector, &actor(&headers), body.reason.as_deref()).await;
     Json(json!({ "terminated": ended })).into_response()
 }
 
 /// Ends the sessions, revokes their tokens, audits each; returns their ids.
-fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> Vec<String> {
+async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> Vec<String> {
     let reason = reason.unwrap_or("terminated by an operator");
     let ended = s.sessions.registry.terminate(sel, by, reason);
     let now = unix_now();
@@ -133,7 +133,7 @@ fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> 
             .validator
             .revocations()
             .revoke_jti(&live.jti, now + s.revoke_for_secs, now);
-        s.sessions.tickets.revoke_jti(&live.jti);
+        s.sessions.tickets.revoke_jti(&live.jti).await;
         crate::metrics::admin_action("terminate");
         tracing::info!(session = %live.id, jti = %live.jti, instance = %live.instance, by, reason, "session terminated");
         AuditEvent::admin("session_terminated", by, reason)
@@ -175,7 +175,7 @@ pub async fn revoke(
     let revocations = s.validator.revocations();
     let (selector, result) = match (&body.jti, &body.instance) {
         (Some(jti), None) => {
-            s.sessions.tickets.revoke_jti(jti);
+            s.sessions.tickets.revoke_jti(jti).await;
             (
                 Selector {
                     jti: Some(jti.clone()),
@@ -221,7 +221,7 @@ pub async fn revoke(
     let ended = if body.keep_sessions {
         Vec::new()
     } else {
-        terminate(&s, &selector, &by, Some(reason))
+        terminate(&s, &selector, &by, Some(reason)).await
     };
     Json(json!({ "revoked_until": until, "terminated": ended })).into_response()
 }

@@ -101,9 +101,9 @@ pub struct SessionGuards {
 impl SessionGuards {
     /// Releases the slot, the caps' counts, the token's redemption and the
     /// console claim.
-    pub fn release(self) {
+    pub async fn release(self) {
         if let Some(r) = self.redemption {
-            r.release();
+            r.release().await;
         }
     }
 }
@@ -357,6 +357,7 @@ impl Sessions {
         }
         self.redemptions
             .would_redeem(&grant.jti, self.tokens.reuse_for(grant.console), None)
+            .await
             .map_err(|e| OpenError::Refused(e.refusal(&grant.jti)))?;
         let key = (grant.target.host.clone(), grant.target.port);
         if grant.console == ConsoleType::Serial
@@ -380,7 +381,7 @@ impl Sessions {
         if self.slots.available_permits() == 0 {
             return Err(OpenError::Overloaded);
         }
-        if self.redemptions.is_revoked(&grant.jti) {
+        if self.redemptions.is_revoked(&grant.jti).await {
             return Err(OpenError::Refused(revoked(&grant.jti)));
         }
         Ok(())
@@ -395,7 +396,7 @@ impl Sessions {
             return Err(OpenError::ShuttingDown);
         }
         let now = unix_now();
-        Redemption::begin(
+        let redemption = Redemption::begin(
             self.redemptions.clone(),
             &grant.jti,
             grant.expires_at,
@@ -403,17 +404,26 @@ impl Sessions {
             None,
             now,
         )
-        .map(Redemption::release)
+        .await
         .map_err(|e| {
             let refusal = e.refusal(&grant.jti);
             lifecycle::token_refused(&refusal);
             OpenError::Refused(refusal)
         })?;
+        // Redeemed, not held: under `reconnect` it may be exchanged again,
+        // under `single-use` never; the ticket admits its session.
+        redemption.release().await;
         let ttl = self.limits.ticket_ttl_secs;
         let ticket = self
             .tickets
             .issue(grant.clone(), ttl, now)
-            .map_err(|e| OpenError::Unavailable(format!("no ticket issued: {e}")))?;
+            .await
+            .map_err(|e| {
+                if crate::audit::refusal_log_allowed() {
+                    tracing::warn!(jti = %grant.jti, "no ticket issued: {e}");
+                }
+                OpenError::Unavailable(format!("no ticket issued: {e}"))
+            })?;
         crate::metrics::ticket_issued(grant.console.as_str());
         tracing::info!(jti = %grant.jti, instance = %grant.instance, console = %grant.console, "ticket issued");
         Ok((ticket, (now + ttl).min(grant.expires_at)))
@@ -447,6 +457,7 @@ impl Sessions {
                     None,
                     unix_now(),
                 )
+                .await
                 .map_err(|e| {
                     let refusal = e.refusal(&grant.jti);
                     lifecycle::token_refused(&refusal);
@@ -455,7 +466,7 @@ impl Sessions {
             ),
             // The token was redeemed when the ticket was issued; a revoked
             // token's tickets still stop here.
-            Admission::Ticket if self.redemptions.is_revoked(&grant.jti) => {
+            Admission::Ticket if self.redemptions.is_revoked(&grant.jti).await => {
                 let refusal = revoked(&grant.jti);
                 lifecycle::token_refused(&refusal);
                 return Err(OpenError::Refused(refusal));
@@ -470,10 +481,13 @@ impl Sessions {
         };
         let claim = if grant.console == ConsoleType::Serial {
             let key = (grant.target.host.clone(), grant.target.port);
-            let mut claims = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
-            if !claims.insert(key.clone()) {
-                drop(claims);
-                guards(None).release();
+            let claimed = self
+                .exclusive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+            if !claimed {
+                guards(None).release().await;
                 return Err(OpenError::Busy);
             }
             Some(ConsoleClaim {
@@ -487,7 +501,7 @@ impl Sessions {
         match self.connect(&grant.target.host, port).await {
             Ok(backend) => Ok(Opened { backend, guards }),
             Err(e) => {
-                guards.release();
+                guards.release().await;
                 Err(e)
             }
         }

@@ -127,7 +127,7 @@ impl BrowserAdmission {
                 Err(e) => {
                     tracing::debug!(client = %self.client, "websocket upgrade failed: {e}");
                     if let Some(o) = self.opened {
-                        o.guards.release();
+                        o.guards.release().await;
                     }
                     return;
                 }
@@ -192,7 +192,7 @@ impl BrowserAdmission {
                 Ok(l) => l,
                 Err((outcome, reason)) => {
                     ws_relay::close(&mut socket, reason).await;
-                    life.finish(outcome, Traffic::default());
+                    life.finish(outcome, Traffic::default()).await;
                     return;
                 }
             };
@@ -205,7 +205,7 @@ impl BrowserAdmission {
             let counters = life.live().bytes.clone();
             let (reason, traffic) =
                 relay(socket, backend, early, Pass, opts, life.stop(), &counters).await;
-            life.finish(reason.as_str(), traffic);
+            life.finish(reason.as_str(), traffic).await;
         }
         .instrument(span)
         .await;

@@ -97,7 +97,7 @@ impl Lifecycle {
     /// Ends the session for `outcome`: releases what it holds, removes its
     /// registry entry, and writes the end (audit event, metrics, log line).
     /// `traffic` is the bytes of the connection that carried the session.
-    pub fn finish(self, outcome: &'static str, traffic: Traffic) {
+    pub async fn finish(self, outcome: &'static str, traffic: Traffic) {
         let Lifecycle {
             entry,
             started,
@@ -106,7 +106,7 @@ impl Lifecycle {
             ..
         } = self;
         for g in guards {
-            g.release();
+            g.release().await;
         }
         let live = &entry.live;
         let secs = started.elapsed().as_secs_f64();

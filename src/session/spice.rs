@@ -231,7 +231,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
     };
     let counters = end.counters();
     let (reason, traffic) = splice(client, upstream, early, inspect, end.stop(), &counters).await;
-    end.finish(&sessions, reason, traffic);
+    end.finish(&sessions, reason, traffic).await;
 }
 
 /// Runs one spice-html5 channel (a WebSocket opened with the `spice-html5`
@@ -283,7 +283,7 @@ pub async fn serve_browser<S>(
         &counters,
     )
     .await;
-    end.finish(&sessions, reason, traffic);
+    end.finish(&sessions, reason, traffic).await;
 }
 
 /// A channel linked on both legs, ready to relay.
@@ -335,7 +335,7 @@ impl ChannelEnd {
         }
     }
 
-    fn finish(self, sessions: &Sessions, reason: CloseReason, traffic: super::Traffic) {
+    async fn finish(self, sessions: &Sessions, reason: CloseReason, traffic: super::Traffic) {
         tracing::info!(
             client = %self.peer, jti = %self.jti, channel = self.channel,
             reason = reason.as_str(), bytes_up = traffic.up, bytes_down = traffic.down,
@@ -344,11 +344,11 @@ impl ChannelEnd {
         match self.session {
             ChannelSession::Owns(life) => {
                 // The session is over: its ticket is dead, late channels are refused.
-                sessions.tickets.end(&self.ticket);
-                life.finish(reason.as_str(), traffic);
+                sessions.tickets.end(&self.ticket).await;
+                life.finish(reason.as_str(), traffic).await;
             }
             ChannelSession::Joins { guards, .. } => {
-                guards.release();
+                guards.release().await;
                 crate::metrics::bytes_relayed(self.console.as_str(), traffic.up, traffic.down);
             }
         }
@@ -382,7 +382,7 @@ impl Inspect for ChannelInspect {
         })?;
         for e in events {
             match e {
-                MainEvent::Init { session_id } => tickets.bind(ticket, session_id),
+                MainEvent::Init { session_id } => tickets.bind(ticket, session_id).await,
                 MainEvent::Migration(kind) => {
                     tracing::warn!(
                         message = kind,
@@ -520,8 +520,8 @@ async fn link_channel<S: Io>(
     };
     if let Some(life) = session {
         // The session never started: nothing may join it.
-        sessions.tickets.end(&admitted.id);
-        life.finish(outcome, super::Traffic::default());
+        sessions.tickets.end(&admitted.id).await;
+        life.finish(outcome, super::Traffic::default()).await;
     }
     None
 }
@@ -572,6 +572,7 @@ async fn admit_channel<S: Io>(
     let admitted = sessions
         .tickets
         .admit(&password, role, unix_now())
+        .await
         .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
     let grant = &admitted.grant;
     let type_ok = match leg {
@@ -581,7 +582,7 @@ async fn admit_channel<S: Io>(
     if !type_ok {
         if role == ChannelRole::Opens {
             // The session never started: nothing may join it.
-            sessions.tickets.end(&admitted.id);
+            sessions.tickets.end(&admitted.id).await;
         }
         return Err(ChannelRefusal::client(
             LinkError::PermissionDenied,
@@ -624,7 +625,7 @@ async fn link_upstream<S: Io>(
                 upstream.tls.clone(),
                 upstream.server_name(&grant.target.host),
             ) else {
-                guards.release();
+                guards.release().await;
                 return Err(ChannelRefusal::backend(
                     LinkError::Error,
                     "hypervisor_tls",
@@ -635,7 +636,7 @@ async fn link_upstream<S: Io>(
             match tokio::time::timeout_at(deadline, connecting).await {
                 Ok(Ok(tls)) => Conn::boxed(tls),
                 Ok(Err(e)) => {
-                    guards.release();
+                    guards.release().await;
                     return Err(ChannelRefusal::backend(
                         LinkError::Error,
                         "hypervisor_tls",
@@ -643,7 +644,7 @@ async fn link_upstream<S: Io>(
                     ));
                 }
                 Err(_) => {
-                    guards.release();
+                    guards.release().await;
                     return Err(ChannelRefusal::from_upstream(DriveError::TimedOut));
                 }
             }
@@ -727,11 +728,11 @@ async fn link_upstream<S: Io>(
             Ok(Some(up_early)) => return Ok((stream, up_early, guards, use_tls)),
             Ok(None) => {
                 // NEED_SECURED on the plain port: again, on the TLS port.
-                guards.release();
+                guards.release().await;
                 use_tls = true;
             }
             Err(r) => {
-                guards.release();
+                guards.release().await;
                 return Err(r);
             }
         }

@@ -322,14 +322,14 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
         Ok(Err(refusal)) => {
             refusal.record(peer, ConsoleType::VncDirect, Some(&grant.jti));
             refuse_client(&mut client, &mut leg).await;
-            sessions.tickets.end(&admitted.id);
-            life.finish("handshake_failed", Traffic::default());
+            sessions.tickets.end(&admitted.id).await;
+            life.finish("handshake_failed", Traffic::default()).await;
             return;
         }
         Err(reason) => {
             let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
-            sessions.tickets.end(&admitted.id);
-            life.finish(reason.as_str(), Traffic::default());
+            sessions.tickets.end(&admitted.id).await;
+            life.finish(reason.as_str(), Traffic::default()).await;
             return;
         }
     };
@@ -350,8 +350,8 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
         life.counters(),
     )
     .await;
-    sessions.tickets.end(&admitted.id);
-    life.finish(reason.as_str(), traffic);
+    sessions.tickets.end(&admitted.id).await;
+    life.finish(reason.as_str(), traffic).await;
 }
 
 /// The client leg up to its credentials, with TLS in between; the ticket
@@ -394,19 +394,19 @@ async fn admit_native(
                 leg.tls_started();
             }
             ClientStep::Credentials { password, .. } => {
-                let a =
-                    match sessions
-                        .tickets
-                        .admit(password.expose(), ChannelRole::Opens, unix_now())
-                    {
-                        Ok(a) => a,
-                        Err(r) => {
-                            let refusal = VncRefusal::new(r.as_str(), Blame::Client, r.to_string());
-                            return Err((Some(client), refusal));
-                        }
-                    };
+                let a = match sessions
+                    .tickets
+                    .admit(password.expose(), ChannelRole::Opens, unix_now())
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(r) => {
+                        let refusal = VncRefusal::new(r.as_str(), Blame::Client, r.to_string());
+                        return Err((Some(client), refusal));
+                    }
+                };
                 if a.grant.console != ConsoleType::VncDirect {
-                    sessions.tickets.end(&a.id);
+                    sessions.tickets.end(&a.id).await;
                     let refusal = VncRefusal::new(
                         "wrong_console_type",
                         Blame::Client,

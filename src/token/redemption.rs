@@ -16,6 +16,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures_util::future::BoxFuture;
+
 use super::RefusalReason;
 
 /// How often one token may be used.
@@ -48,50 +50,58 @@ impl RedeemError {
     }
 }
 
-/// Storage for token redemptions. Implementations must be safe to call from
-/// many sessions at once and must never block for long (no network I/O
-/// without a deadline).
+/// Storage for token redemptions. Async, so that a networked store (shared
+/// by several nodes) can implement it; implementations answer within their
+/// own deadline and fail closed (`unavailable`), never open.
 pub trait RedemptionStore: Send + Sync + std::fmt::Debug {
     /// Starts (or joins) a session with the token `jti`, which expires at `exp`.
     /// `session_key` lets the channels of one SPICE session share the token.
-    fn redeem(
-        &self,
-        jti: &str,
+    fn redeem<'a>(
+        &'a self,
+        jti: &'a str,
         exp: u64,
         policy: ReusePolicy,
-        session_key: Option<&str>,
+        session_key: Option<&'a str>,
         now: u64,
-    ) -> Result<(), RedeemError>;
+    ) -> BoxFuture<'a, Result<(), RedeemError>>;
 
     /// Whether `redeem` would succeed now, without redeeming (for preflights).
-    fn would_redeem(
-        &self,
-        jti: &str,
+    fn would_redeem<'a>(
+        &'a self,
+        jti: &'a str,
         policy: ReusePolicy,
-        session_key: Option<&str>,
-    ) -> Result<(), RedeemError>;
+        session_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), RedeemError>>;
 
     /// Ends one session (or one channel of it) started with `jti`.
-    fn release(&self, jti: &str);
+    fn release<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, ()>;
 
     /// Kills the token: every later redemption is refused as `revoked`. The
     /// entry is kept until `exp` (plus leeway) has passed.
-    fn revoke(&self, jti: &str, exp: u64, now: u64) -> Result<(), RedeemError>;
+    fn revoke<'a>(
+        &'a self,
+        jti: &'a str,
+        exp: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RedeemError>>;
 
     /// Whether `jti` has been revoked.
-    fn is_revoked(&self, jti: &str) -> bool;
+    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, bool>;
 }
 
-/// A redeemed token, held for the life of a session; releases on drop.
+/// A redeemed token, held for the life of a session and given back with
+/// [`Redemption::release`]. Dropped unreleased (a task that panicked), it
+/// releases in the background, so a token is never locked for good.
 #[derive(Debug)]
 pub struct Redemption {
     store: Arc<dyn RedemptionStore>,
     jti: String,
+    released: bool,
 }
 
 impl Redemption {
-    /// Redeems `jti` in `store` and returns the guard that releases it.
-    pub fn begin(
+    /// Redeems `jti` in `store` and returns the redemption to release.
+    pub async fn begin(
         store: Arc<dyn RedemptionStore>,
         jti: &str,
         exp: u64,
@@ -99,22 +109,36 @@ impl Redemption {
         session_key: Option<&str>,
         now: u64,
     ) -> Result<Redemption, RedeemError> {
-        store.redeem(jti, exp, policy, session_key, now)?;
+        store.redeem(jti, exp, policy, session_key, now).await?;
         Ok(Redemption {
             store,
             jti: jti.to_string(),
+            released: false,
         })
     }
 
     /// Gives the token back: the session it admitted has ended.
-    pub fn release(self) {
-        drop(self);
+    pub async fn release(mut self) {
+        self.released = true;
+        self.store.release(&self.jti).await;
     }
 }
 
 impl Drop for Redemption {
     fn drop(&mut self) {
-        self.store.release(&self.jti);
+        if self.released {
+            return;
+        }
+        let store = self.store.clone();
+        let jti = std::mem::take(&mut self.jti);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { store.release(&jti).await });
+            }
+            // No runtime (a synchronous caller): a store that answers at
+            // once has acted when called.
+            Err(_) => drop(store.release(&jti)),
+        }
     }
 }
 
@@ -224,8 +248,9 @@ impl MemoryRedemptions {
     }
 }
 
-impl RedemptionStore for MemoryRedemptions {
-    fn redeem(
+impl MemoryRedemptions {
+    /// See [`RedemptionStore::redeem`].
+    pub fn redeem(
         &self,
         jti: &str,
         exp: u64,
@@ -266,7 +291,8 @@ impl RedemptionStore for MemoryRedemptions {
         Ok(())
     }
 
-    fn would_redeem(
+    /// See [`RedemptionStore::would_redeem`].
+    pub fn would_redeem(
         &self,
         jti: &str,
         policy: ReusePolicy,
@@ -278,7 +304,8 @@ impl RedemptionStore for MemoryRedemptions {
         }
     }
 
-    fn release(&self, jti: &str) {
+    /// See [`RedemptionStore::release`].
+    pub fn release(&self, jti: &str) {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(jti) else {
             return;
@@ -297,7 +324,8 @@ impl RedemptionStore for MemoryRedemptions {
         }
     }
 
-    fn revoke(&self, jti: &str, exp: u64, now: u64) -> Result<(), RedeemError> {
+    /// See [`RedemptionStore::revoke`].
+    pub fn revoke(&self, jti: &str, exp: u64, now: u64) -> Result<(), RedeemError> {
         let mut entries = self.lock();
         if let Some(entry) = entries.get_mut(jti) {
             let sessions = match entry.state {
@@ -321,11 +349,67 @@ impl RedemptionStore for MemoryRedemptions {
         Ok(())
     }
 
-    fn is_revoked(&self, jti: &str) -> bool {
+    /// See [`RedemptionStore::is_revoked`].
+    pub fn is_revoked(&self, jti: &str) -> bool {
         matches!(
             self.lock().get(jti).map(|e| &e.state),
             Some(Use::Revoked { .. })
         )
+    }
+}
+
+impl RedemptionStore for MemoryRedemptions {
+    fn redeem<'a>(
+        &'a self,
+        jti: &'a str,
+        exp: u64,
+        policy: ReusePolicy,
+        session_key: Option<&'a str>,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RedeemError>> {
+        Box::pin(std::future::ready(MemoryRedemptions::redeem(
+            self,
+            jti,
+            exp,
+            policy,
+            session_key,
+            now,
+        )))
+    }
+
+    fn would_redeem<'a>(
+        &'a self,
+        jti: &'a str,
+        policy: ReusePolicy,
+        session_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), RedeemError>> {
+        Box::pin(std::future::ready(MemoryRedemptions::would_redeem(
+            self,
+            jti,
+            policy,
+            session_key,
+        )))
+    }
+
+    fn release<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, ()> {
+        // Done at the call, not at the first poll: see `Redemption`'s drop.
+        MemoryRedemptions::release(self, jti);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        jti: &'a str,
+        exp: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RedeemError>> {
+        Box::pin(std::future::ready(MemoryRedemptions::revoke(
+            self, jti, exp, now,
+        )))
+    }
+
+    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(std::future::ready(MemoryRedemptions::is_revoked(self, jti)))
     }
 }
 
@@ -346,7 +430,11 @@ mod tests {
         policy: ReusePolicy,
         key: Option<&str>,
     ) -> Result<Redemption, RefusalReason> {
-        Redemption::begin(s.clone(), jti, EXP, policy, key, NOW).map_err(|e| e.reason)
+        use futures_util::FutureExt as _;
+        Redemption::begin(s.clone(), jti, EXP, policy, key, NOW)
+            .now_or_never()
+            .expect("the memory store answers at once")
+            .map_err(|e| e.reason)
     }
 
     #[test]

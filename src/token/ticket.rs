@@ -16,6 +16,8 @@ use std::sync::Mutex;
 
 use sha2::{Digest as _, Sha256};
 
+use futures_util::future::BoxFuture;
+
 use super::{Grant, signing::random_token};
 use crate::secret::Secret;
 
@@ -98,23 +100,36 @@ impl std::fmt::Display for TicketId {
     }
 }
 
-/// Storage for tickets. Calls must be quick and safe from many tasks.
+/// Storage for tickets. Async, so that a networked store (tickets issued on
+/// one node, redeemed on another) can implement it; implementations answer
+/// within their own deadline and fail closed.
 pub trait TicketStore: Send + Sync + std::fmt::Debug {
     /// Issues a ticket for `grant`, usable for `ttl_secs` from `now`.
-    fn issue(&self, grant: Grant, ttl_secs: u64, now: u64)
-    -> Result<Secret<String>, TicketRefusal>;
+    fn issue(
+        &self,
+        grant: Grant,
+        ttl_secs: u64,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Secret<String>, TicketRefusal>>;
 
     /// Whether `ticket` admits a link in `role` now; an `Opens` link claims it.
-    fn admit(&self, ticket: &[u8], role: ChannelRole, now: u64) -> Result<Admitted, TicketRefusal>;
+    fn admit<'a>(
+        &'a self,
+        ticket: &'a [u8],
+        role: ChannelRole,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>>;
 
-    /// The hypervisor named the session that `id` opened.
-    fn bind(&self, id: &TicketId, session_id: u32);
+    /// The hypervisor named the session that `id` opened; called before the
+    /// message that names it reaches the client, so channels that name it
+    /// can join.
+    fn bind<'a>(&'a self, id: &'a TicketId, session_id: u32) -> BoxFuture<'a, ()>;
 
     /// The session opened with `id` ended: its ticket is dead.
-    fn end(&self, id: &TicketId);
+    fn end<'a>(&'a self, id: &'a TicketId) -> BoxFuture<'a, ()>;
 
     /// Kills every ticket of token `jti` (revocation).
-    fn revoke_jti(&self, jti: &str);
+    fn revoke_jti<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, ()>;
 }
 
 #[derive(Debug)]
@@ -163,8 +178,9 @@ impl MemoryTickets {
     }
 }
 
-impl TicketStore for MemoryTickets {
-    fn issue(
+impl MemoryTickets {
+    /// See [`TicketStore::issue`].
+    pub fn issue(
         &self,
         grant: Grant,
         ttl_secs: u64,
@@ -190,7 +206,13 @@ impl TicketStore for MemoryTickets {
         Ok(Secret::new(ticket))
     }
 
-    fn admit(&self, ticket: &[u8], role: ChannelRole, now: u64) -> Result<Admitted, TicketRefusal> {
+    /// See [`TicketStore::admit`].
+    pub fn admit(
+        &self,
+        ticket: &[u8],
+        role: ChannelRole,
+        now: u64,
+    ) -> Result<Admitted, TicketRefusal> {
         let id = TicketId::of(ticket);
         let mut entries = self.lock();
         let entry = entries.get_mut(&id).ok_or(TicketRefusal::Unknown)?;
@@ -226,7 +248,8 @@ impl TicketStore for MemoryTickets {
         })
     }
 
-    fn bind(&self, id: &TicketId, session_id: u32) {
+    /// See [`TicketStore::bind`].
+    pub fn bind(&self, id: &TicketId, session_id: u32) {
         if let Some(entry) = self.lock().get_mut(id) {
             entry.state = State::Open {
                 session_id: Some(session_id),
@@ -234,12 +257,53 @@ impl TicketStore for MemoryTickets {
         }
     }
 
-    fn end(&self, id: &TicketId) {
+    /// See [`TicketStore::end`].
+    pub fn end(&self, id: &TicketId) {
         self.lock().remove(id);
     }
 
-    fn revoke_jti(&self, jti: &str) {
+    /// See [`TicketStore::revoke_jti`].
+    pub fn revoke_jti(&self, jti: &str) {
         self.lock().retain(|_, e| e.grant.jti != jti);
+    }
+}
+
+impl TicketStore for MemoryTickets {
+    fn issue(
+        &self,
+        grant: Grant,
+        ttl_secs: u64,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Secret<String>, TicketRefusal>> {
+        Box::pin(std::future::ready(MemoryTickets::issue(
+            self, grant, ttl_secs, now,
+        )))
+    }
+
+    fn admit<'a>(
+        &'a self,
+        ticket: &'a [u8],
+        role: ChannelRole,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>> {
+        Box::pin(std::future::ready(MemoryTickets::admit(
+            self, ticket, role, now,
+        )))
+    }
+
+    fn bind<'a>(&'a self, id: &'a TicketId, session_id: u32) -> BoxFuture<'a, ()> {
+        MemoryTickets::bind(self, id, session_id);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn end<'a>(&'a self, id: &'a TicketId) -> BoxFuture<'a, ()> {
+        MemoryTickets::end(self, id);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn revoke_jti<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, ()> {
+        MemoryTickets::revoke_jti(self, jti);
+        Box::pin(std::future::ready(()))
     }
 }
 
