@@ -422,108 +422,114 @@ async fn link_channel<S: Io>(
             return None;
         }
     };
-    let grant = admitted.grant.clone();
-    let channel_name = channel_name(mess.channel_type);
-    let is_main = mess.channel_type == channel::MAIN;
-    let (mut session, stop) = if is_main {
-        let life = Lifecycle::begin(
+    // The main channel is the session (in the registry from here on); the
+    // others join it and obey its stop.
+    let session = if mess.channel_type == channel::MAIN {
+        let key = Some(admitted.id.to_string());
+        Some(Lifecycle::begin(
             sessions,
-            &grant,
-            grant.console,
+            &admitted.grant,
+            admitted.grant.console,
             peer,
-            Some(admitted.id.to_string()),
-        );
-        let stop = life.stop();
-        (Some(life), stop)
+            key,
+        ))
     } else {
-        let live = sessions.registry.by_key(&admitted.id.to_string());
-        let stop = sessions.stop_for(
+        None
+    };
+    let live = sessions.registry.by_key(&admitted.id.to_string());
+    let stop = match &session {
+        Some(life) => life.stop(),
+        None => sessions.stop_for(
             live.as_ref()
                 .map_or_else(|| sessions.cancel.clone(), |l| l.cancel.clone()),
-        );
-        (None, stop)
+        ),
     };
-    let mut stopped = None;
-    let linked = stop
-        .unless_stopped(link_upstream(
-            sessions, client, &mut link, &mess, &admitted, peer, deadline,
-        ))
-        .await;
-    let refusal = match linked {
+    let linking = link_upstream(
+        sessions, client, &mut link, &mess, &admitted, peer, deadline,
+    );
+    let (outcome, reply) = match stop.unless_stopped(linking).await {
         Ok(Ok((upstream, up_early, guards, upstream_tls))) => {
-            crate::metrics::spice_linked(channel_name);
+            crate::metrics::spice_linked(channel_name(mess.channel_type));
             crate::metrics::handshake_took("spice", started.elapsed().as_secs_f64());
+            let grant = &admitted.grant;
             tracing::info!(
                 client = %peer, jti = %grant.jti, instance = %grant.instance, console = %grant.console,
-                target = %grant.target, ticket = %admitted.id, channel = channel_name,
+                target = %grant.target, ticket = %admitted.id, channel = channel_name(mess.channel_type),
                 channel_id = mess.channel_id,
                 upstream = if upstream_tls { "tls" } else { "plain" }, "spice channel linked"
             );
-            let session = match session.take() {
+            let session = match session {
                 Some(mut life) => {
                     life.hold(guards);
                     ChannelSession::Owns(life)
                 }
-                None => ChannelSession::Joins {
-                    live: sessions.registry.by_key(&admitted.id.to_string()),
-                    stop,
-                    guards,
-                },
+                None => ChannelSession::Joins { live, stop, guards },
             };
-            let inspect = if is_main {
-                ChannelInspect::Main {
-                    watch: MainWatch::new(mess.caps.has_common(common_cap::MINI_HEADER)),
-                    tickets: sessions.tickets.clone(),
-                    ticket: admitted.id.clone(),
-                }
-            } else {
-                ChannelInspect::Other
+            let early = Early {
+                up: link.into_leftover(),
+                down: up_early,
             };
-            let client_early = std::mem::take(&mut link).into_leftover();
-            return Some(Channel {
-                upstream,
-                early: Early {
-                    up: client_early,
-                    down: up_early,
-                },
-                inspect,
-                end: ChannelEnd {
-                    session,
-                    ticket: admitted.id,
-                    jti: grant.jti,
-                    console: grant.console,
-                    channel: channel_name,
-                    peer,
-                    started: StdInstant::now(),
-                },
-            });
+            return Some(Channel::new(
+                sessions, upstream, early, &mess, admitted, session, peer,
+            ));
         }
-        Ok(Err(r)) => Some(r),
-        Err(reason) => {
-            stopped = Some(reason);
-            None
+        Ok(Err(r)) => {
+            r.record(
+                peer,
+                Some(admitted.grant.console),
+                Some(&admitted.grant.jti),
+            );
+            ("handshake_failed", r.code)
         }
+        Err(reason) => (reason.as_str(), Some(LinkError::Error)),
     };
     // Refused or stopped before the relay.
-    let outcome = match &refusal {
-        Some(r) => {
-            r.record(peer, Some(grant.console), Some(&grant.jti));
-            if let Some(code) = r.code {
-                let _ = write_within(client, &link.refuse(code)).await;
-            }
-            "handshake_failed"
-        }
-        None => {
-            let _ = write_within(client, &link.refuse(LinkError::Error)).await;
-            stopped.map_or("handshake_failed", CloseReason::as_str)
-        }
-    };
+    if let Some(code) = reply {
+        let _ = write_within(client, &link.refuse(code)).await;
+    }
     if let Some(life) = session {
         // The session never started: nothing may join it.
         sessions.tickets.end(&admitted.id).await;
         life.finish(outcome, super::Traffic::default()).await;
     }
     None
+}
+
+impl Channel {
+    /// A linked channel of `session`, with the inspector its type needs.
+    fn new(
+        sessions: &Sessions,
+        upstream: Conn,
+        early: Early,
+        mess: &LinkMess,
+        admitted: Admitted,
+        session: ChannelSession,
+        peer: IpAddr,
+    ) -> Self {
+        let inspect = if mess.channel_type == channel::MAIN {
+            ChannelInspect::Main {
+                watch: MainWatch::new(mess.caps.has_common(common_cap::MINI_HEADER)),
+                tickets: sessions.tickets.clone(),
+                ticket: admitted.id.clone(),
+            }
+        } else {
+            ChannelInspect::Other
+        };
+        Channel {
+            upstream,
+            early,
+            inspect,
+            end: ChannelEnd {
+                session,
+                ticket: admitted.id,
+                jti: admitted.grant.jti,
+                console: admitted.grant.console,
+                channel: channel_name(mess.channel_type),
+                peer,
+                started: StdInstant::now(),
+            },
+        }
+    }
 }
 
 /// The client leg up to an admitted ticket: link message, link key, ticket.
@@ -610,122 +616,35 @@ async fn link_upstream<S: Io>(
     let tls_port = grant.target.tls_port.filter(|_| upstream.tls.is_some());
     let mut use_tls = tls_port.is_some() && !upstream.prefer_plain;
     loop {
-        let port = if use_tls {
-            tls_port.unwrap_or(grant.target.port)
-        } else {
-            grant.target.port
+        let port = match (use_tls, tls_port) {
+            (true, Some(p)) => p,
+            _ => grant.target.port,
         };
         let opened = sessions
             .open_to(grant, Admission::Ticket, port, peer)
             .await
             .map_err(open_refusal)?;
         let guards = opened.guards;
-        let mut stream = if use_tls {
-            let (Some(config), Some(name)) = (
-                upstream.tls.clone(),
-                upstream.server_name(&grant.target.host),
-            ) else {
-                guards.release().await;
-                return Err(ChannelRefusal::backend(
-                    LinkError::Error,
-                    "hypervisor_tls",
-                    "no usable TLS name",
-                ));
-            };
-            let connecting = tokio_rustls::TlsConnector::from(config).connect(name, opened.backend);
-            match tokio::time::timeout_at(deadline, connecting).await {
-                Ok(Ok(tls)) => Conn::boxed(tls),
-                Ok(Err(e)) => {
-                    guards.release().await;
-                    return Err(ChannelRefusal::backend(
-                        LinkError::Error,
-                        "hypervisor_tls",
-                        e.to_string(),
-                    ));
-                }
-                Err(_) => {
-                    guards.release().await;
-                    return Err(ChannelRefusal::from_upstream(DriveError::TimedOut));
-                }
-            }
-        } else {
-            Conn::Tcp(opened.backend)
-        };
-        let result = async {
-            let up = LinkMess {
-                caps: upstream_caps(mess),
-                ..mess.clone()
-            };
-            let (mut server, hello) = ServerLink::start(up);
-            let io = |e: std::io::Error| {
-                ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
-            };
-            send(&mut stream, &hello, deadline).await.map_err(io)?;
-            let reply = match drive(&mut server, &mut stream, deadline)
-                .await
-                .map_err(ChannelRefusal::from_upstream)?
-            {
-                ServerStep::Refused(code)
-                    if code == LinkError::NeedSecured as u32 && !use_tls && tls_port.is_some() =>
-                {
-                    return Ok(None);
-                }
-                ServerStep::Refused(code) => {
-                    return Err(ChannelRefusal::backend(
-                        link_error(code),
-                        "hypervisor_refused_link",
-                        format!("link error {code}"),
-                    ));
-                }
-                ServerStep::Replied(reply) => reply,
-                ServerStep::Result(_) => unreachable!("a result comes after the ticket"),
-            };
-            if !framing_agrees(mess, server.sent(), &reply) {
-                return Err(ChannelRefusal::backend(
-                    LinkError::Error,
-                    "framing_mismatch",
-                    "the hypervisor does not use mini headers",
-                ));
-            }
-            let ciphertext = encrypt_ticket(
-                &mut rand::rngs::OsRng,
-                &reply.public_key,
-                upstream.password.expose(),
-            )
-            .map_err(|e| {
-                ChannelRefusal::backend(LinkError::Error, "hypervisor_key", e.to_string())
-            })?;
-            send(&mut stream, &server.ticket(&ciphertext), deadline)
-                .await
-                .map_err(io)?;
-            match drive(&mut server, &mut stream, deadline)
-                .await
-                .map_err(ChannelRefusal::from_upstream)?
-            {
-                ServerStep::Result(0) => {}
-                ServerStep::Result(code) => {
-                    return Err(ChannelRefusal::backend(
-                        link_error(code),
-                        "hypervisor_refused_ticket",
-                        format!("link result {code}: check the backend's spice password"),
-                    ));
-                }
-                other => {
-                    return Err(ChannelRefusal::backend(
-                        LinkError::Error,
-                        "malformed_link_result",
-                        format!("{other:?}"),
-                    ));
-                }
-            }
-            send(client, &link.result(LinkError::Ok), deadline)
-                .await
-                .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
-            Ok(Some(server.into_leftover()))
+        let tls = use_tls.then_some(&upstream);
+        let linked = async {
+            let mut stream =
+                connect_upstream(opened.backend, tls, &grant.target.host, deadline).await?;
+            let escalate = !use_tls && tls_port.is_some();
+            let early = link_hypervisor(&mut stream, mess, &upstream, escalate, deadline).await?;
+            Ok(early.map(|e| (stream, e)))
         }
         .await;
-        match result {
-            Ok(Some(up_early)) => return Ok((stream, up_early, guards, use_tls)),
+        match linked {
+            Ok(Some((stream, up_early))) => {
+                if send(client, &link.result(LinkError::Ok), deadline)
+                    .await
+                    .is_err()
+                {
+                    guards.release().await;
+                    return Err(ChannelRefusal::gone("client_left", Blame::Client));
+                }
+                return Ok((stream, up_early, guards, use_tls));
+            }
             Ok(None) => {
                 // NEED_SECURED on the plain port: again, on the TLS port.
                 guards.release().await;
@@ -736,6 +655,106 @@ async fn link_upstream<S: Io>(
                 return Err(r);
             }
         }
+    }
+}
+
+/// The hypervisor connection as the link runs on it: TLS with the backend
+/// network's CA when `tls` is given, else the plain socket.
+async fn connect_upstream(
+    tcp: TcpStream,
+    tls: Option<&crate::hypervisor::SpiceUpstream>,
+    host: &str,
+    deadline: Instant,
+) -> Result<Conn, ChannelRefusal> {
+    let Some(upstream) = tls else {
+        return Ok(Conn::Tcp(tcp));
+    };
+    let (Some(config), Some(name)) = (upstream.tls.clone(), upstream.server_name(host)) else {
+        return Err(ChannelRefusal::backend(
+            LinkError::Error,
+            "hypervisor_tls",
+            "no usable TLS name",
+        ));
+    };
+    let connecting = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    match tokio::time::timeout_at(deadline, connecting).await {
+        Ok(Ok(tls)) => Ok(Conn::boxed(tls)),
+        Ok(Err(e)) => Err(ChannelRefusal::backend(
+            LinkError::Error,
+            "hypervisor_tls",
+            e.to_string(),
+        )),
+        Err(_) => Err(ChannelRefusal::from_upstream(DriveError::TimedOut)),
+    }
+}
+
+/// Links one channel to the hypervisor with the client's link message
+/// (capabilities a proxy must not pass removed) and the backend's ticket.
+/// `Ok(None)`: the hypervisor wants TLS and `escalate` allows it.
+async fn link_hypervisor(
+    stream: &mut Conn,
+    mess: &LinkMess,
+    upstream: &crate::hypervisor::SpiceUpstream,
+    escalate: bool,
+    deadline: Instant,
+) -> Result<Option<Vec<u8>>, ChannelRefusal> {
+    let io = |e: std::io::Error| {
+        ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
+    };
+    let up = LinkMess {
+        caps: upstream_caps(mess),
+        ..mess.clone()
+    };
+    let (mut server, hello) = ServerLink::start(up);
+    send(stream, &hello, deadline).await.map_err(io)?;
+    let reply = match drive(&mut server, stream, deadline)
+        .await
+        .map_err(ChannelRefusal::from_upstream)?
+    {
+        ServerStep::Refused(code) if code == LinkError::NeedSecured as u32 && escalate => {
+            return Ok(None);
+        }
+        ServerStep::Refused(code) => {
+            return Err(ChannelRefusal::backend(
+                link_error(code),
+                "hypervisor_refused_link",
+                format!("link error {code}"),
+            ));
+        }
+        ServerStep::Replied(reply) => reply,
+        ServerStep::Result(_) => unreachable!("a result comes after the ticket"),
+    };
+    if !framing_agrees(mess, server.sent(), &reply) {
+        return Err(ChannelRefusal::backend(
+            LinkError::Error,
+            "framing_mismatch",
+            "the hypervisor does not use mini headers",
+        ));
+    }
+    let ciphertext = encrypt_ticket(
+        &mut rand::rngs::OsRng,
+        &reply.public_key,
+        upstream.password.expose(),
+    )
+    .map_err(|e| ChannelRefusal::backend(LinkError::Error, "hypervisor_key", e.to_string()))?;
+    send(stream, &server.ticket(&ciphertext), deadline)
+        .await
+        .map_err(io)?;
+    match drive(&mut server, stream, deadline)
+        .await
+        .map_err(ChannelRefusal::from_upstream)?
+    {
+        ServerStep::Result(0) => Ok(Some(server.into_leftover())),
+        ServerStep::Result(code) => Err(ChannelRefusal::backend(
+            link_error(code),
+            "hypervisor_refused_ticket",
+            format!("link result {code}: check the backend's spice password"),
+        )),
+        other => Err(ChannelRefusal::backend(
+            LinkError::Error,
+            "malformed_link_result",
+            format!("{other:?}"),
+        )),
     }
 }
 

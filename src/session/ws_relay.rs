@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::registry::ByteCounters;
 use super::{CloseReason, Early, Inspect, Stop, Traffic};
-use crate::transport::conn::Conn;
+use crate::transport::conn::{Conn, ConnReader, ConnWriter};
 
 /// Timers and limits of one WebSocket relay.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +52,37 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 /// latency and memory low.
 const FLUSH_AFTER: usize = 256 * 1024;
 
+/// What one relay has moved and heard, beside the session's counters.
+struct Meter<'a> {
+    /// The session's (all its connections').
+    session: &'a ByteCounters,
+    /// This connection's.
+    up: AtomicU64,
+    down: AtomicU64,
+    origin: Instant,
+    /// Milliseconds after `origin` the client was last heard (any frame).
+    last_heard: AtomicU64,
+}
+
+impl Meter<'_> {
+    fn moved_up(&self, n: usize) {
+        self.up.fetch_add(n as u64, Relaxed);
+        self.session.up.fetch_add(n as u64, Relaxed);
+        self.session.touch();
+    }
+
+    fn moved_down(&self, n: usize) {
+        self.down.fetch_add(n as u64, Relaxed);
+        self.session.down.fetch_add(n as u64, Relaxed);
+        self.session.touch();
+    }
+
+    fn heard(&self) {
+        self.last_heard
+            .store(self.origin.elapsed().as_millis() as u64, Relaxed);
+    }
+}
+
 /// Relays until one side ends; returns why, and this connection's bytes.
 /// The early bytes go first (`early.up` to the hypervisor, `early.down`,
 /// inspected, to the client); `inspect` sees every chunk from the hypervisor
@@ -61,7 +92,7 @@ pub async fn relay<S, I>(
     socket: WebSocketStream<S>,
     backend: Conn,
     early: Early,
-    mut inspect: I,
+    inspect: I,
     opts: RelayOptions,
     stop: Stop,
     counters: &ByteCounters,
@@ -70,122 +101,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     I: Inspect,
 {
-    let (mut sink, mut stream) = socket.split();
-    let (mut from_backend, mut to_backend) = backend.split();
+    let (mut sink, stream) = socket.split();
+    let (from_backend, mut to_backend) = backend.split();
     // Shared by the futures below, which run in this one task; atomics only
     // because the task must be Send.
-    let origin = Instant::now();
-    let last_heard = AtomicU64::new(0);
-    let heard = || last_heard.store(origin.elapsed().as_millis() as u64, Relaxed);
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
-    let moved = |n: usize, local: &AtomicU64, total: &AtomicU64| {
-        local.fetch_add(n as u64, Relaxed);
-        total.fetch_add(n as u64, Relaxed);
-        counters.touch();
+    let meter = Meter {
+        session: counters,
+        up: AtomicU64::new(0),
+        down: AtomicU64::new(0),
+        origin: Instant::now(),
+        last_heard: AtomicU64::new(0),
     };
-
     let reason = {
-        let client_to_backend = async {
-            if !early.up.is_empty() {
-                if to_backend.write_all(&early.up).await.is_err() {
-                    return CloseReason::BackendError;
-                }
-                moved(early.up.len(), &up_bytes, &counters.up);
-            }
-            // Messages that are already decoded when one arrives go to the
-            // hypervisor in the same write: one system call per burst, not per
-            // message. The batch exists only during the burst.
-            let mut batch = BytesMut::new();
-            while let Some(msg) = stream.next().await {
-                let mut next = Some(msg);
-                while let Some(msg) = next.take() {
-                    match msg {
-                        Ok(Message::Binary(data)) => {
-                            heard();
-                            moved(data.len(), &up_bytes, &counters.up);
-                            batch.extend_from_slice(&data);
-                        }
-                        // Keepalive frames prove the client is there; they are not
-                        // console activity, so they do not hold off the idle timeout.
-                        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => heard(),
-                        Ok(Message::Text(_)) => return CloseReason::ProtocolError,
-                        Ok(Message::Close(_)) => return CloseReason::ClientLeft,
-                        Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
-                        Err(_) => return CloseReason::ClientLeft,
-                    }
-                    if batch.len() < FLUSH_AFTER {
-                        next = stream.next().now_or_never().flatten();
-                    }
-                }
-                if !batch.is_empty() {
-                    if to_backend.write_all(&batch).await.is_err() {
-                        return CloseReason::BackendError;
-                    }
-                    batch = BytesMut::new();
-                }
-            }
-            CloseReason::ClientLeft
-        };
-        let backend_to_client = async {
-            if !early.down.is_empty() {
-                if let Err(reason) = inspect.inspect(&early.down).await {
-                    return reason;
-                }
-                let n = early.down.len();
-                if let Err(e) = sink.send(Message::Binary(Bytes::from(early.down))).await {
-                    return send_error(&e);
-                }
-                moved(n, &down_bytes, &counters.down);
-            }
-            let mut ping = opts
-                .ping_interval
-                .map(|p| tokio::time::interval_at(Instant::now() + p, p));
-            loop {
-                tokio::select! {
-                    ready = from_backend.ready() => {
-                        if ready.is_err() {
-                            return CloseReason::BackendError;
-                        }
-                        // Drain what the hypervisor has ready into messages, then
-                        // flush once: one burst of output, few system calls.
-                        let mut queued = 0;
-                        loop {
-                            let mut buf = BytesMut::with_capacity(opts.chunk_bytes);
-                            match from_backend.try_read_buf(&mut buf) {
-                                Ok(0) => {
-                                    let _ = sink.flush().await;
-                                    return CloseReason::BackendClosed;
-                                }
-                                Ok(n) => {
-                                    if let Err(reason) = inspect.inspect(&buf).await {
-                                        return reason;
-                                    }
-                                    moved(n, &down_bytes, &counters.down);
-                                    queued += n;
-                                    if let Err(e) = sink.feed(Message::Binary(buf.freeze())).await {
-                                        return send_error(&e);
-                                    }
-                                    if queued >= FLUSH_AFTER {
-                                        break;
-                                    }
-                                }
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                                Err(_) => return CloseReason::BackendError,
-                            }
-                        }
-                        if let Err(e) = sink.flush().await {
-                            return send_error(&e);
-                        }
-                    }
-                    _ = tick(&mut ping) => {
-                        if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                            return CloseReason::ClientLeft;
-                        }
-                    }
-                }
-            }
-        };
+        let up = client_to_backend(stream, &mut to_backend, early.up, &meter);
+        let down = backend_to_client(&mut sink, from_backend, early.down, inspect, &opts, &meter);
         // Idle is the session's: a spice-html5 channel that is quiet while
         // its display moves is not idle.
         let idle = async {
@@ -195,7 +124,12 @@ where
         // A client that answers no ping for three intervals is gone (a dead
         // NAT entry, a suspended laptop): end the session rather than hold it.
         let unresponsive = async {
-            silence(origin, &last_heard, opts.ping_interval.map(|p| p * 3)).await;
+            silence(
+                meter.origin,
+                &meter.last_heard,
+                opts.ping_interval.map(|p| p * 3),
+            )
+            .await;
             CloseReason::ClientUnresponsive
         };
         let expiry = async {
@@ -205,15 +139,14 @@ where
             }
         };
         tokio::select! {
-            r = client_to_backend => r,
-            r = backend_to_client => r,
+            r = up => r,
+            r = down => r,
             r = idle => r,
             r = unresponsive => r,
             _ = expiry => CloseReason::TokenExpired,
             r = stop.stopped() => r,
         }
     };
-
     if reason != CloseReason::ClientLeft {
         let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(close_message(reason))).await;
     }
@@ -221,10 +154,145 @@ where
     (
         reason,
         Traffic {
-            up: up_bytes.into_inner(),
-            down: down_bytes.into_inner(),
+            up: meter.up.into_inner(),
+            down: meter.down.into_inner(),
         },
     )
+}
+
+/// Client messages to the hypervisor, the early bytes first. Messages that
+/// are already decoded when one arrives go in the same write: one system
+/// call per burst, not per message; the batch exists only during the burst.
+async fn client_to_backend<St>(
+    mut stream: St,
+    to_backend: &mut ConnWriter,
+    early: Vec<u8>,
+    meter: &Meter<'_>,
+) -> CloseReason
+where
+    St: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    if !early.is_empty() {
+        if to_backend.write_all(&early).await.is_err() {
+            return CloseReason::BackendError;
+        }
+        meter.moved_up(early.len());
+    }
+    let mut batch = BytesMut::new();
+    while let Some(msg) = stream.next().await {
+        let mut next = Some(msg);
+        while let Some(msg) = next.take() {
+            match msg {
+                Ok(Message::Binary(data)) => {
+                    meter.heard();
+                    meter.moved_up(data.len());
+                    batch.extend_from_slice(&data);
+                }
+                // Keepalive frames prove the client is there; they are not
+                // console activity, so they do not hold off the idle timeout.
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => meter.heard(),
+                Ok(Message::Text(_)) => return CloseReason::ProtocolError,
+                Ok(Message::Close(_)) => return CloseReason::ClientLeft,
+                Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
+                Err(_) => return CloseReason::ClientLeft,
+            }
+            if batch.len() < FLUSH_AFTER {
+                next = stream.next().now_or_never().flatten();
+            }
+        }
+        if !batch.is_empty() {
+            if to_backend.write_all(&batch).await.is_err() {
+                return CloseReason::BackendError;
+            }
+            batch = BytesMut::new();
+        }
+    }
+    CloseReason::ClientLeft
+}
+
+/// Hypervisor bytes to the client as binary messages, the early bytes
+/// first, every chunk inspected before it goes; pings on a timer.
+async fn backend_to_client<Si, I>(
+    sink: &mut Si,
+    mut from_backend: ConnReader,
+    early: Vec<u8>,
+    mut inspect: I,
+    opts: &RelayOptions,
+    meter: &Meter<'_>,
+) -> CloseReason
+where
+    Si: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+    I: Inspect,
+{
+    if !early.is_empty() {
+        if let Err(reason) = inspect.inspect(&early).await {
+            return reason;
+        }
+        let n = early.len();
+        if let Err(e) = sink.send(Message::Binary(Bytes::from(early))).await {
+            return send_error(&e);
+        }
+        meter.moved_down(n);
+    }
+    let mut ping = opts
+        .ping_interval
+        .map(|p| tokio::time::interval_at(Instant::now() + p, p));
+    loop {
+        tokio::select! {
+            ready = from_backend.ready() => {
+                if ready.is_err() {
+                    return CloseReason::BackendError;
+                }
+                if let Err(reason) = drain(sink, &mut from_backend, &mut inspect, opts, meter).await {
+                    return reason;
+                }
+            }
+            _ = tick(&mut ping) => {
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return CloseReason::ClientLeft;
+                }
+            }
+        }
+    }
+}
+
+/// Drains what the hypervisor has ready into messages, then flushes once:
+/// one burst of output, few system calls.
+async fn drain<Si, I>(
+    sink: &mut Si,
+    from_backend: &mut ConnReader,
+    inspect: &mut I,
+    opts: &RelayOptions,
+    meter: &Meter<'_>,
+) -> Result<(), CloseReason>
+where
+    Si: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+    I: Inspect,
+{
+    let mut queued = 0;
+    loop {
+        let mut buf = BytesMut::with_capacity(opts.chunk_bytes);
+        match from_backend.try_read_buf(&mut buf) {
+            Ok(0) => {
+                let _ = sink.flush().await;
+                return Err(CloseReason::BackendClosed);
+            }
+            Ok(n) => {
+                inspect.inspect(&buf).await?;
+                meter.moved_down(n);
+                queued += n;
+                sink.feed(Message::Binary(buf.freeze()))
+                    .await
+                    .map_err(|e| send_error(&e))?;
+                if queued >= FLUSH_AFTER {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return Err(CloseReason::BackendError),
+        }
+    }
+    sink.flush().await.map_err(|e| send_error(&e))
 }
 
 /// Sends the close frame for `reason` to a socket that never reached the
