@@ -81,14 +81,11 @@ impl App {
             None => None,
             Some((cert, key)) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
                 listener::load_tls(cert, key, config.listen.tls13_only)
-                    .map_err(anyhow::Error::msg)
                     .context("listen.tls_cert")?,
             ))),
         };
         let spice_upstreams = Arc::new(ArcSwap::from_pointee(
-            SpiceUpstreams::load(&config.spice_backends)
-                .map_err(anyhow::Error::msg)
-                .context("backends.spice")?,
+            SpiceUpstreams::load(&config.spice_backends).context("backends.spice")?,
         ));
         let spice_tls = match (&config.spice.listen_tls, &config.spice.tls) {
             (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
@@ -127,9 +124,7 @@ impl App {
             host_subject: config.spice.host_subject.clone(),
         };
         let vnc_upstreams = Arc::new(ArcSwap::from_pointee(
-            VncUpstreams::load(&config.vnc_backends)
-                .map_err(anyhow::Error::msg)
-                .context("backends.vnc")?,
+            VncUpstreams::load(&config.vnc_backends).context("backends.vnc")?,
         ));
         let vnc_tls = match (&config.vnc.listen, &config.vnc.tls) {
             (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
@@ -205,7 +200,6 @@ impl App {
                 let signer = match &iss.signing_key {
                     SigningKey::PrivatePem(path) => {
                         Signer::from_private_pem_file(path, iss.signing_kid.clone())
-                            .map_err(anyhow::Error::msg)
                             .context("issuance.signing_key")?
                     }
                     SigningKey::Secret(path) => {
@@ -270,9 +264,7 @@ fn load_console_tls(
     key: &std::path::Path,
     tls13_only: bool,
 ) -> anyhow::Result<rustls::ServerConfig> {
-    let mut c = listener::load_tls(cert, key, tls13_only).map_err(anyhow::Error::msg)?;
-    c.alpn_protocols.clear();
-    Ok(c)
+    Ok(listener::load_console_tls(cert, key, tls13_only)?)
 }
 
 /// Bound listeners, so callers (and tests binding port 0) learn the real addresses.

@@ -231,7 +231,8 @@ enum ConfigCommand {
     },
 }
 
-fn parse_console_type(s: &str) -> Result<ConsoleType, String> {
+/// `--type`: clap takes the typed error and prints its message.
+fn parse_console_type(s: &str) -> Result<ConsoleType, crate::console::UnknownConsoleType> {
     s.parse()
 }
 
@@ -370,7 +371,7 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             .iter()
             .map(|r| r.as_str())
             .collect();
-        let metrics = crate::metrics::install(&reasons).map_err(anyhow::Error::msg)?;
+        let metrics = crate::metrics::install(&reasons)?;
         if let Some(path) = &config.audit_path {
             crate::audit::to_file(path)
                 .with_context(|| format!("audit.path: cannot open {}", path.display()))?;
@@ -553,14 +554,12 @@ fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
                 std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             Signer::from_secret(&secret, a.kid.clone())
         }
-        (Some(path), false) => {
-            Signer::from_private_pem_file(path, a.kid.clone()).map_err(anyhow::Error::msg)?
-        }
+        (Some(path), false) => Signer::from_private_pem_file(path, a.kid.clone())?,
         (None, true) => bail!("--hmac needs --key"),
         (None, false) => {
             let dev = DevState::ensure(&default_state_dir())?;
             let kid = a.kid.clone().or_else(|| Some(DEV_KID.to_string()));
-            Signer::from_private_pem_file(&dev.signing_key, kid).map_err(anyhow::Error::msg)?
+            Signer::from_private_pem_file(&dev.signing_key, kid)?
         }
     };
     let max = 86_400;
@@ -580,7 +579,7 @@ fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
         ttl_secs: a.ttl,
     };
     let claims = req.claims(unix_now());
-    let token = signer.sign(&claims).map_err(anyhow::Error::msg)?;
+    let token = signer.sign(&claims)?;
     let url = console_url(a.base_url.trim_end_matches('/'), a.console, token.expose());
     if a.json {
         println!(

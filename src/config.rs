@@ -909,7 +909,7 @@ impl RawConfig {
         let mut reuse = HashMap::new();
         for (name, policy) in t.reuse {
             let key = format!("tokens.reuse.{name}");
-            let console = name.parse::<ConsoleType>();
+            let console = name.parse::<ConsoleType>().map_err(|e| e.to_string());
             let policy = match policy.as_str() {
                 "reconnect" => Ok(ReusePolicy::Reconnect),
                 "single-use" => Ok(ReusePolicy::SingleUse),

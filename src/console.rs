@@ -62,16 +62,36 @@ impl fmt::Display for ConsoleType {
     }
 }
 
+/// A name that is no console type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown console type `{name}` (known: {})", known_names())]
+pub struct UnknownConsoleType {
+    /// The name given.
+    pub name: String,
+}
+
+fn known_names() -> String {
+    let known: Vec<_> = ConsoleType::ALL.iter().map(|t| t.as_str()).collect();
+    known.join(", ")
+}
+
+/// Call sites that pass refusal messages on as text (the admin API's error
+/// bodies) take this error as they took the message it used to be.
+impl From<UnknownConsoleType> for String {
+    fn from(e: UnknownConsoleType) -> Self {
+        e.to_string()
+    }
+}
+
 impl FromStr for ConsoleType {
-    type Err = String;
+    type Err = UnknownConsoleType;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ConsoleType::ALL
             .into_iter()
             .find(|t| t.as_str() == s)
-            .ok_or_else(|| {
-                let known: Vec<_> = ConsoleType::ALL.iter().map(|t| t.as_str()).collect();
-                format!("unknown console type `{s}` (known: {})", known.join(", "))
+            .ok_or_else(|| UnknownConsoleType {
+                name: s.to_string(),
             })
     }
 }

@@ -129,7 +129,10 @@ impl Issuer {
         };
         let now = unix_now();
         let claims = mint.claims(now);
-        let token = self.signer.sign(&claims).map_err(IssueError::Internal)?;
+        let token = self
+            .signer
+            .sign(&claims)
+            .map_err(|e| IssueError::Internal(e.to_string()))?;
         self.validator
             .check(token.expose(), Some(req.console), now)
             .map_err(|r| {

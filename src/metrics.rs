@@ -3,7 +3,7 @@
 //! Labels are bounded enums only (a refusal reason, a console type): never an
 //! id, an address or a token.
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
 
 /// Tokens refused, by reason.
 pub const TOKEN_REFUSALS: &str = "porthole_token_refusals_total";
@@ -14,17 +14,28 @@ pub const ISSUANCE_REFUSALS: &str = "porthole_issuance_refusals_total";
 /// Key reloads, by outcome.
 pub const KEY_RELOADS: &str = "porthole_key_reloads_total";
 
+/// Why the metrics recorder could not be installed (at start, so the process stops).
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The histogram buckets were refused.
+    #[error("metrics buckets: {0}")]
+    Buckets(BuildError),
+    /// A recorder is installed already, or the exporter would not build.
+    #[error("cannot install the metrics recorder: {0}")]
+    Install(BuildError),
+}
+
 /// Installs the process-wide recorder and returns the handle `/metrics` renders.
 /// Every token refusal reason in `token_refusals` starts at zero so
 /// dashboards see the full set.
-pub fn install(token_refusals: &[&'static str]) -> Result<PrometheusHandle, String> {
+pub fn install(token_refusals: &[&'static str]) -> Result<PrometheusHandle, MetricsError> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])
-        .map_err(|e| format!("metrics buckets: {e}"))?
+        .map_err(MetricsError::Buckets)?
         .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+        .map_err(MetricsError::Install)?;
     for &reason in token_refusals {
         metrics::counter!(TOKEN_REFUSALS, "reason" => reason).absolute(0);
     }

@@ -16,6 +16,7 @@ pub use spice::{SpiceBackendConfig, SpiceUpstream, SpiceUpstreams};
 pub use vnc::{VncBackendConfig, VncUpstream, VncUpstreams};
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// Where a console lives: the hypervisor host and its console ports.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -54,9 +55,70 @@ pub(crate) fn tls_server_name(
     rustls::pki_types::ServerName::try_from(name.to_string()).ok()
 }
 
+/// Why a backend network's credentials (password files, CAs, client
+/// certificates) could not be loaded. Every message names the file; each
+/// carries its cause in its text (logs print `{e}`), so none has a `source`
+/// that `{:#}` would print twice.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// A password file could not be read.
+    #[error("{file}: {error}")]
+    Read {
+        /// The password file.
+        file: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A PEM file (CA, client certificate or key) could not be read or parsed.
+    #[error("{file}: {error}")]
+    Pem {
+        /// The PEM file.
+        file: PathBuf,
+        /// Why.
+        error: rustls::pki_types::pem::Error,
+    },
+    /// A CA file holds no certificate.
+    #[error("{file}: no certificate")]
+    NoCertificate {
+        /// The CA file.
+        file: PathBuf,
+    },
+    /// A CA certificate rustls will not trust.
+    #[error("{file}: {error}")]
+    BadCa {
+        /// The CA file.
+        file: PathBuf,
+        /// Why.
+        error: rustls::Error,
+    },
+    /// A SPICE ticket longer than the protocol's password field.
+    #[error("{file}: longer than SPICE's 60 bytes")]
+    SpicePasswordTooLong {
+        /// The password file.
+        file: PathBuf,
+    },
+    /// rustls refused the protocol versions asked for.
+    #[error("{0}")]
+    Versions(rustls::Error),
+    /// The client certificate and key do not belong together.
+    #[error("client certificate and key do not match: {0}")]
+    ClientIdentity(rustls::Error),
+}
+
+impl CredentialError {
+    /// Wraps a PEM error of `file`.
+    pub(crate) fn pem(file: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> Self {
+        let file = file.to_path_buf();
+        move |error| CredentialError::Pem { file, error }
+    }
+}
+
 /// A password file's content, without the trailing newline `echo pw > file` adds.
-pub(crate) fn read_password_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let mut pw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub(crate) fn read_password_file(path: &Path) -> Result<Vec<u8>, CredentialError> {
+    let mut pw = std::fs::read(path).map_err(|error| CredentialError::Read {
+        file: path.to_path_buf(),
+        error,
+    })?;
     while pw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         pw.pop();
     }

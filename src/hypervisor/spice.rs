@@ -2,13 +2,13 @@
 //! ticket they expect (never sent to clients) and how to trust their TLS port.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 
-use std::path::PathBuf;
-
+use super::CredentialError;
 use crate::secret::Secret;
 
 /// SPICE credentials of one backend network (paths; loaded at start).
@@ -50,7 +50,7 @@ pub struct SpiceUpstreams(HashMap<String, SpiceUpstream>);
 
 impl SpiceUpstreams {
     /// Loads password files and CAs; an error names the file.
-    pub fn load(config: &HashMap<String, SpiceBackendConfig>) -> Result<Self, String> {
+    pub fn load(config: &HashMap<String, SpiceBackendConfig>) -> Result<Self, CredentialError> {
         let mut out = HashMap::new();
         for (name, c) in config {
             let password = match &c.password_file {
@@ -58,7 +58,7 @@ impl SpiceUpstreams {
                 Some(p) => {
                     let pw = super::read_password_file(p)?;
                     if pw.len() > crate::protocol::spice::crypto::MAX_PASSWORD_LEN {
-                        return Err(format!("{}: longer than SPICE's 60 bytes", p.display()));
+                        return Err(CredentialError::SpicePasswordTooLong { file: p.clone() });
                     }
                     pw
                 }
@@ -88,29 +88,34 @@ impl SpiceUpstreams {
 }
 
 /// A TLS client trusting only `ca`.
-pub fn client_config(ca: &std::path::Path) -> Result<ClientConfig, String> {
+pub fn client_config(ca: &Path) -> Result<ClientConfig, CredentialError> {
     Ok(tls_builder(ca)?.with_no_client_auth())
 }
 
 /// The start of a TLS client config that trusts only `ca`.
 pub(crate) fn tls_builder(
-    ca: &std::path::Path,
-) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, String> {
+    ca: &Path,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, CredentialError> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca)
-        .map_err(|e| format!("{}: {e}", ca.display()))?
+        .map_err(CredentialError::pem(ca))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", ca.display()))?;
+        .map_err(CredentialError::pem(ca))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate", ca.display()));
+        return Err(CredentialError::NoCertificate {
+            file: ca.to_path_buf(),
+        });
     }
     for c in certs {
-        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(c).map_err(|error| CredentialError::BadCa {
+            file: ca.to_path_buf(),
+            error,
+        })?;
     }
     Ok(
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(CredentialError::Versions)?
             .with_root_certificates(roots),
     )
 }

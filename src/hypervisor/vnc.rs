@@ -3,13 +3,13 @@
 //! certificates, and a client certificate for servers that verify peers.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 
-use std::path::PathBuf;
-
+use super::CredentialError;
 use crate::protocol::rfb::upstream::UpstreamAuth;
 use crate::protocol::rfb::vnc_auth::MAX_PASSWORD_LEN;
 use crate::secret::Secret;
@@ -105,7 +105,7 @@ pub struct VncUpstreams(HashMap<String, VncUpstream>);
 
 impl VncUpstreams {
     /// Loads password files, CAs and client identities; an error names the file.
-    pub fn load(config: &HashMap<String, VncBackendConfig>) -> Result<Self, String> {
+    pub fn load(config: &HashMap<String, VncBackendConfig>) -> Result<Self, CredentialError> {
         let mut out = HashMap::new();
         for (name, c) in config {
             let password = match &c.password_file {
@@ -141,19 +141,19 @@ impl VncUpstreams {
 }
 
 fn client_config(
-    ca: &std::path::Path,
-    identity: Option<&(std::path::PathBuf, std::path::PathBuf)>,
-) -> Result<ClientConfig, String> {
+    ca: &Path,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Result<ClientConfig, CredentialError> {
     let builder = super::spice::tls_builder(ca)?;
     let Some((cert, key)) = identity else {
         return Ok(builder.with_no_client_auth());
     };
     let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .map_err(CredentialError::pem(cert))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        .map_err(CredentialError::pem(cert))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(CredentialError::pem(key))?;
     builder
         .with_client_auth_cert(chain, key)
-        .map_err(|e| format!("client certificate and key do not match: {e}"))
+        .map_err(CredentialError::ClientIdentity)
 }

@@ -59,9 +59,73 @@ pub enum KeyError {
         /// What is wrong with it.
         message: String,
     },
+    /// The file was read but its key cannot verify tokens.
+    #[error("{path}: {error}")]
+    Unusable {
+        /// File that failed.
+        path: PathBuf,
+        /// What is wrong with its key.
+        error: KeyFormatError,
+    },
     /// The set of keys as a whole is unusable.
     #[error("{0}")]
     Ring(String),
+}
+
+/// Why a PEM public key or a JWK cannot verify tokens (the file is named by
+/// [`KeyError::Unusable`]).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFormatError {
+    /// The file is not text.
+    #[error("not a PEM file")]
+    NotPem,
+    /// A private key where a public one belongs.
+    #[error("this is a private key; give Porthole the public key")]
+    PrivateKey,
+    /// The pinned algorithm takes no PEM public key (HMAC).
+    #[error("algorithm {0:?} does not use a PEM public key")]
+    NoPemForAlgorithm(Algorithm),
+    /// The PEM is no public key of the pinned algorithm.
+    #[error("not a {algorithm:?} public key: {error}")]
+    NotPublicKey {
+        /// The pinned algorithm.
+        algorithm: Algorithm,
+        /// jsonwebtoken's reason.
+        error: jsonwebtoken::errors::Error,
+    },
+    /// A JWK without `kid`.
+    #[error("every key in a JWK set needs a `kid`")]
+    JwkWithoutKid,
+    /// A JWK whose `alg` is no signature algorithm.
+    #[error("key `{kid}`: algorithm {alg:?} cannot sign tokens")]
+    JwkAlgorithmUnusable {
+        /// The key.
+        kid: String,
+        /// Its `alg`.
+        alg: jsonwebtoken::jwk::KeyAlgorithm,
+    },
+    /// A JWK whose `alg` is not its key type's.
+    #[error("key `{kid}`: `alg` {alg:?} does not match its key type")]
+    JwkAlgorithmMismatch {
+        /// The key.
+        kid: String,
+        /// Its `alg`.
+        alg: Algorithm,
+    },
+    /// A JWK of a key type that fits several algorithms, without `alg`.
+    #[error("key `{kid}`: set `alg` for this key type")]
+    JwkNeedsAlgorithm {
+        /// The key.
+        kid: String,
+    },
+    /// jsonwebtoken refused the JWK.
+    #[error("key `{kid}`: {error}")]
+    Jwk {
+        /// The key.
+        kid: String,
+        /// jsonwebtoken's reason.
+        error: jsonwebtoken::errors::Error,
+    },
 }
 
 impl KeyError {
@@ -69,6 +133,13 @@ impl KeyError {
         KeyError::Invalid {
             path: path.to_path_buf(),
             message: message.into(),
+        }
+    }
+
+    fn unusable(path: &Path, error: KeyFormatError) -> Self {
+        KeyError::Unusable {
+            path: path.to_path_buf(),
+            error,
         }
     }
 }
@@ -146,7 +217,7 @@ impl KeyRing {
                 } => {
                     let pem = read(path)?;
                     let key = decoding_key_from_pem(&pem, *algorithm)
-                        .map_err(|m| KeyError::invalid(path, m))?;
+                        .map_err(|e| KeyError::unusable(path, e))?;
                     loaded.push((kid.clone(), *algorithm, key));
                 }
                 KeySource::SharedSecret { kid, path } => {
@@ -173,7 +244,7 @@ impl KeyRing {
                     }
                     for jwk in &set.keys {
                         let (kid, alg, key) =
-                            from_jwk(jwk).map_err(|m| KeyError::invalid(path, m))?;
+                            from_jwk(jwk).map_err(|e| KeyError::unusable(path, e))?;
                         loaded.push((Some(kid), alg, key));
                     }
                 }
@@ -270,12 +341,12 @@ fn read(path: &Path) -> Result<Vec<u8>, KeyError> {
     })
 }
 
-fn decoding_key_from_pem(pem: &[u8], alg: Algorithm) -> Result<DecodingKey, String> {
-    let text = std::str::from_utf8(pem).map_err(|_| "not a PEM file".to_string())?;
+fn decoding_key_from_pem(pem: &[u8], alg: Algorithm) -> Result<DecodingKey, KeyFormatError> {
+    let text = std::str::from_utf8(pem).map_err(|_| KeyFormatError::NotPem)?;
     if text.contains("PRIVATE KEY") {
         // Porthole only ever needs the public half; refusing private keys here
         // keeps signing material off gateway hosts by mistake.
-        return Err("this is a private key; give Porthole the public key".into());
+        return Err(KeyFormatError::PrivateKey);
     }
     let key = match alg {
         Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
@@ -286,23 +357,27 @@ fn decoding_key_from_pem(pem: &[u8], alg: Algorithm) -> Result<DecodingKey, Stri
         | Algorithm::PS256
         | Algorithm::PS384
         | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
-        other => return Err(format!("algorithm {other:?} does not use a PEM public key")),
+        other => return Err(KeyFormatError::NoPemForAlgorithm(other)),
     };
-    key.map_err(|e| format!("not a {alg:?} public key: {e}"))
+    key.map_err(|error| KeyFormatError::NotPublicKey {
+        algorithm: alg,
+        error,
+    })
 }
 
-fn from_jwk(jwk: &Jwk) -> Result<(String, Algorithm, DecodingKey), String> {
+fn from_jwk(jwk: &Jwk) -> Result<(String, Algorithm, DecodingKey), KeyFormatError> {
     let kid = jwk
         .common
         .key_id
         .clone()
-        .ok_or("every key in a JWK set needs a `kid`")?;
+        .ok_or(KeyFormatError::JwkWithoutKid)?;
     let declared = match jwk.common.key_algorithm {
-        Some(a) => Some(
-            a.to_string()
-                .parse::<Algorithm>()
-                .map_err(|_| format!("key `{kid}`: algorithm {a:?} cannot sign tokens"))?,
-        ),
+        Some(a) => Some(a.to_string().parse::<Algorithm>().map_err(|_| {
+            KeyFormatError::JwkAlgorithmUnusable {
+                kid: kid.clone(),
+                alg: a,
+            }
+        })?),
         None => None,
     };
     // Only the unambiguous key types may omit `alg`.
@@ -320,18 +395,17 @@ fn from_jwk(jwk: &Jwk) -> Result<(String, Algorithm, DecodingKey), String> {
     };
     let alg = match (declared, inferred) {
         (Some(d), Some(i)) if d != i => {
-            return Err(format!(
-                "key `{kid}`: `alg` {d:?} does not match its key type"
-            ));
+            return Err(KeyFormatError::JwkAlgorithmMismatch { kid, alg: d });
         }
         (Some(a), _) | (None, Some(a)) => a,
-        (None, None) => return Err(format!("key `{kid}`: set `alg` for this key type")),
+        (None, None) => return Err(KeyFormatError::JwkNeedsAlgorithm { kid }),
     };
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key `{kid}`: {e}"))?;
+    let key = match DecodingKey::from_jwk(jwk) {
+        Ok(key) => key,
+        Err(error) => return Err(KeyFormatError::Jwk { kid, error }),
+    };
     if !alg_fits_family(alg, &key) {
-        return Err(format!(
-            "key `{kid}`: `alg` {alg:?} does not match its key type"
-        ));
+        return Err(KeyFormatError::JwkAlgorithmMismatch { kid, alg });
     }
     Ok((kid, alg, key))
 }

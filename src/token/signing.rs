@@ -4,7 +4,7 @@
 //! `porthole keys generate`, `porthole token mint`, the issuance API and the
 //! development key created on first start.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -146,6 +146,33 @@ pub fn random_token(n: usize) -> String {
     B64URL.encode(bytes)
 }
 
+/// Why a signing key could not be loaded, or a token not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SigningError {
+    /// The key file could not be read.
+    #[error("cannot read {path}: {error}")]
+    Read {
+        /// The key file.
+        path: PathBuf,
+        /// Why (in the message, so not a `source` that `{:#}` would print twice).
+        error: std::io::Error,
+    },
+    /// The PEM is no private key Porthole can sign with.
+    #[error("{NOT_A_SIGNING_KEY}")]
+    NotASigningKey,
+    /// The key file holds no private key Porthole can sign with.
+    #[error("{path}: {NOT_A_SIGNING_KEY}")]
+    NotASigningKeyFile {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// jsonwebtoken could not sign (a key that loaded always signs; a bug).
+    #[error("signing failed: {0}")]
+    Sign(jsonwebtoken::errors::Error),
+}
+
+const NOT_A_SIGNING_KEY: &str = "not an Ed25519, P-256 or RSA private key in PKCS#8 PEM form";
+
 /// A jsonwebtoken constructor for one key family.
 type PemLoader = fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>;
 
@@ -168,7 +195,7 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// Loads a PKCS#8 PEM private key; the algorithm follows from the key
     /// (Ed25519 → EdDSA, P-256 → ES256, RSA → RS256).
-    pub fn from_private_pem(pem: &[u8], kid: Option<String>) -> Result<Signer, String> {
+    pub fn from_private_pem(pem: &[u8], kid: Option<String>) -> Result<Signer, SigningError> {
         let candidates: [(Algorithm, PemLoader); 3] = [
             (Algorithm::EdDSA, EncodingKey::from_ed_pem),
             (Algorithm::ES256, EncodingKey::from_ec_pem),
@@ -190,14 +217,21 @@ impl Signer {
                 }
             }
         }
-        Err("not an Ed25519, P-256 or RSA private key in PKCS#8 PEM form".into())
+        Err(SigningError::NotASigningKey)
     }
 
     /// Loads a private key file (see [`Signer::from_private_pem`]).
-    pub fn from_private_pem_file(path: &Path, kid: Option<String>) -> Result<Signer, String> {
-        let pem =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Self::from_private_pem(&pem, kid).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn from_private_pem_file(path: &Path, kid: Option<String>) -> Result<Signer, SigningError> {
+        let pem = std::fs::read(path).map_err(|error| SigningError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::from_private_pem(&pem, kid).map_err(|e| match e {
+            SigningError::NotASigningKey => SigningError::NotASigningKeyFile {
+                path: path.to_path_buf(),
+            },
+            other => other,
+        })
     }
 
     /// An HS256 signer from a shared secret.
@@ -226,10 +260,10 @@ impl Signer {
     }
 
     /// Signs a claim set.
-    pub fn sign(&self, claims: &ConsoleClaims) -> Result<Secret<String>, String> {
+    pub fn sign(&self, claims: &ConsoleClaims) -> Result<Secret<String>, SigningError> {
         jsonwebtoken::encode(&self.header(), claims, &self.key)
             .map(Secret::new)
-            .map_err(|e| format!("signing failed: {e}"))
+            .map_err(SigningError::Sign)
     }
 }
 

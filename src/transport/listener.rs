@@ -8,7 +8,7 @@
 //! reloads apply to new connections and never touch live ones.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,17 +31,50 @@ pub type TlsSlot = Arc<ArcSwap<ServerConfig>>;
 /// TLS 1.3 alone (`listen.tls_min_version = "1.3"`).
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
+/// Why a listener's certificate could not be loaded. The messages name the
+/// file; each carries its cause in its text (logs print `{e}`), so none has a
+/// `source` that `{:#}` would print twice.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{file}: {error}")]
+    Pem {
+        /// The certificate or key file.
+        file: PathBuf,
+        /// What went wrong.
+        error: rustls::pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{file}: no certificate")]
+    NoCertificate {
+        /// The certificate file.
+        file: PathBuf,
+    },
+    /// rustls refused the protocol versions asked for.
+    #[error("{0}")]
+    Versions(rustls::Error),
+    /// The key does not belong to the certificate (or rustls cannot use it).
+    #[error("certificate and key do not match: {0}")]
+    KeyMismatch(rustls::Error),
+}
+
 /// Builds a TLS server config from PEM files (certificate chain, private key),
 /// accepting TLS 1.2 and 1.3, or 1.3 only.
-pub fn load_tls(cert: &Path, key: &Path, tls13_only: bool) -> Result<ServerConfig, String> {
+pub fn load_tls(cert: &Path, key: &Path, tls13_only: bool) -> Result<ServerConfig, TlsError> {
+    let pem = |file: &Path| {
+        let file = file.to_path_buf();
+        move |error| TlsError::Pem { file, error }
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .map_err(pem(cert))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+        .map_err(pem(cert))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate", cert.display()));
+        return Err(TlsError::NoCertificate {
+            file: cert.to_path_buf(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(if tls13_only {
@@ -49,11 +82,22 @@ pub fn load_tls(cert: &Path, key: &Path, tls13_only: bool) -> Result<ServerConfi
             } else {
                 rustls::DEFAULT_VERSIONS
             })
-            .map_err(|e| e.to_string())?
+            .map_err(TlsError::Versions)?
             .with_no_client_auth()
             .with_single_cert(certs, key)
-            .map_err(|e| format!("certificate and key do not match: {e}"))?;
+            .map_err(TlsError::KeyMismatch)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// [`load_tls`] for a native console listener (SPICE, VNC), which speaks no ALPN.
+pub fn load_console_tls(
+    cert: &Path,
+    key: &Path,
+    tls13_only: bool,
+) -> Result<ServerConfig, TlsError> {
+    let mut config = load_tls(cert, key, tls13_only)?;
+    config.alpn_protocols.clear();
     Ok(config)
 }
 
