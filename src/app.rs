@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SigningKey};
+use crate::config::{Config, SigningKey, TlsListener};
 use crate::frontend::admin::{self, AdminState};
 use crate::frontend::public::{self, PublicState};
 use crate::frontend::spice::SpiceDetails;
@@ -77,113 +77,35 @@ impl App {
             config.tokens.store_capacity,
             config.tokens.policy.leeway_secs,
         ));
-        let tls = match &config.listen.tls {
-            None => None,
-            Some((cert, key)) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
-                listener::load_tls(cert, key, config.listen.tls13_only)
-                    .context("listen.tls_cert")?,
-            ))),
-        };
+        let tls = TlsSlots::load(&config)?;
         let spice_upstreams = Arc::new(ArcSwap::from_pointee(
             SpiceUpstreams::load(&config.spice_backends).context("backends.spice")?,
         ));
-        let spice_tls = match (&config.spice.listen_tls, &config.spice.tls) {
-            (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
-                load_console_tls(cert, key, config.spice.tls13_only).context("spice.tls_cert")?,
-            ))),
-            (Some(addr), None) => {
-                anyhow::bail!(
-                    "spice.listen_tls ({addr}) needs a certificate: spice.tls_cert/tls_key or listen.tls_cert/tls_key"
-                )
-            }
-            (None, _) => None,
-        };
-        let ca_pem = match &config.spice.ca {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("spice.ca: cannot read {}", p.display()))?,
-            ),
-            None => None,
-        };
-        let (spice_tls_addr, spice_plain_addr) = match listeners {
-            Some(l) => l.spice_addrs(),
-            None => (config.spice.listen_tls, config.spice.listen_plain),
-        };
-        let vnc_addr = match listeners {
-            Some(l) => l.vnc_addr(),
-            None => config.vnc.listen,
-        };
-        let spice_details = SpiceDetails {
-            host: config.spice.public_host.clone(),
-            tls_port: config
-                .spice
-                .public_tls_port
-                .or(spice_tls_addr.map(|a| a.port())),
-            port: spice_plain_addr.map(|a| a.port()),
-            ca_pem,
-            host_subject: config.spice.host_subject.clone(),
-        };
         let vnc_upstreams = Arc::new(ArcSwap::from_pointee(
             VncUpstreams::load(&config.vnc_backends).context("backends.vnc")?,
         ));
-        let vnc_tls = match (&config.vnc.listen, &config.vnc.tls) {
-            (Some(_), Some((cert, key))) => Some(Arc::new(ArcSwap::from_pointee(
-                load_console_tls(cert, key, config.vnc.tls13_only).context("vnc.tls_cert")?,
-            ))),
-            (Some(addr), None) => {
-                anyhow::bail!(
-                    "vnc.listen ({addr}) needs a certificate: vnc.tls_cert/tls_key, spice.tls_* or listen.tls_*"
-                )
-            }
-            (None, _) => None,
+        let (spice_details, vnc_details) = console_details(&config, listeners)?;
+        let swappable = Swappable {
+            validator: validator.clone(),
+            public_tls: tls.public.clone(),
+            spice_tls: tls.spice,
+            vnc_tls: tls.vnc,
+            spice_upstreams,
+            vnc_upstreams,
         };
-        let vnc_details = VncDetails {
-            host: config.spice.public_host.clone(),
-            port: config.vnc.public_port.or(vnc_addr.map(|a| a.port())),
-            ca_pem: spice_details.ca_pem.clone(),
-        };
-        let ws = &config.websocket;
-        let sessions = Arc::new(Sessions::new(session::admission::Parts {
-            resolver: validator.clone(),
-            redemptions: redemptions.clone(),
-            tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
-            tokens: config.tokens.clone(),
-            browser: ws.clone(),
-            limits: Limits {
-                max_sessions: ws.max_sessions,
-                per_client: ws.max_sessions_per_client,
-                per_token: ws.max_sessions_per_token,
-                connect_timeout: ws.connect_timeout,
-                max_age: ws.max_session_age,
-                idle: ws.idle_timeout,
-                spice_handshake: config.spice.handshake_timeout,
-                vnc_handshake: config.vnc.handshake_timeout,
-                ticket_ttl_secs: config.spice.ticket_ttl_secs,
-            },
-            spice_upstreams: spice_upstreams.clone(),
-            vnc_upstreams: vnc_upstreams.clone(),
-            spice_tls: spice_tls.clone(),
-            vnc_tls: vnc_tls.clone(),
-        }));
-        let reloader = Arc::new(Reloader::new(
+        let sessions = Arc::new(Sessions::new(session_parts(
             &config,
-            Swappable {
-                validator: validator.clone(),
-                public_tls: tls.clone(),
-                spice_tls,
-                vnc_tls,
-                spice_upstreams,
-                vnc_upstreams,
-            },
-            config_path,
-        ));
+            &redemptions,
+            &swappable,
+        )));
+        let reloader = Arc::new(Reloader::new(&config, swappable, config_path));
         Ok(App {
             config,
             validator,
             issuer,
             redemptions,
             sessions,
-            tls,
+            tls: tls.public,
             spice_details,
             vnc_details,
             reloader,
@@ -258,13 +180,113 @@ impl App {
     }
 }
 
-/// A TLS config for a native console listener (SPICE, VNC): no ALPN.
-fn load_console_tls(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-    tls13_only: bool,
-) -> anyhow::Result<rustls::ServerConfig> {
-    Ok(listener::load_console_tls(cert, key, tls13_only)?)
+/// Every listener's TLS config, each in a slot a reload can swap.
+struct TlsSlots {
+    public: Option<TlsSlot>,
+    spice: Option<TlsSlot>,
+    vnc: Option<TlsSlot>,
+}
+
+impl TlsSlots {
+    fn load(config: &Config) -> anyhow::Result<Self> {
+        let slot = |c: rustls::ServerConfig| Arc::new(ArcSwap::from_pointee(c));
+        let public = match &config.listen.tls {
+            None => None,
+            Some(files) => Some(slot(
+                listener::load_tls(&files.cert, &files.key, config.listen.tls13_only)
+                    .context("listen.tls_cert")?,
+            )),
+        };
+        // Native console listeners: no ALPN.
+        let console = |l: &Option<TlsListener>, key: &'static str| {
+            l.as_ref()
+                .map(|l| {
+                    listener::load_console_tls(&l.cert.cert, &l.cert.key, l.tls13_only)
+                        .map(slot)
+                        .context(key)
+                })
+                .transpose()
+        };
+        Ok(Self {
+            public,
+            spice: console(&config.spice.listen_tls, "spice.tls_cert")?,
+            vnc: console(&config.vnc.listen, "vnc.tls_cert")?,
+        })
+    }
+}
+
+/// What native SPICE and VNC clients are told: the listeners where they
+/// really are (`listeners` as bound, else as configured), and the CA to trust.
+fn console_details(
+    config: &Config,
+    listeners: Option<&Listeners>,
+) -> anyhow::Result<(SpiceDetails, VncDetails)> {
+    let ca_pem = match &config.spice.ca {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("spice.ca: cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let (spice_tls_addr, spice_plain_addr, vnc_addr) = match listeners {
+        Some(l) => {
+            let (tls, plain) = l.spice_addrs();
+            (tls, plain, l.vnc_addr())
+        }
+        None => (
+            config.spice.listen_tls.as_ref().map(|l| l.addr),
+            config.spice.listen_plain,
+            config.vnc.listen.as_ref().map(|l| l.addr),
+        ),
+    };
+    let spice = SpiceDetails {
+        host: config.spice.public_host.clone(),
+        tls_port: config
+            .spice
+            .public_tls_port
+            .or(spice_tls_addr.map(|a| a.port())),
+        port: spice_plain_addr.map(|a| a.port()),
+        ca_pem: ca_pem.clone(),
+        host_subject: config.spice.host_subject.clone(),
+    };
+    let vnc = VncDetails {
+        host: config.spice.public_host.clone(),
+        port: config.vnc.public_port.or(vnc_addr.map(|a| a.port())),
+        ca_pem,
+    };
+    Ok((spice, vnc))
+}
+
+/// What the session layer is built from: `[sessions]` caps and timers, the
+/// native listeners' deadlines, and the credentials and certificates a reload swaps.
+fn session_parts(
+    config: &Config,
+    redemptions: &Arc<MemoryRedemptions>,
+    swappable: &Swappable,
+) -> session::admission::Parts {
+    let s = &config.sessions;
+    session::admission::Parts {
+        resolver: swappable.validator.clone(),
+        redemptions: redemptions.clone(),
+        tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
+        tokens: config.tokens.clone(),
+        browser: config.websocket.clone(),
+        limits: Limits {
+            max_sessions: s.max_sessions,
+            per_client: s.max_sessions_per_client,
+            per_token: s.max_sessions_per_token,
+            connect_timeout: s.connect_timeout,
+            max_age: s.max_session_age,
+            idle: s.idle_timeout,
+            spice_handshake: config.spice.handshake_timeout,
+            vnc_handshake: config.vnc.handshake_timeout,
+            ticket_ttl_secs: config.spice.ticket_ttl_secs,
+        },
+        spice_upstreams: swappable.spice_upstreams.clone(),
+        vnc_upstreams: swappable.vnc_upstreams.clone(),
+        spice_tls: swappable.spice_tls.clone(),
+        vnc_tls: swappable.vnc_tls.clone(),
+    }
 }
 
 /// Bound listeners, so callers (and tests binding port 0) learn the real addresses.
@@ -305,9 +327,13 @@ impl Listeners {
                     .with_context(|| format!("cannot listen on {a} ({key})")),
             }
         };
-        let spice_tls = bind(config.spice.listen_tls, "spice.listen_tls").await?;
+        let spice_tls = bind(
+            config.spice.listen_tls.as_ref().map(|l| l.addr),
+            "spice.listen_tls",
+        )
+        .await?;
         let spice_plain = bind(config.spice.listen_plain, "spice.listen_plain").await?;
-        let vnc = bind(config.vnc.listen, "vnc.listen").await?;
+        let vnc = bind(config.vnc.listen.as_ref().map(|l| l.addr), "vnc.listen").await?;
         Ok(Listeners {
             admin,
             public,
@@ -409,10 +435,10 @@ pub async fn run(
     // ones get a close frame, native ones are cut), then wait for them.
     ready.store(false, Ordering::Relaxed);
     stop_accepting.cancel();
-    tracing::info!(sessions = sessions.active(), grace = ?app.config.websocket.shutdown_grace, "draining");
+    tracing::info!(sessions = sessions.active(), grace = ?app.config.sessions.shutdown_grace, "draining");
     sessions.cancel.cancel();
     sessions.tracker.close();
-    if tokio::time::timeout(app.config.websocket.shutdown_grace, sessions.tracker.wait())
+    if tokio::time::timeout(app.config.sessions.shutdown_grace, sessions.tracker.wait())
         .await
         .is_err()
     {

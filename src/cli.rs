@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::{self, App, Listeners};
 use crate::bootstrap::{DEV_KID, DevState};
-use crate::config::{Config, default_state_dir};
+use crate::config::{Config, RawConfig, default_state_dir};
 use crate::issuance::{IssueRequest, console_url};
 use crate::token::claims::ConsoleClaim;
 use crate::token::signing::{KeyKind, MintRequest, Signer, generate};
@@ -323,14 +323,19 @@ fn init_tracing(format: &str) {
     }
 }
 
-/// The config to use: the file, or the embedded defaults (creating the state folder).
-fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Option<DevState>)> {
+/// The config to use: the file, or the embedded defaults (creating the state
+/// folder), with `adjust` applied before validation.
+fn load_config(
+    path: Option<&Path>,
+    adjust: impl FnOnce(&mut RawConfig),
+) -> anyhow::Result<(Config, Option<DevState>)> {
     match path {
-        Some(p) => Ok((Config::load(p)?, None)),
+        Some(p) => Ok((Config::load_with(p, adjust)?, None)),
         None => {
             let dev = DevState::ensure(&default_state_dir())?;
-            let config = dev
-                .embedded_config()
+            let mut raw = dev.embedded_config();
+            adjust(&mut raw);
+            let config = raw
                 .validate(Path::new("."))
                 .map_err(|issues| crate::config::ConfigError { file: None, issues })
                 .context("embedded defaults")?;
@@ -354,18 +359,25 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let config_path = config.clone();
-        let (mut config, dev) = load_config(config.as_deref())?;
+        // A native listener is validated with its certificate, so its
+        // override goes into the file as read; the admin and public ones are
+        // bare addresses (and the base URL keeps following the file's).
+        let (mut config, dev) = load_config(config.as_deref(), |raw| {
+            if let Some(addr) = o.spice_listen {
+                raw.spice.listen_tls = Some(addr.to_string());
+            }
+            if let Some(addr) = o.vnc_listen {
+                raw.vnc.listen = Some(addr.to_string());
+            }
+        })?;
+        for w in &config.warnings {
+            tracing::warn!("config: {w}");
+        }
         if let Some(addr) = o.admin_listen {
             config.listen.admin = addr;
         }
         if let Some(addr) = o.public_listen {
             config.listen.public = addr;
-        }
-        if let Some(addr) = o.spice_listen {
-            config.spice.listen_tls = Some(addr);
-        }
-        if let Some(addr) = o.vnc_listen {
-            config.vnc.listen = Some(addr);
         }
         let reasons: Vec<&'static str> = crate::token::RefusalReason::ALL
             .iter()
@@ -605,7 +617,7 @@ fn inspect(
     } else {
         token.to_string()
     };
-    let (config, _) = load_config(config)?;
+    let (config, _) = load_config(config, |_| {})?;
     let app = App::build(config)?;
     match app.validator.check(&token, console, unix_now()) {
         Ok(grant) => {
@@ -671,6 +683,9 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
+    for w in &config.warnings {
+        println!("{}: warning: {w}", file.display());
+    }
     // Loading keys and the signing key catches what the file alone cannot show.
     match App::build(config) {
         Ok(app) => {

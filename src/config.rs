@@ -5,7 +5,9 @@
 //! is what the rest of Porthole uses: checked, with paths resolved against the
 //! config file's folder, and nothing optional that must be present at run time.
 //! Validation reports *every* problem at once, each with its key path and, when
-//! the key is in the file, its line and column.
+//! the key is in the file, its line and column. One function per section
+//! validates it into its type, all adding to one collector of problems and
+//! warnings (names that moved still work, and say where they went).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -49,7 +51,10 @@ pub struct RawConfig {
     /// Hypervisor networks Porthole may connect to; none means nothing is reachable.
     #[serde(default)]
     pub backends: Vec<RawBackend>,
-    /// Browser session limits and timers.
+    /// Caps and timers of every session.
+    #[serde(default)]
+    pub sessions: RawSessions,
+    /// Browser sessions' WebSocket limits and timers.
     #[serde(default)]
     pub websocket: RawWebSocket,
     /// Console pages and client libraries.
@@ -171,7 +176,32 @@ pub struct RawListen {
     pub tls_min_version: Option<String>,
 }
 
-/// `[websocket]`: limits and timers of browser sessions.
+/// `[sessions]`: caps and timers of every console session, browser or native.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    /// Most concurrent sessions; more get 503 (or a SPICE / RFB error). Default 5000.
+    pub max_sessions: Option<usize>,
+    /// Most concurrent connections from one client address (a SPICE session
+    /// counts each channel). Default 64.
+    pub max_sessions_per_client: Option<usize>,
+    /// Most concurrent connections with one token (SPICE: its channels). Default 16.
+    pub max_sessions_per_token: Option<usize>,
+    /// Deadline for connecting to the hypervisor, seconds. Default 5.
+    pub connect_timeout_secs: Option<u64>,
+    /// A session ends after this long with no byte either way, seconds (0: off). Default 3600.
+    pub idle_timeout_secs: Option<u64>,
+    /// End every session after this long, seconds (0: never). Default 0.
+    pub max_session_age_secs: Option<u64>,
+    /// Grace period for open sessions at shutdown, seconds. Default 10.
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// `[websocket]`: limits and timers of browser sessions' WebSockets.
+///
+/// The session caps and timers that are not about WebSockets moved to
+/// [`RawSessions`]; their old names here are still read (with a warning) while
+/// the new ones are unset, and setting both is an error.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWebSocket {
@@ -189,22 +219,23 @@ pub struct RawWebSocket {
     pub upgrade_timeout_secs: Option<u64>,
     /// WebSocket ping interval, seconds (0: off). Default 20.
     pub ping_interval_secs: Option<u64>,
-    /// Session ends after this long with no byte either way, seconds (0: off). Default 3600.
+    /// A browser session ends after this long with no byte either way,
+    /// seconds (0: off). Default: `sessions.idle_timeout_secs`. While that is
+    /// unset this also ends idle native sessions, as it did before `[sessions]`.
     pub idle_timeout_secs: Option<u64>,
-    /// Deadline for connecting to the hypervisor, seconds. Default 5.
-    pub connect_timeout_secs: Option<u64>,
     /// End sessions when their token expires. Default false (the token only opens the session).
     pub end_at_token_expiry: Option<bool>,
-    /// Most concurrent sessions; more get 503. Default 5000.
+    /// Deprecated: `sessions.connect_timeout_secs`.
+    pub connect_timeout_secs: Option<u64>,
+    /// Deprecated: `sessions.max_sessions`.
     pub max_sessions: Option<usize>,
-    /// Most concurrent connections from one client address (a SPICE session
-    /// counts each channel). Default 64.
+    /// Deprecated: `sessions.max_sessions_per_client`.
     pub max_sessions_per_client: Option<usize>,
-    /// Most concurrent connections with one token (SPICE: its channels). Default 16.
+    /// Deprecated: `sessions.max_sessions_per_token`.
     pub max_sessions_per_token: Option<usize>,
-    /// Grace period for open sessions at shutdown, seconds. Default 10.
+    /// Deprecated: `sessions.shutdown_grace_secs`.
     pub shutdown_grace_secs: Option<u64>,
-    /// End every session after this long, seconds (0: never). Default 0.
+    /// Deprecated: `sessions.max_session_age_secs`.
     pub max_session_age_secs: Option<u64>,
 }
 
@@ -327,17 +358,35 @@ pub struct RawVncBackend {
     pub force_shared: Option<bool>,
 }
 
+/// A PEM certificate chain and its private key: what a TLS listener presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// A TLS listener: where it listens and what it presents. One value, so a
+/// listener without a certificate cannot be configured (validation refuses it
+/// at the listener's key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// Its certificate chain and key.
+    pub cert: CertFiles,
+    /// It accepts TLS 1.3 only.
+    pub tls13_only: bool,
+}
+
 /// `[spice]`, validated.
 #[derive(Debug, Clone)]
 pub struct SpiceConfig {
     /// Native TLS listener, if on.
-    pub listen_tls: Option<SocketAddr>,
+    pub listen_tls: Option<TlsListener>,
     /// NEED_SECURED-only plain listener, if on.
     pub listen_plain: Option<SocketAddr>,
-    /// Certificate chain and key of the TLS listener.
-    pub tls: Option<(PathBuf, PathBuf)>,
-    /// The listener accepts TLS 1.3 only.
-    pub tls13_only: bool,
     /// CA clients are told to trust.
     pub ca: Option<PathBuf>,
     /// `host-subject` for clients.
@@ -357,12 +406,8 @@ pub struct SpiceConfig {
 /// `[vnc]`, validated.
 #[derive(Debug, Clone)]
 pub struct VncConfig {
-    /// The native listener, if on.
-    pub listen: Option<SocketAddr>,
-    /// Its certificate and key.
-    pub tls: Option<(PathBuf, PathBuf)>,
-    /// The listener accepts TLS 1.3 only.
-    pub tls13_only: bool,
+    /// The native listener (VeNCrypt X509Plain), if on.
+    pub listen: Option<TlsListener>,
     /// Port clients connect to, when it differs from the listener's.
     pub public_port: Option<u16>,
     /// Deadline for a connection's handshakes.
@@ -392,10 +437,36 @@ pub struct Config {
     pub issuance: Option<IssuanceConfig>,
     /// Allowed hypervisor networks.
     pub allow: AllowList,
-    /// Browser session limits and timers.
+    /// Caps and timers of every session.
+    pub sessions: SessionsConfig,
+    /// Browser sessions' WebSocket limits and timers.
     pub websocket: WebSocketConfig,
     /// Console pages and client libraries.
     pub web: WebConfig,
+    /// What the file does that still works but should change (deprecated
+    /// names), located like issues. Whoever loads the file shows them: `serve`
+    /// and reloads log them, `config check` prints them.
+    pub warnings: Vec<ConfigIssue>,
+}
+
+/// Validated `[sessions]` (with the old `[websocket]` names read into it).
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    /// Most concurrent sessions.
+    pub max_sessions: usize,
+    /// Concurrent connections per client address.
+    pub max_sessions_per_client: usize,
+    /// Concurrent connections per token.
+    pub max_sessions_per_token: usize,
+    /// Hypervisor connect deadline.
+    pub connect_timeout: Duration,
+    /// Idle timeout of native sessions, and of browser sessions unless
+    /// `[websocket]` gives them their own; `None` is off.
+    pub idle_timeout: Option<Duration>,
+    /// End every session after this long.
+    pub max_session_age: Option<Duration>,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
 }
 
 /// Validated `[websocket]`.
@@ -415,22 +486,10 @@ pub struct WebSocketConfig {
     pub upgrade_timeout: Duration,
     /// Ping interval; `None` is off.
     pub ping_interval: Option<Duration>,
-    /// Idle timeout; `None` is off.
+    /// Browser sessions' idle timeout; `None` is off.
     pub idle_timeout: Option<Duration>,
-    /// Hypervisor connect deadline.
-    pub connect_timeout: Duration,
     /// End sessions at token expiry.
     pub end_at_token_expiry: bool,
-    /// Most concurrent sessions.
-    pub max_sessions: usize,
-    /// Concurrent connections per client address.
-    pub max_sessions_per_client: usize,
-    /// Concurrent connections per token.
-    pub max_sessions_per_token: usize,
-    /// End every session after this long.
-    pub max_session_age: Option<Duration>,
-    /// Shutdown grace period.
-    pub shutdown_grace: Duration,
 }
 
 /// Validated `[web]`.
@@ -457,15 +516,15 @@ pub struct ListenConfig {
     pub public_base_url: String,
     /// More public addresses.
     pub public_extra: Vec<SocketAddr>,
-    /// Certificate chain and key files for a TLS public listener.
-    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Certificate chain and key of the public listeners, which speak TLS when set.
+    pub tls: Option<CertFiles>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Origins allowed to open WebSockets: the base URL's, then the configured ones.
     pub allowed_origins: Vec<String>,
     /// Accept WebSockets without an `Origin` header.
     pub allow_missing_origin: bool,
-    /// Every TLS listener accepts TLS 1.3 only.
+    /// The public listeners accept TLS 1.3 only (and, by default, the others).
     pub tls13_only: bool,
 }
 
@@ -570,6 +629,15 @@ impl fmt::Display for ConfigError {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, |_| {})
+    }
+
+    /// Reads a config file, lets `adjust` change it as read (command-line
+    /// overrides, validated like the file's own settings), then validates it.
+    pub fn load_with(
+        path: &Path,
+        adjust: impl FnOnce(&mut RawConfig),
+    ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: Some(path.to_path_buf()),
             issues: vec![ConfigIssue {
@@ -579,7 +647,7 @@ impl Config {
             }],
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_toml(&text, base).map_err(|mut e| {
+        Self::from_toml_with(&text, base, adjust).map_err(|mut e| {
             e.file = Some(path.to_path_buf());
             e
         })
@@ -587,7 +655,16 @@ impl Config {
 
     /// Parses and validates TOML text; relative paths resolve against `base`.
     pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        Self::from_toml_with(text, base, |_| {})
+    }
+
+    /// [`Config::from_toml`], with `adjust` applied to the file as parsed.
+    pub fn from_toml_with(
+        text: &str,
+        base: &Path,
+        adjust: impl FnOnce(&mut RawConfig),
+    ) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| {
             let at = e.span().map(|s| line_col(text, s.start));
             ConfigError {
                 file: None,
@@ -598,18 +675,33 @@ impl Config {
                 }],
             }
         })?;
-        raw.validate(base).map_err(|mut issues| {
-            let doc = toml::de::DeTable::parse(text).ok();
-            for issue in &mut issues {
-                issue.at = doc
-                    .as_ref()
-                    .and_then(|d| locate(d.get_ref(), &issue.key))
-                    .map(|offset| line_col(text, offset));
+        adjust(&mut raw);
+        match raw.validate(base) {
+            Ok(mut config) => {
+                place(text, &mut config.warnings);
+                Ok(config)
             }
-            issues.sort_by_key(|i| i.at.unwrap_or((usize::MAX, 0)));
-            ConfigError { file: None, issues }
-        })
+            Err(mut issues) => {
+                place(text, &mut issues);
+                Err(ConfigError { file: None, issues })
+            }
+        }
     }
+}
+
+/// Gives each issue its line and column in `text`, and sorts them into file order.
+fn place(text: &str, issues: &mut [ConfigIssue]) {
+    if issues.is_empty() {
+        return;
+    }
+    let doc = toml::de::DeTable::parse(text).ok();
+    for issue in issues.iter_mut() {
+        issue.at = doc
+            .as_ref()
+            .and_then(|d| locate(d.get_ref(), &issue.key))
+            .map(|offset| line_col(text, offset));
+    }
+    issues.sort_by_key(|i| i.at.unwrap_or((usize::MAX, 0)));
 }
 
 /// The default state folder (see [`RawConfig::state_dir`]).
@@ -626,11 +718,31 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
-struct Issues(Vec<ConfigIssue>);
+/// What validation found: problems (the file is refused) and warnings (it is
+/// taken, but should change). Every section's validator adds to the one collector.
+#[derive(Default)]
+struct Issues {
+    problems: Vec<ConfigIssue>,
+    warnings: Vec<ConfigIssue>,
+}
 
 impl Issues {
+    /// A problem at `key`. The same problem found twice is reported once
+    /// (two settings can share one message).
     fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigIssue {
+        let issue = ConfigIssue {
+            key: key.into(),
+            at: None,
+            message: message.into(),
+        };
+        if !self.problems.contains(&issue) {
+            self.problems.push(issue);
+        }
+    }
+
+    /// A warning at `key`.
+    fn warn(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(ConfigIssue {
             key: key.into(),
             at: None,
             message: message.into(),
@@ -638,659 +750,968 @@ impl Issues {
     }
 }
 
+/// Resolves the file's relative paths against its folder.
+#[derive(Debug, Clone, Copy)]
+struct Paths<'a>(&'a Path);
+
+impl Paths<'_> {
+    fn resolve(self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.0.join(p)
+        }
+    }
+}
+
 impl RawConfig {
-    /// Validates into a [`Config`], collecting every problem.
+    /// Validates into a [`Config`], collecting every problem; deprecated names
+    /// still in use end up in [`Config::warnings`].
     pub fn validate(self, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
-        let mut issues = Issues(Vec::new());
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
-
-        let parse_addr = |issues: &mut Issues, key: &str, value: Option<&str>, default: &str| {
-            let text = value.unwrap_or(default);
-            text.parse::<SocketAddr>().unwrap_or_else(|_| {
-                issues.push(key, format!("`{text}` is not an address:port"));
-                default.parse().expect("default address parses")
-            })
-        };
-        let public = parse_addr(
-            &mut issues,
-            "listen.public",
-            self.listen.public.as_deref(),
-            DEFAULT_PUBLIC_ADDR,
-        );
-        let admin = parse_addr(
-            &mut issues,
-            "listen.admin",
-            self.listen.admin.as_deref(),
-            DEFAULT_ADMIN_ADDR,
-        );
-        let public_base_url = match self.listen.public_base_url {
-            Some(url) => {
-                let trimmed = url.trim_end_matches('/').to_string();
-                if !(trimmed.starts_with("http://") || trimmed.starts_with("https://"))
-                    || trimmed.contains(['?', '#', ' '])
-                {
-                    issues.push(
-                        "listen.public_base_url",
-                        "must be an http:// or https:// URL without query or fragment",
-                    );
-                }
-                trimmed
-            }
-            None => format!("http://{public}"),
-        };
-        let mut public_extra = Vec::new();
-        for (i, a) in self.listen.public_extra.iter().enumerate() {
-            match a.parse::<SocketAddr>() {
-                Ok(addr) => public_extra.push(addr),
-                Err(_) => issues.push(
-                    format!("listen.public_extra[{i}]"),
-                    format!("`{a}` is not an address:port"),
-                ),
-            }
-        }
-        let tls = match (self.listen.tls_cert, self.listen.tls_key) {
-            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
-            (None, None) => None,
-            _ => {
-                issues.push(
-                    "listen.tls_cert",
-                    "set both `tls_cert` and `tls_key`, or neither",
-                );
-                None
-            }
-        };
-        let mut trusted_proxies = Vec::new();
-        for (i, n) in self.listen.trusted_proxies.iter().enumerate() {
-            match parse_net(n) {
-                Some(net) => trusted_proxies.push(net),
-                None => issues.push(
-                    format!("listen.trusted_proxies[{i}]"),
-                    format!("`{n}` is not a CIDR range or address"),
-                ),
-            }
-        }
-        let mut allowed_origins = Vec::new();
-        match origin_of(&public_base_url) {
-            Some(o) => allowed_origins.push(o),
-            None => issues.push(
-                "listen.public_base_url",
-                "has no usable origin (scheme://host[:port])",
-            ),
-        }
-        for (i, o) in self.listen.allowed_origins.iter().enumerate() {
-            match origin_of(o) {
-                Some(origin) if bare_origin(o) => allowed_origins.push(origin),
-                _ => issues.push(
-                    format!("listen.allowed_origins[{i}]"),
-                    format!("`{o}` is not an origin (scheme://host[:port])"),
-                ),
-            }
-        }
-        let allow_missing_origin = self.listen.allow_missing_origin.unwrap_or(true);
-        let tls13_only = match self.listen.tls_min_version.as_deref() {
-            None | Some("1.2") => false,
-            Some("1.3") => true,
-            Some(other) => {
-                issues.push(
-                    "listen.tls_min_version",
-                    format!("`{other}` is not \"1.2\" or \"1.3\""),
-                );
-                false
-            }
-        };
-
-        let w = self.websocket;
-        let positive = |issues: &mut Issues,
-                        key: &str,
-                        v: Option<usize>,
-                        default: usize,
-                        min: usize,
-                        max: usize| {
-            let v = v.unwrap_or(default);
-            if !(min..=max).contains(&v) {
-                issues.push(
-                    format!("websocket.{key}"),
-                    format!("between {min} and {max}"),
-                );
-            }
-            v
-        };
-        let max_message_bytes = positive(
-            &mut issues,
-            "max_message_bytes",
-            w.max_message_bytes,
-            1 << 20,
-            1024,
-            64 << 20,
-        );
-        let max_frame_bytes = positive(
-            &mut issues,
-            "max_frame_bytes",
-            w.max_frame_bytes,
-            1 << 20,
-            1024,
-            64 << 20,
-        );
-        let read_buffer_bytes = positive(
-            &mut issues,
-            "read_buffer_bytes",
-            w.read_buffer_bytes,
-            4096,
-            512,
-            1 << 20,
-        );
-        let write_buffer_bytes = positive(
-            &mut issues,
-            "write_buffer_bytes",
-            w.write_buffer_bytes,
-            64 << 10,
-            0,
-            16 << 20,
-        );
-        let max_write_buffer_bytes = positive(
-            &mut issues,
-            "max_write_buffer_bytes",
-            w.max_write_buffer_bytes,
-            4 << 20,
-            1,
-            256 << 20,
-        );
-        if max_write_buffer_bytes <= write_buffer_bytes + (16 << 10) {
-            issues.push(
-                "websocket.max_write_buffer_bytes",
-                "must exceed write_buffer_bytes by more than 16 KiB",
-            );
-        }
-        let max_sessions = positive(
-            &mut issues,
-            "max_sessions",
-            w.max_sessions,
-            5000,
-            1,
-            1_000_000,
-        );
-        let max_sessions_per_client = positive(
-            &mut issues,
-            "max_sessions_per_client",
-            w.max_sessions_per_client,
-            64,
-            1,
-            1_000_000,
-        );
-        let max_sessions_per_token = positive(
-            &mut issues,
-            "max_sessions_per_token",
-            w.max_sessions_per_token,
-            16,
-            1,
-            1_000,
-        );
-        let secs = |v: Option<u64>, d: u64| Duration::from_secs(v.unwrap_or(d));
-        let optional = |v: Option<u64>, d: u64| Some(secs(v, d)).filter(|d| !d.is_zero());
-        let upgrade_timeout = secs(w.upgrade_timeout_secs, 10);
-        let connect_timeout = secs(w.connect_timeout_secs, 5);
-        if upgrade_timeout.is_zero() || connect_timeout.is_zero() {
-            issues.push("websocket", "upgrade_timeout_secs and connect_timeout_secs must be positive: every wait has a deadline");
-        }
-        let websocket = WebSocketConfig {
-            max_message_bytes,
-            max_frame_bytes,
-            read_buffer_bytes,
-            write_buffer_bytes,
-            max_write_buffer_bytes,
-            upgrade_timeout,
-            ping_interval: optional(w.ping_interval_secs, 20),
-            idle_timeout: optional(w.idle_timeout_secs, 3600),
-            connect_timeout,
-            end_at_token_expiry: w.end_at_token_expiry.unwrap_or(false),
-            max_sessions,
-            max_sessions_per_client,
-            max_sessions_per_token,
-            max_session_age: optional(w.max_session_age_secs, 0),
-            shutdown_grace: secs(w.shutdown_grace_secs, 10),
-        };
-        let root = self
-            .web
-            .root
-            .map(|p| resolve(&p))
-            .unwrap_or_else(default_web_root);
-        let web = WebConfig {
-            novnc_dir: self
-                .web
-                .novnc_dir
-                .map(|p| resolve(&p))
-                .unwrap_or_else(|| PathBuf::from("/usr/share/novnc")),
-            xterm_dir: self
-                .web
-                .xterm_dir
-                .map(|p| resolve(&p))
-                .unwrap_or_else(|| root.join("node_modules/@xterm/xterm")),
-            spice_html5_dir: self
-                .web
-                .spice_html5_dir
-                .map(|p| resolve(&p))
-                .unwrap_or_else(|| PathBuf::from("/usr/share/spice-html5")),
-            root,
-        };
-
-        let t = self.tokens;
-        let non_empty = |issues: &mut Issues, key: &str, v: Option<Vec<String>>| {
-            let v = v.unwrap_or_else(|| vec!["porthole".to_string()]);
-            if v.is_empty() || v.iter().any(|s| s.is_empty()) {
-                issues.push(key, "must list at least one non-empty value");
-            }
-            v
-        };
-        let issuers = non_empty(&mut issues, "tokens.issuers", t.issuers);
-        let audiences = non_empty(&mut issues, "tokens.audiences", t.audiences);
-        let leeway_secs = t.leeway_secs.unwrap_or(5);
-        if leeway_secs > 300 {
-            issues.push("tokens.leeway_secs", "at most 300 seconds");
-        }
-        let max_ttl_secs = t.max_ttl_secs.unwrap_or(600);
-        if max_ttl_secs == 0 || max_ttl_secs > 86_400 {
-            issues.push("tokens.max_ttl_secs", "between 1 and 86400 seconds");
-        }
-        let max_token_bytes = t.max_token_bytes.unwrap_or(4096);
-        if !(256..=65_536).contains(&max_token_bytes) {
-            issues.push("tokens.max_token_bytes", "between 256 and 65536");
-        }
-        let store_capacity = t.store_capacity.unwrap_or(100_000);
-        if store_capacity == 0 {
-            issues.push("tokens.store_capacity", "must be positive");
-        }
-        let allow_hmac = t.allow_hmac.unwrap_or(false);
-        let mut reuse = HashMap::new();
-        for (name, policy) in t.reuse {
-            let key = format!("tokens.reuse.{name}");
-            let console = name.parse::<ConsoleType>().map_err(|e| e.to_string());
-            let policy = match policy.as_str() {
-                "reconnect" => Ok(ReusePolicy::Reconnect),
-                "single-use" => Ok(ReusePolicy::SingleUse),
-                other => Err(format!("unknown policy `{other}` (reconnect, single-use)")),
-            };
-            match (console, policy) {
-                (Ok(c), Ok(p)) => {
-                    reuse.insert(c, p);
-                }
-                (Err(e), _) | (_, Err(e)) => issues.push(key, e),
-            }
-        }
-        let mut keys = Vec::new();
-        for (i, k) in t.keys.into_iter().enumerate() {
-            let key = format!("tokens.keys[{i}]");
-            let kid = k.kid.filter(|s| !s.is_empty());
-            match (k.public_key, k.jwks, k.secret_file) {
-                (Some(path), None, None) => match k.algorithm.as_deref().map(str::parse::<jsonwebtoken::Algorithm>) {
-                    Some(Ok(algorithm)) if crate::token::keys::is_supported_algorithm(algorithm) => {
-                        if format!("{algorithm:?}").starts_with("HS") {
-                            issues.push(format!("{key}.algorithm"), "HMAC keys use `secret_file`");
-                        }
-                        keys.push(KeySource::PublicKeyPem { kid, algorithm, path: resolve(&path) });
-                    }
-                    Some(_) => issues.push(format!("{key}.algorithm"), "unknown algorithm (EdDSA, ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512)"),
-                    None => issues.push(key, "`public_key` needs `algorithm`: the algorithm is pinned per key, never taken from the token"),
-                },
-                (None, Some(path), None) => {
-                    if kid.is_some() || k.algorithm.is_some() {
-                        issues.push(key, "a `jwks` entry takes `kid` and `alg` from the JWK set");
-                    }
-                    keys.push(KeySource::Jwks { path: resolve(&path) });
-                }
-                (None, None, Some(path)) => {
-                    if !allow_hmac {
-                        issues.push(format!("{key}.secret_file"), "shared-secret keys need `tokens.allow_hmac = true`");
-                    }
-                    if k.algorithm.as_deref().is_some_and(|a| a != "HS256") {
-                        issues.push(format!("{key}.algorithm"), "shared secrets are HS256");
-                    }
-                    keys.push(KeySource::SharedSecret { kid, path: resolve(&path) });
-                }
-                _ => issues.push(key, "give exactly one of `public_key`, `jwks` or `secret_file`"),
-            }
-        }
-
-        let issuance = self.issuance.map(|raw| {
-            if raw.bearer_key_files.is_empty() {
-                issues.push(
-                    "issuance.bearer_key_files",
-                    "list at least one bearer key file: the API is never open",
-                );
-            }
-            let mut bearer_keys = Vec::new();
-            for (i, path) in raw.bearer_key_files.iter().enumerate() {
-                let path = resolve(path);
-                match std::fs::read_to_string(&path) {
-                    Ok(s) if s.trim().len() >= 16 => {
-                        bearer_keys.push(Secret::new(s.trim().to_string()))
-                    }
-                    Ok(_) => issues.push(
-                        format!("issuance.bearer_key_files[{i}]"),
-                        format!(
-                            "{}: a bearer key must be at least 16 characters",
-                            path.display()
-                        ),
-                    ),
-                    Err(e) => issues.push(
-                        format!("issuance.bearer_key_files[{i}]"),
-                        format!("cannot read {}: {e}", path.display()),
-                    ),
-                }
-            }
-            let signing_key = match raw.signing_key {
-                Some(p) if raw.signing_secret.unwrap_or(false) => SigningKey::Secret(resolve(&p)),
-                Some(p) => SigningKey::PrivatePem(resolve(&p)),
-                None => {
-                    issues.push(
-                        "issuance.signing_key",
-                        "required: the key issued tokens are signed with",
-                    );
-                    SigningKey::PrivatePem(PathBuf::new())
-                }
-            };
-            let ttl_secs = raw.ttl_secs.unwrap_or(120);
-            if ttl_secs == 0 || ttl_secs > max_ttl_secs {
-                issues.push(
-                    "issuance.ttl_secs",
-                    format!("between 1 and tokens.max_ttl_secs ({max_ttl_secs})"),
-                );
-            }
-            let issuer = raw.issuer.unwrap_or_else(|| issuers[0].clone());
-            if !issuers.contains(&issuer) {
-                issues.push(
-                    "issuance.issuer",
-                    "must be one of tokens.issuers, or its tokens would be refused",
-                );
-            }
-            let audience = raw.audience.unwrap_or_else(|| audiences[0].clone());
-            if !audiences.contains(&audience) {
-                issues.push(
-                    "issuance.audience",
-                    "must be one of tokens.audiences, or its tokens would be refused",
-                );
-            }
-            IssuanceConfig {
-                bearer_keys,
-                signing_key,
-                signing_kid: raw.signing_kid,
-                issuer,
-                audience,
-                ttl_secs,
-            }
-        });
-
-        let mut backends = Vec::new();
-        let mut spice_backends = std::collections::HashMap::new();
-        let mut vnc_backends = std::collections::HashMap::new();
-        for (i, b) in self.backends.into_iter().enumerate() {
-            let key = format!("backends[{i}]");
-            let name = b.name.unwrap_or_else(|| format!("backend-{i}"));
-            let mut networks = Vec::new();
-            for (j, n) in b.networks.iter().enumerate() {
-                match n
-                    .parse::<ipnet::IpNet>()
-                    .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                {
-                    Ok(net) => networks.push(net),
-                    Err(_) => issues.push(
-                        format!("{key}.networks[{j}]"),
-                        format!("`{n}` is not a CIDR range or address"),
-                    ),
-                }
-            }
-            if networks.is_empty() && b.hostnames.is_empty() {
-                issues.push(key.clone(), "list at least one network or hostname");
-            }
-            let mut ports = Vec::new();
-            for (j, p) in b
-                .ports
-                .unwrap_or_else(|| vec!["5900-65535".into()])
-                .iter()
-                .enumerate()
-            {
-                match p.parse::<PortRange>() {
-                    Ok(r) => ports.push(r),
-                    Err(e) => issues.push(format!("{key}.ports[{j}]"), e),
-                }
-            }
-            if let Some(sp) = b.spice {
-                if let Some(name) = sp.tls_name.as_deref()
-                    && rustls::pki_types::ServerName::try_from(name).is_err()
-                {
-                    issues.push(
-                        format!("{key}.spice.tls_name"),
-                        format!("`{name}` is not a DNS name or IP address"),
-                    );
-                }
-                let prefer_plain = match sp.prefer.as_deref() {
-                    None | Some("tls") => false,
-                    Some("plain") => true,
-                    Some(other) => {
-                        issues.push(
-                            format!("{key}.spice.prefer"),
-                            format!("`{other}` is not \"tls\" or \"plain\""),
-                        );
-                        false
-                    }
-                };
-                spice_backends.insert(
-                    name.clone(),
-                    SpiceBackendConfig {
-                        password_file: sp.password_file.map(|p| resolve(&p)),
-                        ca: sp.ca.map(|p| resolve(&p)),
-                        tls_name: sp.tls_name,
-                        prefer_plain,
-                    },
-                );
-            }
-            if let Some(v) = b.vnc {
-                let mut c = VncBackendConfig {
-                    password_file: v.password_file.map(|p| resolve(&p)),
-                    ca: v.ca.map(|p| resolve(&p)),
-                    tls_name: v.tls_name,
-                    force_shared: v.force_shared.unwrap_or(true),
-                    ..VncBackendConfig::default()
-                };
-                if let Some(name) = c.tls_name.as_deref()
-                    && rustls::pki_types::ServerName::try_from(name).is_err()
-                {
-                    issues.push(
-                        format!("{key}.vnc.tls_name"),
-                        format!("`{name}` is not a DNS name or IP address"),
-                    );
-                }
-                c.client_identity = match (v.client_cert, v.client_key) {
-                    (Some(cert), Some(k)) => Some((resolve(&cert), resolve(&k))),
-                    (None, None) => None,
-                    _ => {
-                        issues.push(
-                            format!("{key}.vnc.client_cert"),
-                            "set both `client_cert` and `client_key`, or neither",
-                        );
-                        None
-                    }
-                };
-                if let Some(list) = v.auth {
-                    c.auth.clear();
-                    for (j, a) in list.iter().enumerate() {
-                        match crate::protocol::rfb::upstream::UpstreamAuth::parse(a) {
-                            Some(x) => c.auth.push(x),
-                            None => issues.push(
-                                format!("{key}.vnc.auth[{j}]"),
-                                format!("`{a}` is not one of x509-vnc, x509-none, vnc, none"),
-                            ),
-                        }
-                    }
-                    if c.auth.is_empty() {
-                        issues.push(format!("{key}.vnc.auth"), "name at least one scheme");
-                    }
-                }
-                vnc_backends.insert(name.clone(), c);
-            }
-            backends.push(BackendNetwork {
-                name,
-                networks,
-                hostnames: b.hostnames,
-                ports,
-            });
-        }
-
-        let sp = self.spice;
-        let mut spice_addr = |key: &str, v: Option<String>| {
-            v.and_then(|text| match text.parse::<SocketAddr>() {
-                Ok(a) => Some(a),
-                Err(_) => {
-                    issues.push(key, format!("`{text}` is not an address:port"));
-                    None
-                }
-            })
-        };
-        let listen_tls = spice_addr("spice.listen_tls", sp.listen_tls);
-        let listen_plain = spice_addr("spice.listen_plain", sp.listen_plain);
-        let spice_tls = match (sp.tls_cert, sp.tls_key) {
-            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
-            (None, None) => tls.clone(),
-            _ => {
-                issues.push(
-                    "spice.tls_cert",
-                    "set both `tls_cert` and `tls_key`, or neither",
-                );
-                None
-            }
-        };
-        if listen_tls.is_some() && spice_tls.is_none() {
-            issues.push(
-                "spice.listen_tls",
-                "needs a certificate: spice.tls_cert and tls_key, or listen.tls_cert and tls_key",
-            );
-        }
-        let public_host = sp
-            .public_host
-            .unwrap_or_else(|| host_of(&public_base_url).unwrap_or_else(|| "localhost".into()));
-        let ticket_ttl_secs = sp.ticket_ttl_secs.unwrap_or(120);
-        if !(5..=3600).contains(&ticket_ttl_secs) {
-            issues.push("spice.ticket_ttl_secs", "must be within 5..=3600");
-        }
-        let handshake_secs = sp.handshake_timeout_secs.unwrap_or(10);
-        if !(1..=300).contains(&handshake_secs) {
-            issues.push("spice.handshake_timeout_secs", "must be within 1..=300");
-        }
-        let rotation_secs = sp.key_rotation_secs.unwrap_or(30);
-        if !(1..=86_400).contains(&rotation_secs) {
-            issues.push("spice.key_rotation_secs", "must be within 1..=86400");
-        }
-        let spice_tls13 = tls_min_version(
-            &mut issues,
-            "spice.tls_min_version",
-            sp.tls_min_version.as_deref(),
-            tls13_only,
-        );
-        let spice = SpiceConfig {
-            listen_tls,
-            listen_plain,
-            tls: spice_tls,
-            tls13_only: spice_tls13,
-            ca: sp.ca.map(|p| resolve(&p)),
-            host_subject: sp.host_subject,
-            public_host,
-            public_tls_port: sp.public_tls_port,
-            ticket_ttl_secs,
-            handshake_timeout: Duration::from_secs(handshake_secs),
-            key_rotation: Duration::from_secs(rotation_secs),
-        };
-
-        let v = self.vnc;
-        let vnc_listen = v.listen.and_then(|text| match text.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                issues.push("vnc.listen", format!("`{text}` is not an address:port"));
-                None
-            }
-        });
-        let vnc_tls = match (v.tls_cert, v.tls_key) {
-            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
-            (None, None) => spice.tls.clone(),
-            _ => {
-                issues.push(
-                    "vnc.tls_cert",
-                    "set both `tls_cert` and `tls_key`, or neither",
-                );
-                None
-            }
-        };
-        if vnc_listen.is_some() && vnc_tls.is_none() {
-            issues.push(
-                "vnc.listen",
-                "needs a certificate: vnc.tls_cert and tls_key, spice.tls_*, or listen.tls_*",
-            );
-        }
-        let vnc_handshake = v.handshake_timeout_secs.unwrap_or(10);
-        if !(1..=300).contains(&vnc_handshake) {
-            issues.push("vnc.handshake_timeout_secs", "must be within 1..=300");
-        }
-        let vnc_tls13 = tls_min_version(
-            &mut issues,
-            "vnc.tls_min_version",
-            v.tls_min_version.as_deref(),
-            tls13_only,
-        );
-        let vnc = VncConfig {
-            listen: vnc_listen,
-            tls: vnc_tls,
-            tls13_only: vnc_tls13,
-            public_port: v.public_port,
-            handshake_timeout: Duration::from_secs(vnc_handshake),
-        };
-
-        if !issues.0.is_empty() {
-            return Err(issues.0);
+        let mut issues = Issues::default();
+        let paths = Paths(base);
+        let listen = validate_listen(self.listen, paths, &mut issues);
+        let sessions = validate_sessions(&self.sessions, &self.websocket, &mut issues);
+        let websocket = validate_websocket(&self.websocket, &sessions, &mut issues);
+        let web = validate_web(self.web, paths);
+        let tokens = validate_tokens(self.tokens, paths, &mut issues);
+        let issuance = self
+            .issuance
+            .map(|raw| validate_issuance(raw, &tokens.policy, paths, &mut issues));
+        let backends = validate_backends(self.backends, paths, &mut issues);
+        let (spice, spice_cert) = validate_spice(self.spice, &listen, paths, &mut issues);
+        let vnc = validate_vnc(self.vnc, spice_cert, listen.tls13_only, &mut issues, paths);
+        if !issues.problems.is_empty() {
+            return Err(issues.problems);
         }
         Ok(Config {
-            audit_path: self.audit.path.map(|p| resolve(&p)),
+            audit_path: self.audit.path.map(|p| paths.resolve(&p)),
             vnc,
-            vnc_backends,
+            vnc_backends: backends.vnc,
             spice,
-            spice_backends,
+            spice_backends: backends.spice,
             state_dir: self
                 .state_dir
-                .map(|p| resolve(&p))
+                .map(|p| paths.resolve(&p))
                 .unwrap_or_else(default_state_dir),
-            listen: ListenConfig {
-                public,
-                admin,
-                public_base_url,
-                public_extra,
-                tls,
-                trusted_proxies,
-                allowed_origins,
-                allow_missing_origin,
-                tls13_only,
-            },
+            listen,
+            sessions,
             websocket,
             web,
-            tokens: TokenConfig {
-                policy: ValidationPolicy {
-                    issuers,
-                    audiences,
-                    leeway_secs,
-                    max_ttl_secs,
-                    max_token_bytes,
-                },
-                keys,
-                allow_hmac,
-                reuse,
-                store_capacity,
-            },
+            tokens,
             issuance,
-            allow: AllowList::new(backends),
+            allow: AllowList::new(backends.networks),
+            warnings: issues.warnings,
         })
     }
+}
+
+/// `[listen]`.
+fn validate_listen(raw: RawListen, paths: Paths<'_>, issues: &mut Issues) -> ListenConfig {
+    let public = parse_addr(
+        issues,
+        "listen.public",
+        raw.public.as_deref(),
+        DEFAULT_PUBLIC_ADDR,
+    );
+    let admin = parse_addr(
+        issues,
+        "listen.admin",
+        raw.admin.as_deref(),
+        DEFAULT_ADMIN_ADDR,
+    );
+    let public_base_url = match raw.public_base_url {
+        Some(url) => {
+            let trimmed = url.trim_end_matches('/').to_string();
+            if !(trimmed.starts_with("http://") || trimmed.starts_with("https://"))
+                || trimmed.contains(['?', '#', ' '])
+            {
+                issues.push(
+                    "listen.public_base_url",
+                    "must be an http:// or https:// URL without query or fragment",
+                );
+            }
+            trimmed
+        }
+        None => format!("http://{public}"),
+    };
+    let public_extra = parse_each(
+        issues,
+        "listen.public_extra",
+        &raw.public_extra,
+        |a| a.parse::<SocketAddr>().ok(),
+        "an address:port",
+    );
+    let trusted_proxies = parse_each(
+        issues,
+        "listen.trusted_proxies",
+        &raw.trusted_proxies,
+        parse_net,
+        "a CIDR range or address",
+    );
+    let allowed_origins = allowed_origins(issues, &public_base_url, &raw.allowed_origins);
+    ListenConfig {
+        public,
+        admin,
+        public_base_url,
+        public_extra,
+        tls: cert_files(issues, "listen", raw.tls_cert, raw.tls_key, paths, None),
+        trusted_proxies,
+        allowed_origins,
+        allow_missing_origin: raw.allow_missing_origin.unwrap_or(true),
+        tls13_only: tls_min_version(
+            issues,
+            "listen.tls_min_version",
+            raw.tls_min_version.as_deref(),
+            false,
+        ),
+    }
+}
+
+/// The origins allowed to open WebSockets: the public base URL's, then `configured`.
+fn allowed_origins(
+    issues: &mut Issues,
+    public_base_url: &str,
+    configured: &[String],
+) -> Vec<String> {
+    let mut allowed = Vec::new();
+    match origin_of(public_base_url) {
+        Some(o) => allowed.push(o),
+        None => issues.push(
+            "listen.public_base_url",
+            "has no usable origin (scheme://host[:port])",
+        ),
+    }
+    for (i, o) in configured.iter().enumerate() {
+        match origin_of(o) {
+            Some(origin) if bare_origin(o) => allowed.push(origin),
+            _ => issues.push(
+                format!("listen.allowed_origins[{i}]"),
+                format!("`{o}` is not an origin (scheme://host[:port])"),
+            ),
+        }
+    }
+    allowed
+}
+
+/// The section a moved session setting was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadFrom {
+    /// `[sessions]` (or neither: the default).
+    Sessions,
+    /// Its old name in `[websocket]`.
+    WebSocket,
+}
+
+impl ReadFrom {
+    /// The setting's key where it was read, for its problems.
+    fn key(self, name: &str) -> String {
+        match self {
+            ReadFrom::Sessions => format!("sessions.{name}"),
+            ReadFrom::WebSocket => format!("websocket.{name}"),
+        }
+    }
+}
+
+/// A session setting that used to live in `[websocket]`: the value given, and
+/// where it was read from. The old name is read, with a warning, while the new
+/// one is unset; both set is a problem, since no reading of the file could
+/// tell which one the operator meant.
+fn moved<T>(
+    issues: &mut Issues,
+    name: &str,
+    new: Option<T>,
+    old: Option<T>,
+) -> (Option<T>, ReadFrom) {
+    match (new, old) {
+        (None, Some(v)) => {
+            issues.warn(
+                format!("websocket.{name}"),
+                format!(
+                    "deprecated: moved to `sessions.{name}` (read from here while that is unset)"
+                ),
+            );
+            (Some(v), ReadFrom::WebSocket)
+        }
+        (new, old) => {
+            if new.is_some() && old.is_some() {
+                issues.push(
+                    format!("websocket.{name}"),
+                    format!("moved to `sessions.{name}`, which is also set: remove this one"),
+                );
+            }
+            (new, ReadFrom::Sessions)
+        }
+    }
+}
+
+/// What `[websocket]` has always said about its deadlines being zero.
+const DEADLINES_POSITIVE: &str =
+    "upgrade_timeout_secs and connect_timeout_secs must be positive: every wait has a deadline";
+
+/// `[sessions]`, reading the old names in `[websocket]` (`old`) while the new ones are unset.
+fn validate_sessions(raw: &RawSessions, old: &RawWebSocket, issues: &mut Issues) -> SessionsConfig {
+    let mut cap = |name: &str, new: Option<usize>, old: Option<usize>, default, max| {
+        let (v, from) = moved(issues, name, new, old);
+        within(issues, &from.key(name), v.unwrap_or(default), 1, max)
+    };
+    let max_sessions = cap(
+        "max_sessions",
+        raw.max_sessions,
+        old.max_sessions,
+        5000,
+        1_000_000,
+    );
+    let max_sessions_per_client = cap(
+        "max_sessions_per_client",
+        raw.max_sessions_per_client,
+        old.max_sessions_per_client,
+        64,
+        1_000_000,
+    );
+    let max_sessions_per_token = cap(
+        "max_sessions_per_token",
+        raw.max_sessions_per_token,
+        old.max_sessions_per_token,
+        16,
+        1_000,
+    );
+    let mut secs = |name: &str, new: Option<u64>, old: Option<u64>, default: u64| {
+        let (v, from) = moved(issues, name, new, old);
+        (Duration::from_secs(v.unwrap_or(default)), from)
+    };
+    let (connect_timeout, from) = secs(
+        "connect_timeout_secs",
+        raw.connect_timeout_secs,
+        old.connect_timeout_secs,
+        5,
+    );
+    let (max_age, _) = secs(
+        "max_session_age_secs",
+        raw.max_session_age_secs,
+        old.max_session_age_secs,
+        0,
+    );
+    let (shutdown_grace, _) = secs(
+        "shutdown_grace_secs",
+        raw.shutdown_grace_secs,
+        old.shutdown_grace_secs,
+        10,
+    );
+    if connect_timeout.is_zero() {
+        match from {
+            ReadFrom::WebSocket => issues.push("websocket", DEADLINES_POSITIVE),
+            ReadFrom::Sessions => issues.push(
+                from.key("connect_timeout_secs"),
+                "must be positive: every wait has a deadline",
+            ),
+        }
+    }
+    // `websocket.idle_timeout_secs` keeps a meaning of its own (browser
+    // sessions), so it is no error beside this one; alone, it still ends idle
+    // native sessions too, as it always did.
+    let idle_secs = match (raw.idle_timeout_secs, old.idle_timeout_secs) {
+        (Some(v), _) => v,
+        (None, Some(v)) => {
+            issues.warn(
+                "websocket.idle_timeout_secs",
+                "also ends idle native SPICE and VNC sessions while `sessions.idle_timeout_secs` \
+                 is unset: set that one (this one then applies to browser sessions only)",
+            );
+            v
+        }
+        (None, None) => 3600,
+    };
+    SessionsConfig {
+        max_sessions,
+        max_sessions_per_client,
+        max_sessions_per_token,
+        connect_timeout,
+        idle_timeout: nonzero_secs(idle_secs),
+        max_session_age: Some(max_age).filter(|d| !d.is_zero()),
+        shutdown_grace,
+    }
+}
+
+/// `[websocket]`; its idle timeout defaults to the sessions' one.
+fn validate_websocket(
+    w: &RawWebSocket,
+    sessions: &SessionsConfig,
+    issues: &mut Issues,
+) -> WebSocketConfig {
+    let mut bytes = |name: &str, v: Option<usize>, default, min, max| {
+        within(
+            issues,
+            &format!("websocket.{name}"),
+            v.unwrap_or(default),
+            min,
+            max,
+        )
+    };
+    let max_message_bytes = bytes(
+        "max_message_bytes",
+        w.max_message_bytes,
+        1 << 20,
+        1024,
+        64 << 20,
+    );
+    let max_frame_bytes = bytes(
+        "max_frame_bytes",
+        w.max_frame_bytes,
+        1 << 20,
+        1024,
+        64 << 20,
+    );
+    let read_buffer_bytes = bytes("read_buffer_bytes", w.read_buffer_bytes, 4096, 512, 1 << 20);
+    let write_buffer_bytes = bytes(
+        "write_buffer_bytes",
+        w.write_buffer_bytes,
+        64 << 10,
+        0,
+        16 << 20,
+    );
+    let max_write_buffer_bytes = bytes(
+        "max_write_buffer_bytes",
+        w.max_write_buffer_bytes,
+        4 << 20,
+        1,
+        256 << 20,
+    );
+    if max_write_buffer_bytes <= write_buffer_bytes + (16 << 10) {
+        issues.push(
+            "websocket.max_write_buffer_bytes",
+            "must exceed write_buffer_bytes by more than 16 KiB",
+        );
+    }
+    let upgrade_timeout = Duration::from_secs(w.upgrade_timeout_secs.unwrap_or(10));
+    if upgrade_timeout.is_zero() {
+        issues.push("websocket", DEADLINES_POSITIVE);
+    }
+    WebSocketConfig {
+        max_message_bytes,
+        max_frame_bytes,
+        read_buffer_bytes,
+        write_buffer_bytes,
+        max_write_buffer_bytes,
+        upgrade_timeout,
+        ping_interval: nonzero_secs(w.ping_interval_secs.unwrap_or(20)),
+        idle_timeout: w
+            .idle_timeout_secs
+            .map_or(sessions.idle_timeout, nonzero_secs),
+        end_at_token_expiry: w.end_at_token_expiry.unwrap_or(false),
+    }
+}
+
+/// `[web]`: nothing to refuse; missing folders are warned about at start.
+fn validate_web(raw: RawWeb, paths: Paths<'_>) -> WebConfig {
+    let root = raw
+        .root
+        .map(|p| paths.resolve(&p))
+        .unwrap_or_else(default_web_root);
+    let dir = |v: Option<PathBuf>, default: PathBuf| v.map_or(default, |p| paths.resolve(&p));
+    WebConfig {
+        novnc_dir: dir(raw.novnc_dir, PathBuf::from("/usr/share/novnc")),
+        xterm_dir: dir(raw.xterm_dir, root.join("node_modules/@xterm/xterm")),
+        spice_html5_dir: dir(raw.spice_html5_dir, PathBuf::from("/usr/share/spice-html5")),
+        root,
+    }
+}
+
+/// `[tokens]` and its `[[tokens.keys]]`.
+fn validate_tokens(t: RawTokens, paths: Paths<'_>, issues: &mut Issues) -> TokenConfig {
+    let mut non_empty = |key: &str, v: Option<Vec<String>>| {
+        let v = v.unwrap_or_else(|| vec!["porthole".to_string()]);
+        if v.is_empty() || v.iter().any(|s| s.is_empty()) {
+            issues.push(key, "must list at least one non-empty value");
+        }
+        v
+    };
+    let issuers = non_empty("tokens.issuers", t.issuers);
+    let audiences = non_empty("tokens.audiences", t.audiences);
+    let leeway_secs = t.leeway_secs.unwrap_or(5);
+    if leeway_secs > 300 {
+        issues.push("tokens.leeway_secs", "at most 300 seconds");
+    }
+    let max_ttl_secs = t.max_ttl_secs.unwrap_or(600);
+    if max_ttl_secs == 0 || max_ttl_secs > 86_400 {
+        issues.push("tokens.max_ttl_secs", "between 1 and 86400 seconds");
+    }
+    let max_token_bytes = t.max_token_bytes.unwrap_or(4096);
+    if !(256..=65_536).contains(&max_token_bytes) {
+        issues.push("tokens.max_token_bytes", "between 256 and 65536");
+    }
+    let store_capacity = t.store_capacity.unwrap_or(100_000);
+    if store_capacity == 0 {
+        issues.push("tokens.store_capacity", "must be positive");
+    }
+    let allow_hmac = t.allow_hmac.unwrap_or(false);
+    let keys = t
+        .keys
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, k)| {
+            validate_key(&format!("tokens.keys[{i}]"), k, allow_hmac, paths, issues)
+        })
+        .collect();
+    TokenConfig {
+        policy: ValidationPolicy {
+            issuers,
+            audiences,
+            leeway_secs,
+            max_ttl_secs,
+            max_token_bytes,
+        },
+        keys,
+        allow_hmac,
+        reuse: validate_reuse(t.reuse, issues),
+        store_capacity,
+    }
+}
+
+/// `[tokens.reuse]`: console type to policy.
+fn validate_reuse(
+    raw: HashMap<String, String>,
+    issues: &mut Issues,
+) -> HashMap<ConsoleType, ReusePolicy> {
+    let mut reuse = HashMap::new();
+    for (name, policy) in raw {
+        let key = format!("tokens.reuse.{name}");
+        let console = name.parse::<ConsoleType>().map_err(|e| e.to_string());
+        let policy = match policy.as_str() {
+            "reconnect" => Ok(ReusePolicy::Reconnect),
+            "single-use" => Ok(ReusePolicy::SingleUse),
+            other => Err(format!("unknown policy `{other}` (reconnect, single-use)")),
+        };
+        match (console, policy) {
+            (Ok(c), Ok(p)) => {
+                reuse.insert(c, p);
+            }
+            (Err(e), _) | (_, Err(e)) => issues.push(key, e),
+        }
+    }
+    reuse
+}
+
+/// One `[[tokens.keys]]` entry (`key`: its path, `tokens.keys[i]`).
+fn validate_key(
+    key: &str,
+    k: RawKey,
+    allow_hmac: bool,
+    paths: Paths<'_>,
+    issues: &mut Issues,
+) -> Option<KeySource> {
+    let kid = k.kid.filter(|s| !s.is_empty());
+    match (k.public_key, k.jwks, k.secret_file) {
+        (Some(path), None, None) => {
+            match k
+                .algorithm
+                .as_deref()
+                .map(str::parse::<jsonwebtoken::Algorithm>)
+            {
+                Some(Ok(algorithm)) if crate::token::keys::is_supported_algorithm(algorithm) => {
+                    if format!("{algorithm:?}").starts_with("HS") {
+                        issues.push(format!("{key}.algorithm"), "HMAC keys use `secret_file`");
+                    }
+                    Some(KeySource::PublicKeyPem {
+                        kid,
+                        algorithm,
+                        path: paths.resolve(&path),
+                    })
+                }
+                Some(_) => {
+                    issues.push(
+                        format!("{key}.algorithm"),
+                        "unknown algorithm (EdDSA, ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512)",
+                    );
+                    None
+                }
+                None => {
+                    issues.push(
+                        key,
+                        "`public_key` needs `algorithm`: the algorithm is pinned per key, never taken from the token",
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(path), None) => {
+            if kid.is_some() || k.algorithm.is_some() {
+                issues.push(key, "a `jwks` entry takes `kid` and `alg` from the JWK set");
+            }
+            Some(KeySource::Jwks {
+                path: paths.resolve(&path),
+            })
+        }
+        (None, None, Some(path)) => {
+            if !allow_hmac {
+                issues.push(
+                    format!("{key}.secret_file"),
+                    "shared-secret keys need `tokens.allow_hmac = true`",
+                );
+            }
+            if k.algorithm.as_deref().is_some_and(|a| a != "HS256") {
+                issues.push(format!("{key}.algorithm"), "shared secrets are HS256");
+            }
+            Some(KeySource::SharedSecret {
+                kid,
+                path: paths.resolve(&path),
+            })
+        }
+        _ => {
+            issues.push(
+                key,
+                "give exactly one of `public_key`, `jwks` or `secret_file`",
+            );
+            None
+        }
+    }
+}
+
+/// `[issuance]`: its `iss`, `aud` and lifetime must pass `policy`.
+fn validate_issuance(
+    raw: RawIssuance,
+    policy: &ValidationPolicy,
+    paths: Paths<'_>,
+    issues: &mut Issues,
+) -> IssuanceConfig {
+    let bearer_keys = read_bearer_keys(&raw.bearer_key_files, paths, issues);
+    let signing_key = match raw.signing_key {
+        Some(p) if raw.signing_secret.unwrap_or(false) => SigningKey::Secret(paths.resolve(&p)),
+        Some(p) => SigningKey::PrivatePem(paths.resolve(&p)),
+        None => {
+            issues.push(
+                "issuance.signing_key",
+                "required: the key issued tokens are signed with",
+            );
+            SigningKey::PrivatePem(PathBuf::new())
+        }
+    };
+    let max_ttl_secs = policy.max_ttl_secs;
+    let ttl_secs = raw.ttl_secs.unwrap_or(120);
+    if ttl_secs == 0 || ttl_secs > max_ttl_secs {
+        issues.push(
+            "issuance.ttl_secs",
+            format!("between 1 and tokens.max_ttl_secs ({max_ttl_secs})"),
+        );
+    }
+    let issuer = raw.issuer.unwrap_or_else(|| policy.issuers[0].clone());
+    if !policy.issuers.contains(&issuer) {
+        issues.push(
+            "issuance.issuer",
+            "must be one of tokens.issuers, or its tokens would be refused",
+        );
+    }
+    let audience = raw.audience.unwrap_or_else(|| policy.audiences[0].clone());
+    if !policy.audiences.contains(&audience) {
+        issues.push(
+            "issuance.audience",
+            "must be one of tokens.audiences, or its tokens would be refused",
+        );
+    }
+    IssuanceConfig {
+        bearer_keys,
+        signing_key,
+        signing_kid: raw.signing_kid,
+        issuer,
+        audience,
+        ttl_secs,
+    }
+}
+
+/// Reads `issuance.bearer_key_files`: at least one, each at least 16 characters.
+fn read_bearer_keys(
+    files: &[PathBuf],
+    paths: Paths<'_>,
+    issues: &mut Issues,
+) -> Vec<Secret<String>> {
+    if files.is_empty() {
+        issues.push(
+            "issuance.bearer_key_files",
+            "list at least one bearer key file: the API is never open",
+        );
+    }
+    let mut keys = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let path = paths.resolve(path);
+        let key = format!("issuance.bearer_key_files[{i}]");
+        match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().len() >= 16 => keys.push(Secret::new(s.trim().to_string())),
+            Ok(_) => issues.push(
+                key,
+                format!(
+                    "{}: a bearer key must be at least 16 characters",
+                    path.display()
+                ),
+            ),
+            Err(e) => issues.push(key, format!("cannot read {}: {e}", path.display())),
+        }
+    }
+    keys
+}
+
+/// `[[backends]]`, validated: the allow-list and each network's credentials.
+struct Backends {
+    networks: Vec<BackendNetwork>,
+    spice: HashMap<String, SpiceBackendConfig>,
+    vnc: HashMap<String, VncBackendConfig>,
+}
+
+/// Every `[[backends]]` entry.
+fn validate_backends(raw: Vec<RawBackend>, paths: Paths<'_>, issues: &mut Issues) -> Backends {
+    let mut out = Backends {
+        networks: Vec::new(),
+        spice: HashMap::new(),
+        vnc: HashMap::new(),
+    };
+    for (i, b) in raw.into_iter().enumerate() {
+        let key = format!("backends[{i}]");
+        let name = b.name.unwrap_or_else(|| format!("backend-{i}"));
+        let networks = parse_each(
+            issues,
+            &format!("{key}.networks"),
+            &b.networks,
+            parse_net,
+            "a CIDR range or address",
+        );
+        if networks.is_empty() && b.hostnames.is_empty() {
+            issues.push(key.clone(), "list at least one network or hostname");
+        }
+        let mut ports = Vec::new();
+        for (j, p) in b
+            .ports
+            .unwrap_or_else(|| vec!["5900-65535".into()])
+            .iter()
+            .enumerate()
+        {
+            match p.parse::<PortRange>() {
+                Ok(r) => ports.push(r),
+                Err(e) => issues.push(format!("{key}.ports[{j}]"), e),
+            }
+        }
+        if let Some(sp) = b.spice {
+            let c = validate_spice_backend(&key, sp, paths, issues);
+            out.spice.insert(name.clone(), c);
+        }
+        if let Some(v) = b.vnc {
+            let c = validate_vnc_backend(&key, v, paths, issues);
+            out.vnc.insert(name.clone(), c);
+        }
+        out.networks.push(BackendNetwork {
+            name,
+            networks,
+            hostnames: b.hostnames,
+            ports,
+        });
+    }
+    out
+}
+
+/// A TLS name to check in hypervisor certificates, at `key`.
+fn check_tls_name(issues: &mut Issues, key: String, name: Option<&str>) {
+    if let Some(name) = name
+        && rustls::pki_types::ServerName::try_from(name).is_err()
+    {
+        issues.push(key, format!("`{name}` is not a DNS name or IP address"));
+    }
+}
+
+/// `[backends.spice]` of the backend at `key`.
+fn validate_spice_backend(
+    key: &str,
+    sp: RawSpiceBackend,
+    paths: Paths<'_>,
+    issues: &mut Issues,
+) -> SpiceBackendConfig {
+    check_tls_name(
+        issues,
+        format!("{key}.spice.tls_name"),
+        sp.tls_name.as_deref(),
+    );
+    let prefer_plain = match sp.prefer.as_deref() {
+        None | Some("tls") => false,
+        Some("plain") => true,
+        Some(other) => {
+            issues.push(
+                format!("{key}.spice.prefer"),
+                format!("`{other}` is not \"tls\" or \"plain\""),
+            );
+            false
+        }
+    };
+    SpiceBackendConfig {
+        password_file: sp.password_file.map(|p| paths.resolve(&p)),
+        ca: sp.ca.map(|p| paths.resolve(&p)),
+        tls_name: sp.tls_name,
+        prefer_plain,
+    }
+}
+
+/// `[backends.vnc]` of the backend at `key`.
+fn validate_vnc_backend(
+    key: &str,
+    v: RawVncBackend,
+    paths: Paths<'_>,
+    issues: &mut Issues,
+) -> VncBackendConfig {
+    check_tls_name(issues, format!("{key}.vnc.tls_name"), v.tls_name.as_deref());
+    let mut c = VncBackendConfig {
+        password_file: v.password_file.map(|p| paths.resolve(&p)),
+        ca: v.ca.map(|p| paths.resolve(&p)),
+        tls_name: v.tls_name,
+        force_shared: v.force_shared.unwrap_or(true),
+        ..VncBackendConfig::default()
+    };
+    c.client_identity = match (v.client_cert, v.client_key) {
+        (Some(cert), Some(k)) => Some((paths.resolve(&cert), paths.resolve(&k))),
+        (None, None) => None,
+        _ => {
+            issues.push(
+                format!("{key}.vnc.client_cert"),
+                "set both `client_cert` and `client_key`, or neither",
+            );
+            None
+        }
+    };
+    if let Some(list) = v.auth {
+        c.auth.clear();
+        for (j, a) in list.iter().enumerate() {
+            match crate::protocol::rfb::upstream::UpstreamAuth::parse(a) {
+                Some(x) => c.auth.push(x),
+                None => issues.push(
+                    format!("{key}.vnc.auth[{j}]"),
+                    format!("`{a}` is not one of x509-vnc, x509-none, vnc, none"),
+                ),
+            }
+        }
+        if c.auth.is_empty() {
+            issues.push(format!("{key}.vnc.auth"), "name at least one scheme");
+        }
+    }
+    c
+}
+
+/// `[spice]`, and the certificate it settled on (its own, else the public
+/// listener's), which the VNC listener defaults to.
+fn validate_spice(
+    sp: RawSpice,
+    listen: &ListenConfig,
+    paths: Paths<'_>,
+    issues: &mut Issues,
+) -> (SpiceConfig, Option<CertFiles>) {
+    let cert = cert_files(
+        issues,
+        "spice",
+        sp.tls_cert,
+        sp.tls_key,
+        paths,
+        listen.tls.clone(),
+    );
+    let tls13_only = tls_min_version(
+        issues,
+        "spice.tls_min_version",
+        sp.tls_min_version.as_deref(),
+        listen.tls13_only,
+    );
+    let listen_tls = tls_listener(
+        issues,
+        "spice.listen_tls",
+        sp.listen_tls,
+        cert.clone(),
+        tls13_only,
+        "spice.tls_cert and tls_key, or listen.tls_cert and tls_key",
+    );
+    let listen_plain = sp
+        .listen_plain
+        .and_then(|text| parse_listener_addr(issues, "spice.listen_plain", &text));
+    let public_host = sp
+        .public_host
+        .unwrap_or_else(|| host_of(&listen.public_base_url).unwrap_or_else(|| "localhost".into()));
+    let spice = SpiceConfig {
+        listen_tls,
+        listen_plain,
+        ca: sp.ca.map(|p| paths.resolve(&p)),
+        host_subject: sp.host_subject,
+        public_host,
+        public_tls_port: sp.public_tls_port,
+        ticket_ttl_secs: secs_within(
+            issues,
+            "spice.ticket_ttl_secs",
+            sp.ticket_ttl_secs,
+            120,
+            5,
+            3600,
+        ),
+        handshake_timeout: Duration::from_secs(secs_within(
+            issues,
+            "spice.handshake_timeout_secs",
+            sp.handshake_timeout_secs,
+            10,
+            1,
+            300,
+        )),
+        key_rotation: Duration::from_secs(secs_within(
+            issues,
+            "spice.key_rotation_secs",
+            sp.key_rotation_secs,
+            30,
+            1,
+            86_400,
+        )),
+    };
+    (spice, cert)
+}
+
+/// `[vnc]`; its certificate defaults to `spice_cert`, its TLS floor to `tls13_default`.
+fn validate_vnc(
+    v: RawVnc,
+    spice_cert: Option<CertFiles>,
+    tls13_default: bool,
+    issues: &mut Issues,
+    paths: Paths<'_>,
+) -> VncConfig {
+    let cert = cert_files(issues, "vnc", v.tls_cert, v.tls_key, paths, spice_cert);
+    let tls13_only = tls_min_version(
+        issues,
+        "vnc.tls_min_version",
+        v.tls_min_version.as_deref(),
+        tls13_default,
+    );
+    VncConfig {
+        listen: tls_listener(
+            issues,
+            "vnc.listen",
+            v.listen,
+            cert,
+            tls13_only,
+            "vnc.tls_cert and tls_key, spice.tls_*, or listen.tls_*",
+        ),
+        public_port: v.public_port,
+        handshake_timeout: Duration::from_secs(secs_within(
+            issues,
+            "vnc.handshake_timeout_secs",
+            v.handshake_timeout_secs,
+            10,
+            1,
+            300,
+        )),
+    }
+}
+
+/// A section's `tls_cert` and `tls_key`: both give the pair, neither gives
+/// `fallback`, and one alone is a problem (at `{section}.tls_cert`) and gives none.
+fn cert_files(
+    issues: &mut Issues,
+    section: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    paths: Paths<'_>,
+    fallback: Option<CertFiles>,
+) -> Option<CertFiles> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Some(CertFiles {
+            cert: paths.resolve(&cert),
+            key: paths.resolve(&key),
+        }),
+        (None, None) => fallback,
+        _ => {
+            issues.push(
+                format!("{section}.tls_cert"),
+                "set both `tls_cert` and `tls_key`, or neither",
+            );
+            None
+        }
+    }
+}
+
+/// A TLS listener at `key` from its address and the certificate its section
+/// settled on. An address without a certificate is a problem at `key`;
+/// `hint` says where a certificate can come from.
+fn tls_listener(
+    issues: &mut Issues,
+    key: &str,
+    addr: Option<String>,
+    cert: Option<CertFiles>,
+    tls13_only: bool,
+    hint: &str,
+) -> Option<TlsListener> {
+    let addr = parse_listener_addr(issues, key, &addr?)?;
+    match cert {
+        Some(cert) => Some(TlsListener {
+            addr,
+            cert,
+            tls13_only,
+        }),
+        None => {
+            issues.push(key, format!("needs a certificate: {hint}"));
+            None
+        }
+    }
+}
+
+/// An optional listener's address; a problem at `key` when it does not parse.
+fn parse_listener_addr(issues: &mut Issues, key: &str, text: &str) -> Option<SocketAddr> {
+    let addr = text.parse::<SocketAddr>().ok();
+    if addr.is_none() {
+        issues.push(key, format!("`{text}` is not an address:port"));
+    }
+    addr
+}
+
+/// A listener's address, `default` when absent (and, after a problem, when it does not parse).
+fn parse_addr(issues: &mut Issues, key: &str, value: Option<&str>, default: &str) -> SocketAddr {
+    let text = value.unwrap_or(default);
+    text.parse::<SocketAddr>().unwrap_or_else(|_| {
+        issues.push(key, format!("`{text}` is not an address:port"));
+        default.parse().expect("default address parses")
+    })
+}
+
+/// Every item of the list at `key` that parses; a problem at `key[i]` for each
+/// that does not (saying it is not `what`).
+fn parse_each<T>(
+    issues: &mut Issues,
+    key: &str,
+    items: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+    what: &str,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match parse(item) {
+            Some(v) => out.push(v),
+            None => issues.push(format!("{key}[{i}]"), format!("`{item}` is not {what}")),
+        }
+    }
+    out
+}
+
+/// `v`, with a problem at `key` unless it is within `min..=max`.
+fn within(issues: &mut Issues, key: &str, v: usize, min: usize, max: usize) -> usize {
+    if !(min..=max).contains(&v) {
+        issues.push(key, format!("between {min} and {max}"));
+    }
+    v
+}
+
+/// Seconds at `key` (`default` when absent), with a problem unless within `min..=max`.
+fn secs_within(
+    issues: &mut Issues,
+    key: &str,
+    v: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> u64 {
+    let v = v.unwrap_or(default);
+    if !(min..=max).contains(&v) {
+        issues.push(key, format!("must be within {min}..={max}"));
+    }
+    v
+}
+
+/// Seconds as a duration, where 0 means off.
+fn nonzero_secs(secs: u64) -> Option<Duration> {
+    Some(Duration::from_secs(secs)).filter(|d| !d.is_zero())
 }
 
 /// `"1.2"` or `"1.3"` (true: 1.3 only); absent: `default`.

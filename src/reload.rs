@@ -15,16 +15,16 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::Config;
-use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
-use crate::token::TokenValidator;
-use crate::transport::listener::{self, TlsSlot};
+use crate::config::{CertFiles, Config, ConfigError, ConfigIssue, TlsListener};
+use crate::hypervisor::{CredentialError, SpiceUpstreams, VncUpstreams};
+use crate::token::{KeyError, TokenValidator};
+use crate::transport::listener::{self, TlsError, TlsSlot};
 
 /// A TLS slot and the files it was loaded from.
 #[derive(Debug, Clone)]
 struct TlsFiles {
     slot: TlsSlot,
-    files: (PathBuf, PathBuf),
+    files: CertFiles,
     /// Console listeners speak no ALPN.
     console: bool,
     /// TLS 1.3 only.
@@ -53,6 +53,43 @@ pub struct Reloaded {
     pub certificates: Vec<&'static str>,
     /// Whether backend networks were reloaded from the config file.
     pub backends: bool,
+    /// Deprecated names the reloaded file still uses (logged, not answered).
+    #[serde(skip)]
+    pub warnings: Vec<ConfigIssue>,
+}
+
+/// Why a reload changed nothing. The messages are what the log and the admin
+/// API's `422` have always said.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The config file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener's certificate did not load.
+    #[error("{listener} certificate: {error}")]
+    Certificate {
+        /// `public`, `spice` or `vnc`.
+        listener: &'static str,
+        /// Why.
+        error: TlsError,
+    },
+    /// SPICE credentials of a backend network did not load.
+    #[error("backends.spice: {0}")]
+    SpiceBackends(CredentialError),
+    /// VNC credentials of a backend network did not load.
+    #[error("backends.vnc: {0}")]
+    VncBackends(CredentialError),
+    /// The token keys did not load.
+    #[error("token keys: {0}")]
+    Keys(KeyError),
+}
+
+/// Call sites that pass failures on as text (the admin API's error bodies)
+/// take this error as they took the message it used to be.
+impl From<ReloadError> for String {
+    fn from(e: ReloadError) -> Self {
+        e.to_string()
+    }
 }
 
 /// What a reload may swap, as the composition root built it.
@@ -72,47 +109,57 @@ pub struct Swappable {
     pub vnc_upstreams: Arc<ArcSwap<VncUpstreams>>,
 }
 
+/// The certificate files of a native console listener, if it is on.
+fn console_files(l: &Option<TlsListener>) -> Option<CertFiles> {
+    l.as_ref().map(|l| l.cert.clone())
+}
+
 impl Reloader {
     /// A reloader over `parts`, loaded from `config` (read anew from
     /// `config_path` at each reload, when there is one).
     pub fn new(config: &Config, parts: Swappable, config_path: Option<PathBuf>) -> Self {
-        let files = |slot: &Option<TlsSlot>,
-                     files: &Option<(PathBuf, PathBuf)>,
-                     console,
-                     tls13_only| match (slot, files) {
+        let files = |slot: &Option<TlsSlot>, files: Option<CertFiles>, console, tls13_only| match (
+            slot, files,
+        ) {
             (Some(slot), Some(files)) => Some(TlsFiles {
                 slot: slot.clone(),
-                files: files.clone(),
+                files,
                 console,
                 tls13_only,
             }),
             _ => None,
         };
+        let tls13 = |l: &Option<TlsListener>| l.as_ref().is_some_and(|l| l.tls13_only);
         Self {
             config_path,
             validator: parts.validator,
             public_tls: files(
                 &parts.public_tls,
-                &config.listen.tls,
+                config.listen.tls.clone(),
                 false,
                 config.listen.tls13_only,
             ),
             spice_tls: files(
                 &parts.spice_tls,
-                &config.spice.tls,
+                console_files(&config.spice.listen_tls),
                 true,
-                config.spice.tls13_only,
+                tls13(&config.spice.listen_tls),
             ),
-            vnc_tls: files(&parts.vnc_tls, &config.vnc.tls, true, config.vnc.tls13_only),
+            vnc_tls: files(
+                &parts.vnc_tls,
+                console_files(&config.vnc.listen),
+                true,
+                tls13(&config.vnc.listen),
+            ),
             spice_upstreams: parts.spice_upstreams,
             vnc_upstreams: parts.vnc_upstreams,
         }
     }
 
     /// Loads everything anew and swaps it in, or changes nothing.
-    pub fn reload(&self) -> Result<Reloaded, String> {
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let config = match &self.config_path {
-            Some(p) => Some(Config::load(p).map_err(|e| e.to_string())?),
+            Some(p) => Some(Config::load(p)?),
             None => None,
         };
         // Certificates: the (possibly new) paths from the file, else the old ones.
@@ -126,39 +173,44 @@ impl Reloader {
             (
                 "spice",
                 &self.spice_tls,
-                config.as_ref().and_then(|c| c.spice.tls.clone()),
+                config
+                    .as_ref()
+                    .and_then(|c| console_files(&c.spice.listen_tls)),
             ),
             (
                 "vnc",
                 &self.vnc_tls,
-                config.as_ref().and_then(|c| c.vnc.tls.clone()),
+                config.as_ref().and_then(|c| console_files(&c.vnc.listen)),
             ),
         ] {
             let Some(t) = tls else { continue };
-            let (cert, key) = new_files.unwrap_or_else(|| t.files.clone());
-            let mut loaded = listener::load_tls(&cert, &key, t.tls13_only)
-                .map_err(|e| format!("{name} certificate: {e}"))?;
-            if t.console {
-                loaded.alpn_protocols.clear();
-            }
+            let files = new_files.unwrap_or_else(|| t.files.clone());
+            let load = if t.console {
+                listener::load_console_tls
+            } else {
+                listener::load_tls
+            };
+            let loaded = load(&files.cert, &files.key, t.tls13_only).map_err(|error| {
+                ReloadError::Certificate {
+                    listener: name,
+                    error,
+                }
+            })?;
             certs.push((name, t.slot.clone(), loaded));
         }
         let backends = match &config {
             Some(c) => Some((
                 c.allow.clone(),
-                SpiceUpstreams::load(&c.spice_backends)
-                    .map_err(|e| format!("backends.spice: {e}"))?,
-                VncUpstreams::load(&c.vnc_backends).map_err(|e| format!("backends.vnc: {e}"))?,
+                SpiceUpstreams::load(&c.spice_backends).map_err(ReloadError::SpiceBackends)?,
+                VncUpstreams::load(&c.vnc_backends).map_err(ReloadError::VncBackends)?,
             )),
             None => None,
         };
         // Keys last: reload() swaps only when every key loads.
-        let keys = self
-            .validator
-            .reload()
-            .map_err(|e| format!("token keys: {e}"))?;
+        let keys = self.validator.reload().map_err(ReloadError::Keys)?;
         let mut done = Reloaded {
             keys,
+            warnings: config.map(|c| c.warnings).unwrap_or_default(),
             ..Reloaded::default()
         };
         for (name, slot, loaded) in certs {
@@ -175,11 +227,14 @@ impl Reloader {
     }
 
     /// Reloads and logs and counts the outcome (`why`: what asked for it).
-    pub fn reload_logged(&self, why: &str) -> Result<Reloaded, String> {
+    pub fn reload_logged(&self, why: &str) -> Result<Reloaded, ReloadError> {
         let r = self.reload();
         match &r {
             Ok(done) => {
                 crate::metrics::key_reload(true);
+                for w in &done.warnings {
+                    tracing::warn!("{why}: config: {w}");
+                }
                 tracing::info!(keys = done.keys, certificates = ?done.certificates, backends = done.backends, "{why}: reloaded");
                 crate::audit::AuditEvent::new("reloaded")
                     .field("by", Some(why.to_string()))
