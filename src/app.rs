@@ -269,6 +269,7 @@ fn session_parts(
         resolver: swappable.validator.clone(),
         redemptions: redemptions.clone(),
         tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
+        registry: Arc::new(session::registry::Registry::default()),
         tokens: config.tokens.clone(),
         browser: config.websocket.clone(),
         limits: Limits {

@@ -75,14 +75,6 @@ fn known_names() -> String {
     known.join(", ")
 }
 
-/// Call sites that pass refusal messages on as text (the admin API's error
-/// bodies) take this error as they took the message it used to be.
-impl From<UnknownConsoleType> for String {
-    fn from(e: UnknownConsoleType) -> Self {
-        e.to_string()
-    }
-}
-
 impl FromStr for ConsoleType {
     type Err = UnknownConsoleType;
 

@@ -6,28 +6,35 @@
 //!
 //! # Layout
 //!
-//! - [`token`]: signed console tokens in, a [`token::Grant`] or a named refusal out; keys,
-//!   signing, and the `jti` reuse store.
-//! - [`hypervisor`]: console targets and the operator's allow-list of hypervisor networks.
-//! - [`protocol`]: sans-IO RFB and SPICE handshake machines: bytes in, bytes and decisions out.
-//! - [`session`]: console sessions: slots, redemption, the live registry, the SPICE link
-//!   proxy and the VNC security proxy drivers, splicing.
-//! - [`transport`]: listeners (plain/TLS), the lazily buffered socket reader, the WebSocket bridge.
-//! - [`issuance`]: minting tokens for API servers that hold no signing key.
-//! - [`frontend`]: how requests arrive: the public listener (pages, WebSockets) and the admin one.
-//! - [`demo`]: the throwaway QEMU VM started on embedded defaults.
-//! - [`config`]: the TOML file, parsed raw and validated into a ready [`config::Config`].
-//! - [`bootstrap`]: first-start development material for running on embedded defaults.
-//! - [`app`]: the composition root: builds state, binds listeners, owns shutdown;
-//!   [`reload`]: swapping keys, certificates and backends in without a restart.
-//! - [`cli`]: the `porthole` command line; [`admin_client`]: its client of the admin API.
-//! - Leaves: [`audit`] (the JSON-lines trail), [`error`] (blame), [`metrics`], [`secret`]
-//!   (redaction), [`shutdown`].
+//! Layers, top first; each imports only layers below it (and the leaves).
+//! `tests/dependency_rule.rs` enforces it; `docs/architecture.md` follows a
+//! byte through it.
 //!
-//! Dependency rule: `cli → app → frontend → {session, issuance, token}`;
-//! `session → {token, transport}`; `token → hypervisor`; every module may use
-//! the leaves. `hypervisor` and `protocol` import nothing else of ours
-//! (`grep -r "tokio\|axum" src/protocol` stays empty).
+//! 1. [`cli`] (the `porthole` command line) and [`admin_client`] (its client
+//!    of the admin API).
+//! 2. [`app`]: the composition root: builds state, binds listeners, owns the
+//!    one shutdown path.
+//! 3. [`frontend`]: how requests arrive: pages, WebSocket upgrades, ticket
+//!    exchanges, native listeners, the admin API. Parses, checks the Origin,
+//!    asks the session layer, answers; never touches a hypervisor.
+//! 4. [`reload`] (swapping keys, certificates and backends), [`issuance`]
+//!    (minting tokens), [`demo`] (the throwaway QEMU VM), [`bootstrap`]
+//!    (first-start material).
+//! 5. [`session`]: a console session from admission to its end: resolving
+//!    tokens, caps and reuse, tickets, the registry, the hypervisor
+//!    handshakes (VNC security proxy, SPICE link proxy) under one driver, the
+//!    WebSocket relay and the byte splice, one lifecycle guard.
+//! 6. [`config`]: the TOML file, parsed raw and validated into settings.
+//! 7. [`token`]: signed console tokens and tickets in, a [`token::Grant`] or
+//!    a refusal out; keys, signing, the reuse and ticket stores.
+//! 8. [`hypervisor`]: console targets, the allow-list, backend credentials.
+//! 9. [`protocol`] (sans-IO RFB and SPICE machines: bytes in, bytes and
+//!    decisions out; no tokio) and [`transport`] (listeners, TLS, a
+//!    WebSocket seen as bytes, the lazy read buffer; nothing about consoles).
+//!    Both import only leaves.
+//! 10. Leaves: [`console`] (the console type), [`error`] (blame),
+//!     [`secret`] (redaction), [`shutdown`], [`metrics`], [`audit`] (the
+//!     JSON-lines trail).
 
 pub mod admin_client;
 pub mod app;

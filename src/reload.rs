@@ -84,14 +84,6 @@ pub enum ReloadError {
     Keys(KeyError),
 }
 
-/// Call sites that pass failures on as text (the admin API's error bodies)
-/// take this error as they took the message it used to be.
-impl From<ReloadError> for String {
-    fn from(e: ReloadError) -> Self {
-        e.to_string()
-    }
-}
-
 /// What a reload may swap, as the composition root built it.
 #[derive(Debug, Clone)]
 pub struct Swappable {

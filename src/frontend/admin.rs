@@ -188,7 +188,11 @@ async fn issue(
         Ok(c) => c,
         Err(e) => {
             crate::metrics::issuance_refused("unknown_console_type");
-            return error(StatusCode::BAD_REQUEST, "unknown_console_type", e);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "unknown_console_type",
+                e.to_string(),
+            );
         }
     };
     let req = IssueRequest {
@@ -255,7 +259,13 @@ fn token_request(
     let expect = match body.console.as_deref().map(str::parse::<ConsoleType>) {
         None => None,
         Some(Ok(c)) => Some(c),
-        Some(Err(e)) => return Err(error(StatusCode::BAD_REQUEST, "unknown_console_type", e)),
+        Some(Err(e)) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "unknown_console_type",
+                e.to_string(),
+            ));
+        }
     };
     Ok((body.token, expect))
 }
@@ -328,7 +338,11 @@ async fn reload_all(State(s): State<AdminState>, headers: HeaderMap) -> Response
     let reloader = s.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.reload_logged("admin")).await {
         Ok(Ok(done)) => Json(json!({ "reloaded": done })).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, "reload_failed", e),
+        Ok(Err(e)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reload_failed",
+            e.to_string(),
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

@@ -40,7 +40,7 @@ pub async fn list(
     if let Err(r) = authorize(&s, &headers) {
         return r.into_response();
     }
-    Json(json!({ "sessions": s.sessions.registry.list(&sel) })).into_response()
+    Json(json!({ "sessions": s.sessions.registry.list(&sel).await })).into_response()
 }
 
 /// `GET /v1/sessions/{id}`.
@@ -56,7 +56,7 @@ pub async fn show(
         id: Some(id),
         ..Selector::default()
     };
-    match s.sessions.registry.list(&sel).into_iter().next() {
+    match s.sessions.registry.list(&sel).await.into_iter().next() {
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "no such session"),
     }
@@ -125,14 +125,15 @@ pub async fn kill_many(
 /// Ends the sessions, revokes their tokens, audits each; returns their ids.
 async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> Vec<String> {
     let reason = reason.unwrap_or("terminated by an operator");
-    let ended = s.sessions.registry.terminate(sel, by, reason);
+    let ended = s.sessions.registry.terminate(sel, by, reason).await;
     let now = unix_now();
     for live in &ended {
         // A killed session's token is dead: no reconnect, no new channel.
         let _ = s
             .validator
             .revocations()
-            .revoke_jti(&live.jti, now + s.revoke_for_secs, now);
+            .revoke_jti(&live.jti, now + s.revoke_for_secs, now)
+            .await;
         s.sessions.tickets.revoke_jti(&live.jti).await;
         crate::metrics::admin_action("terminate");
         tracing::info!(session = %live.id, jti = %live.jti, instance = %live.instance, by, reason, "session terminated");
@@ -181,7 +182,7 @@ pub async fn revoke(
                     jti: Some(jti.clone()),
                     ..Selector::default()
                 },
-                revocations.revoke_jti(jti, until, now),
+                revocations.revoke_jti(jti, until, now).await,
             )
         }
         (None, Some(instance)) => (
@@ -189,7 +190,7 @@ pub async fn revoke(
                 instance: Some(instance.clone()),
                 ..Selector::default()
             },
-            revocations.revoke_instance(instance, until, now),
+            revocations.revoke_instance(instance, until, now).await,
         ),
         _ => {
             return error(

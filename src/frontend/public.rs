@@ -170,19 +170,30 @@ fn client_addr(peer: SocketAddr, headers: &HeaderMap, listen: &ListenConfig) -> 
     client
 }
 
+/// Why a request's Origin may not open a console socket.
+#[derive(Debug, thiserror::Error)]
+enum OriginRefusal {
+    #[error("no Origin header")]
+    Missing,
+    #[error("unreadable Origin")]
+    Unreadable,
+    #[error("origin {0:?} not allowed")]
+    NotAllowed(String),
+}
+
 /// Whether the request's Origin may open a console socket. The list is fixed
 /// at start; nothing in a request (Host, X-Forwarded-Host) can add to it.
-fn origin_allowed(headers: &HeaderMap, listen: &ListenConfig) -> Result<(), String> {
+fn origin_allowed(headers: &HeaderMap, listen: &ListenConfig) -> Result<(), OriginRefusal> {
     match headers.get(header::ORIGIN) {
         None if listen.allow_missing_origin => Ok(()),
-        None => Err("no Origin header".into()),
+        None => Err(OriginRefusal::Missing),
         Some(v) => {
-            let origin = v.to_str().map_err(|_| "unreadable Origin".to_string())?;
+            let origin = v.to_str().map_err(|_| OriginRefusal::Unreadable)?;
             let normalized = crate::config::origin_of(origin).unwrap_or_default();
             if !normalized.is_empty() && listen.allowed_origins.contains(&normalized) {
                 Ok(())
             } else {
-                Err(format!("origin {:?} not allowed", printable(origin)))
+                Err(OriginRefusal::NotAllowed(printable(origin)))
             }
         }
     }

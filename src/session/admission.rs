@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::Stop;
 use super::lifecycle;
 use super::link_keys::LinkKeys;
-use super::registry::Registry;
+use super::registry::SessionRegistry;
 use crate::config::{TokenConfig, WebSocketConfig};
 use crate::console::ConsoleType;
 use crate::error::Blame;
@@ -222,6 +222,8 @@ pub struct Parts {
     pub redemptions: Arc<dyn RedemptionStore>,
     /// Tickets for native and spice-html5 clients.
     pub tickets: Arc<dyn TicketStore>,
+    /// The live sessions.
+    pub registry: Arc<dyn SessionRegistry>,
     /// Reuse policies per console type.
     pub tokens: TokenConfig,
     /// Browser sessions' WebSocket limits and timers.
@@ -271,7 +273,7 @@ pub struct Sessions {
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// The live sessions, for the admin API.
-    pub registry: Arc<Registry>,
+    pub registry: Arc<dyn SessionRegistry>,
 }
 
 impl Sessions {
@@ -294,7 +296,7 @@ impl Sessions {
             vnc_tls: parts.vnc_tls,
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            registry: Arc::default(),
+            registry: parts.registry,
         }
     }
 

@@ -155,7 +155,7 @@ impl BrowserAdmission {
             super::spice::serve_browser(sessions, socket, client, grant.jti).await;
             return;
         };
-        let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None);
+        let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None).await;
         let span = life.span();
         async move {
             life.hold(opened.guards);

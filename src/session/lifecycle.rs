@@ -9,46 +9,49 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::registry::{ByteCounters, LiveSession, NewSession, Registered};
+use super::registry::{ByteCounters, LiveSession, NewSession, SessionRegistry};
 use super::{SessionGuards, Sessions, Stop, Traffic};
 use crate::console::ConsoleType;
 use crate::error::Blame;
 use crate::token::{Grant, Refusal};
 
-/// A session from admission to its end. Dropping it without
-/// [`Lifecycle::finish`] still removes its registry entry and releases its
-/// guards, but writes no end: every path ends with `finish`.
+/// A session from admission to its end. Every path ends with
+/// [`Lifecycle::finish`]; one dropped unfinished (a task that panicked) is
+/// still deregistered and its guards released, in the background, but
+/// writes no end.
 #[derive(Debug)]
 pub struct Lifecycle {
-    entry: Registered,
+    registry: Arc<dyn SessionRegistry>,
+    live: Arc<LiveSession>,
     started: Instant,
     guards: Vec<SessionGuards>,
     stop: Stop,
     span: tracing::Span,
+    finished: bool,
 }
 
 impl Lifecycle {
     /// Registers a session for `grant` from `client`, and writes its start.
     /// `key` lets further connections join it (a SPICE ticket's id).
-    pub fn begin(
+    pub async fn begin(
         sessions: &Sessions,
         grant: &Grant,
         console: ConsoleType,
         client: IpAddr,
         key: Option<String>,
     ) -> Self {
-        let entry = sessions.registry.register(
-            NewSession {
-                console,
-                instance: grant.instance.clone(),
-                jti: grant.jti.clone(),
-                client,
-                target: grant.target.to_string(),
-                key,
-            },
-            &sessions.cancel,
-        );
-        let live = &entry.live;
+        let new = NewSession {
+            console,
+            instance: grant.instance.clone(),
+            jti: grant.jti.clone(),
+            client,
+            target: grant.target.to_string(),
+            key,
+        };
+        let live = sessions
+            .registry
+            .register(new, sessions.cancel.child_token())
+            .await;
         let stop = sessions.stop_for(live.cancel.clone());
         // Every log line of the session carries its id (the audit trail's too).
         let span = tracing::info_span!("session", session = %live.id);
@@ -61,22 +64,24 @@ impl Lifecycle {
             );
         });
         Self {
-            entry,
+            registry: sessions.registry.clone(),
+            live,
             started: Instant::now(),
             guards: Vec::new(),
             stop,
             span,
+            finished: false,
         }
     }
 
     /// The registry entry.
     pub fn live(&self) -> &Arc<LiveSession> {
-        &self.entry.live
+        &self.live
     }
 
     /// The session's byte counters (shared by all its connections).
     pub fn counters(&self) -> &ByteCounters {
-        &self.entry.live.bytes
+        &self.live.bytes
     }
 
     /// How the session is told to stop.
@@ -97,19 +102,13 @@ impl Lifecycle {
     /// Ends the session for `outcome`: releases what it holds, removes its
     /// registry entry, and writes the end (audit event, metrics, log line).
     /// `traffic` is the bytes of the connection that carried the session.
-    pub async fn finish(self, outcome: &'static str, traffic: Traffic) {
-        let Lifecycle {
-            entry,
-            started,
-            guards,
-            span,
-            ..
-        } = self;
-        for g in guards {
+    pub async fn finish(mut self, outcome: &'static str, traffic: Traffic) {
+        self.finished = true;
+        for g in std::mem::take(&mut self.guards) {
             g.release().await;
         }
-        let live = &entry.live;
-        let secs = started.elapsed().as_secs_f64();
+        let live = &self.live;
+        let secs = self.started.elapsed().as_secs_f64();
         let terminated = live.terminated.get();
         let counters = &live.bytes;
         crate::audit::session_ended(
@@ -125,14 +124,33 @@ impl Lifecycle {
         let console = live.console.as_str();
         crate::metrics::session_ended(console, outcome);
         crate::metrics::bytes_relayed(console, traffic.up, traffic.down);
-        span.in_scope(|| {
+        self.span.in_scope(|| {
             tracing::info!(
                 session = %live.id, client = %live.client, jti = %live.jti, console,
                 reason = outcome, bytes_up = traffic.up, bytes_down = traffic.down, secs,
                 "session ended"
             );
         });
-        drop(entry);
+        self.registry.deregister(live).await;
+    }
+}
+
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let registry = self.registry.clone();
+        let live = self.live.clone();
+        let guards = std::mem::take(&mut self.guards);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for g in guards {
+                    g.release().await;
+                }
+                registry.deregister(&live).await;
+            });
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -206,21 +207,38 @@ pub struct NewSession {
     pub key: Option<String>,
 }
 
-/// Every live session.
+/// Every live session of this process.
 #[derive(Debug, Default)]
 pub struct Registry {
-    live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    maps: Mutex<Maps>,
+}
+
+#[derive(Debug, Default)]
+struct Maps {
+    /// By session id.
+    live: HashMap<String, Arc<LiveSession>>,
+    /// Session id by join key (a SPICE ticket's id): channel links look
+    /// their session up without a scan.
+    keys: HashMap<String, String>,
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveSession>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
         // Inserts and removes only: a poisoned map is consistent.
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers a session whose cancel token is a child of `parent`; the
     /// guard removes it when dropped.
     pub fn register(self: &Arc<Self>, s: NewSession, parent: &CancellationToken) -> Registered {
+        let live = self.insert(s, parent.child_token());
+        Registered {
+            registry: self.clone(),
+            live,
+        }
+    }
+
+    fn insert(&self, s: NewSession, cancel: CancellationToken) -> Arc<LiveSession> {
         let id = format!("s-{}", crate::token::signing::random_token(9));
         let live = Arc::new(LiveSession {
             id: id.clone(),
@@ -231,30 +249,40 @@ impl Registry {
             target: s.target,
             started_at: crate::token::unix_now(),
             bytes: Arc::default(),
-            cancel: parent.child_token(),
+            cancel,
             terminated: OnceLock::new(),
             key: s.key,
         });
-        self.lock().insert(id, live.clone());
+        let mut maps = self.lock();
+        if let Some(key) = &live.key {
+            maps.keys.insert(key.clone(), id.clone());
+        }
+        maps.live.insert(id, live.clone());
         crate::metrics::sessions_active(live.console.as_str(), 1);
-        Registered {
-            registry: self.clone(),
-            live,
+        live
+    }
+
+    fn remove(&self, live: &LiveSession) {
+        let mut maps = self.lock();
+        if maps.live.remove(&live.id).is_some() {
+            if let Some(key) = &live.key {
+                maps.keys.remove(key);
+            }
+            crate::metrics::sessions_active(live.console.as_str(), -1);
         }
     }
 
     /// The session that further connections with `key` join.
     pub fn by_key(&self, key: &str) -> Option<Arc<LiveSession>> {
-        self.lock()
-            .values()
-            .find(|s| s.key.as_deref() == Some(key))
-            .cloned()
+        let maps = self.lock();
+        maps.keys.get(key).and_then(|id| maps.live.get(id)).cloned()
     }
 
     /// Snapshots of the sessions `sel` names (all, for an empty selector).
     pub fn list(&self, sel: &Selector) -> Vec<SessionView> {
         let mut v: Vec<_> = self
             .lock()
+            .live
             .values()
             .filter(|s| sel.matches(s))
             .map(|s| s.view())
@@ -267,6 +295,7 @@ impl Registry {
     pub fn terminate(&self, sel: &Selector, by: &str, reason: &str) -> Vec<Arc<LiveSession>> {
         let hit: Vec<_> = self
             .lock()
+            .live
             .values()
             .filter(|s| sel.matches(s))
             .cloned()
@@ -283,12 +312,73 @@ impl Registry {
 
     /// Sessions live now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().live.len()
     }
 
     /// Whether none is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The live sessions as the session layer uses them. Async, so that a
+/// networked registry (every node's sessions in one list, terminate reaching
+/// any node) can implement it; an entry is removed by an explicit
+/// [`SessionRegistry::deregister`] at the session's end, not on drop.
+pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
+    /// Adds a session ended by `cancel` (a child of the shutdown token).
+    fn register(&self, s: NewSession, cancel: CancellationToken)
+    -> BoxFuture<'_, Arc<LiveSession>>;
+
+    /// Removes the session `id` (it ended).
+    fn deregister<'a>(&'a self, live: &'a LiveSession) -> BoxFuture<'a, ()>;
+
+    /// The session that further connections with `key` join.
+    fn by_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>>;
+
+    /// Snapshots of the sessions `sel` names (all, for an empty selector).
+    fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>>;
+
+    /// Ends the sessions `sel` names; returns them as they were.
+    fn terminate<'a>(
+        &'a self,
+        sel: &'a Selector,
+        by: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Vec<Arc<LiveSession>>>;
+}
+
+impl SessionRegistry for Registry {
+    fn register(
+        &self,
+        s: NewSession,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, Arc<LiveSession>> {
+        Box::pin(std::future::ready(self.insert(s, cancel)))
+    }
+
+    fn deregister<'a>(&'a self, live: &'a LiveSession) -> BoxFuture<'a, ()> {
+        self.remove(live);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn by_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
+        Box::pin(std::future::ready(Registry::by_key(self, key)))
+    }
+
+    fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>> {
+        Box::pin(std::future::ready(Registry::list(self, sel)))
+    }
+
+    fn terminate<'a>(
+        &'a self,
+        sel: &'a Selector,
+        by: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Vec<Arc<LiveSession>>> {
+        Box::pin(std::future::ready(Registry::terminate(
+            self, sel, by, reason,
+        )))
     }
 }
 
@@ -302,8 +392,7 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.live.id);
-        crate::metrics::sessions_active(self.live.console.as_str(), -1);
+        self.registry.remove(&self.live);
     }
 }
 

@@ -426,17 +426,11 @@ async fn link_channel<S: Io>(
     // others join it and obey its stop.
     let session = if mess.channel_type == channel::MAIN {
         let key = Some(admitted.id.to_string());
-        Some(Lifecycle::begin(
-            sessions,
-            &admitted.grant,
-            admitted.grant.console,
-            peer,
-            key,
-        ))
+        Some(Lifecycle::begin(sessions, &admitted.grant, admitted.grant.console, peer, key).await)
     } else {
         None
     };
-    let live = sessions.registry.by_key(&admitted.id.to_string());
+    let live = sessions.registry.by_key(&admitted.id.to_string()).await;
     let stop = match &session {
         Some(life) => life.stop(),
         None => sessions.stop_for(
@@ -715,8 +709,9 @@ async fn link_hypervisor(
             return Ok(None);
         }
         ServerStep::Refused(code) => {
+            // The client learns only that the console failed; the log says why.
             return Err(ChannelRefusal::backend(
-                link_error(code),
+                LinkError::Error,
                 "hypervisor_refused_link",
                 format!("link error {code}"),
             ));
@@ -746,7 +741,7 @@ async fn link_hypervisor(
     {
         ServerStep::Result(0) => Ok(Some(server.into_leftover())),
         ServerStep::Result(code) => Err(ChannelRefusal::backend(
-            link_error(code),
+            LinkError::Error,
             "hypervisor_refused_ticket",
             format!("link result {code}: check the backend's spice password"),
         )),
@@ -789,21 +784,6 @@ fn ticket_code(r: TicketRefusal) -> LinkError {
         }
         TicketRefusal::ForeignSession | TicketRefusal::NoSession => LinkError::BadConnectionId,
         TicketRefusal::Full => LinkError::Error,
-    }
-}
-
-/// A hypervisor's link error code as Porthole relays it.
-fn link_error(code: u32) -> LinkError {
-    match code {
-        2 => LinkError::InvalidMagic,
-        3 => LinkError::InvalidData,
-        4 => LinkError::VersionMismatch,
-        5 => LinkError::NeedSecured,
-        6 => LinkError::NeedUnsecured,
-        7 => LinkError::PermissionDenied,
-        8 => LinkError::BadConnectionId,
-        9 => LinkError::ChannelNotAvailable,
-        _ => LinkError::Error,
     }
 }
 

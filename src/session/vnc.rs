@@ -288,7 +288,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
         }
     };
     let grant = admitted.grant.clone();
-    let mut life = Lifecycle::begin(&sessions, &grant, ConsoleType::VncDirect, peer, None);
+    let mut life = Lifecycle::begin(&sessions, &grant, ConsoleType::VncDirect, peer, None).await;
     let stop = life.stop();
     let linked = stop
         .unless_stopped(async {

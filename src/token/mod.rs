@@ -235,7 +235,7 @@ pub struct TokenValidator {
     allow_hmac: bool,
     ring: ArcSwap<KeyRing>,
     allow: ArcSwap<AllowList>,
-    revocations: Arc<revocation::Revocations>,
+    revocations: Arc<dyn revocation::RevocationStore>,
 }
 
 /// Header parameters that would make a verifier fetch or trust keys named by
@@ -257,13 +257,13 @@ impl TokenValidator {
             allow_hmac,
             ring: ArcSwap::from_pointee(ring),
             allow: ArcSwap::new(allow),
-            revocations: Arc::default(),
+            revocations: Arc::new(revocation::Revocations::default()),
         })
     }
 
-    /// The deny-lists every validation checks.
-    pub fn revocations(&self) -> &revocation::Revocations {
-        &self.revocations
+    /// The deny-lists every resolution checks.
+    pub fn revocations(&self) -> &dyn revocation::RevocationStore {
+        self.revocations.as_ref()
     }
 
     /// Re-reads every key source and swaps the new ring in. On any error the
@@ -295,9 +295,10 @@ impl TokenValidator {
         self.allow.store(Arc::new(allow));
     }
 
-    /// Validates `token` for a console of type `expect` (any type if `None`)
-    /// now. Refusals are returned, not recorded: the session layer records
-    /// what it refuses.
+    /// Checks `token`'s signature and claims for a console of type `expect`
+    /// (any type if `None`) now; revocations are the resolver's next step
+    /// ([`GrantResolver::resolve`]). Refusals are returned, not recorded:
+    /// the session layer records what it refuses.
     pub fn validate(&self, token: &str, expect: Option<ConsoleType>) -> Result<Grant, Refusal> {
         self.check(token, expect, unix_now())
     }
@@ -402,9 +403,6 @@ impl TokenValidator {
                 ),
             ));
         }
-        if let Some(why) = self.revocations.check(&claims.jti, &claims.sub, claims.iat) {
-            return Err(refuse(RefusalReason::Revoked, why.to_string()));
-        }
         let target = claims.console.target();
         let backend = match self.allow.load().check(&target) {
             Ok(b) => b.name.clone(),
@@ -483,11 +481,26 @@ pub trait GrantResolver: Send + Sync + std::fmt::Debug {
 }
 
 impl GrantResolver for TokenValidator {
+    /// The signature and claims (at once), then the revocation store.
     fn resolve<'a>(
         &'a self,
         token: &'a str,
         expect: Option<ConsoleType>,
     ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>> {
-        Box::pin(std::future::ready(self.validate(token, expect)))
+        Box::pin(async move {
+            let grant = self.validate(token, expect)?;
+            let revoked = self
+                .revocations
+                .check(&grant.jti, &grant.instance, grant.claims.iat)
+                .await;
+            match revoked {
+                Some(why) => Err(Refusal {
+                    reason: RefusalReason::Revoked,
+                    detail: why.to_string(),
+                    jti: Some(grant.jti),
+                }),
+                None => Ok(grant),
+            }
+        })
     }
 }

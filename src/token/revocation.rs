@@ -9,6 +9,8 @@
 //! WebSockets, ticket exchanges) with the reason `revoked`.
 
 use std::collections::HashMap;
+
+use futures_util::future::BoxFuture;
 use std::sync::Mutex;
 
 /// Most entries held; past it, revocation is refused rather than forgetting one.
@@ -89,6 +91,70 @@ impl Revocations {
             Some((at, _)) if iat <= *at => Some("the instance's tokens were revoked"),
             _ => None,
         }
+    }
+}
+
+/// Where revocations live. Async, so that a networked store (a revocation
+/// made on one node holds on every node) can implement it; a store that
+/// cannot answer fails closed.
+pub trait RevocationStore: Send + Sync + std::fmt::Debug {
+    /// Revokes token `jti` until `until`.
+    fn revoke_jti<'a>(
+        &'a self,
+        jti: &'a str,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RevocationsFull>>;
+
+    /// Revokes every token of `instance` issued at or before `now`, until `until`.
+    fn revoke_instance<'a>(
+        &'a self,
+        instance: &'a str,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RevocationsFull>>;
+
+    /// Why a token (`jti`, `instance`, issued at `iat`) is revoked, if it is.
+    fn check<'a>(
+        &'a self,
+        jti: &'a str,
+        instance: &'a str,
+        iat: u64,
+    ) -> BoxFuture<'a, Option<&'static str>>;
+}
+
+impl RevocationStore for Revocations {
+    fn revoke_jti<'a>(
+        &'a self,
+        jti: &'a str,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RevocationsFull>> {
+        Box::pin(std::future::ready(Revocations::revoke_jti(
+            self, jti, until, now,
+        )))
+    }
+
+    fn revoke_instance<'a>(
+        &'a self,
+        instance: &'a str,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RevocationsFull>> {
+        Box::pin(std::future::ready(Revocations::revoke_instance(
+            self, instance, until, now,
+        )))
+    }
+
+    fn check<'a>(
+        &'a self,
+        jti: &'a str,
+        instance: &'a str,
+        iat: u64,
+    ) -> BoxFuture<'a, Option<&'static str>> {
+        Box::pin(std::future::ready(Revocations::check(
+            self, jti, instance, iat,
+        )))
     }
 }
 

@@ -157,3 +157,98 @@ pub async fn http(
         .unwrap_or_default();
     (status, body)
 }
+
+// ------------------------------------------------ byte-level test clients
+
+/// The longest a single awaited step of a test may take.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Awaits `work`, or panics naming `what` after [`WAIT`].
+pub async fn within<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, work)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Bytes from a protocol transcript: hex pairs, `#` comments to the end of a line.
+pub fn hex(text: &str) -> Vec<u8> {
+    let digits: String = text
+        .lines()
+        .flat_map(|l| l.split('#').next().unwrap().split_whitespace())
+        .collect();
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Exactly `n` bytes, within [`WAIT`].
+pub async fn read_n<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0; n];
+    within("a read", s.read_exact(&mut buf))
+        .await
+        .expect("the peer closed");
+    buf
+}
+
+/// Reads as many bytes as `want` has and checks they are `want`.
+pub async fn expect<S: tokio::io::AsyncRead + Unpin>(s: &mut S, want: &[u8]) {
+    assert_eq!(read_n(s, want.len()).await, want);
+}
+
+/// Writes and flushes `bytes`.
+pub async fn say<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(bytes).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+/// A test CA and a certificate for `localhost` signed by it, written to
+/// `dir` as `ca.pem`, `server.pem` and `server.key`.
+pub struct TestPki {
+    /// The CA certificate.
+    pub ca_pem: String,
+    /// A TLS client trusting only the CA.
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl TestPki {
+    pub fn new(dir: &Path) -> TestPki {
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TestPki {
+            ca_pem: ca.pem(),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        }
+    }
+
+    /// TLS over `tcp` to a server with the `localhost` certificate.
+    pub async fn connect(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let name = "localhost".try_into().unwrap();
+        within("TLS", self.connector.connect(name, tcp))
+            .await
+            .unwrap()
+    }
+}
