@@ -201,7 +201,7 @@ impl TlsSlots {
         let console = |l: &Option<TlsListener>, key: &'static str| {
             l.as_ref()
                 .map(|l| {
-                    listener::load_console_tls(&l.cert.cert, &l.cert.key, l.tls13_only)
+                    listener::load_tls_without_alpn(&l.cert.cert, &l.cert.key, l.tls13_only)
                         .map(slot)
                         .context(key)
                 })

@@ -39,6 +39,35 @@ pub struct IssueRequest {
     pub ttl_secs: Option<u64>,
 }
 
+/// The issuance API's request body (`POST /v1/consoles`), before its
+/// console type is known to be one.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueBody {
+    /// Instance (VM) id.
+    instance: String,
+    /// Console type, as a string so an unknown one gets its own error.
+    #[serde(rename = "type")]
+    console: String,
+    /// Hypervisor target.
+    target: ConsoleTarget,
+    /// Requested lifetime in seconds.
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+impl IssueBody {
+    /// The request it makes, if its console type is one.
+    pub fn into_request(self) -> Result<IssueRequest, crate::console::UnknownConsoleType> {
+        Ok(IssueRequest {
+            instance: self.instance,
+            console: self.console.parse()?,
+            target: self.target,
+            ttl_secs: self.ttl_secs,
+        })
+    }
+}
+
 /// An issued token.
 #[derive(Debug)]
 pub struct Issued {

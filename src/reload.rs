@@ -178,7 +178,7 @@ impl Reloader {
             let Some(t) = tls else { continue };
             let files = new_files.unwrap_or_else(|| t.files.clone());
             let load = if t.console {
-                listener::load_console_tls
+                listener::load_tls_without_alpn
             } else {
                 listener::load_tls
             };

@@ -20,8 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::console::ConsoleType;
-use crate::hypervisor::ConsoleTarget;
-use crate::issuance::{IssueError, IssueRequest, Issuer};
+use crate::issuance::{IssueBody, IssueError, Issuer};
 use crate::secret::Secret;
 use crate::token::TokenValidator;
 
@@ -146,22 +145,6 @@ pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), U
     }
 }
 
-/// The issuance request body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IssueBody {
-    /// Instance (VM) id.
-    instance: String,
-    /// Console type, as a string so an unknown one gets its own error.
-    #[serde(rename = "type")]
-    console: String,
-    /// Hypervisor target.
-    target: ConsoleTarget,
-    /// Requested lifetime in seconds.
-    #[serde(default)]
-    ttl_secs: Option<u64>,
-}
-
 async fn issue(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -184,8 +167,8 @@ async fn issue(
             return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text());
         }
     };
-    let console = match body.console.parse::<ConsoleType>() {
-        Ok(c) => c,
+    let req = match body.into_request() {
+        Ok(r) => r,
         Err(e) => {
             crate::metrics::issuance_refused("unknown_console_type");
             return error(
@@ -195,12 +178,7 @@ async fn issue(
             );
         }
     };
-    let req = IssueRequest {
-        instance: body.instance,
-        console,
-        target: body.target,
-        ttl_secs: body.ttl_secs,
-    };
+    let console = req.console;
     match issuer.issue(&req) {
         Ok(issued) => {
             crate::metrics::token_issued(console.as_str());

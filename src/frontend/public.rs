@@ -1,14 +1,18 @@
 //! The public listener: console pages, static files and the WebSocket endpoints.
 //!
 //! Every WebSocket endpoint serves one console type (`/vnc` and noVNC's
-//! default `/websockify` for `novnc`, `/serial` for `serial`). A request is
-//! checked *before* the upgrade, in this order: Origin, token (signature,
-//! claims, console type, allow-list), then the session itself (slot, reuse
-//! policy, console claim, hypervisor connect). Any refusal is an HTTP error
-//! with a short code; the socket is only accepted once the hypervisor is
-//! connected. A GET without upgrade headers is a *preflight*: it answers what
-//! an upgrade would get, without starting a session, so a page can tell its
-//! user why a socket failed (browsers hide the status of a failed upgrade).
+//! default `/websockify` for `novnc`, `/serial` for `serial`, `/spice` for a
+//! spice-html5 channel). A request is checked *before* the upgrade, in this
+//! order: Origin, then the session layer: the token (signature, claims,
+//! console type, allow-list, revocation), then admission (slot, caps, reuse
+//! policy, console claim, hypervisor connect; for spice-html5, whose ticket
+//! comes inside the socket, only what a ticketed channel would get). Any
+//! refusal is an HTTP error with a short code; a noVNC or serial socket is
+//! only accepted once the hypervisor is connected. After the 101 the
+//! session layer owns the socket. A GET without upgrade headers is a
+//! *preflight*: it answers what an upgrade would get, without starting a
+//! session, so a page can tell its user why a socket failed (browsers hide
+//! the status of a failed upgrade).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

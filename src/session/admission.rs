@@ -197,22 +197,6 @@ pub struct Limits {
     pub ticket_ttl_secs: u64,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_sessions: 10_000,
-            per_client: usize::MAX,
-            per_token: usize::MAX,
-            connect_timeout: Duration::from_secs(5),
-            max_age: None,
-            idle: None,
-            spice_handshake: Duration::from_secs(10),
-            vnc_handshake: Duration::from_secs(10),
-            ticket_ttl_secs: 60,
-        }
-    }
-}
-
 /// What the session layer is built from.
 #[derive(Debug)]
 pub struct Parts {
@@ -305,7 +289,20 @@ impl Sessions {
         Stop {
             shutdown: self.cancel.clone(),
             kill,
+            ended: CancellationToken::new(),
             deadline: self.limits.max_age.map(|a| tokio::time::Instant::now() + a),
+            idle: self.limits.idle,
+        }
+    }
+
+    /// How a connection that joined `live` (a SPICE channel) is told to
+    /// stop: with its session, at its session's age.
+    pub fn stop_joining(&self, live: &super::registry::LiveSession) -> Stop {
+        Stop {
+            shutdown: self.cancel.clone(),
+            kill: live.cancel.clone(),
+            ended: live.ended.clone(),
+            deadline: live.ends_at.get().copied().flatten(),
             idle: self.limits.idle,
         }
     }
@@ -407,11 +404,7 @@ impl Sessions {
             now,
         )
         .await
-        .map_err(|e| {
-            let refusal = e.refusal(&grant.jti);
-            lifecycle::token_refused(&refusal);
-            OpenError::Refused(refusal)
-        })?;
+        .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?;
         // Redeemed, not held: under `reconnect` it may be exchanged again,
         // under `single-use` never; the ticket admits its session.
         redemption.release().await;
@@ -433,7 +426,7 @@ impl Sessions {
 
     /// Takes a slot, counts the connection, redeems the token (or checks a
     /// ticketed one), claims the console and connects to `port` of the
-    /// grant's host.
+    /// grant's host (a browser session, before its upgrade).
     pub async fn open_to(
         &self,
         grant: &Grant,
@@ -441,6 +434,27 @@ impl Sessions {
         port: u16,
         client: IpAddr,
     ) -> Result<Opened, OpenError> {
+        let guards = self.admit(grant, admission, client).await?;
+        match self.connect(&grant.target.host, port, None).await {
+            Ok(backend) => Ok(Opened { backend, guards }),
+            Err(e) => {
+                guards.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Admission without the connect: takes a slot, counts the connection
+    /// against the caps, redeems the token under its reuse policy (or checks
+    /// that a ticketed token was not revoked since), and claims the console
+    /// where it serves one client at a time. Native sessions are registered
+    /// once this succeeds, and connect inside their stop.
+    pub async fn admit(
+        &self,
+        grant: &Grant,
+        admission: Admission,
+        client: IpAddr,
+    ) -> Result<SessionGuards, OpenError> {
         if self.cancel.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
@@ -460,18 +474,12 @@ impl Sessions {
                     unix_now(),
                 )
                 .await
-                .map_err(|e| {
-                    let refusal = e.refusal(&grant.jti);
-                    lifecycle::token_refused(&refusal);
-                    OpenError::Refused(refusal)
-                })?,
+                .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?,
             ),
             // The token was redeemed when the ticket was issued; a revoked
             // token's tickets still stop here.
             Admission::Ticket if self.redemptions.is_revoked(&grant.jti).await => {
-                let refusal = revoked(&grant.jti);
-                lifecycle::token_refused(&refusal);
-                return Err(OpenError::Refused(refusal));
+                return Err(redeem_error(&revoked(&grant.jti)));
             }
             Admission::Ticket => None,
         };
@@ -481,39 +489,41 @@ impl Sessions {
             redemption,
             _claim: claim,
         };
-        let claim = if grant.console == ConsoleType::Serial {
-            let key = (grant.target.host.clone(), grant.target.port);
-            let claimed = self
-                .exclusive
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone());
-            if !claimed {
-                guards(None).release().await;
-                return Err(OpenError::Busy);
-            }
-            Some(ConsoleClaim {
-                claims: self.exclusive.clone(),
-                key,
-            })
-        } else {
-            None
-        };
-        let guards = guards(claim);
-        match self.connect(&grant.target.host, port).await {
-            Ok(backend) => Ok(Opened { backend, guards }),
-            Err(e) => {
-                guards.release().await;
-                Err(e)
-            }
+        if grant.console != ConsoleType::Serial {
+            return Ok(guards(None));
         }
+        let key = (grant.target.host.clone(), grant.target.port);
+        let claimed = self
+            .exclusive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        if !claimed {
+            guards(None).release().await;
+            return Err(OpenError::Busy);
+        }
+        Ok(guards(Some(ConsoleClaim {
+            claims: self.exclusive.clone(),
+            key,
+        })))
     }
 
-    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, OpenError> {
+    /// Connects to a hypervisor console port within the connect timeout (and
+    /// the connection's own deadline, when it has one).
+    pub async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<TcpStream, OpenError> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let connecting = std::time::Instant::now();
         let timeout = self.limits.connect_timeout;
-        let backend = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+        let mut until = tokio::time::Instant::now() + timeout;
+        if let Some(d) = deadline {
+            until = until.min(d);
+        }
+        let backend = match tokio::time::timeout_at(until, TcpStream::connect((host, port))).await {
             Ok(Ok(s)) => {
                 crate::metrics::connect_took(connecting.elapsed().as_secs_f64());
                 s
@@ -528,6 +538,17 @@ impl Sessions {
         // Console traffic is interactive: small writes must not wait for Nagle.
         let _ = backend.set_nodelay(true);
         Ok(backend)
+    }
+}
+
+/// A token the reuse store refuses, recorded once; a store that cannot
+/// answer is our failure (`unavailable`), not the client's.
+fn redeem_error(refusal: &Refusal) -> OpenError {
+    lifecycle::token_refused(refusal);
+    if refusal.reason == RefusalReason::Unavailable {
+        OpenError::Unavailable(refusal.detail.clone())
+    } else {
+        OpenError::Refused(refusal.clone())
     }
 }
 

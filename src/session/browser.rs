@@ -48,29 +48,31 @@ impl Sessions {
         grant: Grant,
         client: IpAddr,
     ) -> Result<BrowserAdmission, OpenError> {
+        let record = |e: &OpenError| {
+            crate::metrics::session_refused(e.as_str());
+            refused(&Refused {
+                what: "session",
+                label: "session",
+                reason: e.as_str(),
+                blame: e.blame(),
+                client,
+                console: Some(grant.console),
+                jti: Some(&grant.jti),
+                detail: e,
+            });
+        };
         let opened = match grant.console {
+            // The SPICE link inside the socket, and its ticket, decide the rest.
             ConsoleType::SpiceHtml5 => {
-                self.would_admit_ticketed(&grant).await.inspect_err(|e| {
-                    crate::metrics::session_refused(e.as_str());
-                })?;
+                self.would_admit_ticketed(&grant)
+                    .await
+                    .inspect_err(record)?;
                 None
             }
             _ => Some(
                 self.open_to(&grant, Admission::Token, grant.target.port, client)
                     .await
-                    .inspect_err(|e| {
-                        crate::metrics::session_refused(e.as_str());
-                        refused(&Refused {
-                            what: "session",
-                            label: "session",
-                            reason: e.as_str(),
-                            blame: e.blame(),
-                            client,
-                            console: Some(grant.console),
-                            jti: Some(&grant.jti),
-                            detail: e,
-                        });
-                    })?,
+                    .inspect_err(record)?,
             ),
         };
         Ok(BrowserAdmission {
@@ -152,7 +154,7 @@ impl BrowserAdmission {
         } = self;
         let Some(opened) = opened else {
             // spice-html5: one socket per channel; the link decides the session.
-            super::spice::serve_browser(sessions, socket, client, grant.jti).await;
+            super::spice::serve_browser(sessions, socket, client, grant).await;
             return;
         };
         let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None).await;
@@ -166,13 +168,16 @@ impl BrowserAdmission {
                 let started = StdInstant::now();
                 let deadline = Instant::now() + sessions.browser.upgrade_timeout;
                 let up = sessions.vnc_upstreams.load().get(&grant.backend);
-                let handshake = super::vnc::browser_handshake(
+                // Boxed: the handshake's buffers live on the heap while it
+                // runs and are gone after it, instead of sizing the task
+                // that then holds an idle session for hours.
+                let handshake = Box::pin(super::vnc::browser_handshake(
                     &mut client_io,
                     opened.backend,
                     &up,
                     &grant.target.host,
                     deadline,
-                );
+                ));
                 match life.stop().unless_stopped(handshake).await {
                     Ok(Ok(linked)) => {
                         crate::metrics::handshake_took("rfb", started.elapsed().as_secs_f64());
@@ -196,11 +201,7 @@ impl BrowserAdmission {
                     return;
                 }
             };
-            if !pending.is_empty() {
-                let mut up = pending.to_vec();
-                up.extend_from_slice(&early.up);
-                early.up = up;
-            }
+            early.up = super::after_handshake(early.up, &pending);
             let opts = sessions.relay_options(Some(&grant));
             let counters = life.live().bytes.clone();
             let (reason, traffic) =

@@ -53,6 +53,7 @@ impl Lifecycle {
             .register(new, sessions.cancel.child_token())
             .await;
         let stop = sessions.stop_for(live.cancel.clone());
+        let _ = live.ends_at.set(stop.deadline);
         // Every log line of the session carries its id (the audit trail's too).
         let span = tracing::info_span!("session", session = %live.id);
         crate::metrics::session_started(console.as_str());
@@ -132,6 +133,8 @@ impl Lifecycle {
             );
         });
         self.registry.deregister(live).await;
+        // What joined it ends with it.
+        live.ended.cancel();
     }
 }
 
@@ -149,6 +152,7 @@ impl Drop for Lifecycle {
                     g.release().await;
                 }
                 registry.deregister(&live).await;
+                live.ended.cancel();
             });
         }
     }

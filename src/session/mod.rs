@@ -61,6 +61,8 @@ pub enum CloseReason {
     Terminated,
     /// The session reached `max_session_age_secs`.
     MaxAge,
+    /// The session this connection joined has ended.
+    SessionEnded,
 }
 
 impl CloseReason {
@@ -78,6 +80,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Terminated => "terminated",
             CloseReason::MaxAge => "max_age",
+            CloseReason::SessionEnded => "session_ended",
         }
     }
 }
@@ -90,15 +93,19 @@ pub struct Stop {
     pub shutdown: CancellationToken,
     /// This session was terminated.
     pub kill: CancellationToken,
+    /// The session this connection joined has ended (a SPICE channel whose
+    /// main channel is gone); never, for the session's own connection.
+    pub ended: CancellationToken,
     /// The session's maximum age runs out then, if one is configured.
     pub deadline: Option<tokio::time::Instant>,
     /// End after this long with no byte either way (native sessions; the
-    /// WebSocket bridge has its own).
+    /// WebSocket relay has its own).
     pub idle: Option<Duration>,
 }
 
 impl Stop {
-    /// Waits for either; says which (shutdown wins when both fired).
+    /// Waits for the first of: shutdown, terminate, the joined session's
+    /// end, the maximum age; says which (shutdown wins when several fired).
     pub async fn stopped(&self) -> CloseReason {
         tokio::select! {
             biased;
@@ -110,6 +117,7 @@ impl Stop {
                     CloseReason::Terminated
                 }
             }
+            _ = self.ended.cancelled() => CloseReason::SessionEnded,
             _ = async {
                 match self.deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -149,6 +157,14 @@ pub struct Early {
     pub up: Vec<u8>,
     /// From the hypervisor, for the client (inspected first).
     pub down: Vec<u8>,
+}
+
+/// The client's early bytes once a handshake over a WebSocket is done: what
+/// the machine read past its last message, then what the socket had
+/// received and the driver had not read yet (in that order on the wire).
+pub(crate) fn after_handshake(mut leftover: Vec<u8>, unread: &[u8]) -> Vec<u8> {
+    leftover.extend_from_slice(unread);
+    leftover
 }
 
 /// Sees every chunk from the hypervisor before the client does; an error

@@ -50,9 +50,47 @@ impl ByteCounters {
             .store(self.origin.elapsed().as_millis() as u64, Relaxed);
     }
 
-    /// Returns once no byte moved for `limit`; never, without a limit.
+    /// Returns once no byte was [touched](Self::touch) for `limit`; never,
+    /// without a limit. Exact: the WebSocket relay touches per message.
     pub async fn silent_for(&self, limit: Option<std::time::Duration>) {
-        super::ws_relay::silence(self.origin, &self.last_active, limit).await;
+        silence(self.origin, &self.last_active, limit).await;
+    }
+
+    /// Returns once the byte counts stood still over a whole `limit` (so
+    /// after between one and two `limit`s of silence); never, without a
+    /// limit. Costs nothing per byte moved: the splice's idle clock.
+    pub async fn unchanged_for(&self, limit: Option<std::time::Duration>) {
+        let Some(limit) = limit else {
+            return std::future::pending().await;
+        };
+        let mut seen = (u64::MAX, u64::MAX);
+        loop {
+            tokio::time::sleep(limit).await;
+            let now = (self.up.load(Relaxed), self.down.load(Relaxed));
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    }
+}
+
+/// Returns once `limit` has passed since the instant `stamp` records (in
+/// milliseconds after `origin`); never, if there is no limit.
+pub(super) async fn silence(
+    origin: tokio::time::Instant,
+    stamp: &AtomicU64,
+    limit: Option<std::time::Duration>,
+) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let deadline = origin + std::time::Duration::from_millis(stamp.load(Relaxed)) + limit;
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -84,8 +122,14 @@ pub struct LiveSession {
     pub started_at: u64,
     /// Bytes moved so far.
     pub bytes: Arc<ByteCounters>,
-    /// Ends this session only.
+    /// Ends this session only (terminate; a child of shutdown).
     pub cancel: CancellationToken,
+    /// Cancelled when the session has ended: the connections that joined it
+    /// (SPICE channels) end with it.
+    pub ended: CancellationToken,
+    /// When the session reaches its maximum age, if it has one (its joined
+    /// connections share it).
+    pub ends_at: OnceLock<Option<tokio::time::Instant>>,
     /// Set when an operator ended it.
     pub terminated: OnceLock<Termination>,
     /// Joins further connections to it (a SPICE ticket's id).
@@ -228,16 +272,6 @@ impl Registry {
         self.maps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session whose cancel token is a child of `parent`; the
-    /// guard removes it when dropped.
-    pub fn register(self: &Arc<Self>, s: NewSession, parent: &CancellationToken) -> Registered {
-        let live = self.insert(s, parent.child_token());
-        Registered {
-            registry: self.clone(),
-            live,
-        }
-    }
-
     fn insert(&self, s: NewSession, cancel: CancellationToken) -> Arc<LiveSession> {
         let id = format!("s-{}", crate::token::signing::random_token(9));
         let live = Arc::new(LiveSession {
@@ -250,6 +284,8 @@ impl Registry {
             started_at: crate::token::unix_now(),
             bytes: Arc::default(),
             cancel,
+            ended: CancellationToken::new(),
+            ends_at: OnceLock::new(),
             terminated: OnceLock::new(),
             key: s.key,
         });
@@ -382,20 +418,6 @@ impl SessionRegistry for Registry {
     }
 }
 
-/// A registered session; dropping it removes the entry.
-#[derive(Debug)]
-pub struct Registered {
-    registry: Arc<Registry>,
-    /// The entry.
-    pub live: Arc<LiveSession>,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.registry.remove(&self.live);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,29 +435,27 @@ mod tests {
 
     #[test]
     fn sessions_are_listed_filtered_and_terminated_one_by_one() {
-        let r = Arc::new(Registry::default());
+        let r = Registry::default();
         let shutdown = CancellationToken::new();
-        let a = r.register(new("vm-1", "j1"), &shutdown);
-        let b = r.register(new("vm-2", "j2"), &shutdown);
+        let register = |s| r.insert(s, shutdown.child_token());
+        let a = register(new("vm-1", "j1"));
+        let b = register(new("vm-2", "j2"));
         assert_eq!(r.list(&Selector::default()).len(), 2);
         let by_instance = Selector {
             instance: Some("vm-2".into()),
             ..Selector::default()
         };
-        assert_eq!(r.list(&by_instance)[0].id, b.live.id);
+        assert_eq!(r.list(&by_instance)[0].id, b.id);
         let ended = r.terminate(&by_instance, "admin", "leaked link");
         assert_eq!(ended.len(), 1);
-        assert!(b.live.cancel.is_cancelled());
-        assert!(
-            !a.live.cancel.is_cancelled(),
-            "other sessions are untouched"
-        );
-        assert_eq!(b.live.view().state, "terminating");
-        assert_eq!(b.live.terminated.get().unwrap().reason, "leaked link");
-        drop(b);
+        assert!(b.cancel.is_cancelled());
+        assert!(!a.cancel.is_cancelled(), "other sessions are untouched");
+        assert_eq!(b.view().state, "terminating");
+        assert_eq!(b.terminated.get().unwrap().reason, "leaked link");
+        r.remove(&b);
         assert_eq!(r.len(), 1);
         // Shutdown reaches every session through its parent.
         shutdown.cancel();
-        assert!(a.live.cancel.is_cancelled());
+        assert!(a.cancel.is_cancelled());
     }
 }

@@ -160,6 +160,12 @@ impl ChannelRefusal {
         }
     }
 
+    /// The close code a browser sees after the link error: the console
+    /// failed, whoever is to blame (the page's preflight says more).
+    fn close_reason(&self) -> CloseReason {
+        CloseReason::BackendError
+    }
+
     /// Logs and counts it (before the client hears of it).
     fn record(&self, peer: IpAddr, console: Option<ConsoleType>, jti: Option<&str>) {
         crate::metrics::spice_link_refused(self.reason, self.blame.as_str());
@@ -193,7 +199,7 @@ pub async fn need_secured<S: Io>(mut client: S, timeout: std::time::Duration) {
     };
     crate::metrics::spice_link_refused(outcome, Blame::Client.as_str());
     if let Some(code) = reply {
-        let _ = write_within(&mut client, &link.refuse(code)).await;
+        let _ = write_within(&mut client, &link.refuse(code), true).await;
     }
 }
 
@@ -206,7 +212,11 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
     let deadline = Instant::now() + sessions.limits.spice_handshake;
     // The certificate in force now: a reload takes effect for the next client.
     let accepting = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
-    let mut client = match tokio::time::timeout_at(deadline, accepting).await {
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(deadline, accepting) => r,
+        _ = sessions.cancel.cancelled() => return,
+    };
+    let mut client = match accepted {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             crate::metrics::spice_link_refused("tls_handshake", "client");
@@ -220,12 +230,20 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
             return;
         }
     };
-    let Some(Channel {
+    // Boxed: the link's buffers are gone once it is done (see browser.rs).
+    let linking = Box::pin(link_channel(
+        &sessions,
+        &mut client,
+        peer,
+        &ClientLeg::Native,
+        deadline,
+    ));
+    let Ok(Channel {
         upstream,
         early,
         inspect,
         end,
-    }) = link_channel(&sessions, &mut client, peer, &ClientLeg::Native, deadline).await
+    }) = linking.await
     else {
         return;
     };
@@ -235,44 +253,38 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
 }
 
 /// Runs one spice-html5 channel (a WebSocket opened with the `spice-html5`
-/// token `jti`) to its end: the link over the socket seen as bytes, then
-/// the WebSocket relay, with its pings and close codes.
+/// token of `grant`) to its end: the link over the socket seen as bytes,
+/// then the WebSocket relay, with its pings and close codes.
 pub async fn serve_browser<S>(
     sessions: Arc<Sessions>,
     socket: WebSocketStream<S>,
     peer: IpAddr,
-    jti: String,
+    grant: crate::token::Grant,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let deadline = Instant::now() + sessions.limits.spice_handshake;
     let mut client = WsBytes::new(socket);
-    let linked = link_channel(
-        &sessions,
-        &mut client,
-        peer,
-        &ClientLeg::Browser { jti },
-        deadline,
-    )
-    .await;
+    let leg = ClientLeg::Browser {
+        jti: grant.jti.clone(),
+    };
+    let linked = Box::pin(link_channel(&sessions, &mut client, peer, &leg, deadline)).await;
     let (mut socket, pending) = client.into_inner();
-    let Some(Channel {
+    let Channel {
         upstream,
         mut early,
         inspect,
         end,
-    }) = linked
-    else {
-        ws_relay::close(&mut socket, CloseReason::ProtocolError).await;
-        return;
+    } = match linked {
+        Ok(channel) => channel,
+        Err(reason) => {
+            ws_relay::close(&mut socket, reason).await;
+            return;
+        }
     };
-    if !pending.is_empty() {
-        let mut up = pending.to_vec();
-        up.extend_from_slice(&early.up);
-        early.up = up;
-    }
+    early.up = super::after_handshake(early.up, &pending);
     let counters = end.counters();
-    let opts = sessions.relay_options(None);
+    let opts = sessions.relay_options(Some(&grant));
     let (reason, traffic) = relay(
         socket,
         upstream,
@@ -397,52 +409,40 @@ impl Inspect for ChannelInspect {
 }
 
 /// Links one channel on both legs, or refuses it (recorded, and the client
-/// told with a link error where it can still hear). `None` when refused.
+/// told with a link error where it can still hear). A refusal or a stop
+/// answers the close code a browser should see.
 async fn link_channel<S: Io>(
     sessions: &Arc<Sessions>,
     client: &mut S,
     peer: IpAddr,
     leg: &ClientLeg,
     deadline: Instant,
-) -> Option<Channel> {
+) -> Result<Channel, CloseReason> {
     let started = StdInstant::now();
     let mut link = ClientLink::new();
+    let native = matches!(leg, ClientLeg::Native);
     // Until a ticket admits it, the channel is no session: only a shutdown stops it.
     let admitted = tokio::select! {
-        r = admit_channel(sessions, client, &mut link, leg, deadline) => r,
+        r = admit_channel(sessions, client, &mut link, leg, peer, deadline) => r,
         _ = sessions.cancel.cancelled() => Err(ChannelRefusal::gone("shutting_down", Blame::Internal)),
     };
-    let (mess, admitted) = match admitted {
+    let (mess, admitted, session) = match admitted {
         Ok(a) => a,
         Err(r) => {
             r.record(peer, None, None);
             if let Some(code) = r.code {
-                let _ = write_within(client, &link.refuse(code)).await;
+                let _ = write_within(client, &link.refuse(code), native).await;
             }
-            return None;
+            return Err(r.close_reason());
         }
     };
-    // The main channel is the session (in the registry from here on); the
-    // others join it and obey its stop.
-    let session = if mess.channel_type == channel::MAIN {
-        let key = Some(admitted.id.to_string());
-        Some(Lifecycle::begin(sessions, &admitted.grant, admitted.grant.console, peer, key).await)
-    } else {
-        None
-    };
-    let live = sessions.registry.by_key(&admitted.id.to_string()).await;
     let stop = match &session {
-        Some(life) => life.stop(),
-        None => sessions.stop_for(
-            live.as_ref()
-                .map_or_else(|| sessions.cancel.clone(), |l| l.cancel.clone()),
-        ),
+        ChannelSession::Owns(life) => life.stop(),
+        ChannelSession::Joins { stop, .. } => stop.clone(),
     };
-    let linking = link_upstream(
-        sessions, client, &mut link, &mess, &admitted, peer, deadline,
-    );
-    let (outcome, reply) = match stop.unless_stopped(linking).await {
-        Ok(Ok((upstream, up_early, guards, upstream_tls))) => {
+    let linking = link_upstream(sessions, client, &mut link, &mess, &admitted, deadline);
+    let (outcome, reply, close) = match stop.unless_stopped(linking).await {
+        Ok(Ok((upstream, up_early, upstream_tls))) => {
             crate::metrics::spice_linked(channel_name(mess.channel_type));
             crate::metrics::handshake_took("spice", started.elapsed().as_secs_f64());
             let grant = &admitted.grant;
@@ -452,18 +452,11 @@ async fn link_channel<S: Io>(
                 channel_id = mess.channel_id,
                 upstream = if upstream_tls { "tls" } else { "plain" }, "spice channel linked"
             );
-            let session = match session {
-                Some(mut life) => {
-                    life.hold(guards);
-                    ChannelSession::Owns(life)
-                }
-                None => ChannelSession::Joins { live, stop, guards },
-            };
             let early = Early {
                 up: link.into_leftover(),
                 down: up_early,
             };
-            return Some(Channel::new(
+            return Ok(Channel::new(
                 sessions, upstream, early, &mess, admitted, session, peer,
             ));
         }
@@ -473,20 +466,23 @@ async fn link_channel<S: Io>(
                 Some(admitted.grant.console),
                 Some(&admitted.grant.jti),
             );
-            ("handshake_failed", r.code)
+            ("handshake_failed", r.code, r.close_reason())
         }
-        Err(reason) => (reason.as_str(), Some(LinkError::Error)),
+        Err(reason) => (reason.as_str(), Some(LinkError::Error), reason),
     };
     // Refused or stopped before the relay.
     if let Some(code) = reply {
-        let _ = write_within(client, &link.refuse(code)).await;
+        let _ = write_within(client, &link.refuse(code), native).await;
     }
-    if let Some(life) = session {
-        // The session never started: nothing may join it.
-        sessions.tickets.end(&admitted.id).await;
-        life.finish(outcome, super::Traffic::default()).await;
+    match session {
+        ChannelSession::Owns(life) => {
+            // The session never started: nothing may join it.
+            sessions.tickets.end(&admitted.id).await;
+            life.finish(outcome, super::Traffic::default()).await;
+        }
+        ChannelSession::Joins { guards, .. } => guards.release().await,
     }
-    None
+    Err(close)
 }
 
 impl Channel {
@@ -526,14 +522,17 @@ impl Channel {
     }
 }
 
-/// The client leg up to an admitted ticket: link message, link key, ticket.
+/// The client leg up to an admitted ticket (link message, link key,
+/// ticket), then admission: the main channel opens the session (in the
+/// registry from here on), the others join it.
 async fn admit_channel<S: Io>(
     sessions: &Sessions,
     client: &mut S,
     link: &mut ClientLink,
     leg: &ClientLeg,
+    peer: IpAddr,
     deadline: Instant,
-) -> Result<(LinkMess, Admitted), ChannelRefusal> {
+) -> Result<(LinkMess, Admitted, ChannelSession), ChannelRefusal> {
     let ClientStep::Linked(mess) = drive(link, client, deadline)
         .await
         .map_err(ChannelRefusal::from_client)?
@@ -590,21 +589,51 @@ async fn admit_channel<S: Io>(
             format!("a {} ticket on the {leg:?} SPICE leg", grant.console),
         ));
     }
-    Ok((mess, admitted))
+    let guards = match sessions.admit(grant, Admission::Ticket, peer).await {
+        Ok(g) => g,
+        Err(e) => {
+            if role == ChannelRole::Opens {
+                sessions.tickets.end(&admitted.id).await;
+            }
+            return Err(open_refusal(e));
+        }
+    };
+    let session = if role == ChannelRole::Opens {
+        let key = Some(admitted.id.to_string());
+        let mut life = Lifecycle::begin(sessions, grant, grant.console, peer, key).await;
+        life.hold(guards);
+        ChannelSession::Owns(life)
+    } else {
+        match sessions.registry.by_key(&admitted.id.to_string()).await {
+            Some(live) => ChannelSession::Joins {
+                stop: sessions.stop_joining(&live),
+                live: Some(live),
+                guards,
+            },
+            None => {
+                guards.release().await;
+                return Err(ChannelRefusal::client(
+                    LinkError::BadConnectionId,
+                    "no_session",
+                    "its session has ended",
+                ));
+            }
+        }
+    };
+    Ok((mess, admitted, session))
 }
 
 /// The hypervisor leg: connect (TLS or plain, escalating on NEED_SECURED),
 /// link, authenticate; then the OK to the client. Returns the hypervisor
-/// stream, its early bytes, the connection's guards, and whether it is TLS.
+/// stream, its early bytes, and whether it is TLS.
 async fn link_upstream<S: Io>(
     sessions: &Sessions,
     client: &mut S,
     link: &mut ClientLink,
     mess: &LinkMess,
     admitted: &Admitted,
-    peer: IpAddr,
     deadline: Instant,
-) -> Result<(Conn, Vec<u8>, SessionGuards, bool), ChannelRefusal> {
+) -> Result<(Conn, Vec<u8>, bool), ChannelRefusal> {
     let grant = &admitted.grant;
     let upstream = sessions.spice_upstreams.load().get(&grant.backend);
     let tls_port = grant.target.tls_port.filter(|_| upstream.tls.is_some());
@@ -614,40 +643,22 @@ async fn link_upstream<S: Io>(
             (true, Some(p)) => p,
             _ => grant.target.port,
         };
-        let opened = sessions
-            .open_to(grant, Admission::Ticket, port, peer)
+        let tcp = sessions
+            .connect(&grant.target.host, port, Some(deadline))
             .await
             .map_err(open_refusal)?;
-        let guards = opened.guards;
         let tls = use_tls.then_some(&upstream);
-        let linked = async {
-            let mut stream =
-                connect_upstream(opened.backend, tls, &grant.target.host, deadline).await?;
-            let escalate = !use_tls && tls_port.is_some();
-            let early = link_hypervisor(&mut stream, mess, &upstream, escalate, deadline).await?;
-            Ok(early.map(|e| (stream, e)))
-        }
-        .await;
-        match linked {
-            Ok(Some((stream, up_early))) => {
-                if send(client, &link.result(LinkError::Ok), deadline)
+        let mut stream = connect_upstream(tcp, tls, &grant.target.host, deadline).await?;
+        let escalate = !use_tls && tls_port.is_some();
+        match link_hypervisor(&mut stream, mess, &upstream, escalate, deadline).await? {
+            Some(up_early) => {
+                send(client, &link.result(LinkError::Ok), deadline)
                     .await
-                    .is_err()
-                {
-                    guards.release().await;
-                    return Err(ChannelRefusal::gone("client_left", Blame::Client));
-                }
-                return Ok((stream, up_early, guards, use_tls));
+                    .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
+                return Ok((stream, up_early, use_tls));
             }
-            Ok(None) => {
-                // NEED_SECURED on the plain port: again, on the TLS port.
-                guards.release().await;
-                use_tls = true;
-            }
-            Err(r) => {
-                guards.release().await;
-                return Err(r);
-            }
+            // NEED_SECURED on the plain port: again, on the TLS port.
+            None => use_tls = true,
         }
     }
 }
@@ -753,11 +764,21 @@ async fn link_hypervisor(
     }
 }
 
-async fn write_within<S: Io + ?Sized>(client: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a last word to a refused client. A native stream is then shut
+/// (TLS close_notify); a browser's socket is left for the close frame that
+/// carries the code its page shows.
+async fn write_within<S: Io + ?Sized>(
+    client: &mut S,
+    bytes: &[u8],
+    shut: bool,
+) -> std::io::Result<()> {
     tokio::time::timeout(REFUSAL_DEADLINE, async {
         client.write_all(bytes).await?;
         client.flush().await?;
-        client.shutdown().await
+        if shut {
+            client.shutdown().await?;
+        }
+        Ok(())
     })
     .await
     .unwrap_or(Ok(()))

@@ -38,10 +38,10 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
+    // No clock read per chunk: idle is judged from the counters themselves.
     let moved = |n: usize, local: &AtomicU64, total: &AtomicU64| {
         local.fetch_add(n as u64, Relaxed);
         total.fetch_add(n as u64, Relaxed);
-        counters.touch();
     };
     let up = async {
         // The handshake's early bytes first, then each chunk straight from the buffer.
@@ -81,7 +81,7 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
         }
     };
     let idle = async {
-        counters.silent_for(stop.idle).await;
+        counters.unchanged_for(stop.idle).await;
         CloseReason::IdleTimeout
     };
     let reason = tokio::select! {

@@ -272,7 +272,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
     // Until a ticket admits it, the connection is no session: only a
     // shutdown stops it.
     let admitted = tokio::select! {
-        r = admit_native(&sessions, Conn::Tcp(tcp), &mut leg, tls, deadline) => r,
+        r = Box::pin(admit_native(&sessions, Conn::Tcp(tcp), &mut leg, tls, deadline)) => r,
         _ = sessions.cancel.cancelled() => {
             Err((None, VncRefusal::new("shutting_down", Blame::Internal, "shutting down")))
         }
@@ -288,18 +288,29 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
         }
     };
     let grant = admitted.grant.clone();
+    let guards = match sessions.admit(&grant, Admission::Ticket, peer).await {
+        Ok(g) => g,
+        Err(e) => {
+            let refusal = VncRefusal::new(e.as_str(), e.blame(), e.to_string());
+            refusal.record(peer, ConsoleType::VncDirect, Some(&grant.jti));
+            refuse_client(&mut client, &mut leg).await;
+            sessions.tickets.end(&admitted.id).await;
+            return;
+        }
+    };
+    // A session from here on: in the registry, ended by a terminate or a
+    // shutdown even while Porthole still waits for the hypervisor.
     let mut life = Lifecycle::begin(&sessions, &grant, ConsoleType::VncDirect, peer, None).await;
+    life.hold(guards);
     let stop = life.stop();
     let linked = stop
-        .unless_stopped(async {
-            let opened = sessions
-                .open_to(&grant, Admission::Ticket, grant.target.port, peer)
+        .unless_stopped(Box::pin(async {
+            let tcp = sessions
+                .connect(&grant.target.host, grant.target.port, Some(deadline))
                 .await
                 .map_err(|e| VncRefusal::new(e.as_str(), e.blame(), e.to_string()))?;
-            life.hold(opened.guards);
             let up = sessions.vnc_upstreams.load().get(&grant.backend);
-            let mut authed =
-                authenticate_upstream(opened.backend, &up, &grant.target.host, deadline).await?;
+            let mut authed = authenticate_upstream(tcp, &up, &grant.target.host, deadline).await?;
             leg.security_result(true);
             match drive(&mut leg, &mut client, deadline)
                 .await
@@ -315,7 +326,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
                     format!("{other:?} after authentication"),
                 )),
             }
-        })
+        }))
         .await;
     let authed = match linked {
         Ok(Ok(a)) => a,

@@ -27,7 +27,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::registry::ByteCounters;
+use super::registry::{ByteCounters, silence};
 use super::{CloseReason, Early, Inspect, Stop, Traffic};
 use crate::transport::conn::{Conn, ConnReader, ConnWriter};
 
@@ -312,21 +312,6 @@ fn close_message(reason: CloseReason) -> Message {
     }))
 }
 
-/// Returns once `limit` has passed since the instant `stamp` records (in
-/// milliseconds after `origin`); never, if there is no limit.
-pub(super) async fn silence(origin: Instant, stamp: &AtomicU64, limit: Option<Duration>) {
-    let Some(limit) = limit else {
-        return std::future::pending().await;
-    };
-    loop {
-        let deadline = origin + Duration::from_millis(stamp.load(Relaxed)) + limit;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
-}
-
 async fn tick(ping: &mut Option<tokio::time::Interval>) {
     match ping {
         Some(i) => {
@@ -350,6 +335,7 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::Terminated => (4003, "session terminated by an operator"),
         CloseReason::MaxAge => (4004, "maximum session age reached"),
         CloseReason::ClientUnresponsive => (4005, "client unresponsive"),
+        CloseReason::SessionEnded => (1000, "session ended"),
     }
 }
 

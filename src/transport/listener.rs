@@ -90,8 +90,8 @@ pub fn load_tls(cert: &Path, key: &Path, tls13_only: bool) -> Result<ServerConfi
     Ok(config)
 }
 
-/// [`load_tls`] for a native console listener (SPICE, VNC), which speaks no ALPN.
-pub fn load_console_tls(
+/// [`load_tls`] for a listener whose protocol is not HTTP: no ALPN.
+pub fn load_tls_without_alpn(
     cert: &Path,
     key: &Path,
     tls13_only: bool,
@@ -130,7 +130,7 @@ where
                 }
             },
         };
-        // Console traffic is interactive: small writes must not wait for Nagle.
+        // Interactive traffic: small writes must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
         on_accept(tcp, peer);
     }

@@ -43,11 +43,6 @@ impl<S> WsBytes<S> {
     pub fn into_inner(self) -> (WebSocketStream<S>, Bytes) {
         (self.ws, self.pending)
     }
-
-    /// The WebSocket, for a close frame.
-    pub fn get_mut(&mut self) -> &mut WebSocketStream<S> {
-        &mut self.ws
-    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
