@@ -133,6 +133,12 @@ impl Issuer {
                 "instance must be 1 to 255 characters".into(),
             ));
         }
+        if req.instance.chars().any(char::is_control) {
+            // It would reach every log line of its sessions.
+            return Err(IssueError::BadRequest(
+                "instance must not hold control characters".into(),
+            ));
+        }
         let max = self.validator.policy().max_ttl_secs;
         let ttl_secs = req.ttl_secs.unwrap_or(self.default_ttl_secs);
         if ttl_secs == 0 || ttl_secs > max {

@@ -200,6 +200,16 @@ async fn disallowed_targets_are_refused() {
 }
 
 #[tokio::test]
+async fn instance_ids_with_control_characters_are_refused() {
+    let a = start().await;
+    let mut body = request("novnc", "10.20.3.4", 5901);
+    body["instance"] = json!("vm-1\nINFO forged log line");
+    let (status, answer) = a.post("/v1/consoles", Some(BEARER), &body).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.get("token").is_none());
+}
+
+#[tokio::test]
 async fn unknown_console_types_are_refused() {
     let a = start().await;
     assert_eq!(

@@ -115,6 +115,16 @@ fn malformed_tokens_are_refused() {
         None,
         RefusalReason::Malformed,
     );
+    // A line break in a claim that log lines carry would forge a log line.
+    for (claim, value) in [
+        ("sub", "vm-1\r\n2026-12-01T00:00:00Z INFO forged"),
+        ("jti", "abc\u{1b}[2J"),
+    ] {
+        let forged = with(good_claims(), |c| {
+            c[claim] = json!(value);
+        });
+        good_passes_bad_refused(&f, &f.key.sign(&forged), None, RefusalReason::Malformed);
+    }
     // Header parameters that would let the token choose its own key.
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some("k1".into());

@@ -341,6 +341,11 @@ impl Registry {
                 by: by.to_string(),
                 reason: reason.to_string(),
             });
+            // Out of the list (and unjoinable) at once: an operator who
+            // ended it, or its client that sees it close, never finds it
+            // still listed while its task winds down; that task's own
+            // deregister is then a no-op.
+            self.remove(s);
             s.cancel.cancel();
         }
         hit

@@ -367,6 +367,12 @@ impl TokenValidator {
                 "sub must be 1 to 255 characters".into(),
             ));
         }
+        if let Some(name) = with_control_characters(&claims) {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                format!("{name} holds control characters"),
+            ));
+        }
         if claims.iat > now + p.leeway_secs {
             return Err(refuse(
                 RefusalReason::NotYetValid,
@@ -434,6 +440,21 @@ fn forbidden_header(header: &jsonwebtoken::Header) -> Option<&'static str> {
         .iter()
         .zip(present)
         .find_map(|(name, p)| p.then_some(*name))
+}
+
+/// The first claim that log lines carry and that holds a control character
+/// (a CR/LF in `sub` would forge a log line): such a token is malformed.
+fn with_control_characters(claims: &ConsoleClaims) -> Option<&'static str> {
+    let bad = |s: &str| s.chars().any(char::is_control);
+    [
+        ("jti", claims.jti.as_str()),
+        ("sub", claims.sub.as_str()),
+        ("iss", claims.iss.as_str()),
+        ("console.host", claims.console.host.as_str()),
+    ]
+    .into_iter()
+    .find(|(_, v)| bad(v))
+    .map(|(name, _)| name)
 }
 
 fn map_jwt_error(kind: &ErrorKind) -> Refusal {
