@@ -366,6 +366,9 @@ impl Listeners {
     }
 }
 
+/// Most admin connections open at once.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(
     app: App,
@@ -383,15 +386,21 @@ pub async fn run(
     // admin listener (readiness) outlives the drain.
     let stop_accepting = CancellationToken::new();
     let stop_admin = CancellationToken::new();
-    let admin = tokio::spawn(
-        axum::serve(listeners.admin, admin_router)
-            .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
-            .into_future(),
-    );
     let deadlines = HttpDeadlines {
         tls_handshake: app.config.websocket.upgrade_timeout,
         request_headers: app.config.websocket.upgrade_timeout,
     };
+    // The admin listener gets the public one's deadlines, and a cap on
+    // open connections: idle ones must not exhaust the descriptors that
+    // consoles need.
+    let admin = tokio::spawn(listener::serve_limited(
+        listeners.admin,
+        None,
+        admin_router,
+        deadlines,
+        stop_admin.clone(),
+        Some(ADMIN_MAX_CONNECTIONS),
+    ));
     let sessions = &app.sessions;
     sessions
         .keys
@@ -452,10 +461,7 @@ pub async fn run(
         let _ = p.await;
     }
     stop_admin.cancel();
-    admin
-        .await
-        .context("admin listener task")?
-        .context("admin listener")?;
+    admin.await.context("admin listener task")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -14,6 +14,8 @@ use porthole::token::{ConsoleType, unix_now};
 use serde_json::{Value, json};
 
 const BEARER: &str = "test-bearer-key-0123456789";
+const HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+const ADMIN_CAP: usize = 4;
 
 struct Admin {
     _dir: tempfile::TempDir,
@@ -58,7 +60,20 @@ ports = ["5900-6100"]
     let state = app.admin_state(None, Arc::new(AtomicBool::new(true)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, admin::router(state)).await });
+    // Served as the app serves it: the public listener's deadlines (short
+    // here) and a cap on open connections.
+    let deadlines = porthole::transport::listener::HttpDeadlines {
+        tls_handshake: HEADER_DEADLINE,
+        request_headers: HEADER_DEADLINE,
+    };
+    tokio::spawn(porthole::transport::listener::serve_limited(
+        listener,
+        None,
+        admin::router(state),
+        deadlines,
+        tokio_util::sync::CancellationToken::new(),
+        Some(ADMIN_CAP),
+    ));
     Admin {
         _dir: dir,
         addr,
@@ -342,4 +357,89 @@ async fn health_and_readiness() {
         common::http(a.addr, "GET", "/nope", None, None).await.0,
         404
     );
+}
+
+/// Reads what the server sends until it closes (or `within` passes: `None`).
+async fn answer_within(
+    s: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test]
+async fn an_unauthenticated_call_is_refused_before_its_body_is_read() {
+    use tokio::io::AsyncWriteExt as _;
+    let a = start().await;
+    // A 2 MB body announced and never sent: the answer comes at once, from
+    // the headers alone (nothing waits for, or buffers, the body).
+    let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/consoles HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let got = answer_within(&mut s, std::time::Duration::from_secs(5))
+        .await
+        .expect("an answer before any body arrived");
+    assert!(got.starts_with("HTTP/1.1 401"), "{got}");
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_refused() {
+    let a = start().await;
+    let mut body = request("novnc", "10.20.3.4", 5901);
+    body["instance"] = json!("x".repeat(admin::BODY_LIMIT + 1));
+    let (status, _) = a.post("/v1/consoles", Some(BEARER), &body).await;
+    assert_eq!(status, 413);
+}
+
+#[tokio::test]
+async fn idle_admin_connections_are_cut_and_capped() {
+    use tokio::io::AsyncWriteExt as _;
+    let a = start().await;
+    // A connection that sends nothing is closed at the header deadline.
+    let mut idle = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let closed = answer_within(&mut idle, HEADER_DEADLINE * 5).await;
+    assert_eq!(closed.as_deref(), Some(""), "closed without an answer");
+    // The cap: with every slot held by a silent connection, another
+    // connection's request waits in the backlog...
+    let mut held = Vec::new();
+    for _ in 0..ADMIN_CAP {
+        held.push(tokio::net::TcpStream::connect(a.addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut late = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    late.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        answer_within(&mut late, std::time::Duration::from_millis(300)).await,
+        None,
+        "served although every slot was taken"
+    );
+    // ...and is served once a slot frees (here: the held ones are cut at
+    // their deadline).
+    drop(held.pop());
+    let got = answer_within(&mut late, HEADER_DEADLINE * 5)
+        .await
+        .expect("served once a slot was free");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }

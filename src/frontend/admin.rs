@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -57,10 +57,7 @@ impl AdminState {
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let protected = Router::new()
         .route("/v1/consoles", post(issue))
         .route("/v1/tokens/check", post(check_token))
         .route("/v1/tokens/connection", post(connection_details))
@@ -73,7 +70,43 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/v1/sessions/terminate", post(super::operations::kill_many))
         .route("/v1/revocations", post(super::operations::revoke))
+        // The bearer key before anything else, the body included: an
+        // unauthenticated caller cannot make Porthole read (or hold) a body.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_bearer,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// The answer to a body that is not the JSON a call takes: 413 past
+/// [`BODY_LIMIT`], 400 otherwise.
+pub(crate) fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.body_text())
+    } else {
+        error(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
+    }
+}
+
+/// Largest admin request body: every admin call is a small JSON object.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+async fn require_bearer(
+    State(s): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&s, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -164,7 +197,7 @@ async fn issue(
         Ok(Json(b)) => b,
         Err(e) => {
             crate::metrics::issuance_refused("bad_request");
-            return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text());
+            return bad_body(&e);
         }
     };
     let req = match body.into_request() {
@@ -232,8 +265,7 @@ fn token_request(
     body: Result<Json<CheckBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(String, Option<ConsoleType>), Response> {
     authorize(s, headers).map_err(IntoResponse::into_response)?;
-    let Json(body) =
-        body.map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let Json(body) = body.map_err(|e| bad_body(&e))?;
     let expect = match body.console.as_deref().map(str::parse::<ConsoleType>) {
         None => None,
         Some(Ok(c)) => Some(c),

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::admin::{AdminState, authorize, error};
+use super::admin::{AdminState, authorize, bad_body, error};
 use crate::audit::AuditEvent;
 use crate::session::registry::Selector;
 use crate::token::unix_now;
@@ -109,7 +109,7 @@ pub async fn kill_many(
     let body: TerminateBody = match body.map(|Json(v)| serde_json::from_value(v)) {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+        Err(e) => return bad_body(&e),
     };
     if body.selector.is_empty() {
         return error(
@@ -167,7 +167,7 @@ pub async fn revoke(
     }
     let body = match body {
         Ok(Json(b)) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+        Err(e) => return bad_body(&e),
     };
     let by = actor(&headers);
     let reason = body.reason.as_deref().unwrap_or("revoked by an operator");

@@ -21,6 +21,7 @@ use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -112,12 +113,37 @@ pub struct HttpDeadlines {
 
 /// Accepts on `listener` until `stop` fires, handing each connection to
 /// `on_accept` (which spawns what serves it: the loop itself never waits on
-/// a peer). The one accept loop of every listener, HTTP and native.
+/// a peer).
 pub async fn accept_loop<F>(listener: TcpListener, stop: CancellationToken, mut on_accept: F)
 where
     F: FnMut(TcpStream, SocketAddr),
 {
+    accept_limited(listener, stop, None, move |tcp, peer, _| {
+        on_accept(tcp, peer)
+    })
+    .await;
+}
+
+/// The one accept loop of every listener, HTTP and native. With `slots`, a
+/// permit is taken *before* each accept and handed over with the
+/// connection (held for its life): when all are taken, new connections wait
+/// in the kernel's backlog instead of costing descriptors and memory.
+pub async fn accept_limited<F>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    slots: Option<Arc<Semaphore>>,
+    mut on_accept: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
+{
     loop {
+        let permit = match &slots {
+            None => None,
+            Some(slots) => tokio::select! {
+                _ = stop.cancelled() => return,
+                p = slots.clone().acquire_owned() => p.ok(),
+            },
+        };
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -132,7 +158,7 @@ where
         };
         // Interactive traffic: small writes must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        on_accept(tcp, peer);
+        on_accept(tcp, peer, permit);
     }
 }
 
@@ -146,12 +172,27 @@ pub async fn serve(
     deadlines: HttpDeadlines,
     cancel: CancellationToken,
 ) {
+    serve_limited(listener, tls, router, deadlines, cancel, None).await;
+}
+
+/// [`serve`], with at most `max_connections` open at once (the admin
+/// listener: a trusted network, but no peer may exhaust descriptors).
+pub async fn serve_limited(
+    listener: TcpListener,
+    tls: Option<TlsSlot>,
+    router: Router,
+    deadlines: HttpDeadlines,
+    cancel: CancellationToken,
+    max_connections: Option<usize>,
+) {
     let stop = cancel.clone();
-    accept_loop(listener, stop, move |tcp, peer| {
+    let slots = max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    accept_limited(listener, stop, slots, move |tcp, peer, permit| {
         let tls = tls.as_ref().map(|slot| slot.load_full());
         let router = router.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let io = match tls {
                 None => Either::Left(tcp),
                 Some(config) => {
