@@ -184,6 +184,19 @@ async fn bytes_cross_both_ways_and_binary_is_echoed_only_when_offered() {
     assert_eq!(got, payload);
     ws.close(None).await.unwrap();
 
+    // websockify's text protocol is not served, and is refused as such (no
+    // silent "yes" to a protocol Porthole does not speak).
+    assert_eq!(
+        f.connect(
+            &format!("/serial?token={}", f.token(ConsoleType::Serial, port)),
+            Some("https://consoles.test"),
+            Some("base64"),
+        )
+        .await
+        .err(),
+        Some(400)
+    );
+
     // noVNC 1.3 offers no subprotocol: none is answered.
     let (_ws, proto) = f
         .connect(

@@ -256,6 +256,12 @@ async fn ws_endpoint(
             Err(e) => open_error_response(&e),
         };
     };
+    if handshake.offered_other && !handshake.binary {
+        // websockify's `base64` (or anything else): Porthole speaks binary
+        // frames only, and says so instead of pretending to agree.
+        crate::metrics::session_refused("unsupported_subprotocol");
+        return refuse(StatusCode::BAD_REQUEST, "unsupported_subprotocol");
+    }
     match s.sessions.admit_browser(grant, client).await {
         Ok(admitted) => {
             admitted.start(hyper::upgrade::on(&mut request));
@@ -290,6 +296,8 @@ struct Handshake {
     /// The client offered the `binary` subprotocol (spice-html5, websockify
     /// clients); noVNC 1.3 offers none, and then none is answered.
     binary: bool,
+    /// The client offered subprotocols (any).
+    offered_other: bool,
 }
 
 /// Checks the upgrade headers; `None` means this is not a WebSocket request.
@@ -312,6 +320,7 @@ fn websocket_handshake(headers: &HeaderMap) -> Option<Handshake> {
     Some(Handshake {
         accept: derive_accept_key(key.as_bytes()),
         binary: has_token(header::SEC_WEBSOCKET_PROTOCOL, "binary"),
+        offered_other: headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL),
     })
 }
 

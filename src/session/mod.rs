@@ -63,6 +63,11 @@ pub enum CloseReason {
     MaxAge,
     /// The session this connection joined has ended.
     SessionEnded,
+    /// The client broke the WebSocket protocol (an unmasked frame, reserved
+    /// bits, a bad opcode or close code).
+    WebSocketProtocol,
+    /// The client sent text that is not UTF-8.
+    InvalidUtf8,
 }
 
 impl CloseReason {
@@ -81,6 +86,8 @@ impl CloseReason {
             CloseReason::Terminated => "terminated",
             CloseReason::MaxAge => "max_age",
             CloseReason::SessionEnded => "session_ended",
+            CloseReason::WebSocketProtocol => "client_protocol_error",
+            CloseReason::InvalidUtf8 => "client_invalid_utf8",
         }
     }
 }

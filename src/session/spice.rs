@@ -64,6 +64,16 @@ pub enum ClientLeg {
     },
 }
 
+impl ClientLeg {
+    /// The console type tickets on this leg must be for.
+    fn console(&self) -> ConsoleType {
+        match self {
+            ClientLeg::Native => ConsoleType::SpiceDirect,
+            ClientLeg::Browser { .. } => ConsoleType::SpiceHtml5,
+        }
+    }
+}
+
 /// Why a channel link was refused.
 #[derive(Debug, thiserror::Error)]
 #[error("{reason}: {detail}")]
@@ -570,7 +580,7 @@ async fn admit_channel<S: Io>(
     };
     let admitted = sessions
         .tickets
-        .admit(&password, role, unix_now())
+        .admit(&password, leg.console(), role, unix_now())
         .await
         .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
     let grant = &admitted.grant;
@@ -805,6 +815,7 @@ fn ticket_code(r: TicketRefusal) -> LinkError {
         }
         TicketRefusal::ForeignSession | TicketRefusal::NoSession => LinkError::BadConnectionId,
         TicketRefusal::Full => LinkError::Error,
+        TicketRefusal::WrongConsoleType => LinkError::PermissionDenied,
     }
 }
 

@@ -407,7 +407,12 @@ async fn admit_native(
             ClientStep::Credentials { password, .. } => {
                 let a = match sessions
                     .tickets
-                    .admit(password.expose(), ChannelRole::Opens, unix_now())
+                    .admit(
+                        password.expose(),
+                        ConsoleType::VncDirect,
+                        ChannelRole::Opens,
+                        unix_now(),
+                    )
                     .await
                 {
                     Ok(a) => a,

@@ -193,8 +193,7 @@ where
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => meter.heard(),
                 Ok(Message::Text(_)) => return CloseReason::ProtocolError,
                 Ok(Message::Close(_)) => return CloseReason::ClientLeft,
-                Err(e) if is_capacity_error(&e) => return CloseReason::LimitHit,
-                Err(_) => return CloseReason::ClientLeft,
+                Err(e) => return read_error(&e),
             }
             if batch.len() < FLUSH_AFTER {
                 next = stream.next().now_or_never().flatten();
@@ -336,6 +335,20 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::MaxAge => (4004, "maximum session age reached"),
         CloseReason::ClientUnresponsive => (4005, "client unresponsive"),
         CloseReason::SessionEnded => (1000, "session ended"),
+        CloseReason::WebSocketProtocol => (1002, "websocket protocol error"),
+        CloseReason::InvalidUtf8 => (1007, "invalid utf-8"),
+    }
+}
+
+/// Why reading the client's socket failed: a limit, a protocol violation
+/// (the client is told with 1002/1007 and it is counted as the client's
+/// fault), or the client gone.
+fn read_error(e: &tungstenite::Error) -> CloseReason {
+    match e {
+        e if is_capacity_error(e) => CloseReason::LimitHit,
+        tungstenite::Error::Protocol(_) => CloseReason::WebSocketProtocol,
+        tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
+        _ => CloseReason::ClientLeft,
     }
 }
 

@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 use futures_util::future::BoxFuture;
 
 use super::{Grant, signing::random_token};
+use crate::console::ConsoleType;
 use crate::secret::Secret;
 
 /// Random bytes in a ticket (32 characters of base64url).
@@ -58,6 +59,10 @@ pub enum TicketRefusal {
     /// The store is full of live tickets.
     #[error("ticket store full")]
     Full,
+    /// A ticket for another console type (another listener's): refused
+    /// before it is used, so it still works where it belongs.
+    #[error("a ticket for another console type")]
+    WrongConsoleType,
 }
 
 impl TicketRefusal {
@@ -70,6 +75,7 @@ impl TicketRefusal {
             TicketRefusal::ForeignSession => "foreign_session",
             TicketRefusal::NoSession => "no_session",
             TicketRefusal::Full => "ticket_store_full",
+            TicketRefusal::WrongConsoleType => "wrong_console_type",
         }
     }
 }
@@ -112,10 +118,13 @@ pub trait TicketStore: Send + Sync + std::fmt::Debug {
         now: u64,
     ) -> BoxFuture<'_, Result<Secret<String>, TicketRefusal>>;
 
-    /// Whether `ticket` admits a link in `role` now; an `Opens` link claims it.
+    /// Whether `ticket` admits a link in `role` now on an ingress serving
+    /// `console`; an `Opens` link claims it. A ticket of another type is
+    /// refused untouched.
     fn admit<'a>(
         &'a self,
         ticket: &'a [u8],
+        console: ConsoleType,
         role: ChannelRole,
         now: u64,
     ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>>;
@@ -206,16 +215,31 @@ impl MemoryTickets {
         Ok(Secret::new(ticket))
     }
 
-    /// See [`TicketStore::admit`].
+    /// See [`TicketStore::admit`] (any console type).
     pub fn admit(
         &self,
         ticket: &[u8],
         role: ChannelRole,
         now: u64,
     ) -> Result<Admitted, TicketRefusal> {
+        self.admit_for(ticket, None, role, now)
+    }
+
+    /// See [`TicketStore::admit`]: a ticket of another console type than
+    /// `console` is refused untouched.
+    pub fn admit_for(
+        &self,
+        ticket: &[u8],
+        console: Option<ConsoleType>,
+        role: ChannelRole,
+        now: u64,
+    ) -> Result<Admitted, TicketRefusal> {
         let id = TicketId::of(ticket);
         let mut entries = self.lock();
         let entry = entries.get_mut(&id).ok_or(TicketRefusal::Unknown)?;
+        if console.is_some_and(|c| c != entry.grant.console) {
+            return Err(TicketRefusal::WrongConsoleType);
+        }
         match (&entry.state, role) {
             (State::Fresh { expires_at }, ChannelRole::Opens) => {
                 if now > *expires_at {
@@ -283,11 +307,16 @@ impl TicketStore for MemoryTickets {
     fn admit<'a>(
         &'a self,
         ticket: &'a [u8],
+        console: ConsoleType,
         role: ChannelRole,
         now: u64,
     ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>> {
-        Box::pin(std::future::ready(MemoryTickets::admit(
-            self, ticket, role, now,
+        Box::pin(std::future::ready(MemoryTickets::admit_for(
+            self,
+            ticket,
+            Some(console),
+            role,
+            now,
         )))
     }
 
@@ -443,5 +472,24 @@ mod tests {
                 .unwrap_err(),
             TicketRefusal::Unknown
         );
+    }
+
+    #[test]
+    fn a_ticket_of_another_console_type_is_refused_untouched() {
+        let store = MemoryTickets::new(10);
+        let t = store.issue(grant("a"), 60, NOW).unwrap();
+        let t = t.expose().as_bytes();
+        // grant() is a spice-direct grant; on a vnc-direct ingress it is refused...
+        assert_eq!(
+            store
+                .admit_for(t, Some(ConsoleType::VncDirect), ChannelRole::Opens, NOW)
+                .unwrap_err(),
+            TicketRefusal::WrongConsoleType
+        );
+        // ...and still opens its session where it belongs.
+        let opened = store
+            .admit_for(t, Some(ConsoleType::SpiceDirect), ChannelRole::Opens, NOW)
+            .unwrap();
+        assert_eq!(opened.grant.jti, "a");
     }
 }

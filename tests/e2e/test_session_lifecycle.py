@@ -245,3 +245,43 @@ def test_the_hypervisor_closing_ends_the_session_with_its_own_code(porthole):
     assert payload[2:] == b"console closed by the hypervisor"
     s.close()
     srv.close()
+
+
+def test_websocket_protocol_violations_are_closed_with_their_codes(tmp_path, backend):
+    """A client that breaks RFC 6455 hears which rule (1002, 1007) in a close
+    frame, and the session's end is counted as the client's protocol error,
+    not as a client that left."""
+    p = Porthole(tmp_path)
+
+    def close_code_after(frame):
+        s = raw_websocket(p.public_port, f"/serial?token={p.mint('serial', backend.port)['token']}")
+        s.sendall(frame)
+        opcode, payload = read_frame(s)
+        while opcode == 0x9:  # a ping may come first
+            opcode, payload = read_frame(s)
+        s.close()
+        assert opcode == 0x8, (opcode, payload)
+        return int.from_bytes(payload[:2], "big")
+
+    def ended(reason):
+        m = re.search(r'porthole_sessions_ended_total\{[^}]*reason="%s"[^}]*\} (\d+)' % reason, p.metrics())
+        return int(m.group(1)) if m else 0
+
+    def wait_ended(reason):
+        deadline = time.monotonic() + 10
+        while ended(reason) < 1:
+            assert time.monotonic() < deadline, p.metrics()
+            time.sleep(0.05)
+
+    try:
+        # An unmasked client frame (clients must mask, §5.1).
+        assert close_code_after(b"\x82\x03abc") == 1002
+        wait_ended("client_protocol_error")
+        # A masked text frame whose bytes are not UTF-8 (§8.1).
+        mask, data = b"\x01\x02\x03\x04", b"\xff\xfe\xfd"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        assert close_code_after(bytes([0x81, 0x80 | len(data)]) + mask + masked) == 1007
+        wait_ended("client_invalid_utf8")
+        assert ended("client_left") == 0, p.metrics()
+    finally:
+        assert p.gateway.stop() == 0
