@@ -69,20 +69,9 @@ pub enum CredentialError {
         /// Why.
         error: std::io::Error,
     },
-    /// A PEM file (CA, client certificate or key) could not be read or parsed.
-    #[error("{file}: {error}")]
-    Pem {
-        /// The PEM file.
-        file: PathBuf,
-        /// Why.
-        error: rustls::pki_types::pem::Error,
-    },
-    /// A CA file holds no certificate.
-    #[error("{file}: no certificate")]
-    NoCertificate {
-        /// The CA file.
-        file: PathBuf,
-    },
+    /// A PEM file (CA, client certificate or key) is unusable.
+    #[error(transparent)]
+    File(#[from] crate::transport::pem::PemFileError),
     /// A CA certificate rustls will not trust.
     #[error("{file}: {error}")]
     BadCa {
@@ -103,14 +92,6 @@ pub enum CredentialError {
     /// The client certificate and key do not belong together.
     #[error("client certificate and key do not match: {0}")]
     ClientIdentity(rustls::Error),
-}
-
-impl CredentialError {
-    /// Wraps a PEM error of `file`.
-    pub(crate) fn pem(file: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> Self {
-        let file = file.to_path_buf();
-        move |error| CredentialError::Pem { file, error }
-    }
 }
 
 /// A password file's content, without the trailing newline `echo pw > file` adds.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::ClientConfig;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+use rustls::pki_types::ServerName;
 
 use super::CredentialError;
 use crate::secret::Secret;
@@ -97,16 +97,7 @@ pub(crate) fn tls_builder(
     ca: &Path,
 ) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, CredentialError> {
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca)
-        .map_err(CredentialError::pem(ca))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(CredentialError::pem(ca))?;
-    if certs.is_empty() {
-        return Err(CredentialError::NoCertificate {
-            file: ca.to_path_buf(),
-        });
-    }
-    for c in certs {
+    for c in crate::transport::pem::certificates(ca)? {
         roots.add(c).map_err(|error| CredentialError::BadCa {
             file: ca.to_path_buf(),
             error,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::ClientConfig;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+use rustls::pki_types::ServerName;
 
 use super::CredentialError;
 use crate::protocol::rfb::upstream::UpstreamAuth;
@@ -148,11 +148,8 @@ fn client_config(
     let Some((cert, key)) = identity else {
         return Ok(builder.with_no_client_auth());
     };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(CredentialError::pem(cert))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(CredentialError::pem(cert))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(CredentialError::pem(key))?;
+    let chain = crate::transport::pem::certificates(cert)?;
+    let key = crate::transport::pem::private_key(key)?;
     builder
         .with_client_auth_cert(chain, key)
         .map_err(CredentialError::ClientIdentity)

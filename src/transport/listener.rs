@@ -8,18 +8,17 @@
 //! reloads apply to new connections and never touch live ones.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::pem::PemFileError;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::either::Either;
@@ -37,20 +36,9 @@ static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TL
 /// `source` that `{:#}` would print twice.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A PEM file could not be read or parsed.
-    #[error("{file}: {error}")]
-    Pem {
-        /// The certificate or key file.
-        file: PathBuf,
-        /// What went wrong.
-        error: rustls::pki_types::pem::Error,
-    },
-    /// The certificate file holds no certificate.
-    #[error("{file}: no certificate")]
-    NoCertificate {
-        /// The certificate file.
-        file: PathBuf,
-    },
+    /// The certificate or key file is unusable.
+    #[error(transparent)]
+    File(#[from] PemFileError),
     /// rustls refused the protocol versions asked for.
     #[error("{0}")]
     Versions(rustls::Error),
@@ -62,20 +50,8 @@ pub enum TlsError {
 /// Builds a TLS server config from PEM files (certificate chain, private key),
 /// accepting TLS 1.2 and 1.3, or 1.3 only.
 pub fn load_tls(cert: &Path, key: &Path, tls13_only: bool) -> Result<ServerConfig, TlsError> {
-    let pem = |file: &Path| {
-        let file = file.to_path_buf();
-        move |error| TlsError::Pem { file, error }
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(pem(cert))?
-        .collect::<Result<_, _>>()
-        .map_err(pem(cert))?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            file: cert.to_path_buf(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+    let certs = super::pem::certificates(cert)?;
+    let key = super::pem::private_key(key)?;
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(if tls13_only {

@@ -5,4 +5,5 @@
 pub mod conn;
 pub mod lazy_read;
 pub mod listener;
+pub mod pem;
 pub mod ws_stream;
