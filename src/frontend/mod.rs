@@ -5,3 +5,29 @@ pub mod operations;
 pub mod public;
 pub mod spice;
 pub mod vnc;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::session::Sessions;
+
+/// A native listener: every connection it accepts goes to `serve` (a
+/// session-layer entry point) as a tracked session task, until `stop` fires.
+pub(crate) async fn serve_native<F, Fut>(
+    listener: TcpListener,
+    sessions: Arc<Sessions>,
+    stop: CancellationToken,
+    serve: F,
+) where
+    F: Fn(Arc<Sessions>, TcpStream, IpAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tracker = sessions.tracker.clone();
+    crate::transport::listener::accept_loop(listener, stop, move |tcp, peer| {
+        tracker.spawn(serve(sessions.clone(), tcp, peer.ip()));
+    })
+    .await;
+}

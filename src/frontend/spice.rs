@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use super::public::{PublicState, TokenQuery, open_error_response, refusal_response, refuse};
 use crate::console::ConsoleType;
 use crate::session::Sessions;
-use crate::transport::listener::accept_loop;
 
 /// What native clients are told about Porthole's SPICE listener.
 #[derive(Debug, Clone, Default)]
@@ -198,23 +197,19 @@ fn virt_viewer_file(d: &SpiceDetails, ticket: &str, instance: &str) -> String {
 
 /// Accepts native SPICE clients over TLS until `stop` fires.
 pub async fn serve_tls(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
-    let tracker = sessions.tracker.clone();
-    accept_loop(listener, stop, move |tcp, peer| {
-        tracker.spawn(crate::session::spice::serve_native(
-            sessions.clone(),
-            tcp,
-            peer.ip(),
-        ));
-    })
+    super::serve_native(
+        listener,
+        sessions,
+        stop,
+        crate::session::spice::serve_native,
+    )
     .await;
 }
 
 /// Answers every link on a plain port with NEED_SECURED until `stop` fires.
 pub async fn serve_plain(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
-    let tracker = sessions.tracker.clone();
-    let deadline = sessions.limits.spice_handshake;
-    accept_loop(listener, stop, move |tcp, _peer| {
-        tracker.spawn(crate::session::spice::need_secured(tcp, deadline));
+    super::serve_native(listener, sessions, stop, |sessions, tcp, _peer| {
+        crate::session::spice::need_secured(tcp, sessions.limits.spice_handshake)
     })
     .await;
 }

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use super::public::{PublicState, TokenQuery, refuse};
 use crate::console::ConsoleType;
 use crate::session::Sessions;
-use crate::transport::listener::accept_loop;
 
 /// What native VNC clients are told about Porthole's VNC listener.
 #[derive(Debug, Clone, Default)]
@@ -69,13 +68,5 @@ pub async fn vnc_direct(State(s): State<PublicState>, Query(q): Query<TokenQuery
 
 /// Accepts native VNC clients until `stop` fires.
 pub async fn serve(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
-    let tracker = sessions.tracker.clone();
-    accept_loop(listener, stop, move |tcp, peer| {
-        tracker.spawn(crate::session::vnc::serve_native(
-            sessions.clone(),
-            tcp,
-            peer.ip(),
-        ));
-    })
-    .await;
+    super::serve_native(listener, sessions, stop, crate::session::vnc::serve_native).await;
 }

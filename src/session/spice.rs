@@ -323,7 +323,7 @@ enum ChannelSession {
     /// Another channel: it joins its session's entry (stop, counters) and
     /// holds its own slot.
     Joins {
-        live: Option<Arc<LiveSession>>,
+        live: Arc<LiveSession>,
         stop: Stop,
         guards: SessionGuards,
     },
@@ -351,9 +351,7 @@ impl ChannelEnd {
     fn counters(&self) -> Arc<super::registry::ByteCounters> {
         match &self.session {
             ChannelSession::Owns(life) => life.live().bytes.clone(),
-            ChannelSession::Joins { live, .. } => {
-                live.as_ref().map(|l| l.bytes.clone()).unwrap_or_default()
-            }
+            ChannelSession::Joins { live, .. } => live.bytes.clone(),
         }
     }
 
@@ -617,7 +615,7 @@ async fn admit_channel<S: Io>(
         match sessions.registry.by_key(&admitted.id.to_string()).await {
             Some(live) => ChannelSession::Joins {
                 stop: sessions.stop_joining(&live),
-                live: Some(live),
+                live,
                 guards,
             },
             None => {
