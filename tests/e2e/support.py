@@ -150,22 +150,20 @@ def browser(*args, timeout=90):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-class EchoBackend:
-    """A TCP backend on a free port that counts connections and echoes.
+class FakeServer:
+    """A TCP server on a free loopback port that counts the connections it
+    accepts and hands each to handle() (a subclass's), from its accept thread.
 
-    Its accept thread polls a stop flag and is joined before the socket is
-    closed: a thread still blocked on a closed socket's descriptor number
-    would otherwise accept on whichever socket reuses that number next (one
-    test's backend stealing the next test's connections)."""
+    That thread polls a stop flag and is joined before the socket is closed:
+    a thread still blocked on a closed socket's descriptor number would
+    otherwise accept on whichever socket reuses that number next (one test's
+    server stealing the next test's connections). Subclasses set their own
+    attributes before calling __init__, which starts the thread."""
 
-    def __init__(self, rfb=False):
-        """rfb=True: first a minimal RFB 3.8 server handshake (security None,
-        a 1x1 ServerInit), as a VNC console behind Porthole's security proxy
-        needs; then the echo. The client side is rfb_client_handshake()."""
-        self.rfb = rfb
+    def __init__(self, backlog=16):
         self.srv = socket.socket()
         self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(16)
+        self.srv.listen(backlog)
         self.srv.settimeout(0.1)
         self.port = self.srv.getsockname()[1]
         self._lock = threading.Lock()
@@ -190,7 +188,29 @@ class EchoBackend:
             conn.settimeout(None)
             with self._lock:
                 self._accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            self.handle(conn)
+
+    def handle(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.srv.close()
+
+
+class EchoBackend(FakeServer):
+    """A TCP backend on a free port that counts connections and echoes."""
+
+    def __init__(self, rfb=False):
+        """rfb=True: first a minimal RFB 3.8 server handshake (security None,
+        a 1x1 ServerInit), as a VNC console behind Porthole's security proxy
+        needs; then the echo. The client side is rfb_client_handshake()."""
+        self.rfb = rfb
+        super().__init__()
+
+    def handle(self, conn):
+        threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn):
         with conn:
@@ -209,11 +229,6 @@ class EchoBackend:
                     conn.sendall(data)
             except OSError:
                 pass
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.srv.close()
 
 
 # A 1x1 ServerInit: 32 bpp true colour, name "echo".

@@ -12,7 +12,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import threading
 import time
 
 from websockets.exceptions import ConnectionClosed
@@ -20,7 +19,7 @@ from websockets.sync.client import connect
 
 import leak_check
 from spice_wire import MAIN, Channel
-from support import Porthole
+from support import FakeServer, Porthole
 from test_vnc_security import recv_exact, vnc_details
 from vm import free_port
 
@@ -28,41 +27,18 @@ DEADLINE = 60  # every handshake deadline (and the shutdown grace) in these test
 WITHIN = 20  # how long a stop may take to reach the client: well before DEADLINE
 
 
-class SilentHypervisor:
+class SilentHypervisor(FakeServer):
     """A console port that accepts connections and never sends a byte; it
     holds them open until close(). released() says whether Porthole has let
-    go of them (closed its end).
-
-    Like EchoBackend, its accept thread polls a stop flag and is joined
-    before the socket is closed."""
+    go of them (closed its end)."""
 
     def __init__(self):
-        self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(16)
-        self.srv.settimeout(0.1)
-        self.port = self.srv.getsockname()[1]
-        self._lock = threading.Lock()
         self._conns = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.srv.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-
-    @property
-    def accepted(self):
+    def handle(self, conn):
         with self._lock:
-            return len(self._conns)
+            self._conns.append(conn)
 
     def wait_accepted(self, n=1, timeout=10):
         """Waits until Porthole has opened n connections (it is then in its
@@ -94,13 +70,11 @@ class SilentHypervisor:
         return True
 
     def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().close()
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
             conn.close()
-        self.srv.close()
 
 
 def gateway(tmp_path):

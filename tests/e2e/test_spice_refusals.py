@@ -6,7 +6,6 @@ counter; a good session keeps working beside them."""
 
 import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -15,7 +14,7 @@ from harness import free_port, http, metric_value
 from screen import seabios_screen
 from spice_client import spicy_capture
 from spice_wire import DISPLAY, INPUTS, MAIN, Channel, link_mess
-from support import Porthole
+from support import FakeServer, Porthole
 
 
 def porthole_for(tmp_path, vm, spice=""):
@@ -148,41 +147,22 @@ def test_junk_and_oversized_link_messages_get_their_codes(spice_vm, tmp_path):
         assert p.gateway.stop() == 0, p.log()[-3000:]
 
 
-class JunkHypervisor:
+class JunkHypervisor(FakeServer):
     """A 'hypervisor' that answers every link with the given bytes."""
 
     def __init__(self, answer):
-        self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(8)
-        self.srv.settimeout(0.1)
-        self.port = self.srv.getsockname()[1]
         self.answer = answer
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__(backlog=8)
 
-    def serve(self):
-        while not self.stop.is_set():
+    def handle(self, conn):
+        with conn:
+            conn.settimeout(5)
             try:
-                conn, _ = self.srv.accept()
-            except socket.timeout:
-                continue
+                conn.recv(4096)
+                conn.sendall(self.answer)
+                time.sleep(0.5)
             except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.recv(4096)
-                    conn.sendall(self.answer)
-                    time.sleep(0.5)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.srv.close()
+                pass
 
 
 @pytest.mark.parametrize("answer,reason", [
