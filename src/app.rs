@@ -287,6 +287,11 @@ fn session_parts(
         vnc_upstreams: swappable.vnc_upstreams.clone(),
         spice_tls: swappable.spice_tls.clone(),
         vnc_tls: swappable.vnc_tls.clone(),
+        pending: crate::transport::gate::Gate::new(
+            config.listen.max_pending_connections,
+            Some(config.listen.max_pending_per_address),
+            config.listen.trusted_proxies.clone(),
+        ),
     }
 }
 
@@ -393,13 +398,13 @@ pub async fn run(
     // The admin listener gets the public one's deadlines, and a cap on
     // open connections: idle ones must not exhaust the descriptors that
     // consoles need.
-    let admin = tokio::spawn(listener::serve_limited(
+    let admin = tokio::spawn(listener::serve(
         listeners.admin,
         None,
         admin_router,
         deadlines,
         stop_admin.clone(),
-        Some(ADMIN_MAX_CONNECTIONS),
+        crate::transport::gate::Gate::new(ADMIN_MAX_CONNECTIONS, None, Vec::new()),
     ));
     let sessions = &app.sessions;
     sessions
@@ -436,6 +441,7 @@ pub async fn run(
             public_router.clone(),
             deadlines,
             stop_accepting.clone(),
+            sessions.pending.clone(),
         )));
     }
     ready.store(true, Ordering::Relaxed);

@@ -401,7 +401,8 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             config.listen.allowed_origins = vec![base];
         }
         let app = App::build_for(config, Some(&listeners), config_path)?;
-        tracing::info!(admin = %admin_addr, public = ?public_addrs, keys = ?app.validator.kids(), "porthole is up");
+        let descriptors = raise_descriptor_limit(&app.config);
+        tracing::info!(admin = %admin_addr, public = ?public_addrs, keys = ?app.validator.kids(), descriptors, "porthole is up");
         warn_missing_clients(&app.config.web);
         let want_demo = o.demo.unwrap_or(dev.is_some());
         let demo = if !want_demo {
@@ -433,6 +434,32 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
         result?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Raises the soft limit on open descriptors to the hard one (each console
+/// session holds two, and a flood must hit Porthole's own caps first), and
+/// warns when even that is below what the caps allow. Returns the limit.
+fn raise_descriptor_limit(config: &crate::config::Config) -> u64 {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("cannot raise the open-descriptor limit: {e}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
+        }
+    };
+    // Two per session (client, hypervisor), one per connection not yet
+    // admitted, and some for listeners, files and the admin API.
+    let wanted = 2 * config.sessions.max_sessions as u64
+        + config.listen.max_pending_connections as u64
+        + 512;
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            wanted,
+            "the open-descriptor limit is below what sessions.max_sessions and listen.max_pending_connections allow: lower them or raise the limit (LimitNOFILE=)"
+        );
+    }
+    limit
 }
 
 fn print_dev_banner(app: &App, dev: &DevState, admin: std::net::SocketAddr) {

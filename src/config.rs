@@ -174,6 +174,13 @@ pub struct RawListen {
     pub allow_missing_origin: Option<bool>,
     /// Lowest TLS version every listener accepts: `"1.2"` (default) or `"1.3"`.
     pub tls_min_version: Option<String>,
+    /// Most connections, over every public and native listener, that are
+    /// not admitted yet (no session: a page load, a handshake); more wait in
+    /// the kernel's backlog. Default 1024.
+    pub max_pending_connections: Option<usize>,
+    /// Most of those from one client address (`trusted_proxies` excepted);
+    /// more are closed at once. Default 32.
+    pub max_pending_per_address: Option<usize>,
 }
 
 /// `[sessions]`: caps and timers of every console session, browser or native.
@@ -526,6 +533,10 @@ pub struct ListenConfig {
     pub allow_missing_origin: bool,
     /// The public listeners accept TLS 1.3 only (and, by default, the others).
     pub tls13_only: bool,
+    /// Most connections not admitted yet, over every public and native listener.
+    pub max_pending_connections: usize,
+    /// Most of those from one address (trusted proxies excepted).
+    pub max_pending_per_address: usize,
 }
 
 /// Validated `[tokens]`.
@@ -850,6 +861,20 @@ fn validate_listen(raw: RawListen, paths: Paths<'_>, issues: &mut Issues) -> Lis
         "a CIDR range or address",
     );
     let allowed_origins = allowed_origins(issues, &public_base_url, &raw.allowed_origins);
+    let max_pending_connections = within(
+        issues,
+        "listen.max_pending_connections",
+        raw.max_pending_connections.unwrap_or(1024),
+        1,
+        1_000_000,
+    );
+    let max_pending_per_address = within(
+        issues,
+        "listen.max_pending_per_address",
+        raw.max_pending_per_address.unwrap_or(32),
+        1,
+        max_pending_connections,
+    );
     ListenConfig {
         public,
         admin,
@@ -865,6 +890,8 @@ fn validate_listen(raw: RawListen, paths: Paths<'_>, issues: &mut Issues) -> Lis
             raw.tls_min_version.as_deref(),
             false,
         ),
+        max_pending_connections,
+        max_pending_per_address,
     }
 }
 

@@ -147,7 +147,16 @@ pub fn audit_dropped() {
 /// Limits hit, by limit.
 pub const LIMITS_HIT: &str = "porthole_limits_hit_total";
 
-/// Counts a limit hit (`max_sessions`, `per_client`, `per_token`).
+/// Failed accepts (out of descriptors, say).
+pub const ACCEPT_FAILURES: &str = "porthole_accept_failures_total";
+
+/// Counts a failed accept.
+pub fn accept_failed() {
+    metrics::counter!(ACCEPT_FAILURES).increment(1);
+}
+
+/// Counts a limit hit (`max_sessions`, `per_client`, `per_token`,
+/// `pending_per_address`, `failed_tickets`).
 pub fn limit_hit(limit: &'static str) {
     metrics::counter!(LIMITS_HIT, "limit" => limit).increment(1);
 }

@@ -66,13 +66,13 @@ ports = ["5900-6100"]
         tls_handshake: HEADER_DEADLINE,
         request_headers: HEADER_DEADLINE,
     };
-    tokio::spawn(porthole::transport::listener::serve_limited(
+    tokio::spawn(porthole::transport::listener::serve(
         listener,
         None,
         admin::router(state),
         deadlines,
         tokio_util::sync::CancellationToken::new(),
-        Some(ADMIN_CAP),
+        porthole::transport::gate::Gate::new(ADMIN_CAP, None, Vec::new()),
     ));
     Admin {
         _dir: dir,

@@ -70,6 +70,16 @@ struct Gateway {
 /// Porthole with every listener on a free loopback port; its backend holds
 /// `vnc_password` and `spice_password` for the fakes.
 async fn start(vnc_password: &str, spice_password: &str, handshake_secs: u64) -> Gateway {
+    start_with(vnc_password, spice_password, handshake_secs, "").await
+}
+
+/// [`start`], with `tokens_extra` added to its `[tokens]` section.
+async fn start_with(
+    vnc_password: &str,
+    spice_password: &str,
+    handshake_secs: u64,
+    tokens_extra: &str,
+) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let key = TestKey::new(dir.path(), KeyKind::Ed25519, "k");
     let pki = TestPki::new(dir.path());
@@ -86,6 +96,7 @@ public_base_url = "{ORIGIN}"
 [tokens]
 issuers = ["{ISSUER}"]
 audiences = ["{AUDIENCE}"]
+{tokens_extra}
 [[tokens.keys]]
 kid = "k"
 algorithm = "EdDSA"
@@ -552,6 +563,60 @@ async fn a_native_vnc_client_with_a_ticket_reaches_the_console_over_vencrypt() {
     assert_eq!(g.sessions().await, ["vnc-direct"]);
     drop(s);
     g.until_no_session("the session ends").await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn one_token_holds_one_unused_ticket_and_runs_one_session() {
+    // A store of 4 tickets: one token exchanged over and over must not fill it.
+    let g = start_with(VNC_PASSWORD, SPICE_PASSWORD, 10, "store_capacity = 4").await;
+    let (port, _fake) = fake_vnc(2).await;
+    let token = g.token(ConsoleType::VncDirect, port);
+    let path = format!("/vnc-direct?token={token}");
+    let first = g.details(&path).await["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut last = String::new();
+    for _ in 0..50 {
+        last = g.details(&path).await["ticket"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    // Another user is not locked out.
+    let other = g.token(ConsoleType::VncDirect, port);
+    g.details(&format!("/vnc-direct?token={other}")).await;
+
+    // The replaced ticket opens nothing.
+    let tls = |g: &Gateway| {
+        let addr = g.vnc;
+        async move { TcpStream::connect(addr).await.unwrap() }
+    };
+    let plain = |ticket: &str| {
+        let mut p = hex("00 00 00 08  00 00 00 20  # username 8 bytes, password 32");
+        p.extend(b"porthole");
+        p.extend(ticket.as_bytes());
+        p
+    };
+    let mut s = vencrypt(&g, tls(&g).await).await;
+    say(&mut s, &plain(&first)).await;
+    expect(&mut s, &hex("00 00 00 01  # SecurityResult failed")).await;
+
+    // The last one does; while its session runs the token gets no ticket.
+    let mut s = vencrypt(&g, tls(&g).await).await;
+    say(&mut s, &plain(&last)).await;
+    expect(&mut s, &hex("00 00 00 00  # SecurityResult OK")).await;
+    say(&mut s, &hex("01  # ClientInit: shared")).await;
+    expect(&mut s, &hex(SERVER_INIT)).await;
+    let (status, body) = common::http(g.public, "GET", &path, None, None).await;
+    assert_eq!((status, body.as_str()), (403, r#"{"error":"refused"}"#));
+    assert_eq!(g.sessions().await, ["vnc-direct"]);
+
+    // Once it ends, the token may start another (the `reconnect` policy).
+    drop(s);
+    g.until_no_session("the session ends").await;
+    g.details(&path).await;
     g.stop().await;
 }
 

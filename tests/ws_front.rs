@@ -62,6 +62,7 @@ ports = ["1024-65535"]
         app.public_router(),
         deadlines,
         stop.clone(),
+        app.sessions.pending.clone(),
     ));
     Front {
         _dir: dir,

@@ -145,6 +145,27 @@ pub(crate) fn open_error_response(e: &OpenError) -> Response {
     }
 }
 
+/// The client's address, as every public route sees it (see [`client_addr`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
+
+impl axum::extract::FromRequestParts<PublicState> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &PublicState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            // Served without connection info (a router in a unit test).
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Ok(ClientAddr(client_addr(peer, &parts.headers, &s.listen)))
+    }
+}
+
 /// The client's address: the peer, or the last hop a trusted proxy vouches for.
 fn client_addr(peer: SocketAddr, headers: &HeaderMap, listen: &ListenConfig) -> IpAddr {
     let trusted = |ip: &IpAddr| listen.trusted_proxies.iter().any(|n| n.contains(ip));
@@ -404,6 +425,8 @@ mod tests {
             allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
             allow_missing_origin: allow_missing,
             tls13_only: false,
+            max_pending_connections: 1024,
+            max_pending_per_address: 32,
         }
     }
 

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::public::{PublicState, TokenQuery, open_error_response, refusal_response, refuse};
+use super::public::{
+    ClientAddr, PublicState, TokenQuery, open_error_response, refusal_response, refuse,
+};
 use crate::console::ConsoleType;
 use crate::session::Sessions;
 
@@ -69,6 +71,7 @@ const SECURE_CHANNELS: &str = "main;display;inputs;cursor;playback;record;smartc
 /// `spice-direct` token, as a `.vv` file (default) or JSON.
 pub async fn spice_direct(
     State(s): State<PublicState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
     Query(f): Query<FormatQuery>,
@@ -80,11 +83,11 @@ pub async fn spice_direct(
         // No listener to send a native client to.
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     }
-    let (grant, ticket, expires_at) = match exchange(&s, q.token(), ConsoleType::SpiceDirect).await
-    {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let (grant, ticket, expires_at) =
+        match exchange(&s, client, q.token(), ConsoleType::SpiceDirect).await {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
     let wants_json = match f.format.as_deref() {
         Some("json") => true,
         Some("vv") => false,
@@ -126,11 +129,15 @@ pub async fn spice_direct(
 
 /// `POST /spice-ticket?token=`: a ticket for a `spice-html5` token (the
 /// console page hands it to spice-html5 as the SPICE password).
-pub async fn spice_ticket(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
+pub async fn spice_ticket(
+    State(s): State<PublicState>,
+    ClientAddr(client): ClientAddr,
+    Query(q): Query<TokenQuery>,
+) -> Response {
     if s.spice.is_none() {
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     }
-    match exchange(&s, q.token(), ConsoleType::SpiceHtml5).await {
+    match exchange(&s, client, q.token(), ConsoleType::SpiceHtml5).await {
         Ok((_, ticket, expires_at)) => (
             [(header::CACHE_CONTROL, "no-store")],
             axum::Json(serde_json::json!({
@@ -145,11 +152,12 @@ pub async fn spice_ticket(State(s): State<PublicState>, Query(q): Query<TokenQue
 
 pub(crate) type Exchanged = (crate::token::Grant, crate::secret::Secret<String>, u64);
 
-/// Resolves the token for `kind`, and has the session layer redeem it
-/// under its reuse policy and issue a ticket bound to its grant.
+/// Resolves the token for `kind`, and has the session layer check it under
+/// its reuse policy and issue a ticket bound to its grant.
 #[allow(clippy::result_large_err)]
 pub(crate) async fn exchange(
     s: &PublicState,
+    client: std::net::IpAddr,
     token: Option<&str>,
     kind: ConsoleType,
 ) -> Result<Exchanged, Response> {
@@ -163,7 +171,7 @@ pub(crate) async fn exchange(
         .map_err(|r| refusal_response(r.reason))?;
     let (ticket, expires_at) = s
         .sessions
-        .exchange(&grant)
+        .exchange(&grant, client)
         .await
         .map_err(|e| open_error_response(&e))?;
     Ok((grant, ticket, expires_at))
@@ -197,10 +205,12 @@ fn virt_viewer_file(d: &SpiceDetails, ticket: &str, instance: &str) -> String {
 
 /// Accepts native SPICE clients over TLS until `stop` fires.
 pub async fn serve_tls(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
+    let handshake = sessions.limits.spice_handshake;
     super::serve_native(
         listener,
         sessions,
         stop,
+        handshake,
         crate::session::spice::serve_native,
     )
     .await;
@@ -208,9 +218,16 @@ pub async fn serve_tls(listener: TcpListener, sessions: Arc<Sessions>, stop: Can
 
 /// Answers every link on a plain port with NEED_SECURED until `stop` fires.
 pub async fn serve_plain(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
-    super::serve_native(listener, sessions, stop, |sessions, tcp, _peer| {
-        crate::session::spice::need_secured(tcp, sessions.limits.spice_handshake)
-    })
+    let handshake = sessions.limits.spice_handshake;
+    super::serve_native(
+        listener,
+        sessions,
+        stop,
+        handshake,
+        |sessions, tcp, _peer| {
+            crate::session::spice::need_secured(tcp, sessions.limits.spice_handshake)
+        },
+    )
     .await;
 }
 

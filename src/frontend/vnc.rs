@@ -43,12 +43,16 @@ struct ConnectionDetails<'a> {
 
 /// `GET /vnc-direct?token=`: connection details and a ticket (the VNC
 /// password) for a `vnc-direct` token.
-pub async fn vnc_direct(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
+pub async fn vnc_direct(
+    State(s): State<PublicState>,
+    super::public::ClientAddr(client): super::public::ClientAddr,
+    Query(q): Query<TokenQuery>,
+) -> Response {
     let Some(port) = s.vnc.port else {
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     };
     let (grant, ticket, expires_at) =
-        match super::spice::exchange(&s, q.token(), ConsoleType::VncDirect).await {
+        match super::spice::exchange(&s, client, q.token(), ConsoleType::VncDirect).await {
             Ok(t) => t,
             Err(r) => return r,
         };
@@ -68,5 +72,13 @@ pub async fn vnc_direct(State(s): State<PublicState>, Query(q): Query<TokenQuery
 
 /// Accepts native VNC clients until `stop` fires.
 pub async fn serve(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
-    super::serve_native(listener, sessions, stop, crate::session::vnc::serve_native).await;
+    let handshake = sessions.limits.vnc_handshake;
+    super::serve_native(
+        listener,
+        sessions,
+        stop,
+        handshake,
+        crate::session::vnc::serve_native,
+    )
+    .await;
 }

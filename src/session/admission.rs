@@ -5,8 +5,8 @@
 //! the pluggable resolver, recording any refusal once. [`Sessions::open_to`]
 //! takes a session slot (global cap), counts the connection against the
 //! per-client and per-token caps, redeems the token under its console type's
-//! reuse policy (or checks that a ticketed token was not revoked since),
-//! claims the console where it serves one client at a time (serial), and
+//! reuse policy and holds it for the session's life (or, for a further
+//! SPICE channel, checks that it was not revoked since), claims the console where it serves one client at a time (serial), and
 //! connects under a deadline. Everything it took is held in [`SessionGuards`]
 //! and released when the session ends, however it ends.
 
@@ -34,6 +34,7 @@ use crate::token::ticket::TicketStore;
 use crate::token::{
     Grant, GrantResolver, Redemption, RedemptionStore, Refusal, RefusalReason, unix_now,
 };
+use crate::transport::gate::Gate;
 use crate::transport::listener::TlsSlot;
 
 /// Why a session could not start.
@@ -155,13 +156,16 @@ impl Drop for ConsoleClaim {
     }
 }
 
-/// What let a connection in.
+/// What a connection is to its token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Its console token, redeemed now under the type's reuse policy.
-    Token,
-    /// A ticket exchanged for the token earlier (SPICE channels, native VNC).
-    Ticket,
+    /// It starts the token's session (a browser session, a native VNC
+    /// connection, a SPICE main channel): the token is redeemed now under
+    /// its reuse policy and held until the session ends, so one token runs
+    /// at most one session at a time across every ingress.
+    Opens,
+    /// A further channel of a session that holds the token already (SPICE).
+    Joins,
 }
 
 /// A session ready for its hypervisor handshake.
@@ -222,6 +226,8 @@ pub struct Parts {
     pub spice_tls: Option<TlsSlot>,
     /// The native VNC listener's TLS (VeNCrypt), when it is on.
     pub vnc_tls: Option<TlsSlot>,
+    /// Connections not admitted yet, over every public and native listener.
+    pub pending: Arc<Gate>,
 }
 
 /// Every session of this process: admission, the credentials sessions use
@@ -258,6 +264,8 @@ pub struct Sessions {
     pub tracker: TaskTracker,
     /// The live sessions, for the admin API.
     pub registry: Arc<dyn SessionRegistry>,
+    /// Connections not admitted yet, over every public and native listener.
+    pub pending: Arc<Gate>,
 }
 
 impl Sessions {
@@ -281,6 +289,7 @@ impl Sessions {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             registry: parts.registry,
+            pending: parts.pending,
         }
     }
 
@@ -386,39 +395,46 @@ impl Sessions {
         Ok(())
     }
 
-    /// Exchanges a token for a ticket: redeems it under its reuse policy
-    /// (under `reconnect` it may be exchanged again later, under
-    /// `single-use` never) and issues a ticket bound to its grant. Returns
-    /// the ticket and when it expires.
-    pub async fn exchange(&self, grant: &Grant) -> Result<(Secret<String>, u64), OpenError> {
+    /// Exchanges a token for a ticket bound to its grant, if its reuse
+    /// policy would let it start a session now (a token whose session runs,
+    /// or a used single-use one, gets no ticket). The ticket's session
+    /// redeems the token when it opens; a later exchange replaces the
+    /// token's unused ticket. Returns the ticket and when it expires.
+    pub async fn exchange(
+        &self,
+        grant: &Grant,
+        client: IpAddr,
+    ) -> Result<(Secret<String>, u64), OpenError> {
+        self.issue_ticket(grant).await.inspect_err(|e| {
+            crate::metrics::session_refused(e.as_str());
+            lifecycle::refused(&lifecycle::Refused {
+                what: "ticket",
+                label: "ticket exchange",
+                reason: e.as_str(),
+                blame: e.blame(),
+                client,
+                console: Some(grant.console),
+                jti: Some(&grant.jti),
+                detail: e,
+            });
+        })
+    }
+
+    async fn issue_ticket(&self, grant: &Grant) -> Result<(Secret<String>, u64), OpenError> {
         if self.cancel.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
         let now = unix_now();
-        let redemption = Redemption::begin(
-            self.redemptions.clone(),
-            &grant.jti,
-            grant.expires_at,
-            self.tokens.reuse_for(grant.console),
-            None,
-            now,
-        )
-        .await
-        .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?;
-        // Redeemed, not held: under `reconnect` it may be exchanged again,
-        // under `single-use` never; the ticket admits its session.
-        redemption.release().await;
+        self.redemptions
+            .would_redeem(&grant.jti, self.tokens.reuse_for(grant.console), None)
+            .await
+            .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?;
         let ttl = self.limits.ticket_ttl_secs;
         let ticket = self
             .tickets
             .issue(grant.clone(), ttl, now)
             .await
-            .map_err(|e| {
-                if crate::audit::refusal_log_allowed() {
-                    tracing::warn!(jti = %grant.jti, "no ticket issued: {e}");
-                }
-                OpenError::Unavailable(format!("no ticket issued: {e}"))
-            })?;
+            .map_err(|e| OpenError::Unavailable(format!("no ticket issued: {e}")))?;
         crate::metrics::ticket_issued(grant.console.as_str());
         tracing::info!(jti = %grant.jti, instance = %grant.instance, console = %grant.console, "ticket issued");
         Ok((ticket, (now + ttl).min(grant.expires_at)))
@@ -464,7 +480,7 @@ impl Sessions {
         })?;
         let counts = self.count(client, &grant.jti)?;
         let redemption = match admission {
-            Admission::Token => Some(
+            Admission::Opens => Some(
                 Redemption::begin(
                     self.redemptions.clone(),
                     &grant.jti,
@@ -476,12 +492,12 @@ impl Sessions {
                 .await
                 .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?,
             ),
-            // The token was redeemed when the ticket was issued; a revoked
-            // token's tickets still stop here.
-            Admission::Ticket if self.redemptions.is_revoked(&grant.jti).await => {
+            // Its session holds the token; a revoked token's channels still
+            // stop here.
+            Admission::Joins if self.redemptions.is_revoked(&grant.jti).await => {
                 return Err(redeem_error(&revoked(&grant.jti)));
             }
-            Admission::Ticket => None,
+            Admission::Joins => None,
         };
         let guards = |claim| SessionGuards {
             _permit: permit,

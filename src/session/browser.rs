@@ -25,6 +25,7 @@ use super::{Admission, CloseReason, Early, OpenError, Opened, Pass, Sessions, Tr
 use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
+use crate::transport::drain_watch::{Drains, Watched};
 use crate::transport::lazy_read::LazyRead;
 use crate::transport::ws_stream::WsBytes;
 
@@ -70,7 +71,7 @@ impl Sessions {
                 None
             }
             _ => Some(
-                self.open_to(&grant, Admission::Token, grant.target.port, client)
+                self.open_to(&grant, Admission::Opens, grant.target.port, client)
                     .await
                     .inspect_err(record)?,
             ),
@@ -135,7 +136,7 @@ impl BrowserAdmission {
                 }
             };
             // Large reads from the socket, small ones for tungstenite, no buffer while idle.
-            let io = LazyRead::new(TokioIo::new(upgraded), 64 * 1024);
+            let io = Watched::new(LazyRead::new(TokioIo::new(upgraded), 64 * 1024));
             let config = self.sessions.tungstenite_config();
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             self.run(socket).await;
@@ -144,7 +145,7 @@ impl BrowserAdmission {
 
     async fn run<S>(self, socket: WebSocketStream<S>)
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Drains,
     {
         let BrowserAdmission {
             sessions,

@@ -77,7 +77,7 @@ impl ByteCounters {
 
 /// Returns once `limit` has passed since the instant `stamp` records (in
 /// milliseconds after `origin`); never, if there is no limit.
-pub(super) async fn silence(
+async fn silence(
     origin: tokio::time::Instant,
     stamp: &AtomicU64,
     limit: Option<std::time::Duration>,

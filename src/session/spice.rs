@@ -271,7 +271,11 @@ pub async fn serve_browser<S>(
     peer: IpAddr,
     grant: crate::token::Grant,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    S: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + Unpin
+        + Send
+        + crate::transport::drain_watch::Drains,
 {
     let deadline = Instant::now() + sessions.limits.spice_handshake;
     let mut client = WsBytes::new(socket);
@@ -597,7 +601,11 @@ async fn admit_channel<S: Io>(
             format!("a {} ticket on the {leg:?} SPICE leg", grant.console),
         ));
     }
-    let guards = match sessions.admit(grant, Admission::Ticket, peer).await {
+    let admission = match role {
+        ChannelRole::Opens => Admission::Opens,
+        ChannelRole::Joins { .. } => Admission::Joins,
+    };
+    let guards = match sessions.admit(grant, admission, peer).await {
         Ok(g) => g,
         Err(e) => {
             if role == ChannelRole::Opens {

@@ -288,7 +288,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
         }
     };
     let grant = admitted.grant.clone();
-    let guards = match sessions.admit(&grant, Admission::Ticket, peer).await {
+    let guards = match sessions.admit(&grant, Admission::Opens, peer).await {
         Ok(g) => g,
         Err(e) => {
             let refusal = VncRefusal::new(e.as_str(), e.blame(), e.to_string());

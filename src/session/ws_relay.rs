@@ -2,16 +2,24 @@
 //! after its handshake. Binary messages one way, bytes the other.
 //!
 //! Backpressure both ways: bytes are read from the hypervisor only after the
-//! previous message was handed to the WebSocket, and the WebSocket holds at
-//! most `max_write_buffer_bytes` for a client that stops reading, after which
-//! the session ends (`limit_hit`). Client messages are written to the
-//! hypervisor before the next one is read. So a session's memory stays bounded
-//! whatever either peer does. An idle session holds no read buffer of ours:
-//! one is taken only when the hypervisor socket is readable.
+//! previous burst was handed to the WebSocket (which buffers at most
+//! `write_buffer_bytes` plus one message before it waits for the client),
+//! and client messages are written to the hypervisor before the next one is
+//! read. So a session's memory stays bounded whatever either peer does, and
+//! a hypervisor flooding a slow client is slowed to the client's pace. An
+//! idle session holds no read buffer of ours: one is taken only when the
+//! hypervisor socket is readable.
+//!
+//! A client is alive while it drains what it is sent: a write that had to
+//! wait going through again, or a pong that answers our latest ping (its
+//! payload is random), shows it. A client that owes us a read (a write
+//! waiting for it, or a ping unanswered) and shows no life for three ping
+//! intervals is cut (`client_unresponsive`), however many frames it sends:
+//! a slow reader that keeps draining is never cut, however late its pongs.
 //!
 //! The relay ends on the first of: the client leaving, the hypervisor closing,
-//! an I/O error, the inspector's verdict, the idle timeout, a client that
-//! answers no ping, the token's expiry (if asked), or the session's stop
+//! an I/O error, the inspector's verdict, the idle timeout, an unresponsive
+//! client, the token's expiry (if asked), or the session's stop
 //! (terminate, shutdown, maximum age). It then sends a close frame whose code
 //! and reason the console page shows (under a short deadline: a client that
 //! does not read cannot hold the task) and half-closes the hypervisor socket.
@@ -27,14 +35,17 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::registry::{ByteCounters, silence};
+use super::registry::ByteCounters;
 use super::{CloseReason, Early, Inspect, Stop, Traffic};
 use crate::transport::conn::{Conn, ConnReader, ConnWriter};
+use crate::transport::drain_watch::{DrainWatch, Drains};
 
 /// Timers and limits of one WebSocket relay.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayOptions {
-    /// Send a WebSocket ping this often, so intermediaries keep quiet sessions.
+    /// Send a WebSocket ping this often, so intermediaries keep quiet
+    /// sessions; a client that owes a read and shows no life for three
+    /// intervals is cut.
     pub ping_interval: Option<Duration>,
     /// End the session after this long with no byte either way.
     pub idle_timeout: Option<Duration>,
@@ -60,8 +71,12 @@ struct Meter<'a> {
     up: AtomicU64,
     down: AtomicU64,
     origin: Instant,
-    /// Milliseconds after `origin` the client was last heard (any frame).
-    last_heard: AtomicU64,
+    /// The payload of our unanswered ping (zero: none).
+    ping: AtomicU64,
+    /// Milliseconds after `origin` that ping went out.
+    ping_sent: AtomicU64,
+    /// Milliseconds after `origin` (plus one; zero: never) a pong answered it.
+    answered: AtomicU64,
 }
 
 impl Meter<'_> {
@@ -77,9 +92,70 @@ impl Meter<'_> {
         self.session.touch();
     }
 
-    fn heard(&self) {
-        self.last_heard
-            .store(self.origin.elapsed().as_millis() as u64, Relaxed);
+    fn millis(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// A ping's payload if none is unanswered: one owed pong at a time.
+    fn next_ping(&self) -> Option<u64> {
+        if self.ping.load(Relaxed) != 0 {
+            return None;
+        }
+        let payload = rand::random::<u64>() | 1;
+        self.ping_sent.store(self.millis(), Relaxed);
+        self.ping.store(payload, Relaxed);
+        Some(payload)
+    }
+
+    /// A pong arrived: it shows life only if it answers our ping.
+    fn pong(&self, data: &[u8]) {
+        let ours = self.ping.load(Relaxed);
+        if ours != 0 && data == ours.to_be_bytes() {
+            self.ping.store(0, Relaxed);
+            self.answered.store(self.millis() + 1, Relaxed);
+        }
+    }
+
+    /// Since when our ping has been unanswered.
+    fn ping_owed_since(&self) -> Option<Instant> {
+        (self.ping.load(Relaxed) != 0)
+            .then(|| self.origin + Duration::from_millis(self.ping_sent.load(Relaxed)))
+    }
+
+    fn answered_at(&self) -> Option<Instant> {
+        let at = self.answered.load(Relaxed);
+        (at != 0).then(|| self.origin + Duration::from_millis(at - 1))
+    }
+}
+
+/// Returns once the client owes us a read (a write waits for it, or our
+/// ping is unanswered) and has shown no life (drained a waiting write,
+/// answered our ping) for `limit` since it began to owe.
+async fn unresponsive(meter: &Meter<'_>, watch: &DrainWatch, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let owed = [watch.stalled_since(), meter.ping_owed_since()]
+            .into_iter()
+            .flatten()
+            .min();
+        let life = [watch.drained_at(), meter.answered_at()]
+            .into_iter()
+            .flatten()
+            .max();
+        let next = match owed {
+            // Nothing owed: look again when the next ping may have gone out.
+            None => Instant::now() + limit / 3,
+            Some(owed) => {
+                let cut_at = life.map_or(owed, |l| l.max(owed)) + limit;
+                if Instant::now() >= cut_at {
+                    return;
+                }
+                cut_at
+            }
+        };
+        tokio::time::sleep_until(next).await;
     }
 }
 
@@ -98,9 +174,10 @@ pub async fn relay<S, I>(
     counters: &ByteCounters,
 ) -> (CloseReason, Traffic)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Drains,
     I: Inspect,
 {
+    let watch = socket.get_ref().drain_watch().clone();
     let (mut sink, stream) = socket.split();
     let (from_backend, mut to_backend) = backend.split();
     // Shared by the futures below, which run in this one task; atomics only
@@ -110,7 +187,9 @@ where
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
         origin: Instant::now(),
-        last_heard: AtomicU64::new(0),
+        ping: AtomicU64::new(0),
+        ping_sent: AtomicU64::new(0),
+        answered: AtomicU64::new(0),
     };
     let reason = {
         let up = client_to_backend(stream, &mut to_backend, early.up, &meter);
@@ -121,15 +200,11 @@ where
             counters.silent_for(opts.idle_timeout).await;
             CloseReason::IdleTimeout
         };
-        // A client that answers no ping for three intervals is gone (a dead
-        // NAT entry, a suspended laptop): end the session rather than hold it.
+        // A client that stopped draining is gone (a dead NAT entry, a
+        // suspended laptop, or a client holding the console): end the
+        // session rather than hold it.
         let unresponsive = async {
-            silence(
-                meter.origin,
-                &meter.last_heard,
-                opts.ping_interval.map(|p| p * 3),
-            )
-            .await;
+            unresponsive(&meter, &watch, opts.ping_interval.map(|p| p * 3)).await;
             CloseReason::ClientUnresponsive
         };
         let expiry = async {
@@ -184,13 +259,14 @@ where
         while let Some(msg) = next.take() {
             match msg {
                 Ok(Message::Binary(data)) => {
-                    meter.heard();
                     meter.moved_up(data.len());
                     batch.extend_from_slice(&data);
                 }
-                // Keepalive frames prove the client is there; they are not
-                // console activity, so they do not hold off the idle timeout.
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => meter.heard(),
+                // Keepalive frames are not console activity: they do not
+                // hold off the idle timeout. Only a pong to our ping shows
+                // the client reads.
+                Ok(Message::Pong(data)) => meter.pong(&data),
+                Ok(Message::Ping(_) | Message::Frame(_)) => {}
                 Ok(Message::Text(_)) => return CloseReason::ProtocolError,
                 Ok(Message::Close(_)) => return CloseReason::ClientLeft,
                 Err(e) => return read_error(&e),
@@ -247,7 +323,9 @@ where
                 }
             }
             _ = tick(&mut ping) => {
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                let Some(payload) = meter.next_ping() else { continue };
+                let ping = Message::Ping(Bytes::copy_from_slice(&payload.to_be_bytes()));
+                if sink.send(ping).await.is_err() {
                     return CloseReason::ClientLeft;
                 }
             }

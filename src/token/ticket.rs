@@ -11,7 +11,7 @@
 //! The store is a trait, so a shared store can replace the in-memory one for
 //! several Porthole nodes behind one name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use sha2::{Digest as _, Sha256};
@@ -90,7 +90,7 @@ pub struct Admitted {
 }
 
 /// A ticket's name: the hex SHA-256 of it. Safe to log (first 12 characters).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TicketId(String);
 
 impl TicketId {
@@ -110,7 +110,9 @@ impl std::fmt::Display for TicketId {
 /// one node, redeemed on another) can implement it; implementations answer
 /// within their own deadline and fail closed.
 pub trait TicketStore: Send + Sync + std::fmt::Debug {
-    /// Issues a ticket for `grant`, usable for `ttl_secs` from `now`.
+    /// Issues a ticket for `grant`, usable for `ttl_secs` from `now`. It
+    /// replaces the token's unused ticket, if it has one: a token holds at
+    /// most one.
     fn issue(
         &self,
         grant: Grant,
@@ -155,11 +157,55 @@ struct Entry {
     state: State,
 }
 
-/// The default store: in memory, bounded.
+/// The tickets, with the two indexes that spare every operation a scan.
+#[derive(Debug, Default)]
+struct Tickets {
+    entries: HashMap<TicketId, Entry>,
+    /// Each token's tickets: at most one fresh, plus those of its sessions.
+    by_jti: HashMap<String, HashSet<TicketId>>,
+    /// Fresh tickets by when they die, soonest first.
+    expiry: BTreeSet<(u64, TicketId)>,
+}
+
+impl Tickets {
+    fn remove(&mut self, id: &TicketId) -> Option<Entry> {
+        let entry = self.entries.remove(id)?;
+        if let State::Fresh { expires_at } = entry.state {
+            self.expiry.remove(&(expires_at, id.clone()));
+        }
+        if let Some(ids) = self.by_jti.get_mut(&entry.grant.jti) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_jti.remove(&entry.grant.jti);
+            }
+        }
+        Some(entry)
+    }
+
+    /// Forgets fresh tickets that died before `now`, soonest first: each
+    /// expired ticket is visited once, by whichever call comes after it died.
+    fn purge_expired(&mut self, now: u64) {
+        while let Some((expires_at, id)) = self.expiry.first().cloned() {
+            if expires_at >= now {
+                break;
+            }
+            self.remove(&id);
+        }
+    }
+
+    /// The unused ticket of token `jti`, if it has one.
+    fn fresh_of(&self, jti: &str) -> Option<TicketId> {
+        self.by_jti.get(jti)?.iter().find_map(|id| {
+            matches!(self.entries.get(id)?.state, State::Fresh { .. }).then(|| id.clone())
+        })
+    }
+}
+
+/// The default store: in memory, bounded, one unused ticket per token.
 #[derive(Debug)]
 pub struct MemoryTickets {
     capacity: usize,
-    entries: Mutex<HashMap<TicketId, Entry>>,
+    tickets: Mutex<Tickets>,
 }
 
 impl MemoryTickets {
@@ -167,18 +213,18 @@ impl MemoryTickets {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            entries: Mutex::default(),
+            tickets: Mutex::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TicketId, Entry>> {
-        // Every update is a single assignment or removal: a poisoned map is consistent.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tickets> {
+        // Every update completes under the lock: a poisoned store is consistent.
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Tickets held now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     /// Whether no ticket is held.
@@ -195,18 +241,27 @@ impl MemoryTickets {
         ttl_secs: u64,
         now: u64,
     ) -> Result<Secret<String>, TicketRefusal> {
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity {
-            entries
-                .retain(|_, e| !matches!(e.state, State::Fresh { expires_at } if expires_at < now));
-            if entries.len() >= self.capacity {
-                return Err(TicketRefusal::Full);
-            }
+        let mut tickets = self.lock();
+        tickets.purge_expired(now);
+        // A new exchange replaces the token's unused ticket: one token can
+        // never hold more than one, however often it is exchanged.
+        if let Some(old) = tickets.fresh_of(&grant.jti) {
+            tickets.remove(&old);
+        }
+        if tickets.entries.len() >= self.capacity {
+            return Err(TicketRefusal::Full);
         }
         let ticket = random_token(TICKET_BYTES);
+        let id = TicketId::of(ticket.as_bytes());
         let expires_at = now.saturating_add(ttl_secs).min(grant.expires_at.max(now));
-        entries.insert(
-            TicketId::of(ticket.as_bytes()),
+        tickets.expiry.insert((expires_at, id.clone()));
+        tickets
+            .by_jti
+            .entry(grant.jti.clone())
+            .or_default()
+            .insert(id.clone());
+        tickets.entries.insert(
+            id,
             Entry {
                 grant,
                 state: State::Fresh { expires_at },
@@ -235,18 +290,20 @@ impl MemoryTickets {
         now: u64,
     ) -> Result<Admitted, TicketRefusal> {
         let id = TicketId::of(ticket);
-        let mut entries = self.lock();
-        let entry = entries.get_mut(&id).ok_or(TicketRefusal::Unknown)?;
+        let mut tickets = self.lock();
+        let entry = tickets.entries.get_mut(&id).ok_or(TicketRefusal::Unknown)?;
         if console.is_some_and(|c| c != entry.grant.console) {
             return Err(TicketRefusal::WrongConsoleType);
         }
         match (&entry.state, role) {
             (State::Fresh { expires_at }, ChannelRole::Opens) => {
-                if now > *expires_at {
-                    entries.remove(&id);
+                let expires_at = *expires_at;
+                if now > expires_at {
+                    tickets.remove(&id);
                     return Err(TicketRefusal::Expired);
                 }
                 entry.state = State::Open { session_id: None };
+                tickets.expiry.remove(&(expires_at, id.clone()));
             }
             (State::Fresh { .. }, ChannelRole::Joins { .. }) => {
                 return Err(TicketRefusal::NoSession);
@@ -266,15 +323,15 @@ impl MemoryTickets {
                 }
             }
         }
-        Ok(Admitted {
-            grant: entry.grant.clone(),
-            id,
-        })
+        let grant = tickets.entries[&id].grant.clone();
+        Ok(Admitted { grant, id })
     }
 
     /// See [`TicketStore::bind`].
     pub fn bind(&self, id: &TicketId, session_id: u32) {
-        if let Some(entry) = self.lock().get_mut(id) {
+        if let Some(entry) = self.lock().entries.get_mut(id)
+            && matches!(entry.state, State::Open { .. })
+        {
             entry.state = State::Open {
                 session_id: Some(session_id),
             };
@@ -288,7 +345,10 @@ impl MemoryTickets {
 
     /// See [`TicketStore::revoke_jti`].
     pub fn revoke_jti(&self, jti: &str) {
-        self.lock().retain(|_, e| e.grant.jti != jti);
+        let mut tickets = self.lock();
+        for id in tickets.by_jti.get(jti).cloned().unwrap_or_default() {
+            tickets.remove(&id);
+        }
     }
 }
 
@@ -450,6 +510,49 @@ mod tests {
                 .admit(t.expose().as_bytes(), ChannelRole::Opens, NOW + 601)
                 .unwrap_err(),
             TicketRefusal::Expired
+        );
+    }
+
+    #[test]
+    fn a_token_holds_one_unused_ticket_and_a_new_exchange_replaces_it() {
+        let store = MemoryTickets::new(3);
+        let first = store.issue(grant("a"), 60, NOW).unwrap();
+        // One token exchanged over and over never fills the store.
+        let mut last = store.issue(grant("a"), 60, NOW).unwrap();
+        for _ in 0..100 {
+            last = store.issue(grant("a"), 60, NOW).unwrap();
+        }
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store
+                .admit(first.expose().as_bytes(), ChannelRole::Opens, NOW)
+                .unwrap_err(),
+            TicketRefusal::Unknown,
+            "replaced"
+        );
+        let opened = store
+            .admit(last.expose().as_bytes(), ChannelRole::Opens, NOW)
+            .unwrap();
+        // A used ticket is its session's, not the token's unused one: a
+        // further exchange adds a fresh ticket beside it and keeps it.
+        let next = store.issue(grant("a"), 60, NOW).unwrap();
+        assert_eq!(store.len(), 2);
+        store.bind(&opened.id, 7);
+        store
+            .admit(
+                last.expose().as_bytes(),
+                ChannelRole::Joins { session_id: 7 },
+                NOW,
+            )
+            .unwrap();
+        // Revocation kills both: the session's and the unused one.
+        store.revoke_jti("a");
+        assert!(store.is_empty());
+        assert_eq!(
+            store
+                .admit(next.expose().as_bytes(), ChannelRole::Opens, NOW)
+                .unwrap_err(),
+            TicketRefusal::Unknown
         );
     }
 

@@ -1,4 +1,5 @@
-//! The public listener's accept loop: plain TCP or TLS, HTTP/1.1 with upgrades.
+//! The one accept loop of every listener (behind its [`Gate`]), and the
+//! HTTP listeners on it: plain TCP or TLS, HTTP/1.1 with upgrades.
 //!
 //! The loop only accepts. Each connection is served in its own task: the TLS
 //! handshake runs there under a deadline, then hyper reads the request with a
@@ -12,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::gate::{Gate, Pass};
 use super::pem::PemFileError;
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -20,7 +22,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -89,86 +90,92 @@ pub struct HttpDeadlines {
 
 /// Accepts on `listener` until `stop` fires, handing each connection to
 /// `on_accept` (which spawns what serves it: the loop itself never waits on
-/// a peer).
-pub async fn accept_loop<F>(listener: TcpListener, stop: CancellationToken, mut on_accept: F)
-where
-    F: FnMut(TcpStream, SocketAddr),
-{
-    accept_limited(listener, stop, None, move |tcp, peer, _| {
-        on_accept(tcp, peer)
-    })
-    .await;
-}
-
-/// The one accept loop of every listener, HTTP and native. With `slots`, a
-/// permit is taken *before* each accept and handed over with the
-/// connection (held for its life): when all are taken, new connections wait
-/// in the kernel's backlog instead of costing descriptors and memory.
-pub async fn accept_limited<F>(
+/// a peer) with its [`Pass`] through `gate`, held for as long as the
+/// connection is not admitted. The permit is taken *before* each accept:
+/// when all are taken, new connections wait in the kernel's backlog instead
+/// of costing descriptors and memory. A connection from an address that
+/// holds its most places is closed at once.
+pub async fn accept_loop<F>(
     listener: TcpListener,
     stop: CancellationToken,
-    slots: Option<Arc<Semaphore>>,
+    gate: Arc<Gate>,
     mut on_accept: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
+    F: FnMut(TcpStream, SocketAddr, Pass),
 {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let permit = match &slots {
-            None => None,
-            Some(slots) => tokio::select! {
-                _ = stop.cancelled() => return,
-                p = slots.clone().acquire_owned() => p.ok(),
-            },
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = gate.permit() => p,
         };
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of descriptors and the like: back off (longer each
+                    // time, up to a second) instead of spinning, and say so.
+                    crate::metrics::accept_failed();
+                    if crate::audit::refusal_log_allowed() {
+                        tracing::warn!(retry_in = ?backoff, "accept failed: {e}");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
         };
-        // Interactive traffic: small writes must not wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-        on_accept(tcp, peer, permit);
+        backoff = ACCEPT_BACKOFF_MIN;
+        let Some(pass) = gate.enter(permit, peer.ip()) else {
+            crate::metrics::limit_hit("pending_per_address");
+            if crate::audit::refusal_log_allowed() {
+                tracing::info!(%peer, "connection refused: this address holds its most connections not yet admitted");
+            }
+            continue;
+        };
+        tune(&tcp);
+        on_accept(tcp, peer, pass);
     }
 }
 
-/// Serves HTTP/1.1 (plain or TLS) on `listener` until `cancel` fires.
-/// Connections still open then finish their current request; upgraded
-/// WebSockets are ended by their own sessions.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Unsent bytes the kernel may hold for one connection. Small, so that a
+/// write waits as soon as the client stops reading (what tells the relays a
+/// client is alive, see [`super::drain_watch`]), and console output does not
+/// sit behind megabytes of stale bytes; large enough to keep a fast link busy.
+const NOTSENT_LOWAT: u32 = 64 * 1024;
+
+fn tune(tcp: &TcpStream) {
+    // Interactive traffic: small writes must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+}
+
+/// Serves HTTP/1.1 (plain or TLS) on `listener` until `cancel` fires,
+/// behind `gate` (a connection holds its place until it ends or is upgraded
+/// to a session). Connections still open then finish their current request;
+/// upgraded WebSockets are ended by their own sessions.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsSlot>,
     router: Router,
     deadlines: HttpDeadlines,
     cancel: CancellationToken,
-) {
-    serve_limited(listener, tls, router, deadlines, cancel, None).await;
-}
-
-/// [`serve`], with at most `max_connections` open at once (the admin
-/// listener: a trusted network, but no peer may exhaust descriptors).
-pub async fn serve_limited(
-    listener: TcpListener,
-    tls: Option<TlsSlot>,
-    router: Router,
-    deadlines: HttpDeadlines,
-    cancel: CancellationToken,
-    max_connections: Option<usize>,
+    gate: Arc<Gate>,
 ) {
     let stop = cancel.clone();
-    let slots = max_connections.map(|n| Arc::new(Semaphore::new(n)));
-    accept_limited(listener, stop, slots, move |tcp, peer, permit| {
+    accept_loop(listener, stop, gate, move |tcp, peer, pass| {
         let tls = tls.as_ref().map(|slot| slot.load_full());
         let router = router.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            // Given back when the connection ends, or when hyper hands an
+            // upgraded socket to its session and this task ends.
+            let _pass = pass;
             let io = match tls {
                 None => Either::Left(tcp),
                 Some(config) => {

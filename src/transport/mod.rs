@@ -1,8 +1,12 @@
 //! Async adapters that know nothing about consoles: listeners (one accept
-//! loop for every listener, plain or TLS), connections as byte streams, a
-//! WebSocket seen as bytes, and the lazily buffered socket reader.
+//! loop for every listener, plain or TLS, behind a gate for connections not
+//! yet admitted), connections as byte streams, a
+//! WebSocket seen as bytes, the lazily buffered socket reader, and the watch
+//! on whether a client drains its socket.
 
 pub mod conn;
+pub mod drain_watch;
+pub mod gate;
 pub mod lazy_read;
 pub mod listener;
 pub mod pem;

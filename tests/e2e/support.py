@@ -231,6 +231,24 @@ class EchoBackend(FakeServer):
                 pass
 
 
+class FloodBackend(FakeServer):
+    """A console that writes as fast as its reader takes, until closed."""
+
+    def handle(self, conn):
+        threading.Thread(target=self._flood, args=(conn,), daemon=True).start()
+
+    def _flood(self, conn):
+        conn.settimeout(0.5)
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    conn.send(b"\x55" * 65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+
+
 # A 1x1 ServerInit: 32 bpp true colour, name "echo".
 SERVER_INIT = (b"\x00\x01\x00\x01" + bytes([32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])
                + b"\x00\x00\x00\x04echo")

@@ -11,7 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
-from support import AUDIENCE, ISSUER, EchoBackend, Porthole, browser, rfb_client_handshake
+from support import AUDIENCE, ISSUER, EchoBackend, FloodBackend, Porthole, browser, rfb_client_handshake
 from harness import metric_value
 
 
@@ -236,28 +236,11 @@ def test_a_client_that_stops_reading_is_cut_after_three_silent_ping_intervals(tm
     """A client that reads nothing (so never answers a ping) holds its session
     for three ping intervals at most (1 s here), then it ends as
     client_unresponsive and is counted; the flooding console is let go."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    stop = threading.Event()
-
-    def flood():
-        conn, _ = srv.accept()
-        conn.settimeout(0.5)
-        with conn:
-            while not stop.is_set():
-                try:
-                    conn.send(b"\x55" * 65536)
-                except socket.timeout:
-                    continue
-                except OSError:
-                    return
-
-    threading.Thread(target=flood, daemon=True).start()
+    flood = FloodBackend()
     p = Porthole(tmp_path, websocket="ping_interval_secs = 1")
     client = socket.socket()
     try:
-        token = p.mint("serial", srv.getsockname()[1])["token"]
+        token = p.mint("serial", flood.port)["token"]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         client.connect(("127.0.0.1", p.public_port))
         client.sendall((f"GET /serial?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -273,7 +256,6 @@ def test_a_client_that_stops_reading_is_cut_after_three_silent_ping_intervals(tm
         m = p.metrics()
         assert metric_value(m, "porthole_sessions_ended_total", console="serial", reason="client_unresponsive") == 1
     finally:
-        stop.set()
         client.close()
-        srv.close()
+        flood.close()
         assert p.gateway.stop() == 0
