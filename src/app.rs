@@ -11,17 +11,15 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SigningKey, TlsListener};
+use crate::config::{Config, ConfigSource};
 use crate::frontend::admin::{self, AdminState};
 use crate::frontend::public::{self, PublicState};
 use crate::frontend::spice::SpiceDetails;
 use crate::frontend::vnc::VncDetails;
-use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::issuance::Issuer;
-use crate::reload::{Reloader, Swappable};
+use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};
 use crate::token::MemoryTickets;
-use crate::token::signing::Signer;
 use crate::token::{MemoryRedemptions, TokenValidator};
 use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
 
@@ -56,91 +54,73 @@ impl App {
     }
 
     /// Builds the shared state for `listeners` as bound (their real ports are
-    /// what native clients are told), reloading from `config_path`.
+    /// what native clients are told), reloading from `source`.
     pub fn build_for(
         config: Config,
         listeners: Option<&Listeners>,
-        config_path: Option<std::path::PathBuf>,
+        source: Option<ConfigSource>,
     ) -> anyhow::Result<App> {
-        let allow = Arc::new(config.allow.clone());
-        let validator = Arc::new(
-            TokenValidator::new(
-                config.tokens.policy.clone(),
-                config.tokens.keys.clone(),
-                config.tokens.allow_hmac,
-                allow,
-            )
-            .context("token keys")?,
-        );
-        let issuer = Self::build_issuer(&config, &validator)?;
+        // The same check as `config check` and every reload.
+        let ready = Reloadable::load(config)?;
+        Ok(Self::from_ready(ready, listeners, source))
+    }
+
+    /// The shared state over what [`Reloadable::load`] made.
+    fn from_ready(
+        ready: Reloadable,
+        listeners: Option<&Listeners>,
+        source: Option<ConfigSource>,
+    ) -> App {
+        let config = ready.config;
+        let validator = Arc::new(TokenValidator::with_keys(
+            config.tokens.policy.clone(),
+            ready.keys,
+            Arc::new(config.allow.clone()),
+        ));
+        let issuer = match (&config.issuance, ready.signer) {
+            (Some(iss), Some(signer)) => Some(Arc::new(Issuer::new(
+                signer,
+                iss.issuer.clone(),
+                iss.audience.clone(),
+                iss.ttl_secs,
+                config.listen.public_base_url.clone(),
+                validator.clone(),
+            ))),
+            _ => None,
+        };
         let redemptions = Arc::new(MemoryRedemptions::new(
             config.tokens.store_capacity,
             config.tokens.policy.leeway_secs,
         ));
-        let tls = TlsSlots::load(&config)?;
-        let spice_upstreams = Arc::new(ArcSwap::from_pointee(
-            SpiceUpstreams::load(&config.spice_backends).context("backends.spice")?,
-        ));
-        let vnc_upstreams = Arc::new(ArcSwap::from_pointee(
-            VncUpstreams::load(&config.vnc_backends).context("backends.vnc")?,
-        ));
-        let (spice_details, vnc_details) = console_details(&config, listeners)?;
+        let slot = |c: Option<rustls::ServerConfig>| c.map(|c| Arc::new(ArcSwap::from_pointee(c)));
+        let (spice_details, vnc_details) = console_details(&config, listeners, ready.spice_ca_pem);
         let swappable = Swappable {
             validator: validator.clone(),
-            public_tls: tls.public.clone(),
-            spice_tls: tls.spice,
-            vnc_tls: tls.vnc,
-            spice_upstreams,
-            vnc_upstreams,
+            signer: issuer.as_ref().map(|i| i.signer_slot()),
+            public_tls: slot(ready.public_tls),
+            spice_tls: slot(ready.spice_tls),
+            vnc_tls: slot(ready.vnc_tls),
+            spice_upstreams: Arc::new(ArcSwap::from_pointee(ready.spice_upstreams)),
+            vnc_upstreams: Arc::new(ArcSwap::from_pointee(ready.vnc_upstreams)),
         };
         let sessions = Arc::new(Sessions::new(session_parts(
             &config,
             &redemptions,
             &swappable,
         )));
-        let reloader = Arc::new(Reloader::new(&config, swappable, config_path));
-        Ok(App {
+        let tls = swappable.public_tls.clone();
+        let reloader = Arc::new(Reloader::new(config.clone(), swappable, source));
+        App {
             config,
             validator,
             issuer,
             redemptions,
             sessions,
-            tls: tls.public,
+            tls,
             spice_details,
             vnc_details,
             reloader,
-        })
-    }
-
-    fn build_issuer(
-        config: &Config,
-        validator: &Arc<TokenValidator>,
-    ) -> anyhow::Result<Option<Arc<Issuer>>> {
-        Ok(match &config.issuance {
-            None => None,
-            Some(iss) => {
-                let signer = match &iss.signing_key {
-                    SigningKey::PrivatePem(path) => {
-                        Signer::from_private_pem_file(path, iss.signing_kid.clone())
-                            .context("issuance.signing_key")?
-                    }
-                    SigningKey::Secret(path) => {
-                        let secret = std::fs::read(path).with_context(|| {
-                            format!("issuance.signing_key: cannot read {}", path.display())
-                        })?;
-                        Signer::from_secret(&secret, iss.signing_kid.clone())
-                    }
-                };
-                Some(Arc::new(Issuer::new(
-                    signer,
-                    iss.issuer.clone(),
-                    iss.audience.clone(),
-                    iss.ttl_secs,
-                    config.listen.public_base_url.clone(),
-                    validator.clone(),
-                )))
-            }
-        })
+        }
     }
 
     /// The public router over this app's state.
@@ -180,54 +160,13 @@ impl App {
     }
 }
 
-/// Every listener's TLS config, each in a slot a reload can swap.
-struct TlsSlots {
-    public: Option<TlsSlot>,
-    spice: Option<TlsSlot>,
-    vnc: Option<TlsSlot>,
-}
-
-impl TlsSlots {
-    fn load(config: &Config) -> anyhow::Result<Self> {
-        let slot = |c: rustls::ServerConfig| Arc::new(ArcSwap::from_pointee(c));
-        let public = match &config.listen.tls {
-            None => None,
-            Some(files) => Some(slot(
-                listener::load_tls(&files.cert, &files.key, config.listen.tls13_only)
-                    .context("listen.tls_cert")?,
-            )),
-        };
-        // Native console listeners: no ALPN.
-        let console = |l: &Option<TlsListener>, key: &'static str| {
-            l.as_ref()
-                .map(|l| {
-                    listener::load_tls_without_alpn(&l.cert.cert, &l.cert.key, l.tls13_only)
-                        .map(slot)
-                        .context(key)
-                })
-                .transpose()
-        };
-        Ok(Self {
-            public,
-            spice: console(&config.spice.listen_tls, "spice.tls_cert")?,
-            vnc: console(&config.vnc.listen, "vnc.tls_cert")?,
-        })
-    }
-}
-
 /// What native SPICE and VNC clients are told: the listeners where they
 /// really are (`listeners` as bound, else as configured), and the CA to trust.
 fn console_details(
     config: &Config,
     listeners: Option<&Listeners>,
-) -> anyhow::Result<(SpiceDetails, VncDetails)> {
-    let ca_pem = match &config.spice.ca {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("spice.ca: cannot read {}", p.display()))?,
-        ),
-        None => None,
-    };
+    ca_pem: Option<String>,
+) -> (SpiceDetails, VncDetails) {
     let (spice_tls_addr, spice_plain_addr, vnc_addr) = match listeners {
         Some(l) => {
             let (tls, plain) = l.spice_addrs();
@@ -254,7 +193,7 @@ fn console_details(
         port: config.vnc.public_port.or(vnc_addr.map(|a| a.port())),
         ca_pem,
     };
-    Ok((spice, vnc))
+    (spice, vnc)
 }
 
 /// What the session layer is built from: `[sessions]` caps and timers, the

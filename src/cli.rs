@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::{self, App, Listeners};
 use crate::bootstrap::{DEV_KID, DevState};
-use crate::config::{Config, RawConfig, default_state_dir};
+use crate::config::{Config, ConfigSource, ListenOverrides, RawConfig, default_state_dir};
 use crate::issuance::{IssueRequest, console_url};
+use crate::reload::{ReloadError, Reloadable};
 use crate::token::claims::ConsoleClaim;
 use crate::token::signing::{KeyKind, MintRequest, Signer, generate};
 use crate::token::{ConsoleType, unix_now};
@@ -358,26 +359,24 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
     init_tracing(log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let config_path = config.clone();
-        // A native listener is validated with its certificate, so its
-        // override goes into the file as read; the admin and public ones are
-        // bare addresses (and the base URL keeps following the file's).
-        let (mut config, dev) = load_config(config.as_deref(), |raw| {
-            if let Some(addr) = o.spice_listen {
-                raw.spice.listen_tls = Some(addr.to_string());
+        let overrides = ListenOverrides {
+            admin: o.admin_listen,
+            public: o.public_listen,
+            spice_tls: o.spice_listen,
+            vnc: o.vnc_listen,
+        };
+        let source = config.map(|path| ConfigSource { path, overrides });
+        let (mut config, dev) = match &source {
+            // A reload reads the file with the same overrides.
+            Some(s) => (s.load()?, None),
+            None => {
+                let (mut c, dev) = load_config(None, |raw| overrides.adjust_raw(raw))?;
+                overrides.adjust(&mut c);
+                (c, dev)
             }
-            if let Some(addr) = o.vnc_listen {
-                raw.vnc.listen = Some(addr.to_string());
-            }
-        })?;
+        };
         for w in &config.warnings {
             tracing::warn!("config: {w}");
-        }
-        if let Some(addr) = o.admin_listen {
-            config.listen.admin = addr;
-        }
-        if let Some(addr) = o.public_listen {
-            config.listen.public = addr;
         }
         let reasons: Vec<&'static str> = crate::token::RefusalReason::ALL
             .iter()
@@ -400,7 +399,7 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             config.listen.public_base_url = base.clone();
             config.listen.allowed_origins = vec![base];
         }
-        let app = App::build_for(config, Some(&listeners), config_path)?;
+        let app = App::build_for(config, Some(&listeners), source)?;
         let descriptors = raise_descriptor_limit(&app.config);
         tracing::info!(admin = %admin_addr, public = ?public_addrs, keys = ?app.validator.kids(), descriptors, "porthole is up");
         warn_missing_clients(&app.config.web);
@@ -703,31 +702,30 @@ fn keys_generate(kind: KeyKind, kid: &str, out: &Path) -> anyhow::Result<ExitCod
 }
 
 fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(file) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("{e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    for w in &config.warnings {
-        println!("{}: warning: {w}", file.display());
-    }
-    // Loading keys and the signing key catches what the file alone cannot show.
-    match App::build(config) {
-        Ok(app) => {
+    // What a reload checks: the file, then everything it names (keys,
+    // certificates, credentials), which the file alone cannot show.
+    match Reloadable::check(file) {
+        Ok(ready) => {
+            let c = &ready.config;
+            for w in &c.warnings {
+                println!("{}: warning: {w}", file.display());
+            }
             println!(
                 "{}: ok ({} verification key(s): {:?}; {} backend network(s); issuance {})",
                 file.display(),
-                app.validator.kids().len().max(1),
-                app.validator.kids(),
-                app.config.allow.backends().len(),
-                if app.issuer.is_some() { "on" } else { "off" },
+                ready.keys.ring().len(),
+                ready.keys.ring().kids(),
+                c.allow.backends().len(),
+                if c.issuance.is_some() { "on" } else { "off" },
             );
             Ok(ExitCode::SUCCESS)
         }
+        Err(ReloadError::Config(e)) => {
+            println!("{e}");
+            Ok(ExitCode::from(1))
+        }
         Err(e) => {
-            println!("{}: {e:#}", file.display());
+            println!("{}: {e}", file.display());
             Ok(ExitCode::from(1))
         }
     }

@@ -700,6 +700,70 @@ impl Config {
     }
 }
 
+/// Listener addresses given on the command line, which win over the file's,
+/// at start and at every reload (so a reload does not see them as changes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenOverrides {
+    /// `listen.admin`.
+    pub admin: Option<SocketAddr>,
+    /// `listen.public` (the base URL keeps following the file's).
+    pub public: Option<SocketAddr>,
+    /// `spice.listen_tls`.
+    pub spice_tls: Option<SocketAddr>,
+    /// `vnc.listen`.
+    pub vnc: Option<SocketAddr>,
+}
+
+impl ListenOverrides {
+    /// The native listeners' addresses go into the file as read: a listener
+    /// is validated together with its certificate.
+    pub fn adjust_raw(&self, raw: &mut RawConfig) {
+        if let Some(addr) = self.spice_tls {
+            raw.spice.listen_tls = Some(addr.to_string());
+        }
+        if let Some(addr) = self.vnc {
+            raw.vnc.listen = Some(addr.to_string());
+        }
+    }
+
+    /// The admin and public addresses are bare addresses, set after validation.
+    pub fn adjust(&self, config: &mut Config) {
+        if let Some(addr) = self.admin {
+            config.listen.admin = addr;
+        }
+        if let Some(addr) = self.public {
+            config.listen.public = addr;
+        }
+    }
+}
+
+/// Where a running Porthole's configuration comes from: its file, and the
+/// command-line settings that win over it. A reload reads it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    /// The config file.
+    pub path: PathBuf,
+    /// Command-line listener addresses.
+    pub overrides: ListenOverrides,
+}
+
+impl ConfigSource {
+    /// The file alone.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            overrides: ListenOverrides::default(),
+        }
+    }
+
+    /// Reads and validates the file, with the overrides applied.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load_with(&self.path, |raw| self.overrides.adjust_raw(raw))?;
+        self.overrides.adjust(&mut config);
+        Ok(config)
+    }
+}
+
 /// Gives each issue its line and column in `text`, and sorts them into file order.
 fn place(text: &str, issues: &mut [ConfigIssue]) {
     if issues.is_empty() {

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use crate::hypervisor::ConsoleTarget;
 use crate::secret::Secret;
 use crate::token::claims::ConsoleClaim;
@@ -98,7 +100,8 @@ pub enum IssueError {
 /// Mints tokens with the configured signing key.
 #[derive(Debug)]
 pub struct Issuer {
-    signer: Signer,
+    /// The signing key; a reload swaps it (`[issuance]` `signing_key`, `signing_kid`).
+    signer: Arc<ArcSwap<Signer>>,
     issuer: String,
     audience: String,
     default_ttl_secs: u64,
@@ -117,13 +120,23 @@ impl Issuer {
         validator: Arc<TokenValidator>,
     ) -> Self {
         Self {
-            signer,
+            signer: Arc::new(ArcSwap::from_pointee(signer)),
             issuer,
             audience,
             default_ttl_secs,
             public_base_url,
             validator,
         }
+    }
+
+    /// The `kid` issued tokens carry now.
+    pub fn kid(&self) -> Option<String> {
+        self.signer.load().kid().map(str::to_string)
+    }
+
+    /// The slot its signing key is in, for reloads to swap.
+    pub fn signer_slot(&self) -> Arc<ArcSwap<Signer>> {
+        self.signer.clone()
     }
 
     /// Issues a token for `req`.
@@ -166,6 +179,7 @@ impl Issuer {
         let claims = mint.claims(now);
         let token = self
             .signer
+            .load()
             .sign(&claims)
             .map_err(|e| IssueError::Internal(e.to_string()))?;
         self.validator

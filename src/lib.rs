@@ -17,7 +17,8 @@
 //! 3. [`frontend`]: how requests arrive: pages, WebSocket upgrades, ticket
 //!    exchanges, native listeners, the admin API. Parses, checks the Origin,
 //!    asks the session layer, answers; never touches a hypervisor.
-//! 4. [`reload`] (swapping keys, certificates and backends), [`issuance`]
+//! 4. [`reload`] (checking a config file and what it names; swapping keys,
+//!    the issuance key, certificates and backends), [`issuance`]
 //!    (minting tokens), [`demo`] (the throwaway QEMU VM), [`bootstrap`]
 //!    (first-start material).
 //! 5. [`session`]: a console session from admission to its end: resolving

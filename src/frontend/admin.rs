@@ -340,41 +340,35 @@ async fn connection_details(
     }
 }
 
-/// `POST /v1/reload`: what SIGHUP does (keys, certificates, backends).
+/// `POST /v1/reload`: what SIGHUP does. `200 {"reloaded": {...}}` says
+/// what changed ([`crate::reload::Reloaded`]); `422` with every problem when
+/// the file is refused, and then nothing changed.
 async fn reload_all(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+    reload(s, &headers, "admin").await
+}
+
+/// `POST /v1/keys/reload`: the same full reload (keys cannot be reloaded
+/// apart from the file that lists them); kept for callers of its old name.
+async fn reload_keys(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    reload(s, &headers, "admin (keys/reload)").await
+}
+
+async fn reload(s: AdminState, headers: &HeaderMap, why: &'static str) -> Response {
+    if let Err(r) = authorize(&s, headers) {
         return r.into_response();
     }
     let reloader = s.reloader.clone();
-    match tokio::task::spawn_blocking(move || reloader.reload_logged("admin")).await {
+    match tokio::task::spawn_blocking(move || reloader.reload_logged(why)).await {
         Ok(Ok(done)) => Json(json!({ "reloaded": done })).into_response(),
-        Ok(Err(e)) => error(
+        Ok(Err(e)) => (
             StatusCode::UNPROCESSABLE_ENTITY,
-            "reload_failed",
-            e.to_string(),
-        ),
+            Json(json!({ "error": {
+                "code": "reload_failed",
+                "message": format!("nothing changed: {e}"),
+                "problems": e.problems(),
+            } })),
+        )
+            .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-    }
-}
-
-async fn reload_keys(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r.into_response();
-    }
-    match s.validator.reload() {
-        Ok(n) => {
-            crate::metrics::key_reload(true);
-            tracing::info!(keys = n, "token keys reloaded");
-            Json(json!({ "reloaded": true, "keys": n, "kids": s.validator.kids() })).into_response()
-        }
-        Err(e) => {
-            crate::metrics::key_reload(false);
-            tracing::warn!("key reload failed, old keys kept: {e}");
-            error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "reload_failed",
-                format!("old keys kept: {e}"),
-            )
-        }
     }
 }

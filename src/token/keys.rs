@@ -194,6 +194,39 @@ pub struct KeyRing {
     unnamed: Option<VerifyingKey>,
 }
 
+/// A key ring with the sources and the HMAC opt-in it was loaded from: what
+/// a reload replaces as one, so the file's key list is what is in force.
+#[derive(Debug)]
+pub struct LoadedKeys {
+    /// The `[[tokens.keys]]` entries the ring was read from.
+    pub(crate) sources: Vec<KeySource>,
+    /// Whether HS256 keys were allowed.
+    pub(crate) allow_hmac: bool,
+    /// The keys.
+    pub(crate) ring: KeyRing,
+}
+
+impl LoadedKeys {
+    /// Loads every source (see [`KeyRing::load`]).
+    pub fn load(
+        sources: Vec<KeySource>,
+        allow_hmac: bool,
+        policy: &ValidationPolicy,
+    ) -> Result<LoadedKeys, KeyError> {
+        let ring = KeyRing::load(&sources, allow_hmac, policy)?;
+        Ok(LoadedKeys {
+            sources,
+            allow_hmac,
+            ring,
+        })
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &KeyRing {
+        &self.ring
+    }
+}
+
 /// What a token's `kid` selects.
 pub(crate) enum Selected<'a> {
     Key(&'a VerifyingKey),
@@ -307,6 +340,30 @@ impl KeyRing {
         let mut kids: Vec<String> = self.by_kid.keys().cloned().collect();
         kids.sort();
         kids
+    }
+
+    /// Whether `token`'s signature verifies with the key its header selects,
+    /// claims unchecked: whether tokens signed like it can be accepted at all
+    /// (the issuance API's signing key must be one of the ring's).
+    pub fn verifies_signature(&self, token: &str) -> Result<(), String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        let key = match self.select(header.kid.as_deref()) {
+            Selected::Key(k) => k,
+            Selected::Unknown(why) => return Err(why),
+        };
+        if header.alg != key.algorithm {
+            return Err(format!(
+                "it signs with {:?}, the key with its kid is pinned to {:?}",
+                header.alg, key.algorithm
+            ));
+        }
+        let mut signature_only = Validation::new(key.algorithm);
+        signature_only.required_spec_claims.clear();
+        signature_only.validate_exp = false;
+        signature_only.validate_aud = false;
+        jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &signature_only)
+            .map(|_| ())
+            .map_err(|_| "the key with its kid does not verify its signature".to_string())
     }
 
     pub(crate) fn select(&self, kid: Option<&str>) -> Selected<'_> {

@@ -26,7 +26,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 
 pub use claims::{ConsoleClaims, ConsoleType};
-pub use keys::{KeyError, KeyRing, KeySource};
+pub use keys::{KeyError, KeyRing, KeySource, LoadedKeys};
 pub use redemption::{MemoryRedemptions, Redemption, RedemptionStore, ReusePolicy};
 pub use ticket::{ChannelRole, MemoryTickets, TicketRefusal, TicketStore};
 
@@ -231,9 +231,8 @@ pub fn unix_now() -> u64 {
 #[derive(Debug)]
 pub struct TokenValidator {
     policy: ValidationPolicy,
-    sources: Vec<KeySource>,
-    allow_hmac: bool,
-    ring: ArcSwap<KeyRing>,
+    /// The keys in force, with the sources they came from; a reload swaps them.
+    keys: ArcSwap<LoadedKeys>,
     allow: ArcSwap<AllowList>,
     revocations: Arc<dyn revocation::RevocationStore>,
 }
@@ -250,15 +249,18 @@ impl TokenValidator {
         allow_hmac: bool,
         allow: Arc<AllowList>,
     ) -> Result<Self, KeyError> {
-        let ring = KeyRing::load(&sources, allow_hmac, &policy)?;
-        Ok(Self {
+        let keys = LoadedKeys::load(sources, allow_hmac, &policy)?;
+        Ok(Self::with_keys(policy, keys, allow))
+    }
+
+    /// A validator over keys already loaded (for `policy`).
+    pub fn with_keys(policy: ValidationPolicy, keys: LoadedKeys, allow: Arc<AllowList>) -> Self {
+        Self {
             policy,
-            sources,
-            allow_hmac,
-            ring: ArcSwap::from_pointee(ring),
+            keys: ArcSwap::from_pointee(keys),
             allow: ArcSwap::new(allow),
             revocations: Arc::new(revocation::Revocations::default()),
-        })
+        }
     }
 
     /// The deny-lists every resolution checks.
@@ -266,18 +268,41 @@ impl TokenValidator {
         self.revocations.as_ref()
     }
 
-    /// Re-reads every key source and swaps the new ring in. On any error the
-    /// old ring stays and the error is returned.
+    /// Re-reads the key sources in force (their files may have changed) and
+    /// swaps the new ring in. On any error the old ring stays and the error
+    /// is returned. A changed key *list* comes from the config file:
+    /// [`TokenValidator::load_keys`] and [`TokenValidator::replace_keys`].
     pub fn reload(&self) -> Result<usize, KeyError> {
-        let ring = KeyRing::load(&self.sources, self.allow_hmac, &self.policy)?;
-        let n = ring.len();
-        self.ring.store(Arc::new(ring));
+        let now = self.keys.load();
+        let keys = self.load_keys(now.sources.clone(), now.allow_hmac)?;
+        let n = keys.ring.len();
+        self.keys.store(Arc::new(keys));
         Ok(n)
+    }
+
+    /// Loads `sources` for this validator's policy, without swapping them in.
+    pub fn load_keys(
+        &self,
+        sources: Vec<KeySource>,
+        allow_hmac: bool,
+    ) -> Result<LoadedKeys, KeyError> {
+        LoadedKeys::load(sources, allow_hmac, &self.policy)
+    }
+
+    /// Swaps `keys` in (loaded for this validator's policy); returns the ones
+    /// they replace. Sessions already running keep going.
+    pub fn replace_keys(&self, keys: LoadedKeys) -> Arc<LoadedKeys> {
+        self.keys.swap(Arc::new(keys))
     }
 
     /// Key ids currently loaded.
     pub fn kids(&self) -> Vec<String> {
-        self.ring.load().kids()
+        self.keys.load().ring.kids()
+    }
+
+    /// Number of keys currently loaded.
+    pub fn key_count(&self) -> usize {
+        self.keys.load().ring.len()
     }
 
     /// The policy in force.
@@ -325,8 +350,8 @@ impl TokenValidator {
                 format!("header parameter `{name}` is not accepted"),
             ));
         }
-        let ring = self.ring.load();
-        let key = match ring.select(header.kid.as_deref()) {
+        let keys = self.keys.load();
+        let key = match keys.ring.select(header.kid.as_deref()) {
             Selected::Key(k) => k,
             Selected::Unknown(why) => return Err(Refusal::new(RefusalReason::UnknownKey, why)),
         };

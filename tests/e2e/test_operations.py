@@ -166,15 +166,19 @@ def test_reload_rotates_certificates_keys_and_backends_under_live_sessions(tmp_p
         spice = Channel(p.spice_tls_port, ca=p.spice_ca)
         assert spice.open(MAIN, ticket) == "OK"
         spice.session_id()
+        configured = p.key  # as the file names it
         old_ca = (tmp_path / "old-ca.pem")
         shutil.copy(p.spice_ca, old_ca)
         old_token = p.mint("novnc", vm.vnc_port)["token"]
 
-        # New certificate (new CA) in place, new signing key under the same kid.
+        # New certificate (new CA) in place, new key pair under the same kid
+        # (public for verifying, private for the issuance API: a reload
+        # refuses an issuance key whose tokens the keys would refuse).
         make_spice_certs(tmp_path / "porthole-spice-certs")
         (tmp_path / "newkey").mkdir()
         new_key = Key(tmp_path / "newkey", "EdDSA", p.key.kid)
         shutil.copy(new_key.public, p.key.public)
+        shutil.copy(new_key.private, p.key.private)
         p.gateway.proc.send_signal(sig.SIGHUP)
         deadline = time.monotonic() + 20
         while "SIGHUP: reloaded" not in p.log():
@@ -209,7 +213,41 @@ def test_reload_rotates_certificates_keys_and_backends_under_live_sessions(tmp_p
         Channel(p.spice_tls_port, ca=p.spice_ca).close()
         assert "reload failed, the running configuration is kept" in p.log()
         status, body = p.admin("POST", "/v1/reload")
-        assert status == 200 and body["reloaded"]["backends"] is True, body
+        assert status == 200 and body["reloaded"]["backends"] == 1, body
+        assert body["reloaded"]["restart_required"] == [], body
+
+        # Key rotation by editing the file (#10 item 1): a new kid replaces
+        # the old one in [[tokens.keys]] and [issuance]; after SIGHUP the old
+        # kid's tokens are refused and the issuance API signs with the new kid.
+        old_kid_token = p.mint("novnc", vm.vnc_port)["token"]
+        (tmp_path / "rotated").mkdir()
+        rotated = Key(tmp_path / "rotated", "EdDSA", "e2e-rotated")
+        config = tmp_path / "porthole.toml"
+        text = config.read_text()
+        edited = (text.replace(configured.config_entry(), rotated.config_entry())
+                  .replace(f'signing_key = "{configured.private}"', f'signing_key = "{rotated.private}"')
+                  .replace(f'signing_kid = "{configured.kid}"', f'signing_kid = "{rotated.kid}"'))
+        assert edited.count("e2e-rotated") == 4, edited
+        config.write_text(edited)
+        p.gateway.proc.send_signal(sig.SIGHUP)
+        deadline = time.monotonic() + 20
+        while p.log().count("SIGHUP: reloaded") < 2:
+            assert time.monotonic() < deadline, p.log()[-2000:]
+            time.sleep(0.1)
+        assert 'keys_removed=["e2e"]' in p.log() and 'keys_added=["e2e-rotated"]' in p.log(), p.log()[-2000:]
+        try:
+            connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={old_kid_token}", open_timeout=10)
+            raise AssertionError("a token of the removed kid was accepted")
+        except InvalidStatus as e:
+            assert e.response.status_code == 403
+        status, issued = p.admin("POST", "/v1/consoles", {
+            "instance": "e2e-vm", "type": "novnc", "target": {"host": "127.0.0.1", "port": vm.vnc_port}})
+        assert status == 200, issued
+        import jwt
+        assert jwt.get_unverified_header(issued["token"])["kid"] == "e2e-rotated"
+        ws = connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={issued['token']}", open_timeout=10, max_size=None)
+        assert ws.recv(timeout=10) == b"RFB 003.008\n"
+        ws.close()
         vnc.close()
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]

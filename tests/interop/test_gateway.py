@@ -129,12 +129,22 @@ ttl_secs = 60
         # A broken file on reload: rejected, the keys in force stay.
         jwks_path.write_text("{broken")
         status, out = http("POST", gw.admin + "/v1/keys/reload", b"{}", BEARER)
-        assert status == 422 and "old keys kept" in out
+        assert status == 422 and "nothing changed" in out
+        assert "not a JWK set" in json.loads(out)["error"]["problems"][0]
         assert check(new_token)["valid"] is True
-        # Retire the old key.
+        # Retiring the old key while the issuance API still signs with it
+        # would break issuance: refused, nothing changes.
         jwks_path.write_text(new.jwks.read_text())
         status, out = http("POST", gw.admin + "/v1/keys/reload", b"{}", BEARER)
-        assert status == 200 and json.loads(out)["kids"] == ["new"]
+        assert status == 422 and "would be refused" in out, out
+        assert check(token)["valid"] is True
+        # Retire the old key and sign with the new one.
+        config.write_text(config.read_text().replace(f'signing_key = "{old.private}"', f'signing_key = "{new.private}"')
+                          .replace('signing_kid = "old"', 'signing_kid = "new"'))
+        status, out = http("POST", gw.admin + "/v1/keys/reload", b"{}", BEARER)
+        assert json.loads(out)["reloaded"]["issuance_kid"] == {"before": "old", "after": "new"}, out
+        reloaded = json.loads(out)["reloaded"]
+        assert status == 200 and reloaded["kids"] == ["new"] and reloaded["keys_removed"] == ["old"], out
         assert check(token)["reason"] == "unknown_key"
     finally:
         started = time.monotonic()
