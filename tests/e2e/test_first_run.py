@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from harness import free_port
-from support import HERE, ROOT, Porthole, browser
+from support import HERE, ROOT, EchoBackend, Porthole, browser
 
 DEBIAN_XTERM = pathlib.Path("/usr/share/nodejs/xterm/lib/public/Terminal.js")
 
@@ -52,6 +52,18 @@ def test_serial_page_works_on_debians_xterm_without_npm(tmp_path, vm):
         assert not [f for f in result["failed"] if "/vendor/" in f], result["failed"]
         # Nothing but the favicon (the pages have none) failed or threw.
         assert not [e for e in result["errors"] if "favicon.ico" not in e], result["errors"]
+
+        # Keys the other way (xterm.js 3.8 hands them over as strings): an
+        # echoing console sends them back, and the terminal shows them.
+        echo = EchoBackend()
+        try:
+            typed = "keys-thru-xterm-3.8"
+            result = browser("serial", porthole.mint("serial", echo.port)["url"], 1500, typed)
+            assert result["state"] == "connected", result
+            assert typed in result["terminal"], result["terminal"]
+            assert result["received"] == len(typed.encode()), result
+        finally:
+            echo.close()
     finally:
         assert porthole.gateway.stop() == 0, porthole.log()
 
