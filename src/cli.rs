@@ -521,11 +521,17 @@ fn warn_missing_clients(web: &crate::config::WebConfig) {
             web.spice_html5_dir.display()
         );
     }
-    if !web.xterm_dir.join("lib/xterm.mjs").is_file() {
-        tracing::warn!(
-            "xterm.js not found in {}: serial pages will not load (run `npm ci` in web/)",
-            web.xterm_dir.display()
-        );
+    use crate::frontend::xterm::Flavour;
+    let xterm = web.xterm_dir.display();
+    match Flavour::of(&web.xterm_dir) {
+        Flavour::Module => tracing::info!("serial pages use xterm.js from {xterm}"),
+        Flavour::CommonJs => tracing::info!(
+            "serial pages use Debian's xterm.js 3.8 from {xterm} (`npm ci` in web/ for the current one)"
+        ),
+        Flavour::Missing => tracing::warn!(
+            "xterm.js not found in {xterm}: serial pages will say so (run `npm ci` in web/, \
+             or Debian: apt-get install node-xterm)"
+        ),
     }
 }
 

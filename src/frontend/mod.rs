@@ -5,6 +5,7 @@ pub mod operations;
 pub mod public;
 pub mod spice;
 pub mod vnc;
+pub mod xterm;
 
 use std::net::IpAddr;
 use std::sync::Arc;

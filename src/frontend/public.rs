@@ -59,11 +59,11 @@ pub fn router(state: PublicState) -> Router {
     let statics = Router::new()
         .nest_service("/static", no_dirs(state.web.root.join("static")))
         .nest_service("/vendor/novnc", no_dirs(state.web.novnc_dir.clone()))
-        .nest_service("/vendor/xterm", no_dirs(state.web.xterm_dir.clone()))
         .nest_service(
             "/vendor/spice-html5",
             no_dirs(state.web.spice_html5_dir.clone()),
         )
+        .merge(super::xterm::routes(&state.web.xterm_dir, no_dirs))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=300"),

@@ -14,6 +14,8 @@
 // code, 1006 for no close frame at all).
 // vnc mode also writes OUT.png.traffic like spice mode, and returns the sockets and the
 // first frames each way (hex, up to 64 bytes each) as "frames".
+// Every mode also returns "page" (the text of the page's <main>) and "missing" (which client
+// library the page could not load, or null).
 // Prints one JSON line: {"state", "text", ...}. Exit 0 when the page answered.
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
@@ -154,6 +156,8 @@ try {
   }
   result.state = await page.evaluate(() => document.getElementById('status')?.dataset.state ?? null);
   result.text = await page.evaluate(() => document.getElementById('status')?.textContent ?? null);
+  result.page = await page.evaluate(() => document.querySelector('main')?.innerText ?? null);
+  result.missing = await page.evaluate(() => window.porthole?.missing ?? null);
   result.errors = errors;
   result.failed = failed;
   Object.assign(result, await page.evaluate(() => window.__portholeSockets ?? { opened: 0, closes: [] }));

@@ -20,13 +20,15 @@ import leak_check  # noqa: E402
 class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
-    def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None):
+    def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None,
+                 web=None):
         """spice: extra lines for [spice]; backend_extra: lines for the loopback
         [[backends]] entry (e.g. its [backends.spice] table, which must come last).
         Porthole's native SPICE TLS listener is always on, with its own test CA
         (self.spice_ca, self.spice_subject) on self.spice_tls_port.
         vnc: lines for a [vnc] section (e.g. its listen address; the native VNC
-        listener then uses the SPICE listener's certificate); None: no [vnc]."""
+        listener then uses the SPICE listener's certificate); None: no [vnc].
+        web: the [web] section's lines; None: the checkout's web/ as root."""
         from vm import make_spice_certs
         self.key = Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
@@ -40,6 +42,7 @@ class Porthole:
         self.bearer = tmp / "admin-bearer.key"
         self.bearer.write_text(secrets.token_urlsafe(24))
         self.audit_path = tmp / "audit.jsonl"
+        web_lines = f'root = "{ROOT / "web"}"' if web is None else web
         config = tmp / "porthole.toml"
         config.write_text(f"""
 [listen]
@@ -57,7 +60,7 @@ audiences = ["{AUDIENCE}"]
 {websocket}
 
 [web]
-root = "{ROOT / 'web'}"
+{web_lines}
 
 [issuance]
 bearer_key_files = ["{self.bearer}"]

@@ -1,36 +1,67 @@
 // Serial console page: xterm.js on Porthole's /serial WebSocket, raw bytes
 // both ways (keys are sent as UTF-8, output is written as it arrives).
-import { Terminal } from '../vendor/xterm/lib/xterm.mjs';
-import { closeMessage, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+// The server serves npm's xterm.js (5+) or, where `npm ci` never ran,
+// Debian's 3.8 at the same URL; the two differ in how they take bytes, give
+// keys and expose their buffer, so the page adapts to whichever it got.
+import { closeMessage, loadLibrary, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
 
-const term = new Terminal({ convertEol: false, scrollback: 5000, cursorBlink: true });
-term.open(document.getElementById('terminal'));
+const xterm = await loadLibrary('../vendor/xterm/lib/xterm.mjs', 'xterm');
 const encoder = new TextEncoder();
 let received = 0;
-window.porthole = Object.assign(window.porthole ?? {}, {
-  terminalText: () => {
-    const b = term.buffer.active;
-    const lines = [];
-    for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
-    return lines.join('\n');
-  },
-  received: () => received,
-});
 
-function connect() {
+// The same small surface over either xterm.js.
+function terminal(Terminal) {
+  const term = new Terminal({ convertEol: false, scrollback: 5000, cursorBlink: true });
+  term.open(document.getElementById('terminal'));
+  if (typeof term.onData === 'function') {
+    return {
+      term,
+      write: (bytes) => term.write(bytes),
+      onKeys: (send) => {
+        term.onData((data) => send(encoder.encode(data)));
+        term.onBinary((data) => send(Uint8Array.from(data, (c) => c.charCodeAt(0) & 0xff)));
+      },
+      text: () => {
+        const b = term.buffer.active;
+        const lines = [];
+        for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
+        return lines.join('\n');
+      },
+    };
+  }
+  // xterm.js 3.x: strings only (a streaming decoder keeps characters split
+  // across messages whole), keys as 'data' events, no public buffer API.
+  let decoder = new TextDecoder();
+  return {
+    term,
+    reset: () => { decoder = new TextDecoder(); },
+    write: (bytes) => term.write(decoder.decode(bytes, { stream: true })),
+    onKeys: (send) => term.on('data', (data) => send(encoder.encode(data))),
+    text: () => {
+      const had = term.hasSelection();
+      term.selectAll();
+      const all = term.getSelection();
+      if (!had) term.clearSelection();
+      return all.split('\n').map((l) => l.trimEnd()).join('\n');
+    },
+  };
+}
+
+function connect(t) {
   setStatus('connecting', 'Connecting…');
+  t.reset?.();
   const ws = new WebSocket(socketUrl('serial'), ['binary']);
   ws.binaryType = 'arraybuffer';
   let opened = false;
   ws.onopen = () => {
     opened = true;
     setStatus('connected', 'Connected');
-    term.focus();
+    t.term.focus();
   };
   ws.onmessage = (e) => {
     const bytes = new Uint8Array(e.data);
     received += bytes.length;
-    term.write(bytes);
+    t.write(bytes);
   };
   ws.onclose = async (e) => {
     if (!opened) {
@@ -40,15 +71,15 @@ function connect() {
     }
     setStatus('disconnected', closeMessage(e.code));
   };
-  term.onData((data) => ws.readyState === WebSocket.OPEN && ws.send(encoder.encode(data)));
-  term.onBinary((data) => {
-    if (ws.readyState !== WebSocket.OPEN) return;
-    ws.send(Uint8Array.from(data, (c) => c.charCodeAt(0) & 0xff));
-  });
+  t.onKeys((bytes) => ws.readyState === WebSocket.OPEN && ws.send(bytes));
 }
 
-if (!token) {
-  setStatus('refused', refusedMessage('refused'));
-} else {
-  connect();
+if (xterm) {
+  const t = terminal(xterm.Terminal);
+  window.porthole = Object.assign(window.porthole ?? {}, { terminalText: t.text, received: () => received });
+  if (!token) {
+    setStatus('refused', refusedMessage('refused'));
+  } else {
+    connect(t);
+  }
 }

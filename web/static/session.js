@@ -62,3 +62,46 @@ export async function whyRefused(endpoint) {
 export function refusedMessage(code) {
   return MESSAGES[code] ?? MESSAGES.unavailable;
 }
+
+// The client libraries the pages load from the server, and what installs
+// each on the server (the page's user can pass it on to whoever runs it).
+const LIBRARIES = {
+  novnc: { name: 'noVNC', page: 'VNC console', fixes: ['sudo apt-get install novnc'] },
+  'spice-html5': { name: 'spice-html5', page: 'SPICE console', fixes: ['sudo apt-get install spice-html5'] },
+  xterm: {
+    name: 'xterm.js',
+    page: 'serial console',
+    fixes: ['cd web && npm ci', 'sudo apt-get install node-xterm'],
+  },
+};
+
+// Imports a client library (`url` is relative to this file); when it cannot
+// be loaded, says on the page which one is missing and the command that
+// installs it, and returns null. A static import would fail the whole page
+// silently, leaving "Connecting…" forever.
+export async function loadLibrary(url, key) {
+  try {
+    return await import(url);
+  } catch (e) {
+    console.error(`${key}: ${e}`);
+    showMissing(key);
+    return null;
+  }
+}
+
+function showMissing(key) {
+  const lib = LIBRARIES[key];
+  setStatus('missing', `Console client missing: ${lib.name} is not installed on this server.`);
+  window.porthole.missing = key;
+  const box = document.createElement('section');
+  box.className = 'missing';
+  box.id = 'missing';
+  const add = (tag, text) => box.appendChild(Object.assign(document.createElement(tag), { textContent: text }));
+  add('h2', `${lib.name} is missing`);
+  add('p', `This ${lib.page} needs ${lib.name}, which the Porthole server could not serve. `
+    + (lib.fixes.length > 1 ? 'Any one of these commands, run on the server, installs it:'
+      : 'This command, run on the server, installs it:'));
+  for (const fix of lib.fixes) add('pre', fix);
+  add('p', 'Then restart Porthole and reload this page.');
+  document.querySelector('main').replaceChildren(box);
+}

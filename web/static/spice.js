@@ -2,8 +2,9 @@
 // WebSocket. Every SPICE channel opens its own socket to the same URL, and
 // Porthole terminates the SPICE link inside it: the page's SPICE password is
 // a short-lived ticket from POST spice-ticket, never the hypervisor's.
-import { SpiceMainConn, sendCtrlAltDel } from '../vendor/spice-html5/main.js';
-import { closeMessage, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+import { closeMessage, loadLibrary, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+
+const spice = await loadLibrary('../vendor/spice-html5/main.js', 'spice-html5');
 
 const cad = document.getElementById('cad');
 const screen = document.getElementById('screen');
@@ -41,7 +42,7 @@ async function connect() {
   let closeCode = null;
   let conn;
   try {
-    conn = new SpiceMainConn({
+    conn = new spice.SpiceMainConn({
       uri: socketUrl('spice'),
       password,
       screen_id: 'screen',
@@ -108,9 +109,11 @@ async function ended(conn, connected, error, closeCode) {
   setStatus('disconnected', closeMessage(code));
 }
 
-cad.onclick = () => sendCtrlAltDel(sc);
+cad.onclick = () => spice.sendCtrlAltDel(sc);
 
-if (!token) {
+if (!spice) {
+  // loadLibrary has said what is missing.
+} else if (!token) {
   setStatus('refused', refusedMessage('refused'));
 } else {
   connect();

@@ -1,8 +1,10 @@
 // noVNC console page: noVNC's RFB client on Porthole's /vnc WebSocket.
 // The token already authenticated the user: Porthole offers the browser
 // no VNC password prompt.
-import RFB from '../vendor/novnc/core/rfb.js';
-import { closeMessage, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+import { closeMessage, loadLibrary, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+
+const novnc = await loadLibrary('../vendor/novnc/core/rfb.js', 'novnc');
+const RFB = novnc?.default;
 
 const screen = document.getElementById('screen');
 const cad = document.getElementById('cad');
@@ -50,7 +52,9 @@ function connect() {
   cad.onclick = () => rfb.sendCtrlAltDel();
 }
 
-if (!token) {
+if (!RFB) {
+  // loadLibrary has said what is missing.
+} else if (!token) {
   setStatus('refused', refusedMessage('refused'));
 } else {
   connect();
