@@ -316,11 +316,52 @@ fn init_tracing(format: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| OneLine(std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Keeps each log record on one line: control characters in it (a CR/LF a
+/// client put in a header, a token's claims, a hostname) are written
+/// escaped, whichever field they came in, so no value can forge a line. The
+/// formatter hands over each record whole, ending with its one newline; ESC
+/// is left alone (the formatter escapes it in values, and colours use it).
+struct OneLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let (body, end) = match text.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (&*text, ""),
+        };
+        if !body
+            .chars()
+            .any(|c| c.is_control() && c != '\x1b' && c != '\t')
+        {
+            self.0.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut line = String::with_capacity(buf.len() + 16);
+        for c in body.chars() {
+            match c {
+                '\n' => line.push_str("\\n"),
+                '\r' => line.push_str("\\r"),
+                '\x1b' | '\t' => line.push(c),
+                c if c.is_control() => line.push_str(&c.escape_unicode().to_string()),
+                c => line.push(c),
+            }
+        }
+        line.push_str(end);
+        self.0.write_all(line.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -852,4 +893,26 @@ fn token_revoke(
         answer["terminated"].as_array().map_or(0, Vec::len)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_record_stays_on_one_line_whatever_its_values_hold() {
+        use std::io::Write as _;
+        let mut out = OneLine(Vec::new());
+        out.write_all(
+            b"INFO token refused sub=vm\r\nINFO forged line \x07\xc2\x9b[31m\x1b[0m\tok\n",
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out.0).unwrap(),
+            "INFO token refused sub=vm\\r\\nINFO forged line \\u{7}\\u{9b}[31m\x1b[0m\tok\n"
+        );
+        let mut out = OneLine(Vec::new());
+        out.write_all(b"plain line\n").unwrap();
+        assert_eq!(out.0, b"plain line\n");
+    }
 }

@@ -621,6 +621,43 @@ async fn one_token_holds_one_unused_ticket_and_runs_one_session() {
 }
 
 #[tokio::test]
+async fn an_address_guessing_tickets_must_wait_and_others_are_not_held_up() {
+    let g = start(VNC_PASSWORD, SPICE_PASSWORD, 10).await;
+    let (port, _fake) = fake_vnc(2).await;
+    // Ten free failures from 127.0.0.1, then it must wait: even a good
+    // ticket is not looked at.
+    for _ in 0..11 {
+        assert!(!vnc_ticket_opens(&g, "127.0.0.1", &"g".repeat(32)).await);
+    }
+    let token = g.token(ConsoleType::VncDirect, port);
+    let d = g.details(&format!("/vnc-direct?token={token}")).await;
+    let ticket = d["ticket"].as_str().unwrap();
+    assert!(
+        !vnc_ticket_opens(&g, "127.0.0.1", ticket).await,
+        "a guessing address waits"
+    );
+    // Another address is not held up, and the ticket was not used up.
+    assert!(
+        vnc_ticket_opens(&g, "127.0.0.2", ticket).await,
+        "127.0.0.2 is not the guesser"
+    );
+    g.stop().await;
+}
+
+/// Whether `ticket`, presented from `ip` on the native VNC listener, opens
+/// a session (SecurityResult OK).
+async fn vnc_ticket_opens(g: &Gateway, ip: &str, ticket: &str) -> bool {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let mut s = vencrypt(g, socket.connect(g.vnc).await.unwrap()).await;
+    let mut plain = hex("00 00 00 08  00 00 00 20  # username 8 bytes, password 32");
+    plain.extend(b"porthole");
+    plain.extend(ticket.as_bytes());
+    say(&mut s, &plain).await;
+    read_n(&mut s, 4).await == hex("00 00 00 00")
+}
+
+#[tokio::test]
 async fn spice_channels_link_through_porthole_and_join_only_their_session() {
     let g = start(VNC_PASSWORD, SPICE_PASSWORD, 10).await;
     let (port, fake_key, mut fake) = fake_spice().await;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Stop;
+use super::failed_tickets::FailedTickets;
 use super::lifecycle;
 use super::link_keys::LinkKeys;
 use super::registry::SessionRegistry;
@@ -30,7 +31,7 @@ use crate::console::ConsoleType;
 use crate::error::Blame;
 use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::secret::Secret;
-use crate::token::ticket::TicketStore;
+use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
 use crate::token::{
     Grant, GrantResolver, Redemption, RedemptionStore, Refusal, RefusalReason, unix_now,
 };
@@ -266,6 +267,8 @@ pub struct Sessions {
     pub registry: Arc<dyn SessionRegistry>,
     /// Connections not admitted yet, over every public and native listener.
     pub pending: Arc<Gate>,
+    /// Failed ticket attempts per client address.
+    failed_tickets: FailedTickets,
 }
 
 impl Sessions {
@@ -290,6 +293,7 @@ impl Sessions {
             tracker: TaskTracker::new(),
             registry: parts.registry,
             pending: parts.pending,
+            failed_tickets: FailedTickets::default(),
         }
     }
 
@@ -438,6 +442,31 @@ impl Sessions {
         crate::metrics::ticket_issued(grant.console.as_str());
         tracing::info!(jti = %grant.jti, instance = %grant.instance, console = %grant.console, "ticket issued");
         Ok((ticket, (now + ttl).min(grant.expires_at)))
+    }
+
+    /// Whether `ticket` admits a link from `client` in `role` on an ingress
+    /// serving `console` (see [`TicketStore::admit`]). An address that keeps
+    /// presenting tickets that admit nothing must wait, longer each time,
+    /// before its next one is even looked at.
+    pub async fn admit_ticket(
+        &self,
+        ticket: &[u8],
+        console: ConsoleType,
+        role: ChannelRole,
+        client: IpAddr,
+    ) -> Result<Admitted, TicketRefusal> {
+        if self.failed_tickets.wait_for(client).is_some() {
+            crate::metrics::limit_hit("failed_tickets");
+            return Err(TicketRefusal::Backoff);
+        }
+        let admitted = self.tickets.admit(ticket, console, role, unix_now()).await;
+        match &admitted {
+            Ok(_) => self.failed_tickets.succeeded(client),
+            // A real ticket on the wrong listener, or a full store: not a guess.
+            Err(TicketRefusal::WrongConsoleType | TicketRefusal::Full) => {}
+            Err(_) => self.failed_tickets.failed(client),
+        }
+        admitted
     }
 
     /// Takes a slot, counts the connection, redeems the token (or checks a

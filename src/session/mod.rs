@@ -21,6 +21,7 @@
 pub mod admission;
 pub mod browser;
 pub mod driver;
+pub mod failed_tickets;
 pub mod lifecycle;
 pub mod link_keys;
 pub mod registry;

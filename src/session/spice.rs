@@ -48,7 +48,6 @@ use crate::protocol::spice::link::{
 use crate::protocol::spice::main_watch::{MainEvent, MainWatch};
 use crate::protocol::spice::messages::{LinkError, LinkMess, channel, common_cap};
 use crate::token::ticket::{Admitted, ChannelRole, TicketId, TicketRefusal, TicketStore};
-use crate::token::unix_now;
 use crate::transport::conn::{Conn, Io};
 use crate::transport::ws_stream::WsBytes;
 
@@ -581,8 +580,7 @@ async fn admit_channel<S: Io>(
         (_, session_id) => ChannelRole::Joins { session_id },
     };
     let admitted = sessions
-        .tickets
-        .admit(&password, leg.console(), role, unix_now())
+        .admit_ticket(&password, leg.console(), role, peer)
         .await
         .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
     let grant = &admitted.grant;
@@ -821,7 +819,7 @@ fn ticket_code(r: TicketRefusal) -> LinkError {
         }
         TicketRefusal::ForeignSession | TicketRefusal::NoSession => LinkError::BadConnectionId,
         TicketRefusal::Full => LinkError::Error,
-        TicketRefusal::WrongConsoleType => LinkError::PermissionDenied,
+        TicketRefusal::WrongConsoleType | TicketRefusal::Backoff => LinkError::PermissionDenied,
     }
 }
 

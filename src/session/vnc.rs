@@ -34,7 +34,6 @@ use crate::protocol::rfb::RfbFailure;
 use crate::protocol::rfb::client::{ClientLeg, ClientOffer, ClientStep};
 use crate::protocol::rfb::upstream::{Upstream, UpstreamAuth, UpstreamStep};
 use crate::token::ticket::ChannelRole;
-use crate::token::unix_now;
 use crate::transport::conn::{Conn, Io};
 
 /// Why a VNC handshake failed.
@@ -272,7 +271,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
     // Until a ticket admits it, the connection is no session: only a
     // shutdown stops it.
     let admitted = tokio::select! {
-        r = Box::pin(admit_native(&sessions, Conn::Tcp(tcp), &mut leg, tls, deadline)) => r,
+        r = Box::pin(admit_native(&sessions, Conn::Tcp(tcp), peer, &mut leg, tls, deadline)) => r,
         _ = sessions.cancel.cancelled() => {
             Err((None, VncRefusal::new("shutting_down", Blame::Internal, "shutting down")))
         }
@@ -371,6 +370,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
 async fn admit_native(
     sessions: &Sessions,
     mut client: Conn,
+    peer: IpAddr,
     leg: &mut ClientLeg,
     tls: Arc<rustls::ServerConfig>,
     deadline: Instant,
@@ -406,12 +406,11 @@ async fn admit_native(
             }
             ClientStep::Credentials { password, .. } => {
                 let a = match sessions
-                    .tickets
-                    .admit(
+                    .admit_ticket(
                         password.expose(),
                         ConsoleType::VncDirect,
                         ChannelRole::Opens,
-                        unix_now(),
+                        peer,
                     )
                     .await
                 {

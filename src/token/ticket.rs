@@ -63,6 +63,10 @@ pub enum TicketRefusal {
     /// before it is used, so it still works where it belongs.
     #[error("a ticket for another console type")]
     WrongConsoleType,
+    /// The client's address failed too often lately and must wait; the
+    /// ticket was not looked at.
+    #[error("too many failed tickets from this address: retry later")]
+    Backoff,
 }
 
 impl TicketRefusal {
@@ -76,6 +80,7 @@ impl TicketRefusal {
             TicketRefusal::NoSession => "no_session",
             TicketRefusal::Full => "ticket_store_full",
             TicketRefusal::WrongConsoleType => "wrong_console_type",
+            TicketRefusal::Backoff => "ticket_backoff",
         }
     }
 }

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "interop"))
@@ -112,6 +113,15 @@ ports = ["1024-65535"]
 
     def log(self):
         return self.gateway.output()
+
+    def wait_for_log(self, needle, timeout=10):
+        """Porthole's log once it holds `needle` (a session's end is written
+        just after its close frame goes out); fails after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while needle not in (log := self.log()):
+            assert time.monotonic() < deadline, f"{needle!r} not in Porthole's log:\n{log[-3000:]}"
+            time.sleep(0.05)
+        return log
 
     def audit(self):
         """The audit trail so far, as a list of events."""

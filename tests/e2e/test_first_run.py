@@ -23,24 +23,17 @@ def web_without_npm(tmp_path):
     return web
 
 
-def wait_for_log(porthole, text):
-    deadline = time.monotonic() + 10
-    while text not in porthole.log():
-        assert time.monotonic() < deadline, porthole.log()
-        time.sleep(0.1)
-
-
 def test_serial_page_works_on_debians_xterm_without_npm(tmp_path, vm):
     # scripts/test installs node-xterm; without it this test proves nothing.
     assert DEBIAN_XTERM.is_file(), "Debian's node-xterm is not installed (apt-get install node-xterm)"
     web = web_without_npm(tmp_path)
     porthole = Porthole(tmp_path, web=f'root = "{web}"')
     try:
-        wait_for_log(porthole, "Debian's xterm.js 3.8 from /usr/share/nodejs/xterm")
+        porthole.wait_for_log("Debian's xterm.js 3.8 from /usr/share/nodejs/xterm")
         minted = porthole.mint("serial", vm.serial_port, ttl=300)
         page = subprocess.Popen(["node", "browser.mjs", "serial", minted["url"], "6000"], cwd=HERE,
                                 stdout=subprocess.PIPE, text=True)
-        wait_for_log(porthole, "console=serial target")
+        porthole.wait_for_log("console=serial target")
         # SeaBIOS prints on COM1 only while booting: reset once the page is on.
         vm.qmp("system_reset")
         out, _ = page.communicate(timeout=90)
@@ -74,7 +67,7 @@ def test_pages_whose_library_is_missing_say_so_with_the_fix(tmp_path):
     porthole = Porthole(tmp_path, web=f'root = "{ROOT / "web"}"\nnovnc_dir = "{empty}"\n'
                                       f'xterm_dir = "{empty}"\nspice_html5_dir = "{empty}"')
     try:
-        wait_for_log(porthole, "xterm.js not found")
+        porthole.wait_for_log("xterm.js not found")
         # The pages stop before any socket, so nothing need listen on the target.
         for console, library, fixes in [
             ("serial", "xterm.js", ["cd web && npm ci", "sudo apt-get install node-xterm"]),

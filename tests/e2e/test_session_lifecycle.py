@@ -7,6 +7,7 @@ its roots. Deadlines are checked against generous multiples, never speed."""
 
 import http.client
 import re
+import os
 import signal
 import ssl
 import time
@@ -51,7 +52,7 @@ def test_pings_keep_a_quiet_session_and_idle_timeout_ends_it(tmp_path, backend):
         # Pongs are not activity from the client's console: the timeout still fires,
         # and not before the configured 3 s.
         assert elapsed >= 2.5, elapsed
-        assert 'reason="idle_timeout"' in p.log()
+        p.wait_for_log('reason="idle_timeout"')
     finally:
         assert p.gateway.stop() == 0
 
@@ -214,11 +215,20 @@ def read_frame(s):
 
 
 def test_pings_are_sent_on_quiet_sessions(tmp_path, backend):
+    """A ping at a time, each with its own payload; the next comes once the
+    client answered the last (a pong that echoes its payload)."""
     p = Porthole(tmp_path, websocket="ping_interval_secs = 1")
     try:
         s = raw_websocket(p.public_port, f"/serial?token={p.mint('serial', backend.port)['token']}")
-        opcodes = [read_frame(s)[0] for _ in range(2)]
-        assert opcodes == [0x9, 0x9], opcodes  # two pings, nothing else, on a quiet console
+        payloads = []
+        for _ in range(2):
+            opcode, payload = read_frame(s)
+            assert opcode == 0x9, opcode  # a ping, nothing else, on a quiet console
+            payloads.append(payload)
+            mask = os.urandom(4)
+            s.sendall(bytes([0x8A, 0x80 | len(payload)]) + mask
+                      + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        assert len(payloads[0]) == 8 and payloads[0] != payloads[1], payloads
         s.close()
     finally:
         assert p.gateway.stop() == 0

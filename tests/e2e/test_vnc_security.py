@@ -118,14 +118,6 @@ def failures(p, reason):
     return total
 
 
-def wait_for_log(p, needle, timeout=10):
-    deadline = time.monotonic() + timeout
-    while needle not in (log := p.log()):
-        assert time.monotonic() < deadline, f"{needle!r} not in Porthole's log:\n{log[-3000:]}"
-        time.sleep(0.05)
-    return log
-
-
 # --- gvnccapture -------------------------------------------------------------
 
 def gvnc_capture(out, port, ca_pem=None, username=None, password=None, timeout=30):
@@ -362,7 +354,7 @@ def test_a_display_that_verifies_peers_needs_porthole_client_certificate(tmp_pat
             assert closed.value.rcvd.code == 1011, closed.value
         finally:
             viewer.close()
-        log = wait_for_log(without, "vnc handshake failed")
+        log = without.wait_for_log("vnc handshake failed")
         m = re.search(r'vnc handshake failed: (.*) client=\S+ console=novnc reason="(\w+)" blame="(\w+)"', log)
         assert m, log[-3000:]
         assert m.group(2) in ("hypervisor_tls", "hypervisor_io", "hypervisor_closed"), m.group(0)
@@ -495,7 +487,7 @@ def test_a_native_vnc_client_sees_the_vm_through_porthole_with_a_ticket(tmp_path
         if diff > 0.01:
             diff = min(diff, differing_fraction(shot, direct_capture(vm, tmp_path / "direct-after.png")))
         assert diff <= 0.01, f"through Porthole differs from a direct capture in {diff:.2%} of pixels"
-        log = wait_for_log(p, 'console="vnc-direct" reason="client_left"')
+        log = p.wait_for_log('console="vnc-direct" reason="client_left"')
         assert "auth=X509Vnc" in log, log[-3000:]
         assert vm.vnc_password not in log and ticket not in log and token not in log
 
@@ -503,7 +495,7 @@ def test_a_native_vnc_client_sees_the_vm_through_porthole_with_a_ticket(tmp_path
         code, transcript = gvnc_capture(tmp_path / "again.png", p.vnc_port, details["ca"], "porthole", ticket)
         assert code != 0 and "Unable to connect" in transcript, transcript
         assert not (tmp_path / "again.png").exists()
-        wait_for_log(p, 'reason="ticket_unknown"')
+        p.wait_for_log('reason="ticket_unknown"')
         # gtk-vnc checks the listener's certificate: trusting another CA, it
         # never opens a session.
         fresh = vnc_details(p, p.mint("vnc-direct", vm.secured_port)["token"])
@@ -601,7 +593,7 @@ def test_the_native_listener_refuses_what_it_did_not_offer_and_junk(tmp_path):
         s.sendall(b"\x16\x03\x01\x00\x05hello, not TLS" * 4)
         until_closed(s)
 
-        log = wait_for_log(p, 'reason="tls_handshake"')
+        log = p.wait_for_log('reason="tls_handshake"')
         expected = {"security_type_not_offered": 2, "not_rfb": 1, "ticket_unknown": 1, "wrong_console_type": 1,
                     "handshake_timeout": 1, "tls_handshake": 1}
         for reason in expected:
