@@ -220,7 +220,7 @@ pub struct RawWebSocket {
     pub read_buffer_bytes: Option<usize>,
     /// Outgoing bytes buffered before a flush, bytes. Default 65536.
     pub write_buffer_bytes: Option<usize>,
-    /// Most outgoing bytes held for a slow client before the session ends, bytes. Default 4194304.
+    /// Hard cap on buffered outgoing bytes (in practice: the largest single message, as Porthole waits for the client at `write_buffer_bytes`), bytes. Default 4194304.
     pub max_write_buffer_bytes: Option<usize>,
     /// Deadline for the HTTP upgrade request, seconds. Default 10.
     pub upgrade_timeout_secs: Option<u64>,
