@@ -221,6 +221,8 @@ fn session_parts(
             spice_handshake: config.spice.handshake_timeout,
             vnc_handshake: config.vnc.handshake_timeout,
             ticket_ttl_secs: config.spice.ticket_ttl_secs,
+            spice_drain_grace: config.spice.drain_grace,
+            spice_drain_max: config.spice.drain_max,
         },
         spice_upstreams: swappable.spice_upstreams.clone(),
         vnc_upstreams: swappable.vnc_upstreams.clone(),

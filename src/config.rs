@@ -126,6 +126,11 @@ pub struct RawSpice {
     pub handshake_timeout_secs: Option<u64>,
     /// How often a new RSA link key replaces the oldest, seconds. Default 30.
     pub key_rotation_secs: Option<u64>,
+    /// How long a dropped display channel is drained after its session
+    /// ended, seconds, before Porthole closes it. Default 5.
+    pub drain_grace_secs: Option<u64>,
+    /// The longest a dropped display channel is drained, seconds. Default 3600.
+    pub drain_max_secs: Option<u64>,
 }
 
 /// `[backends.spice]`: what Porthole presents to the SPICE servers of a backend network.
@@ -410,6 +415,10 @@ pub struct SpiceConfig {
     pub handshake_timeout: Duration,
     /// RSA link key rotation period.
     pub key_rotation: Duration,
+    /// A dropped display channel's drain outlives its session by this much at most.
+    pub drain_grace: Duration,
+    /// A dropped display channel is drained this long at most.
+    pub drain_max: Duration,
 }
 
 /// `[vnc]`, validated.
@@ -1648,6 +1657,22 @@ fn validate_spice(
             sp.key_rotation_secs,
             30,
             1,
+            86_400,
+        )),
+        drain_grace: Duration::from_secs(secs_within(
+            issues,
+            "spice.drain_grace_secs",
+            sp.drain_grace_secs,
+            5,
+            1,
+            300,
+        )),
+        drain_max: Duration::from_secs(secs_within(
+            issues,
+            "spice.drain_max_secs",
+            sp.drain_max_secs,
+            3600,
+            10,
             86_400,
         )),
     };

@@ -108,6 +108,21 @@ pub fn spice_linked(channel: &'static str) {
     metrics::counter!(SPICE_LINKS, "channel" => channel).increment(1);
 }
 
+/// SPICE display channels drained after their client left, by how the drain ended.
+pub const SPICE_DRAINS: &str = "porthole_spice_display_drains_total";
+/// SPICE display channel drains running now.
+pub const SPICE_DRAINS_ACTIVE: &str = "porthole_spice_display_drains_active";
+
+/// Counts a finished display drain (`end`: how it ended, or why there was none).
+pub fn spice_drain_ended(end: &'static str) {
+    metrics::counter!(SPICE_DRAINS, "end" => end).increment(1);
+}
+
+/// Moves the running-drains gauge by `delta`.
+pub fn spice_drains_active(delta: i64) {
+    metrics::gauge!(SPICE_DRAINS_ACTIVE).increment(delta as f64);
+}
+
 /// Counts an issued ticket.
 pub fn ticket_issued(console: &'static str) {
     metrics::counter!(TICKETS_ISSUED, "console" => console).increment(1);

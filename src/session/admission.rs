@@ -200,6 +200,10 @@ pub struct Limits {
     pub vnc_handshake: Duration,
     /// Time-to-live of a fresh ticket.
     pub ticket_ttl_secs: u64,
+    /// A dropped SPICE display channel's drain outlives its session by this much at most.
+    pub spice_drain_grace: Duration,
+    /// A dropped SPICE display channel is drained this long at most.
+    pub spice_drain_max: Duration,
 }
 
 /// What the session layer is built from.

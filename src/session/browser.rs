@@ -205,7 +205,7 @@ impl BrowserAdmission {
             early.up = super::after_handshake(early.up, &pending);
             let opts = sessions.relay_options(Some(&grant));
             let counters = life.live().bytes.clone();
-            let (reason, traffic) =
+            let (reason, traffic, _) =
                 relay(socket, backend, early, Pass, opts, life.stop(), &counters).await;
             life.finish(reason.as_str(), traffic).await;
         }

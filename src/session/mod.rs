@@ -15,11 +15,14 @@
 //! - [`driver`]: the one loop that runs the sans-IO handshake machines;
 //! - [`ws_relay`] and [`splice`]: the two relays, browser and native, with the
 //!   same stop, idle and age handling; close codes for pages live here;
+//! - [`display_drain`]: a SPICE display channel whose client left, answered
+//!   until its session ends (QEMU 7.2 crashes on an early display close);
 //! - [`registry`]: the live sessions, for the admin API; [`link_keys`]: the
 //!   SPICE link key ring.
 
 pub mod admission;
 pub mod browser;
+pub mod display_drain;
 pub mod driver;
 pub mod failed_tickets;
 pub mod lifecycle;
@@ -181,6 +184,33 @@ pub(crate) fn after_handshake(mut leftover: Vec<u8>, unread: &[u8]) -> Vec<u8> {
 pub trait Inspect: Send {
     /// Looks at one chunk.
     fn inspect(&mut self, chunk: &[u8]) -> impl Future<Output = Result<(), CloseReason>> + Send;
+
+    /// What sees every chunk from the client before the hypervisor does, if
+    /// anything (a SPICE display channel's tracker). Shared, because the
+    /// relay's two directions run side by side.
+    fn client_tap(&self) -> Option<ClientTap> {
+        None
+    }
+
+    /// Whether a relay that ended for `reason` hands the hypervisor
+    /// connection back instead of closing it (a SPICE display channel whose
+    /// client left is drained, not closed).
+    fn keeps_upstream(&self, _reason: CloseReason) -> bool {
+        false
+    }
+}
+
+/// Sees client bytes on their way to the hypervisor.
+pub type ClientTap = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// A hypervisor connection a relay handed back, with bytes it had read
+/// from it and not yet inspected (they come first).
+#[derive(Debug)]
+pub struct Kept<U> {
+    /// The connection.
+    pub upstream: U,
+    /// Read, not inspected, not forwarded.
+    pub unread: Vec<u8>,
 }
 
 /// Inspects nothing.

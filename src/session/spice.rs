@@ -25,7 +25,7 @@
 //! reason and blame, and a counter.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant as StdInstant;
 
 use tokio::io::AsyncWriteExt as _;
@@ -33,15 +33,20 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 
+use super::display_drain::{DrainOf, DrainTimes, drain};
 use super::driver::{DriveError, drive, send};
 use super::lifecycle::{self, Lifecycle, Refused};
 use super::registry::LiveSession;
 use super::splice::{REFUSAL_DEADLINE, splice};
 use super::ws_relay::{self, relay};
-use super::{Admission, CloseReason, Early, Inspect, OpenError, SessionGuards, Sessions, Stop};
+use super::{
+    Admission, ClientTap, CloseReason, Early, Inspect, Kept, OpenError, SessionGuards, Sessions,
+    Stop,
+};
 use crate::console::ConsoleType;
 use crate::error::Blame;
 use crate::protocol::spice::crypto::{decrypt_ticket, encrypt_ticket};
+use crate::protocol::spice::display_drain::DisplayTrack;
 use crate::protocol::spice::link::{
     ClientLink, ClientStep, LinkFailure, ServerLink, ServerStep, framing_agrees, upstream_caps,
 };
@@ -257,8 +262,11 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
         return;
     };
     let counters = end.counters();
-    let (reason, traffic) = splice(client, upstream, early, inspect, end.stop(), &counters).await;
-    end.finish(&sessions, reason, traffic).await;
+    let track = inspect.display_track();
+    let (reason, traffic, kept) =
+        splice(client, upstream, early, inspect, end.stop(), &counters).await;
+    end.finish_or_drain(&sessions, reason, traffic, kept, track)
+        .await;
 }
 
 /// Runs one spice-html5 channel (a WebSocket opened with the `spice-html5`
@@ -298,7 +306,8 @@ pub async fn serve_browser<S>(
     early.up = super::after_handshake(early.up, &pending);
     let counters = end.counters();
     let opts = sessions.relay_options(Some(&grant));
-    let (reason, traffic) = relay(
+    let track = inspect.display_track();
+    let (reason, traffic, kept) = relay(
         socket,
         upstream,
         early,
@@ -308,7 +317,8 @@ pub async fn serve_browser<S>(
         &counters,
     )
     .await;
-    end.finish(&sessions, reason, traffic).await;
+    end.finish_or_drain(&sessions, reason, traffic, kept, track)
+        .await;
 }
 
 /// A channel linked on both legs, ready to relay.
@@ -358,6 +368,37 @@ impl ChannelEnd {
         }
     }
 
+    /// Ends the channel; a display channel's hypervisor side, if the relay
+    /// kept it, is then drained (this task lives on until the drain ends).
+    async fn finish_or_drain(
+        self,
+        sessions: &Sessions,
+        reason: CloseReason,
+        traffic: super::Traffic,
+        kept: Option<Kept<Conn>>,
+        track: Option<Arc<Mutex<DisplayTrack>>>,
+    ) {
+        let stop = self.stop();
+        let (peer, jti) = (self.peer, self.jti.clone());
+        self.finish(sessions, reason, traffic).await;
+        let (Some(kept), Some(track)) = (kept, track) else {
+            return;
+        };
+        let track = std::mem::replace(
+            &mut *track.lock().unwrap_or_else(|p| p.into_inner()),
+            DisplayTrack::new(true),
+        );
+        let times = DrainTimes {
+            grace: sessions.limits.spice_drain_grace,
+            max: sessions.limits.spice_drain_max,
+        };
+        let of = DrainOf {
+            client: peer,
+            jti: &jti,
+        };
+        drain(kept, track, stop, times, of).await;
+    }
+
     async fn finish(self, sessions: &Sessions, reason: CloseReason, traffic: super::Traffic) {
         tracing::info!(
             client = %self.peer, jti = %self.jti, channel = self.channel,
@@ -380,16 +421,49 @@ impl ChannelEnd {
 
 /// On the main channel, INIT's session id binds the ticket (a store call)
 /// before INIT reaches the client; a migration message ends the session.
+/// A display channel is followed both ways, so that it can be drained
+/// rather than closed when its client leaves.
 enum ChannelInspect {
     Main {
         watch: MainWatch,
         tickets: Arc<dyn TicketStore>,
         ticket: TicketId,
     },
+    Display(Arc<Mutex<DisplayTrack>>),
     Other,
 }
 
+impl ChannelInspect {
+    fn display_track(&self) -> Option<Arc<Mutex<DisplayTrack>>> {
+        match self {
+            ChannelInspect::Display(track) => Some(track.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn locked(track: &Mutex<DisplayTrack>) -> std::sync::MutexGuard<'_, DisplayTrack> {
+    track.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Inspect for ChannelInspect {
+    fn client_tap(&self) -> Option<ClientTap> {
+        let track = self.display_track()?;
+        Some(Arc::new(move |chunk: &[u8]| {
+            locked(&track).from_client(chunk)
+        }))
+    }
+
+    /// A display channel is kept (to be drained) unless the hypervisor
+    /// side is what failed.
+    fn keeps_upstream(&self, reason: CloseReason) -> bool {
+        matches!(self, ChannelInspect::Display(_))
+            && !matches!(
+                reason,
+                CloseReason::BackendClosed | CloseReason::BackendError
+            )
+    }
+
     async fn inspect(&mut self, chunk: &[u8]) -> Result<(), CloseReason> {
         let ChannelInspect::Main {
             watch,
@@ -397,6 +471,9 @@ impl Inspect for ChannelInspect {
             ticket,
         } = self
         else {
+            if let ChannelInspect::Display(track) = self {
+                locked(track).from_server(chunk);
+            }
             return Ok(());
         };
         let events = watch.feed(chunk).map_err(|e| {
@@ -507,14 +584,18 @@ impl Channel {
         session: ChannelSession,
         peer: IpAddr,
     ) -> Self {
-        let inspect = if mess.channel_type == channel::MAIN {
-            ChannelInspect::Main {
-                watch: MainWatch::new(mess.caps.has_common(common_cap::MINI_HEADER)),
+        // Both legs agreed on this framing at the link (framing_agrees).
+        let mini_header = mess.caps.has_common(common_cap::MINI_HEADER);
+        let inspect = match mess.channel_type {
+            channel::MAIN => ChannelInspect::Main {
+                watch: MainWatch::new(mini_header),
                 tickets: sessions.tickets.clone(),
                 ticket: admitted.id.clone(),
+            },
+            channel::DISPLAY => {
+                ChannelInspect::Display(Arc::new(Mutex::new(DisplayTrack::new(mini_header))))
             }
-        } else {
-            ChannelInspect::Other
+            _ => ChannelInspect::Other,
         };
         Channel {
             upstream,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::registry::ByteCounters;
-use super::{CloseReason, Early, Inspect, Stop, Traffic};
+use super::{CloseReason, Early, Inspect, Kept, Stop, Traffic};
 use crate::transport::conn::Io;
 
 /// Read chunk on both legs.
@@ -23,9 +23,11 @@ const CHUNK: usize = 64 * 1024;
 pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Splices `client` and `upstream` until either side ends or `stop` fires.
-/// `inspect` sees every chunk from the hypervisor before the client does;
-/// an error from it ends the session with that reason. Bytes are added to
-/// `counters` as they move; the returned traffic is this connection's.
+/// `inspect` sees every chunk from the hypervisor before the client does
+/// (and its client tap every chunk the other way); an error from it ends the
+/// session with that reason. Bytes are added to `counters` as they move; the
+/// returned traffic is this connection's. The hypervisor connection comes
+/// back, open, when the inspector keeps it for the end reason.
 pub async fn splice<C: Io, U: Io, I: Inspect>(
     client: C,
     upstream: U,
@@ -33,7 +35,8 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
     mut inspect: I,
     stop: Stop,
     counters: &ByteCounters,
-) -> (CloseReason, Traffic) {
+) -> (CloseReason, Traffic, Option<Kept<U>>) {
+    let tap = inspect.client_tap();
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
     let up_bytes = AtomicU64::new(0);
@@ -49,6 +52,9 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
         let mut buf = vec![0u8; CHUNK];
         loop {
             if !chunk.is_empty() {
+                if let Some(tap) = &tap {
+                    tap(chunk);
+                }
                 if up_w.write_all(chunk).await.is_err() || up_w.flush().await.is_err() {
                     return CloseReason::BackendError;
                 }
@@ -91,12 +97,18 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
         r = idle => r,
     };
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, client_w.shutdown()).await;
-    let _ = tokio::time::timeout(REFUSAL_DEADLINE, up_w.shutdown()).await;
-    (
-        reason,
-        Traffic {
-            up: up_bytes.into_inner(),
-            down: down_bytes.into_inner(),
-        },
-    )
+    let kept = if inspect.keeps_upstream(reason) {
+        Some(Kept {
+            upstream: up_r.unsplit(up_w),
+            unread: Vec::new(),
+        })
+    } else {
+        let _ = tokio::time::timeout(REFUSAL_DEADLINE, up_w.shutdown()).await;
+        None
+    };
+    let traffic = Traffic {
+        up: up_bytes.into_inner(),
+        down: down_bytes.into_inner(),
+    };
+    (reason, traffic, kept)
 }

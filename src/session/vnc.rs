@@ -351,7 +351,7 @@ pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr)
         up: leg.into_leftover(),
         down: authed.early,
     };
-    let (reason, traffic) = splice(
+    let (reason, traffic, _) = splice(
         client,
         authed.backend,
         early,

@@ -36,7 +36,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::registry::ByteCounters;
-use super::{CloseReason, Early, Inspect, Stop, Traffic};
+use super::{ClientTap, CloseReason, Early, Inspect, Kept, Stop, Traffic};
 use crate::transport::conn::{Conn, ConnReader, ConnWriter};
 use crate::transport::drain_watch::{DrainWatch, Drains};
 
@@ -162,24 +162,26 @@ async fn unresponsive(meter: &Meter<'_>, watch: &DrainWatch, limit: Option<Durat
 /// Relays until one side ends; returns why, and this connection's bytes.
 /// The early bytes go first (`early.up` to the hypervisor, `early.down`,
 /// inspected, to the client); `inspect` sees every chunk from the hypervisor
-/// before the client does. Bytes are added to `counters` (the session's) as
-/// they move.
+/// before the client does (and its client tap every client chunk). Bytes are
+/// added to `counters` (the session's) as they move. The hypervisor
+/// connection comes back, open, when the inspector keeps it for the end reason.
 pub async fn relay<S, I>(
     socket: WebSocketStream<S>,
     backend: Conn,
     early: Early,
-    inspect: I,
+    mut inspect: I,
     opts: RelayOptions,
     stop: Stop,
     counters: &ByteCounters,
-) -> (CloseReason, Traffic)
+) -> (CloseReason, Traffic, Option<Kept<Conn>>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Drains,
     I: Inspect,
 {
     let watch = socket.get_ref().drain_watch().clone();
     let (mut sink, stream) = socket.split();
-    let (from_backend, mut to_backend) = backend.split();
+    let (mut from_backend, mut to_backend) = backend.split();
+    let tap = inspect.client_tap();
     // Shared by the futures below, which run in this one task; atomics only
     // because the task must be Send.
     let meter = Meter {
@@ -192,8 +194,15 @@ where
         answered: AtomicU64::new(0),
     };
     let reason = {
-        let up = client_to_backend(stream, &mut to_backend, early.up, &meter);
-        let down = backend_to_client(&mut sink, from_backend, early.down, inspect, &opts, &meter);
+        let up = client_to_backend(stream, &mut to_backend, early.up, tap, &meter);
+        let down = backend_to_client(
+            &mut sink,
+            &mut from_backend,
+            early.down,
+            &mut inspect,
+            &opts,
+            &meter,
+        );
         // Idle is the session's: a spice-html5 channel that is quiet while
         // its display moves is not idle.
         let idle = async {
@@ -225,14 +234,19 @@ where
     if reason != CloseReason::ClientLeft {
         let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(close_message(reason))).await;
     }
-    let _ = tokio::time::timeout(CLOSE_DEADLINE, to_backend.shutdown()).await;
-    (
-        reason,
-        Traffic {
-            up: meter.up.into_inner(),
-            down: meter.down.into_inner(),
-        },
-    )
+    let kept = if inspect.keeps_upstream(reason) {
+        from_backend
+            .reunite(to_backend)
+            .map(|(upstream, unread)| Kept { upstream, unread })
+    } else {
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, to_backend.shutdown()).await;
+        None
+    };
+    let traffic = Traffic {
+        up: meter.up.into_inner(),
+        down: meter.down.into_inner(),
+    };
+    (reason, traffic, kept)
 }
 
 /// Client messages to the hypervisor, the early bytes first. Messages that
@@ -242,12 +256,19 @@ async fn client_to_backend<St>(
     mut stream: St,
     to_backend: &mut ConnWriter,
     early: Vec<u8>,
+    tap: Option<ClientTap>,
     meter: &Meter<'_>,
 ) -> CloseReason
 where
     St: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
+    let tap = |bytes: &[u8]| {
+        if let Some(t) = &tap {
+            t(bytes);
+        }
+    };
     if !early.is_empty() {
+        tap(&early);
         if to_backend.write_all(&early).await.is_err() {
             return CloseReason::BackendError;
         }
@@ -276,6 +297,7 @@ where
             }
         }
         if !batch.is_empty() {
+            tap(&batch);
             if to_backend.write_all(&batch).await.is_err() {
                 return CloseReason::BackendError;
             }
@@ -289,9 +311,9 @@ where
 /// first, every chunk inspected before it goes; pings on a timer.
 async fn backend_to_client<Si, I>(
     sink: &mut Si,
-    mut from_backend: ConnReader,
+    from_backend: &mut ConnReader,
     early: Vec<u8>,
-    mut inspect: I,
+    inspect: &mut I,
     opts: &RelayOptions,
     meter: &Meter<'_>,
 ) -> CloseReason
@@ -318,7 +340,7 @@ where
                 if ready.is_err() {
                     return CloseReason::BackendError;
                 }
-                if let Err(reason) = drain(sink, &mut from_backend, &mut inspect, opts, meter).await {
+                if let Err(reason) = drain(sink, from_backend, inspect, opts, meter).await {
                     return reason;
                 }
             }

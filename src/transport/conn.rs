@@ -141,6 +141,23 @@ impl ConnReader {
     }
 }
 
+impl ConnReader {
+    /// Joins the halves of one [`Conn`] again, with the bytes this half had
+    /// read and not handed out. `None` for halves of different connections.
+    pub fn reunite(self, writer: ConnWriter) -> Option<(Conn, Vec<u8>)> {
+        match (self, writer) {
+            (ConnReader::Tcp(r), ConnWriter::Tcp(w)) => {
+                r.reunite(w).ok().map(|t| (Conn::Tcp(t), Vec::new()))
+            }
+            (ConnReader::Boxed(r, pending), ConnWriter::Boxed(w)) if r.is_pair_of(&w) => Some((
+                Conn::Boxed(r.unsplit(w)),
+                pending.map(|p| p.to_vec()).unwrap_or_default(),
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// The write half of a split [`Conn`].
 pub enum ConnWriter {
     /// A plain socket's write half.

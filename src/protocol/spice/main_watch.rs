@@ -7,8 +7,10 @@
 //! send the client straight to a hypervisor (Porthole never offers migration
 //! upstream, but `MIGRATE_SWITCH_HOST` needs no capability). The watcher walks
 //! message headers only and skips bodies by count: nothing is buffered but a
-//! header (and INIT's first word), however large the messages are.
+//! header (and INIT's first word), however large the messages are
+//! ([`super::framing`]).
 
+use super::framing::{Frame, Frames};
 use crate::protocol::WireError;
 
 /// Server-to-client main channel message types that matter here.
@@ -35,112 +37,62 @@ pub enum MainEvent {
     Migration(u16),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Collecting a header.
-    Header,
-    /// Collecting INIT's session id; `rest` body bytes follow it.
-    InitId { rest: u64 },
-    /// Skipping a body.
-    Skip(u64),
-}
-
 /// Follows the server-to-client stream of one main channel.
 #[derive(Debug)]
 pub struct MainWatch {
-    mini_header: bool,
-    state: State,
-    partial: Vec<u8>,
+    frames: Frames,
+    /// Scratch for one chunk's frames, kept between chunks.
+    seen: Vec<Frame>,
+}
+
+/// Body bytes the watcher reads: INIT's session id.
+fn wanted(kind: u16) -> usize {
+    if kind == main_msg::INIT { 4 } else { 0 }
 }
 
 impl MainWatch {
     /// A watcher for a channel linked with (`mini_header`) or without mini headers.
     pub fn new(mini_header: bool) -> Self {
         Self {
-            mini_header,
-            state: State::Header,
-            partial: Vec::with_capacity(18),
+            frames: Frames::new(mini_header, wanted),
+            seen: Vec::new(),
         }
-    }
-
-    fn header_len(&self) -> usize {
-        if self.mini_header { 6 } else { 18 }
     }
 
     /// Follows `data` (the next bytes from the hypervisor) and reports what
     /// it saw, in order. A chunk with an event must be looked at before it is
     /// forwarded.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<Vec<MainEvent>, WireError> {
+    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<MainEvent>, WireError> {
+        self.seen.clear();
+        self.frames.feed(data, &mut self.seen)?;
         let mut events = Vec::new();
-        while !data.is_empty() {
-            match self.state {
-                State::Skip(n) => {
-                    let take = n.min(data.len() as u64);
-                    data = &data[take as usize..];
-                    self.state = if take == n {
-                        State::Header
-                    } else {
-                        State::Skip(n - take)
-                    };
+        for frame in &self.seen {
+            match *frame {
+                Frame::Header {
+                    kind: main_msg::INIT,
+                    size,
+                    ..
+                } if size < 4 => {
+                    return Err(WireError::Invalid("main INIT shorter than its session id"));
                 }
-                State::Header | State::InitId { .. } => {
-                    let want = match self.state {
-                        State::Header => self.header_len(),
-                        _ => 4,
-                    };
-                    let take = (want - self.partial.len()).min(data.len());
-                    self.partial.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if self.partial.len() < want {
-                        break;
-                    }
-                    let got = std::mem::take(&mut self.partial);
-                    self.state = self.next_state(&got, &mut events)?;
-                }
+                Frame::Header {
+                    kind:
+                        kind @ (main_msg::MIGRATE_BEGIN
+                        | main_msg::MIGRATE_SWITCH_HOST
+                        | main_msg::MIGRATE_BEGIN_SEAMLESS),
+                    ..
+                } => events.push(MainEvent::Migration(kind)),
+                Frame::Prefix {
+                    kind: main_msg::INIT,
+                    bytes,
+                    ..
+                } => events.push(MainEvent::Init {
+                    session_id: u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+                }),
+                _ => {}
             }
         }
         Ok(events)
-    }
-
-    fn next_state(&self, got: &[u8], events: &mut Vec<MainEvent>) -> Result<State, WireError> {
-        if let State::InitId { rest } = self.state {
-            let session_id = u32::from_le_bytes([got[0], got[1], got[2], got[3]]);
-            events.push(MainEvent::Init { session_id });
-            return Ok(if rest == 0 {
-                State::Header
-            } else {
-                State::Skip(rest)
-            });
-        }
-        // Mini header: type u16, size u32. Full: serial u64, type, size, sub_list u32.
-        let at = if self.mini_header { 0 } else { 8 };
-        let kind = u16::from_le_bytes([got[at], got[at + 1]]);
-        let size = u32::from_le_bytes([got[at + 2], got[at + 3], got[at + 4], got[at + 5]]);
-        match kind {
-            main_msg::INIT => {
-                if size < 4 {
-                    return Err(WireError::Invalid("main INIT shorter than its session id"));
-                }
-                Ok(State::InitId {
-                    rest: u64::from(size) - 4,
-                })
-            }
-            main_msg::MIGRATE_BEGIN
-            | main_msg::MIGRATE_SWITCH_HOST
-            | main_msg::MIGRATE_BEGIN_SEAMLESS => {
-                events.push(MainEvent::Migration(kind));
-                Ok(skip(size))
-            }
-            _ => Ok(skip(size)),
-        }
-    }
-}
-
-fn skip(size: u32) -> State {
-    if size == 0 {
-        State::Header
-    } else {
-        State::Skip(size.into())
     }
 }
 

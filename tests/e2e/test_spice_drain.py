@@ -1,0 +1,169 @@
+"""A spice-server crash any user could trigger (issue #10 item 10), against
+real QEMU 7.2: a client that links the main channel, links a display channel,
+reads nothing and closes it kills the VM (SIGSEGV in spice-server's worker).
+Through Porthole the same pattern leaves the VM alive: the display
+channel's hypervisor side is drained (DISPLAY_INIT sent for the client,
+SET_ACK and ACKs answered) until the session ends, and the drain then ends
+too: when the client closes its main channel, when an operator ends the
+session, on the native listener and on the spice-html5 WebSocket."""
+
+import json
+import re
+import signal
+import time
+
+from harness import http, metric_value
+from screen import seabios_screen
+from spice_client import spicy_capture
+from spice_wire import DISPLAY, MAIN, Channel
+from support import Porthole
+
+
+def porthole_for(tmp_path, vm):
+    pw = tmp_path / "spice-password"
+    pw.write_text(vm.spice_password)
+    # A short grace, so an end that needs it is seen well within the bounds below.
+    return Porthole(tmp_path, spice="drain_grace_secs = 2",
+                    backend_extra=f'[backends.spice]\npassword_file = "{pw}"\nca = "{vm.spice_ca}"')
+
+
+def drains(p, end):
+    return metric_value(p.metrics(), "porthole_spice_display_drains_total", end=end) or 0
+
+
+def drains_active(p):
+    m = re.search(r"^porthole_spice_display_drains_active (\S+)$", p.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def wait_for(what, check, p, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s:\n{p.log()[-3000:]}"
+        time.sleep(0.1)
+
+
+def alive_for(vm, secs):
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline:
+        if vm.proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def ended_drains(p):
+    return sum(drains(p, end) for end in ("hypervisor_closed", "grace_over", "deadline", "malformed", "io_error"))
+
+
+class WsChannel(Channel):
+    """A SPICE channel over Porthole's /spice WebSocket, as spice-html5 opens it."""
+
+    def __init__(self, p, token):
+        from websockets.sync.client import connect
+        self.ws = connect(f"ws://127.0.0.1:{p.public_port}/spice?token={token}", open_timeout=10,
+                          close_timeout=2)
+        self.buf = b""
+
+    def send(self, data):
+        self.ws.send(data)
+
+    def recv_exact(self, n):
+        while len(self.buf) < n:
+            self.buf += self.ws.recv(timeout=10)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def close(self):
+        self.ws.close()
+
+
+def test_directly_a_display_channel_closed_unread_kills_qemu(spice_vm):
+    """The reproduction, no Porthole: this is what Porthole must not pass on."""
+    vm = spice_vm
+    main = Channel(vm.spice_port)
+    assert main.open(MAIN, vm.spice_password) == "OK"
+    session = main.session_id()
+    display = Channel(vm.spice_port)
+    assert display.open(DISPLAY, vm.spice_password, connection_id=session) == "OK"
+    display.close()
+    deadline = time.monotonic() + 10
+    while vm.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vm.proc.returncode == -signal.SIGSEGV, f"QEMU did not crash: {vm.proc.returncode}"
+    main.close()
+
+
+def test_through_porthole_a_dropped_display_is_drained_until_its_session_ends(spice_vm, tmp_path):
+    vm = spice_vm
+    p = porthole_for(tmp_path, vm)
+    try:
+        def ticket():
+            token = p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+            return p.spice_details(token)["ticket"]
+
+        # 1. Native: main linked, display linked, nothing read, display closed.
+        t = ticket()
+        main = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert main.open(MAIN, t) == "OK"
+        session = main.session_id()
+        display = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert display.open(DISPLAY, t, connection_id=session) == "OK"
+        display.close()
+        wait_for("a drain", lambda: drains_active(p) == 1, p)
+        assert "spice display channel drained after its client left" in p.log()
+        # The drain lasts while the session does (the VM alive all along).
+        assert alive_for(vm, 3), f"QEMU died ({vm.proc.returncode}) with the display drained"
+        assert drains_active(p) == 1 and ended_drains(p) == 0
+        # The client ends its session: the hypervisor closes the display, the drain ends.
+        main.close()
+        wait_for("the drain's end", lambda: ended_drains(p) == 1, p)
+        assert drains_active(p) == 0
+        assert alive_for(vm, 2), f"QEMU died ({vm.proc.returncode}) after the drain"
+
+        # 2. Native again; this time an operator ends the session mid-drain.
+        t = ticket()
+        main = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert main.open(MAIN, t) == "OK"
+        session = main.session_id()
+        display = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert display.open(DISPLAY, t, connection_id=session) == "OK"
+        display.close()
+        wait_for("a second drain", lambda: drains_active(p) == 1, p)
+        listed = p.admin("GET", "/v1/sessions?type=spice-direct")[1]["sessions"]
+        assert len(listed) == 1, listed
+        status, answer = p.admin("DELETE", f"/v1/sessions/{listed[0]['id']}?reason=drain-test")
+        assert status == 200, answer
+        wait_for("the second drain's end", lambda: ended_drains(p) == 2, p)
+        assert alive_for(vm, 2), f"QEMU died ({vm.proc.returncode}) after a terminate"
+        main.close()
+
+        # 3. spice-html5's WebSocket: the same pattern.
+        token = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        status, body = http("POST", f"{p.base}/spice-ticket?token={token}")[:2]
+        assert status == 200, body
+        t = json.loads(body)["ticket"]
+        main = WsChannel(p, token)
+        assert main.open(MAIN, t) == "OK"
+        session = main.session_id()
+        display = WsChannel(p, token)
+        assert display.open(DISPLAY, t, connection_id=session) == "OK"
+        display.close()
+        wait_for("a browser drain", lambda: drains_active(p) == 1, p)
+        assert alive_for(vm, 3), f"QEMU died ({vm.proc.returncode}) with a browser display drained"
+        main.close()
+        wait_for("the browser drain's end", lambda: ended_drains(p) == 3, p)
+
+        assert drains(p, "not_drainable") == 0
+        log = p.log()
+        assert log.count("spice display drain ended") == 3, log[-3000:]
+        assert vm.spice_password not in log
+
+        # A later client gets the VM's screen through Porthole (its own display
+        # channel is drained briefly too, when it exits).
+        shot = spicy_capture(tmp_path / "after.png", "127.0.0.1", ticket(), tls_port=p.spice_tls_port,
+                             ca_file=p.spice_ca)
+        seabios_screen(shot)
+        assert alive_for(vm, 2), f"QEMU died ({vm.proc.returncode}) after a real client"
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
