@@ -19,8 +19,14 @@ use crate::frontend::vnc::VncDetails;
 use crate::issuance::Issuer;
 use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};
-use crate::token::MemoryTickets;
-use crate::token::{MemoryRedemptions, TokenValidator};
+use crate::store::Redis;
+use crate::store::redemptions::RedisRedemptions;
+use crate::store::revocations::RedisRevocations;
+use crate::store::tickets::RedisTickets;
+use crate::token::redemption::RedemptionStore;
+use crate::token::revocation::{RevocationStore, Revocations};
+use crate::token::ticket::TicketStore;
+use crate::token::{MemoryRedemptions, MemoryTickets, TokenValidator};
 use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
 
 /// Everything the front ends share, built once from a [`Config`].
@@ -33,7 +39,12 @@ pub struct App {
     /// Issues tokens, when `[issuance]` is configured.
     pub issuer: Option<Arc<Issuer>>,
     /// Remembers redeemed and revoked tokens.
-    pub redemptions: Arc<MemoryRedemptions>,
+    pub redemptions: Arc<dyn RedemptionStore>,
+    /// The shared store, when `[store]` is configured.
+    pub store: Option<Arc<Redis>>,
+    /// Ends the store's background tasks (probe, lease renewals) when the
+    /// gateway stops.
+    pub background: CancellationToken,
     /// Every console session; its cancellation token ends them all.
     pub sessions: Arc<Sessions>,
     /// The public listener's TLS config, when it has one.
@@ -62,7 +73,7 @@ impl App {
     ) -> anyhow::Result<App> {
         // The same check as `config check` and every reload.
         let ready = Reloadable::load(config)?;
-        Ok(Self::from_ready(ready, listeners, source))
+        Self::from_ready(ready, listeners, source)
     }
 
     /// The shared state over what [`Reloadable::load`] made.
@@ -70,13 +81,18 @@ impl App {
         ready: Reloadable,
         listeners: Option<&Listeners>,
         source: Option<ConfigSource>,
-    ) -> App {
+    ) -> anyhow::Result<App> {
         let config = ready.config;
-        let validator = Arc::new(TokenValidator::with_keys(
-            config.tokens.policy.clone(),
-            ready.keys,
-            Arc::new(config.allow.clone()),
-        ));
+        let background = CancellationToken::new();
+        let stores = Stores::new(&config, background.clone())?;
+        let validator = Arc::new(
+            TokenValidator::with_keys(
+                config.tokens.policy.clone(),
+                ready.keys,
+                Arc::new(config.allow.clone()),
+            )
+            .with_revocations(stores.revocations.clone()),
+        );
         let issuer = match (&config.issuance, ready.signer) {
             (Some(iss), Some(signer)) => Some(Arc::new(Issuer::new(
                 signer,
@@ -88,10 +104,7 @@ impl App {
             ))),
             _ => None,
         };
-        let redemptions = Arc::new(MemoryRedemptions::new(
-            config.tokens.store_capacity,
-            config.tokens.policy.leeway_secs,
-        ));
+        let redemptions = stores.redemptions.clone();
         let slot = |c: Option<rustls::ServerConfig>| c.map(|c| Arc::new(ArcSwap::from_pointee(c)));
         let (spice_details, vnc_details) = console_details(&config, listeners, ready.spice_ca_pem);
         let swappable = Swappable {
@@ -103,24 +116,22 @@ impl App {
             spice_upstreams: Arc::new(ArcSwap::from_pointee(ready.spice_upstreams)),
             vnc_upstreams: Arc::new(ArcSwap::from_pointee(ready.vnc_upstreams)),
         };
-        let sessions = Arc::new(Sessions::new(session_parts(
-            &config,
-            &redemptions,
-            &swappable,
-        )));
+        let sessions = Arc::new(Sessions::new(session_parts(&config, &stores, &swappable)));
         let tls = swappable.public_tls.clone();
         let reloader = Arc::new(Reloader::new(config.clone(), swappable, source));
-        App {
+        Ok(App {
             config,
             validator,
             issuer,
             redemptions,
+            store: stores.redis,
+            background,
             sessions,
             tls,
             spice_details,
             vnc_details,
             reloader,
-        }
+        })
     }
 
     /// The public router over this app's state.
@@ -156,6 +167,7 @@ impl App {
             revoke_for_secs: self.config.tokens.policy.max_ttl_secs
                 + 2 * self.config.tokens.policy.leeway_secs,
             reloader: self.reloader.clone(),
+            store: self.store.clone(),
         }
     }
 }
@@ -200,14 +212,14 @@ fn console_details(
 /// native listeners' deadlines, and the credentials and certificates a reload swaps.
 fn session_parts(
     config: &Config,
-    redemptions: &Arc<MemoryRedemptions>,
+    stores: &Stores,
     swappable: &Swappable,
 ) -> session::admission::Parts {
     let s = &config.sessions;
     session::admission::Parts {
         resolver: swappable.validator.clone(),
-        redemptions: redemptions.clone(),
-        tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
+        redemptions: stores.redemptions.clone(),
+        tickets: stores.tickets.clone(),
         registry: Arc::new(session::registry::Registry::default()),
         tokens: config.tokens.clone(),
         browser: config.websocket.clone(),
@@ -234,6 +246,52 @@ fn session_parts(
             config.listen.trusted_proxies.clone(),
         ),
     }
+}
+
+/// Where tokens' state lives: in this process, or in the shared store.
+struct Stores {
+    redis: Option<Arc<Redis>>,
+    redemptions: Arc<dyn RedemptionStore>,
+    tickets: Arc<dyn TicketStore>,
+    revocations: Arc<dyn RevocationStore>,
+}
+
+impl Stores {
+    fn new(config: &Config, background: CancellationToken) -> anyhow::Result<Self> {
+        let Some(store) = &config.store else {
+            return Ok(Self {
+                redis: None,
+                redemptions: Arc::new(MemoryRedemptions::new(
+                    config.tokens.store_capacity,
+                    config.tokens.policy.leeway_secs,
+                )),
+                tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
+                revocations: Arc::new(Revocations::default()),
+            });
+        };
+        // rustls for `rediss://` takes the process's default provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let redis = Redis::connect(store, &node_name(), background.clone())?;
+        Ok(Self {
+            redemptions: RedisRedemptions::new(
+                redis.clone(),
+                store.lease,
+                store.renew,
+                background.clone(),
+            ),
+            tickets: RedisTickets::new(redis.clone(), store.lease, store.renew, background),
+            revocations: Arc::new(RedisRevocations::new(redis.clone())),
+            redis: Some(redis),
+        })
+    }
+}
+
+/// This node's name in the leases it holds.
+fn node_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "porthole".into())
 }
 
 /// Bound listeners, so callers (and tests binding port 0) learn the real addresses.
@@ -409,6 +467,7 @@ pub async fn run(
     }
     stop_admin.cancel();
     admin.await.context("admin listener task")?;
+    app.background.cancel();
     tracing::info!("stopped");
     Ok(())
 }

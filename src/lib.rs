@@ -20,7 +20,8 @@
 //! 4. [`reload`] (checking a config file and what it names; swapping keys,
 //!    the issuance key, certificates and backends), [`issuance`]
 //!    (minting tokens), [`demo`] (the throwaway QEMU VM), [`bootstrap`]
-//!    (first-start material).
+//!    (first-start material), [`store`] (the token, ticket and revocation
+//!    stores in Redis, for several nodes).
 //! 5. [`session`]: a console session from admission to its end: resolving
 //!    tokens, caps and reuse, tickets, the registry, the hypervisor
 //!    handshakes (VNC security proxy, SPICE link proxy) under one driver, the
@@ -55,5 +56,6 @@ pub mod reload;
 pub mod secret;
 pub mod session;
 pub mod shutdown;
+pub mod store;
 pub mod token;
 pub mod transport;

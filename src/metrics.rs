@@ -162,6 +162,21 @@ pub fn audit_dropped() {
 /// Limits hit, by limit.
 pub const LIMITS_HIT: &str = "porthole_limits_hit_total";
 
+/// Whether the shared store answers (1) or not (0).
+pub const STORE_UP: &str = "porthole_store_up";
+/// Store operations that failed (refused as `unavailable`).
+pub const STORE_UNAVAILABLE: &str = "porthole_store_unavailable_total";
+
+/// Records whether the shared store answered.
+pub fn store_up(up: bool) {
+    metrics::gauge!(STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Counts a store operation that failed.
+pub fn store_unavailable() {
+    metrics::counter!(STORE_UNAVAILABLE).increment(1);
+}
+
 /// Failed accepts (out of descriptors, say).
 pub const ACCEPT_FAILURES: &str = "porthole_accept_failures_total";
 

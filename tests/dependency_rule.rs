@@ -32,8 +32,9 @@ const LAYERS: &[&[&str]] = &[
     &["app"],
     // How requests arrive: pages, WebSockets, native listeners, the admin API.
     &["frontend"],
-    // What the admin API and the composition root call beside sessions.
-    &["reload", "issuance", "demo", "bootstrap"],
+    // What the admin API and the composition root call beside sessions,
+    // and the shared store behind the token and ticket traits.
+    &["reload", "issuance", "demo", "bootstrap", "store"],
     // Console sessions, from admission to their end.
     &["session"],
     // Settings: parsed raw, validated into the types the layers below own.

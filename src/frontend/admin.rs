@@ -44,6 +44,8 @@ pub struct AdminState {
     pub revoke_for_secs: u64,
     /// Reloads keys, certificates and backends (`POST /v1/reload`).
     pub reloader: Arc<crate::reload::Reloader>,
+    /// The shared store, whose state `/readyz` reflects.
+    pub store: Option<Arc<crate::store::Redis>>,
 }
 
 impl AdminState {
@@ -110,10 +112,14 @@ async fn require_bearer(
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    if !s.ready.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    } else if s.store.as_ref().is_some_and(|r| !r.healthy()) {
+        // This node cannot admit anyone: a balancer should send new
+        // connections elsewhere. Running sessions go on.
+        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 

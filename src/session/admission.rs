@@ -397,7 +397,12 @@ impl Sessions {
         if self.slots.available_permits() == 0 {
             return Err(OpenError::Overloaded);
         }
-        if self.redemptions.is_revoked(&grant.jti).await {
+        if self
+            .redemptions
+            .is_revoked(&grant.jti)
+            .await
+            .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?
+        {
             return Err(OpenError::Refused(revoked(&grant.jti)));
         }
         Ok(())
@@ -467,7 +472,9 @@ impl Sessions {
         match &admitted {
             Ok(_) => self.failed_tickets.succeeded(client),
             // A real ticket on the wrong listener, or a full store: not a guess.
-            Err(TicketRefusal::WrongConsoleType | TicketRefusal::Full) => {}
+            Err(
+                TicketRefusal::WrongConsoleType | TicketRefusal::Full | TicketRefusal::Unavailable,
+            ) => {}
             Err(_) => self.failed_tickets.failed(client),
         }
         admitted
@@ -527,10 +534,17 @@ impl Sessions {
             ),
             // Its session holds the token; a revoked token's channels still
             // stop here.
-            Admission::Joins if self.redemptions.is_revoked(&grant.jti).await => {
-                return Err(redeem_error(&revoked(&grant.jti)));
+            Admission::Joins => {
+                let killed = self
+                    .redemptions
+                    .is_revoked(&grant.jti)
+                    .await
+                    .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?;
+                if killed {
+                    return Err(redeem_error(&revoked(&grant.jti)));
+                }
+                None
             }
-            Admission::Joins => None,
         };
         let guards = |claim| SessionGuards {
             _permit: permit,

@@ -899,7 +899,7 @@ fn ticket_code(r: TicketRefusal) -> LinkError {
             LinkError::PermissionDenied
         }
         TicketRefusal::ForeignSession | TicketRefusal::NoSession => LinkError::BadConnectionId,
-        TicketRefusal::Full => LinkError::Error,
+        TicketRefusal::Full | TicketRefusal::Unavailable => LinkError::Error,
         TicketRefusal::WrongConsoleType | TicketRefusal::Backoff => LinkError::PermissionDenied,
     }
 }

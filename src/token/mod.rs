@@ -163,7 +163,7 @@ impl Refusal {
 }
 
 /// What a valid token grants.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     /// The token id: key for reuse and revocation.
     pub jti: String,
@@ -261,6 +261,12 @@ impl TokenValidator {
             allow: ArcSwap::new(allow),
             revocations: Arc::new(revocation::Revocations::default()),
         }
+    }
+
+    /// This validator, with its deny-lists kept in `store` (a shared one).
+    pub fn with_revocations(mut self, store: Arc<dyn revocation::RevocationStore>) -> Self {
+        self.revocations = store;
+        self
     }
 
     /// The deny-lists every resolution checks.
@@ -540,12 +546,19 @@ impl GrantResolver for TokenValidator {
                 .check(&grant.jti, &grant.instance, grant.claims.iat)
                 .await;
             match revoked {
-                Some(why) => Err(Refusal {
+                Ok(Some(why)) => Err(Refusal {
                     reason: RefusalReason::Revoked,
                     detail: why.to_string(),
                     jti: Some(grant.jti),
                 }),
-                None => Ok(grant),
+                Ok(None) => Ok(grant),
+                // Fail closed: a token is never let in because the list
+                // could not be read.
+                Err(e) => Err(Refusal {
+                    reason: RefusalReason::Unavailable,
+                    detail: e.to_string(),
+                    jti: Some(grant.jti),
+                }),
             }
         })
     }

@@ -85,8 +85,8 @@ pub trait RedemptionStore: Send + Sync + std::fmt::Debug {
         now: u64,
     ) -> BoxFuture<'a, Result<(), RedeemError>>;
 
-    /// Whether `jti` has been revoked.
-    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, bool>;
+    /// Whether `jti` has been revoked (an error: the store cannot say).
+    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, RedeemError>>;
 }
 
 /// A redeemed token, held for the life of a session and given back with
@@ -408,8 +408,10 @@ impl RedemptionStore for MemoryRedemptions {
         )))
     }
 
-    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(std::future::ready(MemoryRedemptions::is_revoked(self, jti)))
+    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, RedeemError>> {
+        Box::pin(std::future::ready(Ok(MemoryRedemptions::is_revoked(
+            self, jti,
+        ))))
     }
 }
 

@@ -31,10 +31,16 @@ pub struct Revocations {
     lists: Mutex<Lists>,
 }
 
-/// The deny-list is full of live entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("revocation list full")]
-pub struct RevocationsFull;
+/// Why a revocation could not be recorded, or a check not answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationError {
+    /// The deny-list is full of live entries.
+    #[error("revocation list full")]
+    Full,
+    /// A shared store did not answer (a check then refuses the token).
+    #[error("revocation store unavailable: {0}")]
+    Unavailable(String),
+}
 
 impl Revocations {
     fn lock(&self) -> std::sync::MutexGuard<'_, Lists> {
@@ -42,7 +48,7 @@ impl Revocations {
         self.lists.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn make_room(l: &mut Lists, now: u64) -> Result<(), RevocationsFull> {
+    fn make_room(l: &mut Lists, now: u64) -> Result<(), RevocationError> {
         if l.jtis.len() + l.instances.len() < CAPACITY {
             return Ok(());
         }
@@ -51,12 +57,12 @@ impl Revocations {
         if l.jtis.len() + l.instances.len() < CAPACITY {
             Ok(())
         } else {
-            Err(RevocationsFull)
+            Err(RevocationError::Full)
         }
     }
 
     /// Revokes token `jti` until `until`.
-    pub fn revoke_jti(&self, jti: &str, until: u64, now: u64) -> Result<(), RevocationsFull> {
+    pub fn revoke_jti(&self, jti: &str, until: u64, now: u64) -> Result<(), RevocationError> {
         let mut l = self.lock();
         Self::make_room(&mut l, now)?;
         let e = l.jtis.entry(jti.to_string()).or_insert(until);
@@ -70,7 +76,7 @@ impl Revocations {
         instance: &str,
         until: u64,
         now: u64,
-    ) -> Result<(), RevocationsFull> {
+    ) -> Result<(), RevocationError> {
         let mut l = self.lock();
         Self::make_room(&mut l, now)?;
         let e = l
@@ -104,7 +110,7 @@ pub trait RevocationStore: Send + Sync + std::fmt::Debug {
         jti: &'a str,
         until: u64,
         now: u64,
-    ) -> BoxFuture<'a, Result<(), RevocationsFull>>;
+    ) -> BoxFuture<'a, Result<(), RevocationError>>;
 
     /// Revokes every token of `instance` issued at or before `now`, until `until`.
     fn revoke_instance<'a>(
@@ -112,7 +118,7 @@ pub trait RevocationStore: Send + Sync + std::fmt::Debug {
         instance: &'a str,
         until: u64,
         now: u64,
-    ) -> BoxFuture<'a, Result<(), RevocationsFull>>;
+    ) -> BoxFuture<'a, Result<(), RevocationError>>;
 
     /// Why a token (`jti`, `instance`, issued at `iat`) is revoked, if it is.
     fn check<'a>(
@@ -120,7 +126,7 @@ pub trait RevocationStore: Send + Sync + std::fmt::Debug {
         jti: &'a str,
         instance: &'a str,
         iat: u64,
-    ) -> BoxFuture<'a, Option<&'static str>>;
+    ) -> BoxFuture<'a, Result<Option<&'static str>, RevocationError>>;
 }
 
 impl RevocationStore for Revocations {
@@ -129,7 +135,7 @@ impl RevocationStore for Revocations {
         jti: &'a str,
         until: u64,
         now: u64,
-    ) -> BoxFuture<'a, Result<(), RevocationsFull>> {
+    ) -> BoxFuture<'a, Result<(), RevocationError>> {
         Box::pin(std::future::ready(Revocations::revoke_jti(
             self, jti, until, now,
         )))
@@ -140,7 +146,7 @@ impl RevocationStore for Revocations {
         instance: &'a str,
         until: u64,
         now: u64,
-    ) -> BoxFuture<'a, Result<(), RevocationsFull>> {
+    ) -> BoxFuture<'a, Result<(), RevocationError>> {
         Box::pin(std::future::ready(Revocations::revoke_instance(
             self, instance, until, now,
         )))
@@ -151,10 +157,10 @@ impl RevocationStore for Revocations {
         jti: &'a str,
         instance: &'a str,
         iat: u64,
-    ) -> BoxFuture<'a, Option<&'static str>> {
-        Box::pin(std::future::ready(Revocations::check(
+    ) -> BoxFuture<'a, Result<Option<&'static str>, RevocationError>> {
+        Box::pin(std::future::ready(Ok(Revocations::check(
             self, jti, instance, iat,
-        )))
+        ))))
     }
 }
 

@@ -23,7 +23,7 @@ use crate::console::ConsoleType;
 use crate::secret::Secret;
 
 /// Random bytes in a ticket (32 characters of base64url).
-const TICKET_BYTES: usize = 24;
+pub const TICKET_BYTES: usize = 24;
 
 /// Which channel of a session a link is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +67,9 @@ pub enum TicketRefusal {
     /// ticket was not looked at.
     #[error("too many failed tickets from this address: retry later")]
     Backoff,
+    /// A shared store did not answer: refused, never admitted.
+    #[error("ticket store unavailable")]
+    Unavailable,
 }
 
 impl TicketRefusal {
@@ -81,6 +84,7 @@ impl TicketRefusal {
             TicketRefusal::Full => "ticket_store_full",
             TicketRefusal::WrongConsoleType => "wrong_console_type",
             TicketRefusal::Backoff => "ticket_backoff",
+            TicketRefusal::Unavailable => "unavailable",
         }
     }
 }
@@ -102,6 +106,13 @@ impl TicketId {
     /// The id of `ticket`.
     pub fn of(ticket: &[u8]) -> Self {
         Self(hex::encode(Sha256::digest(ticket)))
+    }
+
+    /// The whole hex digest (a store's key; logs show [`Display`]'s prefix).
+    ///
+    /// [`Display`]: std::fmt::Display
+    pub fn as_hex(&self) -> &str {
+        &self.0
     }
 }
 

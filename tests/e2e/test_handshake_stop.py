@@ -196,6 +196,30 @@ def test_terminate_reaches_a_browser_vnc_handshake(tmp_path):
         assert p.gateway.stop() == 0, p.log()[-3000:]
 
 
+def test_revoke_reaches_a_browser_vnc_handshake(tmp_path):
+    """Revoking the token (by jti) ends the session it runs, even one still
+    waiting for its hypervisor: 4003, long before the handshake deadline."""
+    hv = SilentHypervisor()
+    p = gateway(tmp_path)
+    ws = None
+    try:
+        minted, ws, entry = browser_vnc(p, hv)
+        started = time.monotonic()
+        status, answer = p.admin("POST", "/v1/revocations", {"jti": minted["jti"], "reason": "leaked link"},
+                                 actor="heidi")
+        assert status == 200, answer
+        code, reason = close_frame(ws, p)
+        assert code == 4003 and reason == "session terminated by an operator", (code, reason, p.log()[-3000:])
+        assert hv.released(WITHIN - (time.monotonic() - started)), "Porthole kept the hypervisor connection open"
+        registry_empties(p)
+        terminated_in_audit(p, entry["id"], "heidi")
+    finally:
+        if ws is not None:
+            ws.close()
+        hv.close()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
 def test_shutdown_reaches_a_browser_vnc_handshake(tmp_path):
     hv = SilentHypervisor()
     p = gateway(tmp_path)

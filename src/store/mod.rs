@@ -1,0 +1,214 @@
+//! The shared store: the state several Porthole nodes must agree on, in
+//! Redis (`[store]`), behind the same traits the in-memory stores implement.
+//!
+//! - [`redemptions::RedisRedemptions`]: which token runs a session now (a
+//!   *lease* the holding node renews, so a node that dies frees its tokens
+//!   within the lease), spent single-use tokens, killed tokens;
+//! - [`tickets::RedisTickets`]: tickets issued on any node, redeemed on any
+//!   node, bound to the session the hypervisor named;
+//! - [`revocations::RedisRevocations`]: revoked tokens and instances.
+//!
+//! Every operation has a deadline (`store.timeout_ms`) and fails closed: a
+//! store that cannot answer refuses (`unavailable`), never admits. The
+//! connection reconnects by itself; [`Redis::healthy`] says whether the last
+//! operation or probe reached it (`/readyz` follows it), and each change of
+//! state is logged once. Scripts run atomically on one Redis (or a Sentinel
+//! pair's primary); Redis Cluster is not supported (the scripts touch keys
+//! they derive).
+
+pub mod redemptions;
+pub mod revocations;
+pub mod tickets;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{FromRedisValue, IntoConnectionInfo as _, Script};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StoreConfig;
+
+/// Why the store did not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("store unavailable: {0}")]
+pub struct StoreError(String);
+
+/// Why the store could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreSetupError {
+    /// The URL or credentials are unusable.
+    #[error("store.url: {0}")]
+    Url(redis::RedisError),
+}
+
+/// One Redis, shared by the stores of this node.
+pub struct Redis {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    healthy: AtomicBool,
+    /// This process's name in the leases it holds (node and a random part,
+    /// so that a restarted node never mistakes an old lease for its own).
+    pub holder: String,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("prefix", &self.prefix)
+            .field("healthy", &self.healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redis {
+    /// Connects lazily (the first operation, or the health probe, dials;
+    /// until then the store counts as down) and starts the probe, which
+    /// runs until `stop` fires.
+    pub fn connect(
+        config: &StoreConfig,
+        node: &str,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, StoreSetupError> {
+        let mut info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(StoreSetupError::Url)?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &config.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &config.password {
+            settings = settings.set_password(password.expose());
+        }
+        info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(StoreSetupError::Url)?;
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(StoreSetupError::Url)?;
+        let redis = Arc::new(Self {
+            conn,
+            prefix: config.key_prefix.clone(),
+            timeout: config.timeout,
+            healthy: AtomicBool::new(false),
+            holder: format!("{node}/{}", crate::token::signing::random_token(9)),
+        });
+        tokio::spawn(redis.clone().probe(stop));
+        Ok(redis)
+    }
+
+    /// Whether the store answered lately.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    /// `prefix` + `parts`.
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut key = self.prefix.clone();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                key.push(':');
+            }
+            key.push_str(p);
+        }
+        key
+    }
+
+    /// The key prefix (scripts derive keys from it).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn answered(&self, ok: bool, why: Option<&dyn std::fmt::Display>) {
+        let was = self.healthy.swap(ok, Relaxed);
+        crate::metrics::store_up(ok);
+        if was != ok {
+            match why {
+                None => tracing::info!("store reachable"),
+                Some(e) => tracing::warn!(
+                    "store unreachable: new sessions and exchanges are refused until it answers: {e}"
+                ),
+            }
+        }
+        if !ok {
+            crate::metrics::store_unavailable();
+        }
+    }
+
+    /// Runs `op` on the connection under the deadline; any failure marks
+    /// the store down.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.timeout, op(self.conn.clone())).await {
+            Ok(Ok(v)) => {
+                if !self.healthy() {
+                    self.answered(true, None);
+                }
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.answered(false, Some(&e));
+                Err(StoreError(e.to_string()))
+            }
+            Err(_) => {
+                self.answered(false, Some(&"timed out"));
+                Err(StoreError("timed out".into()))
+            }
+        }
+    }
+
+    /// Runs a command.
+    pub async fn cmd<T: FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        self.run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    /// Runs a pipeline.
+    pub async fn pipe<T: FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, StoreError> {
+        self.run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    /// Runs `script` (EVALSHA, loading it when Redis does not know it) on
+    /// `keys` and `args`.
+    pub async fn eval<T: FromRedisValue>(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(*k);
+        }
+        for a in args {
+            invocation.arg(*a);
+        }
+        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
+    }
+
+    /// Pings every second, so the store's state is known (and logged on
+    /// change) even while nothing asks it anything.
+    async fn probe(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let _: Result<String, _> = self.cmd(redis::cmd("PING")).await;
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Token redemptions in Redis: one live session per token across nodes.
+//!
+//! A session holds its token by a *lease*: `<prefix>lease:<jti>`, whose value
+//! names the holding node and whose expiry the node renews every
+//! `store.renew_secs`. A node that dies stops renewing, and its tokens are
+//! free again after `store.lease_secs`; one cut off from Redis keeps its
+//! running sessions (they are already admitted) and re-takes their leases
+//! when it is back, so during a partition a token could run a second session
+//! elsewhere once the lease ran out: availability of running consoles over
+//! strictness, documented in docs/scaling.md. A spent single-use token is
+//! `<prefix>spent:<jti>`, a killed one `<prefix>revoked:jti:<jti>` (the same
+//! key token revocations use), both kept until the token expires.
+//!
+//! One Redis round trip per redemption, release and check (a script or a
+//! pipeline); the renewals of a node go in one pipeline per period.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use redis::Script;
+use tokio_util::sync::CancellationToken;
+
+use super::Redis;
+use crate::token::RefusalReason;
+use crate::token::redemption::{RedeemError, RedemptionStore, ReusePolicy};
+
+/// Seconds a spent or killed token is remembered past its expiry (leeway).
+const KEEP_PAST_EXP: u64 = 300;
+
+/// KEYS: lease, spent, revoked. ARGV: holder, lease ms, single-use (0/1),
+/// keep-spent-until ms.
+const REDEEM: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'revoked' end
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 'spent' end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] == '1' then redis.call('SET', KEYS[2], '1', 'PXAT', ARGV[4]) end
+  return 'ok'
+end
+return 'held'
+";
+
+/// KEYS: lease. ARGV: holder. Deletes the lease only if it is ours.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// KEYS: lease. ARGV: holder, lease ms. Renews our lease, or takes it back
+/// if it is gone (Redis restarted empty, or it ran out during an outage);
+/// 0 when another holder has it now.
+const RENEW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// KEYS: revoked. ARGV: until ms. Keeps the later of the two expiries.
+pub(super) const KEEP_UNTIL: &str = r"
+local t = redis.call('PEXPIRETIME', KEYS[1])
+if t < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PXAT', ARGV[1]) end
+return 1
+";
+
+static REDEEM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REDEEM));
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
+pub(super) static KEEP_UNTIL_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(KEEP_UNTIL));
+
+/// Redemptions in Redis.
+#[derive(Debug)]
+pub struct RedisRedemptions {
+    redis: Arc<Redis>,
+    lease: Duration,
+    /// The leases this node holds: token id -> sessions of it here (one,
+    /// unless a release raced a new redemption).
+    held: Mutex<HashMap<String, u32>>,
+}
+
+fn unavailable(_: super::StoreError) -> RedeemError {
+    RedeemError {
+        reason: RefusalReason::Unavailable,
+        detail: "the shared store did not answer",
+    }
+}
+
+impl RedisRedemptions {
+    /// Redemptions in `redis`, leases renewed every `renew` until `stop`.
+    pub fn new(
+        redis: Arc<Redis>,
+        lease: Duration,
+        renew: Duration,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let store = Arc::new(Self {
+            redis,
+            lease,
+            held: Mutex::default(),
+        });
+        tokio::spawn(store.clone().renew_every(renew, stop));
+        store
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keys(&self, jti: &str) -> [String; 3] {
+        [
+            self.redis.key(&["lease", jti]),
+            self.redis.key(&["spent", jti]),
+            self.redis.key(&["revoked", "jti", jti]),
+        ]
+    }
+
+    async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.renew_all().await;
+        }
+    }
+
+    /// Renews every lease this node holds, in one round trip.
+    pub async fn renew_all(&self) {
+        let jtis: Vec<String> = self.held().keys().cloned().collect();
+        if jtis.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for jti in &jtis {
+            pipe.cmd("EVAL")
+                .arg(RENEW)
+                .arg(1)
+                .arg(self.redis.key(&["lease", jti]))
+                .arg(&self.redis.holder)
+                .arg(self.lease.as_millis() as u64);
+        }
+        match self.redis.pipe::<Vec<i64>>(pipe).await {
+            Ok(results) => {
+                let lost = results.iter().filter(|r| **r == 0).count();
+                if lost > 0 {
+                    tracing::warn!(
+                        lost,
+                        "leases held by another node now: a partition outlived them"
+                    );
+                }
+            }
+            Err(e) => tracing::debug!("lease renewal failed: {e}"),
+        }
+    }
+}
+
+impl RedemptionStore for RedisRedemptions {
+    fn redeem<'a>(
+        &'a self,
+        jti: &'a str,
+        exp: u64,
+        policy: ReusePolicy,
+        _session_key: Option<&'a str>,
+        _now: u64,
+    ) -> BoxFuture<'a, Result<(), RedeemError>> {
+        Box::pin(async move {
+            let [lease, spent, revoked] = self.keys(jti);
+            let single = policy == ReusePolicy::SingleUse;
+            let answer: String = self
+                .redis
+                .eval(
+                    &REDEEM_SCRIPT,
+                    &[&lease, &spent, &revoked],
+                    &[
+                        &self.redis.holder,
+                        &self.lease.as_millis().to_string(),
+                        if single { "1" } else { "0" },
+                        &((exp + KEEP_PAST_EXP) * 1000).to_string(),
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            match answer.as_str() {
+                "ok" => {
+                    *self.held().entry(jti.to_string()).or_default() += 1;
+                    Ok(())
+                }
+                "revoked" => Err(RedeemError {
+                    reason: RefusalReason::Revoked,
+                    detail: "token was revoked",
+                }),
+                "spent" => Err(RedeemError {
+                    reason: RefusalReason::Replayed,
+                    detail: "single-use token was already used",
+                }),
+                _ => Err(RedeemError {
+                    reason: RefusalReason::Replayed,
+                    detail: "token is in use by another session",
+                }),
+            }
+        })
+    }
+
+    fn would_redeem<'a>(
+        &'a self,
+        jti: &'a str,
+        policy: ReusePolicy,
+        _session_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), RedeemError>> {
+        Box::pin(async move {
+            let [lease, spent, revoked] = self.keys(jti);
+            let mut pipe = redis::pipe();
+            pipe.exists(revoked).exists(spent).exists(lease);
+            let (revoked, spent, held): (bool, bool, bool) =
+                self.redis.pipe(pipe).await.map_err(unavailable)?;
+            if revoked {
+                return Err(RedeemError {
+                    reason: RefusalReason::Revoked,
+                    detail: "token was revoked",
+                });
+            }
+            if spent && policy == ReusePolicy::SingleUse {
+                return Err(RedeemError {
+                    reason: RefusalReason::Replayed,
+                    detail: "single-use token was already used",
+                });
+            }
+            if held {
+                return Err(RedeemError {
+                    reason: RefusalReason::Replayed,
+                    detail: "token is in use by another session",
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn release<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let last = {
+                let mut held = self.held();
+                match held.get_mut(jti) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        false
+                    }
+                    Some(_) => {
+                        held.remove(jti);
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if last {
+                // Not answered: the lease runs out by itself.
+                let lease = self.redis.key(&["lease", jti]);
+                let _: Result<i64, _> = self
+                    .redis
+                    .eval(&RELEASE_SCRIPT, &[&lease], &[&self.redis.holder])
+                    .await;
+            }
+        })
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        jti: &'a str,
+        exp: u64,
+        _now: u64,
+    ) -> BoxFuture<'a, Result<(), RedeemError>> {
+        Box::pin(async move {
+            let key = self.redis.key(&["revoked", "jti", jti]);
+            let until = ((exp + KEEP_PAST_EXP) * 1000).to_string();
+            self.redis
+                .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&until])
+                .await
+                .map(drop)
+                .map_err(unavailable)
+        })
+    }
+
+    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, RedeemError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(self.redis.key(&["revoked", "jti", jti]));
+            self.redis.cmd(cmd).await.map_err(unavailable)
+        })
+    }
+}

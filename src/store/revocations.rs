@@ -1,0 +1,106 @@
+//! Revocations in Redis: a token or an instance revoked on one node is
+//! refused on every node from the next check on.
+//!
+//! `<prefix>revoked:jti:<jti>` (the key a killed session's token gets too)
+//! and `<prefix>revoked:instance:<instance>` (its value: the time up to
+//! which the instance's tokens were issued), each expiring when no token it
+//! covers can still be valid. A check is one pipelined round trip; a store
+//! that cannot answer refuses the token as `unavailable`.
+
+use std::sync::{Arc, LazyLock};
+
+use futures_util::future::BoxFuture;
+use redis::Script;
+
+use super::Redis;
+use super::redemptions::KEEP_UNTIL_SCRIPT;
+use crate::token::revocation::{RevocationError, RevocationStore};
+
+/// KEYS: instance key. ARGV: revoked-at (seconds), until (ms). Keeps the
+/// later revocation time and the later expiry.
+const REVOKE_INSTANCE: &str = r"
+local at = tonumber(redis.call('GET', KEYS[1]) or '0')
+local t = redis.call('PEXPIRETIME', KEYS[1])
+local new_at = math.max(at, tonumber(ARGV[1]))
+local keep = math.max(t, tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], tostring(new_at), 'PXAT', keep)
+return 1
+";
+
+static REVOKE_INSTANCE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE_INSTANCE));
+
+/// Revocations in Redis.
+#[derive(Debug)]
+pub struct RedisRevocations {
+    redis: Arc<Redis>,
+}
+
+impl RedisRevocations {
+    /// Revocations kept in `redis`.
+    pub fn new(redis: Arc<Redis>) -> Self {
+        Self { redis }
+    }
+}
+
+impl RevocationStore for RedisRevocations {
+    fn revoke_jti<'a>(
+        &'a self,
+        jti: &'a str,
+        until: u64,
+        _now: u64,
+    ) -> BoxFuture<'a, Result<(), RevocationError>> {
+        Box::pin(async move {
+            let key = self.redis.key(&["revoked", "jti", jti]);
+            self.redis
+                .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&(until * 1000).to_string()])
+                .await
+                .map(drop)
+                .map_err(|e| RevocationError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn revoke_instance<'a>(
+        &'a self,
+        instance: &'a str,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), RevocationError>> {
+        Box::pin(async move {
+            let key = self.redis.key(&["revoked", "instance", instance]);
+            self.redis
+                .eval::<i64>(
+                    &REVOKE_INSTANCE_SCRIPT,
+                    &[&key],
+                    &[&now.to_string(), &(until * 1000).to_string()],
+                )
+                .await
+                .map(drop)
+                .map_err(|e| RevocationError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn check<'a>(
+        &'a self,
+        jti: &'a str,
+        instance: &'a str,
+        iat: u64,
+    ) -> BoxFuture<'a, Result<Option<&'static str>, RevocationError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.exists(self.redis.key(&["revoked", "jti", jti]))
+                .get(self.redis.key(&["revoked", "instance", instance]));
+            let (jti_revoked, instance_at): (bool, Option<u64>) = self
+                .redis
+                .pipe(pipe)
+                .await
+                .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
+            Ok(if jti_revoked {
+                Some("token was revoked")
+            } else if instance_at.is_some_and(|at| iat <= at) {
+                Some("the instance's tokens were revoked")
+            } else {
+                None
+            })
+        })
+    }
+}

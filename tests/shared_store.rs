@@ -1,0 +1,404 @@
+//! The shared store against a real `redis-server` (Debian's; scripts/test
+//! installs it): two nodes' stores on one Redis agree on redemptions
+//! (leases), tickets and revocations, a node that stops renewing frees its
+//! tokens within the lease, and a Redis that goes away is refused, never
+//! trusted, until it comes back.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use porthole::config::StoreConfig;
+use porthole::console::ConsoleType;
+use porthole::hypervisor::ConsoleTarget;
+use porthole::store::Redis;
+use porthole::store::redemptions::RedisRedemptions;
+use porthole::store::revocations::RedisRevocations;
+use porthole::store::tickets::RedisTickets;
+use porthole::token::claims::{Audience, ConsoleClaim, ConsoleClaims};
+use porthole::token::redemption::{RedemptionStore, ReusePolicy};
+use porthole::token::revocation::{RevocationError, RevocationStore};
+use porthole::token::ticket::{ChannelRole, TicketRefusal, TicketStore};
+use porthole::token::{Grant, RefusalReason, unix_now};
+use tokio_util::sync::CancellationToken;
+
+/// A `redis-server` on a free loopback port, stopped (by its PID) on drop.
+struct RedisServer {
+    port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed (Debian: apt-get install redis-server)");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One node's stores.
+struct Node {
+    redis: Arc<Redis>,
+    redemptions: Arc<RedisRedemptions>,
+    tickets: Arc<RedisTickets>,
+    revocations: RedisRevocations,
+    /// Cancelled: the node stops renewing (as if it died).
+    stop: CancellationToken,
+}
+
+const LEASE: Duration = Duration::from_secs(2);
+
+fn node(server: &RedisServer, name: &str) -> Node {
+    let config = StoreConfig {
+        url: format!("redis://127.0.0.1:{}", server.port),
+        username: None,
+        password: None,
+        key_prefix: "test:".into(),
+        timeout: Duration::from_millis(500),
+        lease: LEASE,
+        renew: Duration::from_millis(500),
+    };
+    let stop = CancellationToken::new();
+    let redis = Redis::connect(&config, name, stop.clone()).unwrap();
+    Node {
+        redemptions: RedisRedemptions::new(redis.clone(), LEASE, config.renew, stop.clone()),
+        tickets: RedisTickets::new(redis.clone(), LEASE, config.renew, stop.clone()),
+        revocations: RedisRevocations::new(redis.clone()),
+        redis,
+        stop,
+    }
+}
+
+fn grant(jti: &str, console: ConsoleType) -> Grant {
+    let now = unix_now();
+    let target = ConsoleTarget {
+        host: "127.0.0.1".into(),
+        port: 5930,
+        tls_port: None,
+    };
+    Grant {
+        jti: jti.into(),
+        instance: "vm-1".into(),
+        console,
+        target: target.clone(),
+        backend: "lab".into(),
+        expires_at: now + 600,
+        issuer: "api".into(),
+        kid: None,
+        claims: ConsoleClaims {
+            iss: "api".into(),
+            aud: Audience::One("porthole".into()),
+            sub: "vm-1".into(),
+            exp: now + 600,
+            nbf: None,
+            iat: now,
+            jti: jti.into(),
+            ver: None,
+            console: ConsoleClaim {
+                kind: console,
+                host: target.host,
+                port: target.port,
+                tls_port: None,
+            },
+        },
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_session_per_token_across_nodes_and_a_dead_nodes_tokens_come_free() {
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let exp = unix_now() + 600;
+    let reconnect = ReusePolicy::Reconnect;
+    a.redemptions
+        .redeem("t1", exp, reconnect, None, 0)
+        .await
+        .unwrap();
+    let held = b
+        .redemptions
+        .redeem("t1", exp, reconnect, None, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(held.reason, RefusalReason::Replayed);
+    assert!(
+        b.redemptions
+            .would_redeem("t1", reconnect, None)
+            .await
+            .is_err()
+    );
+    // Held past its lease: node a renews it.
+    tokio::time::sleep(LEASE * 2).await;
+    assert!(
+        b.redemptions
+            .redeem("t1", exp, reconnect, None, 0)
+            .await
+            .is_err()
+    );
+    a.redemptions.release("t1").await;
+    b.redemptions
+        .redeem("t1", exp, reconnect, None, 0)
+        .await
+        .unwrap();
+
+    // Node b dies (stops renewing): within the lease, the token is free.
+    b.stop.cancel();
+    eventually("a dead node's lease runs out", LEASE * 5, || async {
+        a.redemptions
+            .redeem("t1", exp, reconnect, None, 0)
+            .await
+            .is_ok()
+    })
+    .await;
+
+    // Single use: spent on one node is spent on every node.
+    let single = ReusePolicy::SingleUse;
+    a.redemptions
+        .redeem("s1", exp, single, None, 0)
+        .await
+        .unwrap();
+    a.redemptions.release("s1").await;
+    let spent = a2(&server)
+        .redemptions
+        .redeem("s1", exp, single, None, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(spent.reason, RefusalReason::Replayed);
+
+    // A killed token is dead everywhere.
+    a.redemptions.revoke("k1", exp, 0).await.unwrap();
+    let c = a2(&server);
+    assert!(c.redemptions.is_revoked("k1").await.unwrap());
+    let killed = c
+        .redemptions
+        .redeem("k1", exp, reconnect, None, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(killed.reason, RefusalReason::Revoked);
+}
+
+/// A third node on the same Redis.
+fn a2(server: &RedisServer) -> Node {
+    node(server, "c")
+}
+
+#[tokio::test]
+async fn a_ticket_issued_on_one_node_opens_and_joins_its_session_on_another() {
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let now = unix_now();
+    let spice = ConsoleType::SpiceDirect;
+    let first = a.tickets.issue(grant("j", spice), 60, now).await.unwrap();
+    let ticket = a.tickets.issue(grant("j", spice), 60, now).await.unwrap();
+    let (first, ticket) = (first.expose().as_bytes(), ticket.expose().as_bytes());
+    assert_eq!(
+        b.tickets
+            .admit(first, spice, ChannelRole::Opens, now)
+            .await
+            .unwrap_err(),
+        TicketRefusal::Unknown,
+        "a new exchange replaced it"
+    );
+    assert_eq!(
+        b.tickets
+            .admit(ticket, ConsoleType::VncDirect, ChannelRole::Opens, now)
+            .await
+            .unwrap_err(),
+        TicketRefusal::WrongConsoleType
+    );
+    let opened = b
+        .tickets
+        .admit(ticket, spice, ChannelRole::Opens, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (opened.grant.jti.as_str(), opened.grant.console),
+        ("j", spice),
+        "the grant travels with the ticket"
+    );
+    assert_eq!(
+        a.tickets
+            .admit(ticket, spice, ChannelRole::Opens, now)
+            .await
+            .unwrap_err(),
+        TicketRefusal::Used
+    );
+    let join = |sid| ChannelRole::Joins { session_id: sid };
+    assert_eq!(
+        a.tickets
+            .admit(ticket, spice, join(7), now)
+            .await
+            .unwrap_err(),
+        TicketRefusal::NoSession,
+        "before the hypervisor named the session"
+    );
+    b.tickets.bind(&opened.id, 7).await;
+    // Past the fresh ticket's life, its session's channels still join: node
+    // b renews the open ticket's lease.
+    tokio::time::sleep(LEASE * 2).await;
+    a.tickets.admit(ticket, spice, join(7), now).await.unwrap();
+    assert_eq!(
+        a.tickets
+            .admit(ticket, spice, join(8), now)
+            .await
+            .unwrap_err(),
+        TicketRefusal::ForeignSession
+    );
+    b.tickets.end(&opened.id).await;
+    assert_eq!(
+        a.tickets
+            .admit(ticket, spice, join(7), now)
+            .await
+            .unwrap_err(),
+        TicketRefusal::Unknown
+    );
+    // Revocation kills the token's unused ticket on every node.
+    let fresh = a.tickets.issue(grant("r", spice), 60, now).await.unwrap();
+    b.tickets.revoke_jti("r").await;
+    assert_eq!(
+        a.tickets
+            .admit(fresh.expose().as_bytes(), spice, ChannelRole::Opens, now)
+            .await
+            .unwrap_err(),
+        TicketRefusal::Unknown
+    );
+}
+
+#[tokio::test]
+async fn revocations_made_on_one_node_hold_on_every_node() {
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let now = unix_now();
+    assert_eq!(b.revocations.check("j1", "vm", now).await.unwrap(), None);
+    a.revocations
+        .revoke_jti("j1", now + 600, now)
+        .await
+        .unwrap();
+    assert!(
+        b.revocations
+            .check("j1", "vm", now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    a.revocations
+        .revoke_instance("vm-9", now + 600, now)
+        .await
+        .unwrap();
+    assert!(
+        b.revocations
+            .check("j2", "vm-9", now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        b.revocations.check("j3", "vm-9", now + 1).await.unwrap(),
+        None,
+        "a token issued after the revocation"
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_is_refused_never_trusted_until_it_is_back() {
+    let mut server = RedisServer::start();
+    let a = node(&server, "a");
+    let exp = unix_now() + 600;
+    a.redemptions
+        .redeem("before", exp, ReusePolicy::Reconnect, None, 0)
+        .await
+        .unwrap();
+    eventually("healthy", Duration::from_secs(10), || async {
+        a.redis.healthy()
+    })
+    .await;
+    server.stop();
+    let refused = a
+        .redemptions
+        .redeem("t", exp, ReusePolicy::Reconnect, None, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason, RefusalReason::Unavailable);
+    assert!(matches!(
+        a.revocations.check("t", "vm", 0).await,
+        Err(RevocationError::Unavailable(_))
+    ));
+    assert_eq!(
+        a.tickets
+            .admit(b"x", ConsoleType::SpiceDirect, ChannelRole::Opens, 0)
+            .await
+            .unwrap_err(),
+        TicketRefusal::Unavailable
+    );
+    assert!(a.redemptions.is_revoked("t").await.is_err());
+    assert!(!a.redis.healthy());
+
+    // Back (empty): the node reconnects by itself, and re-takes the lease
+    // of the session it still runs.
+    let _server = RedisServer::start_on(server.port);
+    eventually("reconnected", Duration::from_secs(15), || async {
+        a.redemptions
+            .redeem("t", exp, ReusePolicy::Reconnect, None, 0)
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(a.redis.healthy());
+    let b = node(&_server, "b");
+    eventually(
+        "the running session's lease is back",
+        Duration::from_secs(10),
+        || async {
+            b.redemptions
+                .would_redeem("before", ReusePolicy::Reconnect, None)
+                .await
+                .is_err()
+        },
+    )
+    .await;
+}
