@@ -449,7 +449,9 @@ impl Sessions {
             .await
             .map_err(|e| OpenError::Unavailable(format!("no ticket issued: {e}")))?;
         crate::metrics::ticket_issued(grant.console.as_str());
-        tracing::info!(jti = %grant.jti, instance = %grant.instance, console = %grant.console, "ticket issued");
+        // Debug: one token may exchange thousands of times (the metric counts
+        // them all); the session a ticket opens is logged at info.
+        tracing::debug!(jti = %grant.jti, instance = %grant.instance, console = %grant.console, "ticket issued");
         Ok((ticket, (now + ttl).min(grant.expires_at)))
     }
 
