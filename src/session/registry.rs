@@ -159,6 +159,9 @@ pub struct SessionView {
     pub bytes_down: u64,
     /// `active`, or `terminating` once an operator ended it.
     pub state: &'static str,
+    /// The node that runs it (with a shared store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl LiveSession {
@@ -191,6 +194,7 @@ impl LiveSession {
             } else {
                 "active"
             },
+            node: None,
         }
     }
 }
@@ -349,6 +353,11 @@ impl Registry {
             s.cancel.cancel();
         }
         hit
+    }
+
+    /// Every live session.
+    pub fn live(&self) -> Vec<Arc<LiveSession>> {
+        self.lock().live.values().cloned().collect()
     }
 
     /// Sessions live now.

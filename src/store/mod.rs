@@ -17,6 +17,7 @@
 //! they derive).
 
 pub mod redemptions;
+pub mod registry;
 pub mod revocations;
 pub mod tickets;
 
@@ -46,6 +47,8 @@ pub enum StoreSetupError {
 /// One Redis, shared by the stores of this node.
 pub struct Redis {
     conn: ConnectionManager,
+    /// For the subscriber's own connection (RESP3, for pushed messages).
+    client: redis::Client,
     prefix: String,
     timeout: Duration,
     healthy: AtomicBool,
@@ -85,7 +88,13 @@ impl Redis {
             settings = settings.set_password(password.expose());
         }
         info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(StoreSetupError::Url)?;
+        let client = redis::Client::open(info.clone()).map_err(StoreSetupError::Url)?;
+        let push_settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let push_client = redis::Client::open(info.set_redis_settings(push_settings))
+            .map_err(StoreSetupError::Url)?;
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
@@ -95,6 +104,7 @@ impl Redis {
             .map_err(StoreSetupError::Url)?;
         let redis = Arc::new(Self {
             conn,
+            client: push_client,
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             healthy: AtomicBool::new(false),
@@ -196,6 +206,53 @@ impl Redis {
         }
         self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await
+    }
+
+    /// Subscribes to `channels` on a connection of its own, which
+    /// reconnects and resubscribes by itself; messages arrive on the
+    /// returned receiver as (channel, payload).
+    pub async fn subscribe(
+        &self,
+        channels: &[String],
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>, StoreError> {
+        let (push_tx, mut push_rx) = tokio::sync::mpsc::unbounded_channel();
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_max_delay(Duration::from_secs(2))
+            .set_push_sender(push_tx)
+            .set_automatic_resubscription();
+        let mut conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| StoreError(e.to_string()))?;
+        for channel in channels {
+            tokio::time::timeout(self.timeout, conn.subscribe(channel))
+                .await
+                .map_err(|_| StoreError("timed out".into()))?
+                .map_err(|e| StoreError(e.to_string()))?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // The connection lives as long as someone listens.
+            let _conn = conn;
+            while let Some(push) = push_rx.recv().await {
+                let redis::PushInfo { kind, data } = push;
+                if kind != redis::PushKind::Message {
+                    continue;
+                }
+                if let [channel, payload] = &data[..] {
+                    let (Ok(channel), Ok(payload)) = (
+                        String::from_redis_value(channel.clone()),
+                        Vec::<u8>::from_redis_value(payload.clone()),
+                    ) else {
+                        continue;
+                    };
+                    if tx.send((channel, payload)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
     }
 
     /// Pings every second, so the store's state is known (and logged on

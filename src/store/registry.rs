@@ -1,0 +1,398 @@
+//! The session registry of every node, in Redis: `GET /v1/sessions` on any
+//! node lists every node's sessions, and terminate on any node ends them
+//! wherever they run.
+//!
+//! Each node keeps its own sessions in the in-memory [`Registry`] (they hold
+//! the cancellation tokens) and publishes them: `<prefix>session:<id>` (a
+//! hash: node, console, instance, jti, client, target, start, bytes), the set
+//! `<prefix>sessions`, and `<prefix>session-key:<key>` for a SPICE session's
+//! join key, all on the node's lease (renewed with its bytes every
+//! `store.renew_secs`; a dead node's entries expire, and the list drops them
+//! as it meets them). Two channels carry what must reach a session's node:
+//! `<prefix>commands` (terminate) and `<prefix>events` (a session ended, so
+//! the channels that joined it on other nodes end too).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::Redis;
+use crate::console::ConsoleType;
+use crate::session::registry::{
+    LiveSession, NewSession, Registry, SessionRegistry, SessionView, Selector, Termination,
+};
+
+/// What travels on the command and event channels.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Message {
+    /// End these sessions (whichever node runs them).
+    Terminate {
+        ids: Vec<String>,
+        by: String,
+        reason: String,
+    },
+    /// This session ended.
+    Ended { id: String },
+}
+
+/// Every node's sessions.
+#[derive(Debug)]
+pub struct RedisRegistry {
+    local: Registry,
+    redis: Arc<Redis>,
+    node: String,
+    lease: Duration,
+    /// Sessions of other nodes that connections here joined (SPICE channels
+    /// on another node than their main channel), by id.
+    remote: Mutex<HashMap<String, Arc<LiveSession>>>,
+}
+
+impl RedisRegistry {
+    /// The registry of node `node`, publishing into `redis`; listens to
+    /// the command and event channels and renews its entries until `stop`.
+    pub async fn new(
+        redis: Arc<Redis>,
+        node: String,
+        lease: Duration,
+        renew: Duration,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let registry = Arc::new(Self {
+            local: Registry::default(),
+            redis,
+            node,
+            lease,
+            remote: Mutex::default(),
+        });
+        tokio::spawn(registry.clone().listen(stop.clone()));
+        tokio::spawn(registry.clone().renew_every(renew, stop));
+        registry
+    }
+
+    fn remote(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveSession>>> {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn channel(&self, name: &str) -> String {
+        self.redis.key(&[name])
+    }
+
+    async fn publish(&self, channel: &str, message: &Message) {
+        let Ok(payload) = serde_json::to_string(message) else {
+            return;
+        };
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(self.channel(channel)).arg(payload);
+        if let Err(e) = self.redis.cmd::<i64>(cmd).await {
+            tracing::warn!("cannot tell the other nodes ({channel}): {e}");
+        }
+    }
+
+    /// Follows the command and event channels (the subscription reconnects
+    /// by itself; until it is up, commands from other nodes wait).
+    async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        let channels = [self.channel("commands"), self.channel("events")];
+        let mut rx = loop {
+            match self.redis.subscribe(&channels).await {
+                Ok(rx) => break rx,
+                Err(e) => {
+                    tracing::debug!("cannot subscribe yet: {e}");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        loop {
+            let (_, payload) = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = rx.recv() => match m { Some(m) => m, None => return },
+            };
+            match serde_json::from_slice::<Message>(&payload) {
+                Ok(Message::Terminate { ids, by, reason }) => {
+                    for id in ids {
+                        let sel = Selector {
+                            id: Some(id),
+                            ..Selector::default()
+                        };
+                        for live in self.local.terminate(&sel, &by, &reason) {
+                            tracing::info!(session = %live.id, by, reason, "session terminated by another node's operator");
+                        }
+                    }
+                }
+                Ok(Message::Ended { id }) => {
+                    if let Some(live) = self.remote().remove(&id) {
+                        live.cancel.cancel();
+                        live.ended.cancel();
+                    }
+                }
+                Err(e) => tracing::debug!("ignored a message on the store's channels: {e}"),
+            }
+        }
+    }
+
+    async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let live = self.local.live();
+            if live.is_empty() {
+                continue;
+            }
+            let lease = self.lease.as_millis() as i64;
+            let mut pipe = redis::pipe();
+            for s in &live {
+                let key = self.redis.key(&["session", &s.id]);
+                let (up, down) = (s.bytes.up.load(Relaxed), s.bytes.down.load(Relaxed));
+                pipe.hset_multiple(&key, &[("bytes_up", up), ("bytes_down", down)])
+                    .ignore()
+                    .pexpire(&key, lease)
+                    .ignore();
+                if let Some(k) = &s.key {
+                    pipe.pexpire(self.redis.key(&["session-key", k]), lease)
+                        .ignore();
+                }
+            }
+            if let Err(e) = self.redis.pipe::<()>(pipe).await {
+                tracing::debug!("session lease renewal failed: {e}");
+            }
+        }
+    }
+
+    async fn publish_session(&self, live: &LiveSession) {
+        let key = self.redis.key(&["session", &live.id]);
+        let lease = self.lease.as_millis() as i64;
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &key,
+            &[
+                ("node", self.node.as_str()),
+                ("console", live.console.as_str()),
+                ("instance", &live.instance),
+                ("jti", &live.jti),
+                ("client", &live.client.to_string()),
+                ("target", &live.target),
+                ("started_at", &live.started_at.to_string()),
+                ("join_key", live.key.as_deref().unwrap_or("")),
+            ],
+        )
+        .ignore()
+        .pexpire(&key, lease)
+        .ignore()
+        .sadd(self.redis.key(&["sessions"]), &live.id)
+        .ignore();
+        if let Some(k) = &live.key {
+            pipe.set(self.redis.key(&["session-key", k]), &live.id)
+                .ignore()
+                .pexpire(self.redis.key(&["session-key", k]), lease)
+                .ignore();
+        }
+        if let Err(e) = self.redis.pipe::<()>(pipe).await {
+            // The session runs; other nodes do not see it until renewed.
+            tracing::warn!(session = %live.id, "session not published to the other nodes: {e}");
+        }
+    }
+
+    /// Every node's sessions, as their hashes say.
+    async fn all(&self) -> Vec<(String, HashMap<String, String>)> {
+        let mut members = redis::cmd("SMEMBERS");
+        members.arg(self.redis.key(&["sessions"]));
+        let Ok(ids) = self.redis.cmd::<Vec<String>>(members).await else {
+            return Vec::new();
+        };
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hgetall(self.redis.key(&["session", id]));
+        }
+        let Ok(hashes) = self.redis.pipe::<Vec<HashMap<String, String>>>(pipe).await else {
+            return Vec::new();
+        };
+        let (live, gone): (Vec<_>, Vec<_>) = ids
+            .into_iter()
+            .zip(hashes)
+            .partition(|(_, h)| !h.is_empty());
+        if !gone.is_empty() {
+            // Their nodes stopped renewing them (died): drop them.
+            let mut srem = redis::cmd("SREM");
+            srem.arg(self.redis.key(&["sessions"]));
+            for (id, _) in &gone {
+                srem.arg(id);
+            }
+            let _ = self.redis.cmd::<i64>(srem).await;
+        }
+        live
+    }
+}
+
+/// A session of another node, as its hash describes it.
+fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> {
+    let console: ConsoleType =
+        serde_json::from_value(serde_json::Value::String(h.get("console")?.clone())).ok()?;
+    let bytes = Arc::<crate::session::registry::ByteCounters>::default();
+    let number = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    bytes.up.store(number("bytes_up"), Relaxed);
+    bytes.down.store(number("bytes_down"), Relaxed);
+    Some(LiveSession {
+        id: id.to_string(),
+        console,
+        instance: h.get("instance")?.clone(),
+        jti: h.get("jti")?.clone(),
+        client: h.get("client")?.parse::<IpAddr>().ok()?,
+        target: h.get("target")?.clone(),
+        started_at: number("started_at"),
+        bytes,
+        cancel: CancellationToken::new(),
+        ended: CancellationToken::new(),
+        ends_at: OnceLock::new(),
+        terminated: OnceLock::new(),
+        key: h.get("join_key").filter(|k| !k.is_empty()).cloned(),
+    })
+}
+
+fn matches(sel: &Selector, s: &LiveSession) -> bool {
+    sel.id.as_ref().is_none_or(|v| *v == s.id)
+        && sel.instance.as_ref().is_none_or(|v| *v == s.instance)
+        && sel.jti.as_ref().is_none_or(|v| *v == s.jti)
+        && sel
+            .console
+            .as_ref()
+            .is_none_or(|v| v == s.console.as_str())
+        && sel.client.is_none_or(|v| v == s.client)
+}
+
+impl SessionRegistry for RedisRegistry {
+    fn register(
+        &self,
+        s: NewSession,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, Arc<LiveSession>> {
+        Box::pin(async move {
+            let live = self.local.register(s, cancel).await;
+            self.publish_session(&live).await;
+            live
+        })
+    }
+
+    fn deregister<'a>(&'a self, live: &'a LiveSession) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if self.remote().remove(&live.id).is_some() {
+                return;
+            }
+            self.local.deregister(live).await;
+            let mut pipe = redis::pipe();
+            pipe.del(self.redis.key(&["session", &live.id]))
+                .ignore()
+                .srem(self.redis.key(&["sessions"]), &live.id)
+                .ignore();
+            if let Some(k) = &live.key {
+                pipe.del(self.redis.key(&["session-key", k])).ignore();
+            }
+            // Not answered: the entry's lease runs out by itself.
+            let _ = self.redis.pipe::<()>(pipe).await;
+            self.publish("events", &Message::Ended { id: live.id.clone() })
+                .await;
+        })
+    }
+
+    fn by_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
+        Box::pin(async move {
+            if let Some(live) = self.local.by_key(key) {
+                return Some(live);
+            }
+            let mut get = redis::cmd("GET");
+            get.arg(self.redis.key(&["session-key", key]));
+            let id: String = self.redis.cmd::<Option<String>>(get).await.ok()??;
+            if let Some(live) = self.remote().get(&id) {
+                return Some(live.clone());
+            }
+            let mut hgetall = redis::cmd("HGETALL");
+            hgetall.arg(self.redis.key(&["session", &id]));
+            let h: HashMap<String, String> = self.redis.cmd(hgetall).await.ok()?;
+            let live = Arc::new(remote_session(&id, &h)?);
+            self.remote().insert(id, live.clone());
+            Some(live)
+        })
+    }
+
+    fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>> {
+        Box::pin(async move {
+            let mut views: Vec<SessionView> = self
+                .all()
+                .await
+                .iter()
+                .filter_map(|(id, h)| {
+                    let s = remote_session(id, h)?;
+                    matches(sel, &s).then(|| {
+                        let mut v = s.view();
+                        v.node = h.get("node").cloned();
+                        v
+                    })
+                })
+                .collect();
+            // This node's own, even those the store has not seen yet.
+            for mut v in self.local.list(sel) {
+                if !views.iter().any(|o| o.id == v.id) {
+                    v.node = Some(self.node.clone());
+                    views.push(v);
+                }
+            }
+            views.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+            views
+        })
+    }
+
+    fn terminate<'a>(
+        &'a self,
+        sel: &'a Selector,
+        by: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Vec<Arc<LiveSession>>> {
+        Box::pin(async move {
+            let mut hit = self.local.terminate(sel, by, reason);
+            let elsewhere: Vec<Arc<LiveSession>> = self
+                .all()
+                .await
+                .iter()
+                .filter(|(_, h)| h.get("node") != Some(&self.node))
+                .filter_map(|(id, h)| remote_session(id, h))
+                .filter(|s| matches(sel, s))
+                .map(|s| {
+                    let _ = s.terminated.set(Termination {
+                        by: by.to_string(),
+                        reason: reason.to_string(),
+                    });
+                    Arc::new(s)
+                })
+                .collect();
+            if !elsewhere.is_empty() {
+                let ids = elsewhere.iter().map(|s| s.id.clone()).collect();
+                self.publish(
+                    "commands",
+                    &Message::Terminate {
+                        ids,
+                        by: by.to_string(),
+                        reason: reason.to_string(),
+                    },
+                )
+                .await;
+            }
+            hit.extend(elsewhere);
+            hit
+        })
+    }
+}
