@@ -422,6 +422,7 @@ mod tests {
             public_extra: vec![],
             tls: None,
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
+            proxy_protocol: false,
             allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
             allow_missing_origin: allow_missing,
             tls13_only: false,

@@ -159,6 +159,8 @@ pub struct SessionView {
     pub bytes_down: u64,
     /// `active`, or `terminating` once an operator ended it.
     pub state: &'static str,
+    /// The node that holds it.
+    pub node: &'static str,
 }
 
 impl LiveSession {
@@ -191,6 +193,7 @@ impl LiveSession {
             } else {
                 "active"
             },
+            node: crate::node::name(),
         }
     }
 }
