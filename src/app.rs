@@ -21,7 +21,7 @@ use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};
 use crate::token::MemoryTickets;
 use crate::token::{MemoryRedemptions, TokenValidator};
-use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
+use crate::transport::listener::{self, HttpDeadlines, ProxyHeaders, TlsSlot};
 
 /// Everything the front ends share, built once from a [`Config`].
 #[derive(Debug)]
@@ -72,6 +72,8 @@ impl App {
         source: Option<ConfigSource>,
     ) -> App {
         let config = ready.config;
+        // Once per process (the CLI names it earlier, for its first log lines).
+        crate::node::set(&config.node_name);
         let validator = Arc::new(TokenValidator::with_keys(
             config.tokens.policy.clone(),
             ready.keys,
@@ -346,7 +348,10 @@ pub async fn run(
         deadlines,
         stop_admin.clone(),
         crate::transport::gate::Gate::new(ADMIN_MAX_CONNECTIONS, None, Vec::new()),
+        ProxyHeaders::none(),
     ));
+    let trusted = app.config.listen.trusted_proxies.clone();
+    let proxy = |expected: bool| ProxyHeaders::from_trusted(expected, &trusted);
     let sessions = &app.sessions;
     sessions
         .keys
@@ -357,6 +362,7 @@ pub async fn run(
             l,
             sessions.clone(),
             stop_accepting.clone(),
+            proxy(app.config.spice.proxy_protocol),
         )));
     }
     if let Some(l) = listeners.spice_plain {
@@ -364,6 +370,7 @@ pub async fn run(
             l,
             sessions.clone(),
             stop_accepting.clone(),
+            proxy(app.config.spice.proxy_protocol),
         )));
     }
     if let Some(l) = listeners.vnc {
@@ -371,6 +378,7 @@ pub async fn run(
             l,
             sessions.clone(),
             stop_accepting.clone(),
+            proxy(app.config.vnc.proxy_protocol),
         )));
     }
     let public_router = app.public_router();
@@ -383,6 +391,7 @@ pub async fn run(
             deadlines,
             stop_accepting.clone(),
             sessions.pending.clone(),
+            proxy(app.config.listen.proxy_protocol),
         )));
     }
     ready.store(true, Ordering::Relaxed);

@@ -492,7 +492,10 @@ fn restart_required(started: &Config, new: &Config) -> Vec<&'static str> {
         "listen.trusted_proxies",
         a.trusted_proxies != b.trusted_proxies,
     );
-    differs("listen.proxy_protocol", a.proxy_protocol != b.proxy_protocol);
+    differs(
+        "listen.proxy_protocol",
+        a.proxy_protocol != b.proxy_protocol,
+    );
     // The first allowed origin is the base URL's own, reported above.
     differs(
         "listen.allowed_origins",

@@ -45,7 +45,9 @@ const LAYERS: &[&[&str]] = &[
     // Sans-IO protocol machines; async adapters that know nothing of consoles.
     &["protocol", "transport"],
     // Leaves.
-    &["error", "secret", "shutdown", "metrics", "audit", "console", "node"],
+    &[
+        "error", "secret", "shutdown", "metrics", "audit", "console", "node",
+    ],
 ];
 
 /// Edges allowed although [`LAYERS`] forbids them; `"*"` imports means any module.
