@@ -27,7 +27,7 @@ use crate::token::redemption::RedemptionStore;
 use crate::token::revocation::{RevocationStore, Revocations};
 use crate::token::ticket::TicketStore;
 use crate::token::{MemoryRedemptions, MemoryTickets, TokenValidator};
-use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
+use crate::transport::listener::{self, HttpDeadlines, ProxyHeaders, TlsSlot};
 
 /// Everything the front ends share, built once from a [`Config`].
 #[derive(Debug)]
@@ -83,6 +83,8 @@ impl App {
         source: Option<ConfigSource>,
     ) -> anyhow::Result<App> {
         let config = ready.config;
+        // Once per process (the CLI names it earlier, for its first log lines).
+        crate::node::set(&config.node_name);
         let background = CancellationToken::new();
         let stores = Stores::new(&config, background.clone())?;
         let validator = Arc::new(
@@ -271,7 +273,7 @@ impl Stores {
         };
         // rustls for `rediss://` takes the process's default provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let redis = Redis::connect(store, &node_name(), background.clone())?;
+        let redis = Redis::connect(store, crate::node::name(), background.clone())?;
         Ok(Self {
             redemptions: RedisRedemptions::new(
                 redis.clone(),
@@ -284,14 +286,6 @@ impl Stores {
             redis: Some(redis),
         })
     }
-}
-
-/// This node's name in the leases it holds.
-fn node_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "porthole".into())
 }
 
 /// Bound listeners, so callers (and tests binding port 0) learn the real addresses.
@@ -404,7 +398,10 @@ pub async fn run(
         deadlines,
         stop_admin.clone(),
         crate::transport::gate::Gate::new(ADMIN_MAX_CONNECTIONS, None, Vec::new()),
+        ProxyHeaders::none(),
     ));
+    let trusted = app.config.listen.trusted_proxies.clone();
+    let proxy = |expected: bool| ProxyHeaders::from_trusted(expected, &trusted);
     let sessions = &app.sessions;
     sessions
         .keys
@@ -415,6 +412,7 @@ pub async fn run(
             l,
             sessions.clone(),
             stop_accepting.clone(),
+            proxy(app.config.spice.proxy_protocol),
         )));
     }
     if let Some(l) = listeners.spice_plain {
@@ -422,6 +420,7 @@ pub async fn run(
             l,
             sessions.clone(),
             stop_accepting.clone(),
+            proxy(app.config.spice.proxy_protocol),
         )));
     }
     if let Some(l) = listeners.vnc {
@@ -429,6 +428,7 @@ pub async fn run(
             l,
             sessions.clone(),
             stop_accepting.clone(),
+            proxy(app.config.vnc.proxy_protocol),
         )));
     }
     let public_router = app.public_router();
@@ -441,6 +441,7 @@ pub async fn run(
             deadlines,
             stop_accepting.clone(),
             sessions.pending.clone(),
+            proxy(app.config.listen.proxy_protocol),
         )));
     }
     ready.store(true, Ordering::Relaxed);

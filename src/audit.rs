@@ -79,6 +79,7 @@ impl AuditEvent {
             .unwrap_or_default();
         fields.insert("ts".into(), json!(now.as_secs_f64()));
         fields.insert("event".into(), json!(event));
+        fields.insert("node".into(), json!(crate::node::name()));
         Self { fields }
     }
 

@@ -318,9 +318,58 @@ fn init_tracing(format: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(|| OneLine(std::io::stderr()));
     if format == "json" {
-        builder.json().init();
+        let inner = tracing_subscriber::fmt::format().json();
+        builder.event_format(JsonWithNode(inner)).init();
     } else {
-        builder.init();
+        builder.with_timer(TimeAndNode::default()).init();
+    }
+}
+
+/// The text format's timestamp, then this node's name once it is set
+/// (`node=...`). In the timestamp's place because that one is written
+/// for every record, by the formatter that knows about colours; not in a
+/// span, because spawned tasks do not inherit spans and every line must
+/// carry it.
+#[derive(Debug, Default)]
+struct TimeAndNode(tracing_subscriber::fmt::time::SystemTime);
+
+impl tracing_subscriber::fmt::time::FormatTime for TimeAndNode {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        self.0.format_time(w)?;
+        match crate::node::get() {
+            Some(node) => write!(w, " node={node}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The JSON format with this node's name as the record's first key (once it
+/// is set).
+struct JsonWithNode<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JsonWithNode<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Some(node) = crate::node::get() else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut record = String::with_capacity(256);
+        let into = tracing_subscriber::fmt::format::Writer::new(&mut record);
+        self.0.format_event(ctx, into, event)?;
+        // The name is letters, digits, `.`, `-`, `_`: nothing to escape.
+        match record.strip_prefix('{') {
+            Some(rest) => write!(writer, "{{\"node\":\"{node}\",{rest}"),
+            None => writer.write_str(&record),
+        }
     }
 }
 
@@ -424,6 +473,9 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             .map(|r| r.as_str())
             .collect();
         let metrics = crate::metrics::install(&reasons)?;
+        // After the recorder, so that the node's info metric is recorded;
+        // from here on every log line carries `node=`.
+        crate::node::set(&config.node_name);
         if let Some(path) = &config.audit_path {
             crate::audit::to_file(path)
                 .with_context(|| format!("audit.path: cannot open {}", path.display()))?;

@@ -71,6 +71,18 @@ pub struct RawConfig {
     /// The audit trail.
     #[serde(default)]
     pub audit: RawAudit,
+    /// This node's identity among several behind a balancer.
+    #[serde(default)]
+    pub node: RawNode,
+}
+
+/// `[node]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    /// This node's name in logs, metrics, the audit trail and the session
+    /// list: letters, digits, `.`, `-`, `_`, at most 63. Default: the host name.
+    pub name: Option<String>,
 }
 
 /// `[store]`: the shared store several nodes keep their state in.
@@ -140,6 +152,9 @@ pub struct RawVnc {
     pub public_port: Option<u16>,
     /// Deadline for a connection's handshakes (RFB, TLS, hypervisor), seconds. Default 10.
     pub handshake_timeout_secs: Option<u64>,
+    /// Connections from `listen.trusted_proxies` start with a PROXY protocol
+    /// header (v1 or v2) naming the client. Default false.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `[spice]`.
@@ -175,6 +190,9 @@ pub struct RawSpice {
     pub drain_grace_secs: Option<u64>,
     /// The longest a dropped display channel is drained, seconds. Default 3600.
     pub drain_max_secs: Option<u64>,
+    /// Connections to `listen_tls` and `listen_plain` from
+    /// `listen.trusted_proxies` start with a PROXY protocol header. Default false.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `[backends.spice]`: what Porthole presents to the SPICE servers of a backend network.
@@ -211,9 +229,14 @@ pub struct RawListen {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// Proxies (CIDR) whose `X-Forwarded-For` is believed; from anyone else it is ignored.
+    /// Proxies (CIDR) whose `X-Forwarded-For` (and PROXY protocol header,
+    /// where a listener expects one) is believed; from anyone else it is ignored.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Connections to the public listeners from `trusted_proxies` start with a
+    /// PROXY protocol header (v1 or v2) naming the client: a TCP-mode balancer
+    /// in front. Default false.
+    pub proxy_protocol: Option<bool>,
     /// Origins allowed to open WebSockets besides the public base URL's own
     /// (e.g. a dashboard embedding the console). Fixed at start; no request changes it.
     #[serde(default)]
@@ -457,6 +480,8 @@ pub struct SpiceConfig {
     pub ticket_ttl_secs: u64,
     /// Deadline for a channel's handshakes.
     pub handshake_timeout: Duration,
+    /// Trusted proxies announce each client with a PROXY header.
+    pub proxy_protocol: bool,
     /// RSA link key rotation period.
     pub key_rotation: Duration,
     /// A dropped display channel's drain outlives its session by this much at most.
@@ -474,6 +499,8 @@ pub struct VncConfig {
     pub public_port: Option<u16>,
     /// Deadline for a connection's handshakes.
     pub handshake_timeout: Duration,
+    /// Trusted proxies announce each client with a PROXY header.
+    pub proxy_protocol: bool,
 }
 
 /// The validated configuration.
@@ -507,6 +534,8 @@ pub struct Config {
     pub web: WebConfig,
     /// The shared store, if several nodes share state.
     pub store: Option<StoreConfig>,
+    /// This node's name.
+    pub node_name: String,
     /// What the file does that still works but should change (deprecated
     /// names), located like issues. Whoever loads the file shows them: `serve`
     /// and reloads log them, `config check` prints them.
@@ -582,8 +611,10 @@ pub struct ListenConfig {
     pub public_extra: Vec<SocketAddr>,
     /// Certificate chain and key of the public listeners, which speak TLS when set.
     pub tls: Option<CertFiles>,
-    /// Proxies whose `X-Forwarded-For` is believed.
+    /// Proxies whose `X-Forwarded-For` (and PROXY header) is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Trusted proxies announce each client with a PROXY header on the public listeners.
+    pub proxy_protocol: bool,
     /// Origins allowed to open WebSockets: the base URL's, then the configured ones.
     pub allowed_origins: Vec<String>,
     /// Accept WebSockets without an `Origin` header.
@@ -916,6 +947,8 @@ impl RawConfig {
         let store = self
             .store
             .map(|raw| validate_store(raw, paths, &mut issues));
+        proxy_protocol_needs_proxies(&listen, &spice, &vnc, &mut issues);
+        let node_name = validate_node(self.node, &mut issues);
         if !issues.problems.is_empty() {
             return Err(issues.problems);
         }
@@ -937,6 +970,7 @@ impl RawConfig {
             tokens,
             issuance,
             allow: AllowList::new(backends.networks),
+            node_name,
             warnings: issues.warnings,
         })
     }
@@ -1072,6 +1106,7 @@ fn validate_listen(raw: RawListen, paths: Paths<'_>, issues: &mut Issues) -> Lis
         public_extra,
         tls: cert_files(issues, "listen", raw.tls_cert, raw.tls_key, paths, None),
         trusted_proxies,
+        proxy_protocol: raw.proxy_protocol.unwrap_or(false),
         allowed_origins,
         allow_missing_origin: raw.allow_missing_origin.unwrap_or(true),
         tls13_only: tls_min_version(
@@ -1766,6 +1801,7 @@ fn validate_spice(
             1,
             300,
         )),
+        proxy_protocol: sp.proxy_protocol.unwrap_or(false),
         key_rotation: Duration::from_secs(secs_within(
             issues,
             "spice.key_rotation_secs",
@@ -1827,6 +1863,64 @@ fn validate_vnc(
             1,
             300,
         )),
+        proxy_protocol: v.proxy_protocol.unwrap_or(false),
+    }
+}
+
+/// A PROXY header is believed only from `listen.trusted_proxies`: a listener
+/// that expects one with no proxy trusted would never see one.
+fn proxy_protocol_needs_proxies(
+    listen: &ListenConfig,
+    spice: &SpiceConfig,
+    vnc: &VncConfig,
+    issues: &mut Issues,
+) {
+    if !listen.trusted_proxies.is_empty() {
+        return;
+    }
+    for (key, on) in [
+        ("listen.proxy_protocol", listen.proxy_protocol),
+        ("spice.proxy_protocol", spice.proxy_protocol),
+        ("vnc.proxy_protocol", vnc.proxy_protocol),
+    ] {
+        if on {
+            issues.push(
+                key,
+                "needs `listen.trusted_proxies`: only those may send a PROXY header",
+            );
+        }
+    }
+}
+
+/// Longest node name: one DNS label.
+const NODE_NAME_MAX: usize = 63;
+
+/// `[node] name`, or the host name (its first label when the host name
+/// will not do as it is), or `porthole`.
+fn validate_node(raw: RawNode, issues: &mut Issues) -> String {
+    let valid = |n: &str| {
+        !n.is_empty()
+            && n.len() <= NODE_NAME_MAX
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    match raw.name {
+        Some(name) if valid(&name) => name,
+        Some(_) => {
+            issues.push(
+                "node.name",
+                "must be 1 to 63 letters, digits, `.`, `-` or `_`",
+            );
+            String::new()
+        }
+        None => {
+            let host = gethostname::gethostname().to_string_lossy().into_owned();
+            let short = host.split('.').next().unwrap_or_default().to_string();
+            [host, short]
+                .into_iter()
+                .find(|n| valid(n))
+                .unwrap_or_else(|| "porthole".into())
+        }
     }
 }
 

@@ -36,7 +36,7 @@
 //!    Both import only leaves.
 //! 10. Leaves: [`console`] (the console type), [`error`] (blame),
 //!     [`secret`] (redaction), [`shutdown`], [`metrics`], [`audit`] (the
-//!     JSON-lines trail).
+//!     JSON-lines trail), [`node`] (this node's name).
 
 pub mod admin_client;
 pub mod app;
@@ -51,6 +51,7 @@ pub mod frontend;
 pub mod hypervisor;
 pub mod issuance;
 pub mod metrics;
+pub mod node;
 pub mod protocol;
 pub mod reload;
 pub mod secret;

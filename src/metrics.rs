@@ -42,6 +42,16 @@ pub fn install(token_refusals: &[&'static str]) -> Result<PrometheusHandle, Metr
     Ok(handle)
 }
 
+/// This node's name, as an info metric (`porthole_node_info{node="..."} 1`)
+/// rather than a label on every metric: dashboards join on it, and the
+/// other series stay as they are on a single node.
+pub const NODE_INFO: &str = "porthole_node_info";
+
+/// Publishes this node's name (once, at start).
+pub fn node_info(node: &str) {
+    metrics::gauge!(NODE_INFO, "node" => node.to_string()).set(1.0);
+}
+
 /// Counts one refused token.
 pub fn token_refused(reason: &'static str) {
     metrics::counter!(TOKEN_REFUSALS, "reason" => reason).increment(1);

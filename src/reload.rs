@@ -492,6 +492,10 @@ fn restart_required(started: &Config, new: &Config) -> Vec<&'static str> {
         "listen.trusted_proxies",
         a.trusted_proxies != b.trusted_proxies,
     );
+    differs(
+        "listen.proxy_protocol",
+        a.proxy_protocol != b.proxy_protocol,
+    );
     // The first allowed origin is the base URL's own, reported above.
     differs(
         "listen.allowed_origins",
@@ -564,6 +568,7 @@ fn restart_required(started: &Config, new: &Config) -> Vec<&'static str> {
     console_changes(started, new, &mut differs);
     differs("state_dir", started.state_dir != new.state_dir);
     differs("audit.path", started.audit_path != new.audit_path);
+    differs("node.name", started.node_name != new.node_name);
     out
 }
 
@@ -661,6 +666,7 @@ fn console_changes(started: &Config, new: &Config, differs: &mut impl FnMut(&'st
         a.handshake_timeout != b.handshake_timeout,
     );
     differs("spice.key_rotation_secs", a.key_rotation != b.key_rotation);
+    differs("spice.proxy_protocol", a.proxy_protocol != b.proxy_protocol);
     let (a, b) = (&started.vnc, &new.vnc);
     differs("vnc.listen", addr(&a.listen) != addr(&b.listen));
     differs("vnc.public_port", a.public_port != b.public_port);
@@ -668,4 +674,5 @@ fn console_changes(started: &Config, new: &Config, differs: &mut impl FnMut(&'st
         "vnc.handshake_timeout_secs",
         a.handshake_timeout != b.handshake_timeout,
     );
+    differs("vnc.proxy_protocol", a.proxy_protocol != b.proxy_protocol);
 }

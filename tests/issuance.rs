@@ -73,6 +73,7 @@ ports = ["5900-6100"]
         deadlines,
         tokio_util::sync::CancellationToken::new(),
         porthole::transport::gate::Gate::new(ADMIN_CAP, None, Vec::new()),
+        porthole::transport::listener::ProxyHeaders::none(),
     ));
     Admin {
         _dir: dir,

@@ -63,6 +63,7 @@ ports = ["1024-65535"]
         deadlines,
         stop.clone(),
         app.sessions.pending.clone(),
+        porthole::transport::listener::ProxyHeaders::none(),
     ));
     Front {
         _dir: dir,

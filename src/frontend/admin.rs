@@ -346,9 +346,10 @@ async fn connection_details(
     }
 }
 
-/// `POST /v1/reload`: what SIGHUP does. `200 {"reloaded": {...}}` says
-/// what changed ([`crate::reload::Reloaded`]); `422` with every problem when
-/// the file is refused, and then nothing changed.
+/// `POST /v1/reload`: what SIGHUP does, on this node only (each node of a
+/// cluster reloads its own file). `200 {"node": ..., "reloaded": {...}}`
+/// says which node and what changed ([`crate::reload::Reloaded`]); `422`
+/// with every problem when the file is refused, and then nothing changed.
 async fn reload_all(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     reload(s, &headers, "admin").await
 }
@@ -365,10 +366,13 @@ async fn reload(s: AdminState, headers: &HeaderMap, why: &'static str) -> Respon
     }
     let reloader = s.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.reload_logged(why)).await {
-        Ok(Ok(done)) => Json(json!({ "reloaded": done })).into_response(),
+        // A reload acts on the node that answers, never on its peers.
+        Ok(Ok(done)) => {
+            Json(json!({ "node": crate::node::name(), "reloaded": done })).into_response()
+        }
         Ok(Err(e)) => (
             StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({ "error": {
+            Json(json!({ "node": crate::node::name(), "error": {
                 "code": "reload_failed",
                 "message": format!("nothing changed: {e}"),
                 "problems": e.problems(),

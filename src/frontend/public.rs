@@ -145,7 +145,8 @@ pub(crate) fn open_error_response(e: &OpenError) -> Response {
     }
 }
 
-/// The client's address, as every public route sees it (see [`client_addr`]).
+/// The client's address, as every public route sees it: the peer, or the
+/// last hop a trusted proxy vouches for.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub IpAddr);
 
@@ -422,6 +423,7 @@ mod tests {
             public_extra: vec![],
             tls: None,
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
+            proxy_protocol: false,
             allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
             allow_missing_origin: allow_missing,
             tls13_only: false,

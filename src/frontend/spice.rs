@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::transport::listener::ProxyHeaders;
+
 use super::public::{
     ClientAddr, PublicState, TokenQuery, open_error_response, refusal_response, refuse,
 };
@@ -204,29 +206,39 @@ fn virt_viewer_file(d: &SpiceDetails, ticket: &str, instance: &str) -> String {
 }
 
 /// Accepts native SPICE clients over TLS until `stop` fires.
-pub async fn serve_tls(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
+pub async fn serve_tls(
+    listener: TcpListener,
+    sessions: Arc<Sessions>,
+    stop: CancellationToken,
+    proxy: ProxyHeaders,
+) {
     let handshake = sessions.limits.spice_handshake;
     super::serve_native(
         listener,
         sessions,
         stop,
         handshake,
+        proxy,
         crate::session::spice::serve_native,
     )
     .await;
 }
 
 /// Answers every link on a plain port with NEED_SECURED until `stop` fires.
-pub async fn serve_plain(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
+pub async fn serve_plain(
+    listener: TcpListener,
+    sessions: Arc<Sessions>,
+    stop: CancellationToken,
+    proxy: ProxyHeaders,
+) {
     let handshake = sessions.limits.spice_handshake;
     super::serve_native(
         listener,
         sessions,
         stop,
         handshake,
-        |sessions, tcp, _peer| {
-            crate::session::spice::need_secured(tcp, sessions.limits.spice_handshake)
-        },
+        proxy,
+        |_sessions, tcp, _client, deadline| crate::session::spice::need_secured(tcp, deadline),
     )
     .await;
 }

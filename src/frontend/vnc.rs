@@ -12,6 +12,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::transport::listener::ProxyHeaders;
+
 use super::public::{PublicState, TokenQuery, refuse};
 use crate::console::ConsoleType;
 use crate::session::Sessions;
@@ -71,13 +73,19 @@ pub async fn vnc_direct(
 }
 
 /// Accepts native VNC clients until `stop` fires.
-pub async fn serve(listener: TcpListener, sessions: Arc<Sessions>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    sessions: Arc<Sessions>,
+    stop: CancellationToken,
+    proxy: ProxyHeaders,
+) {
     let handshake = sessions.limits.vnc_handshake;
     super::serve_native(
         listener,
         sessions,
         stop,
         handshake,
+        proxy,
         crate::session::vnc::serve_native,
     )
     .await;

@@ -159,9 +159,8 @@ pub struct SessionView {
     pub bytes_down: u64,
     /// `active`, or `terminating` once an operator ended it.
     pub state: &'static str,
-    /// The node that runs it (with a shared store).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
+    /// The node that holds it.
+    pub node: String,
 }
 
 impl LiveSession {
@@ -194,7 +193,7 @@ impl LiveSession {
             } else {
                 "active"
             },
-            node: None,
+            node: crate::node::name().to_string(),
         }
     }
 }

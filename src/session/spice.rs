@@ -199,9 +199,9 @@ impl ChannelRefusal {
 
 /// Answers a link on the plain listener with NEED_SECURED, so that no
 /// ticket ever travels in clear: clients retry on the TLS port.
-pub async fn need_secured<S: Io>(mut client: S, timeout: std::time::Duration) {
+pub async fn need_secured<S: Io>(mut client: S, deadline: Instant) {
     let mut link = ClientLink::new();
-    let got = drive(&mut link, &mut client, Instant::now() + timeout).await;
+    let got = drive(&mut link, &mut client, deadline).await;
     // Counted before the client hears of it.
     let (outcome, reply) = match got {
         Ok(ClientStep::Linked(_)) => ("need_secured", Some(LinkError::NeedSecured)),
@@ -217,13 +217,18 @@ pub async fn need_secured<S: Io>(mut client: S, timeout: std::time::Duration) {
     }
 }
 
-/// Runs one native channel connection (TLS, then SPICE) to its end; one
-/// deadline covers the TLS handshake and the link.
-pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr) {
+/// Runs one native channel connection (TLS, then SPICE) from `peer` to its
+/// end; `deadline` (from accept, see `frontend::serve_native`) covers the
+/// TLS handshake and the link.
+pub async fn serve_native(
+    sessions: Arc<Sessions>,
+    tcp: TcpStream,
+    peer: IpAddr,
+    deadline: Instant,
+) {
     let Some(tls) = sessions.spice_tls.as_ref().map(|slot| slot.load_full()) else {
         return;
     };
-    let deadline = Instant::now() + sessions.limits.spice_handshake;
     // The certificate in force now: a reload takes effect for the next client.
     let accepting = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
     let accepted = tokio::select! {

@@ -260,13 +260,18 @@ pub async fn browser_handshake<S: Io + ?Sized>(
     result
 }
 
-/// Runs one native VNC client connection (vnc-direct) to its end.
-pub async fn serve_native(sessions: Arc<Sessions>, tcp: TcpStream, peer: IpAddr) {
+/// Runs one native VNC client connection (vnc-direct) from `peer` to its
+/// end; `deadline` (from accept) covers every handshake.
+pub async fn serve_native(
+    sessions: Arc<Sessions>,
+    tcp: TcpStream,
+    peer: IpAddr,
+    deadline: Instant,
+) {
     let Some(tls) = sessions.vnc_tls.as_ref().map(|slot| slot.load_full()) else {
         return;
     };
     let started = StdInstant::now();
-    let deadline = Instant::now() + sessions.limits.vnc_handshake;
     let mut leg = ClientLeg::new(ClientOffer::X509Plain);
     // Until a ticket admits it, the connection is no session: only a
     // shutdown stops it.

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::Redis;
 use crate::console::ConsoleType;
 use crate::session::registry::{
-    LiveSession, NewSession, Registry, SessionRegistry, SessionView, Selector, Termination,
+    LiveSession, NewSession, Registry, Selector, SessionRegistry, SessionView, Termination,
 };
 
 /// What travels on the command and event channels.
@@ -268,10 +268,7 @@ fn matches(sel: &Selector, s: &LiveSession) -> bool {
     sel.id.as_ref().is_none_or(|v| *v == s.id)
         && sel.instance.as_ref().is_none_or(|v| *v == s.instance)
         && sel.jti.as_ref().is_none_or(|v| *v == s.jti)
-        && sel
-            .console
-            .as_ref()
-            .is_none_or(|v| v == s.console.as_str())
+        && sel.console.as_ref().is_none_or(|v| v == s.console.as_str())
         && sel.client.is_none_or(|v| v == s.client)
 }
 
@@ -304,8 +301,13 @@ impl SessionRegistry for RedisRegistry {
             }
             // Not answered: the entry's lease runs out by itself.
             let _ = self.redis.pipe::<()>(pipe).await;
-            self.publish("events", &Message::Ended { id: live.id.clone() })
-                .await;
+            self.publish(
+                "events",
+                &Message::Ended {
+                    id: live.id.clone(),
+                },
+            )
+            .await;
         })
     }
 
@@ -339,15 +341,14 @@ impl SessionRegistry for RedisRegistry {
                     let s = remote_session(id, h)?;
                     matches(sel, &s).then(|| {
                         let mut v = s.view();
-                        v.node = h.get("node").cloned();
+                        v.node = h.get("node").cloned().unwrap_or_default();
                         v
                     })
                 })
                 .collect();
             // This node's own, even those the store has not seen yet.
-            for mut v in self.local.list(sel) {
+            for v in self.local.list(sel) {
                 if !views.iter().any(|o| o.id == v.id) {
-                    v.node = Some(self.node.clone());
                     views.push(v);
                 }
             }

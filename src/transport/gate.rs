@@ -11,10 +11,11 @@
 //! upgraded to a session, a native one at its handshake deadline); admitted
 //! sessions are bounded by the session layer's own caps.
 //!
-//! The address is the peer's. Load balancers (`listen.trusted_proxies`)
-//! carry many clients on one address and are not capped per address; the
-//! PROXY protocol would give the real address here, the one place that
-//! counts per address.
+//! The address is the client's: the peer's, or, where a listener expects
+//! PROXY headers from a trusted proxy, the one its header names (the gate is
+//! then entered after the header is read, see
+//! `listener::Arrival::client`). Load balancers (`listen.trusted_proxies`)
+//! carry many clients on one address and are not capped per address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,20 +1,22 @@
 //! The one accept loop of every listener (behind its [`Gate`]), and the
 //! HTTP listeners on it: plain TCP or TLS, HTTP/1.1 with upgrades.
 //!
-//! The loop only accepts. Each connection is served in its own task: the TLS
-//! handshake runs there under a deadline, then hyper reads the request with a
-//! header deadline (a slow-loris client cannot hold a connection open by
-//! trickling headers), and WebSocket upgrades go through. The TLS config is
+//! The loop only accepts. Each connection is served in its own task: a
+//! PROXY protocol header (where the listener expects one from this peer)
+//! and the TLS handshake run there under one deadline, then hyper reads the
+//! request with a header deadline (a slow-loris client cannot hold a
+//! connection open by trickling headers), and WebSocket upgrades go through. The TLS config is
 //! read once per connection from an atomically swappable slot, so certificate
 //! reloads apply to new connections and never touch live ones.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::gate::{Gate, Pass};
 use super::pem::PemFileError;
+use super::proxy_header;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -22,6 +24,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -88,20 +92,139 @@ pub struct HttpDeadlines {
     pub request_headers: Duration,
 }
 
+/// Which peers of a listener announce their client with a PROXY protocol
+/// header: the trusted proxies, on a listener that expects headers
+/// (`listen.proxy_protocol`, `spice.proxy_protocol`, `vnc.proxy_protocol`);
+/// nobody otherwise.
+///
+/// From those peers the header is required: a connection from one that does
+/// not start with a header is closed (with a server-speaks-first protocol
+/// such as RFB, waiting to see whether one comes would stall a direct
+/// client until its deadline). From anyone else nothing is read: a header
+/// is then just the first bytes of a bad client's handshake.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyHeaders(Arc<[ipnet::IpNet]>);
+
+impl ProxyHeaders {
+    /// No peer sends a header.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// `trusted` send one when `expected`, else nobody does.
+    pub fn from_trusted(expected: bool, trusted: &[ipnet::IpNet]) -> Self {
+        if expected {
+            Self(trusted.into())
+        } else {
+            Self::none()
+        }
+    }
+
+    fn expected_from(&self, peer: IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(&peer))
+    }
+}
+
+/// A connection just accepted, with its place behind the gate; a
+/// connection that owes a PROXY header holds only a permit, and takes its
+/// client's place in [`Arrival::client`].
+#[derive(Debug)]
+pub struct Arrival {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    place: Place,
+}
+
+#[derive(Debug)]
+enum Place {
+    /// Counted for the peer, which is the client.
+    Entered(Pass),
+    /// Counted once the header names the client.
+    AfterHeader(OwnedSemaphorePermit, Arc<Gate>),
+}
+
+/// A connection whose client is known, holding its place behind the gate.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The socket, at the first byte after any PROXY header.
+    pub tcp: TcpStream,
+    /// The client: the peer, or whom its PROXY header names.
+    pub client: SocketAddr,
+    /// Its place behind the gate.
+    pub pass: Pass,
+}
+
+impl Arrival {
+    /// The connection's client and its place, in the connection's own task,
+    /// by `deadline` (the one its handshakes share). This is the one place
+    /// the client address is decided for every listener: the gate counts it,
+    /// and the sessions' caps, the ticket backoff, the logs and the audit
+    /// trail are handed it. `None`: the connection was refused (logged and
+    /// counted) and is dropped.
+    pub async fn client(self, deadline: Instant) -> Option<Accepted> {
+        let Arrival {
+            mut tcp,
+            peer,
+            place,
+        } = self;
+        let (permit, gate) = match place {
+            Place::Entered(pass) => {
+                return Some(Accepted {
+                    tcp,
+                    client: peer,
+                    pass,
+                });
+            }
+            Place::AfterHeader(permit, gate) => (permit, gate),
+        };
+        let client = match tokio::time::timeout_at(deadline, proxy_header::read(&mut tcp)).await {
+            Ok(Ok(named)) => named.unwrap_or(peer),
+            Ok(Err(e)) => {
+                crate::metrics::handshake_failed("proxy", e.as_str(), "client");
+                if crate::audit::refusal_log_allowed() {
+                    tracing::warn!(%peer, "connection refused: {e}");
+                }
+                return None;
+            }
+            Err(_) => {
+                crate::metrics::handshake_failed("proxy", "handshake_timeout", "client");
+                if crate::audit::refusal_log_allowed() {
+                    tracing::info!(%peer, "connection refused: no PROXY header in time");
+                }
+                return None;
+            }
+        };
+        let Some(pass) = gate.enter(permit, client.ip()) else {
+            refused_at_gate(client, Some(peer));
+            return None;
+        };
+        Some(Accepted { tcp, client, pass })
+    }
+}
+
+fn refused_at_gate(client: SocketAddr, proxy: Option<SocketAddr>) {
+    crate::metrics::limit_hit("pending_per_address");
+    if crate::audit::refusal_log_allowed() {
+        tracing::info!(%client, ?proxy, "connection refused: this address holds its most connections not yet admitted");
+    }
+}
+
 /// Accepts on `listener` until `stop` fires, handing each connection to
 /// `on_accept` (which spawns what serves it: the loop itself never waits on
-/// a peer) with its [`Pass`] through `gate`, held for as long as the
-/// connection is not admitted. The permit is taken *before* each accept:
+/// a peer) as an [`Arrival`] behind `gate`, whose place it holds for as
+/// long as it is not admitted. The permit is taken *before* each accept:
 /// when all are taken, new connections wait in the kernel's backlog instead
 /// of costing descriptors and memory. A connection from an address that
-/// holds its most places is closed at once.
+/// holds its most places is closed at once; one that owes a PROXY header
+/// (`proxy`) is counted for its client once the header is read, in its task.
 pub async fn accept_loop<F>(
     listener: TcpListener,
     stop: CancellationToken,
     gate: Arc<Gate>,
+    proxy: ProxyHeaders,
     mut on_accept: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, Pass),
+    F: FnMut(Arrival),
 {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
@@ -127,15 +250,17 @@ pub async fn accept_loop<F>(
             },
         };
         backoff = ACCEPT_BACKOFF_MIN;
-        let Some(pass) = gate.enter(permit, peer.ip()) else {
-            crate::metrics::limit_hit("pending_per_address");
-            if crate::audit::refusal_log_allowed() {
-                tracing::info!(%peer, "connection refused: this address holds its most connections not yet admitted");
-            }
-            continue;
+        let place = if proxy.expected_from(peer.ip()) {
+            Place::AfterHeader(permit, gate.clone())
+        } else {
+            let Some(pass) = gate.enter(permit, peer.ip()) else {
+                refused_at_gate(peer, None);
+                continue;
+            };
+            Place::Entered(pass)
         };
         tune(&tcp);
-        on_accept(tcp, peer, pass);
+        on_accept(Arrival { tcp, peer, place });
     }
 }
 
@@ -157,8 +282,9 @@ fn tune(tcp: &TcpStream) {
 
 /// Serves HTTP/1.1 (plain or TLS) on `listener` until `cancel` fires,
 /// behind `gate` (a connection holds its place until it ends or is upgraded
-/// to a session). Connections still open then finish their current request;
-/// upgraded WebSockets are ended by their own sessions.
+/// to a session), reading a PROXY header first where `proxy` expects one.
+/// Connections still open then finish their current request; upgraded
+/// WebSockets are ended by their own sessions.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsSlot>,
@@ -166,13 +292,19 @@ pub async fn serve(
     deadlines: HttpDeadlines,
     cancel: CancellationToken,
     gate: Arc<Gate>,
+    proxy: ProxyHeaders,
 ) {
     let stop = cancel.clone();
-    accept_loop(listener, stop, gate, move |tcp, peer, pass| {
+    accept_loop(listener, stop, gate, proxy, move |arrival| {
         let tls = tls.as_ref().map(|slot| slot.load_full());
         let router = router.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            // One deadline from accept for the PROXY header and the TLS handshake.
+            let deadline = Instant::now() + deadlines.tls_handshake;
+            let Some(Accepted { tcp, client, pass }) = arrival.client(deadline).await else {
+                return;
+            };
             // Given back when the connection ends, or when hyper hands an
             // upgraded socket to its session and this task ends.
             let _pass = pass;
@@ -180,27 +312,26 @@ pub async fn serve(
                 None => Either::Left(tcp),
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(deadlines.tls_handshake, acceptor.accept(tcp)).await
-                    {
+                    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => Either::Right(stream),
                         Ok(Err(e)) => {
                             crate::metrics::handshake_failed("tls", "tls_handshake", "client");
                             if crate::audit::refusal_log_allowed() {
-                                tracing::info!(%peer, "TLS handshake failed: {e}");
+                                tracing::info!(peer = %client, "TLS handshake failed: {e}");
                             }
                             return;
                         }
                         Err(_) => {
                             crate::metrics::handshake_failed("tls", "handshake_timeout", "client");
                             if crate::audit::refusal_log_allowed() {
-                                tracing::info!(%peer, "TLS handshake timed out");
+                                tracing::info!(peer = %client, "TLS handshake timed out");
                             }
                             return;
                         }
                     }
                 }
             };
-            serve_connection(io, peer, router, deadlines, cancel).await;
+            serve_connection(io, client, router, deadlines, cancel).await;
         });
     })
     .await;

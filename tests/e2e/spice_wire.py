@@ -29,8 +29,10 @@ def link_mess(channel_type, channel_id=0, connection_id=0, common=COMMON_CAPS, c
 class Channel:
     """One channel connection (TLS when ca is given)."""
 
-    def __init__(self, port, ca=None, host="127.0.0.1", timeout=10):
-        raw = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port, ca=None, host="127.0.0.1", timeout=10, source=None):
+        """source: the local address to connect from (a client behind a balancer)."""
+        raw = socket.create_connection((host, port), timeout=timeout,
+                                       source_address=None if source is None else (source, 0))
         if ca is not None:
             ctx = ssl.create_default_context(cafile=str(ca))
             raw = ctx.wrap_socket(raw, server_hostname=host)
