@@ -20,6 +20,7 @@ use crate::issuance::Issuer;
 use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};
 use crate::token::MemoryTickets;
+use crate::token::nova::{NovaResolver, Resolvers};
 use crate::token::{MemoryRedemptions, TokenValidator};
 use crate::transport::listener::{self, HttpDeadlines, TlsSlot};
 
@@ -61,13 +62,18 @@ impl App {
         source: Option<ConfigSource>,
     ) -> anyhow::Result<App> {
         // The same check as `config check` and every reload.
+        let nova = match &config.nova {
+            Some(n) => Some(Arc::new(NovaResolver::new(n.clone())?)),
+            None => None,
+        };
         let ready = Reloadable::load(config)?;
-        Ok(Self::from_ready(ready, listeners, source))
+        Ok(Self::from_ready(ready, nova, listeners, source))
     }
 
     /// The shared state over what [`Reloadable::load`] made.
     fn from_ready(
         ready: Reloadable,
+        nova: Option<Arc<NovaResolver>>,
         listeners: Option<&Listeners>,
         source: Option<ConfigSource>,
     ) -> App {
@@ -103,10 +109,13 @@ impl App {
             spice_upstreams: Arc::new(ArcSwap::from_pointee(ready.spice_upstreams)),
             vnc_upstreams: Arc::new(ArcSwap::from_pointee(ready.vnc_upstreams)),
         };
+        // Nova's tokens beside signed ones: the one resolver every ingress asks.
+        let resolver = Arc::new(Resolvers::new(validator.clone(), nova));
         let sessions = Arc::new(Sessions::new(session_parts(
             &config,
             &redemptions,
             &swappable,
+            resolver,
         )));
         let tls = swappable.public_tls.clone();
         let reloader = Arc::new(Reloader::new(config.clone(), swappable, source));
@@ -202,10 +211,11 @@ fn session_parts(
     config: &Config,
     redemptions: &Arc<MemoryRedemptions>,
     swappable: &Swappable,
+    resolver: Arc<Resolvers>,
 ) -> session::admission::Parts {
     let s = &config.sessions;
     session::admission::Parts {
-        resolver: swappable.validator.clone(),
+        resolver,
         redemptions: redemptions.clone(),
         tickets: Arc::new(MemoryTickets::new(config.tokens.store_capacity)),
         registry: Arc::new(session::registry::Registry::default()),
