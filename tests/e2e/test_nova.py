@@ -267,3 +267,38 @@ def test_a_jwt_and_a_nova_token_work_side_by_side(lab, vm, tmp_path):
                 assert vnc_server_init(ws) == (720, 400)
     finally:
         assert p.gateway.stop() == 0, p.log()
+
+
+def test_spice_html5_and_novnc_through_portholes_own_pages_from_nova_urls(lab, spice_vm, tmp_path):
+    vm = spice_vm
+    pw = tmp_path / "spice-password"
+    pw.write_text(vm.spice_password + "\n")
+    # A Nova spice-html5 token names no TLS port: Porthole links on the plain one.
+    p = nova_porthole(lab, tmp_path / "p", backend_extra=f'[backends.spice]\npassword_file = "{pw}"')
+    try:
+        reference = wait_for_final_spice_screen(vm, tmp_path)
+        # nova.conf: [spice] html5proxy_base_url = <porthole>/console-spice-html5
+        token, url = mint(lab, "spice-html5", "127.0.0.1", vm.spice_port, base_url=f"{p.base}/console-spice-html5")
+        assert url == f"{p.base}/console-spice-html5?token={token}"
+        shot = tmp_path / "spice-html5.png"
+        result = browser("spice", url, shot, 2000)
+        report = {k: v for k, v in result.items() if k != "html"}
+        assert result["state"] == "connected", report
+        seabios_screen(shot)
+        assert differing_fraction(reference, shot) <= 0.01
+        # The type is the route's: the same token on Porthole's generic page is refused.
+        assert http("GET", f"{p.base}/console?token={token}")[0] == 403
+
+        # nova.conf: [vnc] novncproxy_base_url = <porthole>/console-novnc
+        token, url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{p.base}/console-novnc")
+        assert url == f"{p.base}/console-novnc?path=%3Ftoken%3D{token}", url
+        result = browser("vnc", url, tmp_path / "novnc.png", 3000)
+        assert result.get("canvas"), result
+        seabios_screen(tmp_path / "novnc.png")
+
+        # Horizon frames these pages: only the allowed origins may.
+        import urllib.request
+        with urllib.request.urlopen(f"{p.base}/vendor/novnc/vnc_lite.html", timeout=10) as r:
+            assert r.headers["Content-Security-Policy"].startswith("frame-ancestors 'self'"), r.headers
+    finally:
+        assert p.gateway.stop() == 0, p.log()
