@@ -23,6 +23,7 @@ use crate::store::Redis;
 use crate::store::redemptions::RedisRedemptions;
 use crate::store::revocations::RedisRevocations;
 use crate::store::tickets::RedisTickets;
+use crate::token::nova::{NovaResolver, Resolvers};
 use crate::token::redemption::RedemptionStore;
 use crate::token::revocation::{RevocationStore, Revocations};
 use crate::token::ticket::TicketStore;
@@ -72,13 +73,18 @@ impl App {
         source: Option<ConfigSource>,
     ) -> anyhow::Result<App> {
         // The same check as `config check` and every reload.
+        let nova = match &config.nova {
+            Some(n) => Some(Arc::new(NovaResolver::new(n.clone())?)),
+            None => None,
+        };
         let ready = Reloadable::load(config)?;
-        Self::from_ready(ready, listeners, source)
+        Self::from_ready(ready, nova, listeners, source)
     }
 
     /// The shared state over what [`Reloadable::load`] made.
     fn from_ready(
         ready: Reloadable,
+        nova: Option<Arc<NovaResolver>>,
         listeners: Option<&Listeners>,
         source: Option<ConfigSource>,
     ) -> anyhow::Result<App> {
@@ -118,7 +124,11 @@ impl App {
             spice_upstreams: Arc::new(ArcSwap::from_pointee(ready.spice_upstreams)),
             vnc_upstreams: Arc::new(ArcSwap::from_pointee(ready.vnc_upstreams)),
         };
-        let sessions = Arc::new(Sessions::new(session_parts(&config, &stores, &swappable)));
+        // Nova's tokens beside signed ones: the one resolver every ingress asks.
+        let resolver = Arc::new(Resolvers::new(validator.clone(), nova));
+        let sessions = Arc::new(Sessions::new(session_parts(
+            &config, &stores, &swappable, resolver,
+        )));
         let tls = swappable.public_tls.clone();
         let reloader = Arc::new(Reloader::new(config.clone(), swappable, source));
         Ok(App {
@@ -216,10 +226,11 @@ fn session_parts(
     config: &Config,
     stores: &Stores,
     swappable: &Swappable,
+    resolver: Arc<Resolvers>,
 ) -> session::admission::Parts {
     let s = &config.sessions;
     session::admission::Parts {
-        resolver: swappable.validator.clone(),
+        resolver,
         redemptions: stores.redemptions.clone(),
         tickets: stores.tickets.clone(),
         registry: Arc::new(session::registry::Registry::default()),

@@ -223,3 +223,24 @@ pub fn connect_took(secs: f64) {
 pub fn handshake_took(protocol: &'static str, secs: f64) {
     metrics::histogram!(HANDSHAKE_SECONDS, "protocol" => protocol).record(secs);
 }
+
+/// Nova console-token lookups, by outcome (`found`, `not_found`, `cached`,
+/// `keystone_failed`, `nova_failed`, `policy`, `microversion`, `timeout`).
+pub const NOVA_LOOKUPS: &str = "porthole_nova_lookups_total";
+/// Seconds a Nova lookup took (Keystone included when it authenticated).
+pub const NOVA_LOOKUP_SECONDS: &str = "porthole_nova_lookup_seconds";
+/// Keystone authentications, by outcome (`ok`, `failed`).
+pub const KEYSTONE_AUTHS: &str = "porthole_keystone_auths_total";
+
+/// Counts a Nova lookup, and records its time when it asked Nova.
+pub fn nova_lookup(outcome: &'static str, secs: Option<f64>) {
+    metrics::counter!(NOVA_LOOKUPS, "outcome" => outcome).increment(1);
+    if let Some(secs) = secs {
+        metrics::histogram!(NOVA_LOOKUP_SECONDS).record(secs);
+    }
+}
+
+/// Counts a Keystone authentication.
+pub fn keystone_auth(outcome: &'static str) {
+    metrics::counter!(KEYSTONE_AUTHS, "outcome" => outcome).increment(1);
+}

@@ -78,7 +78,9 @@ fn the_example_config_documents_a_valid_setup() {
         "0123456789abcdef0123",
     )
     .unwrap();
+    std::fs::write(dir.path().join("keys/nova-password"), "nova-secret\n").unwrap();
     let config = Config::from_toml(&text, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.nova.as_ref().map(|n| n.token_ttl_secs), Some(600));
     assert_eq!(
         config.listen.public_base_url,
         "https://consoles.example.com/porthole"

@@ -67,9 +67,34 @@ pub fn router(state: PublicState) -> Router {
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=300"),
+        ))
+        // noVNC's and spice-html5's own pages (what Nova's URLs open) may be
+        // framed by the allowed origins only (Horizon's console iframe),
+        // like Porthole's pages; nothing else about them is restricted.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_str(&format!(
+                "frame-ancestors {}",
+                frame_ancestors(&state.listen)
+            ))
+            .unwrap_or_else(|_| HeaderValue::from_static("frame-ancestors 'self'")),
         ));
     Router::new()
-        .route("/console", get(console_page))
+        .route("/console", get(|s, q| console_page(None, s, q)))
+        // A Nova token names no console type: the URL Nova hands out must.
+        // Siblings of `/console`, so the page's relative URLs resolve alike.
+        .route(
+            "/console-novnc",
+            get(|s, q| console_page(Some(ConsoleType::Novnc), s, q)),
+        )
+        .route(
+            "/console-serial",
+            get(|s, q| console_page(Some(ConsoleType::Serial), s, q)),
+        )
+        .route(
+            "/console-spice-html5",
+            get(|s, q| console_page(Some(ConsoleType::SpiceHtml5), s, q)),
+        )
         .route(
             "/vnc",
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),
@@ -346,10 +371,22 @@ fn websocket_handshake(headers: &HeaderMap) -> Option<Handshake> {
     })
 }
 
-/// The console page for the token's type; a refused token gets a page saying so.
-async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
+/// `'self'` and the allowed origins: who may frame a console page.
+fn frame_ancestors(listen: &ListenConfig) -> String {
+    let mut v = vec!["'self'"];
+    v.extend(listen.allowed_origins.iter().map(String::as_str));
+    v.join(" ")
+}
+
+/// The console page for the token's type (or the route's, `kind`); a
+/// refused token gets a page saying so.
+async fn console_page(
+    kind: Option<ConsoleType>,
+    State(s): State<PublicState>,
+    Query(q): Query<TokenQuery>,
+) -> Response {
     let resolved = match q.token() {
-        Some(t) => Some(s.sessions.resolve(t, None).await),
+        Some(t) => Some(s.sessions.resolve(t, kind).await),
         None => None,
     };
     let page = match resolved {
@@ -388,16 +425,10 @@ async fn console_page(State(s): State<PublicState>, Query(q): Query<TokenQuery>)
     };
     // The code is one of a fixed set of words: safe to put in the page.
     let html = html.replace("{{reason}}", code);
-    let frame_ancestors: Vec<&str> = s
-        .listen
-        .allowed_origins
-        .iter()
-        .map(String::as_str)
-        .collect();
     let csp = format!(
         "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
-         font-src 'self'; connect-src 'self'; media-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'self' {}",
-        frame_ancestors.join(" ")
+         font-src 'self'; connect-src 'self'; media-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors {}",
+        frame_ancestors(&s.listen)
     );
     (
         status,

@@ -13,6 +13,7 @@
 
 pub mod claims;
 pub mod keys;
+pub mod nova;
 pub mod redemption;
 pub mod revocation;
 pub mod signing;
@@ -67,11 +68,14 @@ pub enum RefusalReason {
     Revoked,
     /// Porthole cannot decide right now (store full or unreachable).
     Unavailable,
+    /// The token store that issued it (Nova) does not know it: never
+    /// issued, expired or deleted.
+    UnknownToken,
 }
 
 impl RefusalReason {
     /// Every reason, for metrics initialisation and docs.
-    pub const ALL: [RefusalReason; 15] = [
+    pub const ALL: [RefusalReason; 16] = [
         RefusalReason::TooLarge,
         RefusalReason::Malformed,
         RefusalReason::UnknownKey,
@@ -87,6 +91,7 @@ impl RefusalReason {
         RefusalReason::Replayed,
         RefusalReason::Revoked,
         RefusalReason::Unavailable,
+        RefusalReason::UnknownToken,
     ];
 
     /// The stable name used in logs, metrics and `token inspect`.
@@ -107,6 +112,7 @@ impl RefusalReason {
             RefusalReason::Replayed => "replayed",
             RefusalReason::Revoked => "revoked",
             RefusalReason::Unavailable => "unavailable",
+            RefusalReason::UnknownToken => "unknown_token",
         }
     }
 
@@ -541,25 +547,32 @@ impl GrantResolver for TokenValidator {
     ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>> {
         Box::pin(async move {
             let grant = self.validate(token, expect)?;
-            let revoked = self
-                .revocations
-                .check(&grant.jti, &grant.instance, grant.claims.iat)
-                .await;
-            match revoked {
-                Ok(Some(why)) => Err(Refusal {
-                    reason: RefusalReason::Revoked,
-                    detail: why.to_string(),
-                    jti: Some(grant.jti),
-                }),
-                Ok(None) => Ok(grant),
-                // Fail closed: a token is never let in because the list
-                // could not be read.
-                Err(e) => Err(Refusal {
-                    reason: RefusalReason::Unavailable,
-                    detail: e.to_string(),
-                    jti: Some(grant.jti),
-                }),
-            }
+            check_revoked(self.revocations.as_ref(), grant).await
         })
+    }
+}
+
+/// `grant`, unless its token, its instance or its issue time is revoked.
+pub(crate) async fn check_revoked(
+    revocations: &dyn revocation::RevocationStore,
+    grant: Grant,
+) -> Result<Grant, Refusal> {
+    let revoked = revocations
+        .check(&grant.jti, &grant.instance, grant.claims.iat)
+        .await;
+    match revoked {
+        Ok(Some(why)) => Err(Refusal {
+            reason: RefusalReason::Revoked,
+            detail: why.to_string(),
+            jti: Some(grant.jti),
+        }),
+        Ok(None) => Ok(grant),
+        // Fail closed: a token is never let in because the list could not
+        // be read.
+        Err(e) => Err(Refusal {
+            reason: RefusalReason::Unavailable,
+            detail: e.to_string(),
+            jti: Some(grant.jti),
+        }),
     }
 }

@@ -22,14 +22,15 @@ class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
     def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None,
-                 web=None):
+                 web=None, sections=""):
         """spice: extra lines for [spice]; backend_extra: lines for the loopback
         [[backends]] entry (e.g. its [backends.spice] table, which must come last).
         Porthole's native SPICE TLS listener is always on, with its own test CA
         (self.spice_ca, self.spice_subject) on self.spice_tls_port.
         vnc: lines for a [vnc] section (e.g. its listen address; the native VNC
         listener then uses the SPICE listener's certificate); None: no [vnc].
-        web: the [web] section's lines; None: the checkout's web/ as root."""
+        web: the [web] section's lines; None: the checkout's web/ as root.
+        sections: more sections (e.g. [nova]), before [[backends]]."""
         from vm import make_spice_certs
         self.key = Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
@@ -80,6 +81,7 @@ tls_key = "{certs / 'server-key.pem'}"
 ca = "{self.spice_ca}"
 {spice}
 {"" if vnc is None else "[vnc]" + chr(10) + vnc}
+{sections}
 
 [[backends]]
 name = "loopback"

@@ -1,0 +1,304 @@
+"""Porthole as a drop-in for Nova's console proxies, against a real Keystone
+and a real Nova compute API (tests/e2e/nova.py): tokens minted by Nova's own
+objects, URLs built by Nova's own access_url from the base URLs the README
+documents, consoles of a real QEMU. Keystone and Nova start once for the module."""
+
+import json
+import time
+import urllib.parse
+import uuid
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+import leak_check
+from harness import http, metric_value
+from nova import NovaLab
+from screen import differing_fraction, seabios_screen
+from spice_client import spicy_capture, wait_for_final_spice_screen
+from support import EchoBackend, Porthole, browser
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    n = NovaLab(tmp_path_factory.mktemp("novalab"))
+    leak_check.remember(n.porthole_password)
+    leak_check.remember(n.appcred()["secret"])
+    yield n
+    n.stop()
+
+
+def nova_section(lab, tmp, who="porthole", appcred=False, extra=""):
+    """Porthole's [nova] section for the lab's user `who` (or its application credential)."""
+    if appcred:
+        ac = lab.appcred()
+        secret = tmp / "nova-appcred-secret"
+        secret.write_text(ac["secret"] + "\n")
+        cred = f'application_credential_id = "{ac["id"]}"\napplication_credential_secret_file = "{secret}"'
+    else:
+        pw = tmp / "nova-password"
+        pw.write_text(lab.porthole_password + "\n")
+        cred = f'username = "{who}"\npassword_file = "{pw}"\nproject_name = "service"'
+    return f"""
+[nova]
+auth_url = "{lab.ks_url}"
+{cred}
+region_name = "RegionOne"
+interface = "internal"
+timeout_secs = 3
+{extra}
+"""
+
+
+def nova_porthole(lab, tmp, **kw):
+    tmp.mkdir(parents=True, exist_ok=True)
+    backend_extra = kw.pop("backend_extra", "")
+    return Porthole(tmp, sections=nova_section(lab, tmp, **kw), backend_extra=backend_extra)
+
+
+def mint(lab, *args, **kw):
+    token, url = lab.mint(*args, **kw)
+    leak_check.remember(token)
+    return token, url
+
+
+def status_of(p, route, token):
+    """A WebSocket route's preflight (what an upgrade would get): (status, JSON)."""
+    status, body = http("GET", f"{p.base}/{route}?token={urllib.parse.quote(token)}")[:2]
+    return status, json.loads(body or "null")
+
+
+def vnc_server_init(ws, timeout=10):
+    """The browser's side of the RFB handshake through Porthole; returns (width, height)."""
+    assert ws.recv(timeout=timeout) == b"RFB 003.008\n"
+    ws.send(b"RFB 003.008\n")
+    assert ws.recv(timeout=timeout) == b"\x01\x01"
+    ws.send(b"\x01")
+    got = b""
+    while len(got) < 4:
+        got += ws.recv(timeout=timeout)
+    assert got[:4] == b"\x00\x00\x00\x00", got
+    ws.send(b"\x01")
+    got = got[4:]
+    while len(got) < 4:
+        got += ws.recv(timeout=timeout)
+    return int.from_bytes(got[0:2], "big"), int.from_bytes(got[2:4], "big")
+
+
+def read_serial_until(ws, marker=b"No bootable device", timeout=30):
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < deadline, seen[-400:]
+        try:
+            seen += ws.recv(timeout=1)
+        except TimeoutError:
+            continue
+    return seen
+
+
+def test_novas_own_urls_open_novnc_and_serial_through_porthole(lab, vm, tmp_path):
+    p = nova_porthole(lab, tmp_path / "p")
+    try:
+        # nova.conf: [vnc] novncproxy_base_url = <porthole>/vendor/novnc/vnc_lite.html?path=vnc
+        token, url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port,
+                          base_url=f"{p.base}/vendor/novnc/vnc_lite.html?path=vnc")
+        assert url == f"{p.base}/vendor/novnc/vnc_lite.html?path=vnc%3Ftoken%3D{token}", url
+        # noVNC's own page, unchanged, in Chromium, through Nova's URL.
+        result = browser("vnc", url, tmp_path / "novnc.png", 4000)
+        assert result.get("canvas"), result
+        seabios_screen(tmp_path / "novnc.png")
+        # The same token again, from a WebSocket client, at the path the page opens.
+        with connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={token}", open_timeout=10, origin=p.base) as ws:
+            assert vnc_server_init(ws) == (720, 400)
+
+        # nova.conf: [serial_console] base_url = ws://<porthole>/serial
+        token, url = mint(lab, "serial", "127.0.0.1", vm.serial_port, base_url=f"ws://127.0.0.1:{p.public_port}/serial")
+        assert url == f"ws://127.0.0.1:{p.public_port}/serial?token={token}", url
+        with connect(url, open_timeout=10, origin=p.base) as ws:
+            vm.qmp("system_reset")
+            read_serial_until(ws, marker=b"SeaBIOS")
+
+        log = p.log()
+        assert "token_hash" in log or "jti=" in log
+        from nova import INSTANCE
+        assert INSTANCE in json.dumps(p.audit()), "the audit trail names the instance"
+        m = p.metrics()
+        assert metric_value(m, "porthole_nova_lookups_total", outcome="found") >= 2
+        assert metric_value(m, "porthole_keystone_auths_total", outcome="ok") == 1
+    finally:
+        assert p.gateway.stop() == 0, p.log()
+
+
+def test_unknown_expired_junk_and_wrong_type_tokens_are_refused_before_connecting(lab, tmp_path):
+    backend = EchoBackend(rfb=True)
+    p = nova_porthole(lab, tmp_path / "p")
+    try:
+        def lookups():
+            m = p.metrics()
+            return sum(metric_value(m, "porthole_nova_lookups_total", outcome=o) or 0
+                       for o in ("found", "not_found", "cached"))
+
+        assert status_of(p, "vnc", str(uuid.uuid4())) == (403, {"error": "refused"})
+        short, _ = mint(lab, "novnc", "127.0.0.1", backend.port, ttl=1)
+        time.sleep(2)
+        assert status_of(p, "vnc", short) == (403, {"error": "refused"}), "Nova answers 404 once it expired"
+        before = lookups()
+        for junk in ("junk", str(uuid.uuid4()).upper(), "00000000-0000-0000-0000-00000000000g"):
+            assert status_of(p, "vnc", junk)[0] == 400, junk
+        assert lookups() == before, "junk never reaches Nova"
+
+        direct, _ = mint(lab, "spice-direct", "127.0.0.1", backend.port, tls_port=backend.port)
+        novnc, _ = mint(lab, "novnc", "127.0.0.1", backend.port)
+        assert status_of(p, "vnc", direct) == (403, {"error": "refused"})
+        assert status_of(p, "serial", direct) == (403, {"error": "refused"})
+        assert http("GET", f"{p.base}/spice-direct?format=json&token={novnc}")[0] == 403
+        with pytest.raises(InvalidStatus):
+            connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={direct}", open_timeout=10, origin=p.base)
+        assert backend.accepted == 0, "a refused token reached the hypervisor"
+        m = p.metrics()
+        assert metric_value(m, "porthole_token_refusals_total", reason="unknown_token") == 2
+        assert metric_value(m, "porthole_token_refusals_total", reason="malformed") == 3
+        assert metric_value(m, "porthole_token_refusals_total", reason="wrong_console_type") >= 3
+        # A good token still opens.
+        with connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={novnc}", open_timeout=10, origin=p.base) as ws:
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+        assert backend.accepted == 1
+    finally:
+        assert p.gateway.stop() == 0, p.log()
+        backend.close()
+
+
+def test_a_spice_direct_url_gives_a_ticket_a_native_client_uses(lab, spice_vm, tmp_path):
+    vm = spice_vm
+    pw = tmp_path / "spice-password"
+    pw.write_text(vm.spice_password + "\n")
+    p = nova_porthole(lab, tmp_path / "p", backend_extra=f'[backends.spice]\npassword_file = "{pw}"\nca = "{vm.spice_ca}"')
+    try:
+        direct = wait_for_final_spice_screen(vm, tmp_path)
+        # Nova builds no URL for spice-direct: a Kerbside-style proxy asks with the token.
+        token, _ = mint(lab, "spice-direct", "127.0.0.1", vm.spice_port, tls_port=vm.spice_tls_port)
+        details = p.spice_details(token)
+        assert details["instance"] == "11111111-2222-4333-8444-555555555555"
+        shot = spicy_capture(tmp_path / "through.png", "127.0.0.1", details["ticket"], tls_port=p.spice_tls_port,
+                             ca_file=p.spice_ca)
+        seabios_screen(shot)
+        assert differing_fraction(direct, shot) <= 0.01
+        vv = http("GET", f"{p.base}/spice-direct?token={token}")
+        assert vv[0] == 200 and "[virt-viewer]" in vv[1], vv
+    finally:
+        assert p.gateway.stop() == 0, p.log()
+
+
+def test_least_privilege_user_and_application_credential_work_a_member_does_not(lab, tmp_path):
+    backend = EchoBackend(rfb=True)
+    try:
+        token, _ = mint(lab, "novnc", "127.0.0.1", backend.port)
+        ac = nova_porthole(lab, tmp_path / "ac", appcred=True)
+        try:
+            assert status_of(ac, "vnc", token) == (200, {"status": "ok"})
+        finally:
+            assert ac.gateway.stop() == 0, ac.log()
+        member = nova_porthole(lab, tmp_path / "member", who="porthole-member")
+        try:
+            assert status_of(member, "vnc", token) == (503, {"error": "unavailable"})
+            log = member.log()
+            assert "os_compute_api:os-console-auth-tokens" in log and "console_auth" in log, log[-2000:]
+            assert metric_value(member.metrics(), "porthole_nova_lookups_total", outcome="policy") == 1
+        finally:
+            assert member.gateway.stop() == 0, member.log()
+    finally:
+        backend.close()
+
+
+def test_nova_stopped_refuses_new_sessions_keeps_live_ones_and_recovers(lab, vm, tmp_path):
+    p = nova_porthole(lab, tmp_path / "p")
+    try:
+        token, url = mint(lab, "serial", "127.0.0.1", vm.serial_port, base_url=f"ws://127.0.0.1:{p.public_port}/serial")
+        with connect(url, open_timeout=10, origin=p.base) as ws:
+            lab.stop_one("nova")
+            try:
+                fresh, _ = mint(lab, "novnc", "127.0.0.1", vm.vnc_port)
+                assert status_of(p, "vnc", fresh) == (503, {"error": "unavailable"})
+                assert "Nova token lookup failed" in p.log()
+                # The live session is untouched.
+                vm.qmp("system_reset")
+                read_serial_until(ws, marker=b"SeaBIOS")
+            finally:
+                lab.start_nova()
+        assert status_of(p, "vnc", fresh) == (200, {"status": "ok"})
+    finally:
+        assert p.gateway.stop() == 0, p.log()
+
+
+def test_keystone_stopped_lookups_work_until_porthole_must_authenticate(lab, tmp_path):
+    backend = EchoBackend(rfb=True)
+    p = nova_porthole(lab, tmp_path / "p")
+    try:
+        first, _ = mint(lab, "novnc", "127.0.0.1", backend.port)
+        assert status_of(p, "vnc", first) == (200, {"status": "ok"})
+        lab.stop_one("keystone")
+        try:
+            # Nova's keystonemiddleware cached the validation of Porthole's Keystone token.
+            second, _ = mint(lab, "novnc", "127.0.0.1", backend.port)
+            assert status_of(p, "vnc", second) == (200, {"status": "ok"})
+            # A fresh Porthole must authenticate: it cannot, and says which service failed.
+            assert p.gateway.stop() == 0, p.log()
+            p = nova_porthole(lab, tmp_path / "p2")
+            assert status_of(p, "vnc", second) == (503, {"error": "unavailable"})
+            assert "Keystone" in p.log()
+            assert metric_value(p.metrics(), "porthole_keystone_auths_total", outcome="failed") >= 1
+        finally:
+            lab.start_keystone()
+        assert status_of(p, "vnc", second) == (200, {"status": "ok"})
+    finally:
+        assert p.gateway.stop() == 0, p.log()
+        backend.close()
+
+
+def test_a_jwt_and_a_nova_token_work_side_by_side(lab, vm, tmp_path):
+    p = nova_porthole(lab, tmp_path / "p")
+    try:
+        jwt_url = p.mint("novnc", vm.vnc_port)["token"]
+        token, _ = mint(lab, "novnc", "127.0.0.1", vm.vnc_port)
+        for t in (jwt_url, token):
+            with connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={t}", open_timeout=10, origin=p.base) as ws:
+                assert vnc_server_init(ws) == (720, 400)
+    finally:
+        assert p.gateway.stop() == 0, p.log()
+
+
+def test_spice_html5_and_novnc_through_portholes_own_pages_from_nova_urls(lab, spice_vm, tmp_path):
+    vm = spice_vm
+    pw = tmp_path / "spice-password"
+    pw.write_text(vm.spice_password + "\n")
+    # A Nova spice-html5 token names no TLS port: Porthole links on the plain one.
+    p = nova_porthole(lab, tmp_path / "p", backend_extra=f'[backends.spice]\npassword_file = "{pw}"')
+    try:
+        reference = wait_for_final_spice_screen(vm, tmp_path)
+        # nova.conf: [spice] html5proxy_base_url = <porthole>/console-spice-html5
+        token, url = mint(lab, "spice-html5", "127.0.0.1", vm.spice_port, base_url=f"{p.base}/console-spice-html5")
+        assert url == f"{p.base}/console-spice-html5?token={token}"
+        shot = tmp_path / "spice-html5.png"
+        result = browser("spice", url, shot, 2000)
+        report = {k: v for k, v in result.items() if k != "html"}
+        assert result["state"] == "connected", report
+        seabios_screen(shot)
+        assert differing_fraction(reference, shot) <= 0.01
+        # The type is the route's: the same token on Porthole's generic page is refused.
+        assert http("GET", f"{p.base}/console?token={token}")[0] == 403
+
+        # nova.conf: [vnc] novncproxy_base_url = <porthole>/console-novnc
+        token, url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{p.base}/console-novnc")
+        assert url == f"{p.base}/console-novnc?path=%3Ftoken%3D{token}", url
+        result = browser("vnc", url, tmp_path / "novnc.png", 3000)
+        assert result.get("canvas"), result
+        seabios_screen(tmp_path / "novnc.png")
+
+        # Horizon frames these pages: only the allowed origins may.
+        import urllib.request
+        with urllib.request.urlopen(f"{p.base}/vendor/novnc/vnc_lite.html", timeout=10) as r:
+            assert r.headers["Content-Security-Policy"].startswith("frame-ancestors 'self'"), r.headers
+    finally:
+        assert p.gateway.stop() == 0, p.log()

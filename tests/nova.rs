@@ -1,0 +1,468 @@
+//! The Nova resolver against an in-process fake of Keystone and Nova's
+//! console-auth-tokens API (the real ones are in `tests/e2e/test_nova.py`):
+//! what each answer becomes, what is asked how often, and that nothing but
+//! a canonical UUID ever reaches Nova.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use common::{TestKey, good_claims, validator};
+use porthole::secret::Secret;
+use porthole::token::nova::{Credential, NovaResolver, NovaSettings, Resolvers, token_hash};
+use porthole::token::signing::KeyKind;
+use porthole::token::{ConsoleType, GrantResolver, RefusalReason};
+use serde_json::{Value, json};
+
+/// What the fake answers, and what it was asked.
+#[derive(Default)]
+struct Fake {
+    /// Console tokens Nova knows.
+    consoles: Mutex<HashMap<String, Value>>,
+    /// Keystone tokens Nova accepts.
+    valid: Mutex<Vec<String>>,
+    auths: AtomicUsize,
+    lookups: AtomicUsize,
+    /// Nova answers this status to every lookup instead.
+    status: Mutex<Option<u16>>,
+    /// Nova waits this long before answering.
+    delay: Mutex<Duration>,
+    /// The compute endpoint the catalog names.
+    compute: Mutex<String>,
+}
+
+async fn keystone(State(f): State<Arc<Fake>>, body: axum::Json<Value>) -> Response {
+    let n = f.auths.fetch_add(1, Ordering::SeqCst) + 1;
+    let method = &body["auth"]["identity"]["methods"][0];
+    let ok = match method.as_str() {
+        Some("password") => body["auth"]["identity"]["password"]["user"]["password"] == "pw-1",
+        Some("application_credential") => {
+            body["auth"]["identity"]["application_credential"]["secret"] == "ac-secret"
+        }
+        _ => false,
+    };
+    if !ok {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let token = format!("ks-{n}");
+    f.valid.lock().unwrap().push(token.clone());
+    (
+        [("x-subject-token", token)],
+        axum::Json(json!({"token": {
+            "issued_at": "2026-12-01T12:00:00.000000Z",
+            "expires_at": "2026-12-01T13:00:00.000000Z",
+            "catalog": [{"type": "compute", "endpoints": [
+                {"interface": "public", "region_id": "RegionOne", "url": "http://192.0.2.1:1/v2.1"},
+                {"interface": "internal", "region_id": "RegionOne", "url": *f.compute.lock().unwrap()},
+            ]}]
+        }})),
+    )
+        .into_response()
+}
+
+async fn lookup(State(f): State<Arc<Fake>>, Path(token): Path<String>, h: HeaderMap) -> Response {
+    f.lookups.fetch_add(1, Ordering::SeqCst);
+    let delay = *f.delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
+    if h.get("openstack-api-version").and_then(|v| v.to_str().ok()) != Some("compute 2.99") {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let ks = h
+        .get("x-auth-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !f.valid.lock().unwrap().iter().any(|t| t == ks) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if let Some(s) = *f.status.lock().unwrap() {
+        return StatusCode::from_u16(s).unwrap().into_response();
+    }
+    match f.consoles.lock().unwrap().get(&token) {
+        Some(c) => axum::Json(json!({ "console": c })).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"itemNotFound": {"code": 404}})),
+        )
+            .into_response(),
+    }
+}
+
+/// The fake on a free loopback port; its Keystone URL.
+async fn start(fake: &Arc<Fake>) -> String {
+    let app = Router::new()
+        .route("/v3/auth/tokens", post(keystone))
+        .route("/v2.1/os-console-auth-tokens/{token}", get(lookup))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    *fake.compute.lock().unwrap() = format!("http://{addr}/v2.1");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v3")
+}
+
+fn settings(auth_url: String) -> NovaSettings {
+    NovaSettings {
+        auth_url,
+        credential: Credential::Password {
+            username: "porthole".into(),
+            user_domain: "Default".into(),
+            password: Secret::new("pw-1".into()),
+            project: "service".into(),
+            project_domain: "Default".into(),
+        },
+        region: Some("RegionOne".into()),
+        interface: "internal".into(),
+        compute_url: None,
+        ca_file: None,
+        timeout: Duration::from_secs(2),
+        token_ttl_secs: 600,
+        cache_secs: 5,
+        negative_cache_secs: 30,
+        max_in_flight: 8,
+        capacity: 1000,
+        microversion: "2.99".into(),
+    }
+}
+
+const VNC_TOKEN: &str = "0b4c2a1e-9f3d-4e2a-8b1c-5d6e7f8a9b0c";
+const DIRECT_TOKEN: &str = "7d1f0c2b-1111-4aaa-8bbb-0123456789ab";
+const UNKNOWN_TOKEN: &str = "00000000-0000-4000-8000-000000000000";
+const INSTANCE: &str = "11111111-2222-4333-8444-555555555555";
+
+async fn fixture() -> (Arc<Fake>, NovaSettings) {
+    let fake = Arc::new(Fake::default());
+    fake.consoles.lock().unwrap().extend([
+        (
+            VNC_TOKEN.to_string(),
+            json!({"instance_uuid": INSTANCE, "host": "10.20.0.5", "port": 5901, "internal_access_path": null}),
+        ),
+        (
+            DIRECT_TOKEN.to_string(),
+            json!({"instance_uuid": INSTANCE, "host": "10.20.0.5", "port": 5930, "tls_port": 5931, "internal_access_path": null}),
+        ),
+    ]);
+    let url = start(&fake).await;
+    (fake, settings(url))
+}
+
+fn resolver(s: NovaSettings) -> NovaResolver {
+    NovaResolver::new(s).expect("resolver builds")
+}
+
+#[tokio::test]
+async fn a_nova_token_becomes_a_grant_of_the_routes_type_keyed_by_novas_hash() {
+    let (fake, s) = fixture().await;
+    let r = resolver(s);
+    let allow = common::allow_list();
+    let g = r
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap();
+    assert_eq!(g.console, ConsoleType::Novnc);
+    assert_eq!(g.jti, token_hash(VNC_TOKEN));
+    assert_eq!(g.instance, INSTANCE);
+    assert_eq!((g.target.host.as_str(), g.target.port), ("10.20.0.5", 5901));
+    assert_eq!(
+        g.expires_at,
+        g.claims.iat + 600,
+        "first sight plus token_ttl_secs"
+    );
+    assert_eq!(g.backend, "compute");
+    // The same token on the serial route is a serial grant: Nova names no type.
+    let g2 = r
+        .resolve(VNC_TOKEN, Some(ConsoleType::Serial), &allow)
+        .await
+        .unwrap();
+    assert_eq!(g2.console, ConsoleType::Serial);
+    assert_eq!(g2.claims.iat, g.claims.iat, "first sight is kept");
+    // Refused before connecting: spice-direct and vnc-direct routes.
+    for k in [ConsoleType::SpiceDirect, ConsoleType::VncDirect] {
+        let e = r.resolve(VNC_TOKEN, Some(k), &allow).await.unwrap_err();
+        assert_eq!(e.reason, RefusalReason::WrongConsoleType, "{k}");
+    }
+    // A page that does not say its type cannot use a Nova token.
+    let e = r.resolve(VNC_TOKEN, None, &allow).await.unwrap_err();
+    assert_eq!(e.reason, RefusalReason::WrongConsoleType);
+    assert_eq!(
+        fake.lookups.load(Ordering::SeqCst),
+        1,
+        "the rest came from the cache"
+    );
+    assert_eq!(fake.auths.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_spice_direct_token_is_known_by_its_tls_port_and_refused_on_browser_routes() {
+    let (_fake, s) = fixture().await;
+    let r = resolver(s);
+    let allow = common::allow_list();
+    let g = r
+        .resolve(DIRECT_TOKEN, Some(ConsoleType::SpiceDirect), &allow)
+        .await
+        .unwrap();
+    assert_eq!(g.console, ConsoleType::SpiceDirect);
+    assert_eq!(g.target.tls_port, Some(5931));
+    for k in [
+        ConsoleType::Novnc,
+        ConsoleType::SpiceHtml5,
+        ConsoleType::Serial,
+    ] {
+        let e = r.resolve(DIRECT_TOKEN, Some(k), &allow).await.unwrap_err();
+        assert_eq!(e.reason, RefusalReason::WrongConsoleType, "{k}");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_token_is_refused_and_its_404_remembered() {
+    let (fake, s) = fixture().await;
+    let r = resolver(s);
+    let allow = common::allow_list();
+    for _ in 0..3 {
+        let e = r
+            .resolve(UNKNOWN_TOKEN, Some(ConsoleType::Novnc), &allow)
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::UnknownToken);
+        assert_eq!(e.jti.as_deref(), Some(token_hash(UNKNOWN_TOKEN).as_str()));
+        assert!(
+            !e.detail.contains(UNKNOWN_TOKEN),
+            "the token is never in a detail"
+        );
+    }
+    assert_eq!(fake.lookups.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_token_seen_before_and_gone_from_nova_is_expired() {
+    let (fake, mut s) = fixture().await;
+    s.cache_secs = 0;
+    let r = resolver(s);
+    let allow = common::allow_list();
+    r.resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap();
+    fake.consoles.lock().unwrap().remove(VNC_TOKEN);
+    let e = r
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Expired);
+}
+
+#[tokio::test]
+async fn concurrent_lookups_of_one_token_ask_nova_once() {
+    let (fake, mut s) = fixture().await;
+    s.cache_secs = 0;
+    *fake.delay.lock().unwrap() = Duration::from_millis(200);
+    let r = Arc::new(resolver(s));
+    let allow = common::allow_list();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (r, allow) = (r.clone(), allow.clone());
+            tokio::spawn(
+                async move { r.resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &allow).await },
+            )
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(fake.lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(fake.auths.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_401_renews_the_keystone_token_once() {
+    let (fake, mut s) = fixture().await;
+    s.cache_secs = 0;
+    let r = resolver(s);
+    let allow = common::allow_list();
+    r.resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap();
+    // Keystone revoked it (or Nova's cache dropped it).
+    fake.valid.lock().unwrap().clear();
+    r.resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap();
+    assert_eq!(fake.auths.load(Ordering::SeqCst), 2);
+    assert_eq!(fake.lookups.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_policy_refusal_is_unavailable_and_names_the_policy() {
+    let (fake, s) = fixture().await;
+    *fake.status.lock().unwrap() = Some(403);
+    let r = resolver(s);
+    let e = r
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &common::allow_list())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Unavailable);
+    assert!(
+        e.detail.contains("os_compute_api:os-console-auth-tokens"),
+        "{}",
+        e.detail
+    );
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_dead_services_are_unavailable_within_the_deadline() {
+    let (_fake, mut s) = fixture().await;
+    s.credential = Credential::ApplicationCredential {
+        id: "ac".into(),
+        secret: Secret::new("wrong".into()),
+    };
+    let e = resolver(s.clone())
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &common::allow_list())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Unavailable);
+    assert!(e.detail.starts_with("Keystone"), "{}", e.detail);
+
+    // Nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v3", dead.local_addr().unwrap());
+    drop(dead);
+    s.auth_url = url;
+    let started = std::time::Instant::now();
+    let e = resolver(s)
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &common::allow_list())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Unavailable);
+    assert!(started.elapsed() < Duration::from_secs(7));
+}
+
+#[tokio::test]
+async fn a_slow_nova_is_unavailable_at_the_deadline() {
+    let (fake, mut s) = fixture().await;
+    s.timeout = Duration::from_secs(1);
+    *fake.delay.lock().unwrap() = Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    let e = resolver(s)
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), &common::allow_list())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Unavailable);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn targets_outside_the_backends_and_connect_prefaces_are_refused() {
+    let (fake, s) = fixture().await;
+    let outside = "aaaaaaaa-0000-4000-8000-000000000001";
+    let vmware = "aaaaaaaa-0000-4000-8000-000000000002";
+    fake.consoles.lock().unwrap().extend([
+        (outside.to_string(), json!({"instance_uuid": INSTANCE, "host": "192.0.2.9", "port": 5901, "internal_access_path": null})),
+        (vmware.to_string(), json!({"instance_uuid": INSTANCE, "host": "10.20.0.5", "port": 5901, "internal_access_path": "/console?x"})),
+    ]);
+    let r = resolver(s);
+    for t in [outside, vmware] {
+        let e = r
+            .resolve(t, Some(ConsoleType::Novnc), &common::allow_list())
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::TargetNotAllowed, "{}", e.detail);
+    }
+}
+
+#[tokio::test]
+async fn jwts_and_nova_tokens_work_side_by_side_and_junk_never_reaches_nova() {
+    let (fake, s) = fixture().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = TestKey::new(dir.path(), KeyKind::Ed25519, "k1");
+    let jwt = Arc::new(validator(vec![key.source()], false));
+    let both = Resolvers::new(jwt.clone(), Some(Arc::new(resolver(s))));
+    let signed = key.sign(&good_claims());
+    let g = both
+        .resolve(&signed, Some(ConsoleType::Novnc))
+        .await
+        .unwrap();
+    assert_eq!(g.issuer, common::ISSUER);
+    let g = both
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc))
+        .await
+        .unwrap();
+    assert_eq!(g.issuer, "nova");
+    for junk in [
+        "",
+        "junk",
+        &VNC_TOKEN.to_uppercase(),
+        &format!("{VNC_TOKEN}x"),
+    ] {
+        let e = both
+            .resolve(junk, Some(ConsoleType::Novnc))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::Malformed, "{junk:?}");
+    }
+    assert_eq!(fake.lookups.load(Ordering::SeqCst), 1);
+    // Revoking the instance refuses its Nova tokens too.
+    jwt.revocations()
+        .revoke_instance(
+            INSTANCE,
+            porthole::token::unix_now() + 60,
+            porthole::token::unix_now(),
+        )
+        .await
+        .unwrap();
+    let e = both
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Revoked);
+}
+
+#[test]
+fn the_nova_section_reads_its_secret_from_a_file_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("nova-pw"), "s3cret\n").unwrap();
+    let good = r#"
+[nova]
+auth_url = "https://keystone.example.com:5000/v3"
+username = "porthole"
+password_file = "nova-pw"
+token_ttl_secs = 300
+"#;
+    let c = porthole::config::Config::from_toml(good, dir.path()).unwrap();
+    let n = c.nova.expect("[nova]");
+    assert_eq!(n.token_ttl_secs, 300);
+    assert_eq!(n.interface, "internal");
+    assert_eq!(n.microversion, "2.99");
+    match &n.credential {
+        Credential::Password {
+            password, project, ..
+        } => {
+            assert_eq!(password.expose(), "s3cret");
+            assert_eq!(project, "service");
+            assert!(!format!("{n:?}").contains("s3cret"), "redacted in Debug");
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad = r#"
+[nova]
+username = "porthole"
+application_credential_id = "x"
+microversion = "2.6"
+"#;
+    let e = porthole::config::Config::from_toml(bad, dir.path())
+        .unwrap_err()
+        .to_string();
+    for key in ["nova.auth_url", "nova.username", "nova.microversion"] {
+        assert!(e.contains(key), "{key} in {e}");
+    }
+}
