@@ -21,6 +21,7 @@ use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};
 use crate::store::Redis;
 use crate::store::redemptions::RedisRedemptions;
+use crate::store::registry::RedisRegistry;
 use crate::store::revocations::RedisRevocations;
 use crate::store::tickets::RedisTickets;
 use crate::token::nova::{NovaResolver, Resolvers};
@@ -233,7 +234,7 @@ fn session_parts(
         resolver,
         redemptions: stores.redemptions.clone(),
         tickets: stores.tickets.clone(),
-        registry: Arc::new(session::registry::Registry::default()),
+        registry: stores.registry.clone(),
         tokens: config.tokens.clone(),
         browser: config.websocket.clone(),
         limits: Limits {
@@ -264,6 +265,7 @@ fn session_parts(
 /// Where tokens' state lives: in this process, or in the shared store.
 struct Stores {
     redis: Option<Arc<Redis>>,
+    registry: Arc<dyn session::registry::SessionRegistry>,
     redemptions: Arc<dyn RedemptionStore>,
     tickets: Arc<dyn TicketStore>,
     revocations: Arc<dyn RevocationStore>,
@@ -274,6 +276,7 @@ impl Stores {
         let Some(store) = &config.store else {
             return Ok(Self {
                 redis: None,
+                registry: Arc::new(session::registry::Registry::default()),
                 redemptions: Arc::new(MemoryRedemptions::new(
                     config.tokens.store_capacity,
                     config.tokens.policy.leeway_secs,
@@ -292,8 +295,15 @@ impl Stores {
                 store.renew,
                 background.clone(),
             ),
-            tickets: RedisTickets::new(redis.clone(), store.lease, store.renew, background),
+            tickets: RedisTickets::new(redis.clone(), store.lease, store.renew, background.clone()),
             revocations: Arc::new(RedisRevocations::new(redis.clone())),
+            registry: RedisRegistry::new(
+                redis.clone(),
+                crate::node::name().to_string(),
+                store.lease,
+                store.renew,
+                background,
+            ),
             redis: Some(redis),
         })
     }

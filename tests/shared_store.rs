@@ -402,3 +402,78 @@ async fn a_store_that_is_down_is_refused_never_trusted_until_it_is_back() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_runs_it() {
+    use porthole::session::registry::{NewSession, Selector, SessionRegistry};
+    use porthole::store::registry::RedisRegistry;
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let registry = |n: &Node, name: &str| {
+        RedisRegistry::new(
+            n.redis.clone(),
+            name.into(),
+            LEASE,
+            Duration::from_millis(500),
+            n.stop.clone(),
+        )
+    };
+    let (on_a, on_b) = (registry(&a, "node-a"), registry(&b, "node-b"));
+    let session = |jti: &str, key: Option<&str>| NewSession {
+        console: ConsoleType::SpiceDirect,
+        instance: "vm-1".into(),
+        jti: jti.into(),
+        client: "192.0.2.7".parse().unwrap(),
+        target: "127.0.0.1:5930".into(),
+        key: key.map(str::to_owned),
+    };
+    let live = on_a
+        .register(session("j1", Some("ticket-1")), CancellationToken::new())
+        .await;
+    let listed = on_b.list(&Selector::default()).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].id.as_str(), listed[0].node.as_str()),
+        (live.id.as_str(), "node-a")
+    );
+
+    // A SPICE channel on node b joins the session node a runs, and ends with it.
+    let joined = on_b
+        .by_key("ticket-1")
+        .await
+        .expect("found through the store");
+    assert_eq!(joined.id, live.id);
+
+    // Terminated through node b: node a's session is told, wherever it runs.
+    let all = Selector {
+        jti: Some("j1".into()),
+        ..Selector::default()
+    };
+    let ended = on_b.terminate(&all, "erin", "leaked link").await;
+    assert_eq!(ended.len(), 1);
+    tokio::time::timeout(Duration::from_secs(10), live.cancel.cancelled())
+        .await
+        .expect("node a's session was told to end");
+    assert_eq!(live.terminated.get().unwrap().by, "erin");
+    on_a.deregister(&live).await;
+    tokio::time::timeout(Duration::from_secs(10), joined.ended.cancelled())
+        .await
+        .expect("the channel that joined it on node b ends too");
+    eventually("the list empties", Duration::from_secs(10), || async {
+        on_b.list(&Selector::default()).await.is_empty()
+    })
+    .await;
+
+    // A node that dies (stops renewing): its sessions leave the list.
+    let _orphan = on_a
+        .register(session("j2", None), CancellationToken::new())
+        .await;
+    assert_eq!(on_b.list(&Selector::default()).await.len(), 1);
+    a.stop.cancel();
+    eventually(
+        "a dead node's sessions leave the list",
+        LEASE * 5,
+        || async { on_b.list(&Selector::default()).await.is_empty() },
+    )
+    .await;
+}

@@ -57,7 +57,7 @@ pub struct RedisRegistry {
 impl RedisRegistry {
     /// The registry of node `node`, publishing into `redis`; listens to
     /// the command and event channels and renews its entries until `stop`.
-    pub async fn new(
+    pub fn new(
         redis: Arc<Redis>,
         node: String,
         lease: Duration,
@@ -365,11 +365,12 @@ impl SessionRegistry for RedisRegistry {
     ) -> BoxFuture<'a, Vec<Arc<LiveSession>>> {
         Box::pin(async move {
             let mut hit = self.local.terminate(sel, by, reason);
+            // The rest of what matches runs on other nodes.
             let elsewhere: Vec<Arc<LiveSession>> = self
                 .all()
                 .await
                 .iter()
-                .filter(|(_, h)| h.get("node") != Some(&self.node))
+                .filter(|(id, _)| !hit.iter().any(|h| &h.id == id))
                 .filter_map(|(id, h)| remote_session(id, h))
                 .filter(|s| matches(sel, s))
                 .map(|s| {
