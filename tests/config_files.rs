@@ -82,6 +82,10 @@ fn the_example_config_documents_a_valid_setup() {
     let config = Config::from_toml(&text, dir.path()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.nova.as_ref().map(|n| n.token_ttl_secs), Some(600));
     assert_eq!(
+        config.store.as_ref().map(|s| s.lease),
+        Some(std::time::Duration::from_secs(30))
+    );
+    assert_eq!(
         config.listen.public_base_url,
         "https://consoles.example.com/porthole"
     );

@@ -22,7 +22,7 @@ class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
     def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None,
-                 web=None, sections=""):
+                 web=None, sections="", key=None):
         """spice: extra lines for [spice]; backend_extra: lines for the loopback
         [[backends]] entry (e.g. its [backends.spice] table, which must come last).
         Porthole's native SPICE TLS listener is always on, with its own test CA
@@ -30,9 +30,10 @@ class Porthole:
         vnc: lines for a [vnc] section (e.g. its listen address; the native VNC
         listener then uses the SPICE listener's certificate); None: no [vnc].
         web: the [web] section's lines; None: the checkout's web/ as root.
-        sections: more sections (e.g. [nova]), before [[backends]]."""
+        sections: more sections (e.g. [nova]), before [[backends]].
+        key: another gateway's signing key (nodes of one cluster share it)."""
         from vm import make_spice_certs
-        self.key = Key(tmp, "EdDSA", "e2e")
+        self.key = key or Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
         self.admin_port = free_port()
         self.spice_tls_port = free_port()

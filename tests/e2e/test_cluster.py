@@ -1,0 +1,219 @@
+"""Two Porthole nodes on one real redis-server behave as one gateway: a
+token runs one session across both, an operator on either node lists and
+ends sessions on both, a revocation made on one holds on the other, a node
+that dies frees its tokens within the lease, and a Redis that goes away
+makes the nodes refuse (unavailable, /readyz 503), never admit, until it is
+back (empty), with no node restarted. The console is QEMU's VNC display."""
+
+import socket
+import subprocess
+import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from harness import http
+from support import EchoBackend, Porthole
+
+LEASE = 3
+
+
+class RedisServer:
+    """redis-server on a free loopback port (no persistence), stopped by PID."""
+
+    def __init__(self, port=None):
+        if port is None:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+        self.port = port
+        self.proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--daemonize", "no"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not listen"
+                time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def redis():
+    r = RedisServer()
+    yield r
+    r.stop()
+
+
+def node(tmp_path, name, redis, key=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    return Porthole(folder, key=key, sections=f"""
+[store]
+url = "redis://127.0.0.1:{redis.port}"
+key_prefix = "e2e:"
+timeout_ms = 500
+lease_secs = {LEASE}
+renew_secs = 1
+[node]
+name = "{name}"
+""")
+
+
+def ws_url(p, endpoint, token):
+    return f"ws://127.0.0.1:{p.public_port}/{endpoint}?token={token}"
+
+
+def refused(url, status):
+    with pytest.raises(InvalidStatus) as e:
+        connect(url, open_timeout=10)
+    assert e.value.response.status_code == status, e.value.response
+    return e.value.response.body
+
+
+def until(what, check, within=15):
+    deadline = time.monotonic() + within
+    while not (got := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return got
+
+
+def close_code(ws, within=15):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            ws.recv(timeout=1)
+        except TimeoutError:
+            continue
+        except Exception:  # noqa: BLE001 - the close is what we wait for
+            break
+    return ws.close_code
+
+
+def readyz(p):
+    return http("GET", f"http://127.0.0.1:{p.admin_port}/readyz")[0]
+
+
+def test_two_nodes_are_one_gateway(tmp_path, vm, redis):
+    a = node(tmp_path, "node-a", redis)
+    b = node(tmp_path, "node-b", redis, key=a.key)
+    try:
+        # One token, one session, across both nodes.
+        minted = a.mint("novnc", vm.vnc_port)
+        ws = connect(ws_url(a, "vnc", minted["token"]), open_timeout=10)
+        rfb_client_handshake_init(ws)
+        body = refused(ws_url(b, "vnc", minted["token"]), 403)
+        assert b"refused" in body, body
+        # Either node lists it, with the node that runs it.
+        status, listed = b.admin("GET", "/v1/sessions")
+        assert status == 200 and [(s["node"], s["jti"]) for s in listed["sessions"]] == [("node-a", minted["jti"])], listed
+        # Ended through node b: node a's session closes with the operator's code.
+        sid = listed["sessions"][0]["id"]
+        status, answer = b.admin("DELETE", f"/v1/sessions/{sid}?reason=leaked", actor="erin")
+        assert status == 200 and answer["terminated"] == [sid], answer
+        assert close_code(ws) == 4003
+        until("node a's session leaves the list", lambda: b.admin("GET", "/v1/sessions")[1]["sessions"] == [])
+        assert any(e["event"] == "session_ended" and e.get("session") == sid and e.get("terminated_by") == "erin"
+                   for e in a.audit()), a.audit()
+
+        # After a session ends, its token opens on the other node (reconnect).
+        again = a.mint("novnc", vm.vnc_port)
+        with connect(ws_url(a, "vnc", again["token"]), open_timeout=10) as ws:
+            rfb_client_handshake_init(ws)
+        until("the token is released", lambda: b.admin("GET", "/v1/sessions")[1]["sessions"] == [])
+        with connect(ws_url(b, "vnc", again["token"]), open_timeout=10) as ws:
+            rfb_client_handshake_init(ws)
+
+        # Revoked through node a: refused on node b.
+        third = a.mint("novnc", vm.vnc_port)
+        status, _ = a.admin("POST", "/v1/revocations", {"jti": third["jti"], "reason": "leaked"})
+        assert status == 200
+        assert b"revoked" in refused(ws_url(b, "vnc", third["token"]), 403)
+    finally:
+        for p in (a, b):
+            assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def rfb_client_handshake_init(ws):
+    """The browser's RFB handshake up to QEMU's ServerInit header."""
+    assert ws.recv(timeout=10) == b"RFB 003.008\n"
+    ws.send(b"RFB 003.008\n")
+    assert ws.recv(timeout=10) == b"\x01\x01"
+    ws.send(b"\x01")
+    got = b""
+    while len(got) < 4 + 24:
+        got += ws.recv(timeout=10)
+    assert got[:4] == b"\x00\x00\x00\x00", got
+    return got
+
+
+def test_a_node_that_dies_frees_its_tokens_and_leaves_the_list(tmp_path, redis):
+    backend = EchoBackend()
+    a = node(tmp_path, "node-a", redis)
+    b = node(tmp_path, "node-b", redis, key=a.key)
+    try:
+        minted = a.mint("serial", backend.port)
+        ws = connect(ws_url(a, "serial", minted["token"]), open_timeout=10)
+        ws.send(b"x")
+        assert ws.recv(timeout=10) == b"x"
+        refused(ws_url(b, "serial", minted["token"]), 403)
+        a.gateway.proc.kill()
+        a.gateway.proc.wait()
+        ws.close()
+        # Within the lease (3 s; bounds are generous): gone from the list,
+        # and the token opens on node b.
+        until("the dead node's session leaves the list",
+              lambda: b.admin("GET", "/v1/sessions")[1]["sessions"] == [], within=LEASE * 10)
+
+        def opens():
+            try:
+                with connect(ws_url(b, "serial", minted["token"]), open_timeout=10) as w:
+                    w.send(b"y")
+                    return w.recv(timeout=10) == b"y"
+            except InvalidStatus:
+                return False
+        until("the dead node's token is free again", opens, within=LEASE * 10)
+    finally:
+        backend.close()
+        assert b.gateway.stop() == 0, b.log()[-3000:]
+
+
+def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis):
+    backend, other = EchoBackend(), EchoBackend()  # a serial console serves one client
+    a = node(tmp_path, "node-a", redis)
+    try:
+        live = connect(ws_url(a, "serial", a.mint("serial", backend.port)["token"]), open_timeout=10)
+        live.send(b"1")
+        assert live.recv(timeout=10) == b"1"
+        redis.stop()
+        until("/readyz says the node cannot admit", lambda: readyz(a) == 503)
+        body = refused(ws_url(a, "serial", a.mint("serial", other.port)["token"]), 503)
+        assert b"unavailable" in body, body
+        # A running session goes on (documented: it is admitted already).
+        live.send(b"2")
+        assert live.recv(timeout=10) == b"2"
+        assert "store unreachable" in a.log()
+        # Redis back, empty: the node reconnects by itself.
+        back = RedisServer(redis.port)
+        try:
+            until("/readyz again", lambda: readyz(a) == 200)
+            with connect(ws_url(a, "serial", a.mint("serial", other.port)["token"]), open_timeout=10) as w:
+                w.send(b"3")
+                assert w.recv(timeout=10) == b"3"
+            assert "store reachable" in a.log()
+            live.close()
+        finally:
+            assert a.gateway.stop() == 0, a.log()[-3000:]
+            back.stop()
+    finally:
+        backend.close()
+        other.close()
