@@ -81,7 +81,8 @@ struct Node {
 
 const LEASE: Duration = Duration::from_secs(2);
 
-fn node(server: &RedisServer, name: &str) -> Node {
+/// A node's stores, once they know the store (its epoch).
+async fn node(server: &RedisServer, name: &str) -> Node {
     let config = StoreConfig {
         url: format!("redis://127.0.0.1:{}", server.port),
         username: None,
@@ -93,6 +94,14 @@ fn node(server: &RedisServer, name: &str) -> Node {
     };
     let stop = CancellationToken::new();
     let redis = Redis::connect(&config, name, stop.clone()).unwrap();
+    let started = tokio::time::Instant::now();
+    while !redis.healthy() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the store never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Node {
         redemptions: RedisRedemptions::new(redis.clone(), LEASE, config.renew, stop.clone()),
         tickets: RedisTickets::new(redis.clone(), LEASE, config.renew, stop.clone()),
@@ -153,7 +162,7 @@ where
 #[tokio::test]
 async fn one_session_per_token_across_nodes_and_a_dead_nodes_tokens_come_free() {
     let server = RedisServer::start();
-    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let exp = unix_now() + 600;
     let reconnect = ReusePolicy::Reconnect;
     a.redemptions
@@ -204,6 +213,7 @@ async fn one_session_per_token_across_nodes_and_a_dead_nodes_tokens_come_free() 
         .unwrap();
     a.redemptions.release("s1").await;
     let spent = a2(&server)
+        .await
         .redemptions
         .redeem("s1", exp, single, None, 0)
         .await
@@ -212,7 +222,7 @@ async fn one_session_per_token_across_nodes_and_a_dead_nodes_tokens_come_free() 
 
     // A killed token is dead everywhere.
     a.redemptions.revoke("k1", exp, 0).await.unwrap();
-    let c = a2(&server);
+    let c = a2(&server).await;
     assert!(c.redemptions.is_revoked("k1").await.unwrap());
     let killed = c
         .redemptions
@@ -223,14 +233,14 @@ async fn one_session_per_token_across_nodes_and_a_dead_nodes_tokens_come_free() 
 }
 
 /// A third node on the same Redis.
-fn a2(server: &RedisServer) -> Node {
-    node(server, "c")
+async fn a2(server: &RedisServer) -> Node {
+    node(server, "c").await
 }
 
 #[tokio::test]
 async fn a_ticket_issued_on_one_node_opens_and_joins_its_session_on_another() {
     let server = RedisServer::start();
-    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let now = unix_now();
     let spice = ConsoleType::SpiceDirect;
     let first = a.tickets.issue(grant("j", spice), 60, now).await.unwrap();
@@ -312,7 +322,7 @@ async fn a_ticket_issued_on_one_node_opens_and_joins_its_session_on_another() {
 #[tokio::test]
 async fn revocations_made_on_one_node_hold_on_every_node() {
     let server = RedisServer::start();
-    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let now = unix_now();
     assert_eq!(b.revocations.check("j1", "vm", now).await.unwrap(), None);
     a.revocations
@@ -347,7 +357,7 @@ async fn revocations_made_on_one_node_hold_on_every_node() {
 #[tokio::test]
 async fn a_store_that_is_down_is_refused_never_trusted_until_it_is_back() {
     let mut server = RedisServer::start();
-    let a = node(&server, "a");
+    let a = node(&server, "a").await;
     let exp = unix_now() + 600;
     a.redemptions
         .redeem("before", exp, ReusePolicy::Reconnect, None, 0)
@@ -357,6 +367,16 @@ async fn a_store_that_is_down_is_refused_never_trusted_until_it_is_back() {
         a.redis.healthy()
     })
     .await;
+    // What must survive a Redis that comes back empty.
+    let now = unix_now();
+    a.revocations
+        .revoke_jti("revoked-before", now + 600, now)
+        .await
+        .unwrap();
+    a.redemptions
+        .redeem("spent-before", exp, ReusePolicy::SingleUse, None, 0)
+        .await
+        .unwrap();
     server.stop();
     let refused = a
         .redemptions
@@ -389,7 +409,26 @@ async fn a_store_that_is_down_is_refused_never_trusted_until_it_is_back() {
     })
     .await;
     assert!(a.redis.healthy());
-    let b = node(&_server, "b");
+    // Re-seeded from what node a remembered: the revocation and the spent
+    // single-use token hold, for node a and for a node that starts now.
+    let b = node(&_server, "b").await;
+    eventually("b knows the store", Duration::from_secs(10), || async {
+        b.redis.healthy()
+    })
+    .await;
+    assert!(
+        b.revocations
+            .check("revoked-before", "vm", now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let spent = b
+        .redemptions
+        .redeem("spent-before", exp, ReusePolicy::SingleUse, None, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(spent.reason, RefusalReason::Replayed);
     eventually(
         "the running session's lease is back",
         Duration::from_secs(10),
@@ -408,7 +447,7 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
     use porthole::session::registry::{NewSession, Selector, SessionRegistry};
     use porthole::store::registry::RedisRegistry;
     let server = RedisServer::start();
-    let (a, b) = (node(&server, "a"), node(&server, "b"));
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let registry = |n: &Node, name: &str| {
         RedisRegistry::new(
             n.redis.clone(),

@@ -18,6 +18,7 @@
 
 pub mod redemptions;
 pub mod registry;
+mod remembered;
 pub mod revocations;
 pub mod tickets;
 
@@ -52,6 +53,13 @@ pub struct Redis {
     prefix: String,
     timeout: Duration,
     healthy: AtomicBool,
+    /// Set until this node knows the store's epoch, and while it re-seeds a
+    /// store that lost its data: operations are refused meanwhile.
+    reseeding: AtomicBool,
+    /// What this node would re-seed a store that lost its data with.
+    remembered: remembered::Remembered,
+    /// The store's epoch as this node knows it.
+    epoch: std::sync::Mutex<Option<String>>,
     /// This process's name in the leases it holds (node and a random part,
     /// so that a restarted node never mistakes an old lease for its own).
     pub holder: String,
@@ -108,15 +116,20 @@ impl Redis {
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             healthy: AtomicBool::new(false),
+            reseeding: AtomicBool::new(true),
+            remembered: remembered::Remembered::default(),
+            epoch: std::sync::Mutex::default(),
             holder: format!("{node}/{}", crate::token::signing::random_token(9)),
         });
-        tokio::spawn(redis.clone().probe(stop));
+        tokio::spawn(redis.clone().probe(stop.clone()));
+        tokio::spawn(redis.clone().follow_events(stop));
         Ok(redis)
     }
 
-    /// Whether the store answered lately.
+    /// Whether the store answered lately (and holds what it must: see
+    /// [`remembered`]).
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Relaxed)
+        self.healthy.load(Relaxed) && !self.reseeding.load(Relaxed)
     }
 
     /// `prefix` + `parts`.
@@ -159,9 +172,23 @@ impl Redis {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        if self.reseeding.load(Relaxed) {
+            return Err(StoreError(
+                "not ready: the store's epoch is unknown or it is being re-seeded".into(),
+            ));
+        }
+        self.run_now(op).await
+    }
+
+    /// [`Redis::run`], also while re-seeding (the probe's own operations).
+    async fn run_now<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         match tokio::time::timeout(self.timeout, op(self.conn.clone())).await {
             Ok(Ok(v)) => {
-                if !self.healthy() {
+                if !self.healthy.load(Relaxed) {
                     self.answered(true, None);
                 }
                 Ok(v)
@@ -265,7 +292,7 @@ impl Redis {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let _: Result<String, _> = self.cmd(redis::cmd("PING")).await;
+            self.check_epoch().await;
         }
     }
 }

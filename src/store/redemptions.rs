@@ -23,15 +23,17 @@ use redis::Script;
 use tokio_util::sync::CancellationToken;
 
 use super::Redis;
+use super::remembered::Event;
 use crate::token::RefusalReason;
 use crate::token::redemption::{RedeemError, RedemptionStore, ReusePolicy};
 
 /// Seconds a spent or killed token is remembered past its expiry (leeway).
 const KEEP_PAST_EXP: u64 = 300;
 
-/// KEYS: lease, spent, revoked. ARGV: holder, lease ms, single-use (0/1),
-/// keep-spent-until ms.
+/// KEYS: lease, spent, revoked, epoch. ARGV: holder, lease ms, single-use
+/// (0/1), keep-spent-until ms, the epoch this node knows.
 const REDEEM: &str = r"
+if redis.call('GET', KEYS[4]) ~= ARGV[5] then return 'epoch' end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'revoked' end
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 'spent' end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -171,23 +173,42 @@ impl RedemptionStore for RedisRedemptions {
         Box::pin(async move {
             let [lease, spent, revoked] = self.keys(jti);
             let single = policy == ReusePolicy::SingleUse;
+            let epoch_key = self.redis.key(&["epoch"]);
             let answer: String = self
                 .redis
                 .eval(
                     &REDEEM_SCRIPT,
-                    &[&lease, &spent, &revoked],
+                    &[&lease, &spent, &revoked, &epoch_key],
                     &[
                         &self.redis.holder,
                         &self.lease.as_millis().to_string(),
                         if single { "1" } else { "0" },
                         &((exp + KEEP_PAST_EXP) * 1000).to_string(),
+                        &self.redis.known_epoch(),
                     ],
                 )
                 .await
                 .map_err(unavailable)?;
             match answer.as_str() {
+                // The store lost its data: it may have forgotten a
+                // revocation. Refuse until it is re-seeded.
+                "epoch" => {
+                    self.redis.epoch_lost();
+                    Err(RedeemError {
+                        reason: RefusalReason::Unavailable,
+                        detail: "the shared store lost its data and is being re-seeded",
+                    })
+                }
                 "ok" => {
                     *self.held().entry(jti.to_string()).or_default() += 1;
+                    if single {
+                        self.redis
+                            .note(Event::Spent {
+                                jti: jti.to_string(),
+                                until: (exp + KEEP_PAST_EXP) * 1000,
+                            })
+                            .await;
+                    }
                     Ok(())
                 }
                 "revoked" => Err(RedeemError {
@@ -215,9 +236,19 @@ impl RedemptionStore for RedisRedemptions {
         Box::pin(async move {
             let [lease, spent, revoked] = self.keys(jti);
             let mut pipe = redis::pipe();
-            pipe.exists(revoked).exists(spent).exists(lease);
-            let (revoked, spent, held): (bool, bool, bool) =
+            pipe.exists(revoked)
+                .exists(spent)
+                .exists(lease)
+                .get(self.redis.key(&["epoch"]));
+            let (revoked, spent, held, epoch): (bool, bool, bool, Option<String>) =
                 self.redis.pipe(pipe).await.map_err(unavailable)?;
+            if epoch.as_deref() != Some(self.redis.known_epoch().as_str()) {
+                self.redis.epoch_lost();
+                return Err(RedeemError {
+                    reason: RefusalReason::Unavailable,
+                    detail: "the shared store lost its data and is being re-seeded",
+                });
+            }
             if revoked {
                 return Err(RedeemError {
                     reason: RefusalReason::Revoked,
@@ -279,16 +310,32 @@ impl RedemptionStore for RedisRedemptions {
             self.redis
                 .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&until])
                 .await
-                .map(drop)
-                .map_err(unavailable)
+                .map_err(unavailable)?;
+            self.redis
+                .note(Event::RevokedJti {
+                    jti: jti.to_string(),
+                    until: (exp + KEEP_PAST_EXP) * 1000,
+                })
+                .await;
+            Ok(())
         })
     }
 
     fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, RedeemError>> {
         Box::pin(async move {
-            let mut cmd = redis::cmd("EXISTS");
-            cmd.arg(self.redis.key(&["revoked", "jti", jti]));
-            self.redis.cmd(cmd).await.map_err(unavailable)
+            let mut pipe = redis::pipe();
+            pipe.exists(self.redis.key(&["revoked", "jti", jti]))
+                .get(self.redis.key(&["epoch"]));
+            let (revoked, epoch): (bool, Option<String>) =
+                self.redis.pipe(pipe).await.map_err(unavailable)?;
+            if epoch.as_deref() != Some(self.redis.known_epoch().as_str()) {
+                self.redis.epoch_lost();
+                return Err(RedeemError {
+                    reason: RefusalReason::Unavailable,
+                    detail: "the shared store lost its data and is being re-seeded",
+                });
+            }
+            Ok(revoked)
         })
     }
 }

@@ -14,6 +14,7 @@ use redis::Script;
 
 use super::Redis;
 use super::redemptions::KEEP_UNTIL_SCRIPT;
+use super::remembered::Event;
 use crate::token::revocation::{RevocationError, RevocationStore};
 
 /// KEYS: instance key. ARGV: revoked-at (seconds), until (ms). Keeps the
@@ -54,8 +55,14 @@ impl RevocationStore for RedisRevocations {
             self.redis
                 .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&(until * 1000).to_string()])
                 .await
-                .map(drop)
-                .map_err(|e| RevocationError::Unavailable(e.to_string()))
+                .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
+            self.redis
+                .note(Event::RevokedJti {
+                    jti: jti.to_string(),
+                    until: until * 1000,
+                })
+                .await;
+            Ok(())
         })
     }
 
@@ -74,8 +81,15 @@ impl RevocationStore for RedisRevocations {
                     &[&now.to_string(), &(until * 1000).to_string()],
                 )
                 .await
-                .map(drop)
-                .map_err(|e| RevocationError::Unavailable(e.to_string()))
+                .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
+            self.redis
+                .note(Event::RevokedInstance {
+                    instance: instance.to_string(),
+                    at: now,
+                    until: until * 1000,
+                })
+                .await;
+            Ok(())
         })
     }
 
@@ -88,12 +102,20 @@ impl RevocationStore for RedisRevocations {
         Box::pin(async move {
             let mut pipe = redis::pipe();
             pipe.exists(self.redis.key(&["revoked", "jti", jti]))
-                .get(self.redis.key(&["revoked", "instance", instance]));
-            let (jti_revoked, instance_at): (bool, Option<u64>) = self
+                .get(self.redis.key(&["revoked", "instance", instance]))
+                .get(self.redis.key(&["epoch"]));
+            let (jti_revoked, instance_at, epoch): (bool, Option<u64>, Option<String>) = self
                 .redis
                 .pipe(pipe)
                 .await
                 .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
+            // A store that lost its data may have forgotten this revocation.
+            if epoch.as_deref() != Some(self.redis.known_epoch().as_str()) {
+                self.redis.epoch_lost();
+                return Err(RevocationError::Unavailable(
+                    "the store lost its data and is being re-seeded".into(),
+                ));
+            }
             Ok(if jti_revoked {
                 Some("token was revoked")
             } else if instance_at.is_some_and(|at| iat <= at) {

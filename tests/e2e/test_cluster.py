@@ -199,6 +199,9 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
         live = connect(ws_url(a, "serial", a.mint("serial", backend.port)["token"]), open_timeout=10)
         live.send(b"1")
         assert live.recv(timeout=10) == b"1"
+        revoked = a.mint("serial", other.port)
+        status, _ = a.admin("POST", "/v1/revocations", {"jti": revoked["jti"], "reason": "leaked"})
+        assert status == 200
         redis.stop()
         until("/readyz says the node cannot admit", lambda: readyz(a) == 503)
         body = refused(ws_url(a, "serial", a.mint("serial", other.port)["token"]), 503)
@@ -211,6 +214,9 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
         back = RedisServer(redis.port)
         try:
             until("/readyz again", lambda: readyz(a) == 200)
+            # Redis came back empty; the node re-seeded what it remembers.
+            assert b"revoked" in refused(ws_url(a, "serial", revoked["token"]), 403)
+            assert "re-seeded" in a.log()
             with connect(ws_url(a, "serial", a.mint("serial", other.port)["token"]), open_timeout=10) as w:
                 w.send(b"3")
                 assert w.recv(timeout=10) == b"3"
