@@ -10,6 +10,8 @@
 //! - `POST /v1/revocations {"jti"|"instance", "reason"}`: revoke tokens
 //!   before they are used (kept until they can no longer be valid).
 
+use std::collections::HashSet;
+
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -122,19 +124,28 @@ pub async fn kill_many(
     Json(json!({ "terminated": ended })).into_response()
 }
 
-/// Ends the sessions, revokes their tokens, audits each; returns their ids.
+/// Revokes the sessions' tokens, ends the sessions, audits each; returns their ids.
 async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> Vec<String> {
     let reason = reason.unwrap_or("terminated by an operator");
-    let ended = s.sessions.registry.terminate(sel, by, reason).await;
     let now = unix_now();
+    // A killed session's token is dead: no reconnect, no new channel. It
+    // dies before its session ends: a client that sees the close and asks
+    // again at once (a page's preflight, a reconnect), through a balancer
+    // to any node, must find the revocation already there. Ended first, a
+    // session on another node closes while this node still writes it, and
+    // its lease is free: the token would open a new session.
+    let mut dead = HashSet::new();
+    for view in s.sessions.registry.list(sel).await {
+        if dead.insert(view.jti.clone()) {
+            kill_token(s, &view.jti, now).await;
+        }
+    }
+    let ended = s.sessions.registry.terminate(sel, by, reason).await;
     for live in &ended {
-        // A killed session's token is dead: no reconnect, no new channel.
-        let _ = s
-            .validator
-            .revocations()
-            .revoke_jti(&live.jti, now + s.revoke_for_secs, now)
-            .await;
-        s.sessions.tickets.revoke_jti(&live.jti).await;
+        // One that started between the list and the terminate.
+        if dead.insert(live.jti.clone()) {
+            kill_token(s, &live.jti, now).await;
+        }
         crate::metrics::admin_action("terminate");
         tracing::info!(session = %live.id, jti = %live.jti, instance = %live.instance, by, reason, "session terminated");
         AuditEvent::admin("session_terminated", by, reason)
@@ -142,6 +153,16 @@ async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str
             .emit();
     }
     ended.iter().map(|l| l.id.clone()).collect()
+}
+
+/// Revokes `jti` (for as long as a token can be valid) and its unused tickets.
+async fn kill_token(s: &AdminState, jti: &str, now: u64) {
+    let _ = s
+        .validator
+        .revocations()
+        .revoke_jti(jti, now + s.revoke_for_secs, now)
+        .await;
+    s.sessions.tickets.revoke_jti(jti).await;
 }
 
 /// The body of `POST /v1/revocations`.
