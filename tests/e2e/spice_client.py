@@ -5,8 +5,11 @@ and writes it as PPM; we convert that to PNG."""
 
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
+import time
 
 from PIL import Image
 
@@ -88,3 +91,32 @@ def wait_for_final_spice_screen(vm, tmp_path):
                 raise
         previous = shot
         time.sleep(0.5)
+
+
+def remote_viewer_connects(vv, tmp_path, timeout=30):
+    """Opens the .vv file in remote-viewer (virt-viewer) on a virtual X
+    display; true once spice-gtk reports the display channel up."""
+    log = tmp_path / "remote-viewer.log"
+    with open(log, "w") as out:
+        p = subprocess.Popen(["xvfb-run", "-a", "remote-viewer", "--debug", str(vv)], stdout=out,
+                             stderr=subprocess.STDOUT, env={**os.environ, "SPICE_DEBUG": "1"},
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            if re.search(r"display-2:0: channel up", text):
+                return True
+            if p.poll() is not None:
+                break
+            time.sleep(0.2)
+        print(log.read_text(errors="replace")[-4000:])
+        return False
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

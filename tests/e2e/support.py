@@ -22,7 +22,7 @@ class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
     def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None,
-                 web=None, sections="", key=None):
+                 web=None, sections="", key=None, base_url=None, certs_of=None):
         """spice: extra lines for [spice]; backend_extra: lines for the loopback
         [[backends]] entry (e.g. its [backends.spice] table, which must come last).
         Porthole's native SPICE TLS listener is always on, with its own test CA
@@ -31,15 +31,23 @@ class Porthole:
         listener then uses the SPICE listener's certificate); None: no [vnc].
         web: the [web] section's lines; None: the checkout's web/ as root.
         sections: more sections (e.g. [nova]), before [[backends]].
-        key: another gateway's signing key (nodes of one cluster share it)."""
+        key: another gateway's signing key (nodes of one cluster share it).
+        base_url: listen.public_base_url (and self.base, so minted URLs use it):
+        the balancer's address in front of several nodes; default this node's.
+        certs_of: another Porthole whose SPICE certificate, key and CA this one
+        presents too (every node behind one balancer address must)."""
         from vm import make_spice_certs
         self.key = key or Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
         self.admin_port = free_port()
         self.spice_tls_port = free_port()
-        self.base = f"{scheme}://127.0.0.1:{self.public_port}"
-        certs = tmp / "porthole-spice-certs"
-        self.spice_subject = make_spice_certs(certs)
+        self.base = base_url or f"{scheme}://127.0.0.1:{self.public_port}"
+        if certs_of is None:
+            certs = tmp / "porthole-spice-certs"
+            self.spice_subject = make_spice_certs(certs)
+        else:
+            certs, self.spice_subject = certs_of.spice_certs, certs_of.spice_subject
+        self.spice_certs = certs
         self.spice_ca = certs / "ca-cert.pem"
         # The admin API's bearer key (an [issuance] bearer key), and the audit file.
         self.bearer = tmp / "admin-bearer.key"
@@ -155,6 +163,19 @@ ports = ["1024-65535"]
     def metrics(self):
         from harness import http
         return http("GET", f"http://127.0.0.1:{self.admin_port}/metrics")[1]
+
+
+def get_from(client, port, path):
+    """GET http://127.0.0.1:PORT/PATH from the local address `client` (e.g.
+    127.0.0.5, to tell a client behind a balancer from the balancer): (status, body)."""
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(client, 0))
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
 
 
 def browser(*args, timeout=90):

@@ -5,8 +5,6 @@ that dies frees its tokens within the lease, and a Redis that goes away
 makes the nodes refuse (unavailable, /readyz 503), never admit, until it is
 back (empty), with no node restarted. The console is QEMU's VNC display."""
 
-import socket
-import subprocess
 import time
 
 import pytest
@@ -14,36 +12,10 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from harness import http
+from peers import RedisServer
 from support import EchoBackend, Porthole
 
 LEASE = 3
-
-
-class RedisServer:
-    """redis-server on a free loopback port (no persistence), stopped by PID."""
-
-    def __init__(self, port=None):
-        if port is None:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            s.close()
-        self.port = port
-        self.proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--daemonize", "no"], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not listen"
-                time.sleep(0.05)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture

@@ -2,46 +2,14 @@
 Porthole starts a demo VM and prints console URLs that work in a browser."""
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
 import time
 
 from support import browser
 from harness import Gateway, free_port, http
 from screen import seabios_screen
-from spice_client import spicy_capture
-
-
-def remote_viewer_connects(vv, tmp_path, timeout=30):
-    """Opens the .vv file in remote-viewer (virt-viewer) on a virtual X
-    display; true once spice-gtk reports the display channel up."""
-    log = tmp_path / "remote-viewer.log"
-    with open(log, "w") as out:
-        p = subprocess.Popen(["xvfb-run", "-a", "remote-viewer", "--debug", str(vv)], stdout=out,
-                             stderr=subprocess.STDOUT, env={**os.environ, "SPICE_DEBUG": "1"},
-                             start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = log.read_text(errors="replace")
-            if re.search(r"display-2:0: channel up", text):
-                return True
-            if p.poll() is not None:
-                break
-            time.sleep(0.2)
-        print(log.read_text(errors="replace")[-4000:])
-        return False
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+from spice_client import remote_viewer_connects, spicy_capture
 
 
 def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):

@@ -6,9 +6,7 @@ session list, audit trail and log name 127.0.0.5, never HAProxy, and name
 the node."""
 
 import json
-import shutil
 import socket
-import subprocess
 import time
 import urllib.parse
 
@@ -16,64 +14,12 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from harness import free_port
+from peers import HAProxy, Route
 from spice_wire import MAIN, Channel
-from support import EchoBackend, Porthole
+from support import EchoBackend, Porthole, get_from
 
 CLIENT = "127.0.0.5"
 NODE = "e2e-node-a"
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-
-
-class HAProxy:
-    """`haproxy -db` with a config of TCP frontends, each forwarding to one
-    Porthole listener with a PROXY v2 header; stopped by its PID."""
-
-    def __init__(self, tmp, routes):
-        """routes: {name: (frontend port, Porthole port)}."""
-        lines = ["global", "    log stderr format raw local0 info", "defaults", "    mode tcp",
-                 "    log global", "    timeout connect 5s", "    timeout client 60s",
-                 "    timeout server 60s", "    timeout tunnel 1h"]
-        for name, (front, back) in routes.items():
-            lines += [f"frontend {name}", f"    bind 127.0.0.1:{front}", f"    default_backend {name}_nodes",
-                      f"backend {name}_nodes", f"    server node-a 127.0.0.1:{back} send-proxy-v2"]
-        self.cfg = tmp / "haproxy.cfg"
-        self.cfg.write_text("\n".join(lines) + "\n")
-        subprocess.run([HAPROXY, "-c", "-q", "-f", str(self.cfg)], check=True, timeout=30)
-        self.log = open(tmp / "haproxy.log", "w")
-        self.proc = subprocess.Popen([HAPROXY, "-f", str(self.cfg), "-db"], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        for front, _ in routes.values():
-            while True:
-                assert self.proc.poll() is None, (tmp / "haproxy.log").read_text()
-                try:
-                    socket.create_connection(("127.0.0.1", front), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "HAProxy never listened"
-                    time.sleep(0.05)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def get_from_client(port, path):
-    """GET through HAProxy from CLIENT: (status, body)."""
-    import http.client
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(CLIENT, 0))
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, r.read().decode()
-    finally:
-        c.close()
 
 
 def wait_for(condition, what, within=20):
@@ -97,7 +43,8 @@ def behind_haproxy(spice_vm, tmp_path):
                  backend_extra="\n".join(["[backends.spice]", f'password_file = "{pw}"',
                                           f'ca = "{vm.spice_ca}"', "[node]", f'name = "{NODE}"']))
     public_front, spice_front = free_port(), free_port()
-    lb = HAProxy(tmp_path, {"public": (public_front, p.public_port), "spice": (spice_front, p.spice_tls_port)})
+    lb = HAProxy(tmp_path, {"public": Route(public_front, [p.public_port]),
+                            "spice": Route(spice_front, [p.spice_tls_port])})
     try:
         yield vm, p, public_front, spice_front
     finally:
@@ -127,7 +74,7 @@ def test_haproxy_passes_the_client_address_to_every_listener(behind_haproxy):
     # The ticket exchange through HAProxy, then the SPICE main channel through
     # HAProxy's TCP frontend to the TLS listener, both from CLIENT.
     token = p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
-    status, body = get_from_client(public_front, f"/spice-direct?format=json&token={urllib.parse.quote(token)}")
+    status, body = get_from(CLIENT, public_front, f"/spice-direct?format=json&token={urllib.parse.quote(token)}")
     assert status == 200, body
     ticket = json.loads(body)["ticket"]
     main = Channel(spice_front, ca=p.spice_ca, source=CLIENT)
@@ -166,6 +113,6 @@ def test_without_a_header_a_trusted_address_is_refused_and_an_untrusted_one_is_s
     except ConnectionResetError:
         pass
     s.close()
-    status, _ = get_from_client(p.public_port, "/console")
+    status, _ = get_from(CLIENT, p.public_port, "/console")
     assert status == 401
     assert 'reason="proxy_header_missing"' in p.metrics()
