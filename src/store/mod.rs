@@ -126,8 +126,8 @@ impl Redis {
         Ok(redis)
     }
 
-    /// Whether the store answered lately (and holds what it must: see
-    /// [`remembered`]).
+    /// Whether the store answered lately, and holds what it must (its
+    /// epoch is the one this node knows, or it has been re-seeded).
     pub fn healthy(&self) -> bool {
         self.healthy.load(Relaxed) && !self.reseeding.load(Relaxed)
     }
