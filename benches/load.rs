@@ -16,6 +16,10 @@
 //! - `relay`: the "obvious" proxy: tokio-tungstenite with its default config,
 //!   two copy loops, a 64 KiB read buffer. This binary re-executed with `--relay`.
 //! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
+//!
+//! Then the shared store (`load/store.rs`): the same Porthole against one node
+//! with `[store]` on redis-server and two nodes behind HAProxy.
+//! `cargo bench --bench load -- store` runs only that part.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +35,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+#[path = "load/store.rs"]
+mod store;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -227,10 +234,34 @@ impl Conn {
     }
 }
 
+async fn ws_connect(
+    url: String,
+    read_buffer: Option<usize>,
+    binary: bool,
+) -> std::io::Result<Conn> {
+    let mut config = WebSocketConfig::default();
+    if let Some(n) = read_buffer {
+        config = config.read_buffer_size(n).write_buffer_size(0);
+    }
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .map_err(std::io::Error::other)?;
+    if binary {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(Conn::Ws(Box::new(ws), BytesMut::new()))
+}
+
 /// Where each target listens, and tokens for Porthole.
 struct Setup {
     far: SocketAddr,
     porthole: SocketAddr,
+    dir: PathBuf,
     relay: SocketAddr,
     websockify: Option<SocketAddr>,
     tokens: std::sync::Mutex<Vec<String>>,
@@ -281,23 +312,8 @@ impl Setup {
                 self.websockify.ok_or(std::io::ErrorKind::NotFound)?
             ),
         };
-        let mut config = WebSocketConfig::default();
-        if let Some(n) = read_buffer {
-            config = config.read_buffer_size(n).write_buffer_size(0);
-        }
-        let mut request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-                .map_err(std::io::Error::other)?;
         // As noVNC's and spice-html5's browsers do; the untuned relay answers no subprotocol.
-        if target != Target::Relay {
-            request
-                .headers_mut()
-                .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
-        }
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
-            .await
-            .map_err(std::io::Error::other)?;
-        Ok(Conn::Ws(Box::new(ws), BytesMut::new()))
+        ws_connect(url, read_buffer, target != Target::Relay).await
     }
 
     /// Connects and runs the RFB client handshake; then asks for `mode`.
@@ -328,13 +344,21 @@ impl Setup {
 }
 
 fn mint(signer: &porthole::token::signing::Signer, port: u16) -> String {
-    use porthole::token::claims::{ConsoleClaim, ConsoleType};
+    mint_kind(signer, port, porthole::token::claims::ConsoleType::Novnc)
+}
+
+fn mint_kind(
+    signer: &porthole::token::signing::Signer,
+    port: u16,
+    kind: porthole::token::claims::ConsoleType,
+) -> String {
+    use porthole::token::claims::ConsoleClaim;
     let req = porthole::token::signing::MintRequest {
         issuer: "porthole".into(),
         audience: "porthole".into(),
         instance: "load".into(),
         console: ConsoleClaim {
-            kind: ConsoleType::Novnc,
+            kind,
             host: "127.0.0.1".into(),
             port,
             tls_port: None,
@@ -604,6 +628,64 @@ fn porthole_bin() -> PathBuf {
     )
 }
 
+/// Porthole's config for the bench: its key, caps far above any count asked,
+/// a native VNC listener (so `/vnc-direct` exchanges), and `extra` sections.
+fn write_porthole_config(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &str,
+) -> (SocketAddr, SocketAddr) {
+    let (public, admin, vnc) = (free_addr(), free_addr(), free_addr());
+    std::fs::write(
+        dir.join(format!("{name}.toml")),
+        format!(
+            "[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\n\n[tokens]\nstore_capacity = 1000000\n\n\
+             [[tokens.keys]]\nkid = \"load\"\nalgorithm = \"EdDSA\"\npublic_key = \"{}\"\n\n\
+             [websocket]\nmax_sessions = {PORTHOLE_MAX_SESSIONS}\n\
+             max_sessions_per_client = {PORTHOLE_MAX_SESSIONS}\n\
+             max_sessions_per_token = {PORTHOLE_MAX_SESSIONS_PER_TOKEN}\n\n\
+             [vnc]\nlisten = \"{vnc}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n{extra}\n\
+             [[backends]]\nnetworks = [\"127.0.0.0/8\"]\nports = [\"1024-65535\"]\n",
+            dir.join("load.pub.pem").display(),
+            dir.join("tls.crt").display(),
+            dir.join("tls.key").display(),
+        ),
+    )
+    .unwrap();
+    (public, admin)
+}
+
+/// Starts Porthole with `dir/name.toml` and waits for its public listener.
+fn start_porthole(dir: &std::path::Path, name: &str, public: SocketAddr) -> Child {
+    let log = dir.join(format!("{name}.stderr"));
+    let mut child = Command::new(porthole_bin())
+        .args(["serve", "--config"])
+        .arg(dir.join(format!("{name}.toml")))
+        .env("PORTHOLE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start porthole");
+    // A binary that rejects the config (say, a cap it does not know) exits at
+    // once: say so with its own words rather than wait for the port.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(public).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "porthole {name} ({}) exited before listening ({status}):\n{}",
+                porthole_bin().display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "porthole {name} never listened on {public}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     let sunk = Arc::new(AtomicU64::new(0));
     let far_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -619,48 +701,15 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         Some("load".into()),
     )
     .unwrap();
-    let (porthole_addr, admin) = (free_addr(), free_addr());
-    std::fs::write(
-        dir.join("porthole.toml"),
-        format!(
-            "[listen]\npublic = \"{porthole_addr}\"\nadmin = \"{admin}\"\n\n[tokens]\nstore_capacity = 1000000\n\n\
-             [[tokens.keys]]\nkid = \"load\"\nalgorithm = \"EdDSA\"\npublic_key = \"{}\"\n\n\
-             [websocket]\nmax_sessions = {PORTHOLE_MAX_SESSIONS}\n\
-             max_sessions_per_client = {PORTHOLE_MAX_SESSIONS}\n\
-             max_sessions_per_token = {PORTHOLE_MAX_SESSIONS_PER_TOKEN}\n\n\
-             [[backends]]\nnetworks = [\"127.0.0.0/8\"]\nports = [\"1024-65535\"]\n",
-            dir.join("load.pub.pem").display()
-        ),
-    )
-    .unwrap();
+    let tls = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("tls.crt"), tls.cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), tls.signing_key.serialize_pem()).unwrap();
+    let (porthole_addr, _admin) = write_porthole_config(dir, "porthole", "");
     let mut processes = Processes(Vec::new());
-    let porthole_log = dir.join("porthole.stderr");
-    let porthole = Command::new(porthole_bin())
-        .args(["serve", "--config"])
-        .arg(dir.join("porthole.toml"))
-        .env("PORTHOLE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&porthole_log).unwrap())
-        .spawn()
-        .expect("start porthole");
-    processes.0.push((Target::Porthole, porthole));
-    // A binary that rejects the config (say, a cap it does not know) exits at
-    // once: say so with its own words rather than wait for the port.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(porthole_addr).is_err() {
-        if let Ok(Some(status)) = processes.0[0].1.try_wait() {
-            panic!(
-                "porthole ({}) exited before listening ({status}):\n{}",
-                porthole_bin().display(),
-                std::fs::read_to_string(&porthole_log).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "porthole never listened on {porthole_addr}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    processes.0.push((
+        Target::Porthole,
+        start_porthole(dir, "porthole", porthole_addr),
+    ));
 
     let relay_addr = free_addr();
     let relay = Command::new(std::env::current_exe().unwrap())
@@ -694,6 +743,7 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     Setup {
         far,
         porthole: porthole_addr,
+        dir: dir.to_path_buf(),
         relay: relay_addr,
         websockify,
         tokens: std::sync::Mutex::new(pool),
@@ -717,23 +767,36 @@ fn main() {
     }
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
     let full = args.iter().any(|a| a == "--bench");
+    // `cargo bench --bench load -- store`: the shared store's comparison only.
+    let only_store = args.iter().skip(1).any(|a| a == "store");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(run(full));
+    rt.block_on(run(full, only_store));
 }
 
-async fn run(full: bool) {
+async fn run(full: bool, only_store: bool) {
     let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(setup(dir.path(), if full && !only_store { 40_000 } else { 500 }).await);
+    println!("# load tool ({})", if full { "full" } else { "smoke" });
+    if !only_store {
+        compare_proxies(&s, full).await;
+    }
+    store::compare(&s, full).await;
+
+    drop(s);
+    println!("\nload tool: ok");
+}
+
+/// Porthole against direct TCP, the plain relay and websockify.
+async fn compare_proxies(s: &Arc<Setup>, full: bool) {
     let (secs, repeats, idle_counts, rate_secs) = if full {
         (3.0, 3, vec![1000, 9000], 3.0)
     } else {
         (0.3, 1, vec![20], 0.3)
     };
-    let s = Arc::new(setup(dir.path(), if full { 40_000 } else { 500 }).await);
     let mut targets = vec![Target::Direct, Target::Porthole, Target::Relay];
     if s.websockify.is_some() {
         targets.push(Target::Websockify);
     }
-    println!("# load tool ({})", if full { "full" } else { "smoke" });
     // Memory first, while every proxy is fresh: freed-but-kept heap from the
     // throughput runs would otherwise hide what idle sessions cost.
     println!("\n## resident memory per idle session (KiB)");
@@ -754,7 +817,7 @@ async fn run(full: bool) {
             } else {
                 String::new()
             };
-            match idle_memory(&s, t, asked).await {
+            match idle_memory(s, t, asked).await {
                 Some((opened, kib)) => {
                     println!(
                         "- {} at {asked}: {kib:.1} ({opened} sessions opened{note})",
@@ -795,7 +858,7 @@ async fn run(full: bool) {
             // Rotate the order each round: this machine is noisy.
             for k in 0..targets.len() {
                 let i = (k + r) % targets.len();
-                match throughput(&s, targets[i], down, clients, frame, secs).await {
+                match throughput(s, targets[i], down, clients, frame, secs).await {
                     Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb)),
                     Err(e) => panic!("{} throughput failed: {e}", targets[i].name()),
                 }
@@ -824,7 +887,7 @@ async fn run(full: bool) {
 
     println!("\n## round trip of a 32-byte message (µs, p50 / p99)");
     for &t in &targets {
-        let (p50, p99) = latency(&s, t, if full { 5000 } else { 50 })
+        let (p50, p99) = latency(s, t, if full { 5000 } else { 50 })
             .await
             .expect("latency");
         println!("- {}: {p50:.0} / {p99:.0}", t.name());
@@ -835,10 +898,7 @@ async fn run(full: bool) {
         println!(
             "- {}: {:.0}",
             t.name(),
-            session_rate(&s, t, 16, rate_secs).await
+            session_rate(s, t, 16, rate_secs).await
         );
     }
-
-    drop(s);
-    println!("\nload tool: ok");
 }
