@@ -1487,7 +1487,10 @@ fn validate_reuse(
         let policy = match policy.as_str() {
             "reconnect" => Ok(ReusePolicy::Reconnect),
             "single-use" => Ok(ReusePolicy::SingleUse),
-            other => Err(format!("unknown policy `{other}` (reconnect, single-use)")),
+            "takeover" => Ok(ReusePolicy::Takeover),
+            other => Err(format!(
+                "unknown policy `{other}` (reconnect, single-use, takeover)"
+            )),
         };
         match (console, policy) {
             (Ok(c), Ok(p)) => {
