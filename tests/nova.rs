@@ -466,3 +466,87 @@ microversion = "2.6"
         assert!(e.contains(key), "{key} in {e}");
     }
 }
+
+/// A gateway (the whole session layer) whose `[nova]` is the fake.
+async fn gateway(fake_keystone: &str, dir: &std::path::Path) -> porthole::app::App {
+    std::fs::write(dir.join("nova-pw"), "pw-1\n").unwrap();
+    let key = TestKey::new(dir, KeyKind::Ed25519, "k");
+    let toml = format!(
+        r#"
+[listen]
+public_base_url = "https://consoles.test"
+[tokens]
+issuers = ["{}"]
+audiences = ["{}"]
+[[tokens.keys]]
+kid = "k"
+algorithm = "EdDSA"
+public_key = "k.pub.pem"
+[nova]
+auth_url = "{fake_keystone}"
+username = "porthole"
+password_file = "nova-pw"
+project_name = "service"
+region_name = "RegionOne"
+interface = "internal"
+[[backends]]
+networks = ["10.20.0.0/16"]
+ports = ["5900-5999"]
+"#,
+        common::ISSUER,
+        common::AUDIENCE
+    );
+    drop(key);
+    let config = porthole::config::Config::from_toml(&toml, dir).unwrap();
+    porthole::app::App::build(config).unwrap()
+}
+
+#[tokio::test]
+async fn an_address_whose_nova_lookups_keep_finding_nothing_must_wait_and_nova_is_not_asked() {
+    let (fake, s) = fixture().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = gateway(&s.auth_url, dir.path()).await;
+    let sessions = &app.sessions;
+    let guesser: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let neighbour: std::net::IpAddr = "192.0.2.8".parse().unwrap();
+    let lookups = || fake.lookups.load(Ordering::SeqCst);
+    let guess = |n: u32| format!("00000000-0000-4000-8000-{n:012x}");
+    // The first unknown tokens are looked up and refused, as any would be.
+    for n in 1..=11 {
+        let e = sessions
+            .resolve(&guess(n), Some(ConsoleType::Novnc), Some(guesser))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::UnknownToken);
+    }
+    assert_eq!(lookups(), 11);
+    // Past the free ones, the address must wait: refused as unknown (a
+    // guesser learns nothing), and Nova is not asked, even for a real token.
+    for t in [guess(12), VNC_TOKEN.to_string()] {
+        let e = sessions
+            .resolve(&t, Some(ConsoleType::Novnc), Some(guesser))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::UnknownToken);
+        assert!(e.detail.contains("too many unknown Nova tokens"), "{e:?}");
+    }
+    assert_eq!(lookups(), 11, "a waiting address reaches Nova no more");
+    // Another address, and the admin API, are not held up.
+    let g = sessions
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), Some(neighbour))
+        .await
+        .expect("another address resolves");
+    assert_eq!(g.jti, token_hash(VNC_TOKEN));
+    sessions
+        .resolve(&guess(13), Some(ConsoleType::Novnc), None)
+        .await
+        .unwrap_err();
+    assert_eq!(lookups(), 13);
+    // Signed tokens are not Nova lookups: the waiting address still gets to
+    // present one (it is refused here for its own reasons, not the wait).
+    let e = sessions
+        .resolve("junk", Some(ConsoleType::Novnc), Some(guesser))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Malformed);
+}

@@ -32,7 +32,7 @@ use crate::error::Blame;
 use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::secret::Secret;
 use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
-use crate::token::nova::NOVA_ISSUER;
+use crate::token::nova::{NOVA_ISSUER, is_nova_token};
 use crate::token::redemption::{RedeemError, ReusePolicy};
 use crate::token::{
     Grant, GrantResolver, Redemption, RedemptionStore, Refusal, RefusalReason, unix_now,
@@ -282,6 +282,8 @@ pub struct Sessions {
     pub pending: Arc<Gate>,
     /// Failed ticket attempts per client address.
     failed_tickets: FailedTickets,
+    /// Nova tokens Nova did not know, per client address.
+    failed_lookups: FailedTickets,
 }
 
 impl Sessions {
@@ -307,6 +309,7 @@ impl Sessions {
             registry: parts.registry,
             pending: parts.pending,
             failed_tickets: FailedTickets::default(),
+            failed_lookups: FailedTickets::default(),
         }
     }
 
@@ -361,15 +364,42 @@ impl Sessions {
 
     /// Turns a request's token into a grant for a console of type `expect`
     /// (any, if `None`); a refusal is logged and counted here, once.
+    ///
+    /// `client` is the public caller's address (`None`: the admin API, never
+    /// slowed). Nova's tokens are UUIDs a client could guess, each guess a
+    /// lookup in Nova's API: an address whose lookups keep finding nothing
+    /// must wait, as one that keeps presenting bad tickets does, and meanwhile
+    /// gets `unknown_token` with no lookup (a guesser learns nothing).
     pub async fn resolve(
         &self,
         token: &str,
         expect: Option<ConsoleType>,
+        client: Option<IpAddr>,
     ) -> Result<Grant, Refusal> {
-        self.resolver
-            .resolve(token, expect)
-            .await
-            .inspect_err(lifecycle::token_refused)
+        let guarded = client.filter(|_| is_nova_token(token));
+        if let Some(addr) = guarded
+            && self.failed_lookups.wait_for(addr).is_some()
+        {
+            crate::metrics::limit_hit("failed_nova_lookups");
+            let refusal = Refusal {
+                reason: RefusalReason::UnknownToken,
+                detail: "too many unknown Nova tokens from this address: not looked up".into(),
+                jti: None,
+            };
+            lifecycle::token_refused(&refusal);
+            return Err(refusal);
+        }
+        let resolved = self.resolver.resolve(token, expect).await;
+        if let Some(addr) = guarded {
+            match &resolved {
+                Ok(_) => self.failed_lookups.succeeded(addr),
+                Err(r) if r.reason == RefusalReason::UnknownToken => {
+                    self.failed_lookups.failed(addr);
+                }
+                Err(_) => {}
+            }
+        }
+        resolved.inspect_err(lifecycle::token_refused)
     }
 
     /// Counts a connection from `client` with token `jti`, within the caps.
