@@ -101,6 +101,12 @@ async fn start(fake: &Arc<Fake>) -> String {
     let app = Router::new()
         .route("/v3/auth/tokens", post(keystone))
         .route("/v2.1/os-console-auth-tokens/{token}", get(lookup))
+        .route(
+            "/v2.1/",
+            get(|| async {
+                axum::Json(json!({"version": {"id": "v2.1", "version": "2.104", "min_version": "2.1"}}))
+            }),
+        )
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
@@ -549,4 +555,42 @@ async fn an_address_whose_nova_lookups_keep_finding_nothing_must_wait_and_nova_i
         .await
         .unwrap_err();
     assert_eq!(e.reason, RefusalReason::Malformed);
+}
+
+#[tokio::test]
+async fn nova_check_says_which_step_fails_and_what_to_change() {
+    let (fake, s) = fixture().await;
+    let steps = resolver(s.clone()).check().await;
+    let words = |steps: &[porthole::token::nova::CheckStep]| {
+        steps
+            .iter()
+            .map(|s| format!("{}: {:?}", s.what, s.outcome))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(steps.iter().all(|s| s.outcome.is_ok()), "{}", words(&steps));
+    assert_eq!(steps.len(), 4, "{}", words(&steps));
+
+    let mut too_new = s.clone();
+    too_new.microversion = "2.200".into();
+    let steps = resolver(too_new).check().await;
+    let last = steps.last().unwrap();
+    assert_eq!(last.what, "microversion");
+    assert!(last.outcome.as_ref().unwrap_err().contains("Nova serves 2.1 to 2.104"));
+
+    *fake.status.lock().unwrap() = Some(403);
+    let steps = resolver(s.clone()).check().await;
+    let last = steps.last().unwrap();
+    assert_eq!(last.what, "policy");
+    let text = last.outcome.as_ref().unwrap_err();
+    assert!(text.contains("os_compute_api:os-console-auth-tokens") && text.contains("console_auth"));
+
+    let mut wrong = s;
+    wrong.credential = Credential::ApplicationCredential {
+        id: "ac".into(),
+        secret: Secret::new("nope".into()),
+    };
+    let steps = resolver(wrong).check().await;
+    assert_eq!(steps.len(), 1);
+    assert!(steps[0].outcome.as_ref().unwrap_err().contains("401"), "{}", words(&steps));
 }

@@ -346,3 +346,34 @@ def test_horizons_two_tabs_the_new_tab_takes_over_and_the_old_says_why(lab, vm, 
         assert ended and "takeover" in json.dumps(ended[0]), ended
     finally:
         assert p.gateway.stop() == 0, p.log()
+
+
+def test_nova_check_passes_for_the_service_user_and_names_the_policy_for_a_member(lab, tmp_path):
+    """`porthole nova check` against the real Keystone and Nova: every step
+    for the least-privilege user; for a member-only user, the policy and the
+    role to grant, in words an operator can act on."""
+    from harness import run
+    good = nova_porthole(lab, tmp_path / "good")
+    member = nova_porthole(lab, tmp_path / "member", who="porthole-member")
+    try:
+        p = run("nova", "check", "--config", str(tmp_path / "good" / "porthole.toml"))
+        out = p.stdout
+        print(out)
+        for step in ("keystone: ok", "compute endpoint: ok", "microversion: ok", "policy: ok"):
+            assert step in out, out
+        assert f"{lab.nova_url}" in out or "/v2.1" in out, out
+        assert "404" in out, out
+
+        p = run("nova", "check", "--config", str(tmp_path / "member" / "porthole.toml"), check=False)
+        assert p.returncode == 1, (p.stdout, p.stderr)
+        assert "keystone: ok" in p.stdout and "microversion: ok" in p.stdout, p.stdout
+        print(p.stdout)
+        failed = [line for line in p.stdout.splitlines() if line.startswith("policy: FAILED")]
+        assert failed, p.stdout
+        for words in ("403", "os_compute_api:os-console-auth-tokens", "console_auth", "openstack role add"):
+            assert words in failed[0], failed[0]
+        for secret in (lab.porthole_password,):
+            assert secret not in p.stdout + p.stderr
+    finally:
+        for g in (good, member):
+            assert g.gateway.stop() == 0, g.log()
