@@ -104,7 +104,9 @@ async fn start(fake: &Arc<Fake>) -> String {
         .route(
             "/v2.1/",
             get(|| async {
-                axum::Json(json!({"version": {"id": "v2.1", "version": "2.104", "min_version": "2.1"}}))
+                axum::Json(
+                    json!({"version": {"id": "v2.1", "version": "2.104", "min_version": "2.1"}}),
+                )
             }),
         )
         .with_state(fake.clone());
@@ -475,9 +477,15 @@ microversion = "2.6"
 
 /// A gateway (the whole session layer) whose `[nova]` is the fake.
 async fn gateway(fake_keystone: &str, dir: &std::path::Path) -> porthole::app::App {
+    gateway_with(fake_keystone, dir, "").await
+}
+
+/// [`gateway`]'s config file, with more lines in its `[[backends]]` entry.
+fn gateway_toml(fake_keystone: &str, dir: &std::path::Path, backend_extra: &str) -> String {
     std::fs::write(dir.join("nova-pw"), "pw-1\n").unwrap();
-    let key = TestKey::new(dir, KeyKind::Ed25519, "k");
-    let toml = format!(
+    // Writes k.pub.pem, which the file names.
+    TestKey::new(dir, KeyKind::Ed25519, "k");
+    format!(
         r#"
 [listen]
 public_base_url = "https://consoles.test"
@@ -498,11 +506,20 @@ interface = "internal"
 [[backends]]
 networks = ["10.20.0.0/16"]
 ports = ["5900-5999"]
+{backend_extra}
 "#,
         common::ISSUER,
         common::AUDIENCE
-    );
-    drop(key);
+    )
+}
+
+/// [`gateway`], with more lines in its `[[backends]]` entry.
+async fn gateway_with(
+    fake_keystone: &str,
+    dir: &std::path::Path,
+    backend_extra: &str,
+) -> porthole::app::App {
+    let toml = gateway_toml(fake_keystone, dir, backend_extra);
     let config = porthole::config::Config::from_toml(&toml, dir).unwrap();
     porthole::app::App::build(config).unwrap()
 }
@@ -576,14 +593,21 @@ async fn nova_check_says_which_step_fails_and_what_to_change() {
     let steps = resolver(too_new).check().await;
     let last = steps.last().unwrap();
     assert_eq!(last.what, "microversion");
-    assert!(last.outcome.as_ref().unwrap_err().contains("Nova serves 2.1 to 2.104"));
+    assert!(
+        last.outcome
+            .as_ref()
+            .unwrap_err()
+            .contains("Nova serves 2.1 to 2.104")
+    );
 
     *fake.status.lock().unwrap() = Some(403);
     let steps = resolver(s.clone()).check().await;
     let last = steps.last().unwrap();
     assert_eq!(last.what, "policy");
     let text = last.outcome.as_ref().unwrap_err();
-    assert!(text.contains("os_compute_api:os-console-auth-tokens") && text.contains("console_auth"));
+    assert!(
+        text.contains("os_compute_api:os-console-auth-tokens") && text.contains("console_auth")
+    );
 
     let mut wrong = s;
     wrong.credential = Credential::ApplicationCredential {
@@ -592,5 +616,51 @@ async fn nova_check_says_which_step_fails_and_what_to_change() {
     };
     let steps = resolver(wrong).check().await;
     assert_eq!(steps.len(), 1);
-    assert!(steps[0].outcome.as_ref().unwrap_err().contains("401"), "{}", words(&steps));
+    assert!(
+        steps[0].outcome.as_ref().unwrap_err().contains("401"),
+        "{}",
+        words(&steps)
+    );
+}
+
+#[tokio::test]
+async fn with_ports_per_type_a_nova_token_on_the_wrong_route_is_refused_not_connected() {
+    // A Nova token names no type: a noVNC token on the serial route would
+    // otherwise reach a VNC server and fail in the handshake. libvirt's
+    // serial consoles have ports of their own: say so, and it is a refusal.
+    let (fake, s) = fixture().await;
+    const SERIAL_TOKEN: &str = "5e1a1c0d-2222-4ccc-8ddd-0123456789ab";
+    fake.consoles.lock().unwrap().insert(
+        SERIAL_TOKEN.into(),
+        json!({"instance_uuid": INSTANCE, "host": "10.20.0.5", "port": 10001, "internal_access_path": null}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[backends.ports_by_type]\nserial = [\"10000-10099\"]";
+    let app = gateway_with(&s.auth_url, dir.path(), extra).await;
+    let resolve = |token: &'static str, route| {
+        let sessions = app.sessions.clone();
+        async move { sessions.resolve(token, Some(route), None).await }
+    };
+    resolve(VNC_TOKEN, ConsoleType::Novnc)
+        .await
+        .expect("noVNC on its route");
+    resolve(SERIAL_TOKEN, ConsoleType::Serial)
+        .await
+        .expect("serial on its route");
+    for (token, route) in [
+        (VNC_TOKEN, ConsoleType::Serial),
+        (SERIAL_TOKEN, ConsoleType::Novnc),
+    ] {
+        let e = resolve(token, route).await.unwrap_err();
+        assert_eq!(e.reason, RefusalReason::TargetNotAllowed, "{e:?}");
+        assert!(e.detail.contains(&format!("for {route} consoles")), "{e:?}");
+    }
+    // A type the file misspells is located, not ignored.
+    let bad = "[backends.ports_by_type]\nserail = [\"10000-10099\"]";
+    let dir = tempfile::tempdir().unwrap();
+    let toml = gateway_toml(&s.auth_url, dir.path(), bad);
+    let e = porthole::config::Config::from_toml(&toml, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("backends[0].ports_by_type.serail"), "{e}");
 }

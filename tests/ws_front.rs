@@ -424,7 +424,9 @@ async fn echoes(
     >,
     what: &'static [u8],
 ) {
-    ws.send(Message::Binary(what.to_vec().into())).await.unwrap();
+    ws.send(Message::Binary(what.to_vec().into()))
+        .await
+        .unwrap();
     let back = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
         .await
         .expect("an echo within five seconds")

@@ -31,9 +31,9 @@ use crate::console::ConsoleType;
 use crate::error::Blame;
 use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::secret::Secret;
-use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
 use crate::token::nova::{NOVA_ISSUER, is_nova_token};
 use crate::token::redemption::{RedeemError, ReusePolicy};
+use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
 use crate::token::{
     Grant, GrantResolver, Redemption, RedemptionStore, Refusal, RefusalReason, unix_now,
 };
@@ -432,7 +432,11 @@ impl Sessions {
             return Err(OpenError::Overloaded);
         }
         let policy = self.reuse_for(grant);
-        match self.redemptions.would_redeem(&grant.jti, policy, None).await {
+        match self
+            .redemptions
+            .would_redeem(&grant.jti, policy, None)
+            .await
+        {
             Err(e) if self.reuse_refuses(grant, &e) => {
                 return Err(OpenError::Refused(e.refusal(&grant.jti)));
             }
@@ -597,7 +601,12 @@ impl Sessions {
     /// runs two sessions at once.
     async fn take_over(&self, grant: &Grant) {
         let policy = ReusePolicy::Takeover;
-        if self.redemptions.would_redeem(&grant.jti, policy, None).await.is_ok() {
+        if self
+            .redemptions
+            .would_redeem(&grant.jti, policy, None)
+            .await
+            .is_ok()
+        {
             return;
         }
         let sel = Selector {
@@ -614,8 +623,17 @@ impl Sessions {
         tracing::info!(jti = %grant.jti, sessions = ended.len(), "session taken over by a newer connection");
         let until = tokio::time::Instant::now() + TAKEOVER_WAIT;
         while tokio::time::Instant::now() < until {
-            let free = self.redemptions.would_redeem(&grant.jti, policy, None).await.is_ok()
-                && !self.counts.lock().unwrap_or_else(|p| p.into_inner()).tokens.contains_key(&grant.jti)
+            let free = self
+                .redemptions
+                .would_redeem(&grant.jti, policy, None)
+                .await
+                .is_ok()
+                && !self
+                    .counts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .tokens
+                    .contains_key(&grant.jti)
                 && !(grant.console == ConsoleType::Serial
                     && self
                         .exclusive

@@ -170,7 +170,9 @@ impl NovaResolver {
 
 /// A Keystone failure, with what to check.
 fn keystone_words(e: &LookupError) -> String {
-    format!("{e} (check [nova] auth_url, the user or application credential, its project and domain, and ca_file)")
+    format!(
+        "{e} (check [nova] auth_url, the user or application credential, its project and domain, and ca_file)"
+    )
 }
 
 #[cfg(test)]

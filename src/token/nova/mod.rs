@@ -553,7 +553,7 @@ impl NovaResolver {
             tls_port,
         };
         let backend = allow
-            .check(&target)
+            .check(&target, kind)
             .map_err(|e| refuse(RefusalReason::TargetNotAllowed, e.to_string()))?
             .name
             .clone();
