@@ -358,7 +358,6 @@ def test_nova_check_passes_for_the_service_user_and_names_the_policy_for_a_membe
     try:
         p = run("nova", "check", "--config", str(tmp_path / "good" / "porthole.toml"))
         out = p.stdout
-        print(out)
         for step in ("keystone: ok", "compute endpoint: ok", "microversion: ok", "policy: ok"):
             assert step in out, out
         assert f"{lab.nova_url}" in out or "/v2.1" in out, out
@@ -367,7 +366,6 @@ def test_nova_check_passes_for_the_service_user_and_names_the_policy_for_a_membe
         p = run("nova", "check", "--config", str(tmp_path / "member" / "porthole.toml"), check=False)
         assert p.returncode == 1, (p.stdout, p.stderr)
         assert "keystone: ok" in p.stdout and "microversion: ok" in p.stdout, p.stdout
-        print(p.stdout)
         failed = [line for line in p.stdout.splitlines() if line.startswith("policy: FAILED")]
         assert failed, p.stdout
         for words in ("403", "os_compute_api:os-console-auth-tokens", "console_auth", "openstack role add"):
