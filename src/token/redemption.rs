@@ -462,6 +462,20 @@ mod tests {
     }
 
     #[test]
+    fn takeover_is_reconnect_to_the_store() {
+        // The session layer ends the running session before redeeming again.
+        let s = store(10);
+        let first = begin(&s, "a", ReusePolicy::Takeover, None).expect("first use");
+        assert_eq!(
+            begin(&s, "a", ReusePolicy::Takeover, None).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        drop(first);
+        drop(begin(&s, "a", ReusePolicy::Takeover, None).expect("after the old one ended"));
+        begin(&s, "a", ReusePolicy::Takeover, None).expect("never spent");
+    }
+
+    #[test]
     fn single_use_refuses_any_second_use() {
         let s = store(10);
         drop(begin(&s, "a", ReusePolicy::SingleUse, None).expect("first use"));
