@@ -52,6 +52,7 @@ fn setup(kind: KeyKind, dir: &std::path::Path) -> (Signer, TokenValidator) {
         networks: vec!["10.0.0.0/8".parse().unwrap()],
         hostnames: vec![],
         ports: vec!["5900-6999".parse().unwrap()],
+        ports_by_type: Default::default(),
     }]));
     let validator = TokenValidator::new(policy, vec![source], true, allow).unwrap();
     (signer, validator)

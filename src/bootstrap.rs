@@ -157,6 +157,7 @@ impl DevState {
             networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             hostnames: vec!["localhost".into()],
             ports: Some(vec!["1024-65535".into()]),
+            ports_by_type: Default::default(),
             spice: Some(RawSpiceBackend {
                 password_file: Some(self.demo_spice_password.clone()),
                 ..RawSpiceBackend::default()

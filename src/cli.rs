@@ -68,6 +68,22 @@ enum Command {
     /// Live console sessions (through the admin API).
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// Nova's console tokens (`[nova]`).
+    #[command(subcommand)]
+    Nova(NovaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NovaCommand {
+    /// Check `[nova]` against the real Keystone and Nova: authenticate, find
+    /// the compute endpoint, check the microversion, and look up a random
+    /// token (404: the policy lets Porthole look tokens up; 403: it does not).
+    /// Exit 0 when every step passes, 1 when one fails.
+    Check {
+        /// Config file.
+        #[arg(long, short, env = "PORTHOLE_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 /// Where the admin API is (for `sessions` and `token revoke`).
@@ -283,6 +299,7 @@ pub fn main() -> ExitCode {
         }) => inspect(&token, config.as_deref(), console),
         Command::Keys(KeysCommand::Generate { kind, kid, out }) => keys_generate(kind, &kid, &out),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Nova(NovaCommand::Check { config }) => nova_check(&config),
         Command::Sessions(SessionsCommand::List {
             admin,
             filter,
@@ -828,6 +845,31 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn nova_check(file: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load_with(file, |_| {})?;
+    let Some(settings) = config.nova else {
+        println!("{}: no [nova] section: nothing to check", file.display());
+        return Ok(ExitCode::from(1));
+    };
+    let resolver = crate::token::nova::NovaResolver::new(settings)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let steps = runtime.block_on(resolver.check());
+    for s in &steps {
+        match &s.outcome {
+            Ok(text) => println!("{}: ok: {text}", s.what),
+            Err(text) => println!("{}: FAILED: {text}", s.what),
+        }
+    }
+    Ok(if steps.iter().all(|s| s.outcome.is_ok()) {
+        println!("[nova]: ok: Porthole can resolve Nova's console tokens");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn admin_client(a: &AdminArgs) -> anyhow::Result<crate::admin_client::AdminClient> {

@@ -461,6 +461,10 @@ pub struct RawBackend {
     pub hostnames: Vec<String>,
     /// Console port ranges, e.g. `"5900-6923"`. Default `["5900-65535"]`.
     pub ports: Option<Vec<String>>,
+    /// `[backends.ports_by_type]`: console type to its own port ranges
+    /// (replacing `ports` for that type), e.g. `serial = ["10000-20000"]`.
+    #[serde(default)]
+    pub ports_by_type: HashMap<String, Vec<String>>,
     /// SPICE credentials for this network.
     pub spice: Option<RawSpiceBackend>,
     /// VNC credentials for this network.
@@ -1487,7 +1491,10 @@ fn validate_reuse(
         let policy = match policy.as_str() {
             "reconnect" => Ok(ReusePolicy::Reconnect),
             "single-use" => Ok(ReusePolicy::SingleUse),
-            other => Err(format!("unknown policy `{other}` (reconnect, single-use)")),
+            "takeover" => Ok(ReusePolicy::Takeover),
+            other => Err(format!(
+                "unknown policy `{other}` (reconnect, single-use, takeover)"
+            )),
         };
         match (console, policy) {
             (Ok(c), Ok(p)) => {
@@ -1807,16 +1814,22 @@ fn validate_backends(raw: Vec<RawBackend>, paths: Paths<'_>, issues: &mut Issues
         if networks.is_empty() && b.hostnames.is_empty() {
             issues.push(key.clone(), "list at least one network or hostname");
         }
-        let mut ports = Vec::new();
-        for (j, p) in b
-            .ports
-            .unwrap_or_else(|| vec!["5900-65535".into()])
-            .iter()
-            .enumerate()
-        {
-            match p.parse::<PortRange>() {
-                Ok(r) => ports.push(r),
-                Err(e) => issues.push(format!("{key}.ports[{j}]"), e),
+        let ports = port_ranges(
+            issues,
+            &format!("{key}.ports"),
+            &b.ports.unwrap_or_else(|| vec!["5900-65535".into()]),
+        );
+        let mut ports_by_type = HashMap::new();
+        for (console, ranges) in &b.ports_by_type {
+            let at = format!("{key}.ports_by_type.{console}");
+            match console.parse::<ConsoleType>() {
+                Ok(c) if ranges.is_empty() => {
+                    issues.push(at, format!("list at least one port range for {c} consoles"));
+                }
+                Ok(c) => {
+                    ports_by_type.insert(c, port_ranges(issues, &at, ranges));
+                }
+                Err(e) => issues.push(at, e.to_string()),
             }
         }
         if let Some(sp) = b.spice {
@@ -1832,9 +1845,22 @@ fn validate_backends(raw: Vec<RawBackend>, paths: Paths<'_>, issues: &mut Issues
             networks,
             hostnames: b.hostnames,
             ports,
+            ports_by_type,
         });
     }
     out
+}
+
+/// Port ranges at `key` (`"5900-6923"`, `"10000"`), each located when bad.
+fn port_ranges(issues: &mut Issues, key: &str, raw: &[String]) -> Vec<PortRange> {
+    let mut ports = Vec::new();
+    for (j, p) in raw.iter().enumerate() {
+        match p.parse::<PortRange>() {
+            Ok(r) => ports.push(r),
+            Err(e) => issues.push(format!("{key}[{j}]"), e),
+        }
+    }
+    ports
 }
 
 /// A TLS name to check in hypervisor certificates, at `key`.

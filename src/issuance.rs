@@ -161,7 +161,7 @@ impl Issuer {
         }
         self.validator
             .allow_list()
-            .check(&req.target)
+            .check(&req.target, req.console)
             .map_err(|e| IssueError::TargetNotAllowed(e.to_string()))?;
         let mint = MintRequest {
             issuer: self.issuer.clone(),

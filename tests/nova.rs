@@ -101,6 +101,14 @@ async fn start(fake: &Arc<Fake>) -> String {
     let app = Router::new()
         .route("/v3/auth/tokens", post(keystone))
         .route("/v2.1/os-console-auth-tokens/{token}", get(lookup))
+        .route(
+            "/v2.1/",
+            get(|| async {
+                axum::Json(
+                    json!({"version": {"id": "v2.1", "version": "2.104", "min_version": "2.1"}}),
+                )
+            }),
+        )
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
@@ -465,4 +473,194 @@ microversion = "2.6"
     for key in ["nova.auth_url", "nova.username", "nova.microversion"] {
         assert!(e.contains(key), "{key} in {e}");
     }
+}
+
+/// A gateway (the whole session layer) whose `[nova]` is the fake.
+async fn gateway(fake_keystone: &str, dir: &std::path::Path) -> porthole::app::App {
+    gateway_with(fake_keystone, dir, "").await
+}
+
+/// [`gateway`]'s config file, with more lines in its `[[backends]]` entry.
+fn gateway_toml(fake_keystone: &str, dir: &std::path::Path, backend_extra: &str) -> String {
+    std::fs::write(dir.join("nova-pw"), "pw-1\n").unwrap();
+    // Writes k.pub.pem, which the file names.
+    TestKey::new(dir, KeyKind::Ed25519, "k");
+    format!(
+        r#"
+[listen]
+public_base_url = "https://consoles.test"
+[tokens]
+issuers = ["{}"]
+audiences = ["{}"]
+[[tokens.keys]]
+kid = "k"
+algorithm = "EdDSA"
+public_key = "k.pub.pem"
+[nova]
+auth_url = "{fake_keystone}"
+username = "porthole"
+password_file = "nova-pw"
+project_name = "service"
+region_name = "RegionOne"
+interface = "internal"
+[[backends]]
+networks = ["10.20.0.0/16"]
+ports = ["5900-5999"]
+{backend_extra}
+"#,
+        common::ISSUER,
+        common::AUDIENCE
+    )
+}
+
+/// [`gateway`], with more lines in its `[[backends]]` entry.
+async fn gateway_with(
+    fake_keystone: &str,
+    dir: &std::path::Path,
+    backend_extra: &str,
+) -> porthole::app::App {
+    let toml = gateway_toml(fake_keystone, dir, backend_extra);
+    let config = porthole::config::Config::from_toml(&toml, dir).unwrap();
+    porthole::app::App::build(config).unwrap()
+}
+
+#[tokio::test]
+async fn an_address_whose_nova_lookups_keep_finding_nothing_must_wait_and_nova_is_not_asked() {
+    let (fake, s) = fixture().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = gateway(&s.auth_url, dir.path()).await;
+    let sessions = &app.sessions;
+    let guesser: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let neighbour: std::net::IpAddr = "192.0.2.8".parse().unwrap();
+    let lookups = || fake.lookups.load(Ordering::SeqCst);
+    let guess = |n: u32| format!("00000000-0000-4000-8000-{n:012x}");
+    // The first unknown tokens are looked up and refused, as any would be.
+    for n in 1..=11 {
+        let e = sessions
+            .resolve(&guess(n), Some(ConsoleType::Novnc), Some(guesser))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::UnknownToken);
+    }
+    assert_eq!(lookups(), 11);
+    // Past the free ones, the address must wait: refused as unknown (a
+    // guesser learns nothing), and Nova is not asked, even for a real token.
+    for t in [guess(12), VNC_TOKEN.to_string()] {
+        let e = sessions
+            .resolve(&t, Some(ConsoleType::Novnc), Some(guesser))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::UnknownToken);
+        assert!(e.detail.contains("too many unknown Nova tokens"), "{e:?}");
+    }
+    assert_eq!(lookups(), 11, "a waiting address reaches Nova no more");
+    // Another address, and the admin API, are not held up.
+    let g = sessions
+        .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), Some(neighbour))
+        .await
+        .expect("another address resolves");
+    assert_eq!(g.jti, token_hash(VNC_TOKEN));
+    sessions
+        .resolve(&guess(13), Some(ConsoleType::Novnc), None)
+        .await
+        .unwrap_err();
+    assert_eq!(lookups(), 13);
+    // Signed tokens are not Nova lookups: the waiting address still gets to
+    // present one (it is refused here for its own reasons, not the wait).
+    let e = sessions
+        .resolve("junk", Some(ConsoleType::Novnc), Some(guesser))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Malformed);
+}
+
+#[tokio::test]
+async fn nova_check_says_which_step_fails_and_what_to_change() {
+    let (fake, s) = fixture().await;
+    let steps = resolver(s.clone()).check().await;
+    let words = |steps: &[porthole::token::nova::CheckStep]| {
+        steps
+            .iter()
+            .map(|s| format!("{}: {:?}", s.what, s.outcome))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(steps.iter().all(|s| s.outcome.is_ok()), "{}", words(&steps));
+    assert_eq!(steps.len(), 4, "{}", words(&steps));
+
+    let mut too_new = s.clone();
+    too_new.microversion = "2.200".into();
+    let steps = resolver(too_new).check().await;
+    let last = steps.last().unwrap();
+    assert_eq!(last.what, "microversion");
+    assert!(
+        last.outcome
+            .as_ref()
+            .unwrap_err()
+            .contains("Nova serves 2.1 to 2.104")
+    );
+
+    *fake.status.lock().unwrap() = Some(403);
+    let steps = resolver(s.clone()).check().await;
+    let last = steps.last().unwrap();
+    assert_eq!(last.what, "policy");
+    let text = last.outcome.as_ref().unwrap_err();
+    assert!(
+        text.contains("os_compute_api:os-console-auth-tokens") && text.contains("console_auth")
+    );
+
+    let mut wrong = s;
+    wrong.credential = Credential::ApplicationCredential {
+        id: "ac".into(),
+        secret: Secret::new("nope".into()),
+    };
+    let steps = resolver(wrong).check().await;
+    assert_eq!(steps.len(), 1);
+    assert!(
+        steps[0].outcome.as_ref().unwrap_err().contains("401"),
+        "{}",
+        words(&steps)
+    );
+}
+
+#[tokio::test]
+async fn with_ports_per_type_a_nova_token_on_the_wrong_route_is_refused_not_connected() {
+    // A Nova token names no type: a noVNC token on the serial route would
+    // otherwise reach a VNC server and fail in the handshake. libvirt's
+    // serial consoles have ports of their own: say so, and it is a refusal.
+    let (fake, s) = fixture().await;
+    const SERIAL_TOKEN: &str = "5e1a1c0d-2222-4ccc-8ddd-0123456789ab";
+    fake.consoles.lock().unwrap().insert(
+        SERIAL_TOKEN.into(),
+        json!({"instance_uuid": INSTANCE, "host": "10.20.0.5", "port": 10001, "internal_access_path": null}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[backends.ports_by_type]\nserial = [\"10000-10099\"]";
+    let app = gateway_with(&s.auth_url, dir.path(), extra).await;
+    let resolve = |token: &'static str, route| {
+        let sessions = app.sessions.clone();
+        async move { sessions.resolve(token, Some(route), None).await }
+    };
+    resolve(VNC_TOKEN, ConsoleType::Novnc)
+        .await
+        .expect("noVNC on its route");
+    resolve(SERIAL_TOKEN, ConsoleType::Serial)
+        .await
+        .expect("serial on its route");
+    for (token, route) in [
+        (VNC_TOKEN, ConsoleType::Serial),
+        (SERIAL_TOKEN, ConsoleType::Novnc),
+    ] {
+        let e = resolve(token, route).await.unwrap_err();
+        assert_eq!(e.reason, RefusalReason::TargetNotAllowed, "{e:?}");
+        assert!(e.detail.contains(&format!("for {route} consoles")), "{e:?}");
+    }
+    // A type the file misspells is located, not ignored.
+    let bad = "[backends.ports_by_type]\nserail = [\"10000-10099\"]";
+    let dir = tempfile::tempdir().unwrap();
+    let toml = gateway_toml(&s.auth_url, dir.path(), bad);
+    let e = porthole::config::Config::from_toml(&toml, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("backends[0].ports_by_type.serail"), "{e}");
 }

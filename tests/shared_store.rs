@@ -516,3 +516,33 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
     )
     .await;
 }
+
+#[tokio::test]
+async fn the_shared_store_treats_takeover_as_reconnect_as_the_memory_store_does() {
+    // The session layer ends the running session, then redeems: the store
+    // itself still refuses a second session while the first holds the token.
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let exp = unix_now() + 600;
+    let takeover = ReusePolicy::Takeover;
+    a.redemptions
+        .redeem("t1", exp, takeover, None, 0)
+        .await
+        .unwrap();
+    let held = b
+        .redemptions
+        .redeem("t1", exp, takeover, None, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(held.reason, RefusalReason::Replayed);
+    a.redemptions.release("t1").await;
+    b.redemptions
+        .redeem("t1", exp, takeover, None, 0)
+        .await
+        .expect("free once the old session gave it back, on any node");
+    b.redemptions.release("t1").await;
+    a.redemptions
+        .redeem("t1", exp, takeover, None, 0)
+        .await
+        .expect("and again: takeover is never spent");
+}

@@ -396,3 +396,80 @@ async fn shutdown_sends_going_away() {
     }
     f.stop.cancel();
 }
+
+/// Reads until a close frame; returns its code and reason.
+async fn close_of(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> (u16, String) {
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no close frame within ten seconds")
+    .expect("a close frame with a code");
+    (u16::from(frame.code), frame.reason.to_string())
+}
+
+async fn echoes(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    what: &'static [u8],
+) {
+    ws.send(Message::Binary(what.to_vec().into()))
+        .await
+        .unwrap();
+    let back = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("an echo within five seconds")
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.into_data().as_ref(), what);
+}
+
+#[tokio::test]
+async fn under_takeover_a_second_connection_ends_the_first_with_4006() {
+    // Horizon's "show only console": the same URL in a new tab while the
+    // iframe's socket is open. Serial also holds its console exclusively,
+    // which the takeover must free too.
+    let f = start("\n[tokens.reuse]\nserial = \"takeover\"").await;
+    let port = echo_console().await;
+    let path = format!("/serial?token={}", f.token(ConsoleType::Serial, port));
+    let (mut first, _) = f.connect(&path, None, None).await.unwrap();
+    echoes(&mut first, b"first").await;
+    let (mut second, _) = f
+        .connect(&path, None, None)
+        .await
+        .expect("the second connection takes over");
+    let (code, reason) = close_of(&mut first).await;
+    assert_eq!(code, 4006);
+    assert_eq!(reason, "taken over by a newer connection");
+    echoes(&mut second, b"second").await;
+    // One token, one session, at every moment.
+    let live = f.app.sessions.registry.list(&Default::default()).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    // And it can be taken over again (a third tab), as often as wanted.
+    let (mut third, _) = f.connect(&path, None, None).await.unwrap();
+    assert_eq!(close_of(&mut second).await.0, 4006);
+    echoes(&mut third, b"third").await;
+    f.stop.cancel();
+}
+
+#[tokio::test]
+async fn under_reconnect_a_second_connection_is_refused_and_the_first_runs_on() {
+    let f = start("").await;
+    let port = echo_console().await;
+    let path = format!("/serial?token={}", f.token(ConsoleType::Serial, port));
+    let (mut first, _) = f.connect(&path, None, None).await.unwrap();
+    assert_eq!(f.connect(&path, None, None).await.err(), Some(403));
+    echoes(&mut first, b"still here").await;
+    f.stop.cancel();
+}

@@ -298,7 +298,7 @@ async fn check_token(
         Ok(t) => t,
         Err(r) => return r,
     };
-    match s.sessions.resolve(&token, expect).await {
+    match s.sessions.resolve(&token, expect, None).await {
         Ok(g) => {
             Json(json!({ "valid": true, "kid": g.kid, "backend": g.backend, "claims": g.claims }))
                 .into_response()
@@ -325,7 +325,7 @@ async fn connection_details(
         Ok(t) => t,
         Err(r) => return r,
     };
-    match s.sessions.resolve(&token, expect).await {
+    match s.sessions.resolve(&token, expect, None).await {
         Ok(g) => Json(json!({
             "console": {
                 "instance_uuid": g.instance,

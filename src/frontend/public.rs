@@ -80,20 +80,20 @@ pub fn router(state: PublicState) -> Router {
             .unwrap_or_else(|_| HeaderValue::from_static("frame-ancestors 'self'")),
         ));
     Router::new()
-        .route("/console", get(|s, q| console_page(None, s, q)))
+        .route("/console", get(|s, c, q| console_page(None, s, c, q)))
         // A Nova token names no console type: the URL Nova hands out must.
         // Siblings of `/console`, so the page's relative URLs resolve alike.
         .route(
             "/console-novnc",
-            get(|s, q| console_page(Some(ConsoleType::Novnc), s, q)),
+            get(|s, c, q| console_page(Some(ConsoleType::Novnc), s, c, q)),
         )
         .route(
             "/console-serial",
-            get(|s, q| console_page(Some(ConsoleType::Serial), s, q)),
+            get(|s, c, q| console_page(Some(ConsoleType::Serial), s, c, q)),
         )
         .route(
             "/console-spice-html5",
-            get(|s, q| console_page(Some(ConsoleType::SpiceHtml5), s, q)),
+            get(|s, c, q| console_page(Some(ConsoleType::SpiceHtml5), s, c, q)),
         )
         .route(
             "/vnc",
@@ -285,7 +285,7 @@ async fn ws_endpoint(
         crate::metrics::session_refused("no_token");
         return refuse(StatusCode::UNAUTHORIZED, "refused");
     };
-    let grant = match s.sessions.resolve(token, Some(kind)).await {
+    let grant = match s.sessions.resolve(token, Some(kind), Some(client)).await {
         Ok(g) => g,
         Err(r) => return refusal_response(r.reason),
     };
@@ -383,10 +383,11 @@ fn frame_ancestors(listen: &ListenConfig) -> String {
 async fn console_page(
     kind: Option<ConsoleType>,
     State(s): State<PublicState>,
+    ClientAddr(client): ClientAddr,
     Query(q): Query<TokenQuery>,
 ) -> Response {
     let resolved = match q.token() {
-        Some(t) => Some(s.sessions.resolve(t, kind).await),
+        Some(t) => Some(s.sessions.resolve(t, kind, Some(client)).await),
         None => None,
     };
     let page = match resolved {

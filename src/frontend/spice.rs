@@ -168,7 +168,7 @@ pub(crate) async fn exchange(
     };
     let grant = s
         .sessions
-        .resolve(token, Some(kind))
+        .resolve(token, Some(kind), Some(client))
         .await
         .map_err(|r| refusal_response(r.reason))?;
     let (ticket, expires_at) = s

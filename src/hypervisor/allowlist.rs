@@ -1,11 +1,13 @@
 //! The operator's allow-list of hypervisor networks and console ports.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
 
 use super::ConsoleTarget;
+use crate::console::ConsoleType;
 
 /// An inclusive range of TCP ports, written `5900-6923` or `5900`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +57,15 @@ pub struct BackendNetwork {
     pub networks: Vec<IpNet>,
     /// Host names accepted verbatim (compared case-insensitively, never resolved here).
     pub hostnames: Vec<String>,
-    /// Console ports that may be reached on those hosts.
+    /// Console ports that may be reached on those hosts, for every console
+    /// type not in `ports_by_type`.
     pub ports: Vec<PortRange>,
+    /// The ports of the console types that have their own (libvirt's serial
+    /// consoles are TCP chardevs from a range of their own): a token of such
+    /// a type may reach only these, and one of another type never these
+    /// unless `ports` holds them too. So a token of the wrong type at an
+    /// endpoint (a Nova token names no type) is refused, not connected.
+    pub ports_by_type: HashMap<ConsoleType, Vec<PortRange>>,
 }
 
 impl BackendNetwork {
@@ -67,8 +76,12 @@ impl BackendNetwork {
         }
     }
 
-    fn holds_port(&self, port: u16) -> bool {
-        self.ports.iter().any(|r| r.contains(port))
+    fn holds_port(&self, port: u16, console: ConsoleType) -> bool {
+        self.ports_by_type
+            .get(&console)
+            .unwrap_or(&self.ports)
+            .iter()
+            .any(|r| r.contains(port))
     }
 }
 
@@ -78,13 +91,16 @@ pub enum TargetError {
     /// No backend network holds the host.
     #[error("host {0} is in no allowed hypervisor network")]
     HostNotAllowed(String),
-    /// The host is known but the port is outside every allowed range.
-    #[error("port {port} is not allowed on {host}")]
+    /// The host is known but the port is outside every range allowed to
+    /// the console type.
+    #[error("port {port} is not allowed for {console} consoles on {host}")]
     PortNotAllowed {
         /// The target host.
         host: String,
         /// The refused port.
         port: u16,
+        /// The console type it was asked for.
+        console: ConsoleType,
     },
 }
 
@@ -105,8 +121,13 @@ impl AllowList {
         &self.backends
     }
 
-    /// Finds the backend network that allows every port of `target`.
-    pub fn check(&self, target: &ConsoleTarget) -> Result<&BackendNetwork, TargetError> {
+    /// Finds the backend network that allows every port of `target` to a
+    /// console of type `console`.
+    pub fn check(
+        &self,
+        target: &ConsoleTarget,
+        console: ConsoleType,
+    ) -> Result<&BackendNetwork, TargetError> {
         let host = target.host.trim_start_matches('[').trim_end_matches(']');
         let mut host_known = false;
         let mut refused_port = target.port;
@@ -114,7 +135,7 @@ impl AllowList {
             host_known = true;
             match std::iter::once(target.port)
                 .chain(target.tls_port)
-                .find(|p| !backend.holds_port(*p))
+                .find(|p| !backend.holds_port(*p, console))
             {
                 None => return Ok(backend),
                 Some(p) => refused_port = p,
@@ -124,6 +145,7 @@ impl AllowList {
             Err(TargetError::PortNotAllowed {
                 host: host.to_string(),
                 port: refused_port,
+                console,
             })
         } else {
             Err(TargetError::HostNotAllowed(host.to_string()))
@@ -141,6 +163,10 @@ mod tests {
             networks: vec!["10.1.0.0/16".parse().unwrap(), "::1/128".parse().unwrap()],
             hostnames: vec!["compute-1.lab".into()],
             ports: vec!["5900-5999".parse().unwrap(), "10000".parse().unwrap()],
+            ports_by_type: HashMap::from([(
+                ConsoleType::Serial,
+                vec!["20000-20099".parse().unwrap()],
+            )]),
         }])
     }
 
@@ -156,46 +182,90 @@ mod tests {
     fn allowed_hosts_and_ports_pass() {
         let l = list();
         assert_eq!(
-            l.check(&target("10.1.2.3", 5901, None)).unwrap().name,
+            l.check(&target("10.1.2.3", 5901, None), ConsoleType::Novnc)
+                .unwrap()
+                .name,
             "lab"
         );
-        assert!(l.check(&target("::1", 10000, Some(5900))).is_ok());
-        assert!(l.check(&target("[::1]", 5900, None)).is_ok());
-        assert!(l.check(&target("COMPUTE-1.lab", 5900, None)).is_ok());
+        assert!(
+            l.check(&target("::1", 10000, Some(5900)), ConsoleType::Novnc)
+                .is_ok()
+        );
+        assert!(
+            l.check(&target("[::1]", 5900, None), ConsoleType::Novnc)
+                .is_ok()
+        );
+        assert!(
+            l.check(&target("COMPUTE-1.lab", 5900, None), ConsoleType::Novnc)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_type_with_ports_of_its_own_reaches_only_those_and_no_other_type_does() {
+        let l = list();
+        let serial = ConsoleType::Serial;
+        assert!(l.check(&target("10.1.0.1", 20001, None), serial).is_ok());
+        // A serial token at a VNC port (a Nova noVNC token on the serial
+        // route) and a noVNC token at a serial port: refused, not connected.
+        assert_eq!(
+            l.check(&target("10.1.0.1", 5901, None), serial)
+                .map(|b| b.name.as_str()),
+            Err(TargetError::PortNotAllowed {
+                host: "10.1.0.1".into(),
+                port: 5901,
+                console: serial,
+            })
+        );
+        for other in [
+            ConsoleType::Novnc,
+            ConsoleType::SpiceHtml5,
+            ConsoleType::SpiceDirect,
+        ] {
+            assert!(
+                l.check(&target("10.1.0.1", 20001, None), other).is_err(),
+                "{other}"
+            );
+        }
     }
 
     #[test]
     fn other_hosts_and_ports_are_refused() {
         let l = list();
         assert_eq!(
-            l.check(&target("10.2.0.1", 5900, None))
+            l.check(&target("10.2.0.1", 5900, None), ConsoleType::Novnc)
                 .map(|b| b.name.as_str()),
             Err(TargetError::HostNotAllowed("10.2.0.1".into()))
         );
         assert_eq!(
-            l.check(&target("169.254.169.254", 80, None))
+            l.check(&target("169.254.169.254", 80, None), ConsoleType::Novnc)
                 .map(|b| b.name.as_str()),
             Err(TargetError::HostNotAllowed("169.254.169.254".into()))
         );
         assert_eq!(
-            l.check(&target("10.1.0.1", 22, None))
+            l.check(&target("10.1.0.1", 22, None), ConsoleType::Novnc)
                 .map(|b| b.name.as_str()),
             Err(TargetError::PortNotAllowed {
                 host: "10.1.0.1".into(),
-                port: 22
+                port: 22,
+                console: ConsoleType::Novnc,
             })
         );
         // The TLS port is checked too: a token cannot smuggle a second port in.
         assert_eq!(
-            l.check(&target("10.1.0.1", 5900, Some(6379)))
+            l.check(&target("10.1.0.1", 5900, Some(6379)), ConsoleType::Novnc)
                 .map(|b| b.name.as_str()),
             Err(TargetError::PortNotAllowed {
                 host: "10.1.0.1".into(),
-                port: 6379
+                port: 6379,
+                console: ConsoleType::Novnc,
             })
         );
         // Names are never resolved: an unlisted name is refused even if it would resolve inside.
-        assert!(l.check(&target("localhost", 5900, None)).is_err());
+        assert!(
+            l.check(&target("localhost", 5900, None), ConsoleType::Novnc)
+                .is_err()
+        );
     }
 
     #[test]

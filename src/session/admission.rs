@@ -25,16 +25,25 @@ use super::Stop;
 use super::failed_tickets::FailedTickets;
 use super::lifecycle;
 use super::link_keys::LinkKeys;
-use super::registry::SessionRegistry;
+use super::registry::{LiveSession, Selector, SessionRegistry, TAKEOVER};
 use crate::config::{TokenConfig, WebSocketConfig};
 use crate::console::ConsoleType;
 use crate::error::Blame;
 use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::secret::Secret;
+use crate::token::nova::{NOVA_ISSUER, is_nova_token};
+use crate::token::redemption::{RedeemError, ReusePolicy};
 use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
 use crate::token::{
     Grant, GrantResolver, Redemption, RedemptionStore, Refusal, RefusalReason, unix_now,
 };
+
+/// How long a connection taking over its token's session waits for that
+/// session to give the token back (it ends within milliseconds: its relay
+/// stops, then it releases what it held).
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// How often it looks meanwhile.
+const TAKEOVER_POLL: Duration = Duration::from_millis(20);
 use crate::transport::gate::Gate;
 use crate::transport::listener::TlsSlot;
 
@@ -273,6 +282,8 @@ pub struct Sessions {
     pub pending: Arc<Gate>,
     /// Failed ticket attempts per client address.
     failed_tickets: FailedTickets,
+    /// Nova tokens Nova did not know, per client address.
+    failed_lookups: FailedTickets,
 }
 
 impl Sessions {
@@ -298,30 +309,52 @@ impl Sessions {
             registry: parts.registry,
             pending: parts.pending,
             failed_tickets: FailedTickets::default(),
+            failed_lookups: FailedTickets::default(),
         }
     }
 
-    /// How a session that `kill` ends (its registry entry's token) is told to stop.
-    pub fn stop_for(&self, kill: CancellationToken) -> Stop {
+    /// How the session `live` (just registered) is told to stop.
+    pub fn stop_for(&self, live: &Arc<LiveSession>) -> Stop {
         Stop {
             shutdown: self.cancel.clone(),
-            kill,
+            kill: live.cancel.clone(),
             ended: CancellationToken::new(),
             deadline: self.limits.max_age.map(|a| tokio::time::Instant::now() + a),
             idle: self.limits.idle,
+            session: Some(live.clone()),
         }
     }
 
     /// How a connection that joined `live` (a SPICE channel) is told to
     /// stop: with its session, at its session's age.
-    pub fn stop_joining(&self, live: &super::registry::LiveSession) -> Stop {
+    pub fn stop_joining(&self, live: &Arc<LiveSession>) -> Stop {
         Stop {
             shutdown: self.cancel.clone(),
             kill: live.cancel.clone(),
             ended: live.ended.clone(),
             deadline: live.ends_at.get().copied().flatten(),
             idle: self.limits.idle,
+            session: Some(live.clone()),
         }
+    }
+
+    /// The reuse policy of `grant`'s token. Nova's tokens take over: Horizon
+    /// opens the same console URL in a second tab ("show only console")
+    /// while its iframe's socket may still be open, and Nova's own proxies
+    /// let the new tab in. Signed tokens follow `[tokens.reuse]`.
+    pub fn reuse_for(&self, grant: &Grant) -> ReusePolicy {
+        if grant.issuer == NOVA_ISSUER {
+            ReusePolicy::Takeover
+        } else {
+            self.tokens.reuse_for(grant.console)
+        }
+    }
+
+    /// Whether the store's answer `e` for `grant` still lets a connection
+    /// in: under `takeover`, a token in use is not a refusal (the new
+    /// connection will end the running session).
+    fn reuse_refuses(&self, grant: &Grant, e: &RedeemError) -> bool {
+        !(e.reason == RefusalReason::Replayed && self.reuse_for(grant) == ReusePolicy::Takeover)
     }
 
     /// Sessions running now.
@@ -331,15 +364,42 @@ impl Sessions {
 
     /// Turns a request's token into a grant for a console of type `expect`
     /// (any, if `None`); a refusal is logged and counted here, once.
+    ///
+    /// `client` is the public caller's address (`None`: the admin API, never
+    /// slowed). Nova's tokens are UUIDs a client could guess, each guess a
+    /// lookup in Nova's API: an address whose lookups keep finding nothing
+    /// must wait, as one that keeps presenting bad tickets does, and meanwhile
+    /// gets `unknown_token` with no lookup (a guesser learns nothing).
     pub async fn resolve(
         &self,
         token: &str,
         expect: Option<ConsoleType>,
+        client: Option<IpAddr>,
     ) -> Result<Grant, Refusal> {
-        self.resolver
-            .resolve(token, expect)
-            .await
-            .inspect_err(lifecycle::token_refused)
+        let guarded = client.filter(|_| is_nova_token(token));
+        if let Some(addr) = guarded
+            && self.failed_lookups.wait_for(addr).is_some()
+        {
+            crate::metrics::limit_hit("failed_nova_lookups");
+            let refusal = Refusal {
+                reason: RefusalReason::UnknownToken,
+                detail: "too many unknown Nova tokens from this address: not looked up".into(),
+                jti: None,
+            };
+            lifecycle::token_refused(&refusal);
+            return Err(refusal);
+        }
+        let resolved = self.resolver.resolve(token, expect).await;
+        if let Some(addr) = guarded {
+            match &resolved {
+                Ok(_) => self.failed_lookups.succeeded(addr),
+                Err(r) if r.reason == RefusalReason::UnknownToken => {
+                    self.failed_lookups.failed(addr);
+                }
+                Err(_) => {}
+            }
+        }
+        resolved.inspect_err(lifecycle::token_refused)
     }
 
     /// Counts a connection from `client` with token `jti`, within the caps.
@@ -371,10 +431,19 @@ impl Sessions {
         if self.slots.available_permits() == 0 {
             return Err(OpenError::Overloaded);
         }
-        self.redemptions
-            .would_redeem(&grant.jti, self.tokens.reuse_for(grant.console), None)
+        let policy = self.reuse_for(grant);
+        match self
+            .redemptions
+            .would_redeem(&grant.jti, policy, None)
             .await
-            .map_err(|e| OpenError::Refused(e.refusal(&grant.jti)))?;
+        {
+            Err(e) if self.reuse_refuses(grant, &e) => {
+                return Err(OpenError::Refused(e.refusal(&grant.jti)));
+            }
+            // The running session it takes over holds the console.
+            Err(_) => return Ok(()),
+            Ok(()) => {}
+        }
         let key = (grant.target.host.clone(), grant.target.port);
         if grant.console == ConsoleType::Serial
             && self
@@ -438,10 +507,16 @@ impl Sessions {
             return Err(OpenError::ShuttingDown);
         }
         let now = unix_now();
-        self.redemptions
-            .would_redeem(&grant.jti, self.tokens.reuse_for(grant.console), None)
+        match self
+            .redemptions
+            .would_redeem(&grant.jti, self.reuse_for(grant), None)
             .await
-            .map_err(|e| redeem_error(&e.refusal(&grant.jti)))?;
+        {
+            Err(e) if self.reuse_refuses(grant, &e) => {
+                return Err(redeem_error(&e.refusal(&grant.jti)));
+            }
+            _ => {}
+        }
         let ttl = self.limits.ticket_ttl_secs;
         let ticket = self
             .tickets
@@ -513,6 +588,71 @@ impl Sessions {
         admission: Admission,
         client: IpAddr,
     ) -> Result<SessionGuards, OpenError> {
+        if admission == Admission::Opens && self.reuse_for(grant) == ReusePolicy::Takeover {
+            self.take_over(grant).await;
+        }
+        self.admit_once(grant, admission, client).await
+    }
+
+    /// Ends the session that `grant`'s token runs, if any (on whichever
+    /// node runs it), and waits until it has given the token, its counts
+    /// and its console back, within [`TAKEOVER_WAIT`]. Past that, admission
+    /// refuses as it would have (`replayed`, `console_busy`): a token never
+    /// runs two sessions at once.
+    async fn take_over(&self, grant: &Grant) {
+        let policy = ReusePolicy::Takeover;
+        if self
+            .redemptions
+            .would_redeem(&grant.jti, policy, None)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let sel = Selector {
+            jti: Some(grant.jti.clone()),
+            ..Selector::default()
+        };
+        let ended = self
+            .registry
+            .terminate(&sel, TAKEOVER, "taken over by a newer connection")
+            .await;
+        if ended.is_empty() {
+            return;
+        }
+        tracing::info!(jti = %grant.jti, sessions = ended.len(), "session taken over by a newer connection");
+        let until = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        while tokio::time::Instant::now() < until {
+            let free = self
+                .redemptions
+                .would_redeem(&grant.jti, policy, None)
+                .await
+                .is_ok()
+                && !self
+                    .counts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .tokens
+                    .contains_key(&grant.jti)
+                && !(grant.console == ConsoleType::Serial
+                    && self
+                        .exclusive
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&(grant.target.host.clone(), grant.target.port)));
+            if free {
+                return;
+            }
+            tokio::time::sleep(TAKEOVER_POLL).await;
+        }
+    }
+
+    async fn admit_once(
+        &self,
+        grant: &Grant,
+        admission: Admission,
+        client: IpAddr,
+    ) -> Result<SessionGuards, OpenError> {
         if self.cancel.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
@@ -527,7 +667,7 @@ impl Sessions {
                     self.redemptions.clone(),
                     &grant.jti,
                     grant.expires_at,
-                    self.tokens.reuse_for(grant.console),
+                    self.reuse_for(grant),
                     None,
                     unix_now(),
                 )

@@ -175,6 +175,7 @@ mod tests {
             ended: CancellationToken::new(),
             deadline: None,
             idle: None,
+            session: None,
         }
     }
 

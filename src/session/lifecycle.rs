@@ -52,7 +52,7 @@ impl Lifecycle {
             .registry
             .register(new, sessions.cancel.child_token())
             .await;
-        let stop = sessions.stop_for(live.cancel.clone());
+        let stop = sessions.stop_for(&live);
         let _ = live.ends_at.set(stop.deadline);
         // Every log line of the session carries its id (the audit trail's too).
         let span = tracing::info_span!("session", session = %live.id);

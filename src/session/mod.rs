@@ -63,6 +63,9 @@ pub enum CloseReason {
     Shutdown,
     /// An operator ended the session (admin API or CLI).
     Terminated,
+    /// A newer connection with the same token ended it (the `takeover`
+    /// reuse policy: Horizon's "show only console" tab).
+    TakenOver,
     /// The session reached `max_session_age_secs`.
     MaxAge,
     /// The session this connection joined has ended.
@@ -88,6 +91,7 @@ impl CloseReason {
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Terminated => "terminated",
+            CloseReason::TakenOver => "taken_over",
             CloseReason::MaxAge => "max_age",
             CloseReason::SessionEnded => "session_ended",
             CloseReason::WebSocketProtocol => "client_protocol_error",
@@ -112,6 +116,9 @@ pub struct Stop {
     /// End after this long with no byte either way (native sessions; the
     /// WebSocket relay has its own).
     pub idle: Option<Duration>,
+    /// The session `kill` ends, whose termination says who ended it (an
+    /// operator, or a newer connection taking it over).
+    pub session: Option<std::sync::Arc<registry::LiveSession>>,
 }
 
 impl Stop {
@@ -124,6 +131,8 @@ impl Stop {
             _ = self.kill.cancelled() => {
                 if self.shutdown.is_cancelled() {
                     CloseReason::Shutdown
+                } else if self.taken_over() {
+                    CloseReason::TakenOver
                 } else {
                     CloseReason::Terminated
                 }
@@ -140,6 +149,13 @@ impl Stop {
 }
 
 impl Stop {
+    fn taken_over(&self) -> bool {
+        self.session
+            .as_ref()
+            .and_then(|s| s.terminated.get())
+            .is_some_and(|t| t.by == registry::TAKEOVER)
+    }
+
     /// Runs `work` (a handshake) unless the session is stopped first: a
     /// terminate or a shutdown reaches a session that is still linking.
     pub async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Result<T, CloseReason> {

@@ -103,6 +103,11 @@ pub struct Termination {
     pub reason: String,
 }
 
+/// Who ended a session that a newer connection with its token took over
+/// (its [`Termination`]'s `by`): carried by terminate commands between
+/// nodes, so a session taken over from another node closes the same way.
+pub const TAKEOVER: &str = "takeover";
+
 /// One live session.
 #[derive(Debug)]
 pub struct LiveSession {

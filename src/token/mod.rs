@@ -447,7 +447,7 @@ impl TokenValidator {
             ));
         }
         let target = claims.console.target();
-        let backend = match self.allow.load().check(&target) {
+        let backend = match self.allow.load().check(&target, claims.console.kind) {
             Ok(b) => b.name.clone(),
             Err(e) => return Err(refuse(RefusalReason::TargetNotAllowed, e.to_string())),
         };

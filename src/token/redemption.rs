@@ -28,6 +28,11 @@ pub enum ReusePolicy {
     SingleUse,
     /// Any number of sessions within the token's life, one at a time.
     Reconnect,
+    /// As `reconnect`, but a new connection ends the running session instead
+    /// of being refused (Horizon's "show only console" tab). The store
+    /// treats it as `reconnect`: the session layer ends the running session
+    /// and redeems again, so one token still never runs two at once.
+    Takeover,
 }
 
 /// Why a redemption was refused, with the reason it is counted under.
@@ -276,7 +281,7 @@ impl MemoryRedemptions {
         self.make_room(&mut entries, now)?;
         let state = match policy {
             ReusePolicy::SingleUse => Use::Spent { sessions: 1 },
-            ReusePolicy::Reconnect => Use::Active {
+            ReusePolicy::Reconnect | ReusePolicy::Takeover => Use::Active {
                 sessions: 1,
                 key: session_key.map(str::to_string),
             },
@@ -454,6 +459,20 @@ mod tests {
         drop(again);
         // Another token is unaffected throughout.
         begin(&s, "b", ReusePolicy::Reconnect, None).expect("other token");
+    }
+
+    #[test]
+    fn takeover_is_reconnect_to_the_store() {
+        // The session layer ends the running session before redeeming again.
+        let s = store(10);
+        let first = begin(&s, "a", ReusePolicy::Takeover, None).expect("first use");
+        assert_eq!(
+            begin(&s, "a", ReusePolicy::Takeover, None).unwrap_err(),
+            RefusalReason::Replayed
+        );
+        drop(first);
+        drop(begin(&s, "a", ReusePolicy::Takeover, None).expect("after the old one ended"));
+        begin(&s, "a", ReusePolicy::Takeover, None).expect("never spent");
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub fn allow_list() -> Arc<AllowList> {
         networks: vec!["10.20.0.0/16".parse().unwrap()],
         hostnames: vec!["compute-1.test".into()],
         ports: vec!["5900-6100".parse().unwrap()],
+        ports_by_type: Default::default(),
     }]))
 }
 

@@ -302,3 +302,76 @@ def test_spice_html5_and_novnc_through_portholes_own_pages_from_nova_urls(lab, s
             assert r.headers["Content-Security-Policy"].startswith("frame-ancestors 'self'"), r.headers
     finally:
         assert p.gateway.stop() == 0, p.log()
+
+
+def test_horizons_two_tabs_the_new_tab_takes_over_and_the_old_says_why(lab, vm, tmp_path):
+    """Horizon embeds Nova's noVNC URL in an iframe and offers "show only
+    console", which opens the same URL in a new tab while the iframe's socket
+    is still open: the new tab takes over, the old page says why it closed,
+    and the token never runs two sessions at once."""
+    import threading
+    p = nova_porthole(lab, tmp_path / "p")
+    try:
+        # nova.conf: [vnc] novncproxy_base_url = <porthole>/console-novnc (the iframe: Porthole's own page)
+        token, iframe_url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{p.base}/console-novnc")
+        iframe = {}
+        t = threading.Thread(target=lambda: iframe.update(browser("until-ended", iframe_url, 60000)), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while not p.admin("GET", "/v1/sessions")[1]["sessions"]:
+            assert time.monotonic() < deadline and t.is_alive(), (iframe, p.log()[-3000:])
+            time.sleep(0.2)
+        [first] = p.admin("GET", "/v1/sessions")[1]["sessions"]
+
+        # The new tab: noVNC's own page through the same token shows the VM.
+        tab = f"{p.base}/vendor/novnc/vnc_lite.html?path=vnc%3Ftoken%3D{token}"
+        result = browser("vnc", tab, tmp_path / "tab.png", 3000)
+        assert result.get("canvas"), result
+        seabios_screen(tmp_path / "tab.png")
+
+        t.join(timeout=60)
+        assert not t.is_alive()
+        report = {k: v for k, v in iframe.items() if k != "html"}
+        assert iframe["state"] == "disconnected", report
+        assert "another window or tab" in iframe["text"], report
+        assert [c["code"] for c in iframe["closes"]] == [4006], report
+
+        # And a WebSocket client takes over from the tab's session in turn
+        # (the tab's browser has closed by now; a third connection still works).
+        with connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={token}", open_timeout=10, origin=p.base) as ws:
+            assert vnc_server_init(ws) == (720, 400)
+            sessions = p.admin("GET", "/v1/sessions")[1]["sessions"]
+            assert len(sessions) == 1 and sessions[0]["id"] != first["id"], sessions
+        ended = [e for e in p.audit() if e.get("event") == "session_ended" and e.get("session") == first["id"]]
+        assert ended and "takeover" in json.dumps(ended[0]), ended
+    finally:
+        assert p.gateway.stop() == 0, p.log()
+
+
+def test_nova_check_passes_for_the_service_user_and_names_the_policy_for_a_member(lab, tmp_path):
+    """`porthole nova check` against the real Keystone and Nova: every step
+    for the least-privilege user; for a member-only user, the policy and the
+    role to grant, in words an operator can act on."""
+    from harness import run
+    good = nova_porthole(lab, tmp_path / "good")
+    member = nova_porthole(lab, tmp_path / "member", who="porthole-member")
+    try:
+        p = run("nova", "check", "--config", str(tmp_path / "good" / "porthole.toml"))
+        out = p.stdout
+        for step in ("keystone: ok", "compute endpoint: ok", "microversion: ok", "policy: ok"):
+            assert step in out, out
+        assert f"{lab.nova_url}" in out or "/v2.1" in out, out
+        assert "404" in out, out
+
+        p = run("nova", "check", "--config", str(tmp_path / "member" / "porthole.toml"), check=False)
+        assert p.returncode == 1, (p.stdout, p.stderr)
+        assert "keystone: ok" in p.stdout and "microversion: ok" in p.stdout, p.stdout
+        failed = [line for line in p.stdout.splitlines() if line.startswith("policy: FAILED")]
+        assert failed, p.stdout
+        for words in ("403", "os_compute_api:os-console-auth-tokens", "console_auth", "openstack role add"):
+            assert words in failed[0], failed[0]
+        for secret in (lab.porthole_password,):
+            assert secret not in p.stdout + p.stderr
+    finally:
+        for g in (good, member):
+            assert g.gateway.stop() == 0, g.log()

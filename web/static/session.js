@@ -32,6 +32,7 @@ const CLOSES = {
   4003: 'Session ended by an operator.',
   4004: 'Disconnected: the longest session allowed has passed.',
   4005: 'Disconnected: the connection stopped answering.',
+  4006: 'This console was opened in another window or tab: it continues there.',
 };
 
 export function setStatus(state, text) {

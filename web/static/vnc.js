@@ -13,7 +13,12 @@ let reconnects = 0;
 function connect() {
   let connected = false;
   setStatus('connecting', 'Connecting…');
-  const rfb = new RFB(screen, socketUrl('vnc'), { shared: true });
+  // Porthole's own socket, handed to noVNC, so its close code is known
+  // (noVNC's disconnect event does not carry it).
+  const socket = new WebSocket(socketUrl('vnc'));
+  let closeCode = null;
+  socket.addEventListener('close', (e) => { closeCode = e.code; });
+  const rfb = new RFB(screen, socket, { shared: true });
   rfb.scaleViewport = false;
   rfb.resizeSession = false;
   window.porthole = Object.assign(window.porthole ?? {}, { rfb });
@@ -34,6 +39,13 @@ function connect() {
       setStatus(why, refusedMessage(why));
       return;
     }
+    // Porthole ended the session on purpose (taken over by another tab,
+    // console closed, link expired, idle, restarting): say so rather than
+    // reconnect (a tab taken over would take the console back).
+    if (closeCode !== null && (closeCode >= 4000 || closeCode === 1001)) {
+      setStatus('disconnected', closeMessage(closeCode));
+      return;
+    }
     // The token still opens the console: a dropped connection reconnects,
     // as noVNC's own page does, a few times. A socket that never opened with
     // a good token means the hypervisor did not answer.
@@ -47,7 +59,7 @@ function connect() {
       setTimeout(connect, 1000 * reconnects);
       return;
     }
-    setStatus('disconnected', closeMessage(e.detail.code));
+    setStatus('disconnected', closeMessage(closeCode));
   });
   cad.onclick = () => rfb.sendCtrlAltDel();
 }

@@ -24,6 +24,7 @@
 //! not answering, or a policy that refuses the service user, is
 //! `unavailable`: Porthole fails closed.
 
+mod check;
 mod keystone;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
 
+pub use check::CheckStep;
 pub use keystone::Credential;
 use keystone::{Keystone, KeystoneSettings};
 
@@ -551,7 +553,7 @@ impl NovaResolver {
             tls_port,
         };
         let backend = allow
-            .check(&target)
+            .check(&target, kind)
             .map_err(|e| refuse(RefusalReason::TargetNotAllowed, e.to_string()))?
             .name
             .clone();
