@@ -128,6 +128,17 @@ def test_one_spice_session_links_its_channels_on_both_nodes(cluster, tmp_path):
         assert sorted(c for links in per_node for _, c, _ in links) == ["inputs", "main"], per_node
         assert {t for links in per_node for t, _, _ in links} == {per_node[0][0][0]}, "one ticket on both nodes"
         assert all(client == CLIENT for links in per_node for _, _, client in links), per_node
+        # The ticket opened its session: another main channel with it is
+        # refused, whichever node the balancer picks (two tries: one each).
+        for _ in range(2):
+            again = Channel(cluster.spice_front, ca=a.spice_ca, source=CLIENT)
+            try:
+                assert again.open(MAIN, details["ticket"]) != "OK", "a used ticket opened a second session"
+            finally:
+                again.close()
+        for n in (a, b):
+            wait_for(lambda n=n: 'reason="ticket_used"' in n.log() or "reason=ticket_used" in n.log(),
+                     f"a used ticket refused on {n.log()[-3000:]}")
         # One session, listed by either node with the client's address.
         for n in (a, b):
             listed = [s for s in n.admin("GET", "/v1/sessions")[1]["sessions"] if s["console"] == "spice-direct"]
