@@ -285,14 +285,56 @@ impl Redis {
     /// Pings every second, so the store's state is known (and logged on
     /// change) even while nothing asks it anything.
     async fn probe(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every(Duration::from_secs(1), stop, || self.check_epoch()).await;
+    }
+
+    /// Hands every message published on `channels` to `handle`, until
+    /// `stop`: subscribes (retrying each second until the store answers;
+    /// the subscription then reconnects and resubscribes by itself).
+    pub(crate) async fn follow(
+        &self,
+        channels: &[String],
+        stop: CancellationToken,
+        mut handle: impl FnMut(&[u8]),
+    ) {
+        let mut rx = loop {
+            match self.subscribe(channels).await {
+                Ok(rx) => break rx,
+                Err(e) => {
+                    tracing::debug!("cannot subscribe yet: {e}");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                m = rx.recv() => match m {
+                    Some((_, payload)) => handle(&payload),
+                    None => return,
+                },
             }
-            self.check_epoch().await;
         }
+    }
+}
+
+/// Runs `work` every `period` until `stop` (a late tick waits; ticks never
+/// bunch up): the probe and every renewal loop.
+async fn every<F, Fut>(period: Duration, stop: CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        work().await;
     }
 }

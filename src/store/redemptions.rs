@@ -120,15 +120,7 @@ impl RedisRedemptions {
     }
 
     async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            self.renew_all().await;
-        }
+        super::every(period, stop, || self.renew_all()).await;
     }
 
     /// Renews every lease this node holds, in one round trip.

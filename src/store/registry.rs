@@ -99,75 +99,61 @@ impl RedisRegistry {
     /// by itself; until it is up, commands from other nodes wait).
     async fn listen(self: Arc<Self>, stop: CancellationToken) {
         let channels = [self.channel("commands"), self.channel("events")];
-        let mut rx = loop {
-            match self.redis.subscribe(&channels).await {
-                Ok(rx) => break rx,
-                Err(e) => {
-                    tracing::debug!("cannot subscribe yet: {e}");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        self.redis
+            .follow(&channels, stop, |payload| self.on_message(payload))
+            .await;
+    }
+
+    fn on_message(&self, payload: &[u8]) {
+        match serde_json::from_slice::<Message>(payload) {
+            Ok(Message::Terminate { ids, by, reason }) => {
+                for id in ids {
+                    let sel = Selector {
+                        id: Some(id),
+                        ..Selector::default()
+                    };
+                    for live in self.local.terminate(&sel, &by, &reason) {
+                        tracing::info!(session = %live.id, by, reason, "session terminated by another node's operator");
                     }
                 }
             }
-        };
-        loop {
-            let (_, payload) = tokio::select! {
-                _ = stop.cancelled() => return,
-                m = rx.recv() => match m { Some(m) => m, None => return },
-            };
-            match serde_json::from_slice::<Message>(&payload) {
-                Ok(Message::Terminate { ids, by, reason }) => {
-                    for id in ids {
-                        let sel = Selector {
-                            id: Some(id),
-                            ..Selector::default()
-                        };
-                        for live in self.local.terminate(&sel, &by, &reason) {
-                            tracing::info!(session = %live.id, by, reason, "session terminated by another node's operator");
-                        }
-                    }
+            Ok(Message::Ended { id }) => {
+                if let Some(live) = self.remote().remove(&id) {
+                    live.cancel.cancel();
+                    live.ended.cancel();
                 }
-                Ok(Message::Ended { id }) => {
-                    if let Some(live) = self.remote().remove(&id) {
-                        live.cancel.cancel();
-                        live.ended.cancel();
-                    }
-                }
-                Err(e) => tracing::debug!("ignored a message on the store's channels: {e}"),
             }
+            Err(e) => tracing::debug!("ignored a message on the store's channels: {e}"),
         }
     }
 
     async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let live = self.local.live();
-            if live.is_empty() {
-                continue;
-            }
-            let lease = self.lease.as_millis() as i64;
-            let mut pipe = redis::pipe();
-            for s in &live {
-                let key = self.redis.key(&["session", &s.id]);
-                let (up, down) = (s.bytes.up.load(Relaxed), s.bytes.down.load(Relaxed));
-                pipe.hset_multiple(&key, &[("bytes_up", up), ("bytes_down", down)])
-                    .ignore()
-                    .pexpire(&key, lease)
+        super::every(period, stop, || self.renew_live()).await;
+    }
+
+    /// Renews this node's session entries (with their bytes) and join keys,
+    /// in one round trip.
+    async fn renew_live(&self) {
+        let live = self.local.live();
+        if live.is_empty() {
+            return;
+        }
+        let lease = self.lease.as_millis() as i64;
+        let mut pipe = redis::pipe();
+        for s in &live {
+            let key = self.redis.key(&["session", &s.id]);
+            let (up, down) = (s.bytes.up.load(Relaxed), s.bytes.down.load(Relaxed));
+            pipe.hset_multiple(&key, &[("bytes_up", up), ("bytes_down", down)])
+                .ignore()
+                .pexpire(&key, lease)
+                .ignore();
+            if let Some(k) = &s.key {
+                pipe.pexpire(self.redis.key(&["session-key", k]), lease)
                     .ignore();
-                if let Some(k) = &s.key {
-                    pipe.pexpire(self.redis.key(&["session-key", k]), lease)
-                        .ignore();
-                }
             }
-            if let Err(e) = self.redis.pipe::<()>(pipe).await {
-                tracing::debug!("session lease renewal failed: {e}");
-            }
+        }
+        if let Err(e) = self.redis.pipe::<()>(pipe).await {
+            tracing::debug!("session lease renewal failed: {e}");
         }
     }
 

@@ -147,25 +147,13 @@ impl Redis {
     /// Remembers what the other nodes publish, until `stop`.
     pub(super) async fn follow_events(self: std::sync::Arc<Self>, stop: CancellationToken) {
         let channel = [self.key(&["events"])];
-        let mut rx = loop {
-            match self.subscribe(&channel).await {
-                Ok(rx) => break rx,
-                Err(_) => tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                },
-            }
-        };
-        loop {
-            let (_, payload) = tokio::select! {
-                _ = stop.cancelled() => return,
-                m = rx.recv() => match m { Some(m) => m, None => return },
-            };
+        self.follow(&channel, stop, |payload| {
             // Other messages share the channel (sessions ending).
-            if let Ok(event) = serde_json::from_slice::<Event>(&payload) {
+            if let Ok(event) = serde_json::from_slice::<Event>(payload) {
                 self.remembered.add(&event);
             }
-        }
+        })
+        .await;
     }
 
     /// The store's epoch as this node knows it.

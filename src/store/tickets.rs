@@ -116,25 +116,23 @@ impl RedisTickets {
     }
 
     async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let ids: Vec<TicketId> = self.open_here().iter().cloned().collect();
-            if ids.is_empty() {
-                continue;
-            }
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.pexpire(self.ticket_key(id), self.lease.as_millis() as i64)
-                    .ignore();
-            }
-            if let Err(e) = self.redis.pipe::<()>(pipe).await {
-                tracing::debug!("ticket lease renewal failed: {e}");
-            }
+        super::every(period, stop, || self.renew_open()).await;
+    }
+
+    /// Renews the leases of the open tickets this node's sessions hold, in
+    /// one round trip.
+    async fn renew_open(&self) {
+        let ids: Vec<TicketId> = self.open_here().iter().cloned().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.pexpire(self.ticket_key(id), self.lease.as_millis() as i64)
+                .ignore();
+        }
+        if let Err(e) = self.redis.pipe::<()>(pipe).await {
+            tracing::debug!("ticket lease renewal failed: {e}");
         }
     }
 
