@@ -299,6 +299,24 @@ async fn a_ticket_issued_on_one_node_opens_and_joins_its_session_on_another() {
             .unwrap_err(),
         TicketRefusal::ForeignSession
     );
+    // A channel carrying the token instead of the ticket (spice_auto.html)
+    // finds the session by token and id on another node, on the same lease.
+    let bound = a.tickets.admit_bound("j", spice, 7).await.unwrap();
+    assert_eq!(
+        (bound.id.clone(), bound.grant.jti.as_str()),
+        (opened.id.clone(), "j")
+    );
+    for (jti, console, sid) in [
+        ("j", spice, 8),
+        ("k", spice, 7),
+        ("j", ConsoleType::SpiceHtml5, 7),
+    ] {
+        assert_eq!(
+            a.tickets.admit_bound(jti, console, sid).await.unwrap_err(),
+            TicketRefusal::NoSession,
+            "{jti} {console} {sid}"
+        );
+    }
     b.tickets.end(&opened.id).await;
     assert_eq!(
         a.tickets
@@ -306,6 +324,11 @@ async fn a_ticket_issued_on_one_node_opens_and_joins_its_session_on_another() {
             .await
             .unwrap_err(),
         TicketRefusal::Unknown
+    );
+    assert_eq!(
+        a.tickets.admit_bound("j", spice, 7).await.unwrap_err(),
+        TicketRefusal::NoSession,
+        "gone with its session"
     );
     // Revocation kills the token's unused ticket on every node.
     let fresh = a.tickets.issue(grant("r", spice), 60, now).await.unwrap();

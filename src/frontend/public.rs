@@ -99,10 +99,7 @@ pub fn router(state: PublicState) -> Router {
             "/vnc",
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),
         )
-        .route(
-            "/websockify",
-            get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),
-        )
+        .route("/websockify", get(websockify))
         .route(
             "/serial",
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::Serial, s, c, h, q, w)),
@@ -281,7 +278,16 @@ async fn ws_endpoint(
         }
         return refuse(StatusCode::FORBIDDEN, "refused");
     }
-    let Some(token) = q.token() else {
+    // Debian's spice_auto.html (what Nova's spice-html5 URLs open) leaves
+    // the token in a cookie; only the spice-html5 socket reads it, and only
+    // past the Origin check above (cross-site WebSocket hijacking rides on
+    // cookies: Nova's CVE-2015-0259).
+    let cookie = || {
+        (kind == ConsoleType::SpiceHtml5)
+            .then(|| cookie_token(&headers))
+            .flatten()
+    };
+    let Some(token) = q.token().or_else(cookie) else {
         crate::metrics::session_refused("no_token");
         return refuse(StatusCode::UNAUTHORIZED, "refused");
     };
@@ -316,6 +322,37 @@ async fn ws_endpoint(
         }
         Err(e) => open_error_response(&e),
     }
+}
+
+/// `/websockify`: noVNC's default path (`?path=websockify?token=…`), and
+/// the one Debian's spice_auto.html opens with its token in a cookie and
+/// none in the URL: then it is a spice-html5 channel.
+async fn websockify(
+    s: State<PublicState>,
+    c: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Query<TokenQuery>,
+    request: Request,
+) -> Response {
+    let kind = if q.token().is_none() && cookie_token(&headers).is_some() {
+        ConsoleType::SpiceHtml5
+    } else {
+        ConsoleType::Novnc
+    };
+    ws_endpoint(kind, s, c, headers, q, request).await
+}
+
+/// The `token` cookie's value (RFC 6265 §5.4 `name=value` pairs split by
+/// `;`), the first one if several are sent.
+fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix("token="))
+        .map(|v| v.trim_matches('"'))
+        .filter(|v| !v.is_empty())
 }
 
 /// The 101 answer to a checked upgrade request.
@@ -511,6 +548,26 @@ mod tests {
             client_addr(stranger, &h, &listen(&[], &["10.0.0.0/8"], true)),
             stranger.ip()
         );
+    }
+
+    #[test]
+    fn the_token_cookie_is_found_among_others_and_empty_is_none() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::COOKIE, v.parse().unwrap());
+            }
+            h
+        };
+        assert_eq!(cookie_token(&with(&["token=abc"])), Some("abc"));
+        assert_eq!(
+            cookie_token(&with(&["lang=en; token=abc-1; theme=dark"])),
+            Some("abc-1")
+        );
+        assert_eq!(cookie_token(&with(&["lang=en", "token=\"q\""])), Some("q"));
+        assert_eq!(cookie_token(&with(&["mytoken=abc; tokens=x"])), None);
+        assert_eq!(cookie_token(&with(&["token="])), None);
+        assert_eq!(cookie_token(&HeaderMap::new()), None);
     }
 
     #[test]

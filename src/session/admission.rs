@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -541,11 +542,43 @@ impl Sessions {
         role: ChannelRole,
         client: IpAddr,
     ) -> Result<Admitted, TicketRefusal> {
+        self.counting_failures(client, || {
+            self.tickets.admit(ticket, console, role, unix_now())
+        })
+        .await
+    }
+
+    /// Whether token `jti`'s session that the hypervisor named `session_id`
+    /// admits a further channel that carries the token instead of a ticket
+    /// (see [`TicketStore::admit_bound`]); failures count as failed tickets.
+    ///
+    /// [`TicketStore::admit_bound`]: crate::token::ticket::TicketStore::admit_bound
+    pub async fn admit_bound(
+        &self,
+        jti: &str,
+        console: ConsoleType,
+        session_id: u32,
+        client: IpAddr,
+    ) -> Result<Admitted, TicketRefusal> {
+        self.counting_failures(client, || {
+            self.tickets.admit_bound(jti, console, session_id)
+        })
+        .await
+    }
+
+    /// Runs a ticket check unless `client` must wait first (the check is
+    /// not even started then: a store may act as soon as it is called), and
+    /// notes how it went.
+    async fn counting_failures<'a>(
+        &self,
+        client: IpAddr,
+        check: impl FnOnce() -> BoxFuture<'a, Result<Admitted, TicketRefusal>>,
+    ) -> Result<Admitted, TicketRefusal> {
         if self.failed_tickets.wait_for(client).is_some() {
             crate::metrics::limit_hit("failed_tickets");
             return Err(TicketRefusal::Backoff);
         }
-        let admitted = self.tickets.admit(ticket, console, role, unix_now()).await;
+        let admitted = check().await;
         match &admitted {
             Ok(_) => self.failed_tickets.succeeded(client),
             // A real ticket on the wrong listener, or a full store: not a guess.

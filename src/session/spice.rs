@@ -61,10 +61,11 @@ use crate::transport::ws_stream::WsBytes;
 pub enum ClientLeg {
     /// Porthole's SPICE TLS listener: `spice-direct` tickets.
     Native,
-    /// A spice-html5 WebSocket opened with the `spice-html5` token `jti`.
+    /// A spice-html5 WebSocket opened with a `spice-html5` token.
     Browser {
-        /// The token's id; the ticket must have been issued for it.
-        jti: String,
+        /// What the token granted; a ticket must have been issued for it,
+        /// and an empty ticket means the token itself (spice_auto.html).
+        grant: Box<crate::token::Grant>,
     },
 }
 
@@ -292,7 +293,7 @@ pub async fn serve_browser<S>(
     let deadline = Instant::now() + sessions.limits.spice_handshake;
     let mut client = WsBytes::new(socket);
     let leg = ClientLeg::Browser {
-        jti: grant.jti.clone(),
+        grant: Box::new(grant.clone()),
     };
     let linked = Box::pin(link_channel(&sessions, &mut client, peer, &leg, deadline)).await;
     let (mut socket, pending) = client.into_inner();
@@ -665,14 +666,23 @@ async fn admit_channel<S: Io>(
         }
         (_, session_id) => ChannelRole::Joins { session_id },
     };
-    let admitted = sessions
-        .admit_ticket(&password, leg.console(), role, peer)
-        .await
-        .map_err(|r| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string()))?;
+    let ticket_refused =
+        |r: TicketRefusal| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string());
+    let admitted = match leg {
+        ClientLeg::Browser { grant } if password.is_empty() => {
+            admit_by_token(sessions, grant, role, peer).await?
+        }
+        _ => sessions
+            .admit_ticket(&password, leg.console(), role, peer)
+            .await
+            .map_err(ticket_refused)?,
+    };
     let grant = &admitted.grant;
     let type_ok = match leg {
         ClientLeg::Native => grant.console == ConsoleType::SpiceDirect,
-        ClientLeg::Browser { jti } => grant.console == ConsoleType::SpiceHtml5 && &grant.jti == jti,
+        ClientLeg::Browser { grant: carried } => {
+            grant.console == ConsoleType::SpiceHtml5 && grant.jti == carried.jti
+        }
     };
     if !type_ok {
         if role == ChannelRole::Opens {
@@ -721,6 +731,41 @@ async fn admit_channel<S: Io>(
         }
     };
     Ok((mess, admitted, session))
+}
+
+/// A browser channel that carries its token, not a ticket: Debian's
+/// spice_auto.html (what Nova's spice-html5 URLs open) sends an empty SPICE
+/// password, the WebSocket having carried the token. The main channel
+/// exchanges the token for a ticket under its reuse policy and opens with
+/// it, exactly as Porthole's own page does in two steps; a further channel
+/// joins the session of that token the hypervisor named by its connection
+/// id. The ticket store keeps that binding, so it holds on every node.
+async fn admit_by_token(
+    sessions: &Sessions,
+    grant: &crate::token::Grant,
+    role: ChannelRole,
+    peer: IpAddr,
+) -> Result<Admitted, ChannelRefusal> {
+    let refused =
+        |r: TicketRefusal| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string());
+    match role {
+        ChannelRole::Opens => {
+            let (ticket, _) = sessions.exchange(grant, peer).await.map_err(open_refusal)?;
+            sessions
+                .admit_ticket(
+                    ticket.expose().as_bytes(),
+                    ConsoleType::SpiceHtml5,
+                    role,
+                    peer,
+                )
+                .await
+                .map_err(refused)
+        }
+        ChannelRole::Joins { session_id } => sessions
+            .admit_bound(&grant.jti, ConsoleType::SpiceHtml5, session_id, peer)
+            .await
+            .map_err(refused),
+    }
 }
 
 /// The hypervisor leg: connect (TLS or plain, escalating on NEED_SECURED),

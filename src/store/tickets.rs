@@ -1,15 +1,17 @@
 //! Tickets in Redis: issued on any node, redeemed on any node.
 //!
 //! `<prefix>ticket:<id>` (a hash: the grant, its console type, `fresh` or
-//! `open`, and the session id the hypervisor named) and
+//! `open`, and the session id the hypervisor named),
 //! `<prefix>ticket-of:<jti>` (the token's one unused ticket, which a new
-//! exchange replaces). A fresh ticket expires after its time-to-live; an open
+//! exchange replaces) and `<prefix>ticket-bound:<jti>:<session id>` (the
+//! open ticket whose session the hypervisor named so, for channels that
+//! carry their token instead of a ticket). A fresh ticket expires after its time-to-live; an open
 //! one lives as long as its session, on a lease the node running the session
 //! renews (so a SPICE channel linking on another node, hours later, still
 //! finds it bound to its session). Every operation is one script: one round
 //! trip, atomic.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -59,12 +61,28 @@ if t[4] ~= ARGV[2] then return {'foreign_session', ''} end
 return {'ok', t[1]}
 ";
 
-/// KEYS: ticket. ARGV: session id. Binds an open ticket to its session.
+/// KEYS: ticket. ARGV: session id, id, prefix. Binds an open ticket to its
+/// session, and indexes it by token and session (on the ticket's lease);
+/// returns that index's key, or '' for a ticket no longer open.
 const BIND: &str = r"
-if redis.call('HGET', KEYS[1], 'state') == 'open' then
-  redis.call('HSET', KEYS[1], 'sid', ARGV[1])
+local t = redis.call('HMGET', KEYS[1], 'state', 'jti')
+if t[1] ~= 'open' then return '' end
+redis.call('HSET', KEYS[1], 'sid', ARGV[1])
+local bound = ARGV[3] .. 'ticket-bound:' .. t[2] .. ':' .. ARGV[1]
+redis.call('SET', bound, ARGV[2], 'PX', math.max(redis.call('PTTL', KEYS[1]), 1))
+return bound
+";
+
+/// KEYS: ticket-bound. ARGV: console, session id, prefix. Returns
+/// {verdict, grant, id}.
+const ADMIT_BOUND: &str = r"
+local id = redis.call('GET', KEYS[1])
+if not id then return {'no_session', '', ''} end
+local t = redis.call('HMGET', ARGV[3] .. 'ticket:' .. id, 'grant', 'console', 'state', 'sid')
+if not t[1] or t[2] ~= ARGV[1] or t[3] ~= 'open' or t[4] ~= ARGV[2] then
+  return {'no_session', '', ''}
 end
-return 1
+return {'ok', t[1], id}
 ";
 
 /// KEYS: ticket-of. ARGV: prefix. Kills the token's unused ticket.
@@ -78,6 +96,7 @@ return 1
 static ISSUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ISSUE));
 static ADMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT));
 static BIND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(BIND));
+static ADMIT_BOUND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT_BOUND));
 static REVOKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE));
 
 /// Tickets in Redis.
@@ -85,8 +104,9 @@ static REVOKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE));
 pub struct RedisTickets {
     redis: Arc<Redis>,
     lease: Duration,
-    /// Open tickets whose sessions run on this node (their leases are ours).
-    open_here: Mutex<HashSet<TicketId>>,
+    /// Open tickets whose sessions run on this node (their leases are
+    /// ours), with the key that indexes each by its session once bound.
+    open_here: Mutex<HashMap<TicketId, Option<String>>>,
 }
 
 impl RedisTickets {
@@ -107,7 +127,7 @@ impl RedisTickets {
         store
     }
 
-    fn open_here(&self) -> std::sync::MutexGuard<'_, HashSet<TicketId>> {
+    fn open_here(&self) -> std::sync::MutexGuard<'_, HashMap<TicketId, Option<String>>> {
         self.open_here.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -122,14 +142,17 @@ impl RedisTickets {
     /// Renews the leases of the open tickets this node's sessions hold, in
     /// one round trip.
     async fn renew_open(&self) {
-        let ids: Vec<TicketId> = self.open_here().iter().cloned().collect();
-        if ids.is_empty() {
+        let keys: Vec<String> = self
+            .open_here()
+            .iter()
+            .flat_map(|(id, bound)| std::iter::once(self.ticket_key(id)).chain(bound.clone()))
+            .collect();
+        if keys.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.pexpire(self.ticket_key(id), self.lease.as_millis() as i64)
-                .ignore();
+        for key in &keys {
+            pipe.pexpire(key, self.lease.as_millis() as i64).ignore();
         }
         if let Err(e) = self.redis.pipe::<()>(pipe).await {
             tracing::debug!("ticket lease renewal failed: {e}");
@@ -195,7 +218,7 @@ impl RedisTickets {
                 let grant: Grant =
                     serde_json::from_str(&grant).map_err(|_| TicketRefusal::Unavailable)?;
                 if role == ChannelRole::Opens {
-                    self.open_here().insert(id.clone());
+                    self.open_here().insert(id.clone(), None);
                 }
                 Ok(Admitted { grant, id })
             }
@@ -205,6 +228,32 @@ impl RedisTickets {
             "foreign_session" => Err(TicketRefusal::ForeignSession),
             _ => Err(TicketRefusal::Unknown),
         }
+    }
+
+    async fn admit_bound(
+        &self,
+        jti: &str,
+        console: ConsoleType,
+        session_id: u32,
+    ) -> Result<Admitted, TicketRefusal> {
+        let sid = session_id.to_string();
+        let (verdict, grant, id): (String, String, String) = self
+            .redis
+            .eval(
+                &ADMIT_BOUND_SCRIPT,
+                &[&self.redis.key(&["ticket-bound", jti, &sid])],
+                &[console.as_str(), &sid, self.redis.prefix()],
+            )
+            .await
+            .map_err(|_| TicketRefusal::Unavailable)?;
+        if verdict != "ok" {
+            return Err(TicketRefusal::NoSession);
+        }
+        let grant: Grant = serde_json::from_str(&grant).map_err(|_| TicketRefusal::Unavailable)?;
+        Ok(Admitted {
+            grant,
+            id: TicketId::from_hex(id).ok_or(TicketRefusal::Unavailable)?,
+        })
     }
 }
 
@@ -228,24 +277,44 @@ impl TicketStore for RedisTickets {
         Box::pin(RedisTickets::admit(self, ticket, console, role))
     }
 
+    fn admit_bound<'a>(
+        &'a self,
+        jti: &'a str,
+        console: ConsoleType,
+        session_id: u32,
+    ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>> {
+        Box::pin(RedisTickets::admit_bound(self, jti, console, session_id))
+    }
+
     fn bind<'a>(&'a self, id: &'a TicketId, session_id: u32) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let sid = session_id.to_string();
-            if let Err(e) = self
+            let bound = self
                 .redis
-                .eval::<i64>(&BIND_SCRIPT, &[&self.ticket_key(id)], &[&sid])
-                .await
-            {
-                tracing::warn!(ticket = %id, "ticket not bound to its session: {e}");
+                .eval::<String>(
+                    &BIND_SCRIPT,
+                    &[&self.ticket_key(id)],
+                    &[&sid, id.as_hex(), self.redis.prefix()],
+                )
+                .await;
+            match bound {
+                Ok(key) if !key.is_empty() => {
+                    if let Some(slot) = self.open_here().get_mut(id) {
+                        *slot = Some(key);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(ticket = %id, "ticket not bound to its session: {e}"),
             }
         })
     }
 
     fn end<'a>(&'a self, id: &'a TicketId) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            self.open_here().remove(id);
+            let bound = self.open_here().remove(id).flatten();
             let mut cmd = redis::cmd("DEL");
             cmd.arg(self.ticket_key(id));
+            cmd.arg(bound);
             // Not answered: an open ticket's lease runs out by itself.
             let _: Result<i64, _> = self.redis.cmd(cmd).await;
         })

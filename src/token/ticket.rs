@@ -108,6 +108,13 @@ impl TicketId {
         Self(hex::encode(Sha256::digest(ticket)))
     }
 
+    /// A ticket's name as a store gives it back; `None` unless it is one
+    /// (64 lowercase hex digits).
+    pub fn from_hex(hex: String) -> Option<Self> {
+        let digits = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        (hex.len() == 64 && hex.chars().all(digits)).then_some(Self(hex))
+    }
+
     /// The whole hex digest (a store's key; logs show [`Display`]'s prefix).
     ///
     /// [`Display`]: std::fmt::Display
@@ -145,6 +152,18 @@ pub trait TicketStore: Send + Sync + std::fmt::Debug {
         console: ConsoleType,
         role: ChannelRole,
         now: u64,
+    ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>>;
+
+    /// The session of token `jti` that the hypervisor named `session_id`,
+    /// for a further channel that carries the token itself instead of a
+    /// ticket (spice_auto.html sends an empty SPICE password on a WebSocket
+    /// that carried the token): the open ticket of that token bound to that
+    /// session admits it, as if the channel had presented it.
+    fn admit_bound<'a>(
+        &'a self,
+        jti: &'a str,
+        console: ConsoleType,
+        session_id: u32,
     ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>>;
 
     /// The hypervisor named the session that `id` opened; called before the
@@ -343,6 +362,28 @@ impl MemoryTickets {
         Ok(Admitted { grant, id })
     }
 
+    /// See [`TicketStore::admit_bound`].
+    pub fn admit_bound(
+        &self,
+        jti: &str,
+        console: ConsoleType,
+        session_id: u32,
+    ) -> Result<Admitted, TicketRefusal> {
+        let tickets = self.lock();
+        let ids = tickets.by_jti.get(jti).ok_or(TicketRefusal::NoSession)?;
+        ids.iter()
+            .find_map(|id| {
+                let entry = tickets.entries.get(id)?;
+                let bound =
+                    matches!(entry.state, State::Open { session_id: Some(s) } if s == session_id);
+                (bound && entry.grant.console == console).then(|| Admitted {
+                    grant: entry.grant.clone(),
+                    id: id.clone(),
+                })
+            })
+            .ok_or(TicketRefusal::NoSession)
+    }
+
     /// See [`TicketStore::bind`].
     pub fn bind(&self, id: &TicketId, session_id: u32) {
         if let Some(entry) = self.lock().entries.get_mut(id)
@@ -393,6 +434,17 @@ impl TicketStore for MemoryTickets {
             Some(console),
             role,
             now,
+        )))
+    }
+
+    fn admit_bound<'a>(
+        &'a self,
+        jti: &'a str,
+        console: ConsoleType,
+        session_id: u32,
+    ) -> BoxFuture<'a, Result<Admitted, TicketRefusal>> {
+        Box::pin(std::future::ready(MemoryTickets::admit_bound(
+            self, jti, console, session_id,
         )))
     }
 
@@ -591,6 +643,41 @@ mod tests {
                 .unwrap_err(),
             TicketRefusal::Unknown
         );
+    }
+
+    #[test]
+    fn a_channel_carrying_its_token_joins_the_session_its_ticket_opened() {
+        let store = MemoryTickets::new(10);
+        let t = store.issue(grant("a"), 60, NOW).unwrap();
+        let bound = |sid| store.admit_bound("a", ConsoleType::SpiceDirect, sid);
+        assert_eq!(bound(7).unwrap_err(), TicketRefusal::NoSession, "unused");
+        let main = store
+            .admit(t.expose().as_bytes(), ChannelRole::Opens, NOW)
+            .unwrap();
+        assert_eq!(bound(7).unwrap_err(), TicketRefusal::NoSession, "unnamed");
+        store.bind(&main.id, 7);
+        assert_eq!(bound(7).unwrap().id, main.id);
+        assert_eq!(
+            bound(8).unwrap_err(),
+            TicketRefusal::NoSession,
+            "another session"
+        );
+        assert_eq!(
+            store
+                .admit_bound("b", ConsoleType::SpiceDirect, 7)
+                .unwrap_err(),
+            TicketRefusal::NoSession,
+            "another token"
+        );
+        assert_eq!(
+            store
+                .admit_bound("a", ConsoleType::SpiceHtml5, 7)
+                .unwrap_err(),
+            TicketRefusal::NoSession,
+            "another console type"
+        );
+        store.end(&main.id);
+        assert_eq!(bound(7).unwrap_err(), TicketRefusal::NoSession, "ended");
     }
 
     #[test]

@@ -122,7 +122,7 @@ try {
       return false;
     }, null, { timeout: 30000, polling: 200 }).then(() => true, () => false);
     await page.waitForTimeout(Number(wait ?? 2000));
-    const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas#spice_surface_0')
+    const dataUrl = await page.evaluate(() => document.querySelector('canvas#spice_surface_0')
       ?.toDataURL('image/png') ?? null);
     if (dataUrl) writeFileSync(out, Buffer.from(dataUrl.split(',')[1], 'base64'));
     result.canvas = Boolean(dataUrl);

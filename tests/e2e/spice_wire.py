@@ -109,3 +109,28 @@ class Channel:
             return False
         except OSError:
             return True
+
+
+class WsChannel(Channel):
+    """A SPICE channel over one of Porthole's WebSockets, as spice-html5 opens
+    it: /spice?token= (Porthole's page), or /websockify with the token in a
+    cookie and none in the URL (Debian's spice_auto.html)."""
+
+    def __init__(self, p, token, path=None, cookie=None, origin=None):
+        from websockets.sync.client import connect
+        headers = {"Cookie": f"token={cookie}"} if cookie else None
+        self.ws = connect(f"ws://127.0.0.1:{p.public_port}/{path or f'spice?token={token}'}", open_timeout=10,
+                          close_timeout=2, additional_headers=headers, origin=origin or p.base)
+        self.buf = b""
+
+    def send(self, data):
+        self.ws.send(data)
+
+    def recv_exact(self, n):
+        while len(self.buf) < n:
+            self.buf += self.ws.recv(timeout=10)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def close(self):
+        self.ws.close()

@@ -289,6 +289,20 @@ def test_spice_html5_and_novnc_through_portholes_own_pages_from_nova_urls(lab, s
         # The type is the route's: the same token on Porthole's generic page is refused.
         assert http("GET", f"{p.base}/console?token={token}")[0] == 403
 
+        # nova.conf: [spice] html5proxy_base_url = <porthole>/vendor/spice-html5/spice_auto.html
+        # Debian's page, unchanged: the token travels in a cookie to /websockify,
+        # the SPICE password is empty.
+        token, url = mint(lab, "spice-html5", "127.0.0.1", vm.spice_port,
+                          base_url=f"{p.base}/vendor/spice-html5/spice_auto.html")
+        assert url == f"{p.base}/vendor/spice-html5/spice_auto.html?token={token}"
+        shot = tmp_path / "spice-auto.png"
+        result = browser("spice", url, shot, 2000)
+        report = {k: v for k, v in result.items() if k != "html"}
+        assert result["canvas"] and result["drawn"], report
+        assert {s["url"] for s in result["sockets"]} == {f"ws://127.0.0.1:{p.public_port}/websockify"}, report
+        seabios_screen(shot)
+        assert differing_fraction(reference, shot) <= 0.01
+
         # nova.conf: [vnc] novncproxy_base_url = <porthole>/console-novnc
         token, url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{p.base}/console-novnc")
         assert url == f"{p.base}/console-novnc?path=%3Ftoken%3D{token}", url

@@ -15,7 +15,7 @@ import time
 from harness import http, metric_value
 from screen import seabios_screen
 from spice_client import spicy_capture
-from spice_wire import DISPLAY, MAIN, Channel
+from spice_wire import DISPLAY, MAIN, Channel, WsChannel
 from support import Porthole
 
 
@@ -54,28 +54,6 @@ def alive_for(vm, secs):
 
 def ended_drains(p):
     return sum(drains(p, end) for end in ("hypervisor_closed", "grace_over", "deadline", "malformed", "io_error"))
-
-
-class WsChannel(Channel):
-    """A SPICE channel over Porthole's /spice WebSocket, as spice-html5 opens it."""
-
-    def __init__(self, p, token):
-        from websockets.sync.client import connect
-        self.ws = connect(f"ws://127.0.0.1:{p.public_port}/spice?token={token}", open_timeout=10,
-                          close_timeout=2)
-        self.buf = b""
-
-    def send(self, data):
-        self.ws.send(data)
-
-    def recv_exact(self, n):
-        while len(self.buf) < n:
-            self.buf += self.ws.recv(timeout=10)
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def close(self):
-        self.ws.close()
 
 
 def test_directly_a_display_channel_closed_unread_kills_qemu(spice_vm):

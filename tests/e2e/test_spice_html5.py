@@ -7,6 +7,7 @@ import re
 import time
 
 import jwt
+import pytest
 
 from screen import differing_fraction, seabios_screen
 from spice_client import wait_for_final_spice_screen
@@ -158,4 +159,59 @@ def test_spice_html5_says_an_operator_ended_the_session(spice_vm, tmp_path):
             except subprocess.TimeoutExpired:
                 page.kill()
                 page.wait()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_debians_spice_auto_html_links_with_its_token_in_a_cookie(spice_vm, tmp_path):
+    """Debian's spice_auto.html, unchanged (what Nova's spice-html5 URLs open):
+    it copies ?token= into a `token` cookie, opens /websockify with no token in
+    the URL and sends an empty SPICE password. The cookie is read only on the
+    spice-html5 socket and only from an allowed Origin; the empty password is
+    the token itself: the main channel opens the token's session, a further
+    channel joins only that token's session, by the id the hypervisor gave."""
+    from websockets.exceptions import InvalidStatus
+    from spice_wire import DISPLAY, MAIN, WsChannel
+    vm = spice_vm
+    p = spice_porthole(tmp_path, vm)
+    try:
+        reference = wait_for_final_spice_screen(vm, tmp_path)
+        token = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        shot = tmp_path / "spice-auto.png"
+        result = browser("spice", f"{p.base}/vendor/spice-html5/spice_auto.html?token={token}", shot, 2000)
+        report = {k: v for k, v in result.items() if k != "html"}
+        assert result["canvas"] and result["drawn"], report
+        urls = [s["url"] for s in result["sockets"]]
+        assert len(urls) >= 3 and all(u == f"ws://127.0.0.1:{p.public_port}/websockify" for u in urls), report
+        seabios_screen(shot)
+        assert differing_fraction(reference, shot) <= 0.01
+        log = p.log()
+        for channel in ("main", "display", "inputs"):
+            assert f'channel="{channel}"' in log, log[-3000:]
+
+        # Wire level, as the page does it: the cookie, an empty password.
+        fresh = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        other = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        with pytest.raises(InvalidStatus) as refused:
+            WsChannel(p, None, path="websockify", cookie=fresh, origin="http://evil.example")
+        assert refused.value.response.status_code == 403, "a cookie from a foreign page opens nothing"
+        with pytest.raises(InvalidStatus) as refused:
+            WsChannel(p, None, path="vnc", cookie=fresh)
+        assert refused.value.response.status_code == 401, "only the spice-html5 socket reads the cookie"
+        main = WsChannel(p, None, path="websockify", cookie=fresh)
+        assert main.open(MAIN, "") == "OK"
+        session = main.session_id()
+        stray = WsChannel(p, None, path="websockify", cookie=fresh)
+        assert stray.open(DISPLAY, "", connection_id=session ^ 1) == "BAD_CONNECTION_ID"
+        foreign = WsChannel(p, None, path="websockify", cookie=other)
+        assert foreign.open(DISPLAY, "", connection_id=session) == "BAD_CONNECTION_ID", \
+            "another token's channel cannot join this session"
+        again = WsChannel(p, None, path="websockify", cookie=fresh)
+        assert again.open(MAIN, "") != "OK", "a token runs one session at a time"
+        display = WsChannel(p, None, path="websockify", cookie=fresh)
+        assert display.open(DISPLAY, "", connection_id=session) == "OK"
+        for c in (display, again, foreign, stray, main):
+            c.close()
+        log = p.log()
+        assert token not in log and fresh not in log and vm.spice_password not in log
+    finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
