@@ -113,6 +113,14 @@ pub fn spice_link_refused(reason: &'static str, blame: &'static str) {
     metrics::counter!(SPICE_LINK_REFUSALS, "reason" => reason, "blame" => blame).increment(1);
 }
 
+/// Client SPICE messages refused before the hypervisor saw them, by why.
+pub const SPICE_MESSAGES_REFUSED: &str = "porthole_spice_messages_refused_total";
+
+/// Counts a client SPICE message refused before the hypervisor saw it.
+pub fn spice_message_refused(why: &'static str) {
+    metrics::counter!(SPICE_MESSAGES_REFUSED, "why" => why).increment(1);
+}
+
 /// Counts an established SPICE channel link.
 pub fn spice_linked(channel: &'static str) {
     metrics::counter!(SPICE_LINKS, "channel" => channel).increment(1);

@@ -216,8 +216,14 @@ pub trait Inspect: Send {
     }
 }
 
-/// Sees client bytes on their way to the hypervisor.
-pub type ClientTap = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+/// Sees client bytes on their way to the hypervisor and says which go:
+/// [`Checked::forward`] now, and none after a [`Checked::refused`] message
+/// (the client's side then ends, a protocol error).
+///
+/// [`Checked::forward`]: crate::protocol::spice::display_drain::Checked::forward
+/// [`Checked::refused`]: crate::protocol::spice::display_drain::Checked::refused
+pub type ClientTap =
+    std::sync::Arc<dyn Fn(&[u8]) -> crate::protocol::spice::display_drain::Checked + Send + Sync>;
 
 /// A hypervisor connection a relay handed back, with bytes it had read
 /// from it and not yet inspected (they come first).

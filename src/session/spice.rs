@@ -456,7 +456,16 @@ impl Inspect for ChannelInspect {
     fn client_tap(&self) -> Option<ClientTap> {
         let track = self.display_track()?;
         Some(Arc::new(move |chunk: &[u8]| {
-            locked(&track).from_client(chunk)
+            let checked = locked(&track).from_client(chunk);
+            if let Some(refused) = &checked.refused {
+                crate::metrics::spice_message_refused(refused.why);
+                tracing::warn!(
+                    blame = "client",
+                    "spice display channel ended: {refused} (spice-server drops the channel \
+                     for it, which kills QEMU 7.2); not passed on"
+                );
+            }
+            checked
         }))
     }
 

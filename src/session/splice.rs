@@ -52,13 +52,15 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
         let mut buf = vec![0u8; CHUNK];
         loop {
             if !chunk.is_empty() {
-                if let Some(tap) = &tap {
-                    tap(chunk);
-                }
-                if up_w.write_all(chunk).await.is_err() || up_w.flush().await.is_err() {
+                let checked = tap.as_ref().map(|tap| tap(chunk));
+                let going = checked.as_ref().map_or(chunk, |c| &c.forward[..]);
+                if up_w.write_all(going).await.is_err() || up_w.flush().await.is_err() {
                     return CloseReason::BackendError;
                 }
                 moved(chunk.len(), &up_bytes, &counters.up);
+                if checked.is_some_and(|c| c.refused.is_some()) {
+                    return CloseReason::ProtocolError;
+                }
             }
             chunk = match client_r.read(&mut buf).await {
                 Ok(0) | Err(_) => return CloseReason::ClientLeft,

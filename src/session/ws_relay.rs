@@ -262,17 +262,16 @@ async fn client_to_backend<St>(
 where
     St: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
-    let tap = |bytes: &[u8]| {
-        if let Some(t) = &tap {
-            t(bytes);
-        }
-    };
     if !early.is_empty() {
-        tap(&early);
-        if to_backend.write_all(&early).await.is_err() {
+        let checked = tap.as_ref().map(|t| t(&early));
+        let going = checked.as_ref().map_or(&early[..], |c| &c.forward[..]);
+        if to_backend.write_all(going).await.is_err() {
             return CloseReason::BackendError;
         }
         meter.moved_up(early.len());
+        if checked.is_some_and(|c| c.refused.is_some()) {
+            return CloseReason::ProtocolError;
+        }
     }
     let mut batch = BytesMut::new();
     while let Some(msg) = stream.next().await {
@@ -297,9 +296,19 @@ where
             }
         }
         if !batch.is_empty() {
-            tap(&batch);
+            let refused = match &tap {
+                None => false,
+                Some(t) => {
+                    let checked = t(&batch);
+                    batch = BytesMut::from(&checked.forward[..]);
+                    checked.refused.is_some()
+                }
+            };
             if to_backend.write_all(&batch).await.is_err() {
                 return CloseReason::BackendError;
+            }
+            if refused {
+                return CloseReason::ProtocolError;
             }
             batch = BytesMut::new();
         }

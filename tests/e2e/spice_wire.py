@@ -134,3 +134,17 @@ class WsChannel(Channel):
 
     def close(self):
         self.ws.close()
+
+    def closed(self, timeout=10):
+        """Whether Porthole closes the socket within timeout, reading and dropping data."""
+        from websockets.exceptions import ConnectionClosed
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                return False
+            except ConnectionClosed:
+                return True
+        return False

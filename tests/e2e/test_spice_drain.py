@@ -10,6 +10,7 @@ session, on the native listener and on the spice-html5 WebSocket."""
 import json
 import re
 import signal
+import struct
 import time
 
 from harness import http, metric_value
@@ -143,5 +144,83 @@ def test_through_porthole_a_dropped_display_is_drained_until_its_session_ends(sp
                              ca_file=p.spice_ca)
         seabios_screen(shot)
         assert alive_for(vm, 2), f"QEMU died ({vm.proc.returncode}) after a real client"
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+# DISPLAY_INIT as spice-gtk sends it, then a message spice-server cannot parse.
+DISPLAY_INIT = struct.pack("<HI", 101, 14) + bytes([1]) + bytes(13)
+UNKNOWN_TYPE = struct.pack("<HIB", 999, 1, 0)
+NO_COMPRESSION_BYTE = struct.pack("<HI", 103, 0)
+
+
+def test_directly_an_unparsable_display_message_kills_qemu(spice_vm):
+    """spice-server drops a display channel whose client sends a message it
+    cannot parse, and the drop is the same crash: no Porthole here."""
+    vm = spice_vm
+    main = Channel(vm.spice_port)
+    assert main.open(MAIN, vm.spice_password) == "OK"
+    display = Channel(vm.spice_port)
+    assert display.open(DISPLAY, vm.spice_password, connection_id=main.session_id()) == "OK"
+    display.send(DISPLAY_INIT + UNKNOWN_TYPE)
+    deadline = time.monotonic() + 10
+    while vm.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vm.proc.returncode == -signal.SIGSEGV, f"QEMU did not crash: {vm.proc.returncode}"
+    main.close()
+
+
+def test_through_porthole_unparsable_display_messages_never_reach_qemu(spice_vm, tmp_path):
+    """Porthole checks every client display message before the hypervisor
+    sees it: one spice-server could not parse ends the client's display
+    channel there (the channel is drained), the session and the VM go on.
+    On the native listener and on the spice-html5 WebSocket, the bad message
+    whole or cut into pieces."""
+    vm = spice_vm
+    p = porthole_for(tmp_path, vm)
+    try:
+        def refused(why):
+            return metric_value(p.metrics(), "porthole_spice_messages_refused_total", why=why) or 0
+
+        def ticket(kind):
+            token = p.mint(kind, vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+            if kind == "spice-direct":
+                return token, p.spice_details(token)["ticket"]
+            status, body = http("POST", f"{p.base}/spice-ticket?token={token}")[:2]
+            assert status == 200, body
+            return token, json.loads(body)["ticket"]
+
+        cases = [
+            ("spice-direct", [DISPLAY_INIT + UNKNOWN_TYPE], "not a display channel message"),
+            ("spice-direct", [DISPLAY_INIT + NO_COMPRESSION_BYTE[:3], NO_COMPRESSION_BYTE[3:]],
+             "shorter than its fields"),
+            ("spice-html5", [DISPLAY_INIT, UNKNOWN_TYPE[:4], UNKNOWN_TYPE[4:]], "not a display channel message"),
+        ]
+        for n, (kind, sends, why) in enumerate(cases, start=1):
+            token, t = ticket(kind)
+            channel = (lambda: Channel(p.spice_tls_port, ca=p.spice_ca)) if kind == "spice-direct" \
+                else (lambda: WsChannel(p, token))
+            main = channel()
+            assert main.open(MAIN, t) == "OK"
+            display = channel()
+            assert display.open(DISPLAY, t, connection_id=main.session_id()) == "OK"
+            for piece in sends:
+                display.send(piece)
+                time.sleep(0.2)
+            assert display.closed(timeout=10), "Porthole ends the client's display channel"
+            assert alive_for(vm, 3), f"QEMU died ({vm.proc.returncode}): {why} reached it"
+            assert refused(why) >= 1, p.log()[-3000:]
+            # The session goes on: its main channel is still open and listed.
+            assert not main.closed(timeout=1)
+            assert len(p.admin("GET", "/v1/sessions")[1]["sessions"]) == 1
+            main.close()
+            wait_for("the drain's end", lambda: ended_drains(p) == n, p)
+        assert "spice display channel ended" in p.log() and "not passed on" in p.log()
+
+        # And a real client still gets the VM's screen.
+        shot = spicy_capture(tmp_path / "after.png", "127.0.0.1", ticket("spice-direct")[1],
+                             tls_port=p.spice_tls_port, ca_file=p.spice_ca)
+        seabios_screen(shot)
+        assert alive_for(vm, 1)
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]

@@ -111,10 +111,23 @@ impl Frames {
     /// saw to `out`.
     pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<Frame>) -> Result<(), WireError> {
         while !data.is_empty() {
+            let took = self.feed_to_frame(data, out)?;
+            data = &data[took..];
+        }
+        Ok(())
+    }
+
+    /// Follows `data` up to and including the first frame that completes in
+    /// it (appended to `out`), or all of it; returns how many bytes it took.
+    /// A checker that must stop a stream at a message boundary learns where
+    /// each message it sees ends.
+    pub fn feed_to_frame(&mut self, data: &[u8], out: &mut Vec<Frame>) -> Result<usize, WireError> {
+        let mut rest = data;
+        while !rest.is_empty() {
             match self.state {
                 State::Skip(n) => {
-                    let take = n.min(data.len() as u64);
-                    data = &data[take as usize..];
+                    let take = n.min(rest.len() as u64);
+                    rest = &rest[take as usize..];
                     self.state = skip(n - take);
                 }
                 State::Header | State::Prefix { .. } => {
@@ -122,18 +135,30 @@ impl Frames {
                         State::Prefix { want, .. } => want,
                         _ => self.header_len(),
                     };
-                    let take = (want - self.partial.len()).min(data.len());
-                    self.partial.extend_from_slice(&data[..take]);
-                    data = &data[take..];
+                    let take = (want - self.partial.len()).min(rest.len());
+                    self.partial.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
                     if self.partial.len() < want {
                         break;
                     }
                     let got = std::mem::take(&mut self.partial);
                     self.state = self.next_state(&got, out)?;
+                    break;
                 }
             }
         }
-        Ok(())
+        Ok(data.len() - rest.len())
+    }
+
+    /// Bytes at the end of what was fed that belong to a message not yet
+    /// confirmed: an unfinished header, or a header and the body prefix
+    /// asked for when that prefix is unfinished.
+    pub fn unconfirmed(&self) -> usize {
+        match self.state {
+            State::Header => self.partial.len(),
+            State::Prefix { .. } => self.header_len() + self.partial.len(),
+            State::Skip(_) => 0,
+        }
     }
 
     fn next_state(&self, got: &[u8], out: &mut Vec<Frame>) -> Result<State, WireError> {
