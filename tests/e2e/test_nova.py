@@ -4,6 +4,7 @@ objects, URLs built by Nova's own access_url from the base URLs the README
 documents, consoles of a real QEMU. Keystone and Nova start once for the module."""
 
 import json
+import subprocess
 import time
 import urllib.parse
 import uuid
@@ -86,6 +87,29 @@ def vnc_server_init(ws, timeout=10):
     return int.from_bytes(got[0:2], "big"), int.from_bytes(got[2:4], "big")
 
 
+def vnc_capture(vm, out):
+    """gvnccapture of the VM's display, straight to QEMU: no proxy."""
+    p = subprocess.run(["gvnccapture", f"127.0.0.1:{vm.display}", str(out)], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def wait_for_final_vnc_screen(vm, tmp_path):
+    """SeaBIOS's last line on COM1 (the VM must be fresh), then direct
+    captures until two agree: the reference a console through Porthole must match."""
+    vm.wait_for_serial(b"No bootable device")
+    previous = None
+    for n in range(20):
+        shot = vnc_capture(vm, tmp_path / f"direct-{n}.png")
+        seabios_screen(shot)
+        if previous is not None and differing_fraction(previous, shot) < 0.01:
+            return shot
+        previous = shot
+        time.sleep(0.3)
+    raise AssertionError("the VM's screen never settled")
+
+
 def read_serial_until(ws, marker=b"No bootable device", timeout=30):
     seen = b""
     deadline = time.monotonic() + timeout
@@ -99,6 +123,7 @@ def read_serial_until(ws, marker=b"No bootable device", timeout=30):
 
 
 def test_novas_own_urls_open_novnc_and_serial_through_porthole(lab, vm, tmp_path):
+    reference = wait_for_final_vnc_screen(vm, tmp_path)
     p = nova_porthole(lab, tmp_path / "p")
     try:
         # nova.conf: [vnc] novncproxy_base_url = <porthole>/vendor/novnc/vnc_lite.html?path=vnc
@@ -109,6 +134,11 @@ def test_novas_own_urls_open_novnc_and_serial_through_porthole(lab, vm, tmp_path
         result = browser("vnc", url, tmp_path / "novnc.png", 4000)
         assert result.get("canvas"), result
         seabios_screen(tmp_path / "novnc.png")
+        # What it shows is what a client straight on QEMU sees.
+        after = vnc_capture(vm, tmp_path / "direct-after.png")
+        diff = min(differing_fraction(tmp_path / "novnc.png", reference),
+                   differing_fraction(tmp_path / "novnc.png", after))
+        assert diff <= 0.01, f"noVNC through Nova's URL differs from a direct capture in {diff:.2%} of pixels"
         # The same token again, from a WebSocket client, at the path the page opens.
         with connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={token}", open_timeout=10, origin=p.base) as ws:
             assert vnc_server_init(ws) == (720, 400)
