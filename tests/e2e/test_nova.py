@@ -4,6 +4,7 @@ objects, URLs built by Nova's own access_url from the base URLs the README
 documents, consoles of a real QEMU. Keystone and Nova start once for the module."""
 
 import json
+import re
 import subprocess
 import time
 import urllib.parse
@@ -17,7 +18,7 @@ import leak_check
 from harness import http, metric_value
 from nova import NovaLab
 from screen import differing_fraction, seabios_screen
-from spice_client import spicy_capture, wait_for_final_spice_screen
+from spice_client import remote_viewer_connects, spicy_capture, wait_for_final_spice_screen
 from support import EchoBackend, Porthole, browser
 
 
@@ -215,8 +216,15 @@ def test_a_spice_direct_url_gives_a_ticket_a_native_client_uses(lab, spice_vm, t
                              ca_file=p.spice_ca)
         seabios_screen(shot)
         assert differing_fraction(direct, shot) <= 0.01
-        vv = http("GET", f"{p.base}/spice-direct?token={token}")
-        assert vv[0] == 200 and "[virt-viewer]" in vv[1], vv
+        before_viewer = p.log().count("spice channel linked")
+        # The URL a user is given downloads a .vv file: remote-viewer opens it.
+        status, vv = http("GET", f"{p.base}/spice-direct?token={token}")
+        assert status == 200 and "[virt-viewer]" in vv, vv
+        assert f"tls-port={p.spice_tls_port}" in vv and "host=127.0.0.1" in vv, vv
+        leak_check.remember(re.search(r"^password=(.+)$", vv, re.M).group(1))
+        (tmp_path / "console.vv").write_text(vv)
+        assert remote_viewer_connects(tmp_path / "console.vv", tmp_path), "remote-viewer never showed the display"
+        assert p.log().count("spice channel linked") > before_viewer, "remote-viewer linked nothing through Porthole"
     finally:
         assert p.gateway.stop() == 0, p.log()
 
