@@ -6,6 +6,7 @@ documents, consoles of a real QEMU. Keystone and Nova start once for the module.
 import json
 import re
 import subprocess
+import threading
 import time
 import urllib.parse
 import uuid
@@ -17,6 +18,7 @@ from websockets.sync.client import connect
 import leak_check
 from harness import http, metric_value
 from nova import NovaLab
+from peers import RedisServer
 from screen import differing_fraction, seabios_screen
 from spice_client import remote_viewer_connects, spicy_capture, wait_for_final_spice_screen
 from support import EchoBackend, Porthole, browser
@@ -53,10 +55,23 @@ timeout_secs = 3
 """
 
 
-def nova_porthole(lab, tmp, **kw):
+def nova_porthole(lab, tmp, backend_extra="", more_sections="", **kw):
     tmp.mkdir(parents=True, exist_ok=True)
-    backend_extra = kw.pop("backend_extra", "")
-    return Porthole(tmp, sections=nova_section(lab, tmp, **kw), backend_extra=backend_extra)
+    return Porthole(tmp, sections=nova_section(lab, tmp, **kw) + more_sections, backend_extra=backend_extra)
+
+
+def store_sections(redis, name):
+    """[store] and [node] for one node of a cluster on `redis` (as test_cluster's)."""
+    return f"""
+[store]
+url = "redis://127.0.0.1:{redis.port}"
+key_prefix = "e2e:"
+timeout_ms = 500
+lease_secs = 3
+renew_secs = 1
+[node]
+name = "{name}"
+"""
 
 
 def mint(lab, *args, **kw):
@@ -347,7 +362,6 @@ def test_horizons_two_tabs_the_new_tab_takes_over_and_the_old_says_why(lab, vm, 
     console", which opens the same URL in a new tab while the iframe's socket
     is still open: the new tab takes over, the old page says why it closed,
     and the token never runs two sessions at once."""
-    import threading
     p = nova_porthole(lab, tmp_path / "p")
     try:
         # nova.conf: [vnc] novncproxy_base_url = <porthole>/console-novnc (the iframe: Porthole's own page)
@@ -384,6 +398,66 @@ def test_horizons_two_tabs_the_new_tab_takes_over_and_the_old_says_why(lab, vm, 
         assert ended and "takeover" in json.dumps(ended[0]), ended
     finally:
         assert p.gateway.stop() == 0, p.log()
+
+
+def test_horizons_two_tabs_across_two_nodes_sharing_one_store(lab, vm, tmp_path):
+    """Horizon's two tabs, each reaching another node behind a balancer: the
+    iframe (Porthole's own page) on node A, the new tab (noVNC's
+    vnc_lite.html) on node B. B ends A's session through the shared store
+    before its own opens: one session, on B, never two."""
+    redis = RedisServer()
+    nodes = []
+    try:
+        for name in ("node-a", "node-b"):
+            nodes.append(nova_porthole(lab, tmp_path / name, more_sections=store_sections(redis, name)))
+        a, b = nodes
+        token, iframe_url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{a.base}/console-novnc")
+        iframe = {}
+        t = threading.Thread(target=lambda: iframe.update(browser("until-ended", iframe_url, 60000)), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while not (listed := b.admin("GET", "/v1/sessions")[1]["sessions"]):
+            assert time.monotonic() < deadline and t.is_alive(), (iframe, a.log()[-3000:])
+            time.sleep(0.2)
+        [first] = listed
+        assert first["node"] == "node-a", first
+
+        # The new tab, on node B; while it is open, both nodes list its session only.
+        tab = f"{b.base}/vendor/novnc/vnc_lite.html?path=vnc%3Ftoken%3D{token}"
+        shown = {}
+        tab_thread = threading.Thread(
+            target=lambda: shown.update(browser("vnc", tab, tmp_path / "tab.png", 6000)), daemon=True)
+        tab_thread.start()
+        seen = []
+        deadline = time.monotonic() + 30
+        while True:
+            now = [(n, [(s["node"], s["id"]) for s in n.admin("GET", "/v1/sessions")[1]["sessions"]]) for n in nodes]
+            seen += [listing for _, listing in now]
+            if all(len(listing) == 1 and listing[0][0] == "node-b" for _, listing in now):
+                break
+            assert time.monotonic() < deadline and tab_thread.is_alive(), (now, shown, b.log()[-3000:])
+            time.sleep(0.1)
+        assert tab_thread.is_alive(), "the tab had closed before its session was seen"
+        assert all(len(listing) <= 1 for listing in seen), seen
+        tab_thread.join(timeout=60)
+        assert shown.get("canvas"), shown
+        seabios_screen(tmp_path / "tab.png")
+
+        t.join(timeout=60)
+        assert not t.is_alive()
+        report = {k: v for k, v in iframe.items() if k != "html"}
+        assert iframe["state"] == "disconnected", report
+        assert "another window or tab" in iframe["text"], report
+        assert [c["code"] for c in iframe["closes"]] == [4006], report
+        # Node A's session ended (taken over) before node B's began.
+        ended = [e for e in a.audit() if e.get("event") == "session_ended" and e.get("session") == first["id"]]
+        assert ended and "takeover" in json.dumps(ended[0]), ended
+        started = [e for e in b.audit() if e.get("event") == "session_started"]
+        assert len(started) == 1 and started[0]["ts"] >= ended[0]["ts"], (ended, started)
+    finally:
+        for n in nodes:
+            assert n.gateway.stop() == 0, n.log()[-3000:]
+        redis.stop()
 
 
 def test_nova_check_passes_for_the_service_user_and_names_the_policy_for_a_member(lab, tmp_path):
