@@ -112,8 +112,9 @@ impl RedisRegistry {
                         id: Some(id),
                         ..Selector::default()
                     };
+                    // `by` says who: an operator, or a takeover by a newer connection.
                     for live in self.local.terminate(&sel, &by, &reason) {
-                        tracing::info!(session = %live.id, by, reason, "session terminated by another node's operator");
+                        tracing::info!(session = %live.id, by, reason, "session terminated from another node");
                     }
                 }
             }

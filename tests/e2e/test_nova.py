@@ -4,6 +4,9 @@ objects, URLs built by Nova's own access_url from the base URLs the README
 documents, consoles of a real QEMU. Keystone and Nova start once for the module."""
 
 import json
+import re
+import subprocess
+import threading
 import time
 import urllib.parse
 import uuid
@@ -15,8 +18,9 @@ from websockets.sync.client import connect
 import leak_check
 from harness import http, metric_value
 from nova import NovaLab
+from peers import RedisServer
 from screen import differing_fraction, seabios_screen
-from spice_client import spicy_capture, wait_for_final_spice_screen
+from spice_client import remote_viewer_connects, spicy_capture, wait_for_final_spice_screen
 from support import EchoBackend, Porthole, browser
 
 
@@ -51,10 +55,23 @@ timeout_secs = 3
 """
 
 
-def nova_porthole(lab, tmp, **kw):
+def nova_porthole(lab, tmp, backend_extra="", more_sections="", **kw):
     tmp.mkdir(parents=True, exist_ok=True)
-    backend_extra = kw.pop("backend_extra", "")
-    return Porthole(tmp, sections=nova_section(lab, tmp, **kw), backend_extra=backend_extra)
+    return Porthole(tmp, sections=nova_section(lab, tmp, **kw) + more_sections, backend_extra=backend_extra)
+
+
+def store_sections(redis, name):
+    """[store] and [node] for one node of a cluster on `redis` (as test_cluster's)."""
+    return f"""
+[store]
+url = "redis://127.0.0.1:{redis.port}"
+key_prefix = "e2e:"
+timeout_ms = 500
+lease_secs = 3
+renew_secs = 1
+[node]
+name = "{name}"
+"""
 
 
 def mint(lab, *args, **kw):
@@ -86,6 +103,29 @@ def vnc_server_init(ws, timeout=10):
     return int.from_bytes(got[0:2], "big"), int.from_bytes(got[2:4], "big")
 
 
+def vnc_capture(vm, out):
+    """gvnccapture of the VM's display, straight to QEMU: no proxy."""
+    p = subprocess.run(["gvnccapture", f"127.0.0.1:{vm.display}", str(out)], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def wait_for_final_vnc_screen(vm, tmp_path):
+    """SeaBIOS's last line on COM1 (the VM must be fresh), then direct
+    captures until two agree: the reference a console through Porthole must match."""
+    vm.wait_for_serial(b"No bootable device")
+    previous = None
+    for n in range(20):
+        shot = vnc_capture(vm, tmp_path / f"direct-{n}.png")
+        seabios_screen(shot)
+        if previous is not None and differing_fraction(previous, shot) < 0.01:
+            return shot
+        previous = shot
+        time.sleep(0.3)
+    raise AssertionError("the VM's screen never settled")
+
+
 def read_serial_until(ws, marker=b"No bootable device", timeout=30):
     seen = b""
     deadline = time.monotonic() + timeout
@@ -99,6 +139,7 @@ def read_serial_until(ws, marker=b"No bootable device", timeout=30):
 
 
 def test_novas_own_urls_open_novnc_and_serial_through_porthole(lab, vm, tmp_path):
+    reference = wait_for_final_vnc_screen(vm, tmp_path)
     p = nova_porthole(lab, tmp_path / "p")
     try:
         # nova.conf: [vnc] novncproxy_base_url = <porthole>/vendor/novnc/vnc_lite.html?path=vnc
@@ -109,6 +150,11 @@ def test_novas_own_urls_open_novnc_and_serial_through_porthole(lab, vm, tmp_path
         result = browser("vnc", url, tmp_path / "novnc.png", 4000)
         assert result.get("canvas"), result
         seabios_screen(tmp_path / "novnc.png")
+        # What it shows is what a client straight on QEMU sees.
+        after = vnc_capture(vm, tmp_path / "direct-after.png")
+        diff = min(differing_fraction(tmp_path / "novnc.png", reference),
+                   differing_fraction(tmp_path / "novnc.png", after))
+        assert diff <= 0.01, f"noVNC through Nova's URL differs from a direct capture in {diff:.2%} of pixels"
         # The same token again, from a WebSocket client, at the path the page opens.
         with connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={token}", open_timeout=10, origin=p.base) as ws:
             assert vnc_server_init(ws) == (720, 400)
@@ -185,8 +231,15 @@ def test_a_spice_direct_url_gives_a_ticket_a_native_client_uses(lab, spice_vm, t
                              ca_file=p.spice_ca)
         seabios_screen(shot)
         assert differing_fraction(direct, shot) <= 0.01
-        vv = http("GET", f"{p.base}/spice-direct?token={token}")
-        assert vv[0] == 200 and "[virt-viewer]" in vv[1], vv
+        before_viewer = p.log().count("spice channel linked")
+        # The URL a user is given downloads a .vv file: remote-viewer opens it.
+        status, vv = http("GET", f"{p.base}/spice-direct?token={token}")
+        assert status == 200 and "[virt-viewer]" in vv, vv
+        assert f"tls-port={p.spice_tls_port}" in vv and "host=127.0.0.1" in vv, vv
+        leak_check.remember(re.search(r"^password=(.+)$", vv, re.M).group(1))
+        (tmp_path / "console.vv").write_text(vv)
+        assert remote_viewer_connects(tmp_path / "console.vv", tmp_path), "remote-viewer never showed the display"
+        assert p.log().count("spice channel linked") > before_viewer, "remote-viewer linked nothing through Porthole"
     finally:
         assert p.gateway.stop() == 0, p.log()
 
@@ -323,7 +376,6 @@ def test_horizons_two_tabs_the_new_tab_takes_over_and_the_old_says_why(lab, vm, 
     console", which opens the same URL in a new tab while the iframe's socket
     is still open: the new tab takes over, the old page says why it closed,
     and the token never runs two sessions at once."""
-    import threading
     p = nova_porthole(lab, tmp_path / "p")
     try:
         # nova.conf: [vnc] novncproxy_base_url = <porthole>/console-novnc (the iframe: Porthole's own page)
@@ -360,6 +412,66 @@ def test_horizons_two_tabs_the_new_tab_takes_over_and_the_old_says_why(lab, vm, 
         assert ended and "takeover" in json.dumps(ended[0]), ended
     finally:
         assert p.gateway.stop() == 0, p.log()
+
+
+def test_horizons_two_tabs_across_two_nodes_sharing_one_store(lab, vm, tmp_path):
+    """Horizon's two tabs, each reaching another node behind a balancer: the
+    iframe (Porthole's own page) on node A, the new tab (noVNC's
+    vnc_lite.html) on node B. B ends A's session through the shared store
+    before its own opens: one session, on B, never two."""
+    redis = RedisServer()
+    nodes = []
+    try:
+        for name in ("node-a", "node-b"):
+            nodes.append(nova_porthole(lab, tmp_path / name, more_sections=store_sections(redis, name)))
+        a, b = nodes
+        token, iframe_url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{a.base}/console-novnc")
+        iframe = {}
+        t = threading.Thread(target=lambda: iframe.update(browser("until-ended", iframe_url, 60000)), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while not (listed := b.admin("GET", "/v1/sessions")[1]["sessions"]):
+            assert time.monotonic() < deadline and t.is_alive(), (iframe, a.log()[-3000:])
+            time.sleep(0.2)
+        [first] = listed
+        assert first["node"] == "node-a", first
+
+        # The new tab, on node B; while it is open, both nodes list its session only.
+        tab = f"{b.base}/vendor/novnc/vnc_lite.html?path=vnc%3Ftoken%3D{token}"
+        shown = {}
+        tab_thread = threading.Thread(
+            target=lambda: shown.update(browser("vnc", tab, tmp_path / "tab.png", 6000)), daemon=True)
+        tab_thread.start()
+        seen = []
+        deadline = time.monotonic() + 30
+        while True:
+            now = [(n, [(s["node"], s["id"]) for s in n.admin("GET", "/v1/sessions")[1]["sessions"]]) for n in nodes]
+            seen += [listing for _, listing in now]
+            if all(len(listing) == 1 and listing[0][0] == "node-b" for _, listing in now):
+                break
+            assert time.monotonic() < deadline and tab_thread.is_alive(), (now, shown, b.log()[-3000:])
+            time.sleep(0.1)
+        assert tab_thread.is_alive(), "the tab had closed before its session was seen"
+        assert all(len(listing) <= 1 for listing in seen), seen
+        tab_thread.join(timeout=60)
+        assert shown.get("canvas"), shown
+        seabios_screen(tmp_path / "tab.png")
+
+        t.join(timeout=60)
+        assert not t.is_alive()
+        report = {k: v for k, v in iframe.items() if k != "html"}
+        assert iframe["state"] == "disconnected", report
+        assert "another window or tab" in iframe["text"], report
+        assert [c["code"] for c in iframe["closes"]] == [4006], report
+        # Node A's session ended (taken over) before node B's began.
+        ended = [e for e in a.audit() if e.get("event") == "session_ended" and e.get("session") == first["id"]]
+        assert ended and "takeover" in json.dumps(ended[0]), ended
+        started = [e for e in b.audit() if e.get("event") == "session_started"]
+        assert len(started) == 1 and started[0]["ts"] >= ended[0]["ts"], (ended, started)
+    finally:
+        for n in nodes:
+            assert n.gateway.stop() == 0, n.log()[-3000:]
+        redis.stop()
 
 
 def test_nova_check_passes_for_the_service_user_and_names_the_policy_for_a_member(lab, tmp_path):
