@@ -638,8 +638,9 @@ async fn rates(s: &Setup, sides: &mut [Side], repeats: usize, secs: f64) {
         "\n## Nova tokens beside JWTs: opens per second (16 concurrent, fresh token each, {secs} s), median of {repeats}, runs interleaved"
     );
     println!(
-        "In brackets: Porthole's CPU per open (µs); Nova's API CPU per open (µs, real Nova);\n\
-         Nova lookups and cache answers per open; Keystone authentications in the run.\n"
+        "Median [lowest-highest run]; in brackets: Porthole's CPU per open (µs); Nova's API CPU\n\
+         per open (µs, real Nova); Nova lookups and cache answers per open; Keystone\n\
+         authentications in the run.\n"
     );
     println!(
         "| | {} |",
@@ -650,9 +651,13 @@ async fn rates(s: &Setup, sides: &mut [Side], repeats: usize, secs: f64) {
         let cells: Vec<String> = (0..sides.len())
             .map(|side| {
                 let v = &results[&(at, side)];
+                let per_s: Vec<f64> = v.iter().map(|r| r.per_s).collect();
+                let (lo, hi) = per_s
+                    .iter()
+                    .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
                 let mut cell = format!(
-                    "{:.0} (Porthole {:.0} µs",
-                    median_of(v, |r| r.per_s),
+                    "{:.0} [{lo:.0}-{hi:.0}] (Porthole {:.0} µs",
+                    median(per_s),
                     median_of(v, |r| r.cpu_us)
                 );
                 if *row != Row::Jwt && v.iter().all(|r| r.nova_cpu_us.is_some()) {
