@@ -44,7 +44,8 @@ def main():
         minted = time.monotonic() - t
         print(json.dumps({"auth_url": lab.ks_url, "username": "porthole",
                           "password": lab.porthole_password, "project": "service",
-                          "nova_pid": lab.procs["nova"].pid, "started_secs": round(up, 1), "mint_secs": round(minted, 1),
+                          "nova_pid": lab.procs["nova"].pid, "started_secs": round(up, 1),
+                          "mint_secs": round(minted, 1),
                           "tokens": tokens}), flush=True)
         for line in sys.stdin:
             n = int(line.strip() or 0)
