@@ -20,6 +20,11 @@
 //! Then the shared store (`load/store.rs`): the same Porthole against one node
 //! with `[store]` on redis-server and two nodes behind HAProxy.
 //! `cargo bench --bench load -- store` runs only that part.
+//!
+//! Then Nova's console tokens beside JWTs (`load/nova.rs`): opens per second
+//! cold and warm, the positive cache, the latency a lookup adds, against an
+//! in-process fake Nova and a real Keystone + Nova (`target/nova-venv`).
+//! `cargo bench --bench load -- nova` runs only that part.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +41,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[path = "load/nova.rs"]
+mod nova;
 #[path = "load/store.rs"]
 mod store;
 
@@ -767,20 +774,34 @@ fn main() {
     }
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
     let full = args.iter().any(|a| a == "--bench");
-    // `cargo bench --bench load -- store`: the shared store's comparison only.
-    let only_store = args.iter().skip(1).any(|a| a == "store");
+    // `cargo bench --bench load -- store` (or `-- nova`): that part only.
+    let only = args
+        .iter()
+        .skip(1)
+        .find_map(|a| ["store", "nova"].into_iter().find(|p| a == p));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(run(full, only_store));
+    rt.block_on(run(full, only));
 }
 
-async fn run(full: bool, only_store: bool) {
+async fn run(full: bool, only: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Arc::new(setup(dir.path(), if full && !only_store { 40_000 } else { 500 }).await);
+    let s = Arc::new(
+        setup(
+            dir.path(),
+            if full && only.is_none() { 40_000 } else { 500 },
+        )
+        .await,
+    );
     println!("# load tool ({})", if full { "full" } else { "smoke" });
-    if !only_store {
+    if only.is_none() {
         compare_proxies(&s, full).await;
     }
-    store::compare(&s, full).await;
+    if only.is_none_or(|p| p == "store") {
+        store::compare(&s, full).await;
+    }
+    if only.is_none_or(|p| p == "nova") {
+        nova::compare(&s, full).await;
+    }
 
     drop(s);
     println!("\nload tool: ok");

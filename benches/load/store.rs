@@ -160,7 +160,7 @@ fn installed(program: &str) -> bool {
 }
 
 /// Waits until a node's `/readyz` answers 200 (it has met its store).
-async fn wait_ready(admin: SocketAddr) {
+pub(super) async fn wait_ready(admin: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let client = reqwest::Client::new();
     loop {
