@@ -50,6 +50,8 @@ pub(crate) async fn serve_native<F, Fut>(
             let Some(Accepted { tcp, client, pass }) = accepted else {
                 return;
             };
+            // It may carry a session before the deadline: never closed to make room.
+            pass.shield();
             let session = serve(sessions, tcp, client.ip(), deadline);
             tokio::pin!(session);
             tokio::select! {

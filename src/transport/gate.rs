@@ -11,96 +11,230 @@
 //! upgraded to a session, a native one at its handshake deadline); admitted
 //! sessions are bounded by the session layer's own caps.
 //!
+//! When every place is taken, the loop still accepts on one of a few spare
+//! places, and the newcomer takes a place from the address holding the
+//! most, if that holds more than the newcomer's would: the oldest of its
+//! pending connections is closed and its place handed over. Otherwise the
+//! newcomer is closed at once. Either way the spare place is free again at
+//! once, so the loop keeps draining the backlog, and a flood spread over
+//! many addresses cannot keep a fresh address out: it only ever loses its
+//! own oldest connections. IPv6 addresses count by their /64, which one
+//! client usually holds whole.
+//!
 //! The address is the client's: the peer's, or, where a listener expects
 //! PROXY headers from a trusted proxy, the one its header names (the gate is
 //! then entered after the header is read, see
 //! `listener::Arrival::client`). Load balancers (`listen.trusted_proxies`)
 //! carry many clients on one address and are not capped per address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 /// Caps on connections not admitted yet.
 #[derive(Debug)]
 pub struct Gate {
     slots: Arc<Semaphore>,
+    /// Accepts past a full gate, each held only until it takes a place or is refused.
+    spare: Arc<Semaphore>,
     per_address: Option<usize>,
     exempt: Vec<ipnet::IpNet>,
-    held: Mutex<HashMap<IpAddr, usize>>,
+    held: Mutex<Held>,
+}
+
+/// Each counted address's pending connections, oldest first.
+#[derive(Debug, Default)]
+struct Held {
+    by_address: HashMap<IpAddr, VecDeque<Waiting>>,
+    next_id: u64,
+}
+
+/// One counted pending connection, holding its place.
+#[derive(Debug)]
+struct Waiting {
+    id: u64,
+    place: OwnedSemaphorePermit,
+    evicted: CancellationToken,
+    /// It may be closed to make room (not once [`Pass::shield`]ed).
+    evictable: bool,
+}
+
+/// A place taken before an accept: a slot, or a spare one.
+#[derive(Debug)]
+pub struct Permit {
+    permit: OwnedSemaphorePermit,
+    spare: bool,
+}
+
+/// Why the gate closed a connection at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GateRefusal {
+    /// Its address holds its most places already.
+    #[error("this address holds its most connections not yet admitted")]
+    AddressFull,
+    /// Every place is taken and no address holds more than this one would.
+    #[error(
+        "every place for connections not yet admitted is taken, none by an address holding more"
+    )]
+    GateFull,
+}
+
+impl GateRefusal {
+    /// A stable label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateRefusal::AddressFull => "pending_per_address",
+            GateRefusal::GateFull => "pending_full",
+        }
+    }
 }
 
 /// A connection's place behind the gate; given back on drop.
 #[derive(Debug)]
 pub struct Pass {
-    _permit: OwnedSemaphorePermit,
-    counted: Option<(Arc<Gate>, IpAddr)>,
+    /// The place of a connection not counted per address (counted ones
+    /// keep theirs in the gate, which may hand it to a newcomer).
+    _place: Option<OwnedSemaphorePermit>,
+    counted: Option<(Arc<Gate>, IpAddr, u64)>,
+    evicted: CancellationToken,
+}
+
+impl Pass {
+    /// Fires when the gate has handed this connection's place to another
+    /// address's: its task must end, closing the socket.
+    pub fn evicted(&self) -> CancellationToken {
+        self.evicted.clone()
+    }
+
+    /// Keeps this connection from being closed to make room: a native
+    /// connection may carry a console session long before its place is
+    /// given back at its handshake deadline.
+    pub fn shield(&self) {
+        if let Some((gate, key, id)) = &self.counted
+            && let Some(queue) = gate.lock().by_address.get_mut(key)
+        {
+            queue
+                .iter_mut()
+                .filter(|w| w.id == *id)
+                .for_each(|w| w.evictable = false);
+        }
+    }
 }
 
 impl Drop for Pass {
     fn drop(&mut self) {
-        if let Some((gate, addr)) = self.counted.take() {
+        if let Some((gate, key, id)) = self.counted.take() {
             let mut held = gate.lock();
-            if let Some(n) = held.get_mut(&addr) {
-                *n -= 1;
-                if *n == 0 {
-                    held.remove(&addr);
+            if let Some(queue) = held.by_address.get_mut(&key) {
+                queue.retain(|w| w.id != id);
+                if queue.is_empty() {
+                    held.by_address.remove(&key);
                 }
             }
         }
     }
 }
 
+/// The address a connection counts for: IPv6 by its /64.
+fn counted_as(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
+/// Spare places: accepts in flight past a full gate.
+const SPARE: usize = 4;
+
 impl Gate {
     /// At most `max` connections waiting for admission, at most
-    /// `per_address` of them from one address (none: no per-address cap),
-    /// except from the `exempt` networks.
+    /// `per_address` of them from one address (none: no per-address cap,
+    /// and no taking places from others), except from the `exempt` networks.
     pub fn new(max: usize, per_address: Option<usize>, exempt: Vec<ipnet::IpNet>) -> Arc<Self> {
         Arc::new(Self {
             slots: Arc::new(Semaphore::new(max)),
+            spare: Arc::new(Semaphore::new(if per_address.is_some() {
+                SPARE
+            } else {
+                0
+            })),
             per_address,
             exempt,
             held: Mutex::default(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         // Every update completes under the lock: a poisoned map is consistent.
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for a free place (before an accept).
-    pub async fn permit(&self) -> OwnedSemaphorePermit {
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the gate's semaphore is never closed")
+    /// Waits for a free place (before an accept): a slot, else a spare one.
+    pub async fn permit(&self) -> Permit {
+        let slot = |permit| Permit {
+            permit,
+            spare: false,
+        };
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return slot(p);
+        }
+        tokio::select! {
+            biased;
+            p = self.slots.clone().acquire_owned() => slot(p.expect("never closed")),
+            p = self.spare.clone().acquire_owned() => Permit {
+                permit: p.expect("never closed"),
+                spare: true,
+            },
+        }
     }
 
     /// Lets a connection from `addr` in with `permit`, unless its address
-    /// holds its most places already.
-    pub fn enter(self: &Arc<Self>, permit: OwnedSemaphorePermit, addr: IpAddr) -> Option<Pass> {
-        let Some(cap) = self.per_address.filter(|_| !self.is_exempt(addr)) else {
-            return Some(Pass {
-                _permit: permit,
-                counted: None,
-            });
-        };
+    /// holds its most places already. On a spare permit it takes the place
+    /// of the oldest evictable pending connection of the address holding the
+    /// most, if that holds more than `addr` would (that connection is told
+    /// by [`Pass::evicted`]); else it is refused.
+    pub fn enter(self: &Arc<Self>, permit: Permit, addr: IpAddr) -> Result<Pass, GateRefusal> {
+        let evicted = CancellationToken::new();
+        let counted = self.per_address.filter(|_| !self.is_exempt(addr));
+        let key = counted_as(addr);
         let mut held = self.lock();
-        let n = held.entry(addr).or_default();
-        if *n >= cap {
-            if *n == 0 {
-                held.remove(&addr);
-            }
-            return None;
+        let mine = match counted {
+            Some(_) => held.by_address.get(&key).map_or(0, VecDeque::len),
+            None => 0,
+        };
+        if counted.is_some_and(|cap| mine >= cap) {
+            return Err(GateRefusal::AddressFull);
         }
-        *n += 1;
-        Some(Pass {
-            _permit: permit,
-            counted: Some((self.clone(), addr)),
+        let place = if permit.spare {
+            let taken = take_place(&mut held, key, mine).ok_or(GateRefusal::GateFull)?;
+            crate::metrics::limit_hit("pending_evicted");
+            // The spare permit goes back as it drops here.
+            taken
+        } else {
+            permit.permit
+        };
+        if counted.is_none() {
+            return Ok(Pass {
+                _place: Some(place),
+                counted: None,
+                evicted,
+            });
+        }
+        let id = held.next_id;
+        held.next_id += 1;
+        held.by_address.entry(key).or_default().push_back(Waiting {
+            id,
+            place,
+            evicted: evicted.clone(),
+            evictable: true,
+        });
+        Ok(Pass {
+            _place: None,
+            counted: Some((self.clone(), key, id)),
+            evicted,
         })
     }
 
@@ -114,6 +248,24 @@ impl Gate {
     }
 }
 
+/// Takes the place of the oldest evictable connection of the address (not
+/// `key`) holding the most, if it holds more than `mine + 1`, and tells it.
+fn take_place(held: &mut Held, key: IpAddr, mine: usize) -> Option<OwnedSemaphorePermit> {
+    let (&most, _) = held
+        .by_address
+        .iter()
+        .filter(|(a, queue)| **a != key && queue.len() > mine + 1)
+        .max_by_key(|(_, queue)| queue.len())?;
+    let queue = held.by_address.get_mut(&most)?;
+    let at = queue.iter().position(|w| w.evictable)?;
+    let victim = queue.remove(at)?;
+    if queue.is_empty() {
+        held.by_address.remove(&most);
+    }
+    victim.evicted.cancel();
+    Some(victim.place)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,8 +277,9 @@ mod tests {
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let a = gate.enter(gate.permit().await, flood).unwrap();
         let _b = gate.enter(gate.permit().await, flood).unwrap();
-        assert!(
-            gate.enter(gate.permit().await, flood).is_none(),
+        assert_eq!(
+            gate.enter(gate.permit().await, flood).unwrap_err(),
+            GateRefusal::AddressFull,
             "third from one address"
         );
         // The refused one's permit came back: another address gets in.
@@ -138,11 +291,82 @@ mod tests {
         let lb: IpAddr = "10.1.2.3".parse().unwrap();
         let _lb = gate.enter(gate.permit().await, lb).unwrap();
         assert_eq!(gate.available(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_gate_hands_a_fresh_address_the_biggest_holders_oldest_place() {
+        let gate = Gate::new(8, Some(3), vec![]);
+        let addr = |i: u8| IpAddr::from([192, 0, 2, i]);
+        // A spread flood: 1 holds three places, 2 and 3 hold two, 4 holds one.
+        let mut flood = Vec::new();
+        for i in [1, 1, 1, 2, 2, 3, 3, 4] {
+            flood.push((i, gate.enter(gate.permit().await, addr(i)).unwrap()));
+        }
+        assert_eq!(gate.available(), 0);
+        let evicted = |flood: &[(u8, Pass)]| -> Vec<usize> {
+            (0..flood.len())
+                .filter(|&n| flood[n].1.evicted().is_cancelled())
+                .collect()
+        };
+        // A fresh address takes the place of address 1's oldest.
+        let fresh = gate.enter(gate.permit().await, addr(9)).unwrap();
+        assert_eq!(evicted(&flood), vec![0]);
+        assert!(!fresh.evicted().is_cancelled());
+        // Now everyone holds two at most: a newcomer from 4 (one) or from 2
+        // (two) takes nothing, and is refused; its spare place comes back.
+        for i in [4, 2] {
+            assert_eq!(
+                gate.enter(gate.permit().await, addr(i)).unwrap_err(),
+                GateRefusal::GateFull
+            );
+        }
+        assert_eq!(evicted(&flood), vec![0]);
+        // The evicted connection's end gives back nothing: its place moved.
+        flood.remove(0);
+        assert_eq!(gate.available(), 0);
         assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(50), gate.permit())
-                .await
-                .is_err(),
-            "the next accept waits"
+            tokio::time::timeout(std::time::Duration::from_millis(50), async {
+                for _ in 0..SPARE + 1 {
+                    drop(gate.permit().await);
+                }
+            })
+            .await
+            .is_ok(),
+            "spare places are never kept"
         );
+    }
+
+    #[tokio::test]
+    async fn a_shielded_connection_is_never_the_one_closed() {
+        let gate = Gate::new(4, Some(4), vec![]);
+        let native: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let p = gate.enter(gate.permit().await, native).unwrap();
+            p.shield();
+            held.push(p);
+        }
+        assert_eq!(
+            gate.enter(gate.permit().await, "192.0.2.9".parse().unwrap())
+                .unwrap_err(),
+            GateRefusal::GateFull
+        );
+        assert!(held.iter().all(|p| !p.evicted().is_cancelled()));
+    }
+
+    #[tokio::test]
+    async fn ipv6_addresses_count_by_their_64() {
+        let gate = Gate::new(8, Some(2), vec![]);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _a = gate.enter(gate.permit().await, a).unwrap();
+        let _b = gate.enter(gate.permit().await, b).unwrap();
+        assert_eq!(
+            gate.enter(gate.permit().await, "2001:db8:1:2::7".parse().unwrap())
+                .unwrap_err(),
+            GateRefusal::AddressFull
+        );
+        assert!(gate.enter(gate.permit().await, elsewhere).is_ok());
     }
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::gate::{Gate, Pass};
+use super::gate::{Gate, GateRefusal, Pass, Permit};
 use super::pem::PemFileError;
 use super::proxy_header;
 use arc_swap::ArcSwap;
@@ -24,7 +24,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -140,7 +139,7 @@ enum Place {
     /// Counted for the peer, which is the client.
     Entered(Pass),
     /// Counted once the header names the client.
-    AfterHeader(OwnedSemaphorePermit, Arc<Gate>),
+    AfterHeader(Permit, Arc<Gate>),
 }
 
 /// A connection whose client is known, holding its place behind the gate.
@@ -194,18 +193,21 @@ impl Arrival {
                 return None;
             }
         };
-        let Some(pass) = gate.enter(permit, client.ip()) else {
-            refused_at_gate(client, Some(peer));
-            return None;
+        let pass = match gate.enter(permit, client.ip()) {
+            Ok(pass) => pass,
+            Err(why) => {
+                refused_at_gate(client, Some(peer), why);
+                return None;
+            }
         };
         Some(Accepted { tcp, client, pass })
     }
 }
 
-fn refused_at_gate(client: SocketAddr, proxy: Option<SocketAddr>) {
-    crate::metrics::limit_hit("pending_per_address");
+fn refused_at_gate(client: SocketAddr, proxy: Option<SocketAddr>, why: GateRefusal) {
+    crate::metrics::limit_hit(why.as_str());
     if crate::audit::refusal_log_allowed() {
-        tracing::info!(%client, ?proxy, "connection refused: this address holds its most connections not yet admitted");
+        tracing::info!(%client, ?proxy, "connection refused: {why}");
     }
 }
 
@@ -253,11 +255,13 @@ pub async fn accept_loop<F>(
         let place = if proxy.expected_from(peer.ip()) {
             Place::AfterHeader(permit, gate.clone())
         } else {
-            let Some(pass) = gate.enter(permit, peer.ip()) else {
-                refused_at_gate(peer, None);
-                continue;
-            };
-            Place::Entered(pass)
+            match gate.enter(permit, peer.ip()) {
+                Ok(pass) => Place::Entered(pass),
+                Err(why) => {
+                    refused_at_gate(peer, None, why);
+                    continue;
+                }
+            }
         };
         tune(&tcp);
         on_accept(Arrival { tcp, peer, place });
@@ -306,35 +310,60 @@ pub async fn serve(
                 return;
             };
             // Given back when the connection ends, or when hyper hands an
-            // upgraded socket to its session and this task ends.
+            // upgraded socket to its session and this task ends; until then
+            // the gate may close it to make room for another address.
+            let evicted = pass.evicted();
             let _pass = pass;
-            let io = match tls {
-                None => Either::Left(tcp),
-                Some(config) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => Either::Right(stream),
-                        Ok(Err(e)) => {
-                            crate::metrics::handshake_failed("tls", "tls_handshake", "client");
-                            if crate::audit::refusal_log_allowed() {
-                                tracing::info!(peer = %client, "TLS handshake failed: {e}");
-                            }
-                            return;
-                        }
-                        Err(_) => {
-                            crate::metrics::handshake_failed("tls", "handshake_timeout", "client");
-                            if crate::audit::refusal_log_allowed() {
-                                tracing::info!(peer = %client, "TLS handshake timed out");
-                            }
-                            return;
-                        }
-                    }
-                }
-            };
-            serve_connection(io, client, router, deadlines, cancel).await;
+            tokio::select! {
+                () = evicted.cancelled() => evicted_at_gate(client),
+                () = serve_accepted(tcp, client, tls, router, deadlines, cancel, deadline) => {}
+            }
         });
     })
     .await;
+}
+
+/// Serves one accepted connection: TLS within `deadline`, then HTTP.
+async fn serve_accepted(
+    tcp: TcpStream,
+    client: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: Router,
+    deadlines: HttpDeadlines,
+    cancel: CancellationToken,
+    deadline: Instant,
+) {
+    let io = match tls {
+        None => Either::Left(tcp),
+        Some(config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => Either::Right(stream),
+                Ok(Err(e)) => {
+                    crate::metrics::handshake_failed("tls", "tls_handshake", "client");
+                    if crate::audit::refusal_log_allowed() {
+                        tracing::info!(peer = %client, "TLS handshake failed: {e}");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    crate::metrics::handshake_failed("tls", "handshake_timeout", "client");
+                    if crate::audit::refusal_log_allowed() {
+                        tracing::info!(peer = %client, "TLS handshake timed out");
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    serve_connection(io, client, router, deadlines, cancel).await;
+}
+
+/// A connection the gate closed to make room for another address.
+pub fn evicted_at_gate(client: SocketAddr) {
+    if crate::audit::refusal_log_allowed() {
+        tracing::info!(%client, "connection closed before admission: its address held the most places of a full gate");
+    }
 }
 
 async fn serve_connection<I>(

@@ -51,10 +51,8 @@ def install():
 
 
 def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from vm import free_port
+    return free_port()
 
 
 def _wait_http(url, timeout=90, proc=None, log=None):

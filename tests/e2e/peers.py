@@ -16,10 +16,8 @@ class RedisServer:
 
     def __init__(self, port=None):
         if port is None:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            s.close()
+            from vm import free_port
+            port = free_port()
         self.port = port
         self.proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--daemonize", "no"], stdout=subprocess.DEVNULL)

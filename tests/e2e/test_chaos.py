@@ -209,3 +209,36 @@ def pong_holder(p, prober, vm):
             assert time.monotonic() < deadline, p.log()[-3000:]
             time.sleep(0.2)
             sock = connect_from(VICTIM, p.public_port)
+
+
+def test_a_flood_spread_over_many_addresses_cannot_keep_a_fresh_address_out(tmp_path, vm):
+    """Eight addresses hold every place not yet admitted (and more wait in
+    the backlog), none past its per-address cap, and the header deadline is
+    a minute away: a fresh address's console still opens, well before any of
+    them expires, because the gate closes the oldest connection of the
+    address holding the most to make room."""
+    spread = [f"127.0.0.{i}" for i in range(10, 18)]
+    p = Porthole(tmp_path,
+                 listen_extra=f"max_pending_connections = {PENDING}\nmax_pending_per_address = {PER_ADDRESS}",
+                 websocket="upgrade_timeout_secs = 60")
+    flood = None
+    try:
+        flood = Flood(p.public_port, len(spread) * PER_ADDRESS, spread)
+        # Past the cap, the flood's own newcomers are closed at once (no
+        # address holds more than they would): it keeps the gate full.
+        total = len(spread) * PER_ADDRESS
+        assert flood.wait(lambda f: f.connected == total and f.closed >= total - PENDING, timeout=30), \
+            flood.summary()
+        assert PENDING - len(spread) <= flood.summary()["open"] <= PENDING, flood.summary()
+        m = p.metrics()
+        assert metric_sum(m, "porthole_limits_hit_total", limit="pending_full") >= 1, flood.summary()
+        evicted = metric_sum(m, "porthole_limits_hit_total", limit="pending_evicted")
+        # The fresh address (its console's connections wait 20 s at most,
+        # the flood's for a minute) takes a flooder's place.
+        another_console_opens(vm)(p)
+        assert metric_sum(p.metrics(), "porthole_limits_hit_total", limit="pending_evicted") > evicted
+        assert flood.wait(lambda f: f.open < PENDING, timeout=10), flood.summary()
+    finally:
+        if flood:
+            flood.stop()
+        assert p.gateway.stop() == 0, p.log()[-3000:]

@@ -7,20 +7,20 @@ import datetime
 import ipaddress
 import json
 import os
+import pathlib
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 QEMU = "qemu-system-x86_64"
 
 
-def free_port(lo=20000, hi=60000):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "interop"))
+from harness import free_port  # noqa: E402,F401 (one way to pick a port, below the ephemeral range)
 
 
 def _listening(port, host="0100007F"):

@@ -81,7 +81,30 @@ ports = ["5900-6999"]
     return path
 
 
+def _ephemeral_range():
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
+    """A loopback port free now, for a server a test starts next. Chosen
+    below the kernel's ephemeral range: a port the kernel handed out for
+    bind(0) is also what it hands the next client socket as its source
+    port, and a flood's thousands of client sockets then take it before the
+    server binds it (EADDRINUSE). Random, so parallel picks rarely meet."""
+    import random
+    lo = _ephemeral_range()[0]
+    for _ in range(200):
+        port = random.randrange(10000, max(lo, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -85,8 +85,9 @@ fn client_wanted(kind: u16) -> usize {
     usize::from(kind == msg::PREFERRED_VIDEO_CODEC_TYPE)
 }
 
-/// A client display message the hypervisor must not see (see
-/// [`client_message`]).
+/// A client display message the hypervisor must not see: one spice-server
+/// could not parse (an unknown type, fewer bytes than its fields, a codec
+/// list longer than its body, migration data, over 4 KiB).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("client display message of type {kind} with a {size}-byte body: {why}")]
 pub struct Unparsable {
