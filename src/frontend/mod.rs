@@ -38,7 +38,9 @@ pub(crate) async fn serve_native<F, Fut>(
     let tracker = sessions.tracker.clone();
     let gate = sessions.pending.clone();
     let serve = Arc::new(serve);
-    crate::transport::listener::accept_loop(listener, stop, gate, proxy, move |arrival| {
+    // A native connection may carry a session before its place is given
+    // back: never closed to make room.
+    crate::transport::listener::accept_loop(listener, stop, gate, proxy, false, move |arrival| {
         let sessions = sessions.clone();
         let serve = serve.clone();
         tracker.spawn(async move {
@@ -50,8 +52,6 @@ pub(crate) async fn serve_native<F, Fut>(
             let Some(Accepted { tcp, client, pass }) = accepted else {
                 return;
             };
-            // It may carry a session before the deadline: never closed to make room.
-            pass.shield();
             let session = serve(sessions, tcp, client.ip(), deadline);
             tokio::pin!(session);
             tokio::select! {

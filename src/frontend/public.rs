@@ -279,11 +279,12 @@ async fn ws_endpoint(
         return refuse(StatusCode::FORBIDDEN, "refused");
     }
     // Debian's spice_auto.html (what Nova's spice-html5 URLs open) leaves
-    // the token in a cookie; only the spice-html5 socket reads it, and only
-    // past the Origin check above (cross-site WebSocket hijacking rides on
-    // cookies: Nova's CVE-2015-0259).
+    // the token in a cookie; only the spice-html5 socket reads it, only on
+    // an upgrade (browsers always send an Origin with those; a plain GET may
+    // come without one, from any page) and only past the Origin check above
+    // (cross-site WebSocket hijacking rides on cookies: Nova's CVE-2015-0259).
     let cookie = || {
-        (kind == ConsoleType::SpiceHtml5)
+        (kind == ConsoleType::SpiceHtml5 && websocket_handshake(&headers).is_some())
             .then(|| cookie_token(&headers))
             .flatten()
     };
@@ -334,7 +335,9 @@ async fn websockify(
     q: Query<TokenQuery>,
     request: Request,
 ) -> Response {
-    let kind = if q.token().is_none() && cookie_token(&headers).is_some() {
+    let carries_cookie =
+        cookie_token(&headers).is_some() && websocket_handshake(&headers).is_some();
+    let kind = if q.token().is_none() && carries_cookie {
         ConsoleType::SpiceHtml5
     } else {
         ConsoleType::Novnc

@@ -220,10 +220,10 @@ pub trait Inspect: Send {
 /// [`Checked::forward`] now, and none after a [`Checked::refused`] message
 /// (the client's side then ends, a protocol error).
 ///
-/// [`Checked::forward`]: crate::protocol::spice::display_drain::Checked::forward
-/// [`Checked::refused`]: crate::protocol::spice::display_drain::Checked::refused
+/// [`Checked::forward`]: crate::protocol::spice::client_check::Checked::forward
+/// [`Checked::refused`]: crate::protocol::spice::client_check::Checked::refused
 pub type ClientTap =
-    std::sync::Arc<dyn Fn(&[u8]) -> crate::protocol::spice::display_drain::Checked + Send + Sync>;
+    std::sync::Arc<dyn Fn(&[u8]) -> crate::protocol::spice::client_check::Checked + Send + Sync>;
 
 /// A hypervisor connection a relay handed back, with bytes it had read
 /// from it and not yet inspected (they come first).

@@ -45,6 +45,7 @@ use super::{
 };
 use crate::console::ConsoleType;
 use crate::error::Blame;
+use crate::protocol::spice::client_check::{Checked, ClientCheck, Rules};
 use crate::protocol::spice::crypto::{decrypt_ticket, encrypt_ticket};
 use crate::protocol::spice::display_drain::DisplayTrack;
 use crate::protocol::spice::link::{
@@ -434,9 +435,13 @@ enum ChannelInspect {
         watch: MainWatch,
         tickets: Arc<dyn TicketStore>,
         ticket: TicketId,
+        mini_header: bool,
     },
     Display(Arc<Mutex<DisplayTrack>>),
-    Other,
+    Other {
+        name: &'static str,
+        mini_header: bool,
+    },
 }
 
 impl ChannelInspect {
@@ -448,21 +453,44 @@ impl ChannelInspect {
     }
 }
 
+/// One channel's check of its client's bytes.
+type CheckFn = Box<dyn FnMut(&[u8]) -> Checked + Send>;
+
+/// The check of a channel other than display: anything but migration.
+fn other_check(mini_header: bool) -> CheckFn {
+    let mut check = ClientCheck::new(mini_header, Rules::Other);
+    Box::new(move |chunk| check.check(chunk, &mut Vec::new()))
+}
+
 fn locked(track: &Mutex<DisplayTrack>) -> std::sync::MutexGuard<'_, DisplayTrack> {
     track.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inspect for ChannelInspect {
+    /// Every channel's client messages are checked before they go (see
+    /// `protocol::spice::client_check`: some crash QEMU 7.2); the display
+    /// channel's tracker does it for its own.
     fn client_tap(&self) -> Option<ClientTap> {
-        let track = self.display_track()?;
+        let (name, check): (&'static str, CheckFn) = match self {
+            ChannelInspect::Display(track) => {
+                let track = track.clone();
+                (
+                    "display",
+                    Box::new(move |chunk| locked(&track).from_client(chunk)),
+                )
+            }
+            ChannelInspect::Main { mini_header, .. } => ("main", other_check(*mini_header)),
+            ChannelInspect::Other { name, mini_header } => (name, other_check(*mini_header)),
+        };
+        let check = Mutex::new(check);
         Some(Arc::new(move |chunk: &[u8]| {
-            let checked = locked(&track).from_client(chunk);
+            let checked = (check.lock().unwrap_or_else(|p| p.into_inner()))(chunk);
             if let Some(refused) = &checked.refused {
                 crate::metrics::spice_message_refused(refused.why);
                 tracing::warn!(
                     blame = "client",
-                    "spice display channel ended: {refused} (spice-server drops the channel \
-                     for it, which kills QEMU 7.2); not passed on"
+                    channel = name,
+                    "spice channel ended: {refused}; not passed on (QEMU 7.2 crashes on it)"
                 );
             }
             checked
@@ -484,6 +512,7 @@ impl Inspect for ChannelInspect {
             watch,
             tickets,
             ticket,
+            ..
         } = self
         else {
             if let ChannelInspect::Display(track) = self {
@@ -606,11 +635,15 @@ impl Channel {
                 watch: MainWatch::new(mini_header),
                 tickets: sessions.tickets.clone(),
                 ticket: admitted.id.clone(),
+                mini_header,
             },
             channel::DISPLAY => {
                 ChannelInspect::Display(Arc::new(Mutex::new(DisplayTrack::new(mini_header))))
             }
-            _ => ChannelInspect::Other,
+            kind => ChannelInspect::Other {
+                name: channel_name(kind),
+                mini_header,
+            },
         };
         Channel {
             upstream,

@@ -58,7 +58,8 @@ struct Waiting {
     id: u64,
     place: OwnedSemaphorePermit,
     evicted: CancellationToken,
-    /// It may be closed to make room (not once [`Pass::shield`]ed).
+    /// It may be closed to make room (an HTTP connection; not a native
+    /// one, which may carry a session before its place is given back).
     evictable: bool,
 }
 
@@ -108,20 +109,6 @@ impl Pass {
     pub fn evicted(&self) -> CancellationToken {
         self.evicted.clone()
     }
-
-    /// Keeps this connection from being closed to make room: a native
-    /// connection may carry a console session long before its place is
-    /// given back at its handshake deadline.
-    pub fn shield(&self) {
-        if let Some((gate, key, id)) = &self.counted
-            && let Some(queue) = gate.lock().by_address.get_mut(key)
-        {
-            queue
-                .iter_mut()
-                .filter(|w| w.id == *id)
-                .for_each(|w| w.evictable = false);
-        }
-    }
 }
 
 impl Drop for Pass {
@@ -138,10 +125,11 @@ impl Drop for Pass {
     }
 }
 
-/// The address a connection counts for: IPv6 by its /64.
+/// The address a connection counts for: IPv6 by its /64 (an IPv4 client
+/// of a dual-stack listener by its IPv4 address).
 fn counted_as(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
+    match addr.to_canonical() {
+        v4 @ IpAddr::V4(_) => v4,
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
     }
 }
@@ -192,11 +180,19 @@ impl Gate {
     }
 
     /// Lets a connection from `addr` in with `permit`, unless its address
-    /// holds its most places already. On a spare permit it takes the place
-    /// of the oldest evictable pending connection of the address holding the
-    /// most, if that holds more than `addr` would (that connection is told
-    /// by [`Pass::evicted`]); else it is refused.
-    pub fn enter(self: &Arc<Self>, permit: Permit, addr: IpAddr) -> Result<Pass, GateRefusal> {
+    /// holds its most places already; `evictable`: it may later be closed
+    /// to make room for another. On a spare permit (a slot freed since is
+    /// taken instead) it takes the place of the oldest evictable pending
+    /// connection of the address holding the most, if that holds more than
+    /// `addr` would (that connection is told by [`Pass::evicted`]); else it
+    /// is refused, unless its address is exempt (a balancer's connections
+    /// cannot be judged by address: it keeps the spare place).
+    pub fn enter(
+        self: &Arc<Self>,
+        permit: Permit,
+        addr: IpAddr,
+        evictable: bool,
+    ) -> Result<Pass, GateRefusal> {
         let evicted = CancellationToken::new();
         let counted = self.per_address.filter(|_| !self.is_exempt(addr));
         let key = counted_as(addr);
@@ -208,13 +204,22 @@ impl Gate {
         if counted.is_some_and(|cap| mine >= cap) {
             return Err(GateRefusal::AddressFull);
         }
-        let place = if permit.spare {
-            let taken = take_place(&mut held, key, mine).ok_or(GateRefusal::GateFull)?;
-            crate::metrics::limit_hit("pending_evicted");
-            // The spare permit goes back as it drops here.
-            taken
-        } else {
-            permit.permit
+        let freed = permit
+            .spare
+            .then(|| self.slots.clone().try_acquire_owned().ok())
+            .flatten();
+        // A spare permit that is not kept goes back as it drops here.
+        let place = match (permit.spare, freed) {
+            (false, _) => permit.permit,
+            (true, Some(slot)) => slot,
+            (true, None) => match take_place(&mut held, key, mine) {
+                Some(taken) => {
+                    crate::metrics::limit_hit("pending_evicted");
+                    taken
+                }
+                None if counted.is_none() => permit.permit,
+                None => return Err(GateRefusal::GateFull),
+            },
         };
         if counted.is_none() {
             return Ok(Pass {
@@ -229,7 +234,7 @@ impl Gate {
             id,
             place,
             evicted: evicted.clone(),
-            evictable: true,
+            evictable,
         });
         Ok(Pass {
             _place: None,
@@ -239,6 +244,7 @@ impl Gate {
     }
 
     fn is_exempt(&self, addr: IpAddr) -> bool {
+        let addr = addr.to_canonical();
         self.exempt.iter().any(|n| n.contains(&addr))
     }
 
@@ -249,12 +255,15 @@ impl Gate {
 }
 
 /// Takes the place of the oldest evictable connection of the address (not
-/// `key`) holding the most, if it holds more than `mine + 1`, and tells it.
+/// `key`) holding the most among those with one, if it holds more than
+/// `mine + 1`, and tells it.
 fn take_place(held: &mut Held, key: IpAddr, mine: usize) -> Option<OwnedSemaphorePermit> {
     let (&most, _) = held
         .by_address
         .iter()
-        .filter(|(a, queue)| **a != key && queue.len() > mine + 1)
+        .filter(|(a, queue)| {
+            **a != key && queue.len() > mine + 1 && queue.iter().any(|w| w.evictable)
+        })
         .max_by_key(|(_, queue)| queue.len())?;
     let queue = held.by_address.get_mut(&most)?;
     let at = queue.iter().position(|w| w.evictable)?;
@@ -275,21 +284,21 @@ mod tests {
         let gate = Gate::new(4, Some(2), vec!["10.0.0.0/8".parse().unwrap()]);
         let flood: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        let a = gate.enter(gate.permit().await, flood).unwrap();
-        let _b = gate.enter(gate.permit().await, flood).unwrap();
+        let a = gate.enter(gate.permit().await, flood, true).unwrap();
+        let _b = gate.enter(gate.permit().await, flood, true).unwrap();
         assert_eq!(
-            gate.enter(gate.permit().await, flood).unwrap_err(),
+            gate.enter(gate.permit().await, flood, true).unwrap_err(),
             GateRefusal::AddressFull,
             "third from one address"
         );
         // The refused one's permit came back: another address gets in.
         assert_eq!(gate.available(), 2);
-        let _c = gate.enter(gate.permit().await, other).unwrap();
+        let _c = gate.enter(gate.permit().await, other, true).unwrap();
         drop(a);
-        let _d = gate.enter(gate.permit().await, flood).unwrap();
+        let _d = gate.enter(gate.permit().await, flood, true).unwrap();
         // A load balancer is not capped per address, only by the total.
         let lb: IpAddr = "10.1.2.3".parse().unwrap();
-        let _lb = gate.enter(gate.permit().await, lb).unwrap();
+        let _lb = gate.enter(gate.permit().await, lb, true).unwrap();
         assert_eq!(gate.available(), 0);
     }
 
@@ -300,7 +309,7 @@ mod tests {
         // A spread flood: 1 holds three places, 2 and 3 hold two, 4 holds one.
         let mut flood = Vec::new();
         for i in [1, 1, 1, 2, 2, 3, 3, 4] {
-            flood.push((i, gate.enter(gate.permit().await, addr(i)).unwrap()));
+            flood.push((i, gate.enter(gate.permit().await, addr(i), true).unwrap()));
         }
         assert_eq!(gate.available(), 0);
         let evicted = |flood: &[(u8, Pass)]| -> Vec<usize> {
@@ -309,14 +318,14 @@ mod tests {
                 .collect()
         };
         // A fresh address takes the place of address 1's oldest.
-        let fresh = gate.enter(gate.permit().await, addr(9)).unwrap();
+        let fresh = gate.enter(gate.permit().await, addr(9), true).unwrap();
         assert_eq!(evicted(&flood), vec![0]);
         assert!(!fresh.evicted().is_cancelled());
         // Now everyone holds two at most: a newcomer from 4 (one) or from 2
         // (two) takes nothing, and is refused; its spare place comes back.
         for i in [4, 2] {
             assert_eq!(
-                gate.enter(gate.permit().await, addr(i)).unwrap_err(),
+                gate.enter(gate.permit().await, addr(i), true).unwrap_err(),
                 GateRefusal::GateFull
             );
         }
@@ -337,21 +346,71 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_shielded_connection_is_never_the_one_closed() {
-        let gate = Gate::new(4, Some(4), vec![]);
+    async fn native_connections_are_never_closed_and_never_shield_others() {
+        let gate = Gate::new(6, Some(4), vec![]);
         let native: IpAddr = "192.0.2.1".parse().unwrap();
-        let mut held = Vec::new();
+        let web: IpAddr = "192.0.2.2".parse().unwrap();
+        let mut natives = Vec::new();
         for _ in 0..4 {
-            let p = gate.enter(gate.permit().await, native).unwrap();
-            p.shield();
-            held.push(p);
+            natives.push(gate.enter(gate.permit().await, native, false).unwrap());
         }
+        let webs = [
+            gate.enter(gate.permit().await, web, true).unwrap(),
+            gate.enter(gate.permit().await, web, true).unwrap(),
+        ];
+        // The biggest holder has nothing to give: the next biggest gives.
+        let _fresh = gate
+            .enter(gate.permit().await, "192.0.2.9".parse().unwrap(), true)
+            .unwrap();
+        assert!(natives.iter().all(|p| !p.evicted().is_cancelled()));
+        assert!(webs[0].evicted().is_cancelled() && !webs[1].evicted().is_cancelled());
+        // With only natives and a single web connection left, nobody gives.
         assert_eq!(
-            gate.enter(gate.permit().await, "192.0.2.9".parse().unwrap())
+            gate.enter(gate.permit().await, "192.0.2.8".parse().unwrap(), true)
                 .unwrap_err(),
             GateRefusal::GateFull
         );
-        assert!(held.iter().all(|p| !p.evicted().is_cancelled()));
+    }
+
+    #[tokio::test]
+    async fn a_slot_freed_while_a_spare_waited_is_taken_instead() {
+        let gate = Gate::new(1, Some(1), vec![]);
+        let first = gate
+            .enter(gate.permit().await, "192.0.2.1".parse().unwrap(), true)
+            .unwrap();
+        let spare = gate.permit().await;
+        drop(first);
+        let _second = gate
+            .enter(spare, "192.0.2.2".parse().unwrap(), true)
+            .unwrap();
+        assert_eq!(gate.available(), 0);
+        // The spare place came back: the next accept can go on.
+        let _ = gate.permit().await;
+    }
+
+    #[tokio::test]
+    async fn ipv4_clients_of_a_dual_stack_listener_count_one_by_one() {
+        let gate = Gate::new(8, Some(1), vec![]);
+        let _a = gate
+            .enter(
+                gate.permit().await,
+                "::ffff:192.0.2.1".parse().unwrap(),
+                true,
+            )
+            .unwrap();
+        assert!(
+            gate.enter(
+                gate.permit().await,
+                "::ffff:192.0.2.2".parse().unwrap(),
+                true
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            gate.enter(gate.permit().await, "192.0.2.1".parse().unwrap(), true)
+                .unwrap_err(),
+            GateRefusal::AddressFull
+        );
     }
 
     #[tokio::test]
@@ -360,13 +419,17 @@ mod tests {
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        let _a = gate.enter(gate.permit().await, a).unwrap();
-        let _b = gate.enter(gate.permit().await, b).unwrap();
+        let _a = gate.enter(gate.permit().await, a, true).unwrap();
+        let _b = gate.enter(gate.permit().await, b, true).unwrap();
         assert_eq!(
-            gate.enter(gate.permit().await, "2001:db8:1:2::7".parse().unwrap())
-                .unwrap_err(),
+            gate.enter(
+                gate.permit().await,
+                "2001:db8:1:2::7".parse().unwrap(),
+                true
+            )
+            .unwrap_err(),
             GateRefusal::AddressFull
         );
-        assert!(gate.enter(gate.permit().await, elsewhere).is_ok());
+        assert!(gate.enter(gate.permit().await, elsewhere, true).is_ok());
     }
 }

@@ -132,6 +132,7 @@ pub struct Arrival {
     tcp: TcpStream,
     peer: SocketAddr,
     place: Place,
+    evictable: bool,
 }
 
 #[derive(Debug)]
@@ -165,6 +166,7 @@ impl Arrival {
             mut tcp,
             peer,
             place,
+            evictable,
         } = self;
         let (permit, gate) = match place {
             Place::Entered(pass) => {
@@ -193,7 +195,7 @@ impl Arrival {
                 return None;
             }
         };
-        let pass = match gate.enter(permit, client.ip()) {
+        let pass = match gate.enter(permit, client.ip(), evictable) {
             Ok(pass) => pass,
             Err(why) => {
                 refused_at_gate(client, Some(peer), why);
@@ -224,6 +226,7 @@ pub async fn accept_loop<F>(
     stop: CancellationToken,
     gate: Arc<Gate>,
     proxy: ProxyHeaders,
+    evictable: bool,
     mut on_accept: F,
 ) where
     F: FnMut(Arrival),
@@ -255,7 +258,7 @@ pub async fn accept_loop<F>(
         let place = if proxy.expected_from(peer.ip()) {
             Place::AfterHeader(permit, gate.clone())
         } else {
-            match gate.enter(permit, peer.ip()) {
+            match gate.enter(permit, peer.ip(), evictable) {
                 Ok(pass) => Place::Entered(pass),
                 Err(why) => {
                     refused_at_gate(peer, None, why);
@@ -264,7 +267,12 @@ pub async fn accept_loop<F>(
             }
         };
         tune(&tcp);
-        on_accept(Arrival { tcp, peer, place });
+        on_accept(Arrival {
+            tcp,
+            peer,
+            place,
+            evictable,
+        });
     }
 }
 
@@ -299,7 +307,9 @@ pub async fn serve(
     proxy: ProxyHeaders,
 ) {
     let stop = cancel.clone();
-    accept_loop(listener, stop, gate, proxy, move |arrival| {
+    // An HTTP connection not yet upgraded carries no session: it may be
+    // closed to make room.
+    accept_loop(listener, stop, gate, proxy, true, move |arrival| {
         let tls = tls.as_ref().map(|slot| slot.load_full());
         let router = router.clone();
         let cancel = cancel.clone();

@@ -152,6 +152,21 @@ def test_through_porthole_a_dropped_display_is_drained_until_its_session_ends(sp
 DISPLAY_INIT = struct.pack("<HI", 101, 14) + bytes([1]) + bytes(13)
 UNKNOWN_TYPE = struct.pack("<HIB", 999, 1, 0)
 NO_COMPRESSION_BYTE = struct.pack("<HI", 103, 0)
+FLUSH_MARK = struct.pack("<HI", 4, 0)
+
+
+def test_directly_a_migration_flush_mark_on_the_main_channel_aborts_qemu(spice_vm):
+    """No Porthole: MIGRATE_FLUSH_MARK outside a migration is an assertion
+    in spice-server, on any channel."""
+    vm = spice_vm
+    main = Channel(vm.spice_port)
+    assert main.open(MAIN, vm.spice_password) == "OK"
+    main.session_id()
+    main.send(FLUSH_MARK)
+    deadline = time.monotonic() + 10
+    while vm.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vm.proc.returncode is not None and vm.proc.returncode < 0, f"QEMU lives: {vm.proc.returncode}"
 
 
 def test_directly_an_unparsable_display_message_kills_qemu(spice_vm):
@@ -215,7 +230,17 @@ def test_through_porthole_unparsable_display_messages_never_reach_qemu(spice_vm,
             assert len(p.admin("GET", "/v1/sessions")[1]["sessions"]) == 1
             main.close()
             wait_for("the drain's end", lambda: ended_drains(p) == n, p)
-        assert "spice display channel ended" in p.log() and "not passed on" in p.log()
+        assert "spice channel ended" in p.log() and "not passed on" in p.log()
+
+        # Any channel: a migration flush mark, which aborts QEMU outright.
+        _, t = ticket("spice-direct")
+        main = Channel(p.spice_tls_port, ca=p.spice_ca)
+        assert main.open(MAIN, t) == "OK"
+        main.session_id()
+        main.send(FLUSH_MARK)
+        assert main.closed(timeout=10), "Porthole ends the main channel"
+        assert alive_for(vm, 3), f"QEMU died ({vm.proc.returncode}): the flush mark reached it"
+        assert refused("migration (Porthole does not migrate sessions)") == 1
 
         # And a real client still gets the VM's screen.
         shot = spicy_capture(tmp_path / "after.png", "127.0.0.1", ticket("spice-direct")[1],

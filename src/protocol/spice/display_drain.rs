@@ -19,6 +19,7 @@
 //! and every `window` messages with an `ACK`, so the server never stalls.
 //! How long that goes on is the session layer's business.
 
+use super::client_check::{Checked, ClientCheck, Rules};
 use super::framing::{Frame, Frames, header};
 use crate::protocol::WireError;
 
@@ -32,82 +33,6 @@ pub mod msg {
     pub const ACK: u16 = 2;
     /// Client to server (display): `DISPLAY_INIT`.
     pub const DISPLAY_INIT: u16 = 101;
-    /// Client to server (common): `PONG` (id u32, timestamp u64).
-    pub const PONG: u16 = 3;
-    /// Client to server (common): `MIGRATE_FLUSH_MARK`, no body.
-    pub const MIGRATE_FLUSH_MARK: u16 = 4;
-    /// Client to server (common): `MIGRATE_DATA`, raw.
-    pub const MIGRATE_DATA: u16 = 5;
-    /// Client to server (common): `DISCONNECTING` (timestamp u64, reason u32).
-    pub const DISCONNECTING: u16 = 6;
-    /// Client to server (display): `STREAM_REPORT` (eight 32-bit words).
-    pub const STREAM_REPORT: u16 = 102;
-    /// Client to server (display): `PREFERRED_COMPRESSION` (u8).
-    pub const PREFERRED_COMPRESSION: u16 = 103;
-    /// Client to server (display): `GL_DRAW_DONE`, no body.
-    pub const GL_DRAW_DONE: u16 = 104;
-    /// Client to server (display): `PREFERRED_VIDEO_CODEC_TYPE` (count u8, then that many u8).
-    pub const PREFERRED_VIDEO_CODEC_TYPE: u16 = 105;
-}
-
-/// The largest client display message body passed on (the longest real
-/// one, a codec list, is 256 bytes).
-const MAX_CLIENT_BODY: u32 = 4096;
-
-/// Whether spice-server parses a client display message of `kind` with a
-/// `size`-byte body: every message the display channel accepts, with at
-/// least the bytes its fields take (its parser reads no further, and
-/// refuses less). Anything else it answers by dropping the channel, and a
-/// dropped display channel kills QEMU 7.2 (measured: an unknown type, and
-/// `PREFERRED_COMPRESSION` with no body, each SIGSEGV).
-fn client_message(kind: u16, size: u32) -> Result<(), &'static str> {
-    let least = match kind {
-        msg::ACK | msg::MIGRATE_FLUSH_MARK | msg::GL_DRAW_DONE => 0,
-        msg::ACK_SYNC => 4,
-        msg::PONG | msg::DISCONNECTING => 12,
-        msg::DISPLAY_INIT => 14,
-        msg::STREAM_REPORT => 32,
-        msg::PREFERRED_COMPRESSION | msg::PREFERRED_VIDEO_CODEC_TYPE => 1,
-        msg::MIGRATE_DATA => return Err("migration data (Porthole does not migrate sessions)"),
-        _ => return Err("not a display channel message"),
-    };
-    if size < least {
-        return Err("shorter than its fields");
-    }
-    if size > MAX_CLIENT_BODY {
-        return Err("longer than any display message");
-    }
-    Ok(())
-}
-
-/// Body bytes read from the client's messages: a codec list's count.
-fn client_wanted(kind: u16) -> usize {
-    usize::from(kind == msg::PREFERRED_VIDEO_CODEC_TYPE)
-}
-
-/// A client display message the hypervisor must not see: one spice-server
-/// could not parse (an unknown type, fewer bytes than its fields, a codec
-/// list longer than its body, migration data, over 4 KiB).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("client display message of type {kind} with a {size}-byte body: {why}")]
-pub struct Unparsable {
-    /// Its type.
-    pub kind: u16,
-    /// Its body length.
-    pub size: u32,
-    /// What is wrong with it.
-    pub why: &'static str,
-}
-
-/// What of the client's bytes may reach the hypervisor now.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Checked {
-    /// Whole messages and bodies of checked ones; a header (and a codec
-    /// list's count) waits until it is complete and checked.
-    pub forward: Vec<u8>,
-    /// A message that must not go came after `forward`: the client's side
-    /// ends here.
-    pub refused: Option<Unparsable>,
 }
 
 /// `DISPLAY_INIT`'s body as the drain sends it: pixmap cache 1 of size 0,
@@ -152,7 +77,8 @@ pub struct DrainLimits {
 #[derive(Debug)]
 pub struct DisplayTrack {
     down: Frames,
-    up: Frames,
+    /// The client's messages, checked before they go.
+    up: ClientCheck,
     seen: Vec<Frame>,
     /// The hypervisor's stream could not be followed (no drain then).
     lost: Option<WireError>,
@@ -168,10 +94,6 @@ pub struct DisplayTrack {
     client_serial: u64,
     /// The client sent its `DISPLAY_INIT`.
     client_inited: bool,
-    /// The codec list being checked: its serial and body size.
-    codec_list: (u64, u32),
-    /// Client bytes followed but not yet forwarded: an unchecked header.
-    held: Vec<u8>,
 }
 
 impl DisplayTrack {
@@ -179,7 +101,7 @@ impl DisplayTrack {
     pub fn new(mini_header: bool) -> Self {
         Self {
             down: Frames::new(mini_header, wanted),
-            up: Frames::new(mini_header, client_wanted),
+            up: ClientCheck::new(mini_header, Rules::Display),
             seen: Vec::new(),
             lost: None,
             set_ack: None,
@@ -188,8 +110,6 @@ impl DisplayTrack {
             client_acks: 0,
             client_serial: 0,
             client_inited: false,
-            codec_list: (0, 0),
-            held: Vec::new(),
         }
     }
 
@@ -219,71 +139,15 @@ impl DisplayTrack {
     }
 
     /// Follows bytes the client sent, before they reach the hypervisor:
-    /// what may go now. Each header (with a codec list's count) is held
-    /// until it is complete and checked, so a message spice-server could
-    /// not parse never reaches it, not even in part: the bytes before it go,
-    /// the client's side ends there, and the drain finishes the channel
-    /// from a message boundary.
+    /// what may go now (see [`ClientCheck`]: a message spice-server could
+    /// not take never goes, and the client's side ends before it).
     pub fn from_client(&mut self, data: &[u8]) -> Checked {
-        let mut out = std::mem::take(&mut self.held);
-        let mut at = out.len();
-        out.extend_from_slice(data);
-        while at < out.len() {
-            self.seen.clear();
-            // No cap, and a prefix of one byte: following a client cannot fail.
-            at += self
-                .up
-                .feed_to_frame(&out[at..], &mut self.seen)
-                .unwrap_or(out.len() - at);
-            if let Some(&frame) = self.seen.first()
-                && let Err(refused) = self.client_frame(frame)
-            {
-                // Where the refused message began: every byte of it is
-                // still here, and from there a fresh follower is right.
-                let ours =
-                    self.up.header_len() + usize::from(matches!(frame, Frame::Prefix { .. }));
-                out.truncate(at - ours);
-                self.up = Frames::new(self.up.mini_header(), client_wanted);
-                return Checked {
-                    forward: out,
-                    refused: Some(refused),
-                };
-            }
+        let mut went = Vec::new();
+        let checked = self.up.check(data, &mut went);
+        for (serial, kind) in went {
+            self.client_said(serial, kind);
         }
-        let unconfirmed = self.up.unconfirmed();
-        self.held = out.split_off(out.len() - unconfirmed);
-        Checked {
-            forward: out,
-            refused: None,
-        }
-    }
-
-    /// Checks one frame of the client's stream, noting what goes through.
-    fn client_frame(&mut self, frame: Frame) -> Result<(), Unparsable> {
-        match frame {
-            Frame::Header { serial, kind, size } => {
-                client_message(kind, size).map_err(|why| Unparsable { kind, size, why })?;
-                if kind == msg::PREFERRED_VIDEO_CODEC_TYPE {
-                    // Its count comes next: checked then.
-                    self.codec_list = (serial, size);
-                } else {
-                    self.client_said(serial, kind);
-                }
-                Ok(())
-            }
-            Frame::Prefix { kind, bytes, .. } => {
-                let (serial, size) = self.codec_list;
-                if u32::from(bytes[0]) >= size {
-                    return Err(Unparsable {
-                        kind,
-                        size,
-                        why: "lists more codecs than it holds",
-                    });
-                }
-                self.client_said(serial, kind);
-                Ok(())
-            }
-        }
+        checked
     }
 
     /// Notes a client message that goes through.
@@ -308,12 +172,7 @@ impl DisplayTrack {
         if let Some(e) = self.lost {
             return Err(NoDrain::Lost(e));
         }
-        // Held bytes never went: the hypervisor stands between messages.
-        let left = if self.held.is_empty() {
-            self.up.body_left().ok_or(NoDrain::MidHeader)?
-        } else {
-            0
-        };
+        let left = self.up.body_left().ok_or(NoDrain::MidHeader)?;
         if left > limits.max_padding {
             return Err(NoDrain::TooLong {
                 left,
@@ -444,6 +303,7 @@ pub fn fuzz_display_drain(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::spice::client_check;
     use crate::protocol::transcript::{chunks, hex, splits};
 
     const LIMITS: DrainLimits = DrainLimits {
@@ -533,14 +393,14 @@ mod tests {
     #[test]
     fn unfinishable_client_messages_and_lost_streams_are_not_drained() {
         let mut track = DisplayTrack::new(true);
-        track.from_client(&header(true, 0, msg::STREAM_REPORT, 32));
+        track.from_client(&header(true, 0, client_check::msg::DISCONNECTING, 12));
         let short = DrainLimits {
-            max_padding: 16,
+            max_padding: 8,
             ..LIMITS
         };
         assert!(matches!(
             track.into_drain(short),
-            Err(NoDrain::TooLong { left: 32, .. })
+            Err(NoDrain::TooLong { left: 12, .. })
         ));
         let (mut drain, _) = DisplayTrack::new(true).into_drain(LIMITS).unwrap();
         assert!(drain.feed(&header(true, 0, 304, (1 << 20) + 1)).is_err());
@@ -555,56 +415,6 @@ mod tests {
         // DISPLAY_INIT the client never sent, no padding.
         let (_, first) = track.into_drain(LIMITS).unwrap();
         assert_eq!(first, mini(msg::DISPLAY_INIT, &DISPLAY_INIT_BODY));
-    }
-
-    /// Feeds `stream` in the chunks `cuts` makes; what went, and the refusal.
-    fn relay_client(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<Unparsable>, DisplayTrack) {
-        let mut track = DisplayTrack::new(true);
-        let mut went = Vec::new();
-        for chunk in chunks(stream, cuts) {
-            let checked = track.from_client(chunk);
-            went.extend(checked.forward);
-            if checked.refused.is_some() {
-                return (went, checked.refused, track);
-            }
-        }
-        (went, None, track)
-    }
-
-    #[test]
-    fn messages_spice_server_cannot_parse_never_reach_it_in_any_split() {
-        let init = mini(msg::DISPLAY_INIT, &DISPLAY_INIT_BODY);
-        let codecs = hex("69 00  03 00 00 00  02  01 03"); // count 2: MJPEG, VP8
-        let good = [init.clone(), codecs.clone(), mini(msg::ACK, &[])].concat();
-        for (bad, why) in [
-            (
-                hex("e7 03  04 00 00 00  00 00 00 00"),
-                "not a display channel message",
-            ),
-            (hex("67 00  00 00 00 00"), "shorter than its fields"),
-            (
-                hex("69 00  02 00 00 00  02  01"),
-                "lists more codecs than it holds",
-            ),
-            (
-                hex("05 00  01 00 00 00  00"),
-                "migration data (Porthole does not migrate sessions)",
-            ),
-            (hex("66 00  01 10 00 00"), "longer than any display message"),
-        ] {
-            let stream = [good.clone(), bad, mini(msg::ACK, &[])].concat();
-            for cuts in splits(stream.len()) {
-                let (went, refused, track) = relay_client(&stream, &cuts);
-                assert_eq!(went, good, "{why} {cuts:?}");
-                assert_eq!(refused.map(|r| r.why), Some(why), "{cuts:?}");
-                // From the boundary before it, the drain owes nothing but ACKs.
-                let (_, first) = track.into_drain(LIMITS).unwrap();
-                assert!(first.is_empty(), "{why} {cuts:?}: {first:02x?}");
-            }
-        }
-        for cuts in splits(good.len()) {
-            assert_eq!(relay_client(&good, &cuts).0, good, "{cuts:?}");
-        }
     }
 
     #[test]

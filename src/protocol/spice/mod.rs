@@ -8,6 +8,7 @@
 //! - [`main_watch`]: the main channel's INIT (session id) and migration messages.
 //! - [`display_drain`]: a display channel's flow control, kept up after its client left.
 
+pub mod client_check;
 pub mod crypto;
 pub mod display_drain;
 pub mod framing;
