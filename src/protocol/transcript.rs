@@ -18,19 +18,38 @@ pub(crate) fn hex(annotated: &str) -> Vec<u8> {
         .collect()
 }
 
+/// A fixed-seed xorshift stream: the same "arbitrary" values every run, so
+/// a failure replays.
+pub(crate) struct Noise(u32);
+
+impl Noise {
+    pub(crate) fn new(seed: u32) -> Self {
+        Self(seed)
+    }
+
+    pub(crate) fn next(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 17;
+        self.0 ^= self.0 << 5;
+        self.0
+    }
+
+    /// `n` bytes of it.
+    pub(crate) fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
 /// Cut points for feeding `len` bytes: none (whole), after every byte, and 50
 /// pseudo-random splits (fixed seed, so a failure replays).
 pub(crate) fn splits(len: usize) -> Vec<Vec<usize>> {
     let mut all = vec![Vec::new(), (1..len).collect()];
-    let mut seed = 0x9e37_79b9_u32;
+    let mut noise = Noise::new(0x9e37_79b9);
     for _ in 0..50 {
         let mut cuts = Vec::new();
         let mut at = 0;
         loop {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            at += 1 + (seed as usize % 23);
+            at += 1 + (noise.next() as usize % 23);
             if at >= len {
                 break;
             }

@@ -337,7 +337,7 @@ impl crate::protocol::Machine for Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::transcript::{chunks, hex, splits};
+    use crate::protocol::transcript::{Noise, chunks, hex, splits};
 
     #[derive(Debug, PartialEq)]
     struct Run {
@@ -509,16 +509,12 @@ mod tests {
 
     #[test]
     fn arbitrary_bytes_never_panic() {
-        let mut seed = 0xbeef_u32;
+        let mut noise = Noise::new(0xbeef);
         for len in 0..3000 {
             let mut data: Vec<u8> = b"RFB 003.008\n".to_vec();
             data.truncate(len % 13);
-            data.extend((0..len % 200).map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 17;
-                seed ^= seed << 5;
-                (seed % 24) as u8 // small values hit the type and length branches
-            }));
+            // Small values hit the type and length branches.
+            data.extend((0..len % 200).map(|_| (noise.next() % 24) as u8));
             fuzz_upstream(&data);
         }
     }

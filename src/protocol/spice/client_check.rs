@@ -278,7 +278,7 @@ pub fn fuzz_client_check(data: &[u8]) {
 mod tests {
     use super::*;
     use crate::protocol::spice::framing::header;
-    use crate::protocol::transcript::{chunks, hex, splits};
+    use crate::protocol::transcript::{Noise, chunks, hex, splits};
 
     fn mini(kind: u16, body: &[u8]) -> Vec<u8> {
         let mut m = header(true, 0, kind, body.len() as u32);
@@ -389,17 +389,9 @@ mod tests {
 
     #[test]
     fn arbitrary_bytes_never_panic() {
-        let mut seed = 0xc1e7_u32;
+        let mut noise = Noise::new(0xc1e7);
         for len in 0..2000 {
-            let data: Vec<u8> = (0..len % 300)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 17;
-                    seed ^= seed << 5;
-                    seed as u8
-                })
-                .collect();
-            fuzz_client_check(&data);
+            fuzz_client_check(&noise.bytes(len % 300));
         }
     }
 }

@@ -110,7 +110,7 @@ pub fn fuzz_main_watch(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::transcript::{chunks, hex, splits};
+    use crate::protocol::transcript::{Noise, chunks, hex, splits};
 
     /// What spice-server sends first on a main channel (mini headers):
     /// INIT, then a NAME, then the start of a large AGENT_DATA.
@@ -180,17 +180,9 @@ mod tests {
 
     #[test]
     fn arbitrary_bytes_never_panic() {
-        let mut seed = 0xfeed_u32;
+        let mut noise = Noise::new(0xfeed);
         for len in 0..2000 {
-            let data: Vec<u8> = (0..len % 300)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 17;
-                    seed ^= seed << 5;
-                    seed as u8
-                })
-                .collect();
-            fuzz_main_watch(&data);
+            fuzz_main_watch(&noise.bytes(len % 300));
         }
     }
 }
