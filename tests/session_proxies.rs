@@ -704,8 +704,11 @@ async fn spice_channels_link_through_porthole_and_join_only_their_session() {
         (up.mess.channel_type, up.mess.connection_id),
         (channel::INPUTS, SESSION_ID)
     );
-    say(&mut inputs, b"keys").await;
-    expect(&mut inputs, b"keys").await;
+    // A whole SPICE message (KEY_DOWN, scancode 0x1e): Porthole passes
+    // messages on once their header is whole and checked.
+    let key_down = [0x65, 0x00, 0x04, 0x00, 0x00, 0x00, 0x1e, 0x00, 0x00, 0x00];
+    say(&mut inputs, &key_down).await;
+    expect(&mut inputs, &key_down).await;
     assert_eq!(g.sessions().await, ["spice-direct"], "no new session");
 
     // Naming another session (spice-server would take it): BAD_CONNECTION_ID.
