@@ -283,8 +283,9 @@ async fn ws_endpoint(
     // an upgrade (browsers always send an Origin with those; a plain GET may
     // come without one, from any page) and only past the Origin check above
     // (cross-site WebSocket hijacking rides on cookies: Nova's CVE-2015-0259).
+    let handshake = websocket_handshake(&headers);
     let cookie = || {
-        (kind == ConsoleType::SpiceHtml5 && websocket_handshake(&headers).is_some())
+        (kind == ConsoleType::SpiceHtml5 && handshake.is_some())
             .then(|| cookie_token(&headers))
             .flatten()
     };
@@ -299,7 +300,7 @@ async fn ws_endpoint(
     if kind == ConsoleType::SpiceHtml5 && s.spice.is_none() {
         return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
     }
-    let Some(handshake) = websocket_handshake(&headers) else {
+    let Some(handshake) = handshake else {
         // A preflight: say what an upgrade would get, start nothing.
         return match s.sessions.would_admit_browser(&grant).await {
             Ok(()) => (

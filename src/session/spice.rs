@@ -113,6 +113,11 @@ impl ChannelRefusal {
         }
     }
 
+    /// A ticket (or a token standing for one) that admits nothing.
+    fn ticket(r: TicketRefusal) -> Self {
+        Self::client(ticket_code(r), r.as_str(), r.to_string())
+    }
+
     fn wire(f: LinkFailure, blame: Blame) -> Self {
         Self {
             code: Some(if blame == Blame::Client {
@@ -708,8 +713,6 @@ async fn admit_channel<S: Io>(
         }
         (_, session_id) => ChannelRole::Joins { session_id },
     };
-    let ticket_refused =
-        |r: TicketRefusal| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string());
     let admitted = match leg {
         ClientLeg::Browser { grant } if password.is_empty() => {
             admit_by_token(sessions, grant, role, peer).await?
@@ -717,7 +720,7 @@ async fn admit_channel<S: Io>(
         _ => sessions
             .admit_ticket(&password, leg.console(), role, peer)
             .await
-            .map_err(ticket_refused)?,
+            .map_err(ChannelRefusal::ticket)?,
     };
     let grant = &admitted.grant;
     let type_ok = match leg {
@@ -788,8 +791,6 @@ async fn admit_by_token(
     role: ChannelRole,
     peer: IpAddr,
 ) -> Result<Admitted, ChannelRefusal> {
-    let refused =
-        |r: TicketRefusal| ChannelRefusal::client(ticket_code(r), r.as_str(), r.to_string());
     match role {
         ChannelRole::Opens => {
             let (ticket, _) = sessions.exchange(grant, peer).await.map_err(open_refusal)?;
@@ -801,12 +802,12 @@ async fn admit_by_token(
                     peer,
                 )
                 .await
-                .map_err(refused)
+                .map_err(ChannelRefusal::ticket)
         }
         ChannelRole::Joins { session_id } => sessions
             .admit_bound(&grant.jti, ConsoleType::SpiceHtml5, session_id, peer)
             .await
-            .map_err(refused),
+            .map_err(ChannelRefusal::ticket),
     }
 }
 

@@ -263,15 +263,10 @@ where
     St: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
     if !early.is_empty() {
-        let checked = tap.as_ref().map(|t| t(&early));
-        let going = checked.as_ref().map_or(&early[..], |c| &c.forward[..]);
-        if to_backend.write_all(going).await.is_err() {
-            return CloseReason::BackendError;
+        if let Err(reason) = pass_on(to_backend, tap.as_ref(), &early).await {
+            return reason;
         }
         meter.moved_up(early.len());
-        if checked.is_some_and(|c| c.refused.is_some()) {
-            return CloseReason::ProtocolError;
-        }
     }
     let mut batch = BytesMut::new();
     while let Some(msg) = stream.next().await {
@@ -296,24 +291,31 @@ where
             }
         }
         if !batch.is_empty() {
-            let refused = match &tap {
-                None => false,
-                Some(t) => {
-                    let checked = t(&batch);
-                    batch = BytesMut::from(&checked.forward[..]);
-                    checked.refused.is_some()
-                }
-            };
-            if to_backend.write_all(&batch).await.is_err() {
-                return CloseReason::BackendError;
-            }
-            if refused {
-                return CloseReason::ProtocolError;
+            if let Err(reason) = pass_on(to_backend, tap.as_ref(), &batch).await {
+                return reason;
             }
             batch = BytesMut::new();
         }
     }
     CloseReason::ClientLeft
+}
+
+/// Writes client `bytes` to the hypervisor, or what the tap lets through
+/// of them; a refused message after those ends the client's side.
+async fn pass_on(
+    to_backend: &mut ConnWriter,
+    tap: Option<&ClientTap>,
+    bytes: &[u8],
+) -> Result<(), CloseReason> {
+    let checked = tap.map(|t| t(bytes));
+    let going = checked.as_ref().map_or(bytes, |c| &c.forward[..]);
+    if to_backend.write_all(going).await.is_err() {
+        return Err(CloseReason::BackendError);
+    }
+    match checked {
+        Some(c) if c.refused.is_some() => Err(CloseReason::ProtocolError),
+        _ => Ok(()),
+    }
 }
 
 /// Hypervisor bytes to the client as binary messages, the early bytes

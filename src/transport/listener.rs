@@ -370,7 +370,7 @@ async fn serve_accepted(
 }
 
 /// A connection the gate closed to make room for another address.
-pub fn evicted_at_gate(client: SocketAddr) {
+fn evicted_at_gate(client: SocketAddr) {
     if crate::audit::refusal_log_allowed() {
         tracing::info!(%client, "connection closed before admission: its address held the most places of a full gate");
     }

@@ -21,32 +21,7 @@
 //! message boundary.
 
 use super::framing::{Frame, Frames};
-
-/// Client message types the checks know.
-pub mod msg {
-    /// Common: `ACK_SYNC` (generation u32).
-    pub const ACK_SYNC: u16 = 1;
-    /// Common: `ACK`, no body.
-    pub const ACK: u16 = 2;
-    /// Common: `PONG` (id u32, timestamp u64).
-    pub const PONG: u16 = 3;
-    /// Common: `MIGRATE_FLUSH_MARK`, no body.
-    pub const MIGRATE_FLUSH_MARK: u16 = 4;
-    /// Common: `MIGRATE_DATA`, raw.
-    pub const MIGRATE_DATA: u16 = 5;
-    /// Common: `DISCONNECTING` (timestamp u64, reason u32).
-    pub const DISCONNECTING: u16 = 6;
-    /// Display: `DISPLAY_INIT` (14 bytes of cache settings).
-    pub const DISPLAY_INIT: u16 = 101;
-    /// Display: `STREAM_REPORT` (stream id u32 first, eight 32-bit words).
-    pub const STREAM_REPORT: u16 = 102;
-    /// Display: `PREFERRED_COMPRESSION` (u8).
-    pub const PREFERRED_COMPRESSION: u16 = 103;
-    /// Display: `GL_DRAW_DONE`, no body.
-    pub const GL_DRAW_DONE: u16 = 104;
-    /// Display: `PREFERRED_VIDEO_CODEC_TYPE` (count u8, then that many u8).
-    pub const PREFERRED_VIDEO_CODEC_TYPE: u16 = 105;
-}
+use super::messages::client_msg as msg;
 
 /// The largest client display message body spice-server takes (its
 /// channel receive buffer).

@@ -27,12 +27,7 @@ use crate::protocol::WireError;
 pub mod msg {
     /// Server to client (common): `SET_ACK` (generation u32, window u32).
     pub const SET_ACK: u16 = 3;
-    /// Client to server (common): `ACK_SYNC` (generation u32).
-    pub const ACK_SYNC: u16 = 1;
-    /// Client to server (common): `ACK`, no body.
-    pub const ACK: u16 = 2;
-    /// Client to server (display): `DISPLAY_INIT`.
-    pub const DISPLAY_INIT: u16 = 101;
+    pub use crate::protocol::spice::messages::client_msg::{ACK, ACK_SYNC, DISPLAY_INIT};
 }
 
 /// `DISPLAY_INIT`'s body as the drain sends it: pixmap cache 1 of size 0,
@@ -303,7 +298,6 @@ pub fn fuzz_display_drain(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::spice::client_check;
     use crate::protocol::transcript::{Noise, chunks, hex, splits};
 
     const LIMITS: DrainLimits = DrainLimits {
@@ -393,7 +387,12 @@ mod tests {
     #[test]
     fn unfinishable_client_messages_and_lost_streams_are_not_drained() {
         let mut track = DisplayTrack::new(true);
-        track.from_client(&header(true, 0, client_check::msg::DISCONNECTING, 12));
+        track.from_client(&header(
+            true,
+            0,
+            crate::protocol::spice::messages::client_msg::DISCONNECTING,
+            12,
+        ));
         let short = DrainLimits {
             max_padding: 8,
             ..LIMITS
