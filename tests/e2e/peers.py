@@ -30,6 +30,19 @@ class RedisServer:
                 assert time.monotonic() < deadline, "redis-server did not listen"
                 time.sleep(0.05)
 
+    def sections(self, node, lease_secs=3):
+        """[store] on this server and [node] for one node of a cluster."""
+        return f"""
+[store]
+url = "redis://127.0.0.1:{self.port}"
+key_prefix = "e2e:"
+timeout_ms = 500
+lease_secs = {lease_secs}
+renew_secs = 1
+[node]
+name = "{node}"
+"""
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()

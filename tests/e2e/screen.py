@@ -1,5 +1,8 @@
 """What counts as "the VM's screen rendered" (tests/e2e and ../../shared/docs/real-peers.md)."""
 
+import subprocess
+import time
+
 from PIL import Image, ImageStat
 
 
@@ -26,3 +29,26 @@ def differing_fraction(a, b):
     assert a.size == b.size, (a.size, b.size)
     diff = sum(1 for p, q in zip(a.getdata(), b.getdata()) if p != q)
     return diff / (a.size[0] * a.size[1])
+
+
+def vnc_capture(vm, out):
+    """gvnccapture of the VM's plain display, straight to QEMU: no proxy."""
+    p = subprocess.run(["gvnccapture", f"127.0.0.1:{vm.display}", str(out)], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def wait_for_final_vnc_screen(vm, tmp_path):
+    """SeaBIOS's last line on COM1 (the VM must be fresh), then direct
+    captures until two agree: the reference a console through Porthole must match."""
+    vm.wait_for_serial(b"No bootable device")
+    previous = None
+    for n in range(20):
+        shot = vnc_capture(vm, tmp_path / f"direct-{n}.png")
+        seabios_screen(shot)
+        if previous is not None and differing_fraction(previous, shot) < 0.01:
+            return shot
+        previous = shot
+        time.sleep(0.3)
+    raise AssertionError("the VM's screen never settled")

@@ -187,6 +187,16 @@ def browser(*args, timeout=90):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+
+def wait_for(condition, what, within=20):
+    """Polls condition() until it gives something true (returned) or `within` s pass."""
+    deadline = time.monotonic() + within
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
 class FakeServer:
     """A TCP server on a free loopback port that counts the connections it
     accepts and hands each to handle() (a subclass's), from its accept thread.

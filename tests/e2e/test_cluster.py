@@ -28,16 +28,7 @@ def redis():
 def node(tmp_path, name, redis, key=None):
     folder = tmp_path / name
     folder.mkdir()
-    return Porthole(folder, key=key, sections=f"""
-[store]
-url = "redis://127.0.0.1:{redis.port}"
-key_prefix = "e2e:"
-timeout_ms = 500
-lease_secs = {LEASE}
-renew_secs = 1
-[node]
-name = "{name}"
-""")
+    return Porthole(folder, key=key, sections=redis.sections(name, lease_secs=LEASE))
 
 
 def ws_url(p, endpoint, token):

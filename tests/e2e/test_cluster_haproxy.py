@@ -22,7 +22,7 @@ from peers import HAProxy, RedisServer, Route
 from screen import differing_fraction, seabios_screen
 from spice_client import remote_viewer_connects, spicy_capture, wait_for_final_spice_screen
 from spice_wire import INPUTS, MAIN, Channel
-from support import HERE, Porthole, get_from
+from support import HERE, Porthole, get_from, wait_for
 
 CLIENT = "127.0.0.5"
 NODES = ("node-a", "node-b")
@@ -61,16 +61,7 @@ def cluster(spice_vm, tmp_path):
                 listen_extra='trusted_proxies = ["127.0.0.1/32"]',
                 # Clients are told HAProxy's SPICE port (the host is the base URL's).
                 spice=f"proxy_protocol = true\npublic_tls_port = {spice_front}",
-                sections=f"""
-[store]
-url = "redis://127.0.0.1:{redis.port}"
-key_prefix = "e2e:"
-timeout_ms = 500
-lease_secs = 3
-renew_secs = 1
-[node]
-name = "{name}"
-""",
+                sections=redis.sections(name),
                 backend_extra="\n".join(["[backends.spice]", f'password_file = "{pw}"', f'ca = "{vm.spice_ca}"'])))
         lb = HAProxy(tmp_path, {
             "public": Route(public_front, [n.public_port for n in nodes], mode="http",
@@ -94,14 +85,6 @@ def linked(node):
             fields = dict(re.findall(r'(\w+)="?([^" ]*)"?', line))
             out.append((fields.get("ticket"), fields.get("channel"), fields.get("client")))
     return out
-
-
-def wait_for(condition, what, within=20):
-    deadline = time.monotonic() + within
-    while not (value := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-    return value
 
 
 def test_one_spice_session_links_its_channels_on_both_nodes(cluster, tmp_path):

@@ -5,7 +5,6 @@ documents, consoles of a real QEMU. Keystone and Nova start once for the module.
 
 import json
 import re
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -19,7 +18,7 @@ import leak_check
 from harness import http, metric_value
 from nova import NovaLab
 from peers import RedisServer
-from screen import differing_fraction, seabios_screen
+from screen import differing_fraction, seabios_screen, vnc_capture, wait_for_final_vnc_screen
 from spice_client import remote_viewer_connects, spicy_capture, wait_for_final_spice_screen
 from support import EchoBackend, Porthole, browser
 
@@ -60,20 +59,6 @@ def nova_porthole(lab, tmp, backend_extra="", more_sections="", **kw):
     return Porthole(tmp, sections=nova_section(lab, tmp, **kw) + more_sections, backend_extra=backend_extra)
 
 
-def store_sections(redis, name):
-    """[store] and [node] for one node of a cluster on `redis` (as test_cluster's)."""
-    return f"""
-[store]
-url = "redis://127.0.0.1:{redis.port}"
-key_prefix = "e2e:"
-timeout_ms = 500
-lease_secs = 3
-renew_secs = 1
-[node]
-name = "{name}"
-"""
-
-
 def mint(lab, *args, **kw):
     token, url = lab.mint(*args, **kw)
     leak_check.remember(token)
@@ -101,29 +86,6 @@ def vnc_server_init(ws, timeout=10):
     while len(got) < 4:
         got += ws.recv(timeout=timeout)
     return int.from_bytes(got[0:2], "big"), int.from_bytes(got[2:4], "big")
-
-
-def vnc_capture(vm, out):
-    """gvnccapture of the VM's display, straight to QEMU: no proxy."""
-    p = subprocess.run(["gvnccapture", f"127.0.0.1:{vm.display}", str(out)], capture_output=True, text=True,
-                       timeout=30)
-    assert p.returncode == 0, p.stderr
-    return out
-
-
-def wait_for_final_vnc_screen(vm, tmp_path):
-    """SeaBIOS's last line on COM1 (the VM must be fresh), then direct
-    captures until two agree: the reference a console through Porthole must match."""
-    vm.wait_for_serial(b"No bootable device")
-    previous = None
-    for n in range(20):
-        shot = vnc_capture(vm, tmp_path / f"direct-{n}.png")
-        seabios_screen(shot)
-        if previous is not None and differing_fraction(previous, shot) < 0.01:
-            return shot
-        previous = shot
-        time.sleep(0.3)
-    raise AssertionError("the VM's screen never settled")
 
 
 def read_serial_until(ws, marker=b"No bootable device", timeout=30):
@@ -423,7 +385,7 @@ def test_horizons_two_tabs_across_two_nodes_sharing_one_store(lab, vm, tmp_path)
     nodes = []
     try:
         for name in ("node-a", "node-b"):
-            nodes.append(nova_porthole(lab, tmp_path / name, more_sections=store_sections(redis, name)))
+            nodes.append(nova_porthole(lab, tmp_path / name, more_sections=redis.sections(name)))
         a, b = nodes
         token, iframe_url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{a.base}/console-novnc")
         iframe = {}

@@ -7,7 +7,6 @@ the node."""
 
 import json
 import socket
-import time
 import urllib.parse
 
 import pytest
@@ -16,18 +15,10 @@ from websockets.sync.client import connect as ws_connect
 from harness import free_port
 from peers import HAProxy, Route
 from spice_wire import MAIN, Channel
-from support import EchoBackend, Porthole, get_from
+from support import EchoBackend, Porthole, get_from, wait_for
 
 CLIENT = "127.0.0.5"
 NODE = "e2e-node-a"
-
-
-def wait_for(condition, what, within=20):
-    deadline = time.monotonic() + within
-    while not (value := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture

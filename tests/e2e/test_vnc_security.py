@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from harness import http
-from screen import differing_fraction, seabios_screen
+from screen import differing_fraction, seabios_screen, vnc_capture, wait_for_final_vnc_screen
 from support import Porthole, browser
 from vm import VM, free_vnc_display, make_spice_certs, make_vnc_x509_dir
 
@@ -183,27 +183,6 @@ def termios_echo(fd):
     return bool(termios.tcgetattr(fd)[3] & termios.ECHO)
 
 
-def direct_capture(vm, out):
-    """gvnccapture of the VM's plain display: no proxy, no credentials."""
-    code, transcript = gvnc_capture(out, vm.vnc_port)
-    assert code == 0, transcript
-    return out
-
-
-def wait_for_final_screen(vm, tmp_path):
-    """SeaBIOS's last line on COM1, then direct captures until two agree."""
-    vm.wait_for_serial(b"No bootable device")
-    previous = None
-    for n in range(20):
-        shot = direct_capture(vm, tmp_path / f"direct-{n}.png")
-        seabios_screen(shot)
-        if previous is not None and differing_fraction(previous, shot) < 0.01:
-            return shot
-        previous = shot
-        time.sleep(0.3)
-    raise AssertionError("the VM's screen never settled")
-
-
 # --- a minimal RFB viewer (None security, Raw encoding) ----------------------
 
 class Viewer:
@@ -296,7 +275,7 @@ def test_novnc_reaches_an_x509_vnc_display_without_seeing_its_password(tmp_path)
     vm = secured_vm(tmp_path)
     p = vnc_porthole(tmp_path, "porthole", vm, password=vm.vnc_password)
     try:
-        reference = wait_for_final_screen(vm, tmp_path)
+        reference = wait_for_final_vnc_screen(vm, tmp_path)
         minted = p.mint("novnc", vm.secured_port)
         shot = tmp_path / "novnc.png"
         result = browser("vnc", minted["url"], shot, 2000)
@@ -306,7 +285,7 @@ def test_novnc_reaches_an_x509_vnc_display_without_seeing_its_password(tmp_path)
         received = b"".join(bytes.fromhex(f["hex"]) for f in result["frames"] if f["dir"] == "received")
         assert received.startswith(b"RFB 003.008\n\x01\x01\x00\x00\x00\x00"), result["frames"][:6]
         seabios_screen(shot)
-        after = direct_capture(vm, tmp_path / "direct-after.png")
+        after = vnc_capture(vm, tmp_path / "direct-after.png")
         diff = min(differing_fraction(shot, reference), differing_fraction(shot, after))
         assert diff <= 0.01, f"noVNC through Porthole differs from a direct capture in {diff:.2%} of pixels"
         # The password is in nothing the browser got (every frame, every HTTP
@@ -468,7 +447,7 @@ def test_a_native_vnc_client_sees_the_vm_through_porthole_with_a_ticket(tmp_path
     vm = secured_vm(tmp_path)
     p = vnc_porthole(tmp_path, "porthole", vm, password=vm.vnc_password, native=True)
     try:
-        reference = wait_for_final_screen(vm, tmp_path)
+        reference = wait_for_final_vnc_screen(vm, tmp_path)
         token = p.mint("vnc-direct", vm.secured_port)["token"]
         details = vnc_details(p, token)
         assert details["type"] == "vnc" and details["host"] == "127.0.0.1", details
@@ -485,7 +464,7 @@ def test_a_native_vnc_client_sees_the_vm_through_porthole_with_a_ticket(tmp_path
         seabios_screen(shot)
         diff = differing_fraction(shot, reference)
         if diff > 0.01:
-            diff = min(diff, differing_fraction(shot, direct_capture(vm, tmp_path / "direct-after.png")))
+            diff = min(diff, differing_fraction(shot, vnc_capture(vm, tmp_path / "direct-after.png")))
         assert diff <= 0.01, f"through Porthole differs from a direct capture in {diff:.2%} of pixels"
         log = p.wait_for_log('console="vnc-direct" reason="client_left"')
         assert "auth=X509Vnc" in log, log[-3000:]
