@@ -106,13 +106,13 @@ struct AdminArgs {
 #[derive(Debug, Args)]
 struct SessionFilter {
     /// One session.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     id: Option<String>,
     /// Every session of an instance.
     #[arg(long)]
     instance: Option<String>,
-    /// Every session of a token.
-    #[arg(long)]
+    /// Every session of a token. A jti may begin with `-` (base64url).
+    #[arg(long, allow_hyphen_values = true)]
     jti: Option<String>,
     /// Every session of a console type.
     #[arg(long = "type")]
@@ -163,9 +163,10 @@ enum TokenCommand {
     Revoke {
         #[command(flatten)]
         admin: AdminArgs,
-        /// The token's jti.
+        /// The token's jti (it may begin with `-`: base64url).
         #[arg(
             long,
+            allow_hyphen_values = true,
             conflicts_with = "instance",
             required_unless_present = "instance"
         )]
@@ -992,6 +993,27 @@ fn token_revoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jti_that_begins_with_a_dash_is_a_value_not_a_flag() {
+        use clap::Parser as _;
+        let jti = "-Xk3_9aQ";
+        let revoke = Cli::try_parse_from(["porthole", "token", "revoke", "--jti", jti]).unwrap();
+        assert!(
+            matches!(&revoke.command, Command::Token(TokenCommand::Revoke { jti: Some(j), .. }) if j == jti),
+            "{revoke:?}"
+        );
+        let list = Cli::try_parse_from(["porthole", "sessions", "list", "--jti", jti]).unwrap();
+        assert!(
+            matches!(&list.command, Command::Sessions(SessionsCommand::List { filter, .. }) if filter.jti.as_deref() == Some(jti)),
+            "{list:?}"
+        );
+        let kill = Cli::try_parse_from(["porthole", "sessions", "kill", "--jti", "--x-", "--reason", "y"]);
+        assert!(
+            matches!(&kill.as_ref().unwrap().command, Command::Sessions(SessionsCommand::Kill { filter, reason: Some(r), .. }) if filter.jti.as_deref() == Some("--x-") && r == "y"),
+            "{kill:?}"
+        );
+    }
 
     #[test]
     fn a_log_record_stays_on_one_line_whatever_its_values_hold() {

@@ -160,7 +160,8 @@ pub struct RawNova {
     pub compute_url: Option<String>,
     /// CA bundle (PEM) for Keystone and Nova, instead of the system's.
     pub ca_file: Option<PathBuf>,
-    /// Deadline of one request to Keystone or Nova, seconds. Default 5, 1..=60.
+    /// The longest a client waits for a lookup (the queue for a place in
+    /// flight, Keystone, Nova and a retry together), seconds. Default 5, 1..=60.
     pub timeout_secs: Option<u64>,
     /// Nova's `[consoleauth] token_ttl`: how long a token lives after Porthole
     /// first sees it, seconds. Default 600.
@@ -169,8 +170,14 @@ pub struct RawNova {
     pub cache_secs: Option<u64>,
     /// How long a token Nova does not know is remembered, seconds. Default 30, at most 600.
     pub negative_cache_secs: Option<u64>,
-    /// Lookups in flight at most. Default 32.
+    /// Lookups in flight at most (four times as many may wait; more are
+    /// refused at once as unavailable). Default 32.
     pub max_in_flight: Option<usize>,
+    /// Lookups per second of tokens this node has never seen. Default 50, 1..=10000.
+    pub unseen_lookups_per_sec: Option<usize>,
+    /// How many of those may go at once; half of it is kept for addresses
+    /// that brought no unknown token lately. Default 100, 2..=100000.
+    pub unseen_lookup_burst: Option<usize>,
     /// `OpenStack-API-Version: compute <this>`. Default `2.99` (spice-direct);
     /// `2.31` or later for a Nova older than 2025.1.
     pub microversion: Option<String>,
@@ -1782,6 +1789,21 @@ fn validate_nova(
             1,
             4096,
         ),
+        // Bounded above, so the casts are exact.
+        unseen_per_sec: within(
+            issues,
+            "nova.unseen_lookups_per_sec",
+            raw.unseen_lookups_per_sec.unwrap_or(50),
+            1,
+            10_000,
+        ) as u32,
+        unseen_burst: within(
+            issues,
+            "nova.unseen_lookup_burst",
+            raw.unseen_lookup_burst.unwrap_or(100),
+            2,
+            100_000,
+        ) as u32,
         capacity,
         microversion,
     }

@@ -46,6 +46,17 @@ impl ConsoleType {
         }
     }
 
+    /// The page of this type's own route (a token that names no type, such
+    /// as Nova's, opens only there), for the types a browser opens.
+    pub fn page_route(self) -> Option<&'static str> {
+        match self {
+            ConsoleType::Novnc => Some("/console-novnc"),
+            ConsoleType::SpiceHtml5 => Some("/console-spice-html5"),
+            ConsoleType::Serial => Some("/console-serial"),
+            ConsoleType::SpiceDirect | ConsoleType::VncDirect => None,
+        }
+    }
+
     /// The wire protocol, as Nova's remote-console API names it.
     pub fn protocol(self) -> &'static str {
         match self {

@@ -233,8 +233,17 @@ pub fn handshake_took(protocol: &'static str, secs: f64) {
 }
 
 /// Nova console-token lookups, by outcome (`found`, `not_found`, `cached`,
-/// `keystone_failed`, `nova_failed`, `policy`, `microversion`, `timeout`).
+/// `keystone_failed`, `nova_failed`, `policy`, `microversion`, `timeout`;
+/// refused before asking: `busy`, `budget_spent`).
 pub const NOVA_LOOKUPS: &str = "porthole_nova_lookups_total";
+/// Whether the last lookup that asked got an answer from Keystone and
+/// Nova (1) or not (0); absent until one asked.
+pub const NOVA_UP: &str = "porthole_nova_up";
+
+/// Records whether Keystone and Nova answered a lookup.
+pub fn nova_up(up: bool) {
+    metrics::gauge!(NOVA_UP).set(if up { 1.0 } else { 0.0 });
+}
 /// Seconds a Nova lookup took (Keystone included when it authenticated).
 pub const NOVA_LOOKUP_SECONDS: &str = "porthole_nova_lookup_seconds";
 /// Keystone authentications, by outcome (`ok`, `failed`).

@@ -136,6 +136,8 @@ fn settings(auth_url: String) -> NovaSettings {
         cache_secs: 5,
         negative_cache_secs: 30,
         max_in_flight: 8,
+        unseen_per_sec: 50,
+        unseen_burst: 100,
         capacity: 1000,
         microversion: "2.99".into(),
     }
@@ -663,4 +665,167 @@ async fn with_ports_per_type_a_nova_token_on_the_wrong_route_is_refused_not_conn
         .unwrap_err()
         .to_string();
     assert!(e.contains("backends[0].ports_by_type.serail"), "{e}");
+}
+
+#[tokio::test]
+async fn the_routes_a_typeless_refusal_names_are_the_routers_own() {
+    use tower::ServiceExt as _;
+    let (_fake, s) = fixture().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = gateway(&s.auth_url, dir.path()).await;
+    let e = app
+        .sessions
+        .resolve(VNC_TOKEN, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::WrongConsoleType);
+    let routes: Vec<&str> = e
+        .detail
+        .split(|c: char| c == ' ' || c == ',' || c == '(' || c == ')')
+        .filter(|w| w.starts_with('/'))
+        .collect();
+    assert_eq!(routes.len(), 3, "{}", e.detail);
+    let get = |path: String| {
+        let mut req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(SocketAddr::from((
+                [192, 0, 2, 9],
+                1,
+            ))));
+        app.public_router().oneshot(req)
+    };
+    for route in &routes {
+        let status = get(format!("{route}?token={VNC_TOKEN}")).await.unwrap().status();
+        assert_ne!(status, StatusCode::NOT_FOUND, "{route} is not a route");
+        assert_ne!(status, StatusCode::FORBIDDEN, "{route} refused the token");
+    }
+    let generic = get(format!("/console?token={VNC_TOKEN}")).await.unwrap().status();
+    assert_eq!(generic, StatusCode::FORBIDDEN, "the generic page refuses it");
+}
+
+#[tokio::test]
+async fn a_flood_of_made_up_tokens_from_many_addresses_is_held_to_the_budget_and_a_real_token_opens()
+{
+    let (fake, s) = fixture().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = gateway_toml(&s.auth_url, dir.path(), "").replace(
+        "[nova]\n",
+        "[nova]\nunseen_lookups_per_sec = 2\nunseen_lookup_burst = 20\n",
+    );
+    let config = porthole::config::Config::from_toml(&toml, dir.path()).unwrap();
+    let app = Arc::new(porthole::app::App::build(config).unwrap());
+    let lookups = || fake.lookups.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    // 50 addresses, 10 made-up tokens each, all at once: each address is
+    // looked up at most until the per-address wait, the whole flood at most
+    // at the budget's rate.
+    let refused = Arc::new(AtomicUsize::new(0));
+    let flood: Vec<_> = (0..50u32)
+        .map(|a| {
+            let app = app.clone();
+            let refused = refused.clone();
+            tokio::spawn(async move {
+                let addr = std::net::IpAddr::from([10, 9, 0, a as u8 + 1]);
+                for n in 0..10u32 {
+                    let t = format!("00000000-0000-4000-8000-{:06x}{n:06x}", a);
+                    let e = app
+                        .sessions
+                        .resolve(&t, Some(ConsoleType::Novnc), Some(addr))
+                        .await
+                        .unwrap_err();
+                    if e.reason == RefusalReason::Unavailable {
+                        assert!(e.detail.contains("budget"), "{e:?}");
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    for f in flood {
+        f.await.unwrap();
+    }
+    // Every address of the flood has asked once: none of them may touch
+    // the reserve now. A real user's fresh token from another address
+    // opens as soon as the budget has one lookup for it (half a second at
+    // 2/s; a page retries), with the flood's addresses still at it.
+    let user: std::net::IpAddr = "192.0.2.50".parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut tries = 0;
+    let grant = loop {
+        tries += 1;
+        for a in 0..5u8 {
+            let t = format!("00000000-0000-4000-8000-ffffff{tries:04x}{a:02x}");
+            let _ = app
+                .sessions
+                .resolve(&t, Some(ConsoleType::Novnc), Some([10, 9, 0, a + 1].into()))
+                .await;
+        }
+        match app
+            .sessions
+            .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), Some(user))
+            .await
+        {
+            Ok(g) => break g,
+            Err(e) => {
+                assert_eq!(e.reason, RefusalReason::Unavailable, "{e:?}");
+                assert!(std::time::Instant::now() < deadline, "never opened: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(grant.jti, token_hash(VNC_TOKEN));
+    let elapsed = started.elapsed().as_secs_f64();
+    let asked = lookups();
+    assert!(
+        asked as f64 <= 20.0 + 2.0 * elapsed + 1.0,
+        "{asked} lookups in {elapsed:.1} s: over the budget"
+    );
+    assert!(refused.load(Ordering::SeqCst) > 0, "the budget refused nothing");
+    // Once seen, the real token is known: it no longer draws on the budget.
+    for _ in 0..30 {
+        app.sessions
+            .resolve(VNC_TOKEN, Some(ConsoleType::Novnc), Some(user))
+            .await
+            .expect("a known token is not held to the budget");
+    }
+}
+
+#[tokio::test]
+async fn with_nova_slow_a_lookup_waits_one_deadline_and_a_full_queue_refuses_at_once() {
+    let (fake, mut s) = fixture().await;
+    s.timeout = Duration::from_secs(2);
+    s.max_in_flight = 1;
+    *fake.delay.lock().unwrap() = Duration::from_secs(30);
+    let r = Arc::new(resolver(s));
+    let allow = Arc::new(common::allow_list());
+    let started = std::time::Instant::now();
+    // One in flight, four waiting behind it; the rest find the queue full.
+    let asks: Vec<_> = (0..8u32)
+        .map(|n| {
+            let (r, allow) = (r.clone(), allow.clone());
+            tokio::spawn(async move {
+                let t = format!("00000000-0000-4000-8000-{n:012x}");
+                let e = r
+                    .resolve(&t, Some(ConsoleType::Novnc), &allow)
+                    .await
+                    .unwrap_err();
+                (e, started.elapsed())
+            })
+        })
+        .collect();
+    let mut busy = 0;
+    for a in asks {
+        let (e, took) = a.await.unwrap();
+        assert_eq!(e.reason, RefusalReason::Unavailable, "{e:?}");
+        // One deadline for the whole wait, queue included (generous bound:
+        // the deadline and a half, never two).
+        assert!(took < Duration::from_secs(3), "{e:?} after {took:?}");
+        if e.detail.contains("in flight") {
+            busy += 1;
+            assert!(took < Duration::from_secs(1), "a full queue answers at once: {took:?}");
+        }
+    }
+    assert_eq!(busy, 3, "1 in flight + 4 waiting of 8");
 }

@@ -397,6 +397,32 @@ async fn shutdown_sends_going_away() {
     f.stop.cancel();
 }
 
+#[tokio::test]
+async fn a_client_close_is_answered_and_an_invalid_code_gets_1002() {
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    let f = start("").await;
+    let port = echo_console().await;
+    for (sent, answered) in [(1000, 1000), (999, 1002), (1005, 1002), (4321, 4321)] {
+        let (mut ws, _) = f
+            .connect(
+                &format!("/serial?token={}", f.token(ConsoleType::Serial, port)),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        echoes(&mut ws, b"up").await;
+        ws.close(Some(CloseFrame {
+            code: CloseCode::from(sent),
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+        assert_eq!(close_of(&mut ws).await.0, answered, "client sent {sent}");
+    }
+    f.stop.cancel();
+}
+
 /// Reads until a close frame; returns its code and reason.
 async fn close_of(
     ws: &mut tokio_tungstenite::WebSocketStream<

@@ -79,22 +79,19 @@ pub fn router(state: PublicState) -> Router {
             ))
             .unwrap_or_else(|_| HeaderValue::from_static("frame-ancestors 'self'")),
         ));
-    Router::new()
-        .route("/console", get(|s, c, q| console_page(None, s, c, q)))
-        // A Nova token names no console type: the URL Nova hands out must.
-        // Siblings of `/console`, so the page's relative URLs resolve alike.
-        .route(
-            "/console-novnc",
-            get(|s, c, q| console_page(Some(ConsoleType::Novnc), s, c, q)),
-        )
-        .route(
-            "/console-serial",
-            get(|s, c, q| console_page(Some(ConsoleType::Serial), s, c, q)),
-        )
-        .route(
-            "/console-spice-html5",
-            get(|s, c, q| console_page(Some(ConsoleType::SpiceHtml5), s, c, q)),
-        )
+    let mut pages =
+        Router::new().route("/console", get(|s, c, q| console_page(None, s, c, q)));
+    // A Nova token names no console type: the URL Nova hands out must.
+    // Siblings of `/console`, so the page's relative URLs resolve alike.
+    for kind in ConsoleType::ALL {
+        if let Some(route) = kind.page_route() {
+            pages = pages.route(
+                route,
+                get(move |s, c, q| console_page(Some(kind), s, c, q)),
+            );
+        }
+    }
+    pages
         .route(
             "/vnc",
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),
@@ -227,15 +224,38 @@ enum OriginRefusal {
     Unreadable,
     #[error("origin {0:?} not allowed")]
     NotAllowed(String),
+    /// A browser sends one Origin; which of several a check should read
+    /// is a guess, and a proxy may have read another.
+    #[error("more than one Origin header")]
+    Ambiguous,
+    /// RFC 9112 §3.2: a request with more than one Host is answered 400.
+    #[error("more than one Host header")]
+    DuplicateHost,
+}
+
+impl OriginRefusal {
+    /// The refusal's reason in metrics and the audit trail, and its status.
+    fn reason(&self) -> (&'static str, StatusCode) {
+        match self {
+            Self::Ambiguous => ("ambiguous_origin", StatusCode::BAD_REQUEST),
+            Self::DuplicateHost => ("duplicate_host", StatusCode::BAD_REQUEST),
+            _ => ("origin_not_allowed", StatusCode::FORBIDDEN),
+        }
+    }
 }
 
 /// Whether the request's Origin may open a console socket. The list is fixed
 /// at start; nothing in a request (Host, X-Forwarded-Host) can add to it.
 fn origin_allowed(headers: &HeaderMap, listen: &ListenConfig) -> Result<(), OriginRefusal> {
-    match headers.get(header::ORIGIN) {
-        None if listen.allow_missing_origin => Ok(()),
-        None => Err(OriginRefusal::Missing),
-        Some(v) => {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(OriginRefusal::DuplicateHost);
+    }
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    match (origins.next(), origins.next()) {
+        (Some(_), Some(_)) => Err(OriginRefusal::Ambiguous),
+        (None, _) if listen.allow_missing_origin => Ok(()),
+        (None, _) => Err(OriginRefusal::Missing),
+        (Some(v), None) => {
             let origin = v.to_str().map_err(|_| OriginRefusal::Unreadable)?;
             let normalized = crate::config::origin_of(origin).unwrap_or_default();
             if !normalized.is_empty() && listen.allowed_origins.contains(&normalized) {
@@ -271,12 +291,13 @@ async fn ws_endpoint(
 ) -> Response {
     let client = client_addr(peer, &headers, &s.listen);
     if let Err(why) = origin_allowed(&headers, &s.listen) {
-        crate::metrics::session_refused("origin_not_allowed");
+        let (reason, status) = why.reason();
+        crate::metrics::session_refused(reason);
         if crate::audit::refusal_log_allowed() {
-            crate::audit::refused("websocket", "origin_not_allowed", None, Some(client));
+            crate::audit::refused("websocket", reason, None, Some(client));
             tracing::info!(%client, console = %kind, "websocket refused: {why}");
         }
-        return refuse(StatusCode::FORBIDDEN, "refused");
+        return refuse(status, "refused");
     }
     // Debian's spice_auto.html (what Nova's spice-html5 URLs open) leaves
     // the token in a cookie; only the spice-html5 socket reads it, only on
@@ -535,6 +556,26 @@ mod tests {
         }
         assert!(origin_allowed(&HeaderMap::new(), &l).is_err());
         assert!(origin_allowed(&HeaderMap::new(), &listen(&[], &[], true)).is_ok());
+    }
+
+    #[test]
+    fn two_origins_or_two_hosts_are_refused_whichever_comes_first() {
+        let l = listen(&["https://consoles.example.com"], &[], true);
+        for pair in [
+            ["https://consoles.example.com", "https://evil.net"],
+            ["https://evil.net", "https://consoles.example.com"],
+            ["https://consoles.example.com", "https://consoles.example.com"],
+        ] {
+            let mut h = with_origin(pair[0]);
+            h.append(header::ORIGIN, pair[1].parse().unwrap());
+            let refused = origin_allowed(&h, &l).unwrap_err();
+            assert_eq!(refused.reason().0, "ambiguous_origin", "{pair:?}");
+        }
+        let mut h = with_origin("https://consoles.example.com");
+        h.append(header::HOST, "consoles.example.com".parse().unwrap());
+        assert!(origin_allowed(&h, &l).is_ok());
+        h.append(header::HOST, "evil.net".parse().unwrap());
+        assert_eq!(origin_allowed(&h, &l).unwrap_err().reason().0, "duplicate_host");
     }
 
     #[test]

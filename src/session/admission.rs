@@ -32,7 +32,7 @@ use crate::console::ConsoleType;
 use crate::error::Blame;
 use crate::hypervisor::{SpiceUpstreams, VncUpstreams};
 use crate::secret::Secret;
-use crate::token::nova::{NOVA_ISSUER, is_nova_token};
+use crate::token::nova::{NOVA_ISSUER, Standing, is_nova_token};
 use crate::token::redemption::{RedeemError, ReusePolicy};
 use crate::token::ticket::{Admitted, ChannelRole, TicketRefusal, TicketStore};
 use crate::token::{
@@ -285,6 +285,9 @@ pub struct Sessions {
     failed_tickets: FailedTickets,
     /// Nova tokens Nova did not know, per client address.
     failed_lookups: FailedTickets,
+    /// Addresses that brought a Nova token lately (their standing for the
+    /// budget of lookups of never-seen tokens).
+    nova_askers: FailedTickets,
 }
 
 impl Sessions {
@@ -311,6 +314,7 @@ impl Sessions {
             pending: parts.pending,
             failed_tickets: FailedTickets::default(),
             failed_lookups: FailedTickets::default(),
+            nova_askers: FailedTickets::default(),
         }
     }
 
@@ -390,8 +394,23 @@ impl Sessions {
             lifecycle::token_refused(&refusal);
             return Err(refusal);
         }
-        let resolved = self.resolver.resolve(token, expect).await;
+        // The budget of lookups of never-seen tokens keeps a reserve for
+        // addresses that brought no Nova token lately: each address of a
+        // flood draws on it once, and a real user's fresh token still finds it.
+        let standing = match guarded {
+            Some(addr) if !self.nova_askers.failed_lately(addr) => Standing::Clean,
+            _ => Standing::Suspect,
+        };
+        let resolved = self.resolver.resolve_for(token, expect, standing).await;
         if let Some(addr) = guarded {
+            // Only an answer counts as a draw: an address refused for want
+            // of budget (or with Nova down) keeps its standing.
+            if resolved
+                .as_ref()
+                .map_or_else(|r| r.reason != RefusalReason::Unavailable, |_| true)
+            {
+                self.nova_askers.failed(addr);
+            }
             match &resolved {
                 Ok(_) => self.failed_lookups.succeeded(addr),
                 Err(r) if r.reason == RefusalReason::UnknownToken => {

@@ -83,6 +83,16 @@ impl FailedTickets {
         (f.wait_until > now).then(|| f.wait_until - now)
     }
 
+    /// Whether `addr` failed lately (and has not succeeded since).
+    pub fn failed_lately(&self, addr: IpAddr) -> bool {
+        let now = Instant::now();
+        let table = self.lock();
+        table
+            .by_address
+            .get(&key(addr))
+            .is_some_and(|f| now.duration_since(f.last) < FORGET_AFTER)
+    }
+
     /// `addr` presented a ticket that admitted nothing.
     pub fn failed(&self, addr: IpAddr) {
         let now = Instant::now();

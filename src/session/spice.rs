@@ -585,7 +585,7 @@ async fn link_channel<S: Io>(
             let grant = &admitted.grant;
             tracing::info!(
                 client = %peer, jti = %grant.jti, instance = %grant.instance, console = %grant.console,
-                target = %grant.target, ticket = %admitted.id, channel = channel_name(mess.channel_type),
+                target = %grant.target, ticket_ref = %admitted.id, channel = channel_name(mess.channel_type),
                 channel_id = mess.channel_id,
                 upstream = if upstream_tls { "tls" } else { "plain" }, "spice channel linked"
             );

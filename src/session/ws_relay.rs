@@ -233,6 +233,11 @@ where
     };
     if reason != CloseReason::ClientLeft {
         let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(close_message(reason))).await;
+    } else {
+        // A client's close frame is answered (RFC 6455 §5.5.1): tungstenite
+        // queued the echo, or 1002 for a code no endpoint may send, when
+        // it read the frame; only a flush puts it on the wire.
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.flush()).await;
     }
     let kept = if inspect.keeps_upstream(reason) {
         from_backend
@@ -283,6 +288,9 @@ where
                 Ok(Message::Pong(data)) => meter.pong(&data),
                 Ok(Message::Ping(_) | Message::Frame(_)) => {}
                 Ok(Message::Text(_)) => return CloseReason::ProtocolError,
+                Ok(Message::Close(Some(frame))) if !frame.code.is_allowed() => {
+                    return CloseReason::WebSocketProtocol;
+                }
                 Ok(Message::Close(_)) => return CloseReason::ClientLeft,
                 Err(e) => return read_error(&e),
             }

@@ -304,7 +304,7 @@ impl TicketStore for RedisTickets {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(ticket = %id, "ticket not bound to its session: {e}"),
+                Err(e) => tracing::warn!(ticket_ref = %id, "ticket not bound to its session: {e}"),
             }
         })
     }

@@ -536,6 +536,17 @@ pub trait GrantResolver: Send + Sync + std::fmt::Debug {
         token: &'a str,
         expect: Option<ConsoleType>,
     ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>>;
+
+    /// [`GrantResolver::resolve`] for a caller of `standing`: a resolver
+    /// that asks another service (Nova) budgets its lookups by it.
+    fn resolve_for<'a>(
+        &'a self,
+        token: &'a str,
+        expect: Option<ConsoleType>,
+        _standing: nova::Standing,
+    ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>> {
+        self.resolve(token, expect)
+    }
 }
 
 impl GrantResolver for TokenValidator {

@@ -98,9 +98,20 @@ pub struct Admitted {
     pub id: TicketId,
 }
 
-/// A ticket's name: the hex SHA-256 of it. Safe to log (first 12 characters).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A ticket's name: the hex SHA-256 of it, a store's key. Logs never show
+/// it, nor any part of it: [`Display`] gives a reference derived from it
+/// under a key that never leaves this process, so a log line says which
+/// ticket (within one node's run) and nothing of the ticket.
+///
+/// [`Display`]: std::fmt::Display
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TicketId(String);
+
+impl std::fmt::Debug for TicketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TicketId({self})")
+    }
+}
 
 impl TicketId {
     /// The id of `ticket`.
@@ -115,17 +126,22 @@ impl TicketId {
         (hex.len() == 64 && hex.chars().all(digits)).then_some(Self(hex))
     }
 
-    /// The whole hex digest (a store's key; logs show [`Display`]'s prefix).
-    ///
-    /// [`Display`]: std::fmt::Display
+    /// The whole hex digest (a store's key; never logged).
     pub fn as_hex(&self) -> &str {
         &self.0
     }
 }
 
+/// The key of [`TicketId`]'s log references: random per process.
+static LOG_KEY: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(rand::random);
+
 impl std::fmt::Display for TicketId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0[..12])
+        let reference = Sha256::new()
+            .chain_update(*LOG_KEY)
+            .chain_update(self.0.as_bytes())
+            .finalize();
+        f.write_str(&hex::encode(&reference[..6]))
     }
 }
 

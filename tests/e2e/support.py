@@ -119,7 +119,7 @@ ports = ["1024-65535"]
         status, body = http("GET", f"{self.base}/spice-direct?format=json&token={urllib.parse.quote(token)}")[:2]
         assert status == 200, (status, body)
         details = json.loads(body)
-        leak_check.remember(details["ticket"])
+        leak_check.remember_ticket(details["ticket"])
         return details
 
     def log(self):

@@ -99,7 +99,7 @@ def test_one_spice_session_links_its_channels_on_both_nodes(cluster, tmp_path):
                             f"/spice-direct?format=json&token={urllib.parse.quote(token)}")
     assert status == 200, body
     details = json.loads(body)
-    leak_check.remember(details["ticket"])
+    leak_check.remember_ticket(details["ticket"])
     assert (details["host"], details["tls_port"]) == ("127.0.0.1", cluster.spice_front), details
     main = Channel(cluster.spice_front, ca=a.spice_ca, source=CLIENT)
     inputs = Channel(cluster.spice_front, ca=a.spice_ca, source=CLIENT)

@@ -252,7 +252,7 @@ def test_a_native_vnc_session_waiting_for_its_hypervisor_is_listed_and_terminate
     try:
         minted = p.mint("vnc-direct", hv.port)
         details = vnc_details(p, minted["token"])
-        leak_check.remember(details["ticket"])
+        leak_check.remember_ticket(details["ticket"])
         assert details["port"] == p.vnc_port, details
         # A raw native client: VeNCrypt X509Plain, then the ticket inside TLS.
         s = socket.create_connection(("127.0.0.1", p.vnc_port), timeout=10)

@@ -67,7 +67,8 @@ pub struct NovaSettings {
     /// CA bundle (PEM) Keystone's and Nova's certificates chain to, instead
     /// of the system's.
     pub ca_file: Option<PathBuf>,
-    /// Deadline of one HTTP request (Keystone or Nova).
+    /// The longest a client waits for a lookup: the queue, Keystone, Nova
+    /// and a retry after a 401, together.
     pub timeout: Duration,
     /// Nova's `[consoleauth] token_ttl`: a token's life from first sight.
     pub token_ttl_secs: u64,
@@ -75,8 +76,14 @@ pub struct NovaSettings {
     pub cache_secs: u64,
     /// How long a token Nova does not know is remembered.
     pub negative_cache_secs: u64,
-    /// Lookups in flight at most; more wait (within the deadline).
+    /// Lookups in flight at most; up to [`QUEUED_PER_SLOT`] times as many
+    /// wait (within the deadline), more are refused at once.
     pub max_in_flight: usize,
+    /// Lookups per second of tokens this node has never seen (the rate a
+    /// flood of made-up UUIDs could cost Nova), for the whole node.
+    pub unseen_per_sec: u32,
+    /// How many such lookups may go at once before the rate applies.
+    pub unseen_burst: u32,
     /// Tokens remembered (first sight, caches) at most.
     pub capacity: usize,
     /// `OpenStack-API-Version: compute <this>`.
@@ -120,9 +127,15 @@ pub enum LookupError {
         "Nova answered {0} to microversion {1}: set [nova] microversion to one it serves (2.31 or later; 2.99 for spice-direct)"
     )]
     Microversion(u16, String),
-    /// No answer within the lookup's deadline, or too many in flight.
+    /// No answer within the lookup's deadline.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// `max_in_flight` lookups in flight and the queue behind them full.
+    #[error("{0} lookups in flight and as many as may wait already waiting")]
+    Busy(usize),
+    /// The budget for tokens never seen is spent for now.
+    #[error("the budget for lookups of never-seen tokens ([nova] unseen_lookups_per_sec) is spent")]
+    Budget,
 }
 
 impl LookupError {
@@ -133,6 +146,68 @@ impl LookupError {
             LookupError::Policy => "policy",
             LookupError::Microversion(..) => "microversion",
             LookupError::Timeout(_) => "timeout",
+            LookupError::Busy(_) => "busy",
+            LookupError::Budget => "budget_spent",
+        }
+    }
+
+    /// Whether it says Keystone or Nova cannot be used (for `porthole_nova_up`);
+    /// `Busy` and `Budget` are Porthole's own limits.
+    fn says_down(&self) -> bool {
+        !matches!(self, LookupError::Busy(_) | LookupError::Budget)
+    }
+}
+
+/// Lookups that may wait per lookup in flight before more are refused.
+pub const QUEUED_PER_SLOT: usize = 4;
+
+/// Where a lookup's caller stands, for the budget of never-seen tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Its address has brought no unknown Nova token lately: it may use
+    /// the whole budget, the reserve included.
+    Clean,
+    /// Its address brought unknown tokens lately (or is not known): it
+    /// may not touch the reserve kept for clean addresses.
+    Suspect,
+}
+
+/// A token bucket for lookups of never-seen tokens. Half the burst is a
+/// reserve that only [`Standing::Clean`] callers may take, so a flood of
+/// made-up tokens from addresses that already failed cannot keep a real
+/// user's fresh token from being looked up.
+#[derive(Debug)]
+struct Budget {
+    per_sec: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Budget {
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            per_sec: f64::from(per_sec),
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    fn take(&self, standing: Standing) -> bool {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, at) = &mut *state;
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        let floor = match standing {
+            Standing::Clean => 0.0,
+            Standing::Suspect => self.burst / 2.0,
+        };
+        if *tokens - 1.0 >= floor {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -217,6 +292,15 @@ struct Memory {
 
 type Flight = Arc<OnceCell<Result<Lookup, LookupError>>>;
 
+/// A lookup waiting for a place in flight; it leaves the count when dropped.
+struct QueuePlace<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Resolves Nova console tokens.
 #[derive(Debug)]
 pub struct NovaResolver {
@@ -226,6 +310,9 @@ pub struct NovaResolver {
     memory: Mutex<Memory>,
     flights: Mutex<HashMap<String, Flight>>,
     in_flight: Semaphore,
+    /// Lookups waiting for a place in flight.
+    queued: std::sync::atomic::AtomicUsize,
+    unseen: Budget,
 }
 
 impl NovaResolver {
@@ -262,6 +349,8 @@ impl NovaResolver {
         });
         Ok(Self {
             in_flight: Semaphore::new(settings.max_in_flight.max(1)),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            unseen: Budget::new(settings.unseen_per_sec, settings.unseen_burst),
             settings,
             http,
             keystone,
@@ -275,18 +364,25 @@ impl NovaResolver {
         &self.settings
     }
 
-    /// How long one lookup may take: Keystone, Nova, and one retry after a 401.
-    fn deadline(&self) -> Duration {
-        self.settings.timeout * 3
-    }
-
     /// Resolves a Nova token for a console of type `expect` whose target
-    /// must pass `allow`. Revocations are the caller's next step.
+    /// must pass `allow`, for a caller in good standing (the whole budget
+    /// of lookups of never-seen tokens). Revocations are the caller's next step.
     pub async fn resolve(
         &self,
         token: &str,
         expect: Option<ConsoleType>,
         allow: &AllowList,
+    ) -> Result<Grant, Refusal> {
+        self.resolve_for(token, expect, allow, Standing::Clean).await
+    }
+
+    /// [`NovaResolver::resolve`] for a caller of `standing`.
+    pub async fn resolve_for(
+        &self,
+        token: &str,
+        expect: Option<ConsoleType>,
+        allow: &AllowList,
+        standing: Standing,
     ) -> Result<Grant, Refusal> {
         let hash = token_hash(token);
         let refuse = |reason, detail: String| Refusal {
@@ -309,7 +405,7 @@ impl NovaResolver {
             ));
         }
         let lookup = self
-            .lookup(token, &hash)
+            .lookup(token, &hash, seen.is_none().then_some(standing))
             .await
             .map_err(|e| refuse(RefusalReason::Unavailable, e.to_string()))?;
         let console = match lookup {
@@ -361,26 +457,50 @@ impl NovaResolver {
     }
 
     /// Nova's answer for `token`: from memory, from a lookup already in
-    /// flight for it, or asked now (within the deadline, and the cap of lookups in flight).
-    async fn lookup(&self, token: &str, hash: &str) -> Result<Lookup, LookupError> {
+    /// flight for it, or asked now: within one deadline from here (the
+    /// queue for a place in flight, Keystone, Nova), refused at once when
+    /// the queue is full, and for a token never seen (`unseen` says by
+    /// whom) only within the budget for those.
+    async fn lookup(
+        &self,
+        token: &str,
+        hash: &str,
+        unseen: Option<Standing>,
+    ) -> Result<Lookup, LookupError> {
         if let Some(known) = self.remembered(hash) {
             crate::metrics::nova_lookup("cached", None);
             return Ok(known);
         }
         let flight = {
             let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            flights.entry(hash.to_string()).or_default().clone()
+            match flights.get(hash) {
+                // Joining a lookup already asked costs Nova nothing.
+                Some(f) => f.clone(),
+                None => {
+                    if let Some(standing) = unseen
+                        && !self.unseen.take(standing)
+                    {
+                        crate::metrics::nova_lookup(LookupError::Budget.label(), None);
+                        return Err(LookupError::Budget);
+                    }
+                    flights.entry(hash.to_string()).or_default().clone()
+                }
+            }
         };
-        let deadline = self.deadline();
+        let deadline = self.settings.timeout;
         let answer = flight
             .get_or_init(|| async {
                 let started = Instant::now();
-                let asked = tokio::time::timeout(deadline, async {
-                    let _permit = self.in_flight.acquire().await;
-                    self.ask(token).await
-                })
-                .await
-                .unwrap_or(Err(LookupError::Timeout(deadline)));
+                let asked = match self.queue() {
+                    Err(busy) => Err(busy),
+                    Ok(queued) => tokio::time::timeout(deadline, async {
+                        let _permit = self.in_flight.acquire().await;
+                        drop(queued);
+                        self.ask(token).await
+                    })
+                    .await
+                    .unwrap_or(Err(LookupError::Timeout(deadline))),
+                };
                 let label = match &asked {
                     Ok(Lookup::Found(_)) => "found",
                     Ok(Lookup::NotFound) => "not_found",
@@ -388,11 +508,19 @@ impl NovaResolver {
                 };
                 crate::metrics::nova_lookup(label, Some(started.elapsed().as_secs_f64()));
                 match &asked {
-                    Ok(found) => self.remember(hash, found),
-                    Err(e) => tracing::warn!(
-                        token_hash = &hash[..12],
-                        "Nova token lookup failed, refused as unavailable: {e}"
-                    ),
+                    Ok(found) => {
+                        crate::metrics::nova_up(true);
+                        self.remember(hash, found);
+                    }
+                    Err(e) => {
+                        if e.says_down() {
+                            crate::metrics::nova_up(false);
+                        }
+                        tracing::warn!(
+                            token_hash = &hash[..12],
+                            "Nova token lookup failed, refused as unavailable: {e}"
+                        );
+                    }
                 }
                 asked
             })
@@ -403,6 +531,19 @@ impl NovaResolver {
             flights.remove(hash);
         }
         answer
+    }
+
+    /// A place in the queue for a place in flight, or `Busy` when the
+    /// queue is full (waiting longer would only use up the deadline).
+    fn queue(&self) -> Result<QueuePlace<'_>, LookupError> {
+        use std::sync::atomic::Ordering;
+        let most = self.settings.max_in_flight.max(1) * QUEUED_PER_SLOT;
+        let waiting = self.queued.fetch_add(1, Ordering::AcqRel);
+        let place = QueuePlace(&self.queued);
+        if waiting >= most && self.in_flight.available_permits() == 0 {
+            return Err(LookupError::Busy(self.settings.max_in_flight));
+        }
+        Ok(place)
     }
 
     fn remembered(&self, hash: &str) -> Option<Lookup> {
@@ -519,9 +660,16 @@ impl NovaResolver {
                 ));
             }
             (None, false) => {
+                let routes: Vec<_> = ConsoleType::ALL
+                    .iter()
+                    .filter_map(|k| k.page_route())
+                    .collect();
                 return Err(refuse(
                     RefusalReason::WrongConsoleType,
-                    "a Nova token names no console type: it works only on a route of its type (/console/novnc, /console/serial, /console/spice-html5)".into(),
+                    format!(
+                        "a Nova token names no console type: it works only on a route of its type ({})",
+                        routes.join(", ")
+                    ),
                 ));
             }
         };
@@ -611,10 +759,19 @@ impl GrantResolver for Resolvers {
         token: &'a str,
         expect: Option<ConsoleType>,
     ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>> {
+        self.resolve_for(token, expect, Standing::Suspect)
+    }
+
+    fn resolve_for<'a>(
+        &'a self,
+        token: &'a str,
+        expect: Option<ConsoleType>,
+        standing: Standing,
+    ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>> {
         match &self.nova {
             Some(nova) if is_nova_token(token) => Box::pin(async move {
                 let allow = self.jwt.allow_list();
-                let grant = nova.resolve(token, expect, &allow).await?;
+                let grant = nova.resolve_for(token, expect, &allow, standing).await?;
                 super::check_revoked(self.jwt.revocations(), grant).await
             }),
             _ => self.jwt.resolve(token, expect),
