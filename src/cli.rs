@@ -1008,7 +1008,9 @@ mod tests {
             matches!(&list.command, Command::Sessions(SessionsCommand::List { filter, .. }) if filter.jti.as_deref() == Some(jti)),
             "{list:?}"
         );
-        let kill = Cli::try_parse_from(["porthole", "sessions", "kill", "--jti", "--x-", "--reason", "y"]);
+        let kill = Cli::try_parse_from([
+            "porthole", "sessions", "kill", "--jti", "--x-", "--reason", "y",
+        ]);
         assert!(
             matches!(&kill.as_ref().unwrap().command, Command::Sessions(SessionsCommand::Kill { filter, reason: Some(r), .. }) if filter.jti.as_deref() == Some("--x-") && r == "y"),
             "{kill:?}"

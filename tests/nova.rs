@@ -697,17 +697,27 @@ async fn the_routes_a_typeless_refusal_names_are_the_routers_own() {
         app.public_router().oneshot(req)
     };
     for route in &routes {
-        let status = get(format!("{route}?token={VNC_TOKEN}")).await.unwrap().status();
+        let status = get(format!("{route}?token={VNC_TOKEN}"))
+            .await
+            .unwrap()
+            .status();
         assert_ne!(status, StatusCode::NOT_FOUND, "{route} is not a route");
         assert_ne!(status, StatusCode::FORBIDDEN, "{route} refused the token");
     }
-    let generic = get(format!("/console?token={VNC_TOKEN}")).await.unwrap().status();
-    assert_eq!(generic, StatusCode::FORBIDDEN, "the generic page refuses it");
+    let generic = get(format!("/console?token={VNC_TOKEN}"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        generic,
+        StatusCode::FORBIDDEN,
+        "the generic page refuses it"
+    );
 }
 
 #[tokio::test]
 async fn a_flood_of_made_up_tokens_from_many_addresses_is_held_to_the_budget_and_a_real_token_opens()
-{
+ {
     let (fake, s) = fixture().await;
     let dir = tempfile::tempdir().unwrap();
     let toml = gateway_toml(&s.auth_url, dir.path(), "").replace(
@@ -782,7 +792,10 @@ async fn a_flood_of_made_up_tokens_from_many_addresses_is_held_to_the_budget_and
         asked as f64 <= 20.0 + 2.0 * elapsed + 1.0,
         "{asked} lookups in {elapsed:.1} s: over the budget"
     );
-    assert!(refused.load(Ordering::SeqCst) > 0, "the budget refused nothing");
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the budget refused nothing"
+    );
     // Once seen, the real token is known: it no longer draws on the budget.
     for _ in 0..30 {
         app.sessions
@@ -824,7 +837,10 @@ async fn with_nova_slow_a_lookup_waits_one_deadline_and_a_full_queue_refuses_at_
         assert!(took < Duration::from_secs(3), "{e:?} after {took:?}");
         if e.detail.contains("in flight") {
             busy += 1;
-            assert!(took < Duration::from_secs(1), "a full queue answers at once: {took:?}");
+            assert!(
+                took < Duration::from_secs(1),
+                "a full queue answers at once: {took:?}"
+            );
         }
     }
     assert_eq!(busy, 3, "1 in flight + 4 waiting of 8");

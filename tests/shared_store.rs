@@ -569,3 +569,89 @@ async fn the_shared_store_treats_takeover_as_reconnect_as_the_memory_store_does(
         .await
         .expect("and again: takeover is never spent");
 }
+
+#[tokio::test]
+async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole_again_within_a_renewal()
+ {
+    use porthole::session::registry::{NewSession, Selector, SessionRegistry};
+    use porthole::store::registry::RedisRegistry;
+    let mut server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let registry = |n: &Node, name: &str| {
+        RedisRegistry::new(
+            n.redis.clone(),
+            name.into(),
+            LEASE,
+            Duration::from_millis(500),
+            n.stop.clone(),
+        )
+    };
+    let (on_a, on_b) = (registry(&a, "node-a"), registry(&b, "node-b"));
+    // A SPICE session on node a: its ticket opened it and is bound to the
+    // hypervisor's session id 7; its join key is published.
+    let spice = ConsoleType::SpiceDirect;
+    let now = unix_now();
+    let ticket = a.tickets.issue(grant("j", spice), 60, now).await.unwrap();
+    let ticket = ticket.expose().as_bytes();
+    let opened = a
+        .tickets
+        .admit(ticket, spice, ChannelRole::Opens, now)
+        .await
+        .unwrap();
+    a.tickets.bind(&opened.id, 7).await;
+    let live = on_a
+        .register(
+            NewSession {
+                console: spice,
+                instance: "vm-1".into(),
+                jti: "j".into(),
+                client: "192.0.2.7".parse().unwrap(),
+                target: "127.0.0.1:5930".into(),
+                key: Some("key-7".into()),
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(on_b.list(&Selector::default()).await.len(), 1);
+
+    // Redis restarts empty.
+    server.stop();
+    let server = RedisServer::start_on(server.port);
+    let join = ChannelRole::Joins { session_id: 7 };
+    eventually(
+        "node b lists node a's session again",
+        Duration::from_secs(15),
+        || async { on_b.list(&Selector::default()).await.len() == 1 },
+    )
+    .await;
+    // Within a renewal of that: a channel joins the session on node b, by
+    // ticket or by token and session id, and finds the session by its key.
+    eventually(
+        "a channel joins on node b",
+        Duration::from_secs(5),
+        || async { b.tickets.admit(ticket, spice, join, now).await.is_ok() },
+    )
+    .await;
+    assert_eq!(
+        b.tickets.admit_bound("j", spice, 7).await.unwrap().id,
+        opened.id
+    );
+    let joined = on_b.by_key("key-7").await.expect("the join key is back");
+    assert_eq!(joined.id, live.id);
+    // Ended through node b: node a's session is told.
+    let ended = on_b.terminate(&Selector::default(), "erin", "audit").await;
+    assert_eq!(ended.len(), 1);
+    tokio::time::timeout(Duration::from_secs(10), live.cancel.cancelled())
+        .await
+        .expect("node a's session was told to end");
+    // Its end removes what the renewals wrote back, and no renewal brings it back.
+    on_a.deregister(&live).await;
+    a.tickets.end(&opened.id).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(on_b.list(&Selector::default()).await.is_empty());
+    assert_eq!(
+        b.tickets.admit(ticket, spice, join, now).await.unwrap_err(),
+        TicketRefusal::Unknown
+    );
+    drop(server);
+}

@@ -79,16 +79,12 @@ pub fn router(state: PublicState) -> Router {
             ))
             .unwrap_or_else(|_| HeaderValue::from_static("frame-ancestors 'self'")),
         ));
-    let mut pages =
-        Router::new().route("/console", get(|s, c, q| console_page(None, s, c, q)));
+    let mut pages = Router::new().route("/console", get(|s, c, q| console_page(None, s, c, q)));
     // A Nova token names no console type: the URL Nova hands out must.
     // Siblings of `/console`, so the page's relative URLs resolve alike.
     for kind in ConsoleType::ALL {
         if let Some(route) = kind.page_route() {
-            pages = pages.route(
-                route,
-                get(move |s, c, q| console_page(Some(kind), s, c, q)),
-            );
+            pages = pages.route(route, get(move |s, c, q| console_page(Some(kind), s, c, q)));
         }
     }
     pages
@@ -564,7 +560,10 @@ mod tests {
         for pair in [
             ["https://consoles.example.com", "https://evil.net"],
             ["https://evil.net", "https://consoles.example.com"],
-            ["https://consoles.example.com", "https://consoles.example.com"],
+            [
+                "https://consoles.example.com",
+                "https://consoles.example.com",
+            ],
         ] {
             let mut h = with_origin(pair[0]);
             h.append(header::ORIGIN, pair[1].parse().unwrap());
@@ -575,7 +574,10 @@ mod tests {
         h.append(header::HOST, "consoles.example.com".parse().unwrap());
         assert!(origin_allowed(&h, &l).is_ok());
         h.append(header::HOST, "evil.net".parse().unwrap());
-        assert_eq!(origin_allowed(&h, &l).unwrap_err().reason().0, "duplicate_host");
+        assert_eq!(
+            origin_allowed(&h, &l).unwrap_err().reason().0,
+            "duplicate_host"
+        );
     }
 
     #[test]

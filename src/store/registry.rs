@@ -6,9 +6,9 @@
 //! the cancellation tokens) and publishes them: `<prefix>session:<id>` (a
 //! hash: node, console, instance, jti, client, target, start, bytes), the set
 //! `<prefix>sessions`, and `<prefix>session-key:<key>` for a SPICE session's
-//! join key, all on the node's lease (renewed with its bytes every
-//! `store.renew_secs`; a dead node's entries expire, and the list drops them
-//! as it meets them). Two channels carry what must reach a session's node:
+//! join key, all on the node's lease (written again whole, with its bytes,
+//! every `store.renew_secs`, so what Redis lost is back within one renewal;
+//! a dead node's entries expire, and the list drops them as it meets them). Two channels carry what must reach a session's node:
 //! `<prefix>commands` (terminate) and `<prefix>events` (a session ended, so
 //! the channels that joined it on other nodes end too).
 
@@ -132,36 +132,41 @@ impl RedisRegistry {
         super::every(period, stop, || self.renew_live()).await;
     }
 
-    /// Renews this node's session entries (with their bytes) and join keys,
-    /// in one round trip.
+    /// Publishes this node's sessions again, whole (with their bytes), in
+    /// one round trip: an entry Redis lost (restarted empty, failed over,
+    /// a first publish that failed) is back within one renewal, and a
+    /// lease is renewed by the same writes.
     async fn renew_live(&self) {
         let live = self.local.live();
         if live.is_empty() {
             return;
         }
-        let lease = self.lease.as_millis() as i64;
         let mut pipe = redis::pipe();
         for s in &live {
-            let key = self.redis.key(&["session", &s.id]);
-            let (up, down) = (s.bytes.up.load(Relaxed), s.bytes.down.load(Relaxed));
-            pipe.hset_multiple(&key, &[("bytes_up", up), ("bytes_down", down)])
-                .ignore()
-                .pexpire(&key, lease)
-                .ignore();
-            if let Some(k) = &s.key {
-                pipe.pexpire(self.redis.key(&["session-key", k]), lease)
-                    .ignore();
-            }
+            self.publish_into(&mut pipe, s);
         }
         if let Err(e) = self.redis.pipe::<()>(pipe).await {
             tracing::debug!("session lease renewal failed: {e}");
+            return;
+        }
+        // A session that ended while the renewal was on its way may have
+        // been written back after its end deleted it: delete it again.
+        let still: std::collections::HashSet<String> = self
+            .local
+            .live()
+            .into_iter()
+            .map(|s| s.id.clone())
+            .collect();
+        for s in live.iter().filter(|s| !still.contains(&s.id)) {
+            self.unpublish(s).await;
         }
     }
 
-    async fn publish_session(&self, live: &LiveSession) {
+    /// The writes that make `live` whole in Redis, on a fresh lease.
+    fn publish_into(&self, pipe: &mut redis::Pipeline, live: &LiveSession) {
         let key = self.redis.key(&["session", &live.id]);
         let lease = self.lease.as_millis() as i64;
-        let mut pipe = redis::pipe();
+        let (up, down) = (live.bytes.up.load(Relaxed), live.bytes.down.load(Relaxed));
         pipe.hset_multiple(
             &key,
             &[
@@ -173,6 +178,8 @@ impl RedisRegistry {
                 ("target", &live.target),
                 ("started_at", &live.started_at.to_string()),
                 ("join_key", live.key.as_deref().unwrap_or("")),
+                ("bytes_up", &up.to_string()),
+                ("bytes_down", &down.to_string()),
             ],
         )
         .ignore()
@@ -186,10 +193,28 @@ impl RedisRegistry {
                 .pexpire(self.redis.key(&["session-key", k]), lease)
                 .ignore();
         }
+    }
+
+    async fn publish_session(&self, live: &LiveSession) {
+        let mut pipe = redis::pipe();
+        self.publish_into(&mut pipe, live);
         if let Err(e) = self.redis.pipe::<()>(pipe).await {
-            // The session runs; other nodes do not see it until renewed.
-            tracing::warn!(session = %live.id, "session not published to the other nodes: {e}");
+            // The session runs; the next renewal publishes it.
+            tracing::warn!(session = %live.id, "session not published to the other nodes yet: {e}");
         }
+    }
+
+    /// Deletes `live`'s entries (not answered: their lease runs out by itself).
+    async fn unpublish(&self, live: &LiveSession) {
+        let mut pipe = redis::pipe();
+        pipe.del(self.redis.key(&["session", &live.id]))
+            .ignore()
+            .srem(self.redis.key(&["sessions"]), &live.id)
+            .ignore();
+        if let Some(k) = &live.key {
+            pipe.del(self.redis.key(&["session-key", k])).ignore();
+        }
+        let _ = self.redis.pipe::<()>(pipe).await;
     }
 
     /// Every node's sessions, as their hashes say.
@@ -278,16 +303,7 @@ impl SessionRegistry for RedisRegistry {
                 return;
             }
             self.local.deregister(live).await;
-            let mut pipe = redis::pipe();
-            pipe.del(self.redis.key(&["session", &live.id]))
-                .ignore()
-                .srem(self.redis.key(&["sessions"]), &live.id)
-                .ignore();
-            if let Some(k) = &live.key {
-                pipe.del(self.redis.key(&["session-key", k])).ignore();
-            }
-            // Not answered: the entry's lease runs out by itself.
-            let _ = self.redis.pipe::<()>(pipe).await;
+            self.unpublish(live).await;
             self.publish(
                 "events",
                 &Message::Ended {

@@ -105,8 +105,20 @@ pub struct RedisTickets {
     redis: Arc<Redis>,
     lease: Duration,
     /// Open tickets whose sessions run on this node (their leases are
-    /// ours), with the key that indexes each by its session once bound.
-    open_here: Mutex<HashMap<TicketId, Option<String>>>,
+    /// ours), with what it takes to write each back whole.
+    open_here: Mutex<HashMap<TicketId, OpenTicket>>,
+}
+
+/// An open ticket of a session on this node, as Redis should hold it.
+#[derive(Debug)]
+struct OpenTicket {
+    /// The grant, as stored (JSON).
+    grant: String,
+    console: ConsoleType,
+    jti: String,
+    /// The hypervisor's session id and the key that indexes the ticket by
+    /// it, once bound.
+    bound: Option<(String, String)>,
 }
 
 impl RedisTickets {
@@ -127,7 +139,7 @@ impl RedisTickets {
         store
     }
 
-    fn open_here(&self) -> std::sync::MutexGuard<'_, HashMap<TicketId, Option<String>>> {
+    fn open_here(&self) -> std::sync::MutexGuard<'_, HashMap<TicketId, OpenTicket>> {
         self.open_here.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -139,24 +151,67 @@ impl RedisTickets {
         super::every(period, stop, || self.renew_open()).await;
     }
 
-    /// Renews the leases of the open tickets this node's sessions hold, in
-    /// one round trip.
+    /// Writes the open tickets this node's sessions hold back whole, on
+    /// fresh leases, in one round trip: a ticket Redis lost (restarted
+    /// empty, failed over) is back within one renewal, so a SPICE channel
+    /// can still join its session on another node.
     async fn renew_open(&self) {
-        let keys: Vec<String> = self
-            .open_here()
-            .iter()
-            .flat_map(|(id, bound)| std::iter::once(self.ticket_key(id)).chain(bound.clone()))
-            .collect();
-        if keys.is_empty() {
-            return;
-        }
+        let lease = self.lease.as_millis() as i64;
         let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.pexpire(key, self.lease.as_millis() as i64).ignore();
+        let renewed: Vec<TicketId> = {
+            let open = self.open_here();
+            for (id, t) in open.iter() {
+                let key = self.ticket_key(id);
+                pipe.hset_multiple(
+                    &key,
+                    &[
+                        ("grant", t.grant.as_str()),
+                        ("console", t.console.as_str()),
+                        ("jti", &t.jti),
+                        ("state", "open"),
+                    ],
+                )
+                .ignore();
+                if let Some((sid, bound)) = &t.bound {
+                    pipe.hset(&key, "sid", sid)
+                        .ignore()
+                        .set(bound, id.as_hex())
+                        .ignore()
+                        .pexpire(bound, lease)
+                        .ignore();
+                }
+                pipe.pexpire(&key, lease).ignore();
+            }
+            open.keys().cloned().collect()
+        };
+        if renewed.is_empty() {
+            return;
         }
         if let Err(e) = self.redis.pipe::<()>(pipe).await {
             tracing::debug!("ticket lease renewal failed: {e}");
+            return;
         }
+        // A session that ended while the renewal was on its way: its
+        // ticket may have been written back after its end deleted it.
+        let ended: Vec<TicketId> = {
+            let open = self.open_here();
+            renewed
+                .into_iter()
+                .filter(|id| !open.contains_key(id))
+                .collect()
+        };
+        for id in ended {
+            self.delete(&id, None).await;
+        }
+    }
+
+    /// Deletes a ticket and its index by session (not answered: an open
+    /// ticket's lease runs out by itself).
+    async fn delete(&self, id: &TicketId, bound: Option<String>) {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.ticket_key(id));
+        cmd.arg(bound);
+        let _: Result<i64, _> = self.redis.cmd(cmd).await;
     }
 
     async fn issue(
@@ -215,10 +270,17 @@ impl RedisTickets {
             .map_err(|_| TicketRefusal::Unavailable)?;
         match verdict.as_str() {
             "ok" => {
+                let grant_json = grant;
                 let grant: Grant =
-                    serde_json::from_str(&grant).map_err(|_| TicketRefusal::Unavailable)?;
+                    serde_json::from_str(&grant_json).map_err(|_| TicketRefusal::Unavailable)?;
                 if role == ChannelRole::Opens {
-                    self.open_here().insert(id.clone(), None);
+                    let open = OpenTicket {
+                        jti: grant.jti.clone(),
+                        grant: grant_json,
+                        console,
+                        bound: None,
+                    };
+                    self.open_here().insert(id.clone(), open);
                 }
                 Ok(Admitted { grant, id })
             }
@@ -289,6 +351,12 @@ impl TicketStore for RedisTickets {
     fn bind<'a>(&'a self, id: &'a TicketId, session_id: u32) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let sid = session_id.to_string();
+            // Remembered whatever Redis answers: the next renewal writes
+            // the binding (again) if this write is lost or fails.
+            if let Some(open) = self.open_here().get_mut(id) {
+                let key = self.redis.key(&["ticket-bound", &open.jti, &sid]);
+                open.bound = Some((sid.clone(), key));
+            }
             let bound = self
                 .redis
                 .eval::<String>(
@@ -297,26 +365,20 @@ impl TicketStore for RedisTickets {
                     &[&sid, id.as_hex(), self.redis.prefix()],
                 )
                 .await;
-            match bound {
-                Ok(key) if !key.is_empty() => {
-                    if let Some(slot) = self.open_here().get_mut(id) {
-                        *slot = Some(key);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(ticket_ref = %id, "ticket not bound to its session: {e}"),
+            if let Err(e) = bound {
+                tracing::warn!(ticket_ref = %id, "ticket not bound to its session yet: {e}");
             }
         })
     }
 
     fn end<'a>(&'a self, id: &'a TicketId) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let bound = self.open_here().remove(id).flatten();
-            let mut cmd = redis::cmd("DEL");
-            cmd.arg(self.ticket_key(id));
-            cmd.arg(bound);
-            // Not answered: an open ticket's lease runs out by itself.
-            let _: Result<i64, _> = self.redis.cmd(cmd).await;
+            let bound = self
+                .open_here()
+                .remove(id)
+                .and_then(|t| t.bound)
+                .map(|b| b.1);
+            self.delete(id, bound).await;
         })
     }
 

@@ -191,3 +191,57 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
     finally:
         backend.close()
         other.close()
+
+
+def test_after_redis_comes_back_empty_the_other_node_lists_ends_and_revokes_a_running_session(tmp_path, redis):
+    """Redis restarted empty under a running session: within one renewal
+    the session is whole in Redis again, so the other node lists it, ends
+    it, and a revocation through it ends it too."""
+    backends = [EchoBackend(), EchoBackend()]  # a serial console serves one client
+    a = node(tmp_path, "node-a", redis)
+    b = node(tmp_path, "node-b", redis, key=a.key)
+    back = None
+    try:
+        def restart_empty():
+            nonlocal back
+            reseeds = [p.log().count("the store lost its data") for p in (a, b)]
+            (back or redis).stop()
+            back = RedisServer(redis.port)
+            # Each node finds the epoch gone (its probe, once a second) and re-seeds.
+            for p, before in zip((a, b), reseeds):
+                until("a node re-seeds", lambda: p.log().count("the store lost its data") > before, within=30)
+                until("the node is ready again", lambda: readyz(p) == 200, within=30)
+
+        def listed_on_b(jti):
+            sessions = b.admin("GET", "/v1/sessions")[1]["sessions"]
+            return [s for s in sessions if s["jti"] == jti and s["node"] == "node-a"]
+
+        # Ended through node b.
+        first = a.mint("serial", backends[0].port)
+        ws = connect(ws_url(a, "serial", first["token"]), open_timeout=10)
+        ws.send(b"1")
+        assert ws.recv(timeout=10) == b"1"
+        until("node b lists it", lambda: listed_on_b(first["jti"]))
+        restart_empty()
+        (session,) = until("node b lists it again after Redis came back empty", lambda: listed_on_b(first["jti"]))
+        status, answer = b.admin("DELETE", f"/v1/sessions/{session['id']}?reason=audit", actor="erin")
+        assert status == 200 and answer["terminated"] == [session["id"]], answer
+        assert close_code(ws) == 4003
+
+        # Revoked through node b: the running session ends.
+        second = a.mint("serial", backends[1].port)
+        ws = connect(ws_url(a, "serial", second["token"]), open_timeout=10)
+        ws.send(b"2")
+        assert ws.recv(timeout=10) == b"2"
+        restart_empty()
+        (session,) = until("listed again", lambda: listed_on_b(second["jti"]))
+        status, answer = b.admin("POST", "/v1/revocations", {"jti": second["jti"], "reason": "leaked"})
+        assert status == 200 and answer["terminated"] == [session["id"]], answer
+        assert close_code(ws) == 4003
+    finally:
+        for p in (a, b):
+            assert p.gateway.stop() == 0, p.log()[-3000:]
+        if back is not None:
+            back.stop()
+        for e in backends:
+            e.close()

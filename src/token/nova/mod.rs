@@ -373,7 +373,8 @@ impl NovaResolver {
         expect: Option<ConsoleType>,
         allow: &AllowList,
     ) -> Result<Grant, Refusal> {
-        self.resolve_for(token, expect, allow, Standing::Clean).await
+        self.resolve_for(token, expect, allow, Standing::Clean)
+            .await
     }
 
     /// [`NovaResolver::resolve`] for a caller of `standing`.
