@@ -3,6 +3,7 @@ spice-html5 in headless Chromium) gets a ticket for its token, links every
 channel over Porthole's /spice WebSocket, and draws the VM's screen, while the
 hypervisor's password stays inside Porthole."""
 
+import json
 import re
 import time
 
@@ -11,7 +12,8 @@ import pytest
 
 from screen import differing_fraction, seabios_screen
 from spice_client import wait_for_final_spice_screen
-from harness import metric_value
+import leak_check
+from harness import http, metric_value
 from support import AUDIENCE, ISSUER, Porthole, browser
 
 
@@ -159,6 +161,44 @@ def test_spice_html5_says_an_operator_ended_the_session(spice_vm, tmp_path):
             except subprocess.TimeoutExpired:
                 page.kill()
                 page.wait()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_the_token_in_the_url_or_the_cookie_follows_one_rule(spice_vm, tmp_path):
+    """/spice?token= and the token cookie are one thing: the socket's token.
+    An empty SPICE password means that token (exchanged under its reuse
+    policy: one session per token), a ticket must be one of that token, and
+    the URL's token wins over a cookie."""
+    from spice_wire import DISPLAY, MAIN, WsChannel
+    vm = spice_vm
+    p = spice_porthole(tmp_path, vm)
+    try:
+        token = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        other = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+        main = WsChannel(p, token)
+        assert main.open(MAIN, "") == "OK", "an empty password on /spice?token= is the token"
+        session = main.session_id()
+        # One session per token, whichever way the token came.
+        for second in (WsChannel(p, token), WsChannel(p, None, path="spice", cookie=token)):
+            assert second.open(MAIN, "") != "OK", "a token runs one session at a time"
+            second.close()
+        status, body = http("POST", f"{p.base}/spice-ticket?token={token}")[:2]
+        assert status == 403, ("no ticket while the token's session runs", status, body)
+        # A channel joins with the token, in the URL or the cookie; the URL wins.
+        display = WsChannel(p, token, path=f"spice?token={token}", cookie=other)
+        assert display.open(DISPLAY, "", connection_id=session) == "OK"
+        foreign = WsChannel(p, other, path=f"spice?token={other}", cookie=token)
+        assert foreign.open(DISPLAY, "", connection_id=session) == "BAD_CONNECTION_ID"
+        # A ticket of another token on this token's socket is refused.
+        status, body = http("POST", f"{p.base}/spice-ticket?token={other}")[:2]
+        assert status == 200, (status, body)
+        other_ticket = json.loads(body)["ticket"]
+        leak_check.remember_ticket(other_ticket)
+        crossed = WsChannel(p, token)
+        assert crossed.open(MAIN, other_ticket) == "PERMISSION_DENIED"
+        for c in (crossed, foreign, display, main):
+            c.close()
+    finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
 
 
