@@ -100,7 +100,9 @@ try {
   if (mode === 'vnc') {
     const [out, wait] = rest;
     await settle(Number(wait ?? 5000));
-    const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas')?.toDataURL('image/png') ?? null);
+    // vnc_lite.html and Porthole's page draw in #screen, noVNC's vnc.html in #noVNC_container.
+    const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas, #noVNC_container canvas')
+      ?.toDataURL('image/png') ?? null);
     if (dataUrl) writeFileSync(out, Buffer.from(dataUrl.split(',')[1], 'base64'));
     result.canvas = Boolean(dataUrl);
     result.sockets = sockets;

@@ -121,6 +121,20 @@ def test_novas_own_urls_open_novnc_and_serial_through_porthole(lab, vm, tmp_path
         with connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={token}", open_timeout=10, origin=p.base) as ws:
             assert vnc_server_init(ws) == (720, 400)
 
+        # noVNC's full vnc.html waits for a click unless autoconnect=true is
+        # in its URL; Nova keeps a base URL's other query parameters and
+        # merges the token into its path=, so this base URL connects at once.
+        token, url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port,
+                          base_url=f"{p.base}/vendor/novnc/vnc.html?autoconnect=true&path=vnc")
+        assert url == f"{p.base}/vendor/novnc/vnc.html?autoconnect=true&path=vnc%3Ftoken%3D{token}", url
+        result = browser("vnc", url, tmp_path / "vnc-html.png", 3000)
+        assert result.get("canvas") and result["opened"] >= 1, result
+        seabios_screen(tmp_path / "vnc-html.png")
+        # Without it, the page opens no socket (it waits for a click).
+        token, url = mint(lab, "novnc", "127.0.0.1", vm.vnc_port, base_url=f"{p.base}/vendor/novnc/vnc.html?path=vnc")
+        result = browser("vnc", url, tmp_path / "vnc-html-idle.png", 1000)
+        assert result["opened"] == 0, result
+
         # nova.conf: [serial_console] base_url = ws://<porthole>/serial
         token, url = mint(lab, "serial", "127.0.0.1", vm.serial_port, base_url=f"ws://127.0.0.1:{p.public_port}/serial")
         assert url == f"ws://127.0.0.1:{p.public_port}/serial?token={token}", url
@@ -185,8 +199,11 @@ def test_a_spice_direct_url_gives_a_ticket_a_native_client_uses(lab, spice_vm, t
     p = nova_porthole(lab, tmp_path / "p", backend_extra=f'[backends.spice]\npassword_file = "{pw}"\nca = "{vm.spice_ca}"')
     try:
         direct = wait_for_final_spice_screen(vm, tmp_path)
-        # Nova builds no URL for spice-direct: a Kerbside-style proxy asks with the token.
-        token, _ = mint(lab, "spice-direct", "127.0.0.1", vm.spice_port, tls_port=vm.spice_tls_port)
+        # nova.conf: [spice] spice_direct_proxy_base_url = <porthole>/spice-direct
+        # (Nova 34's default names Kerbside's http://127.0.0.1:13002/nova).
+        token, url = mint(lab, "spice-direct", "127.0.0.1", vm.spice_port, tls_port=vm.spice_tls_port,
+                          base_url=f"{p.base}/spice-direct")
+        assert url == f"{p.base}/spice-direct?token={token}", url
         details = p.spice_details(token)
         assert details["instance"] == "11111111-2222-4333-8444-555555555555"
         shot = spicy_capture(tmp_path / "through.png", "127.0.0.1", details["ticket"], tls_port=p.spice_tls_port,
@@ -194,8 +211,8 @@ def test_a_spice_direct_url_gives_a_ticket_a_native_client_uses(lab, spice_vm, t
         seabios_screen(shot)
         assert differing_fraction(direct, shot) <= 0.01
         before_viewer = p.log().count("spice channel linked")
-        # The URL a user is given downloads a .vv file: remote-viewer opens it.
-        status, vv = http("GET", f"{p.base}/spice-direct?token={token}")
+        # The URL Nova built downloads a .vv file: remote-viewer opens it.
+        status, vv = http("GET", url)
         assert status == 200 and "[virt-viewer]" in vv, vv
         assert f"tls-port={p.spice_tls_port}" in vv and "host=127.0.0.1" in vv, vv
         leak_check.remember(re.search(r"^password=(.+)$", vv, re.M).group(1))
