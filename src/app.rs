@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -57,6 +56,8 @@ pub struct App {
     pub vnc_details: VncDetails,
     /// Swaps keys, certificates and backends in (SIGHUP, `POST /v1/reload`).
     pub reloader: Arc<Reloader>,
+    /// What `/readyz` answers, on the admin and public listeners.
+    pub readiness: crate::frontend::readiness::Readiness,
 }
 
 impl App {
@@ -126,6 +127,8 @@ impl App {
             vnc_upstreams: Arc::new(ArcSwap::from_pointee(ready.vnc_upstreams)),
         };
         // Nova's tokens beside signed ones: the one resolver every ingress asks.
+        let readiness =
+            crate::frontend::readiness::Readiness::new(stores.redis.clone(), nova.clone());
         let resolver = Arc::new(Resolvers::new(validator.clone(), nova));
         let sessions = Arc::new(Sessions::new(session_parts(
             &config, &stores, &swappable, resolver,
@@ -144,6 +147,7 @@ impl App {
             spice_details,
             vnc_details,
             reloader,
+            readiness,
         })
     }
 
@@ -155,15 +159,12 @@ impl App {
             web: Arc::new(self.config.web.clone()),
             spice: Some(Arc::new(self.spice_details.clone())),
             vnc: Arc::new(self.vnc_details.clone()),
+            readiness: self.readiness.clone(),
         })
     }
 
     /// The admin router over this app's state.
-    pub fn admin_state(
-        &self,
-        metrics: Option<PrometheusHandle>,
-        ready: Arc<AtomicBool>,
-    ) -> AdminState {
+    pub fn admin_state(&self, metrics: Option<PrometheusHandle>) -> AdminState {
         AdminState {
             validator: self.validator.clone(),
             issuer: self.issuer.clone(),
@@ -175,12 +176,11 @@ impl App {
                     .unwrap_or_default(),
             ),
             metrics,
-            ready,
+            readiness: self.readiness.clone(),
             sessions: self.sessions.clone(),
             revoke_for_secs: self.config.tokens.policy.max_ttl_secs
                 + 2 * self.config.tokens.policy.leeway_secs,
             reloader: self.reloader.clone(),
-            store: self.store.clone(),
         }
     }
 }
@@ -395,8 +395,7 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ready = Arc::new(AtomicBool::new(false));
-    let admin_router = admin::router(app.admin_state(metrics, ready.clone()));
+    let admin_router = admin::router(app.admin_state(metrics));
 
     #[cfg(unix)]
     spawn_reload_on_sighup(app.reloader.clone(), shutdown.clone())?;
@@ -465,12 +464,12 @@ pub async fn run(
             proxy(app.config.listen.proxy_protocol),
         )));
     }
-    ready.store(true, Ordering::Relaxed);
+    app.readiness.set_accepting(true);
     shutdown.cancelled().await;
 
     // One shutdown path: stop accepting, then tell every session (browser
     // ones get a close frame, native ones are cut), then wait for them.
-    ready.store(false, Ordering::Relaxed);
+    app.readiness.set_accepting(false);
     stop_accepting.cancel();
     tracing::info!(sessions = sessions.active(), grace = ?app.config.sessions.shutdown_grace, "draining");
     sessions.cancel.cancel();

@@ -3,7 +3,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use common::{AUDIENCE, ISSUER, TestKey};
 use porthole::app::App;
@@ -57,7 +56,10 @@ ports = ["5900-6100"]
     );
     let config = Config::from_toml(&toml, dir.path()).expect("config");
     let app = Arc::new(App::build(config).expect("app"));
-    let state = app.admin_state(None, Arc::new(AtomicBool::new(true)));
+    let state = {
+        app.readiness.set_accepting(true);
+        app.admin_state(None)
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     // Served as the app serves it: the public listener's deadlines (short

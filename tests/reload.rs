@@ -8,7 +8,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use common::{AUDIENCE, ISSUER, TestKey, good_claims};
 use porthole::app::App;
@@ -76,7 +75,10 @@ async fn start(overrides: ListenOverrides) -> (Gateway, TestKey, TestKey) {
     let app = Arc::new(App::build_for(source.load().unwrap(), None, Some(source)).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = admin::router(app.admin_state(None, Arc::new(AtomicBool::new(true))));
+    let router = admin::router({
+        app.readiness.set_accepting(true);
+        app.admin_state(None)
+    });
     tokio::spawn(async move { axum::serve(listener, router).await });
     let gw = Gateway {
         _dir: dir,

@@ -5,7 +5,6 @@
 //! metrics are open (they carry no secrets and no per-session labels).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::Router;
@@ -35,8 +34,8 @@ pub struct AdminState {
     pub bearer_key_hashes: Arc<Vec<[u8; 32]>>,
     /// Renders `/metrics`; `None` when no recorder is installed (tests).
     pub metrics: Option<PrometheusHandle>,
-    /// False while starting or draining: `/readyz` answers 503.
-    pub ready: Arc<AtomicBool>,
+    /// What `/readyz` answers.
+    pub readiness: super::readiness::Readiness,
     /// Live sessions (list, terminate), tickets (revoked with their token),
     /// and the resolver a token check goes through.
     pub sessions: Arc<crate::session::Sessions>,
@@ -44,8 +43,6 @@ pub struct AdminState {
     pub revoke_for_secs: u64,
     /// Reloads keys, certificates and backends (`POST /v1/reload`).
     pub reloader: Arc<crate::reload::Reloader>,
-    /// The shared store, whose state `/readyz` reflects.
-    pub store: Option<Arc<crate::store::Redis>>,
 }
 
 impl AdminState {
@@ -112,15 +109,7 @@ async fn require_bearer(
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
-    if !s.ready.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
-    } else if s.store.as_ref().is_some_and(|r| !r.healthy()) {
-        // This node cannot admit anyone: a balancer should send new
-        // connections elsewhere. Running sessions go on.
-        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
-    } else {
-        (StatusCode::OK, "ready\n").into_response()
-    }
+    s.readiness.answer()
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod operations;
 pub mod public;
+pub mod readiness;
 pub mod spice;
 pub mod vnc;
 pub mod xterm;

@@ -47,6 +47,9 @@ pub struct PublicState {
     pub spice: Option<Arc<SpiceDetails>>,
     /// What native VNC clients are told.
     pub vnc: Arc<super::vnc::VncDetails>,
+    /// What `/readyz` answers (here too: a balancer on another host cannot
+    /// reach the admin listener).
+    pub readiness: super::readiness::Readiness,
 }
 
 /// The public router.
@@ -88,6 +91,10 @@ pub fn router(state: PublicState) -> Router {
         }
     }
     pages
+        .route(
+            "/readyz",
+            get(|State(s): State<PublicState>| async move { s.readiness.answer() }),
+        )
         .route(
             "/vnc",
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),

@@ -754,12 +754,12 @@ async fn admit_channel<S: Io>(
         }
     };
     let session = if role == ChannelRole::Opens {
-        let key = Some(admitted.id.to_string());
+        let key = Some(admitted.id.session_key());
         let mut life = Lifecycle::begin(sessions, grant, grant.console, peer, key).await;
         life.hold(guards);
         ChannelSession::Owns(life)
     } else {
-        match sessions.registry.by_key(&admitted.id.to_string()).await {
+        match sessions.registry.by_key(&admitted.id.session_key()).await {
             Some(live) => ChannelSession::Joins {
                 stop: sessions.stop_joining(&live),
                 live,

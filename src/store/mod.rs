@@ -258,10 +258,30 @@ impl Redis {
                 .map_err(|e| StoreError(e.to_string()))?;
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let timeout = self.timeout;
         tokio::spawn(async move {
-            // The connection lives as long as someone listens.
-            let _conn = conn;
-            while let Some(push) = push_rx.recv().await {
+            // The connection lives as long as someone listens. A subscriber
+            // sends nothing, so nothing would notice a lost connection and
+            // reconnect (and resubscribe) once the manager's own retries
+            // are spent: a ping every second does, however long Redis was
+            // away (a failover, a restart).
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let push = tokio::select! {
+                    push = push_rx.recv() => match push {
+                        Some(push) => push,
+                        None => return,
+                    },
+                    _ = tick.tick() => {
+                        let ping = redis::cmd("PING");
+                        let _ = tokio::time::timeout(timeout, ping.query_async::<()>(&mut conn)).await;
+                        if tx.is_closed() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
                 let redis::PushInfo { kind, data } = push;
                 if kind != redis::PushKind::Message {
                     continue;

@@ -144,10 +144,30 @@ impl RedisRegistry {
         let mut pipe = redis::pipe();
         for s in &live {
             self.publish_into(&mut pipe, s);
+            // A terminate revokes the token first and then tells the node
+            // on the command channel, which keeps nothing: a node that was
+            // not subscribed then (a failover, a restart) learns it here.
+            pipe.exists(self.redis.key(&["revoked", "jti", &s.jti]));
         }
-        if let Err(e) = self.redis.pipe::<()>(pipe).await {
-            tracing::debug!("session lease renewal failed: {e}");
-            return;
+        let revoked = match self.redis.pipe::<Vec<bool>>(pipe).await {
+            Ok(revoked) => revoked,
+            Err(e) => {
+                tracing::debug!("session lease renewal failed: {e}");
+                return;
+            }
+        };
+        for (s, _) in live.iter().zip(revoked).filter(|(_, r)| *r) {
+            let one = Selector {
+                id: Some(s.id.clone()),
+                ..Selector::default()
+            };
+            if !self
+                .local
+                .terminate(&one, "revocation", "its token was revoked")
+                .is_empty()
+            {
+                tracing::info!(session = %s.id, jti = %s.jti, "session ended: its token was revoked (seen at renewal)");
+            }
         }
         // A session that ended while the renewal was on its way may have
         // been written back after its end deleted it: delete it again.

@@ -130,6 +130,17 @@ impl TicketId {
     pub fn as_hex(&self) -> &str {
         &self.0
     }
+
+    /// The name of the session this ticket opened, the same on every node
+    /// (a channel on another node finds the session by it) and nothing of
+    /// the ticket: a hash of the ticket's hash, which the store never holds.
+    pub fn session_key(&self) -> String {
+        let key = Sha256::new()
+            .chain_update(b"porthole session key\0")
+            .chain_update(self.0.as_bytes())
+            .finalize();
+        hex::encode(&key[..12])
+    }
 }
 
 /// The key of [`TicketId`]'s log references: random per process.

@@ -312,6 +312,9 @@ pub struct NovaResolver {
     in_flight: Semaphore,
     /// Lookups waiting for a place in flight.
     queued: std::sync::atomic::AtomicUsize,
+    /// Whether the last lookup that asked got Keystone's and Nova's answer:
+    /// 0 none asked yet, 1 yes, 2 no.
+    reachable: std::sync::atomic::AtomicU8,
     unseen: Budget,
 }
 
@@ -350,6 +353,7 @@ impl NovaResolver {
         Ok(Self {
             in_flight: Semaphore::new(settings.max_in_flight.max(1)),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            reachable: std::sync::atomic::AtomicU8::new(0),
             unseen: Budget::new(settings.unseen_per_sec, settings.unseen_burst),
             settings,
             http,
@@ -362,6 +366,22 @@ impl NovaResolver {
     /// The settings in force.
     pub fn settings(&self) -> &NovaSettings {
         &self.settings
+    }
+
+    /// Whether the last lookup that asked reached Keystone and Nova (`None`
+    /// before the first).
+    pub fn reachable(&self) -> Option<bool> {
+        match self.reachable.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    fn note_reachable(&self, up: bool) {
+        crate::metrics::nova_up(up);
+        self.reachable
+            .store(if up { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Resolves a Nova token for a console of type `expect` whose target
@@ -510,12 +530,12 @@ impl NovaResolver {
                 crate::metrics::nova_lookup(label, Some(started.elapsed().as_secs_f64()));
                 match &asked {
                     Ok(found) => {
-                        crate::metrics::nova_up(true);
+                        self.note_reachable(true);
                         self.remember(hash, found);
                     }
                     Err(e) => {
                         if e.says_down() {
-                            crate::metrics::nova_up(false);
+                            self.note_reachable(false);
                         }
                         tracing::warn!(
                             token_hash = &hash[..12],
