@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 
 from harness import http
 from peers import RedisServer
-from support import EchoBackend, Porthole
+from support import EchoBackend, Porthole, close_code, refused, rfb_client_handshake, ws_url
 
 LEASE = 3
 
@@ -31,35 +31,12 @@ def node(tmp_path, name, redis, key=None):
     return Porthole(folder, key=key, sections=redis.sections(name, lease_secs=LEASE))
 
 
-def ws_url(p, endpoint, token):
-    return f"ws://127.0.0.1:{p.public_port}/{endpoint}?token={token}"
-
-
-def refused(url, status):
-    with pytest.raises(InvalidStatus) as e:
-        connect(url, open_timeout=10)
-    assert e.value.response.status_code == status, e.value.response
-    return e.value.response.body
-
-
 def until(what, check, within=15):
     deadline = time.monotonic() + within
     while not (got := check()):
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
     return got
-
-
-def close_code(ws, within=15):
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            ws.recv(timeout=1)
-        except TimeoutError:
-            continue
-        except Exception:  # noqa: BLE001 - the close is what we wait for
-            break
-    return ws.close_code
 
 
 def readyz(p):
@@ -73,7 +50,7 @@ def test_two_nodes_are_one_gateway(tmp_path, vm, redis):
         # One token, one session, across both nodes.
         minted = a.mint("novnc", vm.vnc_port)
         ws = connect(ws_url(a, "vnc", minted["token"]), open_timeout=10)
-        rfb_client_handshake_init(ws)
+        rfb_client_handshake(ws, server_init=None)
         body = refused(ws_url(b, "vnc", minted["token"]), 403)
         assert b"refused" in body, body
         # Either node lists it, with the node that runs it.
@@ -91,10 +68,10 @@ def test_two_nodes_are_one_gateway(tmp_path, vm, redis):
         # After a session ends, its token opens on the other node (reconnect).
         again = a.mint("novnc", vm.vnc_port)
         with connect(ws_url(a, "vnc", again["token"]), open_timeout=10) as ws:
-            rfb_client_handshake_init(ws)
+            rfb_client_handshake(ws, server_init=None)
         until("the token is released", lambda: b.admin("GET", "/v1/sessions")[1]["sessions"] == [])
         with connect(ws_url(b, "vnc", again["token"]), open_timeout=10) as ws:
-            rfb_client_handshake_init(ws)
+            rfb_client_handshake(ws, server_init=None)
 
         # Revoked through node a: refused on node b.
         third = a.mint("novnc", vm.vnc_port)
@@ -104,24 +81,6 @@ def test_two_nodes_are_one_gateway(tmp_path, vm, redis):
     finally:
         for p in (a, b):
             assert p.gateway.stop() == 0, p.log()[-3000:]
-
-
-def rfb_client_handshake_init(ws):
-    """The browser's RFB handshake through the security proxy, up to QEMU's
-    ServerInit header."""
-    assert ws.recv(timeout=10) == b"RFB 003.008\n"
-    ws.send(b"RFB 003.008\n")
-    assert ws.recv(timeout=10) == b"\x01\x01"
-    ws.send(b"\x01")
-    got = b""
-    while len(got) < 4:
-        got += ws.recv(timeout=10)
-    assert got[:4] == b"\x00\x00\x00\x00", got
-    ws.send(b"\x01")  # ClientInit: shared
-    got = got[4:]
-    while len(got) < 24:
-        got += ws.recv(timeout=10)
-    return got
 
 
 def test_a_node_that_dies_frees_its_tokens_and_leaves_the_list(tmp_path, redis):
