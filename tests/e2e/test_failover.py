@@ -258,9 +258,6 @@ def test_the_nodes_follow_a_failover_and_lose_nothing(vm, store, nodes):
     wait_for(lambda: b.admin("GET", "/v1/sessions")[1]["sessions"] == [], "the session never left the list")
 
 
-@pytest.mark.xfail(strict=True, reason="a subscription that cannot reconnect within its retries (about 5-10 s: "
-                   "redis-rs's ConnectionManager default of 6, backing off to 2 s) is never tried again: "
-                   "src/store/mod.rs Redis::subscribe")
 @pytest.mark.parametrize("store", [15000], indirect=True)
 def test_the_nodes_follow_the_store_channels_after_a_long_failover(vm, store, nodes):
     """Sentinel takes 15 s to fail over (down-after-milliseconds 15000, as
