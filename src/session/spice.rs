@@ -236,6 +236,24 @@ pub async fn serve_native(
     let Some(tls) = sessions.spice_tls.as_ref().map(|slot| slot.load_full()) else {
         return;
     };
+    // A balancer's TCP health check connects and closes (HAProxy with a
+    // reset) without a byte: not a failed handshake worth a log line at
+    // INFO every few seconds.
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => r,
+        _ = sessions.cancel.cancelled() => return,
+    };
+    let silent = match peeked {
+        Ok(Ok(n)) => n == 0,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Err(_) => false,
+    };
+    if silent {
+        crate::metrics::spice_link_refused("closed_silently", "client");
+        tracing::debug!(client = %peer, "spice connection closed before TLS (a health check?)");
+        return;
+    }
     // The certificate in force now: a reload takes effect for the next client.
     let accepting = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
     let accepted = tokio::select! {
@@ -754,12 +772,12 @@ async fn admit_channel<S: Io>(
         }
     };
     let session = if role == ChannelRole::Opens {
-        let key = Some(admitted.id.session_key());
+        let key = Some(admitted.id.reference());
         let mut life = Lifecycle::begin(sessions, grant, grant.console, peer, key).await;
         life.hold(guards);
         ChannelSession::Owns(life)
     } else {
-        match sessions.registry.by_key(&admitted.id.session_key()).await {
+        match sessions.registry.by_key(&admitted.id.reference()).await {
             Some(live) => ChannelSession::Joins {
                 stop: sessions.stop_joining(&live),
                 live,

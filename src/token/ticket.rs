@@ -99,9 +99,7 @@ pub struct Admitted {
 }
 
 /// A ticket's name: the hex SHA-256 of it, a store's key. Logs never show
-/// it, nor any part of it: [`Display`] gives a reference derived from it
-/// under a key that never leaves this process, so a log line says which
-/// ticket (within one node's run) and nothing of the ticket.
+/// it, nor any part of it: [`Display`] gives [`TicketId::reference`].
 ///
 /// [`Display`]: std::fmt::Display
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,28 +129,24 @@ impl TicketId {
         &self.0
     }
 
-    /// The name of the session this ticket opened, the same on every node
-    /// (a channel on another node finds the session by it) and nothing of
-    /// the ticket: a hash of the ticket's hash, which the store never holds.
-    pub fn session_key(&self) -> String {
-        let key = Sha256::new()
-            .chain_update(b"porthole session key\0")
+    /// What logs and the session registry call this ticket: the same on
+    /// every node (a log line on one node names the ticket another node's
+    /// line names; a channel on another node finds its session by it), and
+    /// nothing of the ticket or of the store's key for it (a hash of that
+    /// key under its own label; tickets are 192 random bits, so no
+    /// guessing from it either).
+    pub fn reference(&self) -> String {
+        let reference = Sha256::new()
+            .chain_update(b"porthole ticket reference\0")
             .chain_update(self.0.as_bytes())
             .finalize();
-        hex::encode(&key[..12])
+        hex::encode(&reference[..12])
     }
 }
 
-/// The key of [`TicketId`]'s log references: random per process.
-static LOG_KEY: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(rand::random);
-
 impl std::fmt::Display for TicketId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let reference = Sha256::new()
-            .chain_update(*LOG_KEY)
-            .chain_update(self.0.as_bytes())
-            .finalize();
-        f.write_str(&hex::encode(&reference[..6]))
+        f.write_str(&self.reference())
     }
 }
 
@@ -494,6 +488,26 @@ impl TicketStore for MemoryTickets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tickets_reference_is_stable_and_holds_nothing_of_it_or_its_store_key() {
+        let ticket = b"Zq3xT9-0aB1cD2eF3gH4iJ5kL6mN7oP8";
+        let id = TicketId::of(ticket);
+        assert_eq!(
+            id.reference(),
+            TicketId::of(ticket).reference(),
+            "the same on every node"
+        );
+        assert_eq!(id.to_string(), id.reference());
+        assert_eq!(format!("{id:?}"), format!("TicketId({})", id.reference()));
+        let text = String::from_utf8_lossy(ticket);
+        for w in id.reference().as_bytes().windows(6) {
+            let w = std::str::from_utf8(w).unwrap();
+            assert!(!id.as_hex().contains(w), "part of the store key: {w}");
+            assert!(!text.contains(w), "part of the ticket: {w}");
+        }
+        assert_ne!(id.reference(), TicketId::of(b"another").reference());
+    }
     use crate::hypervisor::ConsoleTarget;
     use crate::token::claims::{Audience, ConsoleClaim};
     use crate::token::{ConsoleClaims, ConsoleType};

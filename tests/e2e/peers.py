@@ -176,8 +176,9 @@ class Route:
     mode "tcp": each connection starts with a PROXY v2 header (the native
     SPICE/VNC listeners, or a TLS-passthrough public listener); mode "http":
     HAProxy parses HTTP (WebSocket upgrades included) and says who the client
-    is in X-Forwarded-For. `check`: per server, the admin port whose /readyz
-    HAProxy polls (as docs/scaling.md recommends), or nothing.
+    is in X-Forwarded-For. `check`: HAProxy checks each server on its own
+    port: /readyz in mode http (as docs/scaling.md recommends), a connect
+    and close in mode tcp (with the PROXY header, as traffic).
 
     redis_primary: the servers are Redis, a primary and its replicas (mode
     tcp, no PROXY header), and only the one that answers role:master takes
@@ -188,7 +189,7 @@ class Route:
     front: int
     servers: list
     mode: str = "tcp"
-    check: list = field(default_factory=list)
+    check: bool = False
     redis_primary: bool = False
 
     def lines(self, name):
@@ -197,8 +198,10 @@ class Route:
                "    balance roundrobin"]
         if self.mode == "http":
             out.append("    option forwardfor")
+        if self.check and self.mode == "http":
+            out.append("    option httpchk GET /readyz")
         if self.check:
-            out += ["    option httpchk GET /readyz", "    default-server inter 500ms fall 2 rise 1"]
+            out.append("    default-server inter 500ms fall 2 rise 1")
         if self.redis_primary:
             out += PRIMARY_CHECK + ["    default-server check inter 500ms fall 2 rise 1 on-marked-down shutdown-sessions"]
             return out + [f"    server redis-{i} 127.0.0.1:{port}" for i, port in enumerate(self.servers)]
@@ -207,9 +210,7 @@ class Route:
             if self.mode == "tcp":
                 server += " send-proxy-v2"
             if self.check:
-                # On another port than the traffic's, HAProxy sends no PROXY
-                # header on checks: the admin listener expects none.
-                server += f" check port {self.check[i]}"
+                server += " check"
             out.append(server)
         return out
 

@@ -17,7 +17,7 @@ import urllib.parse
 import pytest
 
 import leak_check
-from harness import free_port, http
+from harness import free_port, http, metric_value
 from peers import HAProxy, RedisServer, Route
 from screen import differing_fraction, seabios_screen
 from spice_client import remote_viewer_connects, spicy_capture, wait_for_final_spice_screen
@@ -64,9 +64,8 @@ def cluster(spice_vm, tmp_path):
                 sections=redis.sections(name),
                 backend_extra="\n".join(["[backends.spice]", f'password_file = "{pw}"', f'ca = "{vm.spice_ca}"'])))
         lb = HAProxy(tmp_path, {
-            "public": Route(public_front, [n.public_port for n in nodes], mode="http",
-                            check=[n.admin_port for n in nodes]),
-            "spice": Route(spice_front, [n.spice_tls_port for n in nodes]),
+            "public": Route(public_front, [n.public_port for n in nodes], mode="http", check=True),
+            "spice": Route(spice_front, [n.spice_tls_port for n in nodes], check=True),
         })
         yield Cluster(vm, nodes, public_front, spice_front)
     finally:
@@ -78,12 +77,12 @@ def cluster(spice_vm, tmp_path):
 
 
 def linked(node):
-    """(ticket id, channel, client) of every SPICE channel the node linked."""
+    """(ticket reference, channel, client) of every SPICE channel the node linked."""
     out = []
     for line in node.log().splitlines():
         if "spice channel linked" in line:
             fields = dict(re.findall(r'(\w+)="?([^" ]*)"?', line))
-            out.append((fields.get("ticket"), fields.get("channel"), fields.get("client")))
+            out.append((fields["ticket_ref"], fields.get("channel"), fields.get("client")))
     return out
 
 
@@ -156,6 +155,12 @@ def test_one_spice_session_links_its_channels_on_both_nodes(cluster, tmp_path):
     assert remote_viewer_connects(tmp_path / "console.vv", tmp_path), "remote-viewer never showed the display"
     new = [linked(n)[k:] for n, k in zip((a, b), before)]
     assert all(new) and len({t for links in new for t, _, _ in links}) == 1, new
+    # HAProxy checked both nodes' SPICE listener all along (connect, PROXY
+    # header, close): counted, never logged as a failed handshake.
+    for n in (a, b):
+        assert metric_value(n.metrics(), "porthole_spice_link_refusals_total", reason="closed_silently",
+                            blame="client"), n.metrics()
+        assert "spice tls handshake failed" not in n.log(), n.log()[-3000:]
 
 
 def test_an_operator_on_the_other_node_ends_a_browser_session(cluster):

@@ -202,3 +202,23 @@ def test_a_listener_held_to_tls13_refuses_tls12_clients(tmp_path):
             time.sleep(0.05)
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_a_balancers_health_check_is_counted_not_logged_and_junk_still_is(tmp_path):
+    """HAProxy's TCP check connects and closes without a byte, every few
+    seconds per node: counted (closed_silently), logged only at debug. A
+    client that sends something that is not TLS is still a logged refusal."""
+    from support import wait_for
+    p = Porthole(tmp_path)
+    try:
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", p.spice_tls_port), timeout=5).close()
+        junk = socket.create_connection(("127.0.0.1", p.spice_tls_port), timeout=5)
+        junk.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        junk.recv(100)
+        junk.close()
+        wait_for(lambda: refusals(p, "closed_silently") == 3 and refusals(p, "tls_handshake") == 1,
+                 "the checks and the junk were not counted")
+        assert p.log().count("spice tls handshake failed") == 1, p.log()[-2000:]
+    finally:
+        assert p.gateway.stop() == 0, p.log()
