@@ -19,7 +19,7 @@
 //! and every `window` messages with an `ACK`, so the server never stalls.
 //! How long that goes on is the session layer's business.
 
-use super::client_check::{Checked, ClientCheck, Rules};
+use super::client_check::{Checked, ClientCheck};
 use super::framing::{Frame, Frames, header};
 use crate::protocol::WireError;
 
@@ -96,7 +96,7 @@ impl DisplayTrack {
     pub fn new(mini_header: bool) -> Self {
         Self {
             down: Frames::new(mini_header, wanted),
-            up: ClientCheck::new(mini_header, Rules::Display),
+            up: ClientCheck::new(mini_header, super::messages::channel::DISPLAY),
             seen: Vec::new(),
             lost: None,
             set_ack: None,
