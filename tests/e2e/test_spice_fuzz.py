@@ -82,9 +82,10 @@ class Lane:
     def why(self):
         """QEMU's last words (spice-server's failed assertion, as a rule)."""
         self.vm.log.flush()
-        lines = [line for line in (self.vm.dir / "qemu.log").read_text(errors="replace").splitlines()
-                 if "Spice:" in line and "warning" not in line]
-        return lines[-1].split("Spice: ", 1)[-1] if lines else ""
+        lines = (self.vm.dir / "qemu.log").read_text(errors="replace").splitlines()
+        fatal = [line for line in lines if "Spice:" in line and "warning" not in line]
+        last = [line for line in lines if "fw_cfg" not in line and "terminating on signal" not in line]
+        return (fatal or last or [""])[-1].split("Spice: ", 1)[-1]
 
     def restart(self):
         self.vm.stop()
@@ -230,7 +231,13 @@ def test_client_messages_that_kill_qemu_directly_never_kill_it_through_porthole(
             missing = sum(o is None for o in out)
             unlinked = [(m.label(), o.error) for m, o in zip(sent, out) if o is not None and not o.linked
                         and not o.died]
-            figures.append(f"through Porthole {path}: {len(kills)} killed QEMU, {refused} refused, "
+            by_kind = {}
+            for m, o in zip(sent, out):
+                if o is not None and o.died:
+                    by_kind[f"{m.channel} {m.kind}"] = by_kind.get(f"{m.channel} {m.kind}", 0) + 1
+            killers = ", ".join(f"{k} x{v}" for k, v in sorted(by_kind.items()))
+            figures.append(f"through Porthole {path}: {len(kills)} killed QEMU"
+                           f"{f' ({killers})' if killers else ''}, {refused} refused, "
                            f"{sum(o is not None and o.channel_closed for o in out)} channels ended, "
                            f"{missing} not sent, {len(unlinked)} not linked, {secs:.0f} s")
             failures += [f"{path}: {m.label()} killed QEMU ({died_how(o)}, {o.when}: {o.why or '-'}; directly it "
