@@ -169,7 +169,8 @@ def test_client_messages_that_kill_qemu_directly_never_kill_it_through_porthole(
     lanes = []
     p = None
     try:
-        lanes = [Lane(tmp_path / f"lane{k}", certs, password) for k in range(LANES)]
+        for k in range(LANES):
+            lanes.append(Lane(tmp_path / f"lane{k}", certs, password))  # each stopped below, even if the next fails
 
         # 1. Directly: the plain SPICE port, the password as the ticket.
         def direct(lane, msg):
