@@ -118,10 +118,12 @@ class VM:
     playback, record and usbredir channels."""
 
     def __init__(self, workdir, vnc_options=None, splash_ms=3000, spice=False, spice_extra_channels=None,
-                 spice_options="", extra_vnc=(), extra_args=()):
+                 spice_options="", extra_vnc=(), extra_args=(), spice_certs=None):
         """extra_vnc: options of more VNC displays (each "id=...,..."), each on
         its own free display: vm.extra_vnc_displays (same order). extra_args:
-        more QEMU arguments (e.g. an -object tls-creds-x509 for them)."""
+        more QEMU arguments (e.g. an -object tls-creds-x509 for them).
+        spice_certs: a folder make_spice_certs() filled, for VMs that share
+        one CA (several behind one Porthole backend entry); default: a fresh one."""
         if shutil.which(QEMU) is None:
             raise AssertionError(f"{QEMU} is not installed: scripts/test installs qemu-system-x86")
         self.dir = workdir
@@ -144,8 +146,14 @@ class VM:
                     port = free_port()
                 setattr(self, attr, port)
                 taken.add(port)
-            certs = workdir / "spice-certs"
-            self.spice_host_subject = make_spice_certs(certs)
+            if spice_certs is None:
+                certs = workdir / "spice-certs"
+                self.spice_host_subject = make_spice_certs(certs)
+            else:
+                from cryptography import x509
+                certs = pathlib.Path(spice_certs)
+                cert = x509.load_pem_x509_certificate((certs / "server-cert.pem").read_bytes())
+                self.spice_host_subject = _rdn_string(cert.subject)
             self.spice_ca = str(certs / "ca-cert.pem")
             spice_args = ["-spice", f"addr=127.0.0.1,port={self.spice_port},tls-port={self.spice_tls_port},"
                                     f"x509-dir={certs}" + (f",{spice_options}" if spice_options else "")]
