@@ -206,10 +206,10 @@ def test_through_porthole_unparsable_display_messages_never_reach_qemu(spice_vm,
             return token, json.loads(body)["ticket"]
 
         cases = [
-            ("spice-direct", [DISPLAY_INIT + UNKNOWN_TYPE], "not a display channel message"),
+            ("spice-direct", [DISPLAY_INIT + UNKNOWN_TYPE], "not a message this channel's clients send"),
             ("spice-direct", [DISPLAY_INIT + NO_COMPRESSION_BYTE[:3], NO_COMPRESSION_BYTE[3:]],
              "shorter than its fields"),
-            ("spice-html5", [DISPLAY_INIT, UNKNOWN_TYPE[:4], UNKNOWN_TYPE[4:]], "not a display channel message"),
+            ("spice-html5", [DISPLAY_INIT, UNKNOWN_TYPE[:4], UNKNOWN_TYPE[4:]], "not a message this channel's clients send"),
         ]
         for n, (kind, sends, why) in enumerate(cases, start=1):
             token, t = ticket(kind)
