@@ -681,7 +681,7 @@ async fn the_routes_a_typeless_refusal_names_are_the_routers_own() {
     assert_eq!(e.reason, RefusalReason::WrongConsoleType);
     let routes: Vec<&str> = e
         .detail
-        .split(|c: char| c == ' ' || c == ',' || c == '(' || c == ')')
+        .split([' ', ',', '(', ')'])
         .filter(|w| w.starts_with('/'))
         .collect();
     assert_eq!(routes.len(), 3, "{}", e.detail);
@@ -739,7 +739,7 @@ async fn a_flood_of_made_up_tokens_from_many_addresses_is_held_to_the_budget_and
             tokio::spawn(async move {
                 let addr = std::net::IpAddr::from([10, 9, 0, a as u8 + 1]);
                 for n in 0..10u32 {
-                    let t = format!("00000000-0000-4000-8000-{:06x}{n:06x}", a);
+                    let t = format!("00000000-0000-4000-8000-{a:06x}{n:06x}");
                     let e = app
                         .sessions
                         .resolve(&t, Some(ConsoleType::Novnc), Some(addr))

@@ -52,6 +52,9 @@ pub struct Checked {
     pub refused: Option<Refused>,
 }
 
+/// Checks a whole message body's fields.
+type FieldCheck = fn(&[u8]) -> Result<(), &'static str>;
+
 /// What a channel's client may send with one message type.
 #[derive(Debug, Clone, Copy)]
 struct Rule {
@@ -61,7 +64,7 @@ struct Rule {
     max: u32,
     /// Checks the whole body, which is then held until it is whole; `None`:
     /// the body streams.
-    fields: Option<fn(&[u8]) -> Result<(), &'static str>>,
+    fields: Option<FieldCheck>,
 }
 
 const fn fixed(len: u32) -> Rule {
@@ -80,7 +83,7 @@ const fn sized(min: u32, max: u32) -> Rule {
     }
 }
 
-const fn checked(min: u32, max: u32, fields: fn(&[u8]) -> Result<(), &'static str>) -> Rule {
+const fn checked(min: u32, max: u32, fields: FieldCheck) -> Rule {
     Rule {
         min,
         max,
