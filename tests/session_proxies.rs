@@ -691,8 +691,11 @@ async fn spice_channels_link_through_porthole_and_join_only_their_session() {
     assert_eq!(caps.common, [0b1011], "minus AUTH_SASL");
     assert_eq!(caps.channel, [0b0010], "minus both migrations");
     expect(&mut main, &hex(MAIN_INIT)).await;
-    say(&mut main, b"main data").await;
-    expect(&mut main, b"main data").await;
+    // A whole main-channel message (ATTACH_CHANNELS): each channel passes
+    // only the messages its clients send.
+    let attach = [0x68, 0x00, 0x00, 0x00, 0x00, 0x00];
+    say(&mut main, &attach).await;
+    expect(&mut main, &attach).await;
     assert_eq!(g.sessions().await, ["spice-direct"]);
 
     // A second channel of the session the fake named joins it.
