@@ -31,9 +31,21 @@ def _listening(port, host="0100007F"):
         return any(line.split()[1] == want and line.split()[3] == "0A" for line in f)
 
 
+def _display_range():
+    """The VNC displays this test process may use: QEMU numbers them from
+    5900 (some of 5900-5902 are taken on shared machines), and parallel
+    workers (pytest-xdist) each get a slice, so two never pick one display
+    between the pick and QEMU's bind."""
+    import os
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    per = 89 // max(count, 1)
+    return range(10 + index * per, 10 + (index + 1) * per)
+
+
 def free_vnc_display():
-    # QEMU numbers VNC displays from 5900; some of 5900-5902 are taken on shared machines.
-    for display in range(10, 99):
+    for display in _display_range():
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", 5900 + display))
@@ -268,7 +280,7 @@ def free_vnc_displays(n):
     """n distinct free VNC displays (free_vnc_display() alone would return
     the same one twice before QEMU binds it)."""
     displays = []
-    for display in range(10, 99):
+    for display in _display_range():
         if len(displays) == n:
             break
         with socket.socket() as s:
