@@ -52,8 +52,9 @@ pub struct Checked {
     pub refused: Option<Refused>,
 }
 
-/// Checks a whole message body's fields.
-type FieldCheck = fn(&[u8]) -> Result<(), &'static str>;
+/// Checks a message's fields: the body bytes its rule asked for, and the
+/// body's whole size.
+type FieldCheck = fn(&[u8], u32) -> Result<(), &'static str>;
 
 /// What a channel's client may send with one message type.
 #[derive(Debug, Clone, Copy)]
@@ -62,15 +63,18 @@ struct Rule {
     min: u32,
     /// Most body bytes.
     max: u32,
-    /// Checks the whole body, which is then held until it is whole; `None`:
-    /// the body streams.
-    fields: Option<FieldCheck>,
+    /// Checks the first `.0` bytes of the body (all of it when shorter),
+    /// which are held until they are there; the rest streams. `None`: the
+    /// whole body streams.
+    fields: Option<(u32, FieldCheck)>,
 }
 
-const fn fixed(len: u32) -> Rule {
+/// A message of at least `len` body bytes (spice-server reads its fields
+/// and ignores the rest), up to the channel's receive buffer.
+const fn fields(len: u32) -> Rule {
     Rule {
         min: len,
-        max: len,
+        max: u32::MAX,
         fields: None,
     }
 }
@@ -83,11 +87,21 @@ const fn sized(min: u32, max: u32) -> Rule {
     }
 }
 
+/// A message whose whole body is checked (held until whole).
 const fn checked(min: u32, max: u32, fields: FieldCheck) -> Rule {
     Rule {
         min,
         max,
-        fields: Some(fields),
+        fields: Some((max, fields)),
+    }
+}
+
+/// A message whose first `need` body bytes are checked, the rest streamed.
+const fn led(min: u32, max: u32, need: u32, fields: FieldCheck) -> Rule {
+    Rule {
+        min,
+        max,
+        fields: Some((need, fields)),
     }
 }
 
@@ -121,18 +135,32 @@ mod kind {
     pub(super) const PORT_EVENT: u16 = 201;
 }
 
-/// The largest display message body spice-server takes (its receive buffer).
-const MAX_DISPLAY_BODY: u32 = 1024;
+/// The largest message body each channel's spice-server side takes (its
+/// receive buffer; past it the channel is closed, or worse: it allocates
+/// what a header declares).
+fn channel_cap(channel_type: u8) -> u32 {
+    match channel_type {
+        channel::MAIN => 26_624,
+        channel::DISPLAY | channel::CURSOR => 1024,
+        channel::INPUTS => 2048,
+        channel::PLAYBACK | channel::RECORD => 32_768,
+        channel::SMARTCARD => 65_536,
+        _ => MAX_DEVICE_DATA,
+    }
+}
 /// Streams a display channel has (spice-server's `NUM_STREAMS`).
 const STREAMS: u32 = 50;
 /// An agent message chunk: spice-gtk and spice-html5 send at most
 /// `VD_AGENT_MAX_DATA_SIZE` (2048) bytes of agent data per message.
 const MAX_AGENT_CHUNK: u32 = 2048;
-/// Data messages of the device channels (USB redirection, smartcard,
-/// ports): spice-gtk sends up to 64 KiB at a time.
-const MAX_DEVICE_DATA: u32 = 64 * 1024 + 64;
-/// Recorded audio per message (spice-gtk: a few KiB of PCM or Opus).
-const MAX_RECORD_DATA: u32 = 64 * 1024;
+/// Data messages of USB redirection and ports. spice-server allocates what
+/// the header declares before reading it (0x80000000 and more abort or
+/// crash QEMU); clients send a USB transfer or a port's buffer at a time,
+/// far under this.
+const MAX_DEVICE_DATA: u32 = 16 * 1024 * 1024;
+/// What a `COMPRESSED_DATA` may inflate to: spice-server allocates it
+/// first (0xfffffff0 aborts QEMU); spice-gtk compresses one such buffer.
+const MAX_INFLATED: u32 = MAX_DEVICE_DATA;
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
@@ -148,7 +176,7 @@ fn i64_at(b: &[u8], at: usize) -> i64 {
 /// glz_dictionary_id u8, glz_dictionary_window_size i32. spice-server
 /// sizes caches and the GLZ dictionary from these; real clients ask for
 /// tens of MiB at most.
-fn display_init(b: &[u8]) -> Result<(), &'static str> {
+fn display_init(b: &[u8], _size: u32) -> Result<(), &'static str> {
     let pixmap_cache = i64_at(b, 1);
     let glz_window = u32_at(b, 10) as i32;
     if !(0..=MAX_PIXMAP_CACHE).contains(&pixmap_cache) {
@@ -160,16 +188,18 @@ fn display_init(b: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The largest pixmap cache a client may ask for, in pixels (spice-gtk
-/// asks for 80 MiB / 4).
-const MAX_PIXMAP_CACHE: i64 = 256 * 1024 * 1024 / 4;
+/// The largest pixmap cache a client may ask for, in pixels: what spice-gtk
+/// can express (`G_MAXINT / 4`; it asks for 20971520, spice-html5 for
+/// 10485760). Any value is memory-safe in spice-server; this bounds what
+/// a client could make it keep.
+const MAX_PIXMAP_CACHE: i64 = (i32::MAX / 4) as i64;
 /// The largest GLZ dictionary window, in pixels: spice-gtk asks for
 /// 16 MiB / 4; above 2^25 (or below 0) spice-server 0.15.1 fails to make
 /// the dictionary and QEMU 7.2 aborts (measured: 2^25 passes, 2^25 + 1 kills).
 const MAX_GLZ_WINDOW: i32 = 1 << 25;
 
 /// `STREAM_REPORT`: stream_id u32 first.
-fn stream_report(b: &[u8]) -> Result<(), &'static str> {
+fn stream_report(b: &[u8], _size: u32) -> Result<(), &'static str> {
     if u32_at(b, 0) >= STREAMS {
         return Err("a stream the display channel cannot have");
     }
@@ -177,7 +207,7 @@ fn stream_report(b: &[u8]) -> Result<(), &'static str> {
 }
 
 /// `PREFERRED_COMPRESSION`: one of `SPICE_IMAGE_COMPRESSION_*` (1..=7).
-fn preferred_compression(b: &[u8]) -> Result<(), &'static str> {
+fn preferred_compression(b: &[u8], _size: u32) -> Result<(), &'static str> {
     if !(1..=7).contains(&b[0]) {
         return Err("an image compression that does not exist");
     }
@@ -186,7 +216,7 @@ fn preferred_compression(b: &[u8]) -> Result<(), &'static str> {
 
 /// `PREFERRED_VIDEO_CODEC_TYPE`: a count, then that many codec types
 /// (`SPICE_VIDEO_CODEC_TYPE_*`, 1..=5).
-fn preferred_video_codecs(b: &[u8]) -> Result<(), &'static str> {
+fn preferred_video_codecs(b: &[u8], _size: u32) -> Result<(), &'static str> {
     let count = usize::from(b[0]);
     if count == 0 || count + 1 > b.len() {
         return Err("lists more codecs than it holds");
@@ -197,8 +227,49 @@ fn preferred_video_codecs(b: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// `COMPRESSED_DATA` of a device channel: type u8 (`SPICE_DATA_COMPRESSION_TYPE_LZ4`,
+/// 1), uncompressed size u32, then the data.
+fn compressed_data(b: &[u8], _size: u32) -> Result<(), &'static str> {
+    if b[0] != 1 {
+        return Err("a compression that does not exist");
+    }
+    if u32_at(b, 1) > MAX_INFLATED {
+        return Err("inflates beyond what a client sends");
+    }
+    Ok(())
+}
+
+/// Record `MODE`: time u32, mode u16 (raw 1 or Opus 3; others close the channel).
+fn record_mode(b: &[u8], _size: u32) -> Result<(), &'static str> {
+    match u16::from_le_bytes([b[4], b[5]]) {
+        1 | 3 => Ok(()),
+        _ => Err("an audio mode that does not exist"),
+    }
+}
+
+/// Smartcard `DATA`: a `VSCMsgHeader` (type u32, reader_id u32, length
+/// u32), then `length` bytes. One reader (0) exists; types 1..=7 (Init,
+/// Error, ReaderAdd, ReaderRemove, ATR, CardRemove, APDU); an ATR is at
+/// most 40 bytes.
+fn smartcard_data(b: &[u8], size: u32) -> Result<(), &'static str> {
+    let (kind, reader, length) = (u32_at(b, 0), u32_at(b, 4), u32_at(b, 8));
+    if !(1..=7).contains(&kind) {
+        return Err("a smartcard message type that does not exist");
+    }
+    if reader != 0 {
+        return Err("a smartcard reader that does not exist");
+    }
+    if u64::from(length) + 12 > u64::from(size) {
+        return Err("a smartcard message longer than its body");
+    }
+    if kind == 5 && length > 40 {
+        return Err("an ATR longer than 40 bytes");
+    }
+    Ok(())
+}
+
 /// `MOUSE_MODE_REQUEST`: server (1) or client (2).
-fn mouse_mode(b: &[u8]) -> Result<(), &'static str> {
+fn mouse_mode(b: &[u8], _size: u32) -> Result<(), &'static str> {
     match u16::from_le_bytes([b[0], b[1]]) {
         1 | 2 => Ok(()),
         _ => Err("a mouse mode that does not exist"),
@@ -209,9 +280,9 @@ fn mouse_mode(b: &[u8]) -> Result<(), &'static str> {
 /// (common types are every channel's).
 fn rule(channel_type: u8, kind: u16) -> Result<Rule, &'static str> {
     match kind {
-        msg::ACK_SYNC => return Ok(fixed(4)),
-        msg::ACK => return Ok(fixed(0)),
-        msg::PONG | msg::DISCONNECTING => return Ok(fixed(12)),
+        msg::ACK_SYNC => return Ok(fields(4)),
+        msg::ACK => return Ok(fields(0)),
+        msg::PONG | msg::DISCONNECTING => return Ok(fields(12)),
         msg::MIGRATE_FLUSH_MARK | msg::MIGRATE_DATA => {
             return Err("migration (Porthole does not migrate sessions)");
         }
@@ -219,10 +290,11 @@ fn rule(channel_type: u8, kind: u16) -> Result<Rule, &'static str> {
     }
     use kind::*;
     let rule = match (channel_type, kind) {
-        (channel::MAIN, MAIN_ATTACH_CHANNELS) => fixed(0),
-        (channel::MAIN, MAIN_MOUSE_MODE_REQUEST) => checked(2, 2, mouse_mode),
-        (channel::MAIN, MAIN_AGENT_START | MAIN_AGENT_TOKEN) => fixed(4),
-        (channel::MAIN, MAIN_AGENT_DATA) => sized(1, MAX_AGENT_CHUNK),
+        (channel::MAIN, MAIN_ATTACH_CHANNELS) => fields(0),
+        (channel::MAIN, MAIN_MOUSE_MODE_REQUEST) => led(2, u32::MAX, 2, mouse_mode),
+        (channel::MAIN, MAIN_AGENT_START | MAIN_AGENT_TOKEN) => fields(4),
+        // The agent stream's framing is checked by `ClientCheck` (it has state).
+        (channel::MAIN, MAIN_AGENT_DATA) => checked(0, MAX_AGENT_CHUNK, |_, _| Ok(())),
         (
             channel::MAIN,
             MAIN_MIGRATE_CONNECTED
@@ -234,32 +306,32 @@ fn rule(channel_type: u8, kind: u16) -> Result<Rule, &'static str> {
         (channel::MAIN, MAIN_CLIENT_INFO) => {
             return Err("CLIENT_INFO (spice-server drops the client for it)");
         }
-        (channel::DISPLAY, msg::DISPLAY_INIT) => checked(14, 14, display_init),
-        (channel::DISPLAY, msg::STREAM_REPORT) => checked(32, 32, stream_report),
-        (channel::DISPLAY, msg::PREFERRED_COMPRESSION) => checked(1, 1, preferred_compression),
+        (channel::DISPLAY, msg::DISPLAY_INIT) => led(14, u32::MAX, 14, display_init),
+        (channel::DISPLAY, msg::STREAM_REPORT) => led(32, u32::MAX, 4, stream_report),
+        (channel::DISPLAY, msg::PREFERRED_COMPRESSION) => {
+            led(1, u32::MAX, 1, preferred_compression)
+        }
         (channel::DISPLAY, msg::PREFERRED_VIDEO_CODEC_TYPE) => {
-            checked(2, MAX_DISPLAY_BODY, preferred_video_codecs)
+            checked(2, u32::MAX, preferred_video_codecs)
         }
         (channel::DISPLAY, msg::GL_DRAW_DONE) => {
             return Err("GL drawing is for local clients only");
         }
-        (channel::INPUTS, INPUTS_KEY_DOWN | INPUTS_KEY_UP) => fixed(4),
-        (channel::INPUTS, INPUTS_KEY_MODIFIERS) => fixed(2),
+        (channel::INPUTS, INPUTS_KEY_DOWN | INPUTS_KEY_UP) => fields(4),
+        (channel::INPUTS, INPUTS_KEY_MODIFIERS) => fields(2),
         (channel::INPUTS, INPUTS_KEY_SCANCODE) => sized(1, 64),
-        (channel::INPUTS, INPUTS_MOUSE_MOTION) => fixed(10),
-        (channel::INPUTS, INPUTS_MOUSE_POSITION) => fixed(11),
-        (channel::INPUTS, INPUTS_MOUSE_PRESS | INPUTS_MOUSE_RELEASE) => fixed(3),
-        (channel::RECORD, RECORD_DATA) => sized(4, MAX_RECORD_DATA),
-        (channel::RECORD, RECORD_MODE) => sized(6, 64),
-        (channel::RECORD, RECORD_START_MARK) => fixed(4),
-        (channel::SMARTCARD, SMARTCARD_DATA) => sized(12, MAX_DEVICE_DATA),
-        (channel::USBREDIR | channel::PORT | channel::WEBDAV, SPICEVMC_DATA) => {
-            sized(1, MAX_DEVICE_DATA)
-        }
+        (channel::INPUTS, INPUTS_MOUSE_MOTION) => fields(10),
+        (channel::INPUTS, INPUTS_MOUSE_POSITION) => fields(11),
+        (channel::INPUTS, INPUTS_MOUSE_PRESS | INPUTS_MOUSE_RELEASE) => fields(3),
+        (channel::RECORD, RECORD_DATA) => fields(5),
+        (channel::RECORD, RECORD_MODE) => led(6, u32::MAX, 6, record_mode),
+        (channel::RECORD, RECORD_START_MARK) => fields(4),
+        (channel::SMARTCARD, SMARTCARD_DATA) => led(12, u32::MAX, 12, smartcard_data),
+        (channel::USBREDIR | channel::PORT | channel::WEBDAV, SPICEVMC_DATA) => fields(1),
         (channel::USBREDIR | channel::PORT | channel::WEBDAV, SPICEVMC_COMPRESSED_DATA) => {
-            sized(6, MAX_DEVICE_DATA)
+            led(6, u32::MAX, 5, compressed_data)
         }
-        (channel::PORT | channel::WEBDAV, PORT_EVENT) => fixed(1),
+        (channel::PORT | channel::WEBDAV, PORT_EVENT) => fields(1),
         _ => return Err("not a message this channel's clients send"),
     };
     Ok(rule)
@@ -269,8 +341,13 @@ fn rule(channel_type: u8, kind: u16) -> Result<Rule, &'static str> {
 enum State {
     /// Collecting a header.
     Header,
-    /// Holding a body whole until its fields are checked.
-    Hold { serial: u64, kind: u16, size: u32 },
+    /// Holding the first `need` body bytes until its fields are checked.
+    Hold {
+        serial: u64,
+        kind: u16,
+        size: u32,
+        need: u32,
+    },
     /// Passing this many body bytes on as they come.
     Stream(u64),
 }
@@ -285,6 +362,58 @@ pub struct ClientCheck {
     held: Vec<u8>,
     /// The display channel's `DISPLAY_INIT` went through.
     inited: bool,
+    /// The main channel's agent stream.
+    agent: AgentStream,
+}
+
+/// The main channel's agent messages, as spice-server's agent message
+/// filter reads them: `AGENT_START` first (an `AGENT_TOKEN` before it
+/// aborts QEMU 7.2), then `AGENT_DATA` chunks, each either the start of an
+/// agent message (its 20-byte `VDAgentMessage` header whole, protocol 1, a
+/// type that exists, no more data than the header's size) or the
+/// continuation of the one before (no more than it still owes). Anything
+/// else makes spice-server drop the client.
+#[derive(Debug, Default)]
+struct AgentStream {
+    started: bool,
+    /// Bytes the current agent message still owes.
+    owed: u32,
+}
+
+/// `VDAgentMessage`: protocol u32, type u32, opaque u64, size u32.
+const AGENT_HEADER: usize = 20;
+/// `VD_AGENT_PROTOCOL`.
+const AGENT_PROTOCOL: u32 = 1;
+/// The last `VD_AGENT_*` message type (`VD_AGENT_END_MESSAGE` is one past it).
+const AGENT_LAST_TYPE: u32 = 16;
+
+impl AgentStream {
+    fn chunk(&mut self, b: &[u8]) -> Result<(), &'static str> {
+        let len = b.len() as u32;
+        if self.owed > 0 {
+            if len > self.owed {
+                return Err("more agent data than its message holds");
+            }
+            self.owed -= len;
+            return Ok(());
+        }
+        if b.len() < AGENT_HEADER {
+            return Err("an agent message without its whole header");
+        }
+        if u32_at(b, 0) != AGENT_PROTOCOL {
+            return Err("an agent protocol that does not exist");
+        }
+        if !(1..=AGENT_LAST_TYPE).contains(&u32_at(b, 4)) {
+            return Err("an agent message type that does not exist");
+        }
+        let size = u32_at(b, 16);
+        let carried = len - AGENT_HEADER as u32;
+        if carried > size {
+            return Err("more agent data than its message holds");
+        }
+        self.owed = size - carried;
+        Ok(())
+    }
 }
 
 impl ClientCheck {
@@ -297,6 +426,7 @@ impl ClientCheck {
             state: State::Header,
             held: Vec::new(),
             inited: false,
+            agent: AgentStream::default(),
         }
     }
 
@@ -351,8 +481,13 @@ impl ClientCheck {
                         return out;
                     }
                 }
-                State::Hold { serial, kind, size } => {
-                    let whole = self.header_len() + size as usize;
+                State::Hold {
+                    serial,
+                    kind,
+                    size,
+                    need,
+                } => {
+                    let whole = self.header_len() + need as usize;
                     let n = (whole - self.held.len()).min(data.len());
                     self.held.extend_from_slice(&data[..n]);
                     data = &data[n..];
@@ -395,16 +530,44 @@ impl ClientCheck {
             self.held.clear();
             return refuse("shorter than its fields");
         }
-        if size > rule.max {
+        if size > rule.max.min(channel_cap(self.channel_type)) {
             self.held.clear();
             return refuse("longer than this channel's clients send");
+        }
+        if self.channel_type == channel::DISPLAY
+            && !self.inited
+            && (msg::STREAM_REPORT..=msg::PREFERRED_VIDEO_CODEC_TYPE).contains(&kind)
+        {
+            // spice-server waits for the DISPLAY_INIT before anything else;
+            // a display channel it drops before then crashes QEMU.
+            self.held.clear();
+            return refuse("a display message before DISPLAY_INIT");
         }
         if self.channel_type == channel::DISPLAY && kind == msg::DISPLAY_INIT && self.inited {
             self.held.clear();
             return refuse("a second DISPLAY_INIT");
         }
-        if rule.fields.is_some() && size > 0 {
-            self.state = State::Hold { serial, kind, size };
+        if self.channel_type == channel::MAIN
+            && matches!(kind, kind::MAIN_AGENT_TOKEN | kind::MAIN_AGENT_DATA)
+            && !self.agent.started
+        {
+            self.held.clear();
+            return refuse("agent messages before AGENT_START");
+        }
+        if let Some((need, _)) = rule.fields
+            && (size > 0 || self.channel_type == channel::MAIN)
+        {
+            let need = need.min(size);
+            self.state = State::Hold {
+                serial,
+                kind,
+                size,
+                need,
+            };
+            if need == 0 {
+                // Nothing more to wait for: its (empty) body decides now.
+                return self.body(serial, kind, size, forward, went);
+            }
             return Ok(());
         }
         self.went(serial, kind, forward, went);
@@ -426,17 +589,25 @@ impl ClientCheck {
         went: &mut Vec<(u64, u16)>,
     ) -> Result<(), Refused> {
         let body = &self.held[self.header_len()..];
-        let fields = rule(self.channel_type, kind)
-            .ok()
-            .and_then(|r| r.fields)
-            .unwrap_or(|_| Ok(()));
-        if let Err(why) = fields(body) {
+        let checked = body.len() as u32;
+        let verdict = match rule(self.channel_type, kind).ok().and_then(|r| r.fields) {
+            Some(_) if self.channel_type == channel::MAIN && kind == kind::MAIN_AGENT_DATA => {
+                self.agent.chunk(body)
+            }
+            Some((_, fields)) => fields(body, size),
+            None => Ok(()),
+        };
+        if let Err(why) = verdict {
             self.held.clear();
             self.state = State::Header;
             return Err(Refused { kind, size, why });
         }
         self.went(serial, kind, forward, went);
-        self.state = State::Header;
+        self.state = if size > checked {
+            State::Stream(u64::from(size - checked))
+        } else {
+            State::Header
+        };
         Ok(())
     }
 
@@ -444,6 +615,9 @@ impl ClientCheck {
     fn went(&mut self, serial: u64, kind: u16, forward: &mut Vec<u8>, went: &mut Vec<(u64, u16)>) {
         if self.channel_type == channel::DISPLAY && kind == msg::DISPLAY_INIT {
             self.inited = true;
+        }
+        if self.channel_type == channel::MAIN && kind == kind::MAIN_AGENT_START {
+            self.agent.started = true;
         }
         forward.append(&mut self.held);
         went.push((serial, kind));
@@ -605,11 +779,24 @@ mod tests {
     #[test]
     fn the_main_channel_takes_what_clients_send_and_no_migration() {
         // spice-gtk after the link: mouse mode client, agent start, an
-        // agent message (clipboard grab), agent tokens.
+        // agent message (its capabilities, 8 bytes) in one chunk, a
+        // clipboard of 3000 bytes in two, agent tokens, attach channels.
+        let caps = hex("6b 00  1c 00 00 00
+            01 00 00 00  06 00 00 00  00 00 00 00 00 00 00 00  08 00 00 00
+            01 00 00 00  ff ff ff ff");
+        let clip_start = [
+            hex("6b 00  00 08 00 00
+                01 00 00 00  04 00 00 00  00 00 00 00 00 00 00 00  b8 0b 00 00"),
+            vec![b'x'; 2048 - 20],
+        ]
+        .concat();
+        let clip_rest = mini(107, &[b'y'; 3000 - (2048 - 20)]);
         let good = [
             hex("69 00  02 00 00 00  02 00"),
             hex("6a 00  04 00 00 00  0a 00 00 00"),
-            mini(107, &[7; 48]),
+            caps,
+            clip_start,
+            clip_rest,
             hex("6c 00  04 00 00 00  01 00 00 00"),
             hex("68 00  00 00 00 00"),
         ]
@@ -655,6 +842,83 @@ mod tests {
             ),
         ];
         holds(channel::MAIN, &good, &bad);
+        // Agent chunks spice-server's filter refuses (it drops the client).
+        let start = hex("6a 00  04 00 00 00  0a 00 00 00");
+        let agent_bad: Vec<(Vec<u8>, &str)> = vec![
+            (
+                hex("6b 00  00 00 00 00"),
+                "an agent message without its whole header",
+            ),
+            (
+                mini(107, &[1; 10]),
+                "an agent message without its whole header",
+            ),
+            (
+                hex(
+                    "6b 00  14 00 00 00  07 00 00 00  06 00 00 00  00 00 00 00 00 00 00 00  00 00 00 00",
+                ),
+                "an agent protocol that does not exist",
+            ),
+            (
+                hex(
+                    "6b 00  14 00 00 00  01 00 00 00  63 00 00 00  00 00 00 00 00 00 00 00  00 00 00 00",
+                ),
+                "an agent message type that does not exist",
+            ),
+            (
+                hex(
+                    "6b 00  18 00 00 00  01 00 00 00  06 00 00 00  00 00 00 00 00 00 00 00  02 00 00 00  01 02 03 04",
+                ),
+                "more agent data than its message holds",
+            ),
+        ];
+        holds(channel::MAIN, &start, &agent_bad);
+        // A continuation longer than what its message still owes.
+        let owed = hex("6b 00  18 00 00 00
+            01 00 00 00  06 00 00 00  00 00 00 00 00 00 00 00  08 00 00 00  01 02 03 04");
+        holds(
+            channel::MAIN,
+            &[start, owed].concat(),
+            &[(mini(107, &[0; 5]), "more agent data than its message holds")],
+        );
+    }
+
+    #[test]
+    fn agent_tokens_before_agent_start_never_go() {
+        // Measured: AGENT_TOKEN before AGENT_START aborts QEMU 7.2 (SIGTRAP).
+        holds(
+            channel::MAIN,
+            &hex("68 00  00 00 00 00"),
+            &[(
+                hex("6c 00  04 00 00 00  05 00 00 00"),
+                "agent messages before AGENT_START",
+            )],
+        );
+    }
+
+    #[test]
+    fn compressed_device_data_must_inflate_to_what_a_client_sends() {
+        // LZ4 (1), 10 bytes inflated from 7, then the lz4 bytes: streamed.
+        let good = hex("66 00  0c 00 00 00  01  0a 00 00 00  a1 b2 c3 d4 e5 f6 07");
+        holds(
+            channel::USBREDIR,
+            &good,
+            &[
+                // Measured: an LZ4 block claiming 0xfffffff0 bytes aborts QEMU 7.2.
+                (
+                    hex("66 00  06 00 00 00  01  f0 ff ff ff  00"),
+                    "inflates beyond what a client sends",
+                ),
+                (
+                    hex("66 00  06 00 00 00  02  0a 00 00 00  00"),
+                    "a compression that does not exist",
+                ),
+                (
+                    hex("65 00  01 00 00 01"),
+                    "longer than this channel's clients send",
+                ),
+            ],
+        );
     }
 
     #[test]
@@ -685,19 +949,22 @@ mod tests {
     #[test]
     fn device_channels_stream_their_data_and_refuse_the_rest() {
         let data = mini(101, &[9; 5000]);
-        for ch in [
-            channel::USBREDIR,
-            channel::PORT,
-            channel::WEBDAV,
-            channel::SMARTCARD,
-        ] {
+        for ch in [channel::USBREDIR, channel::PORT, channel::WEBDAV] {
             holds(
                 ch,
                 &data,
-                &[(
-                    hex("04 00  00 00 00 00"),
-                    "migration (Porthole does not migrate sessions)",
-                )],
+                &[
+                    (
+                        hex("04 00  00 00 00 00"),
+                        "migration (Porthole does not migrate sessions)",
+                    ),
+                    // Measured: a DATA declaring 0x80000000 bytes aborts QEMU 7.2.
+                    (
+                        hex("65 00  00 00 00 80"),
+                        "longer than this channel's clients send",
+                    ),
+                    (hex("65 00  00 00 00 00"), "shorter than its fields"),
+                ],
             );
         }
         holds(channel::PORT, &hex("c9 00  01 00 00 00  01"), &[]);
@@ -719,6 +986,90 @@ mod tests {
                 )],
             );
         }
+    }
+
+    #[test]
+    fn smartcard_data_names_reader_0_a_type_that_exists_and_its_own_length() {
+        // VSC ReaderAdd for reader 0 with a 4-byte name, then an APDU of 5.
+        let good = [
+            hex("65 00  10 00 00 00  03 00 00 00  00 00 00 00  04 00 00 00  72 64 72 00"),
+            hex("65 00  11 00 00 00  07 00 00 00  00 00 00 00  05 00 00 00  00 a4 04 00 00"),
+        ]
+        .concat();
+        holds(
+            channel::SMARTCARD,
+            &good,
+            &[
+                (
+                    hex("65 00  10 00 00 00  07 00 00 00  00 00 00 00  64 00 00 00  00 00 00 00"),
+                    "a smartcard message longer than its body",
+                ),
+                (
+                    hex("65 00  0c 00 00 00  09 00 00 00  00 00 00 00  00 00 00 00"),
+                    "a smartcard message type that does not exist",
+                ),
+                (
+                    hex("65 00  0c 00 00 00  07 00 00 00  01 00 00 00  00 00 00 00"),
+                    "a smartcard reader that does not exist",
+                ),
+                (
+                    hex("65 00  0b 00 00 00  07 00 00 00  00 00 00 00  00 00 00"),
+                    "shorter than its fields",
+                ),
+                (
+                    hex("65 00  01 00 01 00"),
+                    "longer than this channel's clients send",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn record_takes_its_modes_and_data() {
+        // spice-gtk: MODE Opus, START_MARK, DATA.
+        let good = [
+            hex("66 00  06 00 00 00  10 00 00 00  03 00"),
+            hex("67 00  04 00 00 00  10 00 00 00"),
+            mini(101, &[1; 960]),
+        ]
+        .concat();
+        holds(
+            channel::RECORD,
+            &good,
+            &[
+                (
+                    hex("66 00  06 00 00 00  10 00 00 00  02 00"),
+                    "an audio mode that does not exist",
+                ),
+                (
+                    hex("65 00  01 80 00 00"),
+                    "longer than this channel's clients send",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn display_messages_before_display_init_never_go_and_extra_bytes_do() {
+        holds(
+            channel::DISPLAY,
+            &mini(msg::ACK, &[]),
+            &[(
+                hex("67 00  01 00 00 00  01"),
+                "a display message before DISPLAY_INIT",
+            )],
+        );
+        // Fields first, more after: spice-server reads the fields (measured).
+        let init = [hex(SPICE_GTK_DISPLAY_INIT), vec![0; 56]].concat();
+        let mut init = init;
+        init[2] = 14 + 56;
+        holds(channel::DISPLAY, &init, &[]);
+        // spice-html5's mouse motion carries 11 bytes, one more than its fields.
+        holds(
+            channel::INPUTS,
+            &hex("6f 00  0b 00 00 00  01 00 00 00 ff ff ff ff  00 00  00"),
+            &[],
+        );
     }
 
     #[test]
