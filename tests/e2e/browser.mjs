@@ -150,8 +150,10 @@ try {
       await page.waitForFunction(() => !['connected', 'connecting'].includes(
         document.getElementById('status')?.dataset.state), null, { timeout: Number(rest[0] ?? 60000), polling: 100 })
         .catch(() => {});
-      // Let the session's other sockets (SPICE channels) report their closes too.
-      await page.waitForTimeout(500);
+      // Every socket the page opened (SPICE channels) reports its close too:
+      // waited for, not a fixed pause (a busy machine closes them later).
+      await page.waitForFunction(() => window.__portholeSockets.closes.length >= window.__portholeSockets.opened,
+        null, { timeout: 20000, polling: 100 }).catch(() => {});
     }
   } else {
     await settle(Number(rest[0] ?? 0));
