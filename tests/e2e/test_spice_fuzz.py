@@ -8,7 +8,7 @@ bytes, mini and full headers, on every channel kind the VM offers: main,
 display, inputs, cursor, playback, record, usbredir, port, webdav,
 smartcard). Each message goes on a fresh session of its own:
 
-1. directly to QEMU, for PORTHOLE_FUZZ_SECS (default 8; longer runs find more) over a few VMs
+1. directly to QEMU, for PORTHOLE_FUZZ_SECS (default 6; longer runs find more) over a few VMs
    (PORTHOLE_FUZZ_LANES, default 3) that each restart when they die: the
    messages sent in that time, and which killed QEMU;
 2. the same messages through Porthole, once through its native TLS SPICE
@@ -33,7 +33,7 @@ from support import Porthole, wait_for
 from vm import VM, make_spice_certs
 
 SEED = int(os.environ.get("PORTHOLE_FUZZ_SEED", "0x5eed"), 0)
-SECS = float(os.environ.get("PORTHOLE_FUZZ_SECS", "8"))
+SECS = float(os.environ.get("PORTHOLE_FUZZ_SECS", "6"))
 LANES = int(os.environ.get("PORTHOLE_FUZZ_LANES", "3"))
 # More than any run gets through: the direct phase takes a prefix.
 LIST = 5000
