@@ -1,6 +1,6 @@
 //! `[nova]`: Nova's console tokens, looked up in Nova through Keystone.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -70,70 +70,8 @@ pub(super) fn validate_nova(
     paths: Paths<'_>,
     issues: &mut Issues,
 ) -> NovaSettings {
-    let auth_url = raw.auth_url.unwrap_or_default();
-    if host_of(&auth_url).is_none() {
-        issues.push(
-            "nova.auth_url",
-            "required: Keystone's v3 URL, e.g. https://keystone.example.com:5000/v3",
-        );
-    }
-    if let Some(u) = &raw.compute_url
-        && host_of(u).is_none()
-    {
-        issues.push("nova.compute_url", "an http(s) URL ending in /v2.1");
-    }
-    let mut secret = |key: &str, file: Option<PathBuf>| -> Secret<String> {
-        let Some(file) = file else {
-            issues.push(format!("nova.{key}"), "required with it");
-            return Secret::default();
-        };
-        let path = paths.resolve(&file);
-        match std::fs::read_to_string(&path) {
-            Ok(s) if !s.trim_end_matches(['\n', '\r']).is_empty() => {
-                Secret::new(s.trim_end_matches(['\n', '\r']).to_string())
-            }
-            Ok(_) => {
-                issues.push(
-                    format!("nova.{key}"),
-                    format!("{} is empty", path.display()),
-                );
-                Secret::default()
-            }
-            Err(e) => {
-                issues.push(
-                    format!("nova.{key}"),
-                    format!("cannot read {}: {e}", path.display()),
-                );
-                Secret::default()
-            }
-        }
-    };
-    let credential = match (raw.username, raw.application_credential_id) {
-        (Some(username), None) => Credential::Password {
-            password: secret("password_file", raw.password_file),
-            username,
-            user_domain: raw.user_domain_name.unwrap_or_else(|| "Default".into()),
-            project: raw.project_name.unwrap_or_else(|| "service".into()),
-            project_domain: raw.project_domain_name.unwrap_or_else(|| "Default".into()),
-        },
-        (None, Some(id)) => Credential::ApplicationCredential {
-            secret: secret(
-                "application_credential_secret_file",
-                raw.application_credential_secret_file,
-            ),
-            id,
-        },
-        _ => {
-            issues.push(
-                "nova.username",
-                "exactly one of username (with password_file) and application_credential_id (with application_credential_secret_file)",
-            );
-            Credential::ApplicationCredential {
-                id: String::new(),
-                secret: Secret::default(),
-            }
-        }
-    };
+    check_urls(&raw, issues);
+    let credential = credential(&raw, paths, issues);
     let interface = raw.interface.unwrap_or_else(|| "internal".into());
     if !["public", "internal", "admin"].contains(&interface.as_str()) {
         issues.push("nova.interface", "one of public, internal, admin");
@@ -150,7 +88,7 @@ pub(super) fn validate_nova(
     }
     let timeout = secs_within(issues, "nova.timeout_secs", raw.timeout_secs, 5, 1, 60);
     NovaSettings {
-        auth_url,
+        auth_url: raw.auth_url.unwrap_or_default(),
         credential,
         region: raw.region_name,
         interface,
@@ -198,5 +136,89 @@ pub(super) fn validate_nova(
         ) as u32,
         capacity,
         microversion,
+    }
+}
+
+/// Keystone's URL is required; a compute URL, when given, must be one too.
+fn check_urls(raw: &RawNova, issues: &mut Issues) {
+    if raw.auth_url.as_deref().and_then(host_of).is_none() {
+        issues.push(
+            "nova.auth_url",
+            "required: Keystone's v3 URL, e.g. https://keystone.example.com:5000/v3",
+        );
+    }
+    if let Some(u) = &raw.compute_url
+        && host_of(u).is_none()
+    {
+        issues.push("nova.compute_url", "an http(s) URL ending in /v2.1");
+    }
+}
+
+/// Exactly one credential: a user with a password, or an application
+/// credential with its secret. Its secret is read now, so a missing file is
+/// a problem of the config, not a failed lookup later.
+fn credential(raw: &RawNova, paths: Paths<'_>, issues: &mut Issues) -> Credential {
+    match (&raw.username, &raw.application_credential_id) {
+        (Some(username), None) => Credential::Password {
+            password: secret(issues, paths, "password_file", raw.password_file.as_deref()),
+            username: username.clone(),
+            user_domain: raw
+                .user_domain_name
+                .clone()
+                .unwrap_or_else(|| "Default".into()),
+            project: raw.project_name.clone().unwrap_or_else(|| "service".into()),
+            project_domain: raw
+                .project_domain_name
+                .clone()
+                .unwrap_or_else(|| "Default".into()),
+        },
+        (None, Some(id)) => Credential::ApplicationCredential {
+            secret: secret(
+                issues,
+                paths,
+                "application_credential_secret_file",
+                raw.application_credential_secret_file.as_deref(),
+            ),
+            id: id.clone(),
+        },
+        _ => {
+            issues.push(
+                "nova.username",
+                "exactly one of username (with password_file) and application_credential_id (with application_credential_secret_file)",
+            );
+            Credential::ApplicationCredential {
+                id: String::new(),
+                secret: Secret::default(),
+            }
+        }
+    }
+}
+
+/// The secret in the file at `nova.{key}`, without its line end; a problem
+/// (and an empty secret) when it is not given, cannot be read or is empty.
+fn secret(issues: &mut Issues, paths: Paths<'_>, key: &str, file: Option<&Path>) -> Secret<String> {
+    let Some(file) = file else {
+        issues.push(format!("nova.{key}"), "required with it");
+        return Secret::default();
+    };
+    let path = paths.resolve(file);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim_end_matches(['\n', '\r']).is_empty() => {
+            Secret::new(s.trim_end_matches(['\n', '\r']).to_string())
+        }
+        Ok(_) => {
+            issues.push(
+                format!("nova.{key}"),
+                format!("{} is empty", path.display()),
+            );
+            Secret::default()
+        }
+        Err(e) => {
+            issues.push(
+                format!("nova.{key}"),
+                format!("cannot read {}: {e}", path.display()),
+            );
+            Secret::default()
+        }
     }
 }
