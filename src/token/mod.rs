@@ -32,7 +32,7 @@ pub use redemption::{MemoryRedemptions, Redemption, RedemptionStore, ReusePolicy
 pub use ticket::{ChannelRole, MemoryTickets, TicketRefusal, TicketStore};
 
 use crate::hypervisor::{AllowList, ConsoleTarget};
-use keys::Selected;
+use keys::{Selected, VerifyingKey};
 
 /// Every reason a token is refused. Each has a stable name for logs and the
 /// `porthole_token_refusals_total{reason}` counter.
@@ -223,6 +223,85 @@ impl ValidationPolicy {
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         v
     }
+
+    /// The checks on `claims` (of a token whose signature verified) for a
+    /// console of type `expect` at `now`: what jsonwebtoken does not check,
+    /// and the audience again. A refusal names the token's `jti`.
+    fn check_claims(
+        &self,
+        claims: &ConsoleClaims,
+        expect: Option<ConsoleType>,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let refuse = |reason, detail: String| Refusal {
+            reason,
+            detail,
+            jti: Some(claims.jti.clone()),
+        };
+
+        // What jsonwebtoken does not check, we do.
+        if claims.ver.is_some_and(|v| v != claims::SCHEMA_VERSION) {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                format!("unsupported schema version {:?}", claims.ver),
+            ));
+        }
+        if claims.jti.is_empty() || claims.jti.len() > 128 {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                "jti must be 1 to 128 characters".into(),
+            ));
+        }
+        if claims.sub.is_empty() || claims.sub.len() > 255 {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                "sub must be 1 to 255 characters".into(),
+            ));
+        }
+        if let Some(name) = with_control_characters(claims) {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                format!("{name} holds control characters"),
+            ));
+        }
+        if claims.iat > now + self.leeway_secs {
+            return Err(refuse(
+                RefusalReason::NotYetValid,
+                "iat is in the future".into(),
+            ));
+        }
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        // `exp - now` is checked as well: an old `iat` must not stretch the window.
+        if lifetime > self.max_ttl_secs || claims.exp > now + self.max_ttl_secs + self.leeway_secs {
+            return Err(refuse(
+                RefusalReason::LifetimeTooLong,
+                format!(
+                    "token lives {lifetime} s, the limit is {} s",
+                    self.max_ttl_secs
+                ),
+            ));
+        }
+        // jsonwebtoken checks these too; the explicit check keeps the reason
+        // right whatever the library's order of checks.
+        if !claims.aud.matches_any(&self.audiences) {
+            return Err(refuse(
+                RefusalReason::WrongAudience,
+                "aud is not accepted".into(),
+            ));
+        }
+        if let Some(want) = expect
+            && claims.console.kind != want
+        {
+            return Err(refuse(
+                RefusalReason::WrongConsoleType,
+                format!(
+                    "token is for {}, this endpoint serves {want}",
+                    claims.console.kind
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Seconds since the epoch, from the system clock.
@@ -347,6 +426,42 @@ impl TokenValidator {
         expect: Option<ConsoleType>,
         now: u64,
     ) -> Result<Grant, Refusal> {
+        let keys = self.keys.load();
+        let (claims, key) = self.verify(token, &keys)?;
+        self.policy.check_claims(&claims, expect, now)?;
+        let target = claims.console.target();
+        let backend = match self.allow.load().check(&target, claims.console.kind) {
+            Ok(b) => b.name.clone(),
+            Err(e) => {
+                return Err(Refusal {
+                    reason: RefusalReason::TargetNotAllowed,
+                    detail: e.to_string(),
+                    jti: Some(claims.jti.clone()),
+                });
+            }
+        };
+        Ok(Grant {
+            jti: claims.jti.clone(),
+            instance: claims.sub.clone(),
+            console: claims.console.kind,
+            target,
+            backend,
+            expires_at: claims.exp,
+            issuer: claims.iss.clone(),
+            kid: key.kid.clone(),
+            claims,
+        })
+    }
+
+    /// The claims of `token` once its size, header and signature pass, and
+    /// the key (of `keys`, chosen by the header's `kid`) that verified it.
+    /// The key's pinned algorithm must be the header's: a token never picks
+    /// how it is verified.
+    fn verify<'k>(
+        &self,
+        token: &str,
+        keys: &'k LoadedKeys,
+    ) -> Result<(ConsoleClaims, &'k VerifyingKey), Refusal> {
         let p = &self.policy;
         if token.len() > p.max_token_bytes {
             return Err(Refusal::new(
@@ -362,7 +477,6 @@ impl TokenValidator {
                 format!("header parameter `{name}` is not accepted"),
             ));
         }
-        let keys = self.keys.load();
         let key = match keys.ring.select(header.kid.as_deref()) {
             Selected::Key(k) => k,
             Selected::Unknown(why) => return Err(Refusal::new(RefusalReason::UnknownKey, why)),
@@ -378,90 +492,7 @@ impl TokenValidator {
         }
         let data = jsonwebtoken::decode::<ConsoleClaims>(token, &key.key, &key.validation)
             .map_err(|e| map_jwt_error(e.kind()))?;
-        let claims = data.claims;
-        let refuse = |reason, detail: String| Refusal {
-            reason,
-            detail,
-            jti: Some(claims.jti.clone()),
-        };
-
-        // What jsonwebtoken does not check, we do.
-        if claims.ver.is_some_and(|v| v != claims::SCHEMA_VERSION) {
-            return Err(refuse(
-                RefusalReason::Malformed,
-                format!("unsupported schema version {:?}", claims.ver),
-            ));
-        }
-        if claims.jti.is_empty() || claims.jti.len() > 128 {
-            return Err(refuse(
-                RefusalReason::Malformed,
-                "jti must be 1 to 128 characters".into(),
-            ));
-        }
-        if claims.sub.is_empty() || claims.sub.len() > 255 {
-            return Err(refuse(
-                RefusalReason::Malformed,
-                "sub must be 1 to 255 characters".into(),
-            ));
-        }
-        if let Some(name) = with_control_characters(&claims) {
-            return Err(refuse(
-                RefusalReason::Malformed,
-                format!("{name} holds control characters"),
-            ));
-        }
-        if claims.iat > now + p.leeway_secs {
-            return Err(refuse(
-                RefusalReason::NotYetValid,
-                "iat is in the future".into(),
-            ));
-        }
-        let lifetime = claims.exp.saturating_sub(claims.iat);
-        // `exp - now` is checked as well: an old `iat` must not stretch the window.
-        if lifetime > p.max_ttl_secs || claims.exp > now + p.max_ttl_secs + p.leeway_secs {
-            return Err(refuse(
-                RefusalReason::LifetimeTooLong,
-                format!(
-                    "token lives {lifetime} s, the limit is {} s",
-                    p.max_ttl_secs
-                ),
-            ));
-        }
-        // jsonwebtoken checks these too; the explicit check keeps the reason
-        // right whatever the library's order of checks.
-        if !claims.aud.matches_any(&p.audiences) {
-            return Err(refuse(
-                RefusalReason::WrongAudience,
-                "aud is not accepted".into(),
-            ));
-        }
-        if let Some(want) = expect
-            && claims.console.kind != want
-        {
-            return Err(refuse(
-                RefusalReason::WrongConsoleType,
-                format!(
-                    "token is for {}, this endpoint serves {want}",
-                    claims.console.kind
-                ),
-            ));
-        }
-        let target = claims.console.target();
-        let backend = match self.allow.load().check(&target, claims.console.kind) {
-            Ok(b) => b.name.clone(),
-            Err(e) => return Err(refuse(RefusalReason::TargetNotAllowed, e.to_string())),
-        };
-        Ok(Grant {
-            jti: claims.jti.clone(),
-            instance: claims.sub.clone(),
-            console: claims.console.kind,
-            target,
-            backend,
-            expires_at: claims.exp,
-            issuer: claims.iss.clone(),
-            kid: key.kid.clone(),
-            claims,
-        })
+        Ok((data.claims, key))
     }
 }
 
