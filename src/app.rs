@@ -11,10 +11,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigSource};
-use crate::frontend::admin::{self, AdminState};
-use crate::frontend::public::{self, PublicState};
-use crate::frontend::spice::SpiceDetails;
-use crate::frontend::vnc::VncDetails;
+use crate::frontend::state::{AdminState, PublicState, SpiceDetails, VncDetails};
+use crate::frontend::{admin, public};
 use crate::issuance::Issuer;
 use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};

@@ -4,55 +4,20 @@
 //! credentials needs a bearer key from configuration; health, readiness and
 //! metrics are open (they carry no secrets and no per-session labels).
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use super::operations;
+use super::respond::{bad_body, error};
+use super::state::{AdminState, authorize};
 use crate::console::ConsoleType;
-use crate::issuance::{IssueBody, IssueError, Issuer};
-use crate::secret::Secret;
-use crate::token::TokenValidator;
-
-/// What the admin routes share.
-#[derive(Debug, Clone)]
-pub struct AdminState {
-    /// Validates tokens and reloads keys.
-    pub validator: Arc<TokenValidator>,
-    /// The issuance API; `None` answers 404.
-    pub issuer: Option<Arc<Issuer>>,
-    /// SHA-256 of each accepted bearer key (compared in constant time).
-    pub bearer_key_hashes: Arc<Vec<[u8; 32]>>,
-    /// Renders `/metrics`; `None` when no recorder is installed (tests).
-    pub metrics: Option<PrometheusHandle>,
-    /// What `/readyz` answers.
-    pub readiness: super::readiness::Readiness,
-    /// Live sessions (list, terminate), tickets (revoked with their token),
-    /// and the resolver a token check goes through.
-    pub sessions: Arc<crate::session::Sessions>,
-    /// How long a revocation is kept: the longest a token can still be valid.
-    pub revoke_for_secs: u64,
-    /// Reloads keys, certificates and backends (`POST /v1/reload`).
-    pub reloader: Arc<crate::reload::Reloader>,
-}
-
-impl AdminState {
-    /// Hashes bearer keys once so requests never touch the raw keys.
-    pub fn hash_bearer_keys(keys: &[Secret<String>]) -> Vec<[u8; 32]> {
-        keys.iter()
-            .map(|k| Sha256::digest(k.expose().as_bytes()).into())
-            .collect()
-    }
-}
+use crate::issuance::{IssueBody, IssueError};
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
@@ -62,13 +27,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/tokens/connection", post(connection_details))
         .route("/v1/keys/reload", post(reload_keys))
         .route("/v1/reload", post(reload_all))
-        .route("/v1/sessions", get(super::operations::list))
+        .route("/v1/sessions", get(operations::list))
         .route(
             "/v1/sessions/{id}",
-            get(super::operations::show).delete(super::operations::kill_one),
+            get(operations::show).delete(operations::kill_one),
         )
-        .route("/v1/sessions/terminate", post(super::operations::kill_many))
-        .route("/v1/revocations", post(super::operations::revoke))
+        .route("/v1/sessions/terminate", post(operations::kill_many))
+        .route("/v1/revocations", post(operations::revoke))
         // The bearer key before anything else, the body included: an
         // unauthenticated caller cannot make Porthole read (or hold) a body.
         .route_layer(axum::middleware::from_fn_with_state(
@@ -82,16 +47,6 @@ pub fn router(state: AdminState) -> Router {
         .merge(protected)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
-}
-
-/// The answer to a body that is not the JSON a call takes: 413 past
-/// [`BODY_LIMIT`], 400 otherwise.
-pub(crate) fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.body_text())
-    } else {
-        error(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
-    }
 }
 
 /// Largest admin request body: every admin call is a small JSON object.
@@ -120,56 +75,6 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         )
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
-    }
-}
-
-/// A JSON error body: a stable code and a human message.
-pub(crate) fn error(
-    status: StatusCode,
-    code: &'static str,
-    message: impl Into<String>,
-) -> Response {
-    (
-        status,
-        Json(json!({ "error": { "code": code, "message": message.into() } })),
-    )
-        .into_response()
-}
-
-/// A call without a valid bearer key.
-pub(crate) struct Unauthorized;
-
-impl IntoResponse for Unauthorized {
-    fn into_response(self) -> Response {
-        error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid bearer key is required",
-        )
-    }
-}
-
-/// Checks `Authorization: Bearer ...` against the configured keys.
-pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Unauthorized> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| -> [u8; 32] { Sha256::digest(k.trim().as_bytes()).into() });
-    let ok = presented.is_some_and(|p| {
-        // Fold over every key so timing does not reveal which one matched.
-        state
-            .bearer_key_hashes
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&p))
-            .into()
-    });
-    if ok {
-        Ok(())
-    } else {
-        crate::metrics::issuance_refused("unauthorized");
-        tracing::info!("admin call refused: missing or unknown bearer key");
-        Err(Unauthorized)
     }
 }
 

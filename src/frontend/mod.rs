@@ -4,7 +4,9 @@ pub mod admin;
 pub mod operations;
 pub mod public;
 pub mod readiness;
+mod respond;
 pub mod spice;
+pub mod state;
 pub mod vnc;
 pub mod xterm;
 

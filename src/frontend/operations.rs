@@ -19,7 +19,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::admin::{AdminState, authorize, bad_body, error};
+use super::respond::{bad_body, error};
+use super::state::{AdminState, authorize};
 use crate::audit::AuditEvent;
 use crate::session::registry::Selector;
 use crate::token::unix_now;

@@ -14,43 +14,24 @@
 //! session, so a page can tell its user why a socket failed (browsers hide
 //! the status of a failed upgrade).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use super::spice::{self, SpiceDetails};
-use crate::config::{ListenConfig, WebConfig};
+use super::respond::{open_error_response, refusal_response, refuse};
+use super::state::{ClientAddr, PublicState, TokenQuery, client_addr};
+use super::{spice, vnc, xterm};
+use crate::config::ListenConfig;
 use crate::console::ConsoleType;
-use crate::session::{OpenError, Sessions};
 use crate::token::RefusalReason;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-
-/// What the public routes share.
-#[derive(Debug, Clone)]
-pub struct PublicState {
-    /// Resolves tokens, admits and runs sessions.
-    pub sessions: Arc<Sessions>,
-    /// Origins and proxies.
-    pub listen: Arc<ListenConfig>,
-    /// Pages and client libraries.
-    pub web: Arc<WebConfig>,
-    /// What native SPICE clients are told; `None`: no SPICE at all.
-    pub spice: Option<Arc<SpiceDetails>>,
-    /// What native VNC clients are told.
-    pub vnc: Arc<super::vnc::VncDetails>,
-    /// What `/readyz` answers (here too: a balancer on another host cannot
-    /// reach the admin listener).
-    pub readiness: super::readiness::Readiness,
-}
 
 /// The public router.
 pub fn router(state: PublicState) -> Router {
@@ -66,7 +47,7 @@ pub fn router(state: PublicState) -> Router {
             "/vendor/spice-html5",
             no_dirs(state.web.spice_html5_dir.clone()),
         )
-        .merge(super::xterm::routes(&state.web.xterm_dir, no_dirs))
+        .merge(xterm::routes(&state.web.xterm_dir, no_dirs))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=300"),
@@ -110,7 +91,7 @@ pub fn router(state: PublicState) -> Router {
         )
         .route("/spice-direct", get(spice::spice_direct))
         .route("/spice-ticket", post(spice::spice_ticket))
-        .route("/vnc-direct", get(super::vnc::vnc_direct))
+        .route("/vnc-direct", get(vnc::vnc_direct))
         .merge(statics)
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
@@ -121,101 +102,6 @@ pub fn router(state: PublicState) -> Router {
             HeaderValue::from_static("no-referrer"),
         ))
         .with_state(state)
-}
-
-/// `?token=…`, or noVNC's `?path=websockify%3Ftoken%3D…` convention.
-#[derive(Debug, Deserialize)]
-pub struct TokenQuery {
-    token: Option<String>,
-    path: Option<String>,
-}
-
-impl TokenQuery {
-    pub(crate) fn token(&self) -> Option<&str> {
-        self.token.as_deref().or_else(|| {
-            let path = self.path.as_deref()?;
-            let query = path.split_once('?').map_or(path, |(_, q)| q);
-            query.split('&').find_map(|kv| kv.strip_prefix("token="))
-        })
-    }
-}
-
-/// A refusal as the client sees it: a status and a short code.
-pub(crate) fn refuse(status: StatusCode, code: &'static str) -> Response {
-    (
-        status,
-        [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(serde_json::json!({ "error": code })),
-    )
-        .into_response()
-}
-
-pub(crate) fn refusal_response(reason: RefusalReason) -> Response {
-    let status = StatusCode::from_u16(reason.http_status()).unwrap_or(StatusCode::FORBIDDEN);
-    refuse(status, reason.client_code())
-}
-
-pub(crate) fn open_error_response(e: &OpenError) -> Response {
-    match e {
-        OpenError::Refused(r) => refusal_response(r.reason),
-        OpenError::Busy => refuse(StatusCode::CONFLICT, "busy"),
-        OpenError::Limited(_) => refuse(StatusCode::TOO_MANY_REQUESTS, "busy"),
-        OpenError::Overloaded | OpenError::ShuttingDown | OpenError::Unavailable(_) => {
-            refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        }
-        OpenError::Unreachable(_) => refuse(StatusCode::BAD_GATEWAY, "unavailable"),
-    }
-}
-
-/// The client's address, as every public route sees it: the peer, or the
-/// last hop a trusted proxy vouches for.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub IpAddr);
-
-impl axum::extract::FromRequestParts<PublicState> for ClientAddr {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        s: &PublicState,
-    ) -> Result<Self, Self::Rejection> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0)
-            // Served without connection info (a router in a unit test).
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        Ok(ClientAddr(client_addr(peer, &parts.headers, &s.listen)))
-    }
-}
-
-/// The client's address: the peer, or the last hop a trusted proxy vouches for.
-fn client_addr(peer: SocketAddr, headers: &HeaderMap, listen: &ListenConfig) -> IpAddr {
-    let trusted = |ip: &IpAddr| listen.trusted_proxies.iter().any(|n| n.contains(ip));
-    let mut client = peer.ip();
-    if !trusted(&client) {
-        return client;
-    }
-    // Walk X-Forwarded-For from the right: every hop we trust may name the next.
-    let hops: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    for hop in hops.iter().rev() {
-        match hop.parse::<IpAddr>() {
-            Ok(ip) => {
-                client = ip;
-                if !trusted(&ip) {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    client
 }
 
 /// Why a request's Origin may not open a console socket.
@@ -511,23 +397,7 @@ async fn console_page(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn listen(origins: &[&str], proxies: &[&str], allow_missing: bool) -> ListenConfig {
-        ListenConfig {
-            public: "127.0.0.1:6080".parse().unwrap(),
-            admin: "127.0.0.1:6090".parse().unwrap(),
-            public_base_url: "https://consoles.example.com/p".into(),
-            public_extra: vec![],
-            tls: None,
-            trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
-            proxy_protocol: false,
-            allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
-            allow_missing_origin: allow_missing,
-            tls13_only: false,
-            max_pending_connections: 1024,
-            max_pending_per_address: 32,
-        }
-    }
+    use crate::frontend::state::tests::listen;
 
     fn with_origin(o: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -588,23 +458,6 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "198.51.100.7, 10.0.0.2".parse().unwrap());
-        let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
-        assert_eq!(client_addr(peer, &h, &listen(&[], &[], true)), peer.ip());
-        assert_eq!(
-            client_addr(peer, &h, &listen(&[], &["10.0.0.0/8"], true)),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
-        );
-        let stranger: SocketAddr = "203.0.113.9:1".parse().unwrap();
-        assert_eq!(
-            client_addr(stranger, &h, &listen(&[], &["10.0.0.0/8"], true)),
-            stranger.ip()
-        );
-    }
-
-    #[test]
     fn the_token_cookie_is_found_among_others_and_empty_is_none() {
         let with = |values: &[&str]| {
             let mut h = HeaderMap::new();
@@ -622,17 +475,5 @@ mod tests {
         assert_eq!(cookie_token(&with(&["mytoken=abc; tokens=x"])), None);
         assert_eq!(cookie_token(&with(&["token="])), None);
         assert_eq!(cookie_token(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn token_comes_from_query_or_novnc_path() {
-        let q = |token: Option<&str>, path: Option<&str>| TokenQuery {
-            token: token.map(Into::into),
-            path: path.map(Into::into),
-        };
-        assert_eq!(q(Some("abc"), None).token(), Some("abc"));
-        assert_eq!(q(None, Some("websockify?token=xyz")).token(), Some("xyz"));
-        assert_eq!(q(None, Some("?a=1&token=xyz")).token(), Some("xyz"));
-        assert_eq!(q(None, Some("websockify")).token(), None);
     }
 }

@@ -20,28 +20,11 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::transport::listener::ProxyHeaders;
-
-use super::public::{
-    ClientAddr, PublicState, TokenQuery, open_error_response, refusal_response, refuse,
-};
+use super::respond::{open_error_response, refusal_response, refuse};
+use super::state::{ClientAddr, PublicState, SpiceDetails, TokenQuery};
 use crate::console::ConsoleType;
 use crate::session::Sessions;
-
-/// What native clients are told about Porthole's SPICE listener.
-#[derive(Debug, Clone, Default)]
-pub struct SpiceDetails {
-    /// Host clients connect to.
-    pub host: String,
-    /// Porthole's SPICE TLS port, when the listener is on.
-    pub tls_port: Option<u16>,
-    /// Porthole's plain SPICE port (NEED_SECURED only), when on.
-    pub port: Option<u16>,
-    /// The CA certificate (PEM) to trust, when not a public one.
-    pub ca_pem: Option<String>,
-    /// The certificate's subject, for clients that check it instead of the host.
-    pub host_subject: Option<String>,
-}
+use crate::transport::listener::ProxyHeaders;
 
 /// The JSON form of the connection details.
 #[derive(Debug, Serialize)]

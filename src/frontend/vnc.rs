@@ -12,22 +12,11 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::transport::listener::ProxyHeaders;
-
-use super::public::{PublicState, TokenQuery, refuse};
+use super::respond::refuse;
+use super::state::{ClientAddr, PublicState, TokenQuery};
 use crate::console::ConsoleType;
 use crate::session::Sessions;
-
-/// What native VNC clients are told about Porthole's VNC listener.
-#[derive(Debug, Clone, Default)]
-pub struct VncDetails {
-    /// Host clients connect to.
-    pub host: String,
-    /// Porthole's native VNC port, when the listener is on.
-    pub port: Option<u16>,
-    /// The CA certificate (PEM) to trust, when not a public one.
-    pub ca_pem: Option<String>,
-}
+use crate::transport::listener::ProxyHeaders;
 
 #[derive(Debug, Serialize)]
 struct ConnectionDetails<'a> {
@@ -47,7 +36,7 @@ struct ConnectionDetails<'a> {
 /// password) for a `vnc-direct` token.
 pub async fn vnc_direct(
     State(s): State<PublicState>,
-    super::public::ClientAddr(client): super::public::ClientAddr,
+    ClientAddr(client): ClientAddr,
     Query(q): Query<TokenQuery>,
 ) -> Response {
     let Some(port) = s.vnc.port else {
