@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigSource};
 use crate::frontend::state::{AdminState, PublicState, SpiceDetails, VncDetails};
-use crate::frontend::{admin, public};
+use crate::frontend::{Native, admin, public};
 use crate::issuance::Issuer;
 use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};
@@ -424,29 +424,28 @@ pub async fn run(
     sessions
         .keys
         .spawn_rotation(app.config.spice.key_rotation, stop_accepting.clone());
+    let natives = [
+        (
+            listeners.spice_tls,
+            Native::SpiceTls,
+            app.config.spice.proxy_protocol,
+        ),
+        (
+            listeners.spice_plain,
+            Native::SpicePlain,
+            app.config.spice.proxy_protocol,
+        ),
+        (listeners.vnc, Native::Vnc, app.config.vnc.proxy_protocol),
+    ];
     let mut native = Vec::new();
-    if let Some(l) = listeners.spice_tls {
-        native.push(tokio::spawn(crate::frontend::spice::serve_tls(
+    for (l, kind, expects_proxy) in natives {
+        let Some(l) = l else { continue };
+        native.push(tokio::spawn(crate::frontend::serve_native(
+            kind,
             l,
             sessions.clone(),
             stop_accepting.clone(),
-            proxy(app.config.spice.proxy_protocol),
-        )));
-    }
-    if let Some(l) = listeners.spice_plain {
-        native.push(tokio::spawn(crate::frontend::spice::serve_plain(
-            l,
-            sessions.clone(),
-            stop_accepting.clone(),
-            proxy(app.config.spice.proxy_protocol),
-        )));
-    }
-    if let Some(l) = listeners.vnc {
-        native.push(tokio::spawn(crate::frontend::vnc::serve(
-            l,
-            sessions.clone(),
-            stop_accepting.clone(),
-            proxy(app.config.vnc.proxy_protocol),
+            proxy(expects_proxy),
         )));
     }
     let public_router = app.public_router();

@@ -18,16 +18,51 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::session::Sessions;
+use crate::session::{self, Sessions};
 use crate::transport::listener::{Accepted, ProxyHeaders};
 
-/// A native listener: every connection it accepts goes to `serve` (a
-/// session-layer entry point) as a tracked session task, with its client's
-/// address (a trusted proxy's PROXY header names it, where `proxy` expects
-/// one) and the deadline its handshakes share, until `stop` fires. A
-/// connection holds its place behind the gate until that deadline: by then
-/// it is a session, or gone.
-pub(crate) async fn serve_native<F, Fut>(
+/// A native listener's kind: what each connection it accepts is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Native {
+    /// SPICE over TLS: the session layer runs TLS and the link, and
+    /// proxies the channel.
+    SpiceTls,
+    /// SPICE on a plain port: every link is answered NEED_SECURED, so that
+    /// clients retry on the TLS port and no ticket ever travels in clear.
+    SpicePlain,
+    /// vnc-direct: RFB, offered only VeNCrypt X509Plain with a ticket.
+    Vnc,
+}
+
+/// A native listener: every connection it accepts goes to the session
+/// layer's entry point for `kind` as a tracked session task, with its
+/// client's address (a trusted proxy's PROXY header names it, where `proxy`
+/// expects one) and the deadline its handshakes share, until `stop` fires.
+/// A connection holds its place behind the gate until that deadline: by
+/// then it is a session, or gone.
+pub async fn serve_native(
+    kind: Native,
+    listener: TcpListener,
+    sessions: Arc<Sessions>,
+    stop: CancellationToken,
+    proxy: ProxyHeaders,
+) {
+    let handshake = match kind {
+        Native::SpiceTls | Native::SpicePlain => sessions.limits.spice_handshake,
+        Native::Vnc => sessions.limits.vnc_handshake,
+    };
+    let serve = move |sessions, tcp, client, deadline| async move {
+        match kind {
+            Native::SpiceTls => session::spice::serve_native(sessions, tcp, client, deadline).await,
+            Native::SpicePlain => session::spice::need_secured(tcp, deadline).await,
+            Native::Vnc => session::vnc::serve_native(sessions, tcp, client, deadline).await,
+        }
+    };
+    accept_native(listener, sessions, stop, handshake, proxy, serve).await;
+}
+
+/// [`serve_native`]'s accept loop, with `serve` for each connection.
+async fn accept_native<F, Fut>(
     listener: TcpListener,
     sessions: Arc<Sessions>,
     stop: CancellationToken,

@@ -1,4 +1,5 @@
-//! SPICE front ends: the native listeners and the ticket exchange.
+//! SPICE front ends: the ticket exchange (the native listeners are
+//! [`super::serve_native`]'s).
 //!
 //! - The TLS listener hands every connection to the session layer, which
 //!   runs TLS and the SPICE link under one deadline and proxies the channel
@@ -11,20 +12,14 @@
 //!   the same for the spice-html5 page, which passes the ticket to
 //!   spice-html5 as its password.
 
-use std::sync::Arc;
-
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use super::respond::{open_error_response, refusal_response, refuse};
 use super::state::{ClientAddr, PublicState, SpiceDetails, TokenQuery};
 use crate::console::ConsoleType;
-use crate::session::Sessions;
-use crate::transport::listener::ProxyHeaders;
 
 /// The JSON form of the connection details.
 #[derive(Debug, Serialize)]
@@ -186,44 +181,6 @@ fn virt_viewer_file(d: &SpiceDetails, ticket: &str, instance: &str) -> String {
     vv.push_str(&format!("title={} (Porthole)\n", clean(instance)));
     vv.push_str("delete-this-file=1\n");
     vv
-}
-
-/// Accepts native SPICE clients over TLS until `stop` fires.
-pub async fn serve_tls(
-    listener: TcpListener,
-    sessions: Arc<Sessions>,
-    stop: CancellationToken,
-    proxy: ProxyHeaders,
-) {
-    let handshake = sessions.limits.spice_handshake;
-    super::serve_native(
-        listener,
-        sessions,
-        stop,
-        handshake,
-        proxy,
-        crate::session::spice::serve_native,
-    )
-    .await;
-}
-
-/// Answers every link on a plain port with NEED_SECURED until `stop` fires.
-pub async fn serve_plain(
-    listener: TcpListener,
-    sessions: Arc<Sessions>,
-    stop: CancellationToken,
-    proxy: ProxyHeaders,
-) {
-    let handshake = sessions.limits.spice_handshake;
-    super::serve_native(
-        listener,
-        sessions,
-        stop,
-        handshake,
-        proxy,
-        |_sessions, tcp, _client, deadline| crate::session::spice::need_secured(tcp, deadline),
-    )
-    .await;
 }
 
 #[cfg(test)]

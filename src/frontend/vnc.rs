@@ -1,22 +1,16 @@
 //! The native VNC front end (vnc-direct): a listener where native clients
 //! (TigerVNC, gtk-vnc viewers) speak RFB and are offered only VeNCrypt
-//! X509Plain, with a ticket as the password; and the exchange that gives
-//! them one (`GET /vnc-direct?token=`, JSON).
-
-use std::sync::Arc;
+//! X509Plain, with a ticket as the password ([`super::serve_native`]); and
+//! the exchange that gives them one (`GET /vnc-direct?token=`, JSON).
 
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use super::respond::refuse;
 use super::state::{ClientAddr, PublicState, TokenQuery};
 use crate::console::ConsoleType;
-use crate::session::Sessions;
-use crate::transport::listener::ProxyHeaders;
 
 #[derive(Debug, Serialize)]
 struct ConnectionDetails<'a> {
@@ -59,23 +53,4 @@ pub async fn vnc_direct(
         instance: &grant.instance,
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
-}
-
-/// Accepts native VNC clients until `stop` fires.
-pub async fn serve(
-    listener: TcpListener,
-    sessions: Arc<Sessions>,
-    stop: CancellationToken,
-    proxy: ProxyHeaders,
-) {
-    let handshake = sessions.limits.vnc_handshake;
-    super::serve_native(
-        listener,
-        sessions,
-        stop,
-        handshake,
-        proxy,
-        crate::session::vnc::serve_native,
-    )
-    .await;
 }
