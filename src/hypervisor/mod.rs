@@ -15,8 +15,11 @@ pub use allowlist::{AllowList, BackendNetwork, PortRange, TargetError};
 pub use spice::{SpiceBackendConfig, SpiceUpstream, SpiceUpstreams};
 pub use vnc::{VncBackendConfig, VncUpstream, VncUpstreams};
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+
+use crate::secret::Secret;
 
 /// Where a console lives: the hypervisor host and its console ports.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -92,6 +95,32 @@ pub enum CredentialError {
     /// The client certificate and key do not belong together.
     #[error("client certificate and key do not match: {0}")]
     ClientIdentity(rustls::Error),
+}
+
+/// Each backend network's credentials, loaded by `load` from its settings;
+/// the first error (it names the file) stops the load.
+pub(crate) fn load_each<C, U>(
+    config: &HashMap<String, C>,
+    load: impl Fn(&C) -> Result<U, CredentialError>,
+) -> Result<HashMap<String, U>, CredentialError> {
+    config
+        .iter()
+        .map(|(name, c)| Ok((name.clone(), load(c)?)))
+        .collect()
+}
+
+/// An optional password file's content (none: empty), once `check` (the
+/// protocol's limit) has passed it.
+pub(crate) fn password(
+    file: Option<&Path>,
+    check: impl FnOnce(&Path, &[u8]) -> Result<(), CredentialError>,
+) -> Result<Secret<Vec<u8>>, CredentialError> {
+    let Some(file) = file else {
+        return Ok(Secret::default());
+    };
+    let pw = read_password_file(file)?;
+    check(file, &pw)?;
+    Ok(Secret::new(pw))
 }
 
 /// A password file's content, without the trailing newline `echo pw > file` adds.

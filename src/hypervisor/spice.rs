@@ -51,33 +51,28 @@ pub struct SpiceUpstreams(HashMap<String, SpiceUpstream>);
 impl SpiceUpstreams {
     /// Loads password files and CAs; an error names the file.
     pub fn load(config: &HashMap<String, SpiceBackendConfig>) -> Result<Self, CredentialError> {
-        let mut out = HashMap::new();
-        for (name, c) in config {
-            let password = match &c.password_file {
-                None => Vec::new(),
-                Some(p) => {
-                    let pw = super::read_password_file(p)?;
-                    if pw.len() > crate::protocol::spice::crypto::MAX_PASSWORD_LEN {
-                        return Err(CredentialError::SpicePasswordTooLong { file: p.clone() });
-                    }
-                    pw
+        super::load_each(config, |c| {
+            let password = super::password(c.password_file.as_deref(), |file, pw| {
+                if pw.len() > crate::protocol::spice::crypto::MAX_PASSWORD_LEN {
+                    return Err(CredentialError::SpicePasswordTooLong {
+                        file: file.to_path_buf(),
+                    });
                 }
-            };
-            let tls = match &c.ca {
-                None => None,
-                Some(ca) => Some(Arc::new(client_config(ca)?)),
-            };
-            out.insert(
-                name.clone(),
-                SpiceUpstream {
-                    password: Secret::new(password),
-                    tls,
-                    tls_name: c.tls_name.clone(),
-                    prefer_plain: c.prefer_plain,
-                },
-            );
-        }
-        Ok(Self(out))
+                Ok(())
+            })?;
+            Ok(SpiceUpstream {
+                password,
+                tls: c
+                    .ca
+                    .as_deref()
+                    .map(client_config)
+                    .transpose()?
+                    .map(Arc::new),
+                tls_name: c.tls_name.clone(),
+                prefer_plain: c.prefer_plain,
+            })
+        })
+        .map(Self)
     }
 
     /// The credentials for backend network `name` (none configured: no

@@ -106,31 +106,23 @@ pub struct VncUpstreams(HashMap<String, VncUpstream>);
 impl VncUpstreams {
     /// Loads password files, CAs and client identities; an error names the file.
     pub fn load(config: &HashMap<String, VncBackendConfig>) -> Result<Self, CredentialError> {
-        let mut out = HashMap::new();
-        for (name, c) in config {
-            let password = match &c.password_file {
-                None => Vec::new(),
-                Some(p) => {
-                    let pw = super::read_password_file(p)?;
-                    if pw.len() > MAX_PASSWORD_LEN {
-                        tracing::warn!(
-                            "{}: VNC authentication uses only the first {MAX_PASSWORD_LEN} bytes",
-                            p.display()
-                        );
-                    }
-                    pw
+        super::load_each(config, |c| {
+            let password = super::password(c.password_file.as_deref(), |file, pw| {
+                if pw.len() > MAX_PASSWORD_LEN {
+                    tracing::warn!(
+                        "{}: VNC authentication uses only the first {MAX_PASSWORD_LEN} bytes",
+                        file.display()
+                    );
                 }
-            };
+                Ok(())
+            })?;
             let tls = match &c.ca {
                 None => None,
                 Some(ca) => Some(Arc::new(client_config(ca, c.client_identity.as_ref())?)),
             };
-            out.insert(
-                name.clone(),
-                VncUpstream::from_config(c, Secret::new(password), tls),
-            );
-        }
-        Ok(Self(out))
+            Ok(VncUpstream::from_config(c, password, tls))
+        })
+        .map(Self)
     }
 
     /// The credentials for backend network `name` (none configured: no
