@@ -16,11 +16,11 @@ use crate::frontend::{Native, admin, public};
 use crate::issuance::Issuer;
 use crate::reload::{Reloadable, Reloader, Swappable};
 use crate::session::{self, Sessions, admission::Limits};
-use crate::store::Redis;
 use crate::store::redemptions::RedisRedemptions;
 use crate::store::registry::RedisRegistry;
 use crate::store::revocations::RedisRevocations;
 use crate::store::tickets::RedisTickets;
+use crate::store::{Leasing, Redis};
 use crate::token::nova::{NovaResolver, Resolvers};
 use crate::token::redemption::RedemptionStore;
 use crate::token::revocation::{RevocationStore, Revocations};
@@ -286,22 +286,17 @@ impl Stores {
         // rustls for `rediss://` takes the process's default provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let redis = Redis::connect(store, crate::node::name(), background.clone())?;
+        let leasing = Leasing {
+            redis: redis.clone(),
+            lease: store.lease,
+            renew: store.renew,
+            stop: background,
+        };
         Ok(Self {
-            redemptions: RedisRedemptions::new(
-                redis.clone(),
-                store.lease,
-                store.renew,
-                background.clone(),
-            ),
-            tickets: RedisTickets::new(redis.clone(), store.lease, store.renew, background.clone()),
+            redemptions: RedisRedemptions::new(leasing.clone()),
+            tickets: RedisTickets::new(leasing.clone()),
             revocations: Arc::new(RedisRevocations::new(redis.clone())),
-            registry: RedisRegistry::new(
-                redis.clone(),
-                crate::node::name().to_string(),
-                store.lease,
-                store.renew,
-                background,
-            ),
+            registry: RedisRegistry::new(leasing, crate::node::name().to_string()),
             redis: Some(redis),
         })
     }

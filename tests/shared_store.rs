@@ -12,10 +12,10 @@ use std::time::Duration;
 use porthole::config::StoreConfig;
 use porthole::console::ConsoleType;
 use porthole::hypervisor::ConsoleTarget;
-use porthole::store::Redis;
 use porthole::store::redemptions::RedisRedemptions;
 use porthole::store::revocations::RedisRevocations;
 use porthole::store::tickets::RedisTickets;
+use porthole::store::{Leasing, Redis};
 use porthole::token::claims::{Audience, ConsoleClaim, ConsoleClaims};
 use porthole::token::redemption::{RedemptionStore, ReusePolicy};
 use porthole::token::revocation::{RevocationError, RevocationStore};
@@ -102,9 +102,15 @@ async fn node(server: &RedisServer, name: &str) -> Node {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let leasing = Leasing {
+        redis: redis.clone(),
+        lease: LEASE,
+        renew: config.renew,
+        stop: stop.clone(),
+    };
     Node {
-        redemptions: RedisRedemptions::new(redis.clone(), LEASE, config.renew, stop.clone()),
-        tickets: RedisTickets::new(redis.clone(), LEASE, config.renew, stop.clone()),
+        redemptions: RedisRedemptions::new(leasing.clone()),
+        tickets: RedisTickets::new(leasing),
         revocations: RedisRevocations::new(redis.clone()),
         redis,
         stop,
@@ -472,13 +478,13 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
     let server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let registry = |n: &Node, name: &str| {
-        RedisRegistry::new(
-            n.redis.clone(),
-            name.into(),
-            LEASE,
-            Duration::from_millis(500),
-            n.stop.clone(),
-        )
+        let leasing = Leasing {
+            redis: n.redis.clone(),
+            lease: LEASE,
+            renew: Duration::from_millis(500),
+            stop: n.stop.clone(),
+        };
+        RedisRegistry::new(leasing, name.into())
     };
     let (on_a, on_b) = (registry(&a, "node-a"), registry(&b, "node-b"));
     let session = |jti: &str, key: Option<&str>| NewSession {
@@ -578,13 +584,13 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
     let mut server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let registry = |n: &Node, name: &str| {
-        RedisRegistry::new(
-            n.redis.clone(),
-            name.into(),
-            LEASE,
-            Duration::from_millis(500),
-            n.stop.clone(),
-        )
+        let leasing = Leasing {
+            redis: n.redis.clone(),
+            lease: LEASE,
+            renew: Duration::from_millis(500),
+            stop: n.stop.clone(),
+        };
+        RedisRegistry::new(leasing, name.into())
     };
     let (on_a, on_b) = (registry(&a, "node-a"), registry(&b, "node-b"));
     // A SPICE session on node a: its ticket opened it and is bound to the

@@ -341,6 +341,38 @@ impl Redis {
     }
 }
 
+/// A store whose entries live on leases this node renews.
+trait Leases: Send + Sync + 'static {
+    /// Renews every lease this node holds, in one round trip.
+    fn renew(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// What a store that keeps leases is built on: the shared Redis, the
+/// lease, and how often this node renews the leases it holds, until when.
+#[derive(Debug, Clone)]
+pub struct Leasing {
+    /// The shared Redis.
+    pub redis: Arc<Redis>,
+    /// How long a lease lasts unrenewed.
+    pub lease: Duration,
+    /// How often this node renews the leases it holds.
+    pub renew: Duration,
+    /// Renewals stop when this fires.
+    pub stop: CancellationToken,
+}
+
+impl Leasing {
+    /// The store `make` builds on this Redis and lease, its leases renewed
+    /// every `renew` until `stop`.
+    fn start<S: Leases>(self, make: impl FnOnce(Arc<Redis>, Duration) -> S) -> Arc<S> {
+        let store = Arc::new(make(self.redis, self.lease));
+        let renewing = store.clone();
+        let (period, stop) = (self.renew, self.stop);
+        tokio::spawn(async move { every(period, stop, || renewing.renew()).await });
+        store
+    }
+}
+
 /// Runs `work` every `period` until `stop` (a late tick waits; ticks never
 /// bunch up): the probe and every renewal loop.
 async fn every<F, Fut>(period: Duration, stop: CancellationToken, mut work: F)

@@ -20,10 +20,9 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::Script;
-use tokio_util::sync::CancellationToken;
 
-use super::Redis;
 use super::remembered::Event;
+use super::{Leasing, Redis};
 use crate::token::RefusalReason;
 use crate::token::redemption::{RedeemError, RedemptionStore, ReusePolicy};
 
@@ -91,20 +90,13 @@ fn unavailable(_: super::StoreError) -> RedeemError {
 }
 
 impl RedisRedemptions {
-    /// Redemptions in `redis`, leases renewed every `renew` until `stop`.
-    pub fn new(
-        redis: Arc<Redis>,
-        lease: Duration,
-        renew: Duration,
-        stop: CancellationToken,
-    ) -> Arc<Self> {
-        let store = Arc::new(Self {
+    /// Redemptions on `leasing`'s Redis, on its leases.
+    pub fn new(leasing: Leasing) -> Arc<Self> {
+        leasing.start(|redis, lease| Self {
             redis,
             lease,
             held: Mutex::default(),
-        });
-        tokio::spawn(store.clone().renew_every(renew, stop));
-        store
+        })
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
@@ -117,10 +109,6 @@ impl RedisRedemptions {
             self.redis.key(&["spent", jti]),
             self.redis.key(&["revoked", "jti", jti]),
         ]
-    }
-
-    async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
-        super::every(period, stop, || self.renew_all()).await;
     }
 
     /// Renews every lease this node holds, in one round trip.
@@ -150,6 +138,12 @@ impl RedisRedemptions {
             }
             Err(e) => tracing::debug!("lease renewal failed: {e}"),
         }
+    }
+}
+
+impl super::Leases for RedisRedemptions {
+    async fn renew(&self) {
+        self.renew_all().await;
     }
 }
 

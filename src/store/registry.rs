@@ -22,7 +22,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::Redis;
+use super::{Leasing, Redis};
 use crate::console::ConsoleType;
 use crate::session::registry::{
     LiveSession, NewSession, Registry, Selector, SessionRegistry, SessionView, Termination,
@@ -55,24 +55,18 @@ pub struct RedisRegistry {
 }
 
 impl RedisRegistry {
-    /// The registry of node `node`, publishing into `redis`; listens to
-    /// the command and event channels and renews its entries until `stop`.
-    pub fn new(
-        redis: Arc<Redis>,
-        node: String,
-        lease: Duration,
-        renew: Duration,
-        stop: CancellationToken,
-    ) -> Arc<Self> {
-        let registry = Arc::new(Self {
+    /// The registry of node `node`, publishing into `leasing`'s Redis on its
+    /// leases; listens to the command and event channels until its `stop`.
+    pub fn new(leasing: Leasing, node: String) -> Arc<Self> {
+        let stop = leasing.stop.clone();
+        let registry = leasing.start(|redis, lease| Self {
             local: Registry::default(),
             redis,
             node,
             lease,
             remote: Mutex::default(),
         });
-        tokio::spawn(registry.clone().listen(stop.clone()));
-        tokio::spawn(registry.clone().renew_every(renew, stop));
+        tokio::spawn(registry.clone().listen(stop));
         registry
     }
 
@@ -125,60 +119,6 @@ impl RedisRegistry {
                 }
             }
             Err(e) => tracing::debug!("ignored a message on the store's channels: {e}"),
-        }
-    }
-
-    async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
-        super::every(period, stop, || self.renew_live()).await;
-    }
-
-    /// Publishes this node's sessions again, whole (with their bytes), in
-    /// one round trip: an entry Redis lost (restarted empty, failed over,
-    /// a first publish that failed) is back within one renewal, and a
-    /// lease is renewed by the same writes.
-    async fn renew_live(&self) {
-        let live = self.local.live();
-        if live.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for s in &live {
-            self.publish_into(&mut pipe, s);
-            // A terminate revokes the token first and then tells the node
-            // on the command channel, which keeps nothing: a node that was
-            // not subscribed then (a failover, a restart) learns it here.
-            pipe.exists(self.redis.key(&["revoked", "jti", &s.jti]));
-        }
-        let revoked = match self.redis.pipe::<Vec<bool>>(pipe).await {
-            Ok(revoked) => revoked,
-            Err(e) => {
-                tracing::debug!("session lease renewal failed: {e}");
-                return;
-            }
-        };
-        for (s, _) in live.iter().zip(revoked).filter(|(_, r)| *r) {
-            let one = Selector {
-                id: Some(s.id.clone()),
-                ..Selector::default()
-            };
-            if !self
-                .local
-                .terminate(&one, "revocation", "its token was revoked")
-                .is_empty()
-            {
-                tracing::info!(session = %s.id, jti = %s.jti, "session ended: its token was revoked (seen at renewal)");
-            }
-        }
-        // A session that ended while the renewal was on its way may have
-        // been written back after its end deleted it: delete it again.
-        let still: std::collections::HashSet<String> = self
-            .local
-            .live()
-            .into_iter()
-            .map(|s| s.id.clone())
-            .collect();
-        for s in live.iter().filter(|s| !still.contains(&s.id)) {
-            self.unpublish(s).await;
         }
     }
 
@@ -302,6 +242,58 @@ fn matches(sel: &Selector, s: &LiveSession) -> bool {
         && sel.jti.as_ref().is_none_or(|v| *v == s.jti)
         && sel.console.as_ref().is_none_or(|v| v == s.console.as_str())
         && sel.client.is_none_or(|v| v == s.client)
+}
+
+impl super::Leases for RedisRegistry {
+    /// Publishes this node's sessions again, whole (with their bytes), in
+    /// one round trip: an entry Redis lost (restarted empty, failed over,
+    /// a first publish that failed) is back within one renewal, and a
+    /// lease is renewed by the same writes.
+    async fn renew(&self) {
+        let live = self.local.live();
+        if live.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for s in &live {
+            self.publish_into(&mut pipe, s);
+            // A terminate revokes the token first and then tells the node
+            // on the command channel, which keeps nothing: a node that was
+            // not subscribed then (a failover, a restart) learns it here.
+            pipe.exists(self.redis.key(&["revoked", "jti", &s.jti]));
+        }
+        let revoked = match self.redis.pipe::<Vec<bool>>(pipe).await {
+            Ok(revoked) => revoked,
+            Err(e) => {
+                tracing::debug!("session lease renewal failed: {e}");
+                return;
+            }
+        };
+        for (s, _) in live.iter().zip(revoked).filter(|(_, r)| *r) {
+            let one = Selector {
+                id: Some(s.id.clone()),
+                ..Selector::default()
+            };
+            if !self
+                .local
+                .terminate(&one, "revocation", "its token was revoked")
+                .is_empty()
+            {
+                tracing::info!(session = %s.id, jti = %s.jti, "session ended: its token was revoked (seen at renewal)");
+            }
+        }
+        // A session that ended while the renewal was on its way may have
+        // been written back after its end deleted it: delete it again.
+        let still: std::collections::HashSet<String> = self
+            .local
+            .live()
+            .into_iter()
+            .map(|s| s.id.clone())
+            .collect();
+        for s in live.iter().filter(|s| !still.contains(&s.id)) {
+            self.unpublish(s).await;
+        }
+    }
 }
 
 impl SessionRegistry for RedisRegistry {

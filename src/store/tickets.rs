@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::Script;
-use tokio_util::sync::CancellationToken;
 
-use super::Redis;
+use super::{Leasing, Redis};
 use crate::console::ConsoleType;
 use crate::secret::Secret;
 use crate::token::Grant;
@@ -122,21 +121,13 @@ struct OpenTicket {
 }
 
 impl RedisTickets {
-    /// Tickets in `redis`; open ones live on leases renewed every `renew`
-    /// until `stop`.
-    pub fn new(
-        redis: Arc<Redis>,
-        lease: Duration,
-        renew: Duration,
-        stop: CancellationToken,
-    ) -> Arc<Self> {
-        let store = Arc::new(Self {
+    /// Tickets on `leasing`'s Redis; open ones live on its leases.
+    pub fn new(leasing: Leasing) -> Arc<Self> {
+        leasing.start(|redis, lease| Self {
             redis,
             lease,
             open_here: Mutex::default(),
-        });
-        tokio::spawn(store.clone().renew_every(renew, stop));
-        store
+        })
     }
 
     fn open_here(&self) -> std::sync::MutexGuard<'_, HashMap<TicketId, OpenTicket>> {
@@ -145,64 +136,6 @@ impl RedisTickets {
 
     fn ticket_key(&self, id: &TicketId) -> String {
         self.redis.key(&["ticket", id.as_hex()])
-    }
-
-    async fn renew_every(self: Arc<Self>, period: Duration, stop: CancellationToken) {
-        super::every(period, stop, || self.renew_open()).await;
-    }
-
-    /// Writes the open tickets this node's sessions hold back whole, on
-    /// fresh leases, in one round trip: a ticket Redis lost (restarted
-    /// empty, failed over) is back within one renewal, so a SPICE channel
-    /// can still join its session on another node.
-    async fn renew_open(&self) {
-        let lease = self.lease.as_millis() as i64;
-        let mut pipe = redis::pipe();
-        let renewed: Vec<TicketId> = {
-            let open = self.open_here();
-            for (id, t) in open.iter() {
-                let key = self.ticket_key(id);
-                pipe.hset_multiple(
-                    &key,
-                    &[
-                        ("grant", t.grant.as_str()),
-                        ("console", t.console.as_str()),
-                        ("jti", &t.jti),
-                        ("state", "open"),
-                    ],
-                )
-                .ignore();
-                if let Some((sid, bound)) = &t.bound {
-                    pipe.hset(&key, "sid", sid)
-                        .ignore()
-                        .set(bound, id.as_hex())
-                        .ignore()
-                        .pexpire(bound, lease)
-                        .ignore();
-                }
-                pipe.pexpire(&key, lease).ignore();
-            }
-            open.keys().cloned().collect()
-        };
-        if renewed.is_empty() {
-            return;
-        }
-        if let Err(e) = self.redis.pipe::<()>(pipe).await {
-            tracing::debug!("ticket lease renewal failed: {e}");
-            return;
-        }
-        // A session that ended while the renewal was on its way: its
-        // ticket may have been written back after its end deleted it.
-        let ended: Vec<TicketId> = {
-            let open = self.open_here();
-            renewed
-                .into_iter()
-                .filter(|id| !open.contains_key(id))
-                .collect()
-        };
-        for id in ended {
-            self.delete(&id, None).await;
-        }
     }
 
     /// Deletes a ticket and its index by session (not answered: an open
@@ -316,6 +249,62 @@ impl RedisTickets {
             grant,
             id: TicketId::from_hex(id).ok_or(TicketRefusal::Unavailable)?,
         })
+    }
+}
+
+impl super::Leases for RedisTickets {
+    /// Writes the open tickets this node's sessions hold back whole, on
+    /// fresh leases, in one round trip: a ticket Redis lost (restarted
+    /// empty, failed over) is back within one renewal, so a SPICE channel
+    /// can still join its session on another node.
+    async fn renew(&self) {
+        let lease = self.lease.as_millis() as i64;
+        let mut pipe = redis::pipe();
+        let renewed: Vec<TicketId> = {
+            let open = self.open_here();
+            for (id, t) in open.iter() {
+                let key = self.ticket_key(id);
+                pipe.hset_multiple(
+                    &key,
+                    &[
+                        ("grant", t.grant.as_str()),
+                        ("console", t.console.as_str()),
+                        ("jti", &t.jti),
+                        ("state", "open"),
+                    ],
+                )
+                .ignore();
+                if let Some((sid, bound)) = &t.bound {
+                    pipe.hset(&key, "sid", sid)
+                        .ignore()
+                        .set(bound, id.as_hex())
+                        .ignore()
+                        .pexpire(bound, lease)
+                        .ignore();
+                }
+                pipe.pexpire(&key, lease).ignore();
+            }
+            open.keys().cloned().collect()
+        };
+        if renewed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.redis.pipe::<()>(pipe).await {
+            tracing::debug!("ticket lease renewal failed: {e}");
+            return;
+        }
+        // A session that ended while the renewal was on its way: its
+        // ticket may have been written back after its end deleted it.
+        let ended: Vec<TicketId> = {
+            let open = self.open_here();
+            renewed
+                .into_iter()
+                .filter(|id| !open.contains_key(id))
+                .collect()
+        };
+        for id in ended {
+            self.delete(&id, None).await;
+        }
     }
 }
 
