@@ -178,6 +178,45 @@ pub struct Refused<'a> {
     pub detail: &'a dyn std::fmt::Display,
 }
 
+/// A handshake whose refusals are counted and recorded alike: native
+/// VNC's, and each SPICE channel's link.
+#[derive(Debug)]
+pub struct Handshake {
+    /// Its protocol in the failed-handshake counter (`rfb`, `spice`).
+    pub protocol: &'static str,
+    /// What refused, for the audit trail (`vnc_handshake`, `spice_link`).
+    pub what: &'static str,
+    /// The same for a log line (`vnc handshake`, `spice link`).
+    pub label: &'static str,
+}
+
+impl Handshake {
+    /// Counts a refusal of this handshake and records it ([`refused`]):
+    /// its stable reason, who is to blame and detail for the log (never a
+    /// secret), about `client` and, when known, its console type and token.
+    pub fn refused(
+        &self,
+        reason: &'static str,
+        blame: Blame,
+        detail: &dyn std::fmt::Display,
+        client: IpAddr,
+        console: Option<ConsoleType>,
+        jti: Option<&str>,
+    ) {
+        crate::metrics::handshake_failed(self.protocol, reason, blame.as_str());
+        refused(&Refused {
+            what: self.what,
+            label: self.label,
+            reason,
+            blame,
+            client,
+            console,
+            jti,
+            detail,
+        });
+    }
+}
+
 /// Logs and audits a refusal (rate-limited under a flood; counters are the
 /// caller's). The one place that maps blame to a log level: a client's
 /// mistake is `info`, a hypervisor's or our own is `warn`.

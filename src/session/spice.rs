@@ -35,7 +35,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::display_drain::{DrainOf, DrainTimes, drain};
 use super::driver::{DriveError, drive, send};
-use super::lifecycle::{self, Lifecycle, Refused};
+use super::lifecycle::{Handshake, Lifecycle};
 use super::registry::LiveSession;
 use super::splice::{REFUSAL_DEADLINE, splice};
 use super::ws_relay::{self, relay};
@@ -79,6 +79,13 @@ impl ClientLeg {
         }
     }
 }
+
+/// A channel's link, as its refusals are counted and recorded.
+const SPICE_LINK: Handshake = Handshake {
+    protocol: "spice",
+    what: "spice_link",
+    label: "spice link",
+};
 
 /// Why a channel link was refused.
 #[derive(Debug, thiserror::Error)]
@@ -190,17 +197,7 @@ impl ChannelRefusal {
     /// Logs and counts it (before the client hears of it).
     fn record(&self, peer: IpAddr, console: Option<ConsoleType>, jti: Option<&str>) {
         crate::metrics::spice_link_refused(self.reason, self.blame.as_str());
-        crate::metrics::handshake_failed("spice", self.reason, self.blame.as_str());
-        lifecycle::refused(&Refused {
-            what: "spice_link",
-            label: "spice link",
-            reason: self.reason,
-            blame: self.blame,
-            client: peer,
-            console,
-            jti,
-            detail: &self.detail,
-        });
+        SPICE_LINK.refused(self.reason, self.blame, &self.detail, peer, console, jti);
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::driver::{DriveError, drive, send};
-use super::lifecycle::{self, Lifecycle, Refused};
+use super::lifecycle::{Handshake, Lifecycle};
 use super::splice::{REFUSAL_DEADLINE, splice};
 use super::{Admission, Early, Pass, Sessions, Traffic};
 use crate::console::ConsoleType;
@@ -35,6 +35,13 @@ use crate::protocol::rfb::client::{ClientLeg, ClientOffer, ClientStep};
 use crate::protocol::rfb::upstream::{Upstream, UpstreamAuth, UpstreamStep};
 use crate::token::ticket::ChannelRole;
 use crate::transport::conn::{Conn, Io};
+
+/// A VNC handshake, as its refusals are counted and recorded.
+const VNC_HANDSHAKE: Handshake = Handshake {
+    protocol: "rfb",
+    what: "vnc_handshake",
+    label: "vnc handshake",
+};
 
 /// Why a VNC handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,17 +108,14 @@ impl VncRefusal {
 
     /// Logs and counts the refusal.
     pub fn record(&self, client: IpAddr, console: ConsoleType, jti: Option<&str>) {
-        crate::metrics::handshake_failed("rfb", self.reason, self.blame.as_str());
-        lifecycle::refused(&Refused {
-            what: "vnc_handshake",
-            label: "vnc handshake",
-            reason: self.reason,
-            blame: self.blame,
+        VNC_HANDSHAKE.refused(
+            self.reason,
+            self.blame,
+            &self.detail,
             client,
-            console: Some(console),
+            Some(console),
             jti,
-            detail: &self.detail,
-        });
+        );
     }
 }
 
