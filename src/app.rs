@@ -383,7 +383,7 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(
-    app: App,
+    app: Arc<App>,
     listeners: Listeners,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,

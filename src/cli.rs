@@ -537,7 +537,7 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
             print_demo_urls(&app, vm);
         }
         let shutdown = crate::shutdown::on_signals();
-        let result = app::run(app, listeners, Some(metrics), shutdown).await;
+        let result = app::run(std::sync::Arc::new(app), listeners, Some(metrics), shutdown).await;
         if let Some(vm) = demo {
             vm.stop().await;
         }

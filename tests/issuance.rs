@@ -2,36 +2,30 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::{AUDIENCE, ISSUER, TestKey};
-use porthole::app::App;
-use porthole::config::Config;
+use common::{AUDIENCE, Gateway, ISSUER, TestKey, spawn_gateway};
 use porthole::frontend::admin;
 use porthole::token::signing::KeyKind;
 use porthole::token::{ConsoleType, unix_now};
 use serde_json::{Value, json};
 
 const BEARER: &str = "test-bearer-key-0123456789";
+/// The admin listener's header deadline: `[websocket] upgrade_timeout_secs`.
 const HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
-const ADMIN_CAP: usize = 4;
 
-struct Admin {
-    _dir: tempfile::TempDir,
-    addr: std::net::SocketAddr,
-    app: Arc<App>,
-}
-
-/// Starts the admin router of a full `App` built from a TOML config, on port 0.
-async fn start() -> Admin {
+/// A gateway whose issuance API signs with key `issuer-1`.
+async fn start() -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     TestKey::new(dir.path(), KeyKind::Ed25519, "issuer-1");
     std::fs::write(dir.path().join("bearer.key"), BEARER).unwrap();
     let toml = format!(
         r#"
 [listen]
+public = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 public_base_url = "https://consoles.example.test/porthole/"
+
+[websocket]
+upgrade_timeout_secs = {}
 
 [tokens]
 issuers = ["{ISSUER}"]
@@ -52,42 +46,16 @@ ttl_secs = 90
 name = "compute"
 networks = ["10.20.0.0/16"]
 ports = ["5900-6100"]
-"#
+"#,
+        HEADER_DEADLINE.as_secs()
     );
-    let config = Config::from_toml(&toml, dir.path()).expect("config");
-    let app = Arc::new(App::build(config).expect("app"));
-    let state = {
-        app.readiness.set_accepting(true);
-        app.admin_state(None)
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    // Served as the app serves it: the public listener's deadlines (short
-    // here) and a cap on open connections.
-    let deadlines = porthole::transport::listener::HttpDeadlines {
-        tls_handshake: HEADER_DEADLINE,
-        request_headers: HEADER_DEADLINE,
-    };
-    tokio::spawn(porthole::transport::listener::serve(
-        listener,
-        None,
-        admin::router(state),
-        deadlines,
-        tokio_util::sync::CancellationToken::new(),
-        porthole::transport::gate::Gate::new(ADMIN_CAP, None, Vec::new()),
-        porthole::transport::listener::ProxyHeaders::none(),
-    ));
-    Admin {
-        _dir: dir,
-        addr,
-        app,
-    }
+    spawn_gateway(dir, toml).await
 }
 
-impl Admin {
+impl Gateway {
     async fn post(&self, path: &str, bearer: Option<&str>, body: &Value) -> (u16, Value) {
         let (status, body) =
-            common::http(self.addr, "POST", path, bearer, Some(&body.to_string())).await;
+            common::http(self.admin, "POST", path, bearer, Some(&body.to_string())).await;
         (
             status,
             serde_json::from_str(&body).unwrap_or(Value::String(body)),
@@ -349,15 +317,15 @@ async fn trusted_callers_get_a_tokens_connection_details_without_credentials() {
 async fn health_and_readiness() {
     let a = start().await;
     assert_eq!(
-        common::http(a.addr, "GET", "/healthz", None, None).await.0,
+        common::http(a.admin, "GET", "/healthz", None, None).await.0,
         200
     );
     assert_eq!(
-        common::http(a.addr, "GET", "/readyz", None, None).await.0,
+        common::http(a.admin, "GET", "/readyz", None, None).await.0,
         200
     );
     assert_eq!(
-        common::http(a.addr, "GET", "/nope", None, None).await.0,
+        common::http(a.admin, "GET", "/nope", None, None).await.0,
         404
     );
 }
@@ -393,7 +361,7 @@ async fn an_unauthenticated_call_is_refused_before_its_body_is_read() {
     let a = start().await;
     // A 2 MB body announced and never sent: the answer comes at once, from
     // the headers alone (nothing waits for, or buffers, the body).
-    let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(a.admin).await.unwrap();
     s.write_all(
         b"POST /v1/consoles HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{",
     )
@@ -419,17 +387,17 @@ async fn idle_admin_connections_are_cut_and_capped() {
     use tokio::io::AsyncWriteExt as _;
     let a = start().await;
     // A connection that sends nothing is closed at the header deadline.
-    let mut idle = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(a.admin).await.unwrap();
     let closed = answer_within(&mut idle, HEADER_DEADLINE * 5).await;
     assert_eq!(closed.as_deref(), Some(""), "closed without an answer");
     // The cap: with every slot held by a silent connection, another
     // connection's request waits in the backlog...
     let mut held = Vec::new();
-    for _ in 0..ADMIN_CAP {
-        held.push(tokio::net::TcpStream::connect(a.addr).await.unwrap());
+    for _ in 0..porthole::app::ADMIN_MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(a.admin).await.unwrap());
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let mut late = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let mut late = tokio::net::TcpStream::connect(a.admin).await.unwrap();
     late.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
         .await
         .unwrap();

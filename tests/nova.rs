@@ -16,7 +16,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use common::{TestKey, good_claims, validator};
+use common::{Gateway, TestKey, good_claims, spawn_gateway, validator};
 use porthole::secret::Secret;
 use porthole::token::nova::{Credential, NovaResolver, NovaSettings, Resolvers, token_hash};
 use porthole::token::signing::KeyKind;
@@ -477,11 +477,6 @@ microversion = "2.6"
     }
 }
 
-/// A gateway (the whole session layer) whose `[nova]` is the fake.
-async fn gateway(fake_keystone: &str, dir: &std::path::Path) -> porthole::app::App {
-    gateway_with(fake_keystone, dir, "").await
-}
-
 /// [`gateway`]'s config file, with more lines in its `[[backends]]` entry.
 fn gateway_toml(fake_keystone: &str, dir: &std::path::Path, backend_extra: &str) -> String {
     std::fs::write(dir.join("nova-pw"), "pw-1\n").unwrap();
@@ -490,14 +485,10 @@ fn gateway_toml(fake_keystone: &str, dir: &std::path::Path, backend_extra: &str)
     format!(
         r#"
 [listen]
+public = "127.0.0.1:0"
+admin = "127.0.0.1:0"
 public_base_url = "https://consoles.test"
-[tokens]
-issuers = ["{}"]
-audiences = ["{}"]
-[[tokens.keys]]
-kid = "k"
-algorithm = "EdDSA"
-public_key = "k.pub.pem"
+{tokens}
 [nova]
 auth_url = "{fake_keystone}"
 username = "porthole"
@@ -510,28 +501,23 @@ networks = ["10.20.0.0/16"]
 ports = ["5900-5999"]
 {backend_extra}
 "#,
-        common::ISSUER,
-        common::AUDIENCE
+        tokens = common::tokens_toml("")
     )
 }
 
-/// [`gateway`], with more lines in its `[[backends]]` entry.
-async fn gateway_with(
-    fake_keystone: &str,
-    dir: &std::path::Path,
-    backend_extra: &str,
-) -> porthole::app::App {
-    let toml = gateway_toml(fake_keystone, dir, backend_extra);
-    let config = porthole::config::Config::from_toml(&toml, dir).unwrap();
-    porthole::app::App::build(config).unwrap()
+/// A gateway (the whole session layer) whose `[nova]` is the fake, with
+/// `backend_extra` in its `[[backends]]` entry.
+async fn gateway(fake_keystone: &str, backend_extra: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = gateway_toml(fake_keystone, dir.path(), backend_extra);
+    spawn_gateway(dir, toml).await
 }
 
 #[tokio::test]
 async fn an_address_whose_nova_lookups_keep_finding_nothing_must_wait_and_nova_is_not_asked() {
     let (fake, s) = fixture().await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = gateway(&s.auth_url, dir.path()).await;
-    let sessions = &app.sessions;
+    let gw = gateway(&s.auth_url, "").await;
+    let sessions = &gw.app.sessions;
     let guesser: std::net::IpAddr = "192.0.2.7".parse().unwrap();
     let neighbour: std::net::IpAddr = "192.0.2.8".parse().unwrap();
     let lookups = || fake.lookups.load(Ordering::SeqCst);
@@ -636,9 +622,9 @@ async fn with_ports_per_type_a_nova_token_on_the_wrong_route_is_refused_not_conn
         SERIAL_TOKEN.into(),
         json!({"instance_uuid": INSTANCE, "host": "10.20.0.5", "port": 10001, "internal_access_path": null}),
     );
-    let dir = tempfile::tempdir().unwrap();
     let extra = "[backends.ports_by_type]\nserial = [\"10000-10099\"]";
-    let app = gateway_with(&s.auth_url, dir.path(), extra).await;
+    let gw = gateway(&s.auth_url, extra).await;
+    let app = &gw.app;
     let resolve = |token: &'static str, route| {
         let sessions = app.sessions.clone();
         async move { sessions.resolve(token, Some(route), None).await }
@@ -671,8 +657,8 @@ async fn with_ports_per_type_a_nova_token_on_the_wrong_route_is_refused_not_conn
 async fn the_routes_a_typeless_refusal_names_are_the_routers_own() {
     use tower::ServiceExt as _;
     let (_fake, s) = fixture().await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = gateway(&s.auth_url, dir.path()).await;
+    let gw = gateway(&s.auth_url, "").await;
+    let app = &gw.app;
     let e = app
         .sessions
         .resolve(VNC_TOKEN, None, None)
@@ -724,8 +710,8 @@ async fn a_flood_of_made_up_tokens_from_many_addresses_is_held_to_the_budget_and
         "[nova]\n",
         "[nova]\nunseen_lookups_per_sec = 2\nunseen_lookup_burst = 20\n",
     );
-    let config = porthole::config::Config::from_toml(&toml, dir.path()).unwrap();
-    let app = Arc::new(porthole::app::App::build(config).unwrap());
+    let gw = spawn_gateway(dir, toml).await;
+    let app = gw.app.clone();
     let lookups = || fake.lookups.load(Ordering::SeqCst);
     let started = std::time::Instant::now();
     // 50 addresses, 10 made-up tokens each, all at once: each address is

@@ -11,42 +11,22 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{AUDIENCE, ISSUER, TestKey, TestPki, within};
+use common::{Gateway, LOOPBACK_BACKEND, echo_console, spawn_gateway, tokens_toml, within};
 use futures_util::{SinkExt, StreamExt};
-use porthole::app::{App, Listeners};
-use porthole::config::Config;
-use porthole::token::claims::{ConsoleClaim, ConsoleType};
-use porthole::token::signing::{KeyKind, MintRequest, Signer};
-use porthole::token::unix_now;
-use serde_json::Value;
+use porthole::token::claims::ConsoleType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_util::sync::CancellationToken;
 
 const BEARER: &str = "proxy-test-bearer-key-0123456789abcdef";
 const ORIGIN: &str = "https://consoles.test";
 /// The deadline of every handshake here (the header's included), seconds.
 const DEADLINE_SECS: u64 = 1;
 
-struct Gateway {
-    _dir: tempfile::TempDir,
-    public: SocketAddr,
-    admin: SocketAddr,
-    spice: SocketAddr,
-    vnc: SocketAddr,
-    pki: TestPki,
-    signer: Signer,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
 /// A gateway whose listeners expect PROXY headers from `trusted`.
 async fn start(trusted: &str, listen_extra: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
-    let key = TestKey::new(dir.path(), KeyKind::Ed25519, "k");
-    let pki = TestPki::new(dir.path());
     std::fs::write(dir.path().join("bearer"), BEARER).unwrap();
     let toml = format!(
         r#"
@@ -63,13 +43,7 @@ proxy_protocol = true
 max_sessions_per_client = 1
 [websocket]
 upgrade_timeout_secs = {DEADLINE_SECS}
-[tokens]
-issuers = ["{ISSUER}"]
-audiences = ["{AUDIENCE}"]
-[[tokens.keys]]
-kid = "k"
-algorithm = "EdDSA"
-public_key = "k.pub.pem"
+{tokens}
 [issuance]
 bearer_key_files = ["bearer"]
 signing_key = "k.key"
@@ -83,34 +57,10 @@ proxy_protocol = true
 listen = "127.0.0.1:0"
 handshake_timeout_secs = {DEADLINE_SECS}
 proxy_protocol = true
-[[backends]]
-networks = ["127.0.0.0/8"]
-ports = ["1024-65535"]
-"#
+{LOOPBACK_BACKEND}"#,
+        tokens = tokens_toml("")
     );
-    let config = Config::from_toml(&toml, dir.path()).unwrap();
-    let listeners = Listeners::bind(&config).await.unwrap();
-    let public = listeners.public_addrs().unwrap()[0];
-    let admin = listeners.admin_addr().unwrap();
-    let spice = listeners.spice_addrs().0.unwrap();
-    let vnc = listeners.vnc_addr().unwrap();
-    let app = App::build_for(config, Some(&listeners), None).unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(porthole::app::run(app, listeners, None, stop.clone()));
-    let signer =
-        Signer::from_private_pem(key.generated.private.expose().as_bytes(), Some("k".into()))
-            .unwrap();
-    Gateway {
-        _dir: dir,
-        public,
-        admin,
-        spice,
-        vnc,
-        pki,
-        signer,
-        stop,
-        task,
-    }
+    spawn_gateway(dir, toml).await
 }
 
 /// A v2 PROXY header for a TCP client at `client` (to `to`).
@@ -130,25 +80,6 @@ fn v1(ip: &str, to: SocketAddr) -> Vec<u8> {
     format!("PROXY TCP4 {ip} {} 40000 {}\r\n", to.ip(), to.port()).into_bytes()
 }
 
-/// A TCP echo console; returns its port.
-async fn echo_console() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 /// Whether the peer closes `s` without a byte, and how soon.
 async fn closed_silently(s: &mut TcpStream) -> Duration {
     let start = Instant::now();
@@ -161,39 +92,16 @@ async fn closed_silently(s: &mut TcpStream) -> Duration {
 type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
 
 impl Gateway {
-    fn token(&self, kind: ConsoleType, port: u16) -> String {
-        // A VM of its own each: a serial console takes one client at a time.
-        static VM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let vm = VM.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let req = MintRequest {
-            issuer: ISSUER.into(),
-            audience: AUDIENCE.into(),
-            instance: format!("vm-{vm}"),
-            console: ConsoleClaim {
-                kind,
-                host: "127.0.0.1".into(),
-                port,
-                tls_port: None,
-            },
-            ttl_secs: 60,
-        };
-        self.signer
-            .sign(&req.claims(unix_now()))
-            .unwrap()
-            .expose()
-            .clone()
-    }
-
     /// A serial console WebSocket through the public listener, the
     /// connection starting with `header`; the HTTP status when refused.
     async fn serial(&self, header: &[u8], port: u16) -> Result<Ws, u16> {
         let mut tcp = TcpStream::connect(self.public).await.unwrap();
         tcp.write_all(header).await.unwrap();
-        let url = format!(
-            "ws://{}/serial?token={}",
-            self.public,
-            self.token(ConsoleType::Serial, port)
-        );
+        // A VM of its own each: a serial console takes one client at a time.
+        static VM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let vm = VM.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = self.token(ConsoleType::Serial, port, &format!("vm-{vm}"));
+        let url = format!("ws://{}/serial?token={token}", self.public);
         let mut req = url.into_client_request().unwrap();
         req.headers_mut().insert("Origin", ORIGIN.parse().unwrap());
         match within("upgrade", tokio_tungstenite::client_async(req, tcp)).await {
@@ -201,20 +109,6 @@ impl Gateway {
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
             Err(e) => panic!("{e}"),
         }
-    }
-
-    /// The live sessions, as the admin API lists them.
-    async fn sessions(&self) -> Vec<Value> {
-        let (status, body) =
-            common::http(self.admin, "GET", "/v1/sessions", Some(BEARER), None).await;
-        assert_eq!(status, 200, "{body}");
-        let list: Value = serde_json::from_str(&body).unwrap();
-        list["sessions"].as_array().unwrap().clone()
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        within("shutdown", self.task).await.unwrap().unwrap();
     }
 }
 
@@ -236,7 +130,7 @@ async fn the_client_a_header_names_is_the_one_sessions_and_caps_see() {
         .await
         .unwrap();
     let mut clients: Vec<(String, String)> = g
-        .sessions()
+        .sessions(BEARER)
         .await
         .iter()
         .map(|s| {
@@ -307,6 +201,7 @@ async fn the_gate_counts_the_named_client() {
 #[tokio::test]
 async fn a_trusted_proxy_must_send_a_whole_header_in_time() {
     let g = start("127.0.0.1/32", "").await;
+    let (vnc, spice) = (g.vnc(), g.spice());
     // No header: the request itself is not believed, and not answered.
     let mut s = TcpStream::connect(g.public).await.unwrap();
     s.write_all(b"GET /console HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -333,7 +228,7 @@ async fn a_trusted_proxy_must_send_a_whole_header_in_time() {
         .unwrap();
     closed_silently(&mut s).await;
     // Slow: half a header, then nothing; closed at the deadline, on every listener.
-    for addr in [g.public, g.vnc, g.spice] {
+    for addr in [g.public, vnc, spice] {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(&v2("192.0.2.7:1", addr)[..20]).await.unwrap();
         let took = closed_silently(&mut s).await;
@@ -343,23 +238,24 @@ async fn a_trusted_proxy_must_send_a_whole_header_in_time() {
             "{addr}: {took:?}"
         );
     }
-    assert!(g.sessions().await.is_empty());
+    assert!(g.sessions(BEARER).await.is_empty());
     g.stop().await;
 }
 
 #[tokio::test]
 async fn native_listeners_read_the_header_and_nothing_after_it() {
     let g = start("127.0.0.1/32", "").await;
+    let (vnc, spice) = (g.vnc(), g.spice());
     // VNC: the server speaks first, once the header is in.
-    let mut s = TcpStream::connect(g.vnc).await.unwrap();
-    s.write_all(&v1("192.0.2.7", g.vnc)).await.unwrap();
+    let mut s = TcpStream::connect(vnc).await.unwrap();
+    s.write_all(&v1("192.0.2.7", vnc)).await.unwrap();
     common::expect(&mut s, b"RFB 003.008\n").await;
     // Without a header, a trusted peer hears nothing and is closed.
-    let mut s = TcpStream::connect(g.vnc).await.unwrap();
+    let mut s = TcpStream::connect(vnc).await.unwrap();
     closed_silently(&mut s).await;
     // SPICE: the TLS handshake right behind a v2 header goes through.
-    let mut s = TcpStream::connect(g.spice).await.unwrap();
-    s.write_all(&v2("192.0.2.7:40000", g.spice)).await.unwrap();
+    let mut s = TcpStream::connect(spice).await.unwrap();
+    s.write_all(&v2("192.0.2.7:40000", spice)).await.unwrap();
     let _tls = g.pki.connect(s).await;
     g.stop().await;
 }
@@ -368,6 +264,7 @@ async fn native_listeners_read_the_header_and_nothing_after_it() {
 async fn a_header_from_an_untrusted_peer_is_a_bad_client() {
     // 127.0.0.1 is not trusted here: nothing is read for it.
     let g = start("10.0.0.0/8", "").await;
+    let vnc = g.vnc();
     let mut s = TcpStream::connect(g.public).await.unwrap();
     s.write_all(&v1("192.0.2.7", g.public)).await.unwrap();
     s.write_all(b"GET /console HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -381,10 +278,10 @@ async fn a_header_from_an_untrusted_peer_is_a_bad_client() {
         String::from_utf8_lossy(&out)
     );
     // A direct VNC client is greeted at once, as without the PROXY protocol.
-    let mut s = TcpStream::connect(g.vnc).await.unwrap();
+    let mut s = TcpStream::connect(vnc).await.unwrap();
     common::expect(&mut s, b"RFB 003.008\n").await;
     // And its PROXY line is junk to the RFB handshake.
-    s.write_all(&v1("192.0.2.7", g.vnc)).await.unwrap();
+    s.write_all(&v1("192.0.2.7", vnc)).await.unwrap();
     let mut rest = Vec::new();
     let _ = within("refusal", s.read_to_end(&mut rest)).await;
     let port = echo_console().await;
@@ -392,6 +289,6 @@ async fn a_header_from_an_untrusted_peer_is_a_bad_client() {
         g.serial(&v1("192.0.2.7", g.public), port).await.err(),
         Some(400)
     );
-    assert!(g.sessions().await.is_empty());
+    assert!(g.sessions(BEARER).await.is_empty());
     g.stop().await;
 }

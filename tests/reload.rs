@@ -7,12 +7,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use common::{AUDIENCE, ISSUER, TestKey, good_claims};
-use porthole::app::App;
+use common::{AUDIENCE, Gateway, ISSUER, TestKey, good_claims, spawn_gateway};
 use porthole::config::{ConfigSource, ListenOverrides};
-use porthole::frontend::admin;
 use porthole::reload::Reloadable;
 use porthole::token::signing::KeyKind;
 use serde_json::{Value, json};
@@ -25,8 +22,8 @@ fn config_text(keys: &[&str], signing: &str, extra: &str) -> String {
     let mut text = format!(
         r#"
 [listen]
-public = "127.0.0.1:16080"
-admin = "127.0.0.1:16090"
+public = "127.0.0.1:0"
+admin = "127.0.0.1:0"
 
 [tokens]
 issuers = ["{ISSUER}"]
@@ -52,47 +49,28 @@ ports = ["5900-6100"]
     text
 }
 
-struct Gateway {
-    _dir: tempfile::TempDir,
-    file: PathBuf,
-    addr: std::net::SocketAddr,
-    app: Arc<App>,
-}
-
-/// The admin listener of an `App` built from a file that `ConfigSource`
-/// reloads, on port 0; keys `old` and `new` exist, `old` is configured.
+/// A gateway built from a file that `ConfigSource` reloads (`porthole.toml`
+/// in its folder); keys `old` and `new` exist, `old` is configured.
 async fn start(overrides: ListenOverrides) -> (Gateway, TestKey, TestKey) {
     let dir = tempfile::tempdir().unwrap();
     let old = TestKey::new(dir.path(), KeyKind::Ed25519, "old");
     let new = TestKey::new(dir.path(), KeyKind::Ed25519, "new");
     std::fs::write(dir.path().join("bearer.key"), BEARER).unwrap();
-    let file = dir.path().join("porthole.toml");
-    std::fs::write(&file, config_text(&["old"], "old", "")).unwrap();
-    let source = ConfigSource {
-        path: file.clone(),
-        overrides,
-    };
-    let app = Arc::new(App::build_for(source.load().unwrap(), None, Some(source)).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = admin::router({
-        app.readiness.set_accepting(true);
-        app.admin_state(None)
-    });
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    let gw = Gateway {
-        _dir: dir,
-        file,
-        addr,
-        app,
-    };
+    let path = dir.path().join("porthole.toml");
+    std::fs::write(&path, config_text(&["old"], "old", "")).unwrap();
+    let gw = spawn_gateway(dir, ConfigSource { path, overrides }).await;
     (gw, old, new)
 }
 
 impl Gateway {
+    /// Its config file.
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("porthole.toml")
+    }
+
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (status, body) = common::http(
-            self.addr,
+            self.admin,
             "POST",
             path,
             Some(BEARER),
@@ -103,7 +81,7 @@ impl Gateway {
     }
 
     fn write(&self, text: &str) {
-        std::fs::write(&self.file, text).unwrap();
+        std::fs::write(self.file(), text).unwrap();
     }
 
     /// Whether a console endpoint would admit `token` (signature, claims,
@@ -226,7 +204,7 @@ async fn a_file_config_check_refuses_is_refused_by_reload_and_changes_nothing() 
             "{what}: {problems:?}"
         );
         // `config check` refuses the same file for the same reasons.
-        let checked = Reloadable::check(&gw.file).expect_err(what);
+        let checked = Reloadable::check(&gw.file()).expect_err(what);
         assert_eq!(checked.problems(), problems, "{what}");
         // Nothing changed: the backend still admits, the key still verifies,
         // the issuance API still signs with its key.
@@ -245,7 +223,7 @@ async fn a_file_config_check_refuses_is_refused_by_reload_and_changes_nothing() 
 async fn settings_read_at_start_are_named_as_needing_a_restart_and_not_applied() {
     let (gw, old, _new) = start(ListenOverrides::default()).await;
     let moved = config_text(&["old"], "old", "\n[sessions]\nmax_sessions = 10\n")
-        .replace("127.0.0.1:16080", "127.0.0.1:17080")
+        .replace("public = \"127.0.0.1:0\"", "public = \"127.0.0.1:17080\"")
         + "\n[[backends]]\nname = \"more\"\nnetworks = [\"10.30.0.0/16\"]\n";
     gw.write(&moved);
     let (status, body) = gw.post("/v1/reload", &json!({})).await;
@@ -260,7 +238,7 @@ async fn settings_read_at_start_are_named_as_needing_a_restart_and_not_applied()
         ],
         "the base URL follows the public address when unset"
     );
-    assert_eq!(gw.app.config.listen.public.port(), 16080, "not applied");
+    assert_eq!(gw.app.config.listen.public.port(), 0, "not applied");
     // What a reload applies, it applied: the new backend network admits.
     assert_eq!(r["backends"], 2);
     let mut claims = good_claims();
@@ -279,7 +257,8 @@ async fn settings_read_at_start_are_named_as_needing_a_restart_and_not_applied()
 
 #[tokio::test]
 async fn command_line_listener_overrides_are_no_change() {
-    let admin: std::net::SocketAddr = "127.0.0.1:18090".parse().unwrap();
+    // Another loopback address than the file's, on a free port.
+    let admin: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
     let (gw, _old, _new) = start(ListenOverrides {
         admin: Some(admin),
         ..ListenOverrides::default()

@@ -11,25 +11,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AUDIENCE, ISSUER, TestKey, TestPki, expect, hex, read_n, say, within};
+use common::{
+    Gateway, LOOPBACK_BACKEND, echo, expect, hex, read_n, say, spawn_gateway, tokens_toml, within,
+};
 use futures_util::{SinkExt, StreamExt};
-use porthole::app::{App, Listeners};
-use porthole::config::Config;
 use porthole::protocol::spice::crypto::{decrypt_ticket, encrypt_ticket};
 use porthole::protocol::spice::messages::{Caps, LinkMess, LinkReply, channel};
 use porthole::session::link_keys::LinkKey;
-use porthole::token::claims::{ConsoleClaim, ConsoleType};
-use porthole::token::signing::{KeyKind, MintRequest, Signer};
-use porthole::token::unix_now;
+use porthole::token::claims::ConsoleType;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_util::sync::CancellationToken;
 
 const ORIGIN: &str = "https://consoles.test";
 /// What the fake hypervisors expect; the backend's files hold these, or not.
@@ -43,29 +40,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Echoes until the peer leaves.
-async fn echo(mut s: TcpStream) {
-    let mut buf = [0u8; 16 * 1024];
-    while let Ok(n @ 1..) = s.read(&mut buf).await {
-        if s.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 // ------------------------------------------------------------------ Porthole
-
-struct Gateway {
-    _dir: tempfile::TempDir,
-    public: SocketAddr,
-    admin: SocketAddr,
-    spice: SocketAddr,
-    vnc: SocketAddr,
-    pki: TestPki,
-    signer: Signer,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
 
 /// Porthole with every listener on a free loopback port; its backend holds
 /// `vnc_password` and `spice_password` for the fakes.
@@ -81,8 +56,6 @@ async fn start_with(
     tokens_extra: &str,
 ) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
-    let key = TestKey::new(dir.path(), KeyKind::Ed25519, "k");
-    let pki = TestPki::new(dir.path());
     let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
     write("vnc-password", &format!("{vnc_password}\n"));
     write("spice-password", &format!("{spice_password}\n"));
@@ -93,14 +66,7 @@ async fn start_with(
 public = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 public_base_url = "{ORIGIN}"
-[tokens]
-issuers = ["{ISSUER}"]
-audiences = ["{AUDIENCE}"]
-{tokens_extra}
-[[tokens.keys]]
-kid = "k"
-algorithm = "EdDSA"
-public_key = "k.pub.pem"
+{tokens}
 [issuance]
 bearer_key_files = ["bearer"]
 signing_key = "k.key"
@@ -113,58 +79,18 @@ handshake_timeout_secs = {handshake_secs}
 [vnc]
 listen = "127.0.0.1:0"
 handshake_timeout_secs = {handshake_secs}
-[[backends]]
-networks = ["127.0.0.0/8"]
-ports = ["1024-65535"]
+{LOOPBACK_BACKEND}
 [backends.vnc]
 password_file = "vnc-password"
 [backends.spice]
 password_file = "spice-password"
-"#
+"#,
+        tokens = tokens_toml(tokens_extra)
     );
-    let config = Config::from_toml(&toml, dir.path()).unwrap();
-    let listeners = Listeners::bind(&config).await.unwrap();
-    let public = listeners.public_addrs().unwrap()[0];
-    let admin = listeners.admin_addr().unwrap();
-    let spice = listeners.spice_addrs().0.unwrap();
-    let vnc = listeners.vnc_addr().unwrap();
-    let app = App::build_for(config, Some(&listeners), None).unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(porthole::app::run(app, listeners, None, stop.clone()));
-    let signer =
-        Signer::from_private_pem(key.generated.private.expose().as_bytes(), Some("k".into()))
-            .unwrap();
-    Gateway {
-        _dir: dir,
-        public,
-        admin,
-        spice,
-        vnc,
-        pki,
-        signer,
-        stop,
-        task,
-    }
+    spawn_gateway(dir, toml).await
 }
 
 impl Gateway {
-    fn token(&self, kind: ConsoleType, port: u16) -> String {
-        let req = MintRequest {
-            issuer: ISSUER.into(),
-            audience: AUDIENCE.into(),
-            instance: "vm-1".into(),
-            console: ConsoleClaim {
-                kind,
-                host: "127.0.0.1".into(),
-                port,
-                tls_port: None,
-            },
-            ttl_secs: 60,
-        };
-        let token = self.signer.sign(&req.claims(unix_now())).unwrap();
-        token.expose().clone()
-    }
-
     /// `GET path` on the public listener: 200 and its JSON body.
     async fn details(&self, path: &str) -> Value {
         let (status, body) = common::http(self.public, "GET", path, None, None).await;
@@ -173,29 +99,21 @@ impl Gateway {
     }
 
     /// The console types of the live sessions, as the admin API lists them.
-    async fn sessions(&self) -> Vec<String> {
-        let (status, body) =
-            common::http(self.admin, "GET", "/v1/sessions", Some(BEARER), None).await;
-        assert_eq!(status, 200, "{body}");
-        let list: Value = serde_json::from_str(&body).unwrap();
-        let list = list["sessions"].as_array().unwrap().iter();
-        list.map(|s| s["console"].as_str().unwrap().to_owned())
+    async fn consoles(&self) -> Vec<String> {
+        let list = self.sessions(BEARER).await;
+        list.iter()
+            .map(|s| s["console"].as_str().unwrap().to_owned())
             .collect()
     }
 
     /// Waits until the admin API lists no session.
     async fn until_no_session(&self, what: &str) {
         within(what, async {
-            while !self.sessions().await.is_empty() {
+            while !self.consoles().await.is_empty() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        within("shutdown", self.task).await.unwrap().unwrap();
     }
 }
 
@@ -458,7 +376,7 @@ fn link_mess(channel_type: u8, connection_id: u32) -> Vec<u8> {
 /// Opens a channel connection to Porthole's SPICE TLS listener and links
 /// with `link` and `ticket`; returns Porthole's reply and the link result.
 async fn spice_link(g: &Gateway, link: &[u8], ticket: &str) -> (Tls, LinkReply, u32) {
-    let tcp = TcpStream::connect(g.spice).await.unwrap();
+    let tcp = TcpStream::connect(g.spice()).await.unwrap();
     let mut s = g.pki.connect(tcp).await;
     say(&mut s, link).await;
     let (reply, _) = LinkReply::decode(&read_link(&mut s).await).unwrap();
@@ -478,7 +396,7 @@ async fn spice_link(g: &Gateway, link: &[u8], ticket: &str) -> (Tls, LinkReply, 
 async fn browser_session(security: u8) {
     let g = start(VNC_PASSWORD, SPICE_PASSWORD, 10).await;
     let (port, mut fake) = fake_vnc(security).await;
-    let mut b = Browser::open(&g, &g.token(ConsoleType::Novnc, port)).await;
+    let mut b = Browser::open(&g, &g.token(ConsoleType::Novnc, port, "vm-1")).await;
     // Porthole offers the browser None whatever the hypervisor asked for.
     assert_eq!(b.read(12).await, b"RFB 003.008\n");
     b.send(b"RFB 003.008\n").await;
@@ -499,7 +417,7 @@ async fn browser_session(security: u8) {
     b.send(&payload).await;
     assert_eq!(b.read(payload.len()).await, payload, "echoed both ways");
     assert!(!contains(&b.all, VNC_PASSWORD.as_bytes()));
-    assert_eq!(g.sessions().await, ["novnc"]);
+    assert_eq!(g.consoles().await, ["novnc"]);
     b.ws.close(None).await.unwrap();
     g.until_no_session("the session ends").await;
     g.stop().await;
@@ -522,7 +440,7 @@ async fn a_browser_reaches_a_vnc_console_behind_its_password() {
 async fn a_wrong_backend_vnc_password_gives_the_browser_a_generic_failure_and_1011() {
     let g = start("wrong-pw", SPICE_PASSWORD, 10).await;
     let (port, mut fake) = fake_vnc(2).await;
-    let mut b = Browser::open(&g, &g.token(ConsoleType::Novnc, port)).await;
+    let mut b = Browser::open(&g, &g.token(ConsoleType::Novnc, port, "vm-1")).await;
     let (bytes, frame) = b.until_close().await;
     let mut expected = b"RFB 003.008\n".to_vec();
     expected.extend(hex("00  00 00 00 13  # no security types; 19 bytes:"));
@@ -541,14 +459,14 @@ async fn a_wrong_backend_vnc_password_gives_the_browser_a_generic_failure_and_10
 async fn a_native_vnc_client_with_a_ticket_reaches_the_console_over_vencrypt() {
     let g = start(VNC_PASSWORD, SPICE_PASSWORD, 10).await;
     let (port, mut fake) = fake_vnc(2).await;
-    let token = g.token(ConsoleType::VncDirect, port);
+    let token = g.token(ConsoleType::VncDirect, port, "vm-1");
     let d = g.details(&format!("/vnc-direct?token={token}")).await;
-    assert_eq!(d["port"], g.vnc.port());
+    assert_eq!(d["port"], g.vnc().port());
     assert_eq!(d["security"], "VeNCrypt X509Plain");
     assert_eq!(d["ca"], g.pki.ca_pem.as_str());
     let ticket = d["ticket"].as_str().unwrap();
 
-    let mut s = vencrypt(&g, TcpStream::connect(g.vnc).await.unwrap()).await;
+    let mut s = vencrypt(&g, TcpStream::connect(g.vnc()).await.unwrap()).await;
     let mut plain = hex("00 00 00 08  00 00 00 20  # username 8 bytes, password 32");
     plain.extend(b"porthole");
     plain.extend(ticket.as_bytes());
@@ -560,7 +478,7 @@ async fn a_native_vnc_client_with_a_ticket_reaches_the_console_over_vencrypt() {
     assert_eq!((seen.response_ok, seen.shared), (Some(true), Some(1)));
     say(&mut s, b"echo me").await;
     expect(&mut s, b"echo me").await;
-    assert_eq!(g.sessions().await, ["vnc-direct"]);
+    assert_eq!(g.consoles().await, ["vnc-direct"]);
     drop(s);
     g.until_no_session("the session ends").await;
     g.stop().await;
@@ -571,7 +489,7 @@ async fn one_token_holds_one_unused_ticket_and_runs_one_session() {
     // A store of 4 tickets: one token exchanged over and over must not fill it.
     let g = start_with(VNC_PASSWORD, SPICE_PASSWORD, 10, "store_capacity = 4").await;
     let (port, _fake) = fake_vnc(2).await;
-    let token = g.token(ConsoleType::VncDirect, port);
+    let token = g.token(ConsoleType::VncDirect, port, "vm-1");
     let path = format!("/vnc-direct?token={token}");
     let first = g.details(&path).await["ticket"]
         .as_str()
@@ -585,12 +503,12 @@ async fn one_token_holds_one_unused_ticket_and_runs_one_session() {
             .to_owned();
     }
     // Another user is not locked out.
-    let other = g.token(ConsoleType::VncDirect, port);
+    let other = g.token(ConsoleType::VncDirect, port, "vm-1");
     g.details(&format!("/vnc-direct?token={other}")).await;
 
     // The replaced ticket opens nothing.
     let tls = |g: &Gateway| {
-        let addr = g.vnc;
+        let addr = g.vnc();
         async move { TcpStream::connect(addr).await.unwrap() }
     };
     let plain = |ticket: &str| {
@@ -611,7 +529,7 @@ async fn one_token_holds_one_unused_ticket_and_runs_one_session() {
     expect(&mut s, &hex(SERVER_INIT)).await;
     let (status, body) = common::http(g.public, "GET", &path, None, None).await;
     assert_eq!((status, body.as_str()), (403, r#"{"error":"refused"}"#));
-    assert_eq!(g.sessions().await, ["vnc-direct"]);
+    assert_eq!(g.consoles().await, ["vnc-direct"]);
 
     // Once it ends, the token may start another (the `reconnect` policy).
     drop(s);
@@ -629,7 +547,7 @@ async fn an_address_guessing_tickets_must_wait_and_others_are_not_held_up() {
     for _ in 0..11 {
         assert!(!vnc_ticket_opens(&g, "127.0.0.1", &"g".repeat(32)).await);
     }
-    let token = g.token(ConsoleType::VncDirect, port);
+    let token = g.token(ConsoleType::VncDirect, port, "vm-1");
     let d = g.details(&format!("/vnc-direct?token={token}")).await;
     let ticket = d["ticket"].as_str().unwrap();
     assert!(
@@ -649,7 +567,7 @@ async fn an_address_guessing_tickets_must_wait_and_others_are_not_held_up() {
 async fn vnc_ticket_opens(g: &Gateway, ip: &str, ticket: &str) -> bool {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-    let mut s = vencrypt(g, socket.connect(g.vnc).await.unwrap()).await;
+    let mut s = vencrypt(g, socket.connect(g.vnc()).await.unwrap()).await;
     let mut plain = hex("00 00 00 08  00 00 00 20  # username 8 bytes, password 32");
     plain.extend(b"porthole");
     plain.extend(ticket.as_bytes());
@@ -661,10 +579,10 @@ async fn vnc_ticket_opens(g: &Gateway, ip: &str, ticket: &str) -> bool {
 async fn spice_channels_link_through_porthole_and_join_only_their_session() {
     let g = start(VNC_PASSWORD, SPICE_PASSWORD, 10).await;
     let (port, fake_key, mut fake) = fake_spice().await;
-    let token = g.token(ConsoleType::SpiceDirect, port);
+    let token = g.token(ConsoleType::SpiceDirect, port, "vm-1");
     let path = format!("/spice-direct?token={token}&format=json");
     let d = g.details(&path).await;
-    assert_eq!(d["tls_port"], g.spice.port());
+    assert_eq!(d["tls_port"], g.spice().port());
     assert_eq!(d["ca"], g.pki.ca_pem.as_str());
     let ticket = d["ticket"].as_str().unwrap();
     assert_eq!(ticket.len(), 32);
@@ -696,7 +614,7 @@ async fn spice_channels_link_through_porthole_and_join_only_their_session() {
     let attach = [0x68, 0x00, 0x00, 0x00, 0x00, 0x00];
     say(&mut main, &attach).await;
     expect(&mut main, &attach).await;
-    assert_eq!(g.sessions().await, ["spice-direct"]);
+    assert_eq!(g.consoles().await, ["spice-direct"]);
 
     // A second channel of the session the fake named joins it.
     let (mut inputs, _, result) =
@@ -712,7 +630,7 @@ async fn spice_channels_link_through_porthole_and_join_only_their_session() {
     let key_down = [0x65, 0x00, 0x04, 0x00, 0x00, 0x00, 0x1e, 0x00, 0x00, 0x00];
     say(&mut inputs, &key_down).await;
     expect(&mut inputs, &key_down).await;
-    assert_eq!(g.sessions().await, ["spice-direct"], "no new session");
+    assert_eq!(g.consoles().await, ["spice-direct"], "no new session");
 
     // Naming another session (spice-server would take it): BAD_CONNECTION_ID.
     let (_, _, result) =
@@ -732,7 +650,7 @@ async fn spice_channels_link_through_porthole_and_join_only_their_session() {
 async fn a_spice_ticket_the_hypervisor_refuses_gives_the_client_a_generic_error() {
     let g = start(VNC_PASSWORD, "not-the-ticket", 10).await;
     let (port, _, mut fake) = fake_spice().await;
-    let token = g.token(ConsoleType::SpiceDirect, port);
+    let token = g.token(ConsoleType::SpiceDirect, port, "vm-1");
     let path = format!("/spice-direct?token={token}&format=json");
     let ticket = g.details(&path).await["ticket"]
         .as_str()
@@ -772,8 +690,8 @@ where
 async fn a_handshake_deadline_counts_from_connect_not_from_tls() {
     let g = start(VNC_PASSWORD, SPICE_PASSWORD, 4).await;
     let (spice, vnc) = tokio::join!(
-        closed_after(g.spice, |tcp| g.pki.connect(tcp)),
-        closed_after(g.vnc, |tcp| vencrypt(&g, tcp)),
+        closed_after(g.spice(), |tcp| g.pki.connect(tcp)),
+        closed_after(g.vnc(), |tcp| vencrypt(&g, tcp)),
     );
     for (what, took) in [("spice", spice), ("vnc", vnc)] {
         assert!(

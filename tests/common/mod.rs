@@ -1,16 +1,22 @@
-//! Shared fixtures: key material in a temp folder, a validator over it, and a
-//! way to sign arbitrary (including broken) claim sets.
+//! Shared fixtures: key material in a temp folder, a validator over it, a
+//! way to sign arbitrary (including broken) claim sets, byte-level clients,
+//! and a whole gateway in-process ([`spawn_gateway`]).
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use porthole::app::{App, Listeners};
+use porthole::config::{Config, ConfigSource};
 use porthole::hypervisor::{AllowList, BackendNetwork};
-use porthole::token::signing::{GeneratedKey, KeyKind, generate};
+use porthole::token::claims::{ConsoleClaim, ConsoleType};
+use porthole::token::signing::{GeneratedKey, KeyKind, MintRequest, Signer, generate};
 use porthole::token::{KeySource, TokenValidator, ValidationPolicy, unix_now};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 pub const ISSUER: &str = "https://api.test";
 pub const AUDIENCE: &str = "porthole-test";
@@ -85,6 +91,15 @@ impl TestKey {
 
     pub fn sign_with_header(&self, header: &Header, claims: &Value) -> String {
         jsonwebtoken::encode(header, claims, &self.encoding_key()).unwrap()
+    }
+
+    /// Porthole's signer over this key (the issuance API's, `token mint`'s).
+    pub fn signer(&self) -> Signer {
+        Signer::from_private_pem(
+            self.generated.private.expose().as_bytes(),
+            Some(self.kid.clone()),
+        )
+        .unwrap()
     }
 }
 
@@ -252,4 +267,194 @@ impl TestPki {
             .await
             .unwrap()
     }
+}
+
+// ------------------------------------------------ a gateway in-process
+
+/// The `[tokens]` section of most test gateways: tokens of [`ISSUER`] for
+/// [`AUDIENCE`], verified with key `k` (which [`spawn_gateway`] writes),
+/// with `extra` (more `[tokens]` keys) before the key list.
+pub fn tokens_toml(extra: &str) -> String {
+    format!(
+        r#"
+[tokens]
+issuers = ["{ISSUER}"]
+audiences = ["{AUDIENCE}"]
+{extra}
+[[tokens.keys]]
+kid = "k"
+algorithm = "EdDSA"
+public_key = "k.pub.pem"
+"#
+    )
+}
+
+/// A `[[backends]]` entry admitting every unprivileged loopback port: where
+/// the fake consoles of a test listen.
+pub const LOOPBACK_BACKEND: &str = r#"
+[[backends]]
+networks = ["127.0.0.0/8"]
+ports = ["1024-65535"]
+"#;
+
+/// What a test gateway is started from.
+pub enum Setup {
+    /// A config file's text, read with the gateway's folder as its base.
+    Toml(String),
+    /// A config file on disk, which `POST /v1/reload` reads again.
+    File(ConfigSource),
+}
+
+impl From<String> for Setup {
+    fn from(text: String) -> Self {
+        Setup::Toml(text)
+    }
+}
+
+impl From<&str> for Setup {
+    fn from(text: &str) -> Self {
+        Setup::Toml(text.to_string())
+    }
+}
+
+impl From<ConfigSource> for Setup {
+    fn from(source: ConfigSource) -> Self {
+        Setup::File(source)
+    }
+}
+
+/// A gateway run in-process the way `porthole serve` runs it
+/// (`porthole::app::run`), its listeners where its config puts them (tests
+/// name `127.0.0.1:0`: a free loopback port each).
+pub struct Gateway {
+    /// What it runs on.
+    pub app: Arc<App>,
+    /// The (first) public listener.
+    pub public: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// The native SPICE TLS listener, when the config has one.
+    pub spice_tls: Option<SocketAddr>,
+    /// The native VNC listener, when the config has one.
+    pub native_vnc: Option<SocketAddr>,
+    /// Ends it: listeners first, then sessions, as a signal would.
+    pub stop: CancellationToken,
+    /// Key `k`, which [`Gateway::token`] signs with.
+    pub key: TestKey,
+    /// The CA of its `localhost` certificate, and a client trusting it.
+    pub pki: TestPki,
+    /// Its folder: the config's relative paths start here.
+    pub dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts a gateway from `setup`, its files in `dir` (whatever the test put
+/// there, and key `k` (`k.key`, `k.pub.pem`) and a `localhost` certificate
+/// (`ca.pem`, `server.pem`, `server.key`) that this adds for the config to
+/// name); returns once it is ready.
+pub async fn spawn_gateway(dir: tempfile::TempDir, setup: impl Into<Setup>) -> Gateway {
+    let key = TestKey::new(dir.path(), KeyKind::Ed25519, "k");
+    let pki = TestPki::new(dir.path());
+    let (config, source) = match setup.into() {
+        Setup::Toml(text) => (Config::from_toml(&text, dir.path()).unwrap(), None),
+        Setup::File(source) => (source.load().unwrap(), Some(source)),
+    };
+    let listeners = Listeners::bind(&config).await.unwrap();
+    let public = listeners.public_addrs().unwrap()[0];
+    let admin = listeners.admin_addr().unwrap();
+    let (spice_tls, native_vnc) = (listeners.spice_addrs().0, listeners.vnc_addr());
+    let app = Arc::new(App::build_for(config, Some(&listeners), source).unwrap());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(porthole::app::run(
+        app.clone(),
+        listeners,
+        None,
+        stop.clone(),
+    ));
+    within("the gateway to get ready", async {
+        while app.readiness.answer().status() != axum::http::StatusCode::OK {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    Gateway {
+        app,
+        public,
+        admin,
+        spice_tls,
+        native_vnc,
+        stop,
+        key,
+        pki,
+        dir,
+        task,
+    }
+}
+
+impl Gateway {
+    /// A console token signed with key `k`: `kind` at 127.0.0.1:`port` for
+    /// `instance`, valid for a minute.
+    pub fn token(&self, kind: ConsoleType, port: u16, instance: &str) -> String {
+        let req = MintRequest {
+            issuer: ISSUER.into(),
+            audience: AUDIENCE.into(),
+            instance: instance.into(),
+            console: ConsoleClaim {
+                kind,
+                host: "127.0.0.1".into(),
+                port,
+                tls_port: None,
+            },
+            ttl_secs: 60,
+        };
+        let token = self.key.signer().sign(&req.claims(unix_now())).unwrap();
+        token.expose().clone()
+    }
+
+    /// The native SPICE TLS listener (`[spice] listen_tls`).
+    pub fn spice(&self) -> SocketAddr {
+        self.spice_tls.expect("no [spice] listen_tls")
+    }
+
+    /// The native VNC listener (`[vnc] listen`).
+    pub fn vnc(&self) -> SocketAddr {
+        self.native_vnc.expect("no [vnc] listen")
+    }
+
+    /// The live sessions, as the admin API lists them to `bearer`.
+    pub async fn sessions(&self, bearer: &str) -> Vec<Value> {
+        let (status, body) = http(self.admin, "GET", "/v1/sessions", Some(bearer), None).await;
+        assert_eq!(status, 200, "{body}");
+        let list: Value = serde_json::from_str(&body).unwrap();
+        list["sessions"].as_array().unwrap().clone()
+    }
+
+    /// Stops it, and waits for a clean end.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        within("shutdown", self.task).await.unwrap().unwrap();
+    }
+}
+
+/// Echoes until the peer leaves.
+pub async fn echo(mut s: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = s.read(&mut buf).await {
+        if s.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A TCP echo console on a free loopback port; returns the port.
+pub async fn echo_console() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(echo(s));
+        }
+    });
+    port
 }
