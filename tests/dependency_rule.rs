@@ -8,7 +8,8 @@
 //! `token -> audit -> session -> token` ties every module on it to the others.
 //!
 //! The rule is data: edit `LAYERS`, `EXTRA_ALLOWED` and `ONLY_LEAVES`,
-//! not the scanner. The scanner is a small lexer: it blanks comments, string
+//! not the scanner; `docs/architecture.md` shows `LAYERS` as a table, and a
+//! test keeps the two naming the same modules. The scanner is a small lexer: it blanks comments, string
 //! and char literals and `#[cfg(test)] mod … { … }` blocks (test code may reach
 //! anywhere), reads every `crate::` and `super::` path (grouped imports and
 //! inline modules included), resolves it, and reduces it to an edge between
@@ -33,7 +34,7 @@ const LAYERS: &[&[&str]] = &[
     // How requests arrive: pages, WebSockets, native listeners, the admin API.
     &["frontend"],
     // What the admin API and the composition root call beside sessions,
-    // and the shared store behind the token and ticket traits.
+    // and the shared store behind the session registry and token traits.
     &["reload", "issuance", "demo", "bootstrap", "store"],
     // Console sessions, from admission to their end.
     &["session"],
@@ -392,6 +393,37 @@ fn modules_follow_the_dependency_rule() {
     problems.extend(forbidden.into_iter().map(|e| format!("forbidden: {e}")));
     let (n, report) = (problems.len(), problems.join("\n"));
     assert!(n == 0, "{n} breaches of the dependency rule:\n{report}\n");
+}
+
+/// The modules each row of the layer table in `docs/architecture.md` names
+/// (its second column's `code` words, a folder's `/` dropped), top first.
+fn documented_layers(doc: &str) -> Vec<BTreeSet<String>> {
+    let mut layers = Vec::new();
+    for row in doc.lines().filter_map(|l| l.strip_prefix('|')) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let Some(number) = cells.first().and_then(|c| c.parse::<usize>().ok()) else {
+            continue; // The header, its rule, and any other table.
+        };
+        assert_eq!(number, layers.len() + 1, "layer rows out of order: {row}");
+        let names = cells[1].split('`').skip(1).step_by(2);
+        layers.push(names.map(|n| n.trim_end_matches('/').to_string()).collect());
+    }
+    layers
+}
+
+#[test]
+fn the_architecture_doc_names_the_same_layers() {
+    let root = PathBuf::from(option_env!("CARGO_MANIFEST_DIR").unwrap_or("."));
+    let doc = fs::read_to_string(root.join("docs/architecture.md")).expect("the architecture doc");
+    let documented = documented_layers(&doc);
+    let coded: Vec<BTreeSet<String>> = LAYERS
+        .iter()
+        .map(|l| l.iter().map(|m| m.to_string()).collect())
+        .collect();
+    assert_eq!(
+        documented, coded,
+        "docs/architecture.md's layer table and LAYERS disagree"
+    );
 }
 
 /// Parser cases: `== the snippet's module => the modules it names`, then the snippet.
