@@ -77,6 +77,15 @@ struct Node {
     revocations: RedisRevocations,
     /// Cancelled: the node stops renewing (as if it died).
     stop: CancellationToken,
+    /// What its leased stores renew on.
+    leasing: Leasing,
+}
+
+impl Node {
+    /// This node's session registry, publishing as `name`.
+    fn registry(&self, name: &str) -> Arc<porthole::store::registry::RedisRegistry> {
+        porthole::store::registry::RedisRegistry::new(self.leasing.clone(), name.into())
+    }
 }
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -110,7 +119,8 @@ async fn node(server: &RedisServer, name: &str) -> Node {
     };
     Node {
         redemptions: RedisRedemptions::new(leasing.clone()),
-        tickets: RedisTickets::new(leasing),
+        tickets: RedisTickets::new(leasing.clone()),
+        leasing,
         revocations: RedisRevocations::new(redis.clone()),
         redis,
         stop,
@@ -474,19 +484,9 @@ async fn a_store_that_is_down_is_refused_never_trusted_until_it_is_back() {
 #[tokio::test]
 async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_runs_it() {
     use porthole::session::registry::{NewSession, Selector, SessionRegistry};
-    use porthole::store::registry::RedisRegistry;
     let server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
-    let registry = |n: &Node, name: &str| {
-        let leasing = Leasing {
-            redis: n.redis.clone(),
-            lease: LEASE,
-            renew: Duration::from_millis(500),
-            stop: n.stop.clone(),
-        };
-        RedisRegistry::new(leasing, name.into())
-    };
-    let (on_a, on_b) = (registry(&a, "node-a"), registry(&b, "node-b"));
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
     let session = |jti: &str, key: Option<&str>| NewSession {
         console: ConsoleType::SpiceDirect,
         instance: "vm-1".into(),
@@ -580,19 +580,9 @@ async fn the_shared_store_treats_takeover_as_reconnect_as_the_memory_store_does(
 async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole_again_within_a_renewal()
  {
     use porthole::session::registry::{NewSession, Selector, SessionRegistry};
-    use porthole::store::registry::RedisRegistry;
     let mut server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
-    let registry = |n: &Node, name: &str| {
-        let leasing = Leasing {
-            redis: n.redis.clone(),
-            lease: LEASE,
-            renew: Duration::from_millis(500),
-            stop: n.stop.clone(),
-        };
-        RedisRegistry::new(leasing, name.into())
-    };
-    let (on_a, on_b) = (registry(&a, "node-a"), registry(&b, "node-b"));
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
     // A SPICE session on node a: its ticket opened it and is bound to the
     // hypervisor's session id 7; its join key is published.
     let spice = ConsoleType::SpiceDirect;

@@ -150,14 +150,8 @@ sentinel parallel-syncs {self.MASTER} 1
         return int(redis_command(self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)[1])
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        from vm import stop_process
+        stop_process(self.proc, self.log)
 
 
 # What HAProxy asks each Redis server to find the primary (docs/scaling.md):
@@ -248,11 +242,5 @@ class HAProxy:
         return self.log_path.read_text()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        from vm import stop_process
+        stop_process(self.proc, self.log)

@@ -45,14 +45,7 @@ def _display_range():
 
 
 def free_vnc_display():
-    for display in _display_range():
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", 5900 + display))
-                return display
-            except OSError:
-                continue
-    raise RuntimeError("no free VNC display")
+    return free_vnc_displays(1)[0]
 
 
 def _rdn_string(name):
@@ -266,14 +259,20 @@ class VM:
             return reply["return"]
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_process(self.proc, self.log)
+
+
+def stop_process(proc, log):
+    """SIGTERM, ten seconds, then SIGKILL, for a process a test started (by
+    its PID); then its log file is closed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
 
 
 def free_vnc_displays(n):

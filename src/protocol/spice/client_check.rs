@@ -337,19 +337,24 @@ fn rule(channel_type: u8, kind: u16) -> Result<Rule, &'static str> {
     Ok(rule)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum State {
     /// Collecting a header.
     Header,
-    /// Holding the first `need` body bytes until its fields are checked.
-    Hold {
-        serial: u64,
-        kind: u16,
-        size: u32,
-        need: u32,
-    },
+    /// Holding the first body bytes of a message until its fields are checked.
+    Hold(Held),
     /// Passing this many body bytes on as they come.
     Stream(u64),
+}
+
+/// A message whose first `need` body bytes are being held for `fields`.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    serial: u64,
+    kind: u16,
+    size: u32,
+    need: u32,
+    fields: FieldCheck,
 }
 
 /// One channel's client messages, checked in order.
@@ -477,29 +482,31 @@ impl ClientCheck {
                     if self.held.len() == self.header_len()
                         && let Err(refused) = self.header(&mut out.forward, went)
                     {
-                        out.refused = Some(refused);
-                        return out;
+                        return self.refuse(out, refused);
                     }
                 }
-                State::Hold {
-                    serial,
-                    kind,
-                    size,
-                    need,
-                } => {
-                    let whole = self.header_len() + need as usize;
+                State::Hold(held) => {
+                    let whole = self.header_len() + held.need as usize;
                     let n = (whole - self.held.len()).min(data.len());
                     self.held.extend_from_slice(&data[..n]);
                     data = &data[n..];
                     if self.held.len() == whole
-                        && let Err(refused) = self.body(serial, kind, size, &mut out.forward, went)
+                        && let Err(refused) = self.body(held, &mut out.forward, went)
                     {
-                        out.refused = Some(refused);
-                        return out;
+                        return self.refuse(out, refused);
                     }
                 }
             }
         }
+        out
+    }
+
+    /// Ends the check at a refused message: nothing of it goes, and what
+    /// follows is never looked at.
+    fn refuse(&mut self, mut out: Checked, refused: Refused) -> Checked {
+        self.held.clear();
+        self.state = State::Header;
+        out.refused = Some(refused);
         out
     }
 
@@ -516,22 +523,16 @@ impl ClientCheck {
         let refuse = |why| Err(Refused { kind, size, why });
         if !self.mini_header && u32_at(h, at + 6) != 0 {
             // spice-server would look for sub-messages there; no client sends any.
-            self.held.clear();
             return refuse("a sub-message list");
         }
         let rule = match rule(self.channel_type, kind) {
             Ok(r) => r,
-            Err(why) => {
-                self.held.clear();
-                return refuse(why);
-            }
+            Err(why) => return refuse(why),
         };
         if size < rule.min {
-            self.held.clear();
             return refuse("shorter than its fields");
         }
         if size > rule.max.min(channel_cap(self.channel_type)) {
-            self.held.clear();
             return refuse("longer than this channel's clients send");
         }
         if self.channel_type == channel::DISPLAY
@@ -540,33 +541,29 @@ impl ClientCheck {
         {
             // spice-server waits for the DISPLAY_INIT before anything else;
             // a display channel it drops before then crashes QEMU.
-            self.held.clear();
             return refuse("a display message before DISPLAY_INIT");
         }
         if self.channel_type == channel::DISPLAY && kind == msg::DISPLAY_INIT && self.inited {
-            self.held.clear();
             return refuse("a second DISPLAY_INIT");
         }
         if self.channel_type == channel::MAIN
             && matches!(kind, kind::MAIN_AGENT_TOKEN | kind::MAIN_AGENT_DATA)
             && !self.agent.started
         {
-            self.held.clear();
             return refuse("agent messages before AGENT_START");
         }
-        if let Some((need, _)) = rule.fields
-            && (size > 0 || self.channel_type == channel::MAIN)
-        {
-            let need = need.min(size);
-            self.state = State::Hold {
+        if let Some((need, fields)) = rule.fields {
+            let held = Held {
                 serial,
                 kind,
                 size,
-                need,
+                need: need.min(size),
+                fields,
             };
-            if need == 0 {
+            self.state = State::Hold(held);
+            if held.need == 0 {
                 // Nothing more to wait for: its (empty) body decides now.
-                return self.body(serial, kind, size, forward, went);
+                return self.body(held, forward, went);
             }
             return Ok(());
         }
@@ -579,27 +576,28 @@ impl ClientCheck {
         Ok(())
     }
 
-    /// A held message is whole: its fields decide.
+    /// A held message's checked bytes are there: its fields decide.
     fn body(
         &mut self,
-        serial: u64,
-        kind: u16,
-        size: u32,
+        held: Held,
         forward: &mut Vec<u8>,
         went: &mut Vec<(u64, u16)>,
     ) -> Result<(), Refused> {
+        let Held {
+            serial,
+            kind,
+            size,
+            fields,
+            ..
+        } = held;
         let body = &self.held[self.header_len()..];
         let checked = body.len() as u32;
-        let verdict = match rule(self.channel_type, kind).ok().and_then(|r| r.fields) {
-            Some(_) if self.channel_type == channel::MAIN && kind == kind::MAIN_AGENT_DATA => {
-                self.agent.chunk(body)
-            }
-            Some((_, fields)) => fields(body, size),
-            None => Ok(()),
+        let verdict = if self.channel_type == channel::MAIN && kind == kind::MAIN_AGENT_DATA {
+            self.agent.chunk(body)
+        } else {
+            fields(body, size)
         };
         if let Err(why) = verdict {
-            self.held.clear();
-            self.state = State::Header;
             return Err(Refused { kind, size, why });
         }
         self.went(serial, kind, forward, went);
