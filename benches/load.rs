@@ -369,6 +369,7 @@ fn mint_kind(
             host: "127.0.0.1".into(),
             port,
             tls_port: None,
+            view_only: false,
         },
         ttl_secs: 600,
     };

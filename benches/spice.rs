@@ -327,6 +327,7 @@ impl Porthole {
                     host: "127.0.0.1".into(),
                     port: self.far_port,
                     tls_port: None,
+                    view_only: false,
                 },
                 ttl_secs: 300,
             };

@@ -68,6 +68,7 @@ fn request() -> MintRequest {
             host: "10.1.2.3".into(),
             port: 5901,
             tls_port: None,
+            view_only: false,
         },
         ttl_secs: 300,
     }

@@ -37,6 +37,8 @@ pub struct SessionRecord<'a> {
     pub client: std::net::IpAddr,
     /// Hypervisor target.
     pub target: &'a str,
+    /// Its client may watch, not act.
+    pub view_only: bool,
 }
 
 /// How a session ended, for its `session_ended` event.
@@ -106,6 +108,7 @@ impl AuditEvent {
             .field("jti", Some(s.jti))
             .field("client", Some(s.client.to_string()))
             .field("target", Some(s.target))
+            .field("view_only", s.view_only.then_some(true))
     }
 
     /// Sends it to the sink.

@@ -197,6 +197,9 @@ struct MintArgs {
     /// SPICE TLS port on the hypervisor.
     #[arg(long)]
     tls_port: Option<u16>,
+    /// A view-only console: Porthole drops the client's input.
+    #[arg(long)]
+    view_only: bool,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 120)]
     ttl: u64,
@@ -665,6 +668,7 @@ fn print_demo_urls(app: &App, vm: &crate::demo::DemoVm) {
                 tls_port: None,
             },
             ttl_secs: Some(ttl),
+            view_only: false,
         })
     };
     match (
@@ -730,6 +734,7 @@ fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
             host: a.host,
             port: a.port,
             tls_port: a.tls_port,
+            view_only: a.view_only,
         },
         ttl_secs: a.ttl,
     };

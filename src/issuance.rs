@@ -39,6 +39,8 @@ pub struct IssueRequest {
     pub target: ConsoleTarget,
     /// Requested lifetime; capped by configuration.
     pub ttl_secs: Option<u64>,
+    /// The user may watch and not act.
+    pub view_only: bool,
 }
 
 /// The issuance API's request body (`POST /v1/consoles`), before its
@@ -56,6 +58,9 @@ pub struct IssueBody {
     /// Requested lifetime in seconds.
     #[serde(default)]
     ttl_secs: Option<u64>,
+    /// A view-only console (the token's `console.view_only`).
+    #[serde(default)]
+    view_only: bool,
 }
 
 impl IssueBody {
@@ -66,6 +71,7 @@ impl IssueBody {
             console: self.console.parse()?,
             target: self.target,
             ttl_secs: self.ttl_secs,
+            view_only: self.view_only,
         })
     }
 }
@@ -172,6 +178,7 @@ impl Issuer {
                 host: req.target.host.clone(),
                 port: req.target.port,
                 tls_port: req.target.tls_port,
+                view_only: req.view_only,
             },
             ttl_secs,
         };

@@ -121,6 +121,22 @@ pub fn spice_message_refused(why: &'static str) {
     metrics::counter!(SPICE_MESSAGES_REFUSED, "why" => why).increment(1);
 }
 
+/// Messages a view-only client sent that Porthole left out, by protocol
+/// and message name.
+pub const VIEW_ONLY_DROPPED: &str = "porthole_view_only_dropped_total";
+/// Client streams a filter could not frame, ended there, by protocol and why.
+pub const CLIENT_STREAMS_REFUSED: &str = "porthole_client_streams_refused_total";
+
+/// Counts a message dropped from a view-only client.
+pub fn view_only_dropped(protocol: &'static str, message: &'static str) {
+    metrics::counter!(VIEW_ONLY_DROPPED, "protocol" => protocol, "message" => message).increment(1);
+}
+
+/// Counts a client stream ended at a message its filter could not frame.
+pub fn client_stream_refused(protocol: &'static str, why: &'static str) {
+    metrics::counter!(CLIENT_STREAMS_REFUSED, "protocol" => protocol, "why" => why).increment(1);
+}
+
 /// Counts an established SPICE channel link.
 pub fn spice_linked(channel: &'static str) {
     metrics::counter!(SPICE_LINKS, "channel" => channel).increment(1);

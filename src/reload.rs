@@ -273,6 +273,7 @@ fn signer_is_verified(
             host: "config-check.invalid".into(),
             port: 5900,
             tls_port: None,
+            view_only: false,
         },
         ttl_secs: 1,
     }

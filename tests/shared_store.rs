@@ -157,6 +157,7 @@ fn grant(jti: &str, console: ConsoleType) -> Grant {
                 host: target.host,
                 port: target.port,
                 tls_port: None,
+                view_only: false,
             },
         },
     }
@@ -494,6 +495,7 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
         client: "192.0.2.7".parse().unwrap(),
         target: "127.0.0.1:5930".into(),
         key: key.map(str::to_owned),
+        view_only: false,
     };
     let live = on_a
         .register(session("j1", Some("ticket-1")), CancellationToken::new())
@@ -604,6 +606,7 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
                 client: "192.0.2.7".parse().unwrap(),
                 target: "127.0.0.1:5930".into(),
                 key: Some("key-7".into()),
+                view_only: false,
             },
             CancellationToken::new(),
         )

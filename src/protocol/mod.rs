@@ -7,6 +7,7 @@
 //! or count read from the wire is checked against a named cap before anything
 //! is sized from it. No input makes a parser panic.
 
+pub mod client_filter;
 pub mod rfb;
 pub mod spice;
 #[cfg(test)]

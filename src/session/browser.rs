@@ -20,8 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument as _;
 
 use super::lifecycle::{Lifecycle, Refused, refused};
+use super::view_only::ClientInput;
 use super::ws_relay::{self, RelayOptions, relay};
-use super::{Admission, CloseReason, Early, OpenError, Opened, Pass, Sessions, Traffic};
+use super::{Admission, CloseReason, Early, OpenError, Opened, Sessions, Traffic};
 use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
@@ -177,6 +178,7 @@ impl BrowserAdmission {
                     opened.backend,
                     &up,
                     &grant.target.host,
+                    grant.view_only(),
                     deadline,
                 ));
                 match life.stop().unless_stopped(handshake).await {
@@ -205,8 +207,16 @@ impl BrowserAdmission {
             early.up = super::after_handshake(early.up, &pending);
             let opts = sessions.relay_options(Some(&grant));
             let counters = life.live().bytes.clone();
-            let (reason, traffic, _) =
-                relay(socket, backend, early, Pass, opts, life.stop(), &counters).await;
+            let (reason, traffic, _) = relay(
+                socket,
+                backend,
+                early,
+                ClientInput::of(&grant),
+                opts,
+                life.stop(),
+                &counters,
+            )
+            .await;
             life.finish(reason.as_str(), traffic).await;
         }
         .instrument(span)

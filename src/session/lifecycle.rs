@@ -47,6 +47,7 @@ impl Lifecycle {
             client,
             target: grant.target.to_string(),
             key,
+            view_only: grant.view_only(),
         };
         let live = sessions
             .registry

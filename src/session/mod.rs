@@ -30,6 +30,7 @@ pub mod link_keys;
 pub mod registry;
 pub mod spice;
 pub mod splice;
+pub mod view_only;
 pub mod vnc;
 pub mod ws_relay;
 
@@ -220,10 +221,10 @@ pub trait Inspect: Send {
 /// [`Checked::forward`] now, and none after a [`Checked::refused`] message
 /// (the client's side then ends, a protocol error).
 ///
-/// [`Checked::forward`]: crate::protocol::spice::client_check::Checked::forward
-/// [`Checked::refused`]: crate::protocol::spice::client_check::Checked::refused
+/// [`Checked::forward`]: crate::protocol::client_filter::Checked::forward
+/// [`Checked::refused`]: crate::protocol::client_filter::Checked::refused
 pub type ClientTap =
-    std::sync::Arc<dyn Fn(&[u8]) -> crate::protocol::spice::client_check::Checked + Send + Sync>;
+    std::sync::Arc<dyn Fn(&[u8]) -> crate::protocol::client_filter::Checked + Send + Sync>;
 
 /// A hypervisor connection a relay handed back, with bytes it had read
 /// from it and not yet inspected (they come first).

@@ -139,6 +139,8 @@ pub struct LiveSession {
     pub terminated: OnceLock<Termination>,
     /// Joins further connections to it (a SPICE ticket's id).
     pub key: Option<String>,
+    /// Its client may watch, not act (Porthole drops its input).
+    pub view_only: bool,
 }
 
 /// What the admin API shows of a session.
@@ -166,6 +168,8 @@ pub struct SessionView {
     pub state: &'static str,
     /// The node that holds it.
     pub node: String,
+    /// Its client may watch, not act.
+    pub view_only: bool,
 }
 
 impl LiveSession {
@@ -178,6 +182,7 @@ impl LiveSession {
             jti: &self.jti,
             client: self.client,
             target: &self.target,
+            view_only: self.view_only,
         }
     }
 
@@ -199,6 +204,7 @@ impl LiveSession {
                 "active"
             },
             node: crate::node::name().to_string(),
+            view_only: self.view_only,
         }
     }
 }
@@ -257,6 +263,8 @@ pub struct NewSession {
     pub target: String,
     /// Joins further connections to it.
     pub key: Option<String>,
+    /// Its client may watch, not act.
+    pub view_only: bool,
 }
 
 /// Every live session of this process.
@@ -296,6 +304,7 @@ impl Registry {
             ends_at: OnceLock::new(),
             terminated: OnceLock::new(),
             key: s.key,
+            view_only: s.view_only,
         });
         let mut maps = self.lock();
         if let Some(key) = &live.key {
@@ -448,6 +457,7 @@ mod tests {
             client: "127.0.0.1".parse().unwrap(),
             target: "127.0.0.1:5900".into(),
             key: None,
+            view_only: false,
         }
     }
 

@@ -45,7 +45,8 @@ use super::{
 };
 use crate::console::ConsoleType;
 use crate::error::Blame;
-use crate::protocol::spice::client_check::{Checked, ClientCheck};
+use crate::protocol::client_filter::Checked;
+use crate::protocol::spice::client_check::ClientCheck;
 use crate::protocol::spice::crypto::{decrypt_ticket, encrypt_ticket};
 use crate::protocol::spice::display_drain::DisplayTrack;
 use crate::protocol::spice::link::{
@@ -473,6 +474,8 @@ enum ChannelInspect {
         tickets: Arc<dyn TicketStore>,
         ticket: TicketId,
         mini_header: bool,
+        /// Agent messages and mouse-mode requests are dropped.
+        view_only: bool,
     },
     Display(Arc<Mutex<DisplayTrack>>),
     Other {
@@ -516,6 +519,17 @@ impl Inspect for ChannelInspect {
                     Box::new(move |chunk| locked(&track).from_client(chunk)),
                 )
             }
+            ChannelInspect::Main {
+                mini_header,
+                view_only: true,
+                ..
+            } => {
+                let mut check = ClientCheck::view_only(*mini_header, channel::MAIN);
+                (
+                    "main",
+                    Box::new(move |chunk| check.check(chunk, &mut Vec::new())),
+                )
+            }
             ChannelInspect::Main { mini_header, .. } => {
                 ("main", other_check(*mini_header, channel::MAIN))
             }
@@ -530,6 +544,9 @@ impl Inspect for ChannelInspect {
         let check = Mutex::new(check);
         Some(Arc::new(move |chunk: &[u8]| {
             let checked = (check.lock().unwrap_or_else(|p| p.into_inner()))(chunk);
+            for message in &checked.dropped {
+                crate::metrics::view_only_dropped("spice", message);
+            }
             if let Some(refused) = &checked.refused {
                 crate::metrics::spice_message_refused(refused.why);
                 tracing::warn!(
@@ -689,6 +706,7 @@ impl Channel {
                 tickets: sessions.tickets.clone(),
                 ticket: admitted.id.clone(),
                 mini_header,
+                view_only: admitted.grant.view_only(),
             },
             channel::DISPLAY => {
                 ChannelInspect::Display(Arc::new(Mutex::new(DisplayTrack::new(mini_header))))
@@ -788,6 +806,16 @@ async fn admit_channel<S: Io>(
             format!("a {} ticket on the {leg:?} SPICE leg", grant.console),
         ));
     }
+    if grant.view_only() && carries_input(mess.channel_type) {
+        return Err(ChannelRefusal::client(
+            LinkError::ChannelNotAvailable,
+            "view_only_channel",
+            format!(
+                "a view-only console has no {} channel",
+                channel_name(mess.channel_type)
+            ),
+        ));
+    }
     let admission = match role {
         ChannelRole::Opens => Admission::Opens,
         ChannelRole::Joins { .. } => Admission::Joins,
@@ -824,6 +852,21 @@ async fn admit_channel<S: Io>(
         }
     };
     Ok((mess, admitted, session))
+}
+
+/// Whether a channel of this type moves input or data into the VM: a
+/// view-only console does not get one (keys and pointer, a microphone, a
+/// smartcard, USB devices, a shared folder, a guest port).
+fn carries_input(channel_type: u8) -> bool {
+    matches!(
+        channel_type,
+        channel::INPUTS
+            | channel::RECORD
+            | channel::SMARTCARD
+            | channel::USBREDIR
+            | channel::PORT
+            | channel::WEBDAV
+    )
 }
 
 /// A browser channel that carries its token, not a ticket: Debian's

@@ -26,7 +26,8 @@ use tokio::time::Instant;
 use super::driver::{DriveError, drive, send};
 use super::lifecycle::{Handshake, Lifecycle};
 use super::splice::{REFUSAL_DEADLINE, splice};
-use super::{Admission, Early, Pass, Sessions, Traffic};
+use super::view_only::ClientInput;
+use super::{Admission, Early, Sessions, Traffic};
 use crate::console::ConsoleType;
 use crate::error::Blame;
 use crate::hypervisor::VncUpstream;
@@ -218,11 +219,14 @@ async fn refuse_client<S: Io + ?Sized>(client: &mut S, leg: &mut ClientLeg) {
 /// A browser (noVNC) session's handshake over its WebSocket, seen as bytes:
 /// the hypervisor leg on `tcp`, then the client leg offering only None, all
 /// before `deadline`. Returns the hypervisor stream and the early bytes.
+/// A `view_only` client shares the display whatever it asks: it must not
+/// disconnect the viewers it watches.
 pub async fn browser_handshake<S: Io + ?Sized>(
     client: &mut S,
     tcp: TcpStream,
     up: &VncUpstream,
     host: &str,
+    view_only: bool,
     deadline: Instant,
 ) -> Result<(Conn, Early), VncRefusal> {
     let mut leg = ClientLeg::new(ClientOffer::None);
@@ -236,7 +240,8 @@ pub async fn browser_handshake<S: Io + ?Sized>(
                 // The hypervisor's OK, relayed.
                 ClientStep::SecurityChosen => leg.security_result(true),
                 ClientStep::ClientInit { shared } => {
-                    send_client_init(&mut authed.backend, up, shared, deadline).await?;
+                    send_client_init(&mut authed.backend, up, shared || view_only, deadline)
+                        .await?;
                     let up_early = std::mem::replace(&mut leg, ClientLeg::new(ClientOffer::None))
                         .into_leftover();
                     return Ok((
@@ -325,6 +330,7 @@ pub async fn serve_native(
                 .map_err(VncRefusal::client)?
             {
                 ClientStep::ClientInit { shared } => {
+                    let shared = shared || grant.view_only();
                     send_client_init(&mut authed.backend, &up, shared, deadline).await?;
                     Ok(authed)
                 }
@@ -364,7 +370,7 @@ pub async fn serve_native(
         client,
         authed.backend,
         early,
-        Pass,
+        ClientInput::of(&grant),
         life.stop(),
         life.counters(),
     )

@@ -140,6 +140,7 @@ impl RedisRegistry {
                 ("join_key", live.key.as_deref().unwrap_or("")),
                 ("bytes_up", &up.to_string()),
                 ("bytes_down", &down.to_string()),
+                ("view_only", if live.view_only { "1" } else { "0" }),
             ],
         )
         .ignore()
@@ -233,6 +234,7 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         ends_at: OnceLock::new(),
         terminated: OnceLock::new(),
         key: h.get("join_key").filter(|k| !k.is_empty()).cloned(),
+        view_only: h.get("view_only").is_some_and(|v| v == "1"),
     })
 }
 

@@ -28,6 +28,13 @@ pub struct ConsoleClaim {
     /// SPICE TLS port on the hypervisor, where it applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_port: Option<u16>,
+    /// The user may watch and not act: Porthole drops what the client sends
+    /// that would reach the VM (keys, pointer, clipboard, power), per
+    /// protocol. Optional; absent is `false`. A Porthole older than this
+    /// field refuses such a token (`deny_unknown_fields`): a view-only
+    /// token never opens a console that can be typed into.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub view_only: bool,
 }
 
 impl ConsoleClaim {

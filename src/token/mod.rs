@@ -191,6 +191,14 @@ pub struct Grant {
     pub claims: ConsoleClaims,
 }
 
+impl Grant {
+    /// Whether its client may only watch: Porthole drops what would reach
+    /// the VM (the token's `console.view_only`).
+    pub fn view_only(&self) -> bool {
+        self.claims.console.view_only
+    }
+}
+
 /// The checks every token goes through, besides its signature.
 #[derive(Debug, Clone)]
 pub struct ValidationPolicy {

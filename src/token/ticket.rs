@@ -541,6 +541,7 @@ mod tests {
                     host: target.host,
                     port: target.port,
                     tls_port: target.tls_port,
+                    view_only: false,
                 },
             },
         }

@@ -404,6 +404,7 @@ impl Gateway {
                 host: "127.0.0.1".into(),
                 port,
                 tls_port: None,
+                view_only: false,
             },
             ttl_secs: 60,
         };

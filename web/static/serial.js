@@ -3,7 +3,9 @@
 // The server serves npm's xterm.js (5+) or, where `npm ci` never ran,
 // Debian's 3.8 at the same URL; the two differ in how they take bytes, give
 // keys and expose their buffer, so the page adapts to whichever it got.
-import { closeMessage, loadLibrary, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+import {
+  closeMessage, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
+} from './session.js';
 
 const xterm = await loadLibrary('../vendor/xterm/lib/xterm.mjs', 'xterm');
 const encoder = new TextEncoder();
@@ -11,7 +13,7 @@ let received = 0;
 
 // The same small surface over either xterm.js.
 function terminal(Terminal) {
-  const term = new Terminal({ convertEol: false, scrollback: 5000, cursorBlink: true });
+  const term = new Terminal({ convertEol: false, scrollback: 5000, cursorBlink: !viewOnly, disableStdin: viewOnly });
   term.open(document.getElementById('terminal'));
   if (typeof term.onData === 'function') {
     return {
@@ -71,9 +73,11 @@ function connect(t) {
     }
     setStatus('disconnected', closeMessage(e.code));
   };
-  t.onKeys((bytes) => ws.readyState === WebSocket.OPEN && ws.send(bytes));
+  // A view-only console sends nothing (Porthole would drop it anyway).
+  if (!viewOnly) t.onKeys((bytes) => ws.readyState === WebSocket.OPEN && ws.send(bytes));
 }
 
+showViewOnly();
 if (xterm) {
   const t = terminal(xterm.Terminal);
   window.porthole = Object.assign(window.porthole ?? {}, { terminalText: t.text, received: () => received });

@@ -5,6 +5,29 @@
 export const token = new URLSearchParams(location.search).get('token')
   ?? new URLSearchParams((new URLSearchParams(location.search).get('path') ?? '').split('?')[1] ?? '').get('token');
 
+// Whether the token names a view-only console (a JWT's `console.view_only`).
+// Porthole enforces it on every byte; the page only says so and keeps its
+// client from offering input.
+export const viewOnly = (() => {
+  try {
+    const payload = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(atob(payload))?.console?.view_only === true;
+  } catch {
+    return false;
+  }
+})();
+
+// Says on the page that this console is view-only.
+export function showViewOnly() {
+  window.porthole = Object.assign(window.porthole ?? {}, { viewOnly });
+  if (!viewOnly) return;
+  const badge = Object.assign(document.createElement('span'), {
+    id: 'view-only',
+    textContent: 'View only: your keyboard and mouse do not reach this console',
+  });
+  document.querySelector('header').append(badge);
+}
+
 export function socketUrl(endpoint) {
   const url = new URL(endpoint, location.href);
   url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';

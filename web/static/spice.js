@@ -2,11 +2,15 @@
 // WebSocket. Every SPICE channel opens its own socket to the same URL, and
 // Porthole terminates the SPICE link inside it: the page's SPICE password is
 // a short-lived ticket from POST spice-ticket, never the hypervisor's.
-import { closeMessage, loadLibrary, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+import {
+  closeMessage, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
+} from './session.js';
 
 const spice = await loadLibrary('../vendor/spice-html5/main.js', 'spice-html5');
 
 const cad = document.getElementById('cad');
+cad.hidden = viewOnly;
+showViewOnly();
 const screen = document.getElementById('screen');
 let reconnects = 0;
 let sc = null;

@@ -1,13 +1,17 @@
 // noVNC console page: noVNC's RFB client on Porthole's /vnc WebSocket.
 // The token already authenticated the user: Porthole offers the browser
 // no VNC password prompt.
-import { closeMessage, loadLibrary, refusedMessage, setStatus, socketUrl, token, whyRefused } from './session.js';
+import {
+  closeMessage, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
+} from './session.js';
 
 const novnc = await loadLibrary('../vendor/novnc/core/rfb.js', 'novnc');
 const RFB = novnc?.default;
 
 const screen = document.getElementById('screen');
 const cad = document.getElementById('cad');
+cad.hidden = viewOnly;
+showViewOnly();
 let reconnects = 0;
 
 function connect() {
@@ -19,6 +23,9 @@ function connect() {
   let closeCode = null;
   socket.addEventListener('close', (e) => { closeCode = e.code; });
   const rfb = new RFB(screen, socket, { shared: true });
+  // noVNC's own switch only spares the user a cursor and keys that do
+  // nothing: Porthole drops a view-only client's input whatever it sends.
+  rfb.viewOnly = viewOnly;
   rfb.scaleViewport = false;
   rfb.resizeSession = false;
   window.porthole = Object.assign(window.porthole ?? {}, { rfb });

@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod upstream;
+pub mod view_only;
 pub mod vnc_auth;
 
 use crate::protocol::WireError;

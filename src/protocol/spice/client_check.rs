@@ -29,28 +29,7 @@ use super::framing::{FULL_HEADER_LEN, MINI_HEADER_LEN};
 use super::messages::channel;
 use super::messages::client_msg as msg;
 
-/// A client message the hypervisor must not see.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("client message of type {kind} with a {size}-byte body: {why}")]
-pub struct Refused {
-    /// Its type.
-    pub kind: u16,
-    /// Its body length.
-    pub size: u32,
-    /// What is wrong with it.
-    pub why: &'static str,
-}
-
-/// What of the client's bytes may reach the hypervisor now.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Checked {
-    /// Whole checked messages, and bodies of streamed ones; a message
-    /// being checked waits until it is whole.
-    pub forward: Vec<u8>,
-    /// A message that must not go came after `forward`: the client's side
-    /// ends here.
-    pub refused: Option<Refused>,
-}
+use crate::protocol::client_filter::{Checked, Refused};
 
 /// Checks a message's fields: the body bytes its rule asked for, and the
 /// body's whole size.
@@ -345,6 +324,8 @@ enum State {
     Hold(Held),
     /// Passing this many body bytes on as they come.
     Stream(u64),
+    /// Leaving out this many body bytes of a dropped message.
+    Drop(u64),
 }
 
 /// A message whose first `need` body bytes are being held for `fields`.
@@ -369,6 +350,8 @@ pub struct ClientCheck {
     inited: bool,
     /// The main channel's agent stream.
     agent: AgentStream,
+    /// The client may watch, not act: see [`ClientCheck::view_only`].
+    view_only: bool,
 }
 
 /// The main channel's agent messages, as spice-server's agent message
@@ -432,6 +415,20 @@ impl ClientCheck {
             held: Vec::new(),
             inited: false,
             agent: AgentStream::default(),
+            view_only: false,
+        }
+    }
+
+    /// The check for a view-only client: on the main channel, what would
+    /// reach into the VM is dropped whole (agent messages: clipboard, file
+    /// transfer, monitor configuration; without `AGENT_START` spice-server
+    /// sends the client no agent data either) and so is a mouse-mode
+    /// request. The channels that carry input or data into the VM are
+    /// refused at their link, before any check.
+    pub fn view_only(mini_header: bool, channel_type: u8) -> Self {
+        Self {
+            view_only: true,
+            ..Self::new(mini_header, channel_type)
         }
     }
 
@@ -453,7 +450,7 @@ impl ClientCheck {
     pub fn body_left(&self) -> Option<u64> {
         match self.state {
             State::Stream(left) => Some(left),
-            State::Header | State::Hold { .. } => Some(0),
+            State::Header | State::Hold { .. } | State::Drop(_) => Some(0),
         }
     }
 
@@ -474,13 +471,23 @@ impl ClientCheck {
                         State::Stream(left)
                     };
                 }
+                State::Drop(left) => {
+                    let n = data.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    data = &data[n..];
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        State::Header
+                    } else {
+                        State::Drop(left)
+                    };
+                }
                 State::Header => {
                     let want = self.header_len() - self.held.len();
                     let n = want.min(data.len());
                     self.held.extend_from_slice(&data[..n]);
                     data = &data[n..];
                     if self.held.len() == self.header_len()
-                        && let Err(refused) = self.header(&mut out.forward, went)
+                        && let Err(refused) = self.header(&mut out, went)
                     {
                         return self.refuse(out, refused);
                     }
@@ -511,7 +518,8 @@ impl ClientCheck {
     }
 
     /// A whole header is held: decides whether its message may go.
-    fn header(&mut self, forward: &mut Vec<u8>, went: &mut Vec<(u64, u16)>) -> Result<(), Refused> {
+    fn header(&mut self, out: &mut Checked, went: &mut Vec<(u64, u16)>) -> Result<(), Refused> {
+        let forward = &mut out.forward;
         let h = &self.held;
         let (serial, at) = if self.mini_header {
             (0, 0)
@@ -534,6 +542,16 @@ impl ClientCheck {
         }
         if size > rule.max.min(channel_cap(self.channel_type)) {
             return refuse("longer than this channel's clients send");
+        }
+        if let Some(name) = self.dropped_when_view_only(kind) {
+            self.held.clear();
+            out.dropped.push(name);
+            self.state = if size == 0 {
+                State::Header
+            } else {
+                State::Drop(u64::from(size))
+            };
+            return Ok(());
         }
         if self.channel_type == channel::DISPLAY
             && !self.inited
@@ -574,6 +592,21 @@ impl ClientCheck {
             State::Stream(u64::from(size))
         };
         Ok(())
+    }
+
+    /// The name a view-only client's message of `kind` is dropped under,
+    /// if it is.
+    fn dropped_when_view_only(&self, kind: u16) -> Option<&'static str> {
+        if !self.view_only || self.channel_type != channel::MAIN {
+            return None;
+        }
+        match kind {
+            kind::MAIN_AGENT_START => Some("agent_start"),
+            kind::MAIN_AGENT_TOKEN => Some("agent_token"),
+            kind::MAIN_AGENT_DATA => Some("agent_data"),
+            kind::MAIN_MOUSE_MODE_REQUEST => Some("mouse_mode_request"),
+            _ => None,
+        }
     }
 
     /// A held message's checked bytes are there: its fields decide.
@@ -879,6 +912,64 @@ mod tests {
             &[start, owed].concat(),
             &[(mini(107, &[0; 5]), "more agent data than its message holds")],
         );
+    }
+
+    #[test]
+    fn a_view_only_main_channel_drops_agent_and_mouse_mode_whole() {
+        // spice-gtk after the link, as above: the mouse mode request, the
+        // agent's start, capabilities, a clipboard in two chunks and tokens
+        // are dropped; attach channels and a pong go. Migration is still
+        // refused.
+        let clip_start = [
+            hex("6b 00  00 08 00 00
+                01 00 00 00  04 00 00 00  00 00 00 00 00 00 00 00  b8 0b 00 00"),
+            vec![b'x'; 2048 - 20],
+        ]
+        .concat();
+        let kept = [
+            hex("68 00  00 00 00 00"),
+            hex("03 00  0c 00 00 00  01 00 00 00  00 00 00 00 00 00 00 00"),
+        ];
+        let stream = [
+            hex("69 00  02 00 00 00  02 00"),
+            kept[0].clone(),
+            hex("6a 00  04 00 00 00  0a 00 00 00"),
+            clip_start,
+            mini(107, &[b'y'; 3000 - (2048 - 20)]),
+            hex("6c 00  04 00 00 00  01 00 00 00"),
+            kept[1].clone(),
+            hex("6e 00  04 00 00 00  01 00 00 00"),
+        ]
+        .concat();
+        for cuts in splits(stream.len()) {
+            let mut check = ClientCheck::view_only(true, channel::MAIN);
+            let (mut sent, mut dropped, mut refused) = (Vec::new(), Vec::new(), None);
+            for chunk in chunks(&stream, &cuts) {
+                let mut checked = check.check(chunk, &mut Vec::new());
+                sent.append(&mut checked.forward);
+                dropped.append(&mut checked.dropped);
+                if checked.refused.is_some() {
+                    refused = checked.refused;
+                    break;
+                }
+            }
+            assert_eq!(sent, kept.concat(), "{cuts:?}");
+            assert_eq!(
+                dropped,
+                [
+                    "mouse_mode_request",
+                    "agent_start",
+                    "agent_data",
+                    "agent_data",
+                    "agent_token"
+                ],
+                "{cuts:?}"
+            );
+            assert_eq!(
+                refused.map(|r| r.why),
+                Some("migration (Porthole does not migrate sessions)")
+            );
+        }
     }
 
     #[test]

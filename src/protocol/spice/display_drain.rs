@@ -19,9 +19,10 @@
 //! and every `window` messages with an `ACK`, so the server never stalls.
 //! How long that goes on is the session layer's business.
 
-use super::client_check::{Checked, ClientCheck};
+use super::client_check::ClientCheck;
 use super::framing::{Frame, Frames, header};
 use crate::protocol::WireError;
+use crate::protocol::client_filter::Checked;
 
 /// Message types the drain speaks.
 pub mod msg {

@@ -741,6 +741,8 @@ impl NovaResolver {
                 host: c.host,
                 port,
                 tls_port,
+                // Nova has no view-only consoles.
+                view_only: false,
             },
         };
         Ok(Grant {
