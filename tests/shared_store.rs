@@ -159,6 +159,7 @@ fn grant(jti: &str, console: ConsoleType) -> Grant {
                 tls_port: None,
                 view_only: false,
             },
+            shadow_of: None,
         },
     }
 }
@@ -496,6 +497,7 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
         target: "127.0.0.1:5930".into(),
         key: key.map(str::to_owned),
         view_only: false,
+        shadow_of: None,
     };
     let live = on_a
         .register(session("j1", Some("ticket-1")), CancellationToken::new())
@@ -607,6 +609,7 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
                 target: "127.0.0.1:5930".into(),
                 key: Some("key-7".into()),
                 view_only: false,
+                shadow_of: None,
             },
             CancellationToken::new(),
         )

@@ -60,5 +60,7 @@ pub(crate) fn open_error_response(e: &OpenError) -> Response {
             refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         }
         OpenError::Unreachable(_) => refuse(StatusCode::BAD_GATEWAY, "unavailable"),
+        OpenError::ShadowedEnded => refuse(StatusCode::GONE, "ended"),
+        OpenError::ShadowElsewhere => refuse(StatusCode::MISDIRECTED_REQUEST, "elsewhere"),
     }
 }

@@ -72,13 +72,24 @@ pub enum OpenError {
     /// Porthole is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// A shadow's session has ended (or never ran).
+    #[error("the session this shadow watches has ended")]
+    ShadowedEnded,
+    /// A serial shadow reached another node than its session's: a serial
+    /// console's output is fanned out on the node that reads it.
+    #[error("the serial session runs on another node")]
+    ShadowElsewhere,
 }
 
 impl OpenError {
     /// Who is to blame.
     pub fn blame(&self) -> Blame {
         match self {
-            OpenError::Refused(_) | OpenError::Busy | OpenError::Limited(_) => Blame::Client,
+            OpenError::Refused(_)
+            | OpenError::Busy
+            | OpenError::Limited(_)
+            | OpenError::ShadowedEnded
+            | OpenError::ShadowElsewhere => Blame::Client,
             OpenError::Unreachable(_) => Blame::Backend,
             OpenError::Overloaded | OpenError::ShuttingDown | OpenError::Unavailable(_) => {
                 Blame::Internal
@@ -97,6 +108,8 @@ impl OpenError {
             OpenError::Unreachable(_) => "backend_unreachable",
             OpenError::Unavailable(_) => "unavailable",
             OpenError::ShuttingDown => "shutting_down",
+            OpenError::ShadowedEnded => "shadowed_session_ended",
+            OpenError::ShadowElsewhere => "shadow_on_another_node",
         }
     }
 }
@@ -348,7 +361,10 @@ impl Sessions {
     /// while its iframe's socket may still be open, and Nova's own proxies
     /// let the new tab in. Signed tokens follow `[tokens.reuse]`.
     pub fn reuse_for(&self, grant: &Grant) -> ReusePolicy {
-        if grant.issuer == NOVA_ISSUER {
+        if grant.shadow_of().is_some() {
+            // A shadow's link is for one look (POST /v1/sessions/{id}/shadow).
+            ReusePolicy::SingleUse
+        } else if grant.issuer == NOVA_ISSUER {
             ReusePolicy::Takeover
         } else {
             self.tokens.reuse_for(grant.console)
@@ -463,6 +479,10 @@ impl Sessions {
             // The running session it takes over holds the console.
             Err(_) => return Ok(()),
             Ok(()) => {}
+        }
+        if let Some(id) = grant.shadow_of() {
+            // A shadow watches its session: it claims no console.
+            return self.shadowed(id).await.map(|_| ());
         }
         let key = (grant.target.host.clone(), grant.target.port);
         if grant.console == ConsoleType::Serial
@@ -643,7 +663,18 @@ impl Sessions {
         if admission == Admission::Opens && self.reuse_for(grant) == ReusePolicy::Takeover {
             self.take_over(grant).await;
         }
+        if let Some(id) = grant.shadow_of() {
+            self.shadowed(id).await?;
+        }
         self.admit_once(grant, admission, client).await
+    }
+
+    /// The live session a shadow watches, on whichever node.
+    pub async fn shadowed(&self, id: &str) -> Result<Arc<LiveSession>, OpenError> {
+        match self.registry.by_id(id).await {
+            Some(live) if !live.ended.is_cancelled() => Ok(live),
+            _ => Err(OpenError::ShadowedEnded),
+        }
     }
 
     /// Ends the session that `grant`'s token runs, if any (on whichever
@@ -746,7 +777,8 @@ impl Sessions {
             redemption,
             _claim: claim,
         };
-        if grant.console != ConsoleType::Serial {
+        // A serial shadow reads its session's output, not the console.
+        if grant.console != ConsoleType::Serial || grant.shadow_of().is_some() {
             return Ok(guards(None));
         }
         let key = (grant.target.host.clone(), grant.target.port);

@@ -141,7 +141,17 @@ pub struct LiveSession {
     pub key: Option<String>,
     /// Its client may watch, not act (Porthole drops its input).
     pub view_only: bool,
+    /// The session it shadows, if it is a shadow.
+    pub shadow_of: Option<String>,
+    /// What the hypervisor sends this session, for shadows on this node to
+    /// watch (a serial console serves one client: its shadows cannot
+    /// connect themselves). Serial sessions that are not shadows only.
+    pub fan_out: Option<tokio::sync::broadcast::Sender<bytes::Bytes>>,
 }
+
+/// How many chunks of a serial console's output a shadow may fall behind
+/// before it is cut: the owner never waits for a shadow.
+pub const FAN_OUT_CHUNKS: usize = 256;
 
 /// What the admin API shows of a session.
 #[derive(Debug, Clone, Serialize)]
@@ -170,6 +180,11 @@ pub struct SessionView {
     pub node: String,
     /// Its client may watch, not act.
     pub view_only: bool,
+    /// The session it shadows, if it is a shadow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_of: Option<String>,
+    /// Its shadows' session ids.
+    pub shadows: Vec<String>,
 }
 
 impl LiveSession {
@@ -205,6 +220,8 @@ impl LiveSession {
             },
             node: crate::node::name().to_string(),
             view_only: self.view_only,
+            shadow_of: self.shadow_of.clone(),
+            shadows: Vec::new(),
         }
     }
 }
@@ -265,6 +282,8 @@ pub struct NewSession {
     pub key: Option<String>,
     /// Its client may watch, not act.
     pub view_only: bool,
+    /// The session it shadows, if it is a shadow.
+    pub shadow_of: Option<String>,
 }
 
 /// Every live session of this process.
@@ -303,8 +322,11 @@ impl Registry {
             ended: CancellationToken::new(),
             ends_at: OnceLock::new(),
             terminated: OnceLock::new(),
+            fan_out: (s.console == ConsoleType::Serial && s.shadow_of.is_none())
+                .then(|| tokio::sync::broadcast::channel(FAN_OUT_CHUNKS).0),
             key: s.key,
             view_only: s.view_only,
+            shadow_of: s.shadow_of,
         });
         let mut maps = self.lock();
         if let Some(key) = &live.key {
@@ -323,6 +345,11 @@ impl Registry {
             }
             crate::metrics::sessions_active(live.console.as_str(), -1);
         }
+    }
+
+    /// The session `id`, if it runs on this node.
+    pub fn by_id(&self, id: &str) -> Option<Arc<LiveSession>> {
+        self.lock().live.get(id).cloned()
     }
 
     /// The session that further connections with `key` join.
@@ -399,6 +426,10 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
     /// The session that further connections with `key` join.
     fn by_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>>;
 
+    /// The session `id`, on whichever node: one that runs elsewhere is a
+    /// handle whose `ended` fires when it ends there (a shadow's parent).
+    fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>>;
+
     /// Snapshots of the sessions `sel` names (all, for an empty selector).
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>>;
 
@@ -427,6 +458,10 @@ impl SessionRegistry for Registry {
 
     fn by_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
         Box::pin(std::future::ready(Registry::by_key(self, key)))
+    }
+
+    fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
+        Box::pin(std::future::ready(Registry::by_id(self, id)))
     }
 
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>> {
@@ -458,6 +493,7 @@ mod tests {
             target: "127.0.0.1:5900".into(),
             key: None,
             view_only: false,
+            shadow_of: None,
         }
     }
 

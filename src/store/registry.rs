@@ -74,6 +74,20 @@ impl RedisRegistry {
         self.remote.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Another node's session `id`, kept here while something on this
+    /// node follows it: its `ended` fires on that node's `Ended` event.
+    async fn remote_by_id(&self, id: &str) -> Option<Arc<LiveSession>> {
+        if let Some(live) = self.remote().get(id) {
+            return Some(live.clone());
+        }
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(self.redis.key(&["session", id]));
+        let h: HashMap<String, String> = self.redis.cmd(hgetall).await.ok()?;
+        let live = Arc::new(remote_session(id, &h)?);
+        self.remote().insert(id.to_string(), live.clone());
+        Some(live)
+    }
+
     fn channel(&self, name: &str) -> String {
         self.redis.key(&[name])
     }
@@ -141,6 +155,7 @@ impl RedisRegistry {
                 ("bytes_up", &up.to_string()),
                 ("bytes_down", &down.to_string()),
                 ("view_only", if live.view_only { "1" } else { "0" }),
+                ("shadow_of", live.shadow_of.as_deref().unwrap_or("")),
             ],
         )
         .ignore()
@@ -235,6 +250,9 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         terminated: OnceLock::new(),
         key: h.get("join_key").filter(|k| !k.is_empty()).cloned(),
         view_only: h.get("view_only").is_some_and(|v| v == "1"),
+        shadow_of: h.get("shadow_of").filter(|k| !k.is_empty()).cloned(),
+        // Another node's output is not fanned out here.
+        fan_out: None,
     })
 }
 
@@ -336,15 +354,16 @@ impl SessionRegistry for RedisRegistry {
             let mut get = redis::cmd("GET");
             get.arg(self.redis.key(&["session-key", key]));
             let id: String = self.redis.cmd::<Option<String>>(get).await.ok()??;
-            if let Some(live) = self.remote().get(&id) {
-                return Some(live.clone());
+            self.remote_by_id(&id).await
+        })
+    }
+
+    fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
+        Box::pin(async move {
+            match self.local.by_id(id) {
+                Some(live) => Some(live),
+                None => self.remote_by_id(id).await,
             }
-            let mut hgetall = redis::cmd("HGETALL");
-            hgetall.arg(self.redis.key(&["session", &id]));
-            let h: HashMap<String, String> = self.redis.cmd(hgetall).await.ok()?;
-            let live = Arc::new(remote_session(&id, &h)?);
-            self.remote().insert(id, live.clone());
-            Some(live)
         })
     }
 

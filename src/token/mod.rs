@@ -195,7 +195,12 @@ impl Grant {
     /// Whether its client may only watch: Porthole drops what would reach
     /// the VM (the token's `console.view_only`).
     pub fn view_only(&self) -> bool {
-        self.claims.console.view_only
+        self.claims.console.view_only || self.claims.shadow_of.is_some()
+    }
+
+    /// The live session this grant watches, if it is a shadow's.
+    pub fn shadow_of(&self) -> Option<&str> {
+        self.claims.shadow_of.as_deref()
     }
 }
 

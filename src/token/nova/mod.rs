@@ -744,6 +744,7 @@ impl NovaResolver {
                 // Nova has no view-only consoles.
                 view_only: false,
             },
+            shadow_of: None,
         };
         Ok(Grant {
             jti,
