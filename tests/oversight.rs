@@ -143,6 +143,29 @@ async fn post(g: &Gateway, path: &str) -> (u16, Value) {
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
+/// What `GET /watched` answers the page holding `token`.
+async fn watched(g: &Gateway, token: &str) -> (u16, Value) {
+    let (status, body) = http(
+        g.public,
+        "GET",
+        &format!("/watched?token={token}"),
+        None,
+        None,
+    )
+    .await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// Waits until the page holding `token` is told `watched`.
+async fn told(g: &Gateway, token: &str, watched_now: bool) {
+    within("the page to be told", async {
+        while watched(g, token).await.1["watched"] != watched_now {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 async fn one_session(g: &Gateway) -> Value {
     within("the session to be listed", async {
         loop {
@@ -193,14 +216,14 @@ async fn a_view_only_serial_client_reads_and_types_nothing() {
 async fn a_serial_shadow_sees_the_output_types_nothing_opens_once_and_ends_with_its_session() {
     let g = start().await;
     let mut console = serial_console().await;
-    let mut owner = open(
-        &g,
-        "serial",
-        &token(&g, ConsoleType::Serial, console.port, false),
-    )
-    .await
-    .unwrap();
+    let owner_token = token(&g, ConsoleType::Serial, console.port, false);
+    let mut owner = open(&g, "serial", &owner_token).await.unwrap();
     let id = one_session(&g).await["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        watched(&g, &owner_token).await,
+        (200, serde_json::json!({ "told": true, "watched": false }))
+    );
+    assert_eq!(watched(&g, "not-a-token").await.0, 401);
 
     let (status, shadow) = post(&g, &format!("/v1/sessions/{id}/shadow")).await;
     assert_eq!(status, 200, "{shadow}");
@@ -233,6 +256,8 @@ async fn a_serial_shadow_sees_the_output_types_nothing_opens_once_and_ends_with_
     );
     assert_eq!(shadow_view["shadow_of"], id.as_str());
     assert_eq!(shadow_view["view_only"], true);
+    // The owner's page is told while the shadow watches.
+    told(&g, &owner_token, true).await;
 
     // Both see what the console writes; only the owner's keys reach it.
     console
@@ -259,7 +284,15 @@ async fn a_serial_shadow_sees_the_output_types_nothing_opens_once_and_ends_with_
     // The link opens once.
     assert!(open(&g, "serial", &shadow_token).await.is_err());
 
-    // The owner leaves: the shadow ends with its session.
+    // The shadow leaves, and the page is told; then (a second shadow) the
+    // owner leaves: the shadow ends with its session.
+    watcher.close(None).await.unwrap();
+    told(&g, &owner_token, false).await;
+    let (_, again) = post(&g, &format!("/v1/sessions/{id}/shadow")).await;
+    let mut watcher = open(&g, "serial", again["token"].as_str().unwrap())
+        .await
+        .unwrap();
+    told(&g, &owner_token, true).await;
     owner.close(None).await.unwrap();
     assert_eq!(close_code(&mut watcher).await, 1000);
     // A shadow of a session that has ended is refused.

@@ -657,3 +657,68 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
     );
     drop(server);
 }
+
+#[tokio::test]
+async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_from_any_node() {
+    use porthole::session::registry::{NewSession, SessionRegistry};
+    use std::sync::atomic::Ordering::Relaxed;
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    // Both nodes follow the command channel before anything is said on it.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
+    let con = client.get_multiplexed_async_connection().await.unwrap();
+    eventually("both nodes to subscribe", Duration::from_secs(10), || {
+        let mut con = con.clone();
+        async move {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("test:commands")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            n >= 2
+        }
+    })
+    .await;
+    let live = on_a
+        .register(
+            NewSession {
+                console: ConsoleType::Novnc,
+                instance: "vm-1".into(),
+                jti: "owner".into(),
+                client: "192.0.2.7".parse().unwrap(),
+                target: "127.0.0.1:5901".into(),
+                key: None,
+                view_only: false,
+                shadow_of: None,
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(on_b.watchers_of("owner").await, Some(0));
+    assert_eq!(on_b.watchers_of("nobody").await, None);
+
+    // A shadow starts on node b: node a counts it, node b reads the count.
+    on_b.watched(&live.id, 1).await;
+    eventually(
+        "node a to count the shadow",
+        Duration::from_secs(10),
+        || async { live.watchers.load(Relaxed) == 1 },
+    )
+    .await;
+    eventually("node b to read it", Duration::from_secs(10), || async {
+        on_b.watchers_of("owner").await == Some(1)
+    })
+    .await;
+    assert_eq!(on_a.watchers_of("owner").await, Some(1));
+    on_b.watched(&live.id, -1).await;
+    eventually(
+        "the shadow's end to be read",
+        Duration::from_secs(10),
+        || async { on_b.watchers_of("owner").await == Some(0) },
+    )
+    .await;
+    on_a.deregister(&live).await;
+    assert_eq!(on_b.watchers_of("owner").await, None);
+}

@@ -227,6 +227,8 @@ pub struct Limits {
     pub spice_drain_grace: Duration,
     /// A dropped SPICE display channel is drained this long at most.
     pub spice_drain_max: Duration,
+    /// Pages may ask whether a shadow watches their session.
+    pub tell_watched: bool,
 }
 
 /// What the session layer is built from.
@@ -667,6 +669,18 @@ impl Sessions {
             self.shadowed(id).await?;
         }
         self.admit_once(grant, admission, client).await
+    }
+
+    /// Whether a shadow watches the session of `token` now, for its page
+    /// (an expired token still names its session): `Ok(None)` when pages
+    /// are not told (`[sessions] tell_watched`), `Err` for a token that is
+    /// not genuine.
+    pub async fn watched(&self, token: &str) -> Result<Option<bool>, ()> {
+        let jti = self.resolver.holder(token).ok_or(())?;
+        if !self.limits.tell_watched {
+            return Ok(None);
+        }
+        Ok(Some(self.registry.watchers_of(&jti).await.unwrap_or(0) > 0))
     }
 
     /// The live session a shadow watches, on whichever node.

@@ -56,6 +56,8 @@ impl Lifecycle {
             .await;
         let mut stop = sessions.stop_for(&live);
         if let Some(id) = grant.shadow_of() {
+            // Its session's pages may say that it is watched.
+            sessions.registry.watched(id, 1).await;
             // A shadow ends with the session it watches, on whichever node.
             stop.ended = match sessions.registry.by_id(id).await {
                 Some(watched) => watched.ended.clone(),
@@ -146,6 +148,9 @@ impl Lifecycle {
             );
         });
         self.registry.deregister(live).await;
+        if let Some(id) = &live.shadow_of {
+            self.registry.watched(id, -1).await;
+        }
         // What joined it ends with it.
         live.ended.cancel();
     }
@@ -165,6 +170,9 @@ impl Drop for Lifecycle {
                     g.release().await;
                 }
                 registry.deregister(&live).await;
+                if let Some(id) = &live.shadow_of {
+                    registry.watched(id, -1).await;
+                }
                 live.ended.cancel();
             });
         }

@@ -143,6 +143,8 @@ pub struct LiveSession {
     pub view_only: bool,
     /// The session it shadows, if it is a shadow.
     pub shadow_of: Option<String>,
+    /// How many shadows watch it now (kept by the node that runs it).
+    pub watchers: std::sync::atomic::AtomicU32,
     /// What the hypervisor sends this session, for shadows on this node to
     /// watch (a serial console serves one client: its shadows cannot
     /// connect themselves). Serial sessions that are not shadows only.
@@ -327,6 +329,7 @@ impl Registry {
             key: s.key,
             view_only: s.view_only,
             shadow_of: s.shadow_of,
+            watchers: Default::default(),
         });
         let mut maps = self.lock();
         if let Some(key) = &live.key {
@@ -350,6 +353,41 @@ impl Registry {
     /// The session `id`, if it runs on this node.
     pub fn by_id(&self, id: &str) -> Option<Arc<LiveSession>> {
         self.lock().live.get(id).cloned()
+    }
+
+    /// How many shadows watch this node's sessions of token `jti`; `None`
+    /// when none of them runs here.
+    pub fn watchers_of(&self, jti: &str) -> Option<u32> {
+        let mine = self.by_jti(jti);
+        (!mine.is_empty()).then(|| mine.iter().map(|s| s.watchers.load(Relaxed)).sum())
+    }
+
+    /// This node's sessions of token `jti`.
+    pub fn by_jti(&self, jti: &str) -> Vec<Arc<LiveSession>> {
+        self.lock()
+            .live
+            .values()
+            .filter(|s| s.jti == jti)
+            .cloned()
+            .collect()
+    }
+
+    /// Counts a shadow starting (`+1`) or ending (`-1`) on session `id`,
+    /// if it runs here; whether it does.
+    pub fn watched(&self, id: &str, delta: i32) -> bool {
+        match self.by_id(id) {
+            Some(live) => {
+                if delta >= 0 {
+                    live.watchers.fetch_add(delta.unsigned_abs(), Relaxed);
+                } else {
+                    let _ = live.watchers.fetch_update(Relaxed, Relaxed, |n| {
+                        Some(n.saturating_sub(delta.unsigned_abs()))
+                    });
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// The session that further connections with `key` join.
@@ -430,6 +468,14 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
     /// handle whose `ended` fires when it ends there (a shadow's parent).
     fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>>;
 
+    /// Counts a shadow starting (`delta` 1) or ending (-1) on session `id`,
+    /// on whichever node runs it.
+    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()>;
+
+    /// How many shadows watch the sessions of token `jti`: `None` when no
+    /// session of it runs (that any node knows of).
+    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>>;
+
     /// Snapshots of the sessions `sel` names (all, for an empty selector).
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>>;
 
@@ -462,6 +508,15 @@ impl SessionRegistry for Registry {
 
     fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
         Box::pin(std::future::ready(Registry::by_id(self, id)))
+    }
+
+    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()> {
+        Registry::watched(self, id, delta);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>> {
+        Box::pin(std::future::ready(Registry::watchers_of(self, jti)))
     }
 
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>> {

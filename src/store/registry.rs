@@ -40,6 +40,8 @@ enum Message {
     },
     /// This session ended.
     Ended { id: String },
+    /// A shadow of this session started (1) or ended (-1) on another node.
+    Watched { id: String, delta: i32 },
 }
 
 /// Every node's sessions.
@@ -126,6 +128,11 @@ impl RedisRegistry {
                     }
                 }
             }
+            Ok(Message::Watched { id, delta }) => {
+                if self.local.watched(&id, delta) {
+                    self.republish(&id);
+                }
+            }
             Ok(Message::Ended { id }) => {
                 if let Some(live) = self.remote().remove(&id) {
                     live.cancel.cancel();
@@ -156,6 +163,7 @@ impl RedisRegistry {
                 ("bytes_down", &down.to_string()),
                 ("view_only", if live.view_only { "1" } else { "0" }),
                 ("shadow_of", live.shadow_of.as_deref().unwrap_or("")),
+                ("watchers", &live.watchers.load(Relaxed).to_string()),
             ],
         )
         .ignore()
@@ -163,6 +171,11 @@ impl RedisRegistry {
         .ignore()
         .sadd(self.redis.key(&["sessions"]), &live.id)
         .ignore();
+        // A page asks by its token whether it is watched (`watchers_of`).
+        pipe.set(self.redis.key(&["session-jti", &live.jti]), &live.id)
+            .ignore()
+            .pexpire(self.redis.key(&["session-jti", &live.jti]), lease)
+            .ignore();
         if let Some(k) = &live.key {
             pipe.set(self.redis.key(&["session-key", k]), &live.id)
                 .ignore()
@@ -190,7 +203,23 @@ impl RedisRegistry {
         if let Some(k) = &live.key {
             pipe.del(self.redis.key(&["session-key", k])).ignore();
         }
+        pipe.del(self.redis.key(&["session-jti", &live.jti]))
+            .ignore();
         let _ = self.redis.pipe::<()>(pipe).await;
+    }
+
+    /// Writes this node's session `id` again (its watchers changed), in
+    /// the background: the subscription's callback does not wait.
+    fn republish(&self, id: &str) {
+        let Some(live) = self.local.by_id(id) else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        self.publish_into(&mut pipe, &live);
+        let redis = self.redis.clone();
+        tokio::spawn(async move {
+            let _ = redis.pipe::<()>(pipe).await;
+        });
     }
 
     /// Every node's sessions, as their hashes say.
@@ -253,6 +282,7 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         shadow_of: h.get("shadow_of").filter(|k| !k.is_empty()).cloned(),
         // Another node's output is not fanned out here.
         fan_out: None,
+        watchers: number("watchers").try_into().unwrap_or(0).into(),
     })
 }
 
@@ -364,6 +394,37 @@ impl SessionRegistry for RedisRegistry {
                 Some(live) => Some(live),
                 None => self.remote_by_id(id).await,
             }
+        })
+    }
+
+    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if self.local.watched(id, delta) {
+                if let Some(live) = self.local.by_id(id) {
+                    self.publish_session(&live).await;
+                }
+                return;
+            }
+            let message = Message::Watched {
+                id: id.to_string(),
+                delta,
+            };
+            self.publish("commands", &message).await;
+        })
+    }
+
+    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>> {
+        Box::pin(async move {
+            if let Some(n) = self.local.watchers_of(jti) {
+                return Some(n);
+            }
+            let mut get = redis::cmd("GET");
+            get.arg(self.redis.key(&["session-jti", jti]));
+            let id: String = self.redis.cmd::<Option<String>>(get).await.ok()??;
+            let mut hget = redis::cmd("HGET");
+            hget.arg(self.redis.key(&["session", &id])).arg("watchers");
+            let n: Option<String> = self.redis.cmd(hget).await.ok()?;
+            Some(n.and_then(|n| n.parse().ok()).unwrap_or(0))
         })
     }
 

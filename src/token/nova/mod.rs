@@ -801,6 +801,14 @@ impl GrantResolver for Resolvers {
             _ => self.jwt.resolve(token, expect),
         }
     }
+
+    /// A Nova token's id is its hash: holding the token is the proof.
+    fn holder(&self, token: &str) -> Option<String> {
+        match &self.nova {
+            Some(_) if is_nova_token(token) => Some(token_hash(token)),
+            _ => self.jwt.holder_of(token),
+        }
+    }
 }
 
 #[cfg(test)]
