@@ -75,10 +75,10 @@ pub enum OpenError {
     /// A shadow's session has ended (or never ran).
     #[error("the session this shadow watches has ended")]
     ShadowedEnded,
-    /// A serial shadow reached another node than its session's: a serial
-    /// console's output is fanned out on the node that reads it.
-    #[error("the serial session runs on another node")]
-    ShadowElsewhere,
+    /// A serial shadow cannot get its session's output here (it runs on
+    /// another node and the store cannot carry it now).
+    #[error("the serial session's output cannot reach this node now")]
+    ShadowUnreachable,
 }
 
 impl OpenError {
@@ -88,12 +88,12 @@ impl OpenError {
             OpenError::Refused(_)
             | OpenError::Busy
             | OpenError::Limited(_)
-            | OpenError::ShadowedEnded
-            | OpenError::ShadowElsewhere => Blame::Client,
+            | OpenError::ShadowedEnded => Blame::Client,
             OpenError::Unreachable(_) => Blame::Backend,
-            OpenError::Overloaded | OpenError::ShuttingDown | OpenError::Unavailable(_) => {
-                Blame::Internal
-            }
+            OpenError::Overloaded
+            | OpenError::ShuttingDown
+            | OpenError::Unavailable(_)
+            | OpenError::ShadowUnreachable => Blame::Internal,
         }
     }
 
@@ -109,7 +109,7 @@ impl OpenError {
             OpenError::Unavailable(_) => "unavailable",
             OpenError::ShuttingDown => "shutting_down",
             OpenError::ShadowedEnded => "shadowed_session_ended",
-            OpenError::ShadowElsewhere => "shadow_on_another_node",
+            OpenError::ShadowUnreachable => "shadow_output_unreachable",
         }
     }
 }

@@ -85,15 +85,14 @@ impl Sessions {
                 Upstream::Linked
             }
             // A serial console serves one client: its shadows read what
-            // its session reads, on the node that reads it.
+            // its session reads (through the store from another node).
             (ConsoleType::Serial, Some(id)) => {
-                let watched = self.shadowed(id).await.inspect_err(record)?;
-                let Some(fan_out) = &watched.fan_out else {
-                    let e = OpenError::ShadowElsewhere;
+                self.shadowed(id).await.inspect_err(record)?;
+                let Some(output) = self.registry.output_of(id).await else {
+                    let e = OpenError::ShadowUnreachable;
                     record(&e);
                     return Err(e);
                 };
-                let output = fan_out.subscribe();
                 let guards = self
                     .admit(&grant, Admission::Opens, client)
                     .await

@@ -362,6 +362,11 @@ impl Registry {
         (!mine.is_empty()).then(|| mine.iter().map(|s| s.watchers.load(Relaxed)).sum())
     }
 
+    /// What this node's serial session `id` reads, for a shadow here.
+    pub fn output_of(&self, id: &str) -> Option<tokio::sync::broadcast::Receiver<bytes::Bytes>> {
+        self.by_id(id)?.fan_out.as_ref().map(|tx| tx.subscribe())
+    }
+
     /// This node's sessions of token `jti`.
     pub fn by_jti(&self, jti: &str) -> Vec<Arc<LiveSession>> {
         self.lock()
@@ -476,6 +481,13 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
     /// session of it runs (that any node knows of).
     fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>>;
 
+    /// What serial session `id` reads from its console, from now on, for a
+    /// shadow, wherever the session runs; `None` if it fans nothing out.
+    fn output_of<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<tokio::sync::broadcast::Receiver<bytes::Bytes>>>;
+
     /// Snapshots of the sessions `sel` names (all, for an empty selector).
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>>;
 
@@ -517,6 +529,13 @@ impl SessionRegistry for Registry {
 
     fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>> {
         Box::pin(std::future::ready(Registry::watchers_of(self, jti)))
+    }
+
+    fn output_of<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<tokio::sync::broadcast::Receiver<bytes::Bytes>>> {
+        Box::pin(std::future::ready(Registry::output_of(self, id)))
     }
 
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>> {

@@ -54,6 +54,9 @@ pub struct RedisRegistry {
     /// Sessions of other nodes that connections here joined (SPICE channels
     /// on another node than their main channel), by id.
     remote: Mutex<HashMap<String, Arc<LiveSession>>>,
+    /// This node's serial sessions watched by shadows on other nodes: how
+    /// many, by session id. Their output goes to the store while any do.
+    forwarded: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl RedisRegistry {
@@ -67,6 +70,7 @@ impl RedisRegistry {
             node,
             lease,
             remote: Mutex::default(),
+            forwarded: Arc::default(),
         });
         tokio::spawn(registry.clone().listen(stop));
         registry
@@ -131,6 +135,7 @@ impl RedisRegistry {
             Ok(Message::Watched { id, delta }) => {
                 if self.local.watched(&id, delta) {
                     self.republish(&id);
+                    self.forward(&id, delta);
                 }
             }
             Ok(Message::Ended { id }) => {
@@ -206,6 +211,66 @@ impl RedisRegistry {
         pipe.del(self.redis.key(&["session-jti", &live.jti]))
             .ignore();
         let _ = self.redis.pipe::<()>(pipe).await;
+    }
+
+    /// Counts a shadow on another node starting (`delta` 1) or ending (-1)
+    /// on this node's session `id`; the first starts sending what a serial
+    /// session reads to the store (`output:<id>`), the last one's end stops
+    /// it. Chunks are published in order; when the store is slower than the
+    /// console the forwarder lags and skips, the session never waits.
+    fn forward(&self, id: &str, delta: i32) {
+        let Some(live) = self.local.by_id(id) else {
+            return;
+        };
+        let Some(fan_out) = &live.fan_out else {
+            return;
+        };
+        {
+            let mut forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+            let n = forwarded.entry(id.to_string()).or_default();
+            let was = *n;
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                forwarded.remove(id);
+            }
+            if was > 0 || delta <= 0 {
+                return;
+            }
+        }
+        let mut rx = fan_out.subscribe();
+        let channel = self.redis.key(&["output", id]);
+        let (redis, forwarded, id, ended) = (
+            self.redis.clone(),
+            self.forwarded.clone(),
+            id.to_string(),
+            live.ended.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let chunk = tokio::select! {
+                    _ = ended.cancelled() => break,
+                    got = rx.recv() => match got {
+                        Ok(chunk) => chunk,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                };
+                if !forwarded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&id)
+                {
+                    break;
+                }
+                let mut publish = redis::cmd("PUBLISH");
+                publish.arg(&channel).arg(&chunk[..]);
+                let _ = redis.cmd::<i64>(publish).await;
+            }
+            forwarded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
     }
 
     /// Writes this node's session `id` again (its watchers changed), in
@@ -410,6 +475,49 @@ impl SessionRegistry for RedisRegistry {
                 delta,
             };
             self.publish("commands", &message).await;
+        })
+    }
+
+    fn output_of<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<tokio::sync::broadcast::Receiver<bytes::Bytes>>> {
+        Box::pin(async move {
+            if let Some(live) = self.local.by_id(id) {
+                return live.fan_out.as_ref().map(|tx| tx.subscribe());
+            }
+            let watched = self.remote_by_id(id).await?;
+            if watched.console != crate::console::ConsoleType::Serial {
+                return None;
+            }
+            // Subscribed before the shadow's `Watched` reaches the session's
+            // node (its lifecycle sends that), so nothing is missed after.
+            let mut from_store = self
+                .redis
+                .subscribe(&[self.redis.key(&["output", id])])
+                .await
+                .ok()?;
+            let (tx, rx) =
+                tokio::sync::broadcast::channel(crate::session::registry::FAN_OUT_CHUNKS);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = watched.ended.cancelled() => return,
+                        got = from_store.recv() => match got {
+                            Some((_, chunk)) => {
+                                let _ = tx.send(bytes::Bytes::from(chunk));
+                            }
+                            None => return,
+                        },
+                        // The shadow left: let the subscription go.
+                        _ = tick.tick() => if tx.receiver_count() == 0 {
+                            return;
+                        },
+                    }
+                }
+            });
+            Some(rx)
         })
     }
 
