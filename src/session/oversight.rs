@@ -68,8 +68,10 @@ impl Inspect for ClientInput {
         // Said once per session: a user holding a key down would otherwise
         // write a line per repeat.
         let tell = move |checked: &Checked, protocol: &'static str| {
-            for message in &checked.dropped {
-                crate::metrics::view_only_dropped(protocol, message);
+            // One counter update per run of one message type: a held key
+            // repeats thousands of KeyEvents.
+            for run in checked.dropped.chunk_by(|a, b| a == b) {
+                crate::metrics::view_only_dropped(protocol, run[0], run.len() as u64);
             }
             if !checked.dropped.is_empty() && !told.swap(true, Relaxed) {
                 tracing::info!(
