@@ -828,11 +828,11 @@ fn main() {
     }
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
     let full = args.iter().any(|a| a == "--bench");
-    // `cargo bench --bench load -- store` (or `-- nova`): that part only.
+    // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`): that part only.
     let only = args
         .iter()
         .skip(1)
-        .find_map(|a| ["store", "nova"].into_iter().find(|p| a == p));
+        .find_map(|a| ["store", "nova", "view-only"].into_iter().find(|p| a == p));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(run(full, only));
 }
