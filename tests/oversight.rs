@@ -281,8 +281,10 @@ async fn a_serial_shadow_sees_the_output_types_nothing_opens_once_and_ends_with_
         .unwrap();
     assert_eq!(got, b"owner");
 
-    // The link opens once.
+    // The link opens once, and a page's preflight (no upgrade) says so.
     assert!(open(&g, "serial", &shadow_token).await.is_err());
+    let preflight = format!("/serial?token={shadow_token}");
+    assert_eq!(http(g.public, "GET", &preflight, None, None).await.0, 403);
 
     // The shadow leaves, and the page is told; then (a second shadow) the
     // owner leaves: the shadow ends with its session.
@@ -295,6 +297,10 @@ async fn a_serial_shadow_sees_the_output_types_nothing_opens_once_and_ends_with_
     told(&g, &owner_token, true).await;
     owner.close(None).await.unwrap();
     assert_eq!(close_code(&mut watcher).await, 1000);
+    // The preflight now answers as an upgrade would: the session ended
+    // (the shadow's page says so, not "link not valid").
+    let (status, body) = http(g.public, "GET", &preflight, None, None).await;
+    assert_eq!((status, body.contains(r#""ended""#)), (410, true), "{body}");
     // A shadow of a session that has ended is refused.
     let (status, _) = post(&g, &format!("/v1/sessions/{id}/shadow")).await;
     assert_eq!(status, 404);

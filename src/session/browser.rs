@@ -116,6 +116,15 @@ impl Sessions {
     /// What a browser request would get now, without starting anything
     /// (the preflight a page uses to explain a failed socket).
     pub async fn would_admit_browser(&self, grant: &Grant) -> Result<(), OpenError> {
+        if let Some(id) = grant.shadow_of() {
+            // As `admit_browser` and `admit` do: the watched session first.
+            // A shadow's page asks once its socket closed, when its token
+            // has been used: that session's end is the answer, not the use.
+            let watched = self.shadowed(id).await?;
+            if grant.console == ConsoleType::Serial && watched.fan_out.is_none() {
+                return Err(OpenError::ShadowElsewhere);
+            }
+        }
         match grant.console {
             ConsoleType::SpiceHtml5 => self.would_admit_ticketed(grant).await,
             _ => self.would_open(grant).await,

@@ -60,6 +60,7 @@ SLOW_FIRST = [
     "test_spice_drain.py",
     "test_browser_consoles.py",
     "test_spice_html5.py",
+    "test_shadow.py",
     "test_cluster_haproxy.py",
     "test_spice_peers.py",
 ]

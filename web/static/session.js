@@ -76,6 +76,7 @@ const MESSAGES = {
   busy: 'Console busy: someone else is using this console.',
   unavailable: 'Console unavailable: try again in a moment.',
   revoked: 'Session ended by an operator: this console link no longer works.',
+  ended: 'The session you were watching has ended.',
 };
 
 // WebSocket close codes Porthole sends (4000-4999 are its own).
