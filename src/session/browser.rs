@@ -120,10 +120,7 @@ impl Sessions {
             // As `admit_browser` and `admit` do: the watched session first.
             // A shadow's page asks once its socket closed, when its token
             // has been used: that session's end is the answer, not the use.
-            let watched = self.shadowed(id).await?;
-            if grant.console == ConsoleType::Serial && watched.fan_out.is_none() {
-                return Err(OpenError::ShadowElsewhere);
-            }
+            self.shadowed(id).await?;
         }
         match grant.console {
             ConsoleType::SpiceHtml5 => self.would_admit_ticketed(grant).await,
@@ -193,16 +190,21 @@ impl BrowserAdmission {
             client,
             upstream,
         } = self;
+        if let Upstream::Linked = upstream {
+            // spice-html5: one socket per channel; the link decides the session.
+            super::spice::serve_browser(sessions, socket, client, grant).await;
+            return;
+        }
+        let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None).await;
         let (guards, backend) = match upstream {
             Upstream::Connected(opened) => (opened.guards, Conn::Tcp(opened.backend)),
-            Upstream::Watching { guards, output } => (guards, super::oversight::watch(output)),
-            Upstream::Linked => {
-                // spice-html5: one socket per channel; the link decides the session.
-                super::spice::serve_browser(sessions, socket, client, grant).await;
-                return;
+            // A shadow cut for falling behind ends as its watched session's
+            // end would reach it (its `ended` is its own child of that).
+            Upstream::Watching { guards, output } => {
+                (guards, super::oversight::watch(output, life.stop().ended))
             }
+            Upstream::Linked => unreachable!("served above"),
         };
-        let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None).await;
         let span = life.span();
         async move {
             life.hold(guards);

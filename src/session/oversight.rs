@@ -17,8 +17,9 @@
 //! A shadow of a VNC session is a second, view-only connection to the same
 //! display (QEMU shares it). A serial chardev serves one client, so a serial
 //! session sends what the hypervisor sends it to [`FanOut`]'s channel too,
-//! and a shadow on this node reads it through [`watch`]; a shadow that falls
-//! [`FAN_OUT_CHUNKS`] behind is cut: the owner never waits for one.
+//! and a shadow reads it through [`watch`]; a shadow that falls
+//! [`FAN_OUT_CHUNKS`] behind, or takes nothing for [`SHADOW_STALL`], is cut:
+//! the owner never waits for one.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,7 @@ use crate::protocol::client_filter::Checked;
 use crate::protocol::rfb::view_only::ViewOnly;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
+use tokio_util::sync::CancellationToken;
 
 /// The client input a session passes on.
 #[derive(Debug, Clone, Copy)]
@@ -143,36 +145,70 @@ impl Inspect for FanOut {
 /// A shadow's view of a serial session's output, as the hypervisor
 /// connection its relay reads: what `rx` receives, until the session ends,
 /// the shadow's relay ends, or the shadow falls behind.
-pub fn watch(rx: broadcast::Receiver<Bytes>) -> Conn {
+/// A cut cancels `cut`, which ends the shadow's relay even while it waits
+/// to write to a client that does not read.
+pub fn watch(rx: broadcast::Receiver<Bytes>, cut: CancellationToken) -> Conn {
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(pump(rx, theirs));
+    tokio::spawn(async move {
+        if pump(rx, theirs).await == Pumped::Cut {
+            cut.cancel();
+        }
+    });
     Conn::boxed(ours)
 }
 
-async fn pump(mut rx: broadcast::Receiver<Bytes>, mut out: tokio::io::DuplexStream) {
+/// How a shadow's output stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Pumped {
+    /// Its session's output ended, or its relay did.
+    Ended,
+    /// It fell behind, or took nothing for too long.
+    Cut,
+}
+
+/// How long a shadow may take nothing before it is cut: past its socket's
+/// and the pipe's buffers, a shadow that does not read would otherwise hold
+/// its place until the relay's liveness rule (three pings) ends it.
+pub const SHADOW_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a shadow whose session's output ended waits for its relay to
+/// stop by itself: the session's end reaches it as `SessionEnded`, the
+/// same close every time, rather than as its console closing.
+const OUTPUT_END_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn pump(mut rx: broadcast::Receiver<Bytes>, mut out: tokio::io::DuplexStream) -> Pumped {
     let mut ignored = [0u8; 256];
     loop {
         tokio::select! {
             got = rx.recv() => match got {
-                Ok(chunk) => {
-                    if out.write_all(&chunk).await.is_err() {
-                        return;
+                Ok(chunk) => match tokio::time::timeout(SHADOW_STALL, out.write_all(&chunk)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Pumped::Ended,
+                    Err(_) => {
+                        crate::metrics::limit_hit("shadow_stalled");
+                        tracing::info!(
+                            "shadow cut: it took none of the console's output for {SHADOW_STALL:?}"
+                        );
+                        return Pumped::Cut;
                     }
-                }
+                },
                 Err(broadcast::error::RecvError::Lagged(behind)) => {
                     crate::metrics::limit_hit("shadow_behind");
                     tracing::info!(
                         behind,
                         "shadow cut: it fell {FAN_OUT_CHUNKS} chunks behind the console's output"
                     );
-                    return;
+                    return Pumped::Cut;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = tokio::time::timeout(OUTPUT_END_GRACE, out.read(&mut ignored)).await;
+                    return Pumped::Ended;
+                }
             },
             // The shadow's relay ended (a view-only client sends nothing
             // through: its tap drops it).
             read = out.read(&mut ignored) => if matches!(read, Ok(0) | Err(_)) {
-                return;
+                return Pumped::Ended;
             },
         }
     }
@@ -211,7 +247,7 @@ mod tests {
             input: ClientInput::All,
             shadows: Some(tx.clone()),
         };
-        let (mut from, _to) = watch(tx.subscribe()).split();
+        let (mut from, _to) = watch(tx.subscribe(), CancellationToken::new()).split();
         owner.inspect(b"SeaBIOS").await.unwrap();
         from.ready().await.unwrap();
         let mut buf = bytes::BytesMut::new();

@@ -564,17 +564,24 @@ def test_a_shadow_on_another_node_ends_when_its_session_is_ended(tmp_path, vm):
             ("erin", "127.0.0.1", owner_id, answer["jti"])], issued
         assert not [e for e in a.audit() if e["event"] == "shadow_issued"], "issued on node b only"
 
-        # A serial console's output is fanned out on the node that reads it:
-        # a serial shadow opened on the other node is refused (421).
+        # A serial console serves one client: node a reads it and, while a
+        # shadow on node b watches, sends what it reads through Redis.
+        vm.wait_for_serial()
         serial = a.mint("serial", vm.serial_port, ttl=300)
-        with connect(ws_url(a, "serial", serial["token"]), open_timeout=10) as owner:
-            serial_id = session_of(b, serial["jti"])
-            answer = shadow_by_api(b, serial_id, actor="erin")
-            assert b"elsewhere" in refused(ws_url(b, "serial", answer["token"]), 421)
-            # The refused try did not use the link up: it opens on node a.
-            with connect(ws_url(a, "serial", answer["token"]), open_timeout=10):
-                listed_as_shadow(a, serial_id, answer["jti"])
-            owner.close()
+        owner = connect(ws_url(a, "serial", serial["token"]), subprotocols=["binary"], open_timeout=10)
+        serial_id = session_of(b, serial["jti"])
+        answer = shadow_by_api(b, serial_id, actor="erin")
+        shadow = connect(ws_url(b, "serial", answer["token"]), subprotocols=["binary"], open_timeout=10)
+        owner_entry, shadow_entry = listed_as_shadow(a, serial_id, answer["jti"])
+        assert (owner_entry["node"], shadow_entry["node"]) == ("node-a", "node-b"), (owner_entry, shadow_entry)
+        both = Both(owner, shadow)
+        both.drain()
+        both.clear()
+        vm.qmp("system_reset")
+        both.until(lambda seen: b"Press ESC" in seen["shadow"], "node b's shadow to see SeaBIOS through Redis")
+        assert b"Press ESC" in both.seen["owner"] or b"SeaBIOS" in both.seen["owner"], both.seen["owner"][-300:]
+        owner.close()
+        assert close_code(shadow, within=20) not in (None, 1006)
     finally:
         for p in nodes:
             assert p.gateway.stop() == 0, p.log()[-3000:]
