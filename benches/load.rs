@@ -16,6 +16,9 @@
 //! - `relay`: the "obvious" proxy: tokio-tungstenite with its default config,
 //!   two copy loops, a 64 KiB read buffer. This binary re-executed with `--relay`.
 //! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
+//! - `porthole view-only`: the same Porthole with a view-only token: every
+//!   client message goes through the RFB view-only filter (throughput only;
+//!   `cargo bench --bench load -- view-only` runs only that comparison).
 //!
 //! Then the shared store (`load/store.rs`): the same Porthole against one node
 //! with `[store]` on redis-server and two nodes behind HAProxy.
@@ -50,7 +53,9 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 // ---------------------------------------------------------------- far side
 
-/// What the far side does after the RFB handshake, chosen by the client.
+/// What the far side does after the RFB handshake, chosen by the client in
+/// a FramebufferUpdateRequest (type 3: what a view-only client may send)
+/// whose second byte is the mode and whose x and y are the chunk size.
 const FLOOD: u8 = b'D';
 const SINK: u8 = b'U';
 const ECHO: u8 = b'E';
@@ -81,11 +86,11 @@ async fn far_side(listener: TcpListener, sunk: Arc<AtomicU64>) {
             init.extend_from_slice(&4u32.to_be_bytes());
             init.extend_from_slice(b"load");
             s.write_all(&init).await?;
-            let mut mode = [0u8; 5];
+            let mut mode = [0u8; 10];
             s.read_exact(&mut mode).await?;
-            let chunk = u32::from_be_bytes([mode[1], mode[2], mode[3], mode[4]]) as usize;
+            let chunk = u32::from_be_bytes([mode[2], mode[3], mode[4], mode[5]]) as usize;
             let mut buf = vec![0u8; chunk.clamp(1, 1 << 20)];
-            match mode[0] {
+            match mode[1] {
                 FLOOD => loop {
                     s.write_all(&buf).await?;
                 },
@@ -164,6 +169,8 @@ async fn relay(listen: SocketAddr, backend: SocketAddr) {
 enum Target {
     Direct,
     Porthole,
+    /// Porthole with a view-only token (the same process).
+    PortholeViewOnly,
     Relay,
     Websockify,
 }
@@ -173,8 +180,17 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Porthole => "porthole",
+            Target::PortholeViewOnly => "porthole view-only",
             Target::Relay => "relay",
             Target::Websockify => "websockify",
+        }
+    }
+
+    /// The process that serves it.
+    fn process(self) -> Target {
+        match self {
+            Target::PortholeViewOnly => Target::Porthole,
+            t => t,
         }
     }
 }
@@ -294,7 +310,7 @@ impl Setup {
         self.processes
             .0
             .iter()
-            .find(|(t, _)| *t == target)
+            .find(|(t, _)| *t == target.process())
             .map(|(_, c)| c.id())
     }
 
@@ -313,6 +329,11 @@ impl Setup {
                 return Ok(Conn::Tcp(s, BytesMut::new()));
             }
             Target::Porthole => format!("ws://{}/vnc?token={}", self.porthole, self.token()),
+            Target::PortholeViewOnly => format!(
+                "ws://{}/vnc?token={}",
+                self.porthole,
+                mint_view_only(&self.signer, self.far.port())
+            ),
             Target::Relay => format!("ws://{}/", self.relay),
             Target::Websockify => format!(
                 "ws://{}/",
@@ -343,8 +364,9 @@ impl Setup {
         init.advance(20);
         let name_len = init.get_u32() as usize;
         c.read_exact(name_len).await?;
-        let mut m = vec![mode];
+        let mut m = vec![3, mode];
         m.extend_from_slice(&(chunk as u32).to_be_bytes());
+        m.extend_from_slice(&[0; 4]);
         c.send(&m).await?;
         Ok(c)
     }
@@ -354,10 +376,28 @@ fn mint(signer: &porthole::token::signing::Signer, port: u16) -> String {
     mint_kind(signer, port, porthole::token::claims::ConsoleType::Novnc)
 }
 
+fn mint_view_only(signer: &porthole::token::signing::Signer, port: u16) -> String {
+    mint_as(
+        signer,
+        port,
+        porthole::token::claims::ConsoleType::Novnc,
+        true,
+    )
+}
+
 fn mint_kind(
     signer: &porthole::token::signing::Signer,
     port: u16,
     kind: porthole::token::claims::ConsoleType,
+) -> String {
+    mint_as(signer, port, kind, false)
+}
+
+fn mint_as(
+    signer: &porthole::token::signing::Signer,
+    port: u16,
+    kind: porthole::token::claims::ConsoleType,
+    view_only: bool,
 ) -> String {
     use porthole::token::claims::ConsoleClaim;
     let req = porthole::token::signing::MintRequest {
@@ -369,7 +409,7 @@ fn mint_kind(
             host: "127.0.0.1".into(),
             port,
             tls_port: None,
-            view_only: false,
+            view_only,
         },
         ttl_secs: 600,
     };
@@ -461,15 +501,23 @@ async fn throughput(
         );
     }
     let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
     let sunk_before = s.sunk.load(Relaxed);
     let cpu_before = cpu_seconds(s.pid(target));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for mut c in conns {
-        let received = received.clone();
+        let (received, sent) = (received.clone(), sent.clone());
         tasks.push(tokio::spawn(async move {
-            let payload = vec![0x5au8; chunk];
+            // KeyEvents (Escape down), whole in every frame size here: what
+            // a view-only session's filter frames and drops; to the others,
+            // bytes like any.
+            let payload: Vec<u8> = [4u8, 1, 0, 0, 0, 0, 0xff, 0x1b]
+                .into_iter()
+                .cycle()
+                .take(chunk)
+                .collect();
             while Instant::now() < deadline {
                 if down {
                     match tokio::time::timeout_at(deadline.into(), c.drain()).await {
@@ -481,7 +529,9 @@ async fn throughput(
                     }
                 } else {
                     match tokio::time::timeout_at(deadline.into(), c.send(&payload)).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => {
+                            sent.fetch_add(payload.len() as u64, Relaxed);
+                        }
                         _ => break,
                     }
                 }
@@ -494,6 +544,9 @@ async fn throughput(
     let elapsed = started.elapsed().as_secs_f64();
     let bytes = if down {
         received.load(Relaxed)
+    } else if target == Target::PortholeViewOnly {
+        // Dropped by design: what the proxy took from its clients.
+        sent.load(Relaxed)
     } else {
         s.sunk.load(Relaxed) - sunk_before
     };
@@ -797,6 +850,9 @@ async fn run(full: bool, only: Option<&str>) {
     if only.is_none() {
         compare_proxies(&s, full).await;
     }
+    if only.is_none_or(|p| p == "view-only") {
+        view_only_compare(&s, full).await;
+    }
     if only.is_none_or(|p| p == "store") {
         store::compare(&s, full).await;
     }
@@ -806,6 +862,79 @@ async fn run(full: bool, only: Option<&str>) {
 
     drop(s);
     println!("\nload tool: ok");
+}
+
+/// A view-only session beside a normal one and the plain relay, runs
+/// interleaved: down is what a view-only client receives (its filter sees
+/// only the client's few requests), up is the filter framing and dropping
+/// a stream of KeyEvents (its bytes count as what the proxy took in).
+async fn view_only_compare(s: &Arc<Setup>, full: bool) {
+    let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
+    let targets = [Target::Porthole, Target::PortholeViewOnly, Target::Relay];
+    println!(
+        "\n## view-only beside full sessions (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved"
+    );
+    println!(
+        "| direction | clients | frame | {} |",
+        targets.map(Target::name).join(" | ")
+    );
+    println!("|---|---|---|{}", "---|".repeat(targets.len()));
+    let grid: Vec<(bool, usize, usize)> = if full {
+        [true, false]
+            .into_iter()
+            .flat_map(|d| {
+                [1, 16]
+                    .into_iter()
+                    .flat_map(move |c| [4096, 65536].into_iter().map(move |f| (d, c, f)))
+            })
+            .collect()
+    } else {
+        vec![(true, 1, 65536), (false, 1, 4096)]
+    };
+    throughput_rows(s, &targets, grid, secs, repeats).await;
+}
+
+/// One table row per (direction, clients, frame) of `grid`: each target's
+/// median MB/s and proxy CPU s/GB over `repeats` runs, the order rotated
+/// each round (this machine is noisy).
+async fn throughput_rows(
+    s: &Arc<Setup>,
+    targets: &[Target],
+    grid: Vec<(bool, usize, usize)>,
+    secs: f64,
+    repeats: usize,
+) {
+    for (down, clients, frame) in grid {
+        let mut results: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); targets.len()];
+        for r in 0..repeats {
+            for k in 0..targets.len() {
+                let i = (k + r) % targets.len();
+                match throughput(s, targets[i], down, clients, frame, secs).await {
+                    Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb)),
+                    Err(e) => panic!("{} throughput failed: {e}", targets[i].name()),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let cells: Vec<String> = results
+            .into_iter()
+            .map(|r| {
+                let mb = median(r.iter().map(|x| x.0).collect());
+                let cpu: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
+                if cpu.is_empty() {
+                    format!("{mb:.0}")
+                } else {
+                    format!("{mb:.0} ({:.2})", median(cpu))
+                }
+            })
+            .collect();
+        println!(
+            "| {} | {clients} | {} KiB | {} |",
+            if down { "down" } else { "up" },
+            frame / 1024,
+            cells.join(" | ")
+        );
+    }
 }
 
 /// Porthole against direct TCP, the plain relay and websockify.
@@ -874,38 +1003,7 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool) {
     } else {
         vec![(true, 1, 65536), (false, 1, 4096)]
     };
-    for (down, clients, frame) in grid {
-        let mut results: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); targets.len()];
-        for r in 0..repeats {
-            // Rotate the order each round: this machine is noisy.
-            for k in 0..targets.len() {
-                let i = (k + r) % targets.len();
-                match throughput(s, targets[i], down, clients, frame, secs).await {
-                    Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb)),
-                    Err(e) => panic!("{} throughput failed: {e}", targets[i].name()),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-        let cells: Vec<String> = results
-            .into_iter()
-            .map(|r| {
-                let mb = median(r.iter().map(|x| x.0).collect());
-                let cpu: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
-                if cpu.is_empty() {
-                    format!("{mb:.0}")
-                } else {
-                    format!("{mb:.0} ({:.2})", median(cpu))
-                }
-            })
-            .collect();
-        println!(
-            "| {} | {clients} | {} KiB | {} |",
-            if down { "down" } else { "up" },
-            frame / 1024,
-            cells.join(" | ")
-        );
-    }
+    throughput_rows(s, &targets, grid, secs, repeats).await;
 
     println!("\n## round trip of a 32-byte message (µs, p50 / p99)");
     for &t in &targets {

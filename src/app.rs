@@ -247,6 +247,7 @@ fn session_parts(
             ticket_ttl_secs: config.spice.ticket_ttl_secs,
             spice_drain_grace: config.spice.drain_grace,
             spice_drain_max: config.spice.drain_max,
+            tell_watched: s.tell_watched,
         },
         spice_upstreams: swappable.spice_upstreams.clone(),
         vnc_upstreams: swappable.vnc_upstreams.clone(),

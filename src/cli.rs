@@ -141,6 +141,18 @@ enum SessionsCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Watch a running session: prints a view-only link that opens once,
+    /// within a minute, and ends with the session (VNC and serial).
+    Shadow {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The session's id (`porthole sessions list`).
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        /// Print the admin API's JSON (it holds the token).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,6 +326,9 @@ pub fn main() -> ExitCode {
             filter,
             reason,
         }) => sessions_kill(&admin, &filter, reason),
+        Command::Sessions(SessionsCommand::Shadow { admin, id, json }) => {
+            sessions_shadow(&admin, &id, json)
+        }
         Command::Token(TokenCommand::Revoke {
             admin,
             jti,
@@ -669,6 +684,7 @@ fn print_demo_urls(app: &App, vm: &crate::demo::DemoVm) {
             },
             ttl_secs: Some(ttl),
             view_only: false,
+            shadow_of: None,
         })
     };
     match (
@@ -965,6 +981,34 @@ fn sessions_kill(
         println!("{}", id.as_str().unwrap_or("-"));
     }
     eprintln!("{} session(s) terminated", ended.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sessions_shadow(a: &AdminArgs, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+    {
+        anyhow::bail!("not a session id: {id:?} (see `porthole sessions list`)");
+    }
+    let (status, answer) = admin_client(a)?.call(
+        "POST",
+        &format!("/v1/sessions/{id}/shadow"),
+        Some(&serde_json::json!({})),
+    )?;
+    answer_ok(status, &answer)?;
+    if json {
+        println!("{answer}");
+    } else {
+        println!("{}", answer["url"].as_str().unwrap_or("-"));
+        eprintln!(
+            "view-only shadow of {} ({}): opens once, until {} (unix time)",
+            answer["session"].as_str().unwrap_or("-"),
+            answer["type"].as_str().unwrap_or("-"),
+            answer["expires_at"]
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

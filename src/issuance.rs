@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 
 use crate::hypervisor::ConsoleTarget;
 use crate::secret::Secret;
+use crate::session::registry::SessionView;
 use crate::token::claims::ConsoleClaim;
 use crate::token::signing::{MintRequest, Signer};
 use crate::token::{ConsoleType, TokenValidator, unix_now};
@@ -41,6 +42,8 @@ pub struct IssueRequest {
     pub ttl_secs: Option<u64>,
     /// The user may watch and not act.
     pub view_only: bool,
+    /// The live session the token shadows (Porthole's own shadow grants).
+    pub shadow_of: Option<String>,
 }
 
 /// The issuance API's request body (`POST /v1/consoles`), before its
@@ -72,6 +75,7 @@ impl IssueBody {
             target: self.target,
             ttl_secs: self.ttl_secs,
             view_only: self.view_only,
+            shadow_of: None,
         })
     }
 }
@@ -101,6 +105,25 @@ pub enum IssueError {
     /// Porthole failed: signing broke, or its own validator refused the result.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// How long a shadow's link may wait to be opened.
+pub const SHADOW_TTL_SECS: u64 = 60;
+
+/// Why no shadow was issued.
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// The session is itself a shadow.
+    #[error("the session is a shadow: watch the session it watches")]
+    OfAShadow,
+    /// spice-server serves one client per VM.
+    #[error(
+        "a SPICE session cannot be shadowed: spice-server serves one client per VM, and a second client would disconnect this session's user"
+    )]
+    Spice,
+    /// Issuing failed.
+    #[error(transparent)]
+    Issue(IssueError),
 }
 
 /// Mints tokens with the configured signing key.
@@ -145,6 +168,36 @@ impl Issuer {
         self.signer.clone()
     }
 
+    /// Issues a shadow's token for the live session `watched`: view-only,
+    /// single-use (its reuse policy), valid for [`SHADOW_TTL_SECS`], for
+    /// the same console type and target, tied to the session by its id
+    /// (the shadow ends when that session does).
+    pub fn issue_shadow(&self, watched: &SessionView) -> Result<Issued, ShadowError> {
+        if watched.shadow_of.is_some() {
+            return Err(ShadowError::OfAShadow);
+        }
+        let console: ConsoleType = watched
+            .console
+            .parse()
+            .map_err(|_| ShadowError::Issue(IssueError::Internal("console type".into())))?;
+        if matches!(console, ConsoleType::SpiceHtml5 | ConsoleType::SpiceDirect) {
+            return Err(ShadowError::Spice);
+        }
+        let target: ConsoleTarget = watched
+            .target
+            .parse()
+            .map_err(|e: &str| ShadowError::Issue(IssueError::Internal(format!("target: {e}"))))?;
+        self.issue(&IssueRequest {
+            instance: watched.instance.clone(),
+            console,
+            target,
+            ttl_secs: Some(SHADOW_TTL_SECS.min(self.validator.policy().max_ttl_secs)),
+            view_only: true,
+            shadow_of: Some(watched.id.clone()),
+        })
+        .map_err(ShadowError::Issue)
+    }
+
     /// Issues a token for `req`.
     pub fn issue(&self, req: &IssueRequest) -> Result<Issued, IssueError> {
         if req.instance.is_empty() || req.instance.len() > 255 {
@@ -183,7 +236,8 @@ impl Issuer {
             ttl_secs,
         };
         let now = unix_now();
-        let claims = mint.claims(now);
+        let mut claims = mint.claims(now);
+        claims.shadow_of.clone_from(&req.shadow_of);
         let token = self
             .signer
             .load()

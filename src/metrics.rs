@@ -127,9 +127,9 @@ pub const VIEW_ONLY_DROPPED: &str = "porthole_view_only_dropped_total";
 /// Client streams a filter could not frame, ended there, by protocol and why.
 pub const CLIENT_STREAMS_REFUSED: &str = "porthole_client_streams_refused_total";
 
-/// Counts a message dropped from a view-only client.
-pub fn view_only_dropped(protocol: &'static str, message: &'static str) {
-    metrics::counter!(VIEW_ONLY_DROPPED, "protocol" => protocol, "message" => message).increment(1);
+/// Counts `n` messages of one type dropped from a view-only client.
+pub fn view_only_dropped(protocol: &'static str, message: &'static str, n: u64) {
+    metrics::counter!(VIEW_ONLY_DROPPED, "protocol" => protocol, "message" => message).increment(n);
 }
 
 /// Counts a client stream ended at a message its filter could not frame.

@@ -159,6 +159,7 @@ fn grant(jti: &str, console: ConsoleType) -> Grant {
                 tls_port: None,
                 view_only: false,
             },
+            shadow_of: None,
         },
     }
 }
@@ -496,6 +497,7 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
         target: "127.0.0.1:5930".into(),
         key: key.map(str::to_owned),
         view_only: false,
+        shadow_of: None,
     };
     let live = on_a
         .register(session("j1", Some("ticket-1")), CancellationToken::new())
@@ -607,6 +609,7 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
                 target: "127.0.0.1:5930".into(),
                 key: Some("key-7".into()),
                 view_only: false,
+                shadow_of: None,
             },
             CancellationToken::new(),
         )
@@ -653,4 +656,142 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
         TicketRefusal::Unknown
     );
     drop(server);
+}
+
+#[tokio::test]
+async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_from_any_node() {
+    use porthole::session::registry::{NewSession, SessionRegistry};
+    use std::sync::atomic::Ordering::Relaxed;
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    // Both nodes follow the command channel before anything is said on it.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
+    let con = client.get_multiplexed_async_connection().await.unwrap();
+    eventually("both nodes to subscribe", Duration::from_secs(10), || {
+        let mut con = con.clone();
+        async move {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("test:commands")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            n >= 2
+        }
+    })
+    .await;
+    let live = on_a
+        .register(
+            NewSession {
+                console: ConsoleType::Novnc,
+                instance: "vm-1".into(),
+                jti: "owner".into(),
+                client: "192.0.2.7".parse().unwrap(),
+                target: "127.0.0.1:5901".into(),
+                key: None,
+                view_only: false,
+                shadow_of: None,
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(on_b.watchers_of("owner").await, Some(0));
+    assert_eq!(on_b.watchers_of("nobody").await, None);
+
+    // A shadow starts on node b: node a counts it, node b reads the count.
+    on_b.watched(&live.id, 1).await;
+    eventually(
+        "node a to count the shadow",
+        Duration::from_secs(10),
+        || async { live.watchers.load(Relaxed) == 1 },
+    )
+    .await;
+    eventually("node b to read it", Duration::from_secs(10), || async {
+        on_b.watchers_of("owner").await == Some(1)
+    })
+    .await;
+    assert_eq!(on_a.watchers_of("owner").await, Some(1));
+    on_b.watched(&live.id, -1).await;
+    eventually(
+        "the shadow's end to be read",
+        Duration::from_secs(10),
+        || async { on_b.watchers_of("owner").await == Some(0) },
+    )
+    .await;
+    on_a.deregister(&live).await;
+    assert_eq!(on_b.watchers_of("owner").await, None);
+}
+
+#[tokio::test]
+async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
+    use porthole::session::registry::{NewSession, SessionRegistry};
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
+    let con = client.get_multiplexed_async_connection().await.unwrap();
+    let subscribers = |channel: String| {
+        let mut con = con.clone();
+        async move {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(channel)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    eventually(
+        "both nodes to subscribe",
+        Duration::from_secs(10),
+        || async { subscribers("test:commands".into()).await >= 2 },
+    )
+    .await;
+    let live = on_a
+        .register(
+            NewSession {
+                console: ConsoleType::Serial,
+                instance: "vm-1".into(),
+                jti: "owner".into(),
+                client: "192.0.2.7".parse().unwrap(),
+                target: "127.0.0.1:4555".into(),
+                key: None,
+                view_only: false,
+                shadow_of: None,
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    let fan_out = live.fan_out.clone().expect("a serial session fans out");
+    let mut shadow = on_b.output_of(&live.id).await.expect("through the store");
+    let output = format!("test:output:{}", live.id);
+    assert_eq!(subscribers(output.clone()).await, 1);
+    // The shadow's lifecycle tells the session's node that it watches.
+    on_b.watched(&live.id, 1).await;
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            // Sent until node a forwards (it starts on the Watched message).
+            let _ = fan_out.send(bytes::Bytes::from_static(b"SeaBIOS"));
+            match tokio::time::timeout(Duration::from_millis(100), shadow.recv()).await {
+                Ok(Ok(chunk)) => return chunk,
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => continue,
+            }
+        }
+    })
+    .await
+    .expect("node b's shadow reads node a's serial output");
+    assert_eq!(&seen[..], b"SeaBIOS");
+    // The session ends: the shadow's stream ends, its subscription goes.
+    drop(shadow);
+    on_a.deregister(&live).await;
+    live.ended.cancel();
+    eventually(
+        "the output channel to be let go",
+        Duration::from_secs(10),
+        || async { subscribers(output.clone()).await == 0 },
+    )
+    .await;
 }

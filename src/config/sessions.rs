@@ -28,6 +28,9 @@ pub struct RawSessions {
     pub max_session_age_secs: Option<u64>,
     /// Grace period for open sessions at shutdown, seconds. Default 10.
     pub shutdown_grace_secs: Option<u64>,
+    /// Porthole's pages tell their user while an operator watches the
+    /// session (a shadow). Default true.
+    pub tell_watched: Option<bool>,
 }
 
 /// `[websocket]`: limits and timers of browser sessions' WebSockets.
@@ -90,6 +93,8 @@ pub struct SessionsConfig {
     pub max_session_age: Option<Duration>,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// Pages tell their user while a shadow watches.
+    pub tell_watched: bool,
 }
 
 /// Validated `[websocket]`.
@@ -255,6 +260,7 @@ pub(super) fn validate_sessions(
         idle_timeout: nonzero_secs(idle_secs),
         max_session_age: Some(max_age).filter(|d| !d.is_zero()),
         shutdown_grace,
+        tell_watched: raw.tell_watched.unwrap_or(true),
     }
 }
 

@@ -32,6 +32,7 @@ pub fn router(state: AdminState) -> Router {
             "/v1/sessions/{id}",
             get(operations::show).delete(operations::kill_one),
         )
+        .route("/v1/sessions/{id}/shadow", post(operations::shadow))
         .route("/v1/sessions/terminate", post(operations::kill_many))
         .route("/v1/revocations", post(operations::revoke))
         // The bearer key before anything else, the body included: an

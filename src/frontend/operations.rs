@@ -9,11 +9,15 @@
 //!   every session that matches (and revoke their tokens).
 //! - `POST /v1/revocations {"jti"|"instance", "reason"}`: revoke tokens
 //!   before they are used (kept until they can no longer be valid).
+//! - `POST /v1/sessions/{id}/shadow`: a link that watches a running session
+//!   (view-only, single-use, short-lived; it ends with the session).
 
 use std::collections::HashSet;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -22,7 +26,8 @@ use serde_json::json;
 use super::respond::{bad_body, error};
 use super::state::{AdminState, authorize};
 use crate::audit::AuditEvent;
-use crate::session::registry::Selector;
+use crate::issuance::ShadowError;
+use crate::session::registry::{Selector, SessionView};
 use crate::token::unix_now;
 
 fn actor(headers: &HeaderMap) -> String {
@@ -43,7 +48,13 @@ pub async fn list(
     if let Err(r) = authorize(&s, &headers) {
         return r.into_response();
     }
-    Json(json!({ "sessions": s.sessions.registry.list(&sel).await })).into_response()
+    let all = s.sessions.registry.list(&Selector::default()).await;
+    let listed = if sel.is_empty() {
+        all.clone()
+    } else {
+        s.sessions.registry.list(&sel).await
+    };
+    Json(json!({ "sessions": with_shadows(listed, &all) })).into_response()
 }
 
 /// `GET /v1/sessions/{id}`.
@@ -59,10 +70,100 @@ pub async fn show(
         id: Some(id),
         ..Selector::default()
     };
-    match s.sessions.registry.list(&sel).await.into_iter().next() {
+    let all = s.sessions.registry.list(&Selector::default()).await;
+    let found: Vec<_> = all
+        .iter()
+        .filter(|v| Some(&v.id) == sel.id.as_ref())
+        .cloned()
+        .collect();
+    match with_shadows(found, &all).into_iter().next() {
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "no such session"),
     }
+}
+
+/// `POST /v1/sessions/{id}/shadow`: a shadow's link for the live session
+/// `id`, on whichever node it runs. Audited with who asked and from where.
+pub async fn shadow(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    request: axum::extract::Request,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let Some(issuer) = s.issuer.as_ref() else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_enabled",
+            "shadows are signed with the issuance key: configure [issuance]",
+        );
+    };
+    let sel = Selector {
+        id: Some(id.clone()),
+        ..Selector::default()
+    };
+    let Some(watched) = s.sessions.registry.list(&sel).await.into_iter().next() else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such session");
+    };
+    let by = actor(&headers);
+    let from = peer.map(|p| p.ip().to_string());
+    let issued = match issuer.issue_shadow(&watched) {
+        Ok(i) => i,
+        Err(ShadowError::Issue(e)) => {
+            tracing::error!(session = %id, "shadow not issued: {e}");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the shadow's token could not be issued; see the gateway log",
+            );
+        }
+        Err(e @ ShadowError::Spice) => {
+            return error(StatusCode::CONFLICT, "not_shadowable", e.to_string());
+        }
+        Err(e @ ShadowError::OfAShadow) => {
+            return error(StatusCode::CONFLICT, "is_a_shadow", e.to_string());
+        }
+    };
+    crate::metrics::admin_action("shadow");
+    tracing::info!(
+        session = %id, shadow_jti = %issued.jti, by, from = from.as_deref().unwrap_or("-"),
+        node = %watched.node, "shadow issued"
+    );
+    AuditEvent::admin("shadow_issued", &by, "shadow")
+        .field("session", Some(id.as_str()))
+        .field("instance", Some(watched.instance.as_str()))
+        .field("console", Some(watched.console))
+        .field("shadow_jti", Some(issued.jti.as_str()))
+        .field("from", from)
+        .field("expires_at", Some(issued.expires_at))
+        .emit();
+    Json(json!({
+        "session": id,
+        "type": watched.console,
+        "url": issued.url.expose(),
+        "token": issued.token.expose(),
+        "jti": issued.jti,
+        "expires_at": issued.expires_at,
+    }))
+    .into_response()
+}
+
+/// Fills each view's `shadows` from `all` (every live session).
+fn with_shadows(mut views: Vec<SessionView>, all: &[SessionView]) -> Vec<SessionView> {
+    for v in &mut views {
+        v.shadows = all
+            .iter()
+            .filter(|o| o.shadow_of.as_deref() == Some(v.id.as_str()))
+            .map(|o| o.id.clone())
+            .collect();
+    }
+    views
 }
 
 /// `?reason=` for DELETE.

@@ -89,6 +89,7 @@ pub fn router(state: PublicState) -> Router {
             "/spice",
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::SpiceHtml5, s, c, h, q, w)),
         )
+        .route("/watched", get(watched))
         .route("/spice-direct", get(spice::spice_direct))
         .route("/spice-ticket", post(spice::spice_ticket))
         .route("/vnc-direct", get(vnc::vnc_direct))
@@ -234,6 +235,35 @@ async fn ws_endpoint(
         }
         Err(e) => open_error_response(&e),
     }
+}
+
+/// `GET /watched?token=`: whether an operator's shadow watches the session
+/// of this token now, for its page to say so (`[sessions] tell_watched`;
+/// `{"told": false}` when the operator keeps it quiet). Only the token's
+/// holder can ask, and learns nothing else.
+async fn watched(
+    State(s): State<PublicState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    let Some(token) = q.token() else {
+        return refuse(StatusCode::UNAUTHORIZED, "refused");
+    };
+    let body = match s.sessions.watched(token).await {
+        Ok(Some(watched)) => serde_json::json!({ "told": true, "watched": watched }),
+        Ok(None) => serde_json::json!({ "told": false }),
+        Err(()) => {
+            let client = client_addr(peer, &headers, &s.listen);
+            tracing::debug!(%client, "watched? asked with a token that is not genuine");
+            return refuse(StatusCode::UNAUTHORIZED, "refused");
+        }
+    };
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 /// `/websockify`: noVNC's default path (`?path=websockify?token=…`), and

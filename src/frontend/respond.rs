@@ -56,9 +56,11 @@ pub(crate) fn open_error_response(e: &OpenError) -> Response {
         OpenError::Refused(r) => refusal_response(r.reason),
         OpenError::Busy => refuse(StatusCode::CONFLICT, "busy"),
         OpenError::Limited(_) => refuse(StatusCode::TOO_MANY_REQUESTS, "busy"),
-        OpenError::Overloaded | OpenError::ShuttingDown | OpenError::Unavailable(_) => {
-            refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        }
+        OpenError::Overloaded
+        | OpenError::ShuttingDown
+        | OpenError::Unavailable(_)
+        | OpenError::ShadowUnreachable => refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         OpenError::Unreachable(_) => refuse(StatusCode::BAD_GATEWAY, "unavailable"),
+        OpenError::ShadowedEnded => refuse(StatusCode::GONE, "ended"),
     }
 }

@@ -34,6 +34,36 @@ pub struct ConsoleTarget {
     pub tls_port: Option<u16>,
 }
 
+/// A target as [`ConsoleTarget`]'s `Display` writes it (`host:port`,
+/// `[v6]:port`, then ` (tls N)` when it has a TLS port): how the registry
+/// keeps a session's target.
+impl std::str::FromStr for ConsoleTarget {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, tls_port) = match s.split_once(" (tls ") {
+            Some((addr, tls)) => {
+                let tls = tls.strip_suffix(')').ok_or("no closing parenthesis")?;
+                (addr, Some(tls.parse().map_err(|_| "not a TLS port")?))
+            }
+            None => (s, None),
+        };
+        let (host, port) = addr.rsplit_once(':').ok_or("no port")?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Err("no host");
+        }
+        Ok(ConsoleTarget {
+            host: host.to_string(),
+            port: port.parse().map_err(|_| "not a port")?,
+            tls_port,
+        })
+    }
+}
+
 impl fmt::Display for ConsoleTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {
@@ -133,4 +163,34 @@ pub(crate) fn read_password_file(path: &Path) -> Result<Vec<u8>, CredentialError
         pw.pop();
     }
     Ok(pw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConsoleTarget;
+
+    #[test]
+    fn a_target_reads_back_as_it_is_written() {
+        for t in [
+            ConsoleTarget {
+                host: "10.0.3.17".into(),
+                port: 5901,
+                tls_port: None,
+            },
+            ConsoleTarget {
+                host: "fd00::17".into(),
+                port: 5930,
+                tls_port: Some(5931),
+            },
+            ConsoleTarget {
+                host: "compute-1.example".into(),
+                port: 10000,
+                tls_port: None,
+            },
+        ] {
+            assert_eq!(t.to_string().parse::<ConsoleTarget>(), Ok(t));
+        }
+        assert!("5900".parse::<ConsoleTarget>().is_err());
+        assert!(":5900".parse::<ConsoleTarget>().is_err());
+    }
 }

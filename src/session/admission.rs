@@ -72,17 +72,28 @@ pub enum OpenError {
     /// Porthole is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// A shadow's session has ended (or never ran).
+    #[error("the session this shadow watches has ended")]
+    ShadowedEnded,
+    /// A serial shadow cannot get its session's output here (it runs on
+    /// another node and the store cannot carry it now).
+    #[error("the serial session's output cannot reach this node now")]
+    ShadowUnreachable,
 }
 
 impl OpenError {
     /// Who is to blame.
     pub fn blame(&self) -> Blame {
         match self {
-            OpenError::Refused(_) | OpenError::Busy | OpenError::Limited(_) => Blame::Client,
+            OpenError::Refused(_)
+            | OpenError::Busy
+            | OpenError::Limited(_)
+            | OpenError::ShadowedEnded => Blame::Client,
             OpenError::Unreachable(_) => Blame::Backend,
-            OpenError::Overloaded | OpenError::ShuttingDown | OpenError::Unavailable(_) => {
-                Blame::Internal
-            }
+            OpenError::Overloaded
+            | OpenError::ShuttingDown
+            | OpenError::Unavailable(_)
+            | OpenError::ShadowUnreachable => Blame::Internal,
         }
     }
 
@@ -97,6 +108,8 @@ impl OpenError {
             OpenError::Unreachable(_) => "backend_unreachable",
             OpenError::Unavailable(_) => "unavailable",
             OpenError::ShuttingDown => "shutting_down",
+            OpenError::ShadowedEnded => "shadowed_session_ended",
+            OpenError::ShadowUnreachable => "shadow_output_unreachable",
         }
     }
 }
@@ -214,6 +227,8 @@ pub struct Limits {
     pub spice_drain_grace: Duration,
     /// A dropped SPICE display channel is drained this long at most.
     pub spice_drain_max: Duration,
+    /// Pages may ask whether a shadow watches their session.
+    pub tell_watched: bool,
 }
 
 /// What the session layer is built from.
@@ -348,7 +363,10 @@ impl Sessions {
     /// while its iframe's socket may still be open, and Nova's own proxies
     /// let the new tab in. Signed tokens follow `[tokens.reuse]`.
     pub fn reuse_for(&self, grant: &Grant) -> ReusePolicy {
-        if grant.issuer == NOVA_ISSUER {
+        if grant.shadow_of().is_some() {
+            // A shadow's link is for one look (POST /v1/sessions/{id}/shadow).
+            ReusePolicy::SingleUse
+        } else if grant.issuer == NOVA_ISSUER {
             ReusePolicy::Takeover
         } else {
             self.tokens.reuse_for(grant.console)
@@ -463,6 +481,10 @@ impl Sessions {
             // The running session it takes over holds the console.
             Err(_) => return Ok(()),
             Ok(()) => {}
+        }
+        if let Some(id) = grant.shadow_of() {
+            // A shadow watches its session: it claims no console.
+            return self.shadowed(id).await.map(|_| ());
         }
         let key = (grant.target.host.clone(), grant.target.port);
         if grant.console == ConsoleType::Serial
@@ -643,7 +665,30 @@ impl Sessions {
         if admission == Admission::Opens && self.reuse_for(grant) == ReusePolicy::Takeover {
             self.take_over(grant).await;
         }
+        if let Some(id) = grant.shadow_of() {
+            self.shadowed(id).await?;
+        }
         self.admit_once(grant, admission, client).await
+    }
+
+    /// Whether a shadow watches the session of `token` now, for its page
+    /// (an expired token still names its session): `Ok(None)` when pages
+    /// are not told (`[sessions] tell_watched`), `Err` for a token that is
+    /// not genuine.
+    pub async fn watched(&self, token: &str) -> Result<Option<bool>, ()> {
+        let jti = self.resolver.holder(token).ok_or(())?;
+        if !self.limits.tell_watched {
+            return Ok(None);
+        }
+        Ok(Some(self.registry.watchers_of(&jti).await.unwrap_or(0) > 0))
+    }
+
+    /// The live session a shadow watches, on whichever node.
+    pub async fn shadowed(&self, id: &str) -> Result<Arc<LiveSession>, OpenError> {
+        match self.registry.by_id(id).await {
+            Some(live) if !live.ended.is_cancelled() => Ok(live),
+            _ => Err(OpenError::ShadowedEnded),
+        }
     }
 
     /// Ends the session that `grant`'s token runs, if any (on whichever
@@ -746,7 +791,8 @@ impl Sessions {
             redemption,
             _claim: claim,
         };
-        if grant.console != ConsoleType::Serial {
+        // A serial shadow reads its session's output, not the console.
+        if grant.console != ConsoleType::Serial || grant.shadow_of().is_some() {
             return Ok(guards(None));
         }
         let key = (grant.target.host.clone(), grant.target.port);

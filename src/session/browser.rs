@@ -20,9 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument as _;
 
 use super::lifecycle::{Lifecycle, Refused, refused};
-use super::view_only::ClientInput;
+use super::oversight::{ClientInput, FanOut};
 use super::ws_relay::{self, RelayOptions, relay};
-use super::{Admission, CloseReason, Early, OpenError, Opened, Sessions, Traffic};
+use super::{Admission, CloseReason, Early, OpenError, Opened, SessionGuards, Sessions, Traffic};
 use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
@@ -37,9 +37,22 @@ pub struct BrowserAdmission {
     sessions: Arc<Sessions>,
     grant: Grant,
     client: IpAddr,
-    /// noVNC and serial: the connected hypervisor. spice-html5: none yet
-    /// (the SPICE link inside the socket, and its ticket, decide).
-    opened: Option<Opened>,
+    upstream: Upstream,
+}
+
+/// Where a browser session's console bytes come from.
+#[derive(Debug)]
+enum Upstream {
+    /// noVNC and serial: the connected hypervisor.
+    Connected(Opened),
+    /// spice-html5: nothing yet (the SPICE link inside the socket, and its
+    /// ticket, decide).
+    Linked,
+    /// A serial shadow: its session's output, on this node.
+    Watching {
+        guards: SessionGuards,
+        output: tokio::sync::broadcast::Receiver<bytes::Bytes>,
+    },
 }
 
 impl Sessions {
@@ -63,15 +76,30 @@ impl Sessions {
                 detail: e,
             });
         };
-        let opened = match grant.console {
+        let upstream = match (grant.console, grant.shadow_of()) {
             // The SPICE link inside the socket, and its ticket, decide the rest.
-            ConsoleType::SpiceHtml5 => {
+            (ConsoleType::SpiceHtml5, _) => {
                 self.would_admit_ticketed(&grant)
                     .await
                     .inspect_err(record)?;
-                None
+                Upstream::Linked
             }
-            _ => Some(
+            // A serial console serves one client: its shadows read what
+            // its session reads (through the store from another node).
+            (ConsoleType::Serial, Some(id)) => {
+                self.shadowed(id).await.inspect_err(record)?;
+                let Some(output) = self.registry.output_of(id).await else {
+                    let e = OpenError::ShadowUnreachable;
+                    record(&e);
+                    return Err(e);
+                };
+                let guards = self
+                    .admit(&grant, Admission::Opens, client)
+                    .await
+                    .inspect_err(record)?;
+                Upstream::Watching { guards, output }
+            }
+            _ => Upstream::Connected(
                 self.open_to(&grant, Admission::Opens, grant.target.port, client)
                     .await
                     .inspect_err(record)?,
@@ -81,7 +109,7 @@ impl Sessions {
             sessions: self.clone(),
             grant,
             client,
-            opened,
+            upstream,
         })
     }
 
@@ -130,8 +158,10 @@ impl BrowserAdmission {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::debug!(client = %self.client, "websocket upgrade failed: {e}");
-                    if let Some(o) = self.opened {
-                        o.guards.release().await;
+                    match self.upstream {
+                        Upstream::Connected(o) => o.guards.release().await,
+                        Upstream::Watching { guards, .. } => guards.release().await,
+                        Upstream::Linked => {}
                     }
                     return;
                 }
@@ -152,48 +182,53 @@ impl BrowserAdmission {
             sessions,
             grant,
             client,
-            opened,
+            upstream,
         } = self;
-        let Some(opened) = opened else {
-            // spice-html5: one socket per channel; the link decides the session.
-            super::spice::serve_browser(sessions, socket, client, grant).await;
-            return;
+        let (guards, backend) = match upstream {
+            Upstream::Connected(opened) => (opened.guards, Conn::Tcp(opened.backend)),
+            Upstream::Watching { guards, output } => (guards, super::oversight::watch(output)),
+            Upstream::Linked => {
+                // spice-html5: one socket per channel; the link decides the session.
+                super::spice::serve_browser(sessions, socket, client, grant).await;
+                return;
+            }
         };
         let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None).await;
         let span = life.span();
         async move {
-            life.hold(opened.guards);
+            life.hold(guards);
             let mut client_io = WsBytes::new(socket);
-            let linked = if grant.console == ConsoleType::Novnc {
-                // The security proxy: Porthole authenticates to the hypervisor,
-                // the browser is offered None.
-                let started = StdInstant::now();
-                let deadline = Instant::now() + sessions.browser.upgrade_timeout;
-                let up = sessions.vnc_upstreams.load().get(&grant.backend);
-                // Boxed: the handshake's buffers live on the heap while it
-                // runs and are gone after it, instead of sizing the task
-                // that then holds an idle session for hours.
-                let handshake = Box::pin(super::vnc::browser_handshake(
-                    &mut client_io,
-                    opened.backend,
-                    &up,
-                    &grant.target.host,
-                    grant.view_only(),
-                    deadline,
-                ));
-                match life.stop().unless_stopped(handshake).await {
-                    Ok(Ok(linked)) => {
-                        crate::metrics::handshake_took("rfb", started.elapsed().as_secs_f64());
-                        Ok(linked)
+            let linked = match (grant.console, backend) {
+                (ConsoleType::Novnc, Conn::Tcp(tcp)) => {
+                    // The security proxy: Porthole authenticates to the hypervisor,
+                    // the browser is offered None.
+                    let started = StdInstant::now();
+                    let deadline = Instant::now() + sessions.browser.upgrade_timeout;
+                    let up = sessions.vnc_upstreams.load().get(&grant.backend);
+                    // Boxed: the handshake's buffers live on the heap while it
+                    // runs and are gone after it, instead of sizing the task
+                    // that then holds an idle session for hours.
+                    let handshake = Box::pin(super::vnc::browser_handshake(
+                        &mut client_io,
+                        tcp,
+                        &up,
+                        &grant.target.host,
+                        grant.view_only(),
+                        deadline,
+                    ));
+                    match life.stop().unless_stopped(handshake).await {
+                        Ok(Ok(linked)) => {
+                            crate::metrics::handshake_took("rfb", started.elapsed().as_secs_f64());
+                            Ok(linked)
+                        }
+                        Ok(Err(refusal)) => {
+                            refusal.record(client, grant.console, Some(&grant.jti));
+                            Err(("handshake_failed", CloseReason::BackendError))
+                        }
+                        Err(reason) => Err((reason.as_str(), reason)),
                     }
-                    Ok(Err(refusal)) => {
-                        refusal.record(client, grant.console, Some(&grant.jti));
-                        Err(("handshake_failed", CloseReason::BackendError))
-                    }
-                    Err(reason) => Err((reason.as_str(), reason)),
                 }
-            } else {
-                Ok((Conn::Tcp(opened.backend), Early::default()))
+                (_, backend) => Ok((backend, Early::default())),
             };
             let (mut socket, pending) = client_io.into_inner();
             let (backend, mut early) = match linked {
@@ -211,7 +246,10 @@ impl BrowserAdmission {
                 socket,
                 backend,
                 early,
-                ClientInput::of(&grant),
+                FanOut {
+                    input: ClientInput::of(&grant),
+                    shadows: life.live().fan_out.clone(),
+                },
                 opts,
                 life.stop(),
                 &counters,

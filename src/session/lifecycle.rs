@@ -48,12 +48,26 @@ impl Lifecycle {
             target: grant.target.to_string(),
             key,
             view_only: grant.view_only(),
+            shadow_of: grant.shadow_of().map(str::to_owned),
         };
         let live = sessions
             .registry
             .register(new, sessions.cancel.child_token())
             .await;
-        let stop = sessions.stop_for(&live);
+        let mut stop = sessions.stop_for(&live);
+        if let Some(id) = grant.shadow_of() {
+            // Its session's pages may say that it is watched.
+            sessions.registry.watched(id, 1).await;
+            // A shadow ends with the session it watches, on whichever node.
+            stop.ended = match sessions.registry.by_id(id).await {
+                Some(watched) => watched.ended.clone(),
+                None => {
+                    let gone = tokio_util::sync::CancellationToken::new();
+                    gone.cancel();
+                    gone
+                }
+            };
+        }
         let _ = live.ends_at.set(stop.deadline);
         // Every log line of the session carries its id (the audit trail's too).
         let span = tracing::info_span!("session", session = %live.id);
@@ -134,6 +148,9 @@ impl Lifecycle {
             );
         });
         self.registry.deregister(live).await;
+        if let Some(id) = &live.shadow_of {
+            self.registry.watched(id, -1).await;
+        }
         // What joined it ends with it.
         live.ended.cancel();
     }
@@ -153,6 +170,9 @@ impl Drop for Lifecycle {
                     g.release().await;
                 }
                 registry.deregister(&live).await;
+                if let Some(id) = &live.shadow_of {
+                    registry.watched(id, -1).await;
+                }
                 live.ended.cancel();
             });
         }

@@ -27,10 +27,10 @@ pub mod driver;
 pub mod failed_tickets;
 pub mod lifecycle;
 pub mod link_keys;
+pub mod oversight;
 pub mod registry;
 pub mod spice;
 pub mod splice;
-pub mod view_only;
 pub mod vnc;
 pub mod ws_relay;
 

@@ -141,7 +141,19 @@ pub struct LiveSession {
     pub key: Option<String>,
     /// Its client may watch, not act (Porthole drops its input).
     pub view_only: bool,
+    /// The session it shadows, if it is a shadow.
+    pub shadow_of: Option<String>,
+    /// How many shadows watch it now (kept by the node that runs it).
+    pub watchers: std::sync::atomic::AtomicU32,
+    /// What the hypervisor sends this session, for shadows on this node to
+    /// watch (a serial console serves one client: its shadows cannot
+    /// connect themselves). Serial sessions that are not shadows only.
+    pub fan_out: Option<tokio::sync::broadcast::Sender<bytes::Bytes>>,
 }
+
+/// How many chunks of a serial console's output a shadow may fall behind
+/// before it is cut: the owner never waits for a shadow.
+pub const FAN_OUT_CHUNKS: usize = 256;
 
 /// What the admin API shows of a session.
 #[derive(Debug, Clone, Serialize)]
@@ -170,6 +182,11 @@ pub struct SessionView {
     pub node: String,
     /// Its client may watch, not act.
     pub view_only: bool,
+    /// The session it shadows, if it is a shadow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_of: Option<String>,
+    /// Its shadows' session ids.
+    pub shadows: Vec<String>,
 }
 
 impl LiveSession {
@@ -205,6 +222,8 @@ impl LiveSession {
             },
             node: crate::node::name().to_string(),
             view_only: self.view_only,
+            shadow_of: self.shadow_of.clone(),
+            shadows: Vec::new(),
         }
     }
 }
@@ -265,6 +284,8 @@ pub struct NewSession {
     pub key: Option<String>,
     /// Its client may watch, not act.
     pub view_only: bool,
+    /// The session it shadows, if it is a shadow.
+    pub shadow_of: Option<String>,
 }
 
 /// Every live session of this process.
@@ -303,8 +324,12 @@ impl Registry {
             ended: CancellationToken::new(),
             ends_at: OnceLock::new(),
             terminated: OnceLock::new(),
+            fan_out: (s.console == ConsoleType::Serial && s.shadow_of.is_none())
+                .then(|| tokio::sync::broadcast::channel(FAN_OUT_CHUNKS).0),
             key: s.key,
             view_only: s.view_only,
+            shadow_of: s.shadow_of,
+            watchers: Default::default(),
         });
         let mut maps = self.lock();
         if let Some(key) = &live.key {
@@ -322,6 +347,51 @@ impl Registry {
                 maps.keys.remove(key);
             }
             crate::metrics::sessions_active(live.console.as_str(), -1);
+        }
+    }
+
+    /// The session `id`, if it runs on this node.
+    pub fn by_id(&self, id: &str) -> Option<Arc<LiveSession>> {
+        self.lock().live.get(id).cloned()
+    }
+
+    /// How many shadows watch this node's sessions of token `jti`; `None`
+    /// when none of them runs here.
+    pub fn watchers_of(&self, jti: &str) -> Option<u32> {
+        let mine = self.by_jti(jti);
+        (!mine.is_empty()).then(|| mine.iter().map(|s| s.watchers.load(Relaxed)).sum())
+    }
+
+    /// What this node's serial session `id` reads, for a shadow here.
+    pub fn output_of(&self, id: &str) -> Option<tokio::sync::broadcast::Receiver<bytes::Bytes>> {
+        self.by_id(id)?.fan_out.as_ref().map(|tx| tx.subscribe())
+    }
+
+    /// This node's sessions of token `jti`.
+    pub fn by_jti(&self, jti: &str) -> Vec<Arc<LiveSession>> {
+        self.lock()
+            .live
+            .values()
+            .filter(|s| s.jti == jti)
+            .cloned()
+            .collect()
+    }
+
+    /// Counts a shadow starting (`+1`) or ending (`-1`) on session `id`,
+    /// if it runs here; whether it does.
+    pub fn watched(&self, id: &str, delta: i32) -> bool {
+        match self.by_id(id) {
+            Some(live) => {
+                if delta >= 0 {
+                    live.watchers.fetch_add(delta.unsigned_abs(), Relaxed);
+                } else {
+                    let _ = live.watchers.fetch_update(Relaxed, Relaxed, |n| {
+                        Some(n.saturating_sub(delta.unsigned_abs()))
+                    });
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -399,6 +469,25 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
     /// The session that further connections with `key` join.
     fn by_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>>;
 
+    /// The session `id`, on whichever node: one that runs elsewhere is a
+    /// handle whose `ended` fires when it ends there (a shadow's parent).
+    fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>>;
+
+    /// Counts a shadow starting (`delta` 1) or ending (-1) on session `id`,
+    /// on whichever node runs it.
+    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()>;
+
+    /// How many shadows watch the sessions of token `jti`: `None` when no
+    /// session of it runs (that any node knows of).
+    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>>;
+
+    /// What serial session `id` reads from its console, from now on, for a
+    /// shadow, wherever the session runs; `None` if it fans nothing out.
+    fn output_of<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<tokio::sync::broadcast::Receiver<bytes::Bytes>>>;
+
     /// Snapshots of the sessions `sel` names (all, for an empty selector).
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>>;
 
@@ -427,6 +516,26 @@ impl SessionRegistry for Registry {
 
     fn by_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
         Box::pin(std::future::ready(Registry::by_key(self, key)))
+    }
+
+    fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
+        Box::pin(std::future::ready(Registry::by_id(self, id)))
+    }
+
+    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()> {
+        Registry::watched(self, id, delta);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>> {
+        Box::pin(std::future::ready(Registry::watchers_of(self, jti)))
+    }
+
+    fn output_of<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<tokio::sync::broadcast::Receiver<bytes::Bytes>>> {
+        Box::pin(std::future::ready(Registry::output_of(self, id)))
     }
 
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>> {
@@ -458,6 +567,7 @@ mod tests {
             target: "127.0.0.1:5900".into(),
             key: None,
             view_only: false,
+            shadow_of: None,
         }
     }
 

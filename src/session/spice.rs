@@ -594,8 +594,8 @@ impl Inspect for ChannelInspect {
         let check = Mutex::new(check);
         Some(Arc::new(move |chunk: &[u8]| {
             let checked = (check.lock().unwrap_or_else(|p| p.into_inner()))(chunk);
-            for message in &checked.dropped {
-                crate::metrics::view_only_dropped("spice", message);
+            for run in checked.dropped.chunk_by(|a, b| a == b) {
+                crate::metrics::view_only_dropped("spice", run[0], run.len() as u64);
             }
             if let Some(refused) = &checked.refused {
                 crate::metrics::spice_message_refused(refused.why);

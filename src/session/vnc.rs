@@ -25,8 +25,8 @@ use tokio::time::Instant;
 
 use super::driver::{DriveError, drive, send};
 use super::lifecycle::{Handshake, Lifecycle};
+use super::oversight::ClientInput;
 use super::splice::{REFUSAL_DEADLINE, splice};
-use super::view_only::ClientInput;
 use super::{Admission, Early, Sessions, Traffic};
 use crate::console::ConsoleType;
 use crate::error::Blame;

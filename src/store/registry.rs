@@ -40,6 +40,8 @@ enum Message {
     },
     /// This session ended.
     Ended { id: String },
+    /// A shadow of this session started (1) or ended (-1) on another node.
+    Watched { id: String, delta: i32 },
 }
 
 /// Every node's sessions.
@@ -52,6 +54,9 @@ pub struct RedisRegistry {
     /// Sessions of other nodes that connections here joined (SPICE channels
     /// on another node than their main channel), by id.
     remote: Mutex<HashMap<String, Arc<LiveSession>>>,
+    /// This node's serial sessions watched by shadows on other nodes: how
+    /// many, by session id. Their output goes to the store while any do.
+    forwarded: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl RedisRegistry {
@@ -65,6 +70,7 @@ impl RedisRegistry {
             node,
             lease,
             remote: Mutex::default(),
+            forwarded: Arc::default(),
         });
         tokio::spawn(registry.clone().listen(stop));
         registry
@@ -72,6 +78,20 @@ impl RedisRegistry {
 
     fn remote(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveSession>>> {
         self.remote.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Another node's session `id`, kept here while something on this
+    /// node follows it: its `ended` fires on that node's `Ended` event.
+    async fn remote_by_id(&self, id: &str) -> Option<Arc<LiveSession>> {
+        if let Some(live) = self.remote().get(id) {
+            return Some(live.clone());
+        }
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(self.redis.key(&["session", id]));
+        let h: HashMap<String, String> = self.redis.cmd(hgetall).await.ok()?;
+        let live = Arc::new(remote_session(id, &h)?);
+        self.remote().insert(id.to_string(), live.clone());
+        Some(live)
     }
 
     fn channel(&self, name: &str) -> String {
@@ -112,6 +132,12 @@ impl RedisRegistry {
                     }
                 }
             }
+            Ok(Message::Watched { id, delta }) => {
+                if self.local.watched(&id, delta) {
+                    self.republish(&id);
+                    self.forward(&id, delta);
+                }
+            }
             Ok(Message::Ended { id }) => {
                 if let Some(live) = self.remote().remove(&id) {
                     live.cancel.cancel();
@@ -141,6 +167,8 @@ impl RedisRegistry {
                 ("bytes_up", &up.to_string()),
                 ("bytes_down", &down.to_string()),
                 ("view_only", if live.view_only { "1" } else { "0" }),
+                ("shadow_of", live.shadow_of.as_deref().unwrap_or("")),
+                ("watchers", &live.watchers.load(Relaxed).to_string()),
             ],
         )
         .ignore()
@@ -148,6 +176,11 @@ impl RedisRegistry {
         .ignore()
         .sadd(self.redis.key(&["sessions"]), &live.id)
         .ignore();
+        // A page asks by its token whether it is watched (`watchers_of`).
+        pipe.set(self.redis.key(&["session-jti", &live.jti]), &live.id)
+            .ignore()
+            .pexpire(self.redis.key(&["session-jti", &live.jti]), lease)
+            .ignore();
         if let Some(k) = &live.key {
             pipe.set(self.redis.key(&["session-key", k]), &live.id)
                 .ignore()
@@ -175,7 +208,83 @@ impl RedisRegistry {
         if let Some(k) = &live.key {
             pipe.del(self.redis.key(&["session-key", k])).ignore();
         }
+        pipe.del(self.redis.key(&["session-jti", &live.jti]))
+            .ignore();
         let _ = self.redis.pipe::<()>(pipe).await;
+    }
+
+    /// Counts a shadow on another node starting (`delta` 1) or ending (-1)
+    /// on this node's session `id`; the first starts sending what a serial
+    /// session reads to the store (`output:<id>`), the last one's end stops
+    /// it. Chunks are published in order; when the store is slower than the
+    /// console the forwarder lags and skips, the session never waits.
+    fn forward(&self, id: &str, delta: i32) {
+        let Some(live) = self.local.by_id(id) else {
+            return;
+        };
+        let Some(fan_out) = &live.fan_out else {
+            return;
+        };
+        {
+            let mut forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+            let n = forwarded.entry(id.to_string()).or_default();
+            let was = *n;
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                forwarded.remove(id);
+            }
+            if was > 0 || delta <= 0 {
+                return;
+            }
+        }
+        let mut rx = fan_out.subscribe();
+        let channel = self.redis.key(&["output", id]);
+        let (redis, forwarded, id, ended) = (
+            self.redis.clone(),
+            self.forwarded.clone(),
+            id.to_string(),
+            live.ended.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let chunk = tokio::select! {
+                    _ = ended.cancelled() => break,
+                    got = rx.recv() => match got {
+                        Ok(chunk) => chunk,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                };
+                if !forwarded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&id)
+                {
+                    break;
+                }
+                let mut publish = redis::cmd("PUBLISH");
+                publish.arg(&channel).arg(&chunk[..]);
+                let _ = redis.cmd::<i64>(publish).await;
+            }
+            forwarded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
+    }
+
+    /// Writes this node's session `id` again (its watchers changed), in
+    /// the background: the subscription's callback does not wait.
+    fn republish(&self, id: &str) {
+        let Some(live) = self.local.by_id(id) else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        self.publish_into(&mut pipe, &live);
+        let redis = self.redis.clone();
+        tokio::spawn(async move {
+            let _ = redis.pipe::<()>(pipe).await;
+        });
     }
 
     /// Every node's sessions, as their hashes say.
@@ -235,6 +344,10 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         terminated: OnceLock::new(),
         key: h.get("join_key").filter(|k| !k.is_empty()).cloned(),
         view_only: h.get("view_only").is_some_and(|v| v == "1"),
+        shadow_of: h.get("shadow_of").filter(|k| !k.is_empty()).cloned(),
+        // Another node's output is not fanned out here.
+        fan_out: None,
+        watchers: number("watchers").try_into().unwrap_or(0).into(),
     })
 }
 
@@ -336,15 +449,90 @@ impl SessionRegistry for RedisRegistry {
             let mut get = redis::cmd("GET");
             get.arg(self.redis.key(&["session-key", key]));
             let id: String = self.redis.cmd::<Option<String>>(get).await.ok()??;
-            if let Some(live) = self.remote().get(&id) {
-                return Some(live.clone());
+            self.remote_by_id(&id).await
+        })
+    }
+
+    fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>> {
+        Box::pin(async move {
+            match self.local.by_id(id) {
+                Some(live) => Some(live),
+                None => self.remote_by_id(id).await,
             }
-            let mut hgetall = redis::cmd("HGETALL");
-            hgetall.arg(self.redis.key(&["session", &id]));
-            let h: HashMap<String, String> = self.redis.cmd(hgetall).await.ok()?;
-            let live = Arc::new(remote_session(&id, &h)?);
-            self.remote().insert(id, live.clone());
-            Some(live)
+        })
+    }
+
+    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if self.local.watched(id, delta) {
+                if let Some(live) = self.local.by_id(id) {
+                    self.publish_session(&live).await;
+                }
+                return;
+            }
+            let message = Message::Watched {
+                id: id.to_string(),
+                delta,
+            };
+            self.publish("commands", &message).await;
+        })
+    }
+
+    fn output_of<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<tokio::sync::broadcast::Receiver<bytes::Bytes>>> {
+        Box::pin(async move {
+            if let Some(live) = self.local.by_id(id) {
+                return live.fan_out.as_ref().map(|tx| tx.subscribe());
+            }
+            let watched = self.remote_by_id(id).await?;
+            if watched.console != crate::console::ConsoleType::Serial {
+                return None;
+            }
+            // Subscribed before the shadow's `Watched` reaches the session's
+            // node (its lifecycle sends that), so nothing is missed after.
+            let mut from_store = self
+                .redis
+                .subscribe(&[self.redis.key(&["output", id])])
+                .await
+                .ok()?;
+            let (tx, rx) =
+                tokio::sync::broadcast::channel(crate::session::registry::FAN_OUT_CHUNKS);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = watched.ended.cancelled() => return,
+                        got = from_store.recv() => match got {
+                            Some((_, chunk)) => {
+                                let _ = tx.send(bytes::Bytes::from(chunk));
+                            }
+                            None => return,
+                        },
+                        // The shadow left: let the subscription go.
+                        _ = tick.tick() => if tx.receiver_count() == 0 {
+                            return;
+                        },
+                    }
+                }
+            });
+            Some(rx)
+        })
+    }
+
+    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>> {
+        Box::pin(async move {
+            if let Some(n) = self.local.watchers_of(jti) {
+                return Some(n);
+            }
+            let mut get = redis::cmd("GET");
+            get.arg(self.redis.key(&["session-jti", jti]));
+            let id: String = self.redis.cmd::<Option<String>>(get).await.ok()??;
+            let mut hget = redis::cmd("HGET");
+            hget.arg(self.redis.key(&["session", &id])).arg("watchers");
+            let n: Option<String> = self.redis.cmd(hget).await.ok()?;
+            Some(n.and_then(|n| n.parse().ok()).unwrap_or(0))
         })
     }
 

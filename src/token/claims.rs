@@ -91,4 +91,9 @@ pub struct ConsoleClaims {
     pub ver: Option<u32>,
     /// What to open, and where.
     pub console: ConsoleClaim,
+    /// A shadow: the live session (its id) this token watches. Porthole
+    /// mints these itself (`POST /v1/sessions/{id}/shadow`), view-only and
+    /// single-use; the shadow ends when that session does. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_of: Option<String>,
 }

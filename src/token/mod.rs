@@ -195,7 +195,12 @@ impl Grant {
     /// Whether its client may only watch: Porthole drops what would reach
     /// the VM (the token's `console.view_only`).
     pub fn view_only(&self) -> bool {
-        self.claims.console.view_only
+        self.claims.console.view_only || self.claims.shadow_of.is_some()
+    }
+
+    /// The live session this grant watches, if it is a shadow's.
+    pub fn shadow_of(&self) -> Option<&str> {
+        self.claims.shadow_of.as_deref()
     }
 }
 
@@ -461,14 +466,34 @@ impl TokenValidator {
         })
     }
 
-    /// The claims of `token` once its size, header and signature pass, and
-    /// the key (of `keys`, chosen by the header's `kid`) that verified it.
-    /// The key's pinned algorithm must be the header's: a token never picks
-    /// how it is verified.
+    /// The `jti` of `token` if its signature verifies, however long ago it
+    /// expired: a console outlives its token by hours, and its page proves
+    /// with the token that it holds the session (`GET /watched`).
+    pub fn holder_of(&self, token: &str) -> Option<String> {
+        let keys = self.keys.load();
+        self.verify_within(token, &keys, false)
+            .ok()
+            .map(|(claims, _)| claims.jti)
+    }
+
     fn verify<'k>(
         &self,
         token: &str,
         keys: &'k LoadedKeys,
+    ) -> Result<(ConsoleClaims, &'k VerifyingKey), Refusal> {
+        self.verify_within(token, keys, true)
+    }
+
+    /// The claims of `token` once its size, header and signature pass, and
+    /// the key (of `keys`, chosen by the header's `kid`) that verified it;
+    /// its times (`exp`, `nbf`) too when `timely`.
+    /// The key's pinned algorithm must be the header's: a token never picks
+    /// how it is verified.
+    fn verify_within<'k>(
+        &self,
+        token: &str,
+        keys: &'k LoadedKeys,
+        timely: bool,
     ) -> Result<(ConsoleClaims, &'k VerifyingKey), Refusal> {
         let p = &self.policy;
         if token.len() > p.max_token_bytes {
@@ -498,7 +523,17 @@ impl TokenValidator {
                 ),
             ));
         }
-        let data = jsonwebtoken::decode::<ConsoleClaims>(token, &key.key, &key.validation)
+        let untimed;
+        let validation = if timely {
+            &key.validation
+        } else {
+            let mut v = key.validation.clone();
+            v.validate_exp = false;
+            v.validate_nbf = false;
+            untimed = v;
+            &untimed
+        };
+        let data = jsonwebtoken::decode::<ConsoleClaims>(token, &key.key, validation)
             .map_err(|e| map_jwt_error(e.kind()))?;
         Ok((data.claims, key))
     }
@@ -586,6 +621,12 @@ pub trait GrantResolver: Send + Sync + std::fmt::Debug {
     ) -> futures_util::future::BoxFuture<'a, Result<Grant, Refusal>> {
         self.resolve(token, expect)
     }
+
+    /// The `jti` of the grant `token` was (or is) for, if the token is
+    /// genuine, even expired; `None` if it is not one this resolver knows.
+    fn holder(&self, _token: &str) -> Option<String> {
+        None
+    }
 }
 
 impl GrantResolver for TokenValidator {
@@ -599,6 +640,10 @@ impl GrantResolver for TokenValidator {
             let grant = self.validate(token, expect)?;
             check_revoked(self.revocations.as_ref(), grant).await
         })
+    }
+
+    fn holder(&self, token: &str) -> Option<String> {
+        self.holder_of(token)
     }
 }
 

@@ -295,6 +295,7 @@ impl MintRequest {
             jti: random_token(16),
             ver: Some(SCHEMA_VERSION),
             console: self.console.clone(),
+            shadow_of: None,
         }
     }
 }

@@ -543,6 +543,7 @@ mod tests {
                     tls_port: target.tls_port,
                     view_only: false,
                 },
+                shadow_of: None,
             },
         }
     }

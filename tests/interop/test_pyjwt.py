@@ -48,6 +48,14 @@ def tamper(token):
     return f"{header}.{edited}.{sig}"
 
 
+def test_a_pyjwt_minted_view_only_token_is_read_as_one(keys, config):
+    token = pyjwt_token(keys["EdDSA"], view_only=True)
+    p = inspect(config, token, "--type", "novnc")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(p.stdout)["console"] == {
+        "type": "novnc", "host": "10.77.1.2", "port": 5901, "view_only": True}
+
+
 @pytest.mark.parametrize("alg", ALGS)
 def test_pyjwt_minted_tokens_are_accepted(alg, keys, config):
     token = pyjwt_token(keys[alg])

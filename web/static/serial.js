@@ -4,7 +4,7 @@
 // Debian's 3.8 at the same URL; the two differ in how they take bytes, give
 // keys and expose their buffer, so the page adapts to whichever it got.
 import {
-  closeMessage, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
+  closeMessage, followWatchers, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
 } from './session.js';
 
 const xterm = await loadLibrary('../vendor/xterm/lib/xterm.mjs', 'xterm');
@@ -58,6 +58,7 @@ function connect(t) {
   ws.onopen = () => {
     opened = true;
     setStatus('connected', 'Connected');
+    followWatchers();
     t.term.focus();
   };
   ws.onmessage = (e) => {

@@ -28,6 +28,41 @@ export function showViewOnly() {
   document.querySelector('header').append(badge);
 }
 
+// How often a connected page asks whether an operator watches its session.
+const WATCH_POLL_MS = 10000;
+let following = false;
+
+// Shows a badge while an operator watches this session (a shadow), where
+// the operator lets pages say so (`[sessions] tell_watched`, the default).
+// The token names the session for as long as it runs, expired or not.
+export function followWatchers() {
+  if (following || viewOnly || !token) return;
+  following = true;
+  const badge = Object.assign(document.createElement('span'), {
+    id: 'watched',
+    hidden: true,
+    textContent: 'An operator is watching this console',
+  });
+  document.querySelector('header').append(badge);
+  const url = new URL('watched', location.href);
+  url.search = new URLSearchParams({ token }).toString();
+  const ask = async () => {
+    try {
+      const r = await fetch(url, { cache: 'no-store' });
+      const body = r.ok ? await r.json() : {};
+      if (r.ok && body.told === false) return;
+      if (r.ok) {
+        badge.hidden = !body.watched;
+        window.porthole = Object.assign(window.porthole ?? {}, { watched: body.watched === true });
+      }
+    } catch {
+      // Asked again next time.
+    }
+    setTimeout(ask, WATCH_POLL_MS);
+  };
+  ask();
+}
+
 export function socketUrl(endpoint) {
   const url = new URL(endpoint, location.href);
   url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';

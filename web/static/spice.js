@@ -3,7 +3,7 @@
 // Porthole terminates the SPICE link inside it: the page's SPICE password is
 // a short-lived ticket from POST spice-ticket, never the hypervisor's.
 import {
-  closeMessage, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
+  closeMessage, followWatchers, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
 } from './session.js';
 
 const spice = await loadLibrary('../vendor/spice-html5/main.js', 'spice-html5');
@@ -55,6 +55,7 @@ async function connect() {
         reconnects = 0;
         cad.disabled = false;
         setStatus('connected', 'Connected');
+        followWatchers();
       },
       // Only the main channel reports here; its socket closing, a refused
       // ticket ("Permission denied.") and a link timeout all end the session.

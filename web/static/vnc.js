@@ -2,7 +2,7 @@
 // The token already authenticated the user: Porthole offers the browser
 // no VNC password prompt.
 import {
-  closeMessage, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
+  closeMessage, followWatchers, loadLibrary, refusedMessage, setStatus, showViewOnly, socketUrl, token, viewOnly, whyRefused,
 } from './session.js';
 
 const novnc = await loadLibrary('../vendor/novnc/core/rfb.js', 'novnc');
@@ -34,6 +34,7 @@ function connect() {
     reconnects = 0;
     cad.disabled = false;
     setStatus('connected', 'Connected');
+    followWatchers();
   });
   rfb.addEventListener('desktopname', (e) => {
     document.getElementById('title').textContent = e.detail.name;

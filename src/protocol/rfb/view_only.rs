@@ -176,6 +176,19 @@ impl ViewOnly {
     pub fn check(&mut self, mut data: &[u8]) -> Checked {
         let mut out = Checked::default();
         while !data.is_empty() {
+            if self.at_boundary()
+                && let Ok(Framed::Whole { len, keep, name }) = frame(data)
+                && let Some(n) = usize::try_from(len).ok().filter(|&n| n <= data.len())
+            {
+                // A whole message at the start of `data`: no holding.
+                if keep {
+                    out.forward.extend_from_slice(&data[..n]);
+                } else {
+                    out.dropped.push(name);
+                }
+                data = &data[n..];
+                continue;
+            }
             match self.state {
                 State::Pass(left) | State::Skip(left) => {
                     let n = data.len().min(usize::try_from(left).unwrap_or(usize::MAX));

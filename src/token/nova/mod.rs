@@ -744,6 +744,7 @@ impl NovaResolver {
                 // Nova has no view-only consoles.
                 view_only: false,
             },
+            shadow_of: None,
         };
         Ok(Grant {
             jti,
@@ -798,6 +799,14 @@ impl GrantResolver for Resolvers {
                 super::check_revoked(self.jwt.revocations(), grant).await
             }),
             _ => self.jwt.resolve(token, expect),
+        }
+    }
+
+    /// A Nova token's id is its hash: holding the token is the proof.
+    fn holder(&self, token: &str) -> Option<String> {
+        match &self.nova {
+            Some(_) if is_nova_token(token) => Some(token_hash(token)),
+            _ => self.jwt.holder_of(token),
         }
     }
 }
