@@ -215,6 +215,12 @@ pub trait Inspect: Send {
     fn keeps_upstream(&self, _reason: CloseReason) -> bool {
         false
     }
+
+    /// Where the hypervisor's messages end in `chunk` (offsets into it,
+    /// ascending), for a splice that writes its client each message on its
+    /// own (one TLS record each: see `spice::EachMessage`). None by
+    /// default: a chunk goes in one write.
+    fn message_ends(&mut self, _chunk: &[u8], _ends: &mut Vec<usize>) {}
 }
 
 /// Sees client bytes on their way to the hypervisor and says which go:

@@ -49,6 +49,7 @@ use crate::protocol::client_filter::Checked;
 use crate::protocol::spice::client_check::ClientCheck;
 use crate::protocol::spice::crypto::{decrypt_ticket, encrypt_ticket};
 use crate::protocol::spice::display_drain::DisplayTrack;
+use crate::protocol::spice::framing::MessageEnds;
 use crate::protocol::spice::link::{
     ClientLink, ClientStep, LinkFailure, ServerLink, ServerStep, framing_agrees, upstream_caps,
 };
@@ -291,6 +292,7 @@ pub async fn serve_native(
     };
     let counters = end.counters();
     let track = inspect.display_track();
+    let inspect = EachMessage::new(inspect);
     let (reason, traffic, kept) =
         splice(client, upstream, early, inspect, end.stop(), &counters).await;
     end.finish_or_drain(&sessions, reason, traffic, kept, track)
@@ -490,6 +492,54 @@ impl ChannelInspect {
             ChannelInspect::Display(track) => Some(track.clone()),
             _ => None,
         }
+    }
+
+    fn mini_header(&self) -> bool {
+        match self {
+            ChannelInspect::Main { mini_header, .. }
+            | ChannelInspect::Other { mini_header, .. } => *mini_header,
+            ChannelInspect::Display(track) => locked(track).mini_header(),
+        }
+    }
+}
+
+/// A native client's channel: each hypervisor message goes to the client
+/// in writes of its own, so no TLS record holds the end of one message and
+/// the start of the next. spice-gtk 0.42 (spicy, remote-viewer) otherwise
+/// stalls: measured, with a burst of display updates in one record its
+/// screen froze at the first burst (the display channel then owed the
+/// server its ACKs, so the server stopped as well), and a relay that packed
+/// several of QEMU's own messages in one record froze it without Porthole;
+/// one record per message, as QEMU writes them, cured both. It reads a
+/// message, then waits for the socket, not for what its TLS layer already
+/// holds.
+struct EachMessage {
+    inner: ChannelInspect,
+    ends: MessageEnds,
+}
+
+impl EachMessage {
+    fn new(inner: ChannelInspect) -> Self {
+        let ends = MessageEnds::new(inner.mini_header());
+        Self { inner, ends }
+    }
+}
+
+impl Inspect for EachMessage {
+    async fn inspect(&mut self, chunk: &[u8]) -> Result<(), CloseReason> {
+        self.inner.inspect(chunk).await
+    }
+
+    fn client_tap(&self) -> Option<ClientTap> {
+        self.inner.client_tap()
+    }
+
+    fn keeps_upstream(&self, reason: CloseReason) -> bool {
+        self.inner.keeps_upstream(reason)
+    }
+
+    fn message_ends(&mut self, chunk: &[u8], ends: &mut Vec<usize>) {
+        self.ends.feed(chunk, ends);
     }
 }
 

@@ -71,12 +71,17 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
     let down = async {
         let mut chunk: &[u8] = &early.down;
         let mut buf = vec![0u8; CHUNK];
+        let mut ends = Vec::new();
         loop {
             if !chunk.is_empty() {
                 if let Err(reason) = inspect.inspect(chunk).await {
                     return reason;
                 }
-                if client_w.write_all(chunk).await.is_err() || client_w.flush().await.is_err() {
+                ends.clear();
+                inspect.message_ends(chunk, &mut ends);
+                if write_cut(&mut client_w, chunk, &ends).await.is_err()
+                    || client_w.flush().await.is_err()
+                {
                     return CloseReason::ClientLeft;
                 }
                 moved(chunk.len(), &down_bytes, &counters.down);
@@ -113,4 +118,21 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
         down: down_bytes.into_inner(),
     };
     (reason, traffic, kept)
+}
+
+/// Writes `chunk` in one write per piece that `ends` cut it into (the last
+/// piece runs to its end).
+async fn write_cut<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    chunk: &[u8],
+    ends: &[usize],
+) -> std::io::Result<()> {
+    let mut from = 0;
+    for &end in ends.iter().chain(std::iter::once(&chunk.len())) {
+        if end > from {
+            w.write_all(&chunk[from..end]).await?;
+            from = end;
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,16 @@
 //                                                   OUT.png.traffic: every WebSocket frame and HTTP
 //                                                   response the page sent or received, concatenated
 //   node browser.mjs status URL [WAIT_MS]        -> the page's status only
+//   node browser.mjs vnc-keys URL OUT.png [UNLOCK] -> once the noVNC page is connected prints
+//                                                   "CONNECTED {facts}" (the page's view-only badge,
+//                                                   window.porthole.viewOnly, noVNC's viewOnly), then
+//                                                   on a "go" line on stdin presses Escape on noVNC's
+//                                                   canvas every 100 ms until a "stop" line; then saves
+//                                                   the canvas like vnc mode. UNLOCK=1 first turns
+//                                                   noVNC's own viewOnly switch off (a user can, from
+//                                                   the browser's console), so the keys really leave
+//                                                   the client; "keyMessages" counts the KeyEvent and
+//                                                   QEMU extended key event messages the page sent.
 //   node browser.mjs until-ended URL [MAX_MS]    -> prints "CONNECTED" once the page is connected,
 //                                                   then waits (at most MAX_MS) for the session
 //                                                   to end; the page's status then
@@ -19,6 +29,7 @@
 // Prints one JSON line: {"state", "text", ...}. Exit 0 when the page answered.
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 
 const [mode, url, ...rest] = process.argv.slice(2);
 const browser = await chromium.launch({
@@ -62,7 +73,8 @@ try {
   const sockets = [];
   const traffic = [];
   const frames = [];
-  if (mode === 'spice' || mode === 'vnc') {
+  let keyMessages = 0;
+  if (mode === 'spice' || mode === 'vnc' || mode === 'vnc-keys') {
     if (mode === 'spice') {
       page.on('console', (m) => { if (consoleLog.length < 200) consoleLog.push(`${m.type()}: ${m.text()}`); });
     }
@@ -74,7 +86,13 @@ try {
         traffic.push(b);
         if (frames.length < 40) frames.push({ socket: sockets.length - 1, dir, len: b.length, hex: b.subarray(0, 64).toString('hex') });
       };
-      ws.on('framesent', (f) => { s.sent += 1; keep('sent', f.payload); });
+      ws.on('framesent', (f) => {
+        s.sent += 1;
+        keep('sent', f.payload);
+        // RFB KeyEvent (4), QEMU extended key event (255, 0): one message a frame (noVNC flushes each).
+        const b = Buffer.isBuffer(f.payload) ? f.payload : Buffer.from(f.payload);
+        if (b[0] === 4 || (b[0] === 255 && b[1] === 0)) keyMessages += 1;
+      });
       ws.on('framereceived', (f) => { s.received += 1; keep('received', f.payload); });
       ws.on('close', () => { s.closed = true; });
     });
@@ -109,6 +127,44 @@ try {
     result.frames = frames;
     await page.waitForTimeout(200);
     writeFileSync(`${out}.traffic`, Buffer.concat(traffic));
+  } else if (mode === 'vnc-keys') {
+    const [out, unlock] = rest;
+    // Lines from the test on stdin, queued from the start so none is lost.
+    const lines = createInterface({ input: process.stdin });
+    const queue = [];
+    let waiting = null;
+    lines.on('line', (l) => { if (waiting) { const w = waiting; waiting = null; w(l); } else queue.push(l); });
+    const nextLine = () => (queue.length ? Promise.resolve(queue.shift()) : new Promise((r) => { waiting = r; }));
+    await settle(0);
+    const facts = await page.evaluate(() => ({
+      state: document.getElementById('status')?.dataset.state ?? null,
+      badge: document.getElementById('view-only')?.textContent ?? null,
+      cadHidden: document.getElementById('cad')?.hidden ?? null,
+      viewOnly: window.porthole?.viewOnly ?? null,
+      rfbViewOnly: window.porthole?.rfb?.viewOnly ?? null,
+    }));
+    if (unlock === '1') await page.evaluate(() => { window.porthole.rfb.viewOnly = false; });
+    await page.evaluate(() => window.porthole?.rfb?.focus());
+    console.log(`CONNECTED ${JSON.stringify(facts)}`);
+    if (facts.state === 'connected') {
+      await nextLine();
+      let stop = false;
+      nextLine().then(() => { stop = true; });
+      result.pressed = 0;
+      while (!stop) {
+        await page.keyboard.press('Escape');
+        result.pressed += 1;
+        await page.waitForTimeout(100);
+      }
+    }
+    lines.close();
+    // The last updates land (the test stops the keys once the VM's screen is final).
+    await page.waitForTimeout(300);
+    const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas')?.toDataURL('image/png') ?? null);
+    if (dataUrl) writeFileSync(out, Buffer.from(dataUrl.split(',')[1], 'base64'));
+    result.canvas = Boolean(dataUrl);
+    result.facts = facts;
+    result.keyMessages = keyMessages;
   } else if (mode === 'spice') {
     const [out, wait] = rest;
     await settle(0);

@@ -58,6 +58,7 @@ SLOW_FIRST = [
     "test_spice_fuzz.py",
     "test_chaos.py",
     "test_spice_drain.py",
+    "test_view_only.py",
     "test_browser_consoles.py",
     "test_spice_html5.py",
     "test_shadow.py",

@@ -109,6 +109,11 @@ impl DisplayTrack {
         }
     }
 
+    /// Whether the channel uses mini headers.
+    pub fn mini_header(&self) -> bool {
+        self.down.mini_header()
+    }
+
     /// Follows bytes the hypervisor sent. Never fails the relay: a stream
     /// it cannot follow only rules out a drain.
     pub fn from_server(&mut self, data: &[u8]) {

@@ -208,6 +208,76 @@ fn skip(n: u64) -> State {
     }
 }
 
+/// Where one direction's messages end, for a relay that writes each
+/// message on its own: headers are collected, bodies counted, nothing else
+/// is kept.
+#[derive(Debug, Clone)]
+pub struct MessageEnds {
+    mini_header: bool,
+    /// The header being collected, `held` bytes of it.
+    header: [u8; FULL_HEADER_LEN],
+    held: usize,
+    /// Body bytes of the current message still to come.
+    body_left: u64,
+}
+
+impl MessageEnds {
+    /// A follower of a channel linked with (`mini_header`) or without mini
+    /// headers, standing between two messages.
+    pub fn new(mini_header: bool) -> Self {
+        Self {
+            mini_header,
+            header: [0; FULL_HEADER_LEN],
+            held: 0,
+            body_left: 0,
+        }
+    }
+
+    fn header_len(&self) -> usize {
+        if self.mini_header {
+            MINI_HEADER_LEN
+        } else {
+            FULL_HEADER_LEN
+        }
+    }
+
+    /// Follows `data`, the next bytes of this direction, appending to
+    /// `ends` each offset in `data` at which a message ends (ascending).
+    pub fn feed(&mut self, data: &[u8], ends: &mut Vec<usize>) {
+        let mut at = 0;
+        while at < data.len() {
+            if self.body_left > 0 {
+                let take = self.body_left.min((data.len() - at) as u64);
+                at += take as usize;
+                self.body_left -= take;
+                if self.body_left == 0 {
+                    ends.push(at);
+                }
+                continue;
+            }
+            let len = self.header_len();
+            let take = (len - self.held).min(data.len() - at);
+            self.header[self.held..self.held + take].copy_from_slice(&data[at..at + take]);
+            self.held += take;
+            at += take;
+            if self.held < len {
+                continue;
+            }
+            self.held = 0;
+            // The size follows the type: after the serial in a full header.
+            let size_at = if self.mini_header { 2 } else { 10 };
+            let h = &self.header;
+            let size =
+                u32::from_le_bytes([h[size_at], h[size_at + 1], h[size_at + 2], h[size_at + 3]]);
+            if size == 0 {
+                ends.push(at);
+            } else {
+                self.body_left = size.into();
+            }
+        }
+    }
+}
+
 /// A header for a message of `kind` with a `size`-byte body, in the
 /// channel's framing (`serial` is used by full headers only).
 pub fn header(mini_header: bool, serial: u64, kind: u16, size: u32) -> Vec<u8> {
@@ -322,6 +392,32 @@ mod tests {
         let mut g = Frames::new(true, set_ack_prefix);
         g.feed(&hex("03 00 08 00 00 00 01 00"), &mut out).unwrap();
         assert_eq!(g.body_left(), Some(6), "inside an asked prefix");
+    }
+
+    #[test]
+    fn message_ends_in_any_split() {
+        for mini in [true, false] {
+            // A 3-byte message, an empty one, a 40000-byte one, a 1-byte one.
+            let mut bytes = Vec::new();
+            let mut whole = Vec::new();
+            for (kind, size) in [(108u16, 3u32), (102, 0), (304, 40_000), (4, 1)] {
+                bytes.extend(header(mini, 1, kind, size));
+                bytes.extend(std::iter::repeat_n(0xee, size as usize));
+                whole.push(bytes.len());
+            }
+            for cuts in splits(bytes.len()) {
+                let mut m = MessageEnds::new(mini);
+                let (mut ends, mut offset) = (Vec::new(), 0);
+                for chunk in chunks(&bytes, &cuts) {
+                    let mut here = Vec::new();
+                    m.feed(chunk, &mut here);
+                    assert!(here.iter().all(|&e| e > 0 && e <= chunk.len()), "{cuts:?}");
+                    ends.extend(here.iter().map(|e| e + offset));
+                    offset += chunk.len();
+                }
+                assert_eq!(ends, whole, "mini {mini}, {cuts:?}");
+            }
+        }
     }
 
     #[test]
