@@ -942,12 +942,12 @@ fn sessions_list(a: &AdminArgs, f: &SessionFilter, json: bool) -> anyhow::Result
     }
     let sessions = body["sessions"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12}",
+        "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12} OVERSIGHT",
         "ID", "TYPE", "INSTANCE", "JTI", "CLIENT", "UP", "DOWN", "STATE"
     );
     for s in &sessions {
         println!(
-            "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12}",
+            "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12} {}",
             s["id"].as_str().unwrap_or("-"),
             s["console"].as_str().unwrap_or("-"),
             s["instance"].as_str().unwrap_or("-"),
@@ -956,6 +956,7 @@ fn sessions_list(a: &AdminArgs, f: &SessionFilter, json: bool) -> anyhow::Result
             s["bytes_up"],
             s["bytes_down"],
             s["state"].as_str().unwrap_or("-"),
+            oversight_cell(s),
         );
     }
     eprintln!("{} session(s)", sessions.len());
@@ -982,6 +983,21 @@ fn sessions_kill(
     }
     eprintln!("{} session(s) terminated", ended.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a listed session is watched: `shadow of <id>`, `view-only`, or its
+/// shadows (`watched by <ids>`); `-` for none of these.
+fn oversight_cell(s: &serde_json::Value) -> String {
+    let shadows: Vec<&str> = s["shadows"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    match (s["shadow_of"].as_str(), s["view_only"].as_bool()) {
+        (Some(of), _) => format!("shadow of {of}"),
+        (None, Some(true)) => "view-only".into(),
+        _ if !shadows.is_empty() => format!("watched by {}", shadows.join(",")),
+        _ => "-".into(),
+    }
 }
 
 fn sessions_shadow(a: &AdminArgs, id: &str, json: bool) -> anyhow::Result<ExitCode> {

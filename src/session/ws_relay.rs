@@ -448,7 +448,10 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::TokenExpired => (4001, "console token expired"),
         CloseReason::IdleTimeout => (4002, "idle timeout"),
         CloseReason::LimitHit => (1009, "message too large or client too slow"),
-        CloseReason::ProtocolError => (1003, "binary frames only"),
+        CloseReason::ProtocolError => (
+            1003,
+            "protocol error: binary frames of the console's protocol only",
+        ),
         CloseReason::Shutdown => (1001, "gateway shutting down"),
         CloseReason::Terminated => (4003, "session terminated by an operator"),
         CloseReason::MaxAge => (4004, "maximum session age reached"),
