@@ -47,6 +47,8 @@ async function state(name) {
     state: document.getElementById('status')?.dataset.state ?? null,
     text: document.getElementById('status')?.textContent ?? null,
     badge: document.getElementById('view-only')?.textContent ?? null,
+    // The "an operator is watching" badge, while it shows.
+    watched: (w => (w && !w.hidden ? w.textContent : null))(document.getElementById('watched')),
     opened: window.__portholeSockets?.opened ?? 0,
     // Without their URLs: those hold the token.
     closes: (window.__portholeSockets?.closes ?? []).map(({ url, ...close }) => close),

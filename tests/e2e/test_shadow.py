@@ -212,6 +212,15 @@ def test_a_novnc_shadow_in_chromium_shows_the_owner_s_screen_opens_once_and_ends
         got = canvases_match(pages, ["owner", "shadow"], final, tmp_path, "final")
         print(f"final screen, differing from a direct capture: {got}")
 
+        # The owner's page says it is watched ([sessions] tell_watched, the
+        # default; the page asks every 10 s), the shadow's page does not.
+        told = time.monotonic()
+        wait_for(lambda: pages("state", name="owner")["watched"], "the owner's page never said it is watched",
+                 within=25)
+        print(f"the owner's page said it is watched {time.monotonic() - told:.1f} s after the check began")
+        assert "watching" in pages("state", name="owner")["watched"]
+        assert pages("state", name="shadow")["watched"] is None
+
         # Live: the owner opens SeaBIOS's boot menu; the shadow shows it too.
         com1 = SerialReader(vm)
         try:

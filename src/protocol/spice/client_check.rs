@@ -656,13 +656,18 @@ impl ClientCheck {
 }
 
 /// Fuzzing entry point: a client's stream on a channel of the type the
-/// first byte names, with mini headers or not (its top bit), fed in
-/// chunks of sizes the second byte varies.
+/// first byte names (its low nibble), with mini headers or not (its top
+/// bit), for a view-only client or not (the next bit), fed in chunks of
+/// sizes the second byte varies.
 pub fn fuzz_client_check(data: &[u8]) {
     let (Some(&first), Some(&second)) = (data.first(), data.get(1)) else {
         return;
     };
-    let mut check = ClientCheck::new(first & 0x80 != 0, first & 0x0f);
+    let mut check = if first & 0x40 != 0 {
+        ClientCheck::view_only(first & 0x80 != 0, first & 0x0f)
+    } else {
+        ClientCheck::new(first & 0x80 != 0, first & 0x0f)
+    };
     let mut went = Vec::new();
     let step = usize::from(second % 31) + 1;
     let mut forwarded = 0usize;
