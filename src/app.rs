@@ -92,6 +92,10 @@ impl App {
         // Once per process (the CLI names it earlier, for its first log lines).
         crate::node::set(&config.node_name);
         let background = CancellationToken::new();
+        if let Some(r) = &config.recording {
+            crate::recording::prepare_folder(&r.folder)
+                .with_context(|| format!("the recordings folder {}", r.folder.display()))?;
+        }
         let stores = Stores::new(&config, background.clone())?;
         let validator = Arc::new(
             TokenValidator::with_keys(
@@ -253,6 +257,7 @@ fn session_parts(
         vnc_upstreams: swappable.vnc_upstreams.clone(),
         spice_tls: swappable.spice_tls.clone(),
         vnc_tls: swappable.vnc_tls.clone(),
+        recording: config.recording.clone(),
         pending: crate::transport::gate::Gate::new(
             config.listen.max_pending_connections,
             Some(config.listen.max_pending_per_address),

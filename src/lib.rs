@@ -29,7 +29,8 @@
 //! 6. [`config`]: the TOML file, parsed raw and validated into settings.
 //! 7. [`token`]: signed console tokens and tickets in, a [`token::Grant`] or
 //!    a refusal out; keys, signing, the reuse and ticket stores.
-//! 8. [`hypervisor`]: console targets, the allow-list, backend credentials.
+//! 8. [`hypervisor`]: console targets, the allow-list, backend credentials;
+//!    [`recording`]: recordings of sessions (formats, the writer, the disk).
 //! 9. [`protocol`] (sans-IO RFB and SPICE machines: bytes in, bytes and
 //!    decisions out; no tokio) and [`transport`] (listeners, TLS, a
 //!    WebSocket seen as bytes, the lazy read buffer; nothing about consoles).
@@ -53,6 +54,7 @@ pub mod issuance;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod recording;
 pub mod reload;
 pub mod secret;
 pub mod session;

@@ -127,6 +127,21 @@ pub const VIEW_ONLY_DROPPED: &str = "porthole_view_only_dropped_total";
 /// Client streams a filter could not frame, ended there, by protocol and why.
 pub const CLIENT_STREAMS_REFUSED: &str = "porthole_client_streams_refused_total";
 
+/// Recordings started, by format.
+pub const RECORDINGS_STARTED: &str = "porthole_recordings_started_total";
+/// Recordings that stopped before their session, by why.
+pub const RECORDINGS_STOPPED: &str = "porthole_recordings_stopped_total";
+
+/// Counts a recording started.
+pub fn recording_started(format: &'static str) {
+    metrics::counter!(RECORDINGS_STARTED, "format" => format).increment(1);
+}
+
+/// Counts a recording stopped before its session ended.
+pub fn recording_stopped(why: &'static str) {
+    metrics::counter!(RECORDINGS_STOPPED, "why" => why).increment(1);
+}
+
 /// Counts `n` messages of one type dropped from a view-only client.
 pub fn view_only_dropped(protocol: &'static str, message: &'static str, n: u64) {
     metrics::counter!(VIEW_ONLY_DROPPED, "protocol" => protocol, "message" => message).increment(n);

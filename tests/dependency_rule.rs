@@ -42,8 +42,9 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     // Tokens and tickets: grants out of what a client brings.
     &["token"],
-    // Hypervisor targets, the allow-list, backend credentials.
-    &["hypervisor"],
+    // Hypervisor targets, the allow-list, backend credentials; recordings'
+    // formats and writers.
+    &["hypervisor", "recording"],
     // Sans-IO protocol machines; async adapters that know nothing of consoles.
     &["protocol", "transport"],
     // Leaves.

@@ -22,6 +22,7 @@ mod issues;
 mod listen;
 mod node;
 mod nova;
+mod recording;
 mod sessions;
 mod spice;
 mod store;
@@ -48,6 +49,7 @@ use issues::{Issues, Paths, line_col, place};
 pub use listen::{DEFAULT_ADMIN_ADDR, DEFAULT_PUBLIC_ADDR, ListenConfig, RawListen, origin_of};
 pub use node::RawNode;
 pub use nova::RawNova;
+pub use recording::RawRecording;
 pub use sessions::{RawSessions, RawWebSocket, SessionsConfig, WebSocketConfig};
 pub use spice::{DEFAULT_SPICE_TLS_ADDR, RawSpice, SpiceConfig};
 pub use store::{RawStore, StoreConfig};
@@ -62,6 +64,7 @@ use issuance::validate_issuance;
 use listen::validate_listen;
 use node::validate_node;
 use nova::validate_nova;
+use recording::validate_recording;
 use sessions::{validate_sessions, validate_websocket};
 use spice::validate_spice;
 use store::validate_store;
@@ -112,6 +115,8 @@ pub struct RawConfig {
     pub node: RawNode,
     /// Nova's console tokens, looked up in Nova; off unless present.
     pub nova: Option<RawNova>,
+    /// Recordings of sessions; off unless present.
+    pub recording: Option<RawRecording>,
 }
 
 /// The validated configuration.
@@ -149,6 +154,8 @@ pub struct Config {
     pub node_name: String,
     /// Nova's console tokens, when `[nova]` is configured.
     pub nova: Option<NovaSettings>,
+    /// Recordings, when `[recording]` is configured.
+    pub recording: Option<crate::recording::RecordingSettings>,
     /// What the file does that still works but should change (deprecated
     /// names), located like issues. Whoever loads the file shows them: `serve`
     /// and reloads log them, `config check` prints them.
@@ -321,10 +328,14 @@ impl RawConfig {
         let nova = self
             .nova
             .map(|raw| validate_nova(raw, tokens.store_capacity, paths, &mut issues));
+        let recording = self
+            .recording
+            .and_then(|raw| validate_recording(raw, &backends.networks, paths, &mut issues));
         if !issues.problems.is_empty() {
             return Err(issues.problems);
         }
         Ok(Config {
+            recording,
             audit_path: validate_audit(self.audit, paths),
             vnc,
             vnc_backends: backends.vnc,

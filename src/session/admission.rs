@@ -258,6 +258,8 @@ pub struct Parts {
     pub vnc_tls: Option<TlsSlot>,
     /// Connections not admitted yet, over every public and native listener.
     pub pending: Arc<Gate>,
+    /// What is recorded, and where (`[recording]`).
+    pub recording: Option<crate::recording::RecordingSettings>,
 }
 
 /// Every session of this process: admission, the credentials sessions use
@@ -296,6 +298,8 @@ pub struct Sessions {
     pub registry: Arc<dyn SessionRegistry>,
     /// Connections not admitted yet, over every public and native listener.
     pub pending: Arc<Gate>,
+    /// What is recorded, and where.
+    pub recording: Option<crate::recording::RecordingSettings>,
     /// Failed ticket attempts per client address.
     failed_tickets: FailedTickets,
     /// Nova tokens Nova did not know, per client address.
@@ -327,6 +331,7 @@ impl Sessions {
             tracker: TaskTracker::new(),
             registry: parts.registry,
             pending: parts.pending,
+            recording: parts.recording,
             failed_tickets: FailedTickets::default(),
             failed_lookups: FailedTickets::default(),
             nova_askers: FailedTickets::default(),
@@ -681,6 +686,17 @@ impl Sessions {
             return Ok(None);
         }
         Ok(Some(self.registry.watchers_of(&jti).await.unwrap_or(0) > 0))
+    }
+
+    /// The recording of `grant`'s session `id`, if its backend network is
+    /// recorded: serial consoles (a shadow is not recorded again).
+    pub fn recorder_for(&self, grant: &Grant, id: &str) -> Option<crate::recording::Recorder> {
+        let settings = self.recording.as_ref()?;
+        (grant.console == ConsoleType::Serial
+            && grant.shadow_of().is_none()
+            && settings.records(&grant.backend))
+        .then(|| settings.serial(id, &grant.instance))
+        .flatten()
     }
 
     /// The live session a shadow watches, on whichever node.

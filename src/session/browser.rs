@@ -260,6 +260,7 @@ impl BrowserAdmission {
                 FanOut {
                     input: ClientInput::of(&grant),
                     shadows: life.live().fan_out.clone(),
+                    recorder: sessions.recorder_for(&grant, &life.live().id),
                 },
                 opts,
                 life.stop(),

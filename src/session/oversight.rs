@@ -117,17 +117,23 @@ impl Inspect for ClientInput {
 }
 
 /// A session's relay inspector: its client's input as [`ClientInput`]
-/// says, and (a serial session) the hypervisor's output to its shadows.
+/// says, and (a serial session) the hypervisor's output to its shadows and
+/// its recording.
 #[derive(Debug)]
 pub struct FanOut {
     /// What the client may send.
     pub input: ClientInput,
     /// The session's fan-out channel, if it has one.
     pub shadows: Option<broadcast::Sender<Bytes>>,
+    /// The session's recording, if it is recorded.
+    pub recorder: Option<crate::recording::Recorder>,
 }
 
 impl Inspect for FanOut {
     async fn inspect(&mut self, chunk: &[u8]) -> Result<(), CloseReason> {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.record(chunk);
+        }
         if let Some(tx) = &self.shadows
             && tx.receiver_count() > 0
         {
@@ -246,6 +252,7 @@ mod tests {
         let mut owner = FanOut {
             input: ClientInput::All,
             shadows: Some(tx.clone()),
+            recorder: None,
         };
         let (mut from, _to) = watch(tx.subscribe(), CancellationToken::new()).split();
         owner.inspect(b"SeaBIOS").await.unwrap();

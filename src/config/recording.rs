@@ -1,0 +1,54 @@
+//! `[recording]`: which sessions are recorded, and where.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::issues::{Issues, Paths};
+use crate::hypervisor::BackendNetwork;
+use crate::recording::RecordingSettings;
+
+/// `[recording]`. Absent: nothing is recorded.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRecording {
+    /// Folder recordings are written to (created `0700` when missing).
+    pub folder: Option<PathBuf>,
+    /// Backend networks (their `name`) whose sessions are recorded. Serial
+    /// consoles are recorded (asciicast v2); VNC and SPICE are not yet.
+    #[serde(default)]
+    pub backends: Vec<String>,
+    /// Most bytes one recording may take; past it the recording stops (the
+    /// session goes on, the stop is audited). Default 67108864 (64 MiB).
+    pub max_bytes: Option<u64>,
+}
+
+/// `[recording]`, validated against the backend networks it names.
+pub(super) fn validate_recording(
+    raw: RawRecording,
+    networks: &[BackendNetwork],
+    paths: Paths<'_>,
+    issues: &mut Issues,
+) -> Option<RecordingSettings> {
+    let Some(folder) = raw.folder else {
+        issues.push("recording.folder", "required: where recordings are written");
+        return None;
+    };
+    for name in &raw.backends {
+        if !networks.iter().any(|n| &n.name == name) {
+            issues.push(
+                "recording.backends",
+                format!("{name:?} names no [[backends]] entry (its `name`)"),
+            );
+        }
+    }
+    let max_bytes = raw.max_bytes.unwrap_or(64 << 20);
+    if max_bytes < 4096 {
+        issues.push("recording.max_bytes", "must be at least 4096");
+    }
+    Some(RecordingSettings {
+        folder: paths.resolve(&folder),
+        backends: raw.backends,
+        max_bytes,
+    })
+}

@@ -1,0 +1,269 @@
+//! Recordings of console sessions, for audit.
+//!
+//! A session that is recorded hands every chunk its console sends to a
+//! [`Recorder`]: a bounded queue to a writer task of its own. The relay
+//! never waits for the disk: when the queue is full, the file is over its
+//! size cap or the disk refuses a write, the recording stops there, and
+//! that is audited (`recording_stopped`, with why); the session goes on.
+//! At its end the writer audits the file (`recording_finished`: the
+//! session, the path, its size and the SHA-256 of its bytes, so a file
+//! changed afterwards no longer matches).
+//!
+//! Files are created `0600` (new, never overwritten) in the configured
+//! folder, named by the session id. Serial consoles are recorded as
+//! asciicast v2 ([`asciicast`]).
+
+pub mod asciicast;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Instant;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::mpsc;
+
+use crate::audit::AuditEvent;
+
+/// Chunks a recording may queue before its writer: past them the writer is
+/// behind, and the recording stops rather than the session wait.
+pub const QUEUE_CHUNKS: usize = 1024;
+
+/// Output that came within this long of an event's first chunk, and is
+/// queued when the writer gets to it, goes in that event.
+const EVENT_SPAN: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// What to record, and where.
+#[derive(Debug, Clone)]
+pub struct RecordingSettings {
+    /// The folder recordings are written to (`0700`).
+    pub folder: PathBuf,
+    /// Backend networks (by name) whose sessions are recorded.
+    pub backends: Vec<String>,
+    /// The most bytes one recording may take.
+    pub max_bytes: u64,
+}
+
+impl RecordingSettings {
+    /// Whether sessions on backend network `backend` are recorded.
+    pub fn records(&self, backend: &str) -> bool {
+        self.backends.iter().any(|b| b == backend)
+    }
+
+    /// Starts a serial session's recording: its file, created now, and the
+    /// writer behind the returned recorder. `None` (audited) when the file
+    /// cannot be created: the session runs unrecorded.
+    pub fn serial(&self, session: &str, instance: &str) -> Option<Recorder> {
+        let path = self.folder.join(format!("{session}.cast"));
+        let file = match create_private(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                stopped(session, &path, &format!("cannot create the file: {e}"));
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+        let title = format!("{instance} serial console ({session})");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let header = asciicast::header(now, &title);
+        let behind = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            session: session.to_string(),
+            path,
+            max_bytes: self.max_bytes,
+        };
+        tokio::spawn(writer.run(tokio::fs::File::from_std(file), header, rx, behind.clone()));
+        crate::metrics::recording_started("serial");
+        Some(Recorder {
+            tx: Some(tx),
+            behind,
+        })
+    }
+}
+
+/// Creates `path` for writing, readable by its owner only; never an
+/// existing file.
+fn create_private(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Creates the recordings folder (`0700`) if it is missing.
+pub fn prepare_folder(folder: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(folder)
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A chunk for the writer: when it came, what it was.
+#[derive(Debug)]
+struct Chunk {
+    at: Instant,
+    bytes: Bytes,
+}
+
+/// The relay's end of a recording.
+#[derive(Debug)]
+pub struct Recorder {
+    /// `None` once the recording stopped.
+    tx: Option<mpsc::Sender<Chunk>>,
+    /// Set when the queue was full: the writer audits the stop.
+    behind: Arc<AtomicBool>,
+}
+
+impl Recorder {
+    /// Queues what the console sent; never waits. A full queue stops the
+    /// recording: the writer writes what it holds and audits the stop.
+    pub fn record(&mut self, chunk: &[u8]) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let item = Chunk {
+            at: Instant::now(),
+            bytes: Bytes::copy_from_slice(chunk),
+        };
+        match tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.behind.store(true, Relaxed);
+                crate::metrics::recording_stopped("writer_behind");
+                self.tx = None;
+            }
+            // The writer stopped (cap, disk) and audited why.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
+        }
+    }
+}
+
+/// The task that writes one recording.
+#[derive(Debug)]
+struct Writer {
+    session: String,
+    path: PathBuf,
+    max_bytes: u64,
+}
+
+impl Writer {
+    async fn run(
+        self,
+        file: tokio::fs::File,
+        header: Vec<u8>,
+        mut rx: mpsc::Receiver<Chunk>,
+        behind: Arc<AtomicBool>,
+    ) {
+        let mut out = tokio::io::BufWriter::new(file);
+        let mut hash = Sha256::new();
+        let mut written = 0u64;
+        let mut text = asciicast::Utf8Stream::default();
+        let started = Instant::now();
+        let mut why_stopped: Option<String> = None;
+        let mut write = |line: Vec<u8>| -> Result<Vec<u8>, String> {
+            if written + line.len() as u64 > self.max_bytes {
+                return Err(format!("its size cap ({} bytes)", self.max_bytes));
+            }
+            written += line.len() as u64;
+            hash.update(&line);
+            Ok(line)
+        };
+        match write(header) {
+            Ok(line) => {
+                if let Err(e) = out.write_all(&line).await {
+                    why_stopped = Some(format!("the disk refused a write: {e}"));
+                }
+            }
+            Err(why) => why_stopped = Some(why),
+        }
+        let mut next: Option<Chunk> = None;
+        loop {
+            let chunk = match next.take() {
+                Some(c) => c,
+                None => match rx.recv().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            if why_stopped.is_some() {
+                // Nothing more is written; closing the queue tells the relay.
+                rx.close();
+                continue;
+            }
+            // A console that writes a character at a time (SeaBIOS, a
+            // kernel at 115200 baud) would cost a line per character: what
+            // is already queued within one event's span goes in one event.
+            let mut bytes = bytes::BytesMut::from(&chunk.bytes[..]);
+            while let Ok(more) = rx.try_recv() {
+                if more.at.saturating_duration_since(chunk.at) > EVENT_SPAN {
+                    next = Some(more);
+                    break;
+                }
+                bytes.extend_from_slice(&more.bytes);
+            }
+            let seconds = chunk.at.saturating_duration_since(started).as_secs_f64();
+            let line = asciicast::output(seconds, &text.text(&bytes));
+            match write(line) {
+                Ok(line) => {
+                    if let Err(e) = out.write_all(&line).await {
+                        why_stopped = Some(format!("the disk refused a write: {e}"));
+                    }
+                }
+                Err(why) => why_stopped = Some(why),
+            }
+            if let Some(why) = &why_stopped {
+                crate::metrics::recording_stopped("cap_or_disk");
+                stopped(&self.session, &self.path, why);
+            }
+        }
+        if why_stopped.is_none() && behind.load(Relaxed) {
+            let why = format!("its writer fell {QUEUE_CHUNKS} chunks behind the console");
+            stopped(&self.session, &self.path, &why);
+            why_stopped = Some(why);
+        }
+        if let Err(e) = out.flush().await {
+            stopped(
+                &self.session,
+                &self.path,
+                &format!("the disk refused a write: {e}"),
+            );
+        }
+        let _ = out.get_mut().sync_all().await;
+        let sha256 = hex(&hash.finalize());
+        tracing::info!(session = %self.session, path = %self.path.display(), bytes = written, %sha256, "recording finished");
+        AuditEvent::new("recording_finished")
+            .field("session", Some(self.session.as_str()))
+            .field("path", Some(self.path.display().to_string()))
+            .field("bytes", Some(written))
+            .field("sha256", Some(sha256))
+            .field("complete", Some(why_stopped.is_none()))
+            .emit();
+    }
+}
+
+/// Audits a recording that stopped before its session did.
+fn stopped(session: &str, path: &Path, why: &str) {
+    tracing::warn!(session, path = %path.display(), "recording stopped: {why}");
+    AuditEvent::new("recording_stopped")
+        .field("session", Some(session))
+        .field("path", Some(path.display().to_string()))
+        .field("why", Some(why))
+        .emit();
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
