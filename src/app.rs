@@ -162,6 +162,7 @@ impl App {
             spice: Some(Arc::new(self.spice_details.clone())),
             vnc: Arc::new(self.vnc_details.clone()),
             readiness: self.readiness.clone(),
+            validator: self.validator.clone(),
         })
     }
 

@@ -107,6 +107,9 @@ pub enum IssueError {
     Internal(String),
 }
 
+/// How long a playback's link works.
+pub const PLAYBACK_TTL_SECS: u64 = 300;
+
 /// How long a shadow's link may wait to be opened.
 pub const SHADOW_TTL_SECS: u64 = 60;
 
@@ -196,6 +199,40 @@ impl Issuer {
             shadow_of: Some(watched.id.clone()),
         })
         .map_err(ShadowError::Issue)
+    }
+
+    /// Issues a playback's token for recording `id` (a serial session's):
+    /// it names no console anyone may open (its target is on no
+    /// allow-list, and a token with `playback` is refused as a console's),
+    /// only `/playback`, for [`PLAYBACK_TTL_SECS`].
+    pub fn issue_playback(&self, id: &str) -> Result<Issued, IssueError> {
+        let mint = MintRequest {
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            instance: format!("recording {id}"),
+            console: ConsoleClaim {
+                kind: ConsoleType::Serial,
+                host: "playback.invalid".into(),
+                port: 1,
+                tls_port: None,
+                view_only: true,
+            },
+            ttl_secs: PLAYBACK_TTL_SECS.min(self.validator.policy().max_ttl_secs),
+        };
+        let mut claims = mint.claims(unix_now());
+        claims.playback = Some(id.to_string());
+        let token = self
+            .signer
+            .load()
+            .sign(&claims)
+            .map_err(|e| IssueError::Internal(e.to_string()))?;
+        let url = format!("{}/playback?token={}", self.public_base_url, token.expose());
+        Ok(Issued {
+            token,
+            jti: claims.jti,
+            expires_at: claims.exp,
+            url: Secret::new(url),
+        })
     }
 
     /// Issues a token for `req`.

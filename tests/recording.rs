@@ -21,9 +21,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A gateway recording backend network `lab`; the audit trail (one per
 /// process: this file holds one test) goes to its folder.
+const BEARER: &str = "recording-bearer-0123456789abcdef";
+
 async fn start(max_bytes: u64) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     porthole::audit::to_file(&dir.path().join("audit.jsonl")).unwrap();
+    std::fs::write(dir.path().join("bearer.key"), BEARER).unwrap();
     let toml = format!(
         r#"
 [listen]
@@ -31,6 +34,11 @@ public = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 public_base_url = "https://consoles.test"
 {tokens}
+[issuance]
+bearer_key_files = ["bearer.key"]
+signing_key = "k.key"
+signing_kid = "k"
+
 [recording]
 folder = "recordings"
 backends = ["lab"]
@@ -153,8 +161,91 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
         shown.push_str(event[2].as_str().unwrap());
     }
     assert_eq!(shown, "SeaBIOS (version 1.16)\r\nCafé \u{1b}[0m\r\n");
+    let id = finished[0]["session"].as_str().unwrap();
+    plays_back(&g, id, &shown).await;
     past_its_cap(&g).await;
     g.stop().await;
+}
+
+/// Recording `id` is listed, and its playback link plays `shown` in the
+/// serial page's socket and opens nothing else.
+async fn plays_back(g: &Gateway, id: &str, shown: &str) {
+    let (status, body) = http(g.admin, "GET", "/v1/recordings", Some(BEARER), None).await;
+    assert_eq!(status, 200, "{body}");
+    let list: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["recordings"][0]["id"], id, "{list}");
+    assert_eq!(list["recordings"][0]["format"], "asciicast-v2");
+    let path = format!("/v1/recordings/{id}/playback");
+    let (status, body) = http(g.admin, "POST", &path, Some(BEARER), Some("{}")).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let token = answer["token"].as_str().unwrap();
+    assert!(
+        answer["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/playback?token={token}"))
+    );
+    let (status, _) = http(
+        g.admin,
+        "POST",
+        "/v1/recordings/nothing/playback",
+        Some(BEARER),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // The page, and the socket that plays the recording to its end.
+    let (status, page) = http(
+        g.public,
+        "GET",
+        &format!("/playback?token={token}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(page.contains("serial.js"), "the serial page");
+    let url = format!("ws://{}/playback/serial?token={token}", g.public);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut played = Vec::new();
+    let code = within("the playback's end", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => played.extend_from_slice(&b),
+                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (code, String::from_utf8(played).unwrap()),
+        (1000, shown.to_string())
+    );
+
+    // A playback's token opens no console; a console's token plays nothing.
+    let (status, _) = http(
+        g.public,
+        "GET",
+        &format!("/serial?token={token}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let console = g.token(ConsoleType::Serial, 4555, "vm-r");
+    let (status, _) = http(
+        g.public,
+        "GET",
+        &format!("/playback?token={console}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
 }
 
 /// A recording past its cap stops, and its session goes on.

@@ -160,6 +160,7 @@ fn grant(jti: &str, console: ConsoleType) -> Grant {
                 view_only: false,
             },
             shadow_of: None,
+            playback: None,
         },
     }
 }

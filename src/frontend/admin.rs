@@ -33,6 +33,8 @@ pub fn router(state: AdminState) -> Router {
             get(operations::show).delete(operations::kill_one),
         )
         .route("/v1/sessions/{id}/shadow", post(operations::shadow))
+        .route("/v1/recordings", get(operations::recordings))
+        .route("/v1/recordings/{id}/playback", post(operations::playback))
         .route("/v1/sessions/terminate", post(operations::kill_many))
         .route("/v1/revocations", post(operations::revoke))
         // The bearer key before anything else, the body included: an

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod operations;
+pub mod playback;
 pub mod public;
 pub mod readiness;
 mod respond;

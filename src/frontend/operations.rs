@@ -11,6 +11,8 @@
 //!   before they are used (kept until they can no longer be valid).
 //! - `POST /v1/sessions/{id}/shadow`: a link that watches a running session
 //!   (view-only, single-use, short-lived; it ends with the session).
+//! - `GET /v1/recordings`: this node's recordings;
+//!   `POST /v1/recordings/{id}/playback`: a link that plays one back.
 
 use std::collections::HashSet;
 
@@ -149,6 +151,72 @@ pub async fn shadow(
         "url": issued.url.expose(),
         "token": issued.token.expose(),
         "jti": issued.jti,
+        "expires_at": issued.expires_at,
+    }))
+    .into_response()
+}
+
+/// `GET /v1/recordings`: this node's recordings, newest first.
+pub async fn recordings(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let Some(settings) = s.sessions.recording.as_ref() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_enabled",
+            "[recording] is not configured",
+        );
+    };
+    Json(json!({ "node": crate::node::name(), "recordings": settings.list() })).into_response()
+}
+
+/// `POST /v1/recordings/{id}/playback`: a link (for five minutes) that plays
+/// recording `id` in the console page it was recorded from. Audited.
+pub async fn playback(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let (Some(issuer), Some(settings)) = (s.issuer.as_ref(), s.sessions.recording.as_ref()) else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_enabled",
+            "playback needs [recording] and [issuance] (its links are signed with the issuance key)",
+        );
+    };
+    if settings.path_of(&id).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such recording on this node",
+        );
+    }
+    let issued = match issuer.issue_playback(&id) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(recording = %id, "playback not issued: {e}");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the playback's token could not be issued; see the gateway log",
+            );
+        }
+    };
+    let by = actor(&headers);
+    crate::metrics::admin_action("playback");
+    tracing::info!(recording = %id, jti = %issued.jti, by, "playback issued");
+    AuditEvent::admin("playback_issued", &by, "playback")
+        .field("recording", Some(id.as_str()))
+        .field("jti", Some(issued.jti.as_str()))
+        .emit();
+    Json(json!({
+        "recording": id,
+        "url": issued.url.expose(),
+        "token": issued.token.expose(),
         "expires_at": issued.expires_at,
     }))
     .into_response()

@@ -90,6 +90,8 @@ pub fn router(state: PublicState) -> Router {
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::SpiceHtml5, s, c, h, q, w)),
         )
         .route("/watched", get(watched))
+        .route("/playback", get(super::playback::page))
+        .route("/playback/serial", get(super::playback::serial))
         .route("/spice-direct", get(spice::spice_direct))
         .route("/spice-ticket", post(spice::spice_ticket))
         .route("/vnc-direct", get(vnc::vnc_direct))
@@ -107,7 +109,7 @@ pub fn router(state: PublicState) -> Router {
 
 /// Why a request's Origin may not open a console socket.
 #[derive(Debug, thiserror::Error)]
-enum OriginRefusal {
+pub(super) enum OriginRefusal {
     #[error("no Origin header")]
     Missing,
     #[error("unreadable Origin")]
@@ -125,7 +127,7 @@ enum OriginRefusal {
 
 impl OriginRefusal {
     /// The refusal's reason in metrics and the audit trail, and its status.
-    fn reason(&self) -> (&'static str, StatusCode) {
+    pub(super) fn reason(&self) -> (&'static str, StatusCode) {
         match self {
             Self::Ambiguous => ("ambiguous_origin", StatusCode::BAD_REQUEST),
             Self::DuplicateHost => ("duplicate_host", StatusCode::BAD_REQUEST),
@@ -136,7 +138,10 @@ impl OriginRefusal {
 
 /// Whether the request's Origin may open a console socket. The list is fixed
 /// at start; nothing in a request (Host, X-Forwarded-Host) can add to it.
-fn origin_allowed(headers: &HeaderMap, listen: &ListenConfig) -> Result<(), OriginRefusal> {
+pub(super) fn origin_allowed(
+    headers: &HeaderMap,
+    listen: &ListenConfig,
+) -> Result<(), OriginRefusal> {
     if headers.get_all(header::HOST).iter().nth(1).is_some() {
         return Err(OriginRefusal::DuplicateHost);
     }
@@ -300,7 +305,7 @@ fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The 101 answer to a checked upgrade request.
-fn switching_protocols(handshake: &Handshake) -> Response {
+pub(super) fn switching_protocols(handshake: &Handshake) -> Response {
     let mut response = (StatusCode::SWITCHING_PROTOCOLS, ()).into_response();
     let h = response.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -318,7 +323,7 @@ fn switching_protocols(handshake: &Handshake) -> Response {
 }
 
 /// What a valid WebSocket upgrade request (RFC 6455 §4.2.1) asks for.
-struct Handshake {
+pub(super) struct Handshake {
     /// `Sec-WebSocket-Accept` for the response.
     accept: String,
     /// The client offered the `binary` subprotocol (spice-html5, websockify
@@ -329,7 +334,7 @@ struct Handshake {
 }
 
 /// Checks the upgrade headers; `None` means this is not a WebSocket request.
-fn websocket_handshake(headers: &HeaderMap) -> Option<Handshake> {
+pub(super) fn websocket_handshake(headers: &HeaderMap) -> Option<Handshake> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers
             .get_all(name)
@@ -397,6 +402,17 @@ async fn console_page(
         Ok(file) => (file, StatusCode::OK, ""),
         Err((code, status)) => ("refused.html", status, code),
     };
+    serve_page(&s, file, status, code).await
+}
+
+/// A page of `web/pages`, with `code` (one of a fixed set of words) as its
+/// `{{reason}}`, and the console pages' headers.
+pub(super) async fn serve_page(
+    s: &PublicState,
+    file: &str,
+    status: StatusCode,
+    code: &'static str,
+) -> Response {
     let path = s.web.root.join("pages").join(file);
     let html = match tokio::fs::read_to_string(&path).await {
         Ok(h) => h,

@@ -106,6 +106,8 @@ pub struct PublicState {
     /// What `/readyz` answers (here too: a balancer on another host cannot
     /// reach the admin listener).
     pub readiness: Readiness,
+    /// Checks playbacks' tokens (they open no console: no resolver).
+    pub validator: Arc<TokenValidator>,
 }
 
 /// What native clients are told about Porthole's SPICE listener.

@@ -37,6 +37,17 @@ pub fn output(seconds: f64, text: &str) -> Vec<u8> {
     line
 }
 
+/// An output event line's time (seconds) and text; `None` for any other
+/// line (the header, input or marker events, junk).
+pub fn parse_output(line: &str) -> Option<(f64, String)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let [at, kind, text] = v.as_array()?.as_slice() else {
+        return None;
+    };
+    (kind == "o").then_some(())?;
+    Some((at.as_f64()?.max(0.0), text.as_str()?.to_string()))
+}
+
 /// Console bytes to text, chunk by chunk.
 #[derive(Debug, Default)]
 pub struct Utf8Stream {
@@ -101,5 +112,9 @@ mod tests {
         let e: serde_json::Value =
             serde_json::from_slice(&output(1.25, "a\"\r\n\u{1b}[0m")).unwrap();
         assert_eq!(e, json!([1.25, "o", "a\"\r\n\u{1b}[0m"]));
+        let line = String::from_utf8(output(1.25, "é")).unwrap();
+        assert_eq!(parse_output(line.trim_end()), Some((1.25, "é".to_string())));
+        assert_eq!(parse_output(r#"[1.0, "i", "x"]"#), None);
+        assert_eq!(parse_output(r#"{"version": 2}"#), None);
     }
 }

@@ -86,6 +86,66 @@ impl RecordingSettings {
     }
 }
 
+/// A recording on this node's disk, as the admin API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordingInfo {
+    /// Its id: the recorded session's.
+    pub id: String,
+    /// `asciicast-v2`.
+    pub format: &'static str,
+    /// Its size.
+    pub bytes: u64,
+    /// When it was last written (Unix seconds).
+    pub modified: u64,
+}
+
+impl RecordingSettings {
+    /// This node's recordings, newest first.
+    pub fn list(&self) -> Vec<RecordingInfo> {
+        let Ok(entries) = std::fs::read_dir(&self.folder) else {
+            return Vec::new();
+        };
+        let mut all: Vec<RecordingInfo> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let id = name.strip_suffix(".cast").filter(|id| is_id(id))?;
+                let meta = e.metadata().ok()?;
+                let modified = meta
+                    .modified()
+                    .ok()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_secs();
+                Some(RecordingInfo {
+                    id: id.to_string(),
+                    format: "asciicast-v2",
+                    bytes: meta.len(),
+                    modified,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| b.modified.cmp(&a.modified).then(a.id.cmp(&b.id)));
+        all
+    }
+
+    /// The file of recording `id`, if it is one here.
+    pub fn path_of(&self, id: &str) -> Option<PathBuf> {
+        let path = self.folder.join(format!("{id}.cast"));
+        (is_id(id) && path.is_file()).then_some(path)
+    }
+}
+
+/// Whether `id` can name a recording (a session id): nothing that walks
+/// out of the folder.
+fn is_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Creates `path` for writing, readable by its owner only; never an
 /// existing file.
 fn create_private(path: &Path) -> io::Result<std::fs::File> {

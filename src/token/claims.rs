@@ -96,4 +96,9 @@ pub struct ConsoleClaims {
     /// single-use; the shadow ends when that session does. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_of: Option<String>,
+    /// A playback's token: the recording (its session id) it plays.
+    /// Porthole mints these itself (`POST /v1/recordings/{id}/playback`);
+    /// such a token opens no console, only `/playback`. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub playback: Option<String>,
 }

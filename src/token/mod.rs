@@ -253,6 +253,12 @@ impl ValidationPolicy {
         };
 
         // What jsonwebtoken does not check, we do.
+        if claims.playback.is_some() {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                "a playback's token opens no console".into(),
+            ));
+        }
         if claims.ver.is_some_and(|v| v != claims::SCHEMA_VERSION) {
             return Err(refuse(
                 RefusalReason::Malformed,
@@ -464,6 +470,16 @@ impl TokenValidator {
             kid: key.kid.clone(),
             claims,
         })
+    }
+
+    /// The recording a playback's token plays, if its signature and times
+    /// verify (`POST /v1/recordings/{id}/playback` minted it).
+    pub fn playback_of(&self, token: &str) -> Result<String, Refusal> {
+        let keys = self.keys.load();
+        let (claims, _) = self.verify(token, &keys)?;
+        claims
+            .playback
+            .ok_or_else(|| Refusal::new(RefusalReason::Malformed, "not a playback's token"))
     }
 
     /// The `jti` of `token` if its signature verifies, however long ago it

@@ -296,6 +296,7 @@ impl MintRequest {
             ver: Some(SCHEMA_VERSION),
             console: self.console.clone(),
             shadow_of: None,
+            playback: None,
         }
     }
 }

@@ -544,6 +544,7 @@ mod tests {
                     view_only: false,
                 },
                 shadow_of: None,
+                playback: None,
             },
         }
     }

@@ -8,6 +8,8 @@ import {
 } from './session.js';
 
 const xterm = await loadLibrary('../vendor/xterm/lib/xterm.mjs', 'xterm');
+// Served as /playback: a recording, played at its recorded speed.
+const playback = location.pathname.endsWith('/playback');
 const encoder = new TextEncoder();
 let received = 0;
 
@@ -52,13 +54,13 @@ function terminal(Terminal) {
 function connect(t) {
   setStatus('connecting', 'Connecting…');
   t.reset?.();
-  const ws = new WebSocket(socketUrl('serial'), ['binary']);
+  const ws = new WebSocket(socketUrl(playback ? 'playback/serial' : 'serial'), ['binary']);
   ws.binaryType = 'arraybuffer';
   let opened = false;
   ws.onopen = () => {
     opened = true;
-    setStatus('connected', 'Connected');
-    followWatchers();
+    setStatus('connected', playback ? 'Playing the recording' : 'Connected');
+    if (!playback) followWatchers();
     t.term.focus();
   };
   ws.onmessage = (e) => {
@@ -67,8 +69,12 @@ function connect(t) {
     t.write(bytes);
   };
   ws.onclose = async (e) => {
+    if (playback && opened && e.code === 1000) {
+      setStatus('ended', 'Recording played to its end');
+      return;
+    }
     if (!opened) {
-      const why = await whyRefused('serial');
+      const why = await whyRefused(playback ? 'playback/serial' : 'serial');
       setStatus(why === 'ok' ? 'unavailable' : why, refusedMessage(why === 'ok' ? 'unavailable' : why));
       return;
     }

@@ -21,9 +21,11 @@ export const viewOnly = (() => {
 export function showViewOnly() {
   window.porthole = Object.assign(window.porthole ?? {}, { viewOnly });
   if (!viewOnly) return;
+  const playing = location.pathname.endsWith('/playback');
   const badge = Object.assign(document.createElement('span'), {
     id: 'view-only',
-    textContent: 'View only: your keyboard and mouse do not reach this console',
+    textContent: playing ? 'Playback of a recording'
+      : 'View only: your keyboard and mouse do not reach this console',
   });
   document.querySelector('header').append(badge);
 }

@@ -745,6 +745,7 @@ impl NovaResolver {
                 view_only: false,
             },
             shadow_of: None,
+            playback: None,
         };
         Ok(Grant {
             jti,
