@@ -388,3 +388,69 @@ async fn a_spice_session_is_not_shadowed_and_shadows_need_a_live_session() {
     g.app.sessions.registry.deregister(&live).await;
     g.stop().await;
 }
+
+#[tokio::test]
+async fn a_view_only_serial_client_gives_way_to_the_consoles_user() {
+    let g = start().await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    // A console that serves one client at a time, again and again.
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let mut s = s;
+            let mut buf = [0u8; 64];
+            while let Ok(1..) = s.read(&mut buf).await {}
+        }
+    });
+    let mut watcher = open(&g, "serial", &token(&g, ConsoleType::Serial, port, true))
+        .await
+        .unwrap();
+    one_session(&g).await;
+    // The user who may type gets the console; the watcher is ended.
+    let _user = open(&g, "serial", &token(&g, ConsoleType::Serial, port, false))
+        .await
+        .expect("the console's user is let in");
+    assert_eq!(close_code(&mut watcher).await, 4003);
+    // A watcher while the user holds it: busy (a shadow watches instead).
+    assert_eq!(
+        open(&g, "serial", &token(&g, ConsoleType::Serial, port, true))
+            .await
+            .err(),
+        Some(409)
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_shadow_token_for_another_console_than_its_session_is_refused() {
+    let g = start().await;
+    let console = serial_console().await;
+    let _owner = open(
+        &g,
+        "serial",
+        &token(&g, ConsoleType::Serial, console.port, false),
+    )
+    .await
+    .unwrap();
+    let id = one_session(&g).await["id"].as_str().unwrap().to_string();
+    // A trusted issuer names the session, but another VM's console.
+    let other = serial_console().await;
+    let req = MintRequest {
+        issuer: common::ISSUER.into(),
+        audience: common::AUDIENCE.into(),
+        instance: "vm-o".into(),
+        console: ConsoleClaim {
+            kind: ConsoleType::Serial,
+            host: "127.0.0.1".into(),
+            port: other.port,
+            tls_port: None,
+            view_only: true,
+        },
+        ttl_secs: 60,
+    };
+    let mut claims = req.claims(unix_now());
+    claims.shadow_of = Some(id);
+    let forged = g.key.signer().sign(&claims).unwrap();
+    assert_eq!(open(&g, "serial", forged.expose()).await.err(), Some(410));
+    g.stop().await;
+}

@@ -24,15 +24,19 @@ use super::respond::refuse;
 use super::state::{PublicState, TokenQuery};
 use crate::recording::asciicast;
 
-/// The recording's file a playback's token names, or the refusal.
-fn recording_of(s: &PublicState, q: &TokenQuery) -> Result<std::path::PathBuf, Response> {
+/// The recording's file a playback's token names, or the refusal's status
+/// and code.
+fn recording_of(
+    s: &PublicState,
+    q: &TokenQuery,
+) -> Result<std::path::PathBuf, (StatusCode, &'static str)> {
     let Some(token) = q.token() else {
-        return Err(refuse(StatusCode::UNAUTHORIZED, "refused"));
+        return Err((StatusCode::UNAUTHORIZED, "refused"));
     };
     let id = s.validator.playback_of(token).map_err(|r| {
         crate::metrics::token_refused(r.reason.as_str());
         tracing::info!(reason = r.reason.as_str(), "playback refused: {}", r.detail);
-        refuse(
+        (
             StatusCode::from_u16(r.reason.http_status()).unwrap_or(StatusCode::FORBIDDEN),
             r.reason.client_code(),
         )
@@ -40,14 +44,14 @@ fn recording_of(s: &PublicState, q: &TokenQuery) -> Result<std::path::PathBuf, R
     let settings = s.sessions.recording.as_ref();
     settings
         .and_then(|r| r.path_of(&id))
-        .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "unavailable"))
+        .ok_or((StatusCode::NOT_FOUND, "unavailable"))
 }
 
 /// `GET /playback?token=`: the serial page, playing the recording.
 pub async fn page(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
     match recording_of(&s, &q) {
         Ok(_) => serve_page(&s, "serial.html", StatusCode::OK, "").await,
-        Err(refused) => refused,
+        Err((status, code)) => refuse(status, code),
     }
 }
 
@@ -64,7 +68,7 @@ pub async fn serial(
     }
     let path = match recording_of(&s, &q) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err((status, code)) => return refuse(status, code),
     };
     let Some(handshake) = websocket_handshake(&headers) else {
         // The page's preflight: it would play.

@@ -344,6 +344,7 @@ impl Sessions {
             shutdown: self.cancel.clone(),
             kill: live.cancel.clone(),
             ended: CancellationToken::new(),
+            limit: CancellationToken::new(),
             deadline: self.limits.max_age.map(|a| tokio::time::Instant::now() + a),
             idle: self.limits.idle,
             session: Some(live.clone()),
@@ -357,6 +358,7 @@ impl Sessions {
             shutdown: self.cancel.clone(),
             kill: live.cancel.clone(),
             ended: live.ended.clone(),
+            limit: CancellationToken::new(),
             deadline: live.ends_at.get().copied().flatten(),
             idle: self.limits.idle,
             session: Some(live.clone()),
@@ -489,7 +491,7 @@ impl Sessions {
         }
         if let Some(id) = grant.shadow_of() {
             // A shadow watches its session: it claims no console.
-            return self.shadowed(id).await.map(|_| ());
+            return self.shadowed_by(grant, id).await.map(|_| ());
         }
         let key = (grant.target.host.clone(), grant.target.port);
         if grant.console == ConsoleType::Serial
@@ -671,9 +673,91 @@ impl Sessions {
             self.take_over(grant).await;
         }
         if let Some(id) = grant.shadow_of() {
-            self.shadowed(id).await?;
+            self.shadowed_by(grant, id).await?;
+        }
+        if admission == Admission::Opens
+            && grant.console == ConsoleType::Serial
+            && !grant.view_only()
+        {
+            self.make_way_on_serial(grant).await;
         }
         self.admit_once(grant, admission, client).await
+    }
+
+    /// A serial console serves one client: a view-only session holding it
+    /// gives way to a user who may type (it is ended, `by` "owner"), so
+    /// that a watcher never locks the console's user out. (To watch a
+    /// running serial session, ask for a shadow: it reads the session's
+    /// output and holds nothing.)
+    async fn make_way_on_serial(&self, grant: &Grant) {
+        let key = (grant.target.host.clone(), grant.target.port);
+        let held = || {
+            self.exclusive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+        };
+        if !held() {
+            return;
+        }
+        let target = grant.target.to_string();
+        let watchers: Vec<String> = self
+            .registry
+            .list(&Selector {
+                console: Some(ConsoleType::Serial.as_str().to_string()),
+                ..Selector::default()
+            })
+            .await
+            .into_iter()
+            .filter(|v| v.target == target && v.view_only && v.shadow_of.is_none())
+            .filter(|v| v.node == crate::node::name())
+            .map(|v| v.id)
+            .collect();
+        for id in &watchers {
+            let one = Selector {
+                id: Some(id.clone()),
+                ..Selector::default()
+            };
+            self.registry
+                .terminate(&one, "owner", "the console's user connected")
+                .await;
+            tracing::info!(session = %id, "view-only serial session ended: the console's user connected");
+        }
+        if watchers.is_empty() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        while held() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(TAKEOVER_POLL).await;
+        }
+    }
+
+    /// The live session `grant`'s shadow watches: one of the same console
+    /// type, target and instance (a token's `shadow_of` names a session; it
+    /// never reaches another VM's console), and never a SPICE one (a second
+    /// SPICE client would disconnect its user).
+    pub async fn shadowed_by(
+        &self,
+        grant: &Grant,
+        id: &str,
+    ) -> Result<Arc<LiveSession>, OpenError> {
+        let watched = self.shadowed(id).await?;
+        let same = watched.console == grant.console
+            && watched.target == grant.target.to_string()
+            && watched.instance == grant.instance
+            && !matches!(
+                grant.console,
+                ConsoleType::SpiceHtml5 | ConsoleType::SpiceDirect
+            );
+        if same {
+            Ok(watched)
+        } else {
+            tracing::warn!(
+                jti = %grant.jti, watched = %id,
+                "a shadow's token names a session of another console: refused"
+            );
+            Err(OpenError::ShadowedEnded)
+        }
     }
 
     /// Whether a shadow watches the session of `token` now, for its page

@@ -87,16 +87,16 @@ impl Sessions {
             // A serial console serves one client: its shadows read what
             // its session reads (through the store from another node).
             (ConsoleType::Serial, Some(id)) => {
-                self.shadowed(id).await.inspect_err(record)?;
-                let Some(output) = self.registry.output_of(id).await else {
-                    let e = OpenError::ShadowUnreachable;
-                    record(&e);
-                    return Err(e);
-                };
                 let guards = self
                     .admit(&grant, Admission::Opens, client)
                     .await
                     .inspect_err(record)?;
+                let Some(output) = self.registry.output_of(id).await else {
+                    guards.release().await;
+                    let e = OpenError::ShadowUnreachable;
+                    record(&e);
+                    return Err(e);
+                };
                 Upstream::Watching { guards, output }
             }
             _ => Upstream::Connected(
@@ -120,7 +120,7 @@ impl Sessions {
             // As `admit_browser` and `admit` do: the watched session first.
             // A shadow's page asks once its socket closed, when its token
             // has been used: that session's end is the answer, not the use.
-            self.shadowed(id).await?;
+            self.shadowed_by(grant, id).await?;
         }
         match grant.console {
             ConsoleType::SpiceHtml5 => self.would_admit_ticketed(grant).await,
@@ -129,8 +129,9 @@ impl Sessions {
     }
 
     /// The WebSocket relay's timers for a session of `grant` (token expiry
-    /// ends it, when configured).
+    /// ends it, when configured; a shadow ends with its session instead).
     pub(super) fn relay_options(&self, grant: Option<&Grant>) -> RelayOptions {
+        let grant = grant.filter(|g| g.shadow_of().is_none());
         let ws = &self.browser;
         RelayOptions {
             ping_interval: ws.ping_interval,
@@ -198,10 +199,9 @@ impl BrowserAdmission {
         let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None).await;
         let (guards, backend) = match upstream {
             Upstream::Connected(opened) => (opened.guards, Conn::Tcp(opened.backend)),
-            // A shadow cut for falling behind ends as its watched session's
-            // end would reach it (its `ended` is its own child of that).
+            // A shadow cut for falling behind ends as `LimitHit` (1009).
             Upstream::Watching { guards, output } => {
-                (guards, super::oversight::watch(output, life.stop().ended))
+                (guards, super::oversight::watch(output, life.stop().limit))
             }
             Upstream::Linked => unreachable!("served above"),
         };

@@ -173,6 +173,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             kill: CancellationToken::new(),
             ended: CancellationToken::new(),
+            limit: CancellationToken::new(),
             deadline: None,
             idle: None,
             session: None,

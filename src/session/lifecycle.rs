@@ -59,9 +59,8 @@ impl Lifecycle {
             // Its session's pages may say that it is watched.
             sessions.registry.watched(id, 1).await;
             // A shadow ends with the session it watches, on whichever node.
-            // Its own child: a shadow cut for being too slow ends alone.
             stop.ended = match sessions.registry.by_id(id).await {
-                Some(watched) => watched.ended.child_token(),
+                Some(watched) => watched.ended.clone(),
                 None => {
                     let gone = tokio_util::sync::CancellationToken::new();
                     gone.cancel();

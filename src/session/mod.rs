@@ -110,8 +110,12 @@ pub struct Stop {
     /// This session was terminated.
     pub kill: CancellationToken,
     /// The session this connection joined has ended (a SPICE channel whose
-    /// main channel is gone); never, for the session's own connection.
+    /// main channel is gone; a shadow's watched session); never, for the
+    /// session's own connection.
     pub ended: CancellationToken,
+    /// The session broke a limit of its own (a shadow that fell behind or
+    /// took nothing): it ends as `LimitHit`.
+    pub limit: CancellationToken,
     /// The session's maximum age runs out then, if one is configured.
     pub deadline: Option<tokio::time::Instant>,
     /// End after this long with no byte either way (native sessions; the
@@ -139,6 +143,7 @@ impl Stop {
                 }
             }
             _ = self.ended.cancelled() => CloseReason::SessionEnded,
+            _ = self.limit.cancelled() => CloseReason::LimitHit,
             _ = async {
                 match self.deadline {
                     Some(at) => tokio::time::sleep_until(at).await,

@@ -866,6 +866,14 @@ async fn admit_channel<S: Io>(
             ),
         ));
     }
+    if role == ChannelRole::Opens && grant.view_only() && spice_in_use(sessions, grant).await {
+        sessions.tickets.end(&admitted.id).await;
+        return Err(ChannelRefusal::client(
+            LinkError::Error,
+            "view_only_console_in_use",
+            "spice-server serves one client: a view-only client would disconnect the console's user",
+        ));
+    }
     let admission = match role {
         ChannelRole::Opens => Admission::Opens,
         ChannelRole::Joins { .. } => Admission::Joins,
@@ -904,18 +912,31 @@ async fn admit_channel<S: Io>(
     Ok((mess, admitted, session))
 }
 
-/// Whether a channel of this type moves input or data into the VM: a
-/// view-only console does not get one (keys and pointer, a microphone, a
-/// smartcard, USB devices, a shared folder, a guest port).
+/// Whether a SPICE session runs on `grant`'s console now (on any node).
+async fn spice_in_use(sessions: &Sessions, grant: &crate::token::Grant) -> bool {
+    let target = grant.target.to_string();
+    sessions
+        .registry
+        .list(&crate::session::registry::Selector::default())
+        .await
+        .iter()
+        .any(|v| {
+            v.target == target
+                && [ConsoleType::SpiceHtml5, ConsoleType::SpiceDirect]
+                    .iter()
+                    .any(|c| c.as_str() == v.console)
+        })
+}
+
+/// Whether a channel of this type may move input or data into the VM: a
+/// view-only console gets only the channels that show it (main, display,
+/// cursor, playback), never keys and pointer, a microphone, a smartcard,
+/// USB devices, a shared folder, a guest port, a tunnel, or a type added
+/// later.
 fn carries_input(channel_type: u8) -> bool {
-    matches!(
+    !matches!(
         channel_type,
-        channel::INPUTS
-            | channel::RECORD
-            | channel::SMARTCARD
-            | channel::USBREDIR
-            | channel::PORT
-            | channel::WEBDAV
+        channel::MAIN | channel::DISPLAY | channel::CURSOR | channel::PLAYBACK
     )
 }
 

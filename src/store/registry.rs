@@ -44,6 +44,16 @@ enum Message {
     Watched { id: String, delta: i32 },
 }
 
+/// KEYS: key. ARGV: value. Deletes the key if it holds the value.
+const DELETE_IF: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+static DELETE_IF_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(DELETE_IF));
+
 /// Every node's sessions.
 #[derive(Debug)]
 pub struct RedisRegistry {
@@ -56,7 +66,7 @@ pub struct RedisRegistry {
     remote: Mutex<HashMap<String, Arc<LiveSession>>>,
     /// This node's serial sessions watched by shadows on other nodes: how
     /// many, by session id. Their output goes to the store while any do.
-    forwarded: Arc<Mutex<HashMap<String, u32>>>,
+    forwarded: Arc<Mutex<HashMap<String, (u32, CancellationToken)>>>,
 }
 
 impl RedisRegistry {
@@ -91,6 +101,13 @@ impl RedisRegistry {
         let h: HashMap<String, String> = self.redis.cmd(hgetall).await.ok()?;
         let live = Arc::new(remote_session(id, &h)?);
         self.remote().insert(id.to_string(), live.clone());
+        // Its `Ended` may have gone by between the read and the insert.
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(self.redis.key(&["session", id]));
+        if matches!(self.redis.cmd::<bool>(exists).await, Ok(false)) {
+            self.remote().remove(id);
+            return None;
+        }
         Some(live)
     }
 
@@ -208,9 +225,14 @@ impl RedisRegistry {
         if let Some(k) = &live.key {
             pipe.del(self.redis.key(&["session-key", k])).ignore();
         }
-        pipe.del(self.redis.key(&["session-jti", &live.jti]))
-            .ignore();
         let _ = self.redis.pipe::<()>(pipe).await;
+        // Only while it still names this session: a newer session of the
+        // same token (a takeover, on any node) may have written it since.
+        let index = self.redis.key(&["session-jti", &live.jti]);
+        let _ = self
+            .redis
+            .eval::<i64>(&DELETE_IF_SCRIPT, &[&index], &[&live.id])
+            .await;
     }
 
     /// Counts a shadow on another node starting (`delta` 1) or ending (-1)
@@ -225,18 +247,26 @@ impl RedisRegistry {
         let Some(fan_out) = &live.fan_out else {
             return;
         };
-        {
+        // One forwarder per watched session: started by the first remote
+        // shadow, stopped (its token) when the last one leaves, so a shadow
+        // that comes back at once never finds two, or none.
+        let stop = {
             let mut forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
-            let n = forwarded.entry(id.to_string()).or_default();
+            let (n, stop) = forwarded
+                .entry(id.to_string())
+                .or_insert_with(|| (0, CancellationToken::new()));
             let was = *n;
             *n = n.saturating_add_signed(delta);
             if *n == 0 {
+                stop.cancel();
                 forwarded.remove(id);
-            }
-            if was > 0 || delta <= 0 {
                 return;
             }
-        }
+            if was > 0 {
+                return;
+            }
+            stop.clone()
+        };
         let mut rx = fan_out.subscribe();
         let channel = self.redis.key(&["output", id]);
         let (redis, forwarded, id, ended) = (
@@ -249,28 +279,50 @@ impl RedisRegistry {
             loop {
                 let chunk = tokio::select! {
                     _ = ended.cancelled() => break,
+                    _ = stop.cancelled() => return,
                     got = rx.recv() => match got {
                         Ok(chunk) => chunk,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     },
                 };
-                if !forwarded
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains_key(&id)
-                {
-                    break;
-                }
                 let mut publish = redis::cmd("PUBLISH");
                 publish.arg(&channel).arg(&chunk[..]);
                 let _ = redis.cmd::<i64>(publish).await;
             }
-            forwarded
+            // The session ended (its id is never used again): its entry goes.
+            let gone = forwarded
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            if let Some((_, stop)) = gone {
+                stop.cancel();
+            }
         });
+    }
+
+    /// Other nodes' sessions followed here whose entry is gone (their node
+    /// died, or their `Ended` message was lost): they ended, and what
+    /// follows them here (a shadow, a SPICE channel) ends now.
+    async fn forget_ended_remotes(&self) {
+        let ids: Vec<String> = self.remote().keys().cloned().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.exists(self.redis.key(&["session", id]));
+        }
+        let Ok(exist) = self.redis.pipe::<Vec<bool>>(pipe).await else {
+            return;
+        };
+        for (id, _) in ids.iter().zip(exist).filter(|(_, e)| !*e) {
+            if let Some(live) = self.remote().remove(id) {
+                tracing::info!(session = %id, "another node's session is gone from the store: ended here too");
+                live.cancel.cancel();
+                live.ended.cancel();
+            }
+        }
     }
 
     /// Writes this node's session `id` again (its watchers changed), in
@@ -365,6 +417,7 @@ impl super::Leases for RedisRegistry {
     /// a first publish that failed) is back within one renewal, and a
     /// lease is renewed by the same writes.
     async fn renew(&self) {
+        self.forget_ended_remotes().await;
         let live = self.local.live();
         if live.is_empty() {
             return;
