@@ -205,13 +205,13 @@ impl Issuer {
     /// it names no console anyone may open (its target is on no
     /// allow-list, and a token with `playback` is refused as a console's),
     /// only `/playback`, for [`PLAYBACK_TTL_SECS`].
-    pub fn issue_playback(&self, id: &str) -> Result<Issued, IssueError> {
+    pub fn issue_playback(&self, id: &str, console: ConsoleType) -> Result<Issued, IssueError> {
         let mint = MintRequest {
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             instance: format!("recording {id}"),
             console: ConsoleClaim {
-                kind: ConsoleType::Serial,
+                kind: console,
                 host: "playback.invalid".into(),
                 port: 1,
                 tls_port: None,

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Gateway, http, spawn_gateway, tokens_toml, within};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 use porthole::token::claims::ConsoleType;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -163,6 +166,7 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
     assert_eq!(shown, "SeaBIOS (version 1.16)\r\nCafé \u{1b}[0m\r\n");
     let id = finished[0]["session"].as_str().unwrap();
     plays_back(&g, id, &shown).await;
+    vnc_is_recorded_and_plays_back(&g).await;
     past_its_cap(&g).await;
     g.stop().await;
 }
@@ -248,6 +252,133 @@ async fn plays_back(g: &Gateway, id: &str, shown: &str) {
     assert_eq!(status, 400);
 }
 
+/// The ServerInit of the fake VNC console: 1x1, 32 bpp, named "vm".
+const SERVER_INIT: &[u8] = b"\x00\x01\x00\x01\x20\x18\x00\x01\x00\xff\x00\xff\x00\xff\x10\x08\x00\x00\x00\x00\x00\x00\x00\x02vm";
+/// A FramebufferUpdate of one raw pixel.
+const UPDATE: &[u8] =
+    b"\x00\x00\x00\x01\x00\x00\x00\x00\x00\x01\x00\x01\x00\x00\x00\x00\x11\x22\x33\x00";
+
+/// A VNC console with no authentication that sends one update after its
+/// ServerInit, then waits for its client to leave.
+async fn rfb_console() -> u16 {
+    use tokio::io::AsyncReadExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 12];
+        s.write_all(b"RFB 003.008\n").await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(&[1, 1]).await.unwrap();
+        s.read_exact(&mut buf[..1]).await.unwrap();
+        s.write_all(&[0, 0, 0, 0]).await.unwrap();
+        s.read_exact(&mut buf[..1]).await.unwrap();
+        s.write_all(SERVER_INIT).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(UPDATE).await.unwrap();
+        let mut sink = [0u8; 64];
+        while let Ok(1..) = s.read(&mut sink).await {}
+    });
+    port
+}
+
+/// `n` more bytes from `ws`, beyond what `got` holds.
+async fn read_n(ws: &mut Ws, got: &mut Vec<u8>, n: usize) -> Vec<u8> {
+    while got.len() < n {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    got.drain(..n).collect()
+}
+
+/// An RFB client's handshake (security None, shared) over `ws`; then the
+/// server's next `n` bytes.
+async fn rfb_client(ws: &mut Ws, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    assert_eq!(read_n(ws, &mut got, 12).await, b"RFB 003.008\n");
+    ws.send(Message::binary(b"RFB 003.008\n".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_n(ws, &mut got, 2).await,
+        [1, 1],
+        "one security type: None"
+    );
+    ws.send(Message::binary(vec![1])).await.unwrap();
+    assert_eq!(read_n(ws, &mut got, 4).await, [0, 0, 0, 0]);
+    ws.send(Message::binary(vec![1])).await.unwrap();
+    read_n(ws, &mut got, n).await
+}
+
+/// A VNC session is recorded as FBS; its playback serves the same
+/// ServerInit and update to an RFB client.
+async fn vnc_is_recorded_and_plays_back(g: &Gateway) {
+    let port = rfb_console().await;
+    let url = format!(
+        "ws://{}/vnc?token={}",
+        g.public,
+        g.token(ConsoleType::Novnc, port, "vm-v")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let live = within(
+        "the live session",
+        rfb_client(&mut ws, SERVER_INIT.len() + UPDATE.len()),
+    )
+    .await;
+    assert_eq!(live, [SERVER_INIT, UPDATE].concat());
+    ws.close(None).await.unwrap();
+    let finished = within("the VNC recording's end", async {
+        loop {
+            let all = audited(g.dir.path(), "recording_finished").await;
+            if all.len() == 2 {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let id = finished[1]["session"].as_str().unwrap();
+    let path = finished[1]["path"].as_str().unwrap();
+    assert!(path.ends_with(".fbs"), "{path}");
+    assert!(std::fs::read(path).unwrap().starts_with(b"FBS 001.000\n"));
+    let (_, body) = http(g.admin, "GET", "/v1/recordings", Some(BEARER), None).await;
+    assert!(body.contains("fbs-001"), "{body}");
+    let (status, body) = http(
+        g.admin,
+        "POST",
+        &format!("/v1/recordings/{id}/playback"),
+        Some(BEARER),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::from_str::<Value>(&body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, page) = http(
+        g.public,
+        "GET",
+        &format!("/playback?token={token}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(page.contains("vnc.js"), "the noVNC page");
+    let url = format!("ws://{}/playback/vnc?token={token}", g.public);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let played = within(
+        "the playback",
+        rfb_client(&mut ws, SERVER_INIT.len() + UPDATE.len()),
+    )
+    .await;
+    assert_eq!(played, live);
+}
+
 /// A recording past its cap stops, and its session goes on.
 async fn past_its_cap(g: &Gateway) {
     let port = console(vec![vec![b'x'; 4096]; 8]).await;
@@ -258,19 +389,19 @@ async fn past_its_cap(g: &Gateway) {
         stopped[0]["why"].as_str().unwrap().contains("size cap"),
         "{stopped:?}"
     );
-    // The second recording of this gateway (the first is the test's).
+    // The third recording of this gateway (serial, VNC, then this one).
     let finished = within("the capped recording's end", async {
         loop {
             let all = audited(g.dir.path(), "recording_finished").await;
-            if all.len() == 2 {
+            if all.len() == 3 {
                 return all;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    assert_eq!(finished[1]["complete"], false, "{finished:?}");
-    let size = std::fs::metadata(finished[1]["path"].as_str().unwrap())
+    assert_eq!(finished[2]["complete"], false, "{finished:?}");
+    let size = std::fs::metadata(finished[2]["path"].as_str().unwrap())
         .unwrap()
         .len();
     assert!(size <= 4096, "{size}");

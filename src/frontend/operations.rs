@@ -188,14 +188,19 @@ pub async fn playback(
             "playback needs [recording] and [issuance] (its links are signed with the issuance key)",
         );
     };
-    if settings.path_of(&id).is_none() {
+    let Some((_, format)) = settings.path_of(&id) else {
         return error(
             StatusCode::NOT_FOUND,
             "not_found",
             "no such recording on this node",
         );
-    }
-    let issued = match issuer.issue_playback(&id) {
+    };
+    // The page that plays it: the one its console had.
+    let console = match format {
+        crate::recording::Format::Asciicast => crate::console::ConsoleType::Serial,
+        crate::recording::Format::Fbs => crate::console::ConsoleType::Novnc,
+    };
+    let issued = match issuer.issue_playback(&id, console) {
         Ok(i) => i,
         Err(e) => {
             tracing::error!(recording = %id, "playback not issued: {e}");

@@ -1,7 +1,9 @@
 //! Playing recordings back in the console pages: `/playback?token=` (the
-//! serial page, which sees from its path that it plays a recording) and its
-//! socket `/playback/serial?token=`, which sends the recording's output at
-//! the speed it was recorded. A playback's token (minted by
+//! serial page for an asciicast, the noVNC page for an FBS recording; each
+//! sees from its path that it plays a recording) and their sockets
+//! `/playback/serial` (the recording's output) and `/playback/vnc` (an RFB
+//! server with no authentication whose ServerInit and updates are the
+//! recording's), at the speed it was recorded. A playback's token (minted by
 //! `POST /v1/recordings/{id}/playback`) names a recording and opens no
 //! console: a playback never touches a hypervisor.
 
@@ -22,14 +24,14 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use super::public::{origin_allowed, serve_page, switching_protocols, websocket_handshake};
 use super::respond::refuse;
 use super::state::{PublicState, TokenQuery};
-use crate::recording::asciicast;
+use crate::recording::{Format, asciicast, fbs};
 
 /// The recording's file a playback's token names, or the refusal's status
 /// and code.
 fn recording_of(
     s: &PublicState,
     q: &TokenQuery,
-) -> Result<std::path::PathBuf, (StatusCode, &'static str)> {
+) -> Result<(std::path::PathBuf, Format), (StatusCode, &'static str)> {
     let Some(token) = q.token() else {
         return Err((StatusCode::UNAUTHORIZED, "refused"));
     };
@@ -47,12 +49,23 @@ fn recording_of(
         .ok_or((StatusCode::NOT_FOUND, "unavailable"))
 }
 
-/// `GET /playback?token=`: the serial page, playing the recording.
+/// `GET /playback?token=`: the page of the recording's console, playing it.
 pub async fn page(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
     match recording_of(&s, &q) {
-        Ok(_) => serve_page(&s, "serial.html", StatusCode::OK, "").await,
+        Ok((_, Format::Asciicast)) => serve_page(&s, "serial.html", StatusCode::OK, "").await,
+        Ok((_, Format::Fbs)) => serve_page(&s, "vnc.html", StatusCode::OK, "").await,
         Err((status, code)) => refuse(status, code),
     }
+}
+
+/// `GET /playback/vnc?token=`: an FBS recording to noVNC.
+pub async fn vnc(
+    State(s): State<PublicState>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    request: Request,
+) -> Response {
+    upgrade_to_play(s, headers, q, request, Format::Fbs).await
 }
 
 /// `GET /playback/serial?token=`: the recording's output over a WebSocket,
@@ -61,13 +74,25 @@ pub async fn serial(
     State(s): State<PublicState>,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
+    request: Request,
+) -> Response {
+    upgrade_to_play(s, headers, q, request, Format::Asciicast).await
+}
+
+/// The playback socket of a recording in `format`.
+async fn upgrade_to_play(
+    s: PublicState,
+    headers: HeaderMap,
+    q: TokenQuery,
     mut request: Request,
+    format: Format,
 ) -> Response {
     if let Err(why) = origin_allowed(&headers, &s.listen) {
         return refuse(why.reason().1, "refused");
     }
     let path = match recording_of(&s, &q) {
-        Ok(p) => p,
+        Ok((p, f)) if f == format => p,
+        Ok(_) => return refuse(StatusCode::BAD_REQUEST, "refused"),
         Err((status, code)) => return refuse(status, code),
     };
     let Some(handshake) = websocket_handshake(&headers) else {
@@ -88,8 +113,14 @@ pub async fn serial(
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
+        let playing = async {
+            match format {
+                Format::Asciicast => play(socket, &path).await,
+                Format::Fbs => play_rfb(socket, &path).await,
+            }
+        };
         tokio::select! {
-            () = play(socket, &path) => {}
+            () = playing => {}
             () = sessions.cancel.cancelled() => {}
         }
     });
@@ -134,6 +165,99 @@ where
         () = listening => {}
     }
 }
+
+/// Plays an FBS recording to an RFB client (noVNC): the handshake of a
+/// server with no authentication, then the recorded stream (its first
+/// bytes are the hypervisor's ServerInit) at its recorded times. What the
+/// client asks is read and left: the recording answers nothing.
+async fn play_rfb<S>(socket: WebSocketStream<S>, path: &std::path::Path)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let (mut sink, mut stream) = socket.split();
+    let mut from_client: Vec<u8> = Vec::new();
+    // Reads until the client has sent `n` more bytes than `used`.
+    macro_rules! client_bytes {
+        ($n:expr) => {{
+            while from_client.len() < $n {
+                match stream.next().await {
+                    Some(Ok(Message::Binary(b))) => from_client.extend_from_slice(&b),
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+            from_client.drain(..$n);
+        }};
+    }
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        let _ = sink.send(close(1011, "recording unreadable")).await;
+        return;
+    };
+    let mut magic = [0u8; 12];
+    if file.read_exact(&mut magic).await.is_err() || &magic != fbs::MAGIC {
+        let _ = sink.send(close(1011, "not an FBS recording")).await;
+        return;
+    }
+    if sink
+        .send(Message::binary(b"RFB 003.008\n".to_vec()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    client_bytes!(12);
+    if sink.send(Message::binary(vec![1u8, 1])).await.is_err() {
+        return;
+    }
+    client_bytes!(1);
+    if sink.send(Message::binary(vec![0u8; 4])).await.is_err() {
+        return;
+    }
+    client_bytes!(1); // ClientInit
+    let started = tokio::time::Instant::now();
+    let playing = async {
+        let mut blocks = fbs::Blocks::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        // The greeting blocks (an RFB 3.3 server's version and security
+        // type) were this handshake's business.
+        let mut greeting = 2;
+        loop {
+            while let Some((data, ms)) = blocks.next_block() {
+                if greeting > 0 {
+                    greeting -= 1;
+                    continue;
+                }
+                tokio::time::sleep_until(started + Duration::from_millis(u64::from(ms))).await;
+                if !data.is_empty() && sink.send(Message::binary(data)).await.is_err() {
+                    return;
+                }
+            }
+            match file.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => blocks.feed(&buf[..n]),
+            }
+        }
+        // noVNC clears its screen when its socket closes: the last frame
+        // stays up while the viewer looks at it (an hour at most).
+        tokio::time::sleep(PLAYED_KEPT).await;
+        let _ = sink.send(close(1000, "playback ended")).await;
+    };
+    let listening = async {
+        while let Some(Ok(m)) = stream.next().await {
+            if m.is_close() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = playing => {}
+        () = listening => {}
+    }
+}
+
+/// How long a played RFB recording's last frame stays on the viewer's page.
+const PLAYED_KEPT: Duration = Duration::from_secs(3600);
 
 fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {

@@ -92,6 +92,7 @@ pub fn router(state: PublicState) -> Router {
         .route("/watched", get(watched))
         .route("/playback", get(super::playback::page))
         .route("/playback/serial", get(super::playback::serial))
+        .route("/playback/vnc", get(super::playback::vnc))
         .route("/spice-direct", get(spice::spice_direct))
         .route("/spice-ticket", post(spice::spice_ticket))
         .route("/vnc-direct", get(vnc::vnc_direct))

@@ -14,6 +14,7 @@
 //! asciicast v2 ([`asciicast`]).
 
 pub mod asciicast;
+pub mod fbs;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,35 @@ pub const QUEUE_CHUNKS: usize = 1024;
 /// queued when the writer gets to it, goes in that event.
 const EVENT_SPAN: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How a recording is written, by console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Serial consoles: asciicast v2.
+    Asciicast,
+    /// VNC consoles: FBS 001.000, the server's stream.
+    Fbs,
+}
+
+impl Format {
+    /// The file's extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Asciicast => "cast",
+            Format::Fbs => "fbs",
+        }
+    }
+
+    /// Its name in the admin API and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Asciicast => "asciicast-v2",
+            Format::Fbs => "fbs-001",
+        }
+    }
+
+    const ALL: [Format; 2] = [Format::Asciicast, Format::Fbs];
+}
+
 /// What to record, and where.
 #[derive(Debug, Clone)]
 pub struct RecordingSettings {
@@ -53,11 +83,13 @@ impl RecordingSettings {
         self.backends.iter().any(|b| b == backend)
     }
 
-    /// Starts a serial session's recording: its file, created now, and the
-    /// writer behind the returned recorder. `None` (audited) when the file
-    /// cannot be created: the session runs unrecorded.
-    pub fn serial(&self, session: &str, instance: &str) -> Option<Recorder> {
-        let path = self.folder.join(format!("{session}.cast"));
+    /// Starts a session's recording in `format`: its file, created now,
+    /// and the writer behind the returned recorder. `None` (audited) when
+    /// the file cannot be created: the session runs unrecorded.
+    pub fn start(&self, format: Format, session: &str, instance: &str) -> Option<Recorder> {
+        let path = self
+            .folder
+            .join(format!("{session}.{}", format.extension()));
         let file = match create_private(&path) {
             Ok(f) => f,
             Err(e) => {
@@ -66,19 +98,24 @@ impl RecordingSettings {
             }
         };
         let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
-        let title = format!("{instance} serial console ({session})");
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let header = asciicast::header(now, &title);
+        let header = match format {
+            Format::Asciicast => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                asciicast::header(now, &format!("{instance} serial console ({session})"))
+            }
+            Format::Fbs => fbs::header(),
+        };
         let behind = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             session: session.to_string(),
             path,
             max_bytes: self.max_bytes,
+            format,
         };
         tokio::spawn(writer.run(tokio::fs::File::from_std(file), header, rx, behind.clone()));
-        crate::metrics::recording_started("serial");
+        crate::metrics::recording_started(format.name());
         Some(Recorder {
             tx: Some(tx),
             behind,
@@ -109,7 +146,10 @@ impl RecordingSettings {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
-                let id = name.strip_suffix(".cast").filter(|id| is_id(id))?;
+                let (id, format) = Format::ALL.iter().find_map(|f| {
+                    let id = name.strip_suffix(&format!(".{}", f.extension()))?;
+                    is_id(id).then_some((id, *f))
+                })?;
                 let meta = e.metadata().ok()?;
                 let modified = meta
                     .modified()
@@ -119,7 +159,7 @@ impl RecordingSettings {
                     .as_secs();
                 Some(RecordingInfo {
                     id: id.to_string(),
-                    format: "asciicast-v2",
+                    format: format.name(),
                     bytes: meta.len(),
                     modified,
                 })
@@ -129,10 +169,15 @@ impl RecordingSettings {
         all
     }
 
-    /// The file of recording `id`, if it is one here.
-    pub fn path_of(&self, id: &str) -> Option<PathBuf> {
-        let path = self.folder.join(format!("{id}.cast"));
-        (is_id(id) && path.is_file()).then_some(path)
+    /// The file of recording `id`, and its format, if it is one here.
+    pub fn path_of(&self, id: &str) -> Option<(PathBuf, Format)> {
+        if !is_id(id) {
+            return None;
+        }
+        Format::ALL.iter().find_map(|f| {
+            let path = self.folder.join(format!("{id}.{}", f.extension()));
+            path.is_file().then_some((path, *f))
+        })
     }
 }
 
@@ -217,6 +262,7 @@ struct Writer {
     session: String,
     path: PathBuf,
     max_bytes: u64,
+    format: Format,
 }
 
 impl Writer {
@@ -274,8 +320,13 @@ impl Writer {
                 }
                 bytes.extend_from_slice(&more.bytes);
             }
-            let seconds = chunk.at.saturating_duration_since(started).as_secs_f64();
-            let line = asciicast::output(seconds, &text.text(&bytes));
+            let since = chunk.at.saturating_duration_since(started);
+            let line = match self.format {
+                Format::Asciicast => asciicast::output(since.as_secs_f64(), &text.text(&bytes)),
+                Format::Fbs => {
+                    fbs::block(&bytes, u32::try_from(since.as_millis()).unwrap_or(u32::MAX))
+                }
+            };
             match write(line) {
                 Ok(line) => {
                     if let Err(e) = out.write_all(&line).await {

@@ -773,14 +773,19 @@ impl Sessions {
     }
 
     /// The recording of `grant`'s session `id`, if its backend network is
-    /// recorded: serial consoles (a shadow is not recorded again).
+    /// recorded: serial (asciicast) and VNC (FBS) consoles; a shadow is not
+    /// recorded again.
     pub fn recorder_for(&self, grant: &Grant, id: &str) -> Option<crate::recording::Recorder> {
+        use crate::recording::Format;
         let settings = self.recording.as_ref()?;
-        (grant.console == ConsoleType::Serial
-            && grant.shadow_of().is_none()
-            && settings.records(&grant.backend))
-        .then(|| settings.serial(id, &grant.instance))
-        .flatten()
+        let format = match grant.console {
+            ConsoleType::Serial => Format::Asciicast,
+            ConsoleType::Novnc | ConsoleType::VncDirect => Format::Fbs,
+            ConsoleType::SpiceHtml5 | ConsoleType::SpiceDirect => return None,
+        };
+        (grant.shadow_of().is_none() && settings.records(&grant.backend))
+            .then(|| settings.start(format, id, &grant.instance))
+            .flatten()
     }
 
     /// The live session a shadow watches, on whichever node.

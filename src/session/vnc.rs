@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::driver::{DriveError, drive, send};
 use super::lifecycle::{Handshake, Lifecycle};
-use super::oversight::ClientInput;
+use super::oversight::{ClientInput, FanOut};
 use super::splice::{REFUSAL_DEADLINE, splice};
 use super::{Admission, Early, Sessions, Traffic};
 use crate::console::ConsoleType;
@@ -370,7 +370,11 @@ pub async fn serve_native(
         client,
         authed.backend,
         early,
-        ClientInput::of(&grant),
+        FanOut {
+            input: ClientInput::of(&grant),
+            shadows: None,
+            recorder: sessions.recorder_for(&grant, &life.live().id),
+        },
         life.stop(),
         life.counters(),
     )

@@ -67,3 +67,68 @@ def test_a_serial_session_plays_back_in_asciinema_with_its_hash_in_the_audit_tra
         assert hashlib.sha256(open(path, "rb").read()).hexdigest() != finished[0]["sha256"]
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_a_novnc_session_plays_back_in_chromium_ending_on_the_vms_last_frame(tmp_path):
+    from screen import differing_fraction, vnc_capture, wait_for_final_vnc_screen
+    from test_shadow import Pages, SerialReader, canvases_match
+    from vm import VM
+
+    (tmp_path / "vm").mkdir()
+    # share=ignore: the direct captures must not disconnect the page.
+    vm = VM(tmp_path / "vm", vnc_options="share=ignore")
+    p = Porthole(tmp_path, sections='[recording]\nfolder = "recordings"\nbackends = ["loopback"]\n')
+    pages = None
+    try:
+        final = wait_for_final_vnc_screen(vm, tmp_path)
+        minted = p.mint("novnc", vm.vnc_port)
+        pages = Pages(tmp_path)
+        owner = pages("open", name="owner", url=minted["url"])
+        assert owner["state"] == "connected", owner
+        canvases_match(pages, ["owner"], final, tmp_path, "live")
+        # The screen changes during the session: a reset, then the owner
+        # opens SeaBIOS's boot menu, the recording's last frame.
+        com1 = SerialReader(vm)
+        try:
+            vm.qmp("system_reset")
+            com1.until(b"Press ESC")
+            deadline = time.monotonic() + 10
+            while b"Select boot device" not in com1.seen:
+                assert time.monotonic() < deadline, com1.seen[-300:]
+                pages("press", name="owner", key="Escape")
+                try:
+                    com1.until(b"Select boot device", within=1)
+                except AssertionError:
+                    pass
+        finally:
+            com1.close()
+        time.sleep(0.5)
+        menu = vnc_capture(vm, tmp_path / "direct-menu.png")
+        assert differing_fraction(menu, final) >= 0.003, "the boot menu looks like the final screen"
+        canvases_match(pages, ["owner"], menu, tmp_path, "live-menu")
+        pages("close", name="owner")
+
+        finished = wait_for(lambda: [e for e in p.audit() if e["event"] == "recording_finished"],
+                            "no recording_finished in the audit trail")
+        assert finished[0]["path"].endswith(".fbs") and finished[0]["complete"] is True, finished
+        data = open(finished[0]["path"], "rb").read()
+        assert data.startswith(b"FBS 001.000\n")
+        assert hashlib.sha256(data).hexdigest() == finished[0]["sha256"]
+
+        # Played back in Porthole's noVNC page: it ends on the boot menu,
+        # as a direct capture of the VM showed it.
+        status, answer = p.admin("POST", f"/v1/recordings/{finished[0]['session']}/playback", {}, actor="auditor")
+        assert status == 200, answer
+        import leak_check
+        leak_check.remember(answer["token"])
+        played = pages("open", name="playback", url=answer["url"])
+        assert played["badge"] and "Playback" in played["badge"], played
+        got = canvases_match(pages, ["playback"], menu, tmp_path, "played", within=60)
+        print(f"playback's last frame, differing from a direct capture of the menu: {got}")
+        issued = [e for e in p.audit() if e["event"] == "playback_issued"]
+        assert issued and issued[0]["by"] == "auditor", issued
+    finally:
+        if pages is not None:
+            pages.close()
+        vm.stop()
+        assert p.gateway.stop() == 0, p.log()[-3000:]

@@ -9,6 +9,8 @@ const novnc = await loadLibrary('../vendor/novnc/core/rfb.js', 'novnc');
 const RFB = novnc?.default;
 
 const screen = document.getElementById('screen');
+// Served as /playback: a recording, played at its recorded speed.
+const playback = location.pathname.endsWith('/playback');
 const cad = document.getElementById('cad');
 cad.hidden = viewOnly;
 showViewOnly();
@@ -19,7 +21,7 @@ function connect() {
   setStatus('connecting', 'Connecting…');
   // Porthole's own socket, handed to noVNC, so its close code is known
   // (noVNC's disconnect event does not carry it).
-  const socket = new WebSocket(socketUrl('vnc'));
+  const socket = new WebSocket(socketUrl(playback ? 'playback/vnc' : 'vnc'));
   let closeCode = null;
   socket.addEventListener('close', (e) => { closeCode = e.code; });
   const rfb = new RFB(screen, socket, { shared: true });
@@ -33,8 +35,8 @@ function connect() {
     connected = true;
     reconnects = 0;
     cad.disabled = false;
-    setStatus('connected', 'Connected');
-    followWatchers();
+    setStatus('connected', playback ? 'Playing the recording' : 'Connected');
+    if (!playback) followWatchers();
   });
   rfb.addEventListener('desktopname', (e) => {
     document.getElementById('title').textContent = e.detail.name;
@@ -42,6 +44,12 @@ function connect() {
   });
   rfb.addEventListener('disconnect', async (e) => {
     cad.disabled = true;
+    if (playback) {
+      // The last frame stays on the canvas.
+      setStatus(closeCode === 1000 ? 'ended' : 'disconnected',
+        closeCode === 1000 ? 'Recording played to its end' : closeMessage(closeCode));
+      return;
+    }
     const why = await whyRefused('vnc');
     if (why !== 'ok') {
       setStatus(why, refusedMessage(why));
