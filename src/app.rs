@@ -399,6 +399,10 @@ pub async fn run(
 
     #[cfg(unix)]
     spawn_reload_on_sighup(app.reloader.clone(), shutdown.clone())?;
+    if let Some(r) = app.sessions.recording.clone() {
+        // Retention: at once, then every minute.
+        tokio::spawn(r.retain(app.background.clone()));
+    }
 
     // Listeners stop accepting first; sessions are told afterwards, so the
     // admin listener (readiness) outlives the drain.

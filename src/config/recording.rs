@@ -21,6 +21,11 @@ pub struct RawRecording {
     /// Most bytes one recording may take; past it the recording stops (the
     /// session goes on, the stop is audited). Default 67108864 (64 MiB).
     pub max_bytes: Option<u64>,
+    /// Recordings older than this many days are removed. Default 90 (0: kept).
+    pub keep_days: Option<u64>,
+    /// The most bytes all recordings may take; the oldest are removed first.
+    /// Default 10737418240 (10 GiB; 0: no limit).
+    pub max_total_bytes: Option<u64>,
 }
 
 /// `[recording]`, validated against the backend networks it names.
@@ -46,9 +51,20 @@ pub(super) fn validate_recording(
     if max_bytes < 4096 {
         issues.push("recording.max_bytes", "must be at least 4096");
     }
+    let keep_days = raw.keep_days.unwrap_or(90);
+    let max_total = raw.max_total_bytes.unwrap_or(10 << 30);
+    if max_total != 0 && max_total < max_bytes {
+        issues.push(
+            "recording.max_total_bytes",
+            "must hold at least one recording (recording.max_bytes), or be 0",
+        );
+    }
     Some(RecordingSettings {
         folder: paths.resolve(&folder),
         backends: raw.backends,
         max_bytes,
+        keep_for: (keep_days > 0).then(|| std::time::Duration::from_secs(keep_days * 86_400)),
+        max_total_bytes: (max_total > 0).then_some(max_total),
+        writing: Default::default(),
     })
 }

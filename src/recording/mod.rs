@@ -75,6 +75,12 @@ pub struct RecordingSettings {
     pub backends: Vec<String>,
     /// The most bytes one recording may take.
     pub max_bytes: u64,
+    /// Recordings older than this are removed (`None`: kept).
+    pub keep_for: Option<std::time::Duration>,
+    /// The most bytes all recordings may take; the oldest go first.
+    pub max_total_bytes: Option<u64>,
+    /// Recordings being written (their paths): retention never removes one.
+    pub writing: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl RecordingSettings {
@@ -108,11 +114,16 @@ impl RecordingSettings {
             Format::Fbs => fbs::header(),
         };
         let behind = Arc::new(AtomicBool::new(false));
+        self.writing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.clone());
         let writer = Writer {
             session: session.to_string(),
             path,
             max_bytes: self.max_bytes,
             format,
+            writing: self.writing.clone(),
         };
         tokio::spawn(writer.run(tokio::fs::File::from_std(file), header, rx, behind.clone()));
         crate::metrics::recording_started(format.name());
@@ -178,6 +189,70 @@ impl RecordingSettings {
             let path = self.folder.join(format!("{id}.{}", f.extension()));
             path.is_file().then_some((path, *f))
         })
+    }
+}
+
+impl RecordingSettings {
+    /// Removes what retention says must go, as of `now`: recordings older
+    /// than `keep_for`, then the oldest until all fit `max_total_bytes`;
+    /// never one being written. Each removal is audited.
+    pub fn sweep(&self, now: std::time::SystemTime) {
+        let writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut all: Vec<(PathBuf, RecordingInfo)> = self
+            .list()
+            .into_iter()
+            .filter_map(|r| {
+                let (path, _) = self.path_of(&r.id)?;
+                (!writing.contains(&path)).then_some((path, r))
+            })
+            .collect();
+        // Oldest first.
+        all.sort_by_key(|(_, r)| r.modified);
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut total: u64 = self.list().iter().map(|r| r.bytes).sum();
+        for (path, r) in all {
+            let too_old = self
+                .keep_for
+                .is_some_and(|keep| now.saturating_sub(r.modified) > keep.as_secs());
+            let too_much = self.max_total_bytes.is_some_and(|max| total > max);
+            let why = match (too_old, too_much) {
+                (true, _) => "age",
+                (false, true) => "total_size",
+                (false, false) => continue,
+            };
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    total = total.saturating_sub(r.bytes);
+                    tracing::info!(recording = %r.id, why, "recording removed by retention");
+                    AuditEvent::new("recording_removed")
+                        .field("recording", Some(r.id.as_str()))
+                        .field("path", Some(path.display().to_string()))
+                        .field("why", Some(why))
+                        .emit();
+                }
+                Err(e) => tracing::warn!(recording = %r.id, "retention could not remove it: {e}"),
+            }
+        }
+    }
+
+    /// Sweeps at once and then every minute, until `stop`.
+    pub async fn retain(self, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.sweep(std::time::SystemTime::now())).await;
+                }
+            }
+        }
     }
 }
 
@@ -263,6 +338,7 @@ struct Writer {
     path: PathBuf,
     max_bytes: u64,
     format: Format,
+    writing: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl Writer {
@@ -353,6 +429,10 @@ impl Writer {
             );
         }
         let _ = out.get_mut().sync_all().await;
+        self.writing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.path);
         let sha256 = hex(&hash.finalize());
         tracing::info!(session = %self.session, path = %self.path.display(), bytes = written, %sha256, "recording finished");
         AuditEvent::new("recording_finished")
@@ -377,4 +457,45 @@ fn stopped(session: &str, path: &Path, why: &str) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn retention_removes_the_old_then_the_oldest_and_never_one_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let file = |name: &str, bytes: usize, age: Duration| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![b'x'; bytes]).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(now - age).unwrap();
+            path
+        };
+        let day = Duration::from_secs(86_400);
+        file("s-old.cast", 100, 10 * day);
+        file("s-big.fbs", 300, Duration::from_secs(7200));
+        file("s-new.cast", 300, Duration::from_secs(3600));
+        let writing = file("s-live.cast", 100, 10 * day);
+        file("notes.txt", 5000, 10 * day);
+        let settings = RecordingSettings {
+            folder: dir.path().to_path_buf(),
+            backends: Vec::new(),
+            max_bytes: 4096,
+            keep_for: Some(day),
+            max_total_bytes: Some(500),
+            writing: Arc::default(),
+        };
+        settings.writing.lock().unwrap().insert(writing);
+        settings.sweep(now);
+        let mut left: Vec<String> = settings.list().into_iter().map(|r| r.id).collect();
+        left.sort();
+        // Too old: s-old; then over 500 bytes (300 + 300 + 100): the oldest
+        // that is not being written, s-big. Not a recording: notes.txt.
+        assert_eq!(left, ["s-live", "s-new"]);
+        assert!(dir.path().join("notes.txt").exists());
+    }
 }
