@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use crate::hypervisor::ConsoleTarget;
 use crate::secret::Secret;
 use crate::session::registry::SessionView;
-use crate::token::claims::ConsoleClaim;
+use crate::token::claims::{ConsoleClaim, ConsoleClaims};
 use crate::token::signing::{MintRequest, Signer};
 use crate::token::{ConsoleType, TokenValidator, unix_now};
 
@@ -201,6 +201,14 @@ impl Issuer {
         .map_err(ShadowError::Issue)
     }
 
+    /// `claims`, signed with the issuance key.
+    fn sign(&self, claims: &ConsoleClaims) -> Result<Secret<String>, IssueError> {
+        self.signer
+            .load()
+            .sign(claims)
+            .map_err(|e| IssueError::Internal(e.to_string()))
+    }
+
     /// Issues a playback's token for recording `id` (a serial session's):
     /// it names no console anyone may open (its target is on no
     /// allow-list, and a token with `playback` is refused as a console's),
@@ -221,11 +229,7 @@ impl Issuer {
         };
         let mut claims = mint.claims(unix_now());
         claims.playback = Some(id.to_string());
-        let token = self
-            .signer
-            .load()
-            .sign(&claims)
-            .map_err(|e| IssueError::Internal(e.to_string()))?;
+        let token = self.sign(&claims)?;
         let url = format!("{}/playback?token={}", self.public_base_url, token.expose());
         Ok(Issued {
             token,
@@ -275,11 +279,7 @@ impl Issuer {
         let now = unix_now();
         let mut claims = mint.claims(now);
         claims.shadow_of.clone_from(&req.shadow_of);
-        let token = self
-            .signer
-            .load()
-            .sign(&claims)
-            .map_err(|e| IssueError::Internal(e.to_string()))?;
+        let token = self.sign(&claims)?;
         self.validator
             .check(token.expose(), Some(req.console), now)
             .map_err(|r| {

@@ -167,16 +167,24 @@ async fn told(g: &Gateway, token: &str, watched_now: bool) {
     .await;
 }
 
-async fn one_session(g: &Gateway) -> Value {
-    within("the session to be listed", async {
+/// The live sessions once there are `n`, within `limit`.
+async fn listed(g: &Gateway, n: usize, limit: Duration) -> Vec<Value> {
+    let waiting = async {
         loop {
-            if let Some(s) = g.sessions(BEARER).await.into_iter().next() {
-                return s;
+            let all = g.sessions(BEARER).await;
+            if all.len() == n {
+                return all;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    })
-    .await
+    };
+    tokio::time::timeout(limit, waiting)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {n} session(s) listed"))
+}
+
+async fn one_session(g: &Gateway) -> Value {
+    listed(g, 1, common::WAIT).await.remove(0)
 }
 
 #[tokio::test]
@@ -239,16 +247,7 @@ async fn a_serial_shadow_sees_the_output_types_nothing_opens_once_and_ends_with_
     let mut watcher = open(&g, "serial", &shadow_token).await.unwrap();
 
     // Listed under its session, and view-only.
-    let listed = within("the shadow to be listed", async {
-        loop {
-            let all = g.sessions(BEARER).await;
-            if all.len() == 2 {
-                return all;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let listed = listed(&g, 2, common::WAIT).await;
     let owner_view = listed.iter().find(|s| s["id"] == id.as_str()).unwrap();
     let shadow_view = listed.iter().find(|s| s["id"] != id.as_str()).unwrap();
     assert_eq!(
@@ -325,12 +324,7 @@ async fn a_stalled_shadow_is_cut_and_never_slows_its_session() {
     let stalled = open(&g, "serial", shadow["token"].as_str().unwrap())
         .await
         .unwrap();
-    within("the shadow's session", async {
-        while g.sessions(BEARER).await.len() < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    listed(&g, 2, common::WAIT).await;
     // 16 MiB through the console: far more than the shadow's socket and
     // fan-out buffers hold. The owner gets all of it.
     let chunk = vec![b'x'; 16 * 1024];
@@ -345,12 +339,7 @@ async fn a_stalled_shadow_is_cut_and_never_slows_its_session() {
     // The shadow was cut (it took nothing for SHADOW_STALL;
     // one that reads too slowly falls behind the fan-out and is cut
     // there): only the owner's session is left.
-    let cut = tokio::time::timeout(porthole::session::oversight::SHADOW_STALL * 3, async {
-        while g.sessions(BEARER).await.len() != 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    cut.await.expect("the stalled shadow to be cut");
+    listed(&g, 1, porthole::session::oversight::SHADOW_STALL * 3).await;
     drop(stalled);
     g.stop().await;
 }

@@ -75,8 +75,8 @@ async fn console(chunks: Vec<Vec<u8>>) -> u16 {
     port
 }
 
-/// The audit trail's events named `event`, once there is one.
-async fn audited(dir: &Path, event: &str) -> Vec<Value> {
+/// The audit trail's events named `event`, once there are `at_least`.
+async fn audited(dir: &Path, event: &str, at_least: usize) -> Vec<Value> {
     within(event, async {
         loop {
             let events: Vec<Value> = std::fs::read_to_string(dir.join("audit.jsonl"))
@@ -85,13 +85,21 @@ async fn audited(dir: &Path, event: &str) -> Vec<Value> {
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .filter(|e: &Value| e["event"] == event)
                 .collect();
-            if !events.is_empty() {
+            if events.len() >= at_least {
                 return events;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
+}
+
+/// The admin API's playback link for recording `id`.
+async fn playback_link(g: &Gateway, id: &str) -> Value {
+    let path = format!("/v1/recordings/{id}/playback");
+    let (status, body) = http(g.admin, "POST", &path, Some(BEARER), Some("{}")).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 /// A serial session that reads `want` bytes, then leaves.
@@ -125,7 +133,7 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
     ])
     .await;
     session(&g, port, 36).await;
-    let finished = audited(g.dir.path(), "recording_finished").await;
+    let finished = audited(g.dir.path(), "recording_finished", 1).await;
     let path = finished[0]["path"].as_str().unwrap();
     assert!(path.starts_with(&g.dir.path().join("recordings").display().to_string()));
     let bytes = std::fs::read(path).unwrap();
@@ -143,7 +151,7 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
     assert_eq!(finished[0]["sha256"], hash.as_str());
     assert_eq!(finished[0]["bytes"], bytes.len());
     assert_eq!(finished[0]["complete"], true);
-    let started = audited(g.dir.path(), "session_started").await;
+    let started = audited(g.dir.path(), "session_started", 1).await;
     assert_eq!(finished[0]["session"], started[0]["session"]);
 
     let text = String::from_utf8(bytes).unwrap();
@@ -179,10 +187,7 @@ async fn plays_back(g: &Gateway, id: &str, shown: &str) {
     let list: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(list["recordings"][0]["id"], id, "{list}");
     assert_eq!(list["recordings"][0]["format"], "asciicast-v2");
-    let path = format!("/v1/recordings/{id}/playback");
-    let (status, body) = http(g.admin, "POST", &path, Some(BEARER), Some("{}")).await;
-    assert_eq!(status, 200, "{body}");
-    let answer: Value = serde_json::from_str(&body).unwrap();
+    let answer = playback_link(g, id).await;
     let token = answer["token"].as_str().unwrap();
     assert!(
         answer["url"]
@@ -330,32 +335,14 @@ async fn vnc_is_recorded_and_plays_back(g: &Gateway) {
     .await;
     assert_eq!(live, [SERVER_INIT, UPDATE].concat());
     ws.close(None).await.unwrap();
-    let finished = within("the VNC recording's end", async {
-        loop {
-            let all = audited(g.dir.path(), "recording_finished").await;
-            if all.len() == 2 {
-                return all;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let finished = audited(g.dir.path(), "recording_finished", 2).await;
     let id = finished[1]["session"].as_str().unwrap();
     let path = finished[1]["path"].as_str().unwrap();
     assert!(path.ends_with(".fbs"), "{path}");
     assert!(std::fs::read(path).unwrap().starts_with(b"FBS 001.000\n"));
     let (_, body) = http(g.admin, "GET", "/v1/recordings", Some(BEARER), None).await;
     assert!(body.contains("fbs-001"), "{body}");
-    let (status, body) = http(
-        g.admin,
-        "POST",
-        &format!("/v1/recordings/{id}/playback"),
-        Some(BEARER),
-        Some("{}"),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let token = serde_json::from_str::<Value>(&body).unwrap()["token"]
+    let token = playback_link(g, id).await["token"]
         .as_str()
         .unwrap()
         .to_string();
@@ -384,22 +371,13 @@ async fn past_its_cap(g: &Gateway) {
     let port = console(vec![vec![b'x'; 4096]; 8]).await;
     // The session reads all 32 KiB: the recording stopped, not the session.
     session(g, port, 8 * 4096).await;
-    let stopped = audited(g.dir.path(), "recording_stopped").await;
+    let stopped = audited(g.dir.path(), "recording_stopped", 1).await;
     assert!(
         stopped[0]["why"].as_str().unwrap().contains("size cap"),
         "{stopped:?}"
     );
     // The third recording of this gateway (serial, VNC, then this one).
-    let finished = within("the capped recording's end", async {
-        loop {
-            let all = audited(g.dir.path(), "recording_finished").await;
-            if all.len() == 3 {
-                return all;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let finished = audited(g.dir.path(), "recording_finished", 3).await;
     assert_eq!(finished[2]["complete"], false, "{finished:?}");
     let size = std::fs::metadata(finished[2]["path"].as_str().unwrap())
         .unwrap()

@@ -152,18 +152,40 @@ where
         }
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    // Whatever the client sends is not for the recording; its close ends it.
-    let listening = async {
-        while let Some(Ok(m)) = stream.next().await {
-            if m.is_close() {
-                return;
-            }
-        }
-    };
     tokio::select! {
         () = playing => {}
-        () = listening => {}
+        () = client_left(&mut stream) => {}
     }
+}
+
+/// Returns when the client closes or its socket fails; what it sends
+/// before is not for the recording and is dropped.
+async fn client_left<St>(stream: &mut St)
+where
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    while let Some(Ok(m)) = stream.next().await {
+        if m.is_close() {
+            return;
+        }
+    }
+}
+
+/// Reads until `held` has `n` bytes from the client and takes them;
+/// `false` when the client left first.
+async fn client_bytes<St>(stream: &mut St, held: &mut Vec<u8>, n: usize) -> bool
+where
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    while held.len() < n {
+        match stream.next().await {
+            Some(Ok(Message::Binary(b))) => held.extend_from_slice(&b),
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return false,
+            Some(Ok(_)) => {}
+        }
+    }
+    held.drain(..n);
+    true
 }
 
 /// Plays an FBS recording to an RFB client (noVNC): the handshake of a
@@ -176,20 +198,6 @@ where
 {
     use tokio::io::AsyncReadExt as _;
     let (mut sink, mut stream) = socket.split();
-    let mut from_client: Vec<u8> = Vec::new();
-    // Reads until the client has sent `n` more bytes than `used`.
-    macro_rules! client_bytes {
-        ($n:expr) => {{
-            while from_client.len() < $n {
-                match stream.next().await {
-                    Some(Ok(Message::Binary(b))) => from_client.extend_from_slice(&b),
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => {}
-                }
-            }
-            from_client.drain(..$n);
-        }};
-    }
     let Ok(mut file) = tokio::fs::File::open(path).await else {
         let _ = sink.send(close(1011, "recording unreadable")).await;
         return;
@@ -199,22 +207,19 @@ where
         let _ = sink.send(close(1011, "not an FBS recording")).await;
         return;
     }
-    if sink
-        .send(Message::binary(b"RFB 003.008\n".to_vec()))
-        .await
-        .is_err()
-    {
-        return;
+    // RFB 3.8 with no authentication, each step what Porthole sends and
+    // how many bytes the client answers: its version, its choice of
+    // security type 1 (None) of the one offered, then ClientInit after
+    // SecurityResult OK.
+    let mut from_client = Vec::new();
+    let steps: [(&[u8], usize); 3] = [(b"RFB 003.008\n", 12), (&[1, 1], 1), (&[0; 4], 1)];
+    for (say, answer) in steps {
+        if sink.send(Message::binary(say.to_vec())).await.is_err()
+            || !client_bytes(&mut stream, &mut from_client, answer).await
+        {
+            return;
+        }
     }
-    client_bytes!(12);
-    if sink.send(Message::binary(vec![1u8, 1])).await.is_err() {
-        return;
-    }
-    client_bytes!(1);
-    if sink.send(Message::binary(vec![0u8; 4])).await.is_err() {
-        return;
-    }
-    client_bytes!(1); // ClientInit
     let started = tokio::time::Instant::now();
     let playing = async {
         let mut blocks = fbs::Blocks::default();
@@ -243,16 +248,9 @@ where
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    let listening = async {
-        while let Some(Ok(m)) = stream.next().await {
-            if m.is_close() {
-                return;
-            }
-        }
-    };
     tokio::select! {
         () = playing => {}
-        () = listening => {}
+        () = client_left(&mut stream) => {}
     }
 }
 

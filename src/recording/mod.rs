@@ -150,10 +150,15 @@ pub struct RecordingInfo {
 impl RecordingSettings {
     /// This node's recordings, newest first.
     pub fn list(&self) -> Vec<RecordingInfo> {
+        self.files().into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// This node's recordings and their files, newest first.
+    fn files(&self) -> Vec<(PathBuf, RecordingInfo)> {
         let Ok(entries) = std::fs::read_dir(&self.folder) else {
             return Vec::new();
         };
-        let mut all: Vec<RecordingInfo> = entries
+        let mut all: Vec<(PathBuf, RecordingInfo)> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
@@ -168,15 +173,16 @@ impl RecordingSettings {
                     .duration_since(std::time::UNIX_EPOCH)
                     .ok()?
                     .as_secs();
-                Some(RecordingInfo {
+                let info = RecordingInfo {
                     id: id.to_string(),
                     format: format.name(),
                     bytes: meta.len(),
                     modified,
-                })
+                };
+                Some((e.path(), info))
             })
             .collect();
-        all.sort_by(|a, b| b.modified.cmp(&a.modified).then(a.id.cmp(&b.id)));
+        all.sort_by(|(_, a), (_, b)| b.modified.cmp(&a.modified).then(a.id.cmp(&b.id)));
         all
     }
 
@@ -202,20 +208,15 @@ impl RecordingSettings {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut all: Vec<(PathBuf, RecordingInfo)> = self
-            .list()
-            .into_iter()
-            .filter_map(|r| {
-                let (path, _) = self.path_of(&r.id)?;
-                (!writing.contains(&path)).then_some((path, r))
-            })
-            .collect();
+        let mut all = self.files();
+        // Those being written count toward the total; they are never removed.
+        let mut total: u64 = all.iter().map(|(_, r)| r.bytes).sum();
+        all.retain(|(path, _)| !writing.contains(path));
         // Oldest first.
-        all.sort_by_key(|(_, r)| r.modified);
+        all.reverse();
         let now = now
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut total: u64 = self.list().iter().map(|r| r.bytes).sum();
         for (path, r) in all {
             let too_old = self
                 .keep_for
