@@ -506,14 +506,17 @@ def test_a_shadow_that_never_reads_does_not_slow_the_owner(tmp_path):
         # A shadow that held the owner back would stop it dead once its
         # buffers (a small part of the flood) are full: the deadline catches that.
         watched, watched_s = owner_throughput(vm, owner, FLOOD, within=max(20, 5 * alone_s))
-        # It stalled all along (the relay's liveness rule cuts it only after
-        # three unanswered 20 s pings): still listed, and little reached it.
+        # It stalled all along: still listed with little of the flood, or
+        # (a slow run: the flood outlasted SHADOW_STALL) cut for taking
+        # nothing, and for nothing else.
         shadow_entry = next((s for s in sessions(p) if s["jti"] == answer["jti"]), None)
-        assert shadow_entry is not None, "the stalled shadow was cut before the flood ended"
+        went = "cut for taking nothing" if shadow_entry is None else f"{shadow_entry['bytes_down']} bytes"
         print(f"owner's download of {FLOOD} bytes of guest output: alone {alone / 1e6:.3f} MB/s ({alone_s:.2f} s), "
-              f"with a shadow that never reads {watched / 1e6:.3f} MB/s ({watched_s:.2f} s); "
-              f"{shadow_entry['bytes_down']} bytes went to the shadow")
-        assert shadow_entry["bytes_down"] < FLOOD / 4, shadow_entry
+              f"with a shadow that never reads {watched / 1e6:.3f} MB/s ({watched_s:.2f} s); shadow: {went}")
+        if shadow_entry is None:
+            assert "shadow cut: it took none of the console's output" in p.log(), p.log()[-3000:]
+        else:
+            assert shadow_entry["bytes_down"] < FLOOD / 4, shadow_entry
         # Generous: a shared, noisy machine.
         assert watched >= alone / 4, (alone, watched)
 
