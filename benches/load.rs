@@ -410,6 +410,7 @@ fn mint_as(
             port,
             tls_port: None,
             view_only,
+            record: false,
         },
         ttl_secs: 600,
     };

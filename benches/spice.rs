@@ -328,6 +328,7 @@ impl Porthole {
                     port: self.far_port,
                     tls_port: None,
                     view_only: false,
+                    record: false,
                 },
                 ttl_secs: 300,
             };

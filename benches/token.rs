@@ -69,6 +69,7 @@ fn request() -> MintRequest {
             port: 5901,
             tls_port: None,
             view_only: false,
+            record: false,
         },
         ttl_secs: 300,
     }

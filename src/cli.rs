@@ -212,6 +212,9 @@ struct MintArgs {
     /// A view-only console: Porthole drops the client's input.
     #[arg(long)]
     view_only: bool,
+    /// The session must be recorded (`[recording]` on the gateway).
+    #[arg(long)]
+    record: bool,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 120)]
     ttl: u64,
@@ -684,6 +687,7 @@ fn print_demo_urls(app: &App, vm: &crate::demo::DemoVm) {
             },
             ttl_secs: Some(ttl),
             view_only: false,
+            record: false,
             shadow_of: None,
         })
     };
@@ -751,6 +755,7 @@ fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
             port: a.port,
             tls_port: a.tls_port,
             view_only: a.view_only,
+            record: a.record,
         },
         ttl_secs: a.ttl,
     };

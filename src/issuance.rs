@@ -42,6 +42,8 @@ pub struct IssueRequest {
     pub ttl_secs: Option<u64>,
     /// The user may watch and not act.
     pub view_only: bool,
+    /// The session must be recorded (the token's `console.record`).
+    pub record: bool,
     /// The live session the token shadows (Porthole's own shadow grants).
     pub shadow_of: Option<String>,
 }
@@ -64,6 +66,9 @@ pub struct IssueBody {
     /// A view-only console (the token's `console.view_only`).
     #[serde(default)]
     view_only: bool,
+    /// A session that must be recorded (the token's `console.record`).
+    #[serde(default)]
+    record: bool,
 }
 
 impl IssueBody {
@@ -75,6 +80,7 @@ impl IssueBody {
             target: self.target,
             ttl_secs: self.ttl_secs,
             view_only: self.view_only,
+            record: self.record,
             shadow_of: None,
         })
     }
@@ -196,6 +202,8 @@ impl Issuer {
             target,
             ttl_secs: Some(SHADOW_TTL_SECS.min(self.validator.policy().max_ttl_secs)),
             view_only: true,
+            // The session it watches is recorded if it must be.
+            record: false,
             shadow_of: Some(watched.id.clone()),
         })
         .map_err(ShadowError::Issue)
@@ -224,6 +232,7 @@ impl Issuer {
                 port: 1,
                 tls_port: None,
                 view_only: true,
+                record: false,
             },
             ttl_secs: PLAYBACK_TTL_SECS.min(self.validator.policy().max_ttl_secs),
         };
@@ -273,6 +282,7 @@ impl Issuer {
                 port: req.target.port,
                 tls_port: req.target.tls_port,
                 view_only: req.view_only,
+                record: req.record,
             },
             ttl_secs,
         };

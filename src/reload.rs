@@ -274,6 +274,7 @@ fn signer_is_verified(
             port: 5900,
             tls_port: None,
             view_only: false,
+            record: false,
         },
         ttl_secs: 1,
     }

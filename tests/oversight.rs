@@ -93,6 +93,7 @@ fn token(g: &Gateway, kind: ConsoleType, port: u16, view_only: bool) -> String {
             port,
             tls_port: None,
             view_only,
+            record: false,
         },
         ttl_secs: 60,
     };
@@ -434,6 +435,7 @@ async fn a_shadow_token_for_another_console_than_its_session_is_refused() {
             port: other.port,
             tls_port: None,
             view_only: true,
+            record: false,
         },
         ttl_secs: 60,
     };

@@ -158,6 +158,7 @@ fn grant(jti: &str, console: ConsoleType) -> Grant {
                 port: target.port,
                 tls_port: None,
                 view_only: false,
+                record: false,
             },
             shadow_of: None,
             playback: None,

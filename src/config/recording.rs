@@ -14,10 +14,16 @@ use crate::recording::RecordingSettings;
 pub struct RawRecording {
     /// Folder recordings are written to (created `0700` when missing).
     pub folder: Option<PathBuf>,
-    /// Backend networks (their `name`) whose sessions are recorded. Serial
-    /// consoles are recorded (asciicast v2); VNC and SPICE are not yet.
+    /// Backend networks (their `name`) whose sessions are recorded: if a
+    /// recording cannot be made or stops, the session goes on (audited).
     #[serde(default)]
     pub backends: Vec<String>,
+    /// Backend networks whose sessions must be recorded: a session whose
+    /// recording cannot be made is refused, one whose recording stops (disk
+    /// full, size cap, writer behind) is ended (4007). A token's
+    /// `console.record` asks the same of its own session.
+    #[serde(default)]
+    pub required: Vec<String>,
     /// Most bytes one recording may take; past it the recording stops (the
     /// session goes on, the stop is audited). Default 67108864 (64 MiB).
     pub max_bytes: Option<u64>,
@@ -39,12 +45,17 @@ pub(super) fn validate_recording(
         issues.push("recording.folder", "required: where recordings are written");
         return None;
     };
-    for name in &raw.backends {
-        if !networks.iter().any(|n| &n.name == name) {
-            issues.push(
-                "recording.backends",
-                format!("{name:?} names no [[backends]] entry (its `name`)"),
-            );
+    for (key, names) in [
+        ("recording.backends", &raw.backends),
+        ("recording.required", &raw.required),
+    ] {
+        for name in names {
+            if !networks.iter().any(|n| &n.name == name) {
+                issues.push(
+                    key,
+                    format!("{name:?} names no [[backends]] entry (its `name`)"),
+                );
+            }
         }
     }
     let max_bytes = raw.max_bytes.unwrap_or(64 << 20);
@@ -62,6 +73,7 @@ pub(super) fn validate_recording(
     Some(RecordingSettings {
         folder: paths.resolve(&folder),
         backends: raw.backends,
+        required: raw.required,
         max_bytes,
         keep_for: (keep_days > 0).then(|| std::time::Duration::from_secs(keep_days * 86_400)),
         max_total_bytes: (max_total > 0).then_some(max_total),

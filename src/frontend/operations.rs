@@ -199,6 +199,7 @@ pub async fn playback(
     let console = match format {
         crate::recording::Format::Asciicast => crate::console::ConsoleType::Serial,
         crate::recording::Format::Fbs => crate::console::ConsoleType::Novnc,
+        crate::recording::Format::Spice => crate::console::ConsoleType::SpiceHtml5,
     };
     let issued = match issuer.issue_playback(&id, console) {
         Ok(i) => i,

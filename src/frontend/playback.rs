@@ -54,6 +54,7 @@ pub async fn page(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> 
     match recording_of(&s, &q) {
         Ok((_, Format::Asciicast)) => serve_page(&s, "serial.html", StatusCode::OK, "").await,
         Ok((_, Format::Fbs)) => serve_page(&s, "vnc.html", StatusCode::OK, "").await,
+        Ok((_, Format::Spice)) => serve_page(&s, "spice.html", StatusCode::OK, "").await,
         Err((status, code)) => refuse(status, code),
     }
 }
@@ -66,6 +67,19 @@ pub async fn vnc(
     request: Request,
 ) -> Response {
     upgrade_to_play(s, headers, q, request, Format::Fbs).await
+}
+
+/// `GET /playback/spice?token=`: one channel of a SPICE recording to
+/// spice-html5 (a socket per channel, as for a console): Porthole links it
+/// as a SPICE server would, then sends what that channel's server side
+/// sent, at its recorded times.
+pub async fn spice(
+    State(s): State<PublicState>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    request: Request,
+) -> Response {
+    upgrade_to_play(s, headers, q, request, Format::Spice).await
 }
 
 /// `GET /playback/serial?token=`: the recording's output over a WebSocket,
@@ -117,6 +131,7 @@ async fn upgrade_to_play(
             match format {
                 Format::Asciicast => play(socket, &path).await,
                 Format::Fbs => play_rfb(socket, &path).await,
+                Format::Spice => play_spice(socket, &path, &sessions).await,
             }
         };
         tokio::select! {
@@ -245,6 +260,99 @@ where
         }
         // noVNC clears its screen when its socket closes: the last frame
         // stays up while the viewer looks at it (an hour at most).
+        tokio::time::sleep(PLAYED_KEPT).await;
+        let _ = sink.send(close(1000, "playback ended")).await;
+    };
+    tokio::select! {
+        () = playing => {}
+        () = client_left(&mut stream) => {}
+    }
+}
+
+/// Plays one channel of a SPICE recording: the link (the channel the
+/// client asks for), then that channel's records from its link on, each
+/// at its time after the link; what the client sends (ACKs, pongs, input)
+/// is read and left. A channel the recording does not hold stays linked
+/// and silent.
+async fn play_spice<S>(
+    socket: WebSocketStream<S>,
+    path: &std::path::Path,
+    sessions: &crate::session::Sessions,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    use crate::protocol::spice::messages::common_cap;
+    use crate::recording::spice::{ChannelOf, Kind, MAGIC, Records};
+    use tokio::io::AsyncReadExt as _;
+    let mut client = crate::transport::ws_stream::WsBytes::new(socket);
+    let deadline = tokio::time::Instant::now() + sessions.limits.spice_handshake;
+    let linked = crate::session::spice::link_playback(sessions, &mut client, deadline).await;
+    let (socket, _) = client.into_inner();
+    let (mut sink, mut stream) = socket.split();
+    let Some(mess) = linked else {
+        return;
+    };
+    let wanted = ChannelOf {
+        kind: mess.channel_type,
+        id: mess.channel_id,
+    };
+    let mini_header = mess.caps.has_common(common_cap::MINI_HEADER);
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        let _ = sink.send(close(1011, "recording unreadable")).await;
+        return;
+    };
+    let mut magic = [0u8; 12];
+    if file.read_exact(&mut magic).await.is_err() || &magic != MAGIC {
+        let _ = sink.send(close(1011, "not a SPICE recording")).await;
+        return;
+    }
+    let started = tokio::time::Instant::now();
+    let playing = async {
+        let mut records = Records::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        // The recorded channel's link time, once its link record is read.
+        let mut linked_at: Option<u32> = None;
+        'file: loop {
+            loop {
+                let record = match records.next_record() {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(recording = %path.display(), "playback stopped: {e}");
+                        break 'file;
+                    }
+                };
+                if record.channel != wanted {
+                    continue;
+                }
+                match (record.kind, linked_at) {
+                    (Kind::Linked, None) => {
+                        if record.bytes.first() != Some(&u8::from(mini_header)) {
+                            let _ = sink.send(close(1011, "recorded with other framing")).await;
+                            return;
+                        }
+                        linked_at = Some(record.ms);
+                    }
+                    (Kind::Data, Some(at)) => {
+                        let after = u64::from(record.ms.saturating_sub(at));
+                        tokio::time::sleep_until(started + Duration::from_millis(after)).await;
+                        if sink.send(Message::binary(record.bytes)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Its first session's channel ended: a later one with
+                    // the same type and id is another connection.
+                    (Kind::Closed, Some(_)) => break 'file,
+                    _ => {}
+                }
+            }
+            match file.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => records.feed(&buf[..n]),
+            }
+        }
+        // spice-html5 clears its screen when its sockets close: the last
+        // frame stays up while the viewer looks at it.
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };

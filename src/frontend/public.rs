@@ -93,6 +93,7 @@ pub fn router(state: PublicState) -> Router {
         .route("/playback", get(super::playback::page))
         .route("/playback/serial", get(super::playback::serial))
         .route("/playback/vnc", get(super::playback::vnc))
+        .route("/playback/spice", get(super::playback::spice))
         .route("/spice-direct", get(spice::spice_direct))
         .route("/spice-ticket", post(spice::spice_ticket))
         .route("/vnc-direct", get(vnc::vnc_direct))

@@ -15,6 +15,7 @@
 
 pub mod asciicast;
 pub mod fbs;
+pub mod spice;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, SessionRecord};
 
 /// Chunks a recording may queue before its writer: past them the writer is
 /// behind, and the recording stops rather than the session wait.
@@ -44,6 +45,8 @@ pub enum Format {
     Asciicast,
     /// VNC consoles: FBS 001.000, the server's stream.
     Fbs,
+    /// SPICE consoles: every channel's server side ([`spice`]).
+    Spice,
 }
 
 impl Format {
@@ -52,6 +55,7 @@ impl Format {
         match self {
             Format::Asciicast => "cast",
             Format::Fbs => "fbs",
+            Format::Spice => "spice",
         }
     }
 
@@ -60,10 +64,11 @@ impl Format {
         match self {
             Format::Asciicast => "asciicast-v2",
             Format::Fbs => "fbs-001",
+            Format::Spice => "porthole-spice-001",
         }
     }
 
-    const ALL: [Format; 2] = [Format::Asciicast, Format::Fbs];
+    const ALL: [Format; 3] = [Format::Asciicast, Format::Fbs, Format::Spice];
 }
 
 /// What to record, and where.
@@ -73,6 +78,9 @@ pub struct RecordingSettings {
     pub folder: PathBuf,
     /// Backend networks (by name) whose sessions are recorded.
     pub backends: Vec<String>,
+    /// Backend networks whose sessions must be recorded: one that cannot
+    /// be is refused, one whose recording stops is ended.
+    pub required: Vec<String>,
     /// The most bytes one recording may take.
     pub max_bytes: u64,
     /// Recordings older than this are removed (`None`: kept).
@@ -84,42 +92,63 @@ pub struct RecordingSettings {
 }
 
 impl RecordingSettings {
-    /// Whether sessions on backend network `backend` are recorded.
-    pub fn records(&self, backend: &str) -> bool {
-        self.backends.iter().any(|b| b == backend)
+    /// Whether a session on backend network `backend` is recorded, and
+    /// whether its recording is required: `Some(true)` when its grant asks
+    /// for one (`console.record`) or the network is in `required`,
+    /// `Some(false)` when the network is in `backends`.
+    pub fn wants(&self, backend: &str, grant_asks: bool) -> Option<bool> {
+        let named = |list: &[String]| list.iter().any(|b| b == backend);
+        if grant_asks || named(&self.required) {
+            Some(true)
+        } else {
+            named(&self.backends).then_some(false)
+        }
     }
 
-    /// Starts a session's recording in `format`: its file, created now,
-    /// and the writer behind the returned recorder. `None` (audited) when
-    /// the file cannot be created: the session runs unrecorded.
-    pub fn start(&self, format: Format, session: &str, instance: &str) -> Option<Recorder> {
+    /// Starts the recording of session `who` in `format`: its file, created
+    /// now, and the writer behind the returned recorder (audited
+    /// `recording_started`). `Err` (audited `recording_stopped`) says why
+    /// the file cannot be created.
+    pub fn start(
+        &self,
+        format: Format,
+        who: &SessionRecord<'_>,
+        required: bool,
+    ) -> Result<Recorder, String> {
+        let session = who.id;
         let path = self
             .folder
             .join(format!("{session}.{}", format.extension()));
         let file = match create_private(&path) {
             Ok(f) => f,
             Err(e) => {
-                stopped(session, &path, &format!("cannot create the file: {e}"));
-                return None;
+                let why = format!("cannot create the file: {e}");
+                stopped(session, &path, &why);
+                return Err(why);
             }
         };
         let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
         let header = match format {
-            Format::Asciicast => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                asciicast::header(now, &format!("{instance} serial console ({session})"))
-            }
+            Format::Asciicast => asciicast::header(
+                unix_now(),
+                &format!("{} serial console ({session})", who.instance),
+            ),
             Format::Fbs => fbs::header(),
+            Format::Spice => spice::MAGIC.to_vec(),
         };
         let behind = Arc::new(AtomicBool::new(false));
         self.writing
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(path.clone());
+        AuditEvent::new("recording_started")
+            .session(who)
+            .field("path", Some(path.display().to_string()))
+            .field("format", Some(format.name()))
+            .field("required", Some(required))
+            .emit();
         let writer = Writer {
-            session: session.to_string(),
+            owner: Owner::of(who),
             path,
             max_bytes: self.max_bytes,
             format,
@@ -127,11 +156,45 @@ impl RecordingSettings {
         };
         tokio::spawn(writer.run(tokio::fs::File::from_std(file), header, rx, behind.clone()));
         crate::metrics::recording_started(format.name());
-        Some(Recorder {
+        Ok(Recorder {
             tx: Some(tx),
             behind,
+            required,
+            channel: None,
         })
     }
+}
+
+/// Whom a recording belongs to, as its `recording_finished` event says.
+#[derive(Debug)]
+struct Owner {
+    session: String,
+    console: &'static str,
+    instance: String,
+    jti: String,
+    client: String,
+    target: String,
+    started: u64,
+}
+
+impl Owner {
+    fn of(who: &SessionRecord<'_>) -> Self {
+        Self {
+            session: who.id.to_string(),
+            console: who.console,
+            instance: who.instance.to_string(),
+            jti: who.jti.to_string(),
+            client: who.client.to_string(),
+            target: who.target.to_string(),
+            started: unix_now(),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A recording on this node's disk, as the admin API lists it.
@@ -292,11 +355,13 @@ pub fn prepare_folder(folder: &Path) -> io::Result<()> {
     }
 }
 
-/// A chunk for the writer: when it came, what it was.
+/// A chunk for the writer: when it came, what it was (and, in a SPICE
+/// recording, its channel's and what it says).
 #[derive(Debug)]
 struct Chunk {
     at: Instant,
     bytes: Bytes,
+    channel: Option<(spice::ChannelOf, spice::Kind)>,
 }
 
 /// The relay's end of a recording.
@@ -306,21 +371,73 @@ pub struct Recorder {
     tx: Option<mpsc::Sender<Chunk>>,
     /// Set when the queue was full: the writer audits the stop.
     behind: Arc<AtomicBool>,
+    /// The session may not go on unrecorded.
+    required: bool,
+    /// The SPICE channel it records, if it is one's.
+    channel: Option<spice::ChannelOf>,
 }
+
+/// A required recording stopped: its session must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordingLost;
 
 impl Recorder {
     /// Queues what the console sent; never waits. A full queue stops the
     /// recording: the writer writes what it holds and audits the stop.
-    pub fn record(&mut self, chunk: &[u8]) {
+    /// `Err` when the recording is required and has stopped (full queue,
+    /// size cap, disk): the chunk must not reach the client.
+    pub fn record(&mut self, chunk: &[u8]) -> Result<(), RecordingLost> {
+        let kind = self.channel.map(|c| (c, spice::Kind::Data));
+        self.queue(Bytes::copy_from_slice(chunk), kind)
+    }
+
+    /// The recorder of one channel of a SPICE session: its records carry
+    /// the channel, the first says it linked (and its framing), the last
+    /// (when it is dropped) that it closed. `None` once the recording stopped.
+    pub fn channel(&self, kind: u8, id: u8, mini_header: bool) -> Option<Recorder> {
+        let tx = self.tx.clone().filter(|_| !self.behind.load(Relaxed))?;
+        let channel = spice::ChannelOf { kind, id };
+        let mut recorder = Recorder {
+            tx: Some(tx),
+            behind: self.behind.clone(),
+            required: self.required,
+            channel: Some(channel),
+        };
+        let linked = Bytes::from(vec![u8::from(mini_header)]);
+        recorder
+            .queue(linked, Some((channel, spice::Kind::Linked)))
+            .ok()?;
+        recorder.tx.is_some().then_some(recorder)
+    }
+
+    /// Whether the session may not go on unrecorded.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    fn queue(
+        &mut self,
+        bytes: Bytes,
+        channel: Option<(spice::ChannelOf, spice::Kind)>,
+    ) -> Result<(), RecordingLost> {
+        // Another channel's recorder found the queue full: stopped for all.
+        if self.behind.load(Relaxed) {
+            self.tx = None;
+        }
         let Some(tx) = &self.tx else {
-            return;
+            return if self.required {
+                Err(RecordingLost)
+            } else {
+                Ok(())
+            };
         };
         let item = Chunk {
             at: Instant::now(),
-            bytes: Bytes::copy_from_slice(chunk),
+            bytes,
+            channel,
         };
         match tx.try_send(item) {
-            Ok(()) => {}
+            Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.behind.store(true, Relaxed);
                 crate::metrics::recording_stopped("writer_behind");
@@ -329,13 +446,27 @@ impl Recorder {
             // The writer stopped (cap, disk) and audited why.
             Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
         }
+        if self.required {
+            Err(RecordingLost)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Recorder {
+    /// A SPICE channel's recorder says that its channel closed.
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel {
+            let _ = self.queue(Bytes::new(), Some((channel, spice::Kind::Closed)));
+        }
     }
 }
 
 /// The task that writes one recording.
 #[derive(Debug)]
 struct Writer {
-    session: String,
+    owner: Owner,
     path: PathBuf,
     max_bytes: u64,
     format: Format,
@@ -389,6 +520,28 @@ impl Writer {
             // A console that writes a character at a time (SeaBIOS, a
             // kernel at 115200 baud) would cost a line per character: what
             // is already queued within one event's span goes in one event.
+            let since = chunk.at.saturating_duration_since(started);
+            let ms = u32::try_from(since.as_millis()).unwrap_or(u32::MAX);
+            if let Some((channel, kind)) = chunk.channel {
+                // SPICE: a record per chunk, each of its own channel.
+                match write(spice::record(ms, channel, kind, &chunk.bytes)) {
+                    Ok(line) => {
+                        if let Err(e) = out.write_all(&line).await {
+                            why_stopped = Some(format!("the disk refused a write: {e}"));
+                        }
+                    }
+                    Err(why) => why_stopped = Some(why),
+                }
+                if let Some(why) = &why_stopped {
+                    crate::metrics::recording_stopped("cap_or_disk");
+                    stopped(&self.owner.session, &self.path, why);
+                }
+                continue;
+            }
+            if self.format == Format::Spice {
+                // A session's own recorder is only the channels' template.
+                continue;
+            }
             let mut bytes = bytes::BytesMut::from(&chunk.bytes[..]);
             while let Ok(more) = rx.try_recv() {
                 if more.at.saturating_duration_since(chunk.at) > EVENT_SPAN {
@@ -397,12 +550,9 @@ impl Writer {
                 }
                 bytes.extend_from_slice(&more.bytes);
             }
-            let since = chunk.at.saturating_duration_since(started);
             let line = match self.format {
                 Format::Asciicast => asciicast::output(since.as_secs_f64(), &text.text(&bytes)),
-                Format::Fbs => {
-                    fbs::block(&bytes, u32::try_from(since.as_millis()).unwrap_or(u32::MAX))
-                }
+                Format::Fbs | Format::Spice => fbs::block(&bytes, ms),
             };
             match write(line) {
                 Ok(line) => {
@@ -414,17 +564,17 @@ impl Writer {
             }
             if let Some(why) = &why_stopped {
                 crate::metrics::recording_stopped("cap_or_disk");
-                stopped(&self.session, &self.path, why);
+                stopped(&self.owner.session, &self.path, why);
             }
         }
         if why_stopped.is_none() && behind.load(Relaxed) {
             let why = format!("its writer fell {QUEUE_CHUNKS} chunks behind the console");
-            stopped(&self.session, &self.path, &why);
+            stopped(&self.owner.session, &self.path, &why);
             why_stopped = Some(why);
         }
         if let Err(e) = out.flush().await {
             stopped(
-                &self.session,
+                &self.owner.session,
                 &self.path,
                 &format!("the disk refused a write: {e}"),
             );
@@ -435,10 +585,19 @@ impl Writer {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.path);
         let sha256 = hex(&hash.finalize());
-        tracing::info!(session = %self.session, path = %self.path.display(), bytes = written, %sha256, "recording finished");
+        tracing::info!(session = %self.owner.session, path = %self.path.display(), bytes = written, %sha256, "recording finished");
+        let o = &self.owner;
         AuditEvent::new("recording_finished")
-            .field("session", Some(self.session.as_str()))
+            .field("session", Some(o.session.as_str()))
+            .field("console", Some(o.console))
+            .field("instance", Some(o.instance.as_str()))
+            .field("jti", Some(o.jti.as_str()))
+            .field("client", Some(o.client.as_str()))
+            .field("target", Some(o.target.as_str()))
+            .field("started", Some(o.started))
+            .field("ended", Some(unix_now()))
             .field("path", Some(self.path.display().to_string()))
+            .field("format", Some(self.format.name()))
             .field("bytes", Some(written))
             .field("sha256", Some(sha256))
             .field("complete", Some(why_stopped.is_none()))
@@ -485,6 +644,7 @@ mod tests {
         let settings = RecordingSettings {
             folder: dir.path().to_path_buf(),
             backends: Vec::new(),
+            required: Vec::new(),
             max_bytes: 4096,
             keep_for: Some(day),
             max_total_bytes: Some(500),

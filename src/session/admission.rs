@@ -48,6 +48,11 @@ const TAKEOVER_POLL: Duration = Duration::from_millis(20);
 use crate::transport::gate::Gate;
 use crate::transport::listener::TlsSlot;
 
+/// A session's recording is required and cannot be made: why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unrecordable(pub String);
+
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -772,20 +777,42 @@ impl Sessions {
         Ok(Some(self.registry.watchers_of(&jti).await.unwrap_or(0) > 0))
     }
 
-    /// The recording of `grant`'s session `id`, if its backend network is
-    /// recorded: serial (asciicast) and VNC (FBS) consoles; a shadow is not
-    /// recorded again.
-    pub fn recorder_for(&self, grant: &Grant, id: &str) -> Option<crate::recording::Recorder> {
+    /// The recording of `grant`'s session `live`, if its backend network or
+    /// its token asks for one: serial (asciicast) and VNC (FBS) consoles;
+    /// a shadow is not recorded again. `Err` when the recording is required
+    /// and cannot be made (no `[recording]`, a console type not recorded,
+    /// the file not created): the session must not run.
+    pub fn recorder_for(
+        &self,
+        grant: &Grant,
+        live: &super::registry::LiveSession,
+    ) -> Result<Option<crate::recording::Recorder>, Unrecordable> {
         use crate::recording::Format;
-        let settings = self.recording.as_ref()?;
+        if grant.shadow_of().is_some() {
+            return Ok(None);
+        }
+        let Some(settings) = self.recording.as_ref() else {
+            return if grant.record() {
+                Err(Unrecordable(
+                    "this gateway records nothing (no [recording])".into(),
+                ))
+            } else {
+                Ok(None)
+            };
+        };
+        let Some(required) = settings.wants(&grant.backend, grant.record()) else {
+            return Ok(None);
+        };
         let format = match grant.console {
             ConsoleType::Serial => Format::Asciicast,
             ConsoleType::Novnc | ConsoleType::VncDirect => Format::Fbs,
-            ConsoleType::SpiceHtml5 | ConsoleType::SpiceDirect => return None,
+            ConsoleType::SpiceHtml5 | ConsoleType::SpiceDirect => Format::Spice,
         };
-        (grant.shadow_of().is_none() && settings.records(&grant.backend))
-            .then(|| settings.start(format, id, &grant.instance))
-            .flatten()
+        match settings.start(format, &live.record(), required) {
+            Ok(recorder) => Ok(Some(recorder)),
+            Err(why) if required => Err(Unrecordable(why)),
+            Err(_) => Ok(None),
+        }
     }
 
     /// The live session a shadow watches, on whichever node.

@@ -251,6 +251,16 @@ impl BrowserAdmission {
                 }
             };
             early.up = super::after_handshake(early.up, &pending);
+            let recorder = match sessions.recorder_for(&grant, life.live()) {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::warn!("session refused: its recording is required and {why}");
+                    ws_relay::close(&mut socket, CloseReason::RecordingStopped).await;
+                    life.finish("recording_unavailable", Traffic::default())
+                        .await;
+                    return;
+                }
+            };
             let opts = sessions.relay_options(Some(&grant));
             let counters = life.live().bytes.clone();
             let (reason, traffic, _) = relay(
@@ -260,7 +270,7 @@ impl BrowserAdmission {
                 FanOut {
                     input: ClientInput::of(&grant),
                     shadows: life.live().fan_out.clone(),
-                    recorder: sessions.recorder_for(&grant, &life.live().id),
+                    recorder,
                 },
                 opts,
                 life.stop(),

@@ -69,6 +69,9 @@ pub enum CloseReason {
     TakenOver,
     /// The session reached `max_session_age_secs`.
     MaxAge,
+    /// Its recording is required (`[recording] required`, the token's
+    /// `console.record`) and could not be made or stopped.
+    RecordingStopped,
     /// The session this connection joined has ended.
     SessionEnded,
     /// The client broke the WebSocket protocol (an unmasked frame, reserved
@@ -94,6 +97,7 @@ impl CloseReason {
             CloseReason::Terminated => "terminated",
             CloseReason::TakenOver => "taken_over",
             CloseReason::MaxAge => "max_age",
+            CloseReason::RecordingStopped => "recording_stopped",
             CloseReason::SessionEnded => "session_ended",
             CloseReason::WebSocketProtocol => "client_protocol_error",
             CloseReason::InvalidUtf8 => "client_invalid_utf8",

@@ -132,7 +132,11 @@ pub struct FanOut {
 impl Inspect for FanOut {
     async fn inspect(&mut self, chunk: &[u8]) -> Result<(), CloseReason> {
         if let Some(recorder) = &mut self.recorder {
-            recorder.record(chunk);
+            // A required recording that stopped ends the session before
+            // the client sees what it did not record.
+            recorder
+                .record(chunk)
+                .map_err(|_| CloseReason::RecordingStopped)?;
         }
         if let Some(tx) = &self.shadows
             && tx.receiver_count() > 0

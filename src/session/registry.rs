@@ -149,6 +149,10 @@ pub struct LiveSession {
     /// watch (a serial console serves one client: its shadows cannot
     /// connect themselves). Serial sessions that are not shadows only.
     pub fan_out: Option<tokio::sync::broadcast::Sender<bytes::Bytes>>,
+    /// A SPICE session's recording, which its channels record into (each
+    /// with its own tag); taken when its main channel ends, so that the
+    /// file is finished with the session.
+    pub recording: std::sync::Mutex<Option<crate::recording::Recorder>>,
 }
 
 /// How many chunks of a serial console's output a shadow may fall behind
@@ -330,6 +334,7 @@ impl Registry {
             view_only: s.view_only,
             shadow_of: s.shadow_of,
             watchers: Default::default(),
+            recording: Default::default(),
         });
         let mut maps = self.lock();
         if let Some(key) = &live.key {

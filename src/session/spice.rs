@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 
+use super::admission::Unrecordable;
 use super::display_drain::{DrainOf, DrainTimes, drain};
 use super::driver::{DriveError, drive, send};
 use super::lifecycle::{Handshake, Lifecycle};
@@ -55,6 +56,7 @@ use crate::protocol::spice::link::{
 };
 use crate::protocol::spice::main_watch::{MainEvent, MainWatch};
 use crate::protocol::spice::messages::{LinkError, LinkMess, channel, common_cap};
+use crate::recording::Recorder;
 use crate::token::ticket::{Admitted, ChannelRole, TicketId, TicketRefusal, TicketStore};
 use crate::transport::conn::{Conn, Io};
 use crate::transport::ws_stream::WsBytes;
@@ -286,13 +288,17 @@ pub async fn serve_native(
         early,
         inspect,
         end,
+        recorder,
     }) = linking.await
     else {
         return;
     };
     let counters = end.counters();
     let track = inspect.display_track();
-    let inspect = EachMessage::new(inspect);
+    let inspect = Recorded {
+        inner: EachMessage::new(inspect),
+        recorder,
+    };
     let (reason, traffic, kept) =
         splice(client, upstream, early, inspect, end.stop(), &counters).await;
     end.finish_or_drain(&sessions, reason, traffic, kept, track)
@@ -326,6 +332,7 @@ pub async fn serve_browser<S>(
         mut early,
         inspect,
         end,
+        recorder,
     } = match linked {
         Ok(channel) => channel,
         Err(reason) => {
@@ -337,6 +344,10 @@ pub async fn serve_browser<S>(
     let counters = end.counters();
     let opts = sessions.relay_options(Some(&grant));
     let track = inspect.display_track();
+    let inspect = Recorded {
+        inner: inspect,
+        recorder,
+    };
     let (reason, traffic, kept) = relay(
         socket,
         upstream,
@@ -351,12 +362,122 @@ pub async fn serve_browser<S>(
         .await;
 }
 
+/// The client leg of one channel of a recording's playback: the link
+/// message, Porthole's key, the ticket (read and left: the playback's token
+/// admitted the page), then OK. Returns the client's link message (its
+/// channel and framing), or nothing when the client failed or left.
+pub async fn link_playback<S: Io>(
+    sessions: &Sessions,
+    client: &mut S,
+    deadline: Instant,
+) -> Option<LinkMess> {
+    let mut link = ClientLink::new();
+    let Ok(ClientStep::Linked(mess)) = drive(&mut link, client, deadline).await else {
+        return None;
+    };
+    let key = sessions.keys.pick();
+    send(client, &link.accept(&key.der, &mess), deadline)
+        .await
+        .ok()?;
+    let Ok(ClientStep::Ticket(_)) = drive(&mut link, client, deadline).await else {
+        return None;
+    };
+    send(client, &link.result(LinkError::Ok), deadline)
+        .await
+        .ok()?;
+    Some(mess)
+}
+
 /// A channel linked on both legs, ready to relay.
 struct Channel {
     upstream: Conn,
     early: Early,
     inspect: ChannelInspect,
     end: ChannelEnd,
+    /// Its recording, if its session is recorded.
+    recorder: Option<Recorder>,
+}
+
+/// A channel's inspector that also records what the hypervisor sends
+/// (after the inspector passed it): a required recording that stopped
+/// ends the channel before its client sees what was not recorded.
+struct Recorded<I> {
+    inner: I,
+    recorder: Option<Recorder>,
+}
+
+impl<I: Inspect> Inspect for Recorded<I> {
+    async fn inspect(&mut self, chunk: &[u8]) -> Result<(), CloseReason> {
+        self.inner.inspect(chunk).await?;
+        match &mut self.recorder {
+            Some(r) => r.record(chunk).map_err(|_| CloseReason::RecordingStopped),
+            None => Ok(()),
+        }
+    }
+
+    fn client_tap(&self) -> Option<ClientTap> {
+        self.inner.client_tap()
+    }
+
+    fn keeps_upstream(&self, reason: CloseReason) -> bool {
+        self.inner.keeps_upstream(reason)
+    }
+
+    fn message_ends(&mut self, chunk: &[u8], ends: &mut Vec<usize>) {
+        self.inner.message_ends(chunk, ends);
+    }
+}
+
+/// The recorder of one channel: the main channel starts its session's
+/// recording (kept in the session's entry for the other channels), each
+/// channel records under its own type and id. `Err` when the recording is
+/// required and this channel cannot be recorded.
+fn channel_recorder(
+    sessions: &Sessions,
+    session: &ChannelSession,
+    grant: &crate::token::Grant,
+    mess: &LinkMess,
+) -> Result<Option<Recorder>, Unrecordable> {
+    let mini_header = mess.caps.has_common(common_cap::MINI_HEADER);
+    let of = |template: &Recorder| match template.channel(
+        mess.channel_type,
+        mess.channel_id,
+        mini_header,
+    ) {
+        Some(r) => Ok(Some(r)),
+        None if template.required() => Err(Unrecordable("its recording has stopped".into())),
+        None => Ok(None),
+    };
+    match session {
+        ChannelSession::Owns(life) => {
+            let Some(template) = sessions.recorder_for(grant, life.live())? else {
+                return Ok(None);
+            };
+            let channel = of(&template);
+            *recording_of(life.live()) = Some(template);
+            channel
+        }
+        ChannelSession::Joins { live, .. } => match recording_of(live).as_ref() {
+            Some(template) => of(template),
+            // Recorded on another node (its main channel's), or not at all.
+            None if sessions
+                .recording
+                .as_ref()
+                .and_then(|r| r.wants(&grant.backend, grant.record()))
+                .unwrap_or(grant.record()) =>
+            {
+                Err(Unrecordable(
+                    "its session is recorded on another node: keep a client's channels on one node"
+                        .into(),
+                ))
+            }
+            None => Ok(None),
+        },
+    }
+}
+
+fn recording_of(live: &LiveSession) -> std::sync::MutexGuard<'_, Option<Recorder>> {
+    live.recording.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a channel belongs to.
@@ -447,8 +568,10 @@ impl ChannelEnd {
         );
         match self.session {
             ChannelSession::Owns(life) => {
-                // The session is over: its ticket is dead, late channels are refused.
+                // The session is over: its ticket is dead, late channels are
+                // refused, its recording is finished once they are gone.
                 sessions.tickets.end(&self.ticket).await;
+                recording_of(life.live()).take();
                 life.finish(reason.as_str(), traffic).await;
             }
             ChannelSession::Joins { guards, .. } => {
@@ -692,6 +815,26 @@ async fn link_channel<S: Io>(
         ChannelSession::Owns(life) => life.stop(),
         ChannelSession::Joins { stop, .. } => stop.clone(),
     };
+    let recorder = match channel_recorder(sessions, &session, &admitted.grant, &mess) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(
+                jti = %admitted.grant.jti, channel = channel_name(mess.channel_type),
+                "spice channel refused: its recording is required and {why}"
+            );
+            let _ = write_within(client, &link.refuse(LinkError::Error), native).await;
+            match session {
+                ChannelSession::Owns(life) => {
+                    sessions.tickets.end(&admitted.id).await;
+                    recording_of(life.live()).take();
+                    life.finish("recording_unavailable", super::Traffic::default())
+                        .await;
+                }
+                ChannelSession::Joins { guards, .. } => guards.release().await,
+            }
+            return Err(CloseReason::RecordingStopped);
+        }
+    };
     let linking = link_upstream(sessions, client, &mut link, &mess, &admitted, deadline);
     let (outcome, reply, close) = match stop.unless_stopped(linking).await {
         Ok(Ok((upstream, up_early, upstream_tls))) => {
@@ -708,9 +851,10 @@ async fn link_channel<S: Io>(
                 up: link.into_leftover(),
                 down: up_early,
             };
-            return Ok(Channel::new(
-                sessions, upstream, early, &mess, admitted, session, peer,
-            ));
+            let mut linked =
+                Channel::new(sessions, upstream, early, &mess, admitted, session, peer);
+            linked.recorder = recorder;
+            return Ok(linked);
         }
         Ok(Err(r)) => {
             r.record(
@@ -726,10 +870,12 @@ async fn link_channel<S: Io>(
     if let Some(code) = reply {
         let _ = write_within(client, &link.refuse(code), native).await;
     }
+    drop(recorder);
     match session {
         ChannelSession::Owns(life) => {
             // The session never started: nothing may join it.
             sessions.tickets.end(&admitted.id).await;
+            recording_of(life.live()).take();
             life.finish(outcome, super::Traffic::default()).await;
         }
         ChannelSession::Joins { guards, .. } => guards.release().await,
@@ -779,6 +925,7 @@ impl Channel {
                 peer,
                 started: StdInstant::now(),
             },
+            recorder: None,
         }
     }
 }

@@ -366,6 +366,16 @@ pub async fn serve_native(
         up: leg.into_leftover(),
         down: authed.early,
     };
+    let recorder = match sessions.recorder_for(&grant, life.live()) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!("session refused: its recording is required and {why}");
+            sessions.tickets.end(&admitted.id).await;
+            life.finish("recording_unavailable", Traffic::default())
+                .await;
+            return;
+        }
+    };
     let (reason, traffic, _) = splice(
         client,
         authed.backend,
@@ -373,7 +383,7 @@ pub async fn serve_native(
         FanOut {
             input: ClientInput::of(&grant),
             shadows: None,
-            recorder: sessions.recorder_for(&grant, &life.live().id),
+            recorder,
         },
         life.stop(),
         life.counters(),

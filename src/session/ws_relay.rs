@@ -457,6 +457,7 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::MaxAge => (4004, "maximum session age reached"),
         CloseReason::ClientUnresponsive => (4005, "client unresponsive"),
         CloseReason::TakenOver => (4006, "taken over by a newer connection"),
+        CloseReason::RecordingStopped => (4007, "the console must be recorded and cannot be"),
         CloseReason::SessionEnded => (1000, "session ended"),
         CloseReason::WebSocketProtocol => (1002, "websocket protocol error"),
         CloseReason::InvalidUtf8 => (1007, "invalid utf-8"),

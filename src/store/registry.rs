@@ -400,6 +400,8 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         // Another node's output is not fanned out here.
         fan_out: None,
         watchers: number("watchers").try_into().unwrap_or(0).into(),
+        // Another node's session records there.
+        recording: Default::default(),
     })
 }
 

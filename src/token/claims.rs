@@ -35,6 +35,14 @@ pub struct ConsoleClaim {
     /// token never opens a console that can be typed into.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub view_only: bool,
+    /// The session must be recorded (`[recording]`): a session that cannot
+    /// be, or whose recording stops, is refused or ended, whatever its
+    /// backend network's setting. Optional; absent is `false` (then the
+    /// backend network decides). A Porthole older than this field refuses
+    /// such a token: an issuer that asks for a recording never gets an
+    /// unrecorded session.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record: bool,
 }
 
 impl ConsoleClaim {

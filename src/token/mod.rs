@@ -198,6 +198,12 @@ impl Grant {
         self.claims.console.view_only || self.claims.shadow_of.is_some()
     }
 
+    /// Whether its issuer requires the session to be recorded (the
+    /// token's `console.record`).
+    pub fn record(&self) -> bool {
+        self.claims.console.record
+    }
+
     /// The live session this grant watches, if it is a shadow's.
     pub fn shadow_of(&self) -> Option<&str> {
         self.claims.shadow_of.as_deref()

@@ -542,6 +542,7 @@ mod tests {
                     port: target.port,
                     tls_port: target.tls_port,
                     view_only: false,
+                    record: false,
                 },
                 shadow_of: None,
                 playback: None,

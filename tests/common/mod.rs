@@ -405,6 +405,7 @@ impl Gateway {
                 port,
                 tls_port: None,
                 view_only: false,
+                record: false,
             },
             ttl_secs: 60,
         };

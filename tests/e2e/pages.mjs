@@ -3,7 +3,7 @@
 // (browser.mjs opens one page per run; a shadow test needs an owner's page
 // and a watcher's page side by side.)
 //   {"op": "open", "name": N, "url": U}       -> the page's final state once it left "connecting"
-//   {"op": "canvas", "name": N, "out": PATH}   -> noVNC's canvas saved as PNG
+//   {"op": "canvas", "name": N, "out": PATH}   -> noVNC's canvas (spice-html5's primary surface) saved as PNG
 //   {"op": "press", "name": N, "key": K}       -> clicks the screen once (noVNC takes keys then), presses K
 //   {"op": "wait_ended", "name": N, "ms": T}   -> waits (at most T ms) until the page is neither
 //                                                  connected nor connecting and its sockets closed
@@ -72,7 +72,7 @@ async function handle(cmd) {
     }
     case 'canvas': {
       const { page } = pages.get(cmd.name);
-      const dataUrl = await page.evaluate(() => document.querySelector('#screen canvas')?.toDataURL('image/png') ?? null);
+      const dataUrl = await page.evaluate(() => document.querySelector('canvas#spice_surface_0, #screen canvas')?.toDataURL('image/png') ?? null);
       if (!dataUrl) return { canvas: false };
       writeFileSync(cmd.out, Buffer.from(dataUrl.split(',')[1], 'base64'));
       return { canvas: true };

@@ -103,12 +103,15 @@ ports = ["1024-65535"]
         leak_check.remember(self.bearer.read_text())
         self.gateway = Gateway(["--config", str(config)], tmp / "porthole.log", admin_port=self.admin_port)
 
-    def mint(self, console, port, ttl=120, host="127.0.0.1", tls_port=None, view_only=False):
+    def mint(self, console, port, ttl=120, host="127.0.0.1", tls_port=None, view_only=False, record=False):
         """A token from `porthole token mint`; view_only: --view-only (the
-        client may watch, Porthole drops its input)."""
+        client may watch, Porthole drops its input); record: --record (the
+        session must be recorded)."""
         extra = ["--tls-port", str(tls_port)] if tls_port else []
         if view_only:
             extra.append("--view-only")
+        if record:
+            extra.append("--record")
         out = run("token", "mint", "--key", str(self.key.private), "--kid", self.key.kid, "--type", console,
                   "--instance", "e2e-vm", "--host", host, "--port", str(port), "--ttl", str(ttl),
                   "--issuer", ISSUER, "--audience", AUDIENCE, "--base-url", self.base, "--json", *extra).stdout

@@ -132,3 +132,91 @@ def test_a_novnc_session_plays_back_in_chromium_ending_on_the_vms_last_frame(tmp
             pages.close()
         vm.stop()
         assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_a_spice_html5_session_plays_back_in_spice_html5_ending_on_the_sessions_last_frame(spice_vm, tmp_path):
+    from screen import differing_fraction
+    from spice_client import spicy_capture, wait_for_final_spice_screen
+    from test_shadow import Pages, SerialReader, canvases_match
+
+    vm = spice_vm
+    pw = tmp_path / "spice-password"
+    pw.write_text(vm.spice_password + "\n")
+    backend = f'[backends.spice]\npassword_file = "{pw}"\nca = "{vm.spice_ca}"'
+    p = Porthole(tmp_path, backend_extra=backend,
+                 sections='[recording]\nfolder = "recordings"\nbackends = ["loopback"]\n')
+    pages = None
+    try:
+        final = wait_for_final_spice_screen(vm, tmp_path)
+        minted = p.mint("spice-html5", vm.spice_port, tls_port=vm.spice_tls_port)
+        pages = Pages(tmp_path)
+        owner = pages("open", name="owner", url=minted["url"])
+        assert owner["state"] == "connected", owner
+        canvases_match(pages, ["owner"], final, tmp_path, "live")
+        # The screen changes during the session: a reset, then the owner
+        # opens SeaBIOS's boot menu, the recording's last frame.
+        com1 = SerialReader(vm)
+        try:
+            vm.qmp("system_reset")
+            com1.until(b"Press ESC")
+            deadline = time.monotonic() + 10
+            while b"Select boot device" not in com1.seen:
+                assert time.monotonic() < deadline, com1.seen[-300:]
+                pages("press", name="owner", key="Escape")
+                try:
+                    com1.until(b"Select boot device", within=1)
+                except AssertionError:
+                    pass
+        finally:
+            com1.close()
+        time.sleep(1)
+        live = tmp_path / "live-menu.png"
+        assert pages("canvas", name="owner", out=str(live))["canvas"]
+        assert differing_fraction(live, final) >= 0.003, "the boot menu looks like the final screen"
+        pages("close", name="owner")
+        # What the VM shows now, captured directly: the session's last frame.
+        menu = spicy_capture(tmp_path / "direct-menu.png", "127.0.0.1", vm.spice_password, port=vm.spice_port)
+        assert differing_fraction(menu, live) <= 0.01, "the page's last frame is not the VM's screen"
+
+        finished = wait_for(lambda: [e for e in p.audit() if e["event"] == "recording_finished"],
+                            "no recording_finished in the audit trail")
+        assert len(finished) == 1, finished
+        rec = finished[0]
+        assert rec["path"].endswith(".spice") and rec["complete"] is True, rec
+        assert rec["console"] == "spice-html5" and rec["jti"] == minted["jti"], rec
+        data = open(rec["path"], "rb").read()
+        assert data.startswith(b"PHSPICE 001\n")
+        assert hashlib.sha256(data).hexdigest() == rec["sha256"]
+        # Every channel is in it (main 1, display 2, inputs 3, cursor 4), and
+        # never the hypervisor's password.
+        channels = spice_channels(data)
+        assert {1, 2, 3, 4} <= channels, channels
+        assert vm.spice_password.encode() not in data
+
+        status, answer = p.admin("POST", f"/v1/recordings/{rec['session']}/playback", {}, actor="auditor")
+        assert status == 200, answer
+        import leak_check
+        leak_check.remember(answer["token"])
+        played = pages("open", name="playback", url=answer["url"])
+        assert played["state"] == "connected", played
+        assert played["badge"] and "Playback" in played["badge"], played
+        got = canvases_match(pages, ["playback"], menu, tmp_path, "played", within=60)
+        print(f"spice playback's last frame, differing from a direct capture of the menu: {got}")
+        assert "spice channel linked" not in p.log().split("playback issued")[-1], "a playback touched the hypervisor"
+    finally:
+        if pages is not None:
+            pages.close()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def spice_channels(data):
+    """The channel types that linked in a SPICE recording (docs/recording.md)."""
+    import struct
+    at, seen = 12, set()
+    while at + 11 <= len(data):
+        _ms, kind, _id, what, length = struct.unpack(">IBBBI", data[at:at + 11])
+        if what == 0:
+            seen.add(kind)
+        at += 11 + length
+    assert at == len(data), "records do not end where the file does"
+    return seen

@@ -133,7 +133,11 @@ def canvases_match(pages, names, reference, tmp_path, tag, within=15):
         got = {}
         for name in names:
             out = tmp_path / f"{tag}-{name}-{n}.png"
-            assert pages("canvas", name=name, out=str(out))["canvas"], name
+            # (spice-html5 makes its canvas when the display channel's first
+            # surface arrives, after the page says it is connected.)
+            if not pages("canvas", name=name, out=str(out))["canvas"]:
+                got[name] = 1.0
+                continue
             try:
                 seabios_screen(out)
                 got[name] = differing_fraction(out, reference)

@@ -8,6 +8,10 @@ import {
 
 const spice = await loadLibrary('../vendor/spice-html5/main.js', 'spice-html5');
 
+// Served as /playback: a recording, played at its recorded speed. Its
+// sockets need no ticket: the playback's token admitted them.
+const playback = location.pathname.endsWith('/playback');
+
 const cad = document.getElementById('cad');
 cad.hidden = viewOnly;
 showViewOnly();
@@ -34,9 +38,9 @@ async function ticket() {
 
 async function connect() {
   setStatus('connecting', reconnects ? 'Reconnecting…' : 'Connecting…');
-  let password;
+  let password = '';
   try {
-    password = await ticket();
+    if (!playback) password = await ticket();
   } catch (code) {
     setStatus(code, refusedMessage(code));
     return;
@@ -47,15 +51,15 @@ async function connect() {
   let conn;
   try {
     conn = new spice.SpiceMainConn({
-      uri: socketUrl('spice'),
+      uri: socketUrl(playback ? 'playback/spice' : 'spice'),
       password,
       screen_id: 'screen',
       onsuccess: () => {
         connected = true;
         reconnects = 0;
         cad.disabled = false;
-        setStatus('connected', 'Connected');
-        followWatchers();
+        setStatus('connected', playback ? 'Playing the recording' : 'Connected');
+        if (!playback) followWatchers();
       },
       // Only the main channel reports here; its socket closing, a refused
       // ticket ("Permission denied.") and a link timeout all end the session.
@@ -80,6 +84,13 @@ async function connect() {
 
 async function ended(conn, connected, error, closeCode) {
   cad.disabled = true;
+  if (playback) {
+    // The last frame stays on the screen.
+    const code = closeCode();
+    setStatus(code === 1000 ? 'ended' : 'disconnected',
+      code === 1000 ? 'Recording played to its end' : closeMessage(code));
+    return;
+  }
   try {
     conn.stop();
   } catch {

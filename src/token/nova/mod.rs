@@ -743,6 +743,7 @@ impl NovaResolver {
                 tls_port,
                 // Nova has no view-only consoles.
                 view_only: false,
+                record: false,
             },
             shadow_of: None,
             playback: None,
