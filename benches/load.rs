@@ -19,6 +19,10 @@
 //! - `porthole view-only`: the same Porthole with a view-only token: every
 //!   client message goes through the RFB view-only filter (throughput only;
 //!   `cargo bench --bench load -- view-only` runs only that comparison).
+//! - `porthole recording`: a second Porthole, configured like the first but
+//!   with `[recording]` on its backend network, so every session is written
+//!   to an FBS file (`load/recording.rs`; `cargo bench --bench load --
+//!   recording` runs only that comparison, with what the recordings hold).
 //!
 //! Then the shared store (`load/store.rs`): the same Porthole against one node
 //! with `[store]` on redis-server and two nodes behind HAProxy.
@@ -46,6 +50,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 #[path = "load/nova.rs"]
 mod nova;
+#[path = "load/recording.rs"]
+mod recording;
 #[path = "load/store.rs"]
 mod store;
 
@@ -171,6 +177,8 @@ enum Target {
     Porthole,
     /// Porthole with a view-only token (the same process).
     PortholeViewOnly,
+    /// A Porthole of its own whose sessions are recorded.
+    PortholeRecording,
     Relay,
     Websockify,
 }
@@ -181,6 +189,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Porthole => "porthole",
             Target::PortholeViewOnly => "porthole view-only",
+            Target::PortholeRecording => "porthole recording",
             Target::Relay => "relay",
             Target::Websockify => "websockify",
         }
@@ -291,6 +300,8 @@ struct Setup {
     signer: porthole::token::signing::Signer,
     processes: Processes,
     sunk: Arc<AtomicU64>,
+    /// The recorded Porthole's folder and audit trail.
+    recorded: recording::Recorded,
 }
 
 /// The proxies this tool started; killed on drop, even after a panic.
@@ -334,6 +345,9 @@ impl Setup {
                 self.porthole,
                 mint_view_only(&self.signer, self.far.port())
             ),
+            Target::PortholeRecording => {
+                format!("ws://{}/vnc?token={}", self.recorded.public, self.token())
+            }
             Target::Relay => format!("ws://{}/", self.relay),
             Target::Websockify => format!(
                 "ws://{}/",
@@ -554,6 +568,11 @@ async fn throughput(
     let cpu = cpu_seconds(s.pid(target))
         .zip(cpu_before)
         .map(|(a, b)| a - b);
+    if target == Target::PortholeRecording {
+        // After the measurement: its sessions' ends, their recordings
+        // finished (flushed and synced), tallied and removed.
+        s.recorded.settle(clients).await;
+    }
     Ok(Throughput {
         mb_per_s: bytes as f64 / elapsed / 1e6,
         cpu_s_per_gb: cpu.map(|c| c / (bytes as f64 / 1e9)),
@@ -691,7 +710,8 @@ fn porthole_bin() -> PathBuf {
 }
 
 /// Porthole's config for the bench: its key, caps far above any count asked,
-/// a native VNC listener (so `/vnc-direct` exchanges), and `extra` sections.
+/// a native VNC listener (so `/vnc-direct` exchanges), and `extra` sections;
+/// its one backend network is named `load`.
 fn write_porthole_config(
     dir: &std::path::Path,
     name: &str,
@@ -707,7 +727,7 @@ fn write_porthole_config(
              max_sessions_per_client = {PORTHOLE_MAX_SESSIONS}\n\
              max_sessions_per_token = {PORTHOLE_MAX_SESSIONS_PER_TOKEN}\n\n\
              [vnc]\nlisten = \"{vnc}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n{extra}\n\
-             [[backends]]\nnetworks = [\"127.0.0.0/8\"]\nports = [\"1024-65535\"]\n",
+             [[backends]]\nname = \"load\"\nnetworks = [\"127.0.0.0/8\"]\nports = [\"1024-65535\"]\n",
             dir.join("load.pub.pem").display(),
             dir.join("tls.crt").display(),
             dir.join("tls.key").display(),
@@ -772,6 +792,11 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         Target::Porthole,
         start_porthole(dir, "porthole", porthole_addr),
     ));
+    let recorded = recording::Recorded::configure(dir);
+    processes.0.push((
+        Target::PortholeRecording,
+        start_porthole(dir, "recording", recorded.public),
+    ));
 
     let relay_addr = free_addr();
     let relay = Command::new(std::env::current_exe().unwrap())
@@ -812,6 +837,7 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         signer,
         processes,
         sunk,
+        recorded,
     }
 }
 
@@ -829,11 +855,13 @@ fn main() {
     }
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
     let full = args.iter().any(|a| a == "--bench");
-    // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`): that part only.
-    let only = args
-        .iter()
-        .skip(1)
-        .find_map(|a| ["store", "nova", "view-only"].into_iter().find(|p| a == p));
+    // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`,
+    // `-- recording`): that part only.
+    let only = args.iter().skip(1).find_map(|a| {
+        ["store", "nova", "view-only", "recording"]
+            .into_iter()
+            .find(|p| a == p)
+    });
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(run(full, only));
 }
@@ -853,6 +881,9 @@ async fn run(full: bool, only: Option<&str>) {
     }
     if only.is_none_or(|p| p == "view-only") {
         view_only_compare(&s, full).await;
+    }
+    if only.is_none_or(|p| p == "recording") {
+        recording::compare(&s, full).await;
     }
     if only.is_none_or(|p| p == "store") {
         store::compare(&s, full).await;
