@@ -77,6 +77,5 @@ pub(super) fn validate_recording(
         max_bytes,
         keep_for: (keep_days > 0).then(|| std::time::Duration::from_secs(keep_days * 86_400)),
         max_total_bytes: (max_total > 0).then_some(max_total),
-        writing: Default::default(),
     })
 }

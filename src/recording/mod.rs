@@ -87,8 +87,6 @@ pub struct RecordingSettings {
     pub keep_for: Option<std::time::Duration>,
     /// The most bytes all recordings may take; the oldest go first.
     pub max_total_bytes: Option<u64>,
-    /// Recordings being written (their paths): retention never removes one.
-    pub writing: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl RecordingSettings {
@@ -137,10 +135,6 @@ impl RecordingSettings {
             Format::Spice => spice::MAGIC.to_vec(),
         };
         let behind = Arc::new(AtomicBool::new(false));
-        self.writing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.clone());
         AuditEvent::new("recording_started")
             .session(who)
             .field("path", Some(path.display().to_string()))
@@ -152,7 +146,6 @@ impl RecordingSettings {
             path,
             max_bytes: self.max_bytes,
             format,
-            writing: self.writing.clone(),
         };
         tokio::spawn(writer.run(tokio::fs::File::from_std(file), header, rx, behind.clone()));
         crate::metrics::recording_started(format.name());
@@ -266,15 +259,10 @@ impl RecordingSettings {
     /// than `keep_for`, then the oldest until all fit `max_total_bytes`;
     /// never one being written. Each removal is audited.
     pub fn sweep(&self, now: std::time::SystemTime) {
-        let writing = self
-            .writing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let mut all = self.files();
         // Those being written count toward the total; they are never removed.
         let mut total: u64 = all.iter().map(|(_, r)| r.bytes).sum();
-        all.retain(|(path, _)| !writing.contains(path));
+        all.retain(|(path, _)| !being_written(path));
         // Oldest first.
         all.reverse();
         let now = now
@@ -331,14 +319,30 @@ fn is_id(id: &str) -> bool {
 }
 
 /// Creates `path` for writing, readable by its owner only; never an
-/// existing file.
+/// existing file. The file stays locked (`flock`, exclusive) while it is
+/// written: retention, on this node or another sharing the folder (NFS
+/// passes `flock` on as a lock of the whole file), leaves it alone.
 fn create_private(path: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::Error(e) => e,
+        std::fs::TryLockError::WouldBlock => io::Error::other("locked by another writer"),
+    })?;
+    Ok(file)
+}
+
+/// Whether a writer holds `path` (its lock); a file that cannot be opened
+/// is left alone as well.
+fn being_written(path: &Path) -> bool {
+    match std::fs::File::open(path) {
+        Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(_) => true,
+    }
 }
 
 /// Creates the recordings folder (`0700`) if it is missing.
@@ -470,7 +474,6 @@ struct Writer {
     path: PathBuf,
     max_bytes: u64,
     format: Format,
-    writing: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl Writer {
@@ -580,10 +583,6 @@ impl Writer {
             );
         }
         let _ = out.get_mut().sync_all().await;
-        self.writing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.path);
         let sha256 = hex(&hash.finalize());
         tracing::info!(session = %self.owner.session, path = %self.path.display(), bytes = written, %sha256, "recording finished");
         let o = &self.owner;
@@ -639,7 +638,10 @@ mod tests {
         file("s-old.cast", 100, 10 * day);
         file("s-big.fbs", 300, Duration::from_secs(7200));
         file("s-new.cast", 300, Duration::from_secs(3600));
-        let writing = file("s-live.cast", 100, 10 * day);
+        let live = file("s-live.cast", 100, 10 * day);
+        // Its writer holds it, as a node's writer does.
+        let held = std::fs::File::open(&live).unwrap();
+        held.lock().unwrap();
         file("notes.txt", 5000, 10 * day);
         let settings = RecordingSettings {
             folder: dir.path().to_path_buf(),
@@ -648,9 +650,7 @@ mod tests {
             max_bytes: 4096,
             keep_for: Some(day),
             max_total_bytes: Some(500),
-            writing: Arc::default(),
         };
-        settings.writing.lock().unwrap().insert(writing);
         settings.sweep(now);
         let mut left: Vec<String> = settings.list().into_iter().map(|r| r.id).collect();
         left.sort();
@@ -658,5 +658,6 @@ mod tests {
         // that is not being written, s-big. Not a recording: notes.txt.
         assert_eq!(left, ["s-live", "s-new"]);
         assert!(dir.path().join("notes.txt").exists());
+        drop(held);
     }
 }
