@@ -653,6 +653,14 @@ fn warn_missing_clients(web: &crate::config::WebConfig) {
             web.spice_html5_dir.display()
         );
     }
+    let player = web.root.join(crate::frontend::playback::PLAYER_DIR);
+    if !player.join("asciinema-player.min.js").is_file() {
+        tracing::warn!(
+            "asciinema-player not found in {}: the web player's page will say so, serial \
+             recordings still play in the serial page (run `npm ci` in web/)",
+            player.display()
+        );
+    }
     use crate::frontend::xterm::Flavour;
     let xterm = web.xterm_dir.display();
     match Flavour::of(&web.xterm_dir) {

@@ -215,7 +215,18 @@ async fn plays_back(g: &Gateway, id: &str, shown: &str) {
     )
     .await;
     assert_eq!(status, 200);
+    assert!(page.contains("cast.js"), "asciinema-player's page");
+    let (status, page) = http(
+        g.public,
+        "GET",
+        &format!("/playback?token={token}&client=terminal"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
     assert!(page.contains("serial.js"), "the serial page");
+    downloads(g, id, token).await;
     let url = format!("ws://{}/playback/serial?token={token}", g.public);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let mut played = Vec::new();
@@ -255,6 +266,50 @@ async fn plays_back(g: &Gateway, id: &str, shown: &str) {
     )
     .await;
     assert_eq!(status, 400);
+}
+
+/// Recording `id`'s file, as asciinema-player (the playback's `token`) and
+/// the admin API (the bearer key) download it; nothing without either.
+async fn downloads(g: &Gateway, id: &str, token: &str) {
+    let file = std::fs::read_to_string(g.dir.path().join(format!("recordings/{id}.cast"))).unwrap();
+    let (status, body) = http(
+        g.public,
+        "GET",
+        &format!("/playback/file?token={token}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, file.as_str()));
+    let admin = format!("/v1/recordings/{id}/file");
+    let (status, body) = http(g.admin, "GET", &admin, Some(BEARER), None).await;
+    assert_eq!((status, body.as_str()), (200, file.as_str()));
+    let (status, _) = http(g.admin, "GET", &admin, None, None).await;
+    assert_eq!(status, 401);
+    let (status, _) = http(
+        g.admin,
+        "GET",
+        "/v1/recordings/nothing/file",
+        Some(BEARER),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let console = g.token(ConsoleType::Serial, 4555, "vm-r");
+    for refused in ["", "?token=x.y.z", &format!("?token={console}")] {
+        let (status, body) = http(
+            g.public,
+            "GET",
+            &format!("/playback/file{refused}"),
+            None,
+            None,
+        )
+        .await;
+        assert!(
+            matches!(status, 400 | 401 | 403) && !body.contains("SeaBIOS"),
+            "{refused}: {status} {body}"
+        );
+    }
 }
 
 /// The ServerInit of the fake VNC console: 1x1, 32 bpp, named "vm".

@@ -35,6 +35,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/sessions/{id}/shadow", post(operations::shadow))
         .route("/v1/recordings", get(operations::recordings))
         .route("/v1/recordings/{id}/playback", post(operations::playback))
+        .route("/v1/recordings/{id}/file", get(operations::recording_file))
         .route("/v1/sessions/terminate", post(operations::kill_many))
         .route("/v1/revocations", post(operations::revoke))
         // The bearer key before anything else, the body included: an

@@ -12,7 +12,8 @@
 //! - `POST /v1/sessions/{id}/shadow`: a link that watches a running session
 //!   (view-only, single-use, short-lived; it ends with the session).
 //! - `GET /v1/recordings`: this node's recordings;
-//!   `POST /v1/recordings/{id}/playback`: a link that plays one back.
+//!   `POST /v1/recordings/{id}/playback`: a link that plays one back;
+//!   `GET /v1/recordings/{id}/file`: its file.
 
 use std::collections::HashSet;
 
@@ -226,6 +227,50 @@ pub async fn playback(
         "expires_at": issued.expires_at,
     }))
     .into_response()
+}
+
+/// `GET /v1/recordings/{id}/file`: recording `id`'s file as written, for
+/// tools that are not Porthole (`asciinema`, FBS readers). Audited.
+pub async fn recording_file(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r.into_response();
+    }
+    let Some(settings) = s.sessions.recording.as_ref() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_enabled",
+            "[recording] is not configured",
+        );
+    };
+    let Some((path, format)) = settings.path_of(&id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such recording on this node",
+        );
+    };
+    let response = match super::playback::recording_file(&path, format).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(recording = %id, "recording unreadable: {e}");
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the recording could not be read",
+            );
+        }
+    };
+    let by = actor(&headers);
+    crate::metrics::admin_action("download");
+    tracing::info!(recording = %id, by, "recording downloaded");
+    AuditEvent::admin("recording_downloaded", &by, "download")
+        .field("recording", Some(id.as_str()))
+        .emit();
+    response
 }
 
 /// Fills each view's `shadows` from `all` (every live session).

@@ -371,3 +371,92 @@ fn close(code: u16, reason: &'static str) -> Message {
         reason: reason.into(),
     }))
 }
+
+// ------------------------------------------------ the web player, the file
+
+/// Where `npm ci` in the web root puts asciinema-player's browser bundle
+/// (`asciinema-player.min.js`, `asciinema-player.css`), served at
+/// `/vendor/asciinema-player`.
+pub const PLAYER_DIR: &str = "node_modules/asciinema-player/dist/bundle";
+
+/// `?client=`: which page plays an asciicast.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ClientQuery {
+    client: Option<String>,
+}
+
+/// `GET /playback?token=[&client=terminal]`: an asciicast plays in
+/// asciinema-player (`cast.html`: pause, seek, speed), or with
+/// `client=terminal` in the serial page at its recorded speed; any other
+/// recording in its console's page ([`page`]).
+pub async fn page_or_player(
+    State(s): State<PublicState>,
+    Query(q): Query<TokenQuery>,
+    Query(c): Query<ClientQuery>,
+) -> Response {
+    match recording_of(&s, &q) {
+        Ok((_, Format::Asciicast)) if c.client.as_deref() != Some("terminal") => {
+            // asciinema-player's terminal is WebAssembly: compiling it needs
+            // 'wasm-unsafe-eval' (which allows no JavaScript eval).
+            super::public::serve_page_with_scripts(&s, "cast.html", "'self' 'wasm-unsafe-eval'")
+                .await
+        }
+        Ok(_) => page(State(s), Query(q)).await,
+        Err((status, code)) => refuse(status, code),
+    }
+}
+
+/// `GET /playback/file?token=`: the recording's file as written (what
+/// asciinema-player loads), under the same token checks as the other
+/// playback routes.
+pub async fn file(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> Response {
+    let (path, format) = match recording_of(&s, &q) {
+        Ok(r) => r,
+        Err((status, code)) => return refuse(status, code),
+    };
+    match recording_file(&path, format).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!("recording {} unreadable: {e}", path.display());
+            refuse(StatusCode::NOT_FOUND, "unavailable")
+        }
+    }
+}
+
+/// The file at `path` (a recording in `format`, named by its id) as a
+/// download: its size when opened (a recording still being written is
+/// sent as far as it was then), never cached.
+pub(super) async fn recording_file(
+    path: &std::path::Path,
+    format: Format,
+) -> std::io::Result<Response> {
+    use axum::http::header;
+    use tokio::io::AsyncReadExt as _;
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("recording");
+    let kind = if format == Format::Asciicast {
+        "application/x-asciicast"
+    } else {
+        "application/octet-stream"
+    };
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file.take(len)));
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind.to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            // The name is the recording's id (letters, digits, - and _)
+            // and its extension: nothing to quote.
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}

@@ -48,6 +48,10 @@ pub fn router(state: PublicState) -> Router {
             no_dirs(state.web.spice_html5_dir.clone()),
         )
         .merge(xterm::routes(&state.web.xterm_dir, no_dirs))
+        .nest_service(
+            "/vendor/asciinema-player",
+            no_dirs(state.web.root.join(super::playback::PLAYER_DIR)),
+        )
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=300"),
@@ -90,7 +94,8 @@ pub fn router(state: PublicState) -> Router {
             get(|s, c, h, q, w| ws_endpoint(ConsoleType::SpiceHtml5, s, c, h, q, w)),
         )
         .route("/watched", get(watched))
-        .route("/playback", get(super::playback::page))
+        .route("/playback", get(super::playback::page_or_player))
+        .route("/playback/file", get(super::playback::file))
         .route("/playback/serial", get(super::playback::serial))
         .route("/playback/vnc", get(super::playback::vnc))
         .route("/playback/spice", get(super::playback::spice))
@@ -415,6 +420,27 @@ pub(super) async fn serve_page(
     status: StatusCode,
     code: &'static str,
 ) -> Response {
+    page_with(s, file, status, code, "'self'").await
+}
+
+/// [`serve_page`] (200, no reason) for a page whose scripts need more
+/// than `script-src 'self'`: `scripts` is that source list.
+pub(super) async fn serve_page_with_scripts(
+    s: &PublicState,
+    file: &str,
+    scripts: &'static str,
+) -> Response {
+    page_with(s, file, StatusCode::OK, "", scripts).await
+}
+
+/// The page, its `{{reason}}` and headers, with `script-src` `scripts`.
+async fn page_with(
+    s: &PublicState,
+    file: &str,
+    status: StatusCode,
+    code: &'static str,
+    scripts: &'static str,
+) -> Response {
     let path = s.web.root.join("pages").join(file);
     let html = match tokio::fs::read_to_string(&path).await {
         Ok(h) => h,
@@ -426,7 +452,7 @@ pub(super) async fn serve_page(
     // The code is one of a fixed set of words: safe to put in the page.
     let html = html.replace("{{reason}}", code);
     let csp = format!(
-        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+        "default-src 'none'; script-src {scripts}; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
          font-src 'self'; connect-src 'self'; media-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors {}",
         frame_ancestors(&s.listen)
     );

@@ -8,6 +8,13 @@
 //   {"op": "wait_ended", "name": N, "ms": T}   -> waits (at most T ms) until the page is neither
 //                                                  connected nor connecting and its sockets closed
 //   {"op": "state", "name": N}                 -> the page's state now
+//   {"op": "call", "name": N, "fn": F, "args": [...]} -> {value}: what window.porthole[F](...args)
+//                                                  gives, awaited (the recording player's controls)
+//   {"op": "click", "name": N, "selector": S, "x": X} -> clicks S (at X, 0..1, across its width,
+//                                                  mid-height; its middle without X)
+//   {"op": "keys", "name": N, "keys": [K...]} -> presses each key in turn where the focus is
+//   {"op": "select", "name": N, "selector": S, "value": V} -> chooses V in the <select> S
+//   {"op": "screenshot", "name": N, "out": PATH} -> the page as PNG
 //   {"op": "close", "name": N}                 -> closes the page (its sockets close with it)
 //   {"op": "quit"}
 // A page's state: {state, text, badge (the #view-only text or null), opened, closes,
@@ -96,6 +103,37 @@ async function handle(cmd) {
     }
     case 'state':
       return state(cmd.name);
+    case 'call': {
+      const { page } = pages.get(cmd.name);
+      const value = await page.evaluate(([fn, args]) => window.porthole[fn](...args), [cmd.fn, cmd.args ?? []]);
+      return { value: value ?? null };
+    }
+    case 'click': {
+      const { page } = pages.get(cmd.name);
+      const target = page.locator(cmd.selector).first();
+      if (cmd.x === undefined) {
+        await target.click();
+      } else {
+        const box = await target.boundingBox();
+        await target.click({ position: { x: Math.min(box.width - 1, Math.max(0, box.width * cmd.x)), y: box.height / 2 } });
+      }
+      return { clicked: cmd.selector };
+    }
+    case 'keys': {
+      const { page } = pages.get(cmd.name);
+      for (const key of cmd.keys) await page.keyboard.press(key);
+      return { pressed: cmd.keys.length };
+    }
+    case 'select': {
+      const { page } = pages.get(cmd.name);
+      await page.selectOption(cmd.selector, cmd.value);
+      return { selected: cmd.value };
+    }
+    case 'screenshot': {
+      const { page } = pages.get(cmd.name);
+      await page.screenshot({ path: cmd.out });
+      return { saved: cmd.out };
+    }
     case 'close': {
       await pages.get(cmd.name).page.close();
       pages.delete(cmd.name);

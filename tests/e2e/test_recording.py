@@ -1,12 +1,16 @@
 """Recordings against real peers: a serial session on QEMU recorded by
-Porthole as asciicast v2 and played back by Debian's `asciinema cat`, with
-the SHA-256 in the audit trail matching the file (and no longer matching
-once the file is changed)."""
+Porthole as asciicast v2 and played back by Debian's `asciinema cat` and by
+asciinema-player in Chromium (through the playback link: pause, seek,
+speed), with the SHA-256 in the audit trail matching the file, downloaded
+too (and no longer matching once the file is changed)."""
 
 import hashlib
 import re
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 from websockets.sync.client import connect
 
@@ -31,7 +35,103 @@ def visible(text):
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|\r", "", text)
 
 
-def test_a_serial_session_plays_back_in_asciinema_with_its_hash_in_the_audit_trail(tmp_path, vm):
+def get(url, bearer=None):
+    """GET url: (status, headers, body)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {bearer}"} if bearer else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def tampered(token):
+    """`token` with one character of its signature changed."""
+    head, sig = token.rsplit(".", 1)
+    return f"{head}.{sig[:10]}{'A' if sig[10] != 'A' else 'B'}{sig[11:]}"
+
+
+def downloads_match_the_audit_trail(p, finished, console_token, playback_token):
+    """/playback/file (the playback's token) and the admin API's
+    /v1/recordings/{id}/file give the file the audit trail hashed; a
+    console's token, a tampered one and no bearer key get nothing."""
+    session = finished["session"]
+    status, headers, body = get(f"{p.base}/playback/file?token={playback_token}")
+    assert status == 200, (status, body[:200])
+    assert headers["Content-Type"] == "application/x-asciicast", dict(headers)
+    assert headers["Cache-Control"] == "no-store", dict(headers)
+    assert f'filename="{session}.cast"' in headers["Content-Disposition"], dict(headers)
+    assert hashlib.sha256(body).hexdigest() == finished["sha256"]
+    for token in (console_token, tampered(playback_token)):
+        status, _, body = get(f"{p.base}/playback/file?token={urllib.parse.quote(token)}")
+        assert status in (400, 401, 403) and b"error" in body and b"SeaBIOS" not in body, (status, body[:200])
+    status, _, body = get(f"{p.base}/playback/file")
+    assert status == 401, (status, body[:200])
+
+    admin = f"http://127.0.0.1:{p.admin_port}/v1/recordings/{session}/file"
+    status, headers, body = get(admin, bearer=p.bearer.read_text())
+    assert status == 200 and hashlib.sha256(body).hexdigest() == finished["sha256"], (status, body[:200])
+    assert f'filename="{session}.cast"' in headers["Content-Disposition"], dict(headers)
+    status, _, body = get(admin)
+    assert status == 401 and b"SeaBIOS" not in body, (status, body[:200])
+    status, _, _ = get(f"http://127.0.0.1:{p.admin_port}/v1/recordings/nothing/file", bearer=p.bearer.read_text())
+    assert status == 404
+    downloaded = [e for e in p.audit() if e["event"] == "recording_downloaded"]
+    assert [e["recording"] for e in downloaded] == [session], downloaded
+
+
+def plays_in_asciinema_player(pages, url, tmp_path):
+    """The playback link opens asciinema-player on the recording: it plays
+    from the start (SeaBIOS's banner), pauses (its clock and screen stand
+    still), seeks with its keys and its bar (the end: "No bootable device"),
+    and plays again at 4x to its end."""
+    def call(fn, *args):
+        return pages("call", name="player", fn=fn, args=list(args))["value"]
+
+    def until(what, check, within=30):
+        deadline = time.monotonic() + within
+        while not (got := check()):
+            assert time.monotonic() < deadline, f"{what}: {pages('state', name='player')} {call('terminalText')!r}"
+            time.sleep(0.1)
+        return got
+
+    opened = pages("open", name="player", url=url)
+    assert opened["state"] == "playing" and "Playback" in opened["badge"], opened
+    # Paused at once (the recording is a few seconds long): the time and the
+    # screen stand still.
+    pages("click", name="player", selector=".ap-playback-button")
+    until("paused", lambda: pages("state", name="player")["state"] == "paused")
+    duration = call("duration")
+    at, shown = call("currentTime"), call("terminalText")
+    time.sleep(1.5)
+    assert (call("currentTime"), call("terminalText")) == (at, shown), "a paused player moved on"
+    assert at < duration - 1, (at, duration)
+    # Seek to the end with the player's keys (Shift+Right: a tenth further),
+    # never having played there: SeaBIOS's last words.
+    pages("keys", name="player", keys=["Shift+ArrowRight"] * 11)
+    until("the end", lambda: "No bootable device" in call("terminalText"))
+    assert call("currentTime") == duration
+    # Back to the start on the seek bar: nothing shown yet.
+    pages("click", name="player", selector=".ap-progressbar .ap-bar", x=0)
+    until("the start", lambda: "No bootable device" not in call("terminalText") and call("currentTime") < 0.5)
+    assert pages("state", name="player")["state"] == "paused"
+    # Played (at 4x) from the start: SeaBIOS's banner, then its end.
+    pages("select", name="player", selector="#speed", value="4")
+    pages("click", name="player", selector=".ap-playback-button")
+    started = time.monotonic()
+    playing = until("playing", lambda: (s := pages("state", name="player"))["state"] == "playing" and s)
+    assert playing["text"] == "Playing at 4×", playing
+    until("SeaBIOS's banner", lambda: "SeaBIOS" in call("terminalText"))
+    ended = until("the end", lambda: (s := pages("state", name="player"))["state"] == "ended" and s)
+    took = time.monotonic() - started
+    assert "No bootable device" in call("terminalText")
+    assert took < max(duration * 0.75, 2), (took, duration)
+    assert ended["errors"] == [], ended
+    pages("screenshot", name="player", out=str(tmp_path / "asciinema-player.png"))
+    return duration, took
+
+
+def test_a_serial_session_plays_back_in_asciinema_and_the_web_player_with_its_hash_in_the_audit_trail(tmp_path, vm):
     p = Porthole(tmp_path, sections='[recording]\nfolder = "recordings"\nbackends = ["loopback"]\n')
     try:
         vm.wait_for_serial()  # the first boot is over: nothing is written until a reset
@@ -61,6 +161,20 @@ def test_a_serial_session_plays_back_in_asciinema_with_its_hash_in_the_audit_tra
         data = open(path, "rb").read()
         assert hashlib.sha256(data).hexdigest() == finished[0]["sha256"]
         assert finished[0]["bytes"] == len(data)
+
+        # The same recording in asciinema-player, through the playback link.
+        status, answer = p.admin("POST", f"/v1/recordings/{finished[0]['session']}/playback", {}, actor="auditor")
+        assert status == 200, answer
+        import leak_check
+        leak_check.remember(answer["token"])
+        downloads_match_the_audit_trail(p, finished[0], minted["token"], answer["token"])
+        from test_shadow import Pages
+        pages = Pages(tmp_path)
+        try:
+            duration, took = plays_in_asciinema_player(pages, answer["url"], tmp_path)
+        finally:
+            pages.close()
+        print(f"asciinema-player: {duration:.1f} s recorded, played to its end at 4x in {took:.1f} s")
         with open(path, "r+b") as f:
             f.seek(len(data) // 2)
             f.write(b"X")
@@ -220,3 +334,31 @@ def spice_channels(data):
         at += 11 + length
     assert at == len(data), "records do not end where the file does"
     return seen
+
+
+def test_without_asciinema_player_the_page_says_so_and_links_the_serial_page(tmp_path):
+    """Where `npm ci` never ran in web/, a serial recording's page says that
+    asciinema-player is missing, how to install it, and links the serial
+    page, which plays the recording without it."""
+    from test_first_run import web_without_npm
+    from support import browser
+    web = web_without_npm(tmp_path)
+    p = Porthole(tmp_path, web=f'root = "{web}"',
+                 sections='[recording]\nfolder = "recordings"\nbackends = ["loopback"]\n')
+    try:
+        p.wait_for_log("asciinema-player not found")
+        (tmp_path / "recordings").mkdir(exist_ok=True)
+        (tmp_path / "recordings" / "s-1.cast").write_text('{"version": 2, "width": 80, "height": 24}\n'
+                                                          '[0.1, "o", "SeaBIOS\\r\\n"]\n')
+        status, answer = p.admin("POST", "/v1/recordings/s-1/playback", {})
+        assert status == 200, answer
+        import leak_check
+        leak_check.remember(answer["token"])
+        result = browser("status", answer["url"], 500)
+        assert result["http_status"] == 200 and result["state"] == "missing", result
+        assert "asciinema-player is missing" in result["page"] and "cd web && npm ci" in result["page"], result
+        assert "serial console page" in result["page"], result
+        status, _, page = get(answer["url"] + "&client=terminal")
+        assert status == 200 and b"serial.js" in page
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]

@@ -135,6 +135,7 @@ const LIBRARIES = {
     page: 'serial console',
     fixes: ['cd web && npm ci', 'sudo apt-get install node-xterm'],
   },
+  'asciinema-player': { name: 'asciinema-player', page: 'recording player', fixes: ['cd web && npm ci'] },
 };
 
 // Imports a client library (`url` is relative to this file); when it cannot
@@ -144,6 +145,26 @@ const LIBRARIES = {
 export async function loadLibrary(url, key) {
   try {
     return await import(url);
+  } catch (e) {
+    console.error(`${key}: ${e}`);
+    showMissing(key);
+    return null;
+  }
+}
+
+// Runs a client library that is a classic script defining the global
+// `name` (`url` is relative to the page); the global, or null after saying
+// on the page what is missing, like loadLibrary.
+export async function loadScript(url, key, name) {
+  try {
+    await new Promise((resolve, reject) => {
+      const script = Object.assign(document.createElement('script'), { src: url });
+      script.onload = resolve;
+      script.onerror = () => reject(new Error(`${url} did not load`));
+      document.head.append(script);
+    });
+    if (window[name] === undefined) throw new Error(`${url} defined no ${name}`);
+    return window[name];
   } catch (e) {
     console.error(`${key}: ${e}`);
     showMissing(key);
