@@ -1,9 +1,12 @@
-//! Playing recordings back in the console pages: `/playback?token=` (the
-//! serial page for an asciicast, the noVNC page for an FBS recording; each
-//! sees from its path that it plays a recording) and their sockets
-//! `/playback/serial` (the recording's output) and `/playback/vnc` (an RFB
-//! server with no authentication whose ServerInit and updates are the
-//! recording's), at the speed it was recorded. A playback's token (minted by
+//! Playing recordings back in the console pages: `/playback?token=`
+//! (asciinema-player for an asciicast, which reads `/playback/file`, or the
+//! serial page with `&client=terminal`; the noVNC page for an FBS recording;
+//! the spice-html5 page for a SPICE one; each page sees from its path that it
+//! plays a recording) and their sockets `/playback/serial` (the recording's
+//! output), `/playback/vnc` (an RFB server with no authentication whose
+//! ServerInit and updates are the recording's) and `/playback/spice` (each
+//! channel linked as a SPICE server would, then its records), at the speed
+//! it was recorded. A playback's token (minted by
 //! `POST /v1/recordings/{id}/playback`) names a recording and opens no
 //! console: a playback never touches a hypervisor.
 
