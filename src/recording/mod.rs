@@ -25,7 +25,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 use crate::audit::{AuditEvent, SessionRecord};
@@ -147,7 +146,7 @@ impl RecordingSettings {
             max_bytes: self.max_bytes,
             format,
         };
-        tokio::spawn(writer.run(tokio::fs::File::from_std(file), header, rx, behind.clone()));
+        tokio::spawn(writer.run(file, header, rx, behind.clone()));
         crate::metrics::recording_started(format.name());
         Ok(Recorder {
             tx: Some(tx),
@@ -476,114 +475,112 @@ struct Writer {
     format: Format,
 }
 
+/// The most bytes one of the writer's disk calls takes: what the queue
+/// holds when the writer gets to it, up to this, goes in one call (one hop
+/// to the blocking pool, one hash update, one `write`).
+const BATCH_BYTES: usize = 1 << 20;
+
+/// The file and its hash, handed to the blocking pool for each write.
+struct Disk {
+    file: std::fs::File,
+    hash: Sha256,
+}
+
 impl Writer {
     async fn run(
         self,
-        file: tokio::fs::File,
+        file: std::fs::File,
         header: Vec<u8>,
         mut rx: mpsc::Receiver<Chunk>,
         behind: Arc<AtomicBool>,
     ) {
-        let mut out = tokio::io::BufWriter::new(file);
-        let mut hash = Sha256::new();
+        let mut disk = Some(Disk {
+            file,
+            hash: Sha256::new(),
+        });
         let mut written = 0u64;
         let mut text = asciicast::Utf8Stream::default();
         let started = Instant::now();
         let mut why_stopped: Option<String> = None;
-        let mut write = |line: Vec<u8>| -> Result<Vec<u8>, String> {
-            if written + line.len() as u64 > self.max_bytes {
-                return Err(format!("its size cap ({} bytes)", self.max_bytes));
-            }
-            written += line.len() as u64;
-            hash.update(&line);
-            Ok(line)
-        };
-        match write(header) {
-            Ok(line) => {
-                if let Err(e) = out.write_all(&line).await {
-                    why_stopped = Some(format!("the disk refused a write: {e}"));
-                }
-            }
-            Err(why) => why_stopped = Some(why),
-        }
         let mut next: Option<Chunk> = None;
-        loop {
-            let chunk = match next.take() {
-                Some(c) => c,
-                None => match rx.recv().await {
-                    Some(c) => c,
+        let mut out = Vec::new();
+        if !self.fits(written, &out, &header, &mut why_stopped) {
+            rx.close();
+        }
+        out.extend_from_slice(&header);
+        while why_stopped.is_none() {
+            // Wait for output only with nothing to write.
+            if out.is_empty() && next.is_none() {
+                match rx.recv().await {
+                    Some(c) => next = Some(c),
                     None => break,
-                },
-            };
-            if why_stopped.is_some() {
-                // Nothing more is written; closing the queue tells the relay.
-                rx.close();
-                continue;
+                }
             }
-            // A console that writes a character at a time (SeaBIOS, a
-            // kernel at 115200 baud) would cost a line per character: what
-            // is already queued within one event's span goes in one event.
-            let since = chunk.at.saturating_duration_since(started);
-            let ms = u32::try_from(since.as_millis()).unwrap_or(u32::MAX);
-            if let Some((channel, kind)) = chunk.channel {
-                // SPICE: a record per chunk, each of its own channel.
-                match write(spice::record(ms, channel, kind, &chunk.bytes)) {
-                    Ok(line) => {
-                        if let Err(e) = out.write_all(&line).await {
-                            why_stopped = Some(format!("the disk refused a write: {e}"));
-                        }
+            while out.len() < BATCH_BYTES {
+                let Some(chunk) = next.take().or_else(|| rx.try_recv().ok()) else {
+                    break;
+                };
+                let since = chunk.at.saturating_duration_since(started);
+                let ms = u32::try_from(since.as_millis()).unwrap_or(u32::MAX);
+                let record = match (self.format, chunk.channel) {
+                    (Format::Spice, Some((channel, kind))) => {
+                        spice::record(ms, channel, kind, &chunk.bytes)
                     }
-                    Err(why) => why_stopped = Some(why),
-                }
-                if let Some(why) = &why_stopped {
-                    crate::metrics::recording_stopped("cap_or_disk");
-                    stopped(&self.owner.session, &self.path, why);
-                }
-                continue;
-            }
-            if self.format == Format::Spice {
-                // A session's own recorder is only the channels' template.
-                continue;
-            }
-            let mut bytes = bytes::BytesMut::from(&chunk.bytes[..]);
-            while let Ok(more) = rx.try_recv() {
-                if more.at.saturating_duration_since(chunk.at) > EVENT_SPAN {
-                    next = Some(more);
+                    // A session's own recorder is only its channels' template.
+                    (Format::Spice, None) => continue,
+                    (Format::Fbs, _) => fbs::block(&chunk.bytes, ms),
+                    (Format::Asciicast, _) => {
+                        // A console that writes a character at a time
+                        // (SeaBIOS, a kernel at 115200 baud) would cost a
+                        // line per character: what is already queued within
+                        // one event's span goes in one event.
+                        let mut bytes = chunk.bytes.to_vec();
+                        while let Ok(more) = rx.try_recv() {
+                            if more.at.saturating_duration_since(chunk.at) > EVENT_SPAN {
+                                next = Some(more);
+                                break;
+                            }
+                            bytes.extend_from_slice(&more.bytes);
+                        }
+                        asciicast::output(since.as_secs_f64(), &text.text(&bytes))
+                    }
+                };
+                if !self.fits(written, &out, &record, &mut why_stopped) {
                     break;
                 }
-                bytes.extend_from_slice(&more.bytes);
+                out.extend_from_slice(&record);
             }
-            let line = match self.format {
-                Format::Asciicast => asciicast::output(since.as_secs_f64(), &text.text(&bytes)),
-                Format::Fbs | Format::Spice => fbs::block(&bytes, ms),
-            };
-            match write(line) {
-                Ok(line) => {
-                    if let Err(e) = out.write_all(&line).await {
-                        why_stopped = Some(format!("the disk refused a write: {e}"));
-                    }
+            if !out.is_empty() {
+                let batch = std::mem::take(&mut out);
+                let n = batch.len() as u64;
+                match self.write(&mut disk, batch).await {
+                    Ok(()) => written += n,
+                    Err(why) => why_stopped = Some(why),
                 }
-                Err(why) => why_stopped = Some(why),
             }
             if let Some(why) = &why_stopped {
                 crate::metrics::recording_stopped("cap_or_disk");
                 stopped(&self.owner.session, &self.path, why);
             }
         }
+        // Nothing more is written; a closed queue tells the relay.
+        rx.close();
         if why_stopped.is_none() && behind.load(Relaxed) {
             let why = format!("its writer fell {QUEUE_CHUNKS} chunks behind the console");
             stopped(&self.owner.session, &self.path, &why);
             why_stopped = Some(why);
         }
-        if let Err(e) = out.flush().await {
-            stopped(
-                &self.owner.session,
-                &self.path,
-                &format!("the disk refused a write: {e}"),
-            );
-        }
-        let _ = out.get_mut().sync_all().await;
-        let sha256 = hex(&hash.finalize());
+        let hash = match disk.take() {
+            Some(d) => {
+                let synced = tokio::task::spawn_blocking(move || (d.file.sync_all(), d.hash)).await;
+                match synced {
+                    Ok((_, hash)) => Some(hash),
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let sha256 = hash.map(|h| hex(&h.finalize())).unwrap_or_default();
         tracing::info!(session = %self.owner.session, path = %self.path.display(), bytes = written, %sha256, "recording finished");
         let o = &self.owner;
         AuditEvent::new("recording_finished")
@@ -601,6 +598,50 @@ impl Writer {
             .field("sha256", Some(sha256))
             .field("complete", Some(why_stopped.is_none()))
             .emit();
+    }
+
+    /// Whether `record` still fits the size cap after what is written and
+    /// what is batched; when it does not, says so in `why_stopped`.
+    fn fits(
+        &self,
+        written: u64,
+        batched: &[u8],
+        record: &[u8],
+        why_stopped: &mut Option<String>,
+    ) -> bool {
+        if written + batched.len() as u64 + record.len() as u64 <= self.max_bytes {
+            return true;
+        }
+        *why_stopped = Some(format!("its size cap ({} bytes)", self.max_bytes));
+        false
+    }
+
+    /// Hashes and writes `batch` in the blocking pool; the file and hash
+    /// come back unless the disk refused.
+    async fn write(&self, disk: &mut Option<Disk>, batch: Vec<u8>) -> Result<(), String> {
+        use std::io::Write as _;
+        let Some(mut d) = disk.take() else {
+            return Err("its file was lost".into());
+        };
+        let done = tokio::task::spawn_blocking(move || {
+            let r = d.file.write_all(&batch);
+            if r.is_ok() {
+                d.hash.update(&batch);
+            }
+            (d, r)
+        })
+        .await;
+        match done {
+            Ok((d, Ok(()))) => {
+                *disk = Some(d);
+                Ok(())
+            }
+            Ok((d, Err(e))) => {
+                *disk = Some(d);
+                Err(format!("the disk refused a write: {e}"))
+            }
+            Err(e) => Err(format!("its writer failed: {e}")),
+        }
     }
 }
 
