@@ -20,7 +20,7 @@ pub mod spice;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -32,6 +32,11 @@ use crate::audit::{AuditEvent, SessionRecord};
 /// Chunks a recording may queue before its writer: past them the writer is
 /// behind, and the recording stops rather than the session wait.
 pub const QUEUE_CHUNKS: usize = 1024;
+
+/// Bytes a recording may queue before its writer, whatever their chunks:
+/// past them too the writer is behind (a console's burst, a noVNC first
+/// screen of a few MB, fits many times over).
+pub const QUEUE_BYTES: usize = 16 << 20;
 
 /// Output that came within this long of an event's first chunk, and is
 /// queued when the writer gets to it, goes in that event.
@@ -146,11 +151,13 @@ impl RecordingSettings {
             max_bytes: self.max_bytes,
             format,
         };
-        tokio::spawn(writer.run(file, header, rx, behind.clone()));
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(writer.run(file, header, rx, behind.clone(), queued.clone()));
         crate::metrics::recording_started(format.name());
         Ok(Recorder {
             tx: Some(tx),
             behind,
+            queued,
             required,
             channel: None,
         })
@@ -374,6 +381,8 @@ pub struct Recorder {
     tx: Option<mpsc::Sender<Chunk>>,
     /// Set when the queue was full: the writer audits the stop.
     behind: Arc<AtomicBool>,
+    /// Bytes queued and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
     /// The session may not go on unrecorded.
     required: bool,
     /// The SPICE channel it records, if it is one's.
@@ -403,6 +412,7 @@ impl Recorder {
         let mut recorder = Recorder {
             tx: Some(tx),
             behind: self.behind.clone(),
+            queued: self.queued.clone(),
             required: self.required,
             channel: Some(channel),
         };
@@ -434,12 +444,22 @@ impl Recorder {
                 Ok(())
             };
         };
+        let len = bytes.len();
         let item = Chunk {
             at: Instant::now(),
             bytes,
             channel,
         };
-        match tx.try_send(item) {
+        let over = self.queued.fetch_add(len, Relaxed) + len > QUEUE_BYTES;
+        let sent = if over {
+            Err(mpsc::error::TrySendError::Full(item))
+        } else {
+            tx.try_send(item)
+        };
+        if sent.is_err() {
+            self.queued.fetch_sub(len, Relaxed);
+        }
+        match sent {
             Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.behind.store(true, Relaxed);
@@ -493,6 +513,7 @@ impl Writer {
         header: Vec<u8>,
         mut rx: mpsc::Receiver<Chunk>,
         behind: Arc<AtomicBool>,
+        queued: Arc<AtomicUsize>,
     ) {
         let mut disk = Some(Disk {
             file,
@@ -520,6 +541,7 @@ impl Writer {
                 let Some(chunk) = next.take().or_else(|| rx.try_recv().ok()) else {
                     break;
                 };
+                queued.fetch_sub(chunk.bytes.len(), Relaxed);
                 let since = chunk.at.saturating_duration_since(started);
                 let ms = u32::try_from(since.as_millis()).unwrap_or(u32::MAX);
                 let record = match (self.format, chunk.channel) {
@@ -540,6 +562,7 @@ impl Writer {
                                 next = Some(more);
                                 break;
                             }
+                            queued.fetch_sub(more.bytes.len(), Relaxed);
                             bytes.extend_from_slice(&more.bytes);
                         }
                         asciicast::output(since.as_secs_f64(), &text.text(&bytes))
@@ -566,7 +589,10 @@ impl Writer {
         // Nothing more is written; a closed queue tells the relay.
         rx.close();
         if why_stopped.is_none() && behind.load(Relaxed) {
-            let why = format!("its writer fell {QUEUE_CHUNKS} chunks behind the console");
+            let why = format!(
+                "its writer fell {QUEUE_CHUNKS} chunks or {} MiB behind the console",
+                QUEUE_BYTES >> 20
+            );
             stopped(&self.owner.session, &self.path, &why);
             why_stopped = Some(why);
         }
