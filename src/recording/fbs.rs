@@ -18,13 +18,23 @@ pub fn header() -> Vec<u8> {
 
 /// One block: `data` the server sent at `ms` milliseconds.
 pub fn block(data: &[u8], ms: u32) -> Vec<u8> {
-    let padded = data.len().div_ceil(4) * 4;
-    let mut out = Vec::with_capacity(8 + padded);
+    let mut out = Vec::with_capacity(block_len(data.len()));
+    block_into(&mut out, data, ms);
+    out
+}
+
+/// The length of the block of `n` bytes of data.
+pub fn block_len(n: usize) -> usize {
+    8 + n.div_ceil(4) * 4
+}
+
+/// Appends the block of `data` at `ms` to `out`.
+pub fn block_into(out: &mut Vec<u8>, data: &[u8], ms: u32) {
+    let end = out.len() + block_len(data.len()) - 4;
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
     out.extend_from_slice(data);
-    out.resize(4 + padded, 0);
+    out.resize(end, 0);
     out.extend_from_slice(&ms.to_be_bytes());
-    out
 }
 
 /// Reads blocks from a file's bytes after [`MAGIC`]: (data, milliseconds).

@@ -524,11 +524,8 @@ impl Writer {
         let started = Instant::now();
         let mut why_stopped: Option<String> = None;
         let mut next: Option<Chunk> = None;
-        let mut out = Vec::new();
-        if !self.fits(written, &out, &header, &mut why_stopped) {
-            rx.close();
-        }
-        out.extend_from_slice(&header);
+        // The header always fits: the cap is at least 4096 bytes.
+        let mut out = header;
         while why_stopped.is_none() {
             // Wait for output only with nothing to write.
             if out.is_empty() && next.is_none() {
@@ -544,13 +541,28 @@ impl Writer {
                 queued.fetch_sub(chunk.bytes.len(), Relaxed);
                 let since = chunk.at.saturating_duration_since(started);
                 let ms = u32::try_from(since.as_millis()).unwrap_or(u32::MAX);
-                let record = match (self.format, chunk.channel) {
+                // Each record is written straight into the batch.
+                let planned = written + out.len() as u64;
+                match (self.format, chunk.channel) {
                     (Format::Spice, Some((channel, kind))) => {
-                        spice::record(ms, channel, kind, &chunk.bytes)
+                        if !self.fits(
+                            planned,
+                            spice::record_len(chunk.bytes.len()),
+                            &mut why_stopped,
+                        ) {
+                            break;
+                        }
+                        spice::record_into(&mut out, ms, channel, kind, &chunk.bytes);
                     }
                     // A session's own recorder is only its channels' template.
-                    (Format::Spice, None) => continue,
-                    (Format::Fbs, _) => fbs::block(&chunk.bytes, ms),
+                    (Format::Spice, None) => {}
+                    (Format::Fbs, _) => {
+                        if !self.fits(planned, fbs::block_len(chunk.bytes.len()), &mut why_stopped)
+                        {
+                            break;
+                        }
+                        fbs::block_into(&mut out, &chunk.bytes, ms);
+                    }
                     (Format::Asciicast, _) => {
                         // A console that writes a character at a time
                         // (SeaBIOS, a kernel at 115200 baud) would cost a
@@ -565,18 +577,18 @@ impl Writer {
                             queued.fetch_sub(more.bytes.len(), Relaxed);
                             bytes.extend_from_slice(&more.bytes);
                         }
-                        asciicast::output(since.as_secs_f64(), &text.text(&bytes))
+                        let line = asciicast::output(since.as_secs_f64(), &text.text(&bytes));
+                        if !self.fits(planned, line.len(), &mut why_stopped) {
+                            break;
+                        }
+                        out.extend_from_slice(&line);
                     }
-                };
-                if !self.fits(written, &out, &record, &mut why_stopped) {
-                    break;
                 }
-                out.extend_from_slice(&record);
             }
             if !out.is_empty() {
                 let batch = std::mem::take(&mut out);
                 let n = batch.len() as u64;
-                match self.write(&mut disk, batch).await {
+                match self.write(&mut disk, batch, written).await {
                     Ok(()) => written += n,
                     Err(why) => why_stopped = Some(why),
                 }
@@ -626,33 +638,39 @@ impl Writer {
             .emit();
     }
 
-    /// Whether `record` still fits the size cap after what is written and
-    /// what is batched; when it does not, says so in `why_stopped`.
-    fn fits(
-        &self,
-        written: u64,
-        batched: &[u8],
-        record: &[u8],
-        why_stopped: &mut Option<String>,
-    ) -> bool {
-        if written + batched.len() as u64 + record.len() as u64 <= self.max_bytes {
+    /// Whether a record of `len` bytes still fits the size cap after
+    /// `planned` bytes (written and batched); when it does not, says so in
+    /// `why_stopped`.
+    fn fits(&self, planned: u64, len: usize, why_stopped: &mut Option<String>) -> bool {
+        if planned + len as u64 <= self.max_bytes {
             return true;
         }
         *why_stopped = Some(format!("its size cap ({} bytes)", self.max_bytes));
         false
     }
 
-    /// Hashes and writes `batch` in the blocking pool; the file and hash
-    /// come back unless the disk refused.
-    async fn write(&self, disk: &mut Option<Disk>, batch: Vec<u8>) -> Result<(), String> {
+    /// Hashes and writes `batch` in the blocking pool after the `written`
+    /// bytes already in the file; the file and hash come back. A write the
+    /// disk refuses may have put part of the batch in the file: it is cut
+    /// back to `written`, so that the file holds exactly what was hashed,
+    /// whole records only.
+    async fn write(
+        &self,
+        disk: &mut Option<Disk>,
+        batch: Vec<u8>,
+        written: u64,
+    ) -> Result<(), String> {
         use std::io::Write as _;
         let Some(mut d) = disk.take() else {
             return Err("its file was lost".into());
         };
         let done = tokio::task::spawn_blocking(move || {
             let r = d.file.write_all(&batch);
-            if r.is_ok() {
-                d.hash.update(&batch);
+            match &r {
+                Ok(()) => d.hash.update(&batch),
+                Err(_) => {
+                    let _ = d.file.set_len(written);
+                }
             }
             (d, r)
         })

@@ -70,12 +70,22 @@ const RECORD_HEADER: usize = 11;
 
 /// A record's bytes.
 pub fn record(ms: u32, channel: ChannelOf, kind: Kind, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
+    let mut out = Vec::with_capacity(record_len(payload.len()));
+    record_into(&mut out, ms, channel, kind, payload);
+    out
+}
+
+/// The length of a record of `n` bytes of payload.
+pub fn record_len(n: usize) -> usize {
+    RECORD_HEADER + n
+}
+
+/// Appends a record to `out`.
+pub fn record_into(out: &mut Vec<u8>, ms: u32, channel: ChannelOf, kind: Kind, payload: &[u8]) {
     out.extend_from_slice(&ms.to_be_bytes());
     out.extend_from_slice(&[channel.kind, channel.id, kind as u8]);
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(payload);
-    out
 }
 
 /// Reads records from a file's bytes after [`MAGIC`]. A record of an

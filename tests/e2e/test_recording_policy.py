@@ -147,7 +147,7 @@ def test_a_recorded_session_whose_disk_fills_goes_on_and_so_does_another_session
             ws2, jti2 = serial(p, vm2)
             with ws1, ws2:
                 s1, s2 = session_of(p, jti1), session_of(p, jti2)
-                assert events(p, "recording_started", session=s1, required=False)
+                wait_for(lambda: events(p, "recording_started", session=s1, required=False), "not recorded")
                 stops, boots = boot_until_stopped(p, vm1, ws1, s1)
                 assert all("the disk refused a write" in s["why"] and "No space left on device" in s["why"]
                            for s in stops), stops
@@ -178,8 +178,7 @@ def test_a_required_session_whose_disk_fills_is_ended_and_an_unrecorded_one_goes
             ws2, jti2 = serial(p, vm2)
             with ws1, ws2:
                 s1, s2 = session_of(p, jti1), session_of(p, jti2)
-                assert events(p, "recording_started", session=s1, required=True)
-                assert not events(p, "recording_started", session=s2)
+                wait_for(lambda: events(p, "recording_started", session=s1, required=True), "not recorded")
                 for boots in range(1, 61):
                     try:
                         boot(vm1, ws1)
@@ -195,6 +194,7 @@ def test_a_required_session_whose_disk_fills_is_ended_and_an_unrecorded_one_goes
                 # The other console's session is not the recording's business.
                 assert END in boot(vm2, ws2)
             assert ended(p, s2)["outcome"] == "client_left"
+            assert not events(p, "recording_started", session=s2)
             print(f"required session ended after {boots} boots")
         finally:
             stop(p)
@@ -257,7 +257,7 @@ def test_a_recording_stops_at_its_size_cap_and_the_session_goes_on(tmp_path, vms
 def test_retention_at_start_removes_by_age_then_total_size_never_a_file_being_written(tmp_path, vms):
     """Porthole `writer` (no retention) records a live session into the
     folder; Porthole `sweeper` starts on the same folder with keep_days = 1
-    and max_total_bytes = 8192. The live recording is the oldest file and
+    and max_total_bytes = 16384. The live recording is the oldest file and
     locked: it stays, and so does a file that is not a recording."""
     vm1, _ = vms
     folder = tmp_path / "recordings"
@@ -272,25 +272,29 @@ def test_retention_at_start_removes_by_age_then_total_size_never_a_file_being_wr
             session = session_of(writer, jti)
             boot(vm1, ws)
             live = folder / f"{session}.cast"
+            time.sleep(0.3)  # the boot's last output is written: the file's time is set below
             now = time.time()
             ages = {live.name: (None, 10 * DAY),
                     "s-old.cast": (500, 10 * DAY), "s-old2.fbs": (500, 3 * DAY),
-                    "s-big.spice": (6000, 5 * 3600), "s-mid.cast": (3000, 2 * 3600), "s-new.fbs": (3000, 3600),
+                    "s-big.spice": (12_000, 5 * 3600), "s-mid.cast": (3000, 2 * 3600), "s-new.fbs": (3000, 3600),
                     "notes.txt": (50_000, 30 * DAY)}
             for name, (size, age) in ages.items():
                 if size is not None:
                     (folder / name).write_bytes(b"x" * size)
                 os.utime(folder / name, (now - age, now - age))
             sweeper = Porthole(tmp_path / "sweeper", sections=recording(
-                folder, backends=["loopback"], keep_days=1, max_total_bytes=8192, max_bytes=4096))
+                folder, backends=["loopback"], keep_days=1, max_total_bytes=16384, max_bytes=4096))
             removed = wait_for(lambda: (r := events(sweeper, "recording_removed")) and len(r) >= 3 and r,
                                "retention removed nothing at start")
             time.sleep(0.3)  # one sweep: nothing more goes
             assert events(sweeper, "recording_removed") == removed
             assert {e["recording"]: e["why"] for e in removed} == {
                 "s-old": "age", "s-old2": "age", "s-big": "total_size"}, removed
+            # 18000 bytes and the live one's (one boot, a few KiB) are over
+            # 16384; without s-big they fit.
             assert sorted(f.name for f in folder.iterdir()) == sorted(
                 [live.name, "s-mid.cast", "s-new.fbs", "notes.txt"])
+            assert live.stat().st_mtime < now - 9 * DAY and live.stat().st_size < 10_000, live.stat()
             # The live session records on, to its end.
             assert END in boot(vm1, ws)
         rec = finished(writer, session)
@@ -328,7 +332,7 @@ def test_nodes_sharing_the_folder_list_and_play_each_others_recordings(tmp_path,
         status, answer = b.admin("POST", f"/v1/recordings/{session}/playback", {}, actor="auditor")
         assert status == 200 and answer["url"].startswith(b.base), answer
         leak_check.remember(answer["token"])
-        assert events(b, "playback_issued", by="auditor")
+        wait_for(lambda: events(b, "playback_issued", by="auditor"), "the playback link is not audited on node b")
         played = b""
         with connect(ws_url(b, "playback/serial", answer["token"]), subprotocols=["binary"], open_timeout=10) as p:
             try:
@@ -366,11 +370,11 @@ def test_a_recording_the_disk_cut_short_is_described_by_one_stop_and_its_files_s
             stop(p)
 
 
-def test_a_required_session_on_a_disk_full_at_its_start_is_refused(tmp_path, vms):
-    """docs/recording.md: a file that cannot be created at the start
-    (folder missing, read-only, full) refuses a required session. A full
-    tmpfs still creates an empty file: the recording must find out that it
-    cannot write before the session relays, not at its end."""
+def test_a_required_session_on_a_disk_full_at_its_start_shows_nothing_unrecorded(tmp_path, vms):
+    """A full tmpfs still creates an empty file, so the session opens; but
+    its recording's first write (the header, at once) fails: the session
+    is refused or ended (4007) before it relays any of the console's output,
+    and the recording is not called complete."""
     vm1, _ = vms
     with tmpfs(tmp_path / "disk") as disk:
         fill(disk, leave=0)
@@ -379,16 +383,22 @@ def test_a_required_session_on_a_disk_full_at_its_start_is_refused(tmp_path, vms
             ws, jti = serial(p, vm1)
             got = b""
             with ws:
+                session = session_of(p, jti)
+                # The disk refused the recording before the console said anything.
+                wait_for(lambda: events(p, "recording_stopped", session=session) or events(
+                    p, "session_ended", session=session), "the full disk went unnoticed", within=5)
+                vm1.qmp("system_reset")
                 try:
-                    got = boot(vm1, ws)
+                    got = read_until(ws, END, within=5)
                 except (ConnectionClosed, AssertionError):
                     pass
-            session = session_of(p, jti)
-            outcome = ended(p, session)["outcome"]
+                code = close_code(ws, within=5)
+            end = ended(p, session)
             rec = events(p, "recording_finished", session=session)
             on_disk = [f.stat().st_size for f in disk.glob(f"{session}.*")]
-            assert outcome in ("recording_unavailable", "recording_stopped"), (
-                f"a required session on a full disk ended {outcome!r} after relaying {len(got)} bytes; "
+            assert (code, end["outcome"], end["bytes_down"]) in ((4007, "recording_unavailable", 0),
+                                                                (4007, "recording_stopped", 0)), (
+                f"a required session on a full disk: close {code}, {end}, {len(got)} bytes relayed; "
                 f"recording_finished: {rec}; on disk: {on_disk}")
             assert not rec or rec[0]["complete"] is False, rec
         finally:
