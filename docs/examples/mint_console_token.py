@@ -19,7 +19,7 @@ import jwt  # PyJWT
 
 def mint_console_token(private_key, kid, algorithm, instance_id, console_type,
                        host, port, tls_port=None, issuer="porthole",
-                       audience="porthole", ttl=120, view_only=False):
+                       audience="porthole", ttl=120, view_only=False, record=False):
     """Returns a signed console token (a compact JWT string)."""
     now = int(time.time())
     console = {"type": console_type, "host": host, "port": port}
@@ -27,6 +27,8 @@ def mint_console_token(private_key, kid, algorithm, instance_id, console_type,
         console["tls_port"] = tls_port
     if view_only:
         console["view_only"] = True  # watch, not act: Porthole drops the input
+    if record:
+        console["record"] = True  # must be recorded: refused or ended if it cannot be
     claims = {
         "iss": issuer,            # must be in Porthole's tokens.issuers
         "aud": audience,          # must be in Porthole's tokens.audiences
@@ -60,6 +62,7 @@ def main():
     p.add_argument("--port", required=True, type=int)
     p.add_argument("--tls-port", type=int)
     p.add_argument("--view-only", action="store_true")
+    p.add_argument("--record", action="store_true")
     p.add_argument("--issuer", default="porthole")
     p.add_argument("--audience", default="porthole")
     p.add_argument("--ttl", type=int, default=120)
@@ -71,7 +74,7 @@ def main():
         key = key.strip()
     token = mint_console_token(key, a.kid, a.alg, a.instance, a.console_type,
                                a.host, a.port, a.tls_port, a.issuer,
-                               a.audience, a.ttl, a.view_only)
+                               a.audience, a.ttl, a.view_only, a.record)
     print(token)
     print(console_url(a.base_url, a.console_type, token))
 

@@ -56,6 +56,14 @@ def test_a_pyjwt_minted_view_only_token_is_read_as_one(keys, config):
         "type": "novnc", "host": "10.77.1.2", "port": 5901, "view_only": True}
 
 
+def test_a_pyjwt_minted_token_that_asks_for_a_recording_is_read_as_one(keys, config):
+    token = pyjwt_token(keys["EdDSA"], record=True)
+    p = inspect(config, token, "--type", "novnc")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(p.stdout)["console"] == {
+        "type": "novnc", "host": "10.77.1.2", "port": 5901, "record": True}
+
+
 @pytest.mark.parametrize("alg", ALGS)
 def test_pyjwt_minted_tokens_are_accepted(alg, keys, config):
     token = pyjwt_token(keys[alg])
