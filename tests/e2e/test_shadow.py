@@ -511,14 +511,16 @@ def test_a_shadow_that_never_reads_does_not_slow_the_owner(tmp_path):
         # buffers (a small part of the flood) are full: the deadline catches that.
         watched, watched_s = owner_throughput(vm, owner, FLOOD, within=max(20, 5 * alone_s))
         # It stalled all along: still listed with little of the flood, or
-        # (a slow run: the flood outlasted SHADOW_STALL) cut for taking
-        # nothing, and for nothing else.
+        # cut as a stalled shadow is: for taking nothing (a slow run: the
+        # flood outlasted SHADOW_STALL) or for falling 256 chunks behind
+        # (its socket's and pipe's buffers full before the flood's end).
         shadow_entry = next((s for s in sessions(p) if s["jti"] == answer["jti"]), None)
-        went = "cut for taking nothing" if shadow_entry is None else f"{shadow_entry['bytes_down']} bytes"
+        went = "cut" if shadow_entry is None else f"{shadow_entry['bytes_down']} bytes"
         print(f"owner's download of {FLOOD} bytes of guest output: alone {alone / 1e6:.3f} MB/s ({alone_s:.2f} s), "
               f"with a shadow that never reads {watched / 1e6:.3f} MB/s ({watched_s:.2f} s); shadow: {went}")
         if shadow_entry is None:
-            assert "shadow cut: it took none of the console's output" in p.log(), p.log()[-3000:]
+            cuts = [line for line in p.log().splitlines() if "shadow cut:" in line]
+            assert cuts and all("took none" in c or "fell 256 chunks behind" in c for c in cuts), p.log()[-3000:]
         else:
             assert shadow_entry["bytes_down"] < FLOOD / 4, shadow_entry
         # Generous: a shared, noisy machine.
