@@ -304,15 +304,38 @@ async fn play_spice<S>(
         let _ = sink.send(close(1011, "recording unreadable")).await;
         return;
     };
-    let mut magic = [0u8; 12];
-    if file.read_exact(&mut magic).await.is_err() || &magic != MAGIC {
+    // The file is a gzip stream: it is inflated as it is read.
+    let mut inflated = flate2::write::GzDecoder::new(Vec::new());
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read_more =
+        async |inflated: &mut flate2::write::GzDecoder<Vec<u8>>| -> Option<Vec<u8>> {
+            use std::io::Write as _;
+            loop {
+                let n = file.read(&mut buf).await.ok().filter(|n| *n > 0)?;
+                inflated.write_all(&buf[..n]).ok()?;
+                // The decoder hands its output on at a flush.
+                inflated.flush().ok()?;
+                let out = std::mem::take(inflated.get_mut());
+                if !out.is_empty() {
+                    return Some(out);
+                }
+            }
+        };
+    let mut head = Vec::new();
+    while head.len() < MAGIC.len() {
+        match read_more(&mut inflated).await {
+            Some(more) => head.extend_from_slice(&more),
+            None => break,
+        }
+    }
+    if !head.starts_with(MAGIC) {
         let _ = sink.send(close(1011, "not a SPICE recording")).await;
         return;
     }
     let started = tokio::time::Instant::now();
     let playing = async {
         let mut records = Records::default();
-        let mut buf = vec![0u8; 64 * 1024];
+        records.feed(&head[MAGIC.len()..]);
         // The recorded channel's link time, once its link record is read.
         let mut linked_at: Option<u32> = None;
         'file: loop {
@@ -349,9 +372,9 @@ async fn play_spice<S>(
                     _ => {}
                 }
             }
-            match file.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => records.feed(&buf[..n]),
+            match read_more(&mut inflated).await {
+                Some(more) => records.feed(&more),
+                None => break,
             }
         }
         // spice-html5 clears its screen when its sockets close: the last

@@ -59,7 +59,7 @@ impl Format {
         match self {
             Format::Asciicast => "cast",
             Format::Fbs => "fbs",
-            Format::Spice => "spice",
+            Format::Spice => "spice.gz",
         }
     }
 
@@ -504,6 +504,71 @@ const BATCH_BYTES: usize = 1 << 20;
 struct Disk {
     file: std::fs::File,
     hash: Sha256,
+    /// Bytes in the file (what `hash` has seen).
+    on_disk: u64,
+    /// A SPICE recording's gzip stream (flushed at every batch, so that
+    /// the file can be read up to its last write).
+    gzip: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    /// A write failed: the file ends at the last whole write.
+    failed: bool,
+}
+
+impl Disk {
+    fn new(file: std::fs::File, format: Format) -> Self {
+        let gzip = (format == Format::Spice)
+            .then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        Self {
+            file,
+            hash: Sha256::new(),
+            on_disk: 0,
+            gzip,
+            failed: false,
+        }
+    }
+
+    /// Writes `batch` (compressed, for a SPICE recording).
+    fn put(&mut self, batch: &[u8]) -> io::Result<()> {
+        use std::io::Write as _;
+        let Some(gzip) = &mut self.gzip else {
+            return self.commit(batch);
+        };
+        gzip.write_all(batch)?;
+        gzip.flush()?;
+        let compressed = std::mem::take(gzip.get_mut());
+        self.commit(&compressed)
+    }
+
+    /// Appends `bytes` to the file and the hash. A write the disk refuses
+    /// may have put part of them in the file: it is cut back, so that the
+    /// file holds exactly what was hashed.
+    fn commit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write as _;
+        match self.file.write_all(bytes) {
+            Ok(()) => {
+                self.hash.update(bytes);
+                self.on_disk += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                let _ = self.file.set_len(self.on_disk);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the gzip stream (unless a write failed), syncs; the file's
+    /// hash and size.
+    fn finish(mut self) -> (Sha256, u64) {
+        if let Some(gzip) = self.gzip.take()
+            && !self.failed
+            && let Ok(tail) = gzip.finish()
+        {
+            let _ = self.commit(&tail);
+        }
+        let _ = self.file.sync_all();
+        (self.hash, self.on_disk)
+    }
 }
 
 impl Writer {
@@ -515,10 +580,7 @@ impl Writer {
         behind: Arc<AtomicBool>,
         queued: Arc<AtomicUsize>,
     ) {
-        let mut disk = Some(Disk {
-            file,
-            hash: Sha256::new(),
-        });
+        let mut disk = Some(Disk::new(file, self.format));
         let mut written = 0u64;
         let mut text = asciicast::Utf8Stream::default();
         let started = Instant::now();
@@ -588,7 +650,7 @@ impl Writer {
             if !out.is_empty() {
                 let batch = std::mem::take(&mut out);
                 let n = batch.len() as u64;
-                match self.write(&mut disk, batch, written).await {
+                match self.write(&mut disk, batch).await {
                     Ok(()) => written += n,
                     Err(why) => why_stopped = Some(why),
                 }
@@ -608,18 +670,12 @@ impl Writer {
             stopped(&self.owner.session, &self.path, &why);
             why_stopped = Some(why);
         }
-        let hash = match disk.take() {
-            Some(d) => {
-                let synced = tokio::task::spawn_blocking(move || (d.file.sync_all(), d.hash)).await;
-                match synced {
-                    Ok((_, hash)) => Some(hash),
-                    Err(_) => None,
-                }
-            }
+        let finished = match disk.take() {
+            Some(d) => tokio::task::spawn_blocking(move || d.finish()).await.ok(),
             None => None,
         };
-        let sha256 = hash.map(|h| hex(&h.finalize())).unwrap_or_default();
-        tracing::info!(session = %self.owner.session, path = %self.path.display(), bytes = written, %sha256, "recording finished");
+        let (sha256, bytes) = finished.map_or((String::new(), 0), |(h, n)| (hex(&h.finalize()), n));
+        tracing::info!(session = %self.owner.session, path = %self.path.display(), bytes, %sha256, "recording finished");
         let o = &self.owner;
         AuditEvent::new("recording_finished")
             .field("session", Some(o.session.as_str()))
@@ -632,7 +688,7 @@ impl Writer {
             .field("ended", Some(unix_now()))
             .field("path", Some(self.path.display().to_string()))
             .field("format", Some(self.format.name()))
-            .field("bytes", Some(written))
+            .field("bytes", Some(bytes))
             .field("sha256", Some(sha256))
             .field("complete", Some(why_stopped.is_none()))
             .emit();
@@ -649,40 +705,21 @@ impl Writer {
         false
     }
 
-    /// Hashes and writes `batch` in the blocking pool after the `written`
-    /// bytes already in the file; the file and hash come back. A write the
-    /// disk refuses may have put part of the batch in the file: it is cut
-    /// back to `written`, so that the file holds exactly what was hashed,
-    /// whole records only.
-    async fn write(
-        &self,
-        disk: &mut Option<Disk>,
-        batch: Vec<u8>,
-        written: u64,
-    ) -> Result<(), String> {
-        use std::io::Write as _;
+    /// Hashes and writes `batch` in the blocking pool; the file and hash
+    /// come back.
+    async fn write(&self, disk: &mut Option<Disk>, batch: Vec<u8>) -> Result<(), String> {
         let Some(mut d) = disk.take() else {
             return Err("its file was lost".into());
         };
         let done = tokio::task::spawn_blocking(move || {
-            let r = d.file.write_all(&batch);
-            match &r {
-                Ok(()) => d.hash.update(&batch),
-                Err(_) => {
-                    let _ = d.file.set_len(written);
-                }
-            }
+            let r = d.put(&batch);
             (d, r)
         })
         .await;
         match done {
-            Ok((d, Ok(()))) => {
+            Ok((d, r)) => {
                 *disk = Some(d);
-                Ok(())
-            }
-            Ok((d, Err(e))) => {
-                *disk = Some(d);
-                Err(format!("the disk refused a write: {e}"))
+                r.map_err(|e| format!("the disk refused a write: {e}"))
             }
             Err(e) => Err(format!("its writer failed: {e}")),
         }
@@ -707,6 +744,37 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_spice_recording_is_a_gzip_stream_readable_up_to_each_write_and_its_hash_is_the_files() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s-1.spice.gz");
+        let mut disk = Disk::new(create_private(&path).unwrap(), Format::Spice);
+        let first = [spice::MAGIC.as_slice(), &[0; 4096]].concat();
+        disk.put(&first).unwrap();
+        // Flushed at each write: what is on disk inflates to all of it so
+        // far (a reader stops at the missing trailer).
+        let mut so_far = Vec::new();
+        let _ = flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())
+            .read_to_end(&mut so_far);
+        assert_eq!(so_far, first);
+        disk.put(b"more").unwrap();
+        let (hash, n) = disk.finish();
+        let stored = std::fs::read(&path).unwrap();
+        assert_eq!(n, stored.len() as u64);
+        assert!(
+            stored.len() < 200,
+            "4 KiB of zeros compress: {} bytes",
+            stored.len()
+        );
+        assert_eq!(hex(&hash.finalize()), hex(&Sha256::digest(&stored)));
+        let mut all = Vec::new();
+        flate2::read::GzDecoder::new(&stored[..])
+            .read_to_end(&mut all)
+            .unwrap();
+        assert_eq!(all, [first.as_slice(), b"more"].concat());
+    }
 
     #[test]
     fn retention_removes_the_old_then_the_oldest_and_never_one_being_written() {

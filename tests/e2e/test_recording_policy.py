@@ -276,7 +276,7 @@ def test_retention_at_start_removes_by_age_then_total_size_never_a_file_being_wr
             now = time.time()
             ages = {live.name: (None, 10 * DAY),
                     "s-old.cast": (500, 10 * DAY), "s-old2.fbs": (500, 3 * DAY),
-                    "s-big.spice": (12_000, 5 * 3600), "s-mid.cast": (3000, 2 * 3600), "s-new.fbs": (3000, 3600),
+                    "s-big.spice.gz": (12_000, 5 * 3600), "s-mid.cast": (3000, 2 * 3600), "s-new.fbs": (3000, 3600),
                     "notes.txt": (50_000, 30 * DAY)}
             for name, (size, age) in ages.items():
                 if size is not None:
