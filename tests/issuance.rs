@@ -1,6 +1,6 @@
 //! The issuance API and the rest of the admin listener, over a real socket.
 
-mod common;
+use crate::common;
 
 use common::{AUDIENCE, Gateway, ISSUER, TestKey, spawn_gateway};
 use porthole::frontend::admin;

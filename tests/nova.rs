@@ -3,7 +3,7 @@
 //! what each answer becomes, what is asked how often, and that nothing but
 //! a canonical UUID ever reaches Nova.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! writes to and reads from). The end-to-end proof against QEMU, noVNC and
 //! the SPICE clients is tests/e2e/test_view_only.py and test_shadow.py.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

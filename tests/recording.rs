@@ -4,7 +4,7 @@
 //! text played back by Debian's `asciinema cat`) is
 //! tests/e2e/test_recording.py.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! refuses is refused and changes nothing; settings read only at start are
 //! named, not applied.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 
@@ -68,7 +68,7 @@ impl Gateway {
         self.dir.path().join("porthole.toml")
     }
 
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+    async fn admin_post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (status, body) = common::http(
             self.admin,
             "POST",
@@ -88,7 +88,7 @@ impl Gateway {
     /// allow-list, revocations: the session layer's check).
     async fn admits(&self, token: &str) -> Result<(), String> {
         let (status, body) = self
-            .post("/v1/tokens/check", &json!({ "token": token }))
+            .admin_post("/v1/tokens/check", &json!({ "token": token }))
             .await;
         assert_eq!(status, 200, "{body}");
         match body["valid"].as_bool() {
@@ -103,7 +103,7 @@ impl Gateway {
             "instance": "vm-1", "type": "novnc",
             "target": { "host": "10.20.0.5", "port": 5901 },
         });
-        let (status, body) = self.post("/v1/consoles", &req).await;
+        let (status, body) = self.admin_post("/v1/consoles", &req).await;
         assert_eq!(status, 200, "{body}");
         let token = body["token"].as_str().unwrap().to_string();
         let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
@@ -131,7 +131,7 @@ async fn rotating_keys_by_editing_the_file_retires_the_old_key_and_signs_with_th
     // Publish the new key beside the old one: `POST /v1/keys/reload` is the
     // full reload under its old name.
     gw.write(&config_text(&["old", "new"], "old", ""));
-    let (status, body) = gw.post("/v1/keys/reload", &json!({})).await;
+    let (status, body) = gw.admin_post("/v1/keys/reload", &json!({})).await;
     assert_eq!(status, 200, "{body}");
     let r = &body["reloaded"];
     assert_eq!(strings(&r["keys_added"]), ["new"]);
@@ -145,7 +145,7 @@ async fn rotating_keys_by_editing_the_file_retires_the_old_key_and_signs_with_th
 
     // Remove the old (compromised) key and sign with the new one.
     gw.write(&config_text(&["new"], "new", ""));
-    let (status, body) = gw.post("/v1/reload", &json!({})).await;
+    let (status, body) = gw.admin_post("/v1/reload", &json!({})).await;
     assert_eq!(status, 200, "{body}");
     let r = &body["reloaded"];
     assert_eq!(strings(&r["keys_added"]), Vec::<&str>::new());
@@ -195,7 +195,7 @@ async fn a_file_config_check_refuses_is_refused_by_reload_and_changes_nothing() 
         ("broken certificate", broken_cert.as_str(), "spice.tls_cert"),
     ] {
         gw.write(text);
-        let (status, body) = gw.post("/v1/reload", &json!({})).await;
+        let (status, body) = gw.admin_post("/v1/reload", &json!({})).await;
         assert_eq!(status, 422, "{what}: {body}");
         assert_eq!(body["error"]["code"], "reload_failed", "{what}");
         let problems = strings(&body["error"]["problems"]);
@@ -216,7 +216,7 @@ async fn a_file_config_check_refuses_is_refused_by_reload_and_changes_nothing() 
     }
     // The same key also retires through the key list, once the file is valid.
     gw.write(&config_text(&["old"], "old", ""));
-    assert_eq!(gw.post("/v1/reload", &json!({})).await.0, 200);
+    assert_eq!(gw.admin_post("/v1/reload", &json!({})).await.0, 200);
 }
 
 #[tokio::test]
@@ -226,7 +226,7 @@ async fn settings_read_at_start_are_named_as_needing_a_restart_and_not_applied()
         .replace("public = \"127.0.0.1:0\"", "public = \"127.0.0.1:17080\"")
         + "\n[[backends]]\nname = \"more\"\nnetworks = [\"10.30.0.0/16\"]\n";
     gw.write(&moved);
-    let (status, body) = gw.post("/v1/reload", &json!({})).await;
+    let (status, body) = gw.admin_post("/v1/reload", &json!({})).await;
     assert_eq!(status, 200, "{body}");
     let r = &body["reloaded"];
     assert_eq!(
@@ -247,7 +247,7 @@ async fn settings_read_at_start_are_named_as_needing_a_restart_and_not_applied()
         .await
         .expect("new backend in force");
     // Until a restart, every reload says so again.
-    let (_, body) = gw.post("/v1/reload", &json!({})).await;
+    let (_, body) = gw.admin_post("/v1/reload", &json!({})).await;
     assert_eq!(
         strings(&body["reloaded"]["restart_required"]).len(),
         3,
@@ -265,7 +265,7 @@ async fn command_line_listener_overrides_are_no_change() {
     })
     .await;
     assert_eq!(gw.app.config.listen.admin, admin);
-    let (status, body) = gw.post("/v1/reload", &json!({})).await;
+    let (status, body) = gw.admin_post("/v1/reload", &json!({})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         strings(&body["reloaded"]["restart_required"]),

@@ -4,7 +4,7 @@
 //! seconds, without QEMU. The QEMU end-to-end suite (tests/e2e) proves the
 //! same paths against real peers; these pin the bytes.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! Each test first shows a good token passing the exact validator and console
 //! type it then presents the bad token to, so no test can pass by accident.
 
-mod common;
+use crate::common;
 
 use common::{AUDIENCE, ISSUER, TestKey, good_claims, validator};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

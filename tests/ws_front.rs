@@ -2,7 +2,7 @@
 //! a fake console (TCP echo) and tokio-tungstenite as the client. Fast checks of the
 //! paths the end-to-end suite proves against QEMU and Chromium.
 
-mod common;
+use crate::common;
 
 use common::{Gateway, LOOPBACK_BACKEND, echo_console, spawn_gateway, tokens_toml};
 use futures_util::{SinkExt, StreamExt};
