@@ -69,12 +69,23 @@ enum Sink {
 /// One audit event.
 #[derive(Debug, Clone)]
 pub struct AuditEvent {
-    fields: Map<String, Value>,
+    /// `None` when nothing would take the event: it is not built.
+    fields: Option<Map<String, Value>>,
+}
+
+/// Whether an event would go anywhere: a file, or the log at the level
+/// its filter lets through. (Building one that is then dropped cost about
+/// 4 µs of each session's open, measured under the load tool.)
+fn consumed() -> bool {
+    SINK.get().is_some() || tracing::enabled!(target: "porthole::audit", tracing::Level::INFO)
 }
 
 impl AuditEvent {
     /// An event named `event`, stamped now.
     pub fn new(event: &'static str) -> Self {
+        if !consumed() {
+            return Self { fields: None };
+        }
         let mut fields = Map::new();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -82,7 +93,9 @@ impl AuditEvent {
         fields.insert("ts".into(), json!(now.as_secs_f64()));
         fields.insert("event".into(), json!(event));
         fields.insert("node".into(), json!(crate::node::name()));
-        Self { fields }
+        Self {
+            fields: Some(fields),
+        }
     }
 
     /// An admin action by `by`, for `reason`.
@@ -94,8 +107,8 @@ impl AuditEvent {
 
     /// Adds a field (skipped when `None`).
     pub fn field(mut self, key: &str, value: Option<impl Into<Value>>) -> Self {
-        if let Some(v) = value {
-            self.fields.insert(key.into(), v.into());
+        if let (Some(fields), Some(v)) = (&mut self.fields, value) {
+            fields.insert(key.into(), v.into());
         }
         self
     }
@@ -113,7 +126,10 @@ impl AuditEvent {
 
     /// Sends it to the sink.
     pub fn emit(self) {
-        let line = Value::Object(self.fields).to_string();
+        let Some(fields) = self.fields else {
+            return;
+        };
+        let line = Value::Object(fields).to_string();
         match SINK.get() {
             None => tracing::info!(target: "porthole::audit", "{line}"),
             Some(Sink::File(tx)) => match tx.try_send(line) {
