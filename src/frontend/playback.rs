@@ -285,8 +285,7 @@ async fn play_spice<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     use crate::protocol::spice::messages::common_cap;
-    use crate::recording::spice::{ChannelOf, Kind, MAGIC, Records};
-    use tokio::io::AsyncReadExt as _;
+    use crate::recording::spice::{ChannelOf, ChannelReader};
     let mut client = crate::transport::ws_stream::WsBytes::new(socket);
     let deadline = tokio::time::Instant::now() + sessions.limits.spice_handshake;
     let linked = crate::session::spice::link_playback(sessions, &mut client, deadline).await;
@@ -300,81 +299,29 @@ async fn play_spice<S>(
         id: mess.channel_id,
     };
     let mini_header = mess.caps.has_common(common_cap::MINI_HEADER);
-    let Ok(mut file) = tokio::fs::File::open(path).await else {
-        let _ = sink.send(close(1011, "recording unreadable")).await;
-        return;
-    };
-    // The file is a gzip stream: it is inflated as it is read.
-    let mut inflated = flate2::write::GzDecoder::new(Vec::new());
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut read_more =
-        async |inflated: &mut flate2::write::GzDecoder<Vec<u8>>| -> Option<Vec<u8>> {
-            use std::io::Write as _;
-            loop {
-                let n = file.read(&mut buf).await.ok().filter(|n| *n > 0)?;
-                inflated.write_all(&buf[..n]).ok()?;
-                // The decoder hands its output on at a flush.
-                inflated.flush().ok()?;
-                let out = std::mem::take(inflated.get_mut());
-                if !out.is_empty() {
-                    return Some(out);
-                }
-            }
-        };
-    let mut head = Vec::new();
-    while head.len() < MAGIC.len() {
-        match read_more(&mut inflated).await {
-            Some(more) => head.extend_from_slice(&more),
-            None => break,
+    let mut reader = match ChannelReader::open(path, wanted, mini_header).await {
+        Ok(r) => r,
+        Err(why) => {
+            let _ = sink.send(close(1011, why)).await;
+            return;
         }
-    }
-    if !head.starts_with(MAGIC) {
-        let _ = sink.send(close(1011, "not a SPICE recording")).await;
-        return;
-    }
+    };
     let started = tokio::time::Instant::now();
     let playing = async {
-        let mut records = Records::default();
-        records.feed(&head[MAGIC.len()..]);
-        // The recorded channel's link time, once its link record is read.
-        let mut linked_at: Option<u32> = None;
-        'file: loop {
-            loop {
-                let record = match records.next_record() {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(recording = %path.display(), "playback stopped: {e}");
-                        break 'file;
+        loop {
+            match reader.next().await {
+                Ok(Some((after, bytes))) => {
+                    tokio::time::sleep_until(started + after).await;
+                    if sink.send(Message::binary(bytes)).await.is_err() {
+                        return;
                     }
-                };
-                if record.channel != wanted {
-                    continue;
                 }
-                match (record.kind, linked_at) {
-                    (Kind::Linked, None) => {
-                        if record.bytes.first() != Some(&u8::from(mini_header)) {
-                            let _ = sink.send(close(1011, "recorded with other framing")).await;
-                            return;
-                        }
-                        linked_at = Some(record.ms);
-                    }
-                    (Kind::Data, Some(at)) => {
-                        let after = u64::from(record.ms.saturating_sub(at));
-                        tokio::time::sleep_until(started + Duration::from_millis(after)).await;
-                        if sink.send(Message::binary(record.bytes)).await.is_err() {
-                            return;
-                        }
-                    }
-                    // Its first session's channel ended: a later one with
-                    // the same type and id is another connection.
-                    (Kind::Closed, Some(_)) => break 'file,
-                    _ => {}
+                Ok(None) => break,
+                Err(why) => {
+                    tracing::warn!(recording = %path.display(), "playback stopped: {why}");
+                    let _ = sink.send(close(1011, why)).await;
+                    return;
                 }
-            }
-            match read_more(&mut inflated).await {
-                Some(more) => records.feed(&more),
-                None => break,
             }
         }
         // spice-html5 clears its screen when its sockets close: the last
@@ -385,6 +332,40 @@ async fn play_spice<S>(
     tokio::select! {
         () = playing => {}
         () = client_left(&mut stream) => {}
+    }
+}
+
+/// `GET /playback/vv?token=`: a SPICE recording for a native client
+/// (remote-viewer, spicy): a `.vv` (or JSON, `?format=json`) whose ticket,
+/// on Porthole's SPICE TLS listener, plays the recording instead of
+/// opening a console ([`crate::session::spice::serve_native`]).
+pub async fn vv(
+    State(s): State<PublicState>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    Query(f): Query<super::spice::FormatQuery>,
+) -> Response {
+    match recording_of(&s, &q) {
+        Ok((_, Format::Spice)) => {}
+        Ok(_) => return refuse(StatusCode::BAD_REQUEST, "refused"),
+        Err((status, code)) => return refuse(status, code),
+    }
+    let Some(d) = s.spice.clone().filter(|d| d.tls_port.is_some()) else {
+        return refuse(StatusCode::NOT_IMPLEMENTED, "unavailable");
+    };
+    let Some(grant) = q.token().and_then(|t| s.validator.playback_grant(t).ok()) else {
+        return refuse(StatusCode::UNAUTHORIZED, "refused");
+    };
+    match s.sessions.playback_ticket(&grant).await {
+        Ok((ticket, expires_at)) => super::spice::connection_details(
+            &d,
+            &headers,
+            &f,
+            &grant.instance,
+            ticket.expose(),
+            expires_at,
+        ),
+        Err(e) => super::respond::open_error_response(&e),
     }
 }
 

@@ -99,6 +99,7 @@ pub fn router(state: PublicState) -> Router {
         .route("/playback/serial", get(super::playback::serial))
         .route("/playback/vnc", get(super::playback::vnc))
         .route("/playback/spice", get(super::playback::spice))
+        .route("/playback/vv", get(super::playback::vv))
         .route("/spice-direct", get(spice::spice_direct))
         .route("/spice-ticket", post(spice::spice_ticket))
         .route("/vnc-direct", get(vnc::vnc_direct))

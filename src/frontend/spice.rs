@@ -68,6 +68,26 @@ pub async fn spice_direct(
             Ok(t) => t,
             Err(r) => return r,
         };
+    connection_details(
+        &d,
+        &headers,
+        &f,
+        &grant.instance,
+        ticket.expose(),
+        expires_at,
+    )
+}
+
+/// The connection details a native client needs, as a `.vv` (default) or
+/// JSON (`?format=json`, or an `Accept` naming it).
+pub(crate) fn connection_details(
+    d: &SpiceDetails,
+    headers: &HeaderMap,
+    f: &FormatQuery,
+    title: &str,
+    ticket: &str,
+    expires_at: u64,
+) -> Response {
     let wants_json = match f.format.as_deref() {
         Some("json") => true,
         Some("vv") => false,
@@ -86,13 +106,13 @@ pub async fn spice_direct(
             tls_port: d.tls_port,
             ca: d.ca_pem.as_deref(),
             host_subject: d.host_subject.as_deref(),
-            ticket: ticket.expose(),
+            ticket,
             ticket_expires_at: expires_at,
-            instance: &grant.instance,
+            instance: title,
         };
         return ([no_store], axum::Json(body)).into_response();
     }
-    let vv = virt_viewer_file(&d, ticket.expose(), &grant.instance);
+    let vv = virt_viewer_file(d, ticket, title);
     (
         [
             no_store,

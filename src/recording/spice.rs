@@ -136,6 +136,117 @@ impl Records {
     }
 }
 
+/// One channel of a SPICE recording, read as it is played: the file
+/// inflated as it is read, the records of the other channels skipped.
+#[derive(Debug)]
+pub struct ChannelReader {
+    file: tokio::fs::File,
+    inflated: flate2::write::GzDecoder<Vec<u8>>,
+    records: Records,
+    buf: Vec<u8>,
+    wanted: ChannelOf,
+    mini_header: bool,
+    /// The recorded channel's link time, once its link record is read.
+    linked_at: Option<u32>,
+}
+
+impl ChannelReader {
+    /// The recording at `path`, for the channel `wanted` linked by a client
+    /// with (or without) mini headers. `Err` says why it cannot be played.
+    pub async fn open(
+        path: &std::path::Path,
+        wanted: ChannelOf,
+        mini_header: bool,
+    ) -> Result<Self, &'static str> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|_| "recording unreadable")?;
+        let mut r = Self {
+            file,
+            inflated: flate2::write::GzDecoder::new(Vec::new()),
+            records: Records::default(),
+            buf: vec![0u8; 64 * 1024],
+            wanted,
+            mini_header,
+            linked_at: None,
+        };
+        let mut head = Vec::new();
+        while head.len() < MAGIC.len() {
+            match r.read_more().await {
+                Some(more) => head.extend_from_slice(&more),
+                None => break,
+            }
+        }
+        if !head.starts_with(MAGIC) {
+            return Err("not a SPICE recording");
+        }
+        r.records.feed(&head[MAGIC.len()..]);
+        Ok(r)
+    }
+
+    /// More of the file, inflated; `None` at its end (or where it breaks).
+    async fn read_more(&mut self) -> Option<Vec<u8>> {
+        use std::io::Write as _;
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            let n = self
+                .file
+                .read(&mut self.buf)
+                .await
+                .ok()
+                .filter(|n| *n > 0)?;
+            self.inflated.write_all(&self.buf[..n]).ok()?;
+            // The decoder hands its output on at a flush.
+            self.inflated.flush().ok()?;
+            let out = std::mem::take(self.inflated.get_mut());
+            if !out.is_empty() {
+                return Some(out);
+            }
+        }
+    }
+
+    /// What the channel's server side sent next, and when after its link;
+    /// `Ok(None)` at the channel's end (its first connection's close, or
+    /// the file's end). `Err` when the recording cannot be played to this
+    /// client (its framing differs, the file breaks).
+    pub async fn next(&mut self) -> Result<Option<(std::time::Duration, Vec<u8>)>, &'static str> {
+        loop {
+            while let Some(record) = self
+                .records
+                .next_record()
+                .map_err(|_| "a broken record in the recording")?
+            {
+                if record.channel != self.wanted {
+                    continue;
+                }
+                match (record.kind, self.linked_at) {
+                    (Kind::Linked, None) => {
+                        if record.bytes.first() != Some(&u8::from(self.mini_header)) {
+                            return Err("recorded with other framing");
+                        }
+                        self.linked_at = Some(record.ms);
+                    }
+                    (Kind::Data, Some(at)) => {
+                        let after = u64::from(record.ms.saturating_sub(at));
+                        return Ok(Some((
+                            std::time::Duration::from_millis(after),
+                            record.bytes,
+                        )));
+                    }
+                    // Its first session's channel ended: a later one with
+                    // the same type and id is another connection.
+                    (Kind::Closed, Some(_)) => return Ok(None),
+                    _ => {}
+                }
+            }
+            match self.read_more().await {
+                Some(more) => self.records.feed(&more),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -584,6 +584,20 @@ impl Sessions {
         Ok((ticket, (now + ttl).min(grant.expires_at)))
     }
 
+    /// A ticket that plays a SPICE recording to a native client (`grant`
+    /// is a playback's: [`crate::token::TokenValidator::playback_grant`]);
+    /// it opens no session and reaches no hypervisor.
+    pub async fn playback_ticket(&self, grant: &Grant) -> Result<(Secret<String>, u64), OpenError> {
+        let now = unix_now();
+        let ttl = self.limits.ticket_ttl_secs;
+        let ticket = self
+            .tickets
+            .issue(grant.clone(), ttl, now)
+            .await
+            .map_err(|e| OpenError::Unavailable(format!("no ticket issued: {e}")))?;
+        Ok((ticket, (now + ttl).min(grant.expires_at)))
+    }
+
     /// Whether `ticket` admits a link from `client` in `role` on an ingress
     /// serving `console` (see [`TicketStore::admit`]). An address that keeps
     /// presenting tickets that admit nothing must wait, longer each time,

@@ -283,15 +283,19 @@ pub async fn serve_native(
         &ClientLeg::Native,
         deadline,
     ));
-    let Ok(Channel {
+    let Channel {
         upstream,
         early,
         inspect,
         end,
         recorder,
-    }) = linking.await
-    else {
-        return;
+    } = match linking.await {
+        Ok(Linked::Console(channel)) => channel,
+        Ok(Linked::Playback(mess, admitted)) => {
+            play_native(&sessions, client, &mess, &admitted).await;
+            return;
+        }
+        Err(_) => return,
     };
     let counters = end.counters();
     let track = inspect.display_track();
@@ -334,7 +338,12 @@ pub async fn serve_browser<S>(
         end,
         recorder,
     } = match linked {
-        Ok(channel) => channel,
+        Ok(Linked::Console(channel)) => channel,
+        // (Only the native leg plays recordings.)
+        Ok(Linked::Playback(..)) => {
+            ws_relay::close(&mut socket, CloseReason::ProtocolError).await;
+            return;
+        }
         Err(reason) => {
             ws_relay::close(&mut socket, reason).await;
             return;
@@ -387,6 +396,104 @@ pub async fn link_playback<S: Io>(
         .ok()?;
     Some(mess)
 }
+
+/// Plays one channel of a SPICE recording to a native client that linked
+/// with a playback's ticket: that channel's recorded messages at their
+/// times after its link, each in a write of its own (one TLS record each,
+/// as spice-gtk needs: see [`EachMessage`]); what the client sends is read
+/// and left. On the main channel the recorded INIT's session id is bound
+/// to the ticket before INIT goes, so that the other channels can join.
+/// The last frame stays up until the client leaves (an hour at most).
+async fn play_native<S: Io>(sessions: &Sessions, client: S, mess: &LinkMess, admitted: &Admitted) {
+    use crate::recording::spice::{ChannelOf, ChannelReader};
+    use tokio::io::AsyncWriteExt as _;
+    let main = mess.channel_type == channel::MAIN;
+    let path = admitted
+        .grant
+        .playback()
+        .and_then(|id| sessions.recording.as_ref()?.path_of(id))
+        .filter(|(_, format)| *format == crate::recording::Format::Spice)
+        .map(|(path, _)| path);
+    let mini_header = mess.caps.has_common(common_cap::MINI_HEADER);
+    let wanted = ChannelOf {
+        kind: mess.channel_type,
+        id: mess.channel_id,
+    };
+    let reader = match path {
+        Some(path) => ChannelReader::open(&path, wanted, mini_header).await,
+        None => Err("no such recording on this node"),
+    };
+    let mut reader = match reader {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(
+                channel = channel_name(mess.channel_type),
+                "spice playback refused: {why}"
+            );
+            return;
+        }
+    };
+    tracing::info!(
+        jti = %admitted.grant.jti, recording = admitted.grant.playback().unwrap_or("-"),
+        channel = channel_name(mess.channel_type), "spice playback channel linked"
+    );
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let started = tokio::time::Instant::now();
+    let playing = async {
+        let mut watch = MainWatch::new(mini_header);
+        let mut ends = MessageEnds::new(mini_header);
+        let mut at = Vec::new();
+        loop {
+            let (after, bytes) = match reader.next().await {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(why) => {
+                    tracing::warn!("spice playback stopped: {why}");
+                    return;
+                }
+            };
+            tokio::time::sleep_until(started + after).await;
+            if main {
+                for event in watch.feed(&bytes).unwrap_or_default() {
+                    if let MainEvent::Init { session_id } = event {
+                        sessions.tickets.bind(&admitted.id, session_id).await;
+                    }
+                }
+            }
+            at.clear();
+            ends.feed(&bytes, &mut at);
+            if at.last() != Some(&bytes.len()) {
+                // A message goes on in the next record: what is here goes now.
+                at.push(bytes.len());
+            }
+            let mut from = 0;
+            for &end in &at {
+                if end > from
+                    && (to_client.write_all(&bytes[from..end]).await.is_err()
+                        || to_client.flush().await.is_err())
+                {
+                    return;
+                }
+                from = end;
+            }
+        }
+        tokio::time::sleep(PLAYED_KEPT).await;
+    };
+    let client_left = async {
+        let _ = tokio::io::copy(&mut from_client, &mut tokio::io::sink()).await;
+    };
+    tokio::select! {
+        () = playing => {}
+        () = client_left => {}
+        () = sessions.cancel.cancelled() => {}
+    }
+    if main {
+        sessions.tickets.end(&admitted.id).await;
+    }
+}
+
+/// How long a played recording's last frame stays on a native client.
+const PLAYED_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A channel linked on both legs, ready to relay.
 struct Channel {
@@ -792,7 +899,7 @@ async fn link_channel<S: Io>(
     peer: IpAddr,
     leg: &ClientLeg,
     deadline: Instant,
-) -> Result<Channel, CloseReason> {
+) -> Result<Linked, CloseReason> {
     let started = StdInstant::now();
     let mut link = ClientLink::new();
     let native = matches!(leg, ClientLeg::Native);
@@ -802,7 +909,17 @@ async fn link_channel<S: Io>(
         _ = sessions.cancel.cancelled() => Err(ChannelRefusal::gone("shutting_down", Blame::Internal)),
     };
     let (mess, admitted, session) = match admitted {
-        Ok(a) => a,
+        Ok(AdmittedChannel::Console(admitted)) => *admitted,
+        Ok(AdmittedChannel::Playback(playback)) => {
+            let (mess, admitted) = *playback;
+            if send(client, &link.result(LinkError::Ok), deadline)
+                .await
+                .is_err()
+            {
+                return Err(CloseReason::ClientLeft);
+            }
+            return Ok(Linked::Playback(mess, admitted));
+        }
         Err(r) => {
             r.record(peer, None, None);
             if let Some(code) = r.code {
@@ -854,7 +971,7 @@ async fn link_channel<S: Io>(
             let mut linked =
                 Channel::new(sessions, upstream, early, &mess, admitted, session, peer);
             linked.recorder = recorder;
-            return Ok(linked);
+            return Ok(Linked::Console(linked));
         }
         Ok(Err(r)) => {
             r.record(
@@ -940,7 +1057,7 @@ async fn admit_channel<S: Io>(
     leg: &ClientLeg,
     peer: IpAddr,
     deadline: Instant,
-) -> Result<(LinkMess, Admitted, ChannelSession), ChannelRefusal> {
+) -> Result<AdmittedChannel, ChannelRefusal> {
     let ClientStep::Linked(mess) = drive(link, client, deadline)
         .await
         .map_err(ChannelRefusal::from_client)?
@@ -985,6 +1102,10 @@ async fn admit_channel<S: Io>(
             .await
             .map_err(ChannelRefusal::ticket)?,
     };
+    if matches!(leg, ClientLeg::Native) && admitted.grant.playback().is_some() {
+        // A playback's ticket (`GET /playback/vv`): no session, no hypervisor.
+        return Ok(AdmittedChannel::Playback(Box::new((mess, admitted))));
+    }
     let grant = &admitted.grant;
     let type_ok = match leg {
         ClientLeg::Native => grant.console == ConsoleType::SpiceDirect,
@@ -1056,7 +1177,25 @@ async fn admit_channel<S: Io>(
             }
         }
     };
-    Ok((mess, admitted, session))
+    Ok(AdmittedChannel::Console(Box::new((
+        mess, admitted, session,
+    ))))
+}
+
+/// A channel whose ticket admitted it.
+enum AdmittedChannel {
+    /// A console's channel, of its session (boxed: the larger by far).
+    Console(Box<(LinkMess, Admitted, ChannelSession)>),
+    /// A channel of a recording's playback to a native client.
+    Playback(Box<(LinkMess, Admitted)>),
+}
+
+/// A channel linked with its client.
+enum Linked {
+    /// To its hypervisor as well, ready to relay.
+    Console(Channel),
+    /// To a recording, ready to play.
+    Playback(LinkMess, Admitted),
 }
 
 /// Whether a SPICE session runs on `grant`'s console now (on any node).

@@ -204,6 +204,11 @@ impl Grant {
         self.claims.console.record
     }
 
+    /// The recording this grant plays, if it is a playback's.
+    pub fn playback(&self) -> Option<&str> {
+        self.claims.playback.as_deref()
+    }
+
     /// The live session this grant watches, if it is a shadow's.
     pub fn shadow_of(&self) -> Option<&str> {
         self.claims.shadow_of.as_deref()
@@ -486,6 +491,32 @@ impl TokenValidator {
         claims
             .playback
             .ok_or_else(|| Refusal::new(RefusalReason::Malformed, "not a playback's token"))
+    }
+
+    /// A playback's token as a grant for a native SPICE client's ticket
+    /// (`GET /playback/vv`): its console is spice-direct, its backend
+    /// `playback` (on no allow-list: it reaches no hypervisor), its
+    /// recording in `claims.playback`.
+    pub fn playback_grant(&self, token: &str) -> Result<Grant, Refusal> {
+        let keys = self.keys.load();
+        let (claims, key) = self.verify(token, &keys)?;
+        if claims.playback.is_none() {
+            return Err(Refusal::new(
+                RefusalReason::Malformed,
+                "not a playback's token",
+            ));
+        }
+        Ok(Grant {
+            jti: claims.jti.clone(),
+            instance: claims.sub.clone(),
+            console: ConsoleType::SpiceDirect,
+            target: claims.console.target(),
+            backend: "playback".into(),
+            expires_at: claims.exp,
+            issuer: claims.iss.clone(),
+            kid: key.kid.clone(),
+            claims,
+        })
     }
 
     /// The `jti` of `token` if its signature verifies, however long ago it

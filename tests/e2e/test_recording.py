@@ -5,6 +5,7 @@ speed), with the SHA-256 in the audit trail matching the file, downloaded
 too (and no longer matching once the file is changed)."""
 
 import hashlib
+import json
 import re
 import subprocess
 import time
@@ -249,7 +250,7 @@ def test_a_novnc_session_plays_back_in_chromium_ending_on_the_vms_last_frame(tmp
 
 
 def test_a_spice_html5_session_plays_back_in_spice_html5_ending_on_the_sessions_last_frame(spice_vm, tmp_path):
-    from screen import differing_fraction
+    from screen import differing_fraction, seabios_screen
     from spice_client import spicy_capture, wait_for_final_spice_screen
     from test_shadow import Pages, SerialReader, canvases_match
 
@@ -320,6 +321,28 @@ def test_a_spice_html5_session_plays_back_in_spice_html5_ending_on_the_sessions_
         assert played["badge"] and "Playback" in played["badge"], played
         got = canvases_match(pages, ["playback"], menu, tmp_path, "played", within=60)
         print(f"spice playback's last frame, differing from a direct capture of the menu: {got}")
+
+        # Natively: the link's .vv (here its JSON form) gives a ticket that
+        # spicy links with on Porthole's SPICE TLS listener, and sees the
+        # recording (its first screen: spicy-screenshot saves the first
+        # frame it is sent), never the VM.
+        import urllib.parse
+        from harness import http
+        # (A link holds one ticket at a time: the .vv's is replaced by the JSON's.)
+        status, vv = http("GET", f"{p.base}/playback/vv?token={urllib.parse.quote(answer['token'])}")
+        assert status == 200 and "password=" in vv and f"tls-port={p.spice_tls_port}" in vv, vv
+        leak_check.remember(re.search(r"^password=(.+)$", vv, re.M).group(1))
+        status, details = http("GET", f"{p.base}/playback/vv?format=json&token={urllib.parse.quote(answer['token'])}")
+        details = json.loads(details)
+        assert status == 200 and details["tls_port"] == p.spice_tls_port, details
+        leak_check.remember(details["ticket"])
+        native = spicy_capture(tmp_path / "native.png", "127.0.0.1", details["ticket"], tls_port=p.spice_tls_port,
+                               ca_file=p.spice_ca)
+        seabios_screen(native)
+        first = {"final": differing_fraction(native, final), "menu": differing_fraction(native, menu)}
+        print(f"spicy's playback, differing from the session's first and last screens: {first}")
+        assert min(first.values()) <= 0.01, first
+        assert "spice playback channel linked" in p.log()
         assert "spice channel linked" not in p.log().split("playback issued")[-1], "a playback touched the hypervisor"
     finally:
         if pages is not None:
