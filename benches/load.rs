@@ -66,6 +66,13 @@ const FLOOD: u8 = b'D';
 const SINK: u8 = b'U';
 const ECHO: u8 = b'E';
 const IDLE: u8 = b'I';
+/// A first screen: `total` bytes (the request's width and height) in pieces
+/// of [`SCREEN_PIECES`], then idle.
+const SCREEN: u8 = b'S';
+
+/// The sizes a first screen is written in, in turn: a framebuffer update
+/// reaches a proxy as reads of every size up to its read chunk.
+const SCREEN_PIECES: [usize; 4] = [64 * 1024, 16 * 1024, 4 * 1024, 1024];
 
 /// A minimal RFB 3.8 server, security type None, then the requested mode.
 async fn far_side(listener: TcpListener, sunk: Arc<AtomicU64>) {
@@ -95,8 +102,21 @@ async fn far_side(listener: TcpListener, sunk: Arc<AtomicU64>) {
             let mut mode = [0u8; 10];
             s.read_exact(&mut mode).await?;
             let chunk = u32::from_be_bytes([mode[2], mode[3], mode[4], mode[5]]) as usize;
+            let total = u32::from_be_bytes([mode[6], mode[7], mode[8], mode[9]]) as usize;
             let mut buf = vec![0u8; chunk.clamp(1, 1 << 20)];
             match mode[1] {
+                SCREEN => {
+                    let mut sent = 0;
+                    for piece in SCREEN_PIECES.into_iter().cycle() {
+                        if sent >= total {
+                            break;
+                        }
+                        let n = piece.min(total - sent);
+                        s.write_all(&vec![0x5a; n]).await?;
+                        sent += n;
+                    }
+                    let _ = s.read(&mut buf).await?;
+                }
                 FLOOD => loop {
                     s.write_all(&buf).await?;
                 },
@@ -333,13 +353,28 @@ impl Setup {
     }
 
     async fn connect(&self, target: Target, read_buffer: Option<usize>) -> std::io::Result<Conn> {
+        self.connect_at(target, None, read_buffer).await
+    }
+
+    /// Connects to `target`, at `at` when given (a process started for one
+    /// measurement) rather than the tool's own.
+    async fn connect_at(
+        &self,
+        target: Target,
+        at: Option<SocketAddr>,
+        read_buffer: Option<usize>,
+    ) -> std::io::Result<Conn> {
         let url = match target {
             Target::Direct => {
                 let s = TcpStream::connect(self.far).await?;
                 s.set_nodelay(true)?;
                 return Ok(Conn::Tcp(s, BytesMut::new()));
             }
-            Target::Porthole => format!("ws://{}/vnc?token={}", self.porthole, self.token()),
+            Target::Porthole => format!(
+                "ws://{}/vnc?token={}",
+                at.unwrap_or(self.porthole),
+                self.token()
+            ),
             Target::PortholeViewOnly => format!(
                 "ws://{}/vnc?token={}",
                 self.porthole,
@@ -348,10 +383,11 @@ impl Setup {
             Target::PortholeRecording => {
                 format!("ws://{}/vnc?token={}", self.recorded.public, self.token())
             }
-            Target::Relay => format!("ws://{}/", self.relay),
+            Target::Relay => format!("ws://{}/", at.unwrap_or(self.relay)),
             Target::Websockify => format!(
                 "ws://{}/",
-                self.websockify.ok_or(std::io::ErrorKind::NotFound)?
+                at.or(self.websockify)
+                    .ok_or(std::io::ErrorKind::NotFound)?
             ),
         };
         // As noVNC's and spice-html5's browsers do; the untuned relay answers no subprotocol.
@@ -366,7 +402,22 @@ impl Setup {
         chunk: usize,
         read_buffer: Option<usize>,
     ) -> std::io::Result<Conn> {
-        let mut c = self.connect(target, read_buffer).await?;
+        self.session_at(target, None, mode, chunk, 0, read_buffer)
+            .await
+    }
+
+    /// [`Setup::session`] at `at` (see [`Setup::connect_at`]), with a
+    /// second argument for the mode (a first screen's size).
+    async fn session_at(
+        &self,
+        target: Target,
+        at: Option<SocketAddr>,
+        mode: u8,
+        chunk: usize,
+        total: usize,
+        read_buffer: Option<usize>,
+    ) -> std::io::Result<Conn> {
+        let mut c = self.connect_at(target, at, read_buffer).await?;
         c.read_exact(12).await?;
         c.send(b"RFB 003.008\n").await?;
         let n = c.read_exact(1).await?[0] as usize;
@@ -380,7 +431,7 @@ impl Setup {
         c.read_exact(name_len).await?;
         let mut m = vec![3, mode];
         m.extend_from_slice(&(chunk as u32).to_be_bytes());
-        m.extend_from_slice(&[0; 4]);
+        m.extend_from_slice(&(total as u32).to_be_bytes());
         c.send(&m).await?;
         Ok(c)
     }
@@ -638,30 +689,147 @@ async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: 
     done.load(Relaxed) as f64 / secs
 }
 
-/// Opens exactly `sessions` idle sessions (panics if any fails: a cap or a
-/// limit must not silently shrink the sample) and returns the memory they
-/// added per session, with how many sessions were open.
-async fn idle_memory(s: &Arc<Setup>, target: Target, sessions: usize) -> Option<(usize, f64)> {
-    let pid = s.pid(target)?;
+/// What each session carried before it went idle, in a memory measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carried {
+    /// Nothing: the RFB handshake only.
+    Nothing,
+    /// A first screen: [`FIRST_SCREEN`] bytes down, written by the far side
+    /// in pieces of [`SCREEN_PIECES`] (a noVNC console's first screen is
+    /// over 1 MB).
+    FirstScreen,
+    /// [`BOTH_WAYS`] bytes up in one message, echoed back down.
+    BothWays,
+}
+
+const FIRST_SCREEN: usize = 1 << 20;
+const BOTH_WAYS: usize = 64 * 1024;
+
+impl Carried {
+    const ALL: [Carried; 3] = [Carried::Nothing, Carried::FirstScreen, Carried::BothWays];
+
+    fn name(self) -> &'static str {
+        match self {
+            Carried::Nothing => "fresh",
+            Carried::FirstScreen => "after 1 MiB down",
+            Carried::BothWays => "after 64 KiB each way",
+        }
+    }
+}
+
+/// A proxy started for one memory measurement, stopped on drop: a fresh
+/// process, so that heap freed by earlier sessions (which glibc keeps and
+/// hands to the next ones) cannot hide what these cost.
+struct Fresh {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a fresh `target` (Porthole with the tool's config, the relay,
+/// websockify) on a new address.
+fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
+    match target {
+        Target::Porthole => {
+            let (public, _) = write_porthole_config(&s.dir, "fresh", "");
+            let child = start_porthole(&s.dir, "fresh", public);
+            Some(Fresh {
+                addr: public,
+                child,
+            })
+        }
+        Target::Relay => {
+            let addr = free_addr();
+            let child = Command::new(std::env::current_exe().unwrap())
+                .args(["--relay", &addr.to_string(), &s.far.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the relay");
+            let fresh = Fresh { addr, child };
+            wait_for_port(addr);
+            Some(fresh)
+        }
+        Target::Websockify => {
+            s.websockify?;
+            let addr = free_addr();
+            let child = Command::new("websockify")
+                .args([addr.to_string(), s.far.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let fresh = Fresh { addr, child };
+            wait_for_port(addr);
+            Some(fresh)
+        }
+        _ => None,
+    }
+}
+
+/// On a fresh `target`, opens exactly `sessions` sessions one after
+/// another, each carrying `carried` before the next opens (panics if any
+/// fails: a cap or a limit must not silently shrink the sample), and
+/// returns the resident memory they added per session once all are idle.
+async fn idle_memory(
+    s: &Arc<Setup>,
+    target: Target,
+    sessions: usize,
+    carried: Carried,
+) -> Option<f64> {
+    let proxy = fresh(s, target)?;
+    let pid = proxy.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(Some(pid))?;
     let mut held = Vec::with_capacity(sessions);
     for _ in 0..sessions {
-        match s.session(target, IDLE, 1, Some(4096)).await {
+        let opened = async {
+            let (mode, chunk, total) = match carried {
+                Carried::Nothing => (IDLE, 1, 0),
+                Carried::FirstScreen => (SCREEN, 1, FIRST_SCREEN),
+                Carried::BothWays => (ECHO, BOTH_WAYS, 0),
+            };
+            let mut c = s
+                .session_at(target, Some(proxy.addr), mode, chunk, total, Some(4096))
+                .await?;
+            let down = match carried {
+                Carried::Nothing => 0,
+                Carried::FirstScreen => FIRST_SCREEN,
+                Carried::BothWays => {
+                    c.send(&vec![0xa5; BOTH_WAYS]).await?;
+                    BOTH_WAYS
+                }
+            };
+            let mut got = 0;
+            while got < down {
+                match c.drain().await? {
+                    0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    n => got += n,
+                }
+            }
+            Ok::<_, std::io::Error>(c)
+        };
+        match opened.await {
             Ok(c) => held.push(c),
             Err(e) => panic!(
-                "{} at {sessions}: only {} of {sessions} idle sessions opened: {e}",
+                "{} at {sessions} ({}): only {} of {sessions} sessions opened: {e}",
                 target.name(),
+                carried.name(),
                 held.len()
             ),
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(Some(pid))?;
-    let n = held.len();
-    assert_eq!(n, sessions, "{} idle sessions opened", target.name());
+    assert_eq!(held.len(), sessions, "{} sessions opened", target.name());
     drop(held);
-    Some((n, after.saturating_sub(before) as f64 / n as f64))
+    Some(after.saturating_sub(before) as f64 / sessions as f64)
 }
 
 /// Most idle sessions asked of a target. websockify 0.10 cannot hold more
@@ -856,9 +1024,9 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
     let full = args.iter().any(|a| a == "--bench");
     // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`,
-    // `-- recording`): that part only.
+    // `-- recording`, `-- idle`): that part only.
     let only = args.iter().skip(1).find_map(|a| {
-        ["store", "nova", "view-only", "recording"]
+        ["store", "nova", "view-only", "recording", "idle"]
             .into_iter()
             .find(|p| a == p)
     });
@@ -871,13 +1039,24 @@ async fn run(full: bool, only: Option<&str>) {
     let s = Arc::new(
         setup(
             dir.path(),
-            if full && only.is_none() { 40_000 } else { 500 },
+            // Enough tokens that no timed run waits for one to be minted:
+            // the idle-memory table alone opens 30,000 Porthole sessions.
+            match (full, only) {
+                (true, None) => 70_000,
+                (true, Some("idle")) => 30_000,
+                _ => 500,
+            },
         )
         .await,
     );
     println!("# load tool ({})", if full { "full" } else { "smoke" });
     if only.is_none() {
         compare_proxies(&s, full).await;
+    }
+    if only == Some("idle") {
+        // Porthole and the relay only (websockify is in the full run).
+        let counts: &[usize] = if full { &[1000, 9000] } else { &[20] };
+        idle_memory_table(&s, &[Target::Porthole, Target::Relay], counts).await;
     }
     if only.is_none_or(|p| p == "view-only") {
         view_only_compare(&s, full).await;
@@ -969,6 +1148,48 @@ async fn throughput_rows(
     }
 }
 
+/// The idle-memory table: resident memory per idle session on fresh
+/// processes, for sessions that carried nothing, a first screen, or 64 KiB
+/// each way (websockify: fresh only; a Python process per session, its
+/// buffers are not the question).
+async fn idle_memory_table(s: &Arc<Setup>, targets: &[Target], counts: &[usize]) {
+    println!(
+        "\n## resident memory per idle session (KiB; RSS of a fresh process, per session, sessions opened one after another)"
+    );
+    println!(
+        "| target | sessions | {} |",
+        Carried::ALL.map(Carried::name).join(" | ")
+    );
+    println!("|---|---|{}", "---|".repeat(Carried::ALL.len()));
+    assert!(
+        counts.iter().all(|&n| n < PORTHOLE_MAX_SESSIONS),
+        "idle session counts must stay below Porthole's caps in the bench config"
+    );
+    let mut measured = Vec::new();
+    for &n in counts {
+        for &t in targets.iter().filter(|t| **t != Target::Direct) {
+            let asked = idle_sessions_for(t, n);
+            if measured.contains(&(t, asked)) {
+                continue; // websockify: already measured at its cap
+            }
+            measured.push((t, asked));
+            let mut cells = Vec::new();
+            for carried in Carried::ALL {
+                if t == Target::Websockify && carried != Carried::Nothing {
+                    cells.push("n/m".to_string());
+                    continue;
+                }
+                cells.push(match idle_memory(s, t, asked, carried).await {
+                    Some(kib) => format!("{kib:.1}"),
+                    None => "n/a".into(),
+                });
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            println!("| {} | {asked} | {} |", t.name(), cells.join(" | "));
+        }
+    }
+}
+
 /// Porthole against direct TCP, the plain relay and websockify.
 async fn compare_proxies(s: &Arc<Setup>, full: bool) {
     let (secs, repeats, idle_counts, rate_secs) = if full {
@@ -980,38 +1201,7 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool) {
     if s.websockify.is_some() {
         targets.push(Target::Websockify);
     }
-    // Memory first, while every proxy is fresh: freed-but-kept heap from the
-    // throughput runs would otherwise hide what idle sessions cost.
-    println!("\n## resident memory per idle session (KiB)");
-    assert!(
-        idle_counts.iter().all(|&n| n < PORTHOLE_MAX_SESSIONS),
-        "idle session counts must stay below Porthole's caps in the bench config"
-    );
-    let mut measured = Vec::new();
-    for &n in &idle_counts {
-        for &t in targets.iter().filter(|t| **t != Target::Direct) {
-            let asked = idle_sessions_for(t, n);
-            if measured.contains(&(t, asked)) {
-                continue; // websockify: already measured at its cap
-            }
-            measured.push((t, asked));
-            let note = if asked < n {
-                format!("; {} holds at most ~508, so asked {asked}", t.name())
-            } else {
-                String::new()
-            };
-            match idle_memory(s, t, asked).await {
-                Some((opened, kib)) => {
-                    println!(
-                        "- {} at {asked}: {kib:.1} ({opened} sessions opened{note})",
-                        t.name()
-                    )
-                }
-                None => println!("- {} at {asked}: n/a", t.name()),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    idle_memory_table(s, &targets, &idle_counts).await;
 
     println!("\n## throughput (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved");
     println!(
