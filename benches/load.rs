@@ -386,8 +386,7 @@ impl Setup {
             Target::Relay => format!("ws://{}/", at.unwrap_or(self.relay)),
             Target::Websockify => format!(
                 "ws://{}/",
-                at.or(self.websockify)
-                    .ok_or(std::io::ErrorKind::NotFound)?
+                at.or(self.websockify).ok_or(std::io::ErrorKind::NotFound)?
             ),
         };
         // As noVNC's and spice-html5's browsers do; the untuned relay answers no subprotocol.
