@@ -199,6 +199,9 @@ enum Target {
     PortholeViewOnly,
     /// A Porthole of its own whose sessions are recorded.
     PortholeRecording,
+    /// A native VNC client of Porthole (`/vnc-direct` ticket, VeNCrypt
+    /// over TLS, the byte splice): idle memory only.
+    PortholeNative,
     Relay,
     Websockify,
 }
@@ -210,6 +213,7 @@ impl Target {
             Target::Porthole => "porthole",
             Target::PortholeViewOnly => "porthole view-only",
             Target::PortholeRecording => "porthole recording",
+            Target::PortholeNative => "porthole vnc-direct",
             Target::Relay => "relay",
             Target::Websockify => "websockify",
         }
@@ -218,7 +222,7 @@ impl Target {
     /// The process that serves it.
     fn process(self) -> Target {
         match self {
-            Target::PortholeViewOnly => Target::Porthole,
+            Target::PortholeViewOnly | Target::PortholeNative => Target::Porthole,
             t => t,
         }
     }
@@ -229,12 +233,17 @@ impl Target {
 enum Conn {
     Tcp(TcpStream, BytesMut),
     Ws(Box<Ws>, BytesMut),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, BytesMut),
 }
 
 impl Conn {
     async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Conn::Tcp(s, _) => s.write_all(data).await,
+            Conn::Tls(s, _) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
             Conn::Ws(ws, _) => ws
                 .send(Message::Binary(Bytes::copy_from_slice(data)))
                 .await
@@ -246,6 +255,10 @@ impl Conn {
     async fn fill(&mut self) -> std::io::Result<usize> {
         match self {
             Conn::Tcp(s, buf) => {
+                buf.reserve(64 * 1024);
+                s.read_buf(buf).await
+            }
+            Conn::Tls(s, buf) => {
                 buf.reserve(64 * 1024);
                 s.read_buf(buf).await
             }
@@ -265,7 +278,7 @@ impl Conn {
 
     fn buffered(&mut self) -> &mut BytesMut {
         match self {
-            Conn::Tcp(_, b) | Conn::Ws(_, b) => b,
+            Conn::Tcp(_, b) | Conn::Ws(_, b) | Conn::Tls(_, b) => b,
         }
     }
 
@@ -322,6 +335,8 @@ struct Setup {
     sunk: Arc<AtomicU64>,
     /// The recorded Porthole's folder and audit trail.
     recorded: recording::Recorded,
+    /// A native client's TLS, trusting Porthole's certificate.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 /// The proxies this tool started; killed on drop, even after a panic.
@@ -370,6 +385,8 @@ impl Setup {
                 s.set_nodelay(true)?;
                 return Ok(Conn::Tcp(s, BytesMut::new()));
             }
+            // Opened by `native_session` (idle memory only).
+            Target::PortholeNative => return Err(std::io::ErrorKind::Unsupported.into()),
             Target::Porthole => format!(
                 "ws://{}/vnc?token={}",
                 at.unwrap_or(self.porthole),
@@ -423,6 +440,72 @@ impl Setup {
         c.read_exact(n).await?;
         c.send(&[1]).await?;
         c.read_exact(4).await?;
+        c.send(&[1]).await?;
+        let mut init = c.read_exact(24).await?;
+        init.advance(20);
+        let name_len = init.get_u32() as usize;
+        c.read_exact(name_len).await?;
+        let mut m = vec![3, mode];
+        m.extend_from_slice(&(chunk as u32).to_be_bytes());
+        m.extend_from_slice(&(total as u32).to_be_bytes());
+        c.send(&m).await?;
+        Ok(c)
+    }
+
+    /// A native VNC client's session: a `/vnc-direct` ticket from `public`,
+    /// then VeNCrypt X509Plain on `vnc` (TLS, the ticket as the password),
+    /// ClientInit and the far side's ServerInit; then asks for `mode`.
+    async fn native_session(
+        &self,
+        public: SocketAddr,
+        vnc: SocketAddr,
+        mode: u8,
+        chunk: usize,
+        total: usize,
+    ) -> std::io::Result<Conn> {
+        let token = mint_kind(
+            &self.signer,
+            self.far.port(),
+            porthole::token::claims::ConsoleType::VncDirect,
+        );
+        let details: serde_json::Value = reqwest::get(format!(
+            "http://{public}/vnc-direct?token={token}"
+        ))
+        .await
+        .map_err(std::io::Error::other)?
+        .json()
+        .await
+        .map_err(std::io::Error::other)?;
+        let ticket = details["ticket"]
+            .as_str()
+            .ok_or_else(|| std::io::Error::other(format!("no ticket: {details}")))?
+            .to_string();
+        let mut tcp = Conn::Tcp(TcpStream::connect(vnc).await?, BytesMut::new());
+        tcp.read_exact(12).await?;
+        tcp.send(b"RFB 003.008\n").await?;
+        tcp.read_exact(2).await?; // one security type: VeNCrypt
+        tcp.send(&[19]).await?;
+        tcp.read_exact(2).await?; // VeNCrypt 0.2
+        tcp.send(&[0, 2]).await?;
+        tcp.read_exact(6).await?; // OK, X509Plain
+        tcp.send(&262u32.to_be_bytes()).await?; // X509Plain
+        tcp.read_exact(1).await?; // accepted: TLS starts
+        let Conn::Tcp(tcp, _) = tcp else {
+            unreachable!()
+        };
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await?;
+        let mut c = Conn::Tls(Box::new(tls), BytesMut::new());
+        let mut plain = Vec::new();
+        plain.extend_from_slice(&8u32.to_be_bytes());
+        plain.extend_from_slice(&(ticket.len() as u32).to_be_bytes());
+        plain.extend_from_slice(b"porthole");
+        plain.extend_from_slice(ticket.as_bytes());
+        c.send(&plain).await?;
+        if c.read_exact(4).await?[..] != [0, 0, 0, 0] {
+            return Err(std::io::Error::other("ticket refused"));
+        }
         c.send(&[1]).await?;
         let mut init = c.read_exact(24).await?;
         init.advance(20);
@@ -721,6 +804,8 @@ impl Carried {
 /// hands to the next ones) cannot hide what these cost.
 struct Fresh {
     addr: SocketAddr,
+    /// Porthole's native VNC listener.
+    vnc: Option<SocketAddr>,
     child: Child,
 }
 
@@ -735,11 +820,16 @@ impl Drop for Fresh {
 /// websockify) on a new address.
 fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
     match target {
-        Target::Porthole => {
-            let (public, _) = write_porthole_config(&s.dir, "fresh", "");
+        Target::Porthole | Target::PortholeNative => {
+            // A native connection keeps its place among those not yet
+            // admitted until its handshake deadline (10 s): thousands are
+            // opened within that.
+            let places = "max_pending_connections = 100000\nmax_pending_per_address = 100000\n";
+            let (public, _, vnc) = write_porthole_config_vnc(&s.dir, "fresh", places, "");
             let child = start_porthole(&s.dir, "fresh", public);
             Some(Fresh {
                 addr: public,
+                vnc: Some(vnc),
                 child,
             })
         }
@@ -751,7 +841,11 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start the relay");
-            let fresh = Fresh { addr, child };
+            let fresh = Fresh {
+                addr,
+                vnc: None,
+                child,
+            };
             wait_for_port(addr);
             Some(fresh)
         }
@@ -764,7 +858,11 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
                 .stderr(Stdio::null())
                 .spawn()
                 .ok()?;
-            let fresh = Fresh { addr, child };
+            let fresh = Fresh {
+                addr,
+                vnc: None,
+                child,
+            };
             wait_for_port(addr);
             Some(fresh)
         }
@@ -794,9 +892,14 @@ async fn idle_memory(
                 Carried::FirstScreen => (SCREEN, 1, FIRST_SCREEN),
                 Carried::BothWays => (ECHO, BOTH_WAYS, 0),
             };
-            let mut c = s
-                .session_at(target, Some(proxy.addr), mode, chunk, total, Some(4096))
-                .await?;
+            let mut c = if target == Target::PortholeNative {
+                let vnc = proxy.vnc.expect("Porthole listens for VNC");
+                s.native_session(proxy.addr, vnc, mode, chunk, total)
+                    .await?
+            } else {
+                s.session_at(target, Some(proxy.addr), mode, chunk, total, Some(4096))
+                    .await?
+            };
             let down = match carried {
                 Carried::Nothing => 0,
                 Carried::FirstScreen => FIRST_SCREEN,
@@ -884,11 +987,23 @@ fn write_porthole_config(
     name: &str,
     extra: &str,
 ) -> (SocketAddr, SocketAddr) {
+    let (public, admin, _vnc) = write_porthole_config_vnc(dir, name, "", extra);
+    (public, admin)
+}
+
+/// [`write_porthole_config`], with `listen` added to `[listen]`, and the
+/// native VNC listener's address.
+fn write_porthole_config_vnc(
+    dir: &std::path::Path,
+    name: &str,
+    listen: &str,
+    extra: &str,
+) -> (SocketAddr, SocketAddr, SocketAddr) {
     let (public, admin, vnc) = (free_addr(), free_addr(), free_addr());
     std::fs::write(
         dir.join(format!("{name}.toml")),
         format!(
-            "[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\n\n[tokens]\nstore_capacity = 1000000\n\n\
+            "[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\n{listen}\n[tokens]\nstore_capacity = 1000000\n\n\
              [[tokens.keys]]\nkid = \"load\"\nalgorithm = \"EdDSA\"\npublic_key = \"{}\"\n\n\
              [websocket]\nmax_sessions = {PORTHOLE_MAX_SESSIONS}\n\
              max_sessions_per_client = {PORTHOLE_MAX_SESSIONS}\n\
@@ -901,7 +1016,7 @@ fn write_porthole_config(
         ),
     )
     .unwrap();
-    (public, admin)
+    (public, admin, vnc)
 }
 
 /// Starts Porthole with `dir/name.toml` and waits for its public listener.
@@ -952,6 +1067,17 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     .unwrap();
     let tls = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("tls.crt"), tls.cert.pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(tls.cert.der().clone()).unwrap();
+    let client_tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
     std::fs::write(dir.join("tls.key"), tls.signing_key.serialize_pem()).unwrap();
     let (porthole_addr, _admin) = write_porthole_config(dir, "porthole", "");
     let mut processes = Processes(Vec::new());
@@ -1005,6 +1131,7 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         processes,
         sunk,
         recorded,
+        tls: client_tls,
     }
 }
 
@@ -1023,9 +1150,10 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
     let full = args.iter().any(|a| a == "--bench");
     // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`,
-    // `-- recording`, `-- idle`): that part only.
+    // `-- recording`, `-- idle`; `-- proxies`: the comparison with direct
+    // TCP, the relay and websockify without the idle table): that part only.
     let only = args.iter().skip(1).find_map(|a| {
-        ["store", "nova", "view-only", "recording", "idle"]
+        ["store", "nova", "view-only", "recording", "idle", "proxies"]
             .into_iter()
             .find(|p| a == p)
     });
@@ -1043,19 +1171,21 @@ async fn run(full: bool, only: Option<&str>) {
             match (full, only) {
                 (true, None) => 70_000,
                 (true, Some("idle")) => 30_000,
+                (true, Some("proxies")) => 40_000,
                 _ => 500,
             },
         )
         .await,
     );
     println!("# load tool ({})", if full { "full" } else { "smoke" });
-    if only.is_none() {
-        compare_proxies(&s, full).await;
+    if only.is_none_or(|p| p == "proxies") {
+        compare_proxies(&s, full, only.is_none()).await;
     }
     if only == Some("idle") {
         // Porthole and the relay only (websockify is in the full run).
         let counts: &[usize] = if full { &[1000, 9000] } else { &[20] };
-        idle_memory_table(&s, &[Target::Porthole, Target::Relay], counts).await;
+        let targets = [Target::Porthole, Target::PortholeNative, Target::Relay];
+        idle_memory_table(&s, &targets, counts).await;
     }
     if only.is_none_or(|p| p == "view-only") {
         view_only_compare(&s, full).await;
@@ -1173,6 +1303,11 @@ async fn idle_memory_table(s: &Arc<Setup>, targets: &[Target], counts: &[usize])
             }
             measured.push((t, asked));
             let mut cells = Vec::new();
+            if t == Target::PortholeNative && asked > 1000 {
+                // Each native session costs a ticket exchange and a TLS
+                // handshake: measured at 1000.
+                continue;
+            }
             for carried in Carried::ALL {
                 if t == Target::Websockify && carried != Carried::Nothing {
                     cells.push("n/m".to_string());
@@ -1190,7 +1325,7 @@ async fn idle_memory_table(s: &Arc<Setup>, targets: &[Target], counts: &[usize])
 }
 
 /// Porthole against direct TCP, the plain relay and websockify.
-async fn compare_proxies(s: &Arc<Setup>, full: bool) {
+async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
     let (secs, repeats, idle_counts, rate_secs) = if full {
         (3.0, 3, vec![1000, 9000], 3.0)
     } else {
@@ -1200,7 +1335,11 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool) {
     if s.websockify.is_some() {
         targets.push(Target::Websockify);
     }
-    idle_memory_table(s, &targets, &idle_counts).await;
+    if idle {
+        let mut idle_targets = targets.clone();
+        idle_targets.insert(2, Target::PortholeNative);
+        idle_memory_table(s, &idle_targets, &idle_counts).await;
+    }
 
     println!("\n## throughput (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved");
     println!(

@@ -45,11 +45,11 @@ pub struct RawWebSocket {
     pub max_message_bytes: Option<usize>,
     /// Largest frame a client may send, bytes. Default 1048576.
     pub max_frame_bytes: Option<usize>,
-    /// Read buffer per session, bytes. Default 4096.
+    /// tungstenite's read buffer per session (headers and control frames: binary payloads bypass it), bytes. Default 4096.
     pub read_buffer_bytes: Option<usize>,
-    /// Outgoing bytes buffered before a flush, bytes. Default 65536.
+    /// Outgoing bytes queued before the relay waits for the client, bytes. Default 65536.
     pub write_buffer_bytes: Option<usize>,
-    /// Hard cap on buffered outgoing bytes (in practice: the largest single message, as Porthole waits for the client at `write_buffer_bytes`), bytes. Default 4194304.
+    /// Hard cap on what tungstenite itself buffers outgoing (pongs, the close, a handshake's messages; the relay's data waits at `write_buffer_bytes`), bytes. Default 4194304.
     pub max_write_buffer_bytes: Option<usize>,
     /// Deadline for the HTTP upgrade request, seconds. Default 10.
     pub upgrade_timeout_secs: Option<u64>,

@@ -27,7 +27,7 @@ use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
 use crate::transport::drain_watch::{Drains, Watched};
-use crate::transport::lazy_read::LazyRead;
+use crate::transport::ws_bypass::{Bypass, Bypasses, Limits};
 use crate::transport::ws_stream::WsBytes;
 
 /// A browser request the session layer has admitted; it starts once the
@@ -141,6 +141,7 @@ impl Sessions {
                 Instant::now() + std::time::Duration::from_secs(left)
             }),
             chunk_bytes: 64 * 1024,
+            write_buffer_bytes: ws.write_buffer_bytes,
         }
     }
 
@@ -173,8 +174,14 @@ impl BrowserAdmission {
                     return;
                 }
             };
-            // Large reads from the socket, small ones for tungstenite, no buffer while idle.
-            let io = Watched::new(LazyRead::new(TokioIo::new(upgraded), 64 * 1024));
+            // Binary payloads around tungstenite's buffers, read in large
+            // chunks while they flow; no buffer while idle.
+            let ws = &self.sessions.browser;
+            let limits = Limits {
+                frame: ws.max_frame_bytes,
+                message: ws.max_message_bytes,
+            };
+            let io = Bypass::new(Watched::new(TokioIo::new(upgraded)), limits);
             let config = self.sessions.tungstenite_config();
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             self.run(socket).await;
@@ -183,7 +190,7 @@ impl BrowserAdmission {
 
     async fn run<S>(self, socket: WebSocketStream<S>)
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Drains,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Drains + Bypasses,
     {
         let BrowserAdmission {
             sessions,

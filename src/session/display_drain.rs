@@ -10,13 +10,14 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
 use super::splice::REFUSAL_DEADLINE;
 use super::{CloseReason, Kept, Stop};
 use crate::protocol::spice::display_drain::{DisplayTrack, DrainLimits};
 use crate::transport::conn::Conn;
+use crate::transport::elastic::ElasticBuf;
 
 /// What the drain accepts from the hypervisor: no display message a
 /// spice-server sends comes near (a 4K screen uncompressed is 33 MB), and
@@ -27,7 +28,8 @@ const LIMITS: DrainLimits = DrainLimits {
     max_padding: 64 << 10,
 };
 
-/// Read chunk while draining.
+/// Read chunk while the hypervisor sends (a quiet channel waits with a
+/// small buffer: [`ElasticBuf`]).
 const CHUNK: usize = 16 * 1024;
 
 /// How long a drain may last.
@@ -117,7 +119,7 @@ pub async fn drain(
     let work = async {
         let mut reply = first;
         let mut pending = unread;
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = ElasticBuf::new(CHUNK);
         loop {
             if !reply.is_empty()
                 && let Err(e) = upstream.write_all(&reply).await
@@ -125,9 +127,9 @@ pub async fn drain(
                 return io_end(&e);
             }
             if pending.is_empty() {
-                pending = match upstream.read(&mut buf).await {
-                    Ok(0) => return DrainEnd::HypervisorClosed,
-                    Ok(n) => buf[..n].to_vec(),
+                pending = match buf.read(&mut upstream).await {
+                    Ok([]) => return DrainEnd::HypervisorClosed,
+                    Ok(read) => read.to_vec(),
                     Err(e) => return io_end(&e),
                 };
             }
@@ -166,6 +168,7 @@ pub async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt as _;
     use tokio_util::sync::CancellationToken;
 
     fn stop() -> Stop {

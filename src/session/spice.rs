@@ -322,7 +322,8 @@ pub async fn serve_browser<S>(
         + tokio::io::AsyncWrite
         + Unpin
         + Send
-        + crate::transport::drain_watch::Drains,
+        + crate::transport::drain_watch::Drains
+        + crate::transport::ws_bypass::Bypasses,
 {
     let deadline = Instant::now() + sessions.limits.spice_handshake;
     let mut client = WsBytes::new(socket);

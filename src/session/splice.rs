@@ -10,13 +10,15 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 use super::registry::ByteCounters;
 use super::{CloseReason, Early, Inspect, Kept, Stop, Traffic};
 use crate::transport::conn::Io;
+use crate::transport::elastic::ElasticBuf;
 
-/// Read chunk on both legs.
+/// Read chunk on both legs while bytes flow (a quiet leg waits with a
+/// small buffer: [`ElasticBuf`]).
 const CHUNK: usize = 64 * 1024;
 
 /// How long a refusal or a shutdown may take to reach a peer that does not read.
@@ -49,7 +51,7 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
     let up = async {
         // The handshake's early bytes first, then each chunk straight from the buffer.
         let mut chunk: &[u8] = &early.up;
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = ElasticBuf::new(CHUNK);
         loop {
             if !chunk.is_empty() {
                 let checked = tap.as_ref().map(|tap| tap(chunk));
@@ -62,15 +64,15 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
                     return CloseReason::ProtocolError;
                 }
             }
-            chunk = match client_r.read(&mut buf).await {
-                Ok(0) | Err(_) => return CloseReason::ClientLeft,
-                Ok(n) => &buf[..n],
+            chunk = match buf.read(&mut client_r).await {
+                Ok([]) | Err(_) => return CloseReason::ClientLeft,
+                Ok(read) => read,
             };
         }
     };
     let down = async {
         let mut chunk: &[u8] = &early.down;
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = ElasticBuf::new(CHUNK);
         let mut ends = Vec::new();
         loop {
             if !chunk.is_empty() {
@@ -86,10 +88,10 @@ pub async fn splice<C: Io, U: Io, I: Inspect>(
                 }
                 moved(chunk.len(), &down_bytes, &counters.down);
             }
-            chunk = match up_r.read(&mut buf).await {
-                Ok(0) => return CloseReason::BackendClosed,
+            chunk = match buf.read(&mut up_r).await {
+                Ok([]) => return CloseReason::BackendClosed,
                 Err(_) => return CloseReason::BackendError,
-                Ok(n) => &buf[..n],
+                Ok(read) => read,
             };
         }
     };

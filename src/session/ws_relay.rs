@@ -2,13 +2,20 @@
 //! after its handshake. Binary messages one way, bytes the other.
 //!
 //! Backpressure both ways: bytes are read from the hypervisor only after the
-//! previous burst was handed to the WebSocket (which buffers at most
-//! `write_buffer_bytes` plus one message before it waits for the client),
-//! and client messages are written to the hypervisor before the next one is
-//! read. So a session's memory stays bounded whatever either peer does, and
-//! a hypervisor flooding a slow client is slowed to the client's pace. An
-//! idle session holds no read buffer of ours: one is taken only when the
-//! hypervisor socket is readable.
+//! previous burst was handed to the WebSocket (at most `write_buffer_bytes`
+//! plus one chunk queued before the relay waits for the client), and client
+//! messages are written to the hypervisor before the next one is read. So a
+//! session's memory stays bounded whatever either peer does, and a
+//! hypervisor flooding a slow client is slowed to the client's pace.
+//!
+//! Binary payloads bypass tungstenite both ways
+//! ([`crate::transport::ws_bypass`]): a burst from the hypervisor is framed
+//! here and written from the buffers it was read into, and a client's
+//! payloads come unmasked in the buffer they were read into, while
+//! tungstenite keeps the protocol (headers, pings, closes). So an idle
+//! session holds no buffer, whatever it carried before: a hypervisor read
+//! buffer is taken only when its socket is readable and freed once written,
+//! and tungstenite's buffers never grow.
 //!
 //! A client is alive while it drains what it is sent: a write that had to
 //! wait going through again, or a pong that answers our latest ping (its
@@ -39,6 +46,7 @@ use super::registry::ByteCounters;
 use super::{ClientTap, CloseReason, Early, Inspect, Kept, Stop, Traffic};
 use crate::transport::conn::{Conn, ConnReader, ConnWriter};
 use crate::transport::drain_watch::{DrainWatch, Drains};
+use crate::transport::ws_bypass::{Bypassed, Bypasses};
 
 /// Timers and limits of one WebSocket relay.
 #[derive(Debug, Clone, Copy)]
@@ -53,15 +61,23 @@ pub struct RelayOptions {
     pub hard_end: Option<Instant>,
     /// Largest chunk read from the hypervisor into one message.
     pub chunk_bytes: usize,
+    /// Bytes queued toward the client before the relay waits for them to
+    /// be written.
+    pub write_buffer_bytes: usize,
 }
 
 /// How long a close frame may take to go out.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Most bytes queued toward the client between two flushes: enough to batch
-/// the messages one burst of console output makes, small enough to keep
-/// latency and memory low.
+/// Most bytes read from the hypervisor in one burst before the relay looks
+/// at its timers again: enough to batch the messages one burst of console
+/// output makes, small enough to keep latency low.
 const FLUSH_AFTER: usize = 256 * 1024;
+
+/// A hypervisor read goes into what is left of the burst's buffer while at
+/// least this much is (its messages share the buffer); a new one is taken
+/// below that.
+const MIN_READ: usize = 16 * 1024;
 
 /// What one relay has moved and heard, beside the session's counters.
 struct Meter<'a> {
@@ -175,10 +191,12 @@ pub async fn relay<S, I>(
     counters: &ByteCounters,
 ) -> (CloseReason, Traffic, Option<Kept<Conn>>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Drains,
+    S: AsyncRead + AsyncWrite + Unpin + Drains + Bypasses,
     I: Inspect,
 {
     let watch = socket.get_ref().drain_watch().clone();
+    let bypassed = socket.get_ref().bypassed().clone();
+    bypassed.start();
     let (mut sink, stream) = socket.split();
     let (mut from_backend, mut to_backend) = backend.split();
     let tap = inspect.client_tap();
@@ -194,9 +212,10 @@ where
         answered: AtomicU64::new(0),
     };
     let reason = {
-        let up = client_to_backend(stream, &mut to_backend, early.up, tap, &meter);
+        let up = client_to_backend(stream, &bypassed, &mut to_backend, early.up, tap, &meter);
         let down = backend_to_client(
             &mut sink,
+            &bypassed,
             &mut from_backend,
             early.down,
             &mut inspect,
@@ -257,8 +276,11 @@ where
 /// Client messages to the hypervisor, the early bytes first. Messages that
 /// are already decoded when one arrives go in the same write: one system
 /// call per burst, not per message; the batch exists only during the burst.
+/// A binary message's payload comes from `bypassed` (tungstenite yields it
+/// empty) unless it came before the bypass started.
 async fn client_to_backend<St>(
     mut stream: St,
+    bypassed: &Bypassed,
     to_backend: &mut ConnWriter,
     early: Vec<u8>,
     tap: Option<ClientTap>,
@@ -278,6 +300,12 @@ where
         let mut next = Some(msg);
         while let Some(msg) = next.take() {
             match msg {
+                Ok(Message::Binary(data)) if data.is_empty() => {
+                    bypassed.take_message(|piece| {
+                        meter.moved_up(piece.len());
+                        batch.extend_from_slice(&piece);
+                    });
+                }
                 Ok(Message::Binary(data)) => {
                     meter.moved_up(data.len());
                     batch.extend_from_slice(&data);
@@ -326,10 +354,12 @@ async fn pass_on(
     }
 }
 
-/// Hypervisor bytes to the client as binary messages, the early bytes
-/// first, every chunk inspected before it goes; pings on a timer.
+/// Hypervisor bytes to the client as binary messages (queued on
+/// `bypassed`, written by the sink's flush), the early bytes first, every
+/// chunk inspected before it goes; pings on a timer.
 async fn backend_to_client<Si, I>(
     sink: &mut Si,
+    bypassed: &Bypassed,
     from_backend: &mut ConnReader,
     early: Vec<u8>,
     inspect: &mut I,
@@ -345,7 +375,8 @@ where
             return reason;
         }
         let n = early.len();
-        if let Err(e) = sink.send(Message::Binary(Bytes::from(early))).await {
+        bypassed.push_binary(Bytes::from(early));
+        if let Err(e) = sink.flush().await {
             return send_error(&e);
         }
         meter.moved_down(n);
@@ -359,7 +390,7 @@ where
                 if ready.is_err() {
                     return CloseReason::BackendError;
                 }
-                if let Err(reason) = drain(sink, from_backend, inspect, opts, meter).await {
+                if let Err(reason) = drain(sink, bypassed, from_backend, inspect, opts, meter).await {
                     return reason;
                 }
             }
@@ -375,9 +406,12 @@ where
 }
 
 /// Drains what the hypervisor has ready into messages, then flushes once:
-/// one burst of output, few system calls.
+/// one burst of output, few system calls. The burst's messages are cut from
+/// shared buffers and written from them; each buffer is freed once its
+/// messages are out, so nothing outlives the burst.
 async fn drain<Si, I>(
     sink: &mut Si,
+    bypassed: &Bypassed,
     from_backend: &mut ConnReader,
     inspect: &mut I,
     opts: &RelayOptions,
@@ -388,20 +422,27 @@ where
     I: Inspect,
 {
     let mut queued = 0;
+    let mut buf = BytesMut::new();
     loop {
-        let mut buf = BytesMut::with_capacity(opts.chunk_bytes);
+        if buf.capacity() < MIN_READ.min(opts.chunk_bytes) {
+            buf = BytesMut::with_capacity(opts.chunk_bytes);
+        }
         match from_backend.try_read_buf(&mut buf) {
             Ok(0) => {
                 let _ = sink.flush().await;
                 return Err(CloseReason::BackendClosed);
             }
             Ok(n) => {
-                inspect.inspect(&buf).await?;
+                let chunk = buf.split().freeze();
+                inspect.inspect(&chunk).await?;
                 meter.moved_down(n);
                 queued += n;
-                sink.feed(Message::Binary(buf.freeze()))
-                    .await
-                    .map_err(|e| send_error(&e))?;
+                bypassed.push_binary(chunk);
+                // The socket takes what it can; the relay waits for the
+                // client past the write buffer.
+                if bypassed.queued() > opts.write_buffer_bytes {
+                    sink.flush().await.map_err(|e| send_error(&e))?;
+                }
                 if queued >= FLUSH_AFTER {
                     break;
                 }

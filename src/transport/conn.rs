@@ -112,7 +112,9 @@ impl ConnReader {
             ConnReader::Tcp(t) => t.readable().await,
             ConnReader::Boxed(r, pending) => {
                 if pending.is_none() {
-                    let mut buf = BytesMut::with_capacity(64 * 1024);
+                    // A quiet connection waits with a small buffer; the
+                    // reads that follow take the rest in large ones.
+                    let mut buf = BytesMut::with_capacity(crate::transport::elastic::SMALL);
                     r.read_buf(&mut buf).await?;
                     *pending = Some(buf);
                 }

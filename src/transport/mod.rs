@@ -2,14 +2,16 @@
 //! loop for every listener, plain or TLS, behind a gate for connections not
 //! yet admitted, and the PROXY protocol header that names the client behind
 //! a balancer), connections as byte streams, a
-//! WebSocket seen as bytes, the lazily buffered socket reader, and the watch
-//! on whether a client drains its socket.
+//! WebSocket seen as bytes, the client's WebSocket with binary payloads
+//! kept out of tungstenite's buffers, a read buffer sized to the traffic,
+//! and the watch on whether a client drains its socket.
 
 pub mod conn;
 pub mod drain_watch;
+pub mod elastic;
 pub mod gate;
-pub mod lazy_read;
 pub mod listener;
 pub mod pem;
 pub mod proxy_header;
+pub mod ws_bypass;
 pub mod ws_stream;
