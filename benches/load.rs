@@ -468,14 +468,13 @@ impl Setup {
             self.far.port(),
             porthole::token::claims::ConsoleType::VncDirect,
         );
-        let details: serde_json::Value = reqwest::get(format!(
-            "http://{public}/vnc-direct?token={token}"
-        ))
-        .await
-        .map_err(std::io::Error::other)?
-        .json()
-        .await
-        .map_err(std::io::Error::other)?;
+        let details: serde_json::Value =
+            reqwest::get(format!("http://{public}/vnc-direct?token={token}"))
+                .await
+                .map_err(std::io::Error::other)?
+                .json()
+                .await
+                .map_err(std::io::Error::other)?;
         let ticket = details["ticket"]
             .as_str()
             .ok_or_else(|| std::io::Error::other(format!("no ticket: {details}")))?
@@ -782,19 +781,29 @@ enum Carried {
     FirstScreen,
     /// [`BOTH_WAYS`] bytes up in one message, echoed back down.
     BothWays,
+    /// The same, every session at once once all are open: what the
+    /// allocator keeps of the peak (glibc does not hand freed heap back to
+    /// the system), not what the sessions hold.
+    AllAtOnce,
 }
 
 const FIRST_SCREEN: usize = 1 << 20;
 const BOTH_WAYS: usize = 64 * 1024;
 
 impl Carried {
-    const ALL: [Carried; 3] = [Carried::Nothing, Carried::FirstScreen, Carried::BothWays];
+    const ALL: [Carried; 4] = [
+        Carried::Nothing,
+        Carried::FirstScreen,
+        Carried::BothWays,
+        Carried::AllAtOnce,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Carried::Nothing => "fresh",
             Carried::FirstScreen => "after 1 MiB down",
             Carried::BothWays => "after 64 KiB each way",
+            Carried::AllAtOnce => "after 64 KiB each way, all at once",
         }
     }
 }
@@ -890,7 +899,7 @@ async fn idle_memory(
             let (mode, chunk, total) = match carried {
                 Carried::Nothing => (IDLE, 1, 0),
                 Carried::FirstScreen => (SCREEN, 1, FIRST_SCREEN),
-                Carried::BothWays => (ECHO, BOTH_WAYS, 0),
+                Carried::BothWays | Carried::AllAtOnce => (ECHO, BOTH_WAYS, 0),
             };
             let mut c = if target == Target::PortholeNative {
                 let vnc = proxy.vnc.expect("Porthole listens for VNC");
@@ -900,20 +909,10 @@ async fn idle_memory(
                 s.session_at(target, Some(proxy.addr), mode, chunk, total, Some(4096))
                     .await?
             };
-            let down = match carried {
-                Carried::Nothing => 0,
-                Carried::FirstScreen => FIRST_SCREEN,
-                Carried::BothWays => {
-                    c.send(&vec![0xa5; BOTH_WAYS]).await?;
-                    BOTH_WAYS
-                }
-            };
-            let mut got = 0;
-            while got < down {
-                match c.drain().await? {
-                    0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                    n => got += n,
-                }
+            match carried {
+                Carried::Nothing | Carried::AllAtOnce => {}
+                Carried::FirstScreen => receive(&mut c, FIRST_SCREEN).await?,
+                Carried::BothWays => both_ways(&mut c).await?,
             }
             Ok::<_, std::io::Error>(c)
         };
@@ -927,11 +926,35 @@ async fn idle_memory(
             ),
         }
     }
+    if carried == Carried::AllAtOnce {
+        let all = futures_util::future::join_all(held.iter_mut().map(both_ways)).await;
+        if let Some(Err(e)) = all.into_iter().find(Result::is_err) {
+            panic!("{} at {sessions}, all at once: {e}", target.name());
+        }
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(Some(pid))?;
     assert_eq!(held.len(), sessions, "{} sessions opened", target.name());
     drop(held);
     Some(after.saturating_sub(before) as f64 / sessions as f64)
+}
+
+/// Reads `n` bytes, discarding them.
+async fn receive(c: &mut Conn, n: usize) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < n {
+        match c.drain().await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            read => got += read,
+        }
+    }
+    Ok(())
+}
+
+/// [`BOTH_WAYS`] bytes up in one message, and their echo back.
+async fn both_ways(c: &mut Conn) -> std::io::Result<()> {
+    c.send(&vec![0xa5; BOTH_WAYS]).await?;
+    receive(c, BOTH_WAYS).await
 }
 
 /// Most idle sessions asked of a target. websockify 0.10 cannot hold more

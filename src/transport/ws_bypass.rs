@@ -218,7 +218,10 @@ impl Shared {
     fn advance(&mut self, mut n: usize) {
         self.outbound_bytes -= n;
         while n > 0 {
-            let front = self.outbound.front_mut().expect("written bytes were queued");
+            let front = self
+                .outbound
+                .front_mut()
+                .expect("written bytes were queued");
             let left = front.left();
             if n >= left {
                 n -= left;
@@ -310,7 +313,10 @@ impl<S> Bypass<S> {
                     return true;
                 }
                 Reading::Pass { left } => {
-                    let n = self.raw.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = self
+                        .raw
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
                     if n == 0 && left > 0 {
                         return false;
                     }
@@ -333,7 +339,10 @@ impl<S> Bypass<S> {
                     continues,
                     mask,
                 } => {
-                    let n = self.raw.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = self
+                        .raw
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
                     if n > 0 {
                         let mut piece = self.raw.split_to(n);
                         unmask(&mut piece, mask, at);
@@ -443,11 +452,7 @@ impl<S> Bypass<S> {
             (Data::Binary | Data::Text, Message::None) | (Data::Continue, Message::Passed)
                 if clean =>
             {
-                self.message = if fin {
-                    Message::None
-                } else {
-                    Message::Passed
-                };
+                self.message = if fin { Message::None } else { Message::Passed };
                 self.pass(header_len, len)
             }
             // tungstenite fails the connection on this frame.
@@ -479,7 +484,12 @@ impl<S> Bypass<S> {
 /// Unmasks `piece`, which starts `at` bytes into its frame's payload.
 fn unmask(piece: &mut [u8], mask: [u8; 4], at: u64) {
     let k = (at % 4) as usize;
-    let m = [mask[k], mask[(k + 1) % 4], mask[(k + 2) % 4], mask[(k + 3) % 4]];
+    let m = [
+        mask[k],
+        mask[(k + 1) % 4],
+        mask[(k + 2) % 4],
+        mask[(k + 3) % 4],
+    ];
     let wide = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
     let mut words = piece.chunks_exact_mut(8);
     for word in &mut words {
@@ -708,7 +718,8 @@ mod tests {
             Some(start_after) => {
                 let io = Bypass::new(server, LIMITS);
                 let shared = io.bypassed().clone();
-                let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+                let mut ws =
+                    WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
                 let mut messages = 0;
                 loop {
                     if messages == start_after {
@@ -909,13 +920,15 @@ mod tests {
             .write_all(&frame(0x82, &vec![5; 90_000], false))
             .await
             .unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Binary(Bytes::new()));
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Binary(Bytes::new())
+        );
         let mut total = 0;
         shared.take_message(|p| total += p.len());
         assert_eq!(total, 90_000);
         // Quiet: a read finds nothing and gives its buffer back.
-        let quiet =
-            tokio::time::timeout(std::time::Duration::from_millis(20), ws.next()).await;
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(20), ws.next()).await;
         assert!(quiet.is_err());
         let io = ws.get_ref();
         assert_eq!((io.raw.capacity(), io.ready.capacity()), (0, 0));

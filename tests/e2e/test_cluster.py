@@ -62,8 +62,10 @@ def test_two_nodes_are_one_gateway(tmp_path, vm, redis):
         assert status == 200 and answer["terminated"] == [sid], answer
         assert close_code(ws) == 4003
         until("node a's session leaves the list", lambda: b.admin("GET", "/v1/sessions")[1]["sessions"] == [])
-        assert any(e["event"] == "session_ended" and e.get("session") == sid and e.get("terminated_by") == "erin"
-                   for e in a.audit()), a.audit()
+        # The audit trail is written by its own thread: wait for the line.
+        until("node a audits the end, by erin", lambda: any(
+            e["event"] == "session_ended" and e.get("session") == sid and e.get("terminated_by") == "erin"
+            for e in a.audit()))
 
         # After a session ends, its token opens on the other node (reconnect).
         again = a.mint("novnc", vm.vnc_port)
