@@ -518,6 +518,11 @@ impl Setup {
     }
 }
 
+/// The pool is minted before the first measurement and a full run takes
+/// longer than Porthole's default ceiling (10 minutes): the tokens, and the
+/// ceiling of every Porthole the tool starts, last a whole run.
+const TOKEN_TTL_SECS: u64 = 3 * 3600;
+
 fn mint(signer: &porthole::token::signing::Signer, port: u16) -> String {
     mint_kind(signer, port, porthole::token::claims::ConsoleType::Novnc)
 }
@@ -558,7 +563,7 @@ fn mint_as(
             view_only,
             record: false,
         },
-        ttl_secs: 600,
+        ttl_secs: TOKEN_TTL_SECS,
     };
     signer
         .sign(&req.claims(porthole::token::unix_now()))
@@ -1026,7 +1031,7 @@ fn write_porthole_config_vnc(
     std::fs::write(
         dir.join(format!("{name}.toml")),
         format!(
-            "[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\n{listen}\n[tokens]\nstore_capacity = 1000000\n\n\
+            "[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\n{listen}\n[tokens]\nstore_capacity = 1000000\nmax_ttl_secs = {TOKEN_TTL_SECS}\n\n\
              [[tokens.keys]]\nkid = \"load\"\nalgorithm = \"EdDSA\"\npublic_key = \"{}\"\n\n\
              [websocket]\nmax_sessions = {PORTHOLE_MAX_SESSIONS}\n\
              max_sessions_per_client = {PORTHOLE_MAX_SESSIONS}\n\
