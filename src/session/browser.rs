@@ -27,7 +27,7 @@ use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
 use crate::transport::drain_watch::{Drains, Watched};
-use crate::transport::ws_bypass::{Bypass, Bypasses, Limits};
+use crate::transport::ws_bypass::{self, Bypass, Bypasses, Limits};
 use crate::transport::ws_stream::WsBytes;
 
 /// A browser request the session layer has admitted; it starts once the
@@ -180,6 +180,7 @@ impl BrowserAdmission {
             let limits = Limits {
                 frame: ws.max_frame_bytes,
                 message: ws.max_message_bytes,
+                handshake_frame: ws_bypass::HANDSHAKE_FRAME,
             };
             let io = Bypass::new(Watched::new(TokioIo::new(upgraded)), limits);
             let config = self.sessions.tungstenite_config();

@@ -16,9 +16,13 @@
 //!   failed on before (every other frame reaches it byte for byte; one that
 //!   would break the message limit becomes a header it refuses the same way),
 //!   but the binary messages it yields are empty: their payloads are taken
-//!   from here ([`Bypassed::take_message`]). Before the start (a console's
-//!   handshake reads the socket as bytes through tungstenite) every frame goes
-//!   through as it is.
+//!   from here ([`Bypassed::take_message`]), whole: a message's pieces join
+//!   as they arrive, in place while they lie in one read buffer, so however
+//!   a client dribbles a payload it pins no more than its bytes. Before the
+//!   start (a console's handshake reads the socket as bytes through
+//!   tungstenite) every frame goes through as it is, up to
+//!   [`HANDSHAKE_FRAME`]: tungstenite's read buffer keeps the size of the
+//!   largest frame it ever held.
 //! - **Out**: the relay queues its binary messages here
 //!   ([`Bypassed::push_binary`]) as a header and the bytes it read, written
 //!   with one vectored write per burst; tungstenite's own frames (pings,
@@ -61,6 +65,13 @@ const MIN_READ: usize = 4 * 1024;
 /// Most whole frames in one vectored write (two slices each).
 const FRAMES_PER_WRITE: usize = 32;
 
+/// Largest frame a client may send before the relay starts: those go through
+/// tungstenite, whose read buffer keeps the size of the largest frame it
+/// held for the connection's life. A console's handshake messages are tens
+/// of bytes (an RFB reply, a SPICE link message and its ticket); a larger
+/// one is refused as over the frame limit (1009).
+pub const HANDSHAKE_FRAME: u64 = 8 * 1024;
+
 /// The limits tungstenite applies to the client's frames and messages
 /// (`max_frame_size`, `max_message_size`): frames beyond them are left to
 /// tungstenite, which refuses them.
@@ -70,6 +81,8 @@ pub struct Limits {
     pub frame: usize,
     /// Largest message (the sum of its frames).
     pub message: usize,
+    /// Largest frame before the relay starts ([`HANDSHAKE_FRAME`]).
+    pub handshake_frame: u64,
 }
 
 /// A socket whose binary data frames bypass tungstenite.
@@ -88,9 +101,13 @@ pub struct Bypassed {
 struct Shared {
     /// Binary frames are taken out of the client's stream (else passed on).
     started: bool,
-    /// Payloads whose stand-ins went (or go) to tungstenite, in order;
-    /// `true` marks the end of a message.
-    inbound: VecDeque<(Bytes, bool)>,
+    /// The payload of the message being received, pieces joined as they
+    /// come (without a copy while they lie side by side in one read
+    /// buffer): held pieces never pin more than the message's bytes, however
+    /// a client dribbles them.
+    receiving: BytesMut,
+    /// Whole messages whose stand-ins went (or go) to tungstenite, in order.
+    inbound: VecDeque<Bytes>,
     /// Whole frames to write, in order; the first may be partly written.
     outbound: VecDeque<OutFrame>,
     /// Bytes in `outbound` not yet written.
@@ -126,19 +143,16 @@ impl Bypassed {
     }
 
     /// Hands `each` the payload of the next message whose stand-in
-    /// tungstenite yielded (as an empty binary message), in pieces.
+    /// tungstenite yielded (as an empty binary message), unless it is empty.
     pub fn take_message(&self, mut each: impl FnMut(Bytes)) {
         let mut shared = self.lock();
-        while let Some((piece, last)) = shared.inbound.pop_front() {
-            if !piece.is_empty() {
-                each(piece);
-            }
-            if last {
-                break;
-            }
-        }
+        let message = shared.inbound.pop_front();
         if shared.inbound.is_empty() {
             shared.inbound = VecDeque::new();
+        }
+        drop(shared);
+        if let Some(payload) = message.filter(|p| !p.is_empty()) {
+            each(payload);
         }
     }
 
@@ -180,8 +194,18 @@ impl Bypassed {
         self.lock().started
     }
 
-    fn push_inbound(&self, piece: Bytes, last: bool) {
-        self.lock().inbound.push_back((piece, last));
+    /// Adds `piece` to the message being received; `last` ends it.
+    fn push_inbound(&self, piece: BytesMut, last: bool) {
+        let mut shared = self.lock();
+        if shared.receiving.is_empty() {
+            shared.receiving = piece;
+        } else {
+            shared.receiving.unsplit(piece);
+        }
+        if last {
+            let whole = std::mem::take(&mut shared.receiving).freeze();
+            shared.inbound.push_back(whole);
+        }
     }
 }
 
@@ -346,7 +370,7 @@ impl<S> Bypass<S> {
                     if n > 0 {
                         let mut piece = self.raw.split_to(n);
                         unmask(&mut piece, mask, at);
-                        self.shared.push_inbound(piece.freeze(), false);
+                        self.shared.push_inbound(piece, false);
                     }
                     let left = left - n as u64;
                     if left > 0 {
@@ -360,7 +384,7 @@ impl<S> Bypass<S> {
                         return false;
                     }
                     if fin {
-                        self.shared.push_inbound(Bytes::new(), true);
+                        self.shared.push_inbound(BytesMut::new(), true);
                     }
                     let stand_in = FrameHeader {
                         is_final: fin,
@@ -446,6 +470,18 @@ impl<S> Bypass<S> {
                     mask,
                 };
                 false
+            }
+            // Before the start, a frame no handshake sends: refused as over
+            // the frame limit, as tungstenite refuses one (1009).
+            (Data::Binary | Data::Text, Message::None) | (Data::Continue, Message::Passed)
+                if clean && !self.shared.started() && len > self.limits.handshake_frame =>
+            {
+                let mut too_long = header.clone();
+                too_long.is_final = fin;
+                self.raw.advance(header_len);
+                self.put_header(&too_long, self.limits.frame as u64 + 1);
+                self.reading = Reading::Through;
+                true
             }
             // Frames tungstenite takes as they are: before the start, or
             // text (which ends the session).
@@ -546,8 +582,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bypass<S> {
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.raw) {
                 Poll::Pending => {
                     // Quiet: give the buffer back (a partial header moves
-                    // to one of its size).
-                    if this.raw.is_empty() {
+                    // to one of its size), unless a payload is coming into
+                    // it: the pieces already taken share it, and the next
+                    // ones join them without a copy.
+                    let taking = matches!(this.reading, Reading::Take { .. });
+                    if taking {
+                        // (kept)
+                    } else if this.raw.is_empty() {
                         this.raw = BytesMut::new();
                     } else if this.raw.capacity() > 1024 && this.raw.len() <= 1024 {
                         this.raw = BytesMut::from(&this.raw[..]);
@@ -614,9 +655,12 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
     use tokio_tungstenite::tungstenite::{self, Message};
 
+    /// No handshake limit of its own: the differential test compares
+    /// with tungstenite alone before the start too.
     const LIMITS: Limits = Limits {
         frame: 100_000,
         message: 150_000,
+        handshake_frame: u64::MAX,
     };
 
     fn config() -> WebSocketConfig {
@@ -846,8 +890,8 @@ mod tests {
             frame(0x82, &vec![0; LIMITS.frame + 1], false),
         ] {
             let limits = Limits {
-                frame: LIMITS.frame,
                 message: 90_000,
+                ..LIMITS
             };
             let (mut client, server) = tokio::io::duplex(1 << 20);
             client.write_all(&stream).await.unwrap();
@@ -933,6 +977,73 @@ mod tests {
         let io = ws.get_ref();
         assert_eq!((io.raw.capacity(), io.ready.capacity()), (0, 0));
         assert_eq!(shared.lock().inbound.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dribbled_payload_pins_no_more_than_its_bytes() {
+        // One byte per read, the socket empty between them: every piece
+        // joins the last in the one read buffer, and the message comes out
+        // whole (before: each byte kept a 64 KiB buffer of its own alive).
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let io = Bypass::new(server, LIMITS);
+        let shared = io.bypassed().clone();
+        shared.start();
+        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let whole = frame(0x82, &payload, false);
+        for (i, b) in whole.iter().enumerate() {
+            client.write_all(&[*b]).await.unwrap();
+            if i + 1 == whole.len() {
+                break;
+            }
+            assert!(futures_util::FutureExt::now_or_never(ws.next()).is_none());
+            let received = shared.lock().receiving.len();
+            if received > 0 {
+                let io = ws.get_ref();
+                let end = shared.lock().receiving.as_ptr_range().end;
+                assert_eq!(
+                    end,
+                    io.raw.as_ptr(),
+                    "byte {i}: the payload and the read buffer are one"
+                );
+                assert!(io.raw.capacity() + received <= READ_CHUNK);
+            }
+        }
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Binary(Bytes::new())
+        );
+        let mut pieces = Vec::new();
+        shared.take_message(|p| pieces.push(p));
+        assert_eq!(pieces, vec![Bytes::from(payload)]);
+    }
+
+    #[tokio::test]
+    async fn before_the_start_a_frame_no_handshake_sends_is_refused() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let limits = Limits {
+            handshake_frame: HANDSHAKE_FRAME,
+            ..LIMITS
+        };
+        let io = Bypass::new(server, limits);
+        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+        let handshake = vec![7; HANDSHAKE_FRAME as usize];
+        client
+            .write_all(&frame(0x82, &handshake, false))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Binary(handshake.into())
+        );
+        client
+            .write_all(&frame(0x82, &vec![7; HANDSHAKE_FRAME as usize + 1], false))
+            .await
+            .unwrap();
+        match ws.next().await {
+            Some(Err(tungstenite::Error::Capacity(_))) => {}
+            other => panic!("a capacity error, not {other:?}"),
+        }
     }
 
     #[test]
