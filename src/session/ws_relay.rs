@@ -275,7 +275,8 @@ where
 
 /// Client messages to the hypervisor, the early bytes first. Messages that
 /// are already decoded when one arrives go in the same write: one system
-/// call per burst, not per message; the batch exists only during the burst.
+/// call per burst, not per message; the batch exists only during the burst,
+/// and a burst of one message is written from its own bytes, uncopied.
 /// A binary message's payload comes from `bypassed` (tungstenite yields it
 /// empty) unless it came before the bypass started.
 async fn client_to_backend<St>(
@@ -295,20 +296,20 @@ where
         }
         meter.moved_up(early.len());
     }
-    let mut batch = BytesMut::new();
+    let mut batch = Batch::default();
     while let Some(msg) = stream.next().await {
         let mut next = Some(msg);
         while let Some(msg) = next.take() {
             match msg {
                 Ok(Message::Binary(data)) if data.is_empty() => {
-                    bypassed.take_message(|piece| {
-                        meter.moved_up(piece.len());
-                        batch.extend_from_slice(&piece);
+                    bypassed.take_message(|payload| {
+                        meter.moved_up(payload.len());
+                        batch.push(payload);
                     });
                 }
                 Ok(Message::Binary(data)) => {
                     meter.moved_up(data.len());
-                    batch.extend_from_slice(&data);
+                    batch.push(data);
                 }
                 // Keepalive frames are not console activity: they do not
                 // hold off the idle timeout. Only a pong to our ping shows
@@ -326,14 +327,54 @@ where
                 next = stream.next().now_or_never().flatten();
             }
         }
-        if !batch.is_empty() {
-            if let Err(reason) = pass_on(to_backend, tap.as_ref(), &batch).await {
-                return reason;
-            }
-            batch = BytesMut::new();
+        let going = std::mem::take(&mut batch);
+        if !going.bytes().is_empty()
+            && let Err(reason) = pass_on(to_backend, tap.as_ref(), going.bytes()).await
+        {
+            return reason;
         }
     }
     CloseReason::ClientLeft
+}
+
+/// A burst of client messages: the first as it came, the rest (if any)
+/// copied after it into one buffer for one write.
+#[derive(Default)]
+enum Batch {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Batch {
+    fn push(&mut self, payload: Bytes) {
+        *self = match std::mem::take(self) {
+            Batch::Empty => Batch::One(payload),
+            Batch::One(first) => {
+                let mut many = BytesMut::with_capacity(first.len() + payload.len());
+                many.extend_from_slice(&first);
+                many.extend_from_slice(&payload);
+                Batch::Many(many)
+            }
+            Batch::Many(mut many) => {
+                many.extend_from_slice(&payload);
+                Batch::Many(many)
+            }
+        };
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Batch::Empty => &[],
+            Batch::One(b) => b,
+            Batch::Many(b) => b,
+        }
+    }
 }
 
 /// Writes client `bytes` to the hypervisor, or what the tap lets through
