@@ -15,6 +15,9 @@
 //! - `porthole`: WebSocket to Porthole's `/vnc`, with a fresh Ed25519 token per session.
 //! - `relay`: the "obvious" proxy: tokio-tungstenite with its default config,
 //!   two copy loops, a 64 KiB read buffer. This binary re-executed with `--relay`.
+//! - `relay+opts`: the same relay with Porthole's socket options (TCP_NODELAY
+//!   on both legs, TCP_NOTSENT_LOWAT of 64 KiB on the client leg), `--relay
+//!   ... --opts`: the like-for-like reference for CPU per GB.
 //! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
 //! - `porthole view-only`: the same Porthole with a view-only token: every
 //!   client message goes through the RFB view-only filter (throughput only;
@@ -145,16 +148,54 @@ async fn far_side(listener: TcpListener, sunk: Arc<AtomicU64>) {
 
 // ---------------------------------------------------------------- the plain relay
 
-/// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB buffer.
-async fn relay(listen: SocketAddr, backend: SocketAddr) {
+/// Porthole's TCP_NOTSENT_LOWAT on its client leg (`src/transport/listener.rs`).
+const PORTHOLE_NOTSENT_LOWAT: u32 = 64 * 1024;
+
+/// How a relay process is configured (its command line after `--relay
+/// LISTEN FAR`): `--opts` gives it Porthole's socket options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RelayKind {
+    /// tokio-tungstenite's defaults, sockets untuned.
+    Plain,
+    /// TCP_NODELAY on both legs, TCP_NOTSENT_LOWAT on the client leg.
+    Opts,
+}
+
+impl RelayKind {
+    fn args(self, _dir: &std::path::Path) -> Vec<String> {
+        match self {
+            RelayKind::Plain => vec![],
+            RelayKind::Opts => vec!["--opts".into()],
+        }
+    }
+
+    fn from_args(args: &[String]) -> RelayKind {
+        if args.iter().any(|a| a == "--opts") {
+            RelayKind::Opts
+        } else {
+            RelayKind::Plain
+        }
+    }
+}
+
+/// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB
+/// buffer; its socket options as `kind` says.
+async fn relay(listen: SocketAddr, backend: SocketAddr, kind: RelayKind) {
     let listener = TcpListener::bind(listen).await.expect("relay bind");
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
         tokio::spawn(async move {
+            if kind != RelayKind::Plain {
+                let _ = tcp.set_nodelay(true);
+                let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(PORTHOLE_NOTSENT_LOWAT);
+            }
             let ws = tokio_tungstenite::accept_async(tcp).await.ok()?;
             let upstream = TcpStream::connect(backend).await.ok()?;
+            if kind != RelayKind::Plain {
+                let _ = upstream.set_nodelay(true);
+            }
             let (mut rd, mut wr) = upstream.into_split();
             let (mut sink, mut stream) = ws.split();
             let up = async {
@@ -191,7 +232,7 @@ async fn relay(listen: SocketAddr, backend: SocketAddr) {
 
 // ---------------------------------------------------------------- clients
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Target {
     Direct,
     Porthole,
@@ -203,6 +244,8 @@ enum Target {
     /// over TLS, the byte splice): idle memory only.
     PortholeNative,
     Relay,
+    /// The relay with Porthole's socket options.
+    RelayOpts,
     Websockify,
 }
 
@@ -215,7 +258,17 @@ impl Target {
             Target::PortholeRecording => "porthole recording",
             Target::PortholeNative => "porthole vnc-direct",
             Target::Relay => "relay",
+            Target::RelayOpts => "relay+opts",
             Target::Websockify => "websockify",
+        }
+    }
+
+    /// Which relay it is, if it is one.
+    fn relay(self) -> Option<RelayKind> {
+        match self {
+            Target::Relay => Some(RelayKind::Plain),
+            Target::RelayOpts => Some(RelayKind::Opts),
+            _ => None,
         }
     }
 
@@ -327,7 +380,8 @@ struct Setup {
     far: SocketAddr,
     porthole: SocketAddr,
     dir: PathBuf,
-    relay: SocketAddr,
+    /// Every relay variant's address.
+    relays: std::collections::HashMap<Target, SocketAddr>,
     websockify: Option<SocketAddr>,
     tokens: std::sync::Mutex<Vec<String>>,
     signer: porthole::token::signing::Signer,
@@ -400,14 +454,16 @@ impl Setup {
             Target::PortholeRecording => {
                 format!("ws://{}/vnc?token={}", self.recorded.public, self.token())
             }
-            Target::Relay => format!("ws://{}/", at.unwrap_or(self.relay)),
+            Target::Relay | Target::RelayOpts => {
+                format!("ws://{}/", at.unwrap_or(self.relays[&target]))
+            }
             Target::Websockify => format!(
                 "ws://{}/",
                 at.or(self.websockify).ok_or(std::io::ErrorKind::NotFound)?
             ),
         };
-        // As noVNC's and spice-html5's browsers do; the untuned relay answers no subprotocol.
-        ws_connect(url, read_buffer, target != Target::Relay).await
+        // As noVNC's and spice-html5's browsers do; the relays answer no subprotocol.
+        ws_connect(url, read_buffer, target.relay().is_none()).await
     }
 
     /// Connects and runs the RFB client handshake; then asks for `mode`.
@@ -847,21 +903,14 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
                 child,
             })
         }
-        Target::Relay => {
+        Target::Relay | Target::RelayOpts => {
             let addr = free_addr();
-            let child = Command::new(std::env::current_exe().unwrap())
-                .args(["--relay", &addr.to_string(), &s.far.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start the relay");
-            let fresh = Fresh {
+            let child = start_relay(&s.dir, target.relay()?, addr, s.far);
+            Some(Fresh {
                 addr,
                 vnc: None,
                 child,
-            };
-            wait_for_port(addr);
-            Some(fresh)
+            })
         }
         Target::Websockify => {
             s.websockify?;
@@ -1119,15 +1168,13 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         start_porthole(dir, "recording", recorded.public),
     ));
 
-    let relay_addr = free_addr();
-    let relay = Command::new(std::env::current_exe().unwrap())
-        .args(["--relay", &relay_addr.to_string(), &far.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the relay");
-    processes.0.push((Target::Relay, relay));
-    wait_for_port(relay_addr);
+    let mut relays = std::collections::HashMap::new();
+    for target in [Target::Relay, Target::RelayOpts] {
+        let addr = free_addr();
+        let child = start_relay(dir, target.relay().unwrap(), addr, far);
+        processes.0.push((target, child));
+        relays.insert(target, addr);
+    }
 
     let websockify_addr = free_addr();
     let websockify = match Command::new("websockify")
@@ -1152,7 +1199,7 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         far,
         porthole: porthole_addr,
         dir: dir.to_path_buf(),
-        relay: relay_addr,
+        relays,
         websockify,
         tokens: std::sync::Mutex::new(pool),
         signer,
@@ -1163,6 +1210,20 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     }
 }
 
+/// This binary re-executed as a relay of `kind` on `addr` in front of
+/// `far`; returns once it listens.
+fn start_relay(dir: &std::path::Path, kind: RelayKind, addr: SocketAddr, far: SocketAddr) -> Child {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--relay", &addr.to_string(), &far.to_string()])
+        .args(kind.args(dir))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the relay");
+    wait_for_port(addr);
+    child
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -1171,8 +1232,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--relay") {
+        let kind = RelayKind::from_args(&args[4..]);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(relay(args[2].parse().unwrap(), args[3].parse().unwrap()));
+        rt.block_on(relay(
+            args[2].parse().unwrap(),
+            args[3].parse().unwrap(),
+            kind,
+        ));
         return;
     }
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
@@ -1359,12 +1425,22 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
     } else {
         (0.3, 1, vec![20], 0.3)
     };
-    let mut targets = vec![Target::Direct, Target::Porthole, Target::Relay];
+    let mut targets = vec![
+        Target::Direct,
+        Target::Porthole,
+        Target::Relay,
+        Target::RelayOpts,
+    ];
     if s.websockify.is_some() {
         targets.push(Target::Websockify);
     }
     if idle {
-        let mut idle_targets = targets.clone();
+        // Socket options change no user-space buffer: the plain relay only.
+        let mut idle_targets: Vec<Target> = targets
+            .iter()
+            .copied()
+            .filter(|t| *t != Target::RelayOpts)
+            .collect();
         idle_targets.insert(2, Target::PortholeNative);
         idle_memory_table(s, &idle_targets, &idle_counts).await;
     }
