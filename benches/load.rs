@@ -670,6 +670,35 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
+/// CPU seconds (user + system) used so far by everything on this machine
+/// that takes part in a measurement but the proxy: this process (the
+/// clients and the far side are its threads; its children, the proxies,
+/// are not counted) and the kernel's `ksoftirqd` threads, which take over
+/// part of the loopback receive path when a core is saturated. With the
+/// proxy's own, the machine's cost of the bytes moved.
+fn outside_proxy_cpu_seconds() -> f64 {
+    static SOFTIRQ: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let softirq = SOFTIRQ.get_or_init(|| {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+            })
+            .collect()
+    });
+    let own = std::process::id();
+    let ticks: u64 = std::iter::once(own)
+        .chain(softirq.iter().copied())
+        .filter_map(stat_fields)
+        .map(|f| f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0))
+        .sum();
+    ticks as f64 / 100.0
+}
+
 /// Resident memory of a process and its children.
 fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let total = process_tree(pid?)
@@ -690,7 +719,11 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
 
 struct Throughput {
     mb_per_s: f64,
+    /// The proxy's own CPU per GB (none for direct).
     cpu_s_per_gb: Option<f64>,
+    /// The machine's: the proxy's, the client's and the far side's
+    /// ([`outside_proxy_cpu_seconds`]).
+    total_s_per_gb: f64,
 }
 
 async fn throughput(
@@ -712,6 +745,7 @@ async fn throughput(
     let sent = Arc::new(AtomicU64::new(0));
     let sunk_before = s.sunk.load(Relaxed);
     let cpu_before = cpu_seconds(s.pid(target));
+    let outside_before = outside_proxy_cpu_seconds();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -761,6 +795,7 @@ async fn throughput(
     let cpu = cpu_seconds(s.pid(target))
         .zip(cpu_before)
         .map(|(a, b)| a - b);
+    let total = cpu.unwrap_or(0.0) + outside_proxy_cpu_seconds() - outside_before;
     if target == Target::PortholeRecording {
         // After the measurement: its sessions' ends, their recordings
         // finished (flushed and synced), tallied and removed.
@@ -769,6 +804,7 @@ async fn throughput(
     Ok(Throughput {
         mb_per_s: bytes as f64 / elapsed / 1e6,
         cpu_s_per_gb: cpu.map(|c| c / (bytes as f64 / 1e9)),
+        total_s_per_gb: total / (bytes as f64 / 1e9),
     })
 }
 
@@ -1306,7 +1342,7 @@ async fn view_only_compare(s: &Arc<Setup>, full: bool) {
     let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
     let targets = [Target::Porthole, Target::PortholeViewOnly, Target::Relay];
     println!(
-        "\n## view-only beside full sessions (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved"
+        "\n## view-only beside full sessions (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
     );
     println!(
         "| direction | clients | frame | {} |",
@@ -1328,9 +1364,12 @@ async fn view_only_compare(s: &Arc<Setup>, full: bool) {
     throughput_rows(s, &targets, grid, secs, repeats).await;
 }
 
+/// What a throughput cell's two CPU figures are.
+const CPU_PAIR: &str = "proxy / machine (proxy + client + far side)";
+
 /// One table row per (direction, clients, frame) of `grid`: each target's
-/// median MB/s and proxy CPU s/GB over `repeats` runs, the order rotated
-/// each round (this machine is noisy).
+/// median MB/s, proxy CPU s/GB and machine CPU s/GB over `repeats` runs,
+/// the order rotated each round (this machine is noisy).
 async fn throughput_rows(
     s: &Arc<Setup>,
     targets: &[Target],
@@ -1339,12 +1378,12 @@ async fn throughput_rows(
     repeats: usize,
 ) {
     for (down, clients, frame) in grid {
-        let mut results: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); targets.len()];
+        let mut results: Vec<Vec<(f64, Option<f64>, f64)>> = vec![Vec::new(); targets.len()];
         for r in 0..repeats {
             for k in 0..targets.len() {
                 let i = (k + r) % targets.len();
                 match throughput(s, targets[i], down, clients, frame, secs).await {
-                    Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb)),
+                    Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb, t.total_s_per_gb)),
                     Err(e) => panic!("{} throughput failed: {e}", targets[i].name()),
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1355,10 +1394,11 @@ async fn throughput_rows(
             .map(|r| {
                 let mb = median(r.iter().map(|x| x.0).collect());
                 let cpu: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
+                let total = median(r.iter().map(|x| x.2).collect());
                 if cpu.is_empty() {
-                    format!("{mb:.0}")
+                    format!("{mb:.0} (- / {total:.2})")
                 } else {
-                    format!("{mb:.0} ({:.2})", median(cpu))
+                    format!("{mb:.0} ({:.2} / {total:.2})", median(cpu))
                 }
             })
             .collect();
@@ -1445,7 +1485,9 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         idle_memory_table(s, &idle_targets, &idle_counts).await;
     }
 
-    println!("\n## throughput (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved");
+    println!(
+        "\n## throughput (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
+    );
     println!(
         "| direction | clients | frame | {} |",
         targets
