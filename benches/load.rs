@@ -823,8 +823,23 @@ async fn latency(s: &Arc<Setup>, target: Target, rounds: usize) -> std::io::Resu
     Ok((p(0.5), p(0.99)))
 }
 
-async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: f64) -> f64 {
+/// One session-rate sample.
+struct Rate {
+    per_s: f64,
+    /// The proxy's CPU per session opened, µs (none for direct).
+    proxy_us: Option<f64>,
+    /// The machine's (proxy, clients, far side; [`outside_proxy_cpu_seconds`]).
+    total_us: f64,
+}
+
+/// Sessions opened per second by `concurrency` openers for `secs`, and the
+/// CPU they cost: everything used from the start until 100 ms after the
+/// last opener stopped (the last sessions' closes included), over the
+/// sessions opened.
+async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: f64) -> Rate {
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds(s.pid(target));
+    let outside_before = outside_proxy_cpu_seconds();
     // Every attempt must open: a refused or broken session would otherwise
     // only lower the rate, silently.
     let failed = Arc::new(std::sync::Mutex::new((0u64, None::<std::io::Error>)));
@@ -864,7 +879,17 @@ async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: 
             first.map_or_else(String::new, |e| e.to_string())
         );
     }
-    done.load(Relaxed) as f64 / secs
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cpu = cpu_seconds(s.pid(target))
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    let total = cpu.unwrap_or(0.0) + outside_proxy_cpu_seconds() - outside_before;
+    let opened = done.load(Relaxed) as f64;
+    Rate {
+        per_s: opened / secs,
+        proxy_us: cpu.map(|c| c * 1e6 / opened),
+        total_us: total * 1e6 / opened,
+    }
 }
 
 /// What each session carried before it went idle, in a memory measurement.
@@ -1299,9 +1324,9 @@ async fn run(full: bool, only: Option<&str>) {
             // Enough tokens that no timed run waits for one to be minted:
             // the idle-memory table alone opens 30,000 Porthole sessions.
             match (full, only) {
-                (true, None) => 70_000,
+                (true, None) => 80_000,
                 (true, Some("idle")) => 30_000,
-                (true, Some("proxies")) => 40_000,
+                (true, Some("proxies")) => 60_000,
                 _ => 500,
             },
         )
@@ -1519,12 +1544,31 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         println!("- {}: {p50:.0} / {p99:.0}", t.name());
     }
 
-    println!("\n## new sessions per second (16 concurrent; Porthole checks an Ed25519 token each)");
-    for &t in &targets {
+    println!(
+        "\n## new sessions per second (16 concurrent; Porthole checks an Ed25519 token each; \
+         median of {repeats} samples of {rate_secs} s, interleaved; CPU µs per open: proxy / machine)"
+    );
+    let mut rates: Vec<Vec<Rate>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repeats {
+        for (i, &t) in targets.iter().enumerate() {
+            rates[i].push(session_rate(s, t, 16, rate_secs).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for (&t, r) in targets.iter().zip(rates) {
+        let per_s = median(r.iter().map(|x| x.per_s).collect());
+        let proxy: Vec<f64> = r.iter().filter_map(|x| x.proxy_us).collect();
+        let proxy = if proxy.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0}", median(proxy))
+        };
+        let total = median(r.iter().map(|x| x.total_us).collect());
+        let samples: Vec<String> = r.iter().map(|x| format!("{:.0}", x.per_s)).collect();
         println!(
-            "- {}: {:.0}",
+            "- {}: {per_s:.0}/s ({proxy} / {total:.0} µs; samples {})",
             t.name(),
-            session_rate(s, t, 16, rate_secs).await
+            samples.join(", ")
         );
     }
 }
