@@ -18,6 +18,11 @@
 //! - `relay+opts`: the same relay with Porthole's socket options (TCP_NODELAY
 //!   on both legs, TCP_NOTSENT_LOWAT of 64 KiB on the client leg), `--relay
 //!   ... --opts`: the like-for-like reference for CPU per GB.
+//! - `relay+jwt`: relay+opts that also verifies the Ed25519 console token in
+//!   `?token=` as Porthole does (jsonwebtoken, EdDSA pinned, `exp` `nbf`
+//!   `iss` `aud` `sub`) and opens the far side the token names, `--relay ...
+//!   --jwt PEM`: the like-for-like reference for sessions per second (session
+//!   rate only).
 //! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
 //! - `porthole view-only`: the same Porthole with a view-only token: every
 //!   client message goes through the RFB view-only filter (throughput only;
@@ -152,46 +157,116 @@ async fn far_side(listener: TcpListener, sunk: Arc<AtomicU64>) {
 const PORTHOLE_NOTSENT_LOWAT: u32 = 64 * 1024;
 
 /// How a relay process is configured (its command line after `--relay
-/// LISTEN FAR`): `--opts` gives it Porthole's socket options.
+/// LISTEN FAR`): `--opts` gives it Porthole's socket options, `--jwt PEM`
+/// makes it verify a console token the way Porthole does (and implies
+/// `--opts`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RelayKind {
     /// tokio-tungstenite's defaults, sockets untuned.
     Plain,
     /// TCP_NODELAY on both legs, TCP_NOTSENT_LOWAT on the client leg.
     Opts,
+    /// [`RelayKind::Opts`], and the Ed25519 JWT in `?token=` verified
+    /// (signature, `exp`, `iss`, `aud`, `sub`) before the upgrade; the far
+    /// side is the token's `console.host:port`.
+    Jwt,
 }
 
 impl RelayKind {
-    fn args(self, _dir: &std::path::Path) -> Vec<String> {
+    fn args(self, dir: &std::path::Path) -> Vec<String> {
         match self {
             RelayKind::Plain => vec![],
             RelayKind::Opts => vec!["--opts".into()],
+            RelayKind::Jwt => vec![
+                "--jwt".into(),
+                dir.join("load.pub.pem").display().to_string(),
+            ],
         }
     }
 
-    fn from_args(args: &[String]) -> RelayKind {
-        if args.iter().any(|a| a == "--opts") {
-            RelayKind::Opts
+    fn from_args(args: &[String]) -> (RelayKind, Option<jsonwebtoken::DecodingKey>) {
+        if let Some(i) = args.iter().position(|a| a == "--jwt") {
+            let pem = std::fs::read(&args[i + 1]).expect("the relay's public key");
+            let key = jsonwebtoken::DecodingKey::from_ed_pem(&pem).expect("an Ed25519 public key");
+            (RelayKind::Jwt, Some(key))
+        } else if args.iter().any(|a| a == "--opts") {
+            (RelayKind::Opts, None)
         } else {
-            RelayKind::Plain
+            (RelayKind::Plain, None)
         }
     }
 }
 
+/// The token check of a `--jwt` relay: what Porthole's validator does with
+/// jsonwebtoken (pinned EdDSA, `exp` `nbf` `iss` `aud` `sub` required and
+/// checked); the claims name the far side.
+fn relay_verify(
+    key: &jsonwebtoken::DecodingKey,
+    validation: &jsonwebtoken::Validation,
+    query: Option<&str>,
+) -> Option<SocketAddr> {
+    let token = query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))?;
+    let claims =
+        jsonwebtoken::decode::<porthole::token::ConsoleClaims>(token, key, validation).ok()?;
+    format!("{}:{}", claims.claims.console.host, claims.claims.console.port)
+        .parse()
+        .ok()
+}
+
 /// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB
-/// buffer; its socket options as `kind` says.
-async fn relay(listen: SocketAddr, backend: SocketAddr, kind: RelayKind) {
+/// buffer; its socket options and token check as `kind` says.
+async fn relay(
+    listen: SocketAddr,
+    backend: SocketAddr,
+    kind: RelayKind,
+    key: Option<jsonwebtoken::DecodingKey>,
+) {
     let listener = TcpListener::bind(listen).await.expect("relay bind");
+    let check = key.map(|key| {
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        v.leeway = 0;
+        v.validate_nbf = true;
+        v.set_audience(&["porthole"]);
+        v.set_issuer(&["porthole"]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        Arc::new((key, v))
+    });
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
+        let check = check.clone();
         tokio::spawn(async move {
             if kind != RelayKind::Plain {
                 let _ = tcp.set_nodelay(true);
                 let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(PORTHOLE_NOTSENT_LOWAT);
             }
-            let ws = tokio_tungstenite::accept_async(tcp).await.ok()?;
+            let (ws, backend) = match check {
+                None => (tokio_tungstenite::accept_async(tcp).await.ok()?, backend),
+                Some(check) => {
+                    let mut far = None;
+                    let ws = tokio_tungstenite::accept_hdr_async(
+                        tcp,
+                        |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                         resp| {
+                            far = relay_verify(&check.0, &check.1, req.uri().query());
+                            if far.is_some() {
+                                Ok(resp)
+                            } else {
+                                let mut refused = tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(None);
+                                *refused.status_mut() =
+                                    tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED;
+                                Err(refused)
+                            }
+                        },
+                    )
+                    .await
+                    .ok()?;
+                    (ws, far?)
+                }
+            };
             let upstream = TcpStream::connect(backend).await.ok()?;
             if kind != RelayKind::Plain {
                 let _ = upstream.set_nodelay(true);
@@ -246,6 +321,8 @@ enum Target {
     Relay,
     /// The relay with Porthole's socket options.
     RelayOpts,
+    /// The relay with Porthole's socket options and token check.
+    RelayJwt,
     Websockify,
 }
 
@@ -259,6 +336,7 @@ impl Target {
             Target::PortholeNative => "porthole vnc-direct",
             Target::Relay => "relay",
             Target::RelayOpts => "relay+opts",
+            Target::RelayJwt => "relay+jwt",
             Target::Websockify => "websockify",
         }
     }
@@ -268,6 +346,7 @@ impl Target {
         match self {
             Target::Relay => Some(RelayKind::Plain),
             Target::RelayOpts => Some(RelayKind::Opts),
+            Target::RelayJwt => Some(RelayKind::Jwt),
             _ => None,
         }
     }
@@ -457,6 +536,11 @@ impl Setup {
             Target::Relay | Target::RelayOpts => {
                 format!("ws://{}/", at.unwrap_or(self.relays[&target]))
             }
+            Target::RelayJwt => format!(
+                "ws://{}/vnc?token={}",
+                at.unwrap_or(self.relays[&target]),
+                self.token()
+            ),
             Target::Websockify => format!(
                 "ws://{}/",
                 at.or(self.websockify).ok_or(std::io::ErrorKind::NotFound)?
@@ -964,7 +1048,7 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
                 child,
             })
         }
-        Target::Relay | Target::RelayOpts => {
+        Target::Relay | Target::RelayOpts | Target::RelayJwt => {
             let addr = free_addr();
             let child = start_relay(&s.dir, target.relay()?, addr, s.far);
             Some(Fresh {
@@ -1230,7 +1314,7 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     ));
 
     let mut relays = std::collections::HashMap::new();
-    for target in [Target::Relay, Target::RelayOpts] {
+    for target in [Target::Relay, Target::RelayOpts, Target::RelayJwt] {
         let addr = free_addr();
         let child = start_relay(dir, target.relay().unwrap(), addr, far);
         processes.0.push((target, child));
@@ -1293,12 +1377,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--relay") {
-        let kind = RelayKind::from_args(&args[4..]);
+        let (kind, key) = RelayKind::from_args(&args[4..]);
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(relay(
             args[2].parse().unwrap(),
             args[3].parse().unwrap(),
             kind,
+            key,
         ));
         return;
     }
@@ -1322,11 +1407,12 @@ async fn run(full: bool, only: Option<&str>) {
         setup(
             dir.path(),
             // Enough tokens that no timed run waits for one to be minted:
-            // the idle-memory table alone opens 30,000 Porthole sessions.
+            // the idle-memory table alone opens 30,000 Porthole sessions,
+            // the session rate about 50,000 each for Porthole and relay+jwt.
             match (full, only) {
-                (true, None) => 80_000,
+                (true, None) => 140_000,
                 (true, Some("idle")) => 30_000,
-                (true, Some("proxies")) => 60_000,
+                (true, Some("proxies")) => 110_000,
                 _ => 500,
             },
         )
@@ -1545,17 +1631,23 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
     }
 
     println!(
-        "\n## new sessions per second (16 concurrent; Porthole checks an Ed25519 token each; \
+        "\n## new sessions per second (16 concurrent; Porthole and relay+jwt check an Ed25519 token each; \
          median of {repeats} samples of {rate_secs} s, interleaved; CPU µs per open: proxy / machine)"
     );
-    let mut rates: Vec<Vec<Rate>> = targets.iter().map(|_| Vec::new()).collect();
+    // relay+jwt: the like-for-like reference for opens (a token checked).
+    let mut rate_targets = targets.clone();
+    rate_targets.insert(
+        rate_targets.iter().position(|t| *t == Target::RelayOpts).unwrap() + 1,
+        Target::RelayJwt,
+    );
+    let mut rates: Vec<Vec<Rate>> = rate_targets.iter().map(|_| Vec::new()).collect();
     for _ in 0..repeats {
-        for (i, &t) in targets.iter().enumerate() {
+        for (i, &t) in rate_targets.iter().enumerate() {
             rates[i].push(session_rate(s, t, 16, rate_secs).await);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    for (&t, r) in targets.iter().zip(rates) {
+    for (&t, r) in rate_targets.iter().zip(rates) {
         let per_s = median(r.iter().map(|x| x.per_s).collect());
         let proxy: Vec<f64> = r.iter().filter_map(|x| x.proxy_us).collect();
         let proxy = if proxy.is_empty() {
