@@ -205,14 +205,15 @@ fn relay_verify(
     validation: &jsonwebtoken::Validation,
     query: Option<&str>,
 ) -> Option<SocketAddr> {
-    let token = query?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("token="))?;
+    let token = query?.split('&').find_map(|kv| kv.strip_prefix("token="))?;
     let claims =
         jsonwebtoken::decode::<porthole::token::ConsoleClaims>(token, key, validation).ok()?;
-    format!("{}:{}", claims.claims.console.host, claims.claims.console.port)
-        .parse()
-        .ok()
+    format!(
+        "{}:{}",
+        claims.claims.console.host, claims.claims.console.port
+    )
+    .parse()
+    .ok()
 }
 
 /// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB
@@ -1596,9 +1597,7 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         idle_memory_table(s, &idle_targets, &idle_counts).await;
     }
 
-    println!(
-        "\n## throughput (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
-    );
+    println!("\n## throughput (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved");
     println!(
         "| direction | clients | frame | {} |",
         targets
@@ -1637,7 +1636,11 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
     // relay+jwt: the like-for-like reference for opens (a token checked).
     let mut rate_targets = targets.clone();
     rate_targets.insert(
-        rate_targets.iter().position(|t| *t == Target::RelayOpts).unwrap() + 1,
+        rate_targets
+            .iter()
+            .position(|t| *t == Target::RelayOpts)
+            .unwrap()
+            + 1,
         Target::RelayJwt,
     );
     let mut rates: Vec<Vec<Rate>> = rate_targets.iter().map(|_| Vec::new()).collect();
