@@ -218,6 +218,8 @@ fn relay_verify(
 
 /// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB
 /// buffer; its socket options and token check as `kind` says.
+// The upgrade callback's error type is tungstenite's (an HTTP response).
+#[allow(clippy::result_large_err)]
 async fn relay(
     listen: SocketAddr,
     backend: SocketAddr,
