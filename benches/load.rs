@@ -15,6 +15,14 @@
 //! - `porthole`: WebSocket to Porthole's `/vnc`, with a fresh Ed25519 token per session.
 //! - `relay`: the "obvious" proxy: tokio-tungstenite with its default config,
 //!   two copy loops, a 64 KiB read buffer. This binary re-executed with `--relay`.
+//! - `relay+opts`: the same relay with Porthole's socket options (TCP_NODELAY
+//!   on both legs, TCP_NOTSENT_LOWAT of 64 KiB on the client leg), `--relay
+//!   ... --opts`: the like-for-like reference for CPU per GB.
+//! - `relay+jwt`: relay+opts that also verifies the Ed25519 console token in
+//!   `?token=` as Porthole does (jsonwebtoken, EdDSA pinned, `exp` `nbf`
+//!   `iss` `aud` `sub`) and opens the far side the token names, `--relay ...
+//!   --jwt PEM`: the like-for-like reference for sessions per second (session
+//!   rate only).
 //! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
 //! - `porthole view-only`: the same Porthole with a view-only token: every
 //!   client message goes through the RFB view-only filter (throughput only;
@@ -145,16 +153,127 @@ async fn far_side(listener: TcpListener, sunk: Arc<AtomicU64>) {
 
 // ---------------------------------------------------------------- the plain relay
 
-/// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB buffer.
-async fn relay(listen: SocketAddr, backend: SocketAddr) {
+/// Porthole's TCP_NOTSENT_LOWAT on its client leg (`src/transport/listener.rs`).
+const PORTHOLE_NOTSENT_LOWAT: u32 = 64 * 1024;
+
+/// How a relay process is configured (its command line after `--relay
+/// LISTEN FAR`): `--opts` gives it Porthole's socket options, `--jwt PEM`
+/// makes it verify a console token the way Porthole does (and implies
+/// `--opts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RelayKind {
+    /// tokio-tungstenite's defaults, sockets untuned.
+    Plain,
+    /// TCP_NODELAY on both legs, TCP_NOTSENT_LOWAT on the client leg.
+    Opts,
+    /// [`RelayKind::Opts`], and the Ed25519 JWT in `?token=` verified
+    /// (signature, `exp`, `iss`, `aud`, `sub`) before the upgrade; the far
+    /// side is the token's `console.host:port`.
+    Jwt,
+}
+
+impl RelayKind {
+    fn args(self, dir: &std::path::Path) -> Vec<String> {
+        match self {
+            RelayKind::Plain => vec![],
+            RelayKind::Opts => vec!["--opts".into()],
+            RelayKind::Jwt => vec![
+                "--jwt".into(),
+                dir.join("load.pub.pem").display().to_string(),
+            ],
+        }
+    }
+
+    fn from_args(args: &[String]) -> (RelayKind, Option<jsonwebtoken::DecodingKey>) {
+        if let Some(i) = args.iter().position(|a| a == "--jwt") {
+            let pem = std::fs::read(&args[i + 1]).expect("the relay's public key");
+            let key = jsonwebtoken::DecodingKey::from_ed_pem(&pem).expect("an Ed25519 public key");
+            (RelayKind::Jwt, Some(key))
+        } else if args.iter().any(|a| a == "--opts") {
+            (RelayKind::Opts, None)
+        } else {
+            (RelayKind::Plain, None)
+        }
+    }
+}
+
+/// The token check of a `--jwt` relay: what Porthole's validator does with
+/// jsonwebtoken (pinned EdDSA, `exp` `nbf` `iss` `aud` `sub` required and
+/// checked); the claims name the far side.
+fn relay_verify(
+    key: &jsonwebtoken::DecodingKey,
+    validation: &jsonwebtoken::Validation,
+    query: Option<&str>,
+) -> Option<SocketAddr> {
+    let token = query?.split('&').find_map(|kv| kv.strip_prefix("token="))?;
+    let claims =
+        jsonwebtoken::decode::<porthole::token::ConsoleClaims>(token, key, validation).ok()?;
+    format!(
+        "{}:{}",
+        claims.claims.console.host, claims.claims.console.port
+    )
+    .parse()
+    .ok()
+}
+
+/// The reference relay: default tokio-tungstenite, two copy loops, 64 KiB
+/// buffer; its socket options and token check as `kind` says.
+// The upgrade callback's error type is tungstenite's (an HTTP response).
+#[allow(clippy::result_large_err)]
+async fn relay(
+    listen: SocketAddr,
+    backend: SocketAddr,
+    kind: RelayKind,
+    key: Option<jsonwebtoken::DecodingKey>,
+) {
     let listener = TcpListener::bind(listen).await.expect("relay bind");
+    let check = key.map(|key| {
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        v.leeway = 0;
+        v.validate_nbf = true;
+        v.set_audience(&["porthole"]);
+        v.set_issuer(&["porthole"]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        Arc::new((key, v))
+    });
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
+        let check = check.clone();
         tokio::spawn(async move {
-            let ws = tokio_tungstenite::accept_async(tcp).await.ok()?;
+            if kind != RelayKind::Plain {
+                let _ = tcp.set_nodelay(true);
+                let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(PORTHOLE_NOTSENT_LOWAT);
+            }
+            let (ws, backend) = match check {
+                None => (tokio_tungstenite::accept_async(tcp).await.ok()?, backend),
+                Some(check) => {
+                    let mut far = None;
+                    let ws = tokio_tungstenite::accept_hdr_async(
+                        tcp,
+                        |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                         resp| {
+                            far = relay_verify(&check.0, &check.1, req.uri().query());
+                            if far.is_some() {
+                                Ok(resp)
+                            } else {
+                                let mut refused = tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(None);
+                                *refused.status_mut() =
+                                    tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED;
+                                Err(refused)
+                            }
+                        },
+                    )
+                    .await
+                    .ok()?;
+                    (ws, far?)
+                }
+            };
             let upstream = TcpStream::connect(backend).await.ok()?;
+            if kind != RelayKind::Plain {
+                let _ = upstream.set_nodelay(true);
+            }
             let (mut rd, mut wr) = upstream.into_split();
             let (mut sink, mut stream) = ws.split();
             let up = async {
@@ -191,7 +310,7 @@ async fn relay(listen: SocketAddr, backend: SocketAddr) {
 
 // ---------------------------------------------------------------- clients
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Target {
     Direct,
     Porthole,
@@ -203,6 +322,10 @@ enum Target {
     /// over TLS, the byte splice): idle memory only.
     PortholeNative,
     Relay,
+    /// The relay with Porthole's socket options.
+    RelayOpts,
+    /// The relay with Porthole's socket options and token check.
+    RelayJwt,
     Websockify,
 }
 
@@ -215,7 +338,19 @@ impl Target {
             Target::PortholeRecording => "porthole recording",
             Target::PortholeNative => "porthole vnc-direct",
             Target::Relay => "relay",
+            Target::RelayOpts => "relay+opts",
+            Target::RelayJwt => "relay+jwt",
             Target::Websockify => "websockify",
+        }
+    }
+
+    /// Which relay it is, if it is one.
+    fn relay(self) -> Option<RelayKind> {
+        match self {
+            Target::Relay => Some(RelayKind::Plain),
+            Target::RelayOpts => Some(RelayKind::Opts),
+            Target::RelayJwt => Some(RelayKind::Jwt),
+            _ => None,
         }
     }
 
@@ -327,7 +462,8 @@ struct Setup {
     far: SocketAddr,
     porthole: SocketAddr,
     dir: PathBuf,
-    relay: SocketAddr,
+    /// Every relay variant's address.
+    relays: std::collections::HashMap<Target, SocketAddr>,
     websockify: Option<SocketAddr>,
     tokens: std::sync::Mutex<Vec<String>>,
     signer: porthole::token::signing::Signer,
@@ -400,14 +536,21 @@ impl Setup {
             Target::PortholeRecording => {
                 format!("ws://{}/vnc?token={}", self.recorded.public, self.token())
             }
-            Target::Relay => format!("ws://{}/", at.unwrap_or(self.relay)),
+            Target::Relay | Target::RelayOpts => {
+                format!("ws://{}/", at.unwrap_or(self.relays[&target]))
+            }
+            Target::RelayJwt => format!(
+                "ws://{}/vnc?token={}",
+                at.unwrap_or(self.relays[&target]),
+                self.token()
+            ),
             Target::Websockify => format!(
                 "ws://{}/",
                 at.or(self.websockify).ok_or(std::io::ErrorKind::NotFound)?
             ),
         };
-        // As noVNC's and spice-html5's browsers do; the untuned relay answers no subprotocol.
-        ws_connect(url, read_buffer, target != Target::Relay).await
+        // As noVNC's and spice-html5's browsers do; the relays answer no subprotocol.
+        ws_connect(url, read_buffer, target.relay().is_none()).await
     }
 
     /// Connects and runs the RFB client handshake; then asks for `mode`.
@@ -614,6 +757,35 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
+/// CPU seconds (user + system) used so far by everything on this machine
+/// that takes part in a measurement but the proxy: this process (the
+/// clients and the far side are its threads; its children, the proxies,
+/// are not counted) and the kernel's `ksoftirqd` threads, which take over
+/// part of the loopback receive path when a core is saturated. With the
+/// proxy's own, the machine's cost of the bytes moved.
+fn outside_proxy_cpu_seconds() -> f64 {
+    static SOFTIRQ: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let softirq = SOFTIRQ.get_or_init(|| {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+            })
+            .collect()
+    });
+    let own = std::process::id();
+    let ticks: u64 = std::iter::once(own)
+        .chain(softirq.iter().copied())
+        .filter_map(stat_fields)
+        .map(|f| f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0))
+        .sum();
+    ticks as f64 / 100.0
+}
+
 /// Resident memory of a process and its children.
 fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let total = process_tree(pid?)
@@ -634,7 +806,11 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
 
 struct Throughput {
     mb_per_s: f64,
+    /// The proxy's own CPU per GB (none for direct).
     cpu_s_per_gb: Option<f64>,
+    /// The machine's: the proxy's, the client's and the far side's
+    /// ([`outside_proxy_cpu_seconds`]).
+    total_s_per_gb: f64,
 }
 
 async fn throughput(
@@ -656,6 +832,7 @@ async fn throughput(
     let sent = Arc::new(AtomicU64::new(0));
     let sunk_before = s.sunk.load(Relaxed);
     let cpu_before = cpu_seconds(s.pid(target));
+    let outside_before = outside_proxy_cpu_seconds();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -705,6 +882,7 @@ async fn throughput(
     let cpu = cpu_seconds(s.pid(target))
         .zip(cpu_before)
         .map(|(a, b)| a - b);
+    let total = cpu.unwrap_or(0.0) + outside_proxy_cpu_seconds() - outside_before;
     if target == Target::PortholeRecording {
         // After the measurement: its sessions' ends, their recordings
         // finished (flushed and synced), tallied and removed.
@@ -713,6 +891,7 @@ async fn throughput(
     Ok(Throughput {
         mb_per_s: bytes as f64 / elapsed / 1e6,
         cpu_s_per_gb: cpu.map(|c| c / (bytes as f64 / 1e9)),
+        total_s_per_gb: total / (bytes as f64 / 1e9),
     })
 }
 
@@ -731,8 +910,23 @@ async fn latency(s: &Arc<Setup>, target: Target, rounds: usize) -> std::io::Resu
     Ok((p(0.5), p(0.99)))
 }
 
-async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: f64) -> f64 {
+/// One session-rate sample.
+struct Rate {
+    per_s: f64,
+    /// The proxy's CPU per session opened, µs (none for direct).
+    proxy_us: Option<f64>,
+    /// The machine's (proxy, clients, far side; [`outside_proxy_cpu_seconds`]).
+    total_us: f64,
+}
+
+/// Sessions opened per second by `concurrency` openers for `secs`, and the
+/// CPU they cost: everything used from the start until 100 ms after the
+/// last opener stopped (the last sessions' closes included), over the
+/// sessions opened.
+async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: f64) -> Rate {
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds(s.pid(target));
+    let outside_before = outside_proxy_cpu_seconds();
     // Every attempt must open: a refused or broken session would otherwise
     // only lower the rate, silently.
     let failed = Arc::new(std::sync::Mutex::new((0u64, None::<std::io::Error>)));
@@ -772,7 +966,17 @@ async fn session_rate(s: &Arc<Setup>, target: Target, concurrency: usize, secs: 
             first.map_or_else(String::new, |e| e.to_string())
         );
     }
-    done.load(Relaxed) as f64 / secs
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cpu = cpu_seconds(s.pid(target))
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    let total = cpu.unwrap_or(0.0) + outside_proxy_cpu_seconds() - outside_before;
+    let opened = done.load(Relaxed) as f64;
+    Rate {
+        per_s: opened / secs,
+        proxy_us: cpu.map(|c| c * 1e6 / opened),
+        total_us: total * 1e6 / opened,
+    }
 }
 
 /// What each session carried before it went idle, in a memory measurement.
@@ -847,21 +1051,14 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
                 child,
             })
         }
-        Target::Relay => {
+        Target::Relay | Target::RelayOpts | Target::RelayJwt => {
             let addr = free_addr();
-            let child = Command::new(std::env::current_exe().unwrap())
-                .args(["--relay", &addr.to_string(), &s.far.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start the relay");
-            let fresh = Fresh {
+            let child = start_relay(&s.dir, target.relay()?, addr, s.far);
+            Some(Fresh {
                 addr,
                 vnc: None,
                 child,
-            };
-            wait_for_port(addr);
-            Some(fresh)
+            })
         }
         Target::Websockify => {
             s.websockify?;
@@ -1119,15 +1316,13 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         start_porthole(dir, "recording", recorded.public),
     ));
 
-    let relay_addr = free_addr();
-    let relay = Command::new(std::env::current_exe().unwrap())
-        .args(["--relay", &relay_addr.to_string(), &far.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the relay");
-    processes.0.push((Target::Relay, relay));
-    wait_for_port(relay_addr);
+    let mut relays = std::collections::HashMap::new();
+    for target in [Target::Relay, Target::RelayOpts, Target::RelayJwt] {
+        let addr = free_addr();
+        let child = start_relay(dir, target.relay().unwrap(), addr, far);
+        processes.0.push((target, child));
+        relays.insert(target, addr);
+    }
 
     let websockify_addr = free_addr();
     let websockify = match Command::new("websockify")
@@ -1152,7 +1347,7 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         far,
         porthole: porthole_addr,
         dir: dir.to_path_buf(),
-        relay: relay_addr,
+        relays,
         websockify,
         tokens: std::sync::Mutex::new(pool),
         signer,
@@ -1163,6 +1358,20 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     }
 }
 
+/// This binary re-executed as a relay of `kind` on `addr` in front of
+/// `far`; returns once it listens.
+fn start_relay(dir: &std::path::Path, kind: RelayKind, addr: SocketAddr, far: SocketAddr) -> Child {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--relay", &addr.to_string(), &far.to_string()])
+        .args(kind.args(dir))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the relay");
+    wait_for_port(addr);
+    child
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -1171,8 +1380,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--relay") {
+        let (kind, key) = RelayKind::from_args(&args[4..]);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(relay(args[2].parse().unwrap(), args[3].parse().unwrap()));
+        rt.block_on(relay(
+            args[2].parse().unwrap(),
+            args[3].parse().unwrap(),
+            kind,
+            key,
+        ));
         return;
     }
     // `cargo bench` passes --bench; `cargo test` does not: then only a smoke pass.
@@ -1195,11 +1410,12 @@ async fn run(full: bool, only: Option<&str>) {
         setup(
             dir.path(),
             // Enough tokens that no timed run waits for one to be minted:
-            // the idle-memory table alone opens 30,000 Porthole sessions.
+            // the idle-memory table alone opens 30,000 Porthole sessions,
+            // the session rate about 50,000 each for Porthole and relay+jwt.
             match (full, only) {
-                (true, None) => 70_000,
+                (true, None) => 140_000,
                 (true, Some("idle")) => 30_000,
-                (true, Some("proxies")) => 40_000,
+                (true, Some("proxies")) => 110_000,
                 _ => 500,
             },
         )
@@ -1240,7 +1456,7 @@ async fn view_only_compare(s: &Arc<Setup>, full: bool) {
     let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
     let targets = [Target::Porthole, Target::PortholeViewOnly, Target::Relay];
     println!(
-        "\n## view-only beside full sessions (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved"
+        "\n## view-only beside full sessions (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
     );
     println!(
         "| direction | clients | frame | {} |",
@@ -1262,9 +1478,12 @@ async fn view_only_compare(s: &Arc<Setup>, full: bool) {
     throughput_rows(s, &targets, grid, secs, repeats).await;
 }
 
+/// What a throughput cell's two CPU figures are.
+const CPU_PAIR: &str = "proxy / machine (proxy + client + far side)";
+
 /// One table row per (direction, clients, frame) of `grid`: each target's
-/// median MB/s and proxy CPU s/GB over `repeats` runs, the order rotated
-/// each round (this machine is noisy).
+/// median MB/s, proxy CPU s/GB and machine CPU s/GB over `repeats` runs,
+/// the order rotated each round (this machine is noisy).
 async fn throughput_rows(
     s: &Arc<Setup>,
     targets: &[Target],
@@ -1273,12 +1492,12 @@ async fn throughput_rows(
     repeats: usize,
 ) {
     for (down, clients, frame) in grid {
-        let mut results: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); targets.len()];
+        let mut results: Vec<Vec<(f64, Option<f64>, f64)>> = vec![Vec::new(); targets.len()];
         for r in 0..repeats {
             for k in 0..targets.len() {
                 let i = (k + r) % targets.len();
                 match throughput(s, targets[i], down, clients, frame, secs).await {
-                    Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb)),
+                    Ok(t) => results[i].push((t.mb_per_s, t.cpu_s_per_gb, t.total_s_per_gb)),
                     Err(e) => panic!("{} throughput failed: {e}", targets[i].name()),
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1289,10 +1508,11 @@ async fn throughput_rows(
             .map(|r| {
                 let mb = median(r.iter().map(|x| x.0).collect());
                 let cpu: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
+                let total = median(r.iter().map(|x| x.2).collect());
                 if cpu.is_empty() {
-                    format!("{mb:.0}")
+                    format!("{mb:.0} (- / {total:.2})")
                 } else {
-                    format!("{mb:.0} ({:.2})", median(cpu))
+                    format!("{mb:.0} ({:.2} / {total:.2})", median(cpu))
                 }
             })
             .collect();
@@ -1359,17 +1579,27 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
     } else {
         (0.3, 1, vec![20], 0.3)
     };
-    let mut targets = vec![Target::Direct, Target::Porthole, Target::Relay];
+    let mut targets = vec![
+        Target::Direct,
+        Target::Porthole,
+        Target::Relay,
+        Target::RelayOpts,
+    ];
     if s.websockify.is_some() {
         targets.push(Target::Websockify);
     }
     if idle {
-        let mut idle_targets = targets.clone();
+        // Socket options change no user-space buffer: the plain relay only.
+        let mut idle_targets: Vec<Target> = targets
+            .iter()
+            .copied()
+            .filter(|t| *t != Target::RelayOpts)
+            .collect();
         idle_targets.insert(2, Target::PortholeNative);
         idle_memory_table(s, &idle_targets, &idle_counts).await;
     }
 
-    println!("\n## throughput (MB/s; proxy CPU s/GB), median of {repeats}, runs interleaved");
+    println!("\n## throughput (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved");
     println!(
         "| direction | clients | frame | {} |",
         targets
@@ -1401,12 +1631,41 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         println!("- {}: {p50:.0} / {p99:.0}", t.name());
     }
 
-    println!("\n## new sessions per second (16 concurrent; Porthole checks an Ed25519 token each)");
-    for &t in &targets {
+    println!(
+        "\n## new sessions per second (16 concurrent; Porthole and relay+jwt check an Ed25519 token each; \
+         median of {repeats} samples of {rate_secs} s, interleaved; CPU µs per open: proxy / machine)"
+    );
+    // relay+jwt: the like-for-like reference for opens (a token checked).
+    let mut rate_targets = targets.clone();
+    rate_targets.insert(
+        rate_targets
+            .iter()
+            .position(|t| *t == Target::RelayOpts)
+            .unwrap()
+            + 1,
+        Target::RelayJwt,
+    );
+    let mut rates: Vec<Vec<Rate>> = rate_targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repeats {
+        for (i, &t) in rate_targets.iter().enumerate() {
+            rates[i].push(session_rate(s, t, 16, rate_secs).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for (&t, r) in rate_targets.iter().zip(rates) {
+        let per_s = median(r.iter().map(|x| x.per_s).collect());
+        let proxy: Vec<f64> = r.iter().filter_map(|x| x.proxy_us).collect();
+        let proxy = if proxy.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0}", median(proxy))
+        };
+        let total = median(r.iter().map(|x| x.total_us).collect());
+        let samples: Vec<String> = r.iter().map(|x| format!("{:.0}", x.per_s)).collect();
         println!(
-            "- {}: {:.0}",
+            "- {}: {per_s:.0}/s ({proxy} / {total:.0} µs; samples {})",
             t.name(),
-            session_rate(s, t, 16, rate_secs).await
+            samples.join(", ")
         );
     }
 }

@@ -5,16 +5,24 @@
 //!
 //! The far side is a minimal SPICE server written here: it answers links
 //! with its own RSA-1024 key, decrypts the ticket (as spice-server does),
-//! sends INIT on the main channel and floods on the display channel. The
-//! client links over TLS to Porthole's SPICE listener with tickets fetched
-//! beforehand, or straight to the far side (plain TCP: the cheapest possible
-//! path, a bound, not a peer).
+//! sends INIT on the main channel and floods on the display channel (or,
+//! for the memory table, sends a first screen and goes quiet). The client
+//! links over TLS to Porthole's SPICE listener with tickets fetched
+//! beforehand, or straight to the far side: over TLS to a far side that
+//! speaks TLS itself (a hypervisor's TLS port: the like-for-like line), and
+//! over plain TCP (the cheapest possible path, a bound, not a peer).
 //!
 //! Measured:
 //! - links per second (main channel: TLS + link + RSA ticket both legs) through
 //!   Porthole, against the far side directly, and what generating a key per
 //!   link (spice-server's way) would cap a core at;
-//! - display-channel throughput through Porthole against direct.
+//! - display-channel throughput through Porthole against direct;
+//! - resident memory per idle channel of SPICE sessions (main, display,
+//!   inputs and cursor each) through Porthole, fresh or after a first screen,
+//!   on a Porthole started for each measurement.
+//!
+//! `cargo bench --bench spice -- memory` runs only the memory table,
+//! `-- compare` only the links and throughput.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -47,46 +55,105 @@ async fn read_link_mess<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Link
     }
 }
 
-async fn far_side(listener: TcpListener, key: Arc<rsa::RsaPrivateKey>) {
+/// What the far side's channels do after the link (besides main's INIT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Every other channel floods 64 KiB blocks.
+    Flood,
+    /// The display channel sends this many bytes of messages (a first
+    /// screen, in pieces of [`SCREEN_PIECES`]); every channel then idles.
+    Screen(usize),
+}
+
+/// A first screen: a real SPICE console's is about a megabyte.
+const FIRST_SCREEN: usize = 1 << 20;
+
+/// The message sizes (mini header included) a first screen is written in,
+/// in turn, as in the load tool's VNC memory table.
+const SCREEN_PIECES: [usize; 4] = [64 * 1024, 16 * 1024, 4 * 1024, 1024];
+
+/// `SPICE_MSG_DISPLAY_DRAW_COPY`: what a first screen is mostly made of.
+const DRAW_COPY: u16 = 304;
+
+/// One far-side channel, on plain TCP or TLS.
+async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    key: Arc<rsa::RsaPrivateKey>,
+    der: [u8; 162],
+    mode: Mode,
+) -> std::io::Result<()> {
+    let mess = read_link_mess(&mut s).await?;
+    let reply = LinkReply {
+        error: 0,
+        public_key: der,
+        caps: offered_caps(mess.channel_type),
+    };
+    s.write_all(&reply.encode()).await?;
+    s.flush().await?;
+    let mut auth = [0u8; 132];
+    s.read_exact(&mut auth).await?;
+    let ct: [u8; 128] = auth[4..].try_into().unwrap();
+    let ok = decrypt_ticket(&key, &ct).is_ok();
+    s.write_all(&(if ok { 0u32 } else { 7 }).to_le_bytes())
+        .await?;
+    s.flush().await?;
+    let mut sink = [0u8; 1024];
+    match (mess.channel_type, mode) {
+        (channel::MAIN, _) => {
+            // INIT, mini header: type 103, 32 bytes, session id first.
+            let mut init = vec![103, 0, 32, 0, 0, 0];
+            init.extend_from_slice(&SESSION_ID.to_le_bytes());
+            init.extend_from_slice(&[0; 28]);
+            s.write_all(&init).await?;
+            s.flush().await?;
+        }
+        (_, Mode::Flood) => {
+            let block = vec![0x5a; 64 * 1024];
+            loop {
+                s.write_all(&block).await?;
+            }
+        }
+        (channel::DISPLAY, Mode::Screen(total)) => {
+            let mut sent = 0;
+            for piece in SCREEN_PIECES.into_iter().cycle() {
+                if sent >= total {
+                    break;
+                }
+                let n = piece.min(total - sent);
+                let mut m = Vec::with_capacity(n);
+                m.extend_from_slice(&DRAW_COPY.to_le_bytes());
+                m.extend_from_slice(&((n - 6) as u32).to_le_bytes());
+                m.resize(n, 0x5a);
+                s.write_all(&m).await?;
+                sent += n;
+            }
+            s.flush().await?;
+        }
+        (_, Mode::Screen(_)) => {}
+    }
+    while s.read(&mut sink).await? > 0 {}
+    Ok(())
+}
+
+/// The far side on plain TCP, or over TLS with `tls`.
+async fn far_side(
+    listener: TcpListener,
+    key: Arc<rsa::RsaPrivateKey>,
+    mode: Mode,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let der = public_key_der(&key.to_public_key()).unwrap();
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
+        let Ok((s, _)) = listener.accept().await else {
             continue;
         };
-        let key = key.clone();
+        let (key, tls) = (key.clone(), tls.clone());
         tokio::spawn(async move {
             let _ = s.set_nodelay(true);
-            let mess = read_link_mess(&mut s).await?;
-            let reply = LinkReply {
-                error: 0,
-                public_key: der,
-                caps: offered_caps(mess.channel_type),
-            };
-            s.write_all(&reply.encode()).await?;
-            let mut auth = [0u8; 132];
-            s.read_exact(&mut auth).await?;
-            let ct: [u8; 128] = auth[4..].try_into().unwrap();
-            let ok = decrypt_ticket(&key, &ct).is_ok();
-            s.write_all(&(if ok { 0u32 } else { 7 }).to_le_bytes())
-                .await?;
-            match mess.channel_type {
-                channel::MAIN => {
-                    // INIT, mini header: type 103, 32 bytes, session id first.
-                    let mut init = vec![103, 0, 32, 0, 0, 0];
-                    init.extend_from_slice(&SESSION_ID.to_le_bytes());
-                    init.extend_from_slice(&[0; 28]);
-                    s.write_all(&init).await?;
-                    let mut sink = [0u8; 1024];
-                    while s.read(&mut sink).await? > 0 {}
-                }
-                _ => {
-                    let block = vec![0x5a; 64 * 1024];
-                    loop {
-                        s.write_all(&block).await?;
-                    }
-                }
+            match tls {
+                None => serve_link(s, key, der, mode).await,
+                Some(tls) => serve_link(tls.accept(s).await?, key, der, mode).await,
             }
-            Ok::<_, std::io::Error>(())
         });
     }
 }
@@ -231,11 +298,13 @@ fn wait_for_port(addr: SocketAddr) {
 }
 
 struct Porthole {
-    _process: Killed,
+    process: Killed,
     public: SocketAddr,
     spice: Target,
     signer: porthole::token::signing::Signer,
     far_port: u16,
+    /// Porthole's certificate and key, for a far side that speaks TLS.
+    server_tls: Arc<rustls::ServerConfig>,
 }
 
 fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
@@ -253,6 +322,17 @@ fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
         .unwrap();
     std::fs::write(dir.join("spice.pem"), server.pem()).unwrap();
     std::fs::write(dir.join("spice.key"), server_key.serialize_pem()).unwrap();
+    let server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![server.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+    )
+    .unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -275,9 +355,10 @@ fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
     std::fs::write(
         dir.join("porthole.toml"),
         format!(
-            "[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\n\n[tokens]\nstore_capacity = 1000000\n\n\
+            "[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\n\
+             max_pending_connections = 100000\nmax_pending_per_address = 100000\n\n[tokens]\nstore_capacity = 1000000\n\n\
              [[tokens.keys]]\nkid = \"b\"\nalgorithm = \"EdDSA\"\npublic_key = \"{}\"\n\n\
-             [websocket]\nmax_sessions = 100000\n\n\
+             [websocket]\nmax_sessions = 100000\nmax_sessions_per_client = 100000\n\n\
              [spice]\nlisten_tls = \"{spice}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n\
              [[backends]]\nnetworks = [\"127.0.0.0/8\"]\nports = [\"1024-65535\"]\n",
             dir.join("b.pub.pem").display(),
@@ -302,7 +383,7 @@ fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
     wait_for_port(public);
     wait_for_port(spice);
     Porthole {
-        _process: process,
+        process,
         public,
         spice: Target {
             addr: spice,
@@ -310,12 +391,18 @@ fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
         },
         signer,
         far_port,
+        server_tls: Arc::new(server_tls),
     }
 }
 
 impl Porthole {
     /// Tickets from the exchange (HTTP), fetched before anything is timed.
     async fn tickets(&self, n: usize) -> Vec<String> {
+        self.tickets_to(self.far_port, n).await
+    }
+
+    /// [`Porthole::tickets`] for the far side on `port`.
+    async fn tickets_to(&self, port: u16, n: usize) -> Vec<String> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let req = porthole::token::signing::MintRequest {
@@ -325,7 +412,7 @@ impl Porthole {
                 console: porthole::token::claims::ConsoleClaim {
                     kind: porthole::token::ConsoleType::SpiceDirect,
                     host: "127.0.0.1".into(),
-                    port: self.far_port,
+                    port,
                     tls_port: None,
                     view_only: false,
                     record: false,
@@ -356,21 +443,142 @@ impl Porthole {
     }
 }
 
-fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    tokio::runtime::Runtime::new().unwrap().block_on(run(full));
+// ---------------------------------------------------------------- idle memory
+
+/// The channels of a SPICE session in the memory table, as remote-viewer
+/// opens them for a plain VM (main first; the others join its session).
+const SESSION_CHANNELS: [u8; 4] = [
+    channel::MAIN,
+    channel::DISPLAY,
+    channel::INPUTS,
+    channel::CURSOR,
+];
+
+/// Resident memory of `pid` (KiB).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
 }
 
-async fn run(full: bool) {
+/// On a Porthole started for this measurement, opens `sessions` SPICE
+/// sessions one after another (every channel of [`SESSION_CHANNELS`]),
+/// each reading `screen` bytes on its display channel before the next
+/// opens, against the far side on `far_port`; returns the resident memory
+/// they added per channel once all are idle (KiB).
+async fn idle_memory(dir: &Path, far_port: u16, sessions: usize, screen: usize) -> f64 {
+    let p = start_porthole(dir, far_port);
+    let tickets = p.tickets(sessions).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = p.process.0.id();
+    let before = rss_kib(pid);
+    let mut held = Vec::with_capacity(sessions * SESSION_CHANNELS.len());
+    let mut buf = vec![0u8; 64 * 1024];
+    for ticket in &tickets {
+        let mut main = link(&p.spice, channel::MAIN, 0, ticket).await;
+        let session = read_init(&mut main).await;
+        held.push(main);
+        for kind in &SESSION_CHANNELS[1..] {
+            let mut c = link(&p.spice, *kind, session, ticket).await;
+            if *kind == channel::DISPLAY {
+                let mut got = 0;
+                while got < screen {
+                    let n = c.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the display channel closed during its first screen");
+                    got += n;
+                }
+            }
+            held.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    assert_eq!(held.len(), sessions * SESSION_CHANNELS.len());
+    drop(held);
+    after.saturating_sub(before) as f64 / (sessions * SESSION_CHANNELS.len()) as f64
+}
+
+/// The memory table: per channel, fresh and after a first screen.
+async fn memory_table(dir: &Path, key: &Arc<rsa::RsaPrivateKey>, counts: &[usize]) {
+    let mut far = Vec::new();
+    for total in [0, FIRST_SCREEN] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        far.push(listener.local_addr().unwrap().port());
+        tokio::spawn(far_side(listener, key.clone(), Mode::Screen(total), None));
+    }
+    println!(
+        "\n## resident memory per idle SPICE channel through Porthole (KiB; RSS of a fresh Porthole, \
+         sessions of {} channels (main, display, inputs, cursor) opened one after another)",
+        SESSION_CHANNELS.len()
+    );
+    println!("| sessions | channels | fresh | after 1 MiB down on display |");
+    println!("|---|---|---|---|");
+    for &n in counts {
+        let mut cells = Vec::new();
+        for (port, screen) in far.iter().zip([0, FIRST_SCREEN]) {
+            cells.push(format!("{:.1}", idle_memory(dir, *port, n, screen).await));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        println!(
+            "| {n} | {} | {} |",
+            n * SESSION_CHANNELS.len(),
+            cells.join(" | ")
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench");
+    // `cargo bench --bench spice -- memory` (or `-- compare`): that part only.
+    let only = args
+        .iter()
+        .skip(1)
+        .find_map(|a| ["memory", "compare"].into_iter().find(|p| a == p));
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(run(full, only));
+}
+
+async fn run(full: bool, only: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let far_key = Arc::new(porthole::session::link_keys::LinkKey::generate().private);
+    if only.is_none_or(|p| p == "compare") {
+        compare(dir.path(), &far_key, full).await;
+    }
+    if only.is_none_or(|p| p == "memory") {
+        let counts: &[usize] = if full { &[250, 1000] } else { &[3] };
+        memory_table(dir.path(), &far_key, counts).await;
+    }
+}
+
+/// Links per second and display throughput: Porthole, direct over TLS,
+/// direct over plain TCP.
+async fn compare(dir: &Path, far_key: &Arc<rsa::RsaPrivateKey>, full: bool) {
     let far_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let far = far_listener.local_addr().unwrap();
-    tokio::spawn(far_side(far_listener, far_key));
-    let p = start_porthole(dir.path(), far.port());
+    tokio::spawn(far_side(far_listener, far_key.clone(), Mode::Flood, None));
+    let p = start_porthole(dir, far.port());
+    // The far side again, speaking TLS with Porthole's certificate (which
+    // the client trusts): a hypervisor's TLS port, no proxy.
+    let far_tls_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let far_tls = far_tls_listener.local_addr().unwrap();
+    tokio::spawn(far_side(
+        far_tls_listener,
+        far_key.clone(),
+        Mode::Flood,
+        Some(tokio_rustls::TlsAcceptor::from(p.server_tls.clone())),
+    ));
     let direct = Target {
         addr: far,
         tls: None,
+    };
+    let direct_tls = Target {
+        addr: far_tls,
+        tls: p.spice.tls.clone(),
     };
     let (secs, links, bytes) = if full {
         (3.0, 20_000, 2_000_000_000)
@@ -386,23 +594,30 @@ async fn run(full: bool) {
     }
     let keygen_per_sec = n as f64 / start.elapsed().as_secs_f64();
 
-    println!("SPICE (fake server; client over TLS to Porthole, plain TCP direct)");
+    println!(
+        "SPICE (fake server; client over TLS to Porthole; direct over TLS to a TLS far side, and over plain TCP)"
+    );
     println!("  key generation per link would cap a core at {keygen_per_sec:.0} links/s");
     for concurrency in [1, 8] {
         let tickets = Arc::new(std::sync::Mutex::new(p.tickets(links / 2).await));
         let through = link_rate(&p.spice, tickets, concurrency, secs).await;
         let fake = Arc::new(std::sync::Mutex::new(vec![String::new(); links]));
+        let tls = link_rate(&direct_tls, fake, concurrency, secs).await;
+        let fake = Arc::new(std::sync::Mutex::new(vec![String::new(); links]));
         let straight = link_rate(&direct, fake, concurrency, secs).await;
         println!(
-            "  main-channel links/s, {concurrency} at a time: porthole {through:.0}, direct {straight:.0} ({:.2}x)",
+            "  main-channel links/s, {concurrency} at a time: porthole {through:.0}, direct TLS {tls:.0} ({:.2}x), direct plain {straight:.0} ({:.2}x)",
+            through / tls,
             through / straight
         );
     }
     let ticket = p.tickets(1).await.remove(0);
     let through = throughput(&p.spice, &ticket, bytes).await;
+    let tls = throughput(&direct_tls, "", bytes).await;
     let straight = throughput(&direct, "", bytes).await;
     println!(
-        "  display channel MB/s: porthole (TLS to client, plain upstream) {through:.0}, direct plain {straight:.0} ({:.2}x)",
+        "  display channel MB/s: porthole (TLS to client, plain upstream) {through:.0}, direct TLS {tls:.0} ({:.2}x), direct plain {straight:.0} ({:.2}x)",
+        through / tls,
         through / straight
     );
 }

@@ -162,7 +162,7 @@ pub(super) async fn compare(s: &Arc<Setup>, full: bool) {
     let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
     let targets = [Target::Porthole, Target::PortholeRecording];
     println!(
-        "\n## recording off and on (MB/s; Porthole CPU s/GB), median of {repeats}, runs interleaved"
+        "\n## recording off and on (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
     );
     println!(
         "| direction | clients | frame | {} |",
