@@ -1394,11 +1394,20 @@ fn main() {
     let full = args.iter().any(|a| a == "--bench");
     // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`,
     // `-- recording`, `-- idle`; `-- proxies`: the comparison with direct
-    // TCP, the relay and websockify without the idle table): that part only.
+    // TCP, the relay and websockify without the idle table; `-- opens`: the
+    // session rate of Porthole and the relays alone): that part only.
     let only = args.iter().skip(1).find_map(|a| {
-        ["store", "nova", "view-only", "recording", "idle", "proxies"]
-            .into_iter()
-            .find(|p| a == p)
+        [
+            "store",
+            "nova",
+            "view-only",
+            "recording",
+            "idle",
+            "proxies",
+            "opens",
+        ]
+        .into_iter()
+        .find(|p| a == p)
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(run(full, only));
@@ -1416,6 +1425,7 @@ async fn run(full: bool, only: Option<&str>) {
                 (true, None) => 140_000,
                 (true, Some("idle")) => 30_000,
                 (true, Some("proxies")) => 110_000,
+                (true, Some("opens")) => 220_000,
                 _ => 500,
             },
         )
@@ -1424,6 +1434,13 @@ async fn run(full: bool, only: Option<&str>) {
     println!("# load tool ({})", if full { "full" } else { "smoke" });
     if only.is_none_or(|p| p == "proxies") {
         compare_proxies(&s, full, only.is_none()).await;
+    }
+    if only == Some("opens") {
+        // The session rate alone, five samples each: Porthole against the
+        // relays with its socket options, with and without its token check.
+        let targets = [Target::Porthole, Target::RelayOpts, Target::RelayJwt];
+        let (repeats, secs) = if full { (5, 3.0) } else { (1, 0.3) };
+        session_rate_table(&s, &targets, repeats, secs).await;
     }
     if only == Some("idle") {
         // Porthole and the relay only (websockify is in the full run).
@@ -1631,10 +1648,6 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         println!("- {}: {p50:.0} / {p99:.0}", t.name());
     }
 
-    println!(
-        "\n## new sessions per second (16 concurrent; Porthole and relay+jwt check an Ed25519 token each; \
-         median of {repeats} samples of {rate_secs} s, interleaved; CPU µs per open: proxy / machine)"
-    );
     // relay+jwt: the like-for-like reference for opens (a token checked).
     let mut rate_targets = targets.clone();
     rate_targets.insert(
@@ -1645,14 +1658,24 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
             + 1,
         Target::RelayJwt,
     );
-    let mut rates: Vec<Vec<Rate>> = rate_targets.iter().map(|_| Vec::new()).collect();
+    session_rate_table(s, &rate_targets, repeats, rate_secs).await;
+}
+
+/// New sessions per second for `targets`, `repeats` samples of `secs` each,
+/// interleaved, with the CPU each open cost.
+async fn session_rate_table(s: &Arc<Setup>, targets: &[Target], repeats: usize, secs: f64) {
+    println!(
+        "\n## new sessions per second (16 concurrent; Porthole and relay+jwt check an Ed25519 token each; \
+         median of {repeats} samples of {secs} s, interleaved; CPU µs per open: proxy / machine)"
+    );
+    let mut rates: Vec<Vec<Rate>> = targets.iter().map(|_| Vec::new()).collect();
     for _ in 0..repeats {
-        for (i, &t) in rate_targets.iter().enumerate() {
-            rates[i].push(session_rate(s, t, 16, rate_secs).await);
+        for (i, &t) in targets.iter().enumerate() {
+            rates[i].push(session_rate(s, t, 16, secs).await);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    for (&t, r) in rate_targets.iter().zip(rates) {
+    for (&t, r) in targets.iter().zip(rates) {
         let per_s = median(r.iter().map(|x| x.per_s).collect());
         let proxy: Vec<f64> = r.iter().filter_map(|x| x.proxy_us).collect();
         let proxy = if proxy.is_empty() {
