@@ -698,8 +698,8 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
             CancellationToken::new(),
         )
         .await;
-    assert_eq!(on_b.watchers_of("owner").await, Some(0));
-    assert_eq!(on_b.watchers_of("nobody").await, None);
+    assert_eq!(on_b.watchers_of("owner").await, Ok(Some(0)));
+    assert_eq!(on_b.watchers_of("nobody").await, Ok(None));
 
     // A shadow starts on node b: node a counts it, node b reads the count.
     on_b.watched(&live.id, 1).await;
@@ -710,19 +710,26 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     )
     .await;
     eventually("node b to read it", Duration::from_secs(10), || async {
-        on_b.watchers_of("owner").await == Some(1)
+        on_b.watchers_of("owner").await == Ok(Some(1))
     })
     .await;
-    assert_eq!(on_a.watchers_of("owner").await, Some(1));
+    assert_eq!(on_a.watchers_of("owner").await, Ok(Some(1)));
     on_b.watched(&live.id, -1).await;
     eventually(
         "the shadow's end to be read",
         Duration::from_secs(10),
-        || async { on_b.watchers_of("owner").await == Some(0) },
+        || async { on_b.watchers_of("owner").await == Ok(Some(0)) },
     )
     .await;
     on_a.deregister(&live).await;
-    assert_eq!(on_b.watchers_of("owner").await, None);
+    assert_eq!(on_b.watchers_of("owner").await, Ok(None));
+    // No store: a session elsewhere can be neither seen nor ruled out.
+    let mut server = server;
+    server.stop();
+    assert_eq!(
+        on_b.watchers_of("owner").await,
+        Err(porthole::session::registry::StoreUnanswered)
+    );
 }
 
 #[tokio::test]

@@ -31,6 +31,7 @@ use super::state::{ClientAddr, PublicState, TokenQuery, client_addr};
 use super::{spice, vnc, xterm};
 use crate::config::ListenConfig;
 use crate::console::ConsoleType;
+use crate::session::admission::WatchedUnknown;
 use crate::token::RefusalReason;
 
 /// The public router.
@@ -266,10 +267,14 @@ async fn watched(
     let body = match s.sessions.watched(token).await {
         Ok(Some(watched)) => serde_json::json!({ "told": true, "watched": watched }),
         Ok(None) => serde_json::json!({ "told": false }),
-        Err(()) => {
+        Err(WatchedUnknown::NotGenuine) => {
             let client = client_addr(peer, &headers, &s.listen);
             tracing::debug!(%client, "watched? asked with a token that is not genuine");
             return refuse(StatusCode::UNAUTHORIZED, "refused");
+        }
+        // Not "no": the page keeps what it showed and asks again.
+        Err(WatchedUnknown::StoreUnanswered) => {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
         }
     };
     (

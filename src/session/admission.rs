@@ -781,14 +781,19 @@ impl Sessions {
 
     /// Whether a shadow watches the session of `token` now, for its page
     /// (an expired token still names its session): `Ok(None)` when pages
-    /// are not told (`[sessions] tell_watched`), `Err` for a token that is
-    /// not genuine.
-    pub async fn watched(&self, token: &str) -> Result<Option<bool>, ()> {
-        let jti = self.resolver.holder(token).ok_or(())?;
+    /// are not told (`[sessions] tell_watched`).
+    pub async fn watched(&self, token: &str) -> Result<Option<bool>, WatchedUnknown> {
+        let jti = self
+            .resolver
+            .holder(token)
+            .ok_or(WatchedUnknown::NotGenuine)?;
         if !self.limits.tell_watched {
             return Ok(None);
         }
-        Ok(Some(self.registry.watchers_of(&jti).await.unwrap_or(0) > 0))
+        match self.registry.watchers_of(&jti).await {
+            Ok(n) => Ok(Some(n.unwrap_or(0) > 0)),
+            Err(_) => Err(WatchedUnknown::StoreUnanswered),
+        }
     }
 
     /// The recording of `grant`'s session `live`, if its backend network or
@@ -1007,4 +1012,13 @@ fn revoked(jti: &str) -> Refusal {
         detail: "token was revoked".into(),
         jti: Some(jti.to_string()),
     }
+}
+
+/// Why a page is not told whether it is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchedUnknown {
+    /// The token is not one this gateway issued or trusts.
+    NotGenuine,
+    /// The shared store did not answer: the page keeps what it showed.
+    StoreUnanswered,
 }

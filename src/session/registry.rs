@@ -94,6 +94,11 @@ async fn silence(
     }
 }
 
+/// The shared store did not answer (a page asking whether it is watched is
+/// told nothing rather than "no").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreUnanswered;
+
 /// Who ended a session, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Termination {
@@ -483,8 +488,12 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
     fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()>;
 
     /// How many shadows watch the sessions of token `jti`: `None` when no
-    /// session of it runs (that any node knows of).
-    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>>;
+    /// session of it runs (that any node knows of); `Err` when the shared
+    /// store could not say.
+    fn watchers_of<'a>(
+        &'a self,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u32>, StoreUnanswered>>;
 
     /// What serial session `id` reads from its console, from now on, for a
     /// shadow, wherever the session runs; `None` if it fans nothing out.
@@ -532,8 +541,11 @@ impl SessionRegistry for Registry {
         Box::pin(std::future::ready(()))
     }
 
-    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>> {
-        Box::pin(std::future::ready(Registry::watchers_of(self, jti)))
+    fn watchers_of<'a>(
+        &'a self,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u32>, StoreUnanswered>> {
+        Box::pin(std::future::ready(Ok(Registry::watchers_of(self, jti))))
     }
 
     fn output_of<'a>(

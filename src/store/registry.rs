@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Leasing, Redis};
 use crate::console::ConsoleType;
 use crate::session::registry::{
-    LiveSession, NewSession, Registry, Selector, SessionRegistry, SessionView, Termination,
+    LiveSession, NewSession, Registry, Selector, SessionRegistry, SessionView, StoreUnanswered,
+    Termination,
 };
 
 /// What travels on the command and event channels.
@@ -576,18 +577,28 @@ impl SessionRegistry for RedisRegistry {
         })
     }
 
-    fn watchers_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Option<u32>> {
+    fn watchers_of<'a>(
+        &'a self,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u32>, StoreUnanswered>> {
         Box::pin(async move {
             if let Some(n) = self.local.watchers_of(jti) {
-                return Some(n);
+                return Ok(Some(n));
             }
             let mut get = redis::cmd("GET");
             get.arg(self.redis.key(&["session-jti", jti]));
-            let id: String = self.redis.cmd::<Option<String>>(get).await.ok()??;
+            let Some(id) = self
+                .redis
+                .cmd::<Option<String>>(get)
+                .await
+                .map_err(|_| StoreUnanswered)?
+            else {
+                return Ok(None);
+            };
             let mut hget = redis::cmd("HGET");
             hget.arg(self.redis.key(&["session", &id])).arg("watchers");
-            let n: Option<String> = self.redis.cmd(hget).await.ok()?;
-            Some(n.and_then(|n| n.parse().ok()).unwrap_or(0))
+            let n: Option<String> = self.redis.cmd(hget).await.map_err(|_| StoreUnanswered)?;
+            Ok(Some(n.and_then(|n| n.parse().ok()).unwrap_or(0)))
         })
     }
 

@@ -5,6 +5,7 @@ that dies frees its tokens within the lease, and a Redis that goes away
 makes the nodes refuse (unavailable, /readyz 503), never admit, until it is
 back (empty), with no node restarted. The console is QEMU's VNC display."""
 
+import json
 import time
 
 import pytest
@@ -37,6 +38,11 @@ def until(what, check, within=15):
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
     return got
+
+
+def watched(p, token):
+    status, body = http("GET", f"http://127.0.0.1:{p.public_port}/watched?token={token}")
+    return status, (json.loads(body) if status == 200 else body)
 
 
 def readyz(p):
@@ -120,7 +126,8 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
     backend, other = EchoBackend(), EchoBackend()  # a serial console serves one client
     a = node(tmp_path, "node-a", redis)
     try:
-        live = connect(ws_url(a, "serial", a.mint("serial", backend.port)["token"]), open_timeout=10)
+        live_token = a.mint("serial", backend.port)["token"]
+        live = connect(ws_url(a, "serial", live_token), open_timeout=10)
         live.send(b"1")
         assert live.recv(timeout=10) == b"1"
         revoked = a.mint("serial", other.port)
@@ -130,6 +137,11 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
         until("/readyz says the node cannot admit", lambda: readyz(a) == 503)
         body = refused(ws_url(a, "serial", a.mint("serial", other.port)["token"]), 503)
         assert b"unavailable" in body, body
+        # A page asking whether it is watched: its session here is known;
+        # one that may run on another node is not answered "no" (503: the
+        # page keeps what it showed).
+        assert watched(a, live_token) == (200, {"told": True, "watched": False})
+        assert watched(a, a.mint("serial", other.port)["token"])[0] == 503
         # A running session goes on (documented: it is admitted already).
         live.send(b"2")
         assert live.recv(timeout=10) == b"2"
