@@ -1395,7 +1395,8 @@ fn main() {
     // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`,
     // `-- recording`, `-- idle`; `-- proxies`: the comparison with direct
     // TCP, the relay and websockify without the idle table; `-- opens`: the
-    // session rate of Porthole and the relays alone): that part only.
+    // session rate of Porthole and the relays alone; `-- bulk`: 64 KiB
+    // messages through Porthole and relay+opts alone): that part only.
     let only = args.iter().skip(1).find_map(|a| {
         [
             "store",
@@ -1405,6 +1406,7 @@ fn main() {
             "idle",
             "proxies",
             "opens",
+            "bulk",
         ]
         .into_iter()
         .find(|p| a == p)
@@ -1434,6 +1436,22 @@ async fn run(full: bool, only: Option<&str>) {
     println!("# load tool ({})", if full { "full" } else { "smoke" });
     if only.is_none_or(|p| p == "proxies") {
         compare_proxies(&s, full, only.is_none()).await;
+    }
+    if only == Some("bulk") {
+        // 64 KiB messages each way, one and 16 clients: where Porthole's own
+        // CPU per GB is furthest from the relay's (about a minute).
+        let targets = [Target::Porthole, Target::RelayOpts];
+        let grid = [true, false]
+            .into_iter()
+            .flat_map(|down| [1, 16].map(|clients| (down, clients, 64 * 1024)))
+            .collect();
+        let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
+        println!(
+            "\n## 64 KiB messages (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
+        );
+        println!("| direction | clients | frame | porthole | relay+opts |");
+        println!("|---|---|---|---|---|");
+        throughput_rows(&s, &targets, grid, secs, repeats).await;
     }
     if only == Some("opens") {
         // The session rate alone, five samples each: Porthole against the
