@@ -15,7 +15,10 @@
 //                                                   the browser's console), so the keys really leave
 //                                                   the client; "keyMessages" counts the KeyEvent and
 //                                                   QEMU extended key event messages the page sent.
-//   node browser.mjs until-ended URL [MAX_MS]    -> prints "CONNECTED" once the page is connected,
+//   node browser.mjs until-ended URL [MAX_MS] [SOCKETS]
+//                                                -> prints "CONNECTED" once the page is connected
+//                                                   (and, given SOCKETS, that many of its
+//                                                   WebSockets are open: SPICE's channels),
 //                                                   then waits (at most MAX_MS) for the session
 //                                                   to end; the page's status then
 // Every mode also returns "opened" (how many WebSockets the page opened) and "closes": each of
@@ -44,13 +47,14 @@ try {
   // (an init script runs outside the page's Content-Security-Policy).
   await page.addInitScript(() => {
     const Native = window.WebSocket;
-    const seen = { opened: 0, closes: [] };
+    const seen = { opened: 0, open: 0, closes: [] };
     Object.defineProperty(window, '__portholeSockets', { value: seen });
     // A plain function that returns the native socket: pages see a real
     // WebSocket (same prototype, same constants), only its close is noted.
     function Recorded(...args) {
       const ws = new Native(...args);
       const index = seen.opened++;
+      ws.addEventListener('open', () => { seen.open += 1; });
       ws.addEventListener('close', (e) => seen.closes.push({ index, url: ws.url, code: e.code,
                                                              reason: e.reason, clean: e.wasClean }));
       return ws;
@@ -200,6 +204,10 @@ try {
     result.received = await page.evaluate(() => window.porthole?.received?.() ?? 0);
   } else if (mode === 'until-ended') {
     await settle(0);
+    if (rest[1]) {
+      await page.waitForFunction((n) => window.__portholeSockets.open >= n, Number(rest[1]),
+        { timeout: 30000, polling: 100 }).catch(() => {});
+    }
     const state = await page.evaluate(() => document.getElementById('status')?.dataset.state);
     if (state === 'connected') {
       console.log('CONNECTED');
