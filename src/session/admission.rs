@@ -571,24 +571,28 @@ impl Sessions {
             }
             _ => {}
         }
-        let ttl = self.limits.ticket_ttl_secs;
-        let ticket = self
-            .tickets
-            .issue(grant.clone(), ttl, now)
-            .await
-            .map_err(|e| OpenError::Unavailable(format!("no ticket issued: {e}")))?;
+        let issued = self.ticket_for(grant, now).await?;
         crate::metrics::ticket_issued(grant.console.as_str());
         // Debug: one token may exchange thousands of times (the metric counts
         // them all); the session a ticket opens is logged at info.
         tracing::debug!(jti = %grant.jti, instance = %grant.instance, console = %grant.console, "ticket issued");
-        Ok((ticket, (now + ttl).min(grant.expires_at)))
+        Ok(issued)
     }
 
     /// A ticket that plays a SPICE recording to a native client (`grant`
     /// is a playback's: [`crate::token::TokenValidator::playback_grant`]);
     /// it opens no session and reaches no hypervisor.
     pub async fn playback_ticket(&self, grant: &Grant) -> Result<(Secret<String>, u64), OpenError> {
-        let now = unix_now();
+        self.ticket_for(grant, unix_now()).await
+    }
+
+    /// A ticket for `grant` from the ticket store, and when it expires: the
+    /// ticket lifetime, or the grant's end if sooner.
+    async fn ticket_for(
+        &self,
+        grant: &Grant,
+        now: u64,
+    ) -> Result<(Secret<String>, u64), OpenError> {
         let ttl = self.limits.ticket_ttl_secs;
         let ticket = self
             .tickets

@@ -302,10 +302,10 @@ where
         while let Some(msg) = next.take() {
             match msg {
                 Ok(Message::Binary(data)) if data.is_empty() => {
-                    bypassed.take_message(|payload| {
+                    if let Some(payload) = bypassed.take_message() {
                         meter.moved_up(payload.len());
                         batch.push(payload);
-                    });
+                    }
                 }
                 Ok(Message::Binary(data)) => {
                     meter.moved_up(data.len());

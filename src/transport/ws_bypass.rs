@@ -142,18 +142,15 @@ impl Bypassed {
         self.lock().started = true;
     }
 
-    /// Hands `each` the payload of the next message whose stand-in
-    /// tungstenite yielded (as an empty binary message), unless it is empty.
-    pub fn take_message(&self, mut each: impl FnMut(Bytes)) {
+    /// The payload of the next message whose stand-in tungstenite yielded
+    /// (as an empty binary message), unless it is empty.
+    pub fn take_message(&self) -> Option<Bytes> {
         let mut shared = self.lock();
         let message = shared.inbound.pop_front();
         if shared.inbound.is_empty() {
             shared.inbound = VecDeque::new();
         }
-        drop(shared);
-        if let Some(payload) = message.filter(|p| !p.is_empty()) {
-            each(payload);
-        }
+        message.filter(|p| !p.is_empty())
     }
 
     /// Queues `payload` as one binary message to the client. It is written
@@ -197,11 +194,7 @@ impl Bypassed {
     /// Adds `piece` to the message being received; `last` ends it.
     fn push_inbound(&self, piece: BytesMut, last: bool) {
         let mut shared = self.lock();
-        if shared.receiving.is_empty() {
-            shared.receiving = piece;
-        } else {
-            shared.receiving.unsplit(piece);
-        }
+        shared.receiving.unsplit(piece);
         if last {
             let whole = std::mem::take(&mut shared.receiving).freeze();
             shared.inbound.push_back(whole);
@@ -788,11 +781,8 @@ mod tests {
     fn message(m: Message, shared: Option<&Bypassed>) -> Seen {
         match m {
             Message::Binary(b) if b.is_empty() && shared.is_some() => {
-                let mut whole = Vec::new();
-                shared
-                    .unwrap()
-                    .take_message(|p| whole.extend_from_slice(&p));
-                Seen::Binary(whole)
+                let whole = shared.unwrap().take_message().unwrap_or_default();
+                Seen::Binary(whole.to_vec())
             }
             Message::Binary(b) => Seen::Binary(b.to_vec()),
             Message::Text(t) => Seen::Text(t.to_string()),
@@ -953,13 +943,30 @@ mod tests {
         assert_eq!(got, expected);
     }
 
+    /// A server socket through a bypass over a pipe: the client's end,
+    /// tungstenite's side, and the queues the relay shares (started, as
+    /// the relay starts them, when `started`).
+    async fn server(
+        limits: Limits,
+        started: bool,
+    ) -> (
+        tokio::io::DuplexStream,
+        WebSocketStream<Bypass<tokio::io::DuplexStream>>,
+        Arc<Bypassed>,
+    ) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let io = Bypass::new(server, limits);
+        let shared = io.bypassed().clone();
+        if started {
+            shared.start();
+        }
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+        (client, ws, shared)
+    }
+
     #[tokio::test]
     async fn nothing_is_held_once_the_bytes_have_gone() {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let io = Bypass::new(server, LIMITS);
-        let shared = io.bypassed().clone();
-        shared.start();
-        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+        let (mut client, mut ws, shared) = server(LIMITS, true).await;
         client
             .write_all(&frame(0x82, &vec![5; 90_000], false))
             .await
@@ -968,9 +975,7 @@ mod tests {
             ws.next().await.unwrap().unwrap(),
             Message::Binary(Bytes::new())
         );
-        let mut total = 0;
-        shared.take_message(|p| total += p.len());
-        assert_eq!(total, 90_000);
+        assert_eq!(shared.take_message().map(|p| p.len()), Some(90_000));
         // Quiet: a read finds nothing and gives its buffer back.
         let quiet = tokio::time::timeout(std::time::Duration::from_millis(20), ws.next()).await;
         assert!(quiet.is_err());
@@ -984,11 +989,7 @@ mod tests {
         // One byte per read, the socket empty between them: every piece
         // joins the last in the one read buffer, and the message comes out
         // whole (before: each byte kept a 64 KiB buffer of its own alive).
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let io = Bypass::new(server, LIMITS);
-        let shared = io.bypassed().clone();
-        shared.start();
-        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+        let (mut client, mut ws, shared) = server(LIMITS, true).await;
         let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         let whole = frame(0x82, &payload, false);
         for (i, b) in whole.iter().enumerate() {
@@ -1013,20 +1014,16 @@ mod tests {
             ws.next().await.unwrap().unwrap(),
             Message::Binary(Bytes::new())
         );
-        let mut pieces = Vec::new();
-        shared.take_message(|p| pieces.push(p));
-        assert_eq!(pieces, vec![Bytes::from(payload)]);
+        assert_eq!(shared.take_message(), Some(Bytes::from(payload)));
     }
 
     #[tokio::test]
     async fn before_the_start_a_frame_no_handshake_sends_is_refused() {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
         let limits = Limits {
             handshake_frame: HANDSHAKE_FRAME,
             ..LIMITS
         };
-        let io = Bypass::new(server, limits);
-        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+        let (mut client, mut ws, _) = server(limits, false).await;
         let handshake = vec![7; HANDSHAKE_FRAME as usize];
         client
             .write_all(&frame(0x82, &handshake, false))
