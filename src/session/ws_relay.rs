@@ -46,7 +46,7 @@ use super::registry::ByteCounters;
 use super::{ClientTap, CloseReason, Early, Inspect, Kept, Stop, Traffic};
 use crate::transport::conn::{Conn, ConnReader, ConnWriter};
 use crate::transport::drain_watch::{DrainWatch, Drains};
-use crate::transport::ws_bypass::{Bypassed, Bypasses};
+use crate::transport::ws_bypass::{Bypassed, Bypasses, Payload};
 
 /// Timers and limits of one WebSocket relay.
 #[derive(Debug, Clone, Copy)]
@@ -291,10 +291,11 @@ where
     St: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
     if !early.is_empty() {
-        if let Err(reason) = pass_on(to_backend, tap.as_ref(), &early).await {
+        let len = early.len();
+        if let Err(reason) = pass_on(to_backend, tap.as_ref(), &[early.into()]).await {
             return reason;
         }
-        meter.moved_up(early.len());
+        meter.moved_up(len);
     }
     let mut batch = Batch::default();
     while let Some(msg) = stream.next().await {
@@ -309,7 +310,7 @@ where
                 }
                 Ok(Message::Binary(data)) => {
                     meter.moved_up(data.len());
-                    batch.push(data);
+                    batch.push(data.into());
                 }
                 // Keepalive frames are not console activity: they do not
                 // hold off the idle timeout. Only a pong to our ping shows
@@ -323,13 +324,13 @@ where
                 Ok(Message::Close(_)) => return CloseReason::ClientLeft,
                 Err(e) => return read_error(&e),
             }
-            if batch.len() < FLUSH_AFTER {
+            if !batch.full() {
                 next = stream.next().now_or_never().flatten();
             }
         }
-        let going = std::mem::take(&mut batch);
-        if !going.bytes().is_empty()
-            && let Err(reason) = pass_on(to_backend, tap.as_ref(), going.bytes()).await
+        let going = std::mem::take(&mut batch).into_pieces();
+        if !going.is_empty()
+            && let Err(reason) = pass_on(to_backend, tap.as_ref(), &going).await
         {
             return reason;
         }
@@ -337,61 +338,89 @@ where
     CloseReason::ClientLeft
 }
 
-/// A burst of client messages: the first as it came, the rest (if any)
-/// copied after it into one buffer for one write.
+/// Payloads shorter than this are copied together in a burst; longer ones
+/// are written from the buffers they were read into.
+const COPY_BELOW: usize = 2 * 1024;
+
+/// Most pieces in one burst's write.
+const PIECES_PER_WRITE: usize = 64;
+
+/// A burst of client messages, written with one vectored write: payloads
+/// from the buffers they were read into, short ones copied together.
 #[derive(Default)]
-enum Batch {
-    #[default]
-    Empty,
-    One(Bytes),
-    Many(BytesMut),
+struct Batch {
+    /// In order.
+    pieces: Vec<Bytes>,
+    /// Short payloads since the last piece, to go after it.
+    short: BytesMut,
+    len: usize,
 }
 
 impl Batch {
-    fn push(&mut self, payload: Bytes) {
-        *self = match std::mem::take(self) {
-            Batch::Empty => Batch::One(payload),
-            Batch::One(first) => {
-                let mut many = BytesMut::with_capacity(first.len() + payload.len());
-                many.extend_from_slice(&first);
-                many.extend_from_slice(&payload);
-                Batch::Many(many)
-            }
-            Batch::Many(mut many) => {
-                many.extend_from_slice(&payload);
-                Batch::Many(many)
-            }
-        };
-    }
-
-    fn len(&self) -> usize {
-        self.bytes().len()
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Batch::Empty => &[],
-            Batch::One(b) => b,
-            Batch::Many(b) => b,
+    fn push(&mut self, payload: Payload) {
+        match payload {
+            Payload::One(one) => self.push_piece(one),
+            Payload::Pieces(pieces) => pieces.into_iter().for_each(|p| self.push_piece(p)),
         }
+    }
+
+    fn push_piece(&mut self, piece: Bytes) {
+        self.len += piece.len();
+        if piece.len() < COPY_BELOW {
+            self.short.extend_from_slice(&piece);
+        } else {
+            self.end_short();
+            self.pieces.push(piece);
+        }
+    }
+
+    fn end_short(&mut self) {
+        if !self.short.is_empty() {
+            self.pieces.push(self.short.split().freeze());
+        }
+    }
+
+    /// Enough for one write.
+    fn full(&self) -> bool {
+        self.len >= FLUSH_AFTER || self.pieces.len() + 1 >= PIECES_PER_WRITE
+    }
+
+    fn into_pieces(mut self) -> Vec<Bytes> {
+        self.end_short();
+        self.pieces
     }
 }
 
-/// Writes client `bytes` to the hypervisor, or what the tap lets through
-/// of them; a refused message after those ends the client's side.
+/// Writes client bytes (`pieces`, in order) to the hypervisor, or what the
+/// tap lets through of them; a refused message after those ends the
+/// client's side.
 async fn pass_on(
     to_backend: &mut ConnWriter,
     tap: Option<&ClientTap>,
-    bytes: &[u8],
+    pieces: &[Bytes],
 ) -> Result<(), CloseReason> {
-    let checked = tap.map(|t| t(bytes));
-    let going = checked.as_ref().map_or(bytes, |c| &c.forward[..]);
-    if to_backend.write_all(going).await.is_err() {
+    let Some(tap) = tap else {
+        return to_backend
+            .write_all_pieces(pieces)
+            .await
+            .map_err(|_| CloseReason::BackendError);
+    };
+    // The tap reads a burst as one run of bytes.
+    let joined;
+    let bytes = match pieces {
+        [one] => &one[..],
+        _ => {
+            joined = pieces.concat();
+            &joined[..]
+        }
+    };
+    let checked = tap(bytes);
+    if to_backend.write_all(&checked.forward).await.is_err() {
         return Err(CloseReason::BackendError);
     }
-    match checked {
-        Some(c) if c.refused.is_some() => Err(CloseReason::ProtocolError),
-        _ => Ok(()),
+    match checked.refused {
+        Some(_) => Err(CloseReason::ProtocolError),
+        None => Ok(()),
     }
 }
 

@@ -4,16 +4,19 @@
 //! socket is read only once readable, so an idle session holds no read
 //! buffer; a boxed stream keeps a buffer while it waits.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Most pieces in one vectored write.
+const PIECES_PER_WRITE: usize = 64;
 
 /// A byte stream either way: TCP, TLS, or a WebSocket seen as bytes.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -175,6 +178,37 @@ impl ConnWriter {
             ConnWriter::Tcp(t) => t.write_all(data).await,
             ConnWriter::Boxed(s) => {
                 s.write_all(data).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    /// Writes all of `pieces`, in order: a plain socket with vectored
+    /// writes (nothing is copied to join them), any other stream piece by
+    /// piece, then flushed.
+    pub async fn write_all_pieces(&mut self, pieces: &[Bytes]) -> io::Result<()> {
+        match self {
+            ConnWriter::Tcp(t) => {
+                for group in pieces.chunks(PIECES_PER_WRITE) {
+                    let mut slices = [IoSlice::new(&[]); PIECES_PER_WRITE];
+                    for (slice, piece) in slices.iter_mut().zip(group) {
+                        *slice = IoSlice::new(piece);
+                    }
+                    let mut left = &mut slices[..group.len()];
+                    while !left.is_empty() {
+                        let n = t.write_vectored(left).await?;
+                        if n == 0 {
+                            return Err(io::ErrorKind::WriteZero.into());
+                        }
+                        IoSlice::advance_slices(&mut left, n);
+                    }
+                }
+                Ok(())
+            }
+            ConnWriter::Boxed(s) => {
+                for piece in pieces {
+                    s.write_all(piece).await?;
+                }
                 s.flush().await
             }
         }

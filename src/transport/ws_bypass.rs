@@ -101,13 +101,18 @@ pub struct Bypassed {
 struct Shared {
     /// Binary frames are taken out of the client's stream (else passed on).
     started: bool,
-    /// The payload of the message being received, pieces joined as they
-    /// come (without a copy while they lie side by side in one read
-    /// buffer): held pieces never pin more than the message's bytes, however
-    /// a client dribbles them.
+    /// The payload of the message being received: its run of bytes in the
+    /// current read buffer, pieces joined as they come (without a copy:
+    /// they lie side by side), so however a client dribbles a payload, its
+    /// pieces pin no more than its bytes.
     receiving: BytesMut,
+    /// Its runs in earlier read buffers, in order: kept where they were read
+    /// when they fill at least half a buffer, else copied out, so what they
+    /// pin stays within twice their bytes and a payload straddling two
+    /// buffers is not copied to be joined.
+    received: Vec<Bytes>,
     /// Whole messages whose stand-ins went (or go) to tungstenite, in order.
-    inbound: VecDeque<Bytes>,
+    inbound: VecDeque<Payload>,
     /// Whole frames to write, in order; the first may be partly written.
     outbound: VecDeque<OutFrame>,
     /// Bytes in `outbound` not yet written.
@@ -144,7 +149,7 @@ impl Bypassed {
 
     /// The payload of the next message whose stand-in tungstenite yielded
     /// (as an empty binary message), unless it is empty.
-    pub fn take_message(&self) -> Option<Bytes> {
+    pub fn take_message(&self) -> Option<Payload> {
         let mut shared = self.lock();
         let message = shared.inbound.pop_front();
         if shared.inbound.is_empty() {
@@ -194,10 +199,79 @@ impl Bypassed {
     /// Adds `piece` to the message being received; `last` ends it.
     fn push_inbound(&self, piece: BytesMut, last: bool) {
         let mut shared = self.lock();
-        shared.receiving.unsplit(piece);
+        let shared = &mut *shared;
+        let run = &mut shared.receiving;
+        if run.is_empty() || run.as_ptr_range().end == piece.as_ptr() {
+            // Side by side in one buffer: joined without a copy.
+            run.unsplit(piece);
+        } else if !piece.is_empty() {
+            // A new read buffer: the run in the last one ends.
+            let ended = std::mem::replace(run, piece);
+            shared.received.push(if ended.len() >= READ_CHUNK / 2 {
+                ended.freeze()
+            } else {
+                Bytes::copy_from_slice(&ended)
+            });
+        }
         if last {
-            let whole = std::mem::take(&mut shared.receiving).freeze();
+            let run = std::mem::take(&mut shared.receiving).freeze();
+            let whole = if shared.received.is_empty() {
+                Payload::One(run)
+            } else {
+                let mut pieces = std::mem::take(&mut shared.received);
+                pieces.push(run);
+                Payload::Pieces(pieces)
+            };
             shared.inbound.push_back(whole);
+        }
+    }
+}
+
+/// A client message's payload, in the pieces it was read in (most are one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Read into one buffer.
+    One(Bytes),
+    /// Read into several, in order.
+    Pieces(Vec<Bytes>),
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::One(Bytes::new())
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Self {
+        Payload::One(bytes)
+    }
+}
+
+impl Payload {
+    /// Its pieces, in order.
+    pub fn pieces(&self) -> &[Bytes] {
+        match self {
+            Payload::One(one) => std::slice::from_ref(one),
+            Payload::Pieces(pieces) => pieces,
+        }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.pieces().iter().map(Bytes::len).sum()
+    }
+
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.pieces().iter().all(Bytes::is_empty)
+    }
+
+    /// Its bytes as one (copied when it came in pieces).
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            Payload::One(one) => one.clone(),
+            Payload::Pieces(pieces) => Bytes::from(pieces.concat()),
         }
     }
 }
@@ -782,7 +856,7 @@ mod tests {
         match m {
             Message::Binary(b) if b.is_empty() && shared.is_some() => {
                 let whole = shared.unwrap().take_message().unwrap_or_default();
-                Seen::Binary(whole.to_vec())
+                Seen::Binary(whole.to_bytes().to_vec())
             }
             Message::Binary(b) => Seen::Binary(b.to_vec()),
             Message::Text(t) => Seen::Text(t.to_string()),
@@ -976,6 +1050,7 @@ mod tests {
             Message::Binary(Bytes::new())
         );
         assert_eq!(shared.take_message().map(|p| p.len()), Some(90_000));
+        assert_eq!(shared.lock().received.capacity(), 0);
         // Quiet: a read finds nothing and gives its buffer back.
         let quiet = tokio::time::timeout(std::time::Duration::from_millis(20), ws.next()).await;
         assert!(quiet.is_err());
@@ -1014,7 +1089,52 @@ mod tests {
             ws.next().await.unwrap().unwrap(),
             Message::Binary(Bytes::new())
         );
-        assert_eq!(shared.take_message(), Some(Bytes::from(payload)));
+        assert_eq!(shared.take_message(), Some(Payload::One(payload.into())));
+    }
+
+    #[tokio::test]
+    async fn a_payload_across_read_buffers_is_kept_where_it_was_read() {
+        // One write, read 64 KiB at a time: the first message's payload
+        // (65,000 bytes after an 8-byte header) fills the first buffer but
+        // for the second's header and its first 520 bytes; the rest of the
+        // second (9,480) is in the next buffer.
+        let (mut client, mut ws, shared) = server(LIMITS, true).await;
+        let first: Vec<u8> = (0..65_000u32).map(|i| (i % 253) as u8).collect();
+        let second: Vec<u8> = (0..10_000u32).map(|i| (i % 241) as u8).collect();
+        let mut wire = frame(0x82, &first, false);
+        wire.extend(frame(0x82, &second, false));
+        client.write_all(&wire).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                Message::Binary(Bytes::new())
+            );
+        }
+        let a = shared.take_message().unwrap();
+        let b = shared.take_message().unwrap();
+        assert_eq!(a, Payload::One(first.into()));
+        assert_eq!(b.to_bytes(), Bytes::from(second));
+        let pieces = b.pieces();
+        assert_eq!(
+            pieces.iter().map(Bytes::len).collect::<Vec<_>>(),
+            [520, 9_480]
+        );
+        // Under half a buffer: copied out, so it pins no 64 KiB buffer.
+        let buffer = a.pieces()[0].as_ptr_range().start..;
+        let one = buffer.start.wrapping_add(READ_CHUNK);
+        assert!(!(buffer.start..one).contains(&pieces[0].as_ptr()));
+
+        // A payload filling most of a buffer keeps it: no copy to join.
+        let big: Vec<u8> = (0..90_000u32).map(|i| (i % 239) as u8).collect();
+        client.write_all(&frame(0x82, &big, false)).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Binary(Bytes::new())
+        );
+        let c = shared.take_message().unwrap();
+        assert_eq!(c.to_bytes(), Bytes::from(big));
+        assert!(c.pieces().len() >= 2);
+        assert!(c.pieces()[0].len() >= READ_CHUNK / 2);
     }
 
     #[tokio::test]
