@@ -140,7 +140,7 @@ impl Sessions {
                 let left = g.expires_at.saturating_sub(crate::token::unix_now());
                 Instant::now() + std::time::Duration::from_secs(left)
             }),
-            chunk_bytes: 64 * 1024,
+            chunk_bytes: 256 * 1024,
             write_buffer_bytes: ws.write_buffer_bytes,
         }
     }

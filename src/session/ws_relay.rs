@@ -59,7 +59,8 @@ pub struct RelayOptions {
     pub idle_timeout: Option<Duration>,
     /// End the session at this instant (token expiry), if set.
     pub hard_end: Option<Instant>,
-    /// Largest chunk read from the hypervisor into one message.
+    /// Largest chunk read from the hypervisor into one message (reads
+    /// start smaller and grow while the hypervisor keeps its socket full).
     pub chunk_bytes: usize,
     /// Bytes queued toward the client before the relay waits for them to
     /// be written.
@@ -73,6 +74,10 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 /// at its timers again: enough to batch the messages one burst of console
 /// output makes, small enough to keep latency low.
 const FLUSH_AFTER: usize = 256 * 1024;
+
+/// A burst's first hypervisor buffer; the next is twice as large after a
+/// read that filled one, up to [`RelayOptions::chunk_bytes`].
+const FIRST_READ: usize = 64 * 1024;
 
 /// A hypervisor read goes into what is left of the burst's buffer while at
 /// least this much is (its messages share the buffer); a new one is taken
@@ -493,16 +498,22 @@ where
 {
     let mut queued = 0;
     let mut buf = BytesMut::new();
+    let mut size = FIRST_READ.min(opts.chunk_bytes);
     loop {
-        if buf.capacity() < MIN_READ.min(opts.chunk_bytes) {
-            buf = BytesMut::with_capacity(opts.chunk_bytes);
+        if buf.capacity() < MIN_READ.min(size) {
+            buf = BytesMut::with_capacity(size);
         }
+        let room = buf.capacity() - buf.len();
         match from_backend.try_read_buf(&mut buf) {
             Ok(0) => {
                 let _ = sink.flush().await;
                 return Err(CloseReason::BackendClosed);
             }
             Ok(n) => {
+                if n == room {
+                    // More is waiting: fewer, larger reads (and messages).
+                    size = (size * 2).min(opts.chunk_bytes);
+                }
                 let chunk = buf.split().freeze();
                 inspect.inspect(&chunk).await?;
                 meter.moved_down(n);

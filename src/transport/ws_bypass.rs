@@ -54,9 +54,21 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use super::drain_watch::{DrainWatch, Drains};
 
-/// Socket reads while bytes arrive: large enough that a client uploading
-/// fast costs few system calls.
+/// Socket reads while bytes arrive: a buffer of this size first, large
+/// enough that a client uploading fast costs few system calls...
 const READ_CHUNK: usize = 64 * 1024;
+
+/// ...and twice the last one (up to this) after a read that filled it:
+/// a client that keeps the socket full is read in fewer, larger calls (a
+/// quarter of the reads at 64 KiB messages; measured in benches/README.md).
+/// Back to [`READ_CHUNK`] once the socket is empty.
+const READ_CHUNK_MAX: usize = 256 * 1024;
+
+/// A message's run of bytes in an earlier read buffer keeps that buffer
+/// from this size; a shorter one is copied out. Only a message's first run
+/// can be short (the later ones fill their buffers), so a payload pins at
+/// most one buffer beyond its bytes.
+const KEEP_RUN: usize = 32 * 1024;
 
 /// A read goes into what is left of the current buffer while at least this
 /// much is; a new one is taken below that.
@@ -107,9 +119,9 @@ struct Shared {
     /// pieces pin no more than its bytes.
     receiving: BytesMut,
     /// Its runs in earlier read buffers, in order: kept where they were read
-    /// when they fill at least half a buffer, else copied out, so what they
-    /// pin stays within twice their bytes and a payload straddling two
-    /// buffers is not copied to be joined.
+    /// from [`KEEP_RUN`] bytes, else copied out, so a payload straddling two
+    /// buffers is not copied to be joined and pins at most one buffer
+    /// beyond its bytes.
     received: Vec<Bytes>,
     /// Whole messages whose stand-ins went (or go) to tungstenite, in order.
     inbound: VecDeque<Payload>,
@@ -207,7 +219,7 @@ impl Bypassed {
         } else if !piece.is_empty() {
             // A new read buffer: the run in the last one ends.
             let ended = std::mem::replace(run, piece);
-            shared.received.push(if ended.len() >= READ_CHUNK / 2 {
+            shared.received.push(if ended.len() >= KEEP_RUN {
                 ended.freeze()
             } else {
                 Bytes::copy_from_slice(&ended)
@@ -369,6 +381,8 @@ pub struct Bypass<S> {
     /// Read from the socket and not yet looked at; allocated while bytes
     /// arrive.
     raw: BytesMut,
+    /// The size of the next read buffer (see [`READ_CHUNK_MAX`]).
+    chunk: usize,
     /// For tungstenite: one stand-in, or bytes of a frame passed on.
     ready: BytesMut,
     reading: Reading,
@@ -384,6 +398,7 @@ impl<S> Bypass<S> {
             shared: Arc::default(),
             limits,
             raw: BytesMut::new(),
+            chunk: READ_CHUNK,
             ready: BytesMut::new(),
             reading: Reading::Header,
             message: Message::None,
@@ -641,13 +656,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bypass<S> {
             if this.raw.capacity() - this.raw.len() < MIN_READ {
                 if this.raw.is_empty() {
                     // The last buffer stays with the payloads cut from it.
-                    this.raw = BytesMut::with_capacity(READ_CHUNK);
+                    this.raw = BytesMut::with_capacity(this.chunk);
                 } else {
-                    this.raw.reserve(READ_CHUNK);
+                    this.raw.reserve(this.chunk);
                 }
             }
+            let room = this.raw.capacity() - this.raw.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.raw) {
                 Poll::Pending => {
+                    this.chunk = READ_CHUNK;
                     // Quiet: give the buffer back (a partial header moves
                     // to one of its size), unless a payload is coming into
                     // it: the pieces already taken share it, and the next
@@ -665,7 +682,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bypass<S> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 // The end: tungstenite sees it as it would have.
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => {
+                    if n == room {
+                        this.chunk = (this.chunk * 2).min(READ_CHUNK_MAX);
+                    }
+                }
             }
         }
     }
@@ -1082,7 +1103,7 @@ mod tests {
                     io.raw.as_ptr(),
                     "byte {i}: the payload and the read buffer are one"
                 );
-                assert!(io.raw.capacity() + received <= READ_CHUNK);
+                assert!(io.raw.capacity() + received <= READ_CHUNK_MAX);
             }
         }
         assert_eq!(
@@ -1110,6 +1131,8 @@ mod tests {
                 Message::Binary(Bytes::new())
             );
         }
+        // The first read filled its buffer: the next one was twice the size.
+        assert_eq!(ws.get_ref().chunk, 2 * READ_CHUNK);
         let a = shared.take_message().unwrap();
         let b = shared.take_message().unwrap();
         assert_eq!(a, Payload::One(first.into()));
@@ -1124,7 +1147,10 @@ mod tests {
         let one = buffer.start.wrapping_add(READ_CHUNK);
         assert!(!(buffer.start..one).contains(&pieces[0].as_ptr()));
 
-        // A payload filling most of a buffer keeps it: no copy to join.
+        // The socket ran dry: reads start again at READ_CHUNK. A payload
+        // filling most of a buffer keeps it: no copy to join.
+        assert!(futures_util::FutureExt::now_or_never(ws.next()).is_none());
+        assert_eq!(ws.get_ref().chunk, READ_CHUNK);
         let big: Vec<u8> = (0..90_000u32).map(|i| (i % 239) as u8).collect();
         client.write_all(&frame(0x82, &big, false)).await.unwrap();
         assert_eq!(
@@ -1134,7 +1160,7 @@ mod tests {
         let c = shared.take_message().unwrap();
         assert_eq!(c.to_bytes(), Bytes::from(big));
         assert!(c.pieces().len() >= 2);
-        assert!(c.pieces()[0].len() >= READ_CHUNK / 2);
+        assert!(c.pieces()[0].len() >= KEEP_RUN);
     }
 
     #[tokio::test]
