@@ -23,6 +23,10 @@
 //!   `iss` `aud` `sub`) and opens the far side the token names, `--relay ...
 //!   --jwt PEM`: the like-for-like reference for sessions per second (session
 //!   rate only).
+//! - `relay+jwt+rfb`: relay+jwt that also does the far side's RFB handshake
+//!   (versions, security None, its result: two round trips) and sends the
+//!   client a version of its own before relaying, as Porthole does (`--relay
+//!   ... --jwt PEM --rfb`; session rate only).
 //! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
 //! - `porthole view-only`: the same Porthole with a view-only token: every
 //!   client message goes through the RFB view-only filter (throughput only;
@@ -170,6 +174,10 @@ enum RelayKind {
     /// (signature, `exp`, `iss`, `aud`, `sub`) before the upgrade; the far
     /// side is the token's `console.host:port`.
     Jwt,
+    /// [`RelayKind::Jwt`], and the far side's RFB handshake done by the
+    /// relay (versions, security None, its result: two round trips) before
+    /// it sends the client a version of its own, as Porthole does.
+    JwtRfb,
 }
 
 impl RelayKind {
@@ -181,6 +189,11 @@ impl RelayKind {
                 "--jwt".into(),
                 dir.join("load.pub.pem").display().to_string(),
             ],
+            RelayKind::JwtRfb => {
+                let mut args = RelayKind::Jwt.args(dir);
+                args.push("--rfb".into());
+                args
+            }
         }
     }
 
@@ -188,7 +201,12 @@ impl RelayKind {
         if let Some(i) = args.iter().position(|a| a == "--jwt") {
             let pem = std::fs::read(&args[i + 1]).expect("the relay's public key");
             let key = jsonwebtoken::DecodingKey::from_ed_pem(&pem).expect("an Ed25519 public key");
-            (RelayKind::Jwt, Some(key))
+            let kind = if args.iter().any(|a| a == "--rfb") {
+                RelayKind::JwtRfb
+            } else {
+                RelayKind::Jwt
+            };
+            (kind, Some(key))
         } else if args.iter().any(|a| a == "--opts") {
             (RelayKind::Opts, None)
         } else {
@@ -270,9 +288,16 @@ async fn relay(
                     (ws, far?)
                 }
             };
-            let upstream = TcpStream::connect(backend).await.ok()?;
+            let mut upstream = TcpStream::connect(backend).await.ok()?;
             if kind != RelayKind::Plain {
                 let _ = upstream.set_nodelay(true);
+            }
+            let mut ws = ws;
+            if kind == RelayKind::JwtRfb {
+                rfb_none(&mut upstream).await.ok()?;
+                ws.send(Message::Binary(Bytes::from_static(b"RFB 003.008\n")))
+                    .await
+                    .ok()?;
             }
             let (mut rd, mut wr) = upstream.into_split();
             let (mut sink, mut stream) = ws.split();
@@ -308,6 +333,28 @@ async fn relay(
     }
 }
 
+/// A `--rfb` relay's handshake with the far side: RFB 3.8, security
+/// None, its result.
+async fn rfb_none(far: &mut TcpStream) -> std::io::Result<()> {
+    let mut version = [0u8; 12];
+    far.read_exact(&mut version).await?;
+    far.write_all(b"RFB 003.008\n").await?;
+    let mut count = [0u8; 1];
+    far.read_exact(&mut count).await?;
+    let mut types = vec![0u8; usize::from(count[0])];
+    far.read_exact(&mut types).await?;
+    if !types.contains(&1) {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    far.write_all(&[1]).await?;
+    let mut result = [0u8; 4];
+    far.read_exact(&mut result).await?;
+    if result != [0; 4] {
+        return Err(std::io::ErrorKind::PermissionDenied.into());
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- clients
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -326,6 +373,9 @@ enum Target {
     RelayOpts,
     /// The relay with Porthole's socket options and token check.
     RelayJwt,
+    /// [`Target::RelayJwt`] that also does the far side's RFB handshake
+    /// before the client's first byte, as Porthole does.
+    RelayJwtRfb,
     Websockify,
 }
 
@@ -340,6 +390,7 @@ impl Target {
             Target::Relay => "relay",
             Target::RelayOpts => "relay+opts",
             Target::RelayJwt => "relay+jwt",
+            Target::RelayJwtRfb => "relay+jwt+rfb",
             Target::Websockify => "websockify",
         }
     }
@@ -350,6 +401,7 @@ impl Target {
             Target::Relay => Some(RelayKind::Plain),
             Target::RelayOpts => Some(RelayKind::Opts),
             Target::RelayJwt => Some(RelayKind::Jwt),
+            Target::RelayJwtRfb => Some(RelayKind::JwtRfb),
             _ => None,
         }
     }
@@ -539,7 +591,7 @@ impl Setup {
             Target::Relay | Target::RelayOpts => {
                 format!("ws://{}/", at.unwrap_or(self.relays[&target]))
             }
-            Target::RelayJwt => format!(
+            Target::RelayJwt | Target::RelayJwtRfb => format!(
                 "ws://{}/vnc?token={}",
                 at.unwrap_or(self.relays[&target]),
                 self.token()
@@ -1051,7 +1103,7 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
                 child,
             })
         }
-        Target::Relay | Target::RelayOpts | Target::RelayJwt => {
+        Target::Relay | Target::RelayOpts | Target::RelayJwt | Target::RelayJwtRfb => {
             let addr = free_addr();
             let child = start_relay(&s.dir, target.relay()?, addr, s.far);
             Some(Fresh {
@@ -1317,7 +1369,12 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     ));
 
     let mut relays = std::collections::HashMap::new();
-    for target in [Target::Relay, Target::RelayOpts, Target::RelayJwt] {
+    for target in [
+        Target::Relay,
+        Target::RelayOpts,
+        Target::RelayJwt,
+        Target::RelayJwtRfb,
+    ] {
         let addr = free_addr();
         let child = start_relay(dir, target.relay().unwrap(), addr, far);
         processes.0.push((target, child));
@@ -1396,7 +1453,8 @@ fn main() {
     // `-- recording`, `-- idle`; `-- proxies`: the comparison with direct
     // TCP, the relay and websockify without the idle table; `-- opens`: the
     // session rate of Porthole and the relays alone; `-- bulk`: 64 KiB
-    // messages through Porthole and relay+opts alone): that part only.
+    // messages and one client's 4 KiB down through Porthole and relay+opts
+    // alone): that part only.
     let only = args.iter().skip(1).find_map(|a| {
         [
             "store",
@@ -1422,12 +1480,13 @@ async fn run(full: bool, only: Option<&str>) {
             dir.path(),
             // Enough tokens that no timed run waits for one to be minted:
             // the idle-memory table alone opens 30,000 Porthole sessions,
-            // the session rate about 50,000 each for Porthole and relay+jwt.
+            // the session rate up to 90,000 each for Porthole and the
+            // relay+jwt relays.
             match (full, only) {
-                (true, None) => 140_000,
+                (true, None) => 200_000,
                 (true, Some("idle")) => 30_000,
-                (true, Some("proxies")) => 110_000,
-                (true, Some("opens")) => 220_000,
+                (true, Some("proxies")) => 170_000,
+                (true, Some("opens")) => 320_000,
                 _ => 500,
             },
         )
@@ -1438,16 +1497,20 @@ async fn run(full: bool, only: Option<&str>) {
         compare_proxies(&s, full, only.is_none()).await;
     }
     if only == Some("bulk") {
-        // 64 KiB messages each way, one and 16 clients: where Porthole's own
-        // CPU per GB is furthest from the relay's (about a minute).
+        // 64 KiB messages each way, one and 16 clients, and one client's
+        // 4 KiB down: where Porthole's own CPU per GB was furthest from the
+        // relay's (about a minute and a quarter).
         let targets = [Target::Porthole, Target::RelayOpts];
-        let grid = [true, false]
-            .into_iter()
-            .flat_map(|down| [1, 16].map(|clients| (down, clients, 64 * 1024)))
+        let grid = std::iter::once((true, 1, 4 * 1024))
+            .chain(
+                [true, false]
+                    .into_iter()
+                    .flat_map(|down| [1, 16].map(|clients| (down, clients, 64 * 1024))),
+            )
             .collect();
         let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
         println!(
-            "\n## 64 KiB messages (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
+            "\n## bulk rows (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
         );
         println!("| direction | clients | frame | porthole | relay+opts |");
         println!("|---|---|---|---|---|");
@@ -1456,7 +1519,12 @@ async fn run(full: bool, only: Option<&str>) {
     if only == Some("opens") {
         // The session rate alone, five samples each: Porthole against the
         // relays with its socket options, with and without its token check.
-        let targets = [Target::Porthole, Target::RelayOpts, Target::RelayJwt];
+        let targets = [
+            Target::Porthole,
+            Target::RelayOpts,
+            Target::RelayJwt,
+            Target::RelayJwtRfb,
+        ];
         let (repeats, secs) = if full { (5, 3.0) } else { (1, 0.3) };
         session_rate_table(&s, &targets, repeats, secs).await;
     }
@@ -1666,15 +1734,17 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         println!("- {}: {p50:.0} / {p99:.0}", t.name());
     }
 
-    // relay+jwt: the like-for-like reference for opens (a token checked).
+    // relay+jwt: the like-for-like reference for opens (a token checked);
+    // relay+jwt+rfb also does the far side's RFB handshake, as Porthole.
     let mut rate_targets = targets.clone();
-    rate_targets.insert(
-        rate_targets
-            .iter()
-            .position(|t| *t == Target::RelayOpts)
-            .unwrap()
-            + 1,
-        Target::RelayJwt,
+    let after_opts = rate_targets
+        .iter()
+        .position(|t| *t == Target::RelayOpts)
+        .unwrap()
+        + 1;
+    rate_targets.splice(
+        after_opts..after_opts,
+        [Target::RelayJwt, Target::RelayJwtRfb],
     );
     session_rate_table(s, &rate_targets, repeats, rate_secs).await;
 }
@@ -1683,7 +1753,7 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
 /// interleaved, with the CPU each open cost.
 async fn session_rate_table(s: &Arc<Setup>, targets: &[Target], repeats: usize, secs: f64) {
     println!(
-        "\n## new sessions per second (16 concurrent; Porthole and relay+jwt check an Ed25519 token each; \
+        "\n## new sessions per second (16 concurrent; Porthole and the relay+jwt relays check an Ed25519 token each; \
          median of {repeats} samples of {secs} s, interleaved; CPU µs per open: proxy / machine)"
     );
     let mut rates: Vec<Vec<Rate>> = targets.iter().map(|_| Vec::new()).collect();

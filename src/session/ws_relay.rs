@@ -499,6 +499,7 @@ where
     let mut queued = 0;
     let mut buf = BytesMut::new();
     let mut size = FIRST_READ.min(opts.chunk_bytes);
+    let emptied = from_backend.short_read_empties();
     loop {
         if buf.capacity() < MIN_READ.min(size) {
             buf = BytesMut::with_capacity(size);
@@ -524,7 +525,11 @@ where
                 if bypassed.queued() > opts.write_buffer_bytes {
                     sink.flush().await.map_err(|e| send_error(&e))?;
                 }
-                if queued >= FLUSH_AFTER {
+                // A read short of its room emptied a plain socket: the
+                // burst goes out now, and the next read (after the flush,
+                // when more may have come) finds out whether it is still
+                // empty, not one made at once, which would only say so.
+                if queued >= FLUSH_AFTER || (n < room && emptied) {
                     break;
                 }
             }

@@ -126,6 +126,12 @@ impl ConnReader {
         }
     }
 
+    /// A read that returns less than it had room for emptied the socket
+    /// (a plain socket; a stream that decrypts returns a record at a time).
+    pub fn short_read_empties(&self) -> bool {
+        matches!(self, ConnReader::Tcp(_))
+    }
+
     /// Takes what is ready without waiting: `Ok(0)` is the end,
     /// `WouldBlock` means nothing more now.
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
