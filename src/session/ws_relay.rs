@@ -44,7 +44,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::registry::ByteCounters;
 use super::{ClientTap, CloseReason, Early, Inspect, Kept, Stop, Traffic};
-use crate::transport::conn::{Conn, ConnReader, ConnWriter};
+use crate::transport::conn::{Conn, ConnReader, ConnWriter, PIECES_PER_WRITE};
 use crate::transport::drain_watch::{DrainWatch, Drains};
 use crate::transport::ws_bypass::{Bypassed, Bypasses, Payload};
 
@@ -346,9 +346,6 @@ where
 /// Payloads shorter than this are copied together in a burst; longer ones
 /// are written from the buffers they were read into.
 const COPY_BELOW: usize = 2 * 1024;
-
-/// Most pieces in one burst's write.
-const PIECES_PER_WRITE: usize = 64;
 
 /// A burst of client messages, written with one vectored write: payloads
 /// from the buffers they were read into, short ones copied together.

@@ -15,8 +15,9 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-/// Most pieces in one vectored write.
-const PIECES_PER_WRITE: usize = 64;
+/// Most pieces in one vectored write ([`ConnWriter::write_all_pieces`]
+/// makes one per this many; a relay's burst stops at it).
+pub const PIECES_PER_WRITE: usize = 64;
 
 /// A byte stream either way: TCP, TLS, or a WebSocket seen as bytes.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
