@@ -33,6 +33,7 @@ use crate::config::ListenConfig;
 use crate::console::ConsoleType;
 use crate::session::admission::WatchedUnknown;
 use crate::token::RefusalReason;
+use crate::transport::listener::AfterUpgrade;
 
 /// The public router.
 pub fn router(state: PublicState) -> Router {
@@ -244,7 +245,8 @@ async fn ws_endpoint(
     }
     match s.sessions.admit_browser(grant, client).await {
         Ok(admitted) => {
-            admitted.start(hyper::upgrade::on(&mut request));
+            let after = request.extensions().get::<AfterUpgrade>().cloned();
+            admitted.start(hyper::upgrade::on(&mut request), after.as_ref());
             switching_protocols(&handshake)
         }
         Err(e) => open_error_response(&e),

@@ -27,6 +27,7 @@ use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
 use crate::transport::drain_watch::{Drains, Watched};
+use crate::transport::listener::AfterUpgrade;
 use crate::transport::ws_bypass::{self, Bypass, Bypasses, Limits};
 use crate::transport::ws_stream::WsBytes;
 
@@ -158,10 +159,12 @@ impl Sessions {
 }
 
 impl BrowserAdmission {
-    /// Runs the session as a tracked task once `upgrade` completes.
-    pub fn start(self, upgrade: hyper::upgrade::OnUpgrade) {
+    /// Runs the session, tracked, once `upgrade` completes: in the
+    /// connection's own task after its HTTP is over where `after` is given,
+    /// else in a task of its own.
+    pub fn start(self, upgrade: hyper::upgrade::OnUpgrade, after: Option<&AfterUpgrade>) {
         let tracker = self.sessions.tracker.clone();
-        tracker.spawn(async move {
+        let session = tracker.track_future(async move {
             let upgraded = match upgrade.await {
                 Ok(u) => u,
                 Err(e) => {
@@ -187,6 +190,10 @@ impl BrowserAdmission {
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             self.run(socket).await;
         });
+        match after {
+            Some(after) => after.set(session),
+            None => drop(tokio::spawn(session)),
+        }
     }
 
     async fn run<S>(self, socket: WebSocketStream<S>)

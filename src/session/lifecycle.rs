@@ -50,9 +50,12 @@ impl Lifecycle {
             view_only: grant.view_only(),
             shadow_of: grant.shadow_of().map(str::to_owned),
         };
+        // Its own token, not a child of the shutdown token: `Stop` waits
+        // on both, and a child is linked and unlinked under the parent's
+        // lock, which every open on every worker would take twice.
         let live = sessions
             .registry
-            .register(new, sessions.cancel.child_token())
+            .register(new, tokio_util::sync::CancellationToken::new())
             .await;
         let mut stop = sessions.stop_for(&live);
         if let Some(id) = grant.shadow_of() {

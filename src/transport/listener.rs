@@ -9,9 +9,10 @@
 //! read once per connection from an atomically swappable slot, so certificate
 //! reloads apply to new connections and never touch live ones.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::gate::{Gate, GateRefusal, Pass, Permit};
@@ -20,6 +21,7 @@ use super::proxy_header;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::ConnectInfo;
+use futures_util::future::BoxFuture;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
@@ -28,6 +30,32 @@ use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
+
+/// What a connection's task goes on to run once hyper has handed its
+/// upgraded socket over: the session the upgrade starts. Run there, not in a
+/// task of its own, an open costs one spawn and one cross-task wake-up less
+/// (the session would otherwise wait for the upgrade and be woken when the
+/// 101 is out). A handler finds it in the request's extensions.
+#[derive(Clone, Default)]
+pub struct AfterUpgrade(Arc<Mutex<Option<BoxFuture<'static, ()>>>>);
+
+impl AfterUpgrade {
+    /// Runs `session` once the HTTP connection is over (upgraded, or ended
+    /// without: the session then sees its upgrade fail).
+    pub fn set(&self, session: impl Future<Output = ()> + Send + 'static) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::pin(session));
+    }
+
+    fn take(&self) -> Option<BoxFuture<'static, ()>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for AfterUpgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterUpgrade")
+    }
+}
 
 /// A TLS server config that can be replaced while connections run.
 pub type TlsSlot = Arc<ArcSwap<ServerConfig>>;
@@ -323,26 +351,38 @@ pub async fn serve(
             // upgraded socket to its session and this task ends; until then
             // the gate may close it to make room for another address.
             let evicted = pass.evicted();
-            let _pass = pass;
+            let after = AfterUpgrade::default();
+            // Boxed: the HTTP connection's state is freed when it ends, and
+            // the task that goes on to run a session stays small.
+            let http = {
+                let after = after.clone();
+                Box::pin(async move {
+                    if let Some(io) = accept_tls(tcp, client, tls, deadline).await {
+                        serve_connection(io, client, router, deadlines, cancel, after).await;
+                    }
+                })
+            };
             tokio::select! {
                 () = evicted.cancelled() => evicted_at_gate(client),
-                () = serve_accepted(tcp, client, tls, router, deadlines, cancel, deadline) => {}
+                () = http => {}
+            }
+            drop(pass);
+            if let Some(session) = after.take() {
+                session.await;
             }
         });
     })
     .await;
 }
 
-/// Serves one accepted connection: TLS within `deadline`, then HTTP.
-async fn serve_accepted(
+/// An accepted connection's TLS, within `deadline`, where the listener has
+/// one: the stream HTTP is served on, or `None` (failure counted and logged).
+async fn accept_tls(
     tcp: TcpStream,
     client: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
-    router: Router,
-    deadlines: HttpDeadlines,
-    cancel: CancellationToken,
     deadline: Instant,
-) {
+) -> Option<Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>> {
     let io = match tls {
         None => Either::Left(tcp),
         Some(config) => {
@@ -354,19 +394,19 @@ async fn serve_accepted(
                     if crate::audit::refusal_log_allowed() {
                         tracing::info!(peer = %client, "TLS handshake failed: {e}");
                     }
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     crate::metrics::handshake_failed("tls", "handshake_timeout", "client");
                     if crate::audit::refusal_log_allowed() {
                         tracing::info!(peer = %client, "TLS handshake timed out");
                     }
-                    return;
+                    return None;
                 }
             }
         }
     };
-    serve_connection(io, client, router, deadlines, cancel).await;
+    Some(io)
 }
 
 /// A connection the gate closed to make room for another address.
@@ -382,12 +422,14 @@ async fn serve_connection<I>(
     router: Router,
     deadlines: HttpDeadlines,
     cancel: CancellationToken,
+    after: AfterUpgrade,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let mut req = req.map(axum::body::Body::new);
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(after.clone());
         router.clone().oneshot(req)
     });
     let conn = hyper::server::conn::http1::Builder::new()
