@@ -342,32 +342,32 @@ pub async fn serve(
         let router = router.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            // One deadline from accept for the PROXY header and the TLS handshake.
-            let deadline = Instant::now() + deadlines.tls_handshake;
-            let Some(Accepted { tcp, client, pass }) = arrival.client(deadline).await else {
-                return;
-            };
-            // Given back when the connection ends, or when hyper hands an
-            // upgraded socket to its session and this task ends; until then
-            // the gate may close it to make room for another address.
-            let evicted = pass.evicted();
-            let after = AfterUpgrade::default();
-            // Boxed: the HTTP connection's state is freed when it ends, and
-            // the task that goes on to run a session stays small.
-            let http = {
-                let after = after.clone();
-                Box::pin(async move {
+            // Boxed, all of it up to the upgrade (the PROXY header, TLS,
+            // HTTP): its state is freed when it ends, and the task that goes
+            // on to hold a session for hours holds only the session.
+            let http = Box::pin(async move {
+                // One deadline from accept for the PROXY header and the TLS handshake.
+                let deadline = Instant::now() + deadlines.tls_handshake;
+                let Accepted { tcp, client, pass } = arrival.client(deadline).await?;
+                // Given back when the connection ends, or when hyper hands an
+                // upgraded socket to its session; until then the gate may
+                // close it to make room for another address.
+                let evicted = pass.evicted();
+                let after = AfterUpgrade::default();
+                let serving = async {
                     if let Some(io) = accept_tls(tcp, client, tls, deadline).await {
-                        serve_connection(io, client, router, deadlines, cancel, after).await;
+                        serve_connection(io, client, router, deadlines, cancel, after.clone())
+                            .await;
                     }
-                })
-            };
-            tokio::select! {
-                () = evicted.cancelled() => evicted_at_gate(client),
-                () = http => {}
-            }
-            drop(pass);
-            if let Some(session) = after.take() {
+                };
+                tokio::select! {
+                    () = evicted.cancelled() => evicted_at_gate(client),
+                    () = serving => {}
+                }
+                drop(pass);
+                after.take()
+            });
+            if let Some(session) = http.await {
                 session.await;
             }
         });
