@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::extract::{ConnectInfo, Extension, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -84,16 +84,16 @@ pub fn router(state: PublicState) -> Router {
         )
         .route(
             "/vnc",
-            get(|s, c, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, h, q, w)),
+            get(|s, c, a, h, q, w| ws_endpoint(ConsoleType::Novnc, s, c, a, h, q, w)),
         )
         .route("/websockify", get(websockify))
         .route(
             "/serial",
-            get(|s, c, h, q, w| ws_endpoint(ConsoleType::Serial, s, c, h, q, w)),
+            get(|s, c, a, h, q, w| ws_endpoint(ConsoleType::Serial, s, c, a, h, q, w)),
         )
         .route(
             "/spice",
-            get(|s, c, h, q, w| ws_endpoint(ConsoleType::SpiceHtml5, s, c, h, q, w)),
+            get(|s, c, a, h, q, w| ws_endpoint(ConsoleType::SpiceHtml5, s, c, a, h, q, w)),
         )
         .route("/watched", get(watched))
         .route("/playback", get(super::playback::page_or_player))
@@ -190,6 +190,7 @@ async fn ws_endpoint(
     kind: ConsoleType,
     State(s): State<PublicState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(after): Extension<AfterUpgrade>,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
     mut request: Request,
@@ -245,8 +246,7 @@ async fn ws_endpoint(
     }
     match s.sessions.admit_browser(grant, client).await {
         Ok(admitted) => {
-            let after = request.extensions().get::<AfterUpgrade>().cloned();
-            admitted.start(hyper::upgrade::on(&mut request), after.as_ref());
+            admitted.start(hyper::upgrade::on(&mut request), &after);
             switching_protocols(&handshake)
         }
         Err(e) => open_error_response(&e),
@@ -292,6 +292,7 @@ async fn watched(
 async fn websockify(
     s: State<PublicState>,
     c: ConnectInfo<SocketAddr>,
+    a: Extension<AfterUpgrade>,
     headers: HeaderMap,
     q: Query<TokenQuery>,
     request: Request,
@@ -303,7 +304,7 @@ async fn websockify(
     } else {
         ConsoleType::Novnc
     };
-    ws_endpoint(kind, s, c, headers, q, request).await
+    ws_endpoint(kind, s, c, a, headers, q, request).await
 }
 
 /// The `token` cookie's value (RFC 6265 §5.4 `name=value` pairs split by

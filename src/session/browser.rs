@@ -159,10 +159,9 @@ impl Sessions {
 }
 
 impl BrowserAdmission {
-    /// Runs the session, tracked, once `upgrade` completes: in the
-    /// connection's own task after its HTTP is over where `after` is given,
-    /// else in a task of its own.
-    pub fn start(self, upgrade: hyper::upgrade::OnUpgrade, after: Option<&AfterUpgrade>) {
+    /// Runs the session, tracked, once `upgrade` completes, in the
+    /// connection's own task after its HTTP is over (`after`).
+    pub fn start(self, upgrade: hyper::upgrade::OnUpgrade, after: &AfterUpgrade) {
         let tracker = self.sessions.tracker.clone();
         let session = tracker.track_future(async move {
             let upgraded = match upgrade.await {
@@ -190,10 +189,7 @@ impl BrowserAdmission {
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             self.run(socket).await;
         });
-        match after {
-            Some(after) => after.set(session),
-            None => drop(tokio::spawn(session)),
-        }
+        after.set(session);
     }
 
     async fn run<S>(self, socket: WebSocketStream<S>)
