@@ -1452,9 +1452,9 @@ fn main() {
     // `cargo bench --bench load -- store` (or `-- nova`, `-- view-only`,
     // `-- recording`, `-- idle`; `-- proxies`: the comparison with direct
     // TCP, the relay and websockify without the idle table; `-- opens`: the
-    // session rate of Porthole and the relays alone; `-- bulk`: 64 KiB
-    // messages and one client's 4 KiB down through Porthole and relay+opts
-    // alone): that part only.
+    // session rate of Porthole and the relays alone; `-- bulk`: every row
+    // of the throughput grid through Porthole and relay+opts alone, five
+    // interleaved samples each): that part only.
     let only = args.iter().skip(1).find_map(|a| {
         [
             "store",
@@ -1487,6 +1487,7 @@ async fn run(full: bool, only: Option<&str>) {
                 (true, Some("idle")) => 30_000,
                 (true, Some("proxies")) => 170_000,
                 (true, Some("opens")) => 320_000,
+                (true, Some("bulk")) => 5_000,
                 _ => 500,
             },
         )
@@ -1497,24 +1498,18 @@ async fn run(full: bool, only: Option<&str>) {
         compare_proxies(&s, full, only.is_none()).await;
     }
     if only == Some("bulk") {
-        // 64 KiB messages each way, one and 16 clients, and one client's
-        // 4 KiB down: where Porthole's own CPU per GB was furthest from the
-        // relay's (about a minute and a quarter).
+        // Porthole's own CPU per GB against relay+opts on every row of the
+        // throughput grid, five interleaved samples each (about seven
+        // minutes): one sample per row moves a one-client row by a third
+        // between runs, for both proxies.
         let targets = [Target::Porthole, Target::RelayOpts];
-        let grid = std::iter::once((true, 1, 4 * 1024))
-            .chain(
-                [true, false]
-                    .into_iter()
-                    .flat_map(|down| [1, 16].map(|clients| (down, clients, 64 * 1024))),
-            )
-            .collect();
-        let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
+        let (secs, repeats) = if full { (3.0, 5) } else { (0.3, 1) };
         println!(
             "\n## bulk rows (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
         );
         println!("| direction | clients | frame | porthole | relay+opts |");
         println!("|---|---|---|---|---|");
-        throughput_rows(&s, &targets, grid, secs, repeats).await;
+        throughput_rows(&s, &targets, throughput_grid(full), secs, repeats).await;
     }
     if only == Some("opens") {
         // The session rate alone, five samples each: Porthole against the
@@ -1712,19 +1707,7 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
             .join(" | ")
     );
     println!("|---|---|---|{}", "---|".repeat(targets.len()));
-    let grid: Vec<(bool, usize, usize)> = if full {
-        [true, false]
-            .into_iter()
-            .flat_map(|d| {
-                [1, 16, 64]
-                    .into_iter()
-                    .flat_map(move |c| [4096, 65536].into_iter().map(move |f| (d, c, f)))
-            })
-            .collect()
-    } else {
-        vec![(true, 1, 65536), (false, 1, 4096)]
-    };
-    throughput_rows(s, &targets, grid, secs, repeats).await;
+    throughput_rows(s, &targets, throughput_grid(full), secs, repeats).await;
 
     println!("\n## round trip of a 32-byte message (µs, p50 / p99)");
     for &t in &targets {
@@ -1747,6 +1730,22 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         [Target::RelayJwt, Target::RelayJwtRfb],
     );
     session_rate_table(s, &rate_targets, repeats, rate_secs).await;
+}
+
+/// The throughput table's rows (down?, clients, message bytes): down and
+/// up, 1, 16 and 64 clients, 4 and 64 KiB messages; two rows in a smoke pass.
+fn throughput_grid(full: bool) -> Vec<(bool, usize, usize)> {
+    if !full {
+        return vec![(true, 1, 65536), (false, 1, 4096)];
+    }
+    [true, false]
+        .into_iter()
+        .flat_map(|d| {
+            [1, 16, 64]
+                .into_iter()
+                .flat_map(move |c| [4096, 65536].into_iter().map(move |f| (d, c, f)))
+        })
+        .collect()
 }
 
 /// New sessions per second for `targets`, `repeats` samples of `secs` each,
