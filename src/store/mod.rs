@@ -12,9 +12,7 @@
 //! store that cannot answer refuses (`unavailable`), never admits. The
 //! connection reconnects by itself; [`Redis::healthy`] says whether the last
 //! operation or probe reached it (`/readyz` follows it), and each change of
-//! state is logged once. After any failure, operations are refused until
-//! the probe (once a second) has found the store's epoch unchanged or
-//! re-seeded a store that came back empty. Scripts run atomically on one Redis (or a Sentinel
+//! state is logged once. Scripts run atomically on one Redis (or a Sentinel
 //! pair's primary); Redis Cluster is not supported (the scripts touch keys
 //! they derive).
 
@@ -55,11 +53,8 @@ pub struct Redis {
     prefix: String,
     timeout: Duration,
     healthy: AtomicBool,
-    /// Set until this node knows the store's epoch, while it re-seeds a
-    /// store that lost its data, and from any failure until the probe has
-    /// checked the epoch again (a store that failed may come back empty:
-    /// until then its answers, "not revoked" among them, are not trusted):
-    /// operations are refused meanwhile.
+    /// Set until this node knows the store's epoch, and while it re-seeds a
+    /// store that lost its data: operations are refused meanwhile.
     reseeding: AtomicBool,
     /// What this node would re-seed a store that lost its data with.
     remembered: remembered::Remembered,
@@ -166,7 +161,6 @@ impl Redis {
             }
         }
         if !ok {
-            self.reseeding.store(true, Relaxed);
             crate::metrics::store_unavailable();
         }
     }
