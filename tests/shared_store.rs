@@ -444,6 +444,20 @@ async fn a_store_that_is_down_is_refused_never_trusted_until_it_is_back() {
     // Back (empty): the node reconnects by itself, and re-takes the lease
     // of the session it still runs.
     let _server = RedisServer::start_on(server.port);
+    // Ready (what /readyz says) only once the probe has found the epoch
+    // gone and re-seeded: from the first moment it says so, the re-seeded
+    // revocation answers.
+    eventually("ready again", Duration::from_secs(15), || async {
+        a.redis.healthy()
+    })
+    .await;
+    assert!(
+        a.revocations
+            .check("revoked-before", "vm", now)
+            .await
+            .unwrap()
+            .is_some()
+    );
     eventually("reconnected", Duration::from_secs(15), || async {
         a.redemptions
             .redeem("t", exp, ReusePolicy::Reconnect, None, 0)

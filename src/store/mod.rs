@@ -11,8 +11,9 @@
 //! Every operation has a deadline (`store.timeout_ms`) and fails closed: a
 //! store that cannot answer refuses (`unavailable`), never admits. The
 //! connection reconnects by itself; [`Redis::healthy`] says whether the last
-//! operation or probe reached it (`/readyz` follows it), and each change of
-//! state is logged once. Scripts run atomically on one Redis (or a Sentinel
+//! operation or probe reached it and, after a failure, whether the probe has
+//! read the store's epoch again (`/readyz` follows it); each change of state
+//! is logged once. Scripts run atomically on one Redis (or a Sentinel
 //! pair's primary); Redis Cluster is not supported (the scripts touch keys
 //! they derive).
 
@@ -56,6 +57,12 @@ pub struct Redis {
     /// Set until this node knows the store's epoch, and while it re-seeds a
     /// store that lost its data: operations are refused meanwhile.
     reseeding: AtomicBool,
+    /// Cleared by any failure, set once the probe has read the store's
+    /// epoch again: a store that answers again may have come back empty,
+    /// and until the probe has looked, this node is not ready (admissions
+    /// there would meet the epoch check and be refused). Operations still
+    /// run meanwhile: each checks the epoch itself.
+    epoch_checked: AtomicBool,
     /// What this node would re-seed a store that lost its data with.
     remembered: remembered::Remembered,
     /// The store's epoch as this node knows it.
@@ -117,6 +124,7 @@ impl Redis {
             timeout: config.timeout,
             healthy: AtomicBool::new(false),
             reseeding: AtomicBool::new(true),
+            epoch_checked: AtomicBool::new(false),
             remembered: remembered::Remembered::default(),
             epoch: std::sync::Mutex::default(),
             holder: format!("{node}/{}", crate::token::signing::random_token(9)),
@@ -129,7 +137,9 @@ impl Redis {
     /// Whether the store answered lately, and holds what it must (its
     /// epoch is the one this node knows, or it has been re-seeded).
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Relaxed) && !self.reseeding.load(Relaxed)
+        self.healthy.load(Relaxed)
+            && self.epoch_checked.load(Relaxed)
+            && !self.reseeding.load(Relaxed)
     }
 
     /// `prefix` + `parts`.
@@ -161,6 +171,7 @@ impl Redis {
             }
         }
         if !ok {
+            self.epoch_checked.store(false, Relaxed);
             crate::metrics::store_unavailable();
         }
     }

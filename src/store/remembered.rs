@@ -189,6 +189,7 @@ impl Redis {
         let mut known = self.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match (&known, &found) {
             (Some(k), Some(f)) if k == f => {
+                self.epoch_checked.store(true, Relaxed);
                 if self.reseeding.swap(false, Relaxed) {
                     tracing::info!("store ready");
                 }
@@ -229,6 +230,7 @@ impl Redis {
         };
         known = Some(epoch);
         *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) = known;
+        self.epoch_checked.store(true, Relaxed);
         if self.reseeding.swap(false, Relaxed) {
             tracing::info!("store ready");
         }
