@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -251,6 +252,10 @@ api_paste_config = {self.etc}/nova/api-paste.ini
                                              "port": port, "tls_port": tls_port, "ttl": ttl,
                                              "base": base_url}) + "\n")
         self._minter.stdin.flush()
+        # One line per request: nothing is buffered ahead of it.
+        if not select.select([self._minter.stdout], [], [], 120)[0]:
+            self._minter.kill()
+            raise AssertionError(f"the mint helper did not answer: {(self.log / 'mint.err').read_text()[-3000:]}")
         line = self._minter.stdout.readline()
         if not line:
             raise AssertionError(f"the mint helper died: {(self.log / 'mint.err').read_text()[-3000:]}")

@@ -80,6 +80,7 @@ def wait_for_final_spice_screen(vm, tmp_path):
     previous = None
     n = 0
     while True:
+        assert time.monotonic() < deadline, "the screen never settled"
         n += 1
         shot = spicy_capture(tmp_path / f"direct-{n}.png", "127.0.0.1", vm.spice_password, port=vm.spice_port)
         try:

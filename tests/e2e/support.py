@@ -195,6 +195,18 @@ def browser(*args, timeout=90):
 
 
 
+def first_line(proc, within=120):
+    """The next line `proc` prints on its stdout (a pipe), or a failure
+    once `within` seconds pass without one (the process is killed): a
+    browser that hangs fails its test instead of holding the run."""
+    import select
+    ready, _, _ = select.select([proc.stdout], [], [], within)
+    if not ready:
+        proc.kill()
+        raise AssertionError(f"no line from {proc.args[:3]} within {within} s")
+    return proc.stdout.readline()
+
+
 def wait_for(condition, what, within=20):
     """Polls condition() until it gives something true (returned) or `within` s pass."""
     deadline = time.monotonic() + within

@@ -23,6 +23,7 @@ def wait_for_final_screen(vm, tmp_path):
     previous = None
     n = 0
     while True:
+        assert time.monotonic() < deadline, "the screen never settled"
         n += 1
         shot = direct_capture(vm, tmp_path / f"direct-{n}.png")
         try:

@@ -22,7 +22,7 @@ from peers import HAProxy, RedisServer, Route
 from screen import differing_fraction, seabios_screen
 from spice_client import remote_viewer_connects, spicy_capture, wait_for_final_spice_screen
 from spice_wire import INPUTS, MAIN, Channel
-from support import HERE, Porthole, get_from, wait_for
+from support import HERE, Porthole, first_line, get_from, wait_for
 
 CLIENT = "127.0.0.5"
 NODES = ("node-a", "node-b")
@@ -171,7 +171,7 @@ def test_an_operator_on_the_other_node_ends_a_browser_session(cluster):
     page = subprocess.Popen(["node", str(HERE / "browser.mjs"), "until-ended", minted["url"], "60000"],
                             stdout=subprocess.PIPE, text=True, cwd=HERE)
     try:
-        assert page.stdout.readline().strip() == "CONNECTED"
+        assert first_line(page).strip() == "CONNECTED"
         [session] = wait_for(lambda: a.admin("GET", "/v1/sessions")[1]["sessions"], "the session is listed")
         runs_on = session["node"]
         other = cluster.other(runs_on)

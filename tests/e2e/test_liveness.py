@@ -19,6 +19,7 @@ from support import FloodBackend, Porthole
 def upgrade(p, endpoint, token, rcvbuf=None):
     """A raw WebSocket client that has read nothing past the 101 line."""
     client = socket.socket()
+    client.settimeout(10)
     if rcvbuf:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     client.connect(("127.0.0.1", p.public_port))

@@ -11,7 +11,7 @@ from websockets.sync.client import connect
 
 from harness import metric_value
 from spice_wire import INPUTS, MAIN, Channel
-from support import Porthole, rfb_client_handshake
+from support import Porthole, first_line, rfb_client_handshake
 from vm import VM
 
 
@@ -276,7 +276,7 @@ def test_real_clients_see_an_operator_end_their_sessions(tmp_path):
         # noVNC in Chromium, held open until its session ends.
         page = subprocess.Popen(["node", str(HERE / "browser.mjs"), "until-ended", p.mint("novnc", vm.vnc_port)["url"],
                                  "60000"], stdout=subprocess.PIPE, text=True, cwd=HERE)
-        assert page.stdout.readline().strip() == "CONNECTED"
+        assert first_line(page).strip() == "CONNECTED"
         # remote-viewer with a .vv file, on a virtual X display.
         token = p.mint("spice-direct", vm.spice_port)["token"]
         from harness import http

@@ -163,6 +163,7 @@ def test_a_client_that_stops_reading_cannot_grow_memory(porthole):
     before = rss_kib(p.gateway.proc.pid)
     # A raw WebSocket handshake on a socket we then never read from.
     client = socket.socket()
+    client.settimeout(10)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     client.connect(("127.0.0.1", p.public_port))
     client.sendall((f"GET /serial?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -239,6 +240,7 @@ def test_a_client_that_stops_reading_is_cut_after_three_silent_ping_intervals(tm
     flood = FloodBackend()
     p = Porthole(tmp_path, websocket="ping_interval_secs = 1")
     client = socket.socket()
+    client.settimeout(10)
     try:
         token = p.mint("serial", flood.port)["token"]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)

@@ -191,7 +191,9 @@ def raw_websocket(port, path):
                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
     head = b""
     while b"\r\n\r\n" not in head:
-        head += s.recv(1)
+        c = s.recv(1)
+        assert c, f"closed before the end of the handshake's answer: {head!r}"
+        head += c
     assert head.startswith(b"HTTP/1.1 101"), head
     return s
 

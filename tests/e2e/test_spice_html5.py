@@ -14,7 +14,7 @@ from screen import differing_fraction, seabios_screen
 from spice_client import wait_for_final_spice_screen
 import leak_check
 from harness import http, metric_value
-from support import AUDIENCE, ISSUER, Porthole, browser
+from support import AUDIENCE, ISSUER, Porthole, browser, first_line
 
 
 def spice_porthole(tmp_path, vm, tls=True, password=None, spice=""):
@@ -135,7 +135,7 @@ def test_spice_html5_says_an_operator_ended_the_session(spice_vm, tmp_path):
         page = subprocess.Popen(["node", str(HERE / "browser.mjs"), "until-ended",
                                  f"{p.base}/console?token={minted['token']}", "60000", "3"],
                                 stdout=subprocess.PIPE, text=True, cwd=HERE)
-        line = page.stdout.readline().strip()
+        line = first_line(page).strip()
         assert line == "CONNECTED", line
         deadline = time.monotonic() + 20
         while not (listed := p.admin("GET", "/v1/sessions?type=spice-html5")[1]["sessions"]):

@@ -13,6 +13,7 @@ seeing the screen or the serial output. Each console test has its own VM."""
 import json
 import os
 import re
+import select
 import socket
 import struct
 import subprocess
@@ -29,7 +30,7 @@ import leak_check
 from attacks import metric_sum
 from screen import differing_fraction, seabios_screen
 from spice_client import spicy_capture
-from support import AUDIENCE, HERE, ISSUER, Porthole, browser, wait_for
+from support import AUDIENCE, HERE, ISSUER, Porthole, browser, first_line, wait_for
 from vm import VM, stop_process
 
 MENU = b"Select boot device"
@@ -237,7 +238,7 @@ def test_novnc_keys_open_the_boot_menu_only_in_a_full_session(porthole, paused_v
     page = subprocess.Popen(["node", str(HERE / "browser.mjs"), "vnc-keys", minted["url"], str(shot), "1"],
                             cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        line = page.stdout.readline()
+        line = first_line(page)
         assert line.startswith("CONNECTED "), line + page.communicate(timeout=30)[0]
         facts = json.loads(line.split(" ", 1)[1])
         assert facts["state"] == "connected", facts
@@ -469,6 +470,9 @@ class Xvfb:
         try:
             number = b""
             while not number.endswith(b"\n"):
+                if not select.select([r], [], [], 30)[0]:
+                    self.proc.kill()
+                    raise AssertionError("Xvfb gave no display number within 30 s")
                 chunk = os.read(r, 16)
                 assert chunk, "Xvfb gave no display number"
                 number += chunk
