@@ -716,7 +716,20 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     assert_eq!(on_b.watchers_of("nobody").await, Ok(None));
 
     // A shadow starts on node b: node a counts it, node b reads the count.
-    on_b.watched(&live.id, 1).await;
+    let shadow_of = |jti: &str| NewSession {
+        console: ConsoleType::Novnc,
+        instance: "vm-1".into(),
+        jti: jti.into(),
+        client: "192.0.2.8".parse().unwrap(),
+        target: "127.0.0.1:5901".into(),
+        key: None,
+        view_only: true,
+        shadow_of: Some(live.id.clone()),
+    };
+    let on_b_shadow = on_b
+        .register(shadow_of("shadow-b"), CancellationToken::new())
+        .await;
+    on_b.watched(&live.id, &on_b_shadow.id, 1).await;
     eventually(
         "node a to count the shadow",
         Duration::from_secs(10),
@@ -728,12 +741,41 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     })
     .await;
     assert_eq!(on_a.watchers_of("owner").await, Ok(Some(1)));
-    on_b.watched(&live.id, -1).await;
+    // Said again (each renewal of node b says it): still one.
+    on_b.watched(&live.id, &on_b_shadow.id, 1).await;
+    on_b.deregister(&on_b_shadow).await;
+    on_b.watched(&live.id, &on_b_shadow.id, -1).await;
     eventually(
         "the shadow's end to be read",
         Duration::from_secs(10),
         || async { on_b.watchers_of("owner").await == Ok(Some(0)) },
     )
+    .await;
+    assert_eq!(live.watchers.load(Relaxed), 0);
+
+    // A shadow whose start was never heard (the store was away) is counted
+    // from its node's next renewal; once that node dies, its entry runs
+    // out and it is no longer counted.
+    let c = node(&server, "c").await;
+    let on_c = c.registry("node-c");
+    on_c.register(shadow_of("shadow-c"), CancellationToken::new())
+        .await;
+    eventually(
+        "node a to count node c's shadow",
+        Duration::from_secs(10),
+        || async { live.watchers.load(Relaxed) == 1 },
+    )
+    .await;
+    c.stop.cancel();
+    eventually(
+        "node a to stop counting the dead node's shadow",
+        LEASE * 5,
+        || async { live.watchers.load(Relaxed) == 0 },
+    )
+    .await;
+    eventually("node b to read it", Duration::from_secs(10), || async {
+        on_b.watchers_of("owner").await == Ok(Some(0))
+    })
     .await;
     on_a.deregister(&live).await;
     assert_eq!(on_b.watchers_of("owner").await, Ok(None));
@@ -792,7 +834,22 @@ async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
     let output = format!("test:output:{}", live.id);
     assert_eq!(subscribers(output.clone()).await, 1);
     // The shadow's lifecycle tells the session's node that it watches.
-    on_b.watched(&live.id, 1).await;
+    let on_b_shadow = on_b
+        .register(
+            NewSession {
+                console: ConsoleType::Serial,
+                instance: "vm-1".into(),
+                jti: "shadow".into(),
+                client: "192.0.2.8".parse().unwrap(),
+                target: "127.0.0.1:4555".into(),
+                key: None,
+                view_only: true,
+                shadow_of: Some(live.id.clone()),
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    on_b.watched(&live.id, &on_b_shadow.id, 1).await;
     let seen = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             // Sent until node a forwards (it starts on the Watched message).

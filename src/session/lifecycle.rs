@@ -60,7 +60,7 @@ impl Lifecycle {
         let mut stop = sessions.stop_for(&live);
         if let Some(id) = grant.shadow_of() {
             // Its session's pages may say that it is watched.
-            sessions.registry.watched(id, 1).await;
+            sessions.registry.watched(id, &live.id, 1).await;
             // A shadow ends with the session it watches, on whichever node.
             stop.ended = match sessions.registry.by_id(id).await {
                 Some(watched) => watched.ended.clone(),
@@ -152,7 +152,7 @@ impl Lifecycle {
         });
         self.registry.deregister(live).await;
         if let Some(id) = &live.shadow_of {
-            self.registry.watched(id, -1).await;
+            self.registry.watched(id, &live.id, -1).await;
         }
         // What joined it ends with it.
         live.ended.cancel();
@@ -174,7 +174,7 @@ impl Drop for Lifecycle {
                 }
                 registry.deregister(&live).await;
                 if let Some(id) = &live.shadow_of {
-                    registry.watched(id, -1).await;
+                    registry.watched(id, &live.id, -1).await;
                 }
                 live.ended.cancel();
             });

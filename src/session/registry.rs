@@ -483,9 +483,9 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
     /// handle whose `ended` fires when it ends there (a shadow's parent).
     fn by_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<LiveSession>>>;
 
-    /// Counts a shadow starting (`delta` 1) or ending (-1) on session `id`,
-    /// on whichever node runs it.
-    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()>;
+    /// Counts shadow session `shadow` starting (`delta` 1) or ending (-1)
+    /// on session `id`, on whichever node runs it.
+    fn watched<'a>(&'a self, id: &'a str, shadow: &'a str, delta: i32) -> BoxFuture<'a, ()>;
 
     /// How many shadows watch the sessions of token `jti`: `None` when no
     /// session of it runs (that any node knows of); `Err` when the shared
@@ -536,7 +536,7 @@ impl SessionRegistry for Registry {
         Box::pin(std::future::ready(Registry::by_id(self, id)))
     }
 
-    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()> {
+    fn watched<'a>(&'a self, id: &'a str, _shadow: &'a str, delta: i32) -> BoxFuture<'a, ()> {
         Registry::watched(self, id, delta);
         Box::pin(std::future::ready(()))
     }

@@ -9,10 +9,18 @@
 //! join key, all on the node's lease (written again whole, with its bytes,
 //! every `store.renew_secs`, so what Redis lost is back within one renewal;
 //! a dead node's entries expire, and the list drops them as it meets them). Two channels carry what must reach a session's node:
-//! `<prefix>commands` (terminate) and `<prefix>events` (a session ended, so
-//! the channels that joined it on other nodes end too).
+//! `<prefix>commands` (terminate; a shadow on another node started or ended)
+//! and `<prefix>events` (a session ended, so the channels that joined it on
+//! other nodes end too).
+//!
+//! A session's node counts the shadows other nodes run on it by their
+//! session ids, not by messages alone: a shadow's node says again at each
+//! renewal which shadows it runs, and the session's node drops a shadow
+//! whose entry is gone from the store (its node died, or its end was never
+//! heard), so the count and a serial session's forwarding to the store heal
+//! within a lease.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -41,8 +49,13 @@ enum Message {
     },
     /// This session ended.
     Ended { id: String },
-    /// A shadow of this session started (1) or ended (-1) on another node.
-    Watched { id: String, delta: i32 },
+    /// Shadow session `shadow` of session `id` runs (1; said again at each
+    /// renewal of its node) or ended (-1) on another node.
+    Watched {
+        id: String,
+        shadow: String,
+        delta: i32,
+    },
 }
 
 /// KEYS: key. ARGV: value. Deletes the key if it holds the value.
@@ -65,9 +78,18 @@ pub struct RedisRegistry {
     /// Sessions of other nodes that connections here joined (SPICE channels
     /// on another node than their main channel), by id.
     remote: Mutex<HashMap<String, Arc<LiveSession>>>,
-    /// This node's serial sessions watched by shadows on other nodes: how
-    /// many, by session id. Their output goes to the store while any do.
-    forwarded: Arc<Mutex<HashMap<String, (u32, CancellationToken)>>>,
+    /// This node's sessions watched by shadows on other nodes, by session
+    /// id. A serial one's output goes to the store while any do.
+    watched_from_afar: Arc<Mutex<HashMap<String, AfarWatchers>>>,
+}
+
+/// The shadows other nodes run on one of this node's sessions.
+#[derive(Debug, Default)]
+struct AfarWatchers {
+    /// Their session ids.
+    shadows: HashSet<String>,
+    /// Stops the forwarder of a serial session's output to the store.
+    forwarding: Option<CancellationToken>,
 }
 
 impl RedisRegistry {
@@ -81,7 +103,7 @@ impl RedisRegistry {
             node,
             lease,
             remote: Mutex::default(),
-            forwarded: Arc::default(),
+            watched_from_afar: Arc::default(),
         });
         tokio::spawn(registry.clone().listen(stop));
         registry
@@ -150,11 +172,8 @@ impl RedisRegistry {
                     }
                 }
             }
-            Ok(Message::Watched { id, delta }) => {
-                if self.local.watched(&id, delta) {
-                    self.republish(&id);
-                    self.forward(&id, delta);
-                }
+            Ok(Message::Watched { id, shadow, delta }) => {
+                self.watched_from_afar(&id, &shadow, delta > 0);
             }
             Ok(Message::Ended { id }) => {
                 if let Some(live) = self.remote().remove(&id) {
@@ -236,43 +255,60 @@ impl RedisRegistry {
             .await;
     }
 
-    /// Counts a shadow on another node starting (`delta` 1) or ending (-1)
-    /// on this node's session `id`; the first starts sending what a serial
-    /// session reads to the store (`output:<id>`), the last one's end stops
-    /// it. Chunks are published in order; when the store is slower than the
+    /// Counts shadow session `shadow` on another node starting or ending
+    /// (`starts`) on this node's session `id`, once each way however many
+    /// times it is said. The first to start sends what a serial session
+    /// reads to the store (`output:<id>`), the last one's end stops it.
+    /// Chunks are published in order; when the store is slower than the
     /// console the forwarder lags and skips, the session never waits.
-    fn forward(&self, id: &str, delta: i32) {
+    fn watched_from_afar(&self, id: &str, shadow: &str, starts: bool) {
         let Some(live) = self.local.by_id(id) else {
+            // Not (or no longer) a session of this node.
+            self.forget_watchers_of(id);
             return;
         };
-        let Some(fan_out) = &live.fan_out else {
+        let (changed, forward) = {
+            let mut afar = self
+                .watched_from_afar
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let entry = afar.entry(id.to_string()).or_default();
+            let changed = if starts {
+                entry.shadows.insert(shadow.to_string())
+            } else {
+                entry.shadows.remove(shadow)
+            };
+            if changed {
+                self.local.watched(id, if starts { 1 } else { -1 });
+            }
+            // One forwarder per watched session, stopped when the last
+            // shadow leaves: one that comes back at once never finds two,
+            // or none.
+            let mut forward = None;
+            if entry.shadows.is_empty() {
+                if let Some(stop) = entry.forwarding.take() {
+                    stop.cancel();
+                }
+                afar.remove(id);
+            } else if entry.forwarding.is_none()
+                && let Some(fan_out) = &live.fan_out
+            {
+                let stop = CancellationToken::new();
+                entry.forwarding = Some(stop.clone());
+                forward = Some((fan_out.subscribe(), stop));
+            }
+            (changed, forward)
+        };
+        if changed {
+            self.republish(id);
+        }
+        let Some((mut rx, stop)) = forward else {
             return;
         };
-        // One forwarder per watched session: started by the first remote
-        // shadow, stopped (its token) when the last one leaves, so a shadow
-        // that comes back at once never finds two, or none.
-        let stop = {
-            let mut forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
-            let (n, stop) = forwarded
-                .entry(id.to_string())
-                .or_insert_with(|| (0, CancellationToken::new()));
-            let was = *n;
-            *n = n.saturating_add_signed(delta);
-            if *n == 0 {
-                stop.cancel();
-                forwarded.remove(id);
-                return;
-            }
-            if was > 0 {
-                return;
-            }
-            stop.clone()
-        };
-        let mut rx = fan_out.subscribe();
         let channel = self.redis.key(&["output", id]);
-        let (redis, forwarded, id, ended) = (
+        let (redis, afar, id, ended) = (
             self.redis.clone(),
-            self.forwarded.clone(),
+            self.watched_from_afar.clone(),
             id.to_string(),
             live.ended.clone(),
         );
@@ -292,14 +328,78 @@ impl RedisRegistry {
                 let _ = redis.cmd::<i64>(publish).await;
             }
             // The session ended (its id is never used again): its entry goes.
-            let gone = forwarded
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            if let Some((_, stop)) = gone {
+            let gone = afar.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            if let Some(stop) = gone.and_then(|w| w.forwarding) {
                 stop.cancel();
             }
         });
+    }
+
+    /// Shadows on other nodes counted on this node's sessions whose entry
+    /// is gone from the store (their node died, or their end was never
+    /// heard): no longer counted.
+    async fn forget_departed_watchers(&self) {
+        let ended: Vec<String> = self
+            .watched_from_afar
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|id| self.local.by_id(id).is_none())
+            .cloned()
+            .collect();
+        for id in ended {
+            self.forget_watchers_of(&id);
+        }
+        let counted: Vec<(String, String)> = self
+            .watched_from_afar
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flat_map(|(id, w)| w.shadows.iter().map(|s| (id.clone(), s.clone())))
+            .collect();
+        if counted.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for (_, shadow) in &counted {
+            pipe.exists(self.redis.key(&["session", shadow]));
+        }
+        let Ok(exist) = self.redis.pipe::<Vec<bool>>(pipe).await else {
+            return;
+        };
+        for ((id, shadow), _) in counted.iter().zip(exist).filter(|(_, e)| !*e) {
+            tracing::info!(session = %id, shadow = %shadow, "a shadow on another node is gone from the store: no longer counted");
+            self.watched_from_afar(id, shadow, false);
+        }
+    }
+
+    fn forget_watchers_of(&self, id: &str) {
+        let gone = self
+            .watched_from_afar
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(stop) = gone.and_then(|w| w.forwarding) {
+            stop.cancel();
+        }
+    }
+
+    /// Says again which shadows this node runs on other nodes' sessions
+    /// (their `Watched` may have been lost, or their session's node
+    /// forgotten them as gone while the store was away).
+    async fn announce_shadows(&self, live: &[Arc<LiveSession>]) {
+        for s in live {
+            let Some(id) = &s.shadow_of else { continue };
+            if self.local.by_id(id).is_some() {
+                continue;
+            }
+            let message = Message::Watched {
+                id: id.clone(),
+                shadow: s.id.clone(),
+                delta: 1,
+            };
+            self.publish("commands", &message).await;
+        }
     }
 
     /// Other nodes' sessions followed here whose entry is gone (their node
@@ -421,6 +521,7 @@ impl super::Leases for RedisRegistry {
     /// lease is renewed by the same writes.
     async fn renew(&self) {
         self.forget_ended_remotes().await;
+        self.forget_departed_watchers().await;
         let live = self.local.live();
         if live.is_empty() {
             return;
@@ -440,6 +541,7 @@ impl super::Leases for RedisRegistry {
                 return;
             }
         };
+        self.announce_shadows(&live).await;
         for (s, _) in live.iter().zip(revoked).filter(|(_, r)| *r) {
             let one = Selector {
                 id: Some(s.id.clone()),
@@ -518,7 +620,7 @@ impl SessionRegistry for RedisRegistry {
         })
     }
 
-    fn watched<'a>(&'a self, id: &'a str, delta: i32) -> BoxFuture<'a, ()> {
+    fn watched<'a>(&'a self, id: &'a str, shadow: &'a str, delta: i32) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if self.local.watched(id, delta) {
                 if let Some(live) = self.local.by_id(id) {
@@ -528,6 +630,7 @@ impl SessionRegistry for RedisRegistry {
             }
             let message = Message::Watched {
                 id: id.to_string(),
+                shadow: shadow.to_string(),
                 delta,
             };
             self.publish("commands", &message).await;

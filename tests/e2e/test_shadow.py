@@ -22,7 +22,7 @@ from peers import RedisServer
 from screen import differing_fraction, seabios_screen, vnc_capture, wait_for_final_vnc_screen
 from spice_wire import MAIN, Channel
 from support import HERE, Porthole, close_code, refused, rfb_client_handshake, wait_for, ws_url
-from harness import run  # noqa: E402 (support puts tests/interop on the path)
+from harness import http, run  # noqa: E402 (support puts tests/interop on the path)
 from vm import VM
 
 
@@ -600,8 +600,34 @@ def test_a_shadow_on_another_node_ends_when_its_session_is_ended(tmp_path, vm):
         assert b"Press ESC" in both.seen["owner"] or b"SeaBIOS" in both.seen["owner"], both.seen["owner"][-300:]
         owner.close()
         assert close_code(shadow, within=20) not in (None, 1006)
+
+        # Node b dies while its shadow watches: node a stops counting that
+        # shadow once node b's entries run out (its lease, 3 s), and the
+        # owner's page stops saying it is watched.
+        def watched(token):
+            status, body = http("GET", f"{a.base}/watched?token={token}")
+            assert status == 200, body
+            return json.loads(body)["watched"]
+
+        serial = a.mint("serial", vm.serial_port, ttl=300)
+        owner = connect(ws_url(a, "serial", serial["token"]), subprotocols=["binary"], open_timeout=10)
+        serial_id = session_of(b, serial["jti"])
+        answer = shadow_by_api(b, serial_id, actor="erin")
+        shadow = connect(ws_url(b, "serial", answer["token"]), subprotocols=["binary"], open_timeout=10)
+        listed_as_shadow(a, serial_id, answer["jti"])
+        wait_for(lambda: watched(serial["token"]), "the owner's page never said it is watched")
+        b.gateway.proc.kill()
+        b.gateway.proc.wait(timeout=10)
+        died = time.monotonic()
+        wait_for(lambda: watched(serial["token"]) is False,
+                 "node a still counts the shadow of a node that died", within=30)
+        print(f"cluster: node a stopped counting node b's shadow {time.monotonic() - died:.1f} s after node b died")
+        assert [s["id"] for s in sessions(a)] == [serial_id], sessions(a)
+        owner.close()
     finally:
         for p in nodes:
+            if p.gateway.proc.returncode == -9:
+                continue  # node b, killed above
             assert p.gateway.stop() == 0, p.log()[-3000:]
         redis.stop()
 
