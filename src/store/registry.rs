@@ -264,7 +264,7 @@ impl RedisRegistry {
     fn watched_from_afar(&self, id: &str, shadow: &str, starts: bool) {
         let Some(live) = self.local.by_id(id) else {
             // Not (or no longer) a session of this node.
-            self.forget_watchers_of(id);
+            forget_watchers(&self.watched_from_afar, id);
             return;
         };
         let (changed, forward) = {
@@ -328,10 +328,7 @@ impl RedisRegistry {
                 let _ = redis.cmd::<i64>(publish).await;
             }
             // The session ended (its id is never used again): its entry goes.
-            let gone = afar.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            if let Some(stop) = gone.and_then(|w| w.forwarding) {
-                stop.cancel();
-            }
+            forget_watchers(&afar, &id);
         });
     }
 
@@ -339,24 +336,23 @@ impl RedisRegistry {
     /// is gone from the store (their node died, or their end was never
     /// heard): no longer counted.
     async fn forget_departed_watchers(&self) {
-        let ended: Vec<String> = self
-            .watched_from_afar
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .filter(|id| self.local.by_id(id).is_none())
-            .cloned()
-            .collect();
-        for id in ended {
-            self.forget_watchers_of(&id);
-        }
-        let counted: Vec<(String, String)> = self
-            .watched_from_afar
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .flat_map(|(id, w)| w.shadows.iter().map(|s| (id.clone(), s.clone())))
-            .collect();
+        let counted: Vec<(String, String)> = {
+            let mut afar = self
+                .watched_from_afar
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Sessions that ended here take their entries with them.
+            afar.retain(|id, w| {
+                let runs = self.local.by_id(id).is_some();
+                if let (false, Some(stop)) = (runs, &w.forwarding) {
+                    stop.cancel();
+                }
+                runs
+            });
+            afar.iter()
+                .flat_map(|(id, w)| w.shadows.iter().map(|s| (id.clone(), s.clone())))
+                .collect()
+        };
         if counted.is_empty() {
             return;
         }
@@ -370,17 +366,6 @@ impl RedisRegistry {
         for ((id, shadow), _) in counted.iter().zip(exist).filter(|(_, e)| !*e) {
             tracing::info!(session = %id, shadow = %shadow, "a shadow on another node is gone from the store: no longer counted");
             self.watched_from_afar(id, shadow, false);
-        }
-    }
-
-    fn forget_watchers_of(&self, id: &str) {
-        let gone = self
-            .watched_from_afar
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if let Some(stop) = gone.and_then(|w| w.forwarding) {
-            stop.cancel();
         }
     }
 
@@ -471,6 +456,15 @@ impl RedisRegistry {
             let _ = self.redis.cmd::<i64>(srem).await;
         }
         live
+    }
+}
+
+/// Drops what counted the remote shadows of session `id` (it ended here),
+/// and stops its forwarder.
+fn forget_watchers(afar: &Mutex<HashMap<String, AfarWatchers>>, id: &str) {
+    let gone = afar.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    if let Some(stop) = gone.and_then(|w| w.forwarding) {
+        stop.cancel();
     }
 }
 
