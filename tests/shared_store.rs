@@ -766,6 +766,56 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
         || async { live.watchers.load(Relaxed) == 1 },
     )
     .await;
+    // A node of the version before shadows were named (a rolling upgrade)
+    // says +1 and -1 without the shadow's id: counted as a sum, as it was,
+    // and an end too many takes nothing from node c's shadow.
+    let older = |id: String, delta: i32| {
+        let mut con = con.clone();
+        let message = format!(r#"{{"op":"watched","id":"{id}","delta":{delta}}}"#);
+        async move {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("test:commands")
+                .arg(message)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+        }
+    };
+    older(live.id.clone(), 1).await;
+    older(live.id.clone(), 1).await;
+    eventually(
+        "node a to count an older node's two shadows beside node c's",
+        Duration::from_secs(10),
+        || async { live.watchers.load(Relaxed) == 3 },
+    )
+    .await;
+    for _ in 0..3 {
+        older(live.id.clone(), -1).await;
+    }
+    // Node a reads its messages in order: once a later one is counted on
+    // another session, the three ends have been.
+    let other = on_a
+        .register(
+            NewSession {
+                jti: "other".into(),
+                shadow_of: None,
+                view_only: false,
+                ..shadow_of("other")
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    older(other.id.clone(), 1).await;
+    eventually("node a to read on", Duration::from_secs(10), || async {
+        other.watchers.load(Relaxed) == 1
+    })
+    .await;
+    assert_eq!(
+        live.watchers.load(Relaxed),
+        1,
+        "node c's shadow still counts"
+    );
+    on_a.deregister(&other).await;
     c.stop.cancel();
     eventually(
         "node a to stop counting the dead node's shadow",

@@ -49,13 +49,20 @@ enum Message {
     },
     /// This session ended.
     Ended { id: String },
-    /// Shadow session `shadow` of session `id` runs (1; said again at each
-    /// renewal of its node) or ended (-1) on another node.
+    /// Shadow session `shadow` of session `id` started (1) or ended (-1) on
+    /// another node. Nodes before the shadow's id was sent leave it out:
+    /// theirs are counted as a plain sum, as they were.
     Watched {
         id: String,
+        #[serde(default)]
         shadow: String,
         delta: i32,
     },
+    /// Shadow session `shadow` of session `id` still runs on another node
+    /// (said at each renewal of its node). Its own message, not a repeated
+    /// `Watched`: a node that predates it ignores it, where it would count
+    /// every repetition as one more shadow.
+    Watching { id: String, shadow: String },
 }
 
 /// KEYS: key. ARGV: value. Deletes the key if it holds the value.
@@ -88,6 +95,9 @@ pub struct RedisRegistry {
 struct AfarWatchers {
     /// Their session ids.
     shadows: HashSet<String>,
+    /// Shadows of nodes that do not say their id (an older version, during
+    /// a rolling upgrade): a count, never forgotten by the renewal.
+    unnamed: u32,
     /// Stops the forwarder of a serial session's output to the store.
     forwarding: Option<CancellationToken>,
 }
@@ -174,6 +184,9 @@ impl RedisRegistry {
             }
             Ok(Message::Watched { id, shadow, delta }) => {
                 self.watched_from_afar(&id, &shadow, delta > 0);
+            }
+            Ok(Message::Watching { id, shadow }) => {
+                self.watched_from_afar(&id, &shadow, true);
             }
             Ok(Message::Ended { id }) => {
                 if let Some(live) = self.remote().remove(&id) {
@@ -273,10 +286,20 @@ impl RedisRegistry {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             let entry = afar.entry(id.to_string()).or_default();
-            let changed = if starts {
-                entry.shadows.insert(shadow.to_string())
-            } else {
-                entry.shadows.remove(shadow)
+            let changed = match (shadow.is_empty(), starts) {
+                (false, true) => entry.shadows.insert(shadow.to_string()),
+                (false, false) => entry.shadows.remove(shadow),
+                (true, true) => {
+                    entry.unnamed += 1;
+                    true
+                }
+                (true, false) => match entry.unnamed.checked_sub(1) {
+                    Some(n) => {
+                        entry.unnamed = n;
+                        true
+                    }
+                    None => false,
+                },
             };
             if changed {
                 self.local.watched(id, if starts { 1 } else { -1 });
@@ -285,7 +308,7 @@ impl RedisRegistry {
             // shadow leaves: one that comes back at once never finds two,
             // or none.
             let mut forward = None;
-            if entry.shadows.is_empty() {
+            if entry.shadows.is_empty() && entry.unnamed == 0 {
                 if let Some(stop) = entry.forwarding.take() {
                     stop.cancel();
                 }
@@ -375,13 +398,14 @@ impl RedisRegistry {
     async fn announce_shadows(&self, live: &[Arc<LiveSession>]) {
         for s in live {
             let Some(id) = &s.shadow_of else { continue };
-            if self.local.by_id(id).is_some() {
+            // Not for a shadow that ended since `live` was read: its end
+            // (-1) may be on its way, and this would count it again.
+            if self.local.by_id(id).is_some() || self.local.by_id(&s.id).is_none() {
                 continue;
             }
-            let message = Message::Watched {
+            let message = Message::Watching {
                 id: id.clone(),
                 shadow: s.id.clone(),
-                delta: 1,
             };
             self.publish("commands", &message).await;
         }
