@@ -6,6 +6,7 @@
 
 mod common;
 
+mod build_profile;
 mod config_files;
 mod dependency_rule;
 mod issuance;
