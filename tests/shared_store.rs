@@ -741,7 +741,7 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     })
     .await;
     assert_eq!(on_a.watchers_of("owner").await, Ok(Some(1)));
-    // Said again (each renewal of node b says it): still one.
+    // Said twice (a repeated message): still one.
     on_b.watched(&live.id, &on_b_shadow.id, 1).await;
     on_b.deregister(&on_b_shadow).await;
     on_b.watched(&live.id, &on_b_shadow.id, -1).await;

@@ -399,7 +399,10 @@ impl RedisRegistry {
         for s in live {
             let Some(id) = &s.shadow_of else { continue };
             // Not for a shadow that ended since `live` was read: its end
-            // (-1) may be on its way, and this would count it again.
+            // (-1) may be on its way, and this would count it again. (One
+            // that ends between this check and the publish can still be
+            // counted again: its session's node forgets it once its entry
+            // is gone from the store, within a lease or two.)
             if self.local.by_id(id).is_some() || self.local.by_id(&s.id).is_none() {
                 continue;
             }
@@ -788,5 +791,43 @@ impl SessionRegistry for RedisRegistry {
             hit.extend(elsewhere);
             hit
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Message;
+
+    /// What nodes of every version say to each other reads as meant.
+    #[test]
+    fn messages_read_across_versions() {
+        // A node from before shadows were named: counted as a plain sum.
+        let old: Message =
+            serde_json::from_str(r#"{"op":"watched","id":"s1","delta":-1}"#).unwrap();
+        assert!(
+            matches!(&old, Message::Watched { id, shadow, delta: -1 } if id == "s1" && shadow.is_empty())
+        );
+        // This version's start and renewal, as they go on the wire.
+        let start = serde_json::to_value(Message::Watched {
+            id: "s1".into(),
+            shadow: "s2".into(),
+            delta: 1,
+        })
+        .unwrap();
+        assert_eq!(
+            start,
+            serde_json::json!({"op": "watched", "id": "s1", "shadow": "s2", "delta": 1})
+        );
+        let renewal = serde_json::to_value(Message::Watching {
+            id: "s1".into(),
+            shadow: "s2".into(),
+        })
+        .unwrap();
+        // Not "watched": an older node, which counts every "watched" +1,
+        // must find nothing it knows here.
+        assert_eq!(
+            renewal,
+            serde_json::json!({"op": "watching", "id": "s1", "shadow": "s2"})
+        );
     }
 }

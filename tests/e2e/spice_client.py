@@ -94,9 +94,11 @@ def wait_for_final_spice_screen(vm, tmp_path):
         time.sleep(0.5)
 
 
-def remote_viewer_connects(vv, tmp_path, timeout=30):
+def remote_viewer_connects(vv, tmp_path, timeout=30, then=None):
     """Opens the .vv file in remote-viewer (virt-viewer) on a virtual X
-    display; true once spice-gtk reports the display channel up."""
+    display; true once spice-gtk reports the display channel up (and, if
+    given, `then()` is true while it still runs: its other channels link
+    after the display's)."""
     log = tmp_path / "remote-viewer.log"
     with open(log, "w") as out:
         p = subprocess.Popen(["xvfb-run", "-a", "remote-viewer", "--debug", str(vv)], stdout=out,
@@ -106,7 +108,7 @@ def remote_viewer_connects(vv, tmp_path, timeout=30):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = log.read_text(errors="replace")
-            if re.search(r"display-2:0: channel up", text):
+            if re.search(r"display-2:0: channel up", text) and (then is None or then()):
                 return True
             if p.poll() is not None:
                 break
