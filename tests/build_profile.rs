@@ -114,7 +114,6 @@ fn dependency_graph() -> (BTreeSet<String>, BTreeSet<String>) {
 const RUN_UNOPTIMISED: &[&str] = &[
     "clap_builder",
     "criterion",
-    "redis",
     "regex-automata",
     "regex-syntax",
     "reqwest",

@@ -77,7 +77,9 @@ def downloads_match_the_audit_trail(p, finished, console_token, playback_token):
     assert status == 401 and b"SeaBIOS" not in body, (status, body[:200])
     status, _, _ = get(f"http://127.0.0.1:{p.admin_port}/v1/recordings/nothing/file", bearer=p.bearer.read_text())
     assert status == 404
-    downloaded = [e for e in p.audit() if e["event"] == "recording_downloaded"]
+    # The audit trail is written beside the answer, not before it.
+    downloaded = wait_for(lambda: [e for e in p.audit() if e["event"] == "recording_downloaded"],
+                          "the download in the audit trail")
     assert [e["recording"] for e in downloaded] == [session], downloaded
 
 
