@@ -23,6 +23,17 @@ def seabios_screen(path):
     return img
 
 
+def seabios_capture(capture):
+    """Runs `capture()` (which returns an image's path) until it shows
+    SeaBIOS's screen, twice at most: SeaBIOS clears its screen to retry the
+    boot every few seconds, and a capture in that moment is blank. Returns
+    the image; the second blank capture fails with its reason."""
+    try:
+        return seabios_screen(capture())
+    except AssertionError:
+        return seabios_screen(capture())
+
+
 def differing_fraction(a, b):
     a = Image.open(a).convert("RGB")
     b = Image.open(b).convert("RGB")

@@ -8,7 +8,7 @@ import time
 
 from support import browser
 from harness import Gateway, free_port, http
-from screen import seabios_screen
+from screen import seabios_capture
 from spice_client import remote_viewer_connects, spicy_capture
 
 
@@ -29,15 +29,11 @@ def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
             vnc_url.split("token=")[1].split(".")[1] + "==").decode()).group(1))
 
         # SeaBIOS retries its boot every few seconds: one retry of the check is allowed.
-        for attempt in range(2):
+        def novnc_shot():
             result = browser("vnc", vnc_url, tmp_path / "demo.png", 4000)
             assert result["state"] == "connected", result
-            try:
-                seabios_screen(tmp_path / "demo.png")
-                break
-            except AssertionError:
-                if attempt:
-                    raise
+            return tmp_path / "demo.png"
+        seabios_capture(novnc_shot)
         result = browser("serial", serial_url, 12000)
         assert result["state"] == "connected", result
         assert "SeaBIOS" in result["terminal"], result
@@ -46,22 +42,16 @@ def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
         # client through Porthole's TLS listener, trusting the development CA
         # the details carry), and as the .vv file remote-viewer opens as it is.
         vv_url = re.search(r"curl -so console.vv '(\S+)'", banner).group(1)
-        # One retry here too (a capture as SeaBIOS clears its screen to retry
-        # the boot is blank), with a fresh ticket: the first one is spent.
-        for attempt in range(2):
+        # The same one retry, with a fresh ticket: the first one is spent.
+        def spice_shot():
             status, body = http("GET", vv_url + "&format=json")
             assert status == 200, body
             details = json.loads(body)
             ca = tmp_path / "ca.pem"
             ca.write_text(details["ca"])
-            shot = spicy_capture(tmp_path / "spice.png", details["host"], details["ticket"],
+            return spicy_capture(tmp_path / "spice.png", details["host"], details["ticket"],
                                  tls_port=details["tls_port"], ca_file=ca)
-            try:
-                seabios_screen(shot)
-                break
-            except AssertionError:
-                if attempt:
-                    raise
+        seabios_capture(spice_shot)
         vv = tmp_path / "console.vv"
         status, body = http("GET", vv_url)
         assert status == 200 and body.startswith("[virt-viewer]"), body
