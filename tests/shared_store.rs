@@ -567,6 +567,59 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
 }
 
 #[tokio::test]
+async fn a_node_that_sees_a_terminates_revocation_first_ends_the_session_in_the_operators_name() {
+    use porthole::session::registry::{NewSession, Selector, SessionRegistry};
+    // An operator's terminate on node b revokes the token, then tells node
+    // a. Node a's renewal may read the revocation first: here it always
+    // does (nothing is told), and ends the session itself.
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let session = |jti: &str| NewSession {
+        console: ConsoleType::Novnc,
+        instance: "vm-1".into(),
+        jti: jti.into(),
+        client: "192.0.2.7".parse().unwrap(),
+        target: "127.0.0.1:5900".into(),
+        key: None,
+        view_only: false,
+        shadow_of: None,
+    };
+    let (named, bare) = (
+        on_a.register(session("j1"), CancellationToken::new()).await,
+        on_a.register(session("j2"), CancellationToken::new()).await,
+    );
+    let listed = on_b
+        .list(&Selector {
+            jti: Some("j1".into()),
+            ..Selector::default()
+        })
+        .await;
+    assert_eq!(listed.len(), 1);
+    // Who ends it is written before the revocation: the renewal reads both.
+    on_b.ending(&listed, "dave", "maintenance").await;
+    let now = unix_now();
+    for jti in ["j1", "j2"] {
+        b.revocations.revoke_jti(jti, now + 600, now).await.unwrap();
+    }
+    for live in [&named, &bare] {
+        tokio::time::timeout(LEASE * 5, live.cancel.cancelled())
+            .await
+            .expect("node a's renewal ended the session of a revoked token");
+    }
+    let by = |live: &porthole::session::registry::LiveSession| {
+        let t = live.terminated.get().unwrap();
+        (t.by.clone(), t.reason.clone())
+    };
+    assert_eq!(by(&named), ("dave".into(), "maintenance".into()));
+    // A revocation nobody said more of ends its session as a revocation.
+    assert_eq!(
+        by(&bare),
+        ("revocation".into(), "its token was revoked".into())
+    );
+}
+
+#[tokio::test]
 async fn the_shared_store_treats_takeover_as_reconnect_as_the_memory_store_does() {
     // The session layer ends the running session, then redeems: the store
     // itself still refuses a second session while the first holds the token.

@@ -355,8 +355,12 @@ async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str
     // to any node, must find the revocation already there. Ended first, a
     // session on another node closes while this node still writes it, and
     // its lease is free: the token would open a new session.
+    let listed = s.sessions.registry.list(sel).await;
+    // Its node may see the revocation before it is told to end it: it then
+    // ends it in this operator's name too.
+    s.sessions.registry.ending(&listed, by, reason).await;
     let mut dead = HashSet::new();
-    for view in s.sessions.registry.list(sel).await {
+    for view in &listed {
         if dead.insert(view.jti.clone()) {
             kill_token(s, &view.jti, now).await;
         }
@@ -367,13 +371,32 @@ async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str
         if dead.insert(live.jti.clone()) {
             kill_token(s, &live.jti, now).await;
         }
-        crate::metrics::admin_action("terminate");
-        tracing::info!(session = %live.id, jti = %live.jti, instance = %live.instance, by, reason, "session terminated");
-        AuditEvent::admin("session_terminated", by, reason)
-            .session(&live.record())
-            .emit();
+        terminated(&live.record(), by, reason);
     }
-    ended.iter().map(|l| l.id.clone()).collect()
+    // Listed, its token revoked, and gone by the terminate: its node saw
+    // the revocation first and ended it (or it ended by itself in between).
+    // Ended by this request either way: answered and audited as such.
+    let gone: Vec<&SessionView> = listed
+        .iter()
+        .filter(|v| !ended.iter().any(|l| l.id == v.id))
+        .collect();
+    for view in &gone {
+        terminated(&view.record(), by, reason);
+    }
+    ended
+        .iter()
+        .map(|l| l.id.clone())
+        .chain(gone.iter().map(|v| v.id.clone()))
+        .collect()
+}
+
+/// Counts, logs and audits one session an operator ended.
+fn terminated(session: &crate::audit::SessionRecord<'_>, by: &str, reason: &str) {
+    crate::metrics::admin_action("terminate");
+    tracing::info!(session = %session.id, jti = %session.jti, instance = %session.instance, by, reason, "session terminated");
+    AuditEvent::admin("session_terminated", by, reason)
+        .session(session)
+        .emit();
 }
 
 /// Revokes `jti` (for as long as a token can be valid) and its unused tickets.

@@ -198,6 +198,21 @@ pub struct SessionView {
     pub shadows: Vec<String>,
 }
 
+impl SessionView {
+    /// What identifies it in the audit trail.
+    pub fn record(&self) -> crate::audit::SessionRecord<'_> {
+        crate::audit::SessionRecord {
+            id: &self.id,
+            console: self.console,
+            instance: &self.instance,
+            jti: &self.jti,
+            client: self.client,
+            target: &self.target,
+            view_only: self.view_only,
+        }
+    }
+}
+
 impl LiveSession {
     /// What identifies it in the audit trail.
     pub fn record(&self) -> crate::audit::SessionRecord<'_> {
@@ -512,6 +527,19 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
         by: &'a str,
         reason: &'a str,
     ) -> BoxFuture<'a, Vec<Arc<LiveSession>>>;
+
+    /// Says who is about to end `sessions` and why, before their tokens
+    /// are revoked: a node that sees a revocation before it is told to end
+    /// the session (its renewal reads revocations) ends it as `by`'s, not
+    /// as a bare revocation. One registry alone reads no revocations.
+    fn ending<'a>(
+        &'a self,
+        _sessions: &'a [SessionView],
+        _by: &'a str,
+        _reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl SessionRegistry for Registry {

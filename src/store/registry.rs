@@ -65,6 +65,15 @@ enum Message {
     Watching { id: String, shadow: String },
 }
 
+/// Who is ending a session and why (`ending:<id>`), written before its
+/// token is revoked: the renewal that sees the revocation before the
+/// `Terminate` arrives ends it in their name.
+#[derive(Debug, Serialize, Deserialize)]
+struct Ending {
+    by: String,
+    reason: String,
+}
+
 /// KEYS: key. ARGV: value. Deletes the key if it holds the value.
 const DELETE_IF: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -563,17 +572,35 @@ impl super::Leases for RedisRegistry {
             }
         };
         self.announce_shadows(&live).await;
-        for (s, _) in live.iter().zip(revoked).filter(|(_, r)| *r) {
+        let revoked: Vec<_> = live.iter().zip(revoked).filter(|(_, r)| *r).collect();
+        // Mostly an operator's terminate, on its way on the command channel.
+        let endings = if revoked.is_empty() {
+            Vec::new()
+        } else {
+            let mut pipe = redis::pipe();
+            for (s, _) in &revoked {
+                pipe.get(self.redis.key(&["ending", &s.id]));
+            }
+            self.redis
+                .pipe::<Vec<Option<String>>>(pipe)
+                .await
+                .unwrap_or_default()
+        };
+        for (i, (s, _)) in revoked.iter().enumerate() {
             let one = Selector {
                 id: Some(s.id.clone()),
                 ..Selector::default()
             };
-            if !self
-                .local
-                .terminate(&one, "revocation", "its token was revoked")
-                .is_empty()
-            {
-                tracing::info!(session = %s.id, jti = %s.jti, "session ended: its token was revoked (seen at renewal)");
+            let ending = endings
+                .get(i)
+                .and_then(Option::as_deref)
+                .and_then(|e| serde_json::from_str::<Ending>(e).ok());
+            let (by, reason) = match &ending {
+                Some(e) => (e.by.as_str(), e.reason.as_str()),
+                None => ("revocation", "its token was revoked"),
+            };
+            if !self.local.terminate(&one, by, reason).is_empty() {
+                tracing::info!(session = %s.id, jti = %s.jti, by, reason, "session ended: its token was revoked (seen at renewal)");
             }
         }
         // A session that ended while the renewal was on its way may have
@@ -790,6 +817,41 @@ impl SessionRegistry for RedisRegistry {
             }
             hit.extend(elsewhere);
             hit
+        })
+    }
+
+    fn ending<'a>(
+        &'a self,
+        sessions: &'a [SessionView],
+        by: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if sessions.is_empty() {
+                return;
+            }
+            let ending = serde_json::to_string(&Ending {
+                by: by.to_string(),
+                reason: reason.to_string(),
+            })
+            .expect("two strings serialise");
+            // Read at the next renewal of the node that runs it, if the
+            // revocation reaches it first; then no longer needed.
+            let keep = (self.lease * 2).as_millis() as u64;
+            let mut pipe = redis::pipe();
+            for s in sessions {
+                pipe.cmd("SET")
+                    .arg(self.redis.key(&["ending", &s.id]))
+                    .arg(&ending)
+                    .arg("PX")
+                    .arg(keep)
+                    .ignore();
+            }
+            if let Err(e) = self.redis.pipe::<()>(pipe).await {
+                // Its node then ends it as a bare revocation, if the
+                // revocation reaches it before the command.
+                tracing::debug!("who ends the sessions was not written: {e}");
+            }
         })
     }
 }
