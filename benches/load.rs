@@ -1133,6 +1133,26 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
     }
 }
 
+/// How long an idle-memory sample lets its process settle: after it
+/// started (and after the last one stopped) and once its sessions are idle.
+/// A smoke pass only proves the table works: its figures are not read.
+#[derive(Clone, Copy)]
+struct Settle {
+    started: Duration,
+    idle: Duration,
+}
+
+impl Settle {
+    const MEASURE: Settle = Settle {
+        started: Duration::from_millis(300),
+        idle: Duration::from_millis(500),
+    };
+    const SMOKE: Settle = Settle {
+        started: Duration::from_millis(20),
+        idle: Duration::from_millis(20),
+    };
+}
+
 /// On a fresh `target`, opens exactly `sessions` sessions one after
 /// another, each carrying `carried` before the next opens (panics if any
 /// fails: a cap or a limit must not silently shrink the sample), and
@@ -1142,10 +1162,11 @@ async fn idle_memory(
     target: Target,
     sessions: usize,
     carried: Carried,
+    settle: Settle,
 ) -> Option<f64> {
     let proxy = fresh(s, target)?;
     let pid = proxy.child.id();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(settle.started).await;
     let before = rss_kib(Some(pid))?;
     let mut held = Vec::with_capacity(sessions);
     for _ in 0..sessions {
@@ -1186,7 +1207,7 @@ async fn idle_memory(
             panic!("{} at {sessions}, all at once: {e}", target.name());
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(settle.idle).await;
     let after = rss_kib(Some(pid))?;
     assert_eq!(held.len(), sessions, "{} sessions opened", target.name());
     drop(held);
@@ -1527,7 +1548,7 @@ async fn run(full: bool, only: Option<&str>) {
         // Porthole and the relay only (websockify is in the full run).
         let counts: &[usize] = if full { &[1000, 9000] } else { &[20] };
         let targets = [Target::Porthole, Target::PortholeNative, Target::Relay];
-        idle_memory_table(&s, &targets, counts).await;
+        idle_memory_table(&s, &targets, counts, full).await;
     }
     if only.is_none_or(|p| p == "view-only") {
         view_only_compare(&s, full).await;
@@ -1627,7 +1648,8 @@ async fn throughput_rows(
 /// processes, for sessions that carried nothing, a first screen, or 64 KiB
 /// each way (websockify: fresh only; a Python process per session, its
 /// buffers are not the question).
-async fn idle_memory_table(s: &Arc<Setup>, targets: &[Target], counts: &[usize]) {
+async fn idle_memory_table(s: &Arc<Setup>, targets: &[Target], counts: &[usize], full: bool) {
+    let settle = if full { Settle::MEASURE } else { Settle::SMOKE };
     println!(
         "\n## resident memory per idle session (KiB; RSS of a fresh process, per session, sessions opened one after another)"
     );
@@ -1659,11 +1681,11 @@ async fn idle_memory_table(s: &Arc<Setup>, targets: &[Target], counts: &[usize])
                     cells.push("n/m".to_string());
                     continue;
                 }
-                cells.push(match idle_memory(s, t, asked, carried).await {
+                cells.push(match idle_memory(s, t, asked, carried, settle).await {
                     Some(kib) => format!("{kib:.1}"),
                     None => "n/a".into(),
                 });
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(settle.started).await;
             }
             println!("| {} | {asked} | {} |", t.name(), cells.join(" | "));
         }
@@ -1694,7 +1716,7 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
             .filter(|t| *t != Target::RelayOpts)
             .collect();
         idle_targets.insert(2, Target::PortholeNative);
-        idle_memory_table(s, &idle_targets, &idle_counts).await;
+        idle_memory_table(s, &idle_targets, &idle_counts, full).await;
     }
 
     println!("\n## throughput (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved");
