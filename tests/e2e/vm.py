@@ -143,14 +143,7 @@ class VM:
         self.spice_ca = self.spice_host_subject = None
         spice_args = []
         if spice:
-            # free_port() releases its port: draw until the three differ.
-            taken = {self.serial_port}
-            for attr in ("spice_port", "spice_tls_port"):
-                port = free_port()
-                while port in taken:
-                    port = free_port()
-                setattr(self, attr, port)
-                taken.add(port)
+            self.spice_port, self.spice_tls_port = free_port(), free_port()
             if spice_certs is None:
                 certs = workdir / "spice-certs"
                 self.spice_host_subject = make_spice_certs(certs)

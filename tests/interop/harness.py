@@ -89,25 +89,38 @@ def _ephemeral_range():
         return 32768, 60999
 
 
+_handed_out = set()
+
+
 def free_port():
     """A loopback port free now, for a server a test starts next. Chosen
     below the kernel's ephemeral range: a port the kernel handed out for
     bind(0) is also what it hands the next client socket as its source
     port, and a flood's thousands of client sockets then take it before the
-    server binds it (EADDRINUSE). Random, so parallel picks rarely meet."""
+    server binds it (EADDRINUSE). Each pytest-xdist worker draws from its
+    own slice of that range, and a process never hands out one port twice:
+    a port is free only until its server binds it, so a second draw before
+    that bind (a Porthole's admin and SPICE ports, CI's stop 30) or another
+    worker's draw could otherwise return it again."""
     import random
     lo = _ephemeral_range()[0]
-    for _ in range(200):
-        port = random.randrange(10000, max(lo, 10001))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    per = max((lo - 10000) // count, 100)
+    first = 10000 + (index % count) * per
+    for _ in range(400):
+        port = random.randrange(first, first + per)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {first}-{first + per - 1} after 400 draws")
 
 
 def http(method, url, body=None, bearer=None, timeout=10):
