@@ -669,6 +669,81 @@ async fn a_spice_ticket_the_hypervisor_refuses_gives_the_client_a_generic_error(
     g.stop().await;
 }
 
+/// A display channel whose session stops while the hypervisor checks its
+/// ticket: spice-server links the channel, and closing it unsettled crashes
+/// QEMU 7.2 (tests/e2e/test_spice_drain.py), so Porthole drains it (its
+/// first word to the hypervisor is the client's DISPLAY_INIT) rather than
+/// drop it with the cancelled link; the client hears ERROR, never OK. The
+/// fake holds the link result until the session is gone, which real QEMU
+/// answers too fast to time (the e2e test covers a client gone then).
+#[tokio::test]
+async fn a_display_channel_linked_as_its_session_stops_is_drained_not_dropped() {
+    let g = start(VNC_PASSWORD, SPICE_PASSWORD, 10).await;
+    let key = Arc::new(LinkKey::generate());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (ticket_seen, mut ticket_rx) = unbounded_channel::<()>();
+    let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (first_words, first_rx) = tokio::sync::oneshot::channel();
+    let (main_seen, _main_rx) = unbounded_channel();
+    tokio::spawn(async move {
+        let (main, _) = l.accept().await.unwrap();
+        tokio::spawn(spice_server(main, key.clone(), main_seen));
+        let (mut s, _) = l.accept().await.unwrap();
+        LinkMess::decode(&read_link(&mut s).await).expect("a link message");
+        let reply = LinkReply {
+            error: 0,
+            public_key: key.der,
+            caps: Caps {
+                common: vec![0b1011],
+                channel: vec![],
+            },
+        };
+        say(&mut s, &reply.encode()).await;
+        read_n(&mut s, 4 + 128).await;
+        ticket_seen.send(()).unwrap();
+        let _ = go_rx.await;
+        say(&mut s, &hex("00 00 00 00  # link result OK")).await;
+        let mut first = [0u8; 6];
+        let got = within("Porthole's first word", s.read_exact(&mut first)).await;
+        let _ = first_words.send(got.map(|_| first));
+    });
+    let token = g.token(ConsoleType::SpiceDirect, port, "vm-1");
+    let path = format!("/spice-direct?token={token}&format=json");
+    let ticket = g.details(&path).await["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (mut main, _, result) = spice_link(&g, &link_mess(channel::MAIN, 0), &ticket).await;
+    assert_eq!(result, 0, "main channel linked");
+    expect(&mut main, &hex(MAIN_INIT)).await;
+
+    let tcp = TcpStream::connect(g.spice()).await.unwrap();
+    let mut display = g.pki.connect(tcp).await;
+    say(&mut display, &link_mess(channel::DISPLAY, SESSION_ID)).await;
+    let (reply, _) = LinkReply::decode(&read_link(&mut display).await).unwrap();
+    let mut auth = hex("01 00 00 00  # mechanism: SPICE ticket");
+    auth.extend(
+        encrypt_ticket(&mut rand::rngs::OsRng, &reply.public_key, ticket.as_bytes()).unwrap(),
+    );
+    say(&mut display, &auth).await;
+    within("the display's ticket upstream", ticket_rx.recv())
+        .await
+        .unwrap();
+    // The client ends its session (its main channel) while the ticket is checked.
+    drop(main);
+    g.until_no_session("the session ends").await;
+    go.send(()).unwrap();
+    let first = within("the fake's report", first_rx).await.unwrap();
+    assert_eq!(
+        first.expect("the hypervisor's side was closed, not drained"),
+        hex("65 00  0e 00 00 00  # DISPLAY_INIT (101), 14 bytes")[..],
+    );
+    let result = read_n(&mut display, 4).await;
+    assert_eq!(result, hex("01 00 00 00  # ERROR"), "never OK");
+    g.stop().await;
+}
+
 /// Connects, waits 3 s, runs `handshake` (TLS included), then sends
 /// nothing; returns when Porthole closed, counted from connect.
 async fn closed_after<F>(addr: SocketAddr, handshake: impl FnOnce(TcpStream) -> F) -> Duration

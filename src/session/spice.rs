@@ -13,7 +13,9 @@
 //!    network, else the plain port, escalating on NEED_SECURED), links with
 //!    the client's capabilities minus what a proxy must not pass, and
 //!    authenticates with the hypervisor's ticket from the backend config,
-//!    raced against the session's stop;
+//!    raced against the session's stop until the ticket goes (a channel
+//!    spice-server may have linked is never just dropped: see
+//!    [`Linked::Orphaned`]);
 //! 4. relays the link result, then relays the channel (the byte splice for
 //!    native clients, the WebSocket relay for spice-html5), early bytes first.
 //!
@@ -55,7 +57,7 @@ use crate::protocol::spice::link::{
     ClientLink, ClientStep, LinkFailure, ServerLink, ServerStep, framing_agrees, upstream_caps,
 };
 use crate::protocol::spice::main_watch::{MainEvent, MainWatch};
-use crate::protocol::spice::messages::{LinkError, LinkMess, channel, common_cap};
+use crate::protocol::spice::messages::{LinkError, LinkMess, LinkReply, channel, common_cap};
 use crate::recording::Recorder;
 use crate::token::ticket::{Admitted, ChannelRole, TicketId, TicketRefusal, TicketStore};
 use crate::transport::conn::{Conn, Io};
@@ -295,6 +297,11 @@ pub async fn serve_native(
             play_native(&sessions, client, &mess, &admitted).await;
             return;
         }
+        Ok(Linked::Orphaned(channel, reason)) => {
+            drop(client);
+            channel.orphaned(&sessions, reason).await;
+            return;
+        }
         Err(_) => return,
     };
     let counters = end.counters();
@@ -343,6 +350,12 @@ pub async fn serve_browser<S>(
         // (Only the native leg plays recordings.)
         Ok(Linked::Playback(..)) => {
             ws_relay::close(&mut socket, CloseReason::ProtocolError).await;
+            return;
+        }
+        Ok(Linked::Orphaned(channel, reason)) => {
+            ws_relay::close(&mut socket, reason).await;
+            drop(socket);
+            channel.orphaned(&sessions, reason).await;
             return;
         }
         Err(reason) => {
@@ -953,9 +966,11 @@ async fn link_channel<S: Io>(
             return Err(CloseReason::RecordingStopped);
         }
     };
-    let linking = link_upstream(sessions, client, &mut link, &mess, &admitted, deadline);
-    let (outcome, reply, close) = match stop.unless_stopped(linking).await {
-        Ok(Ok((upstream, up_early, upstream_tls))) => {
+    let linking = link_upstream(
+        sessions, client, &mut link, &mess, &admitted, &stop, deadline,
+    );
+    let (outcome, reply, close) = match linking.await {
+        Ok((upstream, up_early, upstream_tls)) => {
             crate::metrics::spice_linked(channel_name(mess.channel_type));
             crate::metrics::handshake_took("spice", started.elapsed().as_secs_f64());
             let grant = &admitted.grant;
@@ -974,15 +989,64 @@ async fn link_channel<S: Io>(
             linked.recorder = recorder;
             return Ok(Linked::Console(linked));
         }
-        Ok(Err(r)) => {
-            r.record(
-                peer,
-                Some(admitted.grant.console),
-                Some(&admitted.grant.jti),
+        Err(LinkFailed {
+            cut,
+            linked: Some(kept),
+        }) => {
+            // The hypervisor linked the channel; its client will not relay it.
+            let (reason, reply) = match cut {
+                LinkCut::Refused(r) => {
+                    r.record(
+                        peer,
+                        Some(admitted.grant.console),
+                        Some(&admitted.grant.jti),
+                    );
+                    (r.close_reason(), r.code)
+                }
+                LinkCut::Stopped(reason) => (reason, Some(LinkError::Error)),
+                LinkCut::ClientLeft => {
+                    ChannelRefusal::gone("client_left", Blame::Client).record(
+                        peer,
+                        Some(admitted.grant.console),
+                        Some(&admitted.grant.jti),
+                    );
+                    (CloseReason::ClientLeft, None)
+                }
+            };
+            if let Some(code) = reply {
+                let _ = write_within(client, &link.refuse(code), native).await;
+            }
+            tracing::info!(
+                client = %peer, jti = %admitted.grant.jti, channel = channel_name(mess.channel_type),
+                reason = reason.as_str(), "spice channel linked on the hypervisor's side only"
             );
-            ("handshake_failed", r.code, r.close_reason())
+            let early = Early {
+                up: Vec::new(),
+                down: kept.unread,
+            };
+            let orphan = Channel::new(
+                sessions,
+                kept.upstream,
+                early,
+                &mess,
+                admitted,
+                session,
+                peer,
+            );
+            return Ok(Linked::Orphaned(orphan, reason));
         }
-        Err(reason) => (reason.as_str(), Some(LinkError::Error), reason),
+        Err(LinkFailed { cut, linked: None }) => match cut {
+            LinkCut::Refused(r) => {
+                r.record(
+                    peer,
+                    Some(admitted.grant.console),
+                    Some(&admitted.grant.jti),
+                );
+                ("handshake_failed", r.code, r.close_reason())
+            }
+            LinkCut::Stopped(reason) => (reason.as_str(), Some(LinkError::Error), reason),
+            LinkCut::ClientLeft => ("client_left", None, CloseReason::ClientLeft),
+        },
     };
     // Refused or stopped before the relay.
     if let Some(code) = reply {
@@ -1002,6 +1066,20 @@ async fn link_channel<S: Io>(
 }
 
 impl Channel {
+    /// Ends a channel the hypervisor linked and its client never relayed:
+    /// its hypervisor side is drained (display) or held until it settled
+    /// (port), like a relay's whose client left, else closed.
+    async fn orphaned(self, sessions: &Sessions, reason: CloseReason) {
+        let track = self.inspect.display_track();
+        let kept = self.inspect.keeps_upstream(reason).then_some(Kept {
+            upstream: self.upstream,
+            unread: self.early.down,
+        });
+        self.end
+            .finish_or_drain(sessions, reason, super::Traffic::default(), kept, track)
+            .await;
+    }
+
     /// A linked channel of `session`, with the inspector its type needs.
     fn new(
         sessions: &Sessions,
@@ -1197,6 +1275,11 @@ enum Linked {
     Console(Channel),
     /// To a recording, ready to play.
     Playback(LinkMess, Admitted),
+    /// To its hypervisor only: the client left, or the session stopped,
+    /// after spice-server accepted the ticket. Its client is closed with
+    /// the reason, then the channel ends as a relay that lost its client
+    /// does ([`Channel::orphaned`]).
+    Orphaned(Channel, CloseReason),
 }
 
 /// Whether a SPICE session runs on `grant`'s console now (on any node).
@@ -1260,17 +1343,52 @@ async fn admit_by_token(
     }
 }
 
+/// Why the hypervisor leg did not end in a relay.
+enum LinkCut {
+    /// Refused, or failed, on either leg.
+    Refused(ChannelRefusal),
+    /// The session stopped first.
+    Stopped(CloseReason),
+    /// The client was gone when its link result was due.
+    ClientLeft,
+}
+
+/// A hypervisor leg that did not end in a relay. `linked`: spice-server had
+/// accepted the ticket, so its side of the channel exists and must not just
+/// be closed (a display channel closed before it settled crashes QEMU 7.2,
+/// see `protocol::spice::display_drain`; a port channel likewise,
+/// [`PORT_SETTLE`]): the caller drains or holds it.
+struct LinkFailed {
+    cut: LinkCut,
+    linked: Option<Kept<Conn>>,
+}
+
+impl From<ChannelRefusal> for LinkFailed {
+    fn from(r: ChannelRefusal) -> Self {
+        LinkFailed {
+            cut: LinkCut::Refused(r),
+            linked: None,
+        }
+    }
+}
+
 /// The hypervisor leg: connect (TLS or plain, escalating on NEED_SECURED),
 /// link, authenticate; then the OK to the client. Returns the hypervisor
 /// stream, its early bytes, and whether it is TLS.
+///
+/// `stop` cancels the leg only until the ticket goes: from then on
+/// spice-server may link the channel, and one it linked is handed back in
+/// [`LinkFailed::linked`] whatever ends the link (the client gone before
+/// its OK, the session stopped), never dropped.
 async fn link_upstream<S: Io>(
     sessions: &Sessions,
     client: &mut S,
     link: &mut ClientLink,
     mess: &LinkMess,
     admitted: &Admitted,
+    stop: &Stop,
     deadline: Instant,
-) -> Result<(Conn, Vec<u8>, bool), ChannelRefusal> {
+) -> Result<(Conn, Vec<u8>, bool), LinkFailed> {
     let grant = &admitted.grant;
     let upstream = sessions.spice_upstreams.load().get(&grant.backend);
     let tls_port = grant.target.tls_port.filter(|_| upstream.tls.is_some());
@@ -1280,23 +1398,58 @@ async fn link_upstream<S: Io>(
             (true, Some(p)) => p,
             _ => grant.target.port,
         };
-        let tcp = sessions
-            .connect(&grant.target.host, port, Some(deadline))
-            .await
-            .map_err(open_refusal)?;
-        let tls = use_tls.then_some(&upstream);
-        let mut stream = connect_upstream(tcp, tls, &grant.target.host, deadline).await?;
         let escalate = !use_tls && tls_port.is_some();
-        match link_hypervisor(&mut stream, mess, &upstream, escalate, deadline).await? {
-            Some(up_early) => {
-                send(client, &link.result(LinkError::Ok), deadline)
-                    .await
-                    .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
-                return Ok((stream, up_early, use_tls));
-            }
+        let reaching = async {
+            let tcp = sessions
+                .connect(&grant.target.host, port, Some(deadline))
+                .await
+                .map_err(open_refusal)?;
+            let tls = use_tls.then_some(&upstream);
+            let mut stream = connect_upstream(tcp, tls, &grant.target.host, deadline).await?;
+            let replied = hypervisor_reply(&mut stream, mess, escalate, deadline).await?;
+            Ok::<_, ChannelRefusal>(replied.map(|(server, reply)| (stream, server, reply)))
+        };
+        let (mut stream, server, reply) = match stop.unless_stopped(reaching).await {
+            Ok(Ok(Some(replied))) => replied,
             // NEED_SECURED on the plain port: again, on the TLS port.
-            None => use_tls = true,
-        }
+            Ok(Ok(None)) => {
+                use_tls = true;
+                continue;
+            }
+            Ok(Err(r)) => return Err(r.into()),
+            Err(reason) => {
+                return Err(LinkFailed {
+                    cut: LinkCut::Stopped(reason),
+                    linked: None,
+                });
+            }
+        };
+        let up_early = hypervisor_ticket(&mut stream, server, &reply, &upstream, deadline).await?;
+        // A stop that fired while the ticket was checked: the client is
+        // not told OK for a channel that will not relay.
+        let stopped = tokio::select! {
+            biased;
+            reason = stop.stopped() => Some(reason),
+            () = std::future::ready(()) => None,
+        };
+        let cut = match stopped {
+            Some(reason) => LinkCut::Stopped(reason),
+            None => match stop
+                .unless_stopped(send(client, &link.result(LinkError::Ok), deadline))
+                .await
+            {
+                Ok(Ok(())) => return Ok((stream, up_early, use_tls)),
+                Ok(Err(_)) => LinkCut::ClientLeft,
+                Err(reason) => LinkCut::Stopped(reason),
+            },
+        };
+        return Err(LinkFailed {
+            cut,
+            linked: Some(Kept {
+                upstream: stream,
+                unread: up_early,
+            }),
+        });
     }
 }
 
@@ -1330,25 +1483,24 @@ async fn connect_upstream(
     }
 }
 
-/// Links one channel to the hypervisor with the client's link message
-/// (capabilities a proxy must not pass removed) and the backend's ticket.
-/// `Ok(None)`: the hypervisor wants TLS and `escalate` allows it.
-async fn link_hypervisor(
+/// Starts one channel's link to the hypervisor with the client's link
+/// message (capabilities a proxy must not pass removed), up to the
+/// hypervisor's reply. `Ok(None)`: the hypervisor wants TLS and `escalate`
+/// allows it.
+async fn hypervisor_reply(
     stream: &mut Conn,
     mess: &LinkMess,
-    upstream: &crate::hypervisor::SpiceUpstream,
     escalate: bool,
     deadline: Instant,
-) -> Result<Option<Vec<u8>>, ChannelRefusal> {
-    let io = |e: std::io::Error| {
-        ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
-    };
+) -> Result<Option<(ServerLink, LinkReply)>, ChannelRefusal> {
     let up = LinkMess {
         caps: upstream_caps(mess),
         ..mess.clone()
     };
     let (mut server, hello) = ServerLink::start(up);
-    send(stream, &hello, deadline).await.map_err(io)?;
+    send(stream, &hello, deadline)
+        .await
+        .map_err(hypervisor_io)?;
     let reply = match drive(&mut server, stream, deadline)
         .await
         .map_err(ChannelRefusal::from_upstream)?
@@ -1364,7 +1516,7 @@ async fn link_hypervisor(
                 format!("link error {code}"),
             ));
         }
-        ServerStep::Replied(reply) => reply,
+        ServerStep::Replied(reply) => *reply,
         ServerStep::Result(_) => unreachable!("a result comes after the ticket"),
     };
     if !framing_agrees(mess, server.sent(), &reply) {
@@ -1374,6 +1526,18 @@ async fn link_hypervisor(
             "the hypervisor does not use mini headers",
         ));
     }
+    Ok(Some((server, reply)))
+}
+
+/// Ends one channel's link to the hypervisor: the backend's ticket, then
+/// the link result. Returns what the hypervisor sent past the result.
+async fn hypervisor_ticket(
+    stream: &mut Conn,
+    mut server: ServerLink,
+    reply: &LinkReply,
+    upstream: &crate::hypervisor::SpiceUpstream,
+    deadline: Instant,
+) -> Result<Vec<u8>, ChannelRefusal> {
     let ciphertext = encrypt_ticket(
         &mut rand::rngs::OsRng,
         &reply.public_key,
@@ -1382,12 +1546,12 @@ async fn link_hypervisor(
     .map_err(|e| ChannelRefusal::backend(LinkError::Error, "hypervisor_key", e.to_string()))?;
     send(stream, &server.ticket(&ciphertext), deadline)
         .await
-        .map_err(io)?;
+        .map_err(hypervisor_io)?;
     match drive(&mut server, stream, deadline)
         .await
         .map_err(ChannelRefusal::from_upstream)?
     {
-        ServerStep::Result(0) => Ok(Some(server.into_leftover())),
+        ServerStep::Result(0) => Ok(server.into_leftover()),
         ServerStep::Result(code) => Err(ChannelRefusal::backend(
             LinkError::Error,
             "hypervisor_refused_ticket",
@@ -1399,6 +1563,10 @@ async fn link_hypervisor(
             format!("{other:?}"),
         )),
     }
+}
+
+fn hypervisor_io(e: std::io::Error) -> ChannelRefusal {
+    ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
 }
 
 /// Writes a last word to a refused client. A native stream is then shut

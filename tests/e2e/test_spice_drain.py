@@ -10,6 +10,7 @@ session, on the native listener and on the spice-html5 WebSocket."""
 import json
 import re
 import signal
+import socket
 import struct
 import time
 
@@ -144,6 +145,82 @@ def test_through_porthole_a_dropped_display_is_drained_until_its_session_ends(sp
                              ca_file=p.spice_ca)
         seabios_screen(shot)
         assert alive_for(vm, 2), f"QEMU died ({vm.proc.returncode}) after a real client"
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def reset(channel):
+    """Closes a channel's TCP connection with a reset, as a killed client's
+    kernel does (no close_notify, no WebSocket close)."""
+    sock = channel.ws.socket if isinstance(channel, WsChannel) else channel.sock
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_through_porthole_a_display_link_cut_short_never_kills_qemu(spice_vm, tmp_path):
+    """The display channel's link is a race too: Porthole links the
+    hypervisor's side after the client sent its ticket, so a client that
+    leaves in that moment (a page closed mid-link, CI's stop 29 at four
+    workers) or a session that ends in it (the main channel closed) leaves
+    Porthole holding a display channel spice-server has just linked. Closing
+    it is the crash above; Porthole drains it instead. Native and
+    spice-html5, the display's own connection reset as its ticket goes, and
+    the main channel reset a few milliseconds later."""
+    vm = spice_vm
+    p = porthole_for(tmp_path, vm)
+    try:
+        def opened(kind):
+            token = p.mint(kind, vm.spice_port, tls_port=vm.spice_tls_port)["token"]
+            if kind == "spice-direct":
+                t = p.spice_details(token)["ticket"]
+                channel = lambda: Channel(p.spice_tls_port, ca=p.spice_ca)  # noqa: E731
+            else:
+                status, body = http("POST", f"{p.base}/spice-ticket?token={token}")[:2]
+                assert status == 200, body
+                t = json.loads(body)["ticket"]
+                channel = lambda: WsChannel(p, token)  # noqa: E731
+            main = channel()
+            assert main.open(MAIN, t) == "OK"
+            session = main.session_id()
+            display = channel()
+            error, key = display.link(DISPLAY, connection_id=session)
+            assert error == "OK", error
+            return main, display, key, t
+
+        rounds = 0
+        for kind in ("spice-direct", "spice-html5"):
+            # The display's client leaves as its ticket goes: Porthole's
+            # link reply finds it gone, the hypervisor's side is linked.
+            for _ in range(4):
+                main, display, key, t = opened(kind)
+                display.send_ticket(key, t)
+                reset(display)
+                assert alive_for(vm, 1), f"QEMU died ({vm.proc.returncode}): {kind}, display reset mid-link"
+                main.close()
+                rounds += 1
+                wait_for("the session's end", lambda: not p.admin("GET", "/v1/sessions")[1]["sessions"], p)
+            # The main channel ends while the display links: the session
+            # stops with the link on the hypervisor's side in flight.
+            for delay_ms in (0, 2, 5, 10, 20):
+                main, display, key, t = opened(kind)
+                display.send_ticket(key, t)
+                time.sleep(delay_ms / 1000)
+                reset(main)
+                assert alive_for(vm, 1), \
+                    f"QEMU died ({vm.proc.returncode}): {kind}, main reset {delay_ms} ms into the display's link"
+                display.close()
+                rounds += 1
+                wait_for("the session's end", lambda: not p.admin("GET", "/v1/sessions")[1]["sessions"], p)
+        assert alive_for(vm, 2), f"QEMU died ({vm.proc.returncode}) after {rounds} cut links"
+        # At least the resets after the hypervisor accepted the ticket were drained.
+        assert drains(p, "not_drainable") == 0
+        wait_for("every drain's end", lambda: drains_active(p) == 0, p)
+        # And a real client still gets the VM's screen.
+        shot = spicy_capture(tmp_path / "after.png", "127.0.0.1", p.spice_details(
+            p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"])["ticket"],
+            tls_port=p.spice_tls_port, ca_file=p.spice_ca)
+        seabios_screen(shot)
+        assert alive_for(vm, 1)
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
 
