@@ -127,6 +127,21 @@ async fn node(server: &RedisServer, name: &str) -> Node {
     }
 }
 
+/// A noVNC session of vm-1 from one client, its token `jti`: each test
+/// changes what it is about.
+fn new_session(jti: &str) -> porthole::session::registry::NewSession {
+    porthole::session::registry::NewSession {
+        console: ConsoleType::Novnc,
+        instance: "vm-1".into(),
+        jti: jti.into(),
+        client: "192.0.2.7".parse().unwrap(),
+        target: "127.0.0.1:5900".into(),
+        key: None,
+        view_only: false,
+        shadow_of: None,
+    }
+}
+
 fn grant(jti: &str, console: ConsoleType) -> Grant {
     let now = unix_now();
     let target = ConsoleTarget {
@@ -507,13 +522,9 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
     let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
     let session = |jti: &str, key: Option<&str>| NewSession {
         console: ConsoleType::SpiceDirect,
-        instance: "vm-1".into(),
-        jti: jti.into(),
-        client: "192.0.2.7".parse().unwrap(),
         target: "127.0.0.1:5930".into(),
         key: key.map(str::to_owned),
-        view_only: false,
-        shadow_of: None,
+        ..new_session(jti)
     };
     let live = on_a
         .register(session("j1", Some("ticket-1")), CancellationToken::new())
@@ -568,26 +579,18 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
 
 #[tokio::test]
 async fn a_node_that_sees_a_terminates_revocation_first_ends_the_session_in_the_operators_name() {
-    use porthole::session::registry::{NewSession, Selector, SessionRegistry};
+    use porthole::session::registry::{Selector, SessionRegistry};
     // An operator's terminate on node b revokes the token, then tells node
     // a. Node a's renewal may read the revocation first: here it always
     // does (nothing is told), and ends the session itself.
     let server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
-    let session = |jti: &str| NewSession {
-        console: ConsoleType::Novnc,
-        instance: "vm-1".into(),
-        jti: jti.into(),
-        client: "192.0.2.7".parse().unwrap(),
-        target: "127.0.0.1:5900".into(),
-        key: None,
-        view_only: false,
-        shadow_of: None,
-    };
     let (named, bare) = (
-        on_a.register(session("j1"), CancellationToken::new()).await,
-        on_a.register(session("j2"), CancellationToken::new()).await,
+        on_a.register(new_session("j1"), CancellationToken::new())
+            .await,
+        on_a.register(new_session("j2"), CancellationToken::new())
+            .await,
     );
     let listed = on_b
         .list(&Selector {
@@ -672,13 +675,9 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
         .register(
             NewSession {
                 console: spice,
-                instance: "vm-1".into(),
-                jti: "j".into(),
-                client: "192.0.2.7".parse().unwrap(),
                 target: "127.0.0.1:5930".into(),
                 key: Some("key-7".into()),
-                view_only: false,
-                shadow_of: None,
+                ..new_session("j")
             },
             CancellationToken::new(),
         )
@@ -753,14 +752,8 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     let live = on_a
         .register(
             NewSession {
-                console: ConsoleType::Novnc,
-                instance: "vm-1".into(),
-                jti: "owner".into(),
-                client: "192.0.2.7".parse().unwrap(),
                 target: "127.0.0.1:5901".into(),
-                key: None,
-                view_only: false,
-                shadow_of: None,
+                ..new_session("owner")
             },
             CancellationToken::new(),
         )
@@ -770,14 +763,11 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
 
     // A shadow starts on node b: node a counts it, node b reads the count.
     let shadow_of = |jti: &str| NewSession {
-        console: ConsoleType::Novnc,
-        instance: "vm-1".into(),
-        jti: jti.into(),
         client: "192.0.2.8".parse().unwrap(),
         target: "127.0.0.1:5901".into(),
-        key: None,
         view_only: true,
         shadow_of: Some(live.id.clone()),
+        ..new_session(jti)
     };
     let on_b_shadow = on_b
         .register(shadow_of("shadow-b"), CancellationToken::new())
@@ -921,13 +911,8 @@ async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
         .register(
             NewSession {
                 console: ConsoleType::Serial,
-                instance: "vm-1".into(),
-                jti: "owner".into(),
-                client: "192.0.2.7".parse().unwrap(),
                 target: "127.0.0.1:4555".into(),
-                key: None,
-                view_only: false,
-                shadow_of: None,
+                ..new_session("owner")
             },
             CancellationToken::new(),
         )
@@ -941,13 +926,11 @@ async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
         .register(
             NewSession {
                 console: ConsoleType::Serial,
-                instance: "vm-1".into(),
-                jti: "shadow".into(),
                 client: "192.0.2.8".parse().unwrap(),
                 target: "127.0.0.1:4555".into(),
-                key: None,
                 view_only: true,
                 shadow_of: Some(live.id.clone()),
+                ..new_session("shadow")
             },
             CancellationToken::new(),
         )

@@ -348,6 +348,34 @@ pub async fn kill_many(
 /// Revokes the sessions' tokens, ends the sessions, audits each; returns their ids.
 async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str>) -> Vec<String> {
     let reason = reason.unwrap_or("terminated by an operator");
+    let listed = announce_ending(s, sel, by, reason).await;
+    end_listed(s, sel, listed, by, reason).await
+}
+
+/// Lists the sessions `sel` names and says, in the store, who ends them
+/// and why. Before any of their tokens is revoked: their nodes may see the
+/// revocation before they are told to end them, and then end them in this
+/// operator's name too.
+async fn announce_ending(
+    s: &AdminState,
+    sel: &Selector,
+    by: &str,
+    reason: &str,
+) -> Vec<SessionView> {
+    let listed = s.sessions.registry.list(sel).await;
+    s.sessions.registry.ending(&listed, by, reason).await;
+    listed
+}
+
+/// Revokes the tokens of the sessions `announce_ending` listed, ends the
+/// sessions `sel` names now, audits each; returns their ids.
+async fn end_listed(
+    s: &AdminState,
+    sel: &Selector,
+    listed: Vec<SessionView>,
+    by: &str,
+    reason: &str,
+) -> Vec<String> {
     let now = unix_now();
     // A killed session's token is dead: no reconnect, no new channel. It
     // dies before its session ends: a client that sees the close and asks
@@ -355,10 +383,6 @@ async fn terminate(s: &AdminState, sel: &Selector, by: &str, reason: Option<&str
     // to any node, must find the revocation already there. Ended first, a
     // session on another node closes while this node still writes it, and
     // its lease is free: the token would open a new session.
-    let listed = s.sessions.registry.list(sel).await;
-    // Its node may see the revocation before it is told to end it: it then
-    // ends it in this operator's name too.
-    s.sessions.registry.ending(&listed, by, reason).await;
     let mut dead = HashSet::new();
     for view in &listed {
         if dead.insert(view.jti.clone()) {
@@ -421,6 +445,15 @@ pub struct RevokeBody {
     keep_sessions: bool,
 }
 
+/// What a `POST /v1/revocations` revokes.
+#[derive(Debug, Clone, Copy)]
+enum Revoked<'a> {
+    /// One token.
+    Jti(&'a str),
+    /// Every token of one instance.
+    Instance(&'a str),
+}
+
 /// `POST /v1/revocations`.
 pub async fn revoke(
     State(s): State<AdminState>,
@@ -439,24 +472,9 @@ pub async fn revoke(
     let now = unix_now();
     let until = now + s.revoke_for_secs;
     let revocations = s.validator.revocations();
-    let (selector, result) = match (&body.jti, &body.instance) {
-        (Some(jti), None) => {
-            s.sessions.tickets.revoke_jti(jti).await;
-            (
-                Selector {
-                    jti: Some(jti.clone()),
-                    ..Selector::default()
-                },
-                revocations.revoke_jti(jti, until, now).await,
-            )
-        }
-        (None, Some(instance)) => (
-            Selector {
-                instance: Some(instance.clone()),
-                ..Selector::default()
-            },
-            revocations.revoke_instance(instance, until, now).await,
-        ),
+    let named = match (&body.jti, &body.instance) {
+        (Some(jti), None) => Revoked::Jti(jti),
+        (None, Some(instance)) => Revoked::Instance(instance),
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -464,6 +482,31 @@ pub async fn revoke(
                 "give exactly one of jti, instance",
             );
         }
+    };
+    let selector = match named {
+        Revoked::Jti(jti) => Selector {
+            jti: Some(jti.to_owned()),
+            ..Selector::default()
+        },
+        Revoked::Instance(instance) => Selector {
+            instance: Some(instance.to_owned()),
+            ..Selector::default()
+        },
+    };
+    // The sessions to end are named before the revocation (as a terminate
+    // does): a node that reads the revocation first ends them as this
+    // operator's, not as a bare revocation.
+    let listed = if body.keep_sessions {
+        Vec::new()
+    } else {
+        announce_ending(&s, &selector, &by, reason).await
+    };
+    let result = match named {
+        Revoked::Jti(jti) => {
+            s.sessions.tickets.revoke_jti(jti).await;
+            revocations.revoke_jti(jti, until, now).await
+        }
+        Revoked::Instance(instance) => revocations.revoke_instance(instance, until, now).await,
     };
     if let Err(e) = result {
         return error(
@@ -487,7 +530,7 @@ pub async fn revoke(
     let ended = if body.keep_sessions {
         Vec::new()
     } else {
-        terminate(&s, &selector, &by, Some(reason)).await
+        end_listed(&s, &selector, listed, &by, reason).await
     };
     Json(json!({ "revoked_until": until, "terminated": ended })).into_response()
 }

@@ -15,7 +15,7 @@
 //!    authenticates with the hypervisor's ticket from the backend config,
 //!    raced against the session's stop until the ticket goes (a channel
 //!    spice-server may have linked is never just dropped: see
-//!    [`Linked::Orphaned`]);
+//!    `Linked::Orphaned`);
 //! 4. relays the link result, then relays the channel (the byte splice for
 //!    native clients, the WebSocket relay for spice-html5), early bytes first.
 //!

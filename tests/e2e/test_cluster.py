@@ -208,9 +208,16 @@ def test_after_redis_comes_back_empty_the_other_node_lists_ends_and_revokes_a_ru
         assert ws.recv(timeout=10) == b"2"
         restart_empty()
         (session,) = until("listed again", lambda: listed_on_b(second["jti"]))
-        status, answer = b.admin("POST", "/v1/revocations", {"jti": second["jti"], "reason": "leaked"})
+        status, answer = b.admin("POST", "/v1/revocations", {"jti": second["jti"], "reason": "leaked"},
+                                 actor="frank")
         assert status == 200 and answer["terminated"] == [session["id"]], answer
         assert close_code(ws) == 4003
+        # In frank's name on node a, whether node b's command or node a's
+        # renewal (the revocation read first) ended it: node b says who ends
+        # it before it revokes.
+        until("node a audits the end, by frank", lambda: any(
+            e["event"] == "session_ended" and e.get("session") == session["id"]
+            and e.get("terminated_by") == "frank" for e in a.audit()))
     finally:
         for p in (a, b):
             assert p.gateway.stop() == 0, p.log()[-3000:]
