@@ -1434,13 +1434,12 @@ async fn link_upstream<S: Io>(
         };
         let cut = match stopped {
             Some(reason) => LinkCut::Stopped(reason),
-            None => match stop
-                .unless_stopped(send(client, &link.result(LinkError::Ok), deadline))
-                .await
-            {
-                Ok(Ok(())) => return Ok((stream, up_early, use_tls)),
-                Ok(Err(_)) => LinkCut::ClientLeft,
-                Err(reason) => LinkCut::Stopped(reason),
+            // Not raced against the stop: a result cut short and a refusal
+            // after it would garble the client's stream. A stop from here
+            // on is the relay's, which keeps the channel to drain it.
+            None => match send(client, &link.result(LinkError::Ok), deadline).await {
+                Ok(()) => return Ok((stream, up_early, use_tls)),
+                Err(_) => LinkCut::ClientLeft,
             },
         };
         return Err(LinkFailed {
@@ -1547,7 +1546,12 @@ async fn hypervisor_ticket(
     send(stream, &server.ticket(&ciphertext), deadline)
         .await
         .map_err(hypervisor_io)?;
-    match drive(&mut server, stream, deadline)
+    // The ticket went: spice-server may link the channel, and one it
+    // linked must be drained, not dropped. Its result is awaited past a
+    // handshake deadline the client spent (a client can time its ticket to
+    // that deadline's last moment), so that a linked channel is known.
+    let result_by = deadline.max(Instant::now() + TICKET_RESULT_WAIT);
+    match drive(&mut server, stream, result_by)
         .await
         .map_err(ChannelRefusal::from_upstream)?
     {
@@ -1564,6 +1568,11 @@ async fn hypervisor_ticket(
         )),
     }
 }
+
+/// How long a hypervisor's link result is awaited once the ticket went,
+/// whatever is left of the handshake deadline (spice-server answers in
+/// milliseconds).
+const TICKET_RESULT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn hypervisor_io(e: std::io::Error) -> ChannelRefusal {
     ChannelRefusal::backend(LinkError::Error, "hypervisor_io", e.to_string())
