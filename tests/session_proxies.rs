@@ -238,17 +238,22 @@ async fn read_link<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
     [header, read_n(s, size).await].concat()
 }
 
-async fn spice_server(mut s: TcpStream, key: Arc<LinkKey>, tx: UnboundedSender<LinkSeen>) {
-    let (mess, _) = LinkMess::decode(&read_link(&mut s).await).expect("a link message");
-    let reply = LinkReply {
+/// The fake's link reply: OK, its key, the capabilities spice-server offers.
+fn link_reply(key: &LinkKey) -> Vec<u8> {
+    LinkReply {
         error: 0,
         public_key: key.der,
         caps: Caps {
             common: vec![0b1011], // AUTH_SELECTION | AUTH_SPICE | MINI_HEADER
             channel: vec![],
         },
-    };
-    say(&mut s, &reply.encode()).await;
+    }
+    .encode()
+}
+
+async fn spice_server(mut s: TcpStream, key: Arc<LinkKey>, tx: UnboundedSender<LinkSeen>) {
+    let (mess, _) = LinkMess::decode(&read_link(&mut s).await).expect("a link message");
+    say(&mut s, &link_reply(&key)).await;
     let auth = read_n(&mut s, 4 + 128).await;
     let password = decrypt_ticket(&key.private, auth[4..].try_into().unwrap()).unwrap();
     let ok = password == SPICE_PASSWORD.as_bytes();
@@ -371,6 +376,16 @@ fn link_mess(channel_type: u8, connection_id: u32) -> Vec<u8> {
         },
     }
     .encode()
+}
+
+/// A fresh ticket for a spice-direct token of the console at `port`.
+async fn spice_ticket(g: &Gateway, port: u16) -> String {
+    let token = g.token(ConsoleType::SpiceDirect, port, "vm-1");
+    let path = format!("/spice-direct?token={token}&format=json");
+    g.details(&path).await["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// Opens a channel connection to Porthole's SPICE TLS listener and links
@@ -650,12 +665,7 @@ async fn spice_channels_link_through_porthole_and_join_only_their_session() {
 async fn a_spice_ticket_the_hypervisor_refuses_gives_the_client_a_generic_error() {
     let g = start(VNC_PASSWORD, "not-the-ticket", 10).await;
     let (port, _, mut fake) = fake_spice().await;
-    let token = g.token(ConsoleType::SpiceDirect, port, "vm-1");
-    let path = format!("/spice-direct?token={token}&format=json");
-    let ticket = g.details(&path).await["ticket"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let ticket = spice_ticket(&g, port).await;
     let (mut s, _, result) = spice_link(&g, &link_mess(channel::MAIN, 0), &ticket).await;
     let up = within("the fake's link", fake.recv()).await.unwrap();
     assert_eq!(up.password, b"not-the-ticket", "the backend's");
@@ -717,15 +727,7 @@ async fn display_link_held(until: HeldUntil) {
         tokio::spawn(spice_server(main, key.clone(), main_seen));
         let (mut s, _) = l.accept().await.unwrap();
         LinkMess::decode(&read_link(&mut s).await).expect("a link message");
-        let reply = LinkReply {
-            error: 0,
-            public_key: key.der,
-            caps: Caps {
-                common: vec![0b1011],
-                channel: vec![],
-            },
-        };
-        say(&mut s, &reply.encode()).await;
+        say(&mut s, &link_reply(&key)).await;
         read_n(&mut s, 4 + 128).await;
         ticket_seen.send(()).unwrap();
         let _ = go_rx.await;
@@ -734,12 +736,7 @@ async fn display_link_held(until: HeldUntil) {
         let got = within("Porthole's first word", s.read_exact(&mut first)).await;
         let _ = first_words.send(got.map(|_| first));
     });
-    let token = g.token(ConsoleType::SpiceDirect, port, "vm-1");
-    let path = format!("/spice-direct?token={token}&format=json");
-    let ticket = g.details(&path).await["ticket"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let ticket = spice_ticket(&g, port).await;
     let (mut main, _, result) = spice_link(&g, &link_mess(channel::MAIN, 0), &ticket).await;
     assert_eq!(result, 0, "main channel linked");
     expect(&mut main, &hex(MAIN_INIT)).await;
