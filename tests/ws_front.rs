@@ -305,6 +305,62 @@ async fn under_takeover_a_second_connection_ends_the_first_with_4006() {
 }
 
 #[tokio::test]
+async fn a_session_ended_while_its_client_still_sends_closes_with_its_code_not_a_reset() {
+    // noVNC keeps asking for updates: when a takeover (or any end) comes,
+    // bytes of the client's are still unread. A socket closed over unread
+    // bytes is reset, and a browser whose reply then fails reports 1006
+    // ("Disconnected."), not the close frame it was sent. The close frame
+    // must be followed by an orderly end: Porthole reads until the client
+    // has answered, then closes.
+    let g = start("\n[tokens.reuse]\nserial = \"takeover\"").await;
+    let port = deaf_console().await;
+    let path = g.path("serial", ConsoleType::Serial, port);
+    let mut first = g.open(&path).await;
+    // Fill every buffer between the client and the console that never reads.
+    let chunk = vec![7u8; 60 * 1024];
+    loop {
+        let send = first.send(Message::Binary(chunk.clone().into()));
+        if tokio::time::timeout(std::time::Duration::from_millis(300), send)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (mut second, _) = g
+        .connect(&path, None, None)
+        .await
+        .expect("the second connection takes over");
+    let (code, _) = close_of(&mut first).await;
+    assert_eq!(code, 4006);
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), first.next())
+        .await
+        .expect("the connection ends within ten seconds of the close frame");
+    assert!(
+        matches!(
+            end,
+            None | Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed))
+        ),
+        "after the close frame, an orderly end, not {end:?}"
+    );
+    drop(second.close(None).await);
+    g.stop().await;
+}
+
+/// A console that takes connections and never reads from them.
+async fn deaf_console() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    port
+}
+
+#[tokio::test]
 async fn under_reconnect_a_second_connection_is_refused_and_the_first_runs_on() {
     let g = start("").await;
     let port = echo_console().await;

@@ -252,12 +252,12 @@ impl BrowserAdmission {
                 }
                 (_, backend) => Ok((backend, Early::default())),
             };
-            let (mut socket, pending) = client_io.into_inner();
+            let (socket, pending) = client_io.into_inner();
             let (backend, mut early) = match linked {
                 Ok(l) => l,
                 Err((outcome, reason)) => {
-                    ws_relay::close(&mut socket, reason).await;
-                    life.finish(outcome, Traffic::default()).await;
+                    let closing = ws_relay::close(socket, reason).await;
+                    tokio::join!(closing.linger(), life.finish(outcome, Traffic::default()));
                     return;
                 }
             };
@@ -266,15 +266,17 @@ impl BrowserAdmission {
                 Ok(r) => r,
                 Err(why) => {
                     tracing::warn!("session refused: its recording is required and {why}");
-                    ws_relay::close(&mut socket, CloseReason::RecordingStopped).await;
-                    life.finish("recording_unavailable", Traffic::default())
-                        .await;
+                    let closing = ws_relay::close(socket, CloseReason::RecordingStopped).await;
+                    tokio::join!(
+                        closing.linger(),
+                        life.finish("recording_unavailable", Traffic::default())
+                    );
                     return;
                 }
             };
             let opts = sessions.relay_options(Some(&grant));
             let counters = life.live().bytes.clone();
-            let (reason, traffic, _) = relay(
+            let ended = relay(
                 socket,
                 backend,
                 early,
@@ -288,7 +290,10 @@ impl BrowserAdmission {
                 &counters,
             )
             .await;
-            life.finish(reason.as_str(), traffic).await;
+            tokio::join!(
+                ended.client.linger(),
+                life.finish(ended.reason.as_str(), ended.traffic)
+            );
         }
         .instrument(span)
         .await;

@@ -338,7 +338,7 @@ pub async fn serve_browser<S>(
         grant: Box::new(grant.clone()),
     };
     let linked = Box::pin(link_channel(&sessions, &mut client, peer, &leg, deadline)).await;
-    let (mut socket, pending) = client.into_inner();
+    let (socket, pending) = client.into_inner();
     let Channel {
         upstream,
         mut early,
@@ -349,17 +349,18 @@ pub async fn serve_browser<S>(
         Ok(Linked::Console(channel)) => channel,
         // (Only the native leg plays recordings.)
         Ok(Linked::Playback(..)) => {
-            ws_relay::close(&mut socket, CloseReason::ProtocolError).await;
+            let closing = ws_relay::close(socket, CloseReason::ProtocolError).await;
+            closing.linger().await;
             return;
         }
         Ok(Linked::Orphaned(channel, reason)) => {
-            ws_relay::close(&mut socket, reason).await;
-            drop(socket);
-            channel.orphaned(&sessions, reason).await;
+            let closing = ws_relay::close(socket, reason).await;
+            tokio::join!(closing.linger(), channel.orphaned(&sessions, reason));
             return;
         }
         Err(reason) => {
-            ws_relay::close(&mut socket, reason).await;
+            let closing = ws_relay::close(socket, reason).await;
+            closing.linger().await;
             return;
         }
     };
@@ -371,7 +372,7 @@ pub async fn serve_browser<S>(
         inner: inspect,
         recorder,
     };
-    let (reason, traffic, kept) = relay(
+    let ended = relay(
         socket,
         upstream,
         early,
@@ -381,8 +382,10 @@ pub async fn serve_browser<S>(
         &counters,
     )
     .await;
-    end.finish_or_drain(&sessions, reason, traffic, kept, track)
-        .await;
+    tokio::join!(
+        ended.client.linger(),
+        end.finish_or_drain(&sessions, ended.reason, ended.traffic, ended.kept, track)
+    );
 }
 
 /// The client leg of one channel of a recording's playback: the link

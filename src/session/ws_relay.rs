@@ -30,6 +30,10 @@
 //! (terminate, shutdown, maximum age). It then sends a close frame whose code
 //! and reason the console page shows (under a short deadline: a client that
 //! does not read cannot hold the task) and half-closes the hypervisor socket.
+//! The client's socket then [lingers](Closing::linger) while the session
+//! ends: a socket closed over bytes the client sent and Porthole never read
+//! is reset, and a reset can overtake the close frame in the client (a
+//! browser then reports 1006, "Disconnected.", not why the console closed).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -69,6 +73,11 @@ pub struct RelayOptions {
 
 /// How long a close frame may take to go out.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a client has to answer our close frame (with its own, or by
+/// closing its side) before the connection goes anyway. A browser answers
+/// within a round trip.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Most bytes read from the hypervisor in one burst before the relay looks
 /// at its timers again: enough to batch the messages one burst of console
@@ -180,12 +189,63 @@ async fn unresponsive(meter: &Meter<'_>, watch: &DrainWatch, limit: Option<Durat
     }
 }
 
-/// Relays until one side ends; returns why, and this connection's bytes.
-/// The early bytes go first (`early.up` to the hypervisor, `early.down`,
-/// inspected, to the client); `inspect` sees every chunk from the hypervisor
-/// before the client does (and its client tap every client chunk). Bytes are
-/// added to `counters` (the session's) as they move. The hypervisor
-/// connection comes back, open, when the inspector keeps it for the end reason.
+/// How a relay ended.
+pub struct Relayed<S> {
+    /// Why.
+    pub reason: CloseReason,
+    /// This connection's bytes.
+    pub traffic: Traffic,
+    /// The hypervisor connection, open, when the inspector keeps it for
+    /// the end reason.
+    pub kept: Option<Kept<Conn>>,
+    /// The client's socket, its close frame sent (or the client's answered).
+    pub client: Closing<S>,
+}
+
+/// A client's socket whose close frame has gone: to be [lingered
+/// on](Closing::linger) while the session ends, then dropped.
+pub struct Closing<S> {
+    socket: WebSocketStream<S>,
+}
+
+impl<S> Closing<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Bypasses,
+{
+    /// Lets the client answer the close frame before the connection goes
+    /// (RFC 6455 §7.1.1: the client's close, then the server closes TCP).
+    /// The close frame is followed by our FIN, and whatever the client still
+    /// sends (noVNC's update requests, a paste, its close) is read and
+    /// dropped until its close frame, its FIN or `LINGER`. Without this
+    /// the socket would be closed over unread bytes, and a reset sent in
+    /// place of a FIN.
+    pub async fn linger(self) {
+        let Closing { mut socket } = self;
+        let bypassed = socket.get_ref().bypassed().clone();
+        let _ = tokio::time::timeout(LINGER, async {
+            // Errors are the client's leaving: the reads below see it too.
+            let _ = socket.flush().await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(socket.get_mut()).await;
+            while let Some(Ok(message)) = socket.next().await {
+                match message {
+                    // Dropped as read: the bypass queued its payload.
+                    Message::Binary(_) => drop(bypassed.take_message()),
+                    Message::Close(_) => return,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Relays until one side ends; returns why, this connection's bytes and
+/// the client's socket, closing. The early bytes go first (`early.up` to
+/// the hypervisor, `early.down`, inspected, to the client); `inspect` sees
+/// every chunk from the hypervisor before the client does (and its client
+/// tap every client chunk). Bytes are added to `counters` (the session's)
+/// as they move. The hypervisor connection comes back, open, when the
+/// inspector keeps it for the end reason.
 pub async fn relay<S, I>(
     socket: WebSocketStream<S>,
     backend: Conn,
@@ -194,7 +254,7 @@ pub async fn relay<S, I>(
     opts: RelayOptions,
     stop: Stop,
     counters: &ByteCounters,
-) -> (CloseReason, Traffic, Option<Kept<Conn>>)
+) -> Relayed<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Drains + Bypasses,
     I: Inspect,
@@ -202,7 +262,7 @@ where
     let watch = socket.get_ref().drain_watch().clone();
     let bypassed = socket.get_ref().bypassed().clone();
     bypassed.start();
-    let (mut sink, stream) = socket.split();
+    let (mut sink, mut stream) = socket.split();
     let (mut from_backend, mut to_backend) = backend.split();
     let tap = inspect.client_tap();
     // Shared by the futures below, which run in this one task; atomics only
@@ -217,7 +277,14 @@ where
         answered: AtomicU64::new(0),
     };
     let reason = {
-        let up = client_to_backend(stream, &bypassed, &mut to_backend, early.up, tap, &meter);
+        let up = client_to_backend(
+            &mut stream,
+            &bypassed,
+            &mut to_backend,
+            early.up,
+            tap,
+            &meter,
+        );
         let down = backend_to_client(
             &mut sink,
             &bypassed,
@@ -275,7 +342,13 @@ where
         up: meter.up.into_inner(),
         down: meter.down.into_inner(),
     };
-    (reason, traffic, kept)
+    let socket = sink.reunite(stream).expect("the two halves of one socket");
+    Relayed {
+        reason,
+        traffic,
+        kept,
+        client: Closing { socket },
+    }
 }
 
 /// Client messages to the hypervisor, the early bytes first. Messages that
@@ -538,12 +611,14 @@ where
 }
 
 /// Sends the close frame for `reason` to a socket that never reached the
-/// relay (a failed or stopped handshake), under the close deadline.
-pub async fn close<S>(socket: &mut WebSocketStream<S>, reason: CloseReason)
+/// relay (a failed or stopped handshake), under the close deadline; the
+/// socket is then to be lingered on.
+pub async fn close<S>(mut socket: WebSocketStream<S>, reason: CloseReason) -> Closing<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let _ = tokio::time::timeout(CLOSE_DEADLINE, socket.send(close_message(reason))).await;
+    Closing { socket }
 }
 
 fn close_message(reason: CloseReason) -> Message {
