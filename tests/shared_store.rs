@@ -623,6 +623,98 @@ async fn a_node_that_sees_a_terminates_revocation_first_ends_the_session_in_the_
 }
 
 #[tokio::test]
+async fn a_token_revoked_with_keep_sessions_keeps_its_session_on_every_node_until_a_terminate() {
+    use porthole::session::registry::{Selector, SessionRegistry};
+    // `POST /v1/revocations` with `keep_sessions` on node b: the token opens
+    // nothing more, anywhere, and the renewals of node a (which end the
+    // sessions of a terminate's revoked token) leave its session running,
+    // also once the store lost its data and was re-seeded. A bare
+    // revocation beside it is the sync point: its session ending shows a
+    // renewal read both.
+    let mut server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let kept = on_a
+        .register(new_session("kept"), CancellationToken::new())
+        .await;
+    let now = unix_now();
+    b.revocations
+        .keep_sessions("kept", now + 600)
+        .await
+        .unwrap();
+    b.revocations
+        .revoke_jti("kept", now + 600, now)
+        .await
+        .unwrap();
+    let renewed = |jti: &'static str| {
+        let (on_a, b) = (&on_a, &b);
+        async move {
+            let bare = on_a
+                .register(new_session(jti), CancellationToken::new())
+                .await;
+            // (After a restart, a connection may fail once more.)
+            eventually("node b revokes", Duration::from_secs(10), || async {
+                b.revocations.revoke_jti(jti, now + 600, now).await.is_ok()
+            })
+            .await;
+            tokio::time::timeout(LEASE * 5, bare.cancel.cancelled())
+                .await
+                .expect("node a's renewal ended the session of a revoked token");
+        }
+    };
+    renewed("bare-1").await;
+    assert!(!kept.cancel.is_cancelled(), "{:?}", kept.terminated.get());
+    assert!(
+        a.revocations
+            .check("kept", "vm", now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Redis comes back empty: the keep is re-seeded with the revocation.
+    server.stop();
+    let _server = RedisServer::start_on(server.port);
+    for n in [&a, &b] {
+        eventually("ready again", Duration::from_secs(15), || async {
+            n.redis.healthy()
+        })
+        .await;
+    }
+    renewed("bare-2").await;
+    assert!(!kept.cancel.is_cancelled(), "{:?}", kept.terminated.get());
+    assert!(
+        b.revocations
+            .check("kept", "vm", now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // An operator's terminate later still ends it, in their name.
+    let listed = on_b
+        .list(&Selector {
+            jti: Some("kept".into()),
+            ..Selector::default()
+        })
+        .await;
+    assert_eq!(listed.len(), 1);
+    on_b.ending(&listed, "erin", "done watching").await;
+    b.revocations
+        .revoke_jti("kept", now + 600, now)
+        .await
+        .unwrap();
+    tokio::time::timeout(LEASE * 5, kept.cancel.cancelled())
+        .await
+        .expect("the terminate's revocation ends a kept session");
+    let t = kept.terminated.get().unwrap();
+    assert_eq!(
+        (t.by.as_str(), t.reason.as_str()),
+        ("erin", "done watching")
+    );
+}
+
+#[tokio::test]
 async fn the_shared_store_treats_takeover_as_reconnect_as_the_memory_store_does() {
     // The session layer ends the running session, then redeems: the store
     // itself still refuses a second session while the first holds the token.

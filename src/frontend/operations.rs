@@ -440,7 +440,7 @@ pub struct RevokeBody {
     jti: Option<String>,
     instance: Option<String>,
     reason: Option<String>,
-    /// Also end the sessions the revoked tokens run (default true).
+    /// Let the sessions the revoked tokens run go on (default: they end).
     #[serde(default)]
     keep_sessions: bool,
 }
@@ -503,8 +503,20 @@ pub async fn revoke(
     };
     let result = match named {
         Revoked::Jti(jti) => {
-            s.sessions.tickets.revoke_jti(jti).await;
-            revocations.revoke_jti(jti, until, now).await
+            // Said before the revocation, which every node's renewal reads:
+            // none may end these sessions in between.
+            let kept = if body.keep_sessions {
+                revocations.keep_sessions(jti, until).await
+            } else {
+                Ok(())
+            };
+            match kept {
+                Ok(()) => {
+                    s.sessions.tickets.revoke_jti(jti).await;
+                    revocations.revoke_jti(jti, until, now).await
+                }
+                Err(e) => Err(e),
+            }
         }
         Revoked::Instance(instance) => revocations.revoke_instance(instance, until, now).await,
     };

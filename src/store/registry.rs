@@ -562,17 +562,22 @@ impl super::Leases for RedisRegistry {
             // A terminate revokes the token first and then tells the node
             // on the command channel, which keeps nothing: a node that was
             // not subscribed then (a failover, a restart) learns it here.
-            pipe.exists(self.redis.key(&["revoked", "jti", &s.jti]));
+            pipe.exists(self.redis.key(&["revoked", "jti", &s.jti]))
+                .exists(self.redis.key(&["kept", "jti", &s.jti]));
         }
         let revoked = match self.redis.pipe::<Vec<bool>>(pipe).await {
-            Ok(revoked) => revoked,
+            // Per session: its token revoked, its sessions kept.
+            Ok(flags) => flags
+                .chunks_exact(2)
+                .map(|f| (f[0], f[1]))
+                .collect::<Vec<_>>(),
             Err(e) => {
                 tracing::debug!("session lease renewal failed: {e}");
                 return;
             }
         };
         self.announce_shadows(&live).await;
-        let revoked: Vec<_> = live.iter().zip(revoked).filter(|(_, r)| *r).collect();
+        let revoked: Vec<_> = live.iter().zip(revoked).filter(|(_, (r, _))| *r).collect();
         // Mostly an operator's terminate, on its way on the command channel.
         let endings = if revoked.is_empty() {
             Vec::new()
@@ -586,7 +591,7 @@ impl super::Leases for RedisRegistry {
                 .await
                 .unwrap_or_default()
         };
-        for (i, (s, _)) in revoked.iter().enumerate() {
+        for (i, (s, (_, kept))) in revoked.iter().enumerate() {
             let one = Selector {
                 id: Some(s.id.clone()),
                 ..Selector::default()
@@ -597,6 +602,8 @@ impl super::Leases for RedisRegistry {
                 .and_then(|e| serde_json::from_str::<Ending>(e).ok());
             let (by, reason) = match &ending {
                 Some(e) => (e.by.as_str(), e.reason.as_str()),
+                // Revoked with `keep_sessions`, and no terminate since.
+                None if *kept => continue,
                 None => ("revocation", "its token was revoked"),
             };
             if !self.local.terminate(&one, by, reason).is_empty() {

@@ -1,6 +1,6 @@
 //! What every node remembers so that a Redis that lost its data (restarted
 //! without persistence, failed over to an empty replica) never forgets a
-//! revocation or a spent single-use token.
+//! revocation (nor that it keeps its sessions) or a spent single-use token.
 //!
 //! Every revocation and every spent single-use token is published on the
 //! `<prefix>events` channel; every node keeps them (until they expire, at
@@ -39,6 +39,9 @@ pub(super) enum Event {
     },
     /// A single-use token spent, remembered until `until` (ms).
     Spent { jti: String, until: u64 },
+    /// A token's sessions kept through its revocation, until `until` (ms).
+    /// (A node that predates it drops it as an unknown op.)
+    KeptJti { jti: String, until: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -46,17 +49,19 @@ struct Entries {
     jtis: HashMap<String, u64>,
     instances: HashMap<String, (u64, u64)>,
     spent: HashMap<String, u64>,
+    kept: HashMap<String, u64>,
 }
 
 impl Entries {
     fn len(&self) -> usize {
-        self.jtis.len() + self.instances.len() + self.spent.len()
+        self.jtis.len() + self.instances.len() + self.spent.len() + self.kept.len()
     }
 
     fn prune(&mut self, now_ms: u64) {
         self.jtis.retain(|_, u| *u > now_ms);
         self.instances.retain(|_, (_, u)| *u > now_ms);
         self.spent.retain(|_, u| *u > now_ms);
+        self.kept.retain(|_, u| *u > now_ms);
     }
 }
 
@@ -103,6 +108,10 @@ impl Remembered {
                 let u = entries.spent.entry(jti.clone()).or_default();
                 *u = (*u).max(*until);
             }
+            Event::KeptJti { jti, until } => {
+                let u = entries.kept.entry(jti.clone()).or_default();
+                *u = (*u).max(*until);
+            }
         }
     }
 
@@ -125,7 +134,13 @@ impl Remembered {
             jti: j.clone(),
             until: *u,
         });
-        jtis.chain(instances).chain(spent).collect()
+        let kept = entries.kept.iter().map(|(j, u)| Event::KeptJti {
+            jti: j.clone(),
+            until: *u,
+        });
+        // Keeps first: a renewal between two chunks of a re-seed must not
+        // find a revocation without its keep.
+        kept.chain(jtis).chain(instances).chain(spent).collect()
     }
 }
 
@@ -270,6 +285,14 @@ impl Redis {
                             .arg(*until)
                             .ignore();
                     }
+                    Event::KeptJti { jti, until } => {
+                        pipe.cmd("SET")
+                            .arg(self.key(&["kept", "jti", jti]))
+                            .arg("1")
+                            .arg("PXAT")
+                            .arg(*until)
+                            .ignore();
+                    }
                 }
             }
             self.run_now(|mut c| async move { pipe.query_async::<()>(&mut c).await })
@@ -284,6 +307,7 @@ impl Redis {
             (self.key(&["revoked", "jti", "*"]), 0),
             (self.key(&["revoked", "instance", "*"]), 1),
             (self.key(&["spent", "*"]), 2),
+            (self.key(&["kept", "jti", "*"]), 3),
         ] {
             let mut cursor = 0u64;
             loop {
@@ -327,7 +351,8 @@ impl Redis {
                                 at: value.and_then(|v| v.parse().ok()).unwrap_or(0),
                                 until,
                             },
-                            _ => Event::Spent { jti: id, until },
+                            2 => Event::Spent { jti: id, until },
+                            _ => Event::KeptJti { jti: id, until },
                         });
                     }
                 }

@@ -6,6 +6,11 @@
 //! which the instance's tokens were issued), each expiring when no token it
 //! covers can still be valid. A check is one pipelined round trip; a store
 //! that cannot answer refuses the token as `unavailable`.
+//!
+//! `<prefix>kept:jti:<jti>`, written before a token's revocation with
+//! `keep_sessions`, until the same time: every node's renewal ends the
+//! sessions of a revoked token (a terminate's revocation seen before its
+//! message) unless this says to keep them and no `ending` record names them.
 
 use std::sync::{Arc, LazyLock};
 
@@ -58,6 +63,27 @@ impl RevocationStore for RedisRevocations {
                 .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
             self.redis
                 .note(Event::RevokedJti {
+                    jti: jti.to_string(),
+                    until: until * 1000,
+                })
+                .await;
+            Ok(())
+        })
+    }
+
+    fn keep_sessions<'a>(
+        &'a self,
+        jti: &'a str,
+        until: u64,
+    ) -> BoxFuture<'a, Result<(), RevocationError>> {
+        Box::pin(async move {
+            let key = self.redis.key(&["kept", "jti", jti]);
+            self.redis
+                .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&(until * 1000).to_string()])
+                .await
+                .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
+            self.redis
+                .note(Event::KeptJti {
                     jti: jti.to_string(),
                     until: until * 1000,
                 })

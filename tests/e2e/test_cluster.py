@@ -166,6 +166,53 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
         other.close()
 
 
+def test_a_revocation_that_keeps_sessions_keeps_them_on_every_node(tmp_path, redis):
+    """`POST /v1/revocations` with keep_sessions through node b: the token
+    opens nothing more on either node, and its session on node a runs on
+    through node a's renewals, which end the sessions of a terminate's
+    revoked token; a terminate later still ends it."""
+    backend = EchoBackend()
+    a = node(tmp_path, "node-a", redis)
+    b = node(tmp_path, "node-b", redis, key=a.key)
+    try:
+        minted = a.mint("serial", backend.port)
+        ws = connect(ws_url(a, "serial", minted["token"]), open_timeout=10)
+        ws.send(b"1")
+        assert ws.recv(timeout=10) == b"1"
+
+        def on_b():
+            sessions = b.admin("GET", "/v1/sessions")[1]["sessions"]
+            return [s for s in sessions if s["jti"] == minted["jti"]]
+
+        until("node b lists it", on_b)
+        status, answer = b.admin("POST", "/v1/revocations",
+                                 {"jti": minted["jti"], "reason": "rotating keys", "keep_sessions": True},
+                                 actor="gina")
+        assert status == 200 and answer["terminated"] == [], answer
+        for p in (a, b):
+            assert b"revoked" in refused(ws_url(p, "serial", minted["token"]), 403)
+        # Two of node a's renewals after the revocation, each seen by the
+        # bytes it publishes: the renewal reads the revocation as it
+        # publishes, and would end the session right after.
+        for sent in (b"2", b"3"):
+            ws.send(sent)
+            assert ws.recv(timeout=10) == sent
+            until("node a's renewal publishes the session's bytes",
+                  lambda: on_b() and on_b()[0]["bytes_up"] >= int(sent))
+        ws.send(b"4")
+        assert ws.recv(timeout=10) == b"4", "the kept session still runs"
+        assert not [e for e in a.audit() if e.get("event") == "session_ended"], a.audit()
+
+        (session,) = on_b()
+        status, answer = b.admin("DELETE", f"/v1/sessions/{session['id']}?reason=done", actor="erin")
+        assert status == 200 and answer["terminated"] == [session["id"]], answer
+        assert close_code(ws) == 4003
+    finally:
+        for p in (a, b):
+            assert p.gateway.stop() == 0, p.log()[-3000:]
+        backend.close()
+
+
 def test_after_redis_comes_back_empty_the_other_node_lists_ends_and_revokes_a_running_session(tmp_path, redis):
     """Redis restarted empty under a running session: within one renewal
     the session is whole in Redis again, so the other node lists it, ends
