@@ -170,11 +170,29 @@ where
         }
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    tokio::select! {
-        () = playing => {}
-        () = client_left(&mut stream) => {}
+    until_played(playing, &mut stream).await;
+}
+
+/// Runs `playing` (which ends with its close frame) until it ends or the
+/// client leaves. After our close frame, what the client still sends is
+/// read and dropped until its own close, for [`CLOSE_LINGER`] at most: a
+/// socket closed over unread bytes (noVNC asks for updates all along) is
+/// reset, and a reset can overtake the close frame in the browser.
+async fn until_played<St>(playing: impl std::future::Future<Output = ()>, stream: &mut St)
+where
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let played = tokio::select! {
+        () = playing => true,
+        () = client_left(stream) => false,
+    };
+    if played {
+        let _ = tokio::time::timeout(CLOSE_LINGER, client_left(stream)).await;
     }
 }
+
+/// How long a client has to answer the close frame that ends a playback.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Returns when the client closes or its socket fails; what it sends
 /// before is not for the recording and is dropped.
@@ -266,10 +284,7 @@ where
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    tokio::select! {
-        () = playing => {}
-        () = client_left(&mut stream) => {}
-    }
+    until_played(playing, &mut stream).await;
 }
 
 /// Plays one channel of a SPICE recording: the link (the channel the
@@ -329,10 +344,7 @@ async fn play_spice<S>(
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    tokio::select! {
-        () = playing => {}
-        () = client_left(&mut stream) => {}
-    }
+    until_played(playing, &mut stream).await;
 }
 
 /// `GET /playback/vv?token=`: a SPICE recording for a native client
