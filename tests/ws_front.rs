@@ -347,6 +347,32 @@ async fn a_session_ended_while_its_client_still_sends_closes_with_its_code_not_a
     g.stop().await;
 }
 
+#[tokio::test]
+async fn a_message_over_the_limit_closes_with_1009_not_a_reset() {
+    // A paste over the message limit: tungstenite stops at the frame's
+    // header, and the rest of it is still unread when the session ends.
+    let g = start("max_message_bytes = 65536\nmax_frame_bytes = 65536").await;
+    let port = echo_console().await;
+    let mut ws = g.open(&g.path("serial", ConsoleType::Serial, port)).await;
+    echoes(&mut ws, b"before").await;
+    let paste = Message::Binary(vec![b'p'; 4 << 20].into());
+    // Some of it may never be read: the send need not finish.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ws.send(paste)).await;
+    let (code, _) = close_of(&mut ws).await;
+    assert_eq!(code, 1009);
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+        .await
+        .expect("the connection ends within ten seconds of the close frame");
+    assert!(
+        matches!(
+            end,
+            None | Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed))
+        ),
+        "after the close frame, an orderly end, not {end:?}"
+    );
+    g.stop().await;
+}
+
 /// A console that takes connections and never reads from them.
 async fn deaf_console() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -215,23 +215,26 @@ where
     /// Lets the client answer the close frame before the connection goes
     /// (RFC 6455 §7.1.1: the client's close, then the server closes TCP).
     /// The close frame is followed by our FIN, and whatever the client still
-    /// sends (noVNC's update requests, a paste, its close) is read and
-    /// dropped until its close frame, its FIN or `LINGER`. Without this
-    /// the socket would be closed over unread bytes, and a reset sent in
-    /// place of a FIN.
+    /// sends (noVNC's update requests, the rest of a paste that broke a
+    /// limit, its close) is read under the frames and dropped until its FIN
+    /// (a browser closes once it has our close and our FIN) or `LINGER`.
+    /// Without this the socket would be closed over unread bytes, and a
+    /// reset sent in place of a FIN. Nothing is written from here on (no
+    /// pong), and what is read costs one small buffer for these 2 s.
     pub async fn linger(self) {
         let Closing { mut socket } = self;
-        let bypassed = socket.get_ref().bypassed().clone();
         let _ = tokio::time::timeout(LINGER, async {
             // Errors are the client's leaving: the reads below see it too.
             let _ = socket.flush().await;
             let _ = tokio::io::AsyncWriteExt::shutdown(socket.get_mut()).await;
-            while let Some(Ok(message)) = socket.next().await {
-                match message {
-                    // Dropped as read: the bypass queued its payload.
-                    Message::Binary(_) => drop(bypassed.take_message()),
-                    Message::Close(_) => return,
-                    _ => {}
+            let mut dropped = vec![0u8; 4096];
+            loop {
+                let mut buf = tokio::io::ReadBuf::new(&mut dropped);
+                let read =
+                    std::future::poll_fn(|cx| socket.get_mut().poll_read_unframed(cx, &mut buf))
+                        .await;
+                if read.is_err() || buf.filled().is_empty() {
+                    return;
                 }
             }
         })

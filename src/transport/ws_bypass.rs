@@ -101,6 +101,15 @@ pub struct Limits {
 pub trait Bypasses {
     /// The queues shared with the relay.
     fn bypassed(&self) -> &Arc<Bypassed>;
+
+    /// Reads the client's bytes under every frame, as they come: what a
+    /// closing socket still receives, to be dropped (tungstenite stops at
+    /// the first error, and the bytes behind it are there all the same).
+    fn poll_read_unframed(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>>;
 }
 
 /// What a [`Bypass`] shares with the relay: payloads in, frames out.
@@ -619,9 +628,17 @@ fn unmask(piece: &mut [u8], mask: [u8; 4], at: u64) {
     }
 }
 
-impl<S> Bypasses for Bypass<S> {
+impl<S: AsyncRead + Unpin> Bypasses for Bypass<S> {
     fn bypassed(&self) -> &Arc<Bypassed> {
         &self.shared
+    }
+
+    fn poll_read_unframed(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
