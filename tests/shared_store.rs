@@ -586,26 +586,34 @@ async fn a_node_that_sees_a_terminates_revocation_first_ends_the_session_in_the_
     let server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
-    let (named, bare) = (
+    let (named, bare, taken_back) = (
         on_a.register(new_session("j1"), CancellationToken::new())
             .await,
         on_a.register(new_session("j2"), CancellationToken::new())
             .await,
+        on_a.register(new_session("j3"), CancellationToken::new())
+            .await,
     );
-    let listed = on_b
-        .list(&Selector {
-            jti: Some("j1".into()),
-            ..Selector::default()
-        })
-        .await;
-    assert_eq!(listed.len(), 1);
+    let listed = |jti: &str| Selector {
+        jti: Some(jti.into()),
+        ..Selector::default()
+    };
+    let (one, three) = (
+        on_b.list(&listed("j1")).await,
+        on_b.list(&listed("j3")).await,
+    );
+    assert_eq!((one.len(), three.len()), (1, 1));
     // Who ends it is written before the revocation: the renewal reads both.
-    on_b.ending(&listed, "dave", "maintenance").await;
+    on_b.ending(&one, "dave", "maintenance").await;
+    // Said, then taken back (that revocation failed): a later one is not
+    // credited to mallory.
+    on_b.ending(&three, "mallory", "cleanup").await;
+    on_b.not_ending(&three).await;
     let now = unix_now();
-    for jti in ["j1", "j2"] {
+    for jti in ["j1", "j2", "j3"] {
         b.revocations.revoke_jti(jti, now + 600, now).await.unwrap();
     }
-    for live in [&named, &bare] {
+    for live in [&named, &bare, &taken_back] {
         tokio::time::timeout(LEASE * 5, live.cancel.cancelled())
             .await
             .expect("node a's renewal ended the session of a revoked token");
@@ -616,10 +624,12 @@ async fn a_node_that_sees_a_terminates_revocation_first_ends_the_session_in_the_
     };
     assert_eq!(by(&named), ("dave".into(), "maintenance".into()));
     // A revocation nobody said more of ends its session as a revocation.
-    assert_eq!(
-        by(&bare),
-        ("revocation".into(), "its token was revoked".into())
-    );
+    for live in [&bare, &taken_back] {
+        assert_eq!(
+            by(live),
+            ("revocation".into(), "its token was revoked".into())
+        );
+    }
 }
 
 #[tokio::test]

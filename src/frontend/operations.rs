@@ -521,6 +521,7 @@ pub async fn revoke(
         Revoked::Instance(instance) => revocations.revoke_instance(instance, until, now).await,
     };
     if let Err(e) = result {
+        s.sessions.registry.not_ending(&listed).await;
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

@@ -540,6 +540,13 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, ()> {
         Box::pin(std::future::ready(()))
     }
+
+    /// Takes back what [`ending`](Self::ending) said of `sessions`: their
+    /// end did not come (the revocation failed), and a later revocation of
+    /// theirs must not be credited to that operator.
+    fn not_ending<'a>(&'a self, _sessions: &'a [SessionView]) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl SessionRegistry for Registry {

@@ -861,6 +861,22 @@ impl SessionRegistry for RedisRegistry {
             }
         })
     }
+
+    fn not_ending<'a>(&'a self, sessions: &'a [SessionView]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if sessions.is_empty() {
+                return;
+            }
+            let mut pipe = redis::pipe();
+            for s in sessions {
+                pipe.del(self.redis.key(&["ending", &s.id])).ignore();
+            }
+            if let Err(e) = self.redis.pipe::<()>(pipe).await {
+                // They expire within two leases all the same.
+                tracing::debug!("who ends the sessions was not taken back: {e}");
+            }
+        })
+    }
 }
 
 #[cfg(test)]
