@@ -503,19 +503,13 @@ pub async fn revoke(
     };
     let result = match named {
         Revoked::Jti(jti) => {
-            // Said before the revocation, which every node's renewal reads:
-            // none may end these sessions in between.
-            let kept = if body.keep_sessions {
-                revocations.keep_sessions(jti, until).await
+            s.sessions.tickets.revoke_jti(jti).await;
+            if body.keep_sessions {
+                revocations
+                    .revoke_jti_keeping_sessions(jti, until, now)
+                    .await
             } else {
-                Ok(())
-            };
-            match kept {
-                Ok(()) => {
-                    s.sessions.tickets.revoke_jti(jti).await;
-                    revocations.revoke_jti(jti, until, now).await
-                }
-                Err(e) => Err(e),
+                revocations.revoke_jti(jti, until, now).await
             }
         }
         Revoked::Instance(instance) => revocations.revoke_instance(instance, until, now).await,

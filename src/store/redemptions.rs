@@ -61,16 +61,22 @@ end
 return 0
 ";
 
-/// KEYS: revoked. ARGV: until ms. Keeps the later of the two expiries.
-pub(super) const KEEP_UNTIL: &str = r"
+/// KEYS: a token's revocation. ARGV: until (ms), `1` (its sessions end)
+/// or `keep` (they are kept). Keeps the later of the two expiries; a
+/// revocation that ends sessions is not made one that keeps them, and
+/// supersedes one that did.
+pub(super) const REVOKE_JTI: &str = r"
+local old = redis.call('GET', KEYS[1])
 local t = redis.call('PEXPIRETIME', KEYS[1])
-if t < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PXAT', ARGV[1]) end
+local value = ARGV[2]
+if old and old ~= 'keep' then value = old end
+redis.call('SET', KEYS[1], value, 'PXAT', math.max(t, tonumber(ARGV[1])))
 return 1
 ";
 
 static REDEEM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REDEEM));
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
-pub(super) static KEEP_UNTIL_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(KEEP_UNTIL));
+pub(super) static REVOKE_JTI_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE_JTI));
 
 /// Redemptions in Redis.
 #[derive(Debug)]
@@ -294,13 +300,14 @@ impl RedemptionStore for RedisRedemptions {
             let key = self.redis.key(&["revoked", "jti", jti]);
             let until = ((exp + KEEP_PAST_EXP) * 1000).to_string();
             self.redis
-                .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&until])
+                .eval::<i64>(&REVOKE_JTI_SCRIPT, &[&key], &[&until, "1"])
                 .await
                 .map_err(unavailable)?;
             self.redis
                 .note(Event::RevokedJti {
                     jti: jti.to_string(),
                     until: (exp + KEEP_PAST_EXP) * 1000,
+                    keep: false,
                 })
                 .await;
             Ok(())

@@ -562,14 +562,14 @@ impl super::Leases for RedisRegistry {
             // A terminate revokes the token first and then tells the node
             // on the command channel, which keeps nothing: a node that was
             // not subscribed then (a failover, a restart) learns it here.
-            pipe.exists(self.redis.key(&["revoked", "jti", &s.jti]))
-                .exists(self.redis.key(&["kept", "jti", &s.jti]));
+            // (`keep`: revoked with `keep_sessions`, and nothing since.)
+            pipe.get(self.redis.key(&["revoked", "jti", &s.jti]));
         }
-        let revoked = match self.redis.pipe::<Vec<bool>>(pipe).await {
+        let revoked = match self.redis.pipe::<Vec<Option<String>>>(pipe).await {
             // Per session: its token revoked, its sessions kept.
-            Ok(flags) => flags
-                .chunks_exact(2)
-                .map(|f| (f[0], f[1]))
+            Ok(values) => values
+                .into_iter()
+                .map(|v| (v.is_some(), v.as_deref() == Some("keep")))
                 .collect::<Vec<_>>(),
             Err(e) => {
                 tracing::debug!("session lease renewal failed: {e}");
@@ -602,7 +602,7 @@ impl super::Leases for RedisRegistry {
                 .and_then(|e| serde_json::from_str::<Ending>(e).ok());
             let (by, reason) = match &ending {
                 Some(e) => (e.by.as_str(), e.reason.as_str()),
-                // Revoked with `keep_sessions`, and no terminate since.
+                // Revoked with `keep_sessions`, and nothing that ends it since.
                 None if *kept => continue,
                 None => ("revocation", "its token was revoked"),
             };

@@ -1,6 +1,6 @@
 //! What every node remembers so that a Redis that lost its data (restarted
 //! without persistence, failed over to an empty replica) never forgets a
-//! revocation (nor that it keeps its sessions) or a spent single-use token.
+//! revocation (nor whether it keeps its sessions) or a spent single-use token.
 //!
 //! Every revocation and every spent single-use token is published on the
 //! `<prefix>events` channel; every node keeps them (until they expire, at
@@ -29,8 +29,15 @@ const CAPACITY: usize = 200_000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(super) enum Event {
-    /// A token revoked (or its session killed) until `until` (unix ms).
-    RevokedJti { jti: String, until: u64 },
+    /// A token revoked (or its session killed) until `until` (unix ms);
+    /// `keep`: with `keep_sessions` (a node that predates it reads a plain
+    /// revocation, as it wrote them).
+    RevokedJti {
+        jti: String,
+        until: u64,
+        #[serde(default)]
+        keep: bool,
+    },
     /// An instance's tokens issued up to `at` (unix s) revoked until `until` (ms).
     RevokedInstance {
         instance: String,
@@ -39,29 +46,25 @@ pub(super) enum Event {
     },
     /// A single-use token spent, remembered until `until` (ms).
     Spent { jti: String, until: u64 },
-    /// A token's sessions kept through its revocation, until `until` (ms).
-    /// (A node that predates it drops it as an unknown op.)
-    KeptJti { jti: String, until: u64 },
 }
 
 #[derive(Debug, Default)]
 struct Entries {
-    jtis: HashMap<String, u64>,
+    /// Until when, and whether every revocation of it kept its sessions.
+    jtis: HashMap<String, (u64, bool)>,
     instances: HashMap<String, (u64, u64)>,
     spent: HashMap<String, u64>,
-    kept: HashMap<String, u64>,
 }
 
 impl Entries {
     fn len(&self) -> usize {
-        self.jtis.len() + self.instances.len() + self.spent.len() + self.kept.len()
+        self.jtis.len() + self.instances.len() + self.spent.len()
     }
 
     fn prune(&mut self, now_ms: u64) {
-        self.jtis.retain(|_, u| *u > now_ms);
+        self.jtis.retain(|_, (u, _)| *u > now_ms);
         self.instances.retain(|_, (_, u)| *u > now_ms);
         self.spent.retain(|_, u| *u > now_ms);
-        self.kept.retain(|_, u| *u > now_ms);
     }
 }
 
@@ -92,9 +95,10 @@ impl Remembered {
             }
         }
         match e {
-            Event::RevokedJti { jti, until } => {
-                let u = entries.jtis.entry(jti.clone()).or_default();
-                *u = (*u).max(*until);
+            Event::RevokedJti { jti, until, keep } => {
+                // As the store's script: one that ends sessions wins.
+                let e = entries.jtis.entry(jti.clone()).or_insert((0, true));
+                *e = (e.0.max(*until), e.1 && *keep);
             }
             Event::RevokedInstance {
                 instance,
@@ -108,19 +112,16 @@ impl Remembered {
                 let u = entries.spent.entry(jti.clone()).or_default();
                 *u = (*u).max(*until);
             }
-            Event::KeptJti { jti, until } => {
-                let u = entries.kept.entry(jti.clone()).or_default();
-                *u = (*u).max(*until);
-            }
         }
     }
 
     fn all(&self) -> Vec<Event> {
         let mut entries = self.lock();
         entries.prune(now_ms());
-        let jtis = entries.jtis.iter().map(|(j, u)| Event::RevokedJti {
+        let jtis = entries.jtis.iter().map(|(j, (u, keep))| Event::RevokedJti {
             jti: j.clone(),
             until: *u,
+            keep: *keep,
         });
         let instances = entries
             .instances
@@ -134,13 +135,7 @@ impl Remembered {
             jti: j.clone(),
             until: *u,
         });
-        let kept = entries.kept.iter().map(|(j, u)| Event::KeptJti {
-            jti: j.clone(),
-            until: *u,
-        });
-        // Keeps first: a renewal between two chunks of a re-seed must not
-        // find a revocation without its keep.
-        kept.chain(jtis).chain(instances).chain(spent).collect()
+        jtis.chain(instances).chain(spent).collect()
     }
 }
 
@@ -257,10 +252,10 @@ impl Redis {
             let mut pipe = redis::pipe();
             for e in chunk {
                 match e {
-                    Event::RevokedJti { jti, until } => {
+                    Event::RevokedJti { jti, until, keep } => {
                         pipe.cmd("SET")
                             .arg(self.key(&["revoked", "jti", jti]))
-                            .arg("1")
+                            .arg(if *keep { "keep" } else { "1" })
                             .arg("PXAT")
                             .arg(*until)
                             .ignore();
@@ -285,14 +280,6 @@ impl Redis {
                             .arg(*until)
                             .ignore();
                     }
-                    Event::KeptJti { jti, until } => {
-                        pipe.cmd("SET")
-                            .arg(self.key(&["kept", "jti", jti]))
-                            .arg("1")
-                            .arg("PXAT")
-                            .arg(*until)
-                            .ignore();
-                    }
                 }
             }
             self.run_now(|mut c| async move { pipe.query_async::<()>(&mut c).await })
@@ -307,7 +294,6 @@ impl Redis {
             (self.key(&["revoked", "jti", "*"]), 0),
             (self.key(&["revoked", "instance", "*"]), 1),
             (self.key(&["spent", "*"]), 2),
-            (self.key(&["kept", "jti", "*"]), 3),
         ] {
             let mut cursor = 0u64;
             loop {
@@ -345,14 +331,17 @@ impl Redis {
                         };
                         let id = k[prefix_len..].to_string();
                         self.remembered.add(&match kind {
-                            0 => Event::RevokedJti { jti: id, until },
+                            0 => Event::RevokedJti {
+                                jti: id,
+                                until,
+                                keep: value.as_deref() == Some("keep"),
+                            },
                             1 => Event::RevokedInstance {
                                 instance: id,
                                 at: value.and_then(|v| v.parse().ok()).unwrap_or(0),
                                 until,
                             },
-                            2 => Event::Spent { jti: id, until },
-                            _ => Event::KeptJti { jti: id, until },
+                            _ => Event::Spent { jti: id, until },
                         });
                     }
                 }
@@ -363,5 +352,49 @@ impl Redis {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Event, Remembered};
+
+    fn revoked(jti: &str, until: u64, keep: bool) -> Event {
+        Event::RevokedJti {
+            jti: jti.into(),
+            until,
+            keep,
+        }
+    }
+
+    /// As the store's script: a revocation that ends sessions wins over one
+    /// that keeps them, in either order; the later expiry holds.
+    #[test]
+    fn a_revocation_keeps_its_sessions_only_if_every_one_of_it_did() {
+        let now = super::now_ms();
+        let r = Remembered::default();
+        r.add(&revoked("kept", now + 10_000, true));
+        r.add(&revoked("kept", now + 5_000, true));
+        r.add(&revoked("ended-after", now + 10_000, true));
+        r.add(&revoked("ended-after", now + 5_000, false));
+        r.add(&revoked("ended-before", now + 5_000, false));
+        r.add(&revoked("ended-before", now + 20_000, true));
+        let mut all: Vec<_> = r
+            .all()
+            .into_iter()
+            .map(|e| match e {
+                Event::RevokedJti { jti, until, keep } => (jti, until - now, keep),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("ended-after".into(), 10_000, false),
+                ("ended-before".into(), 20_000, false),
+                ("kept".into(), 10_000, true),
+            ]
+        );
     }
 }

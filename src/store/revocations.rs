@@ -7,10 +7,11 @@
 //! covers can still be valid. A check is one pipelined round trip; a store
 //! that cannot answer refuses the token as `unavailable`.
 //!
-//! `<prefix>kept:jti:<jti>`, written before a token's revocation with
-//! `keep_sessions`, until the same time: every node's renewal ends the
-//! sessions of a revoked token (a terminate's revocation seen before its
-//! message) unless this says to keep them and no `ending` record names them.
+//! A token's revocation says whether its sessions end (`1`) or are kept
+//! (`keep`, `keep_sessions`): every node's renewal ends the sessions of a
+//! revoked token (a terminate's revocation seen before its message) unless
+//! it says `keep` and no `ending` record names them. One that ends sessions
+//! supersedes one that kept them, never the reverse.
 
 use std::sync::{Arc, LazyLock};
 
@@ -18,7 +19,7 @@ use futures_util::future::BoxFuture;
 use redis::Script;
 
 use super::Redis;
-use super::redemptions::KEEP_UNTIL_SCRIPT;
+use super::redemptions::REVOKE_JTI_SCRIPT;
 use super::remembered::Event;
 use crate::token::revocation::{RevocationError, RevocationStore};
 
@@ -48,6 +49,29 @@ impl RedisRevocations {
     }
 }
 
+impl RedisRevocations {
+    async fn revoke(&self, jti: &str, until: u64, keep: bool) -> Result<(), RevocationError> {
+        let key = self.redis.key(&["revoked", "jti", jti]);
+        let value = if keep { "keep" } else { "1" };
+        self.redis
+            .eval::<i64>(
+                &REVOKE_JTI_SCRIPT,
+                &[&key],
+                &[&(until * 1000).to_string(), value],
+            )
+            .await
+            .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
+        self.redis
+            .note(Event::RevokedJti {
+                jti: jti.to_string(),
+                until: until * 1000,
+                keep,
+            })
+            .await;
+        Ok(())
+    }
+}
+
 impl RevocationStore for RedisRevocations {
     fn revoke_jti<'a>(
         &'a self,
@@ -55,41 +79,16 @@ impl RevocationStore for RedisRevocations {
         until: u64,
         _now: u64,
     ) -> BoxFuture<'a, Result<(), RevocationError>> {
-        Box::pin(async move {
-            let key = self.redis.key(&["revoked", "jti", jti]);
-            self.redis
-                .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&(until * 1000).to_string()])
-                .await
-                .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
-            self.redis
-                .note(Event::RevokedJti {
-                    jti: jti.to_string(),
-                    until: until * 1000,
-                })
-                .await;
-            Ok(())
-        })
+        Box::pin(self.revoke(jti, until, false))
     }
 
-    fn keep_sessions<'a>(
+    fn revoke_jti_keeping_sessions<'a>(
         &'a self,
         jti: &'a str,
         until: u64,
+        _now: u64,
     ) -> BoxFuture<'a, Result<(), RevocationError>> {
-        Box::pin(async move {
-            let key = self.redis.key(&["kept", "jti", jti]);
-            self.redis
-                .eval::<i64>(&KEEP_UNTIL_SCRIPT, &[&key], &[&(until * 1000).to_string()])
-                .await
-                .map_err(|e| RevocationError::Unavailable(e.to_string()))?;
-            self.redis
-                .note(Event::KeptJti {
-                    jti: jti.to_string(),
-                    until: until * 1000,
-                })
-                .await;
-            Ok(())
-        })
+        Box::pin(self.revoke(jti, until, true))
     }
 
     fn revoke_instance<'a>(

@@ -120,17 +120,18 @@ pub trait RevocationStore: Send + Sync + std::fmt::Debug {
         now: u64,
     ) -> BoxFuture<'a, Result<(), RevocationError>>;
 
-    /// Keeps the sessions token `jti` runs through its revocation, made
-    /// next and until `until` (`keep_sessions`). A store whose nodes end
-    /// the sessions of a revoked token on their own (a terminate's revocation
-    /// seen before its message) must leave these; where only the terminate
-    /// itself ends sessions there is nothing to do.
-    fn keep_sessions<'a>(
+    /// Revokes token `jti` until `until` and keeps the sessions it runs
+    /// (`keep_sessions`): a store whose nodes end the sessions of a revoked
+    /// token on their own (a terminate's revocation seen before its
+    /// message) must leave these until a revocation that ends them comes.
+    /// Where only the terminate itself ends sessions, a plain revocation.
+    fn revoke_jti_keeping_sessions<'a>(
         &'a self,
-        _jti: &'a str,
-        _until: u64,
+        jti: &'a str,
+        until: u64,
+        now: u64,
     ) -> BoxFuture<'a, Result<(), RevocationError>> {
-        Box::pin(std::future::ready(Ok(())))
+        self.revoke_jti(jti, until, now)
     }
 
     /// Why a token (`jti`, `instance`, issued at `iat`) is revoked, if it is.
