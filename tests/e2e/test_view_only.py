@@ -87,10 +87,10 @@ class Com1:
         with self._lock:
             return self._data
 
-    def wait_for(self, *markers, within=20):
-        """Waits for any of `markers`; returns the first that came."""
+    def wait_for(self, *markers, within=20, since=0):
+        """Waits for any of `markers` (from byte `since` on); returns the first that came."""
         def seen():
-            text = self.text()
+            text = self.text()[since:]
             found = [(text.index(m), m) for m in markers if m in text]
             return min(found)[1] if found else None
         return wait_for(seen, f"none of {markers} on COM1 within {within} s: {self.text()[-400:]!r}", within)
@@ -254,6 +254,14 @@ def test_novnc_keys_open_the_boot_menu_only_in_a_full_session(porthole, paused_v
         page.stdin.flush()
         boot(vm)
         came = com1.wait_for(MENU, FINAL)
+        if came == FINAL and not view_only:
+            # A browser starved of CPU (a loaded machine) can let the whole
+            # 3 s window pass between two presses (seen once in CI); the
+            # presses go on, and the next window must open the menu (keys
+            # that Porthole drops fail both).
+            since = len(com1.text())
+            boot(vm)
+            came = com1.wait_for(MENU, FINAL, since=since)
         if came == FINAL:
             reference = final_frame(direct, tmp_path / "direct.png")
         page.stdin.write("stop\n")
