@@ -204,6 +204,7 @@ pub struct Relayed<S> {
 
 /// A client's socket whose close frame has gone: to be [lingered
 /// on](Closing::linger) while the session ends, then dropped.
+#[must_use = "a socket dropped without its linger is reset over unread bytes"]
 pub struct Closing<S> {
     socket: WebSocketStream<S>,
 }
