@@ -45,6 +45,12 @@ def watched(p, token):
     return status, (json.loads(body) if status == 200 else body)
 
 
+def listed(p, jti, node=None):
+    """The sessions of token `jti` that node `p` lists (those `node` runs, if given)."""
+    sessions = p.admin("GET", "/v1/sessions")[1]["sessions"]
+    return [s for s in sessions if s["jti"] == jti and node in (None, s["node"])]
+
+
 def readyz(p):
     return http("GET", f"http://127.0.0.1:{p.admin_port}/readyz")[0]
 
@@ -181,8 +187,7 @@ def test_a_revocation_that_keeps_sessions_keeps_them_on_every_node(tmp_path, red
         assert ws.recv(timeout=10) == b"1"
 
         def on_b():
-            sessions = b.admin("GET", "/v1/sessions")[1]["sessions"]
-            return [s for s in sessions if s["jti"] == minted["jti"]]
+            return listed(b, minted["jti"])
 
         until("node b lists it", on_b)
         status, answer = b.admin("POST", "/v1/revocations",
@@ -233,8 +238,7 @@ def test_after_redis_comes_back_empty_the_other_node_lists_ends_and_revokes_a_ru
                 until("the node is ready again", lambda: readyz(p) == 200, within=30)
 
         def listed_on_b(jti):
-            sessions = b.admin("GET", "/v1/sessions")[1]["sessions"]
-            return [s for s in sessions if s["jti"] == jti and s["node"] == "node-a"]
+            return listed(b, jti, node="node-a")
 
         # Ended through node b.
         first = a.mint("serial", backends[0].port)
