@@ -85,6 +85,27 @@ def connect_from(src, port, timeout=10, host="127.0.0.1"):
     return s
 
 
+def listener_queue(port):
+    """What the kernel holds for the listener on 127.0.0.1:port, for a
+    failure's message: its accept queue (ss's Recv-Q on the LISTEN line)
+    and its connections by state (SYN-RECV: a handshake not finished)."""
+    import subprocess
+    try:
+        out = subprocess.run(["ss", "-tanH", f"( sport = :{port} )"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"ss: {e}"
+    states = {}
+    listen = ""
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "LISTEN":
+            listen = line
+        elif fields:
+            states[fields[0]] = states.get(fields[0], 0) + 1
+    return f"listener: {listen.strip()!r}; connections by state: {states}"
+
+
 def metric_sum(text, name, **labels):
     """A metric's value summed over every series whose labels include
     `labels` (0 when none): counters split by labels we do not care about
@@ -199,6 +220,9 @@ class Flood:
         self.connect_timeout = connect_timeout
         self.started = self.connected = self.failed = self.closed = 0
         self.lives = []
+        # When the first and the last connect completed (from the flood's start).
+        self.began = time.monotonic()
+        self.connects_done = [None, None]
         self.peak_open = 0
         self.connect_errors = {}
         self._lock = threading.Lock()
@@ -283,6 +307,9 @@ class Flood:
             with self._lock:
                 self.connected += 1
                 self.peak_open = max(self.peak_open, self.connected - self.closed)
+                at = round(time.monotonic() - self.began, 3)
+                first = self.connects_done[0]
+                self.connects_done = [at if first is None else first, at]
             self._socks[fd] = (s, time.monotonic())
             sel.modify(s, selectors.EVENT_READ, "open")
             return
@@ -346,6 +373,17 @@ class Flood:
         self._stop.set()
         self._thread.join(timeout=60)
         return self
+
+    def report(self):
+        """The summary with the lives folded (slowest and fastest five), for
+        a failure's message."""
+        s = self.summary()
+        lives = sorted(s.pop("lives"))
+        with self._lock:
+            s["connects_done_at"] = list(self.connects_done)
+        s["lives"] = {"fastest": [round(x, 2) for x in lives[:5]],
+                      "slowest": [round(x, 2) for x in lives[-5:]]}
+        return s
 
     def summary(self):
         with self._lock:
