@@ -327,22 +327,19 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every listener the config names.
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
-        let admin = TcpListener::bind(config.listen.admin)
-            .await
+        let admin = listener::bind(config.listen.admin)
             .with_context(|| format!("cannot listen on {} (listen.admin)", config.listen.admin))?;
         let mut public = Vec::new();
         for addr in std::iter::once(&config.listen.public).chain(&config.listen.public_extra) {
             public.push(
-                TcpListener::bind(addr)
-                    .await
+                listener::bind(*addr)
                     .with_context(|| format!("cannot listen on {addr} (listen.public)"))?,
             );
         }
         let bind = |addr: Option<SocketAddr>, key: &'static str| async move {
             match addr {
                 None => Ok(None),
-                Some(a) => TcpListener::bind(a)
-                    .await
+                Some(a) => listener::bind(a)
                     .map(Some)
                     .with_context(|| format!("cannot listen on {a} ({key})")),
             }

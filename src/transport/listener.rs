@@ -241,6 +241,28 @@ fn refused_at_gate(client: SocketAddr, proxy: Option<SocketAddr>, why: GateRefus
     }
 }
 
+/// Connections the kernel may hold for a listener before Porthole accepts
+/// them. Linux caps it at `net.core.somaxconn` (4096 by default since 5.4).
+/// The standard library's (and mio's) 128 is small for a gateway: a burst
+/// of reconnects (a load balancer failing over, or the gate's spare places
+/// all taken) past a full queue loses SYNs, and each lost one costs its
+/// client a retry 1, 3, 7 s later, by which time a flood's held connections
+/// may have left and the late ones count against a fresh per-address cap.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as
+/// `TcpListener::bind` sets, so a restart does not wait out TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts on `listener` until `stop` fires, handing each connection to
 /// `on_accept` (which spawns what serves it: the loop itself never waits on
 /// a peer) as an [`Arrival`] behind `gate`, whose place it holds for as

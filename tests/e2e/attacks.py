@@ -215,7 +215,7 @@ class Flood:
     Counters: started, connected, failed (the connect itself failed),
     closed (by the server), and for each closed one its life in seconds."""
 
-    def __init__(self, port, n, sources, connect_timeout=60):
+    def __init__(self, port, n, sources, connect_timeout=60, start=True):
         self.port, self.n, self.sources = port, n, list(sources)
         self.connect_timeout = connect_timeout
         self.started = self.connected = self.failed = self.closed = 0
@@ -229,6 +229,12 @@ class Flood:
         self._stop = threading.Event()
         self._socks = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
+        if start:
+            self.start()
+
+    def start(self):
+        """Starts the connects (at once, unless made with start=False)."""
+        self.began = time.monotonic()
         self._thread.start()
 
     @property
@@ -371,7 +377,8 @@ class Flood:
     def stop(self):
         """Closes every connection still open (with a reset)."""
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=60)
         return self
 
     def report(self):

@@ -10,6 +10,8 @@ header) deadline 3 s, so held connections go quickly; pings every second,
 so an unresponsive client is cut within seconds. Bounds on time are
 generous; nothing asserts speed."""
 
+import os
+import signal
 import time
 
 from websockets.sync.client import connect
@@ -80,11 +82,15 @@ def another_console_opens(vm):
 
 
 def half_open_flood(p, prober, vm):
-    """300 connections from one address that never send a request: 16 are
-    held (until the header deadline), the rest closed at once; another
-    address opens a console meanwhile."""
+    """300 connections from one address that never send a request, made in
+    one burst while Porthole is stopped (SIGSTOP), as a burst meets a busy
+    Porthole: the kernel holds every one in the listener's queue (larger
+    than the 128 a listener gets by default, which dropped the rest's SYNs
+    and let them in seconds later, past the held ones' deadline). Once
+    Porthole runs again, 16 are held (until the header deadline), the rest
+    closed at once; another address opens a console meanwhile."""
     started = time.monotonic()
-    flood = Flood(p.public_port, 300, ["127.0.0.3"])
+    flood = Flood(p.public_port, 300, ["127.0.0.3"], start=False)
 
     def refused():
         return metric_sum(p.metrics(), "porthole_limits_hit_total", limit="pending_per_address")
@@ -97,7 +103,15 @@ def half_open_flood(p, prober, vm):
         return (f"refused per address: {refused()}; flood: {flood.report()}; {listener_queue(p.public_port)}; "
                 f"Porthole's last refusal or accept lines: {lines[-5:]}")
 
+    pid = p.gateway.proc.pid
+    os.kill(pid, signal.SIGSTOP)
     try:
+        flood.start()
+        queued = flood.wait(lambda f: f.connected == 300, timeout=5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        assert queued, f"the kernel did not hold the whole burst for a stopped Porthole: {why()}"
         # Exactly the ones past the cap are refused at once, and said so.
         deadline = time.monotonic() + 30
         while refused() < 300 - PER_ADDRESS:
