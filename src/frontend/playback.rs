@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse as _, Response};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncBufReadExt as _;
@@ -28,6 +29,8 @@ use super::public::{origin_allowed, serve_page, switching_protocols, websocket_h
 use super::respond::refuse;
 use super::state::{PublicState, TokenQuery};
 use crate::recording::{Format, asciicast, fbs};
+use crate::session::ws_relay::Closing;
+use crate::transport::ws_bypass::ReadsUnframed;
 
 /// The recording's file a playback's token names, or the refusal's status
 /// and code.
@@ -149,12 +152,12 @@ async fn upgrade_to_play(
 /// or the client left.
 async fn play<S>(socket: WebSocketStream<S>, path: &std::path::Path)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ReadsUnframed,
 {
     let (mut sink, mut stream) = socket.split();
     let Ok(file) = tokio::fs::File::open(path).await else {
         let _ = sink.send(close(1011, "recording unreadable")).await;
-        return;
+        return closed(sink, stream).await;
     };
     let mut lines = tokio::io::BufReader::new(file).lines();
     let started = tokio::time::Instant::now();
@@ -170,29 +173,37 @@ where
         }
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    until_played(playing, &mut stream).await;
-}
-
-/// Runs `playing` (which ends with its close frame) until it ends or the
-/// client leaves. After our close frame, what the client still sends is
-/// read and dropped until its own close, for [`CLOSE_LINGER`] at most: a
-/// socket closed over unread bytes (noVNC asks for updates all along) is
-/// reset, and a reset can overtake the close frame in the browser.
-async fn until_played<St>(playing: impl std::future::Future<Output = ()>, stream: &mut St)
-where
-    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    let played = tokio::select! {
-        () = playing => true,
-        () = client_left(stream) => false,
-    };
-    if played {
-        let _ = tokio::time::timeout(CLOSE_LINGER, client_left(stream)).await;
+    if until_played(playing, &mut stream).await {
+        closed(sink, stream).await;
     }
 }
 
-/// How long a client has to answer the close frame that ends a playback.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Runs `playing` (which ends with its close frame) until it ends or the
+/// client leaves; whether it ended, and the socket is to [`closed`].
+async fn until_played<St>(playing: impl std::future::Future<Output = ()>, stream: &mut St) -> bool
+where
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    tokio::select! {
+        () = playing => true,
+        () = client_left(stream) => false,
+    }
+}
+
+/// A socket whose close frame has gone, whole again, [lingers](Closing::linger)
+/// before it is dropped, as a console's does: noVNC asks for updates all
+/// along, a socket closed over unread bytes is reset, and a reset can
+/// overtake the close frame in the browser.
+async fn closed<S>(
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    stream: SplitStream<WebSocketStream<S>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ReadsUnframed,
+{
+    if let Ok(socket) = stream.reunite(sink) {
+        Closing::sent(socket).linger().await;
+    }
+}
 
 /// Returns when the client closes or its socket fails; what it sends
 /// before is not for the recording and is dropped.
@@ -230,18 +241,18 @@ where
 /// client asks is read and left: the recording answers nothing.
 async fn play_rfb<S>(socket: WebSocketStream<S>, path: &std::path::Path)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ReadsUnframed,
 {
     use tokio::io::AsyncReadExt as _;
     let (mut sink, mut stream) = socket.split();
     let Ok(mut file) = tokio::fs::File::open(path).await else {
         let _ = sink.send(close(1011, "recording unreadable")).await;
-        return;
+        return closed(sink, stream).await;
     };
     let mut magic = [0u8; 12];
     if file.read_exact(&mut magic).await.is_err() || &magic != fbs::MAGIC {
         let _ = sink.send(close(1011, "not an FBS recording")).await;
-        return;
+        return closed(sink, stream).await;
     }
     // RFB 3.8 with no authentication, each step what Porthole sends and
     // how many bytes the client answers: its version, its choice of
@@ -284,7 +295,9 @@ where
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    until_played(playing, &mut stream).await;
+    if until_played(playing, &mut stream).await {
+        closed(sink, stream).await;
+    }
 }
 
 /// Plays one channel of a SPICE recording: the link (the channel the
@@ -297,7 +310,7 @@ async fn play_spice<S>(
     path: &std::path::Path,
     sessions: &crate::session::Sessions,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + ReadsUnframed,
 {
     use crate::protocol::spice::messages::common_cap;
     use crate::recording::spice::{ChannelOf, ChannelReader};
@@ -318,7 +331,7 @@ async fn play_spice<S>(
         Ok(r) => r,
         Err(why) => {
             let _ = sink.send(close(1011, why)).await;
-            return;
+            return closed(sink, stream).await;
         }
     };
     let started = tokio::time::Instant::now();
@@ -344,7 +357,9 @@ async fn play_spice<S>(
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    until_played(playing, &mut stream).await;
+    if until_played(playing, &mut stream).await {
+        closed(sink, stream).await;
+    }
 }
 
 /// `GET /playback/vv?token=`: a SPICE recording for a native client

@@ -50,7 +50,7 @@ use super::registry::ByteCounters;
 use super::{ClientTap, CloseReason, Early, Inspect, Kept, Stop, Traffic};
 use crate::transport::conn::{Conn, ConnReader, ConnWriter, PIECES_PER_WRITE};
 use crate::transport::drain_watch::{DrainWatch, Drains};
-use crate::transport::ws_bypass::{Bypassed, Bypasses, Payload};
+use crate::transport::ws_bypass::{Bypassed, Bypasses, Payload, ReadsUnframed};
 
 /// Timers and limits of one WebSocket relay.
 #[derive(Debug, Clone, Copy)]
@@ -211,8 +211,13 @@ pub struct Closing<S> {
 
 impl<S> Closing<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Bypasses,
+    S: AsyncRead + AsyncWrite + Unpin + ReadsUnframed,
 {
+    /// `socket`, whose owner has sent its close frame (a playback's end).
+    pub fn sent(socket: WebSocketStream<S>) -> Self {
+        Closing { socket }
+    }
+
     /// Lets the client answer the close frame before the connection goes
     /// (RFC 6455 §7.1.1: the client's close, then the server closes TCP).
     /// The close frame is followed by our FIN, and whatever the client still

@@ -98,10 +98,13 @@ pub struct Limits {
 }
 
 /// A socket whose binary data frames bypass tungstenite.
-pub trait Bypasses {
+pub trait Bypasses: ReadsUnframed {
     /// The queues shared with the relay.
     fn bypassed(&self) -> &Arc<Bypassed>;
+}
 
+/// A WebSocket's socket read under its frames.
+pub trait ReadsUnframed {
     /// Reads the client's bytes under every frame, as they come: what a
     /// closing socket still receives, to be dropped (tungstenite stops at
     /// the first error, and the bytes behind it are there all the same).
@@ -110,6 +113,18 @@ pub trait Bypasses {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>>;
+}
+
+/// An upgraded connection that tungstenite reads directly (a playback):
+/// its bytes are the frames.
+impl ReadsUnframed for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
+    fn poll_read_unframed(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_read(cx, buf)
+    }
 }
 
 /// What a [`Bypass`] shares with the relay: payloads in, frames out.
@@ -632,7 +647,9 @@ impl<S: AsyncRead + Unpin> Bypasses for Bypass<S> {
     fn bypassed(&self) -> &Arc<Bypassed> {
         &self.shared
     }
+}
 
+impl<S: AsyncRead + Unpin> ReadsUnframed for Bypass<S> {
     fn poll_read_unframed(
         &mut self,
         cx: &mut Context<'_>,
