@@ -251,6 +251,7 @@ async fn plays_back(g: &Gateway, id: &str, shown: &str) {
         (code, String::from_utf8(played).unwrap()),
         (1000, shown.to_string())
     );
+    still_sending_after_the_end(g, token).await;
 
     // A playback's token opens no console; a console's token plays nothing.
     let (status, _) = http(
@@ -272,6 +273,44 @@ async fn plays_back(g: &Gateway, id: &str, shown: &str) {
     )
     .await;
     assert_eq!(status, 400);
+}
+
+/// A player that still sends after the playback's close frame (here a
+/// message over the playback's 64 KiB limit, which tungstenite stops
+/// reading at once it has the message whole, and another behind it) has it
+/// read and dropped until its FIN, and the connection ends in order: a
+/// socket closed over unread bytes answers with a reset, which can overtake
+/// the close frame in a browser.
+async fn still_sending_after_the_end(g: &Gateway, token: &str) {
+    use tokio::io::AsyncReadExt as _;
+    let url = format!("ws://{}/playback/serial?token={token}", g.public);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    within("the playback's close frame", async {
+        while let Some(m) = ws.next().await {
+            if m.unwrap().is_close() {
+                return;
+            }
+        }
+        panic!("no close frame");
+    })
+    .await;
+    // Two masked binary frames of 1 MiB each, written under tungstenite.
+    let len: u64 = 1 << 20;
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.resize(frame.len() + len as usize, 0);
+    frame.extend_from_within(..);
+    let tcp = ws.get_mut();
+    let end = within("the connection's end", async {
+        tcp.write_all(&frame).await?;
+        tcp.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        while tcp.read(&mut buf).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    assert!(end.is_ok(), "{end:?}");
 }
 
 /// Recording `id`'s file, as asciinema-player (the playback's `token`) and
