@@ -555,6 +555,10 @@ fn restart_required(started: &Config, new: &Config) -> Vec<&'static str> {
         a.connect_timeout != b.connect_timeout,
     );
     differs(
+        "sessions.hypervisor_keepalive_secs",
+        a.hypervisor_keepalive != b.hypervisor_keepalive,
+    );
+    differs(
         "sessions.idle_timeout_secs",
         a.idle_timeout != b.idle_timeout,
     );

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::issues::{Issues, nonzero_secs, within};
+use super::issues::{Issues, nonzero_secs, secs_within, within};
 
 /// `[sessions]`: caps and timers of every console session, browser or native.
 #[derive(Debug, Default, Deserialize)]
@@ -31,6 +31,12 @@ pub struct RawSessions {
     /// Porthole's pages tell their user while an operator watches the
     /// session (a shadow). Default true.
     pub tell_watched: Option<bool>,
+    /// A hypervisor connection that carried nothing for this long is probed
+    /// (TCP keepalive); one that answers no probe, or leaves bytes
+    /// unacknowledged, for as long again is given up and its session ends,
+    /// seconds (0: off, as a dead host then holds its sessions until they
+    /// idle out). Default 30.
+    pub hypervisor_keepalive_secs: Option<u64>,
 }
 
 /// `[websocket]`: limits and timers of browser sessions' WebSockets.
@@ -95,6 +101,9 @@ pub struct SessionsConfig {
     pub shutdown_grace: Duration,
     /// Pages tell their user while a shadow watches.
     pub tell_watched: bool,
+    /// Hypervisor connections are probed after this long without a byte,
+    /// and given up after as long again; `None` is off.
+    pub hypervisor_keepalive: Option<Duration>,
 }
 
 /// Validated `[websocket]`.
@@ -261,6 +270,14 @@ pub(super) fn validate_sessions(
         max_session_age: Some(max_age).filter(|d| !d.is_zero()),
         shutdown_grace,
         tell_watched: raw.tell_watched.unwrap_or(true),
+        hypervisor_keepalive: nonzero_secs(secs_within(
+            issues,
+            "sessions.hypervisor_keepalive_secs",
+            raw.hypervisor_keepalive_secs,
+            30,
+            0,
+            3600,
+        )),
     }
 }
 

@@ -159,8 +159,8 @@ class VncConsole:
     None). probe() asks for an 8x8 non-incremental update, which QEMU always
     answers, and reads it whole."""
 
-    def __init__(self, p, vnc_port, src="127.0.0.2", timeout=10):
-        token = p.mint("novnc", vnc_port)["token"]
+    def __init__(self, p, vnc_port, src="127.0.0.2", timeout=10, host="127.0.0.1"):
+        token = p.mint("novnc", vnc_port, host=host)["token"]
         started = time.monotonic()
         sock = connect_from(src, p.public_port, timeout)
         self.ws = connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={token}", sock=sock,

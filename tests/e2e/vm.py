@@ -123,22 +123,25 @@ class VM:
     playback, record and usbredir channels."""
 
     def __init__(self, workdir, vnc_options=None, splash_ms=3000, spice=False, spice_extra_channels=None,
-                 spice_options="", extra_vnc=(), extra_args=(), spice_certs=None):
+                 spice_options="", extra_vnc=(), extra_args=(), spice_certs=None, host=None):
         """extra_vnc: options of more VNC displays (each "id=...,..."), each on
         its own free display: vm.extra_vnc_displays (same order). extra_args:
         more QEMU arguments (e.g. an -object tls-creds-x509 for them).
         spice_certs: a folder make_spice_certs() filled, for VMs that share
-        one CA (several behind one Porthole backend entry); default: a fresh one."""
+        one CA (several behind one Porthole backend entry); default: a fresh one.
+        host: a TestHost (netns.py) to run on, its VNC display and serial port
+        on the host's address (vm.address); default this machine's loopback."""
         if shutil.which(QEMU) is None:
             raise AssertionError(f"{QEMU} is not installed: scripts/test installs qemu-system-x86")
         self.dir = workdir
+        self.address = host.address if host else "127.0.0.1"
         self.display, *self.extra_vnc_displays = free_vnc_displays(1 + len(extra_vnc))
         self.vnc_port = 5900 + self.display
         self.serial_port = free_port()
         self.qmp_path = str(workdir / "qmp.sock")
         sercon = workdir / "sercon-port.bin"
         sercon.write_bytes((0x3F8).to_bytes(2, "little"))
-        vnc = f"127.0.0.1:{self.display}" + (f",{vnc_options}" if vnc_options else "")
+        vnc = f"{self.address}:{self.display}" + (f",{vnc_options}" if vnc_options else "")
         self.spice_port = self.spice_tls_port = self.spice_password = None
         self.spice_ca = self.spice_host_subject = None
         spice_args = []
@@ -159,11 +162,11 @@ class VM:
                 spice_args += SPICE_EXTRA_DEVICES
         self.log = open(workdir / "qemu.log", "w")
         self.proc = subprocess.Popen(
-            [QEMU, "-name", "porthole-test", "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-smp", "1",
+            [*(host.run_there if host else ()), QEMU, "-name", "porthole-test", "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-smp", "1",
              "-m", "64", "-nodefaults", "-no-user-config", "-nic", "none", "-vga", "std", "-display", "none",
              "-vnc", vnc, *[a for d, o in zip(self.extra_vnc_displays, extra_vnc)
                             for a in ("-vnc", f"127.0.0.1:{d},{o}")],
-             *extra_args, "-serial", f"tcp:127.0.0.1:{self.serial_port},server=on,wait=off",
+             *extra_args, "-serial", f"tcp:{self.address}:{self.serial_port},server=on,wait=off",
              "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
              "-boot", f"menu=on,splash-time={splash_ms}",
              "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *spice_args],
@@ -179,7 +182,7 @@ class VM:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"QEMU exited: {(workdir / 'qemu.log').read_text()}")
-            if os.path.exists(self.qmp_path) and self._port_open(self.vnc_port) and all(
+            if os.path.exists(self.qmp_path) and self._port_open(self.vnc_port, self.address) and all(
                     _listening(5900 + d) for d in self.extra_vnc_displays):
                 break
             time.sleep(0.05)
@@ -201,9 +204,9 @@ class VM:
             time.sleep(0.05)
 
     @staticmethod
-    def _port_open(port):
+    def _port_open(port, address="127.0.0.1"):
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((address, port), timeout=1):
                 return True
         except OSError:
             return False
@@ -216,7 +219,7 @@ class VM:
         after: output with no client connected is dropped."""
         seen = b""
         deadline = time.monotonic() + timeout
-        with socket.create_connection(("127.0.0.1", self.serial_port), timeout=5) as s:
+        with socket.create_connection((self.address, self.serial_port), timeout=5) as s:
             while marker not in seen:
                 left = deadline - time.monotonic()
                 if left <= 0:
