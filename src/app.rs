@@ -246,6 +246,7 @@ fn session_parts(
             per_token: s.max_sessions_per_token,
             connect_timeout: s.connect_timeout,
             hypervisor_keepalive: s.hypervisor_keepalive,
+            client_keepalive: s.client_keepalive,
             max_age: s.max_session_age,
             idle: s.idle_timeout,
             spice_handshake: config.spice.handshake_timeout,

@@ -559,6 +559,10 @@ fn restart_required(started: &Config, new: &Config) -> Vec<&'static str> {
         a.hypervisor_keepalive != b.hypervisor_keepalive,
     );
     differs(
+        "sessions.client_keepalive_secs",
+        a.client_keepalive != b.client_keepalive,
+    );
+    differs(
         "sessions.idle_timeout_secs",
         a.idle_timeout != b.idle_timeout,
     );

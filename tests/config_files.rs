@@ -180,6 +180,7 @@ idle_timeout_secs = 600
 max_session_age_secs = 0
 shutdown_grace_secs = 1
 hypervisor_keepalive_secs = 0
+client_keepalive_secs = 15
 
 [websocket]
 idle_timeout_secs = 0
@@ -199,6 +200,7 @@ idle_timeout_secs = 0
     assert_eq!(s.max_session_age, None);
     assert_eq!(s.idle_timeout, Some(Duration::from_secs(600)));
     assert_eq!(s.hypervisor_keepalive, None, "0: off");
+    assert_eq!(s.client_keepalive, Some(Duration::from_secs(15)));
     assert_eq!(config.websocket.idle_timeout, None, "browser sessions: off");
     assert_eq!(config.warnings, []);
 
@@ -227,6 +229,7 @@ idle_timeout_secs = 0
     assert_eq!(s.max_session_age, None);
     assert_eq!(s.shutdown_grace, Duration::from_secs(10));
     assert_eq!(s.hypervisor_keepalive, Some(Duration::from_secs(30)));
+    assert_eq!(s.client_keepalive, Some(Duration::from_secs(30)));
 }
 
 /// A native listener and its certificate are one value: a listener with a

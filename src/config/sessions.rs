@@ -37,6 +37,11 @@ pub struct RawSessions {
     /// seconds (0: off, as a dead host then holds its sessions until they
     /// idle out). Default 30.
     pub hypervisor_keepalive_secs: Option<u64>,
+    /// The same for native clients' connections (SPICE, VNC): a client that
+    /// vanished (a laptop asleep, a network changed) is given up and its
+    /// session ends, so its user can open the console again, seconds (0:
+    /// off). Browsers have `websocket.ping_interval_secs`. Default 30.
+    pub client_keepalive_secs: Option<u64>,
 }
 
 /// `[websocket]`: limits and timers of browser sessions' WebSockets.
@@ -104,6 +109,8 @@ pub struct SessionsConfig {
     /// Hypervisor connections are probed after this long without a byte,
     /// and given up after as long again; `None` is off.
     pub hypervisor_keepalive: Option<Duration>,
+    /// The same for native clients' connections; `None` is off.
+    pub client_keepalive: Option<Duration>,
 }
 
 /// Validated `[websocket]`.
@@ -274,6 +281,14 @@ pub(super) fn validate_sessions(
             issues,
             "sessions.hypervisor_keepalive_secs",
             raw.hypervisor_keepalive_secs,
+            30,
+            0,
+            3600,
+        )),
+        client_keepalive: nonzero_secs(secs_within(
+            issues,
+            "sessions.client_keepalive_secs",
+            raw.client_keepalive_secs,
             30,
             0,
             3600,

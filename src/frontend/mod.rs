@@ -91,6 +91,9 @@ async fn accept_native<F, Fut>(
             let Some(Accepted { tcp, client, pass }) = accepted else {
                 return;
             };
+            if let Some(after) = sessions.limits.client_keepalive {
+                crate::transport::keepalive::keep_alive(&tcp, after);
+            }
             let session = serve(sessions, tcp, client.ip(), deadline);
             tokio::pin!(session);
             tokio::select! {

@@ -218,8 +218,11 @@ pub struct Limits {
     /// Hypervisor connect deadline.
     pub connect_timeout: Duration,
     /// Hypervisor connections are probed after this long without a byte
-    /// and given up after as long again ([`keep_alive`]).
+    /// and given up after as long again
+    /// ([`keep_alive`](crate::transport::keepalive::keep_alive)).
     pub hypervisor_keepalive: Option<Duration>,
+    /// The same for native clients' connections (SPICE, VNC).
+    pub client_keepalive: Option<Duration>,
     /// End every session after this long.
     pub max_age: Option<Duration>,
     /// End native sessions after this long without a byte either way (the
@@ -999,34 +1002,9 @@ impl Sessions {
         // Console traffic is interactive: small writes must not wait for Nagle.
         let _ = backend.set_nodelay(true);
         if let Some(after) = self.limits.hypervisor_keepalive {
-            keep_alive(&backend, after);
+            crate::transport::keepalive::keep_alive(&backend, after);
         }
         Ok(backend)
-    }
-}
-
-/// Watches a hypervisor connection for a host that is gone: a host that
-/// lost power or its network sends nothing, not even a reset, and a session
-/// waiting on it would hold its slot until it idles out, its user looking at
-/// a frozen screen. After `after` with nothing received the kernel probes
-/// the host (three probes over as long again); a host that answers none, or
-/// leaves bytes unacknowledged for `2 × after` (TCP_USER_TIMEOUT; a host
-/// that only stops reading still answers the zero-window probes and is
-/// kept), fails the connection, and the session ends as the hypervisor's
-/// failure.
-pub fn keep_alive(tcp: &TcpStream, after: Duration) {
-    let every = (after / 3).max(Duration::from_secs(1));
-    let probes = socket2::TcpKeepalive::new()
-        .with_time(after)
-        .with_interval(every)
-        .with_retries(3);
-    let sock = socket2::SockRef::from(tcp);
-    if let Err(e) = sock.set_tcp_keepalive(&probes) {
-        tracing::warn!("cannot set TCP keepalive on a hypervisor connection: {e}");
-    }
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Err(e) = sock.set_tcp_user_timeout(Some(after * 2)) {
-        tracing::warn!("cannot set TCP_USER_TIMEOUT on a hypervisor connection: {e}");
     }
 }
 
@@ -1056,39 +1034,4 @@ pub enum WatchedUnknown {
     NotGenuine,
     /// The shared store did not answer: the page keeps what it showed.
     StoreUnanswered,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What a hypervisor connection is given to notice a host gone dark.
-    #[tokio::test]
-    async fn a_hypervisor_connection_is_probed_and_given_up_after_twice_its_keepalive() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        keep_alive(&tcp, Duration::from_secs(30));
-        let sock = socket2::SockRef::from(&tcp);
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(
-            (
-                sock.tcp_keepalive_time().unwrap(),
-                sock.tcp_keepalive_interval().unwrap(),
-                sock.tcp_keepalive_retries().unwrap(),
-            ),
-            (Duration::from_secs(30), Duration::from_secs(10), 3)
-        );
-        assert_eq!(
-            sock.tcp_user_timeout().unwrap(),
-            Some(Duration::from_secs(60))
-        );
-        // Short settings (tests use them) probe every second at least.
-        keep_alive(&tcp, Duration::from_secs(2));
-        assert_eq!(
-            sock.tcp_keepalive_interval().unwrap(),
-            Duration::from_secs(1)
-        );
-    }
 }

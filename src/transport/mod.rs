@@ -4,12 +4,14 @@
 //! a balancer), connections as byte streams, a
 //! WebSocket seen as bytes, the client's WebSocket with binary payloads
 //! kept out of tungstenite's buffers, a read buffer sized to the traffic,
-//! and the watch on whether a client drains its socket.
+//! the watch on whether a client drains its socket, and TCP keepalive for
+//! peers that may vanish without a word.
 
 pub mod conn;
 pub mod drain_watch;
 pub mod elastic;
 pub mod gate;
+pub mod keepalive;
 pub mod listener;
 pub mod pem;
 pub mod proxy_header;

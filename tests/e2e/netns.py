@@ -57,6 +57,10 @@ class TestHost:
         is dropped on the way, and nothing comes back."""
         _ip("-n", self.name, "link", "set", self.inside, "down")
 
+    def come_back(self):
+        """The host's end of the link is up again."""
+        _ip("-n", self.name, "link", "set", self.inside, "up")
+
     def remove(self):
         subprocess.run(["ip", "link", "del", self.outside], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)

@@ -22,7 +22,7 @@ class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
     def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None,
-                 web=None, sections="", key=None, base_url=None, certs_of=None):
+                 web=None, sections="", key=None, base_url=None, certs_of=None, spice_address="127.0.0.1"):
         """spice: extra lines for [spice]; backend_extra: lines for the loopback
         [[backends]] entry (e.g. its [backends.spice] table, which must come last).
         Porthole's native SPICE TLS listener is always on, with its own test CA
@@ -35,7 +35,9 @@ class Porthole:
         base_url: listen.public_base_url (and self.base, so minted URLs use it):
         the balancer's address in front of several nodes; default this node's.
         certs_of: another Porthole whose SPICE certificate, key and CA this one
-        presents too (every node behind one balancer address must)."""
+        presents too (every node behind one balancer address must).
+        spice_address: where the native SPICE TLS listener listens (a test
+        host's gateway address, for a client on that host)."""
         from vm import make_spice_certs
         self.key = key or Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
@@ -84,7 +86,7 @@ audience = "{AUDIENCE}"
 path = "{self.audit_path}"
 
 [spice]
-listen_tls = "127.0.0.1:{self.spice_tls_port}"
+listen_tls = "{spice_address}:{self.spice_tls_port}"
 tls_cert = "{certs / 'server-cert.pem'}"
 tls_key = "{certs / 'server-key.pem'}"
 ca = "{self.spice_ca}"
