@@ -32,10 +32,10 @@ pub struct RawSessions {
     /// session (a shadow). Default true.
     pub tell_watched: Option<bool>,
     /// A hypervisor connection that carried nothing for this long is probed
-    /// (TCP keepalive); one that answers no probe, or leaves bytes
-    /// unacknowledged, for as long again is given up and its session ends,
-    /// seconds (0: off, as a dead host then holds its sessions until they
-    /// idle out). Default 30.
+    /// (TCP keepalive); one that answers no probe, leaves bytes
+    /// unacknowledged or keeps its receive window closed for twice this long
+    /// is given up and its session ends, seconds (0: off, as a dead host
+    /// then holds its sessions until they idle out). Default 30.
     pub hypervisor_keepalive_secs: Option<u64>,
     /// The same for native clients' connections (SPICE, VNC): a client that
     /// vanished (a laptop asleep, a network changed) is given up and its
@@ -107,7 +107,7 @@ pub struct SessionsConfig {
     /// Pages tell their user while a shadow watches.
     pub tell_watched: bool,
     /// Hypervisor connections are probed after this long without a byte,
-    /// and given up after as long again; `None` is off.
+    /// and given up after twice as long; `None` is off.
     pub hypervisor_keepalive: Option<Duration>,
     /// The same for native clients' connections; `None` is off.
     pub client_keepalive: Option<Duration>,

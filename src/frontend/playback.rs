@@ -173,24 +173,24 @@ where
         }
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    if until_played(playing, &mut stream).await {
-        closed(sink, stream).await;
-    }
+    until_played(playing, &mut stream).await;
+    closed(sink, stream).await;
 }
 
 /// Runs `playing` (which ends with its close frame) until it ends or the
-/// client leaves; whether it ended, and the socket is to [`closed`].
-async fn until_played<St>(playing: impl std::future::Future<Output = ()>, stream: &mut St) -> bool
+/// client leaves; either way the socket is then to be [`closed`] (a client
+/// that closed first gets tungstenite's answer to its close flushed there).
+async fn until_played<St>(playing: impl std::future::Future<Output = ()>, stream: &mut St)
 where
     St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     tokio::select! {
-        () = playing => true,
-        () = client_left(stream) => false,
+        () = playing => {}
+        () = client_left(stream) => {}
     }
 }
 
-/// A socket whose close frame has gone, whole again, [lingers](Closing::linger)
+/// A socket whose close frame has gone (or the client's), whole again, [lingers](Closing::linger)
 /// before it is dropped, as a console's does: noVNC asks for updates all
 /// along, a socket closed over unread bytes is reset, and a reset can
 /// overtake the close frame in the browser.
@@ -295,9 +295,8 @@ where
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    if until_played(playing, &mut stream).await {
-        closed(sink, stream).await;
-    }
+    until_played(playing, &mut stream).await;
+    closed(sink, stream).await;
 }
 
 /// Plays one channel of a SPICE recording: the link (the channel the
@@ -357,9 +356,8 @@ async fn play_spice<S>(
         tokio::time::sleep(PLAYED_KEPT).await;
         let _ = sink.send(close(1000, "playback ended")).await;
     };
-    if until_played(playing, &mut stream).await {
-        closed(sink, stream).await;
-    }
+    until_played(playing, &mut stream).await;
+    closed(sink, stream).await;
 }
 
 /// `GET /playback/vv?token=`: a SPICE recording for a native client

@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-/// After `after` with nothing received, the kernel probes the peer (three
-/// probes over as long again); a peer that answers none, or leaves bytes
-/// unacknowledged for `2 × after` (TCP_USER_TIMEOUT; a peer that only stops
-/// reading still answers the zero-window probes and is kept), fails the
-/// connection: its reads and writes then end in an error, and its session
-/// ends as that side's failure.
+/// After `after` with nothing received, the kernel probes the peer, every
+/// `after / 3`. The connection fails `2 × after` after its last byte from
+/// the peer (TCP_USER_TIMEOUT; set, it is what ends the probing, not their
+/// count), or once bytes it sent stay unacknowledged, or the peer's receive
+/// window stays closed, that long (Linux 5.11 on: a peer that stops reading
+/// is given up as well, though it answers the zero-window probes): its reads
+/// and writes then end in an error, and its session ends as that side's
+/// failure.
 pub fn keep_alive(tcp: &TcpStream, after: Duration) {
     let every = (after / 3).max(Duration::from_secs(1));
     let probes = socket2::TcpKeepalive::new()

@@ -27,7 +27,7 @@ from netns import TestHost
 from support import Porthole
 from vm import VM, make_spice_certs
 
-KEEPALIVE = 2  # seconds: probed from 2 s of silence, given up about 3 s later
+KEEPALIVE = 2  # seconds: probed from 2 s of silence, given up 4 s after the last byte
 
 
 def test_a_console_whose_host_goes_dark_ends_with_1011_and_another_carries_on(tmp_path, vm):

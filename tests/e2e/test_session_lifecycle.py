@@ -104,19 +104,24 @@ def test_static_serving_stays_inside_its_roots(porthole):
         assert b"[package]" not in body
 
 
-def connect_once_more(url, p, **kw):
-    """One CI run (of many) saw this first TLS connection time out with nothing
+def connect_once_more(base, p, console_port, **kw):
+    """A noVNC socket at `base` (wss://host:port) with a fresh token.
+
+    One CI run (of many) saw this first TLS connection time out with nothing
     in Porthole's log, never reproduced since; another (2026-12-06, under the
     suite's full load) saw the IPv6 one below wait 10 s for the answer to its
-    upgrade request. Try once more, loudly, and keep the evidence (TLS
-    handshake failures are logged now)."""
+    upgrade request. Try once more (with a token of its own: the first may
+    hold its own as in use), loudly, and keep the evidence (TLS handshake
+    failures are logged now)."""
+    def attempt():
+        token = p.mint("novnc", console_port)["token"]
+        return connect(f"{base}/vnc?token={token}", open_timeout=10, **kw)
     try:
-        return connect(url, open_timeout=10, **kw)
+        return attempt()
     except TimeoutError:
         # A warning, not a print: pytest shows warnings of passing tests too.
-        warnings.warn(f"a TLS connection to {url.split('?')[0]} timed out, tried once more; "
-                      f"Porthole's log:\n{p.log()[-3000:]}")
-        return connect(url, open_timeout=10, **kw)
+        warnings.warn(f"a TLS connection to {base} timed out, tried once more; Porthole's log:\n{p.log()[-3000:]}")
+        return attempt()
 
 
 def test_tls_and_ipv6_listeners(tmp_path, backend):
@@ -135,8 +140,7 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
     vnc_console = EchoBackend(rfb=True)
     try:
         ctx = ssl.create_default_context(cafile=str(state / "dev-ca.pem"))
-        token = p.mint("novnc", vnc_console.port)["token"]
-        with connect_once_more(f"wss://127.0.0.1:{p.public_port}/vnc?token={token}", p, ssl=ctx,
+        with connect_once_more(f"wss://127.0.0.1:{p.public_port}", p, vnc_console.port, ssl=ctx,
                                origin=p.base) as ws:
             rfb_client_handshake(ws)
             ws.send(b"over tls")
@@ -148,8 +152,7 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
             c.getresponse().read()
         # The IPv6 listener serves the same router.
         v6_port = int(re.search(r"public=\[[^ ]+, \[::1\]:(\d+)\]", p.log()).group(1))
-        token = p.mint("novnc", vnc_console.port)["token"]
-        with connect_once_more(f"wss://[::1]:{v6_port}/vnc?token={token}", p, ssl=ctx) as ws:
+        with connect_once_more(f"wss://[::1]:{v6_port}", p, vnc_console.port, ssl=ctx) as ws:
             rfb_client_handshake(ws)
             ws.send(b"over ipv6")
             assert ws.recv(timeout=10) == b"over ipv6"

@@ -133,6 +133,8 @@ class VM:
         on the host's address (vm.address); default this machine's loopback."""
         if shutil.which(QEMU) is None:
             raise AssertionError(f"{QEMU} is not installed: scripts/test installs qemu-system-x86")
+        if host and (spice or extra_vnc):
+            raise ValueError("a VM on a test host has its one VNC display and serial port there, nothing else")
         self.dir = workdir
         self.address = host.address if host else "127.0.0.1"
         self.display, *self.extra_vnc_displays = free_vnc_displays(1 + len(extra_vnc))
