@@ -33,7 +33,9 @@ def test_serial_page_works_on_debians_xterm_without_npm(tmp_path, vm):
         minted = porthole.mint("serial", vm.serial_port, ttl=300)
         page = subprocess.Popen(["node", "browser.mjs", "serial", minted["url"], "6000"], cwd=HERE,
                                 stdout=subprocess.PIPE, text=True)
-        porthole.wait_for_log("console=serial target")
+        # Chromium's start and the page's load come first: under the suite's
+        # full load (a fresh-clone run of 76e48bb) that took more than 10 s.
+        porthole.wait_for_log("console=serial target", timeout=60)
         # SeaBIOS prints on COM1 only while booting: reset once the page is on.
         vm.qmp("system_reset")
         out, _ = page.communicate(timeout=90)
