@@ -47,9 +47,9 @@ impl RedisRevocations {
     pub fn new(redis: Arc<Redis>) -> Self {
         Self { redis }
     }
-}
 
-impl RedisRevocations {
+    /// Revokes `jti` until `until` (unix s), keeping its sessions when
+    /// `keep` (by the script's rule), and remembers it for a re-seed.
     async fn revoke(&self, jti: &str, until: u64, keep: bool) -> Result<(), RevocationError> {
         let key = self.redis.key(&["revoked", "jti", jti]);
         let value = if keep { "keep" } else { "1" };
