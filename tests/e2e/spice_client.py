@@ -94,32 +94,59 @@ def wait_for_final_spice_screen(vm, tmp_path):
         time.sleep(0.5)
 
 
-def remote_viewer_connects(vv, tmp_path, timeout=30, then=None):
-    """Opens the .vv file in remote-viewer (virt-viewer) on a virtual X
-    display; true once spice-gtk reports the display channel up (and, if
-    given, `then()` is true while it still runs: its other channels link
-    after the display's)."""
-    log = tmp_path / "remote-viewer.log"
-    with open(log, "w") as out:
-        p = subprocess.Popen(["xvfb-run", "-a", "remote-viewer", "--debug", str(vv)], stdout=out,
-                             stderr=subprocess.STDOUT, env={**os.environ, "SPICE_DEBUG": "1"},
-                             start_new_session=True)
-    try:
+class RemoteViewer:
+    """remote-viewer (virt-viewer) opening a .vv file on a virtual X display
+    of its own, run under `run_there` when given (a test host's command
+    prefix, netns.TestHost.run_there: remote-viewer and its Xvfb run there);
+    spice-gtk's debug log, `log`, says which channels are up. A context
+    manager: it stops at the block's end."""
+
+    def __init__(self, vv, log, run_there=()):
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([*run_there, "xvfb-run", "-a", "remote-viewer", "--debug", str(vv)],
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "SPICE_DEBUG": "1"}, start_new_session=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def displayed(self, timeout=30, then=None):
+        """True once spice-gtk reports the display channel up (and, if given,
+        `then()` is true while it still runs: its other channels link after
+        the display's); false if it exits or `timeout` passes first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = log.read_text(errors="replace")
-            if re.search(r"display-2:0: channel up", text) and (then is None or then()):
+            if re.search(r"display-2:0: channel up", self.log_text()) and (then is None or then()):
                 return True
-            if p.poll() is not None:
-                break
+            if self.proc.poll() is not None:
+                return False
             time.sleep(0.2)
-        print(log.read_text(errors="replace")[-4000:])
         return False
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
+
+    def log_text(self):
+        return self.log.read_text(errors="replace")
+
+    def stop(self):
+        """Its whole process group (xvfb-run, Xvfb, remote-viewer): TERM,
+        then KILL after 10 s."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                p.wait(timeout=10)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def remote_viewer_connects(vv, tmp_path, timeout=30, then=None):
+    """Opens the .vv file in a RemoteViewer and stops it; true once it showed
+    the display (RemoteViewer.displayed). Its log's end is printed if not."""
+    with RemoteViewer(vv, tmp_path / "remote-viewer.log") as viewer:
+        if viewer.displayed(timeout, then):
+            return True
+        print(viewer.log_text()[-4000:])
+        return False

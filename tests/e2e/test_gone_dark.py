@@ -10,10 +10,7 @@ with the same token (under the `reconnect` policy a session that lived on
 would refuse it as in use). Bounds on time are generous; nothing asserts
 speed."""
 
-import os
 import re
-import signal
-import subprocess
 import time
 from types import SimpleNamespace
 
@@ -24,6 +21,7 @@ from harness import http
 
 from attacks import VncConsole, metric_sum
 from netns import TestHost
+from spice_client import RemoteViewer
 from support import Porthole
 from vm import VM, make_spice_certs
 
@@ -88,34 +86,6 @@ ports = ["5900-5999"]
         host.remove()
 
 
-class RemoteViewer:
-    """remote-viewer (virt-viewer) with a .vv file, on a virtual X display,
-    run on `host` (its Xvfb too); the log says which channels are up."""
-
-    def __init__(self, host, vv, log):
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen([*host.run_there, "xvfb-run", "-a", "remote-viewer", "--debug", str(vv)],
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "SPICE_DEBUG": "1"}, start_new_session=True)
-
-    def wait_for_display(self, timeout=30):
-        deadline = time.monotonic() + timeout
-        while not re.search(r"display-2:0: channel up", self.log.read_text(errors="replace")):
-            assert self.proc.poll() is None and time.monotonic() < deadline, \
-                f"remote-viewer never showed the display:\n{self.log.read_text(errors='replace')[-3000:]}"
-            time.sleep(0.2)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 def test_a_native_client_gone_dark_leaves_its_console_free_to_open_again(tmp_path, spice_vm):
     host = TestHost()
     p = None
@@ -139,9 +109,10 @@ def test_a_native_client_gone_dark_leaves_its_console_free_to_open_again(tmp_pat
             assert status == 200 and f"host={host.gateway}" in vv, vv
             leak_check.remember(re.search(r"^password=(.+)$", vv, re.M).group(1))
             (tmp_path / f"console-{n}.vv").write_text(vv)
-            viewer = RemoteViewer(host, tmp_path / f"console-{n}.vv", tmp_path / f"remote-viewer-{n}.log")
+            viewer = RemoteViewer(tmp_path / f"console-{n}.vv", tmp_path / f"remote-viewer-{n}.log",
+                                  run_there=host.run_there)
             viewers.append(viewer)
-            viewer.wait_for_display()
+            assert viewer.displayed(), f"remote-viewer never showed the display:\n{viewer.log_text()[-3000:]}"
             return viewer
 
         first = opened(1)
