@@ -380,7 +380,12 @@ fn link_mess(channel_type: u8, connection_id: u32) -> Vec<u8> {
 
 /// A fresh ticket for a spice-direct token of the console at `port`.
 async fn spice_ticket(g: &Gateway, port: u16) -> String {
-    let token = g.token(ConsoleType::SpiceDirect, port, "vm-1");
+    spice_ticket_of(g, port, false).await
+}
+
+/// [`spice_ticket`], view-only when `view_only`.
+async fn spice_ticket_of(g: &Gateway, port: u16, view_only: bool) -> String {
+    let token = g.token_of(ConsoleType::SpiceDirect, port, "vm-1", view_only);
     let path = format!("/spice-direct?token={token}&format=json");
     g.details(&path).await["ticket"]
         .as_str()
@@ -676,6 +681,42 @@ async fn a_spice_ticket_the_hypervisor_refuses_gives_the_client_a_generic_error(
     let _ = within("the close", s.read_to_end(&mut rest)).await;
     assert!(rest.is_empty(), "nothing after the link error: {rest:?}");
     g.until_no_session("the registry empties").await;
+    g.stop().await;
+}
+
+/// spice-server serves one client: a view-only client's main channel would
+/// disconnect the console's user, so while a session is on the console it
+/// is refused with ERROR before it reaches the hypervisor (whichever node
+/// runs that session: the check asks the registry by console); once the
+/// user has left, a view-only client links.
+#[tokio::test]
+async fn a_view_only_spice_client_is_refused_while_the_consoles_user_is_on_it() {
+    let g = start(VNC_PASSWORD, SPICE_PASSWORD, 10).await;
+    let (port, _, mut fake) = fake_spice().await;
+    let ticket = spice_ticket(&g, port).await;
+    let (main, _, result) = spice_link(&g, &link_mess(channel::MAIN, 0), &ticket).await;
+    assert_eq!(result, 0, "the user's main channel linked");
+    within("the fake's link", fake.recv()).await.unwrap();
+
+    let watcher = spice_ticket_of(&g, port, true).await;
+    let (_, _, result) = spice_link(&g, &link_mess(channel::MAIN, 0), &watcher).await;
+    assert_eq!(result, 1, "ERROR");
+    assert!(fake.try_recv().is_err(), "never reached the hypervisor");
+    assert_eq!(
+        g.consoles().await,
+        ["spice-direct"],
+        "the user's session only"
+    );
+
+    drop(main);
+    g.until_no_session("the user's session ends").await;
+    // The refused ticket was ended with its refusal: a new one.
+    let watcher = spice_ticket_of(&g, port, true).await;
+    let (watching, _, result) = spice_link(&g, &link_mess(channel::MAIN, 0), &watcher).await;
+    assert_eq!(result, 0, "a free console: the view-only client linked");
+    within("the fake's link", fake.recv()).await.unwrap();
+    drop(watching);
+    g.until_no_session("the view-only session ends").await;
     g.stop().await;
 }
 

@@ -1065,3 +1065,117 @@ async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
     )
     .await;
 }
+
+/// How many HGETALLs (session hashes read whole) the server has answered.
+async fn hgetalls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hgetall:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn who_is_on_a_console_is_read_from_its_own_index_on_every_node_not_from_every_session() {
+    use porthole::session::registry::{NewSession, Selector, SessionRegistry};
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    eventually("both nodes to subscribe", Duration::from_secs(10), || {
+        let mut con = con.clone();
+        async move {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("test:commands")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            n >= 2
+        }
+    })
+    .await;
+    let on = |jti: &str, target: String| NewSession {
+        target,
+        ..new_session(jti)
+    };
+    // Forty consoles in use through node a, and one console (the one asked
+    // about) with a session through each node.
+    let mut elsewhere = Vec::new();
+    for i in 0..40 {
+        let s = on(&format!("other-{i}"), format!("127.0.0.1:{}", 6000 + i));
+        elsewhere.push(on_a.register(s, CancellationToken::new()).await);
+    }
+    let console = "127.0.0.1:5930".to_string();
+    let via_a = on_a
+        .register(on("via-a", console.clone()), CancellationToken::new())
+        .await;
+    let via_b = on_b
+        .register(on("via-b", console.clone()), CancellationToken::new())
+        .await;
+    let on_console = Selector {
+        target: Some(console.clone()),
+        ..Selector::default()
+    };
+    let mut both = vec![via_a.id.clone(), via_b.id.clone()];
+    both.sort();
+    for (name, registry) in [("a", &on_a), ("b", &on_b)] {
+        let before = hgetalls(&mut con).await;
+        let mut ids: Vec<String> = registry
+            .list(&on_console)
+            .await
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        let read = hgetalls(&mut con).await - before;
+        ids.sort();
+        assert_eq!(ids, both, "node {name} lists the console's two sessions");
+        // Two hashes (one on this node, which it reads anyway), not 42; a
+        // renewal running meanwhile reads none.
+        assert!(
+            read <= 2,
+            "node {name} read {read} session hashes to list one console's sessions"
+        );
+    }
+    assert_eq!(on_b.list(&Selector::default()).await.len(), 42);
+
+    // An operator ends everything on the console, through either node.
+    let ended = on_a
+        .terminate(&on_console, "erin", "host maintenance")
+        .await;
+    let mut ids: Vec<String> = ended.iter().map(|s| s.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, both);
+    tokio::time::timeout(Duration::from_secs(10), via_b.cancel.cancelled())
+        .await
+        .expect("node b's session was told to end");
+    assert!(via_a.cancel.is_cancelled());
+    assert!(elsewhere.iter().all(|s| !s.cancel.is_cancelled()));
+
+    // A session that ends leaves the index; one whose node stops renewing
+    // it leaves it once its lease runs out.
+    on_b.deregister(&via_b).await;
+    let listed = on_a.list(&on_console).await;
+    assert_eq!(
+        listed.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        [via_a.id.as_str()]
+    );
+    a.stop.cancel();
+    eventually(
+        "a dead node's session leaves the console's index",
+        LEASE * 5,
+        || async { on_b.list(&on_console).await.is_empty() },
+    )
+    .await;
+    let left: i64 = redis::cmd("SCARD")
+        .arg(format!("test:sessions-on:{console}"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the index keeps no id of a session that is gone");
+}

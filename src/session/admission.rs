@@ -729,16 +729,16 @@ impl Sessions {
         if !held() {
             return;
         }
-        let target = grant.target.to_string();
         let watchers: Vec<String> = self
             .registry
             .list(&Selector {
                 console: Some(ConsoleType::Serial.as_str().to_string()),
+                target: Some(grant.target.to_string()),
                 ..Selector::default()
             })
             .await
             .into_iter()
-            .filter(|v| v.target == target && v.view_only && v.shadow_of.is_none())
+            .filter(|v| v.view_only && v.shadow_of.is_none())
             .filter(|v| v.node == crate::node::name())
             .map(|v| v.id)
             .collect();

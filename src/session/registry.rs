@@ -267,6 +267,10 @@ pub struct Selector {
     pub console: Option<String>,
     /// Every session from a client address.
     pub client: Option<IpAddr>,
+    /// Every session on one console: `host:port`, as a session's `target`
+    /// reads. The shared store keeps an index by it, so asking who else is
+    /// on a console reads those sessions alone, not the whole cluster's.
+    pub target: Option<String>,
 }
 
 impl Selector {
@@ -277,6 +281,7 @@ impl Selector {
             && self.jti.is_none()
             && self.console.is_none()
             && self.client.is_none()
+            && self.target.is_none()
     }
 
     fn matches(&self, s: &LiveSession) -> bool {
@@ -288,6 +293,7 @@ impl Selector {
                 .as_ref()
                 .is_none_or(|v| v == s.console.as_str())
             && self.client.is_none_or(|v| v == s.client)
+            && self.target.as_ref().is_none_or(|v| *v == s.target)
     }
 }
 

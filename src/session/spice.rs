@@ -1287,18 +1287,15 @@ enum Linked {
 
 /// Whether a SPICE session runs on `grant`'s console now (on any node).
 async fn spice_in_use(sessions: &Sessions, grant: &crate::token::Grant) -> bool {
-    let target = grant.target.to_string();
-    sessions
-        .registry
-        .list(&crate::session::registry::Selector::default())
-        .await
-        .iter()
-        .any(|v| {
-            v.target == target
-                && [ConsoleType::SpiceHtml5, ConsoleType::SpiceDirect]
-                    .iter()
-                    .any(|c| c.as_str() == v.console)
-        })
+    let on_it = crate::session::registry::Selector {
+        target: Some(grant.target.to_string()),
+        ..Default::default()
+    };
+    sessions.registry.list(&on_it).await.iter().any(|v| {
+        [ConsoleType::SpiceHtml5, ConsoleType::SpiceDirect]
+            .iter()
+            .any(|c| c.as_str() == v.console)
+    })
 }
 
 /// Whether a channel of this type may move input or data into the VM: a

@@ -235,6 +235,14 @@ impl RedisRegistry {
         .ignore()
         .sadd(self.redis.key(&["sessions"]), &live.id)
         .ignore();
+        // Who else is on a console (`list` by target) reads this index, not
+        // every session of the cluster. Each publish of a session on it
+        // keeps it for a lease; ids whose session is gone are dropped when read.
+        let on = self.redis.key(&["sessions-on", &live.target]);
+        pipe.sadd(&on, &live.id)
+            .ignore()
+            .pexpire(&on, lease)
+            .ignore();
         // A page asks by its token whether it is watched (`watchers_of`).
         pipe.set(self.redis.key(&["session-jti", &live.jti]), &live.id)
             .ignore()
@@ -263,6 +271,8 @@ impl RedisRegistry {
         pipe.del(self.redis.key(&["session", &live.id]))
             .ignore()
             .srem(self.redis.key(&["sessions"]), &live.id)
+            .ignore()
+            .srem(self.redis.key(&["sessions-on", &live.target]), &live.id)
             .ignore();
         if let Some(k) = &live.key {
             pipe.del(self.redis.key(&["session-key", k])).ignore();
@@ -462,9 +472,26 @@ impl RedisRegistry {
     }
 
     /// Every node's sessions, as their hashes say.
+    /// Every session in the store, as its hash describes it.
     async fn all(&self) -> Vec<(String, HashMap<String, String>)> {
+        self.members(self.redis.key(&["sessions"])).await
+    }
+
+    /// The sessions `sel` can name: those on its target (from their
+    /// index) when it has one, else all of them.
+    async fn candidates(&self, sel: &Selector) -> Vec<(String, HashMap<String, String>)> {
+        match &sel.target {
+            Some(target) => self.members(self.redis.key(&["sessions-on", target])).await,
+            None => self.all().await,
+        }
+    }
+
+    /// The sessions whose ids set `set` holds, with their hashes; ids whose
+    /// hash is gone (their node stopped renewing them) leave `set` and the
+    /// set of all sessions.
+    async fn members(&self, set: String) -> Vec<(String, HashMap<String, String>)> {
         let mut members = redis::cmd("SMEMBERS");
-        members.arg(self.redis.key(&["sessions"]));
+        members.arg(&set);
         let Ok(ids) = self.redis.cmd::<Vec<String>>(members).await else {
             return Vec::new();
         };
@@ -484,12 +511,12 @@ impl RedisRegistry {
             .partition(|(_, h)| !h.is_empty());
         if !gone.is_empty() {
             // Their nodes stopped renewing them (died): drop them.
-            let mut srem = redis::cmd("SREM");
-            srem.arg(self.redis.key(&["sessions"]));
-            for (id, _) in &gone {
-                srem.arg(id);
+            let mut pipe = redis::pipe();
+            let ids: Vec<&String> = gone.iter().map(|(id, _)| id).collect();
+            for key in [set, self.redis.key(&["sessions"])] {
+                pipe.srem(key, &ids).ignore();
             }
-            let _ = self.redis.cmd::<i64>(srem).await;
+            let _ = self.redis.pipe::<()>(pipe).await;
         }
         live
     }
@@ -542,6 +569,7 @@ fn matches(sel: &Selector, s: &LiveSession) -> bool {
         && sel.jti.as_ref().is_none_or(|v| *v == s.jti)
         && sel.console.as_ref().is_none_or(|v| v == s.console.as_str())
         && sel.client.is_none_or(|v| v == s.client)
+        && sel.target.as_ref().is_none_or(|v| *v == s.target)
 }
 
 impl super::Leases for RedisRegistry {
@@ -763,7 +791,7 @@ impl SessionRegistry for RedisRegistry {
     fn list<'a>(&'a self, sel: &'a Selector) -> BoxFuture<'a, Vec<SessionView>> {
         Box::pin(async move {
             let mut views: Vec<SessionView> = self
-                .all()
+                .candidates(sel)
                 .await
                 .iter()
                 .filter_map(|(id, h)| {
@@ -796,7 +824,7 @@ impl SessionRegistry for RedisRegistry {
             let mut hit = self.local.terminate(sel, by, reason);
             // The rest of what matches runs on other nodes.
             let elsewhere: Vec<Arc<LiveSession>> = self
-                .all()
+                .candidates(sel)
                 .await
                 .iter()
                 .filter(|(id, _)| !hit.iter().any(|h| &h.id == id))

@@ -395,6 +395,17 @@ impl Gateway {
     /// A console token signed with key `k`: `kind` at 127.0.0.1:`port` for
     /// `instance`, valid for a minute.
     pub fn token(&self, kind: ConsoleType, port: u16, instance: &str) -> String {
+        self.token_of(kind, port, instance, false)
+    }
+
+    /// [`Gateway::token`], view-only when `view_only`.
+    pub fn token_of(
+        &self,
+        kind: ConsoleType,
+        port: u16,
+        instance: &str,
+        view_only: bool,
+    ) -> String {
         let req = MintRequest {
             issuer: ISSUER.into(),
             audience: AUDIENCE.into(),
@@ -404,7 +415,7 @@ impl Gateway {
                 host: "127.0.0.1".into(),
                 port,
                 tls_port: None,
-                view_only: false,
+                view_only,
                 record: false,
             },
             ttl_secs: 60,
