@@ -2,7 +2,8 @@
 //! tokens. All need a bearer key; every action is audited with the caller's
 //! name (`X-Porthole-Actor`, default `admin`) and reason.
 //!
-//! - `GET /v1/sessions[?instance=&jti=&type=&client=]`: the live sessions.
+//! - `GET /v1/sessions[?instance=&jti=&type=&client=&target=]`: the live
+//!   sessions (`target`: one console's `host:port`).
 //! - `GET /v1/sessions/{id}`: one.
 //! - `DELETE /v1/sessions/{id}[?reason=]`: end it (and revoke its token).
 //! - `POST /v1/sessions/terminate {"instance"|"jti"|"id"|..., "reason"}`: end
@@ -312,12 +313,23 @@ pub async fn kill_one(
     Json(json!({ "terminated": ended })).into_response()
 }
 
-/// The body of `POST /v1/sessions/terminate`.
-#[derive(Debug, Deserialize)]
-pub struct TerminateBody {
-    #[serde(flatten)]
-    selector: Selector,
-    reason: Option<String>,
+/// The body of `POST /v1/sessions/terminate`: a [`Selector`] and its
+/// `reason`. Read in two steps rather than through `#[serde(flatten)]`,
+/// past which the selector's `deny_unknown_fields` never fires: a misspelt
+/// or unknown field (`"instanse"`, or `"target"` on an older node) would be
+/// dropped and the rest would end more sessions than the operator named.
+fn terminate_body(body: serde_json::Value) -> Result<(Selector, Option<String>), String> {
+    let serde_json::Value::Object(mut fields) = body else {
+        return Err("a JSON object is expected".into());
+    };
+    let reason = match fields.remove("reason") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(r)) => Some(r),
+        Some(_) => return Err("reason: a string is expected".into()),
+    };
+    let selector =
+        serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())?;
+    Ok((selector, reason))
 }
 
 /// `POST /v1/sessions/terminate`.
@@ -329,19 +341,19 @@ pub async fn kill_many(
     if let Err(r) = authorize(&s, &headers) {
         return r.into_response();
     }
-    let body: TerminateBody = match body.map(|Json(v)| serde_json::from_value(v)) {
+    let (selector, reason) = match body.map(|Json(v)| terminate_body(v)) {
         Ok(Ok(b)) => b,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
         Err(e) => return bad_body(&e),
     };
-    if body.selector.is_empty() {
+    if selector.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "name the sessions: id, instance, jti, type or client",
+            "name the sessions: id, instance, jti, type, client or target",
         );
     }
-    let ended = terminate(&s, &body.selector, &actor(&headers), body.reason.as_deref()).await;
+    let ended = terminate(&s, &selector, &actor(&headers), reason.as_deref()).await;
     Json(json!({ "terminated": ended })).into_response()
 }
 
@@ -540,4 +552,32 @@ pub async fn revoke(
         end_listed(&s, &selector, listed, &by, reason).await
     };
     Json(json!({ "revoked_until": until, "terminated": ended })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::terminate_body;
+
+    #[test]
+    fn a_terminate_body_names_its_sessions_with_known_fields_only() {
+        let (sel, reason) = terminate_body(json!({
+            "type": "spice-direct",
+            "target": "10.0.3.17:5930",
+            "reason": "host maintenance",
+        }))
+        .unwrap();
+        assert_eq!(sel.console.as_deref(), Some("spice-direct"));
+        assert_eq!(sel.target.as_deref(), Some("10.0.3.17:5930"));
+        assert_eq!(reason.as_deref(), Some("host maintenance"));
+        // Dropped, the misspelt field would leave `type` alone: every
+        // spice-direct session would end.
+        let misspelt = terminate_body(json!({"type": "spice-direct", "instanse": "vm-1"}));
+        assert!(misspelt.unwrap_err().contains("instanse"));
+        assert!(terminate_body(json!({"jti": "j", "reason": 7})).is_err());
+        assert!(terminate_body(json!(["jti"])).is_err());
+        let (sel, reason) = terminate_body(json!({"jti": "j", "reason": null})).unwrap();
+        assert_eq!((sel.jti.as_deref(), reason), (Some("j"), None));
+    }
 }

@@ -64,13 +64,30 @@ impl std::str::FromStr for ConsoleTarget {
     }
 }
 
+impl ConsoleTarget {
+    /// The console's own address, `host:port` (`[host]:port` for IPv6),
+    /// without its TLS port: what names one console server whichever of its
+    /// ports a token gives (SPICE's plain and TLS ports are one server).
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// [`address`](Self::address) of a target as [`Display`](fmt::Display)
+    /// shows it (what a session records).
+    pub fn address_in(shown: &str) -> &str {
+        shown
+            .split_once(" (tls ")
+            .map_or(shown, |(address, _)| address)
+    }
+}
+
 impl fmt::Display for ConsoleTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)?;
-        } else {
-            write!(f, "{}:{}", self.host, self.port)?;
-        }
+        f.write_str(&self.address())?;
         if let Some(tls) = self.tls_port {
             write!(f, " (tls {tls})")?;
         }
@@ -188,9 +205,30 @@ mod tests {
                 tls_port: None,
             },
         ] {
+            // What a session records names the same console as the target.
+            assert_eq!(ConsoleTarget::address_in(&t.to_string()), t.address());
             assert_eq!(t.to_string().parse::<ConsoleTarget>(), Ok(t));
         }
         assert!("5900".parse::<ConsoleTarget>().is_err());
         assert!(":5900".parse::<ConsoleTarget>().is_err());
+    }
+
+    #[test]
+    fn one_spice_server_has_one_address_whichever_ports_a_token_gives() {
+        let plain = ConsoleTarget {
+            host: "fd00::17".into(),
+            port: 5930,
+            tls_port: None,
+        };
+        let both = ConsoleTarget {
+            tls_port: Some(5931),
+            ..plain.clone()
+        };
+        assert_eq!(plain.address(), "[fd00::17]:5930");
+        assert_eq!(both.address(), plain.address());
+        assert_eq!(
+            ConsoleTarget::address_in("[fd00::17]:5930 (tls 5931)"),
+            "[fd00::17]:5930"
+        );
     }
 }

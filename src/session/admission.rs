@@ -733,7 +733,7 @@ impl Sessions {
             .registry
             .list(&Selector {
                 console: Some(ConsoleType::Serial.as_str().to_string()),
-                target: Some(grant.target.to_string()),
+                target: Some(grant.target.address()),
                 ..Selector::default()
             })
             .await

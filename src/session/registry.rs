@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::console::ConsoleType;
+use crate::hypervisor::ConsoleTarget;
 
 /// Bytes moved, updated as they move, and when they last moved (the
 /// session's idle clock: every connection of a session shares it).
@@ -267,9 +268,12 @@ pub struct Selector {
     pub console: Option<String>,
     /// Every session from a client address.
     pub client: Option<IpAddr>,
-    /// Every session on one console: `host:port`, as a session's `target`
-    /// reads. The shared store keeps an index by it, so asking who else is
-    /// on a console reads those sessions alone, not the whole cluster's.
+    /// Every session on one console: its `host:port` (a session's `target`
+    /// without its TLS port, [`ConsoleTarget::address`]). The shared store
+    /// keeps an index by it, so asking who else is on a console reads those
+    /// sessions alone, not the whole cluster's.
+    ///
+    /// [`ConsoleTarget::address`]: crate::hypervisor::ConsoleTarget::address
     pub target: Option<String>,
 }
 
@@ -293,7 +297,10 @@ impl Selector {
                 .as_ref()
                 .is_none_or(|v| v == s.console.as_str())
             && self.client.is_none_or(|v| v == s.client)
-            && self.target.as_ref().is_none_or(|v| *v == s.target)
+            && self
+                .target
+                .as_ref()
+                .is_none_or(|v| v == ConsoleTarget::address_in(&s.target))
     }
 }
 

@@ -1288,7 +1288,7 @@ enum Linked {
 /// Whether a SPICE session runs on `grant`'s console now (on any node).
 async fn spice_in_use(sessions: &Sessions, grant: &crate::token::Grant) -> bool {
     let on_it = crate::session::registry::Selector {
-        target: Some(grant.target.to_string()),
+        target: Some(grant.target.address()),
         ..Default::default()
     };
     sessions.registry.list(&on_it).await.iter().any(|v| {

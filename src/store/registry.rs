@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Leasing, Redis};
 use crate::console::ConsoleType;
+use crate::hypervisor::ConsoleTarget;
 use crate::session::registry::{
     LiveSession, NewSession, Registry, Selector, SessionRegistry, SessionView, StoreUnanswered,
     Termination,
@@ -238,7 +239,9 @@ impl RedisRegistry {
         // Who else is on a console (`list` by target) reads this index, not
         // every session of the cluster. Each publish of a session on it
         // keeps it for a lease; ids whose session is gone are dropped when read.
-        let on = self.redis.key(&["sessions-on", &live.target]);
+        let on = self
+            .redis
+            .key(&["sessions-on", ConsoleTarget::address_in(&live.target)]);
         pipe.sadd(&on, &live.id)
             .ignore()
             .pexpire(&on, lease)
@@ -272,7 +275,11 @@ impl RedisRegistry {
             .ignore()
             .srem(self.redis.key(&["sessions"]), &live.id)
             .ignore()
-            .srem(self.redis.key(&["sessions-on", &live.target]), &live.id)
+            .srem(
+                self.redis
+                    .key(&["sessions-on", ConsoleTarget::address_in(&live.target)]),
+                &live.id,
+            )
             .ignore();
         if let Some(k) = &live.key {
             pipe.del(self.redis.key(&["session-key", k])).ignore();
@@ -472,7 +479,6 @@ impl RedisRegistry {
     }
 
     /// Every node's sessions, as their hashes say.
-    /// Every session in the store, as its hash describes it.
     async fn all(&self) -> Vec<(String, HashMap<String, String>)> {
         self.members(self.redis.key(&["sessions"])).await
     }
@@ -569,7 +575,10 @@ fn matches(sel: &Selector, s: &LiveSession) -> bool {
         && sel.jti.as_ref().is_none_or(|v| *v == s.jti)
         && sel.console.as_ref().is_none_or(|v| v == s.console.as_str())
         && sel.client.is_none_or(|v| v == s.client)
-        && sel.target.as_ref().is_none_or(|v| *v == s.target)
+        && sel
+            .target
+            .as_ref()
+            .is_none_or(|v| v == ConsoleTarget::address_in(&s.target))
 }
 
 impl super::Leases for RedisRegistry {
