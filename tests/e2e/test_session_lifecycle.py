@@ -7,11 +7,12 @@ its roots. Deadlines are checked against generous multiples, never speed."""
 
 import http.client
 import re
+import select
+import socket
 import os
 import signal
 import ssl
 import time
-import warnings
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -104,24 +105,44 @@ def test_static_serving_stays_inside_its_roots(porthole):
         assert b"[package]" not in body
 
 
-def connect_once_more(base, p, console_port, **kw):
-    """A noVNC socket at `base` (wss://host:port) with a fresh token.
+def tls_connect(base, p, console_port, ctx, **kw):
+    """A noVNC socket at `base` (wss://host:port) with a fresh token, over a
+    TLS connection whose TLS 1.3 session tickets were read before the
+    WebSocket client took it.
 
-    One CI run (of many) saw this first TLS connection time out with nothing
-    in Porthole's log, never reproduced since; another (2026-12-06, under the
-    suite's full load) saw the IPv6 one below wait 10 s for the answer to its
-    upgrade request. Try once more (with a token of its own: the first may
-    hold its own as in use), loudly, and keep the evidence (TLS handshake
-    failures are logged now)."""
-    def attempt():
-        token = p.mint("novnc", console_port)["token"]
-        return connect(f"{base}/vnc?token={token}", open_timeout=10, **kw)
-    try:
-        return attempt()
-    except TimeoutError:
-        # A warning, not a print: pytest shows warnings of passing tests too.
-        warnings.warn(f"a TLS connection to {base} timed out, tried once more; Porthole's log:\n{p.log()[-3000:]}")
-        return attempt()
+    websockets' sync client reads its socket in a thread of its own while
+    the calling thread writes the upgrade request, and one OpenSSL object
+    serves both: a read that takes in the tickets (which Porthole, as any
+    TLS 1.3 server, sends right after the handshake) while the request is
+    written can lose the request. The connection then waits for an answer
+    to a request the server never had, in one run of this test in 10 to 40
+    beside two busy loops (Porthole's log: the handshake done, its tickets
+    sent, then nothing until its header deadline; `ss`: nothing queued
+    either way). Reading the tickets first, in this one thread, leaves
+    nothing for the two to meet on: 90 runs so, none hung."""
+    token = p.mint("novnc", console_port)["token"]
+    host, port = base.removeprefix("wss://").rsplit(":", 1)
+    host = host.strip("[]")
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    tls = ctx.wrap_socket(raw, server_hostname=host)
+    tls.setblocking(False)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            # Nothing comes before the request: this reads the tickets.
+            extra = tls.recv(1)
+            raise AssertionError(f"Porthole sent {extra!r} before any request")
+        except ssl.SSLWantReadError:
+            pass
+        if tls.session is not None and tls.session.has_ticket:
+            break
+        left = deadline - time.monotonic()
+        assert left > 0, "no TLS session ticket from Porthole within 10 s"
+        select.select([tls], [], [], left)
+    tls.setblocking(True)
+    # The socket is TLS already: the WebSocket client speaks over it as is.
+    url = base.replace("wss://", "ws://", 1)
+    return connect(f"{url}/vnc?token={token}", sock=tls, open_timeout=10, **kw)
 
 
 def test_tls_and_ipv6_listeners(tmp_path, backend):
@@ -140,8 +161,8 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
     vnc_console = EchoBackend(rfb=True)
     try:
         ctx = ssl.create_default_context(cafile=str(state / "dev-ca.pem"))
-        with connect_once_more(f"wss://127.0.0.1:{p.public_port}", p, vnc_console.port, ssl=ctx,
-                               origin=p.base) as ws:
+        with tls_connect(f"wss://127.0.0.1:{p.public_port}", p, vnc_console.port, ctx,
+                         origin=p.base) as ws:
             rfb_client_handshake(ws)
             ws.send(b"over tls")
             assert ws.recv(timeout=10) == b"over tls"
@@ -152,7 +173,7 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
             c.getresponse().read()
         # The IPv6 listener serves the same router.
         v6_port = int(re.search(r"public=\[[^ ]+, \[::1\]:(\d+)\]", p.log()).group(1))
-        with connect_once_more(f"wss://[::1]:{v6_port}", p, vnc_console.port, ssl=ctx) as ws:
+        with tls_connect(f"wss://[::1]:{v6_port}", p, vnc_console.port, ctx) as ws:
             rfb_client_handshake(ws)
             ws.send(b"over ipv6")
             assert ws.recv(timeout=10) == b"over ipv6"
