@@ -4,33 +4,77 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Returns a token cancelled on SIGTERM or SIGINT.
+/// Returns a token cancelled on SIGTERM or SIGINT. Must be called within
+/// the runtime.
+///
+/// The handlers are installed here, before this returns, not by the task
+/// that waits on them: a handler installed only when a spawned task first
+/// runs left a window, after Porthole said it was ready and while its
+/// workers were busy (a loaded machine, the link keys' RSA at start), in
+/// which a SIGTERM took its default action and killed the process instead
+/// of shutting it down (seen in CI: exit by signal 15 where a test expected 0).
 pub fn on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let fire = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
-                        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("cannot listen for SIGTERM: {e}");
-                    let _ = ctrl_c.await;
-                }
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .map_err(|e| tracing::warn!("cannot listen for {name}: {e}"))
+                .ok()
+        };
+        let term = listen(SignalKind::terminate(), "SIGTERM");
+        let int = listen(SignalKind::interrupt(), "SIGINT");
+        // A signal that cannot be listened for, or whose stream ends,
+        // never fires.
+        async fn received(signal: Option<Signal>) {
+            if let Some(mut s) = signal
+                && s.recv().await.is_some()
+            {
+                return;
             }
+            std::future::pending().await
         }
-        #[cfg(not(unix))]
-        {
-            let _ = ctrl_c.await;
-        }
+        tokio::spawn(async move {
+            tokio::select! {
+                () = received(term) => tracing::info!("SIGTERM: shutting down"),
+                () = received(int) => tracing::info!("SIGINT: shutting down"),
+            }
+            fire.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
         fire.cancel();
     });
     token
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_sigterm_before_the_waiting_task_first_runs_shuts_down_instead_of_killing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stop = super::on_signals();
+            // The one thread has not yielded: the task that waits on the
+            // signal has not run yet. Without a handler by now the default
+            // action ends this whole test process (signal 15).
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &std::process::id().to_string()])
+                .status()
+                .expect("kill(1)");
+            assert!(sent.success());
+            tokio::time::timeout(Duration::from_secs(10), stop.cancelled())
+                .await
+                .expect("the token is cancelled by the SIGTERM");
+        });
+    }
 }
