@@ -7,12 +7,13 @@ use tokio_util::sync::CancellationToken;
 /// Returns a token cancelled on SIGTERM or SIGINT. Must be called within
 /// the runtime.
 ///
-/// The handlers are installed here, before this returns, not by the task
-/// that waits on them: a handler installed only when a spawned task first
-/// runs left a window, after Porthole said it was ready and while its
-/// workers were busy (a loaded machine, the link keys' RSA at start), in
-/// which a SIGTERM took its default action and killed the process instead
-/// of shutting it down (seen in CI: exit by signal 15 where a test expected 0).
+/// The handlers are installed here, before this returns (and before
+/// anything is served), not by the task that waits on them: a handler
+/// installed only when a spawned task first ran left a window, after
+/// Porthole said it was ready if that task had not been scheduled yet (a
+/// loaded machine), in which a SIGTERM took its default action and killed
+/// the process instead of shutting it down (seen in CI: exit by signal 15
+/// where a test expected 0, and no "SIGTERM: shutting down" logged).
 pub fn on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let fire = token.clone();
