@@ -194,6 +194,33 @@ where
     }
 }
 
+/// A connection of the test's own to `server`, to look at what the nodes wrote.
+async fn connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+/// How many clients follow `channel`.
+async fn subscribers(con: &redis::aio::MultiplexedConnection, channel: &str) -> i64 {
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut con.clone())
+        .await
+        .unwrap();
+    n
+}
+
+/// Until both nodes follow the command channel, before anything is said on it.
+async fn both_nodes_subscribed(con: &redis::aio::MultiplexedConnection) {
+    eventually(
+        "both nodes to subscribe",
+        Duration::from_secs(10),
+        || async { subscribers(con, "test:commands").await >= 2 },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn one_session_per_token_across_nodes_and_a_dead_nodes_tokens_come_free() {
     let server = RedisServer::start();
@@ -838,21 +865,8 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
     // Both nodes follow the command channel before anything is said on it.
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
-    let con = client.get_multiplexed_async_connection().await.unwrap();
-    eventually("both nodes to subscribe", Duration::from_secs(10), || {
-        let mut con = con.clone();
-        async move {
-            let (_, n): (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("test:commands")
-                .query_async(&mut con)
-                .await
-                .unwrap();
-            n >= 2
-        }
-    })
-    .await;
+    let con = connection(&server).await;
+    both_nodes_subscribed(&con).await;
     let live = on_a
         .register(
             NewSession {
@@ -991,26 +1005,8 @@ async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
     let server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
-    let con = client.get_multiplexed_async_connection().await.unwrap();
-    let subscribers = |channel: String| {
-        let mut con = con.clone();
-        async move {
-            let (_, n): (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(channel)
-                .query_async(&mut con)
-                .await
-                .unwrap();
-            n
-        }
-    };
-    eventually(
-        "both nodes to subscribe",
-        Duration::from_secs(10),
-        || async { subscribers("test:commands".into()).await >= 2 },
-    )
-    .await;
+    let con = connection(&server).await;
+    both_nodes_subscribed(&con).await;
     let live = on_a
         .register(
             NewSession {
@@ -1024,7 +1020,7 @@ async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
     let fan_out = live.fan_out.clone().expect("a serial session fans out");
     let mut shadow = on_b.output_of(&live.id).await.expect("through the store");
     let output = format!("test:output:{}", live.id);
-    assert_eq!(subscribers(output.clone()).await, 1);
+    assert_eq!(subscribers(&con, &output).await, 1);
     // The shadow's lifecycle tells the session's node that it watches.
     let on_b_shadow = on_b
         .register(
@@ -1061,7 +1057,7 @@ async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
     eventually(
         "the output channel to be let go",
         Duration::from_secs(10),
-        || async { subscribers(output.clone()).await == 0 },
+        || async { subscribers(&con, &output).await == 0 },
     )
     .await;
 }
@@ -1085,21 +1081,8 @@ async fn who_is_on_a_console_is_read_from_its_own_index_on_every_node_not_from_e
     let server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    eventually("both nodes to subscribe", Duration::from_secs(10), || {
-        let mut con = con.clone();
-        async move {
-            let (_, n): (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("test:commands")
-                .query_async(&mut con)
-                .await
-                .unwrap();
-            n >= 2
-        }
-    })
-    .await;
+    let mut con = connection(&server).await;
+    both_nodes_subscribed(&con).await;
     let on = |jti: &str, target: String| NewSession {
         target,
         ..new_session(jti)
