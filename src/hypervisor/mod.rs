@@ -69,11 +69,7 @@ impl ConsoleTarget {
     /// without its TLS port: what names one console server whichever of its
     /// ports a token gives (SPICE's plain and TLS ports are one server).
     pub fn address(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        Self::address_in(&self.to_string()).to_owned()
     }
 
     /// [`address`](Self::address) of a target as [`Display`](fmt::Display)
@@ -87,7 +83,11 @@ impl ConsoleTarget {
 
 impl fmt::Display for ConsoleTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.address())?;
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)?;
+        } else {
+            write!(f, "{}:{}", self.host, self.port)?;
+        }
         if let Some(tls) = self.tls_port {
             write!(f, " (tls {tls})")?;
         }

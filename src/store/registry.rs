@@ -239,9 +239,7 @@ impl RedisRegistry {
         // Who else is on a console (`list` by target) reads this index, not
         // every session of the cluster. Each publish of a session on it
         // keeps it for a lease; ids whose session is gone are dropped when read.
-        let on = self
-            .redis
-            .key(&["sessions-on", ConsoleTarget::address_in(&live.target)]);
+        let on = self.on_console(ConsoleTarget::address_in(&live.target));
         pipe.sadd(&on, &live.id)
             .ignore()
             .pexpire(&on, lease)
@@ -276,8 +274,7 @@ impl RedisRegistry {
             .srem(self.redis.key(&["sessions"]), &live.id)
             .ignore()
             .srem(
-                self.redis
-                    .key(&["sessions-on", ConsoleTarget::address_in(&live.target)]),
+                self.on_console(ConsoleTarget::address_in(&live.target)),
                 &live.id,
             )
             .ignore();
@@ -483,11 +480,17 @@ impl RedisRegistry {
         self.members(self.redis.key(&["sessions"])).await
     }
 
+    /// The key of the index of the sessions on the console at `address`
+    /// (`host:port`, [`ConsoleTarget::address`]).
+    fn on_console(&self, address: &str) -> String {
+        self.redis.key(&["sessions-on", address])
+    }
+
     /// The sessions `sel` can name: those on its target (from their
     /// index) when it has one, else all of them.
     async fn candidates(&self, sel: &Selector) -> Vec<(String, HashMap<String, String>)> {
         match &sel.target {
-            Some(target) => self.members(self.redis.key(&["sessions-on", target])).await,
+            Some(target) => self.members(self.on_console(target)).await,
             None => self.all().await,
         }
     }
@@ -519,9 +522,11 @@ impl RedisRegistry {
             // Their nodes stopped renewing them (died): drop them.
             let mut pipe = redis::pipe();
             let ids: Vec<&String> = gone.iter().map(|(id, _)| id).collect();
-            for key in [set, self.redis.key(&["sessions"])] {
-                pipe.srem(key, &ids).ignore();
+            let all = self.redis.key(&["sessions"]);
+            if set != all {
+                pipe.srem(&set, &ids).ignore();
             }
+            pipe.srem(&all, &ids).ignore();
             let _ = self.redis.pipe::<()>(pipe).await;
         }
         live

@@ -184,7 +184,6 @@ def test_tls_and_ipv6_listeners(tmp_path, backend):
 
 def test_a_slow_upgrade_request_is_cut_at_its_deadline(tmp_path):
     """Headers trickled byte by byte cannot hold a connection past the upgrade deadline."""
-    import socket
     p = Porthole(tmp_path, websocket="upgrade_timeout_secs = 2")
     try:
         s = socket.create_connection(("127.0.0.1", p.public_port), timeout=30)
@@ -214,7 +213,6 @@ def test_a_slow_upgrade_request_is_cut_at_its_deadline(tmp_path):
 
 def raw_websocket(port, path):
     """A bare WebSocket client on a socket: the frames Porthole sends, unfiltered."""
-    import socket
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
@@ -266,7 +264,6 @@ def test_pings_are_sent_on_quiet_sessions(tmp_path, backend):
 
 
 def test_the_hypervisor_closing_ends_the_session_with_its_own_code(porthole):
-    import socket
     import threading
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
