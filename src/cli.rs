@@ -488,6 +488,10 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
     init_tracing(log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // First, so that a SIGTERM at any point of the start-up (binding,
+        // the demo VM) takes the one shutdown path instead of the signal's
+        // default action, which would leave a demo VM running without us.
+        let shutdown = crate::shutdown::on_signals();
         let overrides = ListenOverrides {
             admin: o.admin_listen,
             public: o.public_listen,
@@ -536,19 +540,23 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
         tracing::info!(admin = %admin_addr, public = ?public_addrs, keys = ?app.validator.kids(), descriptors, "porthole is up");
         warn_missing_clients(&app.config.web);
         let want_demo = o.demo.unwrap_or(dev.is_some());
-        let demo = if !want_demo {
+        let demo = if !want_demo || shutdown.is_cancelled() {
             None
         } else if !crate::demo::qemu_available() {
             eprintln!("\nNo demo VM: {} is not installed (Debian: apt-get install qemu-system-x86).", crate::demo::QEMU);
             None
         } else {
             let spice_pw = dev.as_ref().map(|d| d.demo_spice_password.clone());
-            match crate::demo::DemoVm::start(&app.config.state_dir, spice_pw.as_deref()).await {
-                Ok(vm) => Some(vm),
-                Err(e) => {
+            // Told to stop while the VM starts: the start is dropped, and
+            // its QEMU with it (killed on drop).
+            let start = crate::demo::DemoVm::start(&app.config.state_dir, spice_pw.as_deref());
+            match shutdown.run_until_cancelled(start).await {
+                Some(Ok(vm)) => Some(vm),
+                Some(Err(e)) => {
                     eprintln!("\nNo demo VM: {e:#}");
                     None
                 }
+                None => None,
             }
         };
         if let Some(dev) = &dev {
@@ -557,7 +565,6 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
         if let Some(vm) = &demo {
             print_demo_urls(&app, vm);
         }
-        let shutdown = crate::shutdown::on_signals();
         let result = app::run(std::sync::Arc::new(app), listeners, Some(metrics), shutdown).await;
         if let Some(vm) = demo {
             vm.stop().await;

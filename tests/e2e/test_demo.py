@@ -2,12 +2,16 @@
 Porthole starts a demo VM and prints console URLs that work in a browser."""
 
 import json
+import os
+import pathlib
 import re
+import signal
 import socket
+import subprocess
 import time
 
 from support import browser
-from harness import Gateway, free_port, http
+from harness import Gateway, free_port, http, porthole_bin
 from screen import seabios_capture
 from spice_client import remote_viewer_connects, spicy_capture
 
@@ -67,4 +71,50 @@ def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
         except OSError:
             break
         assert time.monotonic() < deadline, "the demo VM outlived Porthole"
+        time.sleep(0.2)
+
+
+def test_a_sigterm_while_the_demo_vm_starts_stops_porthole_and_its_vm(tmp_path):
+    """A SIGTERM during start-up (listeners bound, the demo VM starting)
+    takes the one shutdown path: Porthole exits 0 and its VM goes with it.
+    Before, the handler was installed only once the demo VM was up: the
+    signal's default action killed Porthole (exit by signal 15) and left
+    QEMU running with nobody to stop it."""
+    state = tmp_path / "state"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [porthole_bin(), "serve", "--admin-listen", "127.0.0.1:0", "--public-listen", "127.0.0.1:0",
+             "--spice-listen", "127.0.0.1:0", "--vnc-listen", "127.0.0.1:0"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PORTHOLE_STATE_DIR": str(state)})
+    try:
+        # Logged once the listeners are bound, before the demo VM starts
+        # (which takes QEMU a good part of a second).
+        deadline = time.monotonic() + 60
+        while "porthole is up" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        assert "SIGTERM: shutting down" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The demo VM's command line names a file in this test's state folder.
+    marker = str(state / "demo-sercon-port.bin").encode()
+
+    def demo_vms():
+        found = []
+        for p in pathlib.Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and marker in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+        return found
+    deadline = time.monotonic() + 10
+    while demo_vms():
+        assert time.monotonic() < deadline, f"the demo VM outlived Porthole: {demo_vms()}"
         time.sleep(0.2)
