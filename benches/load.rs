@@ -27,6 +27,10 @@
 //!   (versions, security None, its result: two round trips) and sends the
 //!   client a version of its own before relaying, as Porthole does (`--relay
 //!   ... --jwt PEM --rfb`; session rate only).
+//! - `floor`: a relay that does only the work a WebSocket upload cannot
+//!   skip (the kernel's copy in, the unmask, the kernel's copy out) with one
+//!   warm buffer and no framing library (`load/floor.rs`, `--relay ...
+//!   --floor`; `cargo bench --bench load -- floor`: the upload rows only).
 //! - `websockify`: Debian's websockify (the proxy Nova's noVNC proxy is built on).
 //! - `porthole view-only`: the same Porthole with a view-only token: every
 //!   client message goes through the RFB view-only filter (throughput only;
@@ -60,6 +64,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[path = "load/floor.rs"]
+mod floor;
 #[path = "load/nova.rs"]
 mod nova;
 #[path = "load/recording.rs"]
@@ -178,6 +184,10 @@ enum RelayKind {
     /// relay (versions, security None, its result: two round trips) before
     /// it sends the client a version of its own, as Porthole does.
     JwtRfb,
+    /// Only the work a WebSocket upload cannot skip (`load/floor.rs`).
+    Floor,
+    /// [`RelayKind::Floor`] with a new read buffer for every read.
+    FloorFresh,
 }
 
 impl RelayKind {
@@ -185,6 +195,8 @@ impl RelayKind {
         match self {
             RelayKind::Plain => vec![],
             RelayKind::Opts => vec!["--opts".into()],
+            RelayKind::Floor => vec!["--floor".into()],
+            RelayKind::FloorFresh => vec!["--floor-fresh".into()],
             RelayKind::Jwt => vec![
                 "--jwt".into(),
                 dir.join("load.pub.pem").display().to_string(),
@@ -207,6 +219,10 @@ impl RelayKind {
                 RelayKind::Jwt
             };
             (kind, Some(key))
+        } else if args.iter().any(|a| a == "--floor-fresh") {
+            (RelayKind::FloorFresh, None)
+        } else if args.iter().any(|a| a == "--floor") {
+            (RelayKind::Floor, None)
         } else if args.iter().any(|a| a == "--opts") {
             (RelayKind::Opts, None)
         } else {
@@ -258,6 +274,10 @@ async fn relay(
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
+        if matches!(kind, RelayKind::Floor | RelayKind::FloorFresh) {
+            tokio::spawn(floor::serve(tcp, backend, kind == RelayKind::FloorFresh));
+            continue;
+        }
         let check = check.clone();
         tokio::spawn(async move {
             if kind != RelayKind::Plain {
@@ -376,6 +396,10 @@ enum Target {
     /// [`Target::RelayJwt`] that also does the far side's RFB handshake
     /// before the client's first byte, as Porthole does.
     RelayJwtRfb,
+    /// The floor of a WebSocket upload relay (`load/floor.rs`).
+    Floor,
+    /// The floor with a new read buffer for every read.
+    FloorFresh,
     Websockify,
 }
 
@@ -391,6 +415,8 @@ impl Target {
             Target::RelayOpts => "relay+opts",
             Target::RelayJwt => "relay+jwt",
             Target::RelayJwtRfb => "relay+jwt+rfb",
+            Target::Floor => "floor",
+            Target::FloorFresh => "floor+fresh",
             Target::Websockify => "websockify",
         }
     }
@@ -402,6 +428,8 @@ impl Target {
             Target::RelayOpts => Some(RelayKind::Opts),
             Target::RelayJwt => Some(RelayKind::Jwt),
             Target::RelayJwtRfb => Some(RelayKind::JwtRfb),
+            Target::Floor => Some(RelayKind::Floor),
+            Target::FloorFresh => Some(RelayKind::FloorFresh),
             _ => None,
         }
     }
@@ -588,7 +616,7 @@ impl Setup {
             Target::PortholeRecording => {
                 format!("ws://{}/vnc?token={}", self.recorded.public, self.token())
             }
-            Target::Relay | Target::RelayOpts => {
+            Target::Relay | Target::RelayOpts | Target::Floor | Target::FloorFresh => {
                 format!("ws://{}/", at.unwrap_or(self.relays[&target]))
             }
             Target::RelayJwt | Target::RelayJwtRfb => format!(
@@ -1103,7 +1131,12 @@ fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
                 child,
             })
         }
-        Target::Relay | Target::RelayOpts | Target::RelayJwt | Target::RelayJwtRfb => {
+        Target::Relay
+        | Target::RelayOpts
+        | Target::RelayJwt
+        | Target::RelayJwtRfb
+        | Target::Floor
+        | Target::FloorFresh => {
             let addr = free_addr();
             let child = start_relay(&s.dir, target.relay()?, addr, s.far);
             Some(Fresh {
@@ -1395,6 +1428,8 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         Target::RelayOpts,
         Target::RelayJwt,
         Target::RelayJwtRfb,
+        Target::Floor,
+        Target::FloorFresh,
     ] {
         let addr = free_addr();
         let child = start_relay(dir, target.relay().unwrap(), addr, far);
@@ -1475,7 +1510,8 @@ fn main() {
     // TCP, the relay and websockify without the idle table; `-- opens`: the
     // session rate of Porthole and the relays alone; `-- bulk`: every row
     // of the throughput grid through Porthole and relay+opts alone, five
-    // interleaved samples each): that part only.
+    // interleaved samples each; `-- floor`: the upload rows through
+    // Porthole, relay+opts and the floor relay): that part only.
     let only = args.iter().skip(1).find_map(|a| {
         [
             "store",
@@ -1486,6 +1522,7 @@ fn main() {
             "proxies",
             "opens",
             "bulk",
+            "floor",
         ]
         .into_iter()
         .find(|p| a == p)
@@ -1531,6 +1568,36 @@ async fn run(full: bool, only: Option<&str>) {
         println!("| direction | clients | frame | porthole | relay+opts |");
         println!("|---|---|---|---|---|");
         throughput_rows(&s, &targets, throughput_grid(full), secs, repeats).await;
+    }
+    if only == Some("floor") || (only.is_none() && !full) {
+        // The upload rows through Porthole, relay+opts and the floor, five
+        // interleaved samples each (about five minutes): how far below
+        // relay+opts any relay of these uploads can go on this machine.
+        let targets = [
+            Target::Porthole,
+            Target::RelayOpts,
+            Target::Floor,
+            Target::FloorFresh,
+        ];
+        let (secs, repeats) = if full { (3.0, 5) } else { (0.3, 1) };
+        // `LOAD_ROW=CLIENTS,FRAME` (bytes) keeps one row: for a profiler.
+        let row: Option<(usize, usize)> = std::env::var("LOAD_ROW").ok().map(|r| {
+            let (c, f) = r.split_once(',').expect("LOAD_ROW=CLIENTS,FRAME");
+            (c.parse().unwrap(), f.parse().unwrap())
+        });
+        let grid = throughput_grid(full)
+            .into_iter()
+            .filter(|&(down, c, f)| !down && row.is_none_or(|r| r == (c, f)))
+            .collect();
+        println!(
+            "\n## uploads against their floor (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
+        );
+        println!(
+            "| direction | clients | frame | {} |",
+            targets.map(Target::name).join(" | ")
+        );
+        println!("|---|---|---|{}", "---|".repeat(targets.len()));
+        throughput_rows(&s, &targets, grid, secs, repeats).await;
     }
     if only == Some("opens") {
         // The session rate alone, five samples each: Porthole against the
