@@ -1177,3 +1177,74 @@ async fn who_is_on_a_console_is_read_from_its_own_index_on_every_node_not_from_e
         "the index keeps no id of a session that is gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_written_again_as_it_ends_does_not_come_back_as_a_ghost_on_its_console() {
+    use porthole::session::registry::{NewSession, Selector, SessionRegistry};
+    use redis::AsyncCommands;
+    use std::sync::atomic::Ordering::Relaxed;
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let con = connection(&server).await;
+    both_nodes_subscribed(&con).await;
+    let target = "127.0.0.1:5902";
+    // A shadow on node b starts on a session of node a, whose node writes
+    // the session again in the background (its watchers changed), and the
+    // session ends the moment node a has counted the shadow: its end's
+    // deletes and that write race to Redis (the test spins on its own
+    // thread while a worker of the runtime runs node a's write). Each
+    // time the write lands last, the ended session is back for a lease,
+    // on its console's index too, unless its node deletes it again.
+    let mut ended = Vec::new();
+    for i in 0..40 {
+        let live = on_a
+            .register(
+                NewSession {
+                    target: target.into(),
+                    ..new_session(&format!("owner-{i}"))
+                },
+                CancellationToken::new(),
+            )
+            .await;
+        on_b.watched(&live.id, &format!("shadow-{i}"), 1).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while live.watchers.load(Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node a never counted the shadow"
+            );
+            std::hint::spin_loop();
+        }
+        on_a.deregister(&live).await;
+        ended.push(live.id.clone());
+    }
+    // Gone well within the lease a late write gives: nobody is on the
+    // console, on either node (a view-only SPICE client would be refused
+    // while an ended session still counted).
+    let index = format!("test:sessions-on:{target}");
+    eventually(
+        "the ended sessions to stay gone from the store",
+        LEASE / 2,
+        || {
+            let mut con = con.clone();
+            let (index, ended) = (index.clone(), ended.clone());
+            async move {
+                for id in &ended {
+                    let exists: bool = con.exists(format!("test:session:{id}")).await.unwrap();
+                    let listed: bool = con.sismember(&index, id).await.unwrap();
+                    if exists || listed {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await;
+    let on_console = Selector {
+        target: Some(target.into()),
+        ..Selector::default()
+    };
+    assert!(on_b.list(&on_console).await.is_empty());
+}

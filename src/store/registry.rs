@@ -88,7 +88,8 @@ static DELETE_IF_SCRIPT: std::sync::LazyLock<redis::Script> =
 /// Every node's sessions.
 #[derive(Debug)]
 pub struct RedisRegistry {
-    local: Registry,
+    /// Shared with writes in the background ([`RedisRegistry::publish_again`]).
+    local: Arc<Registry>,
     redis: Arc<Redis>,
     node: String,
     lease: Duration,
@@ -118,7 +119,7 @@ impl RedisRegistry {
     pub fn new(leasing: Leasing, node: String) -> Arc<Self> {
         let stop = leasing.stop.clone();
         let registry = leasing.start(|redis, lease| Self {
-            local: Registry::default(),
+            local: Arc::default(),
             redis,
             node,
             lease,
@@ -268,27 +269,25 @@ impl RedisRegistry {
 
     /// Deletes `live`'s entries (not answered: their lease runs out by itself).
     async fn unpublish(&self, live: &LiveSession) {
-        let mut pipe = redis::pipe();
-        pipe.del(self.redis.key(&["session", &live.id]))
-            .ignore()
-            .srem(self.redis.key(&["sessions"]), &live.id)
-            .ignore()
-            .srem(
-                self.on_console(ConsoleTarget::address_in(&live.target)),
-                &live.id,
-            )
-            .ignore();
-        if let Some(k) = &live.key {
-            pipe.del(self.redis.key(&["session-key", k])).ignore();
+        unpublish_from(&self.redis, live).await;
+    }
+
+    /// Writes this node's session `live` again, whole. A write of a session
+    /// that ends meanwhile can reach Redis after its end's deletes (it was
+    /// sent after them) and bring it back for a lease, where it would count
+    /// as on its console: so once this write is answered, a session gone
+    /// from `local` is deleted again. Its end removes it from `local` before
+    /// it deletes it, so one of the two deletes comes last.
+    async fn publish_again(
+        redis: &Redis,
+        local: &Registry,
+        live: &LiveSession,
+        pipe: redis::Pipeline,
+    ) {
+        let _ = redis.pipe::<()>(pipe).await;
+        if local.by_id(&live.id).is_none() {
+            unpublish_from(redis, live).await;
         }
-        let _ = self.redis.pipe::<()>(pipe).await;
-        // Only while it still names this session: a newer session of the
-        // same token (a takeover, on any node) may have written it since.
-        let index = self.redis.key(&["session-jti", &live.jti]);
-        let _ = self
-            .redis
-            .eval::<i64>(&DELETE_IF_SCRIPT, &[&index], &[&live.id])
-            .await;
     }
 
     /// Counts shadow session `shadow` on another node starting or ending
@@ -469,10 +468,8 @@ impl RedisRegistry {
         };
         let mut pipe = redis::pipe();
         self.publish_into(&mut pipe, &live);
-        let redis = self.redis.clone();
-        tokio::spawn(async move {
-            let _ = redis.pipe::<()>(pipe).await;
-        });
+        let (redis, local) = (self.redis.clone(), self.local.clone());
+        tokio::spawn(async move { Self::publish_again(&redis, &local, &live, pipe).await });
     }
 
     /// Every node's sessions, as their hashes say.
@@ -480,10 +477,8 @@ impl RedisRegistry {
         self.members(self.redis.key(&["sessions"])).await
     }
 
-    /// The key of the index of the sessions on the console at `address`
-    /// (`host:port`, [`ConsoleTarget::address`]).
     fn on_console(&self, address: &str) -> String {
-        self.redis.key(&["sessions-on", address])
+        on_console(&self.redis, address)
     }
 
     /// The sessions `sel` can name: those on its target (from their
@@ -584,6 +579,36 @@ fn matches(sel: &Selector, s: &LiveSession) -> bool {
             .target
             .as_ref()
             .is_none_or(|v| v == ConsoleTarget::address_in(&s.target))
+}
+
+/// The key of the index of the sessions on the console at `address`
+/// (`host:port`, [`ConsoleTarget::address`]).
+fn on_console(redis: &Redis, address: &str) -> String {
+    redis.key(&["sessions-on", address])
+}
+
+/// Deletes `live`'s entries (see [`RedisRegistry::unpublish`]).
+async fn unpublish_from(redis: &Redis, live: &LiveSession) {
+    let mut pipe = redis::pipe();
+    pipe.del(redis.key(&["session", &live.id]))
+        .ignore()
+        .srem(redis.key(&["sessions"]), &live.id)
+        .ignore()
+        .srem(
+            on_console(redis, ConsoleTarget::address_in(&live.target)),
+            &live.id,
+        )
+        .ignore();
+    if let Some(k) = &live.key {
+        pipe.del(redis.key(&["session-key", k])).ignore();
+    }
+    let _ = redis.pipe::<()>(pipe).await;
+    // Only while it still names this session: a newer session of the
+    // same token (a takeover, on any node) may have written it since.
+    let index = redis.key(&["session-jti", &live.jti]);
+    let _ = redis
+        .eval::<i64>(&DELETE_IF_SCRIPT, &[&index], &[&live.id])
+        .await;
 }
 
 impl super::Leases for RedisRegistry {
@@ -721,7 +746,9 @@ impl SessionRegistry for RedisRegistry {
         Box::pin(async move {
             if self.local.watched(id, delta) {
                 if let Some(live) = self.local.by_id(id) {
-                    self.publish_session(&live).await;
+                    let mut pipe = redis::pipe();
+                    self.publish_into(&mut pipe, &live);
+                    Self::publish_again(&self.redis, &self.local, &live, pipe).await;
                 }
                 return;
             }
