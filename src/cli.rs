@@ -488,9 +488,10 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
     init_tracing(log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        // First, so that a SIGTERM at any point of the start-up (binding,
-        // the demo VM) takes the one shutdown path instead of the signal's
-        // default action, which would leave a demo VM running without us.
+        // First, so that a SIGTERM or SIGHUP at any point of the start-up
+        // (binding, the demo VM) does not take the signal's default action,
+        // which would leave a demo VM running without us: SIGTERM takes the
+        // one shutdown path, an early SIGHUP is ignored.
         let shutdown = crate::shutdown::on_signals();
         let overrides = ListenOverrides {
             admin: o.admin_listen,
@@ -559,10 +560,11 @@ fn serve(config: Option<PathBuf>, o: Overrides, log_format: &str) -> anyhow::Res
                 None => None,
             }
         };
-        if let Some(dev) = &dev {
+        // Not for a gateway already told to stop.
+        if let Some(dev) = dev.as_ref().filter(|_| !shutdown.is_cancelled()) {
             print_dev_banner(&app, dev, admin_addr);
         }
-        if let Some(vm) = &demo {
+        if let Some(vm) = demo.as_ref().filter(|_| !shutdown.is_cancelled()) {
             print_demo_urls(&app, vm);
         }
         let result = app::run(std::sync::Arc::new(app), listeners, Some(metrics), shutdown).await;

@@ -4,8 +4,9 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Returns a token cancelled on SIGTERM or SIGINT. Must be called within
-/// the runtime.
+/// Returns a token cancelled on SIGTERM or SIGINT, and keeps SIGHUP from
+/// ending the process before the app listens for it (to reload). Must be
+/// called within the runtime.
 ///
 /// The handlers are installed here, before this returns (and before
 /// anything is served), not by the task that waits on them: a handler
@@ -27,6 +28,11 @@ pub fn on_signals() -> CancellationToken {
         };
         let term = listen(SignalKind::terminate(), "SIGTERM");
         let int = listen(SignalKind::interrupt(), "SIGINT");
+        // SIGHUP reloads, once the app listens for it. Until then (the
+        // start-up) its default action would end the process, leaving a
+        // demo VM behind: a stream made and dropped leaves tokio's handler
+        // installed for good, so an early SIGHUP is ignored instead.
+        drop(listen(SignalKind::hangup(), "SIGHUP"));
         // A signal that cannot be listened for, or whose stream ends,
         // never fires.
         async fn received(signal: Option<Signal>) {
@@ -76,6 +82,26 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), stop.cancelled())
                 .await
                 .expect("the token is cancelled by the SIGTERM");
+        });
+    }
+
+    #[test]
+    fn a_sighup_before_the_app_listens_for_reloads_is_ignored() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _stop = super::on_signals();
+            // Nothing listens for SIGHUP yet. Without a handler by now its
+            // default action ends this whole test process (signal 1).
+            let sent = std::process::Command::new("kill")
+                .args(["-HUP", &std::process::id().to_string()])
+                .status()
+                .expect("kill(1)");
+            assert!(sent.success());
+            // Delivered on this process's next return to user space.
+            tokio::time::sleep(Duration::from_millis(300)).await;
         });
     }
 }

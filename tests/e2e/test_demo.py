@@ -75,33 +75,14 @@ def test_the_demo_prints_console_urls_that_show_the_vm(tmp_path):
 
 
 def test_a_sigterm_while_the_demo_vm_starts_stops_porthole_and_its_vm(tmp_path):
-    """A SIGTERM during start-up (listeners bound, the demo VM starting)
-    takes the one shutdown path: Porthole exits 0 and its VM goes with it.
-    Before, the handler was installed only once the demo VM was up: the
-    signal's default action killed Porthole (exit by signal 15) and left
-    QEMU running with nobody to stop it."""
+    """A SIGTERM during start-up (listeners bound, the demo VM's QEMU
+    started but its console not yet up) takes the one shutdown path:
+    Porthole exits 0 and its VM goes with it. Before, the handler was
+    installed only once the demo VM was up: the signal's default action
+    killed Porthole (exit by signal 15) and left QEMU running with nobody
+    to stop it."""
     state = tmp_path / "state"
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [porthole_bin(), "serve", "--admin-listen", "127.0.0.1:0", "--public-listen", "127.0.0.1:0",
-             "--spice-listen", "127.0.0.1:0", "--vnc-listen", "127.0.0.1:0"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PORTHOLE_STATE_DIR": str(state)})
-    try:
-        # Logged once the listeners are bound, before the demo VM starts
-        # (which takes QEMU a good part of a second).
-        deadline = time.monotonic() + 60
-        while "porthole is up" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()
-        assert "SIGTERM: shutting down" in log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     # The demo VM's command line names a file in this test's state folder.
     marker = str(state / "demo-sercon-port.bin").encode()
 
@@ -114,7 +95,35 @@ def test_a_sigterm_while_the_demo_vm_starts_stops_porthole_and_its_vm(tmp_path):
             except OSError:
                 pass
         return found
-    deadline = time.monotonic() + 10
-    while demo_vms():
-        assert time.monotonic() < deadline, f"the demo VM outlived Porthole: {demo_vms()}"
-        time.sleep(0.2)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [porthole_bin(), "serve", "--admin-listen", "127.0.0.1:0", "--public-listen", "127.0.0.1:0",
+             "--spice-listen", "127.0.0.1:0", "--vnc-listen", "127.0.0.1:0"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PORTHOLE_STATE_DIR": str(state)})
+    try:
+        # QEMU runs, and its console is not up yet (that takes it a good
+        # part of a second): the start-up is under way.
+        deadline = time.monotonic() + 60
+        while not demo_vms():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"no demo VM started (is QEMU installed?):\n{log.read_text()}"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        text = log.read_text()
+        assert "SIGTERM: shutting down" in text, text
+        # Stopped before the VM was up: no console URLs were printed for it.
+        assert "screen (noVNC)" not in text, text
+        deadline = time.monotonic() + 10
+        while demo_vms():
+            assert time.monotonic() < deadline, f"the demo VM outlived Porthole: {demo_vms()}"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in demo_vms():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
