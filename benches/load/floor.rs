@@ -12,7 +12,7 @@
 //! assembly, no buffer but that one, no limits, no control frames (a client of the
 //! load tool sends none). It is not a proxy anyone should run: it is the
 //! measure of how far below relay+opts a relay of this machine's WebSocket
-//! uploads can go (benches/README.md, "The floor of a 64 KiB upload").
+//! uploads can go (benches/README.md, "The floor of a WebSocket upload").
 //!
 //! The downstream direction is the plain relay's: one read from the far side,
 //! one unmasked binary frame to the client.
@@ -72,8 +72,9 @@ pub(super) async fn serve(
         }
     };
     let down = async {
-        // Room for the longest header a 64 KiB read needs in front of it.
-        let mut buf = vec![0u8; 4 + 64 * 1024];
+        // A read of at most 65,535 bytes: its header (two bytes, or four
+        // with a 16-bit length) fits the four in front of it.
+        let mut buf = vec![0u8; 4 + usize::from(u16::MAX)];
         loop {
             let n = far_rd.read(&mut buf[4..]).await?;
             if n == 0 {
@@ -164,7 +165,7 @@ impl Frames {
                 return Some(at);
             }
             // Binary (2) or continuation (0), masked; anything else ends it.
-            if head[0] & 0x0f > 2 || head[1] & 0x80 == 0 {
+            if !matches!(head[0] & 0x0f, 0 | 2) || head[1] & 0x80 == 0 {
                 return None;
             }
             let (len, len_bytes) = match head[1] & 0x7f {
