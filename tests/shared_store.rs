@@ -1189,15 +1189,17 @@ async fn a_session_written_again_as_it_ends_does_not_come_back_as_a_ghost_on_its
     let con = connection(&server).await;
     both_nodes_subscribed(&con).await;
     let target = "127.0.0.1:5902";
-    // A shadow on node b starts on a session of node a, whose node writes
-    // the session again in the background (its watchers changed), and the
-    // session ends the moment node a has counted the shadow: its end's
-    // deletes and that write race to Redis (the test spins on its own
-    // thread while a worker of the runtime runs node a's write). Each
-    // time the write lands last, the ended session is back for a lease,
-    // on its console's index too, unless its node deletes it again.
+    // A shadow starts on a session of node a, whose node writes the session
+    // again (its watchers changed), and the session ends the moment node a
+    // has counted the shadow: its end's deletes and that write race to
+    // Redis (the test spins on its own thread while a worker of the
+    // runtime runs node a's write). Each time the write lands last, the
+    // ended session is back for a lease, on its console's index too,
+    // unless its node deletes it again. The shadow runs on node b (node a
+    // hears it on the command channel and writes in the background) or,
+    // every other time, on node a itself.
     let mut ended = Vec::new();
-    for i in 0..40 {
+    for i in 0..80 {
         let live = on_a
             .register(
                 NewSession {
@@ -1207,7 +1209,13 @@ async fn a_session_written_again_as_it_ends_does_not_come_back_as_a_ghost_on_its
                 CancellationToken::new(),
             )
             .await;
-        on_b.watched(&live.id, &format!("shadow-{i}"), 1).await;
+        let shadow = format!("shadow-{i}");
+        if i % 2 == 0 {
+            on_b.watched(&live.id, &shadow, 1).await;
+        } else {
+            let (on_a, id) = (on_a.clone(), live.id.clone());
+            tokio::spawn(async move { on_a.watched(&id, &shadow, 1).await });
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while live.watchers.load(Relaxed) == 0 {
             assert!(
