@@ -1563,11 +1563,7 @@ async fn run(full: bool, only: Option<&str>) {
         // between runs, for both proxies.
         let targets = [Target::Porthole, Target::RelayOpts];
         let (secs, repeats) = if full { (3.0, 5) } else { (0.3, 1) };
-        println!(
-            "\n## bulk rows (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
-        );
-        println!("| direction | clients | frame | porthole | relay+opts |");
-        println!("|---|---|---|---|---|");
+        throughput_table("bulk rows", repeats, &targets);
         throughput_rows(&s, &targets, throughput_grid(full), secs, repeats).await;
     }
     if only == Some("floor") || (only.is_none() && !full) {
@@ -1596,14 +1592,7 @@ async fn run(full: bool, only: Option<&str>) {
         } else {
             vec![(false, 1, 4096), (false, 1, 65536)]
         };
-        println!(
-            "\n## uploads against their floor (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
-        );
-        println!(
-            "| direction | clients | frame | {} |",
-            targets.map(Target::name).join(" | ")
-        );
-        println!("|---|---|---|{}", "---|".repeat(targets.len()));
+        throughput_table("uploads against their floor", repeats, &targets);
         throughput_rows(&s, &targets, grid, secs, repeats).await;
     }
     if only == Some("opens") {
@@ -1648,14 +1637,7 @@ async fn run(full: bool, only: Option<&str>) {
 async fn view_only_compare(s: &Arc<Setup>, full: bool) {
     let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
     let targets = [Target::Porthole, Target::PortholeViewOnly, Target::Relay];
-    println!(
-        "\n## view-only beside full sessions (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
-    );
-    println!(
-        "| direction | clients | frame | {} |",
-        targets.map(Target::name).join(" | ")
-    );
-    println!("|---|---|---|{}", "---|".repeat(targets.len()));
+    throughput_table("view-only beside full sessions", repeats, &targets);
     let grid: Vec<(bool, usize, usize)> = if full {
         [true, false]
             .into_iter()
@@ -1673,6 +1655,15 @@ async fn view_only_compare(s: &Arc<Setup>, full: bool) {
 
 /// What a throughput cell's two CPU figures are.
 const CPU_PAIR: &str = "proxy / machine (proxy + client + far side)";
+
+/// The title and head of a [`throughput_rows`] table: `what` it compares,
+/// one column per target.
+fn throughput_table(what: &str, repeats: usize, targets: &[Target]) {
+    println!("\n## {what} (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved");
+    let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
+    println!("| direction | clients | frame | {} |", names.join(" | "));
+    println!("|---|---|---|{}", "---|".repeat(targets.len()));
+}
 
 /// One table row per (direction, clients, frame) of `grid`: each target's
 /// median MB/s, proxy CPU s/GB and machine CPU s/GB over `repeats` runs,
@@ -1793,16 +1784,7 @@ async fn compare_proxies(s: &Arc<Setup>, full: bool, idle: bool) {
         idle_memory_table(s, &idle_targets, &idle_counts, full).await;
     }
 
-    println!("\n## throughput (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved");
-    println!(
-        "| direction | clients | frame | {} |",
-        targets
-            .iter()
-            .map(|t| t.name())
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    println!("|---|---|---|{}", "---|".repeat(targets.len()));
+    throughput_table("throughput", repeats, &targets);
     throughput_rows(s, &targets, throughput_grid(full), secs, repeats).await;
 
     println!("\n## round trip of a 32-byte message (µs, p50 / p99)");

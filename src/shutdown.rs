@@ -63,6 +63,15 @@ pub fn on_signals() -> CancellationToken {
 mod tests {
     use std::time::Duration;
 
+    /// Sends `signal` (kill(1)'s `-NAME`) to this test process.
+    fn signal_this_process(signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &std::process::id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(sent.success());
+    }
+
     #[test]
     fn a_sigterm_before_the_waiting_task_first_runs_shuts_down_instead_of_killing() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -74,11 +83,7 @@ mod tests {
             // The one thread has not yielded: the task that waits on the
             // signal has not run yet. Without a handler by now the default
             // action ends this whole test process (signal 15).
-            let sent = std::process::Command::new("kill")
-                .args(["-TERM", &std::process::id().to_string()])
-                .status()
-                .expect("kill(1)");
-            assert!(sent.success());
+            signal_this_process("-TERM");
             tokio::time::timeout(Duration::from_secs(10), stop.cancelled())
                 .await
                 .expect("the token is cancelled by the SIGTERM");
@@ -95,11 +100,7 @@ mod tests {
             let _stop = super::on_signals();
             // Nothing listens for SIGHUP yet. Without a handler by now its
             // default action ends this whole test process (signal 1).
-            let sent = std::process::Command::new("kill")
-                .args(["-HUP", &std::process::id().to_string()])
-                .status()
-                .expect("kill(1)");
-            assert!(sent.success());
+            signal_this_process("-HUP");
             // Delivered on this process's next return to user space.
             tokio::time::sleep(Duration::from_millis(300)).await;
         });

@@ -21,6 +21,7 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 
 use bytes::{Buf as _, BytesMut};
+use porthole::transport::ws_bypass::unmask;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -153,7 +154,8 @@ impl Frames {
                 if take == 0 {
                     return Some(at);
                 }
-                unmask(&mut buf[at..at + take], self.mask, self.phase);
+                // Porthole's own unmask.
+                unmask(&mut buf[at..at + take], self.mask, self.phase as u64);
                 runs.push((at, at + take));
                 self.phase = (self.phase + take) % 4;
                 self.left -= take as u64;
@@ -186,20 +188,6 @@ impl Frames {
             self.phase = 0;
             at += header;
         }
-    }
-}
-
-/// The same word-wide unmask as Porthole's, from `phase` bytes into a frame.
-fn unmask(piece: &mut [u8], mask: [u8; 4], phase: usize) {
-    let m: [u8; 4] = std::array::from_fn(|i| mask[(phase + i) % 4]);
-    let wide = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
-    let mut words = piece.chunks_exact_mut(8);
-    for word in &mut words {
-        let bytes: [u8; 8] = (&*word).try_into().expect("8 bytes");
-        word.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ wide).to_ne_bytes());
-    }
-    for (i, b) in words.into_remainder().iter_mut().enumerate() {
-        *b ^= m[i % 4];
     }
 }
 

@@ -161,14 +161,7 @@ fn fbs_payload(path: &Path) -> u64 {
 pub(super) async fn compare(s: &Arc<Setup>, full: bool) {
     let (secs, repeats) = if full { (3.0, 3) } else { (0.3, 1) };
     let targets = [Target::Porthole, Target::PortholeRecording];
-    println!(
-        "\n## recording off and on (MB/s; CPU s/GB: {CPU_PAIR}), median of {repeats}, runs interleaved"
-    );
-    println!(
-        "| direction | clients | frame | {} |",
-        targets.map(Target::name).join(" | ")
-    );
-    println!("|---|---|---|{}", "---|".repeat(targets.len()));
+    super::throughput_table("recording off and on", repeats, &targets);
     let grid: Vec<(bool, usize, usize)> = if full {
         [true, false]
             .into_iter()

@@ -288,7 +288,8 @@ impl Selector {
             && self.target.is_none()
     }
 
-    fn matches(&self, s: &LiveSession) -> bool {
+    /// Whether it names `s` (every registry filters with this).
+    pub(crate) fn matches(&self, s: &LiveSession) -> bool {
         self.id.as_ref().is_none_or(|v| *v == s.id)
             && self.instance.as_ref().is_none_or(|v| *v == s.instance)
             && self.jti.as_ref().is_none_or(|v| *v == s.jti)

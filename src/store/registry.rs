@@ -240,7 +240,7 @@ impl RedisRegistry {
         // Who else is on a console (`list` by target) reads this index, not
         // every session of the cluster. Each publish of a session on it
         // keeps it for a lease; ids whose session is gone are dropped when read.
-        let on = self.on_console(ConsoleTarget::address_in(&live.target));
+        let on = on_console(&self.redis, ConsoleTarget::address_in(&live.target));
         pipe.sadd(&on, &live.id)
             .ignore()
             .pexpire(&on, lease)
@@ -477,15 +477,11 @@ impl RedisRegistry {
         self.members(self.redis.key(&["sessions"])).await
     }
 
-    fn on_console(&self, address: &str) -> String {
-        on_console(&self.redis, address)
-    }
-
     /// The sessions `sel` can name: those on its target (from their
     /// index) when it has one, else all of them.
     async fn candidates(&self, sel: &Selector) -> Vec<(String, HashMap<String, String>)> {
         match &sel.target {
-            Some(target) => self.members(self.on_console(target)).await,
+            Some(target) => self.members(on_console(&self.redis, target)).await,
             None => self.all().await,
         }
     }
@@ -567,18 +563,6 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         // Another node's session records there.
         recording: Default::default(),
     })
-}
-
-fn matches(sel: &Selector, s: &LiveSession) -> bool {
-    sel.id.as_ref().is_none_or(|v| *v == s.id)
-        && sel.instance.as_ref().is_none_or(|v| *v == s.instance)
-        && sel.jti.as_ref().is_none_or(|v| *v == s.jti)
-        && sel.console.as_ref().is_none_or(|v| v == s.console.as_str())
-        && sel.client.is_none_or(|v| v == s.client)
-        && sel
-            .target
-            .as_ref()
-            .is_none_or(|v| v == ConsoleTarget::address_in(&s.target))
 }
 
 /// The key of the index of the sessions on the console at `address`
@@ -837,7 +821,7 @@ impl SessionRegistry for RedisRegistry {
                 .iter()
                 .filter_map(|(id, h)| {
                     let s = remote_session(id, h)?;
-                    matches(sel, &s).then(|| {
+                    sel.matches(&s).then(|| {
                         let mut v = s.view();
                         v.node = h.get("node").cloned().unwrap_or_default();
                         v
@@ -870,7 +854,7 @@ impl SessionRegistry for RedisRegistry {
                 .iter()
                 .filter(|(id, _)| !hit.iter().any(|h| &h.id == id))
                 .filter_map(|(id, h)| remote_session(id, h))
-                .filter(|s| matches(sel, s))
+                .filter(|s| sel.matches(s))
                 .map(|s| {
                     let _ = s.terminated.set(Termination {
                         by: by.to_string(),

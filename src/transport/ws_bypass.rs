@@ -624,7 +624,9 @@ impl<S> Bypass<S> {
 }
 
 /// Unmasks `piece`, which starts `at` bytes into its frame's payload.
-fn unmask(piece: &mut [u8], mask: [u8; 4], at: u64) {
+/// (Public for the load tool's floor relay, which must unmask as Porthole
+/// does.)
+pub fn unmask(piece: &mut [u8], mask: [u8; 4], at: u64) {
     let k = (at % 4) as usize;
     let m = [
         mask[k],
