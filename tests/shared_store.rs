@@ -92,6 +92,12 @@ const LEASE: Duration = Duration::from_secs(2);
 
 /// A node's stores, once they know the store (its epoch).
 async fn node(server: &RedisServer, name: &str) -> Node {
+    node_renewing(server, name, Duration::from_millis(500)).await
+}
+
+/// [`node`], renewing its leases every `renew` (a test that must see what
+/// a write left before a renewal writes it again renews never).
+async fn node_renewing(server: &RedisServer, name: &str, renew: Duration) -> Node {
     let config = StoreConfig {
         url: format!("redis://127.0.0.1:{}", server.port),
         username: None,
@@ -99,7 +105,7 @@ async fn node(server: &RedisServer, name: &str) -> Node {
         key_prefix: "test:".into(),
         timeout: Duration::from_millis(500),
         lease: LEASE,
-        renew: Duration::from_millis(500),
+        renew,
     };
     let stop = CancellationToken::new();
     let redis = Redis::connect(&config, name, stop.clone()).unwrap();
@@ -1255,4 +1261,40 @@ async fn a_session_written_again_as_it_ends_does_not_come_back_as_a_ghost_on_its
         ..Selector::default()
     };
     assert!(on_b.list(&on_console).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_session_that_ends_after_its_takeover_leaves_the_newer_session_findable_by_its_token() {
+    use porthole::session::registry::SessionRegistry;
+    let server = RedisServer::start();
+    // No renewal during the test: what each node's writes and deletes
+    // left is what the test reads (a renewal would write it over).
+    let never = Duration::from_secs(3600);
+    let a = node_renewing(&server, "a", never).await;
+    let b = node_renewing(&server, "b", never).await;
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    // A client takes its console over on node b while its old session on
+    // node a still runs; a shadow's start then writes the old session
+    // again (any write of it would: its node's renewal too) before it
+    // ends.
+    let old = on_a
+        .register(new_session("owner"), CancellationToken::new())
+        .await;
+    let newer = on_b
+        .register(new_session("owner"), CancellationToken::new())
+        .await;
+    on_a.watched(&old.id, "shadow-of-old", 1).await;
+    on_a.deregister(&old).await;
+    // The newer session's page asks, through a node that does not run
+    // it, whether it is watched: its token names it, unwatched...
+    assert_eq!(
+        on_a.watchers_of("owner").await,
+        Ok(Some(0)),
+        "the old session's end took the newer session's place by its token"
+    );
+    // ...and once a shadow watches it, the page is told.
+    on_b.watched(&newer.id, "shadow-of-newer", 1).await;
+    assert_eq!(on_a.watchers_of("owner").await, Ok(Some(1)));
+    on_b.deregister(&newer).await;
+    assert_eq!(on_a.watchers_of("owner").await, Ok(None));
 }

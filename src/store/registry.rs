@@ -75,16 +75,6 @@ struct Ending {
     reason: String,
 }
 
-/// KEYS: key. ARGV: value. Deletes the key if it holds the value.
-const DELETE_IF: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
-static DELETE_IF_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(DELETE_IF));
-
 /// Every node's sessions.
 #[derive(Debug)]
 pub struct RedisRegistry {
@@ -246,9 +236,10 @@ impl RedisRegistry {
             .pexpire(&on, lease)
             .ignore();
         // A page asks by its token whether it is watched (`watchers_of`).
-        pipe.set(self.redis.key(&["session-jti", &live.jti]), &live.id)
+        let of_token = of_token(&self.redis, &live.jti);
+        pipe.sadd(&of_token, &live.id)
             .ignore()
-            .pexpire(self.redis.key(&["session-jti", &live.jti]), lease)
+            .pexpire(&of_token, lease)
             .ignore();
         if let Some(k) = &live.key {
             pipe.set(self.redis.key(&["session-key", k]), &live.id)
@@ -586,13 +577,18 @@ async fn unpublish_from(redis: &Redis, live: &LiveSession) {
     if let Some(k) = &live.key {
         pipe.del(redis.key(&["session-key", k])).ignore();
     }
+    // Its id only: a newer session of the same token (a takeover, on any
+    // node) keeps its own place in the index whatever order their writes
+    // and deletes reach Redis in.
+    pipe.srem(of_token(redis, &live.jti), &live.id).ignore();
     let _ = redis.pipe::<()>(pipe).await;
-    // Only while it still names this session: a newer session of the
-    // same token (a takeover, on any node) may have written it since.
-    let index = redis.key(&["session-jti", &live.jti]);
-    let _ = redis
-        .eval::<i64>(&DELETE_IF_SCRIPT, &[&index], &[&live.id])
-        .await;
+}
+
+/// The key of the index of the sessions of token `jti`: a set of ids, not
+/// one id, so that a session's late write and its delete cannot take the
+/// place of a newer session of the same token (a takeover).
+fn of_token(redis: &Redis, jti: &str) -> String {
+    redis.key(&["sessions-of", jti])
 }
 
 impl super::Leases for RedisRegistry {
@@ -796,20 +792,34 @@ impl SessionRegistry for RedisRegistry {
             if let Some(n) = self.local.watchers_of(jti) {
                 return Ok(Some(n));
             }
-            let mut get = redis::cmd("GET");
-            get.arg(self.redis.key(&["session-jti", jti]));
-            let Some(id) = self
-                .redis
-                .cmd::<Option<String>>(get)
-                .await
-                .map_err(|_| StoreUnanswered)?
-            else {
+            // The token's sessions, and the one a node of the version
+            // before names (one id under `session-jti`, during a rolling
+            // upgrade).
+            let mut pipe = redis::pipe();
+            pipe.smembers(of_token(&self.redis, jti))
+                .get(self.redis.key(&["session-jti", jti]));
+            let (mut ids, older): (Vec<String>, Option<String>) =
+                self.redis.pipe(pipe).await.map_err(|_| StoreUnanswered)?;
+            ids.extend(older);
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.is_empty() {
                 return Ok(None);
-            };
-            let mut hget = redis::cmd("HGET");
-            hget.arg(self.redis.key(&["session", &id])).arg("watchers");
-            let n: Option<String> = self.redis.cmd(hget).await.map_err(|_| StoreUnanswered)?;
-            Ok(Some(n.and_then(|n| n.parse().ok()).unwrap_or(0)))
+            }
+            // An id whose session is gone (its node died before it took it
+            // out) counts for nothing.
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.hget(self.redis.key(&["session", id]), "watchers");
+            }
+            let watchers: Vec<Option<String>> =
+                self.redis.pipe(pipe).await.map_err(|_| StoreUnanswered)?;
+            let live: Vec<u32> = watchers
+                .into_iter()
+                .flatten()
+                .map(|n| n.parse().unwrap_or(0))
+                .collect();
+            Ok((!live.is_empty()).then(|| live.iter().sum()))
         })
     }
 
