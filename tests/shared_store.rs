@@ -206,6 +206,35 @@ async fn connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     client.get_multiplexed_async_connection().await.unwrap()
 }
 
+/// Two nodes' session registries on one `redis-server`, both following
+/// the command channel, and a connection of the test's own to it.
+struct TwoNodes {
+    on_a: Arc<porthole::store::registry::RedisRegistry>,
+    on_b: Arc<porthole::store::registry::RedisRegistry>,
+    con: redis::aio::MultiplexedConnection,
+    /// Node a's stores (`stop` to kill it).
+    a: Node,
+    /// Node b's, kept with the test.
+    _b: Node,
+    server: RedisServer,
+}
+
+async fn two_nodes() -> TwoNodes {
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let con = connection(&server).await;
+    both_nodes_subscribed(&con).await;
+    TwoNodes {
+        on_a,
+        on_b,
+        con,
+        a,
+        _b: b,
+        server,
+    }
+}
+
 /// How many clients follow `channel`.
 async fn subscribers(con: &redis::aio::MultiplexedConnection, channel: &str) -> i64 {
     let (_, n): (String, i64) = redis::cmd("PUBSUB")
@@ -867,12 +896,9 @@ async fn after_redis_comes_back_empty_a_running_session_and_its_ticket_are_whole
 async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_from_any_node() {
     use porthole::session::registry::{NewSession, SessionRegistry};
     use std::sync::atomic::Ordering::Relaxed;
-    let server = RedisServer::start();
-    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
-    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
     // Both nodes follow the command channel before anything is said on it.
-    let con = connection(&server).await;
-    both_nodes_subscribed(&con).await;
+    let mut nodes = two_nodes().await;
+    let (on_a, on_b, con) = (&nodes.on_a, &nodes.on_b, nodes.con.clone());
     let live = on_a
         .register(
             NewSession {
@@ -923,7 +949,7 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     // A shadow whose start was never heard (the store was away) is counted
     // from its node's next renewal; once that node dies, its entry runs
     // out and it is no longer counted.
-    let c = node(&server, "c").await;
+    let c = node(&nodes.server, "c").await;
     let on_c = c.registry("node-c");
     on_c.register(shadow_of("shadow-c"), CancellationToken::new())
         .await;
@@ -997,8 +1023,7 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
     on_a.deregister(&live).await;
     assert_eq!(on_b.watchers_of("owner").await, Ok(None));
     // No store: a session elsewhere can be neither seen nor ruled out.
-    let mut server = server;
-    server.stop();
+    nodes.server.stop();
     assert_eq!(
         on_b.watchers_of("owner").await,
         Err(porthole::session::registry::StoreUnanswered)
@@ -1008,11 +1033,8 @@ async fn a_shadow_on_another_node_is_counted_where_its_session_runs_and_read_fro
 #[tokio::test]
 async fn a_serial_shadow_on_another_node_reads_the_output_through_the_store() {
     use porthole::session::registry::{NewSession, SessionRegistry};
-    let server = RedisServer::start();
-    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
-    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
-    let con = connection(&server).await;
-    both_nodes_subscribed(&con).await;
+    let nodes = two_nodes().await;
+    let (on_a, on_b, con) = (&nodes.on_a, &nodes.on_b, nodes.con.clone());
     let live = on_a
         .register(
             NewSession {
@@ -1084,11 +1106,8 @@ async fn hgetalls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
 #[tokio::test]
 async fn who_is_on_a_console_is_read_from_its_own_index_on_every_node_not_from_every_session() {
     use porthole::session::registry::{NewSession, Selector, SessionRegistry};
-    let server = RedisServer::start();
-    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
-    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
-    let mut con = connection(&server).await;
-    both_nodes_subscribed(&con).await;
+    let nodes = two_nodes().await;
+    let (on_a, on_b, mut con) = (&nodes.on_a, &nodes.on_b, nodes.con.clone());
     let on = |jti: &str, target: String| NewSession {
         target,
         ..new_session(jti)
@@ -1162,7 +1181,7 @@ async fn who_is_on_a_console_is_read_from_its_own_index_on_every_node_not_from_e
     let stays = on_b
         .register(on("stays", with_tls), CancellationToken::new())
         .await;
-    a.stop.cancel();
+    nodes.a.stop.cancel();
     eventually(
         "a dead node's session leaves the console's list",
         LEASE * 5,
@@ -1189,11 +1208,8 @@ async fn a_session_written_again_as_it_ends_does_not_come_back_as_a_ghost_on_its
     use porthole::session::registry::{NewSession, Selector, SessionRegistry};
     use redis::AsyncCommands;
     use std::sync::atomic::Ordering::Relaxed;
-    let server = RedisServer::start();
-    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
-    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
-    let con = connection(&server).await;
-    both_nodes_subscribed(&con).await;
+    let nodes = two_nodes().await;
+    let (on_a, on_b, con) = (&nodes.on_a, &nodes.on_b, nodes.con.clone());
     let target = "127.0.0.1:5902";
     // A shadow starts on a session of node a, whose node writes the session
     // again (its watchers changed), and the session ends the moment node a
