@@ -381,6 +381,10 @@ async fn rfb_none(far: &mut TcpStream) -> std::io::Result<()> {
 enum Target {
     Direct,
     Porthole,
+    /// The Porthole binary `PORTHOLE_BEFORE_BIN` names (a build of the
+    /// previous main), beside this one when it is set: before and after in
+    /// one run, samples interleaved (`-- floor`, `-- bulk`, `-- opens`).
+    PortholeBefore,
     /// Porthole with a view-only token (the same process).
     PortholeViewOnly,
     /// A Porthole of its own whose sessions are recorded.
@@ -408,6 +412,7 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Porthole => "porthole",
+            Target::PortholeBefore => "porthole before",
             Target::PortholeViewOnly => "porthole view-only",
             Target::PortholeRecording => "porthole recording",
             Target::PortholeNative => "porthole vnc-direct",
@@ -541,6 +546,8 @@ async fn ws_connect(
 struct Setup {
     far: SocketAddr,
     porthole: SocketAddr,
+    /// [`Target::PortholeBefore`]'s, when it runs.
+    before: Option<SocketAddr>,
     dir: PathBuf,
     /// Every relay variant's address.
     relays: std::collections::HashMap<Target, SocketAddr>,
@@ -568,6 +575,17 @@ impl Drop for Processes {
 }
 
 impl Setup {
+    /// `targets`, with [`Target::PortholeBefore`] after Porthole when it runs.
+    fn with_before(&self, targets: &[Target]) -> Vec<Target> {
+        let mut all = targets.to_vec();
+        if self.before.is_some()
+            && let Some(i) = all.iter().position(|t| *t == Target::Porthole)
+        {
+            all.insert(i + 1, Target::PortholeBefore);
+        }
+        all
+    }
+
     fn pid(&self, target: Target) -> Option<u32> {
         self.processes
             .0
@@ -616,6 +634,11 @@ impl Setup {
             Target::PortholeRecording => {
                 format!("ws://{}/vnc?token={}", self.recorded.public, self.token())
             }
+            Target::PortholeBefore => format!(
+                "ws://{}/vnc?token={}",
+                at.or(self.before).ok_or(std::io::ErrorKind::NotFound)?,
+                self.token()
+            ),
             Target::Relay | Target::RelayOpts | Target::Floor | Target::FloorFresh => {
                 format!("ws://{}/", at.unwrap_or(self.relays[&target]))
             }
@@ -1118,13 +1141,17 @@ impl Drop for Fresh {
 /// websockify) on a new address.
 fn fresh(s: &Setup, target: Target) -> Option<Fresh> {
     match target {
-        Target::Porthole | Target::PortholeNative => {
+        Target::Porthole | Target::PortholeNative | Target::PortholeBefore => {
             // A native connection keeps its place among those not yet
             // admitted until its handshake deadline (10 s): thousands are
             // opened within that.
             let places = "max_pending_connections = 100000\nmax_pending_per_address = 100000\n";
             let (public, _, vnc) = write_porthole_config_vnc(&s.dir, "fresh", places, "");
-            let child = start_porthole(&s.dir, "fresh", public);
+            let bin = match target {
+                Target::PortholeBefore => before_bin()?,
+                _ => porthole_bin(),
+            };
+            let child = start_porthole_bin(&bin, &s.dir, "fresh", public);
             Some(Fresh {
                 addr: public,
                 vnc: Some(vnc),
@@ -1352,8 +1379,23 @@ fn write_porthole_config_vnc(
 
 /// Starts Porthole with `dir/name.toml` and waits for its public listener.
 fn start_porthole(dir: &std::path::Path, name: &str, public: SocketAddr) -> Child {
+    start_porthole_bin(&porthole_bin(), dir, name, public)
+}
+
+/// The binary of [`Target::PortholeBefore`], if one is named.
+fn before_bin() -> Option<PathBuf> {
+    std::env::var_os("PORTHOLE_BEFORE_BIN").map(PathBuf::from)
+}
+
+/// [`start_porthole`] of the binary `bin`.
+fn start_porthole_bin(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+    public: SocketAddr,
+) -> Child {
     let log = dir.join(format!("{name}.stderr"));
-    let mut child = Command::new(porthole_bin())
+    let mut child = Command::new(bin)
         .args(["serve", "--config"])
         .arg(dir.join(format!("{name}.toml")))
         .env("PORTHOLE_LOG", "warn")
@@ -1368,7 +1410,7 @@ fn start_porthole(dir: &std::path::Path, name: &str, public: SocketAddr) -> Chil
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
                 "porthole {name} ({}) exited before listening ({status}):\n{}",
-                porthole_bin().display(),
+                bin.display(),
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
@@ -1416,6 +1458,14 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
         Target::Porthole,
         start_porthole(dir, "porthole", porthole_addr),
     ));
+    let before = before_bin().map(|bin| {
+        let (addr, _admin) = write_porthole_config(dir, "before", "");
+        processes.0.push((
+            Target::PortholeBefore,
+            start_porthole_bin(&bin, dir, "before", addr),
+        ));
+        addr
+    });
     let recorded = recording::Recorded::configure(dir);
     processes.0.push((
         Target::PortholeRecording,
@@ -1459,6 +1509,7 @@ async fn setup(dir: &std::path::Path, tokens: usize) -> Setup {
     Setup {
         far,
         porthole: porthole_addr,
+        before,
         dir: dir.to_path_buf(),
         relays,
         websockify,
@@ -1561,7 +1612,7 @@ async fn run(full: bool, only: Option<&str>) {
         // throughput grid, five interleaved samples each (about seven
         // minutes): one sample per row moves a one-client row by a third
         // between runs, for both proxies.
-        let targets = [Target::Porthole, Target::RelayOpts];
+        let targets = s.with_before(&[Target::Porthole, Target::RelayOpts]);
         let (secs, repeats) = if full { (3.0, 5) } else { (0.3, 1) };
         throughput_table("bulk rows", repeats, &targets);
         throughput_rows(&s, &targets, throughput_grid(full), secs, repeats).await;
@@ -1570,12 +1621,12 @@ async fn run(full: bool, only: Option<&str>) {
         // The upload rows through Porthole, relay+opts and the floor, five
         // interleaved samples each (about five minutes): how far below
         // relay+opts any relay of these uploads can go on this machine.
-        let targets = [
+        let targets = s.with_before(&[
             Target::Porthole,
             Target::RelayOpts,
             Target::Floor,
             Target::FloorFresh,
-        ];
+        ]);
         let (secs, repeats) = if full { (3.0, 5) } else { (0.3, 1) };
         // `LOAD_ROW=CLIENTS,FRAME` (bytes) keeps one row: for a profiler.
         let row: Option<(usize, usize)> = std::env::var("LOAD_ROW").ok().map(|r| {
@@ -1598,12 +1649,12 @@ async fn run(full: bool, only: Option<&str>) {
     if only == Some("opens") {
         // The session rate alone, five samples each: Porthole against the
         // relays with its socket options, with and without its token check.
-        let targets = [
+        let targets = s.with_before(&[
             Target::Porthole,
             Target::RelayOpts,
             Target::RelayJwt,
             Target::RelayJwtRfb,
-        ];
+        ]);
         let (repeats, secs) = if full { (5, 3.0) } else { (1, 0.3) };
         session_rate_table(&s, &targets, repeats, secs).await;
     }

@@ -74,6 +74,10 @@ const KEEP_RUN: usize = 32 * 1024;
 /// much is; a new one is taken below that.
 const MIN_READ: usize = 4 * 1024;
 
+/// What the stand-ins' buffer keeps while bytes arrive (a header is at
+/// most 14 bytes): a new one per frame was an allocation per message.
+const STAND_IN_ROOM: usize = 64;
+
 /// Most whole frames in one vectored write (two slices each).
 const FRAMES_PER_WRITE: usize = 32;
 
@@ -186,12 +190,18 @@ impl Bypassed {
     /// The payload of the next message whose stand-in tungstenite yielded
     /// (as an empty binary message), unless it is empty.
     pub fn take_message(&self) -> Option<Payload> {
+        let message = self.lock().inbound.pop_front();
+        message.filter(|p| !p.is_empty())
+    }
+
+    /// The client went quiet: the inbound queue, if the relay took it all,
+    /// is given back (kept while bytes arrive: a new one per message was an
+    /// allocation each).
+    fn quiet(&self) {
         let mut shared = self.lock();
-        let message = shared.inbound.pop_front();
         if shared.inbound.is_empty() {
             shared.inbound = VecDeque::new();
         }
-        message.filter(|p| !p.is_empty())
     }
 
     /// Queues `payload` as one binary message to the client. It is written
@@ -407,10 +417,13 @@ pub struct Bypass<S> {
     raw: BytesMut,
     /// The size of the next read buffer (see [`READ_CHUNK_MAX`]).
     chunk: usize,
-    /// For tungstenite: one stand-in, or bytes of a frame passed on.
+    /// For tungstenite: one stand-in, or bytes of a frame passed on. Kept
+    /// (small) while bytes arrive, given back when the client is quiet.
     ready: BytesMut,
     reading: Reading,
     message: Message,
+    /// The relay [started](Bypassed::start) (seen once, never undone).
+    started: bool,
 }
 
 impl<S> Bypass<S> {
@@ -426,7 +439,15 @@ impl<S> Bypass<S> {
             ready: BytesMut::new(),
             reading: Reading::Header,
             message: Message::None,
+            started: false,
         }
+    }
+
+    fn started(&mut self) -> bool {
+        if !self.started {
+            self.started = self.shared.started();
+        }
+        self.started
     }
 
     /// Looks at what was read until something is ready for tungstenite
@@ -473,12 +494,16 @@ impl<S> Bypass<S> {
                         .raw
                         .len()
                         .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let left = left - n as u64;
+                    // A message's last piece ends it in the same call.
+                    let last = fin && left == 0;
                     if n > 0 {
                         let mut piece = self.raw.split_to(n);
                         unmask(&mut piece, mask, at);
-                        self.shared.push_inbound(piece, false);
+                        self.shared.push_inbound(piece, last);
+                    } else if last {
+                        self.shared.push_inbound(BytesMut::new(), true);
                     }
-                    let left = left - n as u64;
                     if left > 0 {
                         self.reading = Reading::Take {
                             left,
@@ -488,9 +513,6 @@ impl<S> Bypass<S> {
                             mask,
                         };
                         return false;
-                    }
-                    if fin {
-                        self.shared.push_inbound(BytesMut::new(), true);
                     }
                     let stand_in = FrameHeader {
                         is_final: fin,
@@ -539,7 +561,7 @@ impl<S> Bypass<S> {
         };
         match (data, self.message) {
             (Data::Binary, Message::None) | (Data::Continue, Message::Taken(_))
-                if clean && self.shared.started() =>
+                if clean && self.started() =>
             {
                 let before = match self.message {
                     Message::Taken(n) => n,
@@ -580,7 +602,7 @@ impl<S> Bypass<S> {
             // Before the start, a frame no handshake sends: refused as over
             // the frame limit, as tungstenite refuses one (1009).
             (Data::Binary | Data::Text, Message::None) | (Data::Continue, Message::Passed)
-                if clean && !self.shared.started() && len > self.limits.handshake_frame =>
+                if clean && !self.started() && len > self.limits.handshake_frame =>
             {
                 let mut too_long = header.clone();
                 too_long.is_final = fin;
@@ -615,11 +637,14 @@ impl<S> Bypass<S> {
     }
 
     fn put_header(&mut self, header: &FrameHeader, len: u64) {
-        let mut bytes = Vec::with_capacity(14);
+        // At most 14 bytes: 2, an extended length of 8, a mask of 4.
+        let mut bytes = [0u8; 14];
+        let mut rest = &mut bytes[..];
         header
-            .format(len, &mut bytes)
-            .expect("a header formats into a Vec");
-        self.ready.extend_from_slice(&bytes);
+            .format(len, &mut rest)
+            .expect("a header fits in 14 bytes");
+        let n = 14 - rest.len();
+        self.ready.extend_from_slice(&bytes[..n]);
     }
 }
 
@@ -681,7 +706,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bypass<S> {
                 let n = this.ready.len().min(out.remaining());
                 out.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
-                if this.ready.is_empty() {
+                if this.ready.is_empty() && this.ready.capacity() > STAND_IN_ROOM {
+                    // A frame passed on: not kept.
                     this.ready = BytesMut::new();
                 }
                 return Poll::Ready(Ok(()));
@@ -701,6 +727,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bypass<S> {
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.raw) {
                 Poll::Pending => {
                     this.chunk = READ_CHUNK;
+                    if this.ready.is_empty() {
+                        this.ready = BytesMut::new();
+                    }
+                    this.shared.quiet();
                     // Quiet: give the buffer back (a partial header moves
                     // to one of its size), unless a payload is coming into
                     // it: the pieces already taken share it, and the next
