@@ -419,6 +419,88 @@ def test_a_raw_rfb_client_with_a_pyjwt_view_only_token_moves_nothing(porthole, p
         com1.close()
 
 
+# The extended clipboard (RFB's registered pseudo-encoding 0xC0A1E5CE): a
+# ServerCutText or ClientCutText with a negative length carries flags, then
+# (for PROVIDE) the zlib-deflated text.
+EXTENDED_CLIPBOARD = -0x3F5E1A32
+CLIP_TEXT, CLIP_CAPS, CLIP_REQUEST, CLIP_NOTIFY, CLIP_PROVIDE = 1, 1 << 24, 1 << 25, 1 << 27, 1 << 28
+
+
+def server_cut_texts(viewer, within):
+    """The extended ServerCutText messages QEMU sends `viewer` for `within`
+    seconds, as (flags, text or None). The viewer asked for no pixels: the
+    only other message is a DesktopSize update (no pixels either), which
+    QEMU sends once it is announced."""
+    import zlib
+    got, deadline = [], time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            head = viewer.read(4, timeout=max(deadline - time.monotonic(), 0.01))
+        except TimeoutError:
+            break
+        if head[0] == 0:
+            for _ in range(struct.unpack(">H", head[2:])[0]):
+                rect = viewer.read(12)
+                assert struct.unpack(">i", rect[8:])[0] == -223, f"a rectangle with pixels: {rect.hex()}"
+            continue
+        head += viewer.read(4)
+        kind, length = head[0], struct.unpack(">i", head[4:8])[0]
+        assert kind == 3 and length < 0, f"not an extended ServerCutText: {head.hex()}"
+        body = viewer.read(-length)
+        flags = struct.unpack(">I", body[:4])[0]
+        text = None
+        if flags & CLIP_PROVIDE and not flags & CLIP_CAPS:  # caps list actions it takes
+            data = zlib.decompress(body[4:])
+            text = data[4:4 + struct.unpack(">I", data[:4])[0]]
+        got.append((flags, text))
+    return got
+
+
+@pytest.mark.parametrize("view_only", [True, False], ids=["view_only", "full"])
+def test_the_guests_clipboard_reaches_a_full_vnc_client_and_never_a_view_only_one(porthole, vm, view_only):
+    """A viewer straight on QEMU's display sets its clipboard. A client
+    through Porthole that announced the extended clipboard is told the
+    clipboard changed (QEMU sends that to every client that announced it)
+    and asks for the text: a full session gets it; a view-only one never
+    does, since QEMU sends the text only in answer to that request, a
+    ClientCutText, which Porthole drops (counted)."""
+    secret = f"clipboard-{os.getpid()}-{time.time_ns()}".encode()
+    owner = Rfb(sock=socket.create_connection(("127.0.0.1", vm.vnc_port), timeout=10))
+    owner.handshake(shared=True)
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "e2e-vm", "iat": now, "nbf": now, "exp": now + 120,
+              "jti": f"clipboard-{view_only}-{now}-{os.getpid()}", "ver": 1,
+              "console": {"type": "novnc", "host": "127.0.0.1", "port": vm.vnc_port, "view_only": view_only}}
+    token = jwt.encode(claims, porthole.key.signing_key(), algorithm="EdDSA", headers={"kid": porthole.key.kid})
+    leak_check.remember(token)
+    client = Rfb(ws=connect(f"ws://127.0.0.1:{porthole.public_port}/vnc?token={token}", open_timeout=10,
+                            max_size=None))
+    try:
+        client.handshake(shared=True)
+        client.send(struct.pack(">BxHiii", 2, 3, 0, -223, EXTENDED_CLIPBOARD))
+        # QEMU answers the announcement with its capabilities.
+        caps = server_cut_texts(client, within=3)
+        assert [f & CLIP_CAPS for f, _ in caps] == [CLIP_CAPS], caps
+
+        owner.send(struct.pack(">BxxxI", 6, len(secret)) + secret)
+        told = server_cut_texts(client, within=3)
+        assert [(f & (CLIP_NOTIFY | CLIP_TEXT), t) for f, t in told] == [(CLIP_NOTIFY | CLIP_TEXT, None)], told
+
+        client.send(struct.pack(">Bxxxi", 6, -4) + struct.pack(">I", CLIP_REQUEST | CLIP_TEXT))
+        answered = server_cut_texts(client, within=3)
+        texts = [t for _, t in answered if t is not None]
+        if view_only:
+            assert texts == [], "the guest's clipboard reached a view-only client"
+            wait_for(lambda: dropped(porthole, "rfb", "client_cut_text") == 1,
+                     f"the request was not counted as dropped: {porthole.metrics()}", within=10)
+        else:
+            assert len(texts) == 1 and texts[0].rstrip(b"\0") == secret, answered
+        assert dropped(porthole, "rfb") == (1 if view_only else 0)
+    finally:
+        client.close()
+        owner.close()
+
+
 # --- 3: serial ---------------------------------------------------------------
 
 @pytest.mark.parametrize("view_only", [True, False], ids=["view_only", "full"])
