@@ -1308,9 +1308,28 @@ async fn a_session_that_ends_after_its_takeover_leaves_the_newer_session_findabl
         Ok(Some(0)),
         "the old session's end took the newer session's place by its token"
     );
-    // ...and once a shadow watches it, the page is told.
+    // ...and once a shadow watches it, the page is told...
     on_b.watched(&newer.id, "shadow-of-newer", 1).await;
     assert_eq!(on_a.watchers_of("owner").await, Ok(Some(1)));
+    // ...also through a node that runs an unwatched session of the same
+    // token (a token may run several, on several nodes).
+    let here = on_a
+        .register(new_session("owner"), CancellationToken::new())
+        .await;
+    assert_eq!(on_a.watchers_of("owner").await, Ok(Some(1)));
+    on_a.deregister(&here).await;
     on_b.deregister(&newer).await;
     assert_eq!(on_a.watchers_of("owner").await, Ok(None));
+
+    // A session whose node died without taking it out of the token's set
+    // (its entry ran out) counts for nothing and is dropped from the set.
+    use redis::AsyncCommands;
+    let mut con = connection(&server).await;
+    let dead = on_b
+        .register(new_session("owner"), CancellationToken::new())
+        .await;
+    let _: () = con.del(format!("test:session:{}", dead.id)).await.unwrap();
+    assert_eq!(on_a.watchers_of("owner").await, Ok(None));
+    let left: Vec<String> = con.smembers("test:sessions-of:owner").await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -281,6 +281,57 @@ impl RedisRegistry {
         }
     }
 
+    /// How many shadows watch the sessions of token `jti` that other nodes
+    /// run (`mine` are this node's): `None` when the store knows none.
+    async fn watchers_elsewhere(
+        &self,
+        jti: &str,
+        mine: &[Arc<LiveSession>],
+    ) -> Result<Option<u32>, StoreUnanswered> {
+        // The token's sessions, and the one a node of the version before
+        // names (one id under `session-jti`; this read can go once no node
+        // of that version is left).
+        let of_token = of_token(&self.redis, jti);
+        let mut pipe = redis::pipe();
+        pipe.smembers(&of_token)
+            .get(self.redis.key(&["session-jti", jti]));
+        let (mut ids, older): (Vec<String>, Option<String>) =
+            self.redis.pipe(pipe).await.map_err(|_| StoreUnanswered)?;
+        ids.extend(older);
+        ids.retain(|id| !mine.iter().any(|s| &s.id == id));
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(self.redis.key(&["session", id]), "watchers");
+        }
+        let watchers: Vec<Option<String>> =
+            self.redis.pipe(pipe).await.map_err(|_| StoreUnanswered)?;
+        // An id whose session is gone (its node died before it took it
+        // out) counts for nothing, and leaves the set: the set lives as
+        // long as any session of the token renews it.
+        let gone: Vec<&String> = ids
+            .iter()
+            .zip(&watchers)
+            .filter(|(_, w)| w.is_none())
+            .map(|(id, _)| id)
+            .collect();
+        if !gone.is_empty() {
+            let mut srem = redis::cmd("SREM");
+            srem.arg(&of_token).arg(&gone);
+            let _ = self.redis.cmd::<i64>(srem).await;
+        }
+        let live: Vec<u32> = watchers
+            .into_iter()
+            .flatten()
+            .map(|n| n.parse().unwrap_or(0))
+            .collect();
+        Ok((!live.is_empty()).then(|| live.iter().sum()))
+    }
+
     /// Counts shadow session `shadow` on another node starting or ending
     /// (`starts`) on this node's session `id`, once each way however many
     /// times it is said. The first to start sends what a serial session
@@ -789,37 +840,18 @@ impl SessionRegistry for RedisRegistry {
         jti: &'a str,
     ) -> BoxFuture<'a, Result<Option<u32>, StoreUnanswered>> {
         Box::pin(async move {
-            if let Some(n) = self.local.watchers_of(jti) {
-                return Ok(Some(n));
+            // This node's sessions of the token count as they are now; the
+            // store adds those of other nodes (a token may run sessions on
+            // several). A store that does not answer leaves this node's
+            // count, if it runs any.
+            let mine = self.local.by_jti(jti);
+            let here = (!mine.is_empty())
+                .then(|| mine.iter().map(|s| s.watchers.load(Relaxed)).sum::<u32>());
+            match self.watchers_elsewhere(jti, &mine).await {
+                Ok(None) => Ok(here),
+                Ok(Some(n)) => Ok(Some(here.unwrap_or(0) + n)),
+                Err(e) => here.map(Some).ok_or(e),
             }
-            // The token's sessions, and the one a node of the version
-            // before names (one id under `session-jti`, during a rolling
-            // upgrade).
-            let mut pipe = redis::pipe();
-            pipe.smembers(of_token(&self.redis, jti))
-                .get(self.redis.key(&["session-jti", jti]));
-            let (mut ids, older): (Vec<String>, Option<String>) =
-                self.redis.pipe(pipe).await.map_err(|_| StoreUnanswered)?;
-            ids.extend(older);
-            ids.sort_unstable();
-            ids.dedup();
-            if ids.is_empty() {
-                return Ok(None);
-            }
-            // An id whose session is gone (its node died before it took it
-            // out) counts for nothing.
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.hget(self.redis.key(&["session", id]), "watchers");
-            }
-            let watchers: Vec<Option<String>> =
-                self.redis.pipe(pipe).await.map_err(|_| StoreUnanswered)?;
-            let live: Vec<u32> = watchers
-                .into_iter()
-                .flatten()
-                .map(|n| n.parse().unwrap_or(0))
-                .collect();
-            Ok((!live.is_empty()).then(|| live.iter().sum()))
         })
     }
 

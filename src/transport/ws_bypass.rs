@@ -74,10 +74,6 @@ const KEEP_RUN: usize = 32 * 1024;
 /// much is; a new one is taken below that.
 const MIN_READ: usize = 4 * 1024;
 
-/// What the stand-ins' buffer keeps while bytes arrive (a header is at
-/// most 14 bytes): a new one per frame was an allocation per message.
-const STAND_IN_ROOM: usize = 64;
-
 /// Most whole frames in one vectored write (two slices each).
 const FRAMES_PER_WRITE: usize = 32;
 
@@ -417,8 +413,13 @@ pub struct Bypass<S> {
     raw: BytesMut,
     /// The size of the next read buffer (see [`READ_CHUNK_MAX`]).
     chunk: usize,
-    /// For tungstenite: one stand-in, or bytes of a frame passed on. Kept
-    /// (small) while bytes arrive, given back when the client is quiet.
+    /// For tungstenite: a header of ours (a stand-in, or a frame refused
+    /// as too long), `head_len` bytes, `head_sent` of them handed over. In
+    /// place: a buffer per stand-in was an allocation per message.
+    head: [u8; 14],
+    head_len: u8,
+    head_sent: u8,
+    /// For tungstenite, after `head`: bytes of a frame passed on as it is.
     ready: BytesMut,
     reading: Reading,
     message: Message,
@@ -436,6 +437,9 @@ impl<S> Bypass<S> {
             limits,
             raw: BytesMut::new(),
             chunk: READ_CHUNK,
+            head: [0; 14],
+            head_len: 0,
+            head_sent: 0,
             ready: BytesMut::new(),
             reading: Reading::Header,
             message: Message::None,
@@ -636,15 +640,19 @@ impl<S> Bypass<S> {
         true
     }
 
+    /// Hands tungstenite a header of ours: nothing else is ready when one
+    /// is made, so it goes before what `ready` gets next.
     fn put_header(&mut self, header: &FrameHeader, len: u64) {
         // At most 14 bytes: 2, an extended length of 8, a mask of 4.
-        let mut bytes = [0u8; 14];
-        let mut rest = &mut bytes[..];
-        header
-            .format(len, &mut rest)
-            .expect("a header fits in 14 bytes");
-        let n = 14 - rest.len();
-        self.ready.extend_from_slice(&bytes[..n]);
+        let left = {
+            let mut rest = &mut self.head[..];
+            header
+                .format(len, &mut rest)
+                .expect("a header fits in 14 bytes");
+            rest.len()
+        };
+        self.head_len = (self.head.len() - left) as u8;
+        self.head_sent = 0;
     }
 }
 
@@ -702,12 +710,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bypass<S> {
         loop {
             // What is ready goes out alone: the next frame is looked at only
             // once tungstenite has this one (see the module's documentation).
+            if this.head_sent < this.head_len {
+                let head = &this.head[usize::from(this.head_sent)..usize::from(this.head_len)];
+                let n = head.len().min(out.remaining());
+                out.put_slice(&head[..n]);
+                this.head_sent += n as u8;
+                return Poll::Ready(Ok(()));
+            }
             if !this.ready.is_empty() {
                 let n = this.ready.len().min(out.remaining());
                 out.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
-                if this.ready.is_empty() && this.ready.capacity() > STAND_IN_ROOM {
-                    // A frame passed on: not kept.
+                if this.ready.is_empty() {
                     this.ready = BytesMut::new();
                 }
                 return Poll::Ready(Ok(()));
@@ -727,9 +741,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bypass<S> {
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.raw) {
                 Poll::Pending => {
                     this.chunk = READ_CHUNK;
-                    if this.ready.is_empty() {
-                        this.ready = BytesMut::new();
-                    }
                     this.shared.quiet();
                     // Quiet: give the buffer back (a partial header moves
                     // to one of its size), unless a payload is coming into
