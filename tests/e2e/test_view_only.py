@@ -297,13 +297,13 @@ def test_novnc_keys_open_the_boot_menu_only_in_a_full_session(porthole, paused_v
 
 # --- 2: a raw RFB client ---------------------------------------------------------
 
-def view_only_jwt(p, vm):
+def view_only_jwt(p, vm, view_only=True):
     """A view-only token made with PyJWT, not Porthole's CLI: an issuer's own
-    code puts "view_only": true in the console object."""
+    code puts "view_only": true in the console object (false: a full one)."""
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "e2e-vm", "iat": now, "nbf": now, "exp": now + 120,
-              "jti": f"view-only-{now}-{os.getpid()}", "ver": 1,
-              "console": {"type": "novnc", "host": "127.0.0.1", "port": vm.vnc_port, "view_only": True}}
+              "jti": f"view-only-{view_only}-{now}-{os.getpid()}", "ver": 1,
+              "console": {"type": "novnc", "host": "127.0.0.1", "port": vm.vnc_port, "view_only": view_only}}
     token = jwt.encode(claims, p.key.signing_key(), algorithm="EdDSA", headers={"kid": p.key.kid})
     leak_check.remember(token)
     return token
@@ -467,12 +467,7 @@ def test_the_guests_clipboard_reaches_a_full_vnc_client_and_never_a_view_only_on
     secret = f"clipboard-{os.getpid()}-{time.time_ns()}".encode()
     owner = Rfb(sock=socket.create_connection(("127.0.0.1", vm.vnc_port), timeout=10))
     owner.handshake(shared=True)
-    now = int(time.time())
-    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "e2e-vm", "iat": now, "nbf": now, "exp": now + 120,
-              "jti": f"clipboard-{view_only}-{now}-{os.getpid()}", "ver": 1,
-              "console": {"type": "novnc", "host": "127.0.0.1", "port": vm.vnc_port, "view_only": view_only}}
-    token = jwt.encode(claims, porthole.key.signing_key(), algorithm="EdDSA", headers={"kid": porthole.key.kid})
-    leak_check.remember(token)
+    token = view_only_jwt(porthole, vm, view_only)
     client = Rfb(ws=connect(f"ws://127.0.0.1:{porthole.public_port}/vnc?token={token}", open_timeout=10,
                             max_size=None))
     try:
