@@ -397,8 +397,7 @@ impl Registry {
     /// How many shadows watch this node's sessions of token `jti`; `None`
     /// when none of them runs here.
     pub fn watchers_of(&self, jti: &str) -> Option<u32> {
-        let mine = self.by_jti(jti);
-        (!mine.is_empty()).then(|| mine.iter().map(|s| s.watchers.load(Relaxed)).sum())
+        watchers_of_sessions(&self.by_jti(jti))
     }
 
     /// What this node's serial session `id` reads, for a shadow here.
@@ -618,6 +617,11 @@ impl SessionRegistry for Registry {
             self, sel, by, reason,
         )))
     }
+}
+
+/// How many shadows watch `sessions` (a token's); `None` when there are none.
+pub fn watchers_of_sessions(sessions: &[Arc<LiveSession>]) -> Option<u32> {
+    (!sessions.is_empty()).then(|| sessions.iter().map(|s| s.watchers.load(Relaxed)).sum())
 }
 
 #[cfg(test)]

@@ -845,8 +845,7 @@ impl SessionRegistry for RedisRegistry {
             // several). A store that does not answer leaves this node's
             // count, if it runs any.
             let mine = self.local.by_jti(jti);
-            let here = (!mine.is_empty())
-                .then(|| mine.iter().map(|s| s.watchers.load(Relaxed)).sum::<u32>());
+            let here = crate::session::registry::watchers_of_sessions(&mine);
             match self.watchers_elsewhere(jti, &mine).await {
                 Ok(None) => Ok(here),
                 Ok(Some(n)) => Ok(Some(here.unwrap_or(0) + n)),
