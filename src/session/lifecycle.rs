@@ -118,14 +118,15 @@ impl Lifecycle {
         self.guards.push(guards);
     }
 
-    /// Ends the session for `outcome`: releases what it holds, removes its
-    /// registry entry, and writes the end (audit event, metrics, log line).
-    /// `traffic` is the bytes of the connection that carried the session.
+    /// Ends the session for `outcome`: writes the end (audit event,
+    /// metrics, log line), releases what it holds and removes its registry
+    /// entry. `traffic` is the bytes of the connection that carried the
+    /// session.
     pub async fn finish(mut self, outcome: &'static str, traffic: Traffic) {
         self.finished = true;
-        for g in std::mem::take(&mut self.guards) {
-            g.release().await;
-        }
+        // The end is written before the token is given back: a takeover's
+        // newer session (on any node) waits for that release, so the audit
+        // trail has the old session's end before the new one's start.
         let live = &self.live;
         let secs = self.started.elapsed().as_secs_f64();
         let terminated = live.terminated.get();
@@ -150,6 +151,9 @@ impl Lifecycle {
                 "session ended"
             );
         });
+        for g in std::mem::take(&mut self.guards) {
+            g.release().await;
+        }
         self.registry.deregister(live).await;
         if let Some(id) = &live.shadow_of {
             self.registry.watched(id, &live.id, -1).await;
