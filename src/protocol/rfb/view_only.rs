@@ -12,6 +12,15 @@
 //! events, audio). RFB has no reply to any of them a client waits for, so
 //! the client goes on as if the server ignored it.
 //!
+//! SetEncodings goes with one change: the extended clipboard
+//! pseudo-encoding is replaced by [`NOT_AN_ENCODING`], which servers
+//! ignore (QEMU's `set_encodings` skips a value it does not know). A client
+//! that announces the extended clipboard is told of every change to the
+//! guest's clipboard and its formats; QEMU sends the text itself only in
+//! answer to a ClientCutText, which is dropped, so the notices are all a
+//! view-only client could get. Replacing the value in place keeps the
+//! message's length, so it still streams.
+//!
 //! A message type the filter cannot frame (one no real client sends to
 //! QEMU) ends the client's side: past it the stream has no boundaries.
 //! Only a message's first bytes are held (20 at most); the rest of a
@@ -43,6 +52,23 @@ pub mod kind {
     pub const SET_DESKTOP_SIZE: u8 = 251;
     /// QEMU's client message: subtype 0 extended key event, 1 audio.
     pub const QEMU: u8 = 255;
+}
+
+/// The extended clipboard pseudo-encoding (0xC0A1E5CE in the registry).
+pub const EXTENDED_CLIPBOARD: [u8; 4] = 0xC0A1_E5CE_u32.to_be_bytes();
+
+/// What a view-only client's SetEncodings carries in the extended
+/// clipboard's place: "Port" in ASCII, a value no encoding registers and
+/// a capture shows for what it is.
+pub const NOT_AN_ENCODING: [u8; 4] = *b"Port";
+
+/// Replaces the extended clipboard in `encodings`, whole 4-byte values.
+fn without_clipboard(encodings: &mut [u8]) {
+    for e in encodings.chunks_exact_mut(4) {
+        if *e == EXTENDED_CLIPBOARD {
+            e.copy_from_slice(&NOT_AN_ENCODING);
+        }
+    }
 }
 
 /// A fence's payload is at most 64 bytes (the Fence extension).
@@ -141,6 +167,9 @@ enum State {
     Pass(u64),
     /// Skipping this many more bytes of a dropped message.
     Skip(u64),
+    /// Passing this many more bytes of SetEncodings' list, a whole value
+    /// at a time (a part of one waits in `held`).
+    Encodings(u64),
 }
 
 /// A view-only client's stream after ClientInit.
@@ -182,7 +211,11 @@ impl ViewOnly {
             {
                 // A whole message at the start of `data`: no holding.
                 if keep {
+                    let at = out.forward.len();
                     out.forward.extend_from_slice(&data[..n]);
+                    if data[0] == kind::SET_ENCODINGS {
+                        without_clipboard(&mut out.forward[at + 4..]);
+                    }
                 } else {
                     out.dropped.push(name);
                 }
@@ -203,6 +236,32 @@ impl ViewOnly {
                         _ => State::Skip(left),
                     };
                 }
+                State::Encodings(left) => {
+                    let n = data.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let mut list = &data[..n];
+                    data = &data[n..];
+                    let left = left - n as u64;
+                    self.state = match left {
+                        0 => State::Head(1),
+                        _ => State::Encodings(left),
+                    };
+                    if !self.held.is_empty() {
+                        let k = (4 - self.held.len()).min(list.len());
+                        self.held.extend_from_slice(&list[..k]);
+                        list = &list[k..];
+                        if self.held.len() < 4 {
+                            continue;
+                        }
+                        without_clipboard(&mut self.held);
+                        out.forward.append(&mut self.held);
+                    }
+                    // The list is whole values, so at its end nothing is held.
+                    let whole = list.len() - list.len() % 4;
+                    let at = out.forward.len();
+                    out.forward.extend_from_slice(&list[..whole]);
+                    without_clipboard(&mut out.forward[at..]);
+                    self.held.extend_from_slice(&list[whole..]);
+                }
                 State::Head(need) => {
                     let n = (need - self.held.len()).min(data.len());
                     self.held.extend_from_slice(&data[..n]);
@@ -214,6 +273,7 @@ impl ViewOnly {
                         Ok(Framed::Need(more)) => self.state = State::Head(more),
                         Ok(Framed::Whole { len, keep, name }) => {
                             let rest = len - self.held.len() as u64;
+                            let encodings = self.held[0] == kind::SET_ENCODINGS;
                             if keep {
                                 out.forward.append(&mut self.held);
                             } else {
@@ -222,6 +282,7 @@ impl ViewOnly {
                             }
                             self.state = match rest {
                                 0 => State::Head(1),
+                                _ if encodings => State::Encodings(rest),
                                 _ if keep => State::Pass(rest),
                                 _ => State::Skip(rest),
                             };
@@ -348,6 +409,31 @@ mod tests {
             assert_eq!(refused, None, "{cuts:?}");
             assert_eq!(sent, expect_sent, "{cuts:?}");
             assert_eq!(dropped, names, "{cuts:?}");
+        }
+    }
+
+    #[test]
+    fn set_encodings_goes_without_the_extended_clipboard_in_every_split() {
+        let stream = hex("
+            # SetEncodings, 4: Tight (7), the extended clipboard (0xc0a1e5ce),
+            # a value whose bytes straddle it (0000c0a1 e5ce0000 are two
+            # values, neither of them it), the QEMU extended key event (-258)
+            02 00 0005  00000007  c0a1e5ce  0000c0a1 e5ce0000  fffffefe
+            # ClientFence whose payload holds the same bytes: passed as it is
+            f8 000000 80000000 04 c0a1e5ce
+            # SetEncodings, 1: the extended clipboard alone
+            02 00 0001  c0a1e5ce
+        ");
+        let expect = hex("
+            02 00 0005  00000007  506f7274  0000c0a1 e5ce0000  fffffefe
+            f8 000000 80000000 04 c0a1e5ce
+            02 00 0001  506f7274
+        ");
+        for cuts in splits(stream.len()) {
+            let (sent, dropped, refused) = run(&stream, &cuts);
+            assert_eq!(refused, None, "{cuts:?}");
+            assert!(dropped.is_empty(), "{cuts:?}");
+            assert_eq!(sent, expect, "{cuts:?}");
         }
     }
 
