@@ -177,8 +177,9 @@ pub fn session_started(s: &SessionRecord<'_>) {
     AuditEvent::new("session_started").session(s).emit();
 }
 
-/// A session ended.
-pub fn session_ended(s: &SessionRecord<'_>, end: &SessionOutcome<'_>) {
+/// A session ended: the event, stamped now, for its caller to emit.
+#[must_use = "the event is stamped now and emitted by the caller"]
+pub fn session_ended(s: &SessionRecord<'_>, end: &SessionOutcome<'_>) -> AuditEvent {
     let mut e = AuditEvent::new("session_ended")
         .session(s)
         .field("outcome", Some(end.outcome))
@@ -190,7 +191,7 @@ pub fn session_ended(s: &SessionRecord<'_>, end: &SessionOutcome<'_>) {
             .field("terminated_by", Some(by))
             .field("reason", Some(reason));
     }
-    e.emit();
+    e
 }
 
 /// A request, token or handshake was refused (rate-limited with the refusal log).

@@ -118,20 +118,21 @@ impl Lifecycle {
         self.guards.push(guards);
     }
 
-    /// Ends the session for `outcome`: writes the end (audit event,
-    /// metrics, log line), releases what it holds and removes its registry
-    /// entry. `traffic` is the bytes of the connection that carried the
-    /// session.
+    /// Ends the session for `outcome`: releases what it holds, writes the
+    /// end (audit event, metrics, log line) and removes its registry entry.
+    /// `traffic` is the bytes of the connection that carried the session.
     pub async fn finish(mut self, outcome: &'static str, traffic: Traffic) {
         self.finished = true;
-        // The end is written before the token is given back: a takeover's
-        // newer session (on any node) waits for that release, so the audit
-        // trail has the old session's end before the new one's start.
+        // The end is stamped before the token is given back (a takeover's
+        // newer session, on any node, waits for that release, so the old
+        // session's end is stamped before the new one's start) and written
+        // after it (whoever sees the end may use the token, the counts and
+        // the console at once).
         let live = &self.live;
         let secs = self.started.elapsed().as_secs_f64();
         let terminated = live.terminated.get();
         let counters = &live.bytes;
-        crate::audit::session_ended(
+        let end = crate::audit::session_ended(
             &live.record(),
             &crate::audit::SessionOutcome {
                 outcome,
@@ -141,6 +142,10 @@ impl Lifecycle {
                 terminated: terminated.map(|t| (t.by.as_str(), t.reason.as_str())),
             },
         );
+        for g in std::mem::take(&mut self.guards) {
+            g.release().await;
+        }
+        end.emit();
         let console = live.console.as_str();
         crate::metrics::session_ended(console, outcome);
         crate::metrics::bytes_relayed(console, traffic.up, traffic.down);
@@ -151,9 +156,6 @@ impl Lifecycle {
                 "session ended"
             );
         });
-        for g in std::mem::take(&mut self.guards) {
-            g.release().await;
-        }
         self.registry.deregister(live).await;
         if let Some(id) = &live.shadow_of {
             self.registry.watched(id, &live.id, -1).await;
