@@ -23,8 +23,9 @@
 //!
 //! A message type the filter cannot frame (one no real client sends to
 //! QEMU) ends the client's side: past it the stream has no boundaries.
-//! Only a message's first bytes are held (20 at most); the rest of a
-//! message streams, or is skipped, as it arrives.
+//! Only a message's first bytes are held (20 at most), or a part of one
+//! encoding's value; the rest of a message streams, or is skipped, as it
+//! arrives.
 
 use crate::protocol::client_filter::{Checked, Refused};
 
@@ -176,7 +177,8 @@ enum State {
 #[derive(Debug)]
 pub struct ViewOnly {
     state: State,
-    /// The message's first bytes, while they decide its length.
+    /// The message's first bytes, while they decide its length; in
+    /// SetEncodings' list, the part of a value read so far.
     held: Vec<u8>,
 }
 
@@ -311,17 +313,20 @@ pub fn fuzz_view_only(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
+    let whole = ViewOnly::new().check(rest);
     let mut filter = ViewOnly::new();
-    let mut forwarded = 0usize;
+    let mut forwarded = Vec::new();
     for chunk in rest.chunks(usize::from(first % 31) + 1) {
-        let checked = filter.check(chunk);
-        forwarded += checked.forward.len();
-        assert!(forwarded <= rest.len(), "forwards only what came in");
+        let mut checked = filter.check(chunk);
+        forwarded.append(&mut checked.forward);
+        assert!(forwarded.len() <= rest.len(), "forwards only what came in");
         if checked.refused.is_some() {
             assert!(filter.at_boundary(), "a refusal holds nothing back");
+            assert_eq!(forwarded, whole.forward, "the same in any split");
             return;
         }
     }
+    assert_eq!(forwarded, whole.forward, "the same in any split");
 }
 
 #[cfg(test)]
@@ -423,11 +428,14 @@ mod tests {
             f8 000000 80000000 04 c0a1e5ce
             # SetEncodings, 1: the extended clipboard alone
             02 00 0001  c0a1e5ce
+            # SetEncodings, 0
+            02 00 0000
         ");
         let expect = hex("
             02 00 0005  00000007  506f7274  0000c0a1 e5ce0000  fffffefe
             f8 000000 80000000 04 c0a1e5ce
             02 00 0001  506f7274
+            02 00 0000
         ");
         for cuts in splits(stream.len()) {
             let (sent, dropped, refused) = run(&stream, &cuts);
