@@ -86,10 +86,16 @@ pub(super) fn validate_store(raw: RawStore, paths: Paths<'_>, issues: &mut Issue
         }
     });
     let key_prefix = raw.key_prefix.unwrap_or_else(|| "porthole:".into());
-    if key_prefix.is_empty() || key_prefix.chars().any(|c| c.is_control() || c == ' ') {
+    // Glob characters too: the prefix starts the patterns Porthole scans
+    // for, where they would match other deployments' keys.
+    if key_prefix.is_empty()
+        || key_prefix
+            .chars()
+            .any(|c| c.is_control() || matches!(c, ' ' | '*' | '?' | '[' | ']' | '\\'))
+    {
         issues.push(
             "store.key_prefix",
-            "must be non-empty, without spaces or control characters",
+            "must be non-empty, without spaces, control characters or glob characters (* ? [ ] \\)",
         );
     }
     let timeout_ms = raw.timeout_ms.unwrap_or(1000);

@@ -324,12 +324,14 @@ impl Redis {
                                 .collect())
                         })
                         .await?;
-                    let prefix_len = pattern.len() - 1;
+                    let prefix = pattern.trim_end_matches('*');
                     for (k, (until, value)) in keys.iter().zip(found) {
-                        let Ok(until) = u64::try_from(until) else {
+                        // The store's answer is not trusted to match the pattern.
+                        let (Ok(until), Some(id)) = (u64::try_from(until), k.strip_prefix(prefix))
+                        else {
                             continue;
                         };
-                        let id = k[prefix_len..].to_string();
+                        let id = id.to_string();
                         self.remembered.add(&match kind {
                             0 => Event::RevokedJti {
                                 jti: id,
