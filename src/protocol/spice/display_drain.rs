@@ -36,6 +36,12 @@ pub mod msg {
 /// is gone (measured: spice-server accepts it and sends the screen).
 const DISPLAY_INIT_BODY: [u8; 14] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
+/// ACKs sent for a client that left owing them, at most. spice-server
+/// stops sending once two windows go unacknowledged, so an honest one is
+/// owed two; a server that ignores flow control is owed no more than this
+/// (one ACK per message it sent would be a buffer of its choosing).
+const MAX_OWED_ACKS: u64 = 4;
+
 /// Body bytes read from the hypervisor's messages: `SET_ACK`'s two words.
 fn wanted(kind: u16) -> usize {
     if kind == msg::SET_ACK { 8 } else { 0 }
@@ -200,9 +206,12 @@ impl DisplayTrack {
             drain.unacked = self
                 .since_set_ack
                 .saturating_sub(acks.saturating_mul(window.into()));
-            while window > 0 && drain.unacked >= u64::from(window) {
-                drain.message(&mut first, msg::ACK, &[]);
-                drain.unacked -= u64::from(window);
+            if window > 0 {
+                let owed = (drain.unacked / u64::from(window)).min(MAX_OWED_ACKS);
+                for _ in 0..owed {
+                    drain.message(&mut first, msg::ACK, &[]);
+                }
+                drain.unacked %= u64::from(window);
             }
         }
         if !self.client_inited {
@@ -375,6 +384,27 @@ mod tests {
         let (mut drain, first) = track.into_drain(LIMITS).unwrap();
         // Five messages, one ACK from the client: one more ACK owed, one message over.
         assert_eq!(first, hex("00 00  02 00 00 00 00 00"));
+        assert_eq!(
+            drain.feed(&mini(304, &[])).unwrap(),
+            hex("02 00 00 00 00 00")
+        );
+    }
+
+    #[test]
+    fn a_server_that_ignores_flow_control_is_owed_a_few_acks_not_one_per_message() {
+        let mut track = DisplayTrack::new(true);
+        track.from_client(&mini(msg::DISPLAY_INIT, &DISPLAY_INIT_BODY));
+        // SET_ACK with a window of 1, then 100,000 messages the client
+        // never ACKs (it only syncs).
+        let mut server = set_ack_msg(1, 1);
+        for _ in 0..100_000 {
+            server.extend(mini(304, &[]));
+        }
+        track.from_server(&server);
+        track.from_client(&mini(msg::ACK_SYNC, &1u32.to_le_bytes()));
+        let (mut drain, first) = track.into_drain(LIMITS).unwrap();
+        assert_eq!(first, hex("02 00 00 00 00 00").repeat(4));
+        // The window goes on as before: an ACK for each message.
         assert_eq!(
             drain.feed(&mini(304, &[])).unwrap(),
             hex("02 00 00 00 00 00")
