@@ -391,6 +391,40 @@ async fn targets_outside_the_backends_and_connect_prefaces_are_refused() {
 }
 
 #[tokio::test]
+async fn an_oversized_answer_or_field_from_nova_is_refused() {
+    let (fake, s) = fixture().await;
+    let padded = "aaaaaaaa-0000-4000-8000-000000000003";
+    let huge = "aaaaaaaa-0000-4000-8000-000000000004";
+    let long_host = "aaaaaaaa-0000-4000-8000-000000000005";
+    let console = |extra: &str, host: &str| {
+        json!({"instance_uuid": INSTANCE, "host": host, "port": 5901,
+               "internal_access_path": null, "extra": extra})
+    };
+    fake.consoles.lock().unwrap().extend([
+        (padded.to_string(), console(&"x".repeat(4000), "10.20.0.5")),
+        (huge.to_string(), console(&"x".repeat(100_000), "10.20.0.5")),
+        (long_host.to_string(), console("", &"h".repeat(300))),
+    ]);
+    let r = resolver(s);
+    let allow = common::allow_list();
+    // A few KiB more than Nova sends is still read.
+    r.resolve(padded, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap();
+    let e = r
+        .resolve(huge, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Unavailable, "{}", e.detail);
+    assert!(e.detail.contains("over 65536 bytes"), "{}", e.detail);
+    let e = r
+        .resolve(long_host, Some(ConsoleType::Novnc), &allow)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, RefusalReason::Malformed, "{}", e.detail);
+}
+
+#[tokio::test]
 async fn jwts_and_nova_tokens_work_side_by_side_and_junk_never_reaches_nova() {
     let (fake, s) = fixture().await;
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,10 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::LookupError;
+
+/// Keystone's token answer, its service catalog included (a large cloud's
+/// is some hundreds of KiB).
+const MAX_TOKEN_BODY: usize = 4 << 20;
 use crate::secret::Secret;
 
 /// How Porthole authenticates to Keystone.
@@ -184,9 +188,9 @@ impl Keystone {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
             .ok_or_else(|| LookupError::Keystone("no X-Subject-Token in its answer".into()))?;
-        let body: TokenBody = response.json().await.map_err(|e| {
-            LookupError::Keystone(format!("unreadable answer: {}", e.without_url()))
-        })?;
+        let body: TokenBody = super::json_within(response, MAX_TOKEN_BODY)
+            .await
+            .map_err(LookupError::Keystone)?;
         let compute = match &self.settings.compute_url {
             Some(u) => u.clone(),
             None => self.compute_from(&body.token.catalog)?,

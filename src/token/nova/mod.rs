@@ -212,6 +212,32 @@ impl Budget {
     }
 }
 
+/// An instance id (a UUID) or a host name (at most 253) in Nova's answer.
+const MAX_NOVA_FIELD: usize = 255;
+
+/// Nova's answer to a lookup is a few hundred bytes.
+const MAX_LOOKUP_BODY: usize = 64 * 1024;
+
+/// `response`'s body read as JSON, refused past `max` bytes: a body is held
+/// whole before it is parsed, and its server is a peer.
+pub(crate) async fn json_within<T: serde::de::DeserializeOwned>(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<T, String> {
+    let over = || format!("an answer over {max} bytes");
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(over());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(describe)? {
+        if body.len() + chunk.len() > max {
+            return Err(over());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
+}
+
 /// A reqwest error, without the URL (the lookup's URL holds the token).
 pub(crate) fn describe(e: reqwest::Error) -> String {
     let what = if e.is_timeout() {
@@ -627,9 +653,9 @@ impl NovaResolver {
                 .map_err(|e| LookupError::Nova(describe(e)))?;
             match response.status().as_u16() {
                 200 => {
-                    let body: LookupBody = response.json().await.map_err(|e| {
-                        LookupError::Nova(format!("unreadable answer: {}", e.without_url()))
-                    })?;
+                    let body: LookupBody = json_within(response, MAX_LOOKUP_BODY)
+                        .await
+                        .map_err(LookupError::Nova)?;
                     return Ok(Lookup::Found(body.console));
                 }
                 404 => return Ok(Lookup::NotFound),
@@ -698,6 +724,13 @@ impl NovaResolver {
             return Err(refuse(
                 RefusalReason::Malformed,
                 "Nova's answer holds control characters".into(),
+            ));
+        }
+        // They go into logs, the audit trail and the store.
+        if c.instance_uuid.len() > MAX_NOVA_FIELD || c.host.len() > MAX_NOVA_FIELD {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                format!("Nova's answer has an instance or host over {MAX_NOVA_FIELD} bytes"),
             ));
         }
         if c.internal_access_path
