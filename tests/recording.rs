@@ -47,6 +47,9 @@ folder = "recordings"
 backends = ["lab"]
 max_bytes = {max_bytes}
 
+[sessions]
+max_sessions_per_client = 4
+
 [[backends]]
 name = "lab"
 networks = ["127.0.0.0/8"]
@@ -180,7 +183,8 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
     assert_eq!(shown, "SeaBIOS (version 1.16)\r\nCafé \u{1b}[0m\r\n");
     let id = finished[0]["session"].as_str().unwrap();
     plays_back(&g, id, &shown).await;
-    vnc_is_recorded_and_plays_back(&g).await;
+    let token = vnc_is_recorded_and_plays_back(&g).await;
+    playbacks_count_against_their_clients_cap(&g, &token).await;
     past_its_cap(&g).await;
     g.stop().await;
 }
@@ -420,7 +424,7 @@ async fn rfb_client(ws: &mut Ws, n: usize) -> Vec<u8> {
 
 /// A VNC session is recorded as FBS; its playback serves the same
 /// ServerInit and update to an RFB client.
-async fn vnc_is_recorded_and_plays_back(g: &Gateway) {
+async fn vnc_is_recorded_and_plays_back(g: &Gateway) -> String {
     let port = rfb_console().await;
     let url = format!(
         "ws://{}/vnc?token={}",
@@ -464,6 +468,30 @@ async fn vnc_is_recorded_and_plays_back(g: &Gateway) {
     )
     .await;
     assert_eq!(played, live);
+    token
+}
+
+/// A playback's socket holds a place in its client's count while it plays
+/// (an FBS playback keeps its last frame up afterwards): one link opens no
+/// more of them than the client may hold sessions.
+async fn playbacks_count_against_their_clients_cap(g: &Gateway, token: &str) {
+    let url = format!("ws://{}/playback/vnc?token={token}", g.public);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        held.push(ws);
+    }
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("a fifth playback socket of one client: {other:?}"),
+    }
+    held.pop().unwrap().close(None).await.unwrap();
+    within("a place given back", async {
+        while tokio_tungstenite::connect_async(&url).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 }
 
 /// A recording past its cap stops, and its session goes on.

@@ -26,8 +26,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::public::{origin_allowed, serve_page, switching_protocols, websocket_handshake};
+use super::respond::open_error_response;
 use super::respond::refuse;
-use super::state::{PublicState, TokenQuery};
+use super::state::{ClientAddr, PublicState, TokenQuery};
 use crate::recording::{Format, asciicast, fbs};
 use crate::session::ws_relay::Closing;
 use crate::transport::ws_bypass::ReadsUnframed;
@@ -43,7 +44,9 @@ fn recording_of(
     };
     let id = s.validator.playback_of(token).map_err(|r| {
         crate::metrics::token_refused(r.reason.as_str());
-        tracing::info!(reason = r.reason.as_str(), "playback refused: {}", r.detail);
+        if crate::audit::refusal_log_allowed() {
+            tracing::info!(reason = r.reason.as_str(), "playback refused: {}", r.detail);
+        }
         (
             StatusCode::from_u16(r.reason.http_status()).unwrap_or(StatusCode::FORBIDDEN),
             r.reason.client_code(),
@@ -68,11 +71,12 @@ pub async fn page(State(s): State<PublicState>, Query(q): Query<TokenQuery>) -> 
 /// `GET /playback/vnc?token=`: an FBS recording to noVNC.
 pub async fn vnc(
     State(s): State<PublicState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
     request: Request,
 ) -> Response {
-    upgrade_to_play(s, headers, q, request, Format::Fbs).await
+    upgrade_to_play(s, client, headers, q, request, Format::Fbs).await
 }
 
 /// `GET /playback/spice?token=`: one channel of a SPICE recording to
@@ -81,27 +85,30 @@ pub async fn vnc(
 /// sent, at its recorded times.
 pub async fn spice(
     State(s): State<PublicState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
     request: Request,
 ) -> Response {
-    upgrade_to_play(s, headers, q, request, Format::Spice).await
+    upgrade_to_play(s, client, headers, q, request, Format::Spice).await
 }
 
 /// `GET /playback/serial?token=`: the recording's output over a WebSocket,
 /// event by event at its recorded times; closed (1000) at its end.
 pub async fn serial(
     State(s): State<PublicState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
     request: Request,
 ) -> Response {
-    upgrade_to_play(s, headers, q, request, Format::Asciicast).await
+    upgrade_to_play(s, client, headers, q, request, Format::Asciicast).await
 }
 
 /// The playback socket of a recording in `format`.
 async fn upgrade_to_play(
     s: PublicState,
+    client: std::net::IpAddr,
     headers: HeaderMap,
     q: TokenQuery,
     mut request: Request,
@@ -123,21 +130,37 @@ async fn upgrade_to_play(
         )
             .into_response();
     };
+    let hold = match s.sessions.admit_playback(client) {
+        Ok(hold) => hold,
+        Err(e) => {
+            crate::metrics::session_refused(e.as_str());
+            if crate::audit::refusal_log_allowed() {
+                tracing::info!(%client, reason = e.as_str(), "playback refused: {e}");
+            }
+            return open_error_response(&e);
+        }
+    };
     let upgrade = hyper::upgrade::on(&mut request);
     let sessions = s.sessions.clone();
     s.sessions.tracker.spawn(async move {
+        // Held while the socket plays.
+        let _hold = hold;
         let Ok(upgraded) = upgrade.await else {
             return;
         };
-        let config = WebSocketConfig::default().max_message_size(Some(64 * 1024));
+        // What a client sends a playback is read and left: small frames.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(64 * 1024))
+            .max_frame_size(Some(64 * 1024));
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
+        let cut = unread_cut(&sessions);
         let playing = async {
             match format {
-                Format::Asciicast => play(socket, &path).await,
-                Format::Fbs => play_rfb(socket, &path).await,
-                Format::Spice => play_spice(socket, &path, &sessions).await,
+                Format::Asciicast => play(socket, &path, cut).await,
+                Format::Fbs => play_rfb(socket, &path, cut, sessions.limits.vnc_handshake).await,
+                Format::Spice => play_spice(socket, &path, &sessions, cut).await,
             }
         };
         tokio::select! {
@@ -150,13 +173,13 @@ async fn upgrade_to_play(
 
 /// Sends the recording at `path` over `socket`; returns when it is over,
 /// or the client left.
-async fn play<S>(socket: WebSocketStream<S>, path: &std::path::Path)
+async fn play<S>(socket: WebSocketStream<S>, path: &std::path::Path, cut: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ReadsUnframed,
 {
     let (mut sink, mut stream) = socket.split();
     let Ok(file) = tokio::fs::File::open(path).await else {
-        let _ = sink.send(close(1011, "recording unreadable")).await;
+        send_within(&mut sink, close(1011, "recording unreadable"), cut).await;
         return closed(sink, stream).await;
     };
     let mut lines = tokio::io::BufReader::new(file).lines();
@@ -167,11 +190,11 @@ where
                 continue;
             };
             tokio::time::sleep_until(started + Duration::from_secs_f64(at)).await;
-            if sink.send(Message::binary(text.into_bytes())).await.is_err() {
+            if !send_within(&mut sink, Message::binary(text.into_bytes()), cut).await {
                 return;
             }
         }
-        let _ = sink.send(close(1000, "playback ended")).await;
+        send_within(&mut sink, close(1000, "playback ended"), cut).await;
     };
     until_played(playing, &mut stream).await;
     closed(sink, stream).await;
@@ -239,19 +262,23 @@ where
 /// server with no authentication, then the recorded stream (its first
 /// bytes are the hypervisor's ServerInit) at its recorded times. What the
 /// client asks is read and left: the recording answers nothing.
-async fn play_rfb<S>(socket: WebSocketStream<S>, path: &std::path::Path)
-where
+async fn play_rfb<S>(
+    socket: WebSocketStream<S>,
+    path: &std::path::Path,
+    cut: Duration,
+    handshake: Duration,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ReadsUnframed,
 {
     use tokio::io::AsyncReadExt as _;
     let (mut sink, mut stream) = socket.split();
     let Ok(mut file) = tokio::fs::File::open(path).await else {
-        let _ = sink.send(close(1011, "recording unreadable")).await;
+        send_within(&mut sink, close(1011, "recording unreadable"), cut).await;
         return closed(sink, stream).await;
     };
     let mut magic = [0u8; 12];
     if file.read_exact(&mut magic).await.is_err() || &magic != fbs::MAGIC {
-        let _ = sink.send(close(1011, "not an FBS recording")).await;
+        send_within(&mut sink, close(1011, "not an FBS recording"), cut).await;
         return closed(sink, stream).await;
     }
     // RFB 3.8 with no authentication, each step what Porthole sends and
@@ -260,12 +287,18 @@ where
     // SecurityResult OK.
     let mut from_client = Vec::new();
     let steps: [(&[u8], usize); 3] = [(b"RFB 003.008\n", 12), (&[1, 1], 1), (&[0; 4], 1)];
-    for (say, answer) in steps {
-        if sink.send(Message::binary(say.to_vec())).await.is_err()
-            || !client_bytes(&mut stream, &mut from_client, answer).await
-        {
-            return;
+    let handshake = tokio::time::timeout(handshake, async {
+        for (say, answer) in steps {
+            if !send_within(&mut sink, Message::binary(say.to_vec()), cut).await
+                || !client_bytes(&mut stream, &mut from_client, answer).await
+            {
+                return false;
+            }
         }
+        true
+    });
+    if !matches!(handshake.await, Ok(true)) {
+        return;
     }
     let started = tokio::time::Instant::now();
     let playing = async {
@@ -281,7 +314,7 @@ where
                     continue;
                 }
                 tokio::time::sleep_until(started + Duration::from_millis(u64::from(ms))).await;
-                if !data.is_empty() && sink.send(Message::binary(data)).await.is_err() {
+                if !data.is_empty() && !send_within(&mut sink, Message::binary(data), cut).await {
                     return;
                 }
             }
@@ -293,7 +326,7 @@ where
         // noVNC clears its screen when its socket closes: the last frame
         // stays up while the viewer looks at it (an hour at most).
         tokio::time::sleep(PLAYED_KEPT).await;
-        let _ = sink.send(close(1000, "playback ended")).await;
+        send_within(&mut sink, close(1000, "playback ended"), cut).await;
     };
     until_played(playing, &mut stream).await;
     closed(sink, stream).await;
@@ -308,6 +341,7 @@ async fn play_spice<S>(
     socket: WebSocketStream<S>,
     path: &std::path::Path,
     sessions: &crate::session::Sessions,
+    cut: Duration,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + ReadsUnframed,
 {
@@ -329,7 +363,7 @@ async fn play_spice<S>(
     let mut reader = match ChannelReader::open(path, wanted, mini_header).await {
         Ok(r) => r,
         Err(why) => {
-            let _ = sink.send(close(1011, why)).await;
+            send_within(&mut sink, close(1011, why), cut).await;
             return closed(sink, stream).await;
         }
     };
@@ -339,14 +373,14 @@ async fn play_spice<S>(
             match reader.next().await {
                 Ok(Some((after, bytes))) => {
                     tokio::time::sleep_until(started + after).await;
-                    if sink.send(Message::binary(bytes)).await.is_err() {
+                    if !send_within(&mut sink, Message::binary(bytes), cut).await {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(why) => {
                     tracing::warn!(recording = %path.display(), "playback stopped: {why}");
-                    let _ = sink.send(close(1011, why)).await;
+                    send_within(&mut sink, close(1011, why), cut).await;
                     return;
                 }
             }
@@ -354,7 +388,7 @@ async fn play_spice<S>(
         // spice-html5 clears its screen when its sockets close: the last
         // frame stays up while the viewer looks at it.
         tokio::time::sleep(PLAYED_KEPT).await;
-        let _ = sink.send(close(1000, "playback ended")).await;
+        send_within(&mut sink, close(1000, "playback ended"), cut).await;
     };
     until_played(playing, &mut stream).await;
     closed(sink, stream).await;
@@ -396,6 +430,25 @@ pub async fn vv(
 
 /// How long a played RFB recording's last frame stays on the viewer's page.
 const PLAYED_KEPT: Duration = Duration::from_secs(3600);
+
+/// How long a playback's client may take nothing before it is cut: three
+/// ping intervals, the relays' rule for a client that owes a read (a minute
+/// with pings off). A client that stops reading would otherwise hold its
+/// task and socket until the recording's end, and past it.
+fn unread_cut(sessions: &crate::session::Sessions) -> Duration {
+    sessions
+        .browser
+        .ping_interval
+        .map_or(Duration::from_secs(60), |p| p * 3)
+}
+
+/// Sends `m` within `cut`; `false` when it did not go.
+async fn send_within<S>(sink: &mut S, m: Message, cut: Duration) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    matches!(tokio::time::timeout(cut, sink.send(m)).await, Ok(Ok(())))
+}
 
 fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {

@@ -150,7 +150,8 @@ struct Counts {
 struct CountGuard {
     counts: Arc<Mutex<Counts>>,
     client: IpAddr,
-    jti: String,
+    /// `None`: counted against its client alone (a playback).
+    jti: Option<String>,
 }
 
 impl Drop for CountGuard {
@@ -163,8 +164,10 @@ impl Drop for CountGuard {
         if c.clients.get_mut(&self.client).is_some_and(dec) {
             c.clients.remove(&self.client);
         }
-        if c.tokens.get_mut(&self.jti).is_some_and(dec) {
-            c.tokens.remove(&self.jti);
+        if let Some(jti) = &self.jti
+            && c.tokens.get_mut(jti).is_some_and(dec)
+        {
+            c.tokens.remove(jti);
         }
     }
 }
@@ -459,22 +462,47 @@ impl Sessions {
     }
 
     /// Counts a connection from `client` with token `jti`, within the caps.
-    fn count(&self, client: IpAddr, jti: &str) -> Result<CountGuard, OpenError> {
+    fn count(&self, client: IpAddr, jti: Option<&str>) -> Result<CountGuard, OpenError> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if c.clients.get(&client).copied().unwrap_or(0) >= self.limits.per_client {
             crate::metrics::limit_hit("per_client");
             return Err(OpenError::Limited("client"));
         }
-        if c.tokens.get(jti).copied().unwrap_or(0) >= self.limits.per_token {
+        if let Some(jti) = jti
+            && c.tokens.get(jti).copied().unwrap_or(0) >= self.limits.per_token
+        {
             crate::metrics::limit_hit("per_token");
             return Err(OpenError::Limited("token"));
         }
         *c.clients.entry(client).or_default() += 1;
-        *c.tokens.entry(jti.to_string()).or_default() += 1;
+        if let Some(jti) = jti {
+            *c.tokens.entry(jti.to_string()).or_default() += 1;
+        }
         Ok(CountGuard {
             counts: self.counts.clone(),
             client,
-            jti: jti.to_string(),
+            jti: jti.map(str::to_string),
+        })
+    }
+
+    /// What a playback's socket holds while it plays: a slot, and a place
+    /// in its client's count, as a session does. It opens no console, but
+    /// it is a socket and a task for as long as its recording plays (and
+    /// up to an hour past its end), and its link opens any number of them.
+    pub fn admit_playback(&self, client: IpAddr) -> Result<SessionGuards, OpenError> {
+        if self.cancel.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            crate::metrics::limit_hit("max_sessions");
+            OpenError::Overloaded
+        })?;
+        let counts = self.count(client, None)?;
+        Ok(SessionGuards {
+            _permit: permit,
+            _counts: counts,
+            redemption: None,
+            _claim: None,
         })
     }
 
@@ -918,7 +946,7 @@ impl Sessions {
             crate::metrics::limit_hit("max_sessions");
             OpenError::Overloaded
         })?;
-        let counts = self.count(client, &grant.jti)?;
+        let counts = self.count(client, Some(&grant.jti))?;
         let redemption = match admission {
             Admission::Opens => Some(
                 Redemption::begin(

@@ -27,6 +27,7 @@ use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
 use crate::transport::drain_watch::{Drains, Watched};
+use crate::transport::gate::{GateRefusal, Pass};
 use crate::transport::listener::AfterUpgrade;
 use crate::transport::ws_bypass::{self, Bypass, Bypasses, Limits};
 use crate::transport::ws_stream::WsBytes;
@@ -47,8 +48,10 @@ enum Upstream {
     /// noVNC and serial: the connected hypervisor.
     Connected(Opened),
     /// spice-html5: nothing yet (the SPICE link inside the socket, and its
-    /// ticket, decide).
-    Linked,
+    /// ticket, decide); until the link is done, a place at the gate, as the
+    /// connection held before its upgrade (a socket that links nothing
+    /// takes no slot and no count, and would otherwise be held by nothing).
+    Linked(Pass),
     /// A serial shadow: its session's output, on this node.
     Watching {
         guards: SessionGuards,
@@ -83,7 +86,7 @@ impl Sessions {
                 self.would_admit_ticketed(&grant)
                     .await
                     .inspect_err(record)?;
-                Upstream::Linked
+                Upstream::Linked(self.linking_place(client).inspect_err(record)?)
             }
             // A serial console serves one client: its shadows read what
             // its session reads (through the store from another node).
@@ -111,6 +114,22 @@ impl Sessions {
             grant,
             client,
             upstream,
+        })
+    }
+
+    /// A place at the gate for a spice-html5 socket until its link is
+    /// done, beside the one its HTTP connection holds until the upgrade.
+    fn linking_place(&self, client: IpAddr) -> Result<Pass, OpenError> {
+        let Some(permit) = self.pending.try_permit() else {
+            crate::metrics::limit_hit("pending_full");
+            return Err(OpenError::Overloaded);
+        };
+        self.pending.enter(permit, client, false).map_err(|e| {
+            crate::metrics::limit_hit(e.as_str());
+            match e {
+                GateRefusal::AddressFull => OpenError::Limited("client"),
+                GateRefusal::GateFull => OpenError::Overloaded,
+            }
         })
     }
 
@@ -171,7 +190,7 @@ impl BrowserAdmission {
                     match self.upstream {
                         Upstream::Connected(o) => o.guards.release().await,
                         Upstream::Watching { guards, .. } => guards.release().await,
-                        Upstream::Linked => {}
+                        Upstream::Linked(_) => {}
                     }
                     return;
                 }
@@ -202,9 +221,9 @@ impl BrowserAdmission {
             client,
             upstream,
         } = self;
-        if let Upstream::Linked = upstream {
+        if let Upstream::Linked(place) = upstream {
             // spice-html5: one socket per channel; the link decides the session.
-            super::spice::serve_browser(sessions, socket, client, grant).await;
+            super::spice::serve_browser(sessions, socket, client, grant, place).await;
             return;
         }
         let mut life = Lifecycle::begin(&sessions, &grant, grant.console, client, None).await;
@@ -214,7 +233,7 @@ impl BrowserAdmission {
             Upstream::Watching { guards, output } => {
                 (guards, super::oversight::watch(output, life.stop().limit))
             }
-            Upstream::Linked => unreachable!("served above"),
+            Upstream::Linked(_) => unreachable!("served above"),
         };
         let span = life.span();
         async move {

@@ -84,6 +84,14 @@ impl ClientLeg {
             ClientLeg::Browser { .. } => ConsoleType::SpiceHtml5,
         }
     }
+
+    /// The leg, for a log line (its grant is not for one).
+    fn label(&self) -> &'static str {
+        match self {
+            ClientLeg::Native => "native",
+            ClientLeg::Browser { .. } => "browser",
+        }
+    }
 }
 
 /// A channel's link, as its refusals are counted and recorded.
@@ -293,7 +301,7 @@ pub async fn serve_native(
         recorder,
     } = match linking.await {
         Ok(Linked::Console(channel)) => channel,
-        Ok(Linked::Playback(mess, admitted)) => {
+        Ok(Linked::Playback(mess, admitted, _hold)) => {
             play_native(&sessions, client, &mess, &admitted).await;
             return;
         }
@@ -324,6 +332,7 @@ pub async fn serve_browser<S>(
     socket: WebSocketStream<S>,
     peer: IpAddr,
     grant: crate::token::Grant,
+    place: crate::transport::gate::Pass,
 ) where
     S: tokio::io::AsyncRead
         + tokio::io::AsyncWrite
@@ -338,6 +347,8 @@ pub async fn serve_browser<S>(
         grant: Box::new(grant.clone()),
     };
     let linked = Box::pin(link_channel(&sessions, &mut client, peer, &leg, deadline)).await;
+    // Linked (or not): the channel's admission holds what it holds now.
+    drop(place);
     let (socket, pending) = client.into_inner();
     let Channel {
         upstream,
@@ -928,14 +939,14 @@ async fn link_channel<S: Io>(
     let (mess, admitted, session) = match admitted {
         Ok(AdmittedChannel::Console(admitted)) => *admitted,
         Ok(AdmittedChannel::Playback(playback)) => {
-            let (mess, admitted) = *playback;
+            let (mess, admitted, hold) = *playback;
             if send(client, &link.result(LinkError::Ok), deadline)
                 .await
                 .is_err()
             {
                 return Err(CloseReason::ClientLeft);
             }
-            return Ok(Linked::Playback(mess, admitted));
+            return Ok(Linked::Playback(mess, admitted, hold));
         }
         Err(r) => {
             r.record(peer, None, None);
@@ -1185,8 +1196,10 @@ async fn admit_channel<S: Io>(
             .map_err(ChannelRefusal::ticket)?,
     };
     if matches!(leg, ClientLeg::Native) && admitted.grant.playback().is_some() {
-        // A playback's ticket (`GET /playback/vv`): no session, no hypervisor.
-        return Ok(AdmittedChannel::Playback(Box::new((mess, admitted))));
+        // A playback's ticket (`GET /playback/vv`): no session, no
+        // hypervisor, but a channel that plays as long as its recording.
+        let hold = sessions.admit_playback(peer).map_err(open_refusal)?;
+        return Ok(AdmittedChannel::Playback(Box::new((mess, admitted, hold))));
     }
     let grant = &admitted.grant;
     let type_ok = match leg {
@@ -1203,7 +1216,11 @@ async fn admit_channel<S: Io>(
         return Err(ChannelRefusal::client(
             LinkError::PermissionDenied,
             "wrong_console_type",
-            format!("a {} ticket on the {leg:?} SPICE leg", grant.console),
+            format!(
+                "a {} ticket on the {} SPICE leg",
+                grant.console,
+                leg.label()
+            ),
         ));
     }
     if grant.view_only() && carries_input(mess.channel_type) {
@@ -1269,15 +1286,15 @@ enum AdmittedChannel {
     /// A console's channel, of its session (boxed: the larger by far).
     Console(Box<(LinkMess, Admitted, ChannelSession)>),
     /// A channel of a recording's playback to a native client.
-    Playback(Box<(LinkMess, Admitted)>),
+    Playback(Box<(LinkMess, Admitted, SessionGuards)>),
 }
 
 /// A channel linked with its client.
 enum Linked {
     /// To its hypervisor as well, ready to relay.
     Console(Channel),
-    /// To a recording, ready to play.
-    Playback(LinkMess, Admitted),
+    /// To a recording, ready to play; what it holds while it plays.
+    Playback(LinkMess, Admitted, SessionGuards),
     /// To its hypervisor only: the client left, or the session stopped,
     /// after spice-server accepted the ticket. Its client is closed with
     /// the reason, then the channel ends as a relay that lost its client

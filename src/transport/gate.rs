@@ -179,6 +179,16 @@ impl Gate {
         }
     }
 
+    /// A free slot now, if any: for a connection already in that keeps a
+    /// place after it leaves HTTP (a spice-html5 socket until its link).
+    pub fn try_permit(&self) -> Option<Permit> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(Permit {
+            permit,
+            spare: false,
+        })
+    }
+
     /// Lets a connection from `addr` in with `permit`, unless its address
     /// holds its most places already; `evictable`: it may later be closed
     /// to make room for another. On a spare permit (a slot freed since is
