@@ -87,6 +87,13 @@ async fn lookup(State(f): State<Arc<Fake>>, Path(token): Path<String>, h: Header
         return StatusCode::from_u16(s).unwrap().into_response();
     }
     match f.consoles.lock().unwrap().get(&token) {
+        // Sent in chunks, with no Content-Length.
+        Some(c) if c["chunked"] == true => {
+            let body = json!({ "console": c }).to_string().into_bytes();
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+            axum::body::Body::from_stream(futures_util::stream::iter(chunks)).into_response()
+        }
         Some(c) => axum::Json(json!({ "console": c })).into_response(),
         None => (
             StatusCode::NOT_FOUND,
@@ -396,6 +403,7 @@ async fn an_oversized_answer_or_field_from_nova_is_refused() {
     let padded = "aaaaaaaa-0000-4000-8000-000000000003";
     let huge = "aaaaaaaa-0000-4000-8000-000000000004";
     let long_host = "aaaaaaaa-0000-4000-8000-000000000005";
+    let huge_chunked = "aaaaaaaa-0000-4000-8000-000000000006";
     let console = |extra: &str, host: &str| {
         json!({"instance_uuid": INSTANCE, "host": host, "port": 5901,
                "internal_access_path": null, "extra": extra})
@@ -404,6 +412,11 @@ async fn an_oversized_answer_or_field_from_nova_is_refused() {
         (padded.to_string(), console(&"x".repeat(4000), "10.20.0.5")),
         (huge.to_string(), console(&"x".repeat(100_000), "10.20.0.5")),
         (long_host.to_string(), console("", &"h".repeat(300))),
+        (huge_chunked.to_string(), {
+            let mut c = console(&"x".repeat(100_000), "10.20.0.5");
+            c["chunked"] = json!(true);
+            c
+        }),
     ]);
     let r = resolver(s);
     let allow = common::allow_list();
@@ -411,12 +424,15 @@ async fn an_oversized_answer_or_field_from_nova_is_refused() {
     r.resolve(padded, Some(ConsoleType::Novnc), &allow)
         .await
         .unwrap();
-    let e = r
-        .resolve(huge, Some(ConsoleType::Novnc), &allow)
-        .await
-        .unwrap_err();
-    assert_eq!(e.reason, RefusalReason::Unavailable, "{}", e.detail);
-    assert!(e.detail.contains("over 65536 bytes"), "{}", e.detail);
+    // Whether its length is announced or not.
+    for t in [huge, huge_chunked] {
+        let e = r
+            .resolve(t, Some(ConsoleType::Novnc), &allow)
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, RefusalReason::Unavailable, "{}", e.detail);
+        assert!(e.detail.contains("over 65536 bytes"), "{}", e.detail);
+    }
     let e = r
         .resolve(long_host, Some(ConsoleType::Novnc), &allow)
         .await

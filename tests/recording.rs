@@ -50,6 +50,9 @@ max_bytes = {max_bytes}
 [sessions]
 max_sessions_per_client = 4
 
+[websocket]
+ping_interval_secs = 2
+
 [[backends]]
 name = "lab"
 networks = ["127.0.0.0/8"]
@@ -184,8 +187,8 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
     let id = finished[0]["session"].as_str().unwrap();
     plays_back(&g, id, &shown).await;
     let token = vnc_is_recorded_and_plays_back(&g).await;
-    playbacks_count_against_their_clients_cap(&g, &token).await;
     past_its_cap(&g).await;
+    playbacks_count_against_their_clients_cap(&g, &token).await;
     g.stop().await;
 }
 
@@ -473,25 +476,51 @@ async fn vnc_is_recorded_and_plays_back(g: &Gateway) -> String {
 
 /// A playback's socket holds a place in its client's count while it plays
 /// (an FBS playback keeps its last frame up afterwards): one link opens no
-/// more of them than the client may hold sessions.
+/// more of them than the client may hold sessions (4 here). Last of the
+/// chain: the places it takes are given back as their sockets' ends reach
+/// the gateway.
 async fn playbacks_count_against_their_clients_cap(g: &Gateway, token: &str) {
     let url = format!("ws://{}/playback/vnc?token={token}", g.public);
+    let playing = || async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.ok()?;
+        rfb_client(&mut ws, SERVER_INIT.len() + UPDATE.len()).await;
+        Some(ws)
+    };
+    // The earlier sessions' and playbacks' places may still be held for a
+    // moment after their sockets closed.
     let mut held = Vec::new();
-    for _ in 0..4 {
-        let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-        held.push(ws);
-    }
+    within("four playbacks of one client", async {
+        while held.len() < 4 {
+            match playing().await {
+                Some(ws) => held.push(ws),
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
     match tokio_tungstenite::connect_async(&url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
         other => panic!("a fifth playback socket of one client: {other:?}"),
     }
     held.pop().unwrap().close(None).await.unwrap();
     within("a place given back", async {
-        while tokio_tungstenite::connect_async(&url).await.is_err() {
+        while playing().await.is_none() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
+    // The others, never read again, answer none of the pings sent while
+    // the last frame stays up (for an hour): each is cut three intervals
+    // after its first unanswered ping (8 s here). Read before that, a
+    // socket answers its pings (tungstenite does as it reads), so the test
+    // reads them well after.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    for mut ws in held {
+        within("an unanswering playback client cut", async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+    }
 }
 
 /// A recording past its cap stops, and its session goes on.

@@ -134,9 +134,16 @@ async fn upgrade_to_play(
         Ok(hold) => hold,
         Err(e) => {
             crate::metrics::session_refused(e.as_str());
-            if crate::audit::refusal_log_allowed() {
-                tracing::info!(%client, reason = e.as_str(), "playback refused: {e}");
-            }
+            crate::session::lifecycle::refused(&crate::session::lifecycle::Refused {
+                what: "playback",
+                label: "playback",
+                reason: e.as_str(),
+                blame: e.blame(),
+                client,
+                console: None,
+                jti: None,
+                detail: &e,
+            });
             return open_error_response(&e);
         }
     };
@@ -155,12 +162,12 @@ async fn upgrade_to_play(
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        let cut = unread_cut(&sessions);
+        let pace = Pace::of(&sessions);
         let playing = async {
             match format {
-                Format::Asciicast => play(socket, &path, cut).await,
-                Format::Fbs => play_rfb(socket, &path, cut, sessions.limits.vnc_handshake).await,
-                Format::Spice => play_spice(socket, &path, &sessions, cut).await,
+                Format::Asciicast => play(socket, &path, &pace).await,
+                Format::Fbs => play_rfb(socket, &path, &pace, sessions.limits.vnc_handshake).await,
+                Format::Spice => play_spice(socket, &path, &sessions, &pace).await,
             }
         };
         tokio::select! {
@@ -173,13 +180,14 @@ async fn upgrade_to_play(
 
 /// Sends the recording at `path` over `socket`; returns when it is over,
 /// or the client left.
-async fn play<S>(socket: WebSocketStream<S>, path: &std::path::Path, cut: Duration)
+async fn play<S>(socket: WebSocketStream<S>, path: &std::path::Path, pace: &Pace)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ReadsUnframed,
 {
     let (mut sink, mut stream) = socket.split();
     let Ok(file) = tokio::fs::File::open(path).await else {
-        send_within(&mut sink, close(1011, "recording unreadable"), cut).await;
+        pace.send(&mut sink, close(1011, "recording unreadable"))
+            .await;
         return closed(sink, stream).await;
     };
     let mut lines = tokio::io::BufReader::new(file).lines();
@@ -189,31 +197,40 @@ where
             let Some((at, text)) = asciicast::parse_output(&line) else {
                 continue;
             };
-            tokio::time::sleep_until(started + Duration::from_secs_f64(at)).await;
-            if !send_within(&mut sink, Message::binary(text.into_bytes()), cut).await {
+            if !pace
+                .wait(&mut sink, started + Duration::from_secs_f64(at))
+                .await
+                || !pace
+                    .send(&mut sink, Message::binary(text.into_bytes()))
+                    .await
+            {
                 return;
             }
         }
-        send_within(&mut sink, close(1000, "playback ended"), cut).await;
+        pace.send(&mut sink, close(1000, "playback ended")).await;
     };
-    until_played(playing, &mut stream).await;
+    until_played(playing, &mut stream, pace).await;
     closed(sink, stream).await;
 }
 
 /// Runs `playing` (which ends with its close frame) until it ends or the
 /// client leaves; either way the socket is then to be [`closed`] (a client
 /// that closed first gets tungstenite's answer to its close flushed there).
-async fn until_played<St>(playing: impl std::future::Future<Output = ()>, stream: &mut St)
-where
+async fn until_played<St>(
+    playing: impl std::future::Future<Output = ()>,
+    stream: &mut St,
+    pace: &Pace,
+) where
     St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     tokio::select! {
         () = playing => {}
-        () = client_left(stream) => {}
+        () = client_left(stream, pace) => {}
     }
 }
 
-/// A socket whose close frame has gone (or the client's), whole again, [lingers](Closing::linger)
+/// A socket whose close frame has gone (or the client's, or the client took
+/// nothing for too long), whole again, [lingers](Closing::linger)
 /// before it is dropped, as a console's does: noVNC asks for updates all
 /// along, a socket closed over unread bytes is reset, and a reset can
 /// overtake the close frame in the browser.
@@ -229,12 +246,14 @@ async fn closed<S>(
 }
 
 /// Returns when the client closes or its socket fails; what it sends
-/// before is not for the recording and is dropped.
-async fn client_left<St>(stream: &mut St)
+/// before is not for the recording and is dropped, but it shows the client
+/// alive (a pong above all).
+async fn client_left<St>(stream: &mut St, pace: &Pace)
 where
     St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     while let Some(Ok(m)) = stream.next().await {
+        pace.heard();
         if m.is_close() {
             return;
         }
@@ -265,7 +284,7 @@ where
 async fn play_rfb<S>(
     socket: WebSocketStream<S>,
     path: &std::path::Path,
-    cut: Duration,
+    pace: &Pace,
     handshake: Duration,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ReadsUnframed,
@@ -273,12 +292,14 @@ async fn play_rfb<S>(
     use tokio::io::AsyncReadExt as _;
     let (mut sink, mut stream) = socket.split();
     let Ok(mut file) = tokio::fs::File::open(path).await else {
-        send_within(&mut sink, close(1011, "recording unreadable"), cut).await;
+        pace.send(&mut sink, close(1011, "recording unreadable"))
+            .await;
         return closed(sink, stream).await;
     };
     let mut magic = [0u8; 12];
     if file.read_exact(&mut magic).await.is_err() || &magic != fbs::MAGIC {
-        send_within(&mut sink, close(1011, "not an FBS recording"), cut).await;
+        pace.send(&mut sink, close(1011, "not an FBS recording"))
+            .await;
         return closed(sink, stream).await;
     }
     // RFB 3.8 with no authentication, each step what Porthole sends and
@@ -289,7 +310,7 @@ async fn play_rfb<S>(
     let steps: [(&[u8], usize); 3] = [(b"RFB 003.008\n", 12), (&[1, 1], 1), (&[0; 4], 1)];
     let handshake = tokio::time::timeout(handshake, async {
         for (say, answer) in steps {
-            if !send_within(&mut sink, Message::binary(say.to_vec()), cut).await
+            if !pace.send(&mut sink, Message::binary(say.to_vec())).await
                 || !client_bytes(&mut stream, &mut from_client, answer).await
             {
                 return false;
@@ -313,8 +334,11 @@ async fn play_rfb<S>(
                     greeting -= 1;
                     continue;
                 }
-                tokio::time::sleep_until(started + Duration::from_millis(u64::from(ms))).await;
-                if !data.is_empty() && !send_within(&mut sink, Message::binary(data), cut).await {
+                if !pace
+                    .wait(&mut sink, started + Duration::from_millis(u64::from(ms)))
+                    .await
+                    || !data.is_empty() && !pace.send(&mut sink, Message::binary(data)).await
+                {
                     return;
                 }
             }
@@ -325,10 +349,14 @@ async fn play_rfb<S>(
         }
         // noVNC clears its screen when its socket closes: the last frame
         // stays up while the viewer looks at it (an hour at most).
-        tokio::time::sleep(PLAYED_KEPT).await;
-        send_within(&mut sink, close(1000, "playback ended"), cut).await;
+        if pace
+            .wait(&mut sink, tokio::time::Instant::now() + PLAYED_KEPT)
+            .await
+        {
+            pace.send(&mut sink, close(1000, "playback ended")).await;
+        }
     };
-    until_played(playing, &mut stream).await;
+    until_played(playing, &mut stream, pace).await;
     closed(sink, stream).await;
 }
 
@@ -341,7 +369,7 @@ async fn play_spice<S>(
     socket: WebSocketStream<S>,
     path: &std::path::Path,
     sessions: &crate::session::Sessions,
-    cut: Duration,
+    pace: &Pace,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + ReadsUnframed,
 {
@@ -363,7 +391,7 @@ async fn play_spice<S>(
     let mut reader = match ChannelReader::open(path, wanted, mini_header).await {
         Ok(r) => r,
         Err(why) => {
-            send_within(&mut sink, close(1011, why), cut).await;
+            pace.send(&mut sink, close(1011, why)).await;
             return closed(sink, stream).await;
         }
     };
@@ -372,25 +400,30 @@ async fn play_spice<S>(
         loop {
             match reader.next().await {
                 Ok(Some((after, bytes))) => {
-                    tokio::time::sleep_until(started + after).await;
-                    if !send_within(&mut sink, Message::binary(bytes), cut).await {
+                    if !pace.wait(&mut sink, started + after).await
+                        || !pace.send(&mut sink, Message::binary(bytes)).await
+                    {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(why) => {
                     tracing::warn!(recording = %path.display(), "playback stopped: {why}");
-                    send_within(&mut sink, close(1011, why), cut).await;
+                    pace.send(&mut sink, close(1011, why)).await;
                     return;
                 }
             }
         }
         // spice-html5 clears its screen when its sockets close: the last
         // frame stays up while the viewer looks at it.
-        tokio::time::sleep(PLAYED_KEPT).await;
-        send_within(&mut sink, close(1000, "playback ended"), cut).await;
+        if pace
+            .wait(&mut sink, tokio::time::Instant::now() + PLAYED_KEPT)
+            .await
+        {
+            pace.send(&mut sink, close(1000, "playback ended")).await;
+        }
     };
-    until_played(playing, &mut stream).await;
+    until_played(playing, &mut stream, pace).await;
     closed(sink, stream).await;
 }
 
@@ -431,23 +464,84 @@ pub async fn vv(
 /// How long a played RFB recording's last frame stays on the viewer's page.
 const PLAYED_KEPT: Duration = Duration::from_secs(3600);
 
-/// How long a playback's client may take nothing before it is cut: three
-/// ping intervals, the relays' rule for a client that owes a read (a minute
-/// with pings off). A client that stops reading would otherwise hold its
-/// task and socket until the recording's end, and past it.
-fn unread_cut(sessions: &crate::session::Sessions) -> Duration {
-    sessions
-        .browser
-        .ping_interval
-        .map_or(Duration::from_secs(60), |p| p * 3)
+/// How a playback keeps its client honest, as the relays do theirs: a
+/// client that takes nothing for three ping intervals (a minute with pings
+/// off) is cut, and while the recording has nothing to send (between its
+/// events, and the hour its last frame stays up) it is pinged every
+/// interval and cut when it has answered nothing for three. A client that
+/// stopped reading, or vanished without a word, would otherwise hold its
+/// task, socket and slot until the recording's end, and past it.
+struct Pace {
+    cut: Duration,
+    ping: Option<Duration>,
+    origin: tokio::time::Instant,
+    /// When the client last sent anything, in ns since `origin`.
+    heard: std::sync::atomic::AtomicU64,
 }
 
-/// Sends `m` within `cut`; `false` when it did not go.
-async fn send_within<S>(sink: &mut S, m: Message, cut: Duration) -> bool
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    matches!(tokio::time::timeout(cut, sink.send(m)).await, Ok(Ok(())))
+impl Pace {
+    fn of(sessions: &crate::session::Sessions) -> Self {
+        let ping = sessions.browser.ping_interval;
+        Self {
+            cut: ping.map_or(Duration::from_secs(60), |p| p * 3),
+            ping,
+            origin: tokio::time::Instant::now(),
+            heard: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The client sent something.
+    fn heard(&self) {
+        let ns = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.heard.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn heard_at(&self) -> tokio::time::Instant {
+        self.origin + Duration::from_nanos(self.heard.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Sends `m` within the cut; `false` when it did not go.
+    async fn send<S>(&self, sink: &mut S, m: Message) -> bool
+    where
+        S: futures_util::Sink<Message> + Unpin,
+    {
+        matches!(
+            tokio::time::timeout(self.cut, sink.send(m)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Waits until `at`, pinging the client each interval meanwhile;
+    /// `false` once it has sent nothing for three intervals since a ping it
+    /// owes an answer to, or a ping did not go.
+    async fn wait<S>(&self, sink: &mut S, at: tokio::time::Instant) -> bool
+    where
+        S: futures_util::Sink<Message> + Unpin,
+    {
+        let Some(ping) = self.ping else {
+            tokio::time::sleep_until(at).await;
+            return true;
+        };
+        let mut owed_since = None;
+        loop {
+            let next = tokio::time::Instant::now() + ping;
+            if next >= at {
+                tokio::time::sleep_until(at).await;
+                return true;
+            }
+            tokio::time::sleep_until(next).await;
+            let now = tokio::time::Instant::now();
+            match owed_since {
+                Some(since) if self.heard_at() > since => owed_since = None,
+                Some(since) if now - since > ping * 3 => return false,
+                _ => {}
+            }
+            if !self.send(sink, Message::Ping(Default::default())).await {
+                return false;
+            }
+            owed_since.get_or_insert(now);
+        }
+    }
 }
 
 fn close(code: u16, reason: &'static str) -> Message {

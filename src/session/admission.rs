@@ -282,6 +282,8 @@ pub struct Parts {
 pub struct Sessions {
     /// Global session cap; a permit rides in each session's guards.
     slots: Arc<Semaphore>,
+    /// Playbacks' own slots (as many): they never take a console's.
+    playback_slots: Arc<Semaphore>,
     /// Consoles that serve one client at a time and have one (serial).
     exclusive: Arc<Mutex<HashSet<(String, u16)>>>,
     counts: Arc<Mutex<Counts>>,
@@ -328,6 +330,7 @@ impl Sessions {
     pub fn new(parts: Parts) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(parts.limits.max_sessions)),
+            playback_slots: Arc::new(Semaphore::new(parts.limits.max_sessions)),
             exclusive: Arc::default(),
             counts: Arc::default(),
             resolver: parts.resolver,
@@ -485,18 +488,24 @@ impl Sessions {
         })
     }
 
-    /// What a playback's socket holds while it plays: a slot, and a place
-    /// in its client's count, as a session does. It opens no console, but
-    /// it is a socket and a task for as long as its recording plays (and
-    /// up to an hour past its end), and its link opens any number of them.
+    /// What a playback's socket holds while it plays: a slot of the
+    /// playbacks' own (`max_sessions` of them, apart from the consoles'),
+    /// and a place in its client's count, as a session does. It opens no
+    /// console, but it is a socket and a task for as long as its recording
+    /// plays (and up to an hour past its end), and its link opens any
+    /// number of them.
     pub fn admit_playback(&self, client: IpAddr) -> Result<SessionGuards, OpenError> {
         if self.cancel.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            crate::metrics::limit_hit("max_sessions");
-            OpenError::Overloaded
-        })?;
+        let permit = self
+            .playback_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                crate::metrics::limit_hit("max_playbacks");
+                OpenError::Overloaded
+            })?;
         let counts = self.count(client, None)?;
         Ok(SessionGuards {
             _permit: permit,

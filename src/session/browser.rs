@@ -27,7 +27,7 @@ use crate::console::ConsoleType;
 use crate::token::Grant;
 use crate::transport::conn::Conn;
 use crate::transport::drain_watch::{Drains, Watched};
-use crate::transport::gate::{GateRefusal, Pass};
+use crate::transport::gate::Pass;
 use crate::transport::listener::AfterUpgrade;
 use crate::transport::ws_bypass::{self, Bypass, Bypasses, Limits};
 use crate::transport::ws_stream::WsBytes;
@@ -48,10 +48,8 @@ enum Upstream {
     /// noVNC and serial: the connected hypervisor.
     Connected(Opened),
     /// spice-html5: nothing yet (the SPICE link inside the socket, and its
-    /// ticket, decide); until the link is done, a place at the gate, as the
-    /// connection held before its upgrade (a socket that links nothing
-    /// takes no slot and no count, and would otherwise be held by nothing).
-    Linked(Pass),
+    /// ticket, decide).
+    Linked,
     /// A serial shadow: its session's output, on this node.
     Watching {
         guards: SessionGuards,
@@ -86,7 +84,7 @@ impl Sessions {
                 self.would_admit_ticketed(&grant)
                     .await
                     .inspect_err(record)?;
-                Upstream::Linked(self.linking_place(client).inspect_err(record)?)
+                Upstream::Linked
             }
             // A serial console serves one client: its shadows read what
             // its session reads (through the store from another node).
@@ -114,22 +112,6 @@ impl Sessions {
             grant,
             client,
             upstream,
-        })
-    }
-
-    /// A place at the gate for a spice-html5 socket until its link is
-    /// done, beside the one its HTTP connection holds until the upgrade.
-    fn linking_place(&self, client: IpAddr) -> Result<Pass, OpenError> {
-        let Some(permit) = self.pending.try_permit() else {
-            crate::metrics::limit_hit("pending_full");
-            return Err(OpenError::Overloaded);
-        };
-        self.pending.enter(permit, client, false).map_err(|e| {
-            crate::metrics::limit_hit(e.as_str());
-            match e {
-                GateRefusal::AddressFull => OpenError::Limited("client"),
-                GateRefusal::GateFull => OpenError::Overloaded,
-            }
         })
     }
 
@@ -182,6 +164,13 @@ impl BrowserAdmission {
     /// connection's own task after its HTTP is over (`after`).
     pub fn start(self, upgrade: hyper::upgrade::OnUpgrade, after: &AfterUpgrade) {
         let tracker = self.sessions.tracker.clone();
+        // A spice-html5 socket is admitted by its SPICE link, inside it: its
+        // connection keeps its place at the gate until then (it holds no
+        // slot and no count before).
+        let place = match self.upstream {
+            Upstream::Linked => after.keep_place(),
+            _ => None,
+        };
         let session = tracker.track_future(async move {
             let upgraded = match upgrade.await {
                 Ok(u) => u,
@@ -190,7 +179,7 @@ impl BrowserAdmission {
                     match self.upstream {
                         Upstream::Connected(o) => o.guards.release().await,
                         Upstream::Watching { guards, .. } => guards.release().await,
-                        Upstream::Linked(_) => {}
+                        Upstream::Linked => {}
                     }
                     return;
                 }
@@ -206,12 +195,12 @@ impl BrowserAdmission {
             let io = Bypass::new(Watched::new(TokioIo::new(upgraded)), limits);
             let config = self.sessions.tungstenite_config();
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            self.run(socket).await;
+            self.run(socket, place).await;
         });
         after.set(session);
     }
 
-    async fn run<S>(self, socket: WebSocketStream<S>)
+    async fn run<S>(self, socket: WebSocketStream<S>, place: Option<Pass>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Drains + Bypasses,
     {
@@ -221,7 +210,7 @@ impl BrowserAdmission {
             client,
             upstream,
         } = self;
-        if let Upstream::Linked(place) = upstream {
+        if let Upstream::Linked = upstream {
             // spice-html5: one socket per channel; the link decides the session.
             super::spice::serve_browser(sessions, socket, client, grant, place).await;
             return;
@@ -233,7 +222,7 @@ impl BrowserAdmission {
             Upstream::Watching { guards, output } => {
                 (guards, super::oversight::watch(output, life.stop().limit))
             }
-            Upstream::Linked(_) => unreachable!("served above"),
+            Upstream::Linked => unreachable!("served above"),
         };
         let span = life.span();
         async move {

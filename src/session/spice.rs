@@ -332,7 +332,7 @@ pub async fn serve_browser<S>(
     socket: WebSocketStream<S>,
     peer: IpAddr,
     grant: crate::token::Grant,
-    place: crate::transport::gate::Pass,
+    place: Option<crate::transport::gate::Pass>,
 ) where
     S: tokio::io::AsyncRead
         + tokio::io::AsyncWrite
@@ -346,7 +346,24 @@ pub async fn serve_browser<S>(
     let leg = ClientLeg::Browser {
         grant: Box::new(grant.clone()),
     };
-    let linked = Box::pin(link_channel(&sessions, &mut client, peer, &leg, deadline)).await;
+    // Until it is linked, the gate may take its connection's place for
+    // another address's, as it may an HTTP connection's: it ends then.
+    let evicted = place.as_ref().map(crate::transport::gate::Pass::evicted);
+    let linking = Box::pin(link_channel(&sessions, &mut client, peer, &leg, deadline));
+    let linked = tokio::select! {
+        linked = linking => linked,
+        () = async {
+            match &evicted {
+                Some(e) => e.cancelled().await,
+                None => std::future::pending().await,
+            }
+        } => {
+            if crate::audit::refusal_log_allowed() {
+                tracing::info!(client = %peer, "spice-html5 socket closed before its link: its address held the most places of a full gate");
+            }
+            return;
+        }
+    };
     // Linked (or not): the channel's admission holds what it holds now.
     drop(place);
     let (socket, pending) = client.into_inner();

@@ -8,7 +8,8 @@
 //! hold only so many of them, so a flood from one address cannot keep
 //! another address from opening a console. A connection gives its permit
 //! back when it ends or once it is admitted (an HTTP connection when it is
-//! upgraded to a session, a native one at its handshake deadline); admitted
+//! upgraded to a session, or once a spice-html5 socket's SPICE link is
+//! done; a native one at its handshake deadline); admitted
 //! sessions are bounded by the session layer's own caps.
 //!
 //! When every place is taken, the loop still accepts on one of a few spare
@@ -177,16 +178,6 @@ impl Gate {
                 spare: true,
             },
         }
-    }
-
-    /// A free slot now, if any: for a connection already in that keeps a
-    /// place after it leaves HTTP (a spice-html5 socket until its link).
-    pub fn try_permit(&self) -> Option<Permit> {
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
-        Some(Permit {
-            permit,
-            spare: false,
-        })
     }
 
     /// Lets a connection from `addr` in with `permit`, unless its address

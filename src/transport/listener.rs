@@ -35,19 +35,47 @@ use tower::ServiceExt as _;
 /// upgraded socket over: the session the upgrade starts. Run there, not in a
 /// task of its own, an open costs one spawn and one cross-task wake-up less
 /// (the session would otherwise wait for the upgrade and be woken when the
-/// 101 is out). A handler finds it in the request's extensions.
+/// 101 is out). A handler finds it in the request's extensions, and with it
+/// the connection's place at the gate, for a session that is not admitted
+/// yet when its socket is upgraded (spice-html5: its ticket comes inside).
 #[derive(Clone, Default)]
-pub struct AfterUpgrade(Arc<Mutex<Option<BoxFuture<'static, ()>>>>);
+pub struct AfterUpgrade {
+    session: Arc<Mutex<Option<BoxFuture<'static, ()>>>>,
+    place: Arc<Mutex<Option<Pass>>>,
+}
 
 impl AfterUpgrade {
     /// Runs `session` once the HTTP connection is over (upgraded, or ended
     /// without: the session then sees its upgrade fail).
     pub fn set(&self, session: impl Future<Output = ()> + Send + 'static) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::pin(session));
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::pin(session));
+    }
+
+    /// The connection's place at the gate, to keep until the session is
+    /// admitted (instead of giving it back at the upgrade); `None` where
+    /// the connection holds none. Its [`Pass::evicted`] still says when the
+    /// gate takes it for another address.
+    pub fn keep_place(&self) -> Option<Pass> {
+        self.place.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn with_place(pass: Pass) -> Self {
+        Self {
+            session: Arc::default(),
+            place: Arc::new(Mutex::new(Some(pass))),
+        }
     }
 
     fn take(&self) -> Option<BoxFuture<'static, ()>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Gives the place back unless a session kept it.
+    fn give_back_place(&self) {
+        drop(self.place.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
@@ -372,10 +400,11 @@ pub async fn serve(
                 let deadline = Instant::now() + deadlines.tls_handshake;
                 let Accepted { tcp, client, pass } = arrival.client(deadline).await?;
                 // Given back when the connection ends, or when hyper hands an
-                // upgraded socket to its session; until then the gate may
-                // close it to make room for another address.
+                // upgraded socket to its session (which may keep it until it
+                // is admitted); until then the gate may close it to make
+                // room for another address.
                 let evicted = pass.evicted();
-                let after = AfterUpgrade::default();
+                let after = AfterUpgrade::with_place(pass);
                 let serving = async {
                     if let Some(io) = accept_tls(tcp, client, tls, deadline).await {
                         serve_connection(io, client, router, deadlines, cancel, after.clone())
@@ -386,7 +415,7 @@ pub async fn serve(
                     () = evicted.cancelled() => evicted_at_gate(client),
                     () = serving => {}
                 }
-                drop(pass);
+                after.give_back_place();
                 after.take()
             });
             if let Some(session) = http.await {

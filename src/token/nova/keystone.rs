@@ -10,11 +10,11 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::LookupError;
+use crate::secret::Secret;
 
 /// Keystone's token answer, its service catalog included (a large cloud's
 /// is some hundreds of KiB).
 const MAX_TOKEN_BODY: usize = 4 << 20;
-use crate::secret::Secret;
 
 /// How Porthole authenticates to Keystone.
 #[derive(Debug, Clone, PartialEq, Eq)]
