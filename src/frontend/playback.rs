@@ -477,22 +477,35 @@ struct Pace {
     origin: tokio::time::Instant,
     /// When the client last sent anything, in ns since `origin`.
     heard: std::sync::atomic::AtomicU64,
+    /// When the oldest ping it has not answered yet went, in ns since
+    /// `origin` (0: none), over every wait of the playback.
+    owed: std::sync::atomic::AtomicU64,
 }
 
 impl Pace {
     fn of(sessions: &crate::session::Sessions) -> Self {
-        let ping = sessions.browser.ping_interval;
+        Self::with_ping(sessions.browser.ping_interval)
+    }
+
+    fn with_ping(ping: Option<Duration>) -> Self {
         Self {
             cut: ping.map_or(Duration::from_secs(60), |p| p * 3),
             ping,
             origin: tokio::time::Instant::now(),
             heard: std::sync::atomic::AtomicU64::new(0),
+            owed: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn since_origin(&self, at: tokio::time::Instant) -> u64 {
+        u64::try_from((at - self.origin).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
     /// The client sent something.
     fn heard(&self) {
-        let ns = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let ns = self.since_origin(tokio::time::Instant::now());
         self.heard.store(ns, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -522,7 +535,7 @@ impl Pace {
             tokio::time::sleep_until(at).await;
             return true;
         };
-        let mut owed_since = None;
+        use std::sync::atomic::Ordering::Relaxed;
         loop {
             let next = tokio::time::Instant::now() + ping;
             if next >= at {
@@ -531,15 +544,21 @@ impl Pace {
             }
             tokio::time::sleep_until(next).await;
             let now = tokio::time::Instant::now();
-            match owed_since {
-                Some(since) if self.heard_at() > since => owed_since = None,
-                Some(since) if now - since > ping * 3 => return false,
-                _ => {}
+            let owed = self.owed.load(Relaxed);
+            if owed != 0 {
+                let since = self.origin + Duration::from_nanos(owed);
+                if self.heard_at() > since {
+                    self.owed.store(0, Relaxed);
+                } else if now - since > ping * 3 {
+                    return false;
+                }
             }
             if !self.send(sink, Message::Ping(Default::default())).await {
                 return false;
             }
-            owed_since.get_or_insert(now);
+            if self.owed.load(Relaxed) == 0 {
+                self.owed.store(self.since_origin(now), Relaxed);
+            }
         }
     }
 }
@@ -638,4 +657,50 @@ pub(super) async fn recording_file(
         body,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    /// A client that reads but never answers, between events two ping
+    /// intervals apart: its unanswered ping is remembered from one wait to
+    /// the next, and it is cut three intervals after the first.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_no_ping_is_cut_across_waits() {
+        let pace = Pace::with_ping(Some(Duration::from_secs(1)));
+        let mut sink = futures_util::sink::drain();
+        let start = Instant::now();
+        let mut at = start;
+        loop {
+            at += Duration::from_secs(2);
+            if !pace.wait(&mut sink, at).await {
+                break;
+            }
+            assert!(at - start < Duration::from_secs(10), "never cut");
+        }
+        // First ping at 1 s, cut at the check after 4 s.
+        assert_eq!(Instant::now() - start, Duration::from_secs(5));
+    }
+
+    /// The same client answering each ping is never cut.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_is_kept() {
+        let pace = Pace::with_ping(Some(Duration::from_secs(1)));
+        let mut sink = futures_util::sink::drain();
+        let start = Instant::now();
+        for i in 1..=20 {
+            let answer = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    pace.heard();
+                }
+            };
+            tokio::select! {
+                kept = pace.wait(&mut sink, start + Duration::from_secs(2 * i)) => assert!(kept, "cut at {i}"),
+                () = answer => unreachable!(),
+            }
+        }
+    }
 }

@@ -61,6 +61,7 @@ use crate::protocol::spice::messages::{LinkError, LinkMess, LinkReply, channel, 
 use crate::recording::Recorder;
 use crate::token::ticket::{Admitted, ChannelRole, TicketId, TicketRefusal, TicketStore};
 use crate::transport::conn::{Conn, Io};
+use crate::transport::gate::Pass;
 use crate::transport::ws_stream::WsBytes;
 
 /// Where a channel connection came from.
@@ -292,6 +293,7 @@ pub async fn serve_native(
         peer,
         &ClientLeg::Native,
         deadline,
+        None,
     ));
     let Channel {
         upstream,
@@ -332,7 +334,7 @@ pub async fn serve_browser<S>(
     socket: WebSocketStream<S>,
     peer: IpAddr,
     grant: crate::token::Grant,
-    place: Option<crate::transport::gate::Pass>,
+    place: Option<Pass>,
 ) where
     S: tokio::io::AsyncRead
         + tokio::io::AsyncWrite
@@ -346,26 +348,15 @@ pub async fn serve_browser<S>(
     let leg = ClientLeg::Browser {
         grant: Box::new(grant.clone()),
     };
-    // Until it is linked, the gate may take its connection's place for
-    // another address's, as it may an HTTP connection's: it ends then.
-    let evicted = place.as_ref().map(crate::transport::gate::Pass::evicted);
-    let linking = Box::pin(link_channel(&sessions, &mut client, peer, &leg, deadline));
-    let linked = tokio::select! {
-        linked = linking => linked,
-        () = async {
-            match &evicted {
-                Some(e) => e.cancelled().await,
-                None => std::future::pending().await,
-            }
-        } => {
-            if crate::audit::refusal_log_allowed() {
-                tracing::info!(client = %peer, "spice-html5 socket closed before its link: its address held the most places of a full gate");
-            }
-            return;
-        }
-    };
-    // Linked (or not): the channel's admission holds what it holds now.
-    drop(place);
+    let linked = Box::pin(link_channel(
+        &sessions,
+        &mut client,
+        peer,
+        &leg,
+        deadline,
+        place,
+    ))
+    .await;
     let (socket, pending) = client.into_inner();
     let Channel {
         upstream,
@@ -944,13 +935,15 @@ async fn link_channel<S: Io>(
     peer: IpAddr,
     leg: &ClientLeg,
     deadline: Instant,
+    place: Option<Pass>,
 ) -> Result<Linked, CloseReason> {
     let started = StdInstant::now();
     let mut link = ClientLink::new();
     let native = matches!(leg, ClientLeg::Native);
-    // Until a ticket admits it, the channel is no session: only a shutdown stops it.
+    // Until a ticket admits it, the channel is no session: only a shutdown
+    // (or, before its ticket is in, the gate) stops it.
     let admitted = tokio::select! {
-        r = admit_channel(sessions, client, &mut link, leg, peer, deadline) => r,
+        r = admit_channel(sessions, client, &mut link, leg, peer, deadline, place) => r,
         _ = sessions.cancel.cancelled() => Err(ChannelRefusal::gone("shutting_down", Blame::Internal)),
     };
     let (mess, admitted, session) = match admitted {
@@ -1167,23 +1160,42 @@ async fn admit_channel<S: Io>(
     leg: &ClientLeg,
     peer: IpAddr,
     deadline: Instant,
+    place: Option<Pass>,
 ) -> Result<AdmittedChannel, ChannelRefusal> {
-    let ClientStep::Linked(mess) = drive(link, client, deadline)
-        .await
-        .map_err(ChannelRefusal::from_client)?
-    else {
-        unreachable!("the first step is the link message")
-    };
     let key = sessions.keys.pick();
-    send(client, &link.accept(&key.der, &mess), deadline)
-        .await
-        .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
-    let ClientStep::Ticket(ciphertext) = drive(link, client, deadline)
-        .await
-        .map_err(ChannelRefusal::from_client)?
-    else {
-        unreachable!("the second step is the ticket")
+    let to_ticket = async {
+        let ClientStep::Linked(mess) = drive(link, client, deadline)
+            .await
+            .map_err(ChannelRefusal::from_client)?
+        else {
+            unreachable!("the first step is the link message")
+        };
+        send(client, &link.accept(&key.der, &mess), deadline)
+            .await
+            .map_err(|_| ChannelRefusal::gone("client_left", Blame::Client))?;
+        let ClientStep::Ticket(ciphertext) = drive(link, client, deadline)
+            .await
+            .map_err(ChannelRefusal::from_client)?
+        else {
+            unreachable!("the second step is the ticket")
+        };
+        Ok((mess, ciphertext))
     };
+    // A spice-html5 socket holds its connection's place at the gate until
+    // its ticket is in, and may lose it to another address's as an HTTP
+    // connection may (nothing is admitted yet: it just ends).
+    let evicted = place.as_ref().map(Pass::evicted);
+    let (mess, ciphertext) = tokio::select! {
+        r = to_ticket => r?,
+        () = async {
+            match &evicted {
+                Some(e) => e.cancelled().await,
+                None => std::future::pending().await,
+            }
+        } => return Err(ChannelRefusal::gone("evicted_at_gate", Blame::Client)),
+    };
+    // The ticket is in: the session's caps bound the channel from here.
+    drop(place);
     // ~0.2 ms: cheaper inline than a hop to the blocking pool.
     let password = decrypt_ticket(&key.private, &ciphertext).map_err(|e| {
         ChannelRefusal::client(
