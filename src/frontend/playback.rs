@@ -556,8 +556,11 @@ impl Pace {
             if !self.send(sink, Message::Ping(Default::default())).await {
                 return false;
             }
+            // Stamped once it went: a send that waited is not the client's
+            // silence.
             if self.owed.load(Relaxed) == 0 {
-                self.owed.store(self.since_origin(now), Relaxed);
+                self.owed
+                    .store(self.since_origin(tokio::time::Instant::now()), Relaxed);
             }
         }
     }
@@ -684,23 +687,39 @@ mod tests {
         assert_eq!(Instant::now() - start, Duration::from_secs(5));
     }
 
-    /// The same client answering each ping is never cut.
+    /// A client that answers for ten seconds, then falls silent: kept
+    /// while it answers, cut within four intervals of its silence.
     #[tokio::test(start_paused = true)]
-    async fn a_client_that_answers_is_kept() {
+    async fn a_client_is_kept_while_it_answers_and_cut_once_it_stops() {
         let pace = Pace::with_ping(Some(Duration::from_secs(1)));
         let mut sink = futures_util::sink::drain();
         let start = Instant::now();
-        for i in 1..=20 {
-            let answer = async {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    pace.heard();
-                }
-            };
-            tokio::select! {
-                kept = pace.wait(&mut sink, start + Duration::from_secs(2 * i)) => assert!(kept, "cut at {i}"),
-                () = answer => unreachable!(),
+        let silent_from = start + Duration::from_secs(10);
+        let answer = async {
+            while Instant::now() < silent_from {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                pace.heard();
             }
-        }
+            std::future::pending::<()>().await;
+        };
+        let waits = async {
+            let mut at = start;
+            loop {
+                at += Duration::from_secs(2);
+                if !pace.wait(&mut sink, at).await {
+                    return Instant::now();
+                }
+            }
+        };
+        let cut_at = tokio::select! {
+            at = waits => at,
+            () = answer => unreachable!(),
+        };
+        assert!(cut_at > silent_from, "cut while it answered");
+        assert!(
+            cut_at <= silent_from + Duration::from_secs(5),
+            "{:?}",
+            cut_at - start
+        );
     }
 }

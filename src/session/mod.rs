@@ -79,6 +79,9 @@ pub enum CloseReason {
     WebSocketProtocol,
     /// The client sent text that is not UTF-8.
     InvalidUtf8,
+    /// Before it was admitted, its place at the gate went to another
+    /// address's (its own held the most of a full gate).
+    EvictedAtGate,
 }
 
 impl CloseReason {
@@ -101,6 +104,7 @@ impl CloseReason {
             CloseReason::SessionEnded => "session_ended",
             CloseReason::WebSocketProtocol => "client_protocol_error",
             CloseReason::InvalidUtf8 => "client_invalid_utf8",
+            CloseReason::EvictedAtGate => "evicted_at_gate",
         }
     }
 }

@@ -95,6 +95,10 @@ impl ClientLeg {
     }
 }
 
+/// A spice-html5 socket's place at the gate went to another address's
+/// before its ticket was in.
+const EVICTED_AT_GATE: &str = "evicted_at_gate";
+
 /// A channel's link, as its refusals are counted and recorded.
 const SPICE_LINK: Handshake = Handshake {
     protocol: "spice",
@@ -206,7 +210,11 @@ impl ChannelRefusal {
     /// The close code a browser sees after the link error: the console
     /// failed, whoever is to blame (the page's preflight says more).
     fn close_reason(&self) -> CloseReason {
-        CloseReason::BackendError
+        if self.reason == EVICTED_AT_GATE {
+            CloseReason::EvictedAtGate
+        } else {
+            CloseReason::BackendError
+        }
     }
 
     /// Logs and counts it (before the client hears of it).
@@ -1192,7 +1200,12 @@ async fn admit_channel<S: Io>(
                 Some(e) => e.cancelled().await,
                 None => std::future::pending().await,
             }
-        } => return Err(ChannelRefusal::gone("evicted_at_gate", Blame::Client)),
+        } => {
+            return Err(ChannelRefusal {
+                detail: "its address held the most places of a full gate".into(),
+                ..ChannelRefusal::gone(EVICTED_AT_GATE, Blame::Client)
+            });
+        }
     };
     // The ticket is in: the session's caps bound the channel from here.
     drop(place);

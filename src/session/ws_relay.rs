@@ -669,6 +669,7 @@ pub fn close_frame(reason: CloseReason) -> (u16, &'static str) {
         CloseReason::SessionEnded => (1000, "session ended"),
         CloseReason::WebSocketProtocol => (1002, "websocket protocol error"),
         CloseReason::InvalidUtf8 => (1007, "invalid utf-8"),
+        CloseReason::EvictedAtGate => (1013, "too many connections from your address: try again"),
     }
 }
 
