@@ -15,12 +15,18 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<T
 
 /// A gateway with `websocket` in its `[websocket]` section.
 async fn start(websocket: &str) -> Gateway {
+    start_with("", websocket).await
+}
+
+/// A gateway with `listen` in its `[listen]` section too.
+async fn start_with(listen: &str, websocket: &str) -> Gateway {
     let toml = format!(
         r#"
 [listen]
 public = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 public_base_url = "https://consoles.test"
+{listen}
 {tokens}
 [websocket]
 {websocket}
@@ -398,18 +404,7 @@ async fn under_reconnect_a_second_connection_is_refused_and_the_first_runs_on() 
 async fn a_spice_html5_socket_keeps_its_place_at_the_gate_until_its_link() {
     // Two places per address: a socket's connection keeps its place past
     // the upgrade, until its SPICE link (the ticket inside) is done.
-    let toml = format!(
-        r#"
-[listen]
-public = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-public_base_url = "https://consoles.test"
-max_pending_per_address = 2
-{tokens}
-{LOOPBACK_BACKEND}"#,
-        tokens = tokens_toml("")
-    );
-    let g = spawn_gateway(tempfile::tempdir().unwrap(), toml).await;
+    let g = start_with("max_pending_per_address = 2", "").await;
     let path = g.path("spice", ConsoleType::SpiceHtml5, 5930);
     let url = format!("ws://{}{path}", g.public);
     let first = g.open(&path).await;
