@@ -10,6 +10,7 @@
 //! `POST /v1/recordings/{id}/playback`) names a recording and opens no
 //! console: a playback never touches a hypervisor.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use axum::extract::{Query, Request, State};
@@ -43,10 +44,7 @@ fn recording_of(
         return Err((StatusCode::UNAUTHORIZED, "refused"));
     };
     let id = s.validator.playback_of(token).map_err(|r| {
-        crate::metrics::token_refused(r.reason.as_str());
-        if crate::audit::refusal_log_allowed() {
-            tracing::info!(reason = r.reason.as_str(), "playback refused: {}", r.detail);
-        }
+        crate::session::lifecycle::token_refused(&r);
         (
             StatusCode::from_u16(r.reason.http_status()).unwrap_or(StatusCode::FORBIDDEN),
             r.reason.client_code(),
@@ -133,17 +131,7 @@ async fn upgrade_to_play(
     let hold = match s.sessions.admit_playback(client) {
         Ok(hold) => hold,
         Err(e) => {
-            crate::metrics::session_refused(e.as_str());
-            crate::session::lifecycle::refused(&crate::session::lifecycle::Refused {
-                what: "playback",
-                label: "playback",
-                reason: e.as_str(),
-                blame: e.blame(),
-                client,
-                console: None,
-                jti: None,
-                detail: &e,
-            });
+            crate::session::lifecycle::open_refused("playback", "playback", &e, client, None);
             return open_error_response(&e);
         }
     };
@@ -476,10 +464,10 @@ struct Pace {
     ping: Option<Duration>,
     origin: tokio::time::Instant,
     /// When the client last sent anything, in ns since `origin`.
-    heard: std::sync::atomic::AtomicU64,
+    heard: AtomicU64,
     /// When the oldest ping it has not answered yet went, in ns since
     /// `origin` (0: none), over every wait of the playback.
-    owed: std::sync::atomic::AtomicU64,
+    owed: AtomicU64,
 }
 
 impl Pace {
@@ -492,8 +480,8 @@ impl Pace {
             cut: ping.map_or(Duration::from_secs(60), |p| p * 3),
             ping,
             origin: tokio::time::Instant::now(),
-            heard: std::sync::atomic::AtomicU64::new(0),
-            owed: std::sync::atomic::AtomicU64::new(0),
+            heard: AtomicU64::new(0),
+            owed: AtomicU64::new(0),
         }
     }
 
@@ -506,11 +494,11 @@ impl Pace {
     /// The client sent something.
     fn heard(&self) {
         let ns = self.since_origin(tokio::time::Instant::now());
-        self.heard.store(ns, std::sync::atomic::Ordering::Relaxed);
+        self.heard.store(ns, Relaxed);
     }
 
     fn heard_at(&self) -> tokio::time::Instant {
-        self.origin + Duration::from_nanos(self.heard.load(std::sync::atomic::Ordering::Relaxed))
+        self.origin + Duration::from_nanos(self.heard.load(Relaxed))
     }
 
     /// Sends `m` within the cut; `false` when it did not go.
@@ -535,7 +523,6 @@ impl Pace {
             tokio::time::sleep_until(at).await;
             return true;
         };
-        use std::sync::atomic::Ordering::Relaxed;
         loop {
             let next = tokio::time::Instant::now() + ping;
             if next >= at {

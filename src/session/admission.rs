@@ -585,17 +585,7 @@ impl Sessions {
         client: IpAddr,
     ) -> Result<(Secret<String>, u64), OpenError> {
         self.issue_ticket(grant).await.inspect_err(|e| {
-            crate::metrics::session_refused(e.as_str());
-            lifecycle::refused(&lifecycle::Refused {
-                what: "ticket",
-                label: "ticket exchange",
-                reason: e.as_str(),
-                blame: e.blame(),
-                client,
-                console: Some(grant.console),
-                jti: Some(&grant.jti),
-                detail: e,
-            });
+            lifecycle::open_refused("ticket", "ticket exchange", e, client, Some(grant));
         })
     }
 

@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument as _;
 
-use super::lifecycle::{Lifecycle, Refused, refused};
+use super::lifecycle::{Lifecycle, open_refused};
 use super::oversight::{ClientInput, FanOut};
 use super::ws_relay::{self, RelayOptions, relay};
 use super::{Admission, CloseReason, Early, OpenError, Opened, SessionGuards, Sessions, Traffic};
@@ -65,19 +65,7 @@ impl Sessions {
         grant: Grant,
         client: IpAddr,
     ) -> Result<BrowserAdmission, OpenError> {
-        let record = |e: &OpenError| {
-            crate::metrics::session_refused(e.as_str());
-            refused(&Refused {
-                what: "session",
-                label: "session",
-                reason: e.as_str(),
-                blame: e.blame(),
-                client,
-                console: Some(grant.console),
-                jti: Some(&grant.jti),
-                detail: e,
-            });
-        };
+        let record = |e: &OpenError| open_refused("session", "session", e, client, Some(&grant));
         let upstream = match (grant.console, grant.shadow_of()) {
             // The SPICE link inside the socket, and its ticket, decide the rest.
             (ConsoleType::SpiceHtml5, _) => {

@@ -267,6 +267,29 @@ pub fn refused(r: &Refused<'_>) {
     }
 }
 
+/// Counts `e` as a refused session and records it as [`refused`] does:
+/// `what` and `label` name what was asked for, `grant` its token's, when
+/// it has one.
+pub fn open_refused(
+    what: &'static str,
+    label: &'static str,
+    e: &super::OpenError,
+    client: IpAddr,
+    grant: Option<&Grant>,
+) {
+    crate::metrics::session_refused(e.as_str());
+    refused(&Refused {
+        what,
+        label,
+        reason: e.as_str(),
+        blame: e.blame(),
+        client,
+        console: grant.map(|g| g.console),
+        jti: grant.map(|g| g.jti.as_str()),
+        detail: e,
+    });
+}
+
 /// Logs and counts a refused token; every refused token goes through here once.
 pub fn token_refused(refusal: &Refusal) {
     crate::metrics::token_refused(refusal.reason.as_str());

@@ -169,6 +169,17 @@ impl ChannelRefusal {
         }
     }
 
+    /// Its place at the gate went to another address's before its ticket
+    /// was in (a spice-html5 socket).
+    fn evicted() -> Self {
+        Self {
+            code: None,
+            reason: EVICTED_AT_GATE,
+            blame: Blame::Client,
+            detail: "its address held the most places of a full gate".into(),
+        }
+    }
+
     fn timed_out() -> Self {
         Self {
             detail: "no complete handshake in time".into(),
@@ -1201,10 +1212,7 @@ async fn admit_channel<S: Io>(
                 None => std::future::pending().await,
             }
         } => {
-            return Err(ChannelRefusal {
-                detail: "its address held the most places of a full gate".into(),
-                ..ChannelRefusal::gone(EVICTED_AT_GATE, Blame::Client)
-            });
+            return Err(ChannelRefusal::evicted());
         }
     };
     // The ticket is in: the session's caps bound the channel from here.
