@@ -39,16 +39,25 @@ use tower::ServiceExt as _;
 /// the connection's place at the gate, for a session that is not admitted
 /// yet when its socket is upgraded (spice-html5: its ticket comes inside).
 #[derive(Clone, Default)]
-pub struct AfterUpgrade {
-    session: Arc<Mutex<Option<BoxFuture<'static, ()>>>>,
-    place: Arc<Mutex<Option<Pass>>>,
+pub struct AfterUpgrade(Arc<Mutex<Handover>>);
+
+/// What a connection hands over at its upgrade (one allocation a
+/// connection, as before the place joined the session).
+#[derive(Default)]
+struct Handover {
+    session: Option<BoxFuture<'static, ()>>,
+    place: Option<Pass>,
 }
 
 impl AfterUpgrade {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handover> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `session` once the HTTP connection is over (upgraded, or ended
     /// without: the session then sees its upgrade fail).
     pub fn set(&self, session: impl Future<Output = ()> + Send + 'static) {
-        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::pin(session));
+        self.lock().session = Some(Box::pin(session));
     }
 
     /// The connection's place at the gate, to keep until the session is
@@ -56,26 +65,23 @@ impl AfterUpgrade {
     /// the connection holds none. Its [`Pass::evicted`] still says when the
     /// gate takes it for another address.
     pub fn keep_place(&self) -> Option<Pass> {
-        self.place.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.lock().place.take()
     }
 
     fn with_place(pass: Pass) -> Self {
-        Self {
-            session: Arc::default(),
-            place: Arc::new(Mutex::new(Some(pass))),
-        }
+        Self(Arc::new(Mutex::new(Handover {
+            session: None,
+            place: Some(pass),
+        })))
     }
 
     fn take(&self) -> Option<BoxFuture<'static, ()>> {
-        self.session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.lock().session.take()
     }
 
     /// Gives the place back unless a session kept it.
     fn give_back_place(&self) {
-        drop(self.place.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(self.lock().place.take());
     }
 }
 
