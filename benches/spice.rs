@@ -289,12 +289,18 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
-fn wait_for_port(addr: SocketAddr) {
+/// Whether `child` listens on `addr` within 30 s; `false` once it exited
+/// (a port `free_addr` picked was taken before it bound it).
+fn listens(child: &mut Child, addr: SocketAddr) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_err() {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
         assert!(Instant::now() < deadline, "{addr} never listened");
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 struct Porthole {
@@ -308,6 +314,12 @@ struct Porthole {
 }
 
 fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
+    (0..3)
+        .find_map(|_| try_start_porthole(dir, far_port))
+        .expect("porthole exited at start three times (its ports taken?)")
+}
+
+fn try_start_porthole(dir: &Path, far_port: u16) -> Option<Porthole> {
     let ca_params = {
         let mut p = rcgen::CertificateParams::default();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -379,10 +391,11 @@ fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
         .stderr(Stdio::null())
         .spawn()
         .expect("start porthole");
-    let process = Killed(child);
-    wait_for_port(public);
-    wait_for_port(spice);
-    Porthole {
+    let mut process = Killed(child);
+    if !listens(&mut process.0, public) || !listens(&mut process.0, spice) {
+        return None;
+    }
+    Some(Porthole {
         process,
         public,
         spice: Target {
@@ -392,7 +405,7 @@ fn start_porthole(dir: &Path, far_port: u16) -> Porthole {
         signer,
         far_port,
         server_tls: Arc::new(server_tls),
-    }
+    })
 }
 
 impl Porthole {
