@@ -164,6 +164,49 @@ async fn the_client_a_header_names_is_the_one_sessions_and_caps_see() {
 }
 
 #[tokio::test]
+async fn the_session_cap_counts_an_ipv6_client_by_its_64_and_a_mapped_one_as_ipv4() {
+    let g = start("127.0.0.1/32", "").await;
+    let to: SocketAddr = "[2001:db8:ffff::1]:443".parse().unwrap();
+    // max_sessions_per_client = 1: one session for the /64 ...
+    let _a = g
+        .serial(&v2("[2001:db8:1:2::7]:40000", to), echo_console().await)
+        .await
+        .unwrap();
+    // ... which another address of it cannot add to ...
+    assert_eq!(
+        g.serial(
+            &v2("[2001:db8:1:2:ffff::8]:40000", to),
+            echo_console().await
+        )
+        .await
+        .err(),
+        Some(429)
+    );
+    // ... while the next /64 has its own.
+    let _b = g
+        .serial(&v2("[2001:db8:1:3::7]:40000", to), echo_console().await)
+        .await
+        .unwrap();
+    // An IPv4 client seen through a dual-stack socket counts as itself,
+    // not as ::/64 with every other IPv4 client.
+    let _c = g
+        .serial(&v1("192.0.2.30", g.public), echo_console().await)
+        .await
+        .unwrap();
+    assert_eq!(
+        g.serial(&v2("[::ffff:192.0.2.30]:40000", to), echo_console().await)
+            .await
+            .err(),
+        Some(429)
+    );
+    let _d = g
+        .serial(&v2("[::ffff:192.0.2.31]:40000", to), echo_console().await)
+        .await
+        .unwrap();
+    g.stop().await;
+}
+
+#[tokio::test]
 async fn the_gate_counts_the_named_client() {
     let g = start("127.0.0.1/32", "max_pending_per_address = 1").await;
     // A connection waiting for its request holds its client's one place.

@@ -149,6 +149,7 @@ struct Counts {
 #[derive(Debug)]
 struct CountGuard {
     counts: Arc<Mutex<Counts>>,
+    /// The address it counts as.
     client: IpAddr,
     /// `None`: counted against its client alone (a playback).
     jti: Option<String>,
@@ -464,8 +465,10 @@ impl Sessions {
         resolved.inspect_err(lifecycle::token_refused)
     }
 
-    /// Counts a connection from `client` with token `jti`, within the caps.
+    /// Counts a connection from `client` (as the gate does: IPv6 by its
+    /// /64) with token `jti`, within the caps.
     fn count(&self, client: IpAddr, jti: Option<&str>) -> Result<CountGuard, OpenError> {
+        let client = crate::transport::gate::counted_as(client);
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if c.clients.get(&client).copied().unwrap_or(0) >= self.limits.per_client {
             crate::metrics::limit_hit("per_client");

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::transport::gate::counted_as;
+
 /// Failures an address may have before it must wait.
 const FREE: u32 = 10;
 /// The first wait; doubled after each further failure.
@@ -58,17 +60,6 @@ impl Default for FailedTickets {
     }
 }
 
-/// The key an address counts under: itself (IPv4), or its /64 (IPv6).
-fn key(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(prefix.into())
-        }
-    }
-}
-
 impl FailedTickets {
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // Every update completes under the lock: a poisoned table is consistent.
@@ -79,7 +70,7 @@ impl FailedTickets {
     pub fn wait_for(&self, addr: IpAddr) -> Option<Duration> {
         let now = Instant::now();
         let table = self.lock();
-        let f = table.by_address.get(&key(addr))?;
+        let f = table.by_address.get(&counted_as(addr))?;
         (f.wait_until > now).then(|| f.wait_until - now)
     }
 
@@ -89,7 +80,7 @@ impl FailedTickets {
         let table = self.lock();
         table
             .by_address
-            .get(&key(addr))
+            .get(&counted_as(addr))
             .is_some_and(|f| now.duration_since(f.last) < FORGET_AFTER)
     }
 
@@ -97,7 +88,7 @@ impl FailedTickets {
     pub fn failed(&self, addr: IpAddr) {
         let now = Instant::now();
         let mut table = self.lock();
-        let key = key(addr);
+        let key = counted_as(addr);
         if !table.by_address.contains_key(&key) && table.by_address.len() >= CAPACITY {
             if now < table.next_prune {
                 return;
@@ -129,7 +120,7 @@ impl FailedTickets {
     /// `addr` presented a good ticket: its failures are forgiven.
     pub fn succeeded(&self, addr: IpAddr) {
         let mut table = self.lock();
-        table.by_address.remove(&key(addr));
+        table.by_address.remove(&counted_as(addr));
     }
 }
 
@@ -176,5 +167,19 @@ mod tests {
         assert!(t.wait_for("2001:db8:1:3::1".parse().unwrap()).is_none());
         t.succeeded(b);
         assert_eq!(t.wait_for(a), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ipv4_client_of_a_dual_stack_listener_counts_as_itself() {
+        let t = FailedTickets::default();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        for _ in 0..=FREE {
+            t.failed(mapped);
+        }
+        assert!(t.wait_for("192.0.2.7".parse().unwrap()).is_some());
+        assert!(
+            t.wait_for("::ffff:192.0.2.8".parse().unwrap()).is_none(),
+            "another IPv4 client is not in the guesser's /64 (::/64)"
+        );
     }
 }

@@ -126,9 +126,14 @@ impl Drop for Pass {
     }
 }
 
-/// The address a connection counts for: IPv6 by its /64 (an IPv4 client
-/// of a dual-stack listener by its IPv4 address).
-fn counted_as(addr: IpAddr) -> IpAddr {
+/// The address a client counts as, wherever clients are counted (this
+/// gate, the sessions' per-client caps and playbacks, the failed-ticket and
+/// Nova-lookup backoffs): IPv6 by its /64, which one client usually holds
+/// whole, and an IPv4 client of a dual-stack listener (`::ffff:a.b.c.d`)
+/// by its IPv4 address. Counted by the exact IPv6 address, one client
+/// could hold 2^64 caps; unmapped, every IPv4 client of a dual-stack
+/// listener would share `::/64`.
+pub fn counted_as(addr: IpAddr) -> IpAddr {
     match addr.to_canonical() {
         v4 @ IpAddr::V4(_) => v4,
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
