@@ -387,6 +387,11 @@ impl Listeners {
 /// Most admin connections open at once.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 
+/// Longest an admin response may wait on a peer that reads none of it.
+/// Generous: a recording's download over a slow link still makes progress
+/// well within it; a peer whose window stays shut this long is not reading.
+pub const ADMIN_WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(
     app: Arc<App>,
@@ -410,17 +415,30 @@ pub async fn run(
     let deadlines = HttpDeadlines {
         tls_handshake: app.config.websocket.upgrade_timeout,
         request_headers: app.config.websocket.upgrade_timeout,
+        write_stall: None,
     };
-    // The admin listener gets the public one's deadlines, and a cap on
-    // open connections: idle ones must not exhaust the descriptors that
-    // consoles need.
+    // The admin listener gets the public one's deadlines, a deadline on a
+    // response its peer does not read (a page or a recording's download
+    // bigger than the socket's buffers would hold its connection for good),
+    // and a cap on open connections: idle ones must not exhaust the
+    // descriptors that consoles need. The cap is counted by address, with
+    // no lower cap for one: when every place is taken, a newcomer from
+    // another address (a health check, Prometheus) takes the oldest place
+    // of the address holding the most, instead of waiting behind a flood.
     let admin = tokio::spawn(listener::serve(
         listeners.admin,
         None,
         admin_router,
-        deadlines,
+        HttpDeadlines {
+            write_stall: Some(ADMIN_WRITE_STALL),
+            ..deadlines
+        },
         stop_admin.clone(),
-        crate::transport::gate::Gate::new(ADMIN_MAX_CONNECTIONS, None, Vec::new()),
+        crate::transport::gate::Gate::new(
+            ADMIN_MAX_CONNECTIONS,
+            Some(ADMIN_MAX_CONNECTIONS),
+            Vec::new(),
+        ),
         ProxyHeaders::none(),
     ));
     let trusted = app.config.listen.trusted_proxies.clone();

@@ -587,11 +587,7 @@ fn raise_descriptor_limit(config: &crate::config::Config) -> u64 {
             rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
         }
     };
-    // Two per session (client, hypervisor), one per connection not yet
-    // admitted, and some for listeners, files and the admin API.
-    let wanted = 2 * config.sessions.max_sessions as u64
-        + config.listen.max_pending_connections as u64
-        + 512;
+    let wanted = descriptors_wanted(config);
     if limit < wanted {
         tracing::warn!(
             limit,
@@ -600,6 +596,21 @@ fn raise_descriptor_limit(config: &crate::config::Config) -> u64 {
         );
     }
     limit
+}
+
+/// Descriptors the caps allow Porthole to hold at once: two per session
+/// (client, hypervisor), one per connection not yet admitted, and some for
+/// listeners, files and the admin API; with recording on, a session's
+/// recording file, and the playbacks' own pool (a socket and a file each).
+fn descriptors_wanted(config: &crate::config::Config) -> u64 {
+    let sessions = config.sessions.max_sessions as u64;
+    let per_session = if config.recording.is_some() { 3 } else { 2 };
+    let playbacks = if config.recording.is_some() {
+        2 * sessions
+    } else {
+        0
+    };
+    per_session * sessions + playbacks + config.listen.max_pending_connections as u64 + 512
 }
 
 fn print_dev_banner(app: &App, dev: &DevState, admin: std::net::SocketAddr) {

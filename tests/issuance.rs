@@ -14,6 +14,11 @@ const HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A gateway whose issuance API signs with key `issuer-1`.
 async fn start() -> Gateway {
+    start_with_deadline(HEADER_DEADLINE).await
+}
+
+/// [`start`] with another header deadline.
+async fn start_with_deadline(header_deadline: std::time::Duration) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     TestKey::new(dir.path(), KeyKind::Ed25519, "issuer-1");
     std::fs::write(dir.path().join("bearer.key"), BEARER).unwrap();
@@ -47,7 +52,7 @@ name = "compute"
 networks = ["10.20.0.0/16"]
 ports = ["5900-6100"]
 "#,
-        HEADER_DEADLINE.as_secs()
+        header_deadline.as_secs()
     );
     spawn_gateway(dir, toml).await
 }
@@ -383,34 +388,45 @@ async fn an_oversized_body_is_refused() {
 }
 
 #[tokio::test]
-async fn idle_admin_connections_are_cut_and_capped() {
-    use tokio::io::AsyncWriteExt as _;
+async fn an_idle_admin_connection_is_cut_at_the_header_deadline() {
     let a = start().await;
-    // A connection that sends nothing is closed at the header deadline.
     let mut idle = tokio::net::TcpStream::connect(a.admin).await.unwrap();
     let closed = answer_within(&mut idle, HEADER_DEADLINE * 5).await;
     assert_eq!(closed.as_deref(), Some(""), "closed without an answer");
-    // The cap: with every slot held by a silent connection, another
-    // connection's request waits in the backlog...
+}
+
+#[tokio::test]
+async fn admin_connections_are_capped_and_a_flood_cannot_keep_another_address_out() {
+    use tokio::io::AsyncWriteExt as _;
+    // A deadline far past the test: nothing here is closed by it.
+    let a = start_with_deadline(std::time::Duration::from_secs(120)).await;
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..porthole::app::ADMIN_MAX_CONNECTIONS {
         held.push(tokio::net::TcpStream::connect(a.admin).await.unwrap());
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Every place is held by 127.0.0.1: another connection of it is closed
+    // unanswered...
     let mut late = tokio::net::TcpStream::connect(a.admin).await.unwrap();
-    late.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+    let _ = late.write_all(healthz).await;
+    let closed = answer_within(&mut late, std::time::Duration::from_secs(10)).await;
+    assert_eq!(closed.as_deref(), Some(""), "closed without an answer");
+    // ...while one from another address takes the place of the flood's
+    // oldest connection, and is served.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(a.admin).await.unwrap();
+    other.write_all(healthz).await.unwrap();
+    let got = answer_within(&mut other, std::time::Duration::from_secs(10))
         .await
-        .unwrap();
-    assert_eq!(
-        answer_within(&mut late, std::time::Duration::from_millis(300)).await,
-        None,
-        "served although every slot was taken"
-    );
-    // ...and is served once a slot frees (here: the held ones are cut at
-    // their deadline).
-    drop(held.pop());
-    let got = answer_within(&mut late, HEADER_DEADLINE * 5)
+        .expect("served while the flood holds its places");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let evicted = answer_within(&mut held[0], std::time::Duration::from_secs(10)).await;
+    assert_eq!(evicted.as_deref(), Some(""), "the oldest is closed");
+    let newest = held.last_mut().unwrap();
+    newest.write_all(healthz).await.unwrap();
+    let got = answer_within(newest, std::time::Duration::from_secs(10))
         .await
-        .expect("served once a slot was free");
+        .expect("the newest is still served");
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }

@@ -151,6 +151,12 @@ pub struct HttpDeadlines {
     pub tls_handshake: Duration,
     /// Request headers, from the start of the request (covers the WebSocket upgrade request).
     pub request_headers: Duration,
+    /// How long a response write may wait on a peer that reads nothing
+    /// before the connection is closed (`None`: as long as it takes). Not
+    /// on a listener whose connections become sessions: the stream is
+    /// handed over whole at the upgrade, and a session judges its client's
+    /// reading itself.
+    pub write_stall: Option<Duration>,
 }
 
 /// Which peers of a listener announce their client with a PROXY protocol
@@ -412,10 +418,10 @@ pub async fn serve(
                 let evicted = pass.evicted();
                 let after = AfterUpgrade::with_place(pass);
                 let serving = async {
-                    if let Some(io) = accept_tls(tcp, client, tls, deadline).await {
-                        serve_connection(io, client, router, deadlines, cancel, after.clone())
-                            .await;
-                    }
+                    let Some(io) = accept_tls(tcp, client, tls, deadline).await else {
+                        return;
+                    };
+                    serve_http(io, client, router, deadlines, cancel, after.clone()).await;
                 };
                 tokio::select! {
                     () = evicted.cancelled() => evicted_at_gate(client),
@@ -473,6 +479,27 @@ fn evicted_at_gate(client: SocketAddr) {
     }
 }
 
+/// Serves HTTP on `io`, under `deadlines.write_stall` where there is one.
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    deadlines: HttpDeadlines,
+    cancel: CancellationToken,
+    after: AfterUpgrade,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match deadlines.write_stall {
+        None => serve_connection(io, peer, router, deadlines, cancel, after).await,
+        Some(stall) => {
+            let mut io = tokio_io_timeout::TimeoutStream::new(io);
+            io.set_write_timeout(Some(stall));
+            serve_connection(Box::pin(io), peer, router, deadlines, cancel, after).await;
+        }
+    }
+}
+
 async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
@@ -506,5 +533,70 @@ async fn serve_connection<I>(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::AsyncWriteExt as _;
+
+    /// An HTTP connection on `io` with a response far bigger than the
+    /// pipe, whose peer sends its request and then reads nothing.
+    fn unread_response(
+        write_stall: Option<Duration>,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let router = Router::new().route("/big", get(|| async { vec![0u8; 1 << 20] }));
+        let (client, server) = tokio::io::duplex(4096);
+        let deadlines = HttpDeadlines {
+            tls_handshake: Duration::from_secs(10),
+            request_headers: Duration::from_secs(10),
+            write_stall,
+        };
+        let served = tokio::spawn(serve_http(
+            server,
+            "127.0.0.1:1".parse().unwrap(),
+            router,
+            deadlines,
+            CancellationToken::new(),
+            AfterUpgrade::default(),
+        ));
+        (client, served)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_its_peer_does_not_read_is_given_up_at_the_write_stall() {
+        let stall = Duration::from_secs(30);
+        let (mut client, served) = unread_response(Some(stall));
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        tokio::time::timeout(stall * 3, served)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        assert!(
+            started.elapsed() >= stall,
+            "ended after {:?}, before the stall deadline",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_write_stall_an_unread_response_waits() {
+        let (mut client, served) = unread_response(None);
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), served)
+                .await
+                .is_err(),
+            "the public listener's connections hand their stream on whole"
+        );
     }
 }

@@ -135,11 +135,14 @@ def half_open_flood(p, prober, vm):
 
 
 def admin_hold(p, prober, vm):
-    """300 idle admin connections: Porthole holds at most 256 of them (the
-    rest wait in the kernel's backlog), each until the header deadline; the
-    public listener is untouched, and /healthz from another address is
-    answered once the deadline frees places. Then 100 unauthenticated POSTs
-    that announce 2 MiB each are answered 401 without their bodies."""
+    """300 idle admin connections from one address: Porthole holds at most
+    256 of them (the rest are closed at once), each until the header
+    deadline; the public listener is untouched, and /healthz from another
+    address is answered while the flood holds every place, in the place of
+    the flood's oldest connection. Then 100 unauthenticated POSTs that
+    announce 2 MiB each are answered 401 without their bodies."""
+    evicted = lambda: metric_sum(p.metrics(), "porthole_limits_hit_total", limit="pending_evicted")
+    evicted_before = evicted()
     watch = ProcWatch(p.gateway.proc.pid)
     started = time.monotonic()
     flood = Flood(p.admin_port, 300, ["127.0.0.4"])
@@ -153,6 +156,8 @@ def admin_hold(p, prober, vm):
     finally:
         flood.stop()
         watch.stop()
+    # /healthz (and any admin call the checks above made) took its place.
+    assert evicted() >= evicted_before + 1, "nothing took a flood connection's place"
     held = watch.fds_peak - watch.fds_start
     assert ADMIN_CAP - 20 <= held <= ADMIN_CAP + 20, (watch.fds_start, watch.fds_peak)
     assert prober.flowed(started, time.monotonic())
