@@ -420,11 +420,8 @@ pub async fn run(
     // The admin listener gets the public one's deadlines, a deadline on a
     // response its peer does not read (a page or a recording's download
     // bigger than the socket's buffers would hold its connection for good),
-    // and a cap on open connections: idle ones must not exhaust the
-    // descriptors that consoles need. The cap is counted by address, with
-    // no lower cap for one: when every place is taken, a newcomer from
-    // another address (a health check, Prometheus) takes the oldest place
-    // of the address holding the most, instead of waiting behind a flood.
+    // and a cap on open connections (see `Gate::admin`): idle ones must not
+    // exhaust the descriptors that consoles need.
     let admin = tokio::spawn(listener::serve(
         listeners.admin,
         None,
@@ -434,11 +431,7 @@ pub async fn run(
             ..deadlines
         },
         stop_admin.clone(),
-        crate::transport::gate::Gate::new(
-            ADMIN_MAX_CONNECTIONS,
-            Some(ADMIN_MAX_CONNECTIONS),
-            Vec::new(),
-        ),
+        crate::transport::gate::Gate::admin(ADMIN_MAX_CONNECTIONS),
         ProxyHeaders::none(),
     ));
     let trusted = app.config.listen.trusted_proxies.clone();

@@ -599,18 +599,16 @@ fn raise_descriptor_limit(config: &crate::config::Config) -> u64 {
 }
 
 /// Descriptors the caps allow Porthole to hold at once: two per session
-/// (client, hypervisor), one per connection not yet admitted, and some for
-/// listeners, files and the admin API; with recording on, a session's
-/// recording file, and the playbacks' own pool (a socket and a file each).
+/// (client, hypervisor), one per connection not yet admitted and per admin
+/// connection, and some for listeners and files. With recording on, each of
+/// those may hold a recording's file as well (a session's own, a download),
+/// and the playbacks have their own pool (a socket and a file each).
 fn descriptors_wanted(config: &crate::config::Config) -> u64 {
+    let file = u64::from(config.recording.is_some());
     let sessions = config.sessions.max_sessions as u64;
-    let per_session = if config.recording.is_some() { 3 } else { 2 };
-    let playbacks = if config.recording.is_some() {
-        2 * sessions
-    } else {
-        0
-    };
-    per_session * sessions + playbacks + config.listen.max_pending_connections as u64 + 512
+    let connections =
+        config.listen.max_pending_connections as u64 + crate::app::ADMIN_MAX_CONNECTIONS as u64;
+    (2 + file) * sessions + 2 * file * sessions + (1 + file) * connections + 256
 }
 
 fn print_dev_banner(app: &App, dev: &DevState, admin: std::net::SocketAddr) {

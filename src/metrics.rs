@@ -235,7 +235,8 @@ pub fn accept_failed() {
 }
 
 /// Counts a limit hit (`max_sessions`, `per_client`, `per_token`,
-/// `pending_per_address`, `failed_tickets`).
+/// `pending_per_address`, `failed_tickets`; the gates' labels are in
+/// `transport::gate`).
 pub fn limit_hit(limit: &'static str) {
     metrics::counter!(LIMITS_HIT, "limit" => limit).increment(1);
 }

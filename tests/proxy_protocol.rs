@@ -26,6 +26,11 @@ const DEADLINE_SECS: u64 = 1;
 
 /// A gateway whose listeners expect PROXY headers from `trusted`.
 async fn start(trusted: &str, listen_extra: &str) -> Gateway {
+    start_on("127.0.0.1:0", trusted, listen_extra).await
+}
+
+/// [`start`] with its public listener on `public`.
+async fn start_on(public: &str, trusted: &str, listen_extra: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bearer"), BEARER).unwrap();
     let toml = format!(
@@ -33,7 +38,7 @@ async fn start(trusted: &str, listen_extra: &str) -> Gateway {
 [node]
 name = "node-a"
 [listen]
-public = "127.0.0.1:0"
+public = "{public}"
 admin = "127.0.0.1:0"
 public_base_url = "{ORIGIN}"
 trusted_proxies = ["{trusted}"]
@@ -203,6 +208,27 @@ async fn the_session_cap_counts_an_ipv6_client_by_its_64_and_a_mapped_one_as_ipv
         .serial(&v2("[::ffff:192.0.2.31]:40000", to), echo_console().await)
         .await
         .unwrap();
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn an_ipv4_proxy_is_trusted_on_a_dual_stack_listener() {
+    // A v6 socket that takes IPv4 connections (to 127.0.0.1 only): its
+    // peers are ::ffff:127.0.0.1, which must match 127.0.0.1/32.
+    let mut g = start_on("[::ffff:127.0.0.1]:0", "127.0.0.1/32", "").await;
+    assert!(g.public.is_ipv6(), "{}", g.public);
+    g.public = SocketAddr::from(([127, 0, 0, 1], g.public.port()));
+    let _a = g
+        .serial(&v2("192.0.2.40:40000", g.public), echo_console().await)
+        .await
+        .expect("the header was read and the client admitted");
+    let clients: Vec<String> = g
+        .sessions(BEARER)
+        .await
+        .iter()
+        .map(|s| s["client"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(clients, ["192.0.2.40"]);
     g.stop().await;
 }
 

@@ -178,7 +178,8 @@ impl axum::extract::FromRequestParts<PublicState> for ClientAddr {
 /// The client's address: the peer, or the last hop a trusted proxy vouches for.
 pub(crate) fn client_addr(peer: SocketAddr, headers: &HeaderMap, listen: &ListenConfig) -> IpAddr {
     let trusted = |ip: &IpAddr| listen.trusted_proxies.iter().any(|n| n.contains(ip));
-    let mut client = peer.ip();
+    // Canonical already when it comes from a listener; not in unit tests.
+    let mut client = peer.ip().to_canonical();
     if !trusted(&client) {
         return client;
     }
@@ -191,7 +192,7 @@ pub(crate) fn client_addr(peer: SocketAddr, headers: &HeaderMap, listen: &Listen
         .map(str::trim)
         .collect();
     for hop in hops.iter().rev() {
-        match hop.parse::<IpAddr>() {
+        match hop.parse::<IpAddr>().map(|ip| ip.to_canonical()) {
             Ok(ip) => {
                 client = ip;
                 if !trusted(&ip) {
@@ -244,6 +245,22 @@ pub(super) mod tests {
         assert_eq!(
             client_addr(stranger, &h, &listen(&[], &["10.0.0.0/8"], true)),
             stranger.ip()
+        );
+    }
+
+    #[test]
+    fn a_mapped_address_is_the_ipv4_address_it_carries() {
+        // A dual-stack listener sees an IPv4 balancer as ::ffff:10.0.0.1,
+        // and a balancer may write a hop that way too.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "::ffff:198.51.100.7, ::ffff:10.0.0.2".parse().unwrap(),
+        );
+        let peer: SocketAddr = "[::ffff:10.0.0.1]:5555".parse().unwrap();
+        assert_eq!(
+            client_addr(peer, &h, &listen(&[], &["10.0.0.0/8"], true)),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
         );
     }
 

@@ -44,6 +44,7 @@ pub struct Gate {
     per_address: Option<usize>,
     exempt: Vec<ipnet::IpNet>,
     held: Mutex<Held>,
+    names: &'static Names,
 }
 
 /// Each counted address's pending connections, oldest first.
@@ -84,15 +85,30 @@ pub enum GateRefusal {
     GateFull,
 }
 
-impl GateRefusal {
-    /// A stable label for metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GateRefusal::AddressFull => "pending_per_address",
-            GateRefusal::GateFull => "pending_full",
-        }
-    }
+/// What a gate's refusals are counted (`porthole_limits_hit_total{limit}`)
+/// and logged as: the consoles' listeners share one gate, the admin
+/// listener has its own, and a dashboard must tell them apart.
+#[derive(Debug)]
+struct Names {
+    address_full: &'static str,
+    gate_full: &'static str,
+    evicted: &'static str,
+    connection: &'static str,
 }
+
+const CONSOLES: Names = Names {
+    address_full: "pending_per_address",
+    gate_full: "pending_full",
+    evicted: "pending_evicted",
+    connection: "connection",
+};
+
+const ADMIN: Names = Names {
+    address_full: "admin_pending_per_address",
+    gate_full: "admin_pending_full",
+    evicted: "admin_pending_evicted",
+    connection: "admin connection",
+};
 
 /// A connection's place behind the gate; given back on drop.
 #[derive(Debug)]
@@ -158,7 +174,32 @@ impl Gate {
             per_address,
             exempt,
             held: Mutex::default(),
+            names: &CONSOLES,
         })
+    }
+
+    /// The admin listener's gate: at most `max` connections, counted by
+    /// address with no lower cap for one, so that when every place is
+    /// taken a newcomer from another address (a health check, Prometheus)
+    /// takes the oldest place of the address holding the most instead of
+    /// waiting behind a flood. Its refusals are counted as `admin_pending_*`.
+    pub fn admin(max: usize) -> Arc<Self> {
+        let mut gate = Self::new(max, Some(max), Vec::new());
+        Arc::get_mut(&mut gate).expect("just made").names = &ADMIN;
+        gate
+    }
+
+    /// The metric label of a refusal of this gate.
+    pub fn label(&self, why: GateRefusal) -> &'static str {
+        match why {
+            GateRefusal::AddressFull => self.names.address_full,
+            GateRefusal::GateFull => self.names.gate_full,
+        }
+    }
+
+    /// What a refused connection is called in the log.
+    pub fn connection(&self) -> &'static str {
+        self.names.connection
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -220,7 +261,7 @@ impl Gate {
             (true, Some(slot)) => slot,
             (true, None) => match take_place(&mut held, key, mine) {
                 Some(taken) => {
-                    crate::metrics::limit_hit("pending_evicted");
+                    crate::metrics::limit_hit(self.names.evicted);
                     taken
                 }
                 None if counted.is_none() => permit.permit,

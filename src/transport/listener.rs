@@ -247,7 +247,7 @@ impl Arrival {
             Place::AfterHeader(permit, gate) => (permit, gate),
         };
         let client = match tokio::time::timeout_at(deadline, proxy_header::read(&mut tcp)).await {
-            Ok(Ok(named)) => named.unwrap_or(peer),
+            Ok(Ok(named)) => named.map_or(peer, canonical),
             Ok(Err(e)) => {
                 crate::metrics::handshake_failed("proxy", e.as_str(), "client");
                 if crate::audit::refusal_log_allowed() {
@@ -266,7 +266,7 @@ impl Arrival {
         let pass = match gate.enter(permit, client.ip(), evictable) {
             Ok(pass) => pass,
             Err(why) => {
-                refused_at_gate(client, Some(peer), why);
+                refused_at_gate(&gate, client, Some(peer), why);
                 return None;
             }
         };
@@ -274,10 +274,11 @@ impl Arrival {
     }
 }
 
-fn refused_at_gate(client: SocketAddr, proxy: Option<SocketAddr>, why: GateRefusal) {
-    crate::metrics::limit_hit(why.as_str());
+fn refused_at_gate(gate: &Gate, client: SocketAddr, proxy: Option<SocketAddr>, why: GateRefusal) {
+    crate::metrics::limit_hit(gate.label(why));
     if crate::audit::refusal_log_allowed() {
-        tracing::info!(%client, ?proxy, "connection refused: {why}");
+        let connection = gate.connection();
+        tracing::info!(%client, ?proxy, "{connection} refused: {why}");
     }
 }
 
@@ -345,13 +346,14 @@ pub async fn accept_loop<F>(
             },
         };
         backoff = ACCEPT_BACKOFF_MIN;
+        let peer = canonical(peer);
         let place = if proxy.expected_from(peer.ip()) {
             Place::AfterHeader(permit, gate.clone())
         } else {
             match gate.enter(permit, peer.ip(), evictable) {
                 Ok(pass) => Place::Entered(pass),
                 Err(why) => {
-                    refused_at_gate(peer, None, why);
+                    refused_at_gate(&gate, peer, None, why);
                     continue;
                 }
             }
@@ -364,6 +366,14 @@ pub async fn accept_loop<F>(
             evictable,
         });
     }
+}
+
+/// `addr` with an IPv4 client of a dual-stack socket (`::ffff:a.b.c.d`) as
+/// the IPv4 address it is, so that the trusted proxies, the networks and
+/// the logs see one form of each client: `ipnet` never matches an IPv4
+/// network against a mapped address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);

@@ -135,29 +135,36 @@ def half_open_flood(p, prober, vm):
 
 
 def admin_hold(p, prober, vm):
-    """300 idle admin connections from one address: Porthole holds at most
-    256 of them (the rest are closed at once), each until the header
-    deadline; the public listener is untouched, and /healthz from another
-    address is answered while the flood holds every place, in the place of
-    the flood's oldest connection. Then 100 unauthenticated POSTs that
-    announce 2 MiB each are answered 401 without their bodies."""
-    evicted = lambda: metric_sum(p.metrics(), "porthole_limits_hit_total", limit="pending_evicted")
-    evicted_before = evicted()
+    """300 idle admin connections from one address: Porthole holds 256 of
+    them (the rest are closed at once), each until the header deadline;
+    /healthz from another address is answered while the flood holds every
+    place, in the place of the flood's oldest connection; the public
+    listener is untouched. Then 100 unauthenticated POSTs that announce
+    2 MiB each are answered 401 without their bodies."""
+    evicted = lambda: metric_sum(p.metrics(), "porthole_limits_hit_total", limit="admin_pending_evicted")
+    refused = lambda: metric_sum(p.metrics(), "porthole_limits_hit_total", limit="admin_pending_per_address")
+    evicted_before, refused_before = evicted(), refused()
     watch = ProcWatch(p.gateway.proc.pid)
     started = time.monotonic()
     flood = Flood(p.admin_port, 300, ["127.0.0.4"])
     try:
         assert flood.wait(lambda f: f.connected == 300, timeout=30), flood.summary()
-        assert prober.wait_for_probe_after(time.monotonic()), "no bytes during the admin hold"
-        another_console_opens(vm)(p)
+        # Every place is the flood's: its other connections were closed at once.
+        assert flood.wait(lambda f: f.closed >= 300 - ADMIN_CAP, timeout=30), flood.summary()
+        # No other admin call until the flood is over: each would take a
+        # place of it too, and be counted below.
         status, _ = healthz(p.admin_port, src="127.0.0.5", timeout=30)
         assert status == 200
+        assert prober.wait_for_probe_after(time.monotonic()), "no bytes during the admin hold"
+        another_console_opens(vm)(p)
         assert flood.wait(lambda f: f.open == 0, timeout=30), flood.summary()
     finally:
         flood.stop()
         watch.stop()
-    # /healthz (and any admin call the checks above made) took its place.
-    assert evicted() >= evicted_before + 1, "nothing took a flood connection's place"
+    # /healthz came while the flood held every place (its connections live
+    # the header deadline, 3 s), and took the oldest's.
+    assert evicted() == evicted_before + 1, "/healthz did not take a flood connection's place"
+    assert refused() == refused_before + 300 - ADMIN_CAP
     held = watch.fds_peak - watch.fds_start
     assert ADMIN_CAP - 20 <= held <= ADMIN_CAP + 20, (watch.fds_start, watch.fds_peak)
     assert prober.flowed(started, time.monotonic())
