@@ -387,11 +387,6 @@ impl Listeners {
 /// Most admin connections open at once.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 
-/// Longest an admin response may wait on a peer that reads none of it.
-/// Generous: a recording's download over a slow link still makes progress
-/// well within it; a peer whose window stays shut this long is not reading.
-pub const ADMIN_WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(
     app: Arc<App>,
@@ -415,21 +410,16 @@ pub async fn run(
     let deadlines = HttpDeadlines {
         tls_handshake: app.config.websocket.upgrade_timeout,
         request_headers: app.config.websocket.upgrade_timeout,
-        write_stall: None,
+        write_stall: app.config.websocket.upgrade_timeout,
     };
-    // The admin listener gets the public one's deadlines, a deadline on a
-    // response its peer does not read (a page or a recording's download
-    // bigger than the socket's buffers would hold its connection for good),
-    // and a cap on open connections (see `Gate::admin`): idle ones must not
-    // exhaust the descriptors that consoles need.
+    // The admin listener gets the public one's deadlines, and a cap on open
+    // connections (see `Gate::admin`): idle ones must not exhaust the
+    // descriptors that consoles need.
     let admin = tokio::spawn(listener::serve(
         listeners.admin,
         None,
         admin_router,
-        HttpDeadlines {
-            write_stall: Some(ADMIN_WRITE_STALL),
-            ..deadlines
-        },
+        deadlines,
         stop_admin.clone(),
         crate::transport::gate::Gate::admin(ADMIN_MAX_CONNECTIONS),
         ProxyHeaders::none(),

@@ -426,3 +426,51 @@ async fn a_spice_html5_socket_keeps_its_place_at_the_gate_until_its_link() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_page_its_client_stops_reading_is_given_up_at_the_deadline() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const SIZE: usize = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("site/static")).unwrap();
+    std::fs::write(dir.path().join("site/static/big.bin"), vec![7u8; SIZE]).unwrap();
+    let toml = format!(
+        r#"
+[listen]
+public = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+public_base_url = "https://consoles.test"
+{tokens}
+[websocket]
+upgrade_timeout_secs = 1
+[web]
+root = "site"
+{LOOPBACK_BACKEND}"#,
+        tokens = tokens_toml("")
+    );
+    let g = spawn_gateway(dir, toml).await;
+    // A small receive window: the response stops at once when unread.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(g.public).await.unwrap();
+    client
+        .write_all(b"GET /static/big.bin HTTP/1.1\r\nHost: consoles.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    client.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Eight deadlines without reading: Porthole has given the response up
+    // (were it waiting still, reading now would fetch the whole file).
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < SIZE / 2, "{got} bytes: the whole file came");
+    g.stop().await;
+}

@@ -18,6 +18,7 @@ use std::time::Duration;
 use super::gate::{Gate, GateRefusal, Pass, Permit};
 use super::pem::PemFileError;
 use super::proxy_header;
+use super::write_stall::WriteStall;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -151,12 +152,10 @@ pub struct HttpDeadlines {
     pub tls_handshake: Duration,
     /// Request headers, from the start of the request (covers the WebSocket upgrade request).
     pub request_headers: Duration,
-    /// How long a response write may wait on a peer that reads nothing
-    /// before the connection is closed (`None`: as long as it takes). Not
-    /// on a listener whose connections become sessions: the stream is
-    /// handed over whole at the upgrade, and a session judges its client's
-    /// reading itself.
-    pub write_stall: Option<Duration>,
+    /// How long a response write may wait on a peer that takes none of it
+    /// before the connection is closed (see [`super::write_stall`]); off
+    /// once the connection is upgraded to a session.
+    pub write_stall: Duration,
 }
 
 /// Which peers of a listener announce their client with a PROXY protocol
@@ -431,7 +430,10 @@ pub async fn serve(
                     let Some(io) = accept_tls(tcp, client, tls, deadline).await else {
                         return;
                     };
-                    serve_http(io, client, router, deadlines, cancel, after.clone()).await;
+                    let (io, stall) = WriteStall::new(io, deadlines.write_stall);
+                    serve_connection(io, client, router, deadlines, cancel, after.clone()).await;
+                    // Upgraded (or over): a session judges its client itself.
+                    stall.off();
                 };
                 tokio::select! {
                     () = evicted.cancelled() => evicted_at_gate(client),
@@ -489,27 +491,6 @@ fn evicted_at_gate(client: SocketAddr) {
     }
 }
 
-/// Serves HTTP on `io`, under `deadlines.write_stall` where there is one.
-async fn serve_http<I>(
-    io: I,
-    peer: SocketAddr,
-    router: Router,
-    deadlines: HttpDeadlines,
-    cancel: CancellationToken,
-    after: AfterUpgrade,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    match deadlines.write_stall {
-        None => serve_connection(io, peer, router, deadlines, cancel, after).await,
-        Some(stall) => {
-            let mut io = tokio_io_timeout::TimeoutStream::new(io);
-            io.set_write_timeout(Some(stall));
-            serve_connection(Box::pin(io), peer, router, deadlines, cancel, after).await;
-        }
-    }
-}
-
 async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
@@ -552,19 +533,18 @@ mod tests {
     use axum::routing::get;
     use tokio::io::AsyncWriteExt as _;
 
-    /// An HTTP connection on `io` with a response far bigger than the
-    /// pipe, whose peer sends its request and then reads nothing.
-    fn unread_response(
-        write_stall: Option<Duration>,
-    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+    #[tokio::test(start_paused = true)]
+    async fn a_response_its_peer_does_not_read_is_given_up_at_the_write_stall() {
+        let stall = Duration::from_secs(30);
         let router = Router::new().route("/big", get(|| async { vec![0u8; 1 << 20] }));
-        let (client, server) = tokio::io::duplex(4096);
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (server, _switch) = WriteStall::new(server, stall);
         let deadlines = HttpDeadlines {
             tls_handshake: Duration::from_secs(10),
             request_headers: Duration::from_secs(10),
-            write_stall,
+            write_stall: stall,
         };
-        let served = tokio::spawn(serve_http(
+        let served = tokio::spawn(serve_connection(
             server,
             "127.0.0.1:1".parse().unwrap(),
             router,
@@ -572,13 +552,6 @@ mod tests {
             CancellationToken::new(),
             AfterUpgrade::default(),
         ));
-        (client, served)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_response_its_peer_does_not_read_is_given_up_at_the_write_stall() {
-        let stall = Duration::from_secs(30);
-        let (mut client, served) = unread_response(Some(stall));
         client
             .write_all(b"GET /big HTTP/1.1\r\nHost: admin\r\n\r\n")
             .await
@@ -592,21 +565,6 @@ mod tests {
             started.elapsed() >= stall,
             "ended after {:?}, before the stall deadline",
             started.elapsed()
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn without_a_write_stall_an_unread_response_waits() {
-        let (mut client, served) = unread_response(None);
-        client
-            .write_all(b"GET /big HTTP/1.1\r\nHost: admin\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(
-            tokio::time::timeout(Duration::from_secs(600), served)
-                .await
-                .is_err(),
-            "the public listener's connections hand their stream on whole"
         );
     }
 }
