@@ -474,3 +474,33 @@ root = "site"
     assert!(got < SIZE / 2, "{got} bytes: the whole file came");
     g.stop().await;
 }
+
+#[tokio::test]
+async fn a_session_whose_client_stops_reading_outlives_the_http_deadline() {
+    // The HTTP write deadline (upgrade_timeout_secs) is off once a socket
+    // is a session: a console whose client pauses keeps going.
+    let g = start("upgrade_timeout_secs = 1\nping_interval_secs = 0").await;
+    let port = echo_console().await;
+    let ws = g.open(&g.path("serial", ConsoleType::Serial, port)).await;
+    let (mut sink, mut stream) = ws.split();
+    const TOTAL: usize = 4 << 20;
+    let sender = tokio::spawn(async move {
+        for _ in 0..TOTAL / (64 * 1024) {
+            let chunk = vec![5u8; 64 * 1024];
+            sink.send(Message::Binary(chunk.into())).await.unwrap();
+        }
+        sink
+    });
+    // Reads nothing for four deadlines while the echo fills every buffer
+    // between it and Porthole's writes to it.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let mut got = 0;
+    while got < TOTAL {
+        match stream.next().await {
+            Some(Ok(Message::Binary(b))) => got += b.len(),
+            other => panic!("after {got} bytes: {other:?}"),
+        }
+    }
+    let _sink = sender.await.unwrap();
+    g.stop().await;
+}

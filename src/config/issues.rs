@@ -236,10 +236,23 @@ pub(super) fn parse_each<T>(
     out
 }
 
+/// A network, or one address; one written in IPv4-mapped form
+/// (`::ffff:10.0.0.0/104`) is the IPv4 network it means, as client
+/// addresses are IPv4 whichever socket they came in on.
 pub(super) fn parse_net(s: &str) -> Option<ipnet::IpNet> {
-    s.parse::<ipnet::IpNet>()
+    let net = s
+        .parse::<ipnet::IpNet>()
         .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))?;
+    if let ipnet::IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+    {
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .ok()
+            .map(ipnet::IpNet::V4);
+    }
+    Some(net)
 }
 
 /// The host of an http(s) URL, without brackets or port.
@@ -251,4 +264,21 @@ pub(super) fn host_of(url: &str) -> Option<String> {
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
     };
     (!host.is_empty()).then(|| host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_in_mapped_form_is_the_ipv4_network_it_means() {
+        let net = |s: &str| parse_net(s).map(|n| n.to_string());
+        assert_eq!(net("::ffff:10.0.0.0/104").as_deref(), Some("10.0.0.0/8"));
+        assert_eq!(net("::ffff:192.0.2.7").as_deref(), Some("192.0.2.7/32"));
+        assert_eq!(net("10.0.0.0/8").as_deref(), Some("10.0.0.0/8"));
+        assert_eq!(net("2001:db8::/32").as_deref(), Some("2001:db8::/32"));
+        // Wider than the mapped block: left as written.
+        assert_eq!(net("::/64").as_deref(), Some("::/64"));
+        assert_eq!(net("not a network"), None);
+    }
 }

@@ -62,7 +62,8 @@ pub struct RawWebSocket {
     pub write_buffer_bytes: Option<usize>,
     /// Hard cap on what tungstenite itself buffers outgoing (pongs, the close, a handshake's messages; the relay's data waits at `write_buffer_bytes`), bytes. Default 4194304.
     pub max_write_buffer_bytes: Option<usize>,
-    /// Deadline for the HTTP upgrade request, seconds. Default 10.
+    /// Deadline for the HTTP upgrade request (and how long an HTTP response
+    /// may wait on a client that takes none of it), seconds. Default 10.
     pub upgrade_timeout_secs: Option<u64>,
     /// WebSocket ping interval, seconds (0: off). Default 20.
     pub ping_interval_secs: Option<u64>,

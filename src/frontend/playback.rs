@@ -32,6 +32,7 @@ use super::respond::refuse;
 use super::state::{ClientAddr, PublicState, TokenQuery};
 use crate::recording::{Format, asciicast, fbs};
 use crate::session::ws_relay::Closing;
+use crate::transport::listener::AfterUpgrade;
 use crate::transport::ws_bypass::ReadsUnframed;
 
 /// The recording's file a playback's token names, or the refusal's status
@@ -137,7 +138,7 @@ async fn upgrade_to_play(
     };
     let upgrade = hyper::upgrade::on(&mut request);
     let sessions = s.sessions.clone();
-    s.sessions.tracker.spawn(async move {
+    let playback = s.sessions.tracker.track_future(async move {
         // Held while the socket plays.
         let _hold = hold;
         let Ok(upgraded) = upgrade.await else {
@@ -163,6 +164,13 @@ async fn upgrade_to_play(
             () = sessions.cancel.cancelled() => {}
         }
     });
+    // Played in the connection's own task once its HTTP is over, as a
+    // console's session is (see `AfterUpgrade`); a router served without a
+    // listener (a unit test's) has no connection task to run it in.
+    match request.extensions().get::<AfterUpgrade>() {
+        Some(after) => after.set(playback),
+        None => drop(tokio::spawn(playback)),
+    }
     switching_protocols(&handshake)
 }
 

@@ -164,6 +164,15 @@ impl Gate {
     /// `per_address` of them from one address (none: no per-address cap,
     /// and no taking places from others), except from the `exempt` networks.
     pub fn new(max: usize, per_address: Option<usize>, exempt: Vec<ipnet::IpNet>) -> Arc<Self> {
+        Self::named(max, per_address, exempt, &CONSOLES)
+    }
+
+    fn named(
+        max: usize,
+        per_address: Option<usize>,
+        exempt: Vec<ipnet::IpNet>,
+        names: &'static Names,
+    ) -> Arc<Self> {
         Arc::new(Self {
             slots: Arc::new(Semaphore::new(max)),
             spare: Arc::new(Semaphore::new(if per_address.is_some() {
@@ -174,7 +183,7 @@ impl Gate {
             per_address,
             exempt,
             held: Mutex::default(),
-            names: &CONSOLES,
+            names,
         })
     }
 
@@ -184,9 +193,7 @@ impl Gate {
     /// takes the oldest place of the address holding the most instead of
     /// waiting behind a flood. Its refusals are counted as `admin_pending_*`.
     pub fn admin(max: usize) -> Arc<Self> {
-        let mut gate = Self::new(max, Some(max), Vec::new());
-        Arc::get_mut(&mut gate).expect("just made").names = &ADMIN;
-        gate
+        Self::named(max, Some(max), Vec::new(), &ADMIN)
     }
 
     /// The metric label of a refusal of this gate.

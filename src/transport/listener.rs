@@ -406,6 +406,7 @@ pub async fn serve(
     proxy: ProxyHeaders,
 ) {
     let stop = cancel.clone();
+    let connection = gate.connection();
     // An HTTP connection not yet upgraded carries no session: it may be
     // closed to make room.
     accept_loop(listener, stop, gate, proxy, true, move |arrival| {
@@ -436,7 +437,7 @@ pub async fn serve(
                     stall.off();
                 };
                 tokio::select! {
-                    () = evicted.cancelled() => evicted_at_gate(client),
+                    () = evicted.cancelled() => evicted_at_gate(connection, client),
                     () = serving => {}
                 }
                 after.give_back_place();
@@ -485,9 +486,9 @@ async fn accept_tls(
 }
 
 /// A connection the gate closed to make room for another address.
-fn evicted_at_gate(client: SocketAddr) {
+fn evicted_at_gate(connection: &str, client: SocketAddr) {
     if crate::audit::refusal_log_allowed() {
-        tracing::info!(%client, "connection closed before admission: its address held the most places of a full gate");
+        tracing::info!(%client, "{connection} closed to make room: its address held the most places of a full gate");
     }
 }
 

@@ -42,7 +42,9 @@ pub struct StallSwitch(Arc<AtomicBool>);
 impl StallSwitch {
     /// No deadline from now on.
     pub fn off(&self) {
-        self.0.store(false, Ordering::Relaxed);
+        // Release: whoever sees it off (a session's task, maybe on another
+        // worker) sees everything before it.
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -67,20 +69,23 @@ impl<I> WriteStall<I> {
             self.waiting = false;
             return r;
         }
-        if !self.on.load(Ordering::Relaxed) {
+        if !self.on.load(Ordering::Acquire) {
+            // A timer armed before the switch would wake the session once.
+            self.timer = None;
             return r;
         }
-        let deadline = Instant::now() + self.stall;
+        let stall = self.stall;
         let timer = match &mut self.timer {
             Some(timer) => {
                 if !self.waiting {
-                    timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(Instant::now() + stall);
                 }
                 timer
             }
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => {
+                let sleep = tokio::time::sleep_until(Instant::now() + stall);
+                self.timer.insert(Box::pin(sleep))
+            }
         };
         self.waiting = true;
         match timer.as_mut().poll(cx) {
@@ -177,6 +182,32 @@ mod tests {
         ours.shutdown().await.unwrap();
         drop(ours);
         assert_eq!(reader.await.unwrap(), 64 * 1024);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_that_wait_again_before_any_progress_share_one_deadline() {
+        let (_peer, ours) = tokio::io::duplex(1024);
+        let (mut ours, _switch) = WriteStall::new(ours, STALL);
+        let started = Instant::now();
+        let first = tokio::time::timeout(STALL / 2, ours.write_all(&[0; 4096])).await;
+        assert!(first.is_err(), "waiting");
+        // The next write (as hyper's flush would) takes nothing either: it
+        // is judged by the same wait, not a new one.
+        let e = ours.write_all(&[0; 4096]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), STALL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn switched_off_while_waiting_the_write_waits_on() {
+        let (_peer, ours) = tokio::io::duplex(1024);
+        let (mut ours, switch) = WriteStall::new(ours, STALL);
+        let first = tokio::time::timeout(STALL / 2, ours.write_all(&[0; 4096])).await;
+        assert!(first.is_err(), "waiting");
+        switch.off();
+        let waited = tokio::time::timeout(STALL * 60, ours.write_all(&[0; 4096])).await;
+        assert!(waited.is_err(), "still waiting, not failed");
+        assert!(ours.timer.is_none(), "the armed timer is dropped");
     }
 
     #[tokio::test(start_paused = true)]
