@@ -71,7 +71,12 @@ pub struct BackendNetwork {
 impl BackendNetwork {
     fn holds_host(&self, host: &str) -> bool {
         match host.parse::<IpAddr>() {
-            Ok(ip) => self.networks.iter().any(|n| n.contains(&ip)),
+            // A mapped address is the IPv4 host it names (and is connected
+            // to as such), as a mapped network is the IPv4 one it means.
+            Ok(ip) => {
+                let ip = ip.to_canonical();
+                self.networks.iter().any(|n| n.contains(&ip))
+            }
             Err(_) => self.hostnames.iter().any(|h| h.eq_ignore_ascii_case(host)),
         }
     }
@@ -198,6 +203,15 @@ mod tests {
         assert!(
             l.check(&target("COMPUTE-1.lab", 5900, None), ConsoleType::Novnc)
                 .is_ok()
+        );
+        // An IPv4 host in mapped form is that host.
+        assert!(
+            l.check(&target("::ffff:10.1.2.3", 5901, None), ConsoleType::Novnc)
+                .is_ok()
+        );
+        assert!(
+            l.check(&target("::ffff:10.2.0.1", 5901, None), ConsoleType::Novnc)
+                .is_err()
         );
     }
 
