@@ -20,6 +20,12 @@ async fn start(websocket: &str) -> Gateway {
 
 /// A gateway with `listen` in its `[listen]` section too.
 async fn start_with(listen: &str, websocket: &str) -> Gateway {
+    start_in(tempfile::tempdir().unwrap(), listen, websocket).await
+}
+
+/// [`start_with`] in `dir` (its config's relative paths start there);
+/// `websocket` may end with sections of its own.
+async fn start_in(dir: tempfile::TempDir, listen: &str, websocket: &str) -> Gateway {
     let toml = format!(
         r#"
 [listen]
@@ -33,7 +39,7 @@ public_base_url = "https://consoles.test"
 {LOOPBACK_BACKEND}"#,
         tokens = tokens_toml("")
     );
-    spawn_gateway(tempfile::tempdir().unwrap(), toml).await
+    spawn_gateway(dir, toml).await
 }
 
 impl Gateway {
@@ -434,21 +440,7 @@ async fn a_page_its_client_stops_reading_is_given_up_at_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("site/static")).unwrap();
     std::fs::write(dir.path().join("site/static/big.bin"), vec![7u8; SIZE]).unwrap();
-    let toml = format!(
-        r#"
-[listen]
-public = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-public_base_url = "https://consoles.test"
-{tokens}
-[websocket]
-upgrade_timeout_secs = 1
-[web]
-root = "site"
-{LOOPBACK_BACKEND}"#,
-        tokens = tokens_toml("")
-    );
-    let g = spawn_gateway(dir, toml).await;
+    let g = start_in(dir, "", "upgrade_timeout_secs = 1\n[web]\nroot = \"site\"").await;
     // A small receive window: the response stops at once when unread.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
