@@ -430,3 +430,48 @@ async fn admin_connections_are_capped_and_a_flood_cannot_keep_another_address_ou
         .expect("the newest is still served");
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
+
+#[tokio::test]
+async fn an_admin_request_being_handled_keeps_its_place_when_room_is_made() {
+    use tokio::io::AsyncWriteExt as _;
+    let a = start_with_deadline(std::time::Duration::from_secs(120)).await;
+    // The oldest connection: an authorised call whose body is still coming.
+    let body = request("novnc", "10.20.0.5", 5900).to_string();
+    let mut busy = tokio::net::TcpStream::connect(a.admin).await.unwrap();
+    let head = format!(
+        "POST /v1/consoles HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {BEARER}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    busy.write_all(head.as_bytes()).await.unwrap();
+    busy.write_all(&body.as_bytes()[..10]).await.unwrap();
+    // Its handler is waiting for the rest (generously: it starts once the
+    // head is in).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut held = Vec::new();
+    for _ in 1..porthole::app::ADMIN_MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(a.admin).await.unwrap());
+    }
+    // Another address makes room: the oldest idle connection goes, not the
+    // one being handled.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(a.admin).await.unwrap();
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let got = answer_within(&mut other, std::time::Duration::from_secs(10)).await;
+    assert!(got.is_some_and(|g| g.starts_with("HTTP/1.1 200")));
+    let evicted = answer_within(&mut held[0], std::time::Duration::from_secs(10)).await;
+    assert_eq!(
+        evicted.as_deref(),
+        Some(""),
+        "the oldest idle one is closed"
+    );
+    busy.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let got = answer_within(&mut busy, std::time::Duration::from_secs(10))
+        .await
+        .expect("the call was answered");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}

@@ -63,6 +63,15 @@ struct Waiting {
     /// It may be closed to make room (an HTTP connection; not a native
     /// one, which may carry a session before its place is given back).
     evictable: bool,
+    /// A request of it is being handled (on a gate that protects those):
+    /// not closed to make room meanwhile.
+    busy: bool,
+}
+
+impl Waiting {
+    fn may_go(&self) -> bool {
+        self.evictable && !self.busy
+    }
 }
 
 /// A place taken before an accept: a slot, or a spare one.
@@ -94,6 +103,8 @@ struct Names {
     gate_full: &'static str,
     evicted: &'static str,
     connection: &'static str,
+    /// A connection with a request in flight keeps its place.
+    protects_requests: bool,
 }
 
 const CONSOLES: Names = Names {
@@ -101,6 +112,9 @@ const CONSOLES: Names = Names {
     gate_full: "pending_full",
     evicted: "pending_evicted",
     connection: "connection",
+    // Its requests are page loads and upgrades: cheap to lose, and an open
+    // must not pay for two more locks.
+    protects_requests: false,
 };
 
 const ADMIN: Names = Names {
@@ -108,6 +122,7 @@ const ADMIN: Names = Names {
     gate_full: "admin_pending_full",
     evicted: "admin_pending_evicted",
     connection: "admin connection",
+    protects_requests: true,
 };
 
 /// A connection's place behind the gate; given back on drop.
@@ -125,6 +140,26 @@ impl Pass {
     /// address's: its task must end, closing the socket.
     pub fn evicted(&self) -> CancellationToken {
         self.evicted.clone()
+    }
+
+    /// Marks a request of this connection as being handled (`true`) or
+    /// done, where its gate protects requests in flight ([`Gate::admin`]):
+    /// a handler cut off halfway may have done half of what it was asked.
+    pub fn handling(&self, busy: bool) {
+        let Some((gate, key, id)) = &self.counted else {
+            return;
+        };
+        if !gate.names.protects_requests {
+            return;
+        }
+        let mut held = gate.lock();
+        if let Some(w) = held
+            .by_address
+            .get_mut(key)
+            .and_then(|q| q.iter_mut().find(|w| w.id == *id))
+        {
+            w.busy = busy;
+        }
     }
 }
 
@@ -191,7 +226,9 @@ impl Gate {
     /// address with no lower cap for one, so that when every place is
     /// taken a newcomer from another address (a health check, Prometheus)
     /// takes the oldest place of the address holding the most instead of
-    /// waiting behind a flood. Its refusals are counted as `admin_pending_*`.
+    /// waiting behind a flood; never one whose request is being handled
+    /// ([`Pass::handling`]: a revocation or a reload is not cut off
+    /// halfway). Its refusals are counted as `admin_pending_*`.
     pub fn admin(max: usize) -> Arc<Self> {
         Self::named(max, Some(max), Vec::new(), &ADMIN)
     }
@@ -202,6 +239,12 @@ impl Gate {
             GateRefusal::AddressFull => self.names.address_full,
             GateRefusal::GateFull => self.names.gate_full,
         }
+    }
+
+    /// Whether a connection keeps its place while a request of it is
+    /// handled ([`Pass::handling`]).
+    pub fn protects_requests(&self) -> bool {
+        self.names.protects_requests
     }
 
     /// What a refused connection is called in the log.
@@ -289,6 +332,7 @@ impl Gate {
             place,
             evicted: evicted.clone(),
             evictable,
+            busy: false,
         });
         Ok(Pass {
             _place: None,
@@ -316,11 +360,11 @@ fn take_place(held: &mut Held, key: IpAddr, mine: usize) -> Option<OwnedSemaphor
         .by_address
         .iter()
         .filter(|(a, queue)| {
-            **a != key && queue.len() > mine + 1 && queue.iter().any(|w| w.evictable)
+            **a != key && queue.len() > mine + 1 && queue.iter().any(Waiting::may_go)
         })
         .max_by_key(|(_, queue)| queue.len())?;
     let queue = held.by_address.get_mut(&most)?;
-    let at = queue.iter().position(|w| w.evictable)?;
+    let at = queue.iter().position(Waiting::may_go)?;
     let victim = queue.remove(at)?;
     if queue.is_empty() {
         held.by_address.remove(&most);

@@ -80,6 +80,14 @@ impl AfterUpgrade {
         self.lock().session.take()
     }
 
+    /// A request of this connection is being handled, or done (see
+    /// [`Pass::handling`]).
+    fn handling(&self, busy: bool) {
+        if let Some(place) = &self.lock().place {
+            place.handling(busy);
+        }
+    }
+
     /// Gives the place back unless a session kept it.
     fn give_back_place(&self) {
         drop(self.lock().place.take());
@@ -407,6 +415,7 @@ pub async fn serve(
 ) {
     let stop = cancel.clone();
     let connection = gate.connection();
+    let protect = gate.protects_requests();
     // An HTTP connection not yet upgraded carries no session: it may be
     // closed to make room.
     accept_loop(listener, stop, gate, proxy, true, move |arrival| {
@@ -432,7 +441,8 @@ pub async fn serve(
                         return;
                     };
                     let (io, stall) = WriteStall::new(io, deadlines.write_stall);
-                    serve_connection(io, client, router, deadlines, cancel, after.clone()).await;
+                    let after = after.clone();
+                    serve_connection(io, client, router, deadlines, cancel, after, protect).await;
                     // Upgraded (or over): a session judges its client itself.
                     stall.off();
                 };
@@ -499,6 +509,7 @@ async fn serve_connection<I>(
     deadlines: HttpDeadlines,
     cancel: CancellationToken,
     after: AfterUpgrade,
+    protect: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -506,7 +517,20 @@ async fn serve_connection<I>(
         let mut req = req.map(axum::body::Body::new);
         req.extensions_mut().insert(ConnectInfo(peer));
         req.extensions_mut().insert(after.clone());
-        router.clone().oneshot(req)
+        let handled = router.clone().oneshot(req);
+        if !protect {
+            return futures_util::future::Either::Left(handled);
+        }
+        // Its place is not taken while the handler runs (the response's
+        // body may still be on its way after: cheap to lose, and bounded by
+        // the write deadline).
+        let after = after.clone();
+        after.handling(true);
+        futures_util::future::Either::Right(async move {
+            let response = handled.await;
+            after.handling(false);
+            response
+        })
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -552,6 +576,7 @@ mod tests {
             deadlines,
             CancellationToken::new(),
             AfterUpgrade::default(),
+            false,
         ));
         client
             .write_all(b"GET /big HTTP/1.1\r\nHost: admin\r\n\r\n")
