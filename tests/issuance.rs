@@ -475,3 +475,22 @@ async fn an_admin_request_being_handled_keeps_its_place_when_room_is_made() {
         .expect("the call was answered");
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
+
+#[tokio::test]
+async fn an_admin_request_whose_body_stops_coming_is_answered_at_the_deadline() {
+    use tokio::io::AsyncWriteExt as _;
+    let a = start().await;
+    let body = request("novnc", "10.20.0.5", 5900).to_string();
+    let mut stalled = tokio::net::TcpStream::connect(a.admin).await.unwrap();
+    let head = format!(
+        "POST /v1/consoles HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {BEARER}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let got = answer_within(&mut stalled, HEADER_DEADLINE * 10)
+        .await
+        .expect("answered, not left waiting");
+    assert!(got.starts_with("HTTP/1.1 4"), "{got}");
+}

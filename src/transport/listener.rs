@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
+use tower_http::timeout::TimeoutBody;
 
 /// What a connection's task goes on to run once hyper has handed its
 /// upgraded socket over: the session the upgrade starts. Run there, not in a
@@ -513,8 +514,12 @@ async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let body_stall = deadlines.request_headers;
     let service = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let mut req = req.map(axum::body::Body::new);
+        // A body that stops arriving fails its request at the header
+        // deadline (per frame): on the admin listener, a request keeps its
+        // place while handled, and must not keep it by stalling.
+        let mut req = req.map(|body| axum::body::Body::new(TimeoutBody::new(body_stall, body)));
         req.extensions_mut().insert(ConnectInfo(peer));
         req.extensions_mut().insert(after.clone());
         let handled = router.clone().oneshot(req);
