@@ -58,6 +58,22 @@ ports = ["5900-6100"]
 }
 
 impl Gateway {
+    /// An authorised `POST /v1/consoles` on a connection of its own, its
+    /// body sent up to its tenth byte; the rest of the body.
+    async fn half_sent_issue(&self) -> (tokio::net::TcpStream, Vec<u8>) {
+        use tokio::io::AsyncWriteExt as _;
+        let body = request("novnc", "10.20.0.5", 5900).to_string().into_bytes();
+        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        let head = format!(
+            "POST /v1/consoles HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {BEARER}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&body[..10]).await.unwrap();
+        (s, body[10..].to_vec())
+    }
+
     async fn post(&self, path: &str, bearer: Option<&str>, body: &Value) -> (u16, Value) {
         let (status, body) =
             common::http(self.admin, "POST", path, bearer, Some(&body.to_string())).await;
@@ -436,15 +452,7 @@ async fn an_admin_request_being_handled_keeps_its_place_when_room_is_made() {
     use tokio::io::AsyncWriteExt as _;
     let a = start_with_deadline(std::time::Duration::from_secs(120)).await;
     // The oldest connection: an authorised call whose body is still coming.
-    let body = request("novnc", "10.20.0.5", 5900).to_string();
-    let mut busy = tokio::net::TcpStream::connect(a.admin).await.unwrap();
-    let head = format!(
-        "POST /v1/consoles HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {BEARER}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    busy.write_all(head.as_bytes()).await.unwrap();
-    busy.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let (mut busy, rest) = a.half_sent_issue().await;
     // Its handler is waiting for the rest (generously: it starts once the
     // head is in).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -469,7 +477,7 @@ async fn an_admin_request_being_handled_keeps_its_place_when_room_is_made() {
         Some(""),
         "the oldest idle one is closed"
     );
-    busy.write_all(&body.as_bytes()[10..]).await.unwrap();
+    busy.write_all(&rest).await.unwrap();
     let got = answer_within(&mut busy, std::time::Duration::from_secs(10))
         .await
         .expect("the call was answered");
@@ -478,17 +486,8 @@ async fn an_admin_request_being_handled_keeps_its_place_when_room_is_made() {
 
 #[tokio::test]
 async fn an_admin_request_whose_body_stops_coming_is_answered_at_the_deadline() {
-    use tokio::io::AsyncWriteExt as _;
     let a = start().await;
-    let body = request("novnc", "10.20.0.5", 5900).to_string();
-    let mut stalled = tokio::net::TcpStream::connect(a.admin).await.unwrap();
-    let head = format!(
-        "POST /v1/consoles HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {BEARER}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    stalled.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let (mut stalled, _rest) = a.half_sent_issue().await;
     let got = answer_within(&mut stalled, HEADER_DEADLINE * 10)
         .await
         .expect("answered, not left waiting");

@@ -178,8 +178,8 @@ impl axum::extract::FromRequestParts<PublicState> for ClientAddr {
 /// The client's address: the peer, or the last hop a trusted proxy vouches for.
 pub(crate) fn client_addr(peer: SocketAddr, headers: &HeaderMap, listen: &ListenConfig) -> IpAddr {
     let trusted = |ip: &IpAddr| listen.trusted_proxies.iter().any(|n| n.contains(ip));
-    // Canonical already when it comes from a listener; not in unit tests.
-    let mut client = peer.ip().to_canonical();
+    // The peer is canonical already (`listener::canonical`, at accept).
+    let mut client = peer.ip();
     if !trusted(&client) {
         return client;
     }
@@ -250,14 +250,14 @@ pub(super) mod tests {
 
     #[test]
     fn a_mapped_address_is_the_ipv4_address_it_carries() {
-        // A dual-stack listener sees an IPv4 balancer as ::ffff:10.0.0.1,
-        // and a balancer may write a hop that way too.
+        // A balancer may write a hop in mapped form (the peer itself is
+        // made IPv4 at accept).
         let mut h = HeaderMap::new();
         h.insert(
             "x-forwarded-for",
             "::ffff:198.51.100.7, ::ffff:10.0.0.2".parse().unwrap(),
         );
-        let peer: SocketAddr = "[::ffff:10.0.0.1]:5555".parse().unwrap();
+        let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
         assert_eq!(
             client_addr(peer, &h, &listen(&[], &["10.0.0.0/8"], true)),
             "198.51.100.7".parse::<IpAddr>().unwrap()

@@ -143,15 +143,13 @@ impl Pass {
     }
 
     /// Marks a request of this connection as being handled (`true`) or
-    /// done, where its gate protects requests in flight ([`Gate::admin`]):
-    /// a handler cut off halfway may have done half of what it was asked.
+    /// done: a handler cut off halfway may have done half of what it was
+    /// asked. Called only where the gate [protects requests in
+    /// flight](Gate::protects_requests).
     pub fn handling(&self, busy: bool) {
         let Some((gate, key, id)) = &self.counted else {
             return;
         };
-        if !gate.names.protects_requests {
-            return;
-        }
         let mut held = gate.lock();
         if let Some(w) = held
             .by_address
