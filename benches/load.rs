@@ -1613,7 +1613,7 @@ async fn run(full: bool, only: Option<&str>) {
         // minutes): one sample per row moves a one-client row by a third
         // between runs, for both proxies.
         let targets = s.with_before(&[Target::Porthole, Target::RelayOpts]);
-        let (secs, repeats) = if full { (3.0, 5) } else { (0.3, 1) };
+        let (secs, repeats) = if full { (3.0, repeats_or(5)) } else { (0.3, 1) };
         throughput_table("bulk rows", repeats, &targets);
         throughput_rows(&s, &targets, throughput_grid(full), secs, repeats).await;
     }
@@ -1627,7 +1627,7 @@ async fn run(full: bool, only: Option<&str>) {
             Target::Floor,
             Target::FloorFresh,
         ]);
-        let (secs, repeats) = if full { (3.0, 5) } else { (0.3, 1) };
+        let (secs, repeats) = if full { (3.0, repeats_or(5)) } else { (0.3, 1) };
         // `LOAD_ROW=CLIENTS,FRAME` (bytes) keeps one row: for a profiler.
         let row: Option<(usize, usize)> = std::env::var("LOAD_ROW").ok().map(|r| {
             let (c, f) = r.split_once(',').expect("LOAD_ROW=CLIENTS,FRAME");
@@ -1655,7 +1655,7 @@ async fn run(full: bool, only: Option<&str>) {
             Target::RelayJwt,
             Target::RelayJwtRfb,
         ]);
-        let (repeats, secs) = if full { (5, 3.0) } else { (1, 0.3) };
+        let (repeats, secs) = if full { (repeats_or(5), 3.0) } else { (1, 0.3) };
         session_rate_table(&s, &targets, repeats, secs).await;
     }
     if only == Some("idle") {
@@ -1738,6 +1738,7 @@ async fn throughput_rows(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        let paired = paired_ratios(targets, &results);
         let cells: Vec<String> = results
             .into_iter()
             .map(|r| {
@@ -1757,7 +1758,59 @@ async fn throughput_rows(
             frame / 1024,
             cells.join(" | ")
         );
+        for line in paired {
+            println!("{line}");
+        }
     }
+}
+
+/// Each target's own CPU per GB over relay+opts's *in the same round*,
+/// when a row has relay+opts and at least five rounds: adjacent samples
+/// share the machine's mood, so their ratio drifts less than the ratio of
+/// two medians. One line per target: the median, the quartiles and the
+/// count of rounds at or under #21's 0.85x.
+fn paired_ratios(targets: &[Target], results: &[Vec<(f64, Option<f64>, f64)>]) -> Vec<String> {
+    let Some(base) = targets.iter().position(|t| *t == Target::RelayOpts) else {
+        return Vec::new();
+    };
+    if results[base].len() < 5 {
+        return Vec::new();
+    }
+    let mut lines = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        if i == base {
+            continue;
+        }
+        let mut ratios: Vec<f64> = results[i]
+            .iter()
+            .zip(&results[base])
+            .filter_map(|(x, b)| Some(x.1? / b.1?))
+            .collect();
+        if ratios.len() < 5 {
+            continue;
+        }
+        ratios.sort_by(f64::total_cmp);
+        let q = |f: f64| ratios[((ratios.len() - 1) as f64 * f).round() as usize];
+        let under = ratios.iter().filter(|r| **r <= 0.85).count();
+        lines.push(format!(
+            "  - {} / relay+opts, paired by round: median {:.3} (quartiles {:.3}-{:.3}; {under} of {} rounds at or under 0.85)",
+            t.name(),
+            q(0.5),
+            q(0.25),
+            q(0.75),
+            ratios.len()
+        ));
+    }
+    lines
+}
+
+/// `LOAD_REPEATS=N` runs N interleaved samples per target and row instead
+/// of `default` (a full run's five): more rounds, a tighter median.
+fn repeats_or(default: usize) -> usize {
+    std::env::var("LOAD_REPEATS")
+        .ok()
+        .map(|n| n.parse().expect("LOAD_REPEATS=N"))
+        .unwrap_or(default)
 }
 
 /// The idle-memory table: resident memory per idle session on fresh
@@ -1885,13 +1938,30 @@ async fn session_rate_table(s: &Arc<Setup>, targets: &[Target], repeats: usize, 
          median of {repeats} samples of {secs} s, interleaved; CPU µs per open: proxy / machine)"
     );
     let mut rates: Vec<Vec<Rate>> = targets.iter().map(|_| Vec::new()).collect();
-    for _ in 0..repeats {
-        for (i, &t) in targets.iter().enumerate() {
-            rates[i].push(session_rate(s, t, 16, secs).await);
+    for r in 0..repeats {
+        // The order rotated each round, as the throughput rows do.
+        for k in 0..targets.len() {
+            let i = (k + r) % targets.len();
+            rates[i].push(session_rate(s, targets[i], 16, secs).await);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    for (&t, r) in targets.iter().zip(rates) {
+    let base = targets.iter().position(|t| *t == Target::RelayJwtRfb);
+    // Each target's rate over relay+jwt+rfb's in the same round (#21's
+    // like-for-like ratio; see `paired_ratios`), with five rounds or more.
+    let paired: Vec<Option<Vec<f64>>> = (0..targets.len())
+        .map(|i| {
+            let b = base.filter(|&b| b != i && repeats >= 5)?;
+            let mut v: Vec<f64> = rates[i]
+                .iter()
+                .zip(&rates[b])
+                .map(|(x, y)| x.per_s / y.per_s)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            Some(v)
+        })
+        .collect();
+    for ((&t, r), paired) in targets.iter().zip(rates).zip(paired) {
         let per_s = median(r.iter().map(|x| x.per_s).collect());
         let proxy: Vec<f64> = r.iter().filter_map(|x| x.proxy_us).collect();
         let proxy = if proxy.is_empty() {
@@ -1906,5 +1976,16 @@ async fn session_rate_table(s: &Arc<Setup>, targets: &[Target], repeats: usize, 
             t.name(),
             samples.join(", ")
         );
+        if let Some(v) = paired {
+            let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+            let over = v.iter().filter(|r| **r >= 0.9).count();
+            println!(
+                "  - over relay+jwt+rfb, paired by round: median {:.3} (quartiles {:.3}-{:.3}; {over} of {} rounds at or over 0.9)",
+                q(0.5),
+                q(0.25),
+                q(0.75),
+                v.len()
+            );
+        }
     }
 }
