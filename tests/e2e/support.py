@@ -22,7 +22,8 @@ class Porthole:
     """A running gateway with its own signing key, and a way to mint tokens for it."""
 
     def __init__(self, tmp, websocket="", listen_extra="", scheme="http", spice="", backend_extra="", vnc=None,
-                 web=None, sections="", key=None, base_url=None, certs_of=None, spice_address="127.0.0.1"):
+                 web=None, sections="", key=None, base_url=None, certs_of=None, spice_address="127.0.0.1",
+                 public_address="127.0.0.1"):
         """spice: extra lines for [spice]; backend_extra: lines for the loopback
         [[backends]] entry (e.g. its [backends.spice] table, which must come last).
         Porthole's native SPICE TLS listener is always on, with its own test CA
@@ -37,13 +38,14 @@ class Porthole:
         certs_of: another Porthole whose SPICE certificate, key and CA this one
         presents too (every node behind one balancer address must).
         spice_address: where the native SPICE TLS listener listens (a test
-        host's gateway address, for a client on that host)."""
+        host's gateway address, for a client on that host).
+        public_address: where the public listener listens (likewise)."""
         from vm import make_spice_certs
         self.key = key or Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
         self.admin_port = free_port()
         self.spice_tls_port = free_port()
-        self.base = base_url or f"{scheme}://127.0.0.1:{self.public_port}"
+        self.base = base_url or f"{scheme}://{public_address}:{self.public_port}"
         if certs_of is None:
             certs = tmp / "porthole-spice-certs"
             self.spice_subject = make_spice_certs(certs)
@@ -59,7 +61,7 @@ class Porthole:
         config = tmp / "porthole.toml"
         config.write_text(f"""
 [listen]
-public = "127.0.0.1:{self.public_port}"
+public = "{public_address}:{self.public_port}"
 admin = "127.0.0.1:{self.admin_port}"
 public_base_url = "{self.base}"
 {listen_extra}
