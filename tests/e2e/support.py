@@ -39,13 +39,16 @@ class Porthole:
         presents too (every node behind one balancer address must).
         spice_address: where the native SPICE TLS listener listens (a test
         host's gateway address, for a client on that host).
-        public_address: where the public listener listens (likewise)."""
+        public_address: where the public listener listens (likewise, or
+        "[::]" for a dual-stack listener reached over IPv4)."""
         from vm import make_spice_certs
         self.key = key or Key(tmp, "EdDSA", "e2e")
         self.public_port = free_port()
         self.admin_port = free_port()
         self.spice_tls_port = free_port()
-        self.base = base_url or f"{scheme}://{public_address}:{self.public_port}"
+        # A wildcard listener (e.g. "[::]") is reached on loopback.
+        reach = "127.0.0.1" if public_address.startswith("[") else public_address
+        self.base = base_url or f"{scheme}://{reach}:{self.public_port}"
         if certs_of is None:
             certs = tmp / "porthole-spice-certs"
             self.spice_subject = make_spice_certs(certs)

@@ -3,7 +3,8 @@ with send-proxy-v2 in front of Porthole's public listener and its native
 SPICE TLS listener. The test client connects from 127.0.0.5; HAProxy
 connects to Porthole from 127.0.0.1 (the only trusted proxy). Porthole's
 session list, audit trail and log name 127.0.0.5, never HAProxy, and name
-the node."""
+the node. The same through a dual-stack ([::]) public listener, which sees
+HAProxy as ::ffff:127.0.0.1."""
 
 import json
 import socket
@@ -107,3 +108,34 @@ def test_without_a_header_a_trusted_address_is_refused_and_an_untrusted_one_is_s
     status, _ = get_from(CLIENT, p.public_port, "/console")
     assert status == 401
     assert 'reason="proxy_header_missing"' in p.metrics()
+
+
+def test_a_dual_stack_listener_trusts_haproxy_connecting_over_ipv4(tmp_path):
+    """Porthole's public listener on [::] (dual stack): HAProxy's IPv4
+    connections arrive as ::ffff:127.0.0.1, which is the trusted
+    127.0.0.1/32 all the same (before session 23, every connection through
+    it was refused for a missing header: the PROXY header of an untrusted
+    peer is not read). The session names the client behind HAProxy, in its
+    IPv4 form."""
+    p = Porthole(tmp_path, public_address="[::]",
+                 listen_extra='trusted_proxies = ["127.0.0.1/32"]\nproxy_protocol = true')
+    front = free_port()
+    lb = HAProxy(tmp_path, {"public": Route(front, [p.public_port])})
+    echo = EchoBackend()
+    try:
+        token = p.mint("serial", echo.port)["token"]
+        sock = socket.create_connection(("127.0.0.1", front), timeout=10, source_address=(CLIENT, 0))
+        with ws_connect(f"ws://127.0.0.1:{front}/serial?token={urllib.parse.quote(token)}", sock=sock,
+                        origin=p.base, subprotocols=["binary"], open_timeout=10) as ws:
+            ws.send(b"hello")
+            assert ws.recv(timeout=10) == b"hello"
+            status, listed = p.admin("GET", "/v1/sessions")
+            assert status == 200, listed
+            assert [s["client"] for s in listed["sessions"]] == [CLIENT], listed
+        started = wait_for(lambda: [e for e in p.audit() if e["event"] == "session_started"], "audited")
+        assert [e["client"] for e in started] == [CLIENT], started
+        assert 'reason="proxy_header_missing"' not in p.metrics()
+    finally:
+        echo.close()
+        lb.stop()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
