@@ -19,6 +19,11 @@ async fn start() -> Gateway {
 
 /// [`start`] with another header deadline.
 async fn start_with_deadline(header_deadline: std::time::Duration) -> Gateway {
+    start_with(header_deadline, "").await
+}
+
+/// [`start_with_deadline`] with `extra` sections (before `[[backends]]`).
+async fn start_with(header_deadline: std::time::Duration, extra: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     TestKey::new(dir.path(), KeyKind::Ed25519, "issuer-1");
     std::fs::write(dir.path().join("bearer.key"), BEARER).unwrap();
@@ -46,7 +51,7 @@ bearer_key_files = ["bearer.key"]
 signing_key = "issuer-1.key"
 signing_kid = "issuer-1"
 ttl_secs = 90
-
+{extra}
 [[backends]]
 name = "compute"
 networks = ["10.20.0.0/16"]
@@ -482,6 +487,84 @@ async fn an_admin_request_being_handled_keeps_its_place_when_room_is_made() {
         .await
         .expect("the call was answered");
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+#[tokio::test]
+async fn an_admin_download_on_its_way_keeps_its_place_when_room_is_made() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const SIZE: usize = 8 << 20;
+    let a = start_with(
+        std::time::Duration::from_secs(120),
+        "[recording]\nfolder = \"recordings\"\nbackends = [\"compute\"]\n",
+    )
+    .await;
+    let folder = a.dir.path().join("recordings");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("big-one.cast"), vec![b'x'; SIZE]).unwrap();
+    // The oldest connection: a recording's download, its answer begun,
+    // far more of it than the sockets' buffers hold still to come.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut download = socket.connect(a.admin).await.unwrap();
+    download
+        .write_all(
+            format!(
+                "GET /v1/recordings/big-one/file HTTP/1.1\r\nHost: admin\r\n\
+                 Authorization: Bearer {BEARER}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    download.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut held = Vec::new();
+    for _ in 1..porthole::app::ADMIN_MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(a.admin).await.unwrap());
+    }
+    // Another address makes room: the oldest idle connection goes, not the
+    // download.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(a.admin).await.unwrap();
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let got = answer_within(&mut other, std::time::Duration::from_secs(10)).await;
+    assert!(got.is_some_and(|g| g.starts_with("HTTP/1.1 200")));
+    let evicted = answer_within(&mut held[0], std::time::Duration::from_secs(10)).await;
+    assert_eq!(
+        evicted.as_deref(),
+        Some(""),
+        "the oldest idle one is closed"
+    );
+    // The whole file comes.
+    let mut got = head.to_vec();
+    let mut buf = vec![0u8; 64 * 1024];
+    let whole = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            let body = got
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|at| got.len() - at - 4);
+            if body == Some(SIZE) {
+                return true;
+            }
+            match download.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        whole,
+        Ok(true),
+        "the download was cut after {} bytes",
+        got.len()
+    );
 }
 
 #[tokio::test]

@@ -254,7 +254,7 @@ pub async fn recording_file(
             "no such recording on this node",
         );
     };
-    let response = match super::playback::recording_file(&path, format).await {
+    let mut response = match super::playback::recording_file(&path, format).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(recording = %id, "recording unreadable: {e}");
@@ -271,6 +271,10 @@ pub async fn recording_file(
     AuditEvent::admin("recording_downloaded", &by, "download")
         .field("recording", Some(id.as_str()))
         .emit();
+    // A flood sharing the caller's address does not cut the download off.
+    response
+        .extensions_mut()
+        .insert(crate::transport::listener::KeepPlaceWhileSent);
     response
 }
 

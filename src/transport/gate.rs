@@ -142,9 +142,10 @@ impl Pass {
         self.evicted.clone()
     }
 
-    /// Marks a request of this connection as being handled (`true`) or
-    /// done: a handler cut off halfway may have done half of what it was
-    /// asked. Called only where the gate [protects requests in
+    /// Marks a request of this connection as being handled, its answer
+    /// on its way (`true`), or done: a handler cut off halfway may have
+    /// done half of what it was asked, and a download cut off must start
+    /// again. Called only where the gate [protects requests in
     /// flight](Gate::protects_requests).
     pub fn handling(&self, busy: bool) {
         let Some((gate, key, id)) = &self.counted else {

@@ -503,6 +503,67 @@ fn evicted_at_gate(connection: &str, client: SocketAddr) {
     }
 }
 
+/// In a response's extensions, on a listener whose gate protects requests
+/// in flight (the admin one): the connection keeps its place until the
+/// body is sent, not only until the handler answers. For authorised
+/// answers worth finishing (a recording's download): an answer anyone may
+/// ask for and leave unread (`/metrics`) must not make its connection
+/// unevictable. The write deadline still ends one its client stops reading.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepPlaceWhileSent;
+
+/// A response body that keeps its connection's place marked busy until
+/// its last frame is out, it fails, or hyper drops it unsent.
+struct BusyUntilSent {
+    body: axum::body::Body,
+    after: Option<AfterUpgrade>,
+}
+
+impl BusyUntilSent {
+    fn new(body: axum::body::Body, after: AfterUpgrade) -> Self {
+        Self {
+            body,
+            after: Some(after),
+        }
+    }
+
+    fn sent(&mut self) {
+        if let Some(after) = self.after.take() {
+            after.handling(false);
+        }
+    }
+}
+
+impl hyper::body::Body for BusyUntilSent {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.sent();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for BusyUntilSent {
+    fn drop(&mut self) {
+        self.sent();
+    }
+}
+
 async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
@@ -526,15 +587,20 @@ async fn serve_connection<I>(
         if !protect {
             return futures_util::future::Either::Left(handled);
         }
-        // Its place is not taken while the handler runs (the response's
-        // body may still be on its way after: cheap to lose, and bounded by
-        // the write deadline).
+        // Its place is not taken while the handler runs, nor while an
+        // answer its handler marked is on its way (see `KeepPlaceWhileSent`).
         let after = after.clone();
         after.handling(true);
         futures_util::future::Either::Right(async move {
             let response = handled.await;
-            after.handling(false);
-            response
+            response.map(|r| {
+                if r.extensions().get::<KeepPlaceWhileSent>().is_some() {
+                    r.map(|body| axum::body::Body::new(BusyUntilSent::new(body, after)))
+                } else {
+                    after.handling(false);
+                    r
+                }
+            })
         })
     });
     let conn = hyper::server::conn::http1::Builder::new()
