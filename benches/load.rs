@@ -598,6 +598,11 @@ impl Setup {
         if let Some(t) = self.tokens.lock().unwrap().pop() {
             return t;
         }
+        // Minting inside a timed sample slows the target that waits for it.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            eprintln!("load tool: the token pool ran dry: later samples mint their own")
+        });
         mint(&self.signer, self.far.port())
     }
 
@@ -1595,7 +1600,9 @@ async fn run(full: bool, only: Option<&str>) {
                 (true, None) => 200_000,
                 (true, Some("idle")) => 30_000,
                 (true, Some("proxies")) => 170_000,
-                (true, Some("opens")) => 320_000,
+                // About 35,000 a round on this machine (three targets
+                // with tokens, four with PORTHOLE_BEFORE_BIN).
+                (true, Some("opens")) => 70_000 * repeats_or(5),
                 (true, Some("bulk")) => 5_000,
                 (true, Some("floor")) => 2_000,
                 _ => 500,
@@ -1726,6 +1733,7 @@ async fn throughput_rows(
     secs: f64,
     repeats: usize,
 ) {
+    let mut paired = Vec::new();
     for (down, clients, frame) in grid {
         let mut results: Vec<Vec<(f64, Option<f64>, f64)>> = vec![Vec::new(); targets.len()];
         for r in 0..repeats {
@@ -1738,7 +1746,15 @@ async fn throughput_rows(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let paired = paired_ratios(targets, &results);
+        let ratios = paired_ratios(targets, &results);
+        if !ratios.is_empty() {
+            paired.push(format!(
+                "- {} {clients} × {} KiB:",
+                if down { "down" } else { "up" },
+                frame / 1024
+            ));
+            paired.extend(ratios);
+        }
         let cells: Vec<String> = results
             .into_iter()
             .map(|r| {
@@ -1758,6 +1774,10 @@ async fn throughput_rows(
             frame / 1024,
             cells.join(" | ")
         );
+    }
+    // After the table (a list line would end it).
+    if !paired.is_empty() {
+        println!("\nPaired by round:");
         for line in paired {
             println!("{line}");
         }
@@ -1790,7 +1810,7 @@ fn paired_ratios(targets: &[Target], results: &[Vec<(f64, Option<f64>, f64)>]) -
             continue;
         }
         ratios.sort_by(f64::total_cmp);
-        let q = |f: f64| ratios[((ratios.len() - 1) as f64 * f).round() as usize];
+        let q = |f: f64| quantile(&ratios, f);
         let under = ratios.iter().filter(|r| **r <= 0.85).count();
         lines.push(format!(
             "  - {} / relay+opts, paired by round: median {:.3} (quartiles {:.3}-{:.3}; {under} of {} rounds at or under 0.85)",
@@ -1809,8 +1829,18 @@ fn paired_ratios(targets: &[Target], results: &[Vec<(f64, Option<f64>, f64)>]) -
 fn repeats_or(default: usize) -> usize {
     std::env::var("LOAD_REPEATS")
         .ok()
-        .map(|n| n.parse().expect("LOAD_REPEATS=N"))
+        .map(|n| match n.parse() {
+            Ok(n) if n >= 1 => n,
+            _ => panic!("LOAD_REPEATS={n}: a count of rounds, at least 1"),
+        })
         .unwrap_or(default)
+}
+
+/// The `f` quantile of sorted `v`, interpolated between ranks.
+fn quantile(v: &[f64], f: f64) -> f64 {
+    let at = (v.len() - 1) as f64 * f;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
 }
 
 /// The idle-memory table: resident memory per idle session on fresh
@@ -1977,7 +2007,7 @@ async fn session_rate_table(s: &Arc<Setup>, targets: &[Target], repeats: usize, 
             samples.join(", ")
         );
         if let Some(v) = paired {
-            let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+            let q = |f: f64| quantile(&v, f);
             let over = v.iter().filter(|r| **r >= 0.9).count();
             println!(
                 "  - over relay+jwt+rfb, paired by round: median {:.3} (quartiles {:.3}-{:.3}; {over} of {} rounds at or over 0.9)",
