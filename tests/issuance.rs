@@ -79,6 +79,48 @@ impl Gateway {
         (s, body[10..].to_vec())
     }
 
+    /// Fills the admin gate from 127.0.0.1 behind the connections a test
+    /// already holds, then a newcomer from 127.0.0.2 is answered and the
+    /// first of the filling connections (the oldest idle one) is the one
+    /// closed. Those still held, the newcomer's too: the gate stays full.
+    async fn fill_admin_gate_and_make_room(&self) -> Vec<tokio::net::TcpStream> {
+        let mut held = Vec::new();
+        for _ in 1..porthole::app::ADMIN_MAX_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(self.admin).await.unwrap());
+        }
+        let newcomer = self.healthz_from("127.0.0.2").await;
+        let evicted = answer_within(&mut held[0], std::time::Duration::from_secs(10)).await;
+        assert_eq!(
+            evicted.as_deref(),
+            Some(""),
+            "the oldest idle one is closed"
+        );
+        let mut held = held.split_off(1);
+        held.push(newcomer);
+        held
+    }
+
+    /// `GET /healthz` on the admin listener from `source`: answered 200.
+    /// Its connection, still open.
+    async fn healthz_from(&self, source: &str) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt as _;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+            .unwrap();
+        let mut s = socket.connect(self.admin).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let got = answer_within(&mut s, std::time::Duration::from_secs(10)).await;
+        assert!(
+            got.as_deref()
+                .is_some_and(|g| g.starts_with("HTTP/1.1 200")),
+            "{got:?}"
+        );
+        s
+    }
+
     async fn post(&self, path: &str, bearer: Option<&str>, body: &Value) -> (u16, Value) {
         let (status, body) =
             common::http(self.admin, "POST", path, bearer, Some(&body.to_string())).await;
@@ -461,27 +503,9 @@ async fn an_admin_request_being_handled_keeps_its_place_when_room_is_made() {
     // Its handler is waiting for the rest (generously: it starts once the
     // head is in).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let mut held = Vec::new();
-    for _ in 1..porthole::app::ADMIN_MAX_CONNECTIONS {
-        held.push(tokio::net::TcpStream::connect(a.admin).await.unwrap());
-    }
     // Another address makes room: the oldest idle connection goes, not the
     // one being handled.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let mut other = socket.connect(a.admin).await.unwrap();
-    other
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
-        .await
-        .unwrap();
-    let got = answer_within(&mut other, std::time::Duration::from_secs(10)).await;
-    assert!(got.is_some_and(|g| g.starts_with("HTTP/1.1 200")));
-    let evicted = answer_within(&mut held[0], std::time::Duration::from_secs(10)).await;
-    assert_eq!(
-        evicted.as_deref(),
-        Some(""),
-        "the oldest idle one is closed"
-    );
+    a.fill_admin_gate_and_make_room().await;
     busy.write_all(&rest).await.unwrap();
     let got = answer_within(&mut busy, std::time::Duration::from_secs(10))
         .await
@@ -504,7 +528,7 @@ async fn an_admin_download_on_its_way_keeps_its_place_when_room_is_made() {
     // The oldest connection: a recording's download, its answer begun,
     // far more of it than the sockets' buffers hold still to come.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
     let mut download = socket.connect(a.admin).await.unwrap();
     download
         .write_all(
@@ -519,27 +543,9 @@ async fn an_admin_download_on_its_way_keeps_its_place_when_room_is_made() {
     let mut head = [0u8; 12];
     download.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
-    let mut held = Vec::new();
-    for _ in 1..porthole::app::ADMIN_MAX_CONNECTIONS {
-        held.push(tokio::net::TcpStream::connect(a.admin).await.unwrap());
-    }
     // Another address makes room: the oldest idle connection goes, not the
     // download.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let mut other = socket.connect(a.admin).await.unwrap();
-    other
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
-        .await
-        .unwrap();
-    let got = answer_within(&mut other, std::time::Duration::from_secs(10)).await;
-    assert!(got.is_some_and(|g| g.starts_with("HTTP/1.1 200")));
-    let evicted = answer_within(&mut held[0], std::time::Duration::from_secs(10)).await;
-    assert_eq!(
-        evicted.as_deref(),
-        Some(""),
-        "the oldest idle one is closed"
-    );
+    let _held = a.fill_admin_gate_and_make_room().await;
     // The whole file comes.
     let mut got = head.to_vec();
     let mut buf = vec![0u8; 64 * 1024];
@@ -564,6 +570,15 @@ async fn an_admin_download_on_its_way_keeps_its_place_when_room_is_made() {
         Ok(true),
         "the download was cut after {} bytes",
         got.len()
+    );
+    // Sent, its connection is idle again, and the oldest of the address
+    // holding the most: the next newcomer takes its place.
+    let _third = a.healthz_from("127.0.0.3").await;
+    let closed = answer_within(&mut download, std::time::Duration::from_secs(10)).await;
+    assert_eq!(
+        closed.as_deref(),
+        Some(""),
+        "the sent download's connection is closed"
     );
 }
 

@@ -63,14 +63,17 @@ struct Waiting {
     /// It may be closed to make room (an HTTP connection; not a native
     /// one, which may carry a session before its place is given back).
     evictable: bool,
-    /// A request of it is being handled (on a gate that protects those):
-    /// not closed to make room meanwhile.
-    busy: bool,
+    /// Requests of it being handled, or answers on their way (on a gate
+    /// that protects those): not closed to make room meanwhile. A count,
+    /// not a flag: hyper may read a pipelined request before it drops the
+    /// body of the answer before it, so a start and the previous end can
+    /// come in either order.
+    busy: u32,
 }
 
 impl Waiting {
     fn may_go(&self) -> bool {
-        self.evictable && !self.busy
+        self.evictable && self.busy == 0
     }
 }
 
@@ -143,7 +146,8 @@ impl Pass {
     }
 
     /// Marks a request of this connection as being handled, its answer
-    /// on its way (`true`), or done: a handler cut off halfway may have
+    /// on its way (`true`), or one of those done (`false`, once for each
+    /// `true`): a handler cut off halfway may have
     /// done half of what it was asked, and a download cut off must start
     /// again. Called only where the gate [protects requests in
     /// flight](Gate::protects_requests).
@@ -157,7 +161,11 @@ impl Pass {
             .get_mut(key)
             .and_then(|q| q.iter_mut().find(|w| w.id == *id))
         {
-            w.busy = busy;
+            w.busy = if busy {
+                w.busy + 1
+            } else {
+                w.busy.saturating_sub(1)
+            };
         }
     }
 }
@@ -331,7 +339,7 @@ impl Gate {
             place,
             evicted: evicted.clone(),
             evictable,
-            busy: false,
+            busy: 0,
         });
         Ok(Pass {
             _place: None,
@@ -467,6 +475,33 @@ mod tests {
                 .unwrap_err(),
             GateRefusal::GateFull
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_stays_busy_until_each_of_its_requests_is_done() {
+        let gate = Gate::admin(3);
+        let flood: IpAddr = "192.0.2.1".parse().unwrap();
+        let busy = gate.enter(gate.permit().await, flood, true).unwrap();
+        let idle = gate.enter(gate.permit().await, flood, true).unwrap();
+        let _younger = gate.enter(gate.permit().await, flood, true).unwrap();
+        // A pipelined request starts before the answer before it is sent.
+        busy.handling(true);
+        busy.handling(true);
+        busy.handling(false);
+        let _fresh = gate
+            .enter(gate.permit().await, "192.0.2.9".parse().unwrap(), true)
+            .unwrap();
+        assert!(!busy.evicted().is_cancelled(), "one request is still on");
+        assert!(
+            idle.evicted().is_cancelled(),
+            "the oldest idle one made room"
+        );
+        // Once both are done, it is the oldest that may go.
+        busy.handling(false);
+        let _next = gate
+            .enter(gate.permit().await, "192.0.2.8".parse().unwrap(), true)
+            .unwrap();
+        assert!(busy.evicted().is_cancelled());
     }
 
     #[tokio::test]
