@@ -44,24 +44,30 @@ def behind_haproxy(spice_vm, tmp_path):
         assert p.gateway.stop() == 0, p.log()[-3000:]
 
 
-def test_haproxy_passes_the_client_address_to_every_listener(behind_haproxy):
-    vm, p, public_front, spice_front = behind_haproxy
-
-    # Public listener: a serial console WebSocket from CLIENT through HAProxy.
+def serial_sessions_through(p, front):
+    """A serial console WebSocket from CLIENT through HAProxy's frontend at
+    `front`, echoed; the serial sessions Porthole lists while it is open."""
     echo = EchoBackend()
     try:
         token = p.mint("serial", echo.port)["token"]
-        sock = socket.create_connection(("127.0.0.1", public_front), timeout=10, source_address=(CLIENT, 0))
-        with ws_connect(f"ws://127.0.0.1:{public_front}/serial?token={urllib.parse.quote(token)}", sock=sock,
+        sock = socket.create_connection(("127.0.0.1", front), timeout=10, source_address=(CLIENT, 0))
+        with ws_connect(f"ws://127.0.0.1:{front}/serial?token={urllib.parse.quote(token)}", sock=sock,
                         origin=p.base, subprotocols=["binary"], open_timeout=10) as ws:
             ws.send(b"hello")
             assert ws.recv(timeout=10) == b"hello"
             status, listed = p.admin("GET", "/v1/sessions")
             assert status == 200, listed
-            [serial] = [s for s in listed["sessions"] if s["console"] == "serial"]
-            assert serial["client"] == CLIENT and serial["node"] == NODE, serial
+            return [s for s in listed["sessions"] if s["console"] == "serial"]
     finally:
         echo.close()
+
+
+def test_haproxy_passes_the_client_address_to_every_listener(behind_haproxy):
+    vm, p, public_front, spice_front = behind_haproxy
+
+    # Public listener: a serial console WebSocket from CLIENT through HAProxy.
+    [serial] = serial_sessions_through(p, public_front)
+    assert serial["client"] == CLIENT and serial["node"] == NODE, serial
 
     # The ticket exchange through HAProxy, then the SPICE main channel through
     # HAProxy's TCP frontend to the TLS listener, both from CLIENT.
@@ -121,21 +127,12 @@ def test_a_dual_stack_listener_trusts_haproxy_connecting_over_ipv4(tmp_path):
                  listen_extra='trusted_proxies = ["127.0.0.1/32"]\nproxy_protocol = true')
     front = free_port()
     lb = HAProxy(tmp_path, {"public": Route(front, [p.public_port])})
-    echo = EchoBackend()
     try:
-        token = p.mint("serial", echo.port)["token"]
-        sock = socket.create_connection(("127.0.0.1", front), timeout=10, source_address=(CLIENT, 0))
-        with ws_connect(f"ws://127.0.0.1:{front}/serial?token={urllib.parse.quote(token)}", sock=sock,
-                        origin=p.base, subprotocols=["binary"], open_timeout=10) as ws:
-            ws.send(b"hello")
-            assert ws.recv(timeout=10) == b"hello"
-            status, listed = p.admin("GET", "/v1/sessions")
-            assert status == 200, listed
-            assert [s["client"] for s in listed["sessions"]] == [CLIENT], listed
+        listed = serial_sessions_through(p, front)
+        assert [s["client"] for s in listed] == [CLIENT], listed
         started = wait_for(lambda: [e for e in p.audit() if e["event"] == "session_started"], "audited")
         assert [e["client"] for e in started] == [CLIENT], started
         assert 'reason="proxy_header_missing"' not in p.metrics()
     finally:
-        echo.close()
         lb.stop()
         assert p.gateway.stop() == 0, p.log()[-3000:]
