@@ -1610,7 +1610,15 @@ async fn run(full: bool, only: Option<&str>) {
         )
         .await,
     );
-    println!("# load tool ({})", if full { "full" } else { "smoke" });
+    // The congestion control decides much of a throughput row's kernel
+    // work (BBR paces every sender; benches/README.md, session 24): runs
+    // under different ones do not compare.
+    let congestion = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map_or_else(|_| "unknown".to_string(), |c| c.trim().to_string());
+    println!(
+        "# load tool ({}; TCP congestion control {congestion})",
+        if full { "full" } else { "smoke" }
+    );
     if only.is_none_or(|p| p == "proxies") {
         compare_proxies(&s, full, only.is_none()).await;
     }
