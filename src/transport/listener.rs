@@ -512,26 +512,29 @@ fn evicted_at_gate(connection: &str, client: SocketAddr) {
 #[derive(Debug, Clone, Copy)]
 pub struct KeepPlaceWhileSent;
 
-/// A response body that keeps its connection's place marked busy until
-/// its last frame is out, it fails, or hyper drops it unsent.
-struct BusyUntilSent {
-    body: axum::body::Body,
-    after: Option<AfterUpgrade>,
+/// A request in flight on a gate that protects those: its connection's
+/// place is marked busy from here until this is dropped, so that every
+/// start has exactly one end ([`Pass::handling`] counts them).
+struct InFlight(AfterUpgrade);
+
+impl InFlight {
+    fn new(after: AfterUpgrade) -> Self {
+        after.handling(true);
+        Self(after)
+    }
 }
 
-impl BusyUntilSent {
-    fn new(body: axum::body::Body, after: AfterUpgrade) -> Self {
-        Self {
-            body,
-            after: Some(after),
-        }
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.handling(false);
     }
+}
 
-    fn sent(&mut self) {
-        if let Some(after) = self.after.take() {
-            after.handling(false);
-        }
-    }
+/// A response body that keeps its request in flight until its last frame
+/// is out, it fails, or hyper drops it unsent.
+struct BusyUntilSent {
+    body: axum::body::Body,
+    in_flight: Option<InFlight>,
 }
 
 impl hyper::body::Body for BusyUntilSent {
@@ -544,7 +547,7 @@ impl hyper::body::Body for BusyUntilSent {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
         if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            self.sent();
+            self.in_flight = None;
         }
         polled
     }
@@ -555,12 +558,6 @@ impl hyper::body::Body for BusyUntilSent {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-impl Drop for BusyUntilSent {
-    fn drop(&mut self) {
-        self.sent();
     }
 }
 
@@ -589,17 +586,19 @@ async fn serve_connection<I>(
         }
         // Its place is not taken while the handler runs, nor while an
         // answer its handler marked is on its way (see `KeepPlaceWhileSent`).
-        let after = after.clone();
-        after.handling(true);
+        let in_flight = InFlight::new(after.clone());
         futures_util::future::Either::Right(async move {
             let response = handled.await;
             response.map(|r| {
-                if r.extensions().get::<KeepPlaceWhileSent>().is_some() {
-                    r.map(|body| axum::body::Body::new(BusyUntilSent::new(body, after)))
-                } else {
-                    after.handling(false);
-                    r
+                if r.extensions().get::<KeepPlaceWhileSent>().is_none() {
+                    return r;
                 }
+                r.map(|body| {
+                    axum::body::Body::new(BusyUntilSent {
+                        body,
+                        in_flight: Some(in_flight),
+                    })
+                })
             })
         })
     });
