@@ -1809,7 +1809,7 @@ fn paired_ratios(targets: &[Target], results: &[Vec<(f64, Option<f64>, f64)>]) -
         if i == base {
             continue;
         }
-        let mut ratios: Vec<f64> = results[i]
+        let ratios: Vec<f64> = results[i]
             .iter()
             .zip(&results[base])
             .filter_map(|(x, b)| Some(x.1? / b.1?))
@@ -1817,19 +1817,29 @@ fn paired_ratios(targets: &[Target], results: &[Vec<(f64, Option<f64>, f64)>]) -
         if ratios.len() < 5 {
             continue;
         }
-        ratios.sort_by(f64::total_cmp);
-        let q = |f: f64| quantile(&ratios, f);
-        let under = ratios.iter().filter(|r| **r <= 0.85).count();
         lines.push(format!(
-            "  - {} / relay+opts, paired by round: median {:.3} (quartiles {:.3}-{:.3}; {under} of {} rounds at or under 0.85)",
+            "  - {} / relay+opts, {}",
             t.name(),
-            q(0.5),
-            q(0.25),
-            q(0.75),
-            ratios.len()
+            paired_summary(ratios, "under 0.85", |r| r <= 0.85)
         ));
     }
     lines
+}
+
+/// "paired by round: median (quartiles; how many rounds meet the target)"
+/// for one target's per-round `ratios`; `meets` is #21's target, `target`
+/// its words.
+fn paired_summary(mut ratios: Vec<f64>, target: &str, meets: impl Fn(f64) -> bool) -> String {
+    ratios.sort_by(f64::total_cmp);
+    let q = |f: f64| quantile(&ratios, f);
+    let met = ratios.iter().filter(|r| meets(**r)).count();
+    format!(
+        "paired by round: median {:.3} (quartiles {:.3}-{:.3}; {met} of {} rounds at or {target})",
+        q(0.5),
+        q(0.25),
+        q(0.75),
+        ratios.len()
+    )
 }
 
 /// `LOAD_REPEATS=N` runs N interleaved samples per target and row instead
@@ -1987,16 +1997,15 @@ async fn session_rate_table(s: &Arc<Setup>, targets: &[Target], repeats: usize, 
     let base = targets.iter().position(|t| *t == Target::RelayJwtRfb);
     // Each target's rate over relay+jwt+rfb's in the same round (#21's
     // like-for-like ratio; see `paired_ratios`), with five rounds or more.
-    let paired: Vec<Option<Vec<f64>>> = (0..targets.len())
+    let paired: Vec<Option<String>> = (0..targets.len())
         .map(|i| {
             let b = base.filter(|&b| b != i && repeats >= 5)?;
-            let mut v: Vec<f64> = rates[i]
+            let ratios = rates[i]
                 .iter()
                 .zip(&rates[b])
                 .map(|(x, y)| x.per_s / y.per_s)
                 .collect();
-            v.sort_by(f64::total_cmp);
-            Some(v)
+            Some(paired_summary(ratios, "over 0.9", |r| r >= 0.9))
         })
         .collect();
     for ((&t, r), paired) in targets.iter().zip(rates).zip(paired) {
@@ -2014,16 +2023,8 @@ async fn session_rate_table(s: &Arc<Setup>, targets: &[Target], repeats: usize, 
             t.name(),
             samples.join(", ")
         );
-        if let Some(v) = paired {
-            let q = |f: f64| quantile(&v, f);
-            let over = v.iter().filter(|r| **r >= 0.9).count();
-            println!(
-                "  - over relay+jwt+rfb, paired by round: median {:.3} (quartiles {:.3}-{:.3}; {over} of {} rounds at or over 0.9)",
-                q(0.5),
-                q(0.25),
-                q(0.75),
-                v.len()
-            );
+        if let Some(summary) = paired {
+            println!("  - over relay+jwt+rfb, {summary}");
         }
     }
 }
