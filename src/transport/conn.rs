@@ -137,7 +137,13 @@ impl ConnReader {
     /// `WouldBlock` means nothing more now.
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            ConnReader::Tcp(t) => t.try_read_buf(buf),
+            // Through `poll_read`, not `try_read_buf`: a read short of its
+            // room marks the socket not ready, so the next one waits for
+            // the kernel to say more came instead of asking at once.
+            ConnReader::Tcp(t) => match t.read_buf(buf).now_or_never() {
+                Some(result) => result,
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            },
             ConnReader::Boxed(r, pending) => {
                 if let Some(p) = pending.take() {
                     let n = p.len();
