@@ -1603,8 +1603,11 @@ async fn run(full: bool, only: Option<&str>) {
                 // About 35,000 a round on this machine (three targets
                 // with tokens, four with PORTHOLE_BEFORE_BIN).
                 (true, Some("opens")) => 70_000 * repeats_or(5),
-                (true, Some("bulk")) => 5_000,
-                (true, Some("floor")) => 2_000,
+                // A round opens 1 + 16 + 64 sessions per direction and
+                // frame size for each Porthole: 324 (`-- floor`: 162, its
+                // uploads only), twice that with PORTHOLE_BEFORE_BIN.
+                (true, Some("bulk")) => 700 * repeats_or(5),
+                (true, Some("floor")) => 400 * repeats_or(5),
                 _ => 500,
             },
         )
@@ -1629,13 +1632,19 @@ async fn run(full: bool, only: Option<&str>) {
         // between runs, for both proxies.
         let targets = s.with_before(&[Target::Porthole, Target::RelayOpts]);
         let (secs, repeats) = if full { (3.0, repeats_or(5)) } else { (0.3, 1) };
+        let grid = throughput_grid(full)
+            .into_iter()
+            .filter(|&(down, c, f)| row_kept(down, c, f))
+            .collect();
         throughput_table("bulk rows", repeats, &targets);
-        throughput_rows(&s, &targets, throughput_grid(full), secs, repeats).await;
+        throughput_rows(&s, &targets, grid, secs, repeats).await;
     }
     if only == Some("floor") || (only.is_none() && !full) {
         // The upload rows through Porthole, relay+opts and the floor, five
         // interleaved samples each (about five minutes): how far below
         // relay+opts any relay of these uploads can go on this machine.
+        // A download row too when `LOAD_ROW` names one: the floor's
+        // download is one read and one frame written from it, nothing else.
         let targets = s.with_before(&[
             Target::Porthole,
             Target::RelayOpts,
@@ -1643,22 +1652,19 @@ async fn run(full: bool, only: Option<&str>) {
             Target::FloorFresh,
         ]);
         let (secs, repeats) = if full { (3.0, repeats_or(5)) } else { (0.3, 1) };
-        // `LOAD_ROW=CLIENTS,FRAME` (bytes) keeps one row: for a profiler.
-        let row: Option<(usize, usize)> = std::env::var("LOAD_ROW").ok().map(|r| {
-            let (c, f) = r.split_once(',').expect("LOAD_ROW=CLIENTS,FRAME");
-            (c.parse().unwrap(), f.parse().unwrap())
-        });
         // The smoke pass: both frame sizes (64 KiB frames have 64-bit
         // lengths), one client.
         let grid = if full {
             throughput_grid(full)
                 .into_iter()
-                .filter(|&(down, c, f)| !down && row.is_none_or(|r| r == (c, f)))
+                .filter(|&(down, c, f)| {
+                    row_kept(down, c, f) && (!down || std::env::var_os("LOAD_ROW").is_some())
+                })
                 .collect()
         } else {
             vec![(false, 1, 4096), (false, 1, 65536)]
         };
-        throughput_table("uploads against their floor", repeats, &targets);
+        throughput_table("against the floor", repeats, &targets);
         throughput_rows(&s, &targets, grid, secs, repeats).await;
     }
     if only == Some("opens") {
@@ -1840,6 +1846,29 @@ fn paired_summary(mut ratios: Vec<f64>, target: &str, meets: impl Fn(f64) -> boo
         q(0.75),
         ratios.len()
     )
+}
+
+/// `LOAD_ROW=[up,|down,]CLIENTS,FRAME` (bytes) keeps one throughput row of
+/// `-- bulk` or `-- floor`, or both directions of one without `up` or
+/// `down`: for a profiler, or many rounds of one row.
+fn row_kept(down: bool, clients: usize, frame: usize) -> bool {
+    let Ok(row) = std::env::var("LOAD_ROW") else {
+        return true;
+    };
+    let parts: Vec<&str> = row.split(',').collect();
+    let (direction, numbers) = match parts[..] {
+        ["up", c, f] => (Some(false), (c, f)),
+        ["down", c, f] => (Some(true), (c, f)),
+        [c, f] => (None, (c, f)),
+        _ => panic!("LOAD_ROW=[up,|down,]CLIENTS,FRAME, not {row}"),
+    };
+    let number = |n: &str| -> usize {
+        n.parse()
+            .unwrap_or_else(|_| panic!("LOAD_ROW=[up,|down,]CLIENTS,FRAME, not {row}"))
+    };
+    direction.is_none_or(|d| d == down)
+        && number(numbers.0) == clients
+        && number(numbers.1) == frame
 }
 
 /// `LOAD_REPEATS=N` runs N interleaved samples per target and row instead
