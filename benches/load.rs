@@ -1643,7 +1643,7 @@ async fn run(full: bool, only: Option<&str>) {
         // The upload rows through Porthole, relay+opts and the floor, five
         // interleaved samples each (about five minutes): how far below
         // relay+opts any relay of these uploads can go on this machine.
-        // A download row too when `LOAD_ROW` names one: the floor's
+        // A download row too when `LOAD_ROW=down,…` names one: the floor's
         // download is one read and one frame written from it, nothing else.
         let targets = s.with_before(&[
             Target::Porthole,
@@ -1658,7 +1658,9 @@ async fn run(full: bool, only: Option<&str>) {
             throughput_grid(full)
                 .into_iter()
                 .filter(|&(down, c, f)| {
-                    row_kept(down, c, f) && (!down || std::env::var_os("LOAD_ROW").is_some())
+                    row_kept(down, c, f)
+                        && (!down
+                            || std::env::var("LOAD_ROW").is_ok_and(|r| r.starts_with("down,")))
                 })
                 .collect()
         } else {
@@ -1747,6 +1749,10 @@ async fn throughput_rows(
     secs: f64,
     repeats: usize,
 ) {
+    assert!(
+        !grid.is_empty(),
+        "no throughput row to run: LOAD_ROW names none of this part's rows"
+    );
     let mut paired = Vec::new();
     for (down, clients, frame) in grid {
         let mut results: Vec<Vec<(f64, Option<f64>, f64)>> = vec![Vec::new(); targets.len()];

@@ -134,7 +134,8 @@ impl ConnReader {
     }
 
     /// Takes what is ready without waiting: `Ok(0)` is the end,
-    /// `WouldBlock` means nothing more now.
+    /// `WouldBlock` means nothing more now, or (on a plain socket) that the
+    /// task has used up its turn and should let others run first.
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             // Through `poll_read`, not `try_read_buf`: a read short of its
