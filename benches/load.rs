@@ -1632,9 +1632,10 @@ async fn run(full: bool, only: Option<&str>) {
         // between runs, for both proxies.
         let targets = s.with_before(&[Target::Porthole, Target::RelayOpts]);
         let (secs, repeats) = if full { (3.0, repeats_or(5)) } else { (0.3, 1) };
+        let row = LoadRow::from_env();
         let grid = throughput_grid(full)
             .into_iter()
-            .filter(|&(down, c, f)| row_kept(down, c, f))
+            .filter(|&(down, c, f)| row.is_none_or(|r| r.keeps(down, c, f)))
             .collect();
         throughput_table("bulk rows", repeats, &targets);
         throughput_rows(&s, &targets, grid, secs, repeats).await;
@@ -1655,12 +1656,12 @@ async fn run(full: bool, only: Option<&str>) {
         // The smoke pass: both frame sizes (64 KiB frames have 64-bit
         // lengths), one client.
         let grid = if full {
+            let row = LoadRow::from_env();
             throughput_grid(full)
                 .into_iter()
-                .filter(|&(down, c, f)| {
-                    row_kept(down, c, f)
-                        && (!down
-                            || std::env::var("LOAD_ROW").is_ok_and(|r| r.starts_with("down,")))
+                .filter(|&(down, c, f)| match row {
+                    None => !down,
+                    Some(r) => r.keeps(down, c, f) && (!down || r.down == Some(true)),
                 })
                 .collect()
         } else {
@@ -1854,27 +1855,39 @@ fn paired_summary(mut ratios: Vec<f64>, target: &str, meets: impl Fn(f64) -> boo
     )
 }
 
-/// `LOAD_ROW=[up,|down,]CLIENTS,FRAME` (bytes) keeps one throughput row of
+/// `LOAD_ROW=[up,|down,]CLIENTS,FRAME` (bytes): one throughput row of
 /// `-- bulk` or `-- floor`, or both directions of one without `up` or
 /// `down`: for a profiler, or many rounds of one row.
-fn row_kept(down: bool, clients: usize, frame: usize) -> bool {
-    let Ok(row) = std::env::var("LOAD_ROW") else {
-        return true;
-    };
-    let parts: Vec<&str> = row.split(',').collect();
-    let (direction, numbers) = match parts[..] {
-        ["up", c, f] => (Some(false), (c, f)),
-        ["down", c, f] => (Some(true), (c, f)),
-        [c, f] => (None, (c, f)),
-        _ => panic!("LOAD_ROW=[up,|down,]CLIENTS,FRAME, not {row}"),
-    };
-    let number = |n: &str| -> usize {
-        n.parse()
-            .unwrap_or_else(|_| panic!("LOAD_ROW=[up,|down,]CLIENTS,FRAME, not {row}"))
-    };
-    direction.is_none_or(|d| d == down)
-        && number(numbers.0) == clients
-        && number(numbers.1) == frame
+#[derive(Clone, Copy)]
+struct LoadRow {
+    /// `Some(true)` for `down`, `Some(false)` for `up`, `None` for both.
+    down: Option<bool>,
+    clients: usize,
+    frame: usize,
+}
+
+impl LoadRow {
+    /// The row `LOAD_ROW` names, if it is set (a malformed one panics).
+    fn from_env() -> Option<Self> {
+        let row = std::env::var("LOAD_ROW").ok()?;
+        let bad = || -> ! { panic!("LOAD_ROW=[up,|down,]CLIENTS,FRAME, not {row}") };
+        let parts: Vec<&str> = row.split(',').collect();
+        let (down, clients, frame) = match parts[..] {
+            ["up", c, f] => (Some(false), c, f),
+            ["down", c, f] => (Some(true), c, f),
+            [c, f] => (None, c, f),
+            _ => bad(),
+        };
+        Some(Self {
+            down,
+            clients: clients.parse().unwrap_or_else(|_| bad()),
+            frame: frame.parse().unwrap_or_else(|_| bad()),
+        })
+    }
+
+    fn keeps(self, down: bool, clients: usize, frame: usize) -> bool {
+        self.down.is_none_or(|d| d == down) && self.clients == clients && self.frame == frame
+    }
 }
 
 /// `LOAD_REPEATS=N` runs N interleaved samples per target and row instead
