@@ -14,7 +14,8 @@
 //!   header with length 0. tungstenite still parses every frame header in
 //!   order, answers pings and closes, and fails the connection on whatever it
 //!   failed on before (every other frame reaches it byte for byte; one that
-//!   would break the message limit becomes a header it refuses the same way),
+//!   would break the message limit becomes a header it refuses the same way,
+//!   at once: tungstenite alone would first wait for the frame's payload),
 //!   but the binary messages it yields are empty: their payloads are taken
 //!   from here ([`Bypassed::take_message`]), whole: a message's pieces join
 //!   as they arrive, in place while they lie in one read buffer, so however
@@ -53,6 +54,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use super::drain_watch::{DrainWatch, Drains};
+
+mod differential;
 
 /// Socket reads while bytes arrive: a buffer of this size first, large
 /// enough that a client uploading fast costs few system calls...
@@ -678,6 +681,14 @@ pub fn unmask(piece: &mut [u8], mask: [u8; 4], at: u64) {
     }
 }
 
+/// Fuzzing entry point: four bytes of settings (when the relay starts,
+/// the frame and message limits, how the bytes are cut), then a client's
+/// byte stream, which tungstenite must read the same alone and through a
+/// [`Bypass`]: the same messages, the same end. Panics on any difference.
+pub fn fuzz_bypass(data: &[u8]) {
+    differential::check(data);
+}
+
 impl<S: AsyncRead + Unpin> Bypasses for Bypass<S> {
     fn bypassed(&self) -> &Arc<Bypassed> {
         &self.shared
@@ -812,10 +823,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Bypass<S> {
 
 #[cfg(test)]
 mod tests {
+    use super::differential::{Cuts, read_through};
     use super::*;
     use futures_util::{SinkExt as _, StreamExt as _};
     use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
     use tokio_tungstenite::tungstenite::{self, Message};
@@ -859,110 +871,6 @@ mod tests {
             out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
         }
         out
-    }
-
-    /// What a reader of the server's socket saw: messages (binary payloads
-    /// whole, bypassed ones taken from the queue), then how it ended.
-    #[derive(Debug, PartialEq, Eq)]
-    enum Seen {
-        Binary(Vec<u8>),
-        Text(String),
-        Ping(Vec<u8>),
-        Pong(Vec<u8>),
-        Close(Option<u16>),
-        /// The stream ended, or failed: "capacity", a protocol error, ...
-        End(String),
-    }
-
-    fn ended(e: &tungstenite::Error) -> String {
-        match e {
-            // The limit a frame or a message broke is one close code (1009).
-            tungstenite::Error::Capacity(_) => "capacity".into(),
-            tungstenite::Error::Protocol(p) => format!("protocol: {p:?}"),
-            tungstenite::Error::Utf8(_) => "utf8".into(),
-            e => format!("other: {e}"),
-        }
-    }
-
-    /// Feeds `stream` to a server WebSocket in pieces of random size (from
-    /// `seed`), through a [`Bypass`] started after `start_after` messages
-    /// when given, and returns what it read.
-    async fn read_through(stream: &[u8], bypass: Option<usize>, seed: u64) -> Vec<Seen> {
-        let (client, server) = tokio::io::duplex(1 << 20);
-        let (mut client_r, mut client_w) = tokio::io::split(client);
-        let bytes = stream.to_vec();
-        let writer = tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let mut at = 0;
-            while at < bytes.len() {
-                let n = rng.gen_range(1..=9000).min(bytes.len() - at);
-                if client_w.write_all(&bytes[at..at + n]).await.is_err() {
-                    return;
-                }
-                at += n;
-                if rng.gen_bool(0.3) {
-                    tokio::task::yield_now().await;
-                }
-            }
-            let _ = client_w.shutdown().await;
-        });
-        // Pongs and close replies go somewhere.
-        let sink = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while client_r.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-        });
-        let mut seen = Vec::new();
-        match bypass {
-            None => {
-                let mut ws =
-                    WebSocketStream::from_raw_socket(server, Role::Server, Some(config())).await;
-                loop {
-                    match ws.next().await {
-                        None => break seen.push(Seen::End("end".into())),
-                        Some(Err(e)) => break seen.push(Seen::End(ended(&e))),
-                        Some(Ok(m)) => seen.push(message(m, None)),
-                    }
-                }
-            }
-            Some(start_after) => {
-                let io = Bypass::new(server, LIMITS);
-                let shared = io.bypassed().clone();
-                let mut ws =
-                    WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
-                let mut messages = 0;
-                loop {
-                    if messages == start_after {
-                        shared.start();
-                    }
-                    match ws.next().await {
-                        None => break seen.push(Seen::End("end".into())),
-                        Some(Err(e)) => break seen.push(Seen::End(ended(&e))),
-                        Some(Ok(m)) => {
-                            messages += 1;
-                            seen.push(message(m, Some(&shared)));
-                        }
-                    }
-                }
-            }
-        }
-        writer.abort();
-        sink.abort();
-        seen
-    }
-
-    fn message(m: Message, shared: Option<&Bypassed>) -> Seen {
-        match m {
-            Message::Binary(b) if b.is_empty() && shared.is_some() => {
-                let whole = shared.unwrap().take_message().unwrap_or_default();
-                Seen::Binary(whole.to_bytes().to_vec())
-            }
-            Message::Binary(b) => Seen::Binary(b.to_vec()),
-            Message::Text(t) => Seen::Text(t.to_string()),
-            Message::Ping(p) => Seen::Ping(p.to_vec()),
-            Message::Pong(p) => Seen::Pong(p.to_vec()),
-            Message::Close(c) => Seen::Close(c.map(|c| c.code.into())),
-            Message::Frame(_) => unreachable!("not read"),
-        }
     }
 
     fn payload(rng: &mut StdRng) -> Vec<u8> {
@@ -1031,11 +939,18 @@ mod tests {
                 tokio::spawn(async move {
                     let mut rng = StdRng::seed_from_u64(seed);
                     let stream = client_stream(&mut rng, seed % 3 != 0);
-                    let plain = read_through(&stream, None, seed).await;
+                    // Pieces of up to 9,000 bytes, the socket dry after
+                    // one in three.
+                    let cuts = Cuts {
+                        seed,
+                        largest: 9000,
+                        stall_one_in: 3,
+                    };
+                    let plain = read_through(&stream, None, LIMITS, cuts).await;
                     // Bypassed from the start, and started after a few
                     // messages (a handshake read as bytes first).
                     for start_after in [0, 3] {
-                        let bypassed = read_through(&stream, Some(start_after), seed).await;
+                        let bypassed = read_through(&stream, Some(start_after), LIMITS, cuts).await;
                         assert_eq!(plain, bypassed, "seed {seed}, started after {start_after}");
                     }
                 })
@@ -1044,6 +959,39 @@ mod tests {
         for seed in seeds {
             seed.await.unwrap();
         }
+    }
+
+    /// The fuzz target's first find (its settings and stream, spelled out):
+    /// a stream that ends inside a frame breaking the message limit.
+    #[tokio::test]
+    async fn a_frame_over_the_message_limit_is_refused_at_its_header() {
+        let limits = Limits {
+            frame: 56,
+            message: 60,
+            handshake_frame: u64::MAX,
+        };
+        let mut stream = frame(0x02, &[1; 30], false); // 30 bytes, more to come
+        let mut over = frame(0x00, &[2; 51], false); // 81 in all, over 60
+        over.truncate(over.len() - 12); // and the client is gone
+        stream.extend(over);
+        let cuts = Cuts {
+            seed: 0x82,
+            largest: 2,
+            stall_one_in: 3,
+        };
+        let end = |seen: Vec<_>| format!("{:?}", seen.last().unwrap());
+        let alone = read_through(&stream, None, limits, cuts).await;
+        assert_eq!(
+            end(alone),
+            r#"End("protocol: ResetWithoutClosingHandshake")"#
+        );
+        let bypassed = read_through(&stream, Some(0), limits, cuts).await;
+        assert_eq!(end(bypassed), r#"End("capacity")"#);
+        // The difference the fuzz target allows, and no other.
+        let settings = [0, (56 - 16) / 4, (60 - 56) / 4, 0x82];
+        tokio::task::spawn_blocking(move || fuzz_bypass(&[&settings[..], &stream].concat()))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
