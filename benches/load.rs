@@ -806,6 +806,7 @@ fn mint_as(
         issuer: "porthole".into(),
         audience: "porthole".into(),
         instance: "load".into(),
+        user: None,
         console: ConsoleClaim {
             kind,
             host: "127.0.0.1".into(),

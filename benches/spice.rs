@@ -422,6 +422,7 @@ impl Porthole {
                 issuer: "porthole".into(),
                 audience: "porthole".into(),
                 instance: "bench".into(),
+                user: None,
                 console: porthole::token::claims::ConsoleClaim {
                     kind: porthole::token::ConsoleType::SpiceDirect,
                     host: "127.0.0.1".into(),

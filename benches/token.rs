@@ -63,6 +63,7 @@ fn request() -> MintRequest {
         issuer: "porthole".into(),
         audience: "porthole".into(),
         instance: "0b5c3a7e-6f0d-4c36-9d57-1b2f4f0e9c11".into(),
+        user: None,
         console: ConsoleClaim {
             kind: ConsoleType::Novnc,
             host: "10.1.2.3".into(),

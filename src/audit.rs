@@ -33,6 +33,8 @@ pub struct SessionRecord<'a> {
     pub instance: &'a str,
     /// Token id (never the token).
     pub jti: &'a str,
+    /// The user the token was issued to, when it names one.
+    pub user: Option<&'a str>,
     /// Client address.
     pub client: std::net::IpAddr,
     /// Hypervisor target.
@@ -119,6 +121,7 @@ impl AuditEvent {
             .field("console", Some(s.console))
             .field("instance", Some(s.instance))
             .field("jti", Some(s.jti))
+            .field("user", s.user)
             .field("client", Some(s.client.to_string()))
             .field("target", Some(s.target))
             .field("view_only", s.view_only.then_some(true))

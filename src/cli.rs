@@ -114,6 +114,9 @@ struct SessionFilter {
     /// Every session of a token. A jti may begin with `-` (base64url).
     #[arg(long, allow_hyphen_values = true)]
     jti: Option<String>,
+    /// Every session of a user (their tokens' `user` claim).
+    #[arg(long, allow_hyphen_values = true)]
+    user: Option<String>,
     /// Every session of a console type.
     #[arg(long = "type")]
     console: Option<String>,
@@ -200,6 +203,10 @@ struct MintArgs {
     /// Instance (VM) id: the `sub` claim.
     #[arg(long)]
     instance: String,
+    /// Who the console is for (the `user` claim): shown in the session
+    /// list and the audit trail.
+    #[arg(long)]
+    user: Option<String>,
     /// Hypervisor host.
     #[arg(long)]
     host: String,
@@ -715,6 +722,7 @@ fn print_demo_urls(app: &App, vm: &crate::demo::DemoVm) {
             view_only: false,
             record: false,
             shadow_of: None,
+            user: None,
         })
     };
     match (
@@ -775,6 +783,7 @@ fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
         issuer: a.issuer,
         audience: a.audience,
         instance: a.instance,
+        user: a.user,
         console: ConsoleClaim {
             kind: a.console,
             host: a.host,
@@ -935,6 +944,7 @@ fn filter_json(f: &SessionFilter) -> serde_json::Value {
         ("id", &f.id),
         ("instance", &f.instance),
         ("jti", &f.jti),
+        ("user", &f.user),
         ("type", &f.console),
     ] {
         if let Some(v) = v {
@@ -954,16 +964,16 @@ fn answer_ok(status: u16, body: &serde_json::Value) -> anyhow::Result<()> {
 
 fn sessions_list(a: &AdminArgs, f: &SessionFilter, json: bool) -> anyhow::Result<ExitCode> {
     let client = admin_client(a)?;
-    let query: Vec<String> = filter_json(f)
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
+    // A user id may hold anything but control characters: `&`, `#`, spaces.
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in filter_json(f).as_object().into_iter().flatten() {
+        query.append_pair(k, v.as_str().unwrap_or_default());
+    }
+    let query = query.finish();
     let path = if query.is_empty() {
         "/v1/sessions".to_string()
     } else {
-        format!("/v1/sessions?{}", query.join("&"))
+        format!("/v1/sessions?{query}")
     };
     let (status, body) = client.call("GET", &path, None)?;
     answer_ok(status, &body)?;
@@ -973,15 +983,16 @@ fn sessions_list(a: &AdminArgs, f: &SessionFilter, json: bool) -> anyhow::Result
     }
     let sessions = body["sessions"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12} OVERSIGHT",
-        "ID", "TYPE", "INSTANCE", "JTI", "CLIENT", "UP", "DOWN", "STATE"
+        "{:<15} {:<13} {:<24} {:<16} {:<24} {:<16} {:>10} {:>10} {:<12} OVERSIGHT",
+        "ID", "TYPE", "INSTANCE", "USER", "JTI", "CLIENT", "UP", "DOWN", "STATE"
     );
     for s in &sessions {
         println!(
-            "{:<15} {:<13} {:<24} {:<24} {:<16} {:>10} {:>10} {:<12} {}",
+            "{:<15} {:<13} {:<24} {:<16} {:<24} {:<16} {:>10} {:>10} {:<12} {}",
             s["id"].as_str().unwrap_or("-"),
             s["console"].as_str().unwrap_or("-"),
             s["instance"].as_str().unwrap_or("-"),
+            s["user"].as_str().unwrap_or("-"),
             s["jti"].as_str().unwrap_or("-"),
             s["client"].as_str().unwrap_or("-"),
             s["bytes_up"],
@@ -1001,7 +1012,7 @@ fn sessions_kill(
 ) -> anyhow::Result<ExitCode> {
     let mut body = filter_json(f);
     if body.as_object().is_none_or(|m| m.is_empty()) {
-        anyhow::bail!("name the sessions to end: --id, --instance, --jti or --type");
+        anyhow::bail!("name the sessions to end: --id, --instance, --jti, --user or --type");
     }
     if let Some(r) = reason {
         body["reason"] = serde_json::Value::String(r);

@@ -46,6 +46,8 @@ pub struct IssueRequest {
     pub record: bool,
     /// The live session the token shadows (Porthole's own shadow grants).
     pub shadow_of: Option<String>,
+    /// Who the console is for (the token's `user`), if the caller says.
+    pub user: Option<String>,
 }
 
 /// The issuance API's request body (`POST /v1/consoles`), before its
@@ -69,6 +71,9 @@ pub struct IssueBody {
     /// A session that must be recorded (the token's `console.record`).
     #[serde(default)]
     record: bool,
+    /// Who the console is for (the token's `user`).
+    #[serde(default)]
+    user: Option<String>,
 }
 
 impl IssueBody {
@@ -82,6 +87,7 @@ impl IssueBody {
             view_only: self.view_only,
             record: self.record,
             shadow_of: None,
+            user: self.user,
         })
     }
 }
@@ -205,6 +211,8 @@ impl Issuer {
             // The session it watches is recorded if it must be.
             record: false,
             shadow_of: Some(watched.id.clone()),
+            // The operator who watches is in `shadow_issued`'s `by`.
+            user: None,
         })
         .map_err(ShadowError::Issue)
     }
@@ -226,6 +234,7 @@ impl Issuer {
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             instance: format!("recording {id}"),
+            user: None,
             console: ConsoleClaim {
                 kind: console,
                 host: "playback.invalid".into(),
@@ -261,6 +270,13 @@ impl Issuer {
                 "instance must not hold control characters".into(),
             ));
         }
+        if let Some(user) = &req.user
+            && (user.is_empty() || user.len() > 255 || user.chars().any(char::is_control))
+        {
+            return Err(IssueError::BadRequest(
+                "user must be 1 to 255 characters, none of them control characters".into(),
+            ));
+        }
         let max = self.validator.policy().max_ttl_secs;
         let ttl_secs = req.ttl_secs.unwrap_or(self.default_ttl_secs);
         if ttl_secs == 0 || ttl_secs > max {
@@ -276,6 +292,7 @@ impl Issuer {
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             instance: req.instance.clone(),
+            user: req.user.clone(),
             console: ConsoleClaim {
                 kind: req.console,
                 host: req.target.host.clone(),

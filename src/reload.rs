@@ -268,6 +268,7 @@ fn signer_is_verified(
         issuer: iss.issuer.clone(),
         audience: iss.audience.clone(),
         instance: "config-check".into(),
+        user: None,
         console: ConsoleClaim {
             kind: ConsoleType::Novnc,
             host: "config-check.invalid".into(),

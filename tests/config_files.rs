@@ -103,7 +103,10 @@ fn the_example_config_documents_a_valid_setup() {
     assert!(config.listen.tls.is_some());
     assert_eq!(config.sessions.max_sessions, 5000);
     assert!(config.sessions.tell_watched);
-    let recording = config.recording.as_ref().expect("[recording] is documented");
+    let recording = config
+        .recording
+        .as_ref()
+        .expect("[recording] is documented");
     assert_eq!(recording.backends, ["compute"]);
     // The example uses no deprecated name.
     assert_eq!(config.warnings, []);

@@ -264,6 +264,27 @@ async fn instance_ids_with_control_characters_are_refused() {
 }
 
 #[tokio::test]
+async fn a_user_named_at_issuance_is_in_the_token_and_bounded() {
+    let a = start().await;
+    let mut body = request("novnc", "10.20.3.4", 5901);
+    body["user"] = json!("alice@example.org");
+    let (status, answer) = a.post("/v1/consoles", Some(BEARER), &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let grant = a
+        .app
+        .validator
+        .check(answer["token"].as_str().unwrap(), None, unix_now())
+        .expect("issued token validates");
+    assert_eq!(grant.user(), Some("alice@example.org"));
+    for bad in [json!(""), json!("u".repeat(256)), json!("alice\nforged")] {
+        body["user"] = bad.clone();
+        let (status, answer) = a.post("/v1/consoles", Some(BEARER), &body).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+        assert!(answer.get("token").is_none());
+    }
+}
+
+#[tokio::test]
 async fn unknown_console_types_are_refused() {
     let a = start().await;
     assert_eq!(

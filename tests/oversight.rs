@@ -87,6 +87,7 @@ fn token(g: &Gateway, kind: ConsoleType, port: u16, view_only: bool) -> String {
         issuer: common::ISSUER.into(),
         audience: common::AUDIENCE.into(),
         instance: "vm-o".into(),
+        user: None,
         console: ConsoleClaim {
             kind,
             host: "127.0.0.1".into(),
@@ -358,6 +359,7 @@ async fn a_spice_session_is_not_shadowed_and_shadows_need_a_live_session() {
                 console: ConsoleType::SpiceDirect,
                 instance: "vm-s".into(),
                 jti: "j-spice".into(),
+                user: None,
                 client: "192.0.2.7".parse().unwrap(),
                 target: "127.0.0.1:5930 (tls 5931)".into(),
                 key: None,
@@ -429,6 +431,7 @@ async fn a_shadow_token_for_another_console_than_its_session_is_refused() {
         issuer: common::ISSUER.into(),
         audience: common::AUDIENCE.into(),
         instance: "vm-o".into(),
+        user: None,
         console: ConsoleClaim {
             kind: ConsoleType::Serial,
             host: "127.0.0.1".into(),

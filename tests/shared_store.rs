@@ -140,6 +140,7 @@ fn new_session(jti: &str) -> porthole::session::registry::NewSession {
         console: ConsoleType::Novnc,
         instance: "vm-1".into(),
         jti: jti.into(),
+        user: None,
         client: "192.0.2.7".parse().unwrap(),
         target: "127.0.0.1:5900".into(),
         key: None,
@@ -168,6 +169,7 @@ fn grant(jti: &str, console: ConsoleType) -> Grant {
             iss: "api".into(),
             aud: Audience::One("porthole".into()),
             sub: "vm-1".into(),
+            user: None,
             exp: now + 600,
             nbf: None,
             iat: now,
@@ -637,6 +639,41 @@ async fn every_node_lists_every_session_and_a_terminate_reaches_the_node_that_ru
         || async { on_b.list(&Selector::default()).await.is_empty() },
     )
     .await;
+}
+
+#[tokio::test]
+async fn another_nodes_sessions_are_listed_by_their_user() {
+    use porthole::session::registry::{NewSession, Selector, SessionRegistry};
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let _alice = on_a
+        .register(
+            NewSession {
+                user: Some("alice & co".into()),
+                ..new_session("j1")
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    let _anonymous = on_a
+        .register(new_session("j2"), CancellationToken::new())
+        .await;
+    let hers = on_b
+        .list(&Selector {
+            user: Some("alice & co".into()),
+            ..Selector::default()
+        })
+        .await;
+    let seen: Vec<_> = hers
+        .iter()
+        .map(|s| (s.jti.clone(), s.user.clone()))
+        .collect();
+    assert_eq!(seen, [("j1".to_string(), Some("alice & co".to_string()))]);
+    // A session without a user is listed without one, not with "".
+    let all = on_b.list(&Selector::default()).await;
+    let bare = all.iter().find(|s| s.jti == "j2").expect("listed");
+    assert_eq!(bare.user, None);
 }
 
 #[tokio::test]

@@ -119,9 +119,10 @@ fn malformed_tokens_are_refused() {
     for (claim, value) in [
         ("sub", "vm-1\r\n2026-12-01T00:00:00Z INFO forged"),
         ("jti", "abc\u{1b}[2J"),
+        ("user", "alice\n{\"event\":\"forged\"}"),
     ] {
         let forged = with(good_claims(), |c| {
-            c[claim] = json!(value);
+            c.insert(claim.into(), json!(value));
         });
         good_passes_bad_refused(&f, &f.key.sign(&forged), None, RefusalReason::Malformed);
     }
@@ -144,6 +145,26 @@ fn malformed_tokens_are_refused() {
         None,
         RefusalReason::Malformed,
     );
+}
+
+#[test]
+fn a_user_claim_is_granted_as_it_is_and_bounded() {
+    let f = fixture();
+    let alice = with(good_claims(), |c| {
+        c.insert("user".into(), json!("alice@example.org"));
+    });
+    let grant =
+        f.v.check(&f.key.sign(&alice), None, unix_now())
+            .expect("a token naming its user passes");
+    assert_eq!(grant.user(), Some("alice@example.org"));
+    let grant = f.v.check(&f.key.sign(&good_claims()), None, unix_now());
+    assert_eq!(grant.unwrap().user(), None, "optional");
+    for bad in [json!(""), json!("u".repeat(256)), json!(7)] {
+        let token = f.key.sign(&with(good_claims(), |c| {
+            c.insert("user".into(), bad.clone());
+        }));
+        good_passes_bad_refused(&f, &token, None, RefusalReason::Malformed);
+    }
 }
 
 #[test]

@@ -19,7 +19,8 @@ import jwt  # PyJWT
 
 def mint_console_token(private_key, kid, algorithm, instance_id, console_type,
                        host, port, tls_port=None, issuer="porthole",
-                       audience="porthole", ttl=120, view_only=False, record=False):
+                       audience="porthole", ttl=120, view_only=False, record=False,
+                       user=None):
     """Returns a signed console token (a compact JWT string)."""
     now = int(time.time())
     console = {"type": console_type, "host": host, "port": port}
@@ -40,6 +41,8 @@ def mint_console_token(private_key, kid, algorithm, instance_id, console_type,
         "ver": 1,                 # claim schema version
         "console": console,       # type + hypervisor target, never a password
     }
+    if user is not None:
+        claims["user"] = user     # who asked: in the audit trail and session list
     return jwt.encode(claims, private_key, algorithm=algorithm,
                       headers={"kid": kid})
 
@@ -63,6 +66,7 @@ def main():
     p.add_argument("--tls-port", type=int)
     p.add_argument("--view-only", action="store_true")
     p.add_argument("--record", action="store_true")
+    p.add_argument("--user", help="the user the console is for (claim `user`)")
     p.add_argument("--issuer", default="porthole")
     p.add_argument("--audience", default="porthole")
     p.add_argument("--ttl", type=int, default=120)
@@ -74,7 +78,7 @@ def main():
         key = key.strip()
     token = mint_console_token(key, a.kid, a.alg, a.instance, a.console_type,
                                a.host, a.port, a.tls_port, a.issuer,
-                               a.audience, a.ttl, a.view_only, a.record)
+                               a.audience, a.ttl, a.view_only, a.record, a.user)
     print(token)
     print(console_url(a.base_url, a.console_type, token))
 

@@ -354,7 +354,7 @@ pub async fn kill_many(
         return error(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "name the sessions: id, instance, jti, type, client or target",
+            "name the sessions: id, instance, jti, user, type, client or target",
         );
     }
     let ended = terminate(&s, &selector, &actor(&headers), reason.as_deref()).await;

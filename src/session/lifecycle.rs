@@ -44,6 +44,7 @@ impl Lifecycle {
             console,
             instance: grant.instance.clone(),
             jti: grant.jti.clone(),
+            user: grant.user().map(str::to_owned),
             client,
             target: grant.target.to_string(),
             key,

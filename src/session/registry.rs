@@ -125,6 +125,8 @@ pub struct LiveSession {
     pub instance: String,
     /// The token's id (never the token).
     pub jti: String,
+    /// The user its token was issued to (the token's `user`).
+    pub user: Option<String>,
     /// The client's address.
     pub client: IpAddr,
     /// The hypervisor target.
@@ -176,6 +178,9 @@ pub struct SessionView {
     pub instance: String,
     /// Token id.
     pub jti: String,
+    /// The user its token was issued to, when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Client address.
     pub client: IpAddr,
     /// Hypervisor target.
@@ -207,6 +212,7 @@ impl SessionView {
             console: self.console,
             instance: &self.instance,
             jti: &self.jti,
+            user: self.user.as_deref(),
             client: self.client,
             target: &self.target,
             view_only: self.view_only,
@@ -222,6 +228,7 @@ impl LiveSession {
             console: self.console.as_str(),
             instance: &self.instance,
             jti: &self.jti,
+            user: self.user.as_deref(),
             client: self.client,
             target: &self.target,
             view_only: self.view_only,
@@ -235,6 +242,7 @@ impl LiveSession {
             console: self.console.as_str(),
             instance: self.instance.clone(),
             jti: self.jti.clone(),
+            user: self.user.clone(),
             client: self.client,
             target: self.target.clone(),
             started_at: self.started_at,
@@ -263,6 +271,8 @@ pub struct Selector {
     pub instance: Option<String>,
     /// Every session of a token.
     pub jti: Option<String>,
+    /// Every session of a user (the tokens' `user`).
+    pub user: Option<String>,
     /// Every session of a console type.
     #[serde(rename = "type")]
     pub console: Option<String>,
@@ -283,6 +293,7 @@ impl Selector {
         self.id.is_none()
             && self.instance.is_none()
             && self.jti.is_none()
+            && self.user.is_none()
             && self.console.is_none()
             && self.client.is_none()
             && self.target.is_none()
@@ -293,6 +304,10 @@ impl Selector {
         self.id.as_ref().is_none_or(|v| *v == s.id)
             && self.instance.as_ref().is_none_or(|v| *v == s.instance)
             && self.jti.as_ref().is_none_or(|v| *v == s.jti)
+            && self
+                .user
+                .as_ref()
+                .is_none_or(|v| s.user.as_ref() == Some(v))
             && self
                 .console
                 .as_ref()
@@ -314,6 +329,8 @@ pub struct NewSession {
     pub instance: String,
     /// Token id.
     pub jti: String,
+    /// The user its token was issued to (the token's `user`).
+    pub user: Option<String>,
     /// Client address.
     pub client: IpAddr,
     /// Hypervisor target.
@@ -354,6 +371,7 @@ impl Registry {
             console: s.console,
             instance: s.instance,
             jti: s.jti,
+            user: s.user,
             client: s.client,
             target: s.target,
             started_at: crate::token::unix_now(),
@@ -633,6 +651,7 @@ mod tests {
             console: ConsoleType::Novnc,
             instance: instance.into(),
             jti: jti.into(),
+            user: None,
             client: "127.0.0.1".parse().unwrap(),
             target: "127.0.0.1:5900".into(),
             key: None,

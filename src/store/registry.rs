@@ -211,6 +211,7 @@ impl RedisRegistry {
                 ("console", live.console.as_str()),
                 ("instance", &live.instance),
                 ("jti", &live.jti),
+                ("user", live.user.as_deref().unwrap_or("")),
                 ("client", &live.client.to_string()),
                 ("target", &live.target),
                 ("started_at", &live.started_at.to_string()),
@@ -588,6 +589,8 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         console,
         instance: h.get("instance")?.clone(),
         jti: h.get("jti")?.clone(),
+        // Absent from an older node's sessions.
+        user: h.get("user").filter(|u| !u.is_empty()).cloned(),
         client: h.get("client")?.parse::<IpAddr>().ok()?,
         target: h.get("target")?.clone(),
         started_at: number("started_at"),

@@ -85,6 +85,11 @@ pub struct ConsoleClaims {
     pub aud: Audience,
     /// Subject: the instance (VM) id.
     pub sub: String,
+    /// The user the console was issued to (the API server's user id), for
+    /// the audit trail and the session list: who, not only which token.
+    /// Optional, 1 to 255 characters; Porthole grants nothing by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Expiry, seconds since the epoch.
     pub exp: u64,
     /// Not before, seconds since the epoch.

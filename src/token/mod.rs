@@ -213,6 +213,11 @@ impl Grant {
     pub fn shadow_of(&self) -> Option<&str> {
         self.claims.shadow_of.as_deref()
     }
+
+    /// The user it was issued to (the token's `user`), if it names one.
+    pub fn user(&self) -> Option<&str> {
+        self.claims.user.as_deref()
+    }
 }
 
 /// The checks every token goes through, besides its signature.
@@ -286,6 +291,16 @@ impl ValidationPolicy {
             return Err(refuse(
                 RefusalReason::Malformed,
                 "sub must be 1 to 255 characters".into(),
+            ));
+        }
+        if claims
+            .user
+            .as_ref()
+            .is_some_and(|u| u.is_empty() || u.len() > 255)
+        {
+            return Err(refuse(
+                RefusalReason::Malformed,
+                "user must be 1 to 255 characters".into(),
             ));
         }
         if let Some(name) = with_control_characters(claims) {
@@ -615,6 +630,7 @@ fn with_control_characters(claims: &ConsoleClaims) -> Option<&'static str> {
         ("sub", claims.sub.as_str()),
         ("iss", claims.iss.as_str()),
         ("console.host", claims.console.host.as_str()),
+        ("user", claims.user.as_deref().unwrap_or_default()),
     ]
     .into_iter()
     .find(|(_, v)| bad(v))

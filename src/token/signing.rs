@@ -280,6 +280,8 @@ pub struct MintRequest {
     pub audience: String,
     /// `sub`: the instance id.
     pub instance: String,
+    /// `user`: who the console is for, if the caller says.
+    pub user: Option<String>,
     /// `console`: type and target.
     pub console: ConsoleClaim,
     /// Lifetime in seconds (`exp - iat`).
@@ -293,6 +295,7 @@ impl MintRequest {
             iss: self.issuer.clone(),
             aud: Audience::One(self.audience.clone()),
             sub: self.instance.clone(),
+            user: self.user.clone(),
             exp: now + self.ttl_secs,
             nbf: Some(now),
             iat: now,

@@ -531,6 +531,7 @@ mod tests {
                 iss: "api".into(),
                 aud: Audience::One("porthole".into()),
                 sub: "vm".into(),
+                user: None,
                 exp: 1_000_600,
                 nbf: None,
                 iat: NOW,

@@ -410,6 +410,7 @@ impl Gateway {
             issuer: ISSUER.into(),
             audience: AUDIENCE.into(),
             instance: instance.into(),
+            user: None,
             console: ConsoleClaim {
                 kind,
                 host: "127.0.0.1".into(),

@@ -3,13 +3,16 @@ sessions through the admin API and the CLI (their tokens die with them),
 revoking unused tokens, and the audit trail that says who did what."""
 
 import time
+import urllib.parse
 
 import pytest
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from harness import metric_value
+import leak_check
+from harness import AUDIENCE, ISSUER, metric_value
+from mint_console_token import mint_console_token
 from spice_wire import INPUTS, MAIN, Channel
 from support import Porthole, first_line, rfb_client_handshake
 from vm import VM
@@ -18,7 +21,12 @@ from vm import VM
 def vnc_session(p, port):
     """A noVNC-like session through the security proxy; returns (minted, ws)."""
     minted = p.mint("novnc", port)
-    ws = connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={minted['token']}", open_timeout=10, max_size=None)
+    return minted, vnc_with(p, minted["token"])
+
+
+def vnc_with(p, token):
+    """A noVNC-like session with `token`, to QEMU's ServerInit; returns the ws."""
+    ws = connect(f"ws://127.0.0.1:{p.public_port}/vnc?token={token}", open_timeout=10, max_size=None)
     # Through the security proxy to QEMU's own ServerInit.
     assert ws.recv(timeout=10) == b"RFB 003.008\n"
     ws.send(b"RFB 003.008\n")
@@ -27,7 +35,7 @@ def vnc_session(p, port):
     assert ws.recv(timeout=10)[:4] == b"\x00\x00\x00\x00"
     ws.send(b"\x01")
     assert ws.recv(timeout=10)[:4] == b"\x02\xd0\x01\x90", "QEMU's ServerInit: 720x400"
-    return minted, ws
+    return ws
 
 
 def closed_code(ws, within=20):
@@ -141,6 +149,56 @@ def test_sessions_are_listed_killed_by_api_and_cli_and_their_tokens_die(tmp_path
         m = p.metrics()
         assert metric_value(m, "porthole_admin_actions_total", action="terminate") == 3
         assert metric_value(m, "porthole_admin_actions_total", action="revoke") == 2
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+        vm.stop()
+
+
+def test_a_users_sessions_are_named_listed_audited_and_ended_by_user(tmp_path):
+    """A token PyJWT mints with the documented example for a user (claim
+    `user`): the session list, the CLI and the audit trail name the user, and
+    ending a user's sessions ends theirs alone."""
+    (tmp_path / "vm").mkdir()
+    vm = VM(tmp_path / "vm")
+    p = Porthole(tmp_path)
+    try:
+        # Characters a query string must escape, on purpose.
+        user = "alice@example.org & co #1"
+        key = p.key
+        token = mint_console_token(key.signing_key(), key.kid, key.alg, "e2e-vm", "novnc", "127.0.0.1",
+                                   vm.vnc_port, issuer=ISSUER, audience=AUDIENCE, user=user)
+        leak_check.remember(token)
+        alice = vnc_with(p, token)
+        _, bystander = vnc_session(p, vm.vnc_port)
+
+        status, listed = p.admin("GET", "/v1/sessions?" + urllib.parse.urlencode({"user": user}))
+        assert status == 200 and [s.get("user") for s in listed["sessions"]] == [user], listed
+        alice_id = listed["sessions"][0]["id"]
+        status, everyone = p.admin("GET", "/v1/sessions")
+        assert sorted(str(s.get("user")) for s in everyone["sessions"]) == ["None", user], everyone
+        out = p.cli("sessions", "list", "--user", user).stdout
+        assert alice_id in out and user in out and out.count("novnc") == 1, out
+
+        out = p.cli("sessions", "kill", "--user", user, "--reason", "account disabled").stdout
+        assert out.split() == [alice_id], out
+        assert closed_code(alice)[0] == 4003
+        # The other user's session carries on.
+        bystander.send(b"\x03\x00\x00\x00\x00\x00\x00\x01\x00\x01")
+        assert bystander.recv(timeout=10)
+        bystander.close()
+
+        # The audit trail names the user on each of alice's events, and on no other.
+        deadline = time.monotonic() + 20
+        while True:
+            audit = p.audit()
+            mine = [e for e in audit if e.get("session") == alice_id]
+            if {"session_started", "session_terminated", "session_ended"} <= {e["event"] for e in mine}:
+                break
+            assert time.monotonic() < deadline, audit
+            time.sleep(0.2)
+        assert all(e.get("user") == user for e in mine), mine
+        others = [e for e in audit if e.get("session") not in (None, alice_id)]
+        assert others and all("user" not in e for e in others), others
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
         vm.stop()

@@ -764,6 +764,8 @@ impl NovaResolver {
             iss: NOVA_ISSUER.into(),
             aud: Audience::One(NOVA_ISSUER.into()),
             sub: c.instance_uuid.clone(),
+            // Nova's console tokens name no user.
+            user: None,
             exp,
             nbf: None,
             iat,
