@@ -120,6 +120,19 @@ async fn issue(
         Ok(issued) => {
             crate::metrics::token_issued(console.as_str());
             tracing::info!(jti = %issued.jti, instance = %req.instance, console = %console, target = %req.target, "console token issued");
+            // Who minted which console for whom: a leaked link traces back
+            // to its issuance (the token itself is never written).
+            crate::audit::AuditEvent::new("token_issued")
+                .field("by", Some(operations::actor(&headers)))
+                .field("jti", Some(issued.jti.as_str()))
+                .field("console", Some(console.as_str()))
+                .field("instance", Some(req.instance.as_str()))
+                .field("user", req.user.as_deref())
+                .field("target", Some(req.target.to_string()))
+                .field("expires_at", Some(issued.expires_at))
+                .field("view_only", req.view_only.then_some(true))
+                .field("record", req.record.then_some(true))
+                .emit();
             Json(json!({
                 "remote_console": {
                     "protocol": console.protocol(),

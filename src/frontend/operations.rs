@@ -34,7 +34,7 @@ use crate::issuance::ShadowError;
 use crate::session::registry::{Selector, SessionView};
 use crate::token::unix_now;
 
-fn actor(headers: &HeaderMap) -> String {
+pub(super) fn actor(headers: &HeaderMap) -> String {
     headers
         .get("x-porthole-actor")
         .and_then(|v| v.to_str().ok())

@@ -157,7 +157,8 @@ def test_sessions_are_listed_killed_by_api_and_cli_and_their_tokens_die(tmp_path
 def test_a_users_sessions_are_named_listed_audited_and_ended_by_user(tmp_path):
     """A token PyJWT mints with the documented example for a user (claim
     `user`): the session list, the CLI and the audit trail name the user, and
-    ending a user's sessions ends theirs alone."""
+    ending a user's sessions ends theirs alone. A token the issuance API
+    mints is audited with who asked for it, and for whom."""
     (tmp_path / "vm").mkdir()
     vm = VM(tmp_path / "vm")
     p = Porthole(tmp_path)
@@ -199,6 +200,20 @@ def test_a_users_sessions_are_named_listed_audited_and_ended_by_user(tmp_path):
         assert all(e.get("user") == user for e in mine), mine
         others = [e for e in audit if e.get("session") not in (None, alice_id)]
         assert others and all("user" not in e for e in others), others
+
+        # A token the issuance API mints for her: audited with who asked.
+        request = {"instance": "e2e-vm", "type": "novnc", "user": user,
+                   "target": {"host": "127.0.0.1", "port": vm.vnc_port}}
+        status, issued = p.admin("POST", "/v1/consoles", request, actor="portal")
+        assert status == 200, issued
+        leak_check.remember(issued["token"])
+        deadline = time.monotonic() + 20
+        while not (minted := [e for e in p.audit() if e["event"] == "token_issued"]):
+            assert time.monotonic() < deadline, p.audit()
+            time.sleep(0.2)
+        assert [(e["by"], e["jti"], e["user"], e["console"], e["instance"]) for e in minted] == [
+            ("portal", issued["jti"], user, "novnc", "e2e-vm")], minted
+        assert issued["token"] not in p.audit_path.read_text()
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
         vm.stop()
