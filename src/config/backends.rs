@@ -49,6 +49,10 @@ pub struct RawSpiceBackend {
     /// Which port to link on first, `"tls"` (default, when `ca` is set and the
     /// token has a `tls_port`) or `"plain"` (then TLS only on NEED_SECURED).
     pub prefer: Option<String>,
+    /// The channels a client may link (`"main"`, `"display"`, `"inputs"`,
+    /// `"cursor"`, `"playback"`, `"record"`, `"smartcard"`, `"usbredir"`,
+    /// `"port"`, `"webdav"`): any other is refused at its link. Absent: all.
+    pub channels: Option<Vec<String>>,
 }
 
 /// `[backends.vnc]`: how Porthole authenticates to the VNC servers of a backend network.
@@ -184,11 +188,33 @@ fn validate_spice_backend(
             false
         }
     };
+    let channels = sp.channels.map(|names| {
+        let key = format!("{key}.spice.channels");
+        let kinds: Vec<u8> = names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let kind = crate::protocol::spice::messages::channel::by_name(name);
+                if kind.is_none() {
+                    issues.push(
+                        format!("{key}[{i}]"),
+                        format!("`{name}` is not a SPICE channel this gateway relays"),
+                    );
+                }
+                kind
+            })
+            .collect();
+        if !names.iter().any(|n| n == "main") {
+            issues.push(&key, "must hold \"main\": every session opens with it");
+        }
+        kinds
+    });
     SpiceBackendConfig {
         password_file: sp.password_file.map(|p| paths.resolve(&p)),
         ca: sp.ca.map(|p| paths.resolve(&p)),
         tls_name: sp.tls_name,
         prefer_plain,
+        channels,
     }
 }
 

@@ -22,6 +22,8 @@ pub struct SpiceBackendConfig {
     pub tls_name: Option<String>,
     /// Link on the plain port first, TLS only when the hypervisor asks.
     pub prefer_plain: bool,
+    /// The channel types clients may link (`None`: every one).
+    pub channels: Option<Vec<u8>>,
 }
 
 /// One backend network's SPICE credentials, loaded.
@@ -35,9 +37,17 @@ pub struct SpiceUpstream {
     pub tls_name: Option<String>,
     /// Link on the plain port first; TLS only on NEED_SECURED.
     pub prefer_plain: bool,
+    /// The channel types clients may link, one bit each (`None`: every one).
+    pub channels: Option<u32>,
 }
 
 impl SpiceUpstream {
+    /// Whether a client may link a channel of type `kind`.
+    pub fn permits(&self, kind: u8) -> bool {
+        self.channels
+            .is_none_or(|bits| kind < 32 && bits & (1 << kind) != 0)
+    }
+
     /// The name to verify for a target `host`.
     pub fn server_name(&self, host: &str) -> Option<ServerName<'static>> {
         super::tls_server_name(self.tls_name.as_deref(), host)
@@ -70,6 +80,10 @@ impl SpiceUpstreams {
                     .map(Arc::new),
                 tls_name: c.tls_name.clone(),
                 prefer_plain: c.prefer_plain,
+                channels: c
+                    .channels
+                    .as_ref()
+                    .map(|kinds| kinds.iter().fold(0, |bits, &k| bits | 1u32 << (k % 32))),
             })
         })
         .map(Self)
@@ -79,6 +93,12 @@ impl SpiceUpstreams {
     /// ticket, plain port only).
     pub fn get(&self, name: &str) -> SpiceUpstream {
         self.0.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Whether backend network `name` lets a client link a channel of type
+    /// `kind` (`[backends.spice] channels`).
+    pub fn permits(&self, name: &str, kind: u8) -> bool {
+        self.0.get(name).is_none_or(|up| up.permits(kind))
     }
 }
 
@@ -104,4 +124,42 @@ pub(crate) fn tls_builder(
             .map_err(CredentialError::Versions)?
             .with_root_certificates(roots),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::spice::messages::channel;
+
+    #[test]
+    fn a_channel_list_permits_its_channels_and_no_other() {
+        let config = |channels: Option<Vec<u8>>| {
+            let mut map = HashMap::new();
+            map.insert(
+                "lab".to_string(),
+                SpiceBackendConfig {
+                    channels,
+                    ..SpiceBackendConfig::default()
+                },
+            );
+            SpiceUpstreams::load(&map).unwrap()
+        };
+        let some = config(Some(vec![channel::MAIN, channel::DISPLAY]));
+        assert!(some.permits("lab", channel::MAIN) && some.permits("lab", channel::DISPLAY));
+        for refused in [channel::USBREDIR, channel::INPUTS, 7, 40, 255] {
+            assert!(!some.permits("lab", refused), "{refused}");
+        }
+        // No list, or no [backends.spice] at all: every channel.
+        let all = config(None);
+        assert!((0..=255).all(|kind| all.permits("lab", kind) && all.permits("elsewhere", kind)));
+    }
+
+    #[test]
+    fn channel_names_and_types_go_both_ways() {
+        for kind in 0..=255u8 {
+            let name = channel::name(kind);
+            assert_eq!(channel::by_name(name), (name != "other").then_some(kind));
+        }
+        assert_eq!(channel::by_name("usb"), None);
+    }
 }

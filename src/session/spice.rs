@@ -1283,6 +1283,23 @@ async fn admit_channel<S: Io>(
             ),
         ));
     }
+    if !sessions
+        .spice_upstreams
+        .load()
+        .permits(&grant.backend, mess.channel_type)
+    {
+        // The operator's policy for this backend network (no USB devices,
+        // no shared folders...): the client keeps the channels it may have.
+        return Err(ChannelRefusal::client(
+            LinkError::ChannelNotAvailable,
+            "channel_not_permitted",
+            format!(
+                "backend network {} permits no {} channel",
+                grant.backend,
+                channel_name(mess.channel_type)
+            ),
+        ));
+    }
     if role == ChannelRole::Opens && grant.view_only() && spice_in_use(sessions, grant).await {
         sessions.tickets.end(&admitted.id).await;
         return Err(ChannelRefusal::client(
@@ -1692,17 +1709,5 @@ fn ticket_code(r: TicketRefusal) -> LinkError {
 
 /// A bounded label for a channel type.
 pub fn channel_name(kind: u8) -> &'static str {
-    match kind {
-        channel::MAIN => "main",
-        channel::DISPLAY => "display",
-        channel::INPUTS => "inputs",
-        channel::CURSOR => "cursor",
-        channel::PLAYBACK => "playback",
-        channel::RECORD => "record",
-        channel::SMARTCARD => "smartcard",
-        channel::USBREDIR => "usbredir",
-        channel::PORT => "port",
-        channel::WEBDAV => "webdav",
-        _ => "other",
-    }
+    channel::name(kind)
 }

@@ -3,8 +3,11 @@ spicy-screenshot) exchanges a spice-direct token for a ticket, links every
 channel through Porthole's TLS listener, and sees the VM's screen, while
 Porthole holds the hypervisor's password and TLS trust."""
 
+import re
+
 import pytest
 
+from harness import metric_value
 from screen import differing_fraction, seabios_screen
 from spice_client import spicy_capture, wait_for_final_spice_screen
 from support import Porthole
@@ -19,9 +22,10 @@ def wait_for(condition, p, within=20):
         time.sleep(0.05)
 
 
-def spice_porthole(tmp_path, vm, tls=True, prefer=None):
+def spice_porthole(tmp_path, vm, tls=True, prefer=None, channels=None):
     """A Porthole whose loopback backend holds the VM's SPICE password (and,
-    with tls, the VM's CA, so Porthole links over QEMU's TLS port)."""
+    with tls, the VM's CA, so Porthole links over QEMU's TLS port);
+    channels: the backend's `[backends.spice] channels`."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     pw = tmp_path / "spice-password"
     pw.write_text(vm.spice_password + "\n")
@@ -30,6 +34,8 @@ def spice_porthole(tmp_path, vm, tls=True, prefer=None):
         lines.append(f'ca = "{vm.spice_ca}"')
     if prefer:
         lines.append(f'prefer = "{prefer}"')
+    if channels is not None:
+        lines.append("channels = [" + ", ".join(f'"{c}"' for c in channels) + "]")
     return Porthole(tmp_path, backend_extra="\n".join(lines))
 
 
@@ -58,6 +64,32 @@ def test_a_native_client_sees_the_vm_through_porthole_with_a_ticket(spice_vm, tm
         with pytest.raises(AssertionError, match="ERROR_AUTH"):
             spicy_capture(tmp_path / "again.png", "127.0.0.1", ticket, tls_port=p.spice_tls_port,
                           ca_file=p.spice_ca)
+    finally:
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+
+
+def test_a_channel_the_operator_does_not_permit_is_refused_and_the_client_keeps_the_rest(spice_vm, tmp_path):
+    """`[backends.spice] channels` without usbredir: spicy-screenshot's USB
+    redirection channel (this VM offers one) is refused at its link with
+    CHANNEL_NOT_AVAILABLE, logged and counted, and the client still shows the
+    VM's screen as a direct capture does."""
+    vm = spice_vm
+    p = spice_porthole(tmp_path, vm, channels=["main", "display", "cursor", "inputs"])
+    try:
+        direct = wait_for_final_spice_screen(vm, tmp_path)
+        ticket = p.spice_details(p.mint("spice-direct", vm.spice_port, tls_port=vm.spice_tls_port)["token"])["ticket"]
+        shot = spicy_capture(tmp_path / "through.png", "127.0.0.1", ticket, tls_port=p.spice_tls_port,
+                             ca_file=p.spice_ca, debug=True)
+        diff = differing_fraction(direct, shot)
+        assert diff <= 0.01, f"through Porthole differs from the direct capture in {diff:.2%} of pixels"
+        client = (tmp_path / "through.log").read_text()
+        assert re.search(r"usbredir-9:\d+: link result: reply 9", client), client[-3000:]
+        assert re.search(r"display-2:\d+: channel up", client), client[-3000:]
+        refused = re.findall(r"permits no (\w+) channel .*reason=\"channel_not_permitted\"", p.log())
+        assert "usbredir" in refused and not {"main", "display"} & set(refused), refused
+        counted = metric_value(p.metrics(), "porthole_spice_link_refusals_total",
+                               reason="channel_not_permitted", blame="client")
+        assert counted == len(refused), (counted, refused)
     finally:
         assert p.gateway.stop() == 0, p.log()[-3000:]
 

@@ -76,6 +76,33 @@ pub mod channel {
     pub const PORT: u8 = 10;
     /// WebDAV folder sharing.
     pub const WEBDAV: u8 = 11;
+
+    /// Every type above, in order.
+    const KNOWN: [u8; 10] = [
+        MAIN, DISPLAY, INPUTS, CURSOR, PLAYBACK, RECORD, SMARTCARD, USBREDIR, PORT, WEBDAV,
+    ];
+
+    /// A bounded label for a channel type (`"other"` for any type not above).
+    pub fn name(kind: u8) -> &'static str {
+        match kind {
+            MAIN => "main",
+            DISPLAY => "display",
+            INPUTS => "inputs",
+            CURSOR => "cursor",
+            PLAYBACK => "playback",
+            RECORD => "record",
+            SMARTCARD => "smartcard",
+            USBREDIR => "usbredir",
+            PORT => "port",
+            WEBDAV => "webdav",
+            _ => "other",
+        }
+    }
+
+    /// The type [`name`] labels `label` (`"other"` labels none).
+    pub fn by_name(label: &str) -> Option<u8> {
+        KNOWN.into_iter().find(|&kind| name(kind) == label)
+    }
 }
 
 /// Client to server message types (`SPICE_MSGC_*`): common ones, then the
