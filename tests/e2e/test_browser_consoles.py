@@ -5,7 +5,7 @@ import json
 import subprocess
 import time
 
-from support import HERE, EchoBackend, browser
+from support import HERE, EchoBackend, browser, wait_for
 from screen import differing_fraction, seabios_screen
 from websockets.sync.client import connect
 
@@ -133,3 +133,102 @@ def test_a_second_serial_viewer_is_told_busy(porthole):
             assert ws.recv(timeout=10) == b"again"
     finally:
         backend.close()
+
+
+class Xvnc:
+    """TigerVNC's X server as the console: a VNC server whose clipboard is
+    X's, set and read with xclip (QEMU's VNC clipboard needs an agent inside
+    the guest). It picks its own display number; stopped by PID."""
+
+    def __init__(self, tmp_path):
+        import os
+        import select
+        from harness import free_port
+        self.port = free_port()
+        self.log = open(tmp_path / "xvnc.log", "w")
+        r, w = os.pipe()
+        self.proc = subprocess.Popen(
+            ["Xtigervnc", "-displayfd", str(w), "-rfbport", str(self.port), "-localhost", "-SecurityTypes", "None",
+             "-AlwaysShared", "-ac", "-nolisten", "tcp", "-geometry", "640x480", "-depth", "24"],
+            pass_fds=(w,), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        os.close(w)
+        try:
+            number = b""
+            while not number.endswith(b"\n"):
+                assert select.select([r], [], [], 30)[0], "Xtigervnc gave no display number within 30 s"
+                chunk = os.read(r, 16)
+                assert chunk, f"Xtigervnc exited: {(tmp_path / 'xvnc.log').read_text()[-2000:]}"
+                number += chunk
+        finally:
+            os.close(r)
+        self.env = {**os.environ, "DISPLAY": ":" + number.decode().strip()}
+        self.owners = []
+
+    def set_clipboard(self, text):
+        """X's CLIPBOARD, owned by an xclip that serves it until stopped."""
+        owner = subprocess.Popen(["xclip", "-quiet", "-selection", "clipboard", "-i"], env=self.env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        owner.stdin.write(text.encode())
+        owner.stdin.close()
+        self.owners.append(owner)
+
+    def clipboard(self):
+        p = subprocess.run(["xclip", "-o", "-selection", "clipboard"], env=self.env, capture_output=True,
+                           text=True, timeout=10)
+        return p.stdout if p.returncode == 0 else None
+
+    def stop(self):
+        from vm import stop_process
+        for owner in self.owners:
+            owner.kill()
+            owner.wait()
+        stop_process(self.proc, self.log)
+
+
+def test_the_novnc_page_carries_the_clipboard_both_ways_and_fits_the_window(tmp_path):
+    """Porthole's noVNC page in Chromium against TigerVNC's Xvnc: text the
+    desktop copies shows in the page's clipboard panel, and text typed
+    there and sent lands in the desktop's clipboard. "Fit to window" scales
+    the screen to the room the page has, and back."""
+    from support import Porthole
+    from test_shadow import Pages
+    xvnc = Xvnc(tmp_path)
+    p = Porthole(tmp_path)
+    pages = None
+    try:
+        pages = Pages(tmp_path)
+        minted = p.mint("novnc", xvnc.port)
+        opened = pages("open", name="vnc", url=minted["url"])
+        assert opened["state"] == "connected", opened
+
+        # From the desktop to the page.
+        xvnc.set_clipboard("copied in the VM: ünïcode ✓")
+        pages("click", name="vnc", selector="#clipboard-toggle")
+        wait_for(lambda: pages("call", name="vnc", fn="clipboardText")["value"] == "copied in the VM: ünïcode ✓",
+                 "the desktop's clipboard never reached the page")
+
+        # From the page to the desktop: typed into the panel, then sent.
+        pages("click", name="vnc", selector="#clipboard-text")
+        pages("keys", name="vnc", keys=["Control+A", "Delete", *"pasted from the browser"])
+        pages("click", name="vnc", selector="#clipboard-send")
+        wait_for(lambda: xvnc.clipboard() == "pasted from the browser",
+                 f"the page's text never reached the desktop: {xvnc.clipboard()!r}")
+
+        # Fit to window: the 640x480 screen drawn to fill the room the page
+        # has for it (1024x600 less its header and the open panel), its
+        # shape kept; then at its own size again.
+        def canvas_size():
+            return tuple(pages("call", name="vnc", fn="canvasSize")["value"])
+        assert canvas_size() == (640, 480)
+        pages("click", name="vnc", selector="#fit")
+        assert pages("call", name="vnc", fn="fitting")["value"] is True
+        fitted = wait_for(lambda: (size := canvas_size()) != (640, 480) and size, "the screen was not fitted")
+        assert abs(fitted[0] / fitted[1] - 4 / 3) < 0.02 and fitted[1] < 600 - 30, fitted
+        pages("click", name="vnc", selector="#fit")
+        wait_for(lambda: canvas_size() == (640, 480), "the screen was not drawn at its own size again")
+        assert pages("state", name="vnc")["errors"] == []
+    finally:
+        if pages:
+            pages.close()
+        assert p.gateway.stop() == 0, p.log()[-3000:]
+        xvnc.stop()

@@ -15,6 +15,45 @@ const cad = document.getElementById('cad');
 cad.hidden = viewOnly;
 showViewOnly();
 let reconnects = 0;
+let current = null;
+
+// Fit to window: noVNC scales the screen to the room the page has for it,
+// its shape kept. The choice is kept in this browser for the next console.
+const fit = document.getElementById('fit');
+let fitting = localStorage.getItem('porthole.fit') === '1';
+function showFit() {
+  fit.setAttribute('aria-pressed', String(fitting));
+  if (current) current.scaleViewport = fitting;
+}
+fit.onclick = () => {
+  fitting = !fitting;
+  localStorage.setItem('porthole.fit', fitting ? '1' : '0');
+  showFit();
+};
+showFit();
+
+// The clipboard, as text both ways (RFB cut text; noVNC's extended
+// clipboard where the server has it). QEMU's VNC server needs an agent in
+// the guest for it; a view-only console never sends (Porthole would drop it).
+const clipboardToggle = document.getElementById('clipboard-toggle');
+const clipboard = document.getElementById('clipboard');
+const clipboardText = document.getElementById('clipboard-text');
+const clipboardSend = document.getElementById('clipboard-send');
+clipboardSend.hidden = viewOnly || playback;
+clipboardToggle.onclick = () => {
+  clipboard.hidden = !clipboard.hidden;
+  clipboardToggle.setAttribute('aria-expanded', String(!clipboard.hidden));
+};
+clipboardSend.onclick = () => current?.clipboardPasteFrom(clipboardText.value);
+window.porthole = Object.assign(window.porthole ?? {}, {
+  clipboardText: () => clipboardText.value,
+  fitting: () => fitting,
+  // The screen as drawn, in CSS pixels.
+  canvasSize: () => {
+    const canvas = screen.querySelector('canvas');
+    return canvas ? [canvas.clientWidth, canvas.clientHeight] : null;
+  },
+});
 
 function connect() {
   let connected = false;
@@ -28,13 +67,18 @@ function connect() {
   // noVNC's own switch only spares the user a cursor and keys that do
   // nothing: Porthole drops a view-only client's input whatever it sends.
   rfb.viewOnly = viewOnly;
-  rfb.scaleViewport = false;
+  rfb.scaleViewport = fitting;
   rfb.resizeSession = false;
+  current = rfb;
   window.porthole = Object.assign(window.porthole ?? {}, { rfb });
+  rfb.addEventListener('clipboard', (e) => {
+    clipboardText.value = e.detail.text;
+  });
   rfb.addEventListener('connect', () => {
     connected = true;
     reconnects = 0;
     cad.disabled = false;
+    clipboardSend.disabled = false;
     setStatus('connected', playback ? 'Playing the recording' : 'Connected');
     if (!playback) followWatchers();
   });
@@ -44,6 +88,7 @@ function connect() {
   });
   rfb.addEventListener('disconnect', async (e) => {
     cad.disabled = true;
+    clipboardSend.disabled = true;
     if (playback) {
       // The last frame stays on the canvas.
       setStatus(closeCode === 1000 ? 'ended' : 'disconnected',
