@@ -779,6 +779,12 @@ fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
     if a.ttl == 0 || a.ttl > max {
         bail!("--ttl must be between 1 and {max} seconds");
     }
+    if let Some(user) = &a.user
+        && (user.is_empty() || user.len() > 255 || user.chars().any(char::is_control))
+    {
+        // What every gateway would refuse as malformed.
+        bail!("--user must be 1 to 255 bytes, none of them control characters");
+    }
     let req = MintRequest {
         issuer: a.issuer,
         audience: a.audience,

@@ -94,9 +94,18 @@ pub(super) fn validate_backends(
         spice: HashMap::new(),
         vnc: HashMap::new(),
     };
+    let mut names = std::collections::HashSet::new();
     for (i, b) in raw.into_iter().enumerate() {
         let key = format!("backends[{i}]");
         let name = b.name.unwrap_or_else(|| format!("backend-{i}"));
+        if !names.insert(name.clone()) {
+            // A name selects a network's credentials, channel list and
+            // recording policy: two of one name would take each other's.
+            issues.push(
+                format!("{key}.name"),
+                format!("another [[backends]] entry is named `{name}`"),
+            );
+        }
         let networks = parse_each(
             issues,
             &format!("{key}.networks"),

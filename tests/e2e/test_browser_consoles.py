@@ -188,8 +188,9 @@ class Xvnc:
 def test_the_novnc_page_carries_the_clipboard_both_ways_and_fits_the_window(tmp_path):
     """Porthole's noVNC page in Chromium against TigerVNC's Xvnc: text the
     desktop copies shows in the page's clipboard panel, and text typed
-    there and sent lands in the desktop's clipboard. "Fit to window" scales
-    the screen to the room the page has, and back."""
+    there and sent lands in the desktop's clipboard; a view-only page beside
+    it offers no panel and shows nothing copied. "Fit to window" scales the
+    screen to the room the page has, and back."""
     from support import Porthole
     from test_shadow import Pages
     xvnc = Xvnc(tmp_path)
@@ -200,12 +201,17 @@ def test_the_novnc_page_carries_the_clipboard_both_ways_and_fits_the_window(tmp_
         minted = p.mint("novnc", xvnc.port)
         opened = pages("open", name="vnc", url=minted["url"])
         assert opened["state"] == "connected", opened
+        # A view-only page beside it: no panel, so a watcher never sees what was copied.
+        watcher = pages("open", name="watcher", url=p.mint("novnc", xvnc.port, view_only=True)["url"])
+        assert watcher["state"] == "connected", watcher
+        assert pages("call", name="watcher", fn="clipboardOffered")["value"] is False
 
         # From the desktop to the page.
         xvnc.set_clipboard("copied in the VM: ünïcode ✓")
         pages("click", name="vnc", selector="#clipboard-toggle")
         wait_for(lambda: pages("call", name="vnc", fn="clipboardText")["value"] == "copied in the VM: ünïcode ✓",
                  "the desktop's clipboard never reached the page")
+        assert pages("call", name="watcher", fn="clipboardText")["value"] == ""
 
         # From the page to the desktop: typed into the panel, then sent.
         pages("click", name="vnc", selector="#clipboard-text")

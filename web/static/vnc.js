@@ -20,26 +20,39 @@ let current = null;
 // Fit to window: noVNC scales the screen to the room the page has for it,
 // its shape kept. The choice is kept in this browser for the next console.
 const fit = document.getElementById('fit');
-let fitting = localStorage.getItem('porthole.fit') === '1';
+// Storage may be blocked (a privacy setting): the choice is then this page's.
+const stored = (() => {
+  try {
+    return window.localStorage;
+  } catch {
+    return null;
+  }
+})();
+let fitting = stored?.getItem('porthole.fit') === '1';
 function showFit() {
   fit.setAttribute('aria-pressed', String(fitting));
   if (current) current.scaleViewport = fitting;
 }
 fit.onclick = () => {
   fitting = !fitting;
-  localStorage.setItem('porthole.fit', fitting ? '1' : '0');
+  try {
+    stored?.setItem('porthole.fit', fitting ? '1' : '0');
+  } catch {
+    // Full or blocked: kept for this page only.
+  }
   showFit();
 };
 showFit();
 
 // The clipboard, as text both ways (RFB cut text; noVNC's extended
 // clipboard where the server has it). QEMU's VNC server needs an agent in
-// the guest for it; a view-only console never sends (Porthole would drop it).
+// the guest for it. A view-only page (a shadow, a playback) has none: it
+// would show a watcher what the user copied, and Porthole drops its sends.
 const clipboardToggle = document.getElementById('clipboard-toggle');
 const clipboard = document.getElementById('clipboard');
 const clipboardText = document.getElementById('clipboard-text');
 const clipboardSend = document.getElementById('clipboard-send');
-clipboardSend.hidden = viewOnly || playback;
+clipboardToggle.hidden = viewOnly || playback;
 clipboardToggle.onclick = () => {
   clipboard.hidden = !clipboard.hidden;
   clipboardToggle.setAttribute('aria-expanded', String(!clipboard.hidden));
@@ -47,6 +60,7 @@ clipboardToggle.onclick = () => {
 clipboardSend.onclick = () => current?.clipboardPasteFrom(clipboardText.value);
 window.porthole = Object.assign(window.porthole ?? {}, {
   clipboardText: () => clipboardText.value,
+  clipboardOffered: () => !clipboardToggle.hidden,
   fitting: () => fitting,
   // The screen as drawn, in CSS pixels.
   canvasSize: () => {
@@ -72,7 +86,7 @@ function connect() {
   current = rfb;
   window.porthole = Object.assign(window.porthole ?? {}, { rfb });
   rfb.addEventListener('clipboard', (e) => {
-    clipboardText.value = e.detail.text;
+    if (!clipboardToggle.hidden) clipboardText.value = e.detail.text;
   });
   rfb.addEventListener('connect', () => {
     connected = true;
