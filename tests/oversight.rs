@@ -232,7 +232,10 @@ async fn a_serial_shadow_sees_the_output_types_nothing_opens_once_and_ends_with_
     let id = one_session(&g).await["id"].as_str().unwrap().to_string();
     assert_eq!(
         watched(&g, &owner_token).await,
-        (200, serde_json::json!({ "told": true, "watched": false }))
+        (
+            200,
+            serde_json::json!({ "told": true, "watched": false, "recorded": false })
+        )
     );
     assert_eq!(watched(&g, "not-a-token").await.0, 401);
 
@@ -365,6 +368,7 @@ async fn a_spice_session_is_not_shadowed_and_shadows_need_a_live_session() {
                 key: None,
                 view_only: false,
                 shadow_of: None,
+                recorded: false,
             },
             tokio_util::sync::CancellationToken::new(),
         )

@@ -146,6 +146,7 @@ fn new_session(jti: &str) -> porthole::session::registry::NewSession {
         key: None,
         view_only: false,
         shadow_of: None,
+        recorded: false,
     }
 }
 
@@ -674,6 +675,33 @@ async fn another_nodes_sessions_are_listed_by_their_user() {
     let all = on_b.list(&Selector::default()).await;
     let bare = all.iter().find(|s| s.jti == "j2").expect("listed");
     assert_eq!(bare.user, None);
+}
+
+#[tokio::test]
+async fn a_page_on_any_node_learns_that_its_session_is_recorded() {
+    use porthole::session::registry::{NewSession, SessionRegistry};
+    let server = RedisServer::start();
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
+    let _recorded = on_a
+        .register(
+            NewSession {
+                recorded: true,
+                ..new_session("j1")
+            },
+            CancellationToken::new(),
+        )
+        .await;
+    let _not = on_a
+        .register(new_session("j2"), CancellationToken::new())
+        .await;
+    for on in [&on_a, &on_b] {
+        assert_eq!(on.recorded_of("j1").await, Ok(true));
+        assert_eq!(on.recorded_of("j2").await, Ok(false));
+        assert_eq!(on.recorded_of("nobody").await, Ok(false));
+    }
+    // The watchers' count still reads through the same round trip.
+    assert_eq!(on_b.watchers_of("j1").await, Ok(Some(0)));
 }
 
 #[tokio::test]

@@ -29,7 +29,7 @@ pub struct RawSessions {
     /// Grace period for open sessions at shutdown, seconds. Default 10.
     pub shutdown_grace_secs: Option<u64>,
     /// Porthole's pages tell their user while an operator watches the
-    /// session (a shadow). Default true.
+    /// session (a shadow), and that it is recorded. Default true.
     pub tell_watched: Option<bool>,
     /// A hypervisor connection that carried nothing for this long is probed
     /// (TCP keepalive); one that answers no probe, leaves bytes
@@ -105,7 +105,7 @@ pub struct SessionsConfig {
     pub max_session_age: Option<Duration>,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
-    /// Pages tell their user while a shadow watches.
+    /// Pages tell their user while a shadow watches, and that it is recorded.
     pub tell_watched: bool,
     /// Hypervisor connections are probed after this long without a byte,
     /// and given up after twice as long; `None` is off.

@@ -267,7 +267,9 @@ async fn watched(
         return refuse(StatusCode::UNAUTHORIZED, "refused");
     };
     let body = match s.sessions.watched(token).await {
-        Ok(Some(watched)) => serde_json::json!({ "told": true, "watched": watched }),
+        Ok(Some(told)) => {
+            serde_json::json!({ "told": true, "watched": told.watched, "recorded": told.recorded })
+        }
         Ok(None) => serde_json::json!({ "told": false }),
         Err(WatchedUnknown::NotGenuine) => {
             let client = client_addr(peer, &headers, &s.listen);

@@ -819,10 +819,11 @@ impl Sessions {
         }
     }
 
-    /// Whether a shadow watches the session of `token` now, for its page
-    /// (an expired token still names its session): `Ok(None)` when pages
-    /// are not told (`[sessions] tell_watched`).
-    pub async fn watched(&self, token: &str) -> Result<Option<bool>, WatchedUnknown> {
+    /// Whether a shadow watches the session of `token` now, and whether it
+    /// is recorded, for its page (an expired token still names its
+    /// session): `Ok(None)` when pages are not told (`[sessions]
+    /// tell_watched`).
+    pub async fn watched(&self, token: &str) -> Result<Option<Told>, WatchedUnknown> {
         let jti = self
             .resolver
             .holder(token)
@@ -830,10 +831,28 @@ impl Sessions {
         if !self.limits.tell_watched {
             return Ok(None);
         }
-        match self.registry.watchers_of(&jti).await {
-            Ok(n) => Ok(Some(n.unwrap_or(0) > 0)),
-            Err(_) => Err(WatchedUnknown::StoreUnanswered),
+        let (watchers, recorded) = tokio::join!(
+            self.registry.watchers_of(&jti),
+            self.registry.recorded_of(&jti)
+        );
+        match (watchers, recorded) {
+            (Ok(n), Ok(recorded)) => Ok(Some(Told {
+                watched: n.unwrap_or(0) > 0,
+                recorded,
+            })),
+            _ => Err(WatchedUnknown::StoreUnanswered),
         }
+    }
+
+    /// Whether `grant`'s session is to be recorded (its backend network's
+    /// or its token's ask, on a gateway that records), for its page to
+    /// say so: a shadow is not recorded again.
+    pub fn records(&self, grant: &Grant) -> bool {
+        grant.shadow_of().is_none()
+            && self
+                .recording
+                .as_ref()
+                .is_some_and(|s| s.wants(&grant.backend, grant.record()).is_some())
     }
 
     /// The recording of `grant`'s session `live`, if its backend network or
@@ -1055,6 +1074,15 @@ fn revoked(jti: &str) -> Refusal {
         detail: "token was revoked".into(),
         jti: Some(jti.to_string()),
     }
+}
+
+/// What a console's page is told of its session (`GET /watched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Told {
+    /// An operator's shadow watches it now.
+    pub watched: bool,
+    /// It is recorded.
+    pub recorded: bool,
 }
 
 /// Why a page is not told whether it is watched.

@@ -50,6 +50,7 @@ impl Lifecycle {
             key,
             view_only: grant.view_only(),
             shadow_of: grant.shadow_of().map(str::to_owned),
+            recorded: sessions.records(grant),
         };
         // Its own token, not a child of the shutdown token: `Stop` waits
         // on both, and a child is linked and unlinked under the parent's

@@ -151,6 +151,8 @@ pub struct LiveSession {
     pub view_only: bool,
     /// The session it shadows, if it is a shadow.
     pub shadow_of: Option<String>,
+    /// It is recorded: its page says so.
+    pub recorded: bool,
     /// How many shadows watch it now (kept by the node that runs it).
     pub watchers: std::sync::atomic::AtomicU32,
     /// What the hypervisor sends this session, for shadows on this node to
@@ -341,6 +343,9 @@ pub struct NewSession {
     pub view_only: bool,
     /// The session it shadows, if it is a shadow.
     pub shadow_of: Option<String>,
+    /// It is recorded (its backend network's or its token's ask): its page
+    /// says so.
+    pub recorded: bool,
 }
 
 /// Every live session of this process.
@@ -385,6 +390,7 @@ impl Registry {
             key: s.key,
             view_only: s.view_only,
             shadow_of: s.shadow_of,
+            recorded: s.recorded,
             watchers: Default::default(),
             recording: Default::default(),
         });
@@ -541,6 +547,10 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
         jti: &'a str,
     ) -> BoxFuture<'a, Result<Option<u32>, StoreUnanswered>>;
 
+    /// Whether a session of token `jti` is recorded (on any node); `Err`
+    /// when the shared store could not say.
+    fn recorded_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, StoreUnanswered>>;
+
     /// What serial session `id` reads from its console, from now on, for a
     /// shadow, wherever the session runs; `None` if it fans nothing out.
     fn output_of<'a>(
@@ -614,6 +624,11 @@ impl SessionRegistry for Registry {
         Box::pin(std::future::ready(Ok(Registry::watchers_of(self, jti))))
     }
 
+    fn recorded_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, StoreUnanswered>> {
+        let recorded = self.by_jti(jti).iter().any(|s| s.recorded);
+        Box::pin(std::future::ready(Ok(recorded)))
+    }
+
     fn output_of<'a>(
         &'a self,
         id: &'a str,
@@ -657,6 +672,7 @@ mod tests {
             key: None,
             view_only: false,
             shadow_of: None,
+            recorded: false,
         }
     }
 

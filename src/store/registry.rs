@@ -220,6 +220,7 @@ impl RedisRegistry {
                 ("bytes_down", &down.to_string()),
                 ("view_only", if live.view_only { "1" } else { "0" }),
                 ("shadow_of", live.shadow_of.as_deref().unwrap_or("")),
+                ("recorded", if live.recorded { "1" } else { "0" }),
                 ("watchers", &live.watchers.load(Relaxed).to_string()),
             ],
         )
@@ -284,11 +285,13 @@ impl RedisRegistry {
 
     /// How many shadows watch the sessions of token `jti` that other nodes
     /// run (`mine` are this node's): `None` when the store knows none.
-    async fn watchers_elsewhere(
+    /// The sessions of token `jti` on other nodes than this one (`mine`
+    /// are this node's), as the store has them.
+    async fn elsewhere(
         &self,
         jti: &str,
         mine: &[Arc<LiveSession>],
-    ) -> Result<Option<u32>, StoreUnanswered> {
+    ) -> Result<Vec<Elsewhere>, StoreUnanswered> {
         // The token's sessions, and the one a node of the version before
         // names (one id under `session-jti`; this read can go once no node
         // of that version is left).
@@ -303,21 +306,23 @@ impl RedisRegistry {
         ids.sort_unstable();
         ids.dedup();
         if ids.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.hget(self.redis.key(&["session", id]), "watchers");
+            pipe.hmget(self.redis.key(&["session", id]), &["watchers", "recorded"]);
         }
-        let watchers: Vec<Option<String>> =
+        // Every session hash has `watchers`; `recorded` is absent from an
+        // older node's.
+        let fields: Vec<(Option<String>, Option<String>)> =
             self.redis.pipe(pipe).await.map_err(|_| StoreUnanswered)?;
         // An id whose session is gone (its node died before it took it
         // out) counts for nothing, and leaves the set: the set lives as
         // long as any session of the token renews it.
         let gone: Vec<&String> = ids
             .iter()
-            .zip(&watchers)
-            .filter(|(_, w)| w.is_none())
+            .zip(&fields)
+            .filter(|(_, (w, _))| w.is_none())
             .map(|(id, _)| id)
             .collect();
         if !gone.is_empty() {
@@ -325,12 +330,16 @@ impl RedisRegistry {
             srem.arg(&of_token).arg(&gone);
             let _ = self.redis.cmd::<i64>(srem).await;
         }
-        let live: Vec<u32> = watchers
+        let live: Vec<Elsewhere> = fields
             .into_iter()
-            .flatten()
-            .map(|n| n.parse().unwrap_or(0))
+            .filter_map(|(watchers, recorded)| {
+                Some(Elsewhere {
+                    watchers: watchers?.parse().unwrap_or(0),
+                    recorded: recorded.is_some_and(|v| v == "1"),
+                })
+            })
             .collect();
-        Ok((!live.is_empty()).then(|| live.iter().sum()))
+        Ok(live)
     }
 
     /// Counts shadow session `shadow` on another node starting or ending
@@ -567,6 +576,14 @@ impl RedisRegistry {
     }
 }
 
+/// A session of another node, as far as a page's questions go.
+struct Elsewhere {
+    /// Shadows watching it.
+    watchers: u32,
+    /// It is recorded.
+    recorded: bool,
+}
+
 /// Drops what counted the remote shadows of session `id` (it ended here),
 /// and stops its forwarder.
 fn forget_watchers(afar: &Mutex<HashMap<String, AfarWatchers>>, id: &str) {
@@ -602,6 +619,8 @@ fn remote_session(id: &str, h: &HashMap<String, String>) -> Option<LiveSession> 
         key: h.get("join_key").filter(|k| !k.is_empty()).cloned(),
         view_only: h.get("view_only").is_some_and(|v| v == "1"),
         shadow_of: h.get("shadow_of").filter(|k| !k.is_empty()).cloned(),
+        // Absent from an older node's sessions: not said to be recorded.
+        recorded: h.get("recorded").is_some_and(|v| v == "1"),
         // Another node's output is not fanned out here.
         fan_out: None,
         watchers: number("watchers").try_into().unwrap_or(0).into(),
@@ -849,11 +868,24 @@ impl SessionRegistry for RedisRegistry {
             // count, if it runs any.
             let mine = self.local.by_jti(jti);
             let here = crate::session::registry::watchers_of_sessions(&mine);
-            match self.watchers_elsewhere(jti, &mine).await {
-                Ok(None) => Ok(here),
-                Ok(Some(n)) => Ok(Some(here.unwrap_or(0) + n)),
+            match self.elsewhere(jti, &mine).await {
+                Ok(there) if there.is_empty() => Ok(here),
+                Ok(there) => Ok(Some(
+                    here.unwrap_or(0) + there.iter().map(|s| s.watchers).sum::<u32>(),
+                )),
                 Err(e) => here.map(Some).ok_or(e),
             }
+        })
+    }
+
+    fn recorded_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, StoreUnanswered>> {
+        Box::pin(async move {
+            let mine = self.local.by_jti(jti);
+            if mine.iter().any(|s| s.recorded) {
+                return Ok(true);
+            }
+            let there = self.elsewhere(jti, &mine).await?;
+            Ok(there.iter().any(|s| s.recorded))
         })
     }
 

@@ -56,6 +56,8 @@ async function state(name) {
     badge: document.getElementById('view-only')?.textContent ?? null,
     // The "an operator is watching" badge, while it shows.
     watched: (w => (w && !w.hidden ? w.textContent : null))(document.getElementById('watched')),
+    // The "this session is recorded" badge, while it shows.
+    recorded: (r => (r && !r.hidden ? r.textContent : null))(document.getElementById('recorded')),
     opened: window.__portholeSockets?.opened ?? 0,
     // Without their URLs: those hold the token.
     closes: (window.__portholeSockets?.closes ?? []).map(({ url, ...close }) => close),

@@ -232,7 +232,8 @@ def test_the_novnc_page_carries_the_clipboard_both_ways_and_fits_the_window(tmp_
         assert abs(fitted[0] / fitted[1] - 4 / 3) < 0.02 and fitted[1] < 600 - 30, fitted
         pages("click", name="vnc", selector="#fit")
         wait_for(lambda: canvas_size() == (640, 480), "the screen was not drawn at its own size again")
-        assert pages("state", name="vnc")["errors"] == []
+        state = pages("state", name="vnc")
+        assert state["errors"] == [] and state["recorded"] is None, state
     finally:
         if pages:
             pages.close()

@@ -209,6 +209,9 @@ def test_a_novnc_session_plays_back_in_chromium_ending_on_the_vms_last_frame(tmp
         pages = Pages(tmp_path)
         owner = pages("open", name="owner", url=minted["url"])
         assert owner["state"] == "connected", owner
+        # Its user is told that the session is recorded.
+        wait_for(lambda: pages("state", name="owner")["recorded"] == "This session is recorded",
+                 "the page never said the session is recorded")
         canvases_match(pages, ["owner"], final, tmp_path, "live")
         # The screen changes during the session: a reset, then the owner
         # opens SeaBIOS's boot menu, the recording's last frame.

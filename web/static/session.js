@@ -45,7 +45,13 @@ export function followWatchers() {
     hidden: true,
     textContent: 'An operator is watching this console',
   });
-  document.querySelector('header').append(badge);
+  // Its user is told before anything they type is kept.
+  const recorded = Object.assign(document.createElement('span'), {
+    id: 'recorded',
+    hidden: true,
+    textContent: 'This session is recorded',
+  });
+  document.querySelector('header').append(badge, recorded);
   const url = new URL('watched', location.href);
   url.search = new URLSearchParams({ token }).toString();
   const ask = async () => {
@@ -55,6 +61,7 @@ export function followWatchers() {
       if (r.ok && body.told === false) return;
       if (r.ok) {
         badge.hidden = !body.watched;
+        recorded.hidden = !body.recorded;
         window.porthole = Object.assign(window.porthole ?? {}, { watched: body.watched === true });
       }
     } catch {
