@@ -189,7 +189,39 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
     let token = vnc_is_recorded_and_plays_back(&g).await;
     past_its_cap(&g).await;
     playbacks_count_against_their_clients_cap(&g, &token).await;
+    its_page_is_told_it_is_recorded(&g).await;
     g.stop().await;
+}
+
+/// A running session of a recorded network: `GET /watched` with its token
+/// says `recorded` (the session's own wiring, from its grant to the
+/// registry; tests/oversight.rs has the unrecorded answer).
+async fn its_page_is_told_it_is_recorded(g: &Gateway) {
+    let told = |token: String| async move {
+        let (status, body) = http(
+            g.public,
+            "GET",
+            &format!("/watched?token={token}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let port = console(vec![b"login: ".to_vec()]).await;
+    let token = g.token(ConsoleType::Serial, port, "vm-told");
+    let url = format!("ws://{}/serial?token={token}", g.public);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    within("the console's prompt", async {
+        while !matches!(ws.next().await, Some(Ok(Message::Binary(_)))) {}
+    })
+    .await;
+    assert_eq!(
+        told(token.clone()).await,
+        serde_json::json!({ "told": true, "watched": false, "recorded": true })
+    );
+    ws.close(None).await.unwrap();
 }
 
 /// Recording `id` is listed, and its playback link plays `shown` in the

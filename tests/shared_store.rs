@@ -679,7 +679,7 @@ async fn another_nodes_sessions_are_listed_by_their_user() {
 
 #[tokio::test]
 async fn a_page_on_any_node_learns_that_its_session_is_recorded() {
-    use porthole::session::registry::{NewSession, SessionRegistry};
+    use porthole::session::registry::{NewSession, Oversight, SessionRegistry};
     let server = RedisServer::start();
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
     let (on_a, on_b) = (a.registry("node-a"), b.registry("node-b"));
@@ -695,13 +695,31 @@ async fn a_page_on_any_node_learns_that_its_session_is_recorded() {
     let _not = on_a
         .register(new_session("j2"), CancellationToken::new())
         .await;
+    let told = |recorded| {
+        Ok(Some(Oversight {
+            watchers: 0,
+            recorded,
+        }))
+    };
     for on in [&on_a, &on_b] {
-        assert_eq!(on.recorded_of("j1").await, Ok(true));
-        assert_eq!(on.recorded_of("j2").await, Ok(false));
-        assert_eq!(on.recorded_of("nobody").await, Ok(false));
+        assert_eq!(on.told_of("j1").await, told(true));
+        assert_eq!(on.told_of("j2").await, told(false));
+        assert_eq!(on.told_of("nobody").await, Ok(None));
     }
-    // The watchers' count still reads through the same round trip.
-    assert_eq!(on_b.watchers_of("j1").await, Ok(Some(0)));
+    // An older node's session hash has no `recorded`: not said to be.
+    let older = on_a
+        .register(new_session("j3"), CancellationToken::new())
+        .await;
+    let mut con = connection(&server).await;
+    let hash = format!("test:session:{}", older.id);
+    let removed: i64 = redis::cmd("HDEL")
+        .arg(&hash)
+        .arg("recorded")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the field was written, under {hash}");
+    assert_eq!(on_b.told_of("j3").await, told(false));
 }
 
 #[tokio::test]

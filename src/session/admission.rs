@@ -831,16 +831,12 @@ impl Sessions {
         if !self.limits.tell_watched {
             return Ok(None);
         }
-        let (watchers, recorded) = tokio::join!(
-            self.registry.watchers_of(&jti),
-            self.registry.recorded_of(&jti)
-        );
-        match (watchers, recorded) {
-            (Ok(n), Ok(recorded)) => Ok(Some(Told {
-                watched: n.unwrap_or(0) > 0,
-                recorded,
+        match self.registry.told_of(&jti).await {
+            Ok(o) => Ok(Some(Told {
+                watched: o.is_some_and(|o| o.watchers > 0),
+                recorded: o.is_some_and(|o| o.recorded),
             })),
-            _ => Err(WatchedUnknown::StoreUnanswered),
+            Err(_) => Err(WatchedUnknown::StoreUnanswered),
         }
     }
 

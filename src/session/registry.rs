@@ -547,9 +547,14 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
         jti: &'a str,
     ) -> BoxFuture<'a, Result<Option<u32>, StoreUnanswered>>;
 
-    /// Whether a session of token `jti` is recorded (on any node); `Err`
-    /// when the shared store could not say.
-    fn recorded_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, StoreUnanswered>>;
+    /// What a page of token `jti` is told: how many shadows watch its
+    /// sessions, and whether one of them is recorded, in one read of the
+    /// store; `None` when no session of it runs (that any node knows of);
+    /// `Err` when the shared store could not say and none runs here.
+    fn told_of<'a>(
+        &'a self,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Oversight>, StoreUnanswered>>;
 
     /// What serial session `id` reads from its console, from now on, for a
     /// shadow, wherever the session runs; `None` if it fans nothing out.
@@ -624,9 +629,13 @@ impl SessionRegistry for Registry {
         Box::pin(std::future::ready(Ok(Registry::watchers_of(self, jti))))
     }
 
-    fn recorded_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, StoreUnanswered>> {
-        let recorded = self.by_jti(jti).iter().any(|s| s.recorded);
-        Box::pin(std::future::ready(Ok(recorded)))
+    fn told_of<'a>(
+        &'a self,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Oversight>, StoreUnanswered>> {
+        Box::pin(std::future::ready(Ok(oversight_of_sessions(
+            &self.by_jti(jti),
+        ))))
     }
 
     fn output_of<'a>(
@@ -655,6 +664,23 @@ impl SessionRegistry for Registry {
 /// How many shadows watch `sessions` (a token's); `None` when there are none.
 pub fn watchers_of_sessions(sessions: &[Arc<LiveSession>]) -> Option<u32> {
     (!sessions.is_empty()).then(|| sessions.iter().map(|s| s.watchers.load(Relaxed)).sum())
+}
+
+/// What a page is told of a token's sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Oversight {
+    /// Shadows watching them.
+    pub watchers: u32,
+    /// One of them is recorded.
+    pub recorded: bool,
+}
+
+/// [`Oversight`] of `sessions` (a token's); `None` when there are none.
+pub fn oversight_of_sessions(sessions: &[Arc<LiveSession>]) -> Option<Oversight> {
+    Some(Oversight {
+        watchers: watchers_of_sessions(sessions)?,
+        recorded: sessions.iter().any(|s| s.recorded),
+    })
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ use super::{Leasing, Redis};
 use crate::console::ConsoleType;
 use crate::hypervisor::ConsoleTarget;
 use crate::session::registry::{
-    LiveSession, NewSession, Registry, Selector, SessionRegistry, SessionView, StoreUnanswered,
-    Termination,
+    LiveSession, NewSession, Oversight, Registry, Selector, SessionRegistry, SessionView,
+    StoreUnanswered, Termination,
 };
 
 /// What travels on the command and event channels.
@@ -878,14 +878,27 @@ impl SessionRegistry for RedisRegistry {
         })
     }
 
-    fn recorded_of<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool, StoreUnanswered>> {
+    fn told_of<'a>(
+        &'a self,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Oversight>, StoreUnanswered>> {
         Box::pin(async move {
+            // As `watchers_of`: this node's sessions as they are, the store's
+            // for the others; a store that does not answer leaves this
+            // node's answer, if it runs any.
             let mine = self.local.by_jti(jti);
-            if mine.iter().any(|s| s.recorded) {
-                return Ok(true);
+            let here = crate::session::registry::oversight_of_sessions(&mine);
+            match self.elsewhere(jti, &mine).await {
+                Ok(there) if there.is_empty() => Ok(here),
+                Ok(there) => {
+                    let here = here.unwrap_or_default();
+                    Ok(Some(Oversight {
+                        watchers: here.watchers + there.iter().map(|s| s.watchers).sum::<u32>(),
+                        recorded: here.recorded || there.iter().any(|s| s.recorded),
+                    }))
+                }
+                Err(e) => here.map(Some).ok_or(e),
             }
-            let there = self.elsewhere(jti, &mine).await?;
-            Ok(there.iter().any(|s| s.recorded))
         })
     }
 

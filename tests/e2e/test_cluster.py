@@ -146,7 +146,7 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
         # A page asking whether it is watched: its session here is known;
         # one that may run on another node is not answered "no" (503: the
         # page keeps what it showed).
-        assert watched(a, live_token) == (200, {"told": True, "watched": False})
+        assert watched(a, live_token) == (200, {"told": True, "watched": False, "recorded": False})
         assert watched(a, a.mint("serial", other.port)["token"])[0] == 503
         # A running session goes on (documented: it is admitted already).
         live.send(b"2")

@@ -37,8 +37,10 @@ let following = false;
 // Shows a badge while an operator watches this session (a shadow), where
 // the operator lets pages say so (`[sessions] tell_watched`, the default).
 // The token names the session for as long as it runs, expired or not.
+// A view-only console may be recorded too; a shadow's own session never
+// is, nor watched, so its page shows neither.
 export function followWatchers() {
-  if (following || viewOnly || !token) return;
+  if (following || !token) return;
   following = true;
   const badge = Object.assign(document.createElement('span'), {
     id: 'watched',
@@ -61,7 +63,8 @@ export function followWatchers() {
       if (r.ok && body.told === false) return;
       if (r.ok) {
         badge.hidden = !body.watched;
-        recorded.hidden = !body.recorded;
+        // A node older than the notice does not say: keep what was shown.
+        if (typeof body.recorded === 'boolean') recorded.hidden = !body.recorded;
         window.porthole = Object.assign(window.porthole ?? {}, { watched: body.watched === true });
       }
     } catch {
