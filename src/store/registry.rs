@@ -861,21 +861,7 @@ impl SessionRegistry for RedisRegistry {
         &'a self,
         jti: &'a str,
     ) -> BoxFuture<'a, Result<Option<u32>, StoreUnanswered>> {
-        Box::pin(async move {
-            // This node's sessions of the token count as they are now; the
-            // store adds those of other nodes (a token may run sessions on
-            // several). A store that does not answer leaves this node's
-            // count, if it runs any.
-            let mine = self.local.by_jti(jti);
-            let here = crate::session::registry::watchers_of_sessions(&mine);
-            match self.elsewhere(jti, &mine).await {
-                Ok(there) if there.is_empty() => Ok(here),
-                Ok(there) => Ok(Some(
-                    here.unwrap_or(0) + there.iter().map(|s| s.watchers).sum::<u32>(),
-                )),
-                Err(e) => here.map(Some).ok_or(e),
-            }
-        })
+        Box::pin(async move { Ok(self.told_of(jti).await?.map(|o| o.watchers)) })
     }
 
     fn told_of<'a>(
@@ -883,9 +869,10 @@ impl SessionRegistry for RedisRegistry {
         jti: &'a str,
     ) -> BoxFuture<'a, Result<Option<Oversight>, StoreUnanswered>> {
         Box::pin(async move {
-            // As `watchers_of`: this node's sessions as they are, the store's
-            // for the others; a store that does not answer leaves this
-            // node's answer, if it runs any.
+            // This node's sessions of the token count as they are now; the
+            // store adds those of other nodes (a token may run sessions on
+            // several). A store that does not answer leaves this node's
+            // answer, if it runs any.
             let mine = self.local.by_jti(jti);
             let here = crate::session::registry::oversight_of_sessions(&mine);
             match self.elsewhere(jti, &mine).await {
