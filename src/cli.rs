@@ -779,8 +779,9 @@ fn mint(a: MintArgs) -> anyhow::Result<ExitCode> {
     if a.ttl == 0 || a.ttl > max {
         bail!("--ttl must be between 1 and {max} seconds");
     }
-    if let Some(user) = &a.user
-        && (user.is_empty() || user.len() > 255 || user.chars().any(char::is_control))
+    if a.user
+        .as_deref()
+        .is_some_and(|u| !crate::token::claims::user_fits(u))
     {
         // What every gateway would refuse as malformed.
         bail!("--user must be 1 to 255 bytes, none of them control characters");

@@ -270,8 +270,10 @@ impl Issuer {
                 "instance must not hold control characters".into(),
             ));
         }
-        if let Some(user) = &req.user
-            && (user.is_empty() || user.len() > 255 || user.chars().any(char::is_control))
+        if req
+            .user
+            .as_deref()
+            .is_some_and(|u| !crate::token::claims::user_fits(u))
         {
             return Err(IssueError::BadRequest(
                 "user must be 1 to 255 characters, none of them control characters".into(),

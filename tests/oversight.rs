@@ -7,7 +7,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{Gateway, LOOPBACK_BACKEND, http, spawn_gateway, tokens_toml, within};
+use common::{Gateway, LOOPBACK_BACKEND, http, spawn_gateway, tokens_toml, watched, within};
 use futures_util::{SinkExt, StreamExt};
 use porthole::token::claims::{ConsoleClaim, ConsoleType};
 use porthole::token::signing::MintRequest;
@@ -143,19 +143,6 @@ async fn close_code(ws: &mut Ws) -> u16 {
 
 async fn post(g: &Gateway, path: &str) -> (u16, Value) {
     let (status, body) = http(g.admin, "POST", path, Some(BEARER), Some("{}")).await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-/// What `GET /watched` answers the page holding `token`.
-async fn watched(g: &Gateway, token: &str) -> (u16, Value) {
-    let (status, body) = http(
-        g.public,
-        "GET",
-        &format!("/watched?token={token}"),
-        None,
-        None,
-    )
-    .await;
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 

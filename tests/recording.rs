@@ -197,18 +197,6 @@ async fn a_serial_session_is_recorded_as_asciicast_audited_with_its_hash_and_cap
 /// says `recorded` (the session's own wiring, from its grant to the
 /// registry; tests/oversight.rs has the unrecorded answer).
 async fn its_page_is_told_it_is_recorded(g: &Gateway) {
-    let told = |token: String| async move {
-        let (status, body) = http(
-            g.public,
-            "GET",
-            &format!("/watched?token={token}"),
-            None,
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str::<Value>(&body).unwrap()
-    };
     let port = console(vec![b"login: ".to_vec()]).await;
     let token = g.token(ConsoleType::Serial, port, "vm-told");
     let url = format!("ws://{}/serial?token={token}", g.public);
@@ -218,8 +206,11 @@ async fn its_page_is_told_it_is_recorded(g: &Gateway) {
     })
     .await;
     assert_eq!(
-        told(token.clone()).await,
-        serde_json::json!({ "told": true, "watched": false, "recorded": true })
+        common::watched(g, &token).await,
+        (
+            200,
+            serde_json::json!({ "told": true, "watched": false, "recorded": true })
+        )
     );
     ws.close(None).await.unwrap();
 }

@@ -844,11 +844,21 @@ impl Sessions {
     /// or its token's ask, on a gateway that records), for its page to
     /// say so: a shadow is not recorded again.
     pub fn records(&self, grant: &Grant) -> bool {
-        grant.shadow_of().is_none()
-            && self
-                .recording
-                .as_ref()
-                .is_some_and(|s| s.wants(&grant.backend, grant.record()).is_some())
+        self.recording_asked(grant).is_some()
+    }
+
+    /// This gateway's recording settings and whether the recording is
+    /// required, when `grant`'s session is to be recorded; the one place
+    /// the policy is read, for the page's notice and for the recorder.
+    fn recording_asked(
+        &self,
+        grant: &Grant,
+    ) -> Option<(&crate::recording::RecordingSettings, bool)> {
+        if grant.shadow_of().is_some() {
+            return None;
+        }
+        let settings = self.recording.as_ref()?;
+        Some((settings, settings.wants(&grant.backend, grant.record())?))
     }
 
     /// The recording of `grant`'s session `live`, if its backend network or
@@ -865,16 +875,12 @@ impl Sessions {
         if grant.shadow_of().is_some() {
             return Ok(None);
         }
-        let Some(settings) = self.recording.as_ref() else {
-            return if grant.record() {
-                Err(Unrecordable(
-                    "this gateway records nothing (no [recording])".into(),
-                ))
-            } else {
-                Ok(None)
-            };
-        };
-        let Some(required) = settings.wants(&grant.backend, grant.record()) else {
+        if self.recording.is_none() && grant.record() {
+            return Err(Unrecordable(
+                "this gateway records nothing (no [recording])".into(),
+            ));
+        }
+        let Some((settings, required)) = self.recording_asked(grant) else {
             return Ok(None);
         };
         let format = match grant.console {

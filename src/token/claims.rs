@@ -76,6 +76,17 @@ impl Audience {
     }
 }
 
+/// Longest `user` claim, in bytes.
+pub const MAX_USER_BYTES: usize = 255;
+
+/// Whether `user` may stand in a token's `user` claim: 1 to
+/// [`MAX_USER_BYTES`] bytes, no control characters (it reaches log lines).
+/// The validator refuses a token whose `user` does not fit; the issuance
+/// API and `token mint` refuse to mint one.
+pub fn user_fits(user: &str) -> bool {
+    (1..=MAX_USER_BYTES).contains(&user.len()) && !user.chars().any(char::is_control)
+}
+
 /// The full claim set of a console token (schema version 1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleClaims {

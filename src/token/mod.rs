@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 
+use claims::MAX_USER_BYTES;
 pub use claims::{ConsoleClaims, ConsoleType};
 pub use keys::{KeyError, KeyRing, KeySource, LoadedKeys};
 pub use redemption::{MemoryRedemptions, Redemption, RedemptionStore, ReusePolicy};
@@ -296,7 +297,7 @@ impl ValidationPolicy {
         if claims
             .user
             .as_ref()
-            .is_some_and(|u| u.is_empty() || u.len() > 255)
+            .is_some_and(|u| u.is_empty() || u.len() > MAX_USER_BYTES)
         {
             return Err(refuse(
                 RefusalReason::Malformed,

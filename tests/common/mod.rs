@@ -174,6 +174,23 @@ pub async fn http(
     (status, body)
 }
 
+/// What `GET /watched` answers the page holding `token` (its body as JSON,
+/// `null` when it is not).
+pub async fn watched(g: &Gateway, token: &str) -> (u16, serde_json::Value) {
+    let (status, body) = http(
+        g.public,
+        "GET",
+        &format!("/watched?token={token}"),
+        None,
+        None,
+    )
+    .await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 // ------------------------------------------------ byte-level test clients
 
 /// The longest a single awaited step of a test may take.
