@@ -168,6 +168,9 @@ def test_without_its_store_a_node_refuses_and_recovers_by_itself(tmp_path, redis
             assert a.gateway.stop() == 0, a.log()[-3000:]
             back.stop()
     finally:
+        # A failure before Redis came back must not leave the node running
+        # (stop is idempotent: after the inner stop it returns the code).
+        a.gateway.stop()
         backend.close()
         other.close()
 
